@@ -1,0 +1,1 @@
+"""Model build: data, training, export (TorchScript + ONNX), parity, model cards, archives."""

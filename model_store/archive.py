@@ -1,0 +1,139 @@
+"""TorchServe archives (.mar) and the sha256 manifest of every artifact in the store.
+
+A ``.mar`` is a zip; it carries the serialized model (TorchScript ``model.pt`` or
+``model.onnx``), the model card, the handler package (``handlers/``) and the generated
+probe-contract stubs (``robustgate/``), so the handler imports exactly what it imports
+in this repository.
+
+The manifest (``manifest.json`` at the store's root) maps every artifact's path,
+relative to the store, to its sha256. :func:`verify_manifest` fails on any file that is
+missing, added or modified; TorchServe is only started on a store that verifies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+HANDLERS_DIR = REPO / "handlers"
+PROTO_PKG_DIR = REPO / "proto" / "robustgate"
+MANIFEST = "manifest.json"
+
+FORMATS = {
+    # format: (serialized file in the model dir, handler entry file in handlers/)
+    "torchscript": ("model.pt", "torchscript_handler.py"),
+    "onnx": ("model.onnx", "onnx_handler.py"),
+}
+
+
+class ManifestError(RuntimeError):
+    """An artifact does not match the manifest."""
+
+
+def archive_name(model: str, fmt: str) -> str:
+    return f"{model}-{fmt}"
+
+
+def _copy_py_tree(src: Path, dst: Path) -> None:
+    shutil.copytree(
+        src, dst, ignore=lambda d, names: [n for n in names if n == "__pycache__" or n.endswith(".pyc")]
+    )
+
+
+def build_archive(model_dir: Path, fmt: str, export_dir: Path, version: str = "1.0") -> Path:
+    """Package ``model_dir`` (holding the export and ``card.json``) for ``fmt`` into
+    ``export_dir/<model>-<fmt>.mar``; return its path."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose from {sorted(FORMATS)}")
+    serialized, entry = FORMATS[fmt]
+    model_dir = Path(model_dir)
+    name = archive_name(model_dir.name, fmt)
+    export_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="rg-mar-") as tmp:
+        extra = Path(tmp) / "extra"
+        extra.mkdir()
+        _copy_py_tree(HANDLERS_DIR, extra / "handlers")
+        _copy_py_tree(PROTO_PKG_DIR, extra / "robustgate")
+        shutil.copy2(model_dir / "card.json", extra / "card.json")
+        cmd = [
+            sys.executable,
+            "-m",
+            "model_archiver.model_packaging",
+            "--model-name",
+            name,
+            "--version",
+            version,
+            "--serialized-file",
+            str(model_dir / serialized),
+            "--handler",
+            str(HANDLERS_DIR / entry),
+            "--extra-files",
+            str(extra),
+            "--export-path",
+            str(export_dir),
+            "--force",
+        ]
+        config = HANDLERS_DIR / "model-config.yaml"
+        if config.is_file():
+            cmd += ["--config-file", str(config)]
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return export_dir / f"{name}.mar"
+
+
+def archive_members(path: Path) -> list[str]:
+    with zipfile.ZipFile(path) as z:
+        return sorted(z.namelist())
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _artifacts(store: Path) -> list[Path]:
+    return sorted(p for p in store.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(store: Path) -> Path:
+    """Record the sha256 of every file under ``store`` (except the manifest itself)."""
+    entries = {p.relative_to(store).as_posix(): sha256_file(p) for p in _artifacts(store)}
+    path = store / MANIFEST
+    path.write_text(json.dumps({"version": 1, "sha256": entries}, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def verify_manifest(store: Path, only: list[str] | None = None) -> dict[str, str]:
+    """Check files under ``store`` against its manifest; raise :class:`ManifestError` naming
+    every missing, unlisted or modified file. ``only`` restricts the check to those
+    relative paths (each must be listed). Returns the verified entries."""
+    path = store / MANIFEST
+    if not path.is_file():
+        raise ManifestError(f"{path} is missing: build the store with `python -m model_store.build`")
+    entries: dict[str, str] = json.loads(path.read_text())["sha256"]
+    problems: list[str] = []
+    if only is None:
+        on_disk = {p.relative_to(store).as_posix() for p in _artifacts(store)}
+        problems += [f"not in manifest: {p}" for p in sorted(on_disk - entries.keys())]
+        wanted = entries
+    else:
+        problems += [f"not in manifest: {p}" for p in only if p not in entries]
+        wanted = {p: entries[p] for p in only if p in entries}
+    for rel, digest in sorted(wanted.items()):
+        f = store / rel
+        if not f.is_file():
+            problems.append(f"missing: {rel}")
+        elif sha256_file(f) != digest:
+            problems.append(f"sha256 mismatch: {rel}")
+    if problems:
+        raise ManifestError(f"model store {store} failed verification: " + "; ".join(problems))
+    return wanted

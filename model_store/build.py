@@ -1,0 +1,213 @@
+"""Build models end to end: data -> training -> export -> parity -> model card -> archives -> manifest.
+
+    python -m model_store.build                      # the default model, if missing
+    python -m model_store.build --model fmnist-resnet18 --weights resnet18.pth
+    python -m model_store.build --model all --force
+
+The store (default ``model_store/artifacts/``) holds one directory per model (the
+exports, ``card.json``, ``card.md``, ``sweeps.png``), ``archives/*.mar`` for TorchServe,
+and ``manifest.json`` with the sha256 of every file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model_store import archive, data, evaluate, export, models
+from model_store.train import TrainConfig, train
+
+DEFAULT_STORE = Path(__file__).resolve().parent / "artifacts"
+DEFAULT_MODEL = "fmnist-cnn"
+
+
+@dataclass(frozen=True)
+class Preset:
+    arch: str
+    train: TrainConfig
+    floor: float  # minimum test top-1; the build fails below it
+
+
+PRESETS: dict[str, Preset] = {
+    "fmnist-cnn": Preset("compact-cnn", TrainConfig(epochs=10, lr=3e-3), floor=0.90),
+    "fmnist-resnet18": Preset("resnet18", TrainConfig(epochs=6, lr=2e-3, batch_size=128), floor=0.91),
+}
+
+NOISE_SIGMAS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
+ROTATIONS = (0, 5, 10, 20, 30, 45, 60, 90)
+SHIFTS = (0, 1, 2, 3, 4, 6)
+
+
+class BuildError(RuntimeError):
+    """The build produced a model that fails a floor or the parity check."""
+
+
+@dataclass
+class BuildOptions:
+    store: Path = DEFAULT_STORE
+    weights: Path | None = None
+    sweep_limit: int | None = 2000  # images per robustness sweep point
+    parity_limit: int | None = None  # test images for the parity check (None: all)
+    check_floor: bool = True
+    progress: bool = True
+    overrides: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
+
+
+def _machine() -> str:
+    return f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+
+
+def build_model(name: str, opts: BuildOptions, dataset: data.FashionMNIST | None = None) -> Path:
+    """Build ``name`` into ``opts.store/name`` and its archives; return the model directory."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model {name!r}; choose from {sorted(PRESETS)}")
+    preset = PRESETS[name]
+    cfg = dataclasses.replace(preset.train, **opts.overrides)
+    ds = dataset or data.load(seed=cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = models.build(preset.arch, weights=opts.weights)
+
+    log = (lambda *a: print(*a, flush=True)) if opts.progress else (lambda *a: None)
+    log(f"[{name}] training {preset.arch} ({models.count_parameters(model):,} parameters) on "
+        f"{len(ds.train) if cfg.limit is None else min(cfg.limit, len(ds.train)):,} images, "
+        f"{cfg.epochs} epochs, noise sigma {cfg.noise_sigma}")
+    result = train(model, ds.train, cfg, progress=opts.progress)
+    model.eval()
+
+    log(f"[{name}] evaluating")
+    acc_test = evaluate.accuracy(model, ds.test)
+    gen_limit = opts.sweep_limit
+    acc = {
+        "train": evaluate.accuracy(model, ds.train, limit=cfg.limit),
+        "calib": evaluate.accuracy(model, ds.calib),
+        "test": acc_test,
+        "test_noisy": evaluate.noise_sweep(model, ds.test, [cfg.noise_sigma], seed=cfg.seed)[f"{cfg.noise_sigma:g}"],
+    }
+    acc["train_test_gap"] = acc["train"] - acc["test"]
+    sweeps = {
+        "noise": evaluate.noise_sweep(model, ds.test, NOISE_SIGMAS, seed=cfg.seed, limit=gen_limit),
+        "rotation": evaluate.rotation_sweep(model, ds.test, ROTATIONS, limit=gen_limit),
+        "shift": evaluate.shift_sweep(model, ds.test, SHIFTS, limit=gen_limit),
+    }
+    max_drop = 0.03
+    transforms = evaluate.label_preserving(model, ds.test, acc_test, max_drop=max_drop, limit=gen_limit)
+
+    model_dir = opts.store / name
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    model_dir.mkdir(parents=True)
+    log(f"[{name}] exporting TorchScript and ONNX")
+    export.export_torchscript(model, model_dir / "model.pt")
+    export.export_onnx(model, model_dir / "model.onnx")
+    reports = export.parity(model, model_dir / "model.pt", model_dir / "model.onnx", data.to_tensor(ds.test.images[: opts.parity_limit]))
+    failed = {fmt: r for fmt, r in reports.items() if not r.ok}
+    if failed:
+        raise BuildError(f"[{name}] export parity failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
+
+    card = {
+        "schema": 1,
+        "name": name,
+        "architecture": preset.arch,
+        "parameters": models.count_parameters(model),
+        "feature_dim": model.feature_dim,
+        "input": {"shape": [1, 28, 28], "dtype": "float32", "range": [0.0, 1.0], "mode": "L", "layout": "NCHW"},
+        "labels": list(data.LABELS),
+        "noise_sigma": cfg.noise_sigma,
+        "data": {"source": f"Debian {data.DEBIAN_PACKAGE}", "sha256": ds.sha256,
+                 "train": len(ds.train), "calib": len(ds.calib), "test": len(ds.test), "split_seed": cfg.seed},
+        "training": {**dataclasses.asdict(cfg), "seconds": round(result.seconds, 1), "machine": _machine(),
+                     "final_loss": result.final_loss, "pretrained_weights": str(opts.weights) if opts.weights else None},
+        "accuracy": acc,
+        "floor": preset.floor,
+        "sweeps": sweeps,
+        "sweep_images": gen_limit or len(ds.test),
+        "label_preserving_max_drop": max_drop,
+        "transforms": transforms,
+        "label_preserving_transforms": [
+            {"name": k, **v["transform"]} for k, v in transforms.items() if v["preserves_label"]
+        ],
+        "parity": {fmt: r.as_dict() for fmt, r in reports.items()},
+        "hashes": {f: archive.sha256_file(model_dir / f) for f in ("model.pt", "model.onnx")},
+    }
+    from model_store.card import write_card
+
+    write_card(model_dir, card)
+    for fmt in archive.FORMATS:
+        path = archive.build_archive(model_dir, fmt, opts.store / "archives")
+        log(f"[{name}] archive {path}")
+    archive.write_manifest(opts.store)
+    if opts.check_floor and acc_test < preset.floor:
+        raise BuildError(f"[{name}] test top-1 {acc_test:.4f} is below the floor {preset.floor}")
+    log(f"[{name}] test top-1 {acc_test:.4f} (floor {preset.floor}), under noise {acc['test_noisy']:.4f}, "
+        f"train-test gap {acc['train_test_gap']:+.4f}, trained in {result.seconds:.0f} s")
+    return model_dir
+
+
+def is_built(store: Path, name: str) -> bool:
+    """True when the model's files and archives exist and match the manifest."""
+    wanted = [f"{name}/card.json", f"{name}/model.pt", f"{name}/model.onnx"] + [
+        f"archives/{archive.archive_name(name, fmt)}.mar" for fmt in archive.FORMATS
+    ]
+    try:
+        archive.verify_manifest(store, only=wanted)
+    except archive.ManifestError:
+        return False
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m model_store.build", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL, choices=[*PRESETS, "all"])
+    p.add_argument("--store", type=Path, default=DEFAULT_STORE, help="model store directory")
+    p.add_argument("--force", action="store_true", help="rebuild even when the model is already built")
+    p.add_argument("--weights", type=Path, help="local ResNet-18 state_dict to fine-tune from (never downloaded)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--limit", type=int, help="train on this many images only (smoke builds)")
+    p.add_argument("--no-floor", action="store_true", help="do not fail below the accuracy floor")
+    p.add_argument("--verify", action="store_true", help="only verify the store against its manifest")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+
+    if args.verify:
+        try:
+            entries = archive.verify_manifest(args.store)
+        except archive.ManifestError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(f"{args.store}: {len(entries)} artifacts match {archive.MANIFEST}")
+        return 0
+    overrides = {k: v for k, v in (("epochs", args.epochs), ("seed", args.seed), ("limit", args.limit)) if v is not None}
+    opts = BuildOptions(store=args.store, weights=args.weights, check_floor=not args.no_floor,
+                        progress=not args.quiet, overrides=overrides)
+    names = list(PRESETS) if args.model == "all" else [args.model]
+    for name in names:
+        if not args.force and is_built(args.store, name):
+            print(f"[{name}] already built and verified in {args.store / name} (use --force to rebuild)")
+            continue
+        start = time.perf_counter()
+        try:
+            build_model(name, opts)
+        except (BuildError, data.DatasetError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(f"[{name}] built in {time.perf_counter() - start:.0f} s")
+    for name in names:
+        print(f"{name}: card {args.store / name / 'card.md'}")
+    print(f"archives: {args.store / 'archives'}  manifest: {args.store / archive.MANIFEST}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

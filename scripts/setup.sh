@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Idempotent set-up on a fresh Debian machine (Python 3.11, Java 17): Debian packages the
+# project reads, and the virtual environment with the pinned dependencies.
+# Re-running is cheap: the venv is reinstalled only when pyproject.toml changes.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+need_apt=()
+for pkg in dataset-fashion-mnist; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
+done
+if ((${#need_apt[@]})); then
+  sudo_=""; [ "$(id -u)" -eq 0 ] || sudo_="sudo"
+  echo "setup: apt-get install ${need_apt[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo_ apt-get install -y -q --no-install-recommends "${need_apt[@]}" >/dev/null \
+    || { $sudo_ apt-get update -q >/dev/null && $sudo_ apt-get install -y -q --no-install-recommends "${need_apt[@]}" >/dev/null; }
+fi
+command -v java >/dev/null || { echo "setup: Java 17 is required by TorchServe (apt-get install openjdk-17-jre-headless)" >&2; exit 1; }
+
+py="${PYTHON:-python3.11}"
+command -v "$py" >/dev/null || py=python3
+stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  echo "setup: creating .venv and installing pinned dependencies (a few minutes the first time)"
+  [ -x .venv/bin/python ] || "$py" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e ".[dev]"
+  rm -f .venv/.installed-*
+  touch "$stamp"
+fi

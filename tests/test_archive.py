@@ -1,0 +1,62 @@
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from model_store import archive
+
+
+@pytest.mark.parametrize("fmt,serialized", [("torchscript", "model.pt"), ("onnx", "model.onnx")])
+def test_archive_carries_model_card_and_handler(tiny_store: Path, fmt: str, serialized: str) -> None:
+    mar = tiny_store / "archives" / f"fmnist-cnn-{fmt}.mar"
+    members = archive.archive_members(mar)
+    entry = archive.FORMATS[fmt][1]
+    for required in (serialized, "card.json", entry, f"handlers/{entry}", "handlers/__init__.py",
+                     "robustgate/v1/probe_pb2.py", "MAR-INF/MANIFEST.json"):
+        assert required in members, f"{required} missing from {mar.name}: {members}"
+    import zipfile
+
+    with zipfile.ZipFile(mar) as z:
+        meta = json.loads(z.read("MAR-INF/MANIFEST.json"))
+        card = json.loads(z.read("card.json"))
+        assert z.read(serialized) == (tiny_store / "fmnist-cnn" / serialized).read_bytes()
+    assert meta["model"]["modelName"] == f"fmnist-cnn-{fmt}"
+    assert meta["model"]["handler"] == entry
+    assert card["name"] == "fmnist-cnn" and len(card["labels"]) == 10
+    assert not any(m.endswith((".pyc", ".pkl", ".pickle")) for m in members)
+
+
+@pytest.fixture
+def store_copy(tiny_store: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "store"
+    shutil.copytree(tiny_store, dst)
+    return dst
+
+
+def test_manifest_lists_every_artifact_and_verifies(store_copy: Path) -> None:
+    entries = archive.verify_manifest(store_copy)
+    assert "archives/fmnist-cnn-torchscript.mar" in entries and "fmnist-cnn/model.onnx" in entries
+
+
+def test_manifest_rejects_a_modified_archive(store_copy: Path) -> None:
+    mar = store_copy / "archives" / "fmnist-cnn-onnx.mar"
+    raw = bytearray(mar.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    mar.write_bytes(bytes(raw))
+    with pytest.raises(archive.ManifestError, match="sha256 mismatch: archives/fmnist-cnn-onnx.mar"):
+        archive.verify_manifest(store_copy)
+    cli = subprocess.run([sys.executable, "-m", "model_store.build", "--verify", "--store", str(store_copy)],
+                         capture_output=True, text=True)
+    assert cli.returncode == 1 and "sha256 mismatch" in cli.stderr
+
+
+def test_manifest_rejects_missing_and_unlisted_files(store_copy: Path) -> None:
+    (store_copy / "fmnist-cnn" / "model.pt").unlink()
+    (store_copy / "archives" / "intruder.mar").write_bytes(b"PK")
+    with pytest.raises(archive.ManifestError) as err:
+        archive.verify_manifest(store_copy)
+    assert "missing: fmnist-cnn/model.pt" in str(err.value)
+    assert "not in manifest: archives/intruder.mar" in str(err.value)
