@@ -1,0 +1,1 @@
+"""RobustGate's gateway: gRPC API, pipeline, robustness gate (service.gate), TorchServe backend."""

@@ -1,0 +1,19 @@
+"""``python -m service``: run the gateway (flags and ROBUSTGATE_* variables, see --help)."""
+
+import asyncio
+import logging
+import sys
+
+from service import settings as settings_mod
+from service.server import serve
+
+
+def main(argv: list[str] | None = None) -> int:
+    s = settings_mod.from_args(argv)
+    logging.basicConfig(level=s.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(s))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""TorchServe backend: one shared gRPC channel, the inference token on every call, a deadline
+on every call, TorchServe's status codes mapped to domain errors.
+
+What crosses to TorchServe is the probe contract (``proto/robustgate/v1/probe.proto``): one
+decoded image as a ``Tensor`` and an optional ``ProbePlan``; what comes back is a
+``ProbeResult`` with the logits of every variant in plan order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from robustgate.torchserve import inference_pb2, inference_pb2_grpc
+from robustgate.v1 import probe_pb2
+from service.errors import (
+    BackendUnavailable,
+    DeadlineExceeded,
+    GatewayError,
+    InvalidInput,
+    ModelNotFound,
+    Overloaded,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProbeOutput:
+    """``logits`` float32 [rows, classes] (row 0 the base image); ``features`` float32 [D] or None."""
+
+    logits: np.ndarray
+    features: np.ndarray | None
+    device: str
+    runtime: str
+
+
+def read_inference_key(key_file: Path) -> str:
+    """The inference token from TorchServe's ``key_file.json``."""
+    try:
+        keys = json.loads(Path(key_file).read_text())
+        return str(keys["inference"]["key"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BackendUnavailable(f"cannot read TorchServe's key file {key_file}") from e
+
+
+def encode_tensor(image: np.ndarray) -> bytes:
+    """``uint8`` or ``float32`` [C, H, W] -> serialized ``robustgate.v1.Tensor``."""
+    dtype = "uint8" if image.dtype == np.uint8 else "float32"
+    data = np.ascontiguousarray(image, dtype="<u1" if dtype == "uint8" else "<f4").tobytes()
+    return probe_pb2.Tensor(shape=list(image.shape), dtype=dtype, data=data).SerializeToString()
+
+
+def decode_result(raw: bytes) -> ProbeOutput:
+    res = probe_pb2.ProbeResult()
+    res.ParseFromString(raw)
+    logits = np.frombuffer(res.logits, dtype="<f4").reshape(res.rows, res.classes)
+    feats = np.frombuffer(res.features, dtype="<f4") if res.feature_dim else None
+    return ProbeOutput(logits=logits, features=feats, device=res.device, runtime=res.runtime)
+
+
+# TorchServe's gRPC status -> domain error. Handler 4xx (our validation) arrive as
+# INVALID_ARGUMENT; an unknown model as NOT_FOUND; a full job queue as RESOURCE_EXHAUSTED
+# (HTTP 503); a dead worker or frontend as UNAVAILABLE or INTERNAL.
+_BY_CODE: dict[grpc.StatusCode, type[GatewayError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,
+    grpc.StatusCode.NOT_FOUND: ModelNotFound,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.UNAVAILABLE: BackendUnavailable,
+    grpc.StatusCode.CANCELLED: BackendUnavailable,
+    grpc.StatusCode.INTERNAL: BackendUnavailable,
+    grpc.StatusCode.UNKNOWN: BackendUnavailable,
+    grpc.StatusCode.UNAUTHENTICATED: BackendUnavailable,
+    grpc.StatusCode.PERMISSION_DENIED: BackendUnavailable,
+}
+
+_PUBLIC_MESSAGE: dict[type[GatewayError], str] = {
+    ModelNotFound: "model is not loaded in the backend",
+    Overloaded: "backend is overloaded; retry later",
+    DeadlineExceeded: "backend did not answer within the deadline",
+    BackendUnavailable: "backend is unavailable",
+}
+
+
+def map_rpc_error(err: grpc.aio.AioRpcError) -> GatewayError:
+    """A TorchServe error as a domain error whose message is safe to show a caller."""
+    kind = _BY_CODE.get(err.code(), BackendUnavailable)
+    if kind is InvalidInput:
+        # Our own handler's validation message: short, written for callers.
+        detail = (err.details() or "invalid input").splitlines()[0][:300]
+        return InvalidInput(f"backend refused the input: {detail}")
+    log.warning("backend call failed: %s %s", err.code().name, (err.details() or "")[:500])
+    return kind(_PUBLIC_MESSAGE[kind])
+
+
+class TorchServeBackend:
+    """Async client of TorchServe's gRPC inference API (one channel for every call)."""
+
+    def __init__(self, address: str, token: str | None, max_message_bytes: int) -> None:
+        self._address = address
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        opts = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.keepalive_time_ms", 20_000),
+            ("grpc.enable_retries", 0),
+        ]
+        self._channel = grpc.aio.insecure_channel(address, options=opts)  # loopback inside the pod
+        self._stub = inference_pb2_grpc.InferenceAPIsServiceStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def probe(
+        self,
+        model_name: str,
+        image: np.ndarray,
+        plan: probe_pb2.ProbePlan | None,
+        timeout_s: float,
+        version: str = "",
+    ) -> ProbeOutput:
+        """One call: the image plus an optional plan -> logits of every variant."""
+        if timeout_s <= 0:
+            raise DeadlineExceeded("request deadline ran out before the backend call")
+        inputs = {"tensor": encode_tensor(image)}
+        if plan is not None:
+            inputs["plan"] = plan.SerializeToString()
+        req = inference_pb2.PredictionsRequest(model_name=model_name, model_version=version, input=inputs)
+        try:
+            resp = await self._stub.Predictions(req, timeout=timeout_s, metadata=self._metadata)
+        except grpc.aio.AioRpcError as e:
+            raise map_rpc_error(e) from None
+        try:
+            return decode_result(resp.prediction)
+        except Exception as e:  # a malformed answer is the backend's fault, not the caller's
+            log.error("backend answered an undecodable ProbeResult: %s", e)
+            raise BackendUnavailable("backend answered an undecodable result") from None

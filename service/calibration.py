@@ -1,0 +1,247 @@
+"""``python -m service.calibration``: calibrate a model's gate policy on held-out clean data.
+
+    python -m service.calibration --model fmnist-cnn            # TorchServe already running
+    python -m service.calibration --model fmnist-cnn --start-torchserve --if-missing
+
+Runs the real probe path (TorchServe and the handler build every variant), on the
+calibration split that training never saw:
+
+1. split it in two: part A fits the references (each squeezer's clean CDF; class means and
+   shared covariance of the penultimate features), part B sets the thresholds, so no
+   threshold is set on the data its own references were fitted on;
+2. makes a reference set of attacks on part B (FGSM and PGD, L-inf, at eps 0.03 and 0.1,
+   white-box on the TorchScript export; only successful ones count) and ALLOCATES the
+   flag and reject budgets among the enabled checks (:func:`service.gate.calibrate.
+   calibrate_thresholds`): the union of all checks flags at most the target share of clean
+   images while catching as many attacks as it can;
+3. writes ``<store>/<model>/policy.json`` (versioned, with the model's and the data's
+   sha256) and re-signs the store's manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime as dt
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model_store import archive, data
+from service.backend import TorchServeBackend, read_inference_key
+from service.gate.calibrate import calibrate_thresholds, fit_squeeze_references, with_thresholds
+from service.gate.checks import Check
+from service.gate.defaults import DEFAULT_VIEWS, default_probe, draft_policy
+from service.gate.density import fit_density
+from service.gate.engine import RawScores, check_scores, raw_scores
+from service.gate.plan import NoiseSpec, ProbeSpec
+from service.gate.policy import Mode, Policy, References
+from service.gate.policy_io import save_policy
+from service.pipeline import spec_to_proto
+from service.registry import POLICY_FILE
+
+CHEAP = (Check.SQUEEZE, Check.VIEWPOINT, Check.DENSITY)
+DEFAULT_CHECKS = (Check.SQUEEZE, Check.VIEWPOINT, Check.DENSITY)
+NOISE_CALIBRATION_SAMPLES = 32
+ATTACKS = (("fgsm", 0.03), ("fgsm", 0.1), ("pgd", 0.03), ("pgd", 0.1))
+
+
+# --- reference attacks (white-box, on the TorchScript export) -----------------------------
+
+def _logits_fn(ts_model: torch.jit.ScriptModule):
+    return lambda x: ts_model(x)[0]
+
+
+def fgsm(f, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+    """One signed-gradient step of size eps (Goodfellow et al. 2015); x in [0, 1]."""
+    x = x.clone().requires_grad_(True)
+    loss = torch.nn.functional.cross_entropy(f(x), y)
+    (grad,) = torch.autograd.grad(loss, x)
+    return (x + eps * grad.sign()).clamp(0, 1).detach()
+
+
+def pgd(f, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 10, gen: torch.Generator | None = None) -> torch.Tensor:
+    """L-inf PGD with a random start (Madry et al. 2018), step 2.5 * eps / steps."""
+    alpha = 2.5 * eps / steps
+    adv = (x + torch.empty_like(x).uniform_(-eps, eps, generator=gen)).clamp(0, 1)
+    for _ in range(steps):
+        adv.requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(f(adv), y)
+        (grad,) = torch.autograd.grad(loss, adv)
+        adv = (x + (adv.detach() + alpha * grad.sign() - x).clamp(-eps, eps)).clamp(0, 1)
+    return adv.detach()
+
+
+def reference_attacks(model_path: Path, images: np.ndarray, labels: np.ndarray, seed: int = 0
+                      ) -> dict[str, np.ndarray]:
+    """Successful adversarial images float32 [M, 1, 28, 28] per attack name ("pgd@0.1")."""
+    ts = torch.jit.load(str(model_path)).eval()
+    f = _logits_fn(ts)
+    x = data.to_tensor(images)
+    y = torch.from_numpy(labels)
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, np.ndarray] = {}
+    for name, eps in ATTACKS:
+        advs = []
+        for i in range(0, len(x), 256):
+            xb, yb = x[i : i + 256], y[i : i + 256]
+            adv = fgsm(f, xb, yb, eps) if name == "fgsm" else pgd(f, xb, yb, eps, gen=gen)
+            with torch.no_grad():
+                ok = (f(adv).argmax(1) != yb) & (f(xb).argmax(1) == yb)
+            advs.append(adv[ok])
+        out[f"{name}@{eps:g}"] = torch.cat(advs).numpy()
+    return out
+
+
+# --- probing through TorchServe -----------------------------------------------------------
+
+def calibration_spec(policy: Policy, seed: int) -> ProbeSpec:
+    """Every variant any check may use, plus noise copies and features: one call per image."""
+    return dataclasses.replace(policy.probe, seed=seed, return_features=True,
+                               noise=NoiseSpec(sigma=policy.noise.sigma, count=NOISE_CALIBRATION_SAMPLES))
+
+
+async def probe_all(backend: TorchServeBackend, model: str, images: np.ndarray, spec: ProbeSpec,
+                    concurrency: int, timeout_s: float = 60.0) -> tuple[list[np.ndarray], np.ndarray]:
+    """Logits [rows, C] per image and base features [N, D]; images uint8 or float32 [N, 1, H, W]."""
+    plan = spec_to_proto(spec)
+    sem = asyncio.Semaphore(concurrency)
+    logits: list[np.ndarray | None] = [None] * len(images)
+    feats: list[np.ndarray | None] = [None] * len(images)
+
+    async def one(i: int) -> None:
+        async with sem:
+            out = await backend.probe(model, images[i], plan, timeout_s)
+        logits[i], feats[i] = out.logits, out.features
+
+    await asyncio.gather(*(one(i) for i in range(len(images))))
+    return [l for l in logits if l is not None], np.stack([f for f in feats if f is not None])
+
+
+def scores_matrix(raws: Sequence[RawScores], spec: ProbeSpec, policy: Policy) -> dict[Check, np.ndarray]:
+    per: dict[Check, list[float]] = {}
+    for r in raws:
+        for check, cs in check_scores(r, spec, policy.references).items():
+            per.setdefault(check, []).append(cs.score)
+    return {c: np.asarray(v) for c, v in per.items()}
+
+
+async def calibrate(
+    store: Path, model: str, address: str, key_file: Path, *, images: int | None = None,
+    attack_images: int = 1000, concurrency: int = 16, flag_rate: float = 0.05, reject_rate: float = 0.01,
+    checks: Sequence[Check] = DEFAULT_CHECKS, backend_format: str = "torchscript", seed: int = 0,
+    mode: Mode = Mode.ENFORCE, log=print,
+) -> Policy:
+    card = json.loads((store / model / "card.json").read_text())
+    ds = data.load(seed=card["data"].get("split_seed", 0))
+    calib = ds.calib
+    n = len(calib) if images is None else min(images, len(calib))
+    half = n // 2
+    preserving = {t["name"] for t in card["label_preserving_transforms"]}
+    policy = draft_policy(model, card["hashes"]["model.pt"], card["data"]["sha256"], card["noise_sigma"],
+                          hflip="hflip" in preserving)
+    names = ("rotate+10", "rotate-10", "shift+2x", "shift-2x", "shift+2y", "shift-2y")
+    views = tuple(v for v, name in zip(DEFAULT_VIEWS, names) if name in preserving)
+    policy = dataclasses.replace(policy, probe=dataclasses.replace(policy.probe, views=views or DEFAULT_VIEWS))
+    spec = calibration_spec(policy, seed)
+    backend = TorchServeBackend(address, read_inference_key(key_file), 64 << 20)
+    ts_name = f"{model}-{backend_format}"
+    imgs = calib.images[:n, None]  # uint8 [N, 1, 28, 28], as the gateway sends decoded PNGs
+    try:
+        t0 = time.perf_counter()
+        logits, feats = await probe_all(backend, ts_name, imgs, spec, concurrency)
+        log(f"probed {n} clean calibration images ({spec.rows} rows each) in {time.perf_counter() - t0:.0f} s")
+        # Part A: references.
+        raw_a = [raw_scores(l, None, spec) for l in logits[:half]]
+        squeeze_refs = fit_squeeze_references(np.array([r.squeeze for r in raw_a]))
+        # Class-conditional Gaussians on the true labels (Lee et al. 2018), scored at the
+        # predicted class at run time.
+        density = fit_density(feats[:half], calib.labels[:half], num_classes=len(card["labels"]))
+        policy = dataclasses.replace(policy, references=References(squeeze=squeeze_refs, density=density))
+        # Part B: clean scores.
+        raw_b = [raw_scores(l, f, spec, density) for l, f in zip(logits[half:], feats[half:])]
+        clean = scores_matrix(raw_b, spec, policy)
+        # Reference attacks on part B.
+        t0 = time.perf_counter()
+        b_images, b_labels = calib.images[half:n][:attack_images], calib.labels[half:n][:attack_images]
+        attacked_sets = reference_attacks(store / model / "model.pt", b_images, b_labels, seed=seed)
+        adv_all = np.concatenate(list(attacked_sets.values()))
+        adv_logits, adv_feats = await probe_all(backend, ts_name, adv_all.astype(np.float32), spec, concurrency)
+        attacked = scores_matrix([raw_scores(l, f, spec, density) for l, f in zip(adv_logits, adv_feats)], spec, policy)
+        log(f"reference attacks: {', '.join(f'{k}: {len(v)}' for k, v in attacked_sets.items())} successful "
+            f"({time.perf_counter() - t0:.0f} s)")
+    finally:
+        await backend.close()
+
+    enabled = [c for c in checks if c in clean]
+    result = calibrate_thresholds({c: clean[c] for c in enabled}, {c: attacked[c] for c in enabled},
+                                  flag_rate=flag_rate, reject_rate=reject_rate)
+    policy = with_thresholds(policy, result.thresholds, enable=True)
+    for c in Check:
+        if c not in enabled and policy.enabled(c):
+            policy = with_thresholds(policy, {c: policy.thresholds(c)}, enable=False)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    summary = {**result.summary, "reference_images": half, "threshold_images": n - half,
+               "created": stamp, "backend_format": backend_format,
+               **{f"attack_{k}": len(v) for k, v in attacked_sets.items()}}
+    policy = dataclasses.replace(policy, version=f"{stamp}-{card['hashes']['model.pt'][:8]}", mode=mode,
+                                 calibration=summary)
+    save_policy(policy, store / model / POLICY_FILE)
+    archive.write_manifest(store)
+    return policy
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m service.calibration", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="fmnist-cnn")
+    p.add_argument("--store", type=Path, default=archive.REPO / "model_store" / "artifacts")
+    p.add_argument("--address", default="127.0.0.1:7070", help="TorchServe gRPC inference address")
+    p.add_argument("--key-file", type=Path, default=archive.REPO / "var" / "torchserve" / "key_file.json")
+    p.add_argument("--images", type=int, help="calibration images to use (default: all 5,000)")
+    p.add_argument("--attack-images", type=int, default=1000)
+    p.add_argument("--flag-rate", type=float, default=0.05)
+    p.add_argument("--reject-rate", type=float, default=0.01)
+    p.add_argument("--checks", default=",".join(c.value for c in DEFAULT_CHECKS))
+    p.add_argument("--mode", default="enforce", choices=[m.value for m in Mode])
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--if-missing", action="store_true", help="do nothing when a policy for this model exists")
+    p.add_argument("--start-torchserve", action="store_true", help="start (and stop) TorchServe for the run")
+    args = p.parse_args(argv)
+
+    target = args.store / args.model / POLICY_FILE
+    if args.if_missing and target.is_file():
+        from service.gate.policy_io import load_policy
+
+        try:
+            card = json.loads((args.store / args.model / "card.json").read_text())
+            load_policy(target).check_model(card["hashes"]["model.pt"])
+            print(f"[{args.model}] policy already calibrated: {target}")
+            return 0
+        except Exception as e:  # stale or broken: recalibrate
+            print(f"[{args.model}] existing policy unusable ({e}); recalibrating")
+    checks = [Check(c.strip()) for c in args.checks.split(",") if c.strip()]
+    kwargs = dict(images=args.images, attack_images=args.attack_images, concurrency=args.concurrency,
+                  flag_rate=args.flag_rate, reject_rate=args.reject_rate, checks=checks, mode=Mode(args.mode))
+    if args.start_torchserve:
+        from model_store import serve
+
+        settings = serve.ServeSettings(store=args.store, models=(f"{args.model}-torchscript",))
+        with serve.start(settings) as ts:
+            policy = asyncio.run(calibrate(args.store, args.model, ts.grpc_inference_target,
+                                           settings.run_dir / serve.KEY_FILE, **kwargs))
+    else:
+        policy = asyncio.run(calibrate(args.store, args.model, args.address, args.key_file, **kwargs))
+    print(f"[{args.model}] policy {policy.version} written to {target}")
+    print(json.dumps(dict(policy.calibration), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""``robustgate``: the command-line client.
+
+    robustgate classify shoe.png --model fmnist-cnn
+    robustgate models
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import grpc
+
+from robustgate.v1 import classifier_pb2 as pb
+from service.client import Client
+
+_DECISION = {pb.DECISION_PASS: "PASS", pb.DECISION_FLAG: "FLAG", pb.DECISION_REJECT: "REJECT",
+             pb.DECISION_UNSPECIFIED: "-"}
+
+
+def render(resp: pb.ClassifyResponse) -> str:
+    g = resp.gate
+    lines = [f"model {resp.model} v{resp.version}   request {resp.request_id or '-'}", ""]
+    if resp.classes:
+        lines += ["  rank  class          probability"]
+        lines += [f"  {i + 1:>4}  {c.label:<14} {c.probability:>10.4f}" for i, c in enumerate(resp.classes)]
+    else:
+        lines += ["  (label withheld: the gate rejected this image)"]
+    lines += ["", f"gate: {_DECISION[g.decision]}  (policy decision {_DECISION[g.policy_decision]}, mode {g.mode}, "
+              f"policy {g.policy_version}, {g.forward_passes} forward passes)"]
+    lines += ["  check       ran   score      flag >     reject >   verdict"]
+    for c in g.checks:
+        ran = "yes" if c.ran else "no"
+        score = f"{c.score:.4f}" if c.ran else "-"
+        lines.append(f"  {c.name:<10}  {ran:<4}  {score:<9}  {c.flag_threshold:<9.4g}  {c.reject_threshold:<9.4g}  "
+                     f"{_DECISION[c.verdict] if c.ran else '-'}")
+    lines.append(f"  certified radius: {g.certified_radius:.3f}" if g.certified else "  certified radius: - (not certified)")
+    t = resp.timings
+    lines.append(f"timings: decode {1e3 * t.decode_seconds:.2f} ms, backend {1e3 * t.backend_seconds:.2f} ms, "
+                 f"gate {1e3 * t.gate_seconds:.2f} ms, total {1e3 * t.total_seconds:.2f} ms")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="robustgate", description="RobustGate client")
+    p.add_argument("--address", default="127.0.0.1:50051")
+    p.add_argument("--timeout", type=float, default=10.0)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("classify", help="classify an image file (PNG or JPEG)")
+    c.add_argument("image", type=Path)
+    c.add_argument("--model", default="fmnist-cnn")
+    c.add_argument("--top-k", type=int, default=3)
+    sub.add_parser("models", help="list served models")
+    args = p.parse_args(argv)
+    try:
+        with Client(args.address, timeout_s=args.timeout) as client:
+            if args.cmd == "classify":
+                resp = client.classify(args.image.read_bytes(), model=args.model, top_k=args.top_k,
+                                       request_id=args.image.name)
+                print(render(resp))
+            else:
+                for m in client.list_models().models:
+                    print(f"{m.name}  version {m.version}  formats {','.join(m.formats)}  ready {m.ready}")
+    except grpc.RpcError as e:
+        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""A small Python client of the RobustGate API.
+
+    with Client("127.0.0.1:50051") as c:
+        answer = c.classify(Path("shoe.png").read_bytes(), model="fmnist-cnn")
+        print(answer.classes[0].label, answer.gate.decision)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import grpc
+import numpy as np
+
+from robustgate.v1 import classifier_pb2 as pb
+from robustgate.v1 import classifier_pb2_grpc as pb_grpc
+from robustgate.v1 import probe_pb2
+
+
+class Client:
+    def __init__(self, address: str = "127.0.0.1:50051", timeout_s: float = 10.0,
+                 credentials: grpc.ChannelCredentials | None = None, max_message_bytes: int = 8 * 1024 * 1024) -> None:
+        opts = [("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.max_receive_message_length", max_message_bytes)]
+        self._channel = (grpc.secure_channel(address, credentials, options=opts) if credentials
+                         else grpc.insecure_channel(address, options=opts))
+        self._stub = pb_grpc.ClassifierServiceStub(self._channel)
+        self.timeout_s = timeout_s
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    @staticmethod
+    def request(image: bytes | np.ndarray, model: str, top_k: int = 0, request_id: str = "",
+                version: str = "") -> pb.ClassifyRequest:
+        """Bytes are sent as an encoded image; an array as a raw tensor (uint8 or float32)."""
+        req = pb.ClassifyRequest(model=model, version=version, top_k=top_k, request_id=request_id)
+        if isinstance(image, np.ndarray):
+            dtype = "uint8" if image.dtype == np.uint8 else "float32"
+            arr = np.ascontiguousarray(image, dtype="<u1" if dtype == "uint8" else "<f4")
+            req.tensor.CopyFrom(probe_pb2.Tensor(shape=list(arr.shape), dtype=dtype, data=arr.tobytes()))
+        else:
+            req.image = bytes(image)
+        return req
+
+    def classify(self, image: bytes | np.ndarray, model: str, top_k: int = 0, request_id: str = "",
+                 timeout_s: float | None = None) -> pb.ClassifyResponse:
+        return self._stub.Classify(self.request(image, model, top_k, request_id),
+                                   timeout=timeout_s or self.timeout_s)
+
+    def classify_stream(self, requests: Iterable[pb.ClassifyRequest],
+                        timeout_s: float | None = None) -> Iterator[pb.ClassifyStreamResponse]:
+        return self._stub.ClassifyStream((pb.ClassifyStreamRequest(request=r) for r in requests), timeout=timeout_s)
+
+    def list_models(self) -> pb.ListModelsResponse:
+        return self._stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout_s)
+
+    def get_model(self, model: str) -> pb.GetModelResponse:
+        return self._stub.GetModel(pb.GetModelRequest(model=model), timeout=self.timeout_s)

@@ -1,0 +1,126 @@
+"""Decode and validate an input image once, at the gateway, into the model's input spec.
+
+Encoded images are accepted as PNG or JPEG, recognised by content (magic bytes), never by a
+claimed type; the pixel count is checked from the header before any pixel is decoded
+(decompression bombs); palette, alpha, 16-bit, CMYK and colour images are converted to the
+model's mode. Raw tensors are checked for shape, dtype, byte length and finite values.
+
+The result is what crosses to TorchServe: ``uint8 [C, H, W]`` (encoded images, 0..255) or
+``float32 [C, H, W]`` in [0, 1] (float tensors, kept exact so that small perturbations reach
+the model unchanged).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from service.errors import InvalidInput
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
+ENCODINGS = ("png", "jpeg")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The model's input: ``channels x height x width`` in ``mode`` ("L" grey or "RGB")."""
+
+    channels: int = 1
+    height: int = 28
+    width: int = 28
+    mode: str = "L"
+
+    @classmethod
+    def from_card(cls, card: dict) -> "InputSpec":
+        c, h, w = card["input"]["shape"]
+        return cls(channels=int(c), height=int(h), width=int(w), mode=str(card["input"].get("mode", "L")))
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_bytes: int = 4 * 1024 * 1024
+    max_pixels: int = 4096 * 4096
+
+
+def sniff(raw: bytes) -> str | None:
+    if raw.startswith(PNG_MAGIC):
+        return "png"
+    if raw.startswith(JPEG_MAGIC):
+        return "jpeg"
+    return None
+
+
+def _to_mode(img: Image.Image, mode: str) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.int64)
+        top = 65535 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255
+        img = Image.fromarray((np.clip(arr, 0, top) * 255 // top).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (0, 0, 0, 255))  # composite over black, as training data
+        img = Image.alpha_composite(background, img)
+    return img.convert(mode)
+
+
+def decode_image(raw: bytes, spec: InputSpec, limits: Limits) -> np.ndarray:
+    """PNG/JPEG bytes -> ``uint8 [C, H, W]`` in the model's mode and size (bilinear resize)."""
+    if not raw:
+        raise InvalidInput("image is empty")
+    if len(raw) > limits.max_bytes:
+        raise InvalidInput(f"image is {len(raw)} bytes; the limit is {limits.max_bytes}")
+    fmt = sniff(raw)
+    if fmt is None:
+        raise InvalidInput("image is neither PNG nor JPEG (checked by content)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(raw), formats=["PNG" if fmt == "png" else "JPEG"])
+            w, h = img.size
+            if w <= 0 or h <= 0:
+                raise InvalidInput("image has no pixels")
+            if w * h > limits.max_pixels:
+                raise InvalidInput(f"image is {w}x{h} = {w * h} pixels; the limit is {limits.max_pixels}")
+            if getattr(img, "n_frames", 1) > 1:
+                raise InvalidInput("animated images are not accepted: send one frame")
+            img.load()
+            img = _to_mode(img, spec.mode)
+    except InvalidInput:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning, EOFError) as e:
+        raise InvalidInput(f"image is not a decodable {fmt.upper()} ({type(e).__name__})") from None
+    if img.size != (spec.width, spec.height):
+        img = img.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+_DTYPES = {"uint8": np.dtype("<u1"), "float32": np.dtype("<f4")}
+
+
+def decode_tensor(shape: list[int], dtype: str, data: bytes, spec: InputSpec) -> np.ndarray:
+    """A raw tensor ([H, W] or [C, H, W], uint8 0..255 or float32 0..1) -> ``[C, H, W]``."""
+    if dtype not in _DTYPES:
+        raise InvalidInput(f"tensor dtype {dtype!r} is not supported; use uint8 or float32")
+    want = (spec.channels, spec.height, spec.width)
+    dims = tuple(int(d) for d in shape)
+    if dims == want[1:] and spec.channels == 1:
+        dims = want
+    if dims != want:
+        raise InvalidInput(f"tensor shape {list(shape)} does not match the model input {list(want)}")
+    dt = _DTYPES[dtype]
+    expected = int(np.prod(dims)) * dt.itemsize
+    if len(data) != expected:
+        raise InvalidInput(f"tensor data is {len(data)} bytes; shape {list(dims)} of {dtype} needs {expected}")
+    arr = np.frombuffer(data, dtype=dt).reshape(dims)
+    if dt == np.float32:
+        if not np.isfinite(arr).all():
+            raise InvalidInput("tensor contains NaN or Inf")
+        if arr.min() < 0.0 or arr.max() > 1.0:
+            raise InvalidInput("float32 tensor values must be in [0, 1]")
+    return arr

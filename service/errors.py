@@ -1,0 +1,38 @@
+"""Domain errors. They never import grpc: the transport maps them to status codes by one table
+(:data:`service.server.STATUS_BY_ERROR`). Their message is written for the caller and is safe
+to send; anything that is not a :class:`GatewayError` answers INTERNAL with a fixed message.
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Base of the errors whose message the caller may see."""
+
+
+class InvalidInput(GatewayError):
+    """The request is malformed: bad image, bad tensor, bad field."""
+
+
+class ModelNotFound(GatewayError):
+    """No such model or version is served."""
+
+
+class Overloaded(GatewayError):
+    """Too many requests in flight: try again later."""
+
+
+class BackendUnavailable(GatewayError):
+    """TorchServe cannot be reached or its worker failed."""
+
+
+class DeadlineExceeded(GatewayError):
+    """The request's deadline ran out."""
+
+
+class Unauthenticated(GatewayError):
+    """Missing or wrong credentials."""
+
+
+class PolicyMismatch(GatewayError):
+    """A gate policy does not belong to the served model (its model hash differs)."""

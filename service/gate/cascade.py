@@ -1,0 +1,168 @@
+"""The cascade for one request: cheap checks first, noise only when it can matter.
+
+A :class:`GateRun` is an immutable state machine the gateway drives; it never does I/O::
+
+    run = GateRun.start(policy, seed)
+    while (plan := run.next_plan()) is not None:
+        logits, features = await backend.probe(image, plan)   # the caller's I/O
+        run = run.feed(logits, features)
+    report = run.report()
+
+Stage 1 (cheap): one probe with the enabled cheap checks' variants (+ features for density).
+Stage 2 (noise) runs when certification is asked for, or when the noise check is enabled and
+the cheap stage is INCONCLUSIVE: no enabled cheap check crosses its reject threshold and at
+least one crosses its escalate threshold (its flag threshold where escalate is unset). Noise
+copies come in sequential batches (each with its own derived seed) under a budget that fits
+the per-request forward-pass ceiling, and stop as soon as the full-budget verdicts (certified
+at the target radius; noise score over its flag / reject thresholds) are settled.
+
+With ``mode: off`` the first ``next_plan()`` is already None: classify without a plan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from enum import StrEnum
+
+from numpy.typing import ArrayLike
+
+from service.gate.checks import CHEAP_CHECKS, Check
+from service.gate.engine import check_scores, checked_logits, raw_scores
+from service.gate.errors import GateError
+from service.gate.plan import ProbeSpec, derive_seed
+from service.gate.policy import Mode, Policy
+from service.gate.report import CheckScore, Decision, GateReport, decide, verdict_of
+from service.gate.sequential import (
+    all_settled, budget_within, certification_cut, detection_cut, disagreement_share,
+    next_batch_size, samples_to_settle,
+)
+from service.gate.smoothing import Certificate, certify_counts, count_agreements
+
+
+class Stage(StrEnum):
+    """Where a run stands: waiting for the cheap probe, for noise batches, or done."""
+
+    CHEAP = "cheap"
+    NOISE = "noise"
+    DONE = "done"
+
+
+def inconclusive(scores: Mapping[Check, CheckScore], policy: Policy) -> bool:
+    """True when the cheap checks neither clear nor condemn the image (module docstring)."""
+    escalate = False
+    for check in CHEAP_CHECKS:
+        cs = scores.get(check)
+        if cs is None or not policy.enabled(check):
+            continue
+        t = policy.thresholds(check)
+        if verdict_of(cs.score, t) is Decision.REJECT:
+            return False
+        bar = t.escalate if t.escalate is not None else t.flag
+        escalate = escalate or (bar is not None and cs.score > bar)
+    return escalate
+
+
+@dataclass(frozen=True)
+class GateRun:
+    """State of one request's gate run. Build with :meth:`start`; never mutate."""
+
+    policy: Policy
+    seed: int
+    certify: bool
+    stage: Stage
+    cheap_scores: tuple[tuple[Check, CheckScore], ...] = ()
+    top_class: int = -1
+    forward_passes: int = 0
+    budget: int = 0
+    cuts: tuple[int, ...] = ()
+    agreements: int = 0
+    samples: int = 0
+    batches: int = 0
+
+    @classmethod
+    def start(cls, policy: Policy, seed: int, *, certify: bool | None = None) -> GateRun:
+        """A fresh run. seed: uint64 for every random draw of this request. certify:
+        request certification (default: the policy's ``noise.certify``)."""
+        want = policy.noise.certify if certify is None else certify
+        stage = Stage.DONE if policy.mode is Mode.OFF else Stage.CHEAP
+        return cls(policy=policy, seed=seed, certify=want and stage is not Stage.DONE,
+                   stage=stage)
+
+    def next_plan(self) -> ProbeSpec | None:
+        """The probe to run next, or None when the run is done."""
+        if self.stage is Stage.CHEAP:
+            return self.policy.cheap_plan(self.seed)
+        if self.stage is Stage.NOISE:
+            n = self.policy.noise
+            size = next_batch_size(
+                self.samples, self.budget, first=n.first_batch, growth=n.growth,
+                at_least=samples_to_settle(self.agreements, self.samples, self.budget,
+                                           self.cuts))
+            return self.policy.noise_plan(derive_seed(self.seed, self.batches + 1), size)
+        return None
+
+    def feed(self, logits: ArrayLike, features: ArrayLike | None = None) -> GateRun:
+        """Advance with the handler's answer to :meth:`next_plan`.
+
+        logits: float32 [plan.rows, C]; features: float32 [D] when the plan asked for them.
+        """
+        plan = self.next_plan()
+        if plan is None:
+            raise GateError("feed() called on a finished gate run")
+        if self.stage is Stage.CHEAP:
+            raw = raw_scores(logits, features, plan, self.policy.references.density)
+            scores = check_scores(raw, plan, self.policy.references)
+            done = replace(self, stage=Stage.DONE, cheap_scores=tuple(scores.items()),
+                           top_class=raw.top_class, forward_passes=plan.rows)
+            return done._open_noise(scores)
+        z = checked_logits(logits, plan)
+        got = count_agreements(z[plan.layout().noise], self.top_class)
+        run = replace(self, agreements=self.agreements + got,
+                      samples=self.samples + plan.noise.count, batches=self.batches + 1,
+                      forward_passes=self.forward_passes + plan.rows)
+        if all_settled(run.agreements, run.samples, run.budget, run.cuts):
+            run = replace(run, stage=Stage.DONE)
+        return run
+
+    def _open_noise(self, scores: Mapping[Check, CheckScore]) -> GateRun:
+        detect = self.policy.enabled(Check.NOISE) and inconclusive(scores, self.policy)
+        if not (detect or self.certify):
+            return self
+        n = self.policy.noise
+        budget = budget_within(self.policy.max_forward_passes - self.forward_passes,
+                               n.max_samples, first=n.first_batch, growth=n.growth)
+        if budget == 0:
+            return self
+        cuts = []
+        if self.certify:
+            cuts.append(certification_cut(budget, n.sigma, n.alpha, n.target_radius))
+        if self.policy.enabled(Check.NOISE):
+            t = self.policy.thresholds(Check.NOISE)
+            cuts += [detection_cut(budget, x) for x in (t.flag, t.reject) if x is not None]
+        run = replace(self, budget=budget, cuts=tuple(cuts))
+        if all_settled(0, 0, budget, run.cuts):
+            return run
+        return replace(run, stage=Stage.NOISE)
+
+    def certificate(self) -> Certificate | None:
+        """The certificate so far: conservative (undrawn copies count as disagreeing) until
+        the budget is spent; None when certification neither was asked for nor ran."""
+        if self.budget == 0 or not (self.certify or self.samples):
+            return None
+        n = self.policy.noise
+        return certify_counts(self.top_class, self.agreements, self.samples, self.budget,
+                              n.sigma, n.alpha)
+
+    def report(self) -> GateReport:
+        """The gate report; only once :meth:`next_plan` returns None."""
+        if self.stage is not Stage.DONE:
+            raise GateError(f"report() called while the run waits in stage {self.stage}")
+        scores = dict(self.cheap_scores)
+        if self.samples > 0:
+            scores[Check.NOISE] = CheckScore(
+                disagreement_share(self.agreements, self.samples), self.samples,
+                (("agreements", float(self.agreements)), ("samples", float(self.samples)),
+                 ("budget", float(self.budget))))
+        return decide(scores, self.policy, certificate=self.certificate(),
+                      forward_passes=self.forward_passes, escalated=self.batches > 0)

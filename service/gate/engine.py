@@ -1,0 +1,149 @@
+"""Scoring: from the handler's logits (and features) to check scores and a report.
+
+Pure and deterministic: the same logits, plan and policy always give the same report.
+``score`` handles one probe result holding every section it needs; the cascade (cheap
+stage, then sequential noise batches) is driven by :class:`service.gate.cascade.GateRun`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from service.gate.checks import (
+    Check, occlusion_score, softmax, squeeze_scores, structure_score, viewpoint_score,
+)
+from service.gate.density import DensityModel
+from service.gate.errors import ScoreInputError
+from service.gate.plan import ProbeSpec
+from service.gate.policy import Policy, References
+from service.gate.quantile import max_quantile
+from service.gate.report import CheckScore, GateReport, decide
+from service.gate.sequential import disagreement_share
+from service.gate.smoothing import certify_counts, count_agreements
+
+
+@dataclass(frozen=True)
+class RawScores:
+    """Raw measurements from one probe result (None where the plan had no such section).
+
+    top_class: base top-1. squeeze: L1 per squeezer, plan order. viewpoint: mean L1.
+    density: Mahalanobis distance (None without features or model). occlusion: top-1 drop.
+    structure: surviving top-1 probability. noise_agreements of noise_samples copies kept
+    the base top-1.
+    """
+
+    top_class: int
+    squeeze: tuple[float, ...] | None = None
+    viewpoint: float | None = None
+    density: float | None = None
+    occlusion: float | None = None
+    structure: float | None = None
+    noise_agreements: int = 0
+    noise_samples: int = 0
+
+
+def checked_logits(logits: ArrayLike, spec: ProbeSpec) -> NDArray[np.float64]:
+    """Validate logits float [rows, C] against the plan; returns them as float64.
+
+    Raises ScoreInputError on a wrong row count or non-finite values (a model that emits NaN
+    must not silently pass the gate).
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    if z.ndim != 2 or z.shape[0] != spec.rows or z.shape[1] < 1:
+        raise ScoreInputError(f"logits must be [{spec.rows}, C] for this plan, got "
+                              f"{z.shape}")
+    if not np.all(np.isfinite(z)):
+        raise ScoreInputError("logits contain non-finite values")
+    return z
+
+
+def raw_scores(logits: ArrayLike, features: ArrayLike | None, spec: ProbeSpec,
+               density: DensityModel | None = None) -> RawScores:
+    """Measure every section the plan holds.
+
+    logits: float32 [spec.rows, C] in plan order; features: float32 [D] of the base image
+    (required when ``spec.return_features`` and ``density`` is given).
+    """
+    z = checked_logits(logits, spec)
+    lay = spec.layout()
+    probs = softmax(z)
+    base = probs[0]
+    top = int(np.argmax(z[0]))
+    dist: float | None = None
+    if density is not None and spec.return_features:
+        if features is None:
+            raise ScoreInputError("the plan asked for features but none came back")
+        f = np.asarray(features, dtype=np.float64)
+        if f.shape != (density.dim,) or not np.all(np.isfinite(f)):
+            raise ScoreInputError(f"features must be finite [{density.dim}], got {f.shape}")
+        if top >= density.classes:
+            raise ScoreInputError(f"class {top} is outside the density model's "
+                                  f"{density.classes} classes")
+        dist = density.distance(f, top)
+
+    def section(s: slice) -> NDArray[np.float64] | None:
+        return probs[s] if s.stop > s.start else None
+
+    sq, vw, oc, sh = (section(lay.squeeze), section(lay.views), section(lay.occlusion),
+                      section(lay.shuffle))
+    n_noise = lay.noise.stop - lay.noise.start
+    return RawScores(
+        top_class=top,
+        squeeze=None if sq is None else tuple(squeeze_scores(base, sq).tolist()),
+        viewpoint=None if vw is None else viewpoint_score(base, vw),
+        density=dist,
+        occlusion=None if oc is None else occlusion_score(base, oc),
+        structure=None if sh is None else structure_score(base, sh),
+        noise_agreements=count_agreements(z[lay.noise], top) if n_noise else 0,
+        noise_samples=n_noise)
+
+
+def check_scores(raw: RawScores, spec: ProbeSpec,
+                 references: References) -> dict[Check, CheckScore]:
+    """Scores in threshold units (policy docstring) for every check the raw scores cover.
+
+    Squeeze needs one reference CDF per squeezer; without them it is left out.
+    """
+    out: dict[Check, CheckScore] = {}
+    if raw.squeeze is not None and len(references.squeeze) == len(raw.squeeze):
+        names = spec.squeeze.names()
+        quantiles = [cdf.at(x) for cdf, x in zip(references.squeeze, raw.squeeze)]
+        combined = float(max_quantile(np.asarray(raw.squeeze), references.squeeze))
+        out[Check.SQUEEZE] = CheckScore(
+            combined, len(raw.squeeze),
+            tuple((f"{n}_quantile", q) for n, q in zip(names, quantiles))
+            + tuple((f"{n}_l1", x) for n, x in zip(names, raw.squeeze)))
+    if raw.viewpoint is not None:
+        out[Check.VIEWPOINT] = CheckScore(raw.viewpoint, len(spec.views))
+    if raw.density is not None:
+        out[Check.DENSITY] = CheckScore(raw.density, 0)
+    if raw.occlusion is not None:
+        out[Check.OCCLUSION] = CheckScore(raw.occlusion, spec.occlusion.grid ** 2)
+    if raw.structure is not None:
+        out[Check.STRUCTURE] = CheckScore(raw.structure, spec.shuffle.count)
+    if raw.noise_samples > 0:
+        out[Check.NOISE] = CheckScore(
+            disagreement_share(raw.noise_agreements, raw.noise_samples), raw.noise_samples,
+            (("agreements", float(raw.noise_agreements)),
+             ("samples", float(raw.noise_samples))))
+    return out
+
+
+def score(logits: ArrayLike, features: ArrayLike | None, spec: ProbeSpec,
+          policy: Policy) -> GateReport:
+    """Score one probe result (every section in one matrix) and decide under ``policy``.
+
+    logits: float32 [spec.rows, C]; features: float32 [D] or None. Noise rows, when present,
+    also give a fixed-budget certificate (sigma from the plan, alpha from the policy).
+    """
+    raw = raw_scores(logits, features, spec, policy.references.density)
+    certificate = None
+    if raw.noise_samples > 0:
+        certificate = certify_counts(raw.top_class, raw.noise_agreements, raw.noise_samples,
+                                     raw.noise_samples, spec.noise.sigma, policy.noise.alpha)
+    return decide(check_scores(raw, spec, policy.references), policy,
+                  certificate=certificate, forward_passes=spec.rows,
+                  escalated=raw.noise_samples > 0)

@@ -1,0 +1,214 @@
+"""The per-model gate policy: which checks run, their thresholds, cascade and noise settings.
+
+Threshold units (a check's score crosses a threshold when ``score > threshold``):
+
+- squeeze: the COMBINED QUANTILE score, ``max_s F_s(L1_s)`` with ``F_s`` the clean empirical
+  CDF of squeezer ``s`` (``references.squeeze``); so its thresholds lie in [0, 1].
+- every other check: its RAW score (see :mod:`service.gate.checks`): viewpoint mean L1,
+  density Mahalanobis distance, occlusion top-1 drop, structure surviving top-1 probability,
+  noise share of copies that lose the base top-1.
+
+Per check: ``flag`` and ``reject`` thresholds (``None`` = never crosses; reject >= flag), and
+for the cheap checks an ``escalate`` threshold (<= flag; unset = the flag threshold) that
+drives the cascade: the noise stage runs only when no cheap check crosses its reject threshold
+and at least one crosses its escalate threshold (the "inconclusive" band
+``escalate < score <= reject``), or when certification was asked for.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from types import MappingProxyType
+
+from service.gate.checks import Check
+from service.gate.density import DensityModel
+from service.gate.errors import PolicyError
+from service.gate.plan import NoiseSpec, OcclusionSpec, ProbeSpec, ShuffleSpec, SqueezeSpec
+from service.gate.quantile import EmpiricalCDF
+
+POLICY_SCHEMA = "robustgate.policy.v1"
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class Mode(StrEnum):
+    """enforce: a REJECT withholds the label; monitor: always answer, record the would-be
+    decision; off: the gate does not run."""
+
+    ENFORCE = "enforce"
+    MONITOR = "monitor"
+    OFF = "off"
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Flag, reject and escalate thresholds in the check's score units; None = never."""
+
+    flag: float | None = None
+    reject: float | None = None
+    escalate: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.flag is not None and self.reject is not None and self.reject < self.flag:
+            raise PolicyError(f"reject threshold {self.reject} is below flag {self.flag}")
+        if self.flag is not None and self.escalate is not None and self.escalate > self.flag:
+            raise PolicyError(f"escalate threshold {self.escalate} is above flag {self.flag}")
+
+
+@dataclass(frozen=True)
+class CheckPolicy:
+    """One check: on or off, and its thresholds."""
+
+    enabled: bool = False
+    thresholds: Thresholds = field(default_factory=Thresholds)
+
+
+@dataclass(frozen=True)
+class NoiseSettings:
+    """Randomized smoothing. sigma: the training noise from the model card, pixel units.
+    alpha: 1 - confidence of the Clopper-Pearson bound. target_radius: L2 radius (pixel
+    units) a certificate must reach to count as certified. max_samples: the noise budget N.
+    first_batch, growth: sequential batch sizes first * growth**i. certify: run
+    certification on every request by default (opt-in; a request may override)."""
+
+    sigma: float
+    alpha: float = 0.001
+    target_radius: float = 0.25
+    max_samples: int = 400
+    first_batch: int = 8
+    growth: int = 2
+    certify: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.sigma > 0:
+            raise PolicyError(f"noise.sigma must be > 0, got {self.sigma}")
+        if not 0 < self.alpha < 1:
+            raise PolicyError(f"noise.alpha must be in (0, 1), got {self.alpha}")
+        if not self.target_radius >= 0:
+            raise PolicyError(f"noise.target_radius must be >= 0, got {self.target_radius}")
+        if self.max_samples < 1 or self.first_batch < 1 or self.growth < 1:
+            raise PolicyError("noise.max_samples, first_batch and growth must be >= 1")
+
+
+@dataclass(frozen=True)
+class References:
+    """Calibration-fitted references. squeeze: one clean CDF per squeezer, in plan order.
+    density: class means and shared precision of the penultimate features."""
+
+    squeeze: tuple[EmpiricalCDF, ...] = ()
+    density: DensityModel | None = None
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A versioned gate policy for one model; validated on construction (PolicyError).
+
+    probe: the variants every cheap check uses (its noise section must be empty: noise comes
+    from ``noise``); the plan sent for a request keeps only the enabled checks' sections.
+    checks: every :class:`Check` (missing ones are filled in disabled). max_forward_passes:
+    per-request ceiling on rows the handler runs, base rows included. calibration: free
+    metadata recorded by calibration (target and realised rates...).
+    """
+
+    model_name: str
+    model_sha256: str
+    data_sha256: str
+    version: str
+    mode: Mode
+    probe: ProbeSpec
+    noise: NoiseSettings
+    checks: Mapping[Check, CheckPolicy] = field(default_factory=dict)
+    max_forward_passes: int = 64
+    references: References = field(default_factory=References)
+    calibration: Mapping[str, float | int | str | bool] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = [k for k in self.checks if not isinstance(k, Check)]
+        if unknown:
+            raise PolicyError(f"checks: unknown check(s) {unknown}")
+        full = {c: self.checks.get(c, CheckPolicy()) for c in Check}
+        object.__setattr__(self, "checks", MappingProxyType(full))
+        try:
+            object.__setattr__(self, "mode", Mode(self.mode))
+        except ValueError as exc:
+            raise PolicyError(f"mode: expected one of {[m.value for m in Mode]}, "
+                              f"got {self.mode!r}") from exc
+        object.__setattr__(self, "calibration", MappingProxyType(dict(self.calibration)))
+        _validate(self)
+
+    def enabled(self, check: Check) -> bool:
+        """Is ``check`` switched on?"""
+        return self.checks[check].enabled
+
+    def thresholds(self, check: Check) -> Thresholds:
+        """Thresholds of ``check`` in its score units (module docstring)."""
+        return self.checks[check].thresholds
+
+    def budget(self, check: Check) -> int:
+        """Forward passes (variants) the check may cost per request: squeezers, views,
+        occlusion windows, shuffles, noise max_samples; density costs none."""
+        p = self.probe
+        return {Check.SQUEEZE: len(p.squeeze.bit_depths) + len(p.squeeze.median_sizes),
+                Check.VIEWPOINT: len(p.views), Check.DENSITY: 0,
+                Check.OCCLUSION: p.occlusion.grid ** 2, Check.STRUCTURE: p.shuffle.count,
+                Check.NOISE: self.noise.max_samples}[check]
+
+    def cheap_plan(self, seed: int) -> ProbeSpec:
+        """The first probe of a request: the enabled cheap checks' variants, features when
+        density is on, no noise."""
+        p = self.probe
+        on = self.enabled
+        return replace(
+            p, seed=seed, noise=NoiseSpec(),
+            squeeze=p.squeeze if on(Check.SQUEEZE) else SqueezeSpec(),
+            views=p.views if on(Check.VIEWPOINT) else (),
+            occlusion=p.occlusion if on(Check.OCCLUSION) else OcclusionSpec(),
+            shuffle=p.shuffle if on(Check.STRUCTURE) else ShuffleSpec(),
+            return_features=on(Check.DENSITY))
+
+    def noise_plan(self, seed: int, count: int) -> ProbeSpec:
+        """A noise-only probe of ``count`` copies (base row + copies)."""
+        return ProbeSpec(seed=seed, noise=NoiseSpec(sigma=self.noise.sigma, count=count))
+
+    def check_model(self, model_sha256: str) -> None:
+        """Raise PolicyError unless this policy was calibrated for the model with this hash."""
+        if model_sha256.lower() != self.model_sha256:
+            raise PolicyError(f"policy {self.version!r} was calibrated for model sha256 "
+                              f"{self.model_sha256[:12]}..., the served model is "
+                              f"{model_sha256.lower()[:12]}...")
+
+
+def _validate(p: Policy) -> None:
+    if not p.model_name or not p.version:
+        raise PolicyError("model_name and version must be non-empty")
+    for name, value in (("model.sha256", p.model_sha256), ("data.sha256", p.data_sha256)):
+        if not _SHA256.match(value):
+            raise PolicyError(f"{name}: expected 64 lower-case hex digits, got {value!r}")
+    if p.probe.noise.count or p.probe.noise.sigma:
+        raise PolicyError("probe.noise must be empty: noise copies come from 'noise'")
+    n_squeeze = len(p.probe.squeeze.bit_depths) + len(p.probe.squeeze.median_sizes)
+    if p.references.squeeze and len(p.references.squeeze) != n_squeeze:
+        raise PolicyError(f"references.squeeze has {len(p.references.squeeze)} CDFs for "
+                          f"{n_squeeze} squeezers")
+    needs = {Check.SQUEEZE: (n_squeeze > 0 and len(p.references.squeeze) == n_squeeze,
+                             "squeezers in probe.squeeze and one reference CDF each"),
+             Check.VIEWPOINT: (len(p.probe.views) > 0, "views in probe.views"),
+             Check.DENSITY: (p.references.density is not None, "references.density"),
+             Check.OCCLUSION: (p.probe.occlusion.grid > 0, "probe.occlusion.grid > 0"),
+             Check.STRUCTURE: (p.probe.shuffle.count > 0, "probe.shuffle")}
+    for check, (ok, what) in needs.items():
+        if p.enabled(check) and not ok:
+            raise PolicyError(f"checks.{check}: enabled but the policy lacks {what}")
+    t = p.thresholds(Check.SQUEEZE)
+    for value in (t.flag, t.reject, t.escalate):
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise PolicyError(f"checks.squeeze: thresholds are clean quantiles in [0, 1], "
+                              f"got {value}")
+    if p.thresholds(Check.NOISE).escalate is not None:
+        raise PolicyError("checks.noise: escalate applies to cheap checks only")
+    cheap_rows = p.cheap_plan(0).rows
+    if p.max_forward_passes < cheap_rows:
+        raise PolicyError(f"max_forward_passes {p.max_forward_passes} is below the "
+                          f"{cheap_rows} rows of the cheap probe")

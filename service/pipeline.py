@@ -1,0 +1,161 @@
+"""The request path, free of transport: decode once -> gate cascade (probe calls) -> answer.
+
+    result = await pipeline.classify(request, deadline)
+
+The gate decides which probes to send (:class:`service.gate.cascade.GateRun`); the backend
+sends each as one TorchServe call holding the image once plus its plan; top-k classes come
+from the base image's logits (row 0 of the first answer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from robustgate.v1 import probe_pb2
+from service.backend import TorchServeBackend
+from service.decode import Limits, decode_image, decode_tensor
+from service.errors import DeadlineExceeded, InvalidInput
+from service.gate.cascade import GateRun
+from service.gate.plan import ProbeSpec
+from service.gate.report import GateReport
+from service.registry import Registry, ServedModel
+
+DEFAULT_TOP_K = 5
+# Decode big images in a worker thread so one large PNG cannot stall the event loop.
+_INLINE_DECODE_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    shape: tuple[int, ...]
+    dtype: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ClassifyInput:
+    model: str
+    image: bytes | None = None
+    tensor: RawTensor | None = None
+    version: str = ""
+    top_k: int = 0
+    request_id: str = ""
+    certify: bool | None = None  # None: the policy's default
+
+
+@dataclass(frozen=True)
+class ClassScore:
+    index: int
+    label: str
+    probability: float
+
+
+@dataclass
+class Timings:
+    """Seconds per stage."""
+
+    decode: float = 0.0
+    backend: float = 0.0
+    gate: float = 0.0
+    total: float = 0.0
+
+
+@dataclass(frozen=True)
+class ClassifyResult:
+    request_id: str
+    model: str
+    version: str
+    classes: tuple[ClassScore, ...]
+    report: GateReport | None
+    timings: Timings = field(default_factory=Timings)
+    backend_calls: int = 0
+
+
+def spec_to_proto(spec: ProbeSpec) -> probe_pb2.ProbePlan:
+    """The gate's plan dataclass as the wire message (same JSON field names both sides)."""
+    from google.protobuf import json_format
+
+    return json_format.ParseDict(spec.to_dict(), probe_pb2.ProbePlan())
+
+
+def request_seed(base_seed: int, image: np.ndarray) -> int:
+    """A per-image seed: the same image gets the same probes (reproducible verdicts)."""
+    digest = hashlib.sha256(image.tobytes()).digest()
+    return (base_seed ^ int.from_bytes(digest[:8], "little")) & ((1 << 63) - 1)
+
+
+def top_k(logits_row: np.ndarray, labels: tuple[str, ...], k: int) -> tuple[ClassScore, ...]:
+    z = logits_row.astype(np.float64)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")[:k]
+    return tuple(ClassScore(int(i), labels[i] if i < len(labels) else str(i), float(p[i])) for i in order)
+
+
+class Pipeline:
+    def __init__(self, registry: Registry, backend: TorchServeBackend, limits: Limits,
+                 backend_timeout_s: float, base_seed: int = 0) -> None:
+        self.registry = registry
+        self.backend = backend
+        self.limits = limits
+        self.backend_timeout_s = backend_timeout_s
+        self.base_seed = base_seed
+
+    async def _decode(self, req: ClassifyInput, model: ServedModel) -> np.ndarray:
+        if req.image is not None and req.tensor is not None:
+            raise InvalidInput("send either image or tensor, not both")
+        if req.image is not None:
+            if len(req.image) > _INLINE_DECODE_BYTES:
+                return await asyncio.to_thread(decode_image, req.image, model.input, self.limits)
+            return decode_image(req.image, model.input, self.limits)
+        if req.tensor is not None:
+            t = req.tensor
+            return decode_tensor(list(t.shape), t.dtype, t.data, model.input)
+        raise InvalidInput("request has no image: set image (PNG/JPEG bytes) or tensor")
+
+    async def classify(self, req: ClassifyInput, deadline: float) -> ClassifyResult:
+        """``deadline``: ``time.monotonic()`` value by which the answer is due."""
+        t0 = time.perf_counter()
+        timings = Timings()
+        model = self.registry.get(req.model, req.version)
+        k = req.top_k or DEFAULT_TOP_K
+        if k > len(model.labels):
+            raise InvalidInput(f"top_k {k} exceeds the model's {len(model.labels)} classes")
+        image = await self._decode(req, model)
+        timings.decode = time.perf_counter() - t0
+
+        async def call(plan: probe_pb2.ProbePlan | None):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DeadlineExceeded("deadline exceeded")
+            t = time.perf_counter()
+            out = await self.backend.probe(model.backend_name, image, plan, min(self.backend_timeout_s, left))
+            timings.backend += time.perf_counter() - t
+            return out
+
+        run = GateRun.start(model.policy, request_seed(self.base_seed, image), certify=req.certify)
+        base_logits: np.ndarray | None = None
+        calls = 0
+        while (spec := run.next_plan()) is not None:
+            out = await call(spec_to_proto(spec))
+            calls += 1
+            if base_logits is None:
+                base_logits = out.logits[0]
+            t = time.perf_counter()
+            run = run.feed(out.logits, out.features)
+            timings.gate += time.perf_counter() - t
+        if base_logits is None:  # gate off: a plain classification
+            out = await call(None)
+            calls += 1
+            base_logits = out.logits[0]
+        t = time.perf_counter()
+        report = run.report()
+        timings.gate += time.perf_counter() - t
+        classes = () if report.withhold_label else top_k(base_logits, model.labels, k)
+        timings.total = time.perf_counter() - t0
+        return ClassifyResult(req.request_id, model.name, model.version, classes, report, timings, calls)

@@ -1,0 +1,94 @@
+"""The served models: card, gate policy and TorchServe name of each, read once at start-up.
+
+A model is served only when its policy was calibrated for exactly this model: the policy's
+``model_sha256`` must equal the sha256 of the model's TorchScript export recorded in its card
+(both exports come from the same weights; the TorchScript file names the model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.decode import InputSpec
+from service.errors import ModelNotFound, PolicyMismatch
+from service.gate.errors import PolicyError
+from service.gate.policy import Policy
+from service.gate.policy_io import load_policy
+
+log = logging.getLogger(__name__)
+
+POLICY_FILE = "policy.json"
+CARD_FILE = "card.json"
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    name: str
+    version: str
+    labels: tuple[str, ...]
+    input: InputSpec
+    policy: Policy
+    backend_name: str  # TorchServe's model name, e.g. "fmnist-cnn-torchscript"
+    formats: tuple[str, ...]
+    model_sha256: str
+    noise_sigma: float
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_model(store: Path, name: str, backend_format: str) -> ServedModel:
+    """Read ``store/name/{card,policy}.json``; raise PolicyMismatch when they disagree."""
+    model_dir = store / name
+    card_path = model_dir / CARD_FILE
+    if not card_path.is_file():
+        raise ModelNotFound(f"model {name!r} has no card in {model_dir}")
+    card = json.loads(card_path.read_text())
+    model_sha = card["hashes"]["model.pt"]
+    if (model_dir / "model.pt").is_file() and _sha256(model_dir / "model.pt") != model_sha:
+        raise PolicyMismatch(f"{model_dir / 'model.pt'} does not match its card's sha256")
+    policy_path = model_dir / POLICY_FILE
+    try:
+        policy = load_policy(policy_path)
+        policy.check_model(model_sha)
+    except PolicyError as e:
+        raise PolicyMismatch(f"model {name!r}: {e}") from None
+    formats = tuple(f for f in ("torchscript", "onnx") if (store / "archives" / f"{name}-{f}.mar").is_file())
+    return ServedModel(
+        name=name,
+        version=str(card.get("version", "1")),
+        labels=tuple(card["labels"]),
+        input=InputSpec.from_card(card),
+        policy=policy,
+        backend_name=f"{name}-{backend_format}",
+        formats=formats,
+        model_sha256=model_sha,
+        noise_sigma=float(card["noise_sigma"]),
+    )
+
+
+class Registry:
+    """Name -> ServedModel; unknown names and versions are ModelNotFound."""
+
+    def __init__(self, models: dict[str, ServedModel]) -> None:
+        self._models = dict(models)
+
+    @classmethod
+    def load(cls, store: Path, names: tuple[str, ...], backend_format: str) -> "Registry":
+        return cls({n: load_model(store, n, backend_format) for n in names})
+
+    def get(self, name: str, version: str = "") -> ServedModel:
+        m = self._models.get(name)
+        if m is None:
+            raise ModelNotFound(f"model {name!r} is not served; served: {', '.join(sorted(self._models))}")
+        if version and version != m.version:
+            raise ModelNotFound(f"model {name!r} version {version!r} is not served; served version: {m.version}")
+        return m
+
+    def all(self) -> list[ServedModel]:
+        return [self._models[k] for k in sorted(self._models)]

@@ -1,0 +1,228 @@
+"""gRPC transport: a thin servicer (decode -> pipeline -> encode), one error table, admission
+control, health that follows the backend, reflection, graceful drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from robustgate.v1 import classifier_pb2 as pb
+from robustgate.v1 import classifier_pb2_grpc as pb_grpc
+from service import convert
+from service.backend import TorchServeBackend, read_inference_key
+from service.decode import Limits
+from service.errors import (
+    BackendUnavailable,
+    DeadlineExceeded,
+    GatewayError,
+    InvalidInput,
+    ModelNotFound,
+    Overloaded,
+    PolicyMismatch,
+    Unauthenticated,
+)
+from service.pipeline import Pipeline
+from service.registry import Registry
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ClassifierService"].full_name
+INTERNAL_MESSAGE = "internal error"
+
+# The one table from domain errors to status codes. Anything else: INTERNAL, fixed message.
+STATUS_BY_ERROR: dict[type[GatewayError], grpc.StatusCode] = {
+    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    BackendUnavailable: grpc.StatusCode.UNAVAILABLE,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PolicyMismatch: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+def status_of(err: BaseException) -> tuple[grpc.StatusCode, str]:
+    """(code, message safe for the caller) for any exception."""
+    for kind, code in STATUS_BY_ERROR.items():
+        if isinstance(err, kind):
+            return code, str(err)
+    return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+
+
+class Admission:
+    """At most ``limit`` requests in flight; the next one is refused at once (never queued)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.inflight = 0
+        self.shed = 0
+
+    @contextlib.contextmanager
+    def slot(self):
+        if self.inflight >= self.limit:
+            self.shed += 1
+            raise Overloaded(f"server is at its limit of {self.limit} requests in flight; retry later")
+        self.inflight += 1
+        try:
+            yield
+        finally:
+            self.inflight -= 1
+
+
+class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
+    def __init__(self, pipeline: Pipeline, registry: Registry, settings: Settings, admission: Admission) -> None:
+        self.pipeline = pipeline
+        self.registry = registry
+        self.settings = settings
+        self.admission = admission
+
+    def _deadline(self, context: grpc.aio.ServicerContext) -> float:
+        left = context.time_remaining()
+        budget = self.settings.request_timeout_s if left is None else min(left, self.settings.request_timeout_s * 10)
+        return time.monotonic() + budget
+
+    async def _fail(self, context: grpc.aio.ServicerContext, err: BaseException) -> None:
+        code, message = status_of(err)
+        if code is grpc.StatusCode.INTERNAL:
+            log.error("unexpected error", exc_info=err)
+        await context.abort(code, message)
+
+    async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+        try:
+            with self.admission.slot():
+                return convert.to_pb(await self.pipeline.classify(convert.to_domain(request), self._deadline(context)))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            await self._fail(context, e)
+            raise  # unreachable: abort raises
+
+    async def ClassifyStream(
+        self, request_iterator: AsyncIterator[pb.ClassifyStreamRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ClassifyStreamResponse]:
+        async for item in request_iterator:
+            request = item.request
+            try:
+                with self.admission.slot():
+                    res = await self.pipeline.classify(convert.to_domain(request), self._deadline(context))
+                yield pb.ClassifyStreamResponse(request_id=request.request_id, result=convert.to_pb(res))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                code, message = status_of(e)
+                if code is grpc.StatusCode.INTERNAL:
+                    log.error("unexpected error on stream", exc_info=e)
+                yield pb.ClassifyStreamResponse(
+                    request_id=request.request_id, error=pb.StreamError(code=code.value[0], message=message)
+                )
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(
+            models=[pb.ModelSummary(name=m.name, version=m.version, formats=list(m.formats), ready=True)
+                    for m in self.registry.all()]
+        )
+
+    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.GetModelResponse:
+        try:
+            return convert.model_to_pb(self.registry.get(request.model, request.version), self.settings.max_message_bytes)
+        except Exception as e:
+            await self._fail(context, e)
+            raise
+
+
+async def watch_backend(backend: TorchServeBackend, registry: Registry, health_servicer: health.aio.HealthServicer,
+                        interval_s: float, timeout_s: float) -> None:
+    """Probe every served model with a blank image; SERVING only while all of them answer."""
+    status = None
+    while True:
+        ok = True
+        for m in registry.all():
+            blank = np.zeros((m.input.channels, m.input.height, m.input.width), dtype=np.uint8)
+            try:
+                await backend.probe(m.backend_name, blank, None, timeout_s)
+            except GatewayError:
+                ok = False
+                break
+        new = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+        if new != status:
+            log.info("backend %s", "answers: SERVING" if ok else "does not answer: NOT_SERVING")
+            for name in ("", SERVICE_NAME):
+                await health_servicer.set(name, new)
+            status = new
+        await asyncio.sleep(interval_s)
+
+
+@dataclass
+class Gateway:
+    """A running gateway: its server, bound port and the parts tests look at."""
+
+    server: grpc.aio.Server
+    port: int
+    backend: TorchServeBackend
+    health: health.aio.HealthServicer
+    admission: Admission
+    tasks: list[asyncio.Task]
+
+    async def stop(self, grace_s: float) -> None:
+        await self.health.enter_graceful_shutdown()  # NOT_SERVING: load balancers stop sending
+        await self.server.stop(grace_s)
+        for t in self.tasks:
+            t.cancel()
+        await self.backend.close()
+
+
+async def start(settings: Settings, registry: Registry | None = None) -> Gateway:
+    """Build and start the gateway; returns once it listens."""
+    registry = registry or Registry.load(settings.store, settings.models, settings.backend_format)
+    token = read_inference_key(settings.torchserve_key_file)
+    backend = TorchServeBackend(settings.torchserve_address, token, settings.max_message_bytes)
+    limits = Limits(max_bytes=settings.max_message_bytes, max_pixels=settings.max_image_pixels)
+    pipeline = Pipeline(registry, backend, limits, settings.backend_timeout_s, settings.seed)
+    admission = Admission(settings.max_inflight)
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    pb_grpc.add_ClassifierServiceServicer_to_server(ClassifierServicer(pipeline, registry, settings, admission), server)
+    health_servicer = health.aio.HealthServicer()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    await server.start()
+    task = asyncio.create_task(
+        watch_backend(backend, registry, health_servicer, settings.health_interval_s, settings.backend_timeout_s)
+    )
+    log.info("gateway listening on %s:%d, models %s via TorchServe %s (%s)", settings.host, port,
+             ", ".join(m.name for m in registry.all()), settings.torchserve_address, settings.backend_format)
+    return Gateway(server, port, backend, health_servicer, admission, [task])
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then drain in-flight calls within ``settings.grace_s``."""
+    gw = await start(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining: up to %.1f s for in-flight calls", settings.grace_s)
+    await gw.stop(settings.grace_s)

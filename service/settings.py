@@ -1,0 +1,99 @@
+"""Gateway settings: one object, built once in ``__main__`` from flags and ``ROBUSTGATE_*``
+environment variables (flags win), then passed down. No other module reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+ENV_PREFIX = "ROBUSTGATE_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of the gateway. Each field's env variable is ``ROBUSTGATE_<FIELD>``."""
+
+    host: str = "127.0.0.1"
+    """Address the gateway's gRPC server binds to (0.0.0.0 in a pod)."""
+    port: int = 50051
+    """Gateway gRPC port; 0 picks a free one (tests)."""
+    metrics_port: int = 9464
+    """Prometheus /metrics port of the gateway; 0 picks a free one, -1 disables it."""
+    store: Path = REPO / "model_store" / "artifacts"
+    """Model store: model cards, policies and archives (manifest-verified)."""
+    models: tuple[str, ...] = ("fmnist-cnn",)
+    """Models to serve (directories of the store)."""
+    backend_format: str = "torchscript"
+    """Which TorchServe archive serves each model: torchscript or onnx."""
+    torchserve_address: str = "127.0.0.1:7070"
+    """TorchServe's gRPC inference address (inside the pod)."""
+    torchserve_key_file: Path = REPO / "var" / "torchserve" / "key_file.json"
+    """TorchServe's key_file.json (token auth), written in TorchServe's run directory."""
+    backend_timeout_s: float = 5.0
+    """Deadline of one TorchServe call, capped by what the client has left."""
+    request_timeout_s: float = 10.0
+    """Deadline for a request whose client set none."""
+    max_inflight: int = 256
+    """Requests processed at once; beyond it RESOURCE_EXHAUSTED at once."""
+    max_message_bytes: int = 4 * 1024 * 1024
+    """Largest gRPC message accepted (and image bytes, less framing)."""
+    max_image_pixels: int = 4096 * 4096
+    """Pixel-count cap checked from the header before full decode (decompression bombs)."""
+    grace_s: float = 10.0
+    """On SIGTERM: stop accepting, let in-flight calls finish within this many seconds."""
+    health_interval_s: float = 2.0
+    """How often the backend is probed for the health service."""
+    seed: int = 0
+    """Base seed for probe plans; each request's seed derives from it and a counter."""
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if self.backend_format not in ("torchscript", "onnx"):
+            raise ValueError(f"backend_format must be torchscript or onnx, not {self.backend_format!r}")
+        if self.max_inflight < 1:
+            raise ValueError("max_inflight must be >= 1")
+        for name in ("backend_timeout_s", "request_timeout_s", "grace_s", "health_interval_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+
+
+def _convert(f: dataclasses.Field, raw: str) -> object:
+    default = f.default
+    if isinstance(default, bool):
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    if isinstance(default, int):
+        return int(raw)
+    if isinstance(default, float):
+        return float(raw)
+    if isinstance(default, tuple):
+        return tuple(s.strip() for s in raw.split(",") if s.strip())
+    if f.name in ("store", "torchserve_key_file"):
+        return Path(raw)
+    return raw
+
+
+def from_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from ``ROBUSTGATE_*`` variables, then command-line flags over them."""
+    env = os.environ if environ is None else environ
+    values: dict[str, object] = {}
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    for name, f in fields.items():
+        raw = env.get(ENV_PREFIX + name.upper())
+        if raw is not None:
+            values[name] = _convert(f, raw)
+    parser = argparse.ArgumentParser(prog="python -m service", description="RobustGate gRPC gateway")
+    for name, f in fields.items():
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None,
+                            help=f"env {ENV_PREFIX}{name.upper()} (default: {f.default})")
+    args = parser.parse_args(argv)
+    for name, f in fields.items():
+        raw = getattr(args, name)
+        if raw is not None:
+            values[name] = _convert(f, raw)
+    return Settings(**values)  # type: ignore[arg-type]

@@ -1,0 +1,164 @@
+"""Thresholds at target clean rates, and the shared-budget allocation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service.gate.allocation import allocate
+from service.gate.calibrate import (
+    calibrate_thresholds, fit_squeeze_references, flag_rate, threshold_at_rate,
+    thresholds_at_rates,
+)
+from service.gate.checks import Check
+from service.gate.errors import CalibrationError
+
+S, V, D = Check.SQUEEZE, Check.VIEWPOINT, Check.DENSITY
+
+
+def test_threshold_at_rate_exact_counts() -> None:
+    clean = np.arange(1.0, 101.0)
+    t = threshold_at_rate(clean, 0.05)
+    assert t == 95.0 and np.count_nonzero(clean > t) == 5
+    assert threshold_at_rate(clean, 0.0) == 100.0
+    ties = np.array([0.0] * 90 + [1.0] * 10)
+    t = threshold_at_rate(ties, 0.05)  # cannot split the tie at 1.0: flags none of them
+    assert t == 1.0 and flag_rate(ties, t) == 0.0
+    with pytest.raises(CalibrationError):
+        threshold_at_rate([0.0, np.nan], 0.05)
+    with pytest.raises(CalibrationError):
+        threshold_at_rate([], 0.05)
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.01])
+def test_calibrated_rate_holds_on_fresh_clean_data(rate: float) -> None:
+    rng = np.random.default_rng(3)
+    fit, fresh = rng.gamma(2.0, size=20_000), rng.gamma(2.0, size=20_000)
+    t = threshold_at_rate(fit, rate)
+    assert flag_rate(fit, t) <= rate
+    sd = np.sqrt(rate * (1 - rate) * (2 / 20_000))
+    assert abs(flag_rate(fresh, t) - rate) < 4 * sd
+
+
+def test_thresholds_at_rates_are_ordered() -> None:
+    clean = np.random.default_rng(0).normal(size=5000)
+    t = thresholds_at_rates(clean)
+    assert t.escalate is not None and t.flag is not None and t.reject is not None
+    assert t.escalate <= t.flag <= t.reject
+    assert flag_rate(clean, t.flag) == pytest.approx(0.05, abs=1e-3)
+
+
+def _synthetic(seed: int, n: int = 4000, m: int = 2000) -> tuple[dict, dict]:
+    rng = np.random.default_rng(seed)
+    clean = {S: rng.normal(size=n), V: rng.normal(size=n)}
+    attacked = {S: rng.normal(loc=2.0, size=m),  # useful: attacks score high
+                V: rng.normal(size=m)}  # useless: attacks look clean
+    return clean, attacked
+
+
+def _union(scores: dict, thresholds: dict) -> float:
+    hit = np.zeros(len(next(iter(scores.values()))), bool)
+    for c, t in thresholds.items():
+        if t is not None:
+            hit |= scores[c] > t
+    return float(hit.mean())
+
+
+def test_allocation_beats_the_equal_split_when_one_check_is_useless() -> None:
+    clean, attacked = _synthetic(0)
+    alloc = allocate(clean, attacked, 0.05)
+    equal = {c: threshold_at_rate(clean[c], 0.025) for c in clean}
+    assert _union(clean, equal) <= 0.05
+    assert alloc.clean_rate <= 0.05 and alloc.clean_rate >= 0.05 - 2 / 4000
+    assert alloc.clean_rate == pytest.approx(_union(clean, alloc.thresholds))
+    assert alloc.detection_rate == pytest.approx(_union(attacked, alloc.thresholds))
+    assert alloc.detection_rate >= _union(attacked, equal) + 0.05
+    assert alloc.rates[S] > alloc.rates[V]
+    fresh_clean, fresh_attacked = _synthetic(1)
+    assert abs(_union(fresh_clean, alloc.thresholds) - 0.05) < 0.015
+    assert _union(fresh_attacked, alloc.thresholds) >= _union(fresh_attacked, equal)
+
+
+def test_allocation_uses_both_checks_when_both_help() -> None:
+    rng = np.random.default_rng(5)
+    n, m = 4000, 2000
+    clean = {S: rng.normal(size=n), V: rng.normal(size=n), D: rng.normal(size=n)}
+    half = m // 2
+    attacked = {S: np.r_[rng.normal(3.0, size=half), rng.normal(size=half)],
+                V: np.r_[rng.normal(size=half), rng.normal(3.0, size=half)],
+                D: rng.normal(size=m)}
+    alloc = allocate(clean, attacked, 0.05)
+    alone = max(allocate({c: clean[c]}, {c: attacked[c]}, 0.05).detection_rate
+                for c in (S, V))
+    assert alloc.detection_rate > alone + 0.2
+    assert alloc.clean_rate <= 0.05
+
+
+def test_allocation_finds_the_useful_pair_among_many_checks() -> None:
+    rng = np.random.default_rng(8)
+    n, m = 4000, 2000
+    checks = (S, V, D, Check.OCCLUSION, Check.STRUCTURE)
+    clean = {c: rng.normal(size=n) for c in checks}
+    half = m // 2
+    attacked = {c: rng.normal(size=m) for c in checks}  # useless by default ...
+    attacked[S] = np.r_[rng.normal(3.0, size=half), rng.normal(size=half)]  # ... but these two
+    attacked[D] = np.r_[rng.normal(size=half), rng.normal(3.0, size=half)]  # catch halves
+    alloc = allocate(clean, attacked, 0.05)
+    equal = {c: threshold_at_rate(clean[c], 0.05 / len(checks)) for c in checks}
+    alone = max(_union(attacked, {c: threshold_at_rate(clean[c], 0.05)}) for c in checks)
+    assert alloc.clean_rate <= 0.05
+    assert alloc.detection_rate > _union(attacked, equal) + 0.05
+    assert alloc.detection_rate > alone + 0.2
+    assert alloc.rates[S] + alloc.rates[D] > 0.04
+
+
+def test_reject_floors_keep_reject_above_flag() -> None:
+    clean, attacked = _synthetic(2)
+    flag = allocate(clean, attacked, 0.05)
+    floors = dict(flag.thresholds)
+    floors[V] = None  # no flag threshold: no reject threshold either
+    reject = allocate(clean, attacked, 0.01, floors=floors)
+    assert reject.thresholds[V] is None
+    assert reject.thresholds[S] is not None and flag.thresholds[S] is not None
+    assert reject.thresholds[S] >= flag.thresholds[S]
+    assert reject.clean_rate <= 0.01
+
+
+def test_calibrate_thresholds_with_attacks() -> None:
+    clean, attacked = _synthetic(4)
+    result = calibrate_thresholds(clean, attacked)
+    for c, t in result.thresholds.items():
+        if t.flag is not None:
+            assert t.reject is None or t.reject >= t.flag
+            assert t.escalate is not None and t.escalate <= t.flag
+    flags = {c: t.flag for c, t in result.thresholds.items()}
+    rejects = {c: t.reject for c, t in result.thresholds.items()}
+    assert _union(clean, flags) <= 0.05 and _union(clean, rejects) <= 0.01
+    assert result.summary["flag_rate_clean"] == pytest.approx(_union(clean, flags))
+    assert str(result.summary["method"]).startswith("allocated:")
+
+
+def test_calibrate_thresholds_each_alone_without_attacks() -> None:
+    clean, _ = _synthetic(6)
+    result = calibrate_thresholds(clean)
+    for c, t in result.thresholds.items():
+        assert flag_rate(clean[c], t.flag) == pytest.approx(0.05, abs=1e-3)
+        assert flag_rate(clean[c], t.reject) == pytest.approx(0.01, abs=1e-3)
+    assert result.summary["method"] == "each-alone"
+
+
+def test_allocation_input_errors() -> None:
+    clean, attacked = _synthetic(7)
+    with pytest.raises(CalibrationError):
+        allocate(clean, {S: attacked[S]}, 0.05)
+    with pytest.raises(CalibrationError):
+        allocate({S: clean[S], V: clean[V][:10]}, attacked, 0.05)
+    with pytest.raises(CalibrationError):
+        allocate(clean, attacked, 1.5)
+
+
+def test_fit_squeeze_references_one_cdf_per_squeezer() -> None:
+    raw = np.random.default_rng(0).random((500, 4)) * np.array([1.0, 2.0, 3.0, 4.0])
+    cdfs = fit_squeeze_references(raw)
+    assert len(cdfs) == 4
+    assert [c.values[-1] for c in cdfs] == pytest.approx(raw.max(axis=0).tolist())

@@ -1,0 +1,244 @@
+"""Scoring one probe result, and the cascade driven by a fake (pure) model."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from service.gate.cascade import GateRun, Stage, inconclusive
+from service.gate.checks import Check
+from service.gate.defaults import default_probe
+from service.gate.density import fit_density
+from service.gate.engine import raw_scores, score
+from service.gate.errors import GateError, ScoreInputError
+from service.gate.plan import NoiseSpec, ProbeSpec
+from service.gate.policy import (
+    CheckPolicy, Mode, NoiseSettings, Policy, References, Thresholds,
+)
+from service.gate.quantile import EmpiricalCDF
+from service.gate.report import CheckScore, CheckStatus, Decision
+from service.gate.sequential import disagreement_share
+from service.gate.smoothing import certify_counts
+
+C = 10
+
+
+def row(shift: float = 0.0, top: int = 0) -> np.ndarray:
+    """Softmax row: 0.9 on ``top`` (class 0 unless told), moved ``shift / 2`` to class 1, so
+    its L1 distance to ``row()`` is ``shift``."""
+    p = np.full(C, 0.1 / (C - 1))
+    p[top] = 0.9
+    p[top] -= shift / 2
+    p[1 if top == 0 else 0] += shift / 2
+    return p
+
+
+class FakeModel:
+    """A pure stand-in for the handler: answers a plan with logits of known softmax rows."""
+
+    def __init__(self, squeeze_l1: float = 0.0, view_l1: float = 0.0,
+                 occlusion_drop: float = 0.0, shuffle_keep: float = 0.9,
+                 stream: np.ndarray | None = None, features: np.ndarray | None = None):
+        self.squeeze_l1, self.view_l1 = squeeze_l1, view_l1
+        self.occlusion_drop, self.shuffle_keep = occlusion_drop, shuffle_keep
+        self.stream = np.ones(1000, bool) if stream is None else stream
+        self.used = 0
+        self.features = np.eye(C)[0] * 10.0 if features is None else features
+        self.plans: list[ProbeSpec] = []
+
+    def __call__(self, plan: ProbeSpec) -> tuple[np.ndarray, np.ndarray | None]:
+        self.plans.append(plan)
+        rows = [row()]
+        for _ in range(plan.noise.count):
+            rows.append(row() if self.stream[self.used] else row(top=2))
+            self.used += 1
+        n_squeeze = len(plan.squeeze.bit_depths) + len(plan.squeeze.median_sizes)
+        rows += [row(self.squeeze_l1)] * n_squeeze
+        rows += [row(self.view_l1)] * len(plan.views)
+        windows = plan.occlusion.grid ** 2
+        rows += [row(2 * self.occlusion_drop)] + [row()] * (windows - 1) if windows else []
+        rows += [row(2 * (0.9 - self.shuffle_keep))] * plan.shuffle.count
+        logits = np.log(np.stack(rows)).astype(np.float32)
+        return logits, (self.features.astype(np.float32) if plan.return_features else None)
+
+
+def make_policy(mode: Mode = Mode.ENFORCE, *, certify: bool = False,
+                max_passes: int = 300, occlusion: bool = False) -> Policy:
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(C), 30)
+    feats = np.eye(C)[labels] * 10.0 + rng.normal(size=(labels.size, C))
+    refs = References(squeeze=tuple(EmpiricalCDF.from_samples(np.linspace(0, 1, 101))
+                                    for _ in range(4)),
+                      density=fit_density(feats, labels))
+    return Policy(
+        model_name="m", model_sha256="a" * 64, data_sha256="b" * 64, version="3", mode=mode,
+        probe=default_probe(), noise=NoiseSettings(sigma=0.25, alpha=0.001,
+                                                   target_radius=0.25, certify=certify),
+        checks={Check.SQUEEZE: CheckPolicy(True, Thresholds(0.95, 0.99, 0.8)),
+                Check.VIEWPOINT: CheckPolicy(True, Thresholds(0.5, 1.0, 0.3)),
+                Check.DENSITY: CheckPolicy(True, Thresholds(6.0, 10.0, 5.0)),
+                Check.OCCLUSION: CheckPolicy(occlusion, Thresholds(0.5, 0.8, 0.3)),
+                Check.STRUCTURE: CheckPolicy(occlusion, Thresholds(0.85, 0.95, 0.8)),
+                Check.NOISE: CheckPolicy(True, Thresholds(0.3, 0.6))},
+        max_forward_passes=max_passes, references=refs)
+
+
+def drive(policy: Policy, model: FakeModel, seed: int = 1, **kw: bool) -> GateRun:
+    run = GateRun.start(policy, seed, **kw)
+    while (plan := run.next_plan()) is not None:
+        run = run.feed(*model(plan))
+    return run
+
+
+def test_score_one_matrix_with_every_section() -> None:
+    policy = make_policy(occlusion=True)
+    spec = replace(policy.cheap_plan(5), noise=NoiseSpec(sigma=0.25, count=20))
+    model = FakeModel(squeeze_l1=0.9, view_l1=0.4, occlusion_drop=0.6, shuffle_keep=0.7,
+                      stream=np.r_[np.ones(15, bool), np.zeros(5, bool)])
+    logits, feats = model(spec)
+    assert logits.shape == (spec.rows, C) == (1 + 20 + 4 + 6 + 16 + 4, C)
+    report = score(logits, feats, spec, policy)
+    sq = report.result(Check.SQUEEZE)
+    assert sq.score == pytest.approx(91 / 101) and sq.verdict is Decision.PASS
+    assert dict(sq.detail)["bits1_l1"] == pytest.approx(0.9)
+    assert report.result(Check.VIEWPOINT).score == pytest.approx(0.4)
+    assert report.result(Check.OCCLUSION).score == pytest.approx(0.6)
+    assert report.result(Check.OCCLUSION).verdict is Decision.FLAG
+    assert report.result(Check.STRUCTURE).score == pytest.approx(0.7)
+    assert report.result(Check.NOISE).score == pytest.approx(0.25)
+    dens = policy.references.density
+    assert dens is not None
+    assert report.result(Check.DENSITY).score == pytest.approx(dens.distance(feats, 0))
+    assert report.decision is Decision.FLAG and report.forward_passes == spec.rows
+    assert report.certificate == certify_counts(0, 15, 20, 20, 0.25, 0.001)
+
+
+def test_bad_inputs_raise_score_input_error() -> None:
+    policy = make_policy()
+    spec = policy.cheap_plan(0)
+    logits, feats = FakeModel()(spec)
+    with pytest.raises(ScoreInputError, match="rows|\\["):
+        score(logits[:-1], feats, spec, policy)
+    bad = logits.copy()
+    bad[3, 2] = np.nan
+    with pytest.raises(ScoreInputError, match="non-finite"):
+        score(bad, feats, spec, policy)
+    with pytest.raises(ScoreInputError, match="features"):
+        score(logits, None, spec, policy)
+    with pytest.raises(ScoreInputError, match="features"):
+        score(logits, feats[:3], spec, policy)
+
+
+def test_clear_pass_skips_noise() -> None:
+    model = FakeModel(squeeze_l1=0.1, view_l1=0.1)
+    run = drive(make_policy(), model)
+    report = run.report()
+    assert len(model.plans) == 1 and report.forward_passes == 11
+    assert report.decision is Decision.PASS and not report.escalated
+    assert report.result(Check.NOISE).status is CheckStatus.SKIPPED
+    assert report.certificate is None and report.certified is None
+
+
+def test_cheap_reject_skips_noise() -> None:
+    model = FakeModel(squeeze_l1=0.995, view_l1=1.5)
+    report = drive(make_policy(), model).report()
+    assert len(model.plans) == 1 and report.decision is Decision.REJECT
+
+
+@pytest.mark.parametrize("p_agree", [0.95, 0.75, 0.5, 0.2])
+def test_inconclusive_escalates_and_matches_full_budget(p_agree: float) -> None:
+    stream = np.random.default_rng(int(p_agree * 100)).random(1000) < p_agree
+    policy = make_policy()
+    model = FakeModel(squeeze_l1=0.9, view_l1=0.1, stream=stream)
+    run = drive(policy, model)
+    report = run.report()
+    # 289 passes left after the 11 cheap rows: 283 copies in 6 batches (8 ... 128, 35)
+    assert report.escalated and run.budget == 283
+    full = disagreement_share(int(stream[:run.budget].sum()), run.budget)
+    noise = report.result(Check.NOISE)
+    assert noise.status is CheckStatus.SCORED and noise.score is not None
+    assert (noise.score > 0.3) == (full > 0.3) and (noise.score > 0.6) == (full > 0.6)
+    assert report.forward_passes == 11 + sum(p.rows for p in model.plans[1:])
+    assert report.forward_passes <= policy.max_forward_passes
+    seeds = [p.seed for p in model.plans[1:]]
+    assert len(set(seeds)) == len(seeds) and 1 not in seeds
+    assert all(p.noise.sigma == 0.25 and p.views == () for p in model.plans[1:])
+
+
+def test_noise_stage_saves_passes_on_clear_noise_verdicts() -> None:
+    model = FakeModel(squeeze_l1=0.9, stream=np.ones(1000, bool))
+    run = drive(make_policy(), model)
+    assert run.samples < run.budget  # settled before the budget: share 0 can't exceed 0.3
+    assert run.report().result(Check.NOISE).verdict is Decision.PASS
+
+
+def test_certification_opt_in_runs_on_clean_images() -> None:
+    stream = np.random.default_rng(9).random(1000) < 0.999
+    policy = make_policy(certify=True, max_passes=500)
+    run = drive(policy, FakeModel(stream=stream))
+    report = run.report()
+    assert report.escalated and report.certificate is not None
+    full = certify_counts(0, int(stream[:run.budget].sum()), run.budget, run.budget,
+                          0.25, 0.001)
+    assert report.certified == full.certifies(0.25)
+    if report.certificate.radius is not None and full.radius is not None:
+        assert report.certificate.radius <= full.radius
+    no_cert = drive(policy, FakeModel(stream=stream), certify=False).report()
+    assert no_cert.certificate is None and not no_cert.escalated
+
+
+def test_ceiling_too_low_for_noise_skips_it() -> None:
+    policy = make_policy(certify=True, max_passes=11)
+    model = FakeModel(squeeze_l1=0.9)
+    report = drive(policy, model).report()
+    assert len(model.plans) == 1 and report.forward_passes == 11
+    assert report.result(Check.NOISE).status is CheckStatus.SKIPPED
+
+
+def test_off_mode_sends_no_plan() -> None:
+    run = GateRun.start(make_policy(Mode.OFF), 0, certify=True)
+    assert run.next_plan() is None and run.stage is Stage.DONE
+    report = run.report()
+    assert report.decision is Decision.PASS and report.would_be is None
+
+
+def test_monitor_mode_runs_the_cascade_and_answers() -> None:
+    report = drive(make_policy(Mode.MONITOR), FakeModel(squeeze_l1=0.995)).report()
+    assert report.decision is Decision.PASS and report.would_be is Decision.REJECT
+
+
+def test_runs_are_deterministic() -> None:
+    stream = np.random.default_rng(4).random(1000) < 0.7
+    a = drive(make_policy(), FakeModel(squeeze_l1=0.9, stream=stream), seed=11).report()
+    b = drive(make_policy(), FakeModel(squeeze_l1=0.9, stream=stream), seed=11).report()
+    assert a == b
+
+
+def test_run_misuse_is_an_error() -> None:
+    run = GateRun.start(make_policy(), 0)
+    with pytest.raises(GateError):
+        run.report()
+    done = drive(make_policy(), FakeModel())
+    with pytest.raises(GateError):
+        done.feed(np.zeros((1, C), np.float32))
+
+
+def test_inconclusive_band() -> None:
+    policy = make_policy()
+
+    def cs(**v: float) -> dict[Check, CheckScore]:
+        return {Check(k): CheckScore(x) for k, x in v.items()}
+
+    assert not inconclusive(cs(squeeze=0.5, viewpoint=0.1), policy)
+    assert inconclusive(cs(squeeze=0.85, viewpoint=0.1), policy)
+    assert inconclusive(cs(squeeze=0.97, viewpoint=0.1), policy)  # flagged, not rejected
+    assert not inconclusive(cs(squeeze=0.85, viewpoint=1.2), policy)  # a reject settles it
+    assert not inconclusive(cs(occlusion=0.9), policy)  # disabled checks do not count
+
+
+def test_raw_scores_without_density_model() -> None:
+    spec = ProbeSpec(return_features=True)
+    raw = raw_scores(np.log(row()[None, :]), None, spec, density=None)
+    assert raw.top_class == 0 and raw.density is None and raw.squeeze is None

@@ -1,0 +1,177 @@
+"""Policy: validation, JSON files, and the decision rule under each mode."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from service.gate.checks import Check
+from service.gate.defaults import default_probe, draft_policy
+from service.gate.density import fit_density
+from service.gate.errors import PolicyError
+from service.gate.policy import (
+    CheckPolicy, Mode, NoiseSettings, Policy, References, Thresholds,
+)
+from service.gate.policy_io import load_policy, policy_from_dict, policy_to_dict, save_policy
+from service.gate.quantile import EmpiricalCDF
+from service.gate.report import CheckScore, CheckStatus, Decision, decide
+
+SHA_M, SHA_D = "a" * 64, "b" * 64
+
+
+def make_policy(mode: Mode = Mode.ENFORCE, **changes: Any) -> Policy:
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(60, 5))
+    labels = np.repeat(np.arange(10), 6)
+    refs = References(
+        squeeze=tuple(EmpiricalCDF.from_samples(rng.random(50) * (i + 1)) for i in range(4)),
+        density=fit_density(feats, labels))
+    policy = Policy(
+        model_name="fmnist-cnn", model_sha256=SHA_M, data_sha256=SHA_D, version="7",
+        mode=mode, probe=default_probe(), noise=NoiseSettings(sigma=0.25),
+        checks={Check.SQUEEZE: CheckPolicy(True, Thresholds(0.95, 0.99, 0.8)),
+                Check.VIEWPOINT: CheckPolicy(True, Thresholds(0.5, 1.0, 0.3)),
+                Check.DENSITY: CheckPolicy(True, Thresholds(3.0, 6.0, 2.0)),
+                Check.OCCLUSION: CheckPolicy(False, Thresholds(0.1, 0.2)),
+                Check.NOISE: CheckPolicy(True, Thresholds(0.3, 0.6))},
+        max_forward_passes=64, references=refs, calibration={"flag_rate_target": 0.05})
+    return replace(policy, **changes) if changes else policy
+
+
+def test_round_trip_through_a_file(tmp_path: Path) -> None:
+    policy = make_policy()
+    path = tmp_path / "policy.json"
+    save_policy(policy, path)
+    data = json.loads(path.read_text())
+    assert data["schema"] == "robustgate.policy.v1" and data["version"] == "7"
+    assert data["checks"]["squeeze"] == {"enabled": True, "flag": 0.95, "reject": 0.99,
+                                         "escalate": 0.8}
+    assert load_policy(path) == policy
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+
+
+def test_missing_checks_are_disabled() -> None:
+    d = policy_to_dict(make_policy())
+    del d["checks"]["occlusion"], d["checks"]["structure"]
+    p = policy_from_dict(d)
+    assert not p.enabled(Check.OCCLUSION) and p.thresholds(Check.STRUCTURE) == Thresholds()
+
+
+def _broken(mutate: Any) -> dict[str, Any]:
+    d = json.loads(json.dumps(policy_to_dict(make_policy())))
+    mutate(d)
+    return d
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d.update(schema="other"), "schema"),
+    (lambda d: d.update(mode="loud"), "mode"),
+    (lambda d: d.update(extra=1), "extra"),
+    (lambda d: d.pop("model"), "model"),
+    (lambda d: d["model"].update(sha256="xyz"), "model.sha256"),
+    (lambda d: d["checks"]["squeeze"].update(reject=0.5), "checks.squeeze"),
+    (lambda d: d["checks"]["squeeze"].update(flag=2.0, reject=3.0), "quantiles"),
+    (lambda d: d["checks"]["viewpoint"].update(flag="high"), "checks.viewpoint.flag"),
+    (lambda d: d["checks"].update(colour={"enabled": True}), "colour"),
+    (lambda d: d["references"].update(squeeze=[]), "squeeze"),
+    (lambda d: d["references"].update(density={"means": [[0.0]]}), "density"),
+    (lambda d: d["noise"].update(alpha=0), "alpha"),
+    (lambda d: d["probe"].update(version=9), "version"),
+    (lambda d: d["probe"].update(noise={"sigma": 0.2, "count": 4}), "probe.noise"),
+    (lambda d: d.update(max_forward_passes=5), "max_forward_passes"),
+    (lambda d: d["checks"]["noise"].update(escalate=0.1), "escalate"),
+])
+def test_bad_policies_raise_policy_error(mutate: Any, message: str) -> None:
+    with pytest.raises(PolicyError, match=message):
+        policy_from_dict(_broken(mutate))
+
+
+def test_load_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError, match="not found"):
+        load_policy(tmp_path / "absent.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"schema": "robustgate.policy.v1",\n  "version": }')
+    with pytest.raises(PolicyError, match=r"bad\.json: not valid JSON \(line 2"):
+        load_policy(bad)
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps(_broken(lambda d: d.update(mode="loud"))))
+    with pytest.raises(PolicyError, match=r"wrong\.json: mode"):
+        load_policy(wrong)
+
+
+def test_model_hash_must_match() -> None:
+    policy = make_policy()
+    policy.check_model(SHA_M.upper())
+    with pytest.raises(PolicyError, match="calibrated for model"):
+        policy.check_model("c" * 64)
+
+
+def test_budgets_and_cheap_plan() -> None:
+    policy = make_policy()
+    assert policy.budget(Check.SQUEEZE) == 4 and policy.budget(Check.VIEWPOINT) == 6
+    assert policy.budget(Check.DENSITY) == 0 and policy.budget(Check.NOISE) == 400
+    plan = policy.cheap_plan(seed=99)
+    assert plan.seed == 99 and plan.return_features
+    assert plan.occlusion.grid == 0 and plan.shuffle.count == 0 and plan.noise.count == 0
+    assert plan.rows == 1 + 4 + 6
+    assert policy.noise_plan(5, 16).rows == 17
+
+
+def test_draft_policy_is_valid_and_runs_viewpoint_only() -> None:
+    policy = draft_policy("m", SHA_M, SHA_D, sigma=0.25)
+    assert policy.mode is Mode.MONITOR
+    assert [c for c in Check if policy.enabled(c)] == [Check.VIEWPOINT]
+    assert policy.cheap_plan(0).rows == 7
+
+
+def _scores(**values: float) -> dict[Check, CheckScore | float]:
+    return {Check(k): v for k, v in values.items()}
+
+
+def test_decide_enforce() -> None:
+    policy = make_policy()
+    assert decide(_scores(squeeze=0.9, viewpoint=0.2, density=1.0), policy).decision \
+        is Decision.PASS
+    flagged = decide(_scores(squeeze=0.96, viewpoint=0.2, density=1.0), policy)
+    assert flagged.decision is Decision.FLAG and not flagged.withhold_label
+    assert flagged.result(Check.SQUEEZE).verdict is Decision.FLAG
+    rejected = decide(_scores(squeeze=0.9, viewpoint=0.2, density=7.0), policy,
+                      forward_passes=11)
+    assert rejected.decision is rejected.would_be is Decision.REJECT
+    assert rejected.withhold_label and rejected.forward_passes == 11
+    line = rejected.result(Check.DENSITY)
+    assert (line.score, line.flag_threshold, line.reject_threshold) == (7.0, 3.0, 6.0)
+    assert rejected.policy_version == "7"
+
+
+def test_threshold_is_crossed_only_strictly() -> None:
+    assert decide(_scores(squeeze=0.95, viewpoint=1.0), make_policy()).decision \
+        is Decision.FLAG  # viewpoint 1.0 == reject: not crossed; 1.0 > flag 0.5
+    assert decide(_scores(squeeze=0.95), make_policy()).decision is Decision.PASS
+
+
+def test_disabled_and_missing_checks() -> None:
+    report = decide(_scores(occlusion=5.0, squeeze=0.1), make_policy())
+    assert report.decision is Decision.PASS
+    occ = report.result(Check.OCCLUSION)
+    assert occ.status is CheckStatus.DISABLED and occ.verdict is None and occ.score == 5.0
+    assert report.result(Check.NOISE).status is CheckStatus.SKIPPED
+    assert report.result(Check.SQUEEZE).status is CheckStatus.SCORED
+    assert [r.check for r in report.checks] == list(Check)
+
+
+def test_monitor_answers_and_records_would_be() -> None:
+    report = decide(_scores(density=9.0), make_policy(Mode.MONITOR))
+    assert report.decision is Decision.PASS and report.would_be is Decision.REJECT
+    assert not report.withhold_label and report.mode is Mode.MONITOR
+
+
+def test_off_runs_nothing() -> None:
+    report = decide(_scores(density=9.0), make_policy(Mode.OFF))
+    assert report.decision is Decision.PASS and report.would_be is None
+    assert all(r.status is CheckStatus.SKIPPED and r.score is None for r in report.checks)
