@@ -39,11 +39,12 @@ def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class CompactCNN(nn.Module):
-    """A compact CNN for 28x28 grey images: three conv blocks (32, 64, 128 channels), each
+    """A compact CNN for 28x28 grey images: three conv blocks (32, 96, 192 channels), each
     followed by 2x2 max-pooling, then a 256-unit hidden layer (the features) and the classifier.
 
-    About 0.4 M parameters and 8 M multiply-adds per image: sized so that training on
-    2 CPU cores takes minutes, not hours.
+    About 0.65 M parameters and 14 M multiply-adds per image: sized so that training on
+    2 CPU cores takes minutes, not hours. (A 32/64/128 version underfit: 90.5 % train,
+    89.3 % test under the noise and augmentation the gate needs.)
     """
 
     feature_dim = 256
@@ -54,18 +55,17 @@ class CompactCNN(nn.Module):
         self.body = nn.Sequential(
             _conv_block(1, 32),
             nn.MaxPool2d(2),  # 14x14
-            _conv_block(32, 64),
+            _conv_block(32, 96),
             nn.MaxPool2d(2),  # 7x7
-            _conv_block(64, 128),
+            _conv_block(96, 192),
             nn.MaxPool2d(2),  # 3x3
             nn.Flatten(),
         )
         self.head = nn.Sequential(
-            nn.Dropout(0.2),
-            nn.Linear(128 * 3 * 3, self.feature_dim),
+            nn.Linear(192 * 3 * 3, self.feature_dim),
             nn.ReLU(inplace=True),
         )
-        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(self.feature_dim, num_classes))
+        self.classifier = nn.Sequential(nn.Dropout(0.1), nn.Linear(self.feature_dim, num_classes))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.head(self.body(self.normalize(x)))

@@ -57,8 +57,13 @@ def encode_tensor(image: np.ndarray) -> bytes:
 
 
 def decode_result(raw: bytes) -> ProbeOutput:
+    """A ProbeResult as arrays; a per-request error inside a batch raises its domain error."""
     res = probe_pb2.ProbeResult()
     res.ParseFromString(raw)
+    if res.HasField("error"):
+        if 400 <= res.error.code < 500:
+            raise InvalidInput(f"backend refused the input: {res.error.message.splitlines()[0][:300]}")
+        raise BackendUnavailable(_PUBLIC_MESSAGE[BackendUnavailable])
     logits = np.frombuffer(res.logits, dtype="<f4").reshape(res.rows, res.classes)
     feats = np.frombuffer(res.features, dtype="<f4") if res.feature_dim else None
     return ProbeOutput(logits=logits, features=feats, device=res.device, runtime=res.runtime)
@@ -102,9 +107,12 @@ def map_rpc_error(err: grpc.aio.AioRpcError) -> GatewayError:
 class TorchServeBackend:
     """Async client of TorchServe's gRPC inference API (one channel for every call)."""
 
-    def __init__(self, address: str, token: str | None, max_message_bytes: int) -> None:
+    def __init__(self, address: str, token: str | None, max_message_bytes: int, metrics=None,
+                 key_file: Path | None = None) -> None:
         self._address = address
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._metrics = metrics  # service.metrics.Metrics or None
+        self._key_file = key_file  # re-read when TorchServe refuses the token (it was renewed)
+        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
         opts = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -116,6 +124,29 @@ class TorchServeBackend:
 
     async def close(self) -> None:
         await self._channel.close()
+
+    def _count(self, code: grpc.StatusCode) -> None:
+        if self._metrics is not None:
+            self._metrics.backend_requests.labels(code=code.name).inc()
+
+    async def _call(self, req: inference_pb2.PredictionsRequest, timeout_s: float):
+        """One Predictions call; retried once, only when TorchServe refused the token before
+        doing anything (it renews keys): safe, the request was never run."""
+        for attempt in (0, 1):
+            try:
+                resp = await self._stub.Predictions(req, timeout=timeout_s, metadata=self._metadata)
+                self._count(grpc.StatusCode.OK)
+                return resp
+            except grpc.aio.AioRpcError as e:
+                self._count(e.code())
+                if attempt or e.code() != grpc.StatusCode.PERMISSION_DENIED or self._key_file is None:
+                    raise
+                try:
+                    token = read_inference_key(self._key_file)
+                except GatewayError:
+                    raise e from None
+                self._metadata = (("authorization", f"Bearer {token}"),)
+        raise AssertionError("unreachable")
 
     async def probe(
         self,
@@ -133,11 +164,13 @@ class TorchServeBackend:
             inputs["plan"] = plan.SerializeToString()
         req = inference_pb2.PredictionsRequest(model_name=model_name, model_version=version, input=inputs)
         try:
-            resp = await self._stub.Predictions(req, timeout=timeout_s, metadata=self._metadata)
+            resp = await self._call(req, timeout_s)
         except grpc.aio.AioRpcError as e:
             raise map_rpc_error(e) from None
         try:
             return decode_result(resp.prediction)
+        except GatewayError:
+            raise
         except Exception as e:  # a malformed answer is the backend's fault, not the caller's
             log.error("backend answered an undecodable ProbeResult: %s", e)
             raise BackendUnavailable("backend answered an undecodable result") from None

@@ -32,7 +32,9 @@ from service.errors import (
     PolicyMismatch,
     Unauthenticated,
 )
-from service.pipeline import Pipeline
+from service.interceptors import ServerMetricsInterceptor
+from service.metrics import Metrics
+from service.pipeline import ClassifyResult, Pipeline
 from service.registry import Registry
 from service.settings import Settings
 
@@ -64,29 +66,66 @@ def status_of(err: BaseException) -> tuple[grpc.StatusCode, str]:
 class Admission:
     """At most ``limit`` requests in flight; the next one is refused at once (never queued)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, metrics: Metrics) -> None:
         self.limit = limit
         self.inflight = 0
-        self.shed = 0
+        self.metrics = metrics
 
     @contextlib.contextmanager
     def slot(self):
         if self.inflight >= self.limit:
-            self.shed += 1
+            self.metrics.shed.inc()
             raise Overloaded(f"server is at its limit of {self.limit} requests in flight; retry later")
         self.inflight += 1
+        self.metrics.inflight.inc()
         try:
             yield
         finally:
             self.inflight -= 1
+            self.metrics.inflight.dec()
+
+
+def record(metrics: Metrics, res: ClassifyResult) -> None:
+    """Everything one answered request tells the dashboards."""
+    m = res.model
+    report = res.report
+    decision = report.decision.value if report is not None else "NONE"
+    metrics.requests.labels(model=m, decision=decision, code="OK").inc()
+    metrics.request_duration.labels(model=m).observe(res.timings.total)
+    metrics.stage_duration.labels(stage="decode").observe(res.timings.decode)
+    metrics.stage_duration.labels(stage="backend").observe(res.timings.backend)
+    metrics.stage_duration.labels(stage="gate").observe(res.timings.gate)
+    if report is None:
+        return
+    metrics.forward_passes.labels(model=m).observe(report.forward_passes)
+    for r in report.checks:
+        if r.verdict is not None and r.score is not None:
+            metrics.check_score.labels(model=m, check=r.check.value).observe(r.score)
+            metrics.check_verdicts.labels(model=m, check=r.check.value, verdict=r.verdict.value).inc()
+    if report.certificate is not None:
+        metrics.certified_radius.labels(model=m).observe(report.certificate.radius or 0.0)
 
 
 class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
-    def __init__(self, pipeline: Pipeline, registry: Registry, settings: Settings, admission: Admission) -> None:
+    def __init__(self, pipeline: Pipeline, registry: Registry, settings: Settings, admission: Admission,
+                 metrics: Metrics) -> None:
         self.pipeline = pipeline
         self.registry = registry
         self.settings = settings
         self.admission = admission
+        self.metrics = metrics
+        self._known = {m.name for m in registry.all()}
+
+    def _count_error(self, request: pb.ClassifyRequest, err: BaseException) -> None:
+        code, _ = status_of(err)
+        model = request.model if request.model in self._known else "unknown"  # fixed label set
+        self.metrics.requests.labels(model=model, decision="NONE", code=code.name).inc()
+
+    async def _classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+        with self.admission.slot():
+            res = await self.pipeline.classify(convert.to_domain(request), self._deadline(context))
+        record(self.metrics, res)
+        return convert.to_pb(res)
 
     def _deadline(self, context: grpc.aio.ServicerContext) -> float:
         left = context.time_remaining()
@@ -101,11 +140,11 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
 
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
         try:
-            with self.admission.slot():
-                return convert.to_pb(await self.pipeline.classify(convert.to_domain(request), self._deadline(context)))
+            return await self._classify(request, context)
         except asyncio.CancelledError:
             raise
         except Exception as e:
+            self._count_error(request, e)
             await self._fail(context, e)
             raise  # unreachable: abort raises
 
@@ -115,12 +154,12 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
         async for item in request_iterator:
             request = item.request
             try:
-                with self.admission.slot():
-                    res = await self.pipeline.classify(convert.to_domain(request), self._deadline(context))
-                yield pb.ClassifyStreamResponse(request_id=request.request_id, result=convert.to_pb(res))
+                answer = await self._classify(request, context)
+                yield pb.ClassifyStreamResponse(request_id=request.request_id, result=answer)
             except asyncio.CancelledError:
                 raise
             except Exception as e:
+                self._count_error(request, e)
                 code, message = status_of(e)
                 if code is grpc.StatusCode.INTERNAL:
                     log.error("unexpected error on stream", exc_info=e)
@@ -143,7 +182,7 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
 
 
 async def watch_backend(backend: TorchServeBackend, registry: Registry, health_servicer: health.aio.HealthServicer,
-                        interval_s: float, timeout_s: float) -> None:
+                        interval_s: float, timeout_s: float, metrics: Metrics) -> None:
     """Probe every served model with a blank image; SERVING only while all of them answer."""
     status = None
     while True:
@@ -155,6 +194,7 @@ async def watch_backend(backend: TorchServeBackend, registry: Registry, health_s
             except GatewayError:
                 ok = False
                 break
+        metrics.backend_up.set(1 if ok else 0)
         new = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
         if new != status:
             log.info("backend %s", "answers: SERVING" if ok else "does not answer: NOT_SERVING")
@@ -174,6 +214,9 @@ class Gateway:
     health: health.aio.HealthServicer
     admission: Admission
     tasks: list[asyncio.Task]
+    metrics: Metrics
+    metrics_port: int | None = None
+    _metrics_server: object | None = None
 
     async def stop(self, grace_s: float) -> None:
         await self.health.enter_graceful_shutdown()  # NOT_SERVING: load balancers stop sending
@@ -181,24 +224,30 @@ class Gateway:
         for t in self.tasks:
             t.cancel()
         await self.backend.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()  # type: ignore[attr-defined]
 
 
 async def start(settings: Settings, registry: Registry | None = None) -> Gateway:
     """Build and start the gateway; returns once it listens."""
     registry = registry or Registry.load(settings.store, settings.models, settings.backend_format)
     token = read_inference_key(settings.torchserve_key_file)
-    backend = TorchServeBackend(settings.torchserve_address, token, settings.max_message_bytes)
+    metrics = Metrics()
+    metrics.declare((m.name, m.policy.version, m.model_sha256, m.policy.mode.value) for m in registry.all())
+    backend = TorchServeBackend(settings.torchserve_address, token, settings.max_message_bytes, metrics,
+                                key_file=settings.torchserve_key_file)
     limits = Limits(max_bytes=settings.max_message_bytes, max_pixels=settings.max_image_pixels)
     pipeline = Pipeline(registry, backend, limits, settings.backend_timeout_s, settings.seed)
-    admission = Admission(settings.max_inflight)
+    admission = Admission(settings.max_inflight, metrics)
     server = grpc.aio.server(
+        interceptors=[ServerMetricsInterceptor(metrics.registry)],
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
     )
-    pb_grpc.add_ClassifierServiceServicer_to_server(ClassifierServicer(pipeline, registry, settings, admission), server)
+    pb_grpc.add_ClassifierServiceServicer_to_server(ClassifierServicer(pipeline, registry, settings, admission, metrics), server)
     health_servicer = health.aio.HealthServicer()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -207,13 +256,20 @@ async def start(settings: Settings, registry: Registry | None = None) -> Gateway
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    metrics_server, metrics_port = None, None
+    if settings.metrics_port >= 0:
+        from prometheus_client import start_http_server
+
+        metrics_server, _thread = start_http_server(settings.metrics_port, settings.host, registry=metrics.registry)
+        metrics_port = metrics_server.server_port
     await server.start()
     task = asyncio.create_task(
-        watch_backend(backend, registry, health_servicer, settings.health_interval_s, settings.backend_timeout_s)
+        watch_backend(backend, registry, health_servicer, settings.health_interval_s, settings.backend_timeout_s, metrics)
     )
-    log.info("gateway listening on %s:%d, models %s via TorchServe %s (%s)", settings.host, port,
-             ", ".join(m.name for m in registry.all()), settings.torchserve_address, settings.backend_format)
-    return Gateway(server, port, backend, health_servicer, admission, [task])
+    log.info("gateway listening on %s:%d (metrics %s), models %s via TorchServe %s (%s)", settings.host, port,
+             metrics_port if metrics_port is not None else "off", ", ".join(m.name for m in registry.all()),
+             settings.torchserve_address, settings.backend_format)
+    return Gateway(server, port, backend, health_servicer, admission, [task], metrics, metrics_port, metrics_server)
 
 
 async def serve(settings: Settings) -> None:

@@ -63,14 +63,15 @@ class SqueezeSpec:
 
 @dataclass(frozen=True)
 class ViewSpec:
-    """One affine view change: flip, then scale (0 means 1), then rotation (degrees, CCW),
-    then shift (pixels, +x right, +y down)."""
+    """One affine view change: flips (left-right, then top-bottom), then scale (0 means 1),
+    then rotation (degrees, CCW), then shift (pixels, +x right, +y down)."""
 
     rotate_deg: float = 0.0
     shift_x: float = 0.0
     shift_y: float = 0.0
     scale: float = 0.0
     hflip: bool = False
+    vflip: bool = False
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,7 @@ class ProbeSpec:
             "squeeze": {"bit_depths": list(self.squeeze.bit_depths),
                         "median_sizes": list(self.squeeze.median_sizes)},
             "views": [{"rotate_deg": v.rotate_deg, "shift_x": v.shift_x, "shift_y": v.shift_y,
-                       "scale": v.scale, "hflip": v.hflip} for v in self.views],
+                       "scale": v.scale, "hflip": v.hflip, "vflip": v.vflip} for v in self.views],
             "occlusion": {"grid": self.occlusion.grid, "fill": self.occlusion.fill},
             "shuffle": {"grid": self.shuffle.grid, "count": self.shuffle.count},
             "return_features": self.return_features,
@@ -214,7 +215,7 @@ def _uint32(value: Any, path: str) -> int:
 
 def _view(value: Any, path: str) -> ViewSpec:
     v = as_mapping(value, path, PlanError)
-    reject_unknown(v, _known("rotate_deg", "shift_x", "shift_y", "scale", "hflip"), path,
+    reject_unknown(v, _known("rotate_deg", "shift_x", "shift_y", "scale", "hflip", "vflip"), path,
                    PlanError)
 
     def num(name: str) -> float:
@@ -222,7 +223,8 @@ def _view(value: Any, path: str) -> ViewSpec:
 
     return ViewSpec(rotate_deg=num("rotate_deg"), shift_x=num("shift_x"),
                     shift_y=num("shift_y"), scale=num("scale"),
-                    hflip=as_bool(pick(v, "hflip", False), f"{path}.hflip", PlanError))
+                    hflip=as_bool(pick(v, "hflip", False), f"{path}.hflip", PlanError),
+                    vflip=as_bool(pick(v, "vflip", False), f"{path}.vflip", PlanError))
 
 
 def _validate(p: ProbeSpec) -> None:

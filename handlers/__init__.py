@@ -1,0 +1,1 @@
+"""TorchServe handlers. Never imports service/."""

@@ -1,0 +1,268 @@
+"""The shared TorchServe handler: decode each request once, expand its probe plan next to
+the model, run every variant of every request in the batch through one chunked forward,
+and answer each request with its own serialized ``robustgate.v1.ProbeResult``.
+
+Subclasses say only how to load the serialized model and how to run a forward
+(:meth:`ProbeHandler.load` and :meth:`ProbeHandler.forward`).
+
+Errors, and what a gRPC client of TorchServe sees (TorchServe 0.12 maps a worker's
+status to a gRPC status for the whole batch, and ignores per-request statuses on gRPC):
+
+- a batch of one request with bad input: ``PredictionException(message, 400)``, which the
+  client receives as ``INVALID_ARGUMENT`` with the message;
+- a bad request in a larger batch: its answer is a ``ProbeResult`` with only ``error``
+  set (its HTTP status is set too, which TorchServe's REST API honours); the other
+  requests of the batch are answered normally;
+- anything unexpected fails the batch (TorchServe answers 503/507).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+from google.protobuf.message import DecodeError
+from ts.torch_handler.base_handler import BaseHandler
+from ts.utils.util import PredictionException
+
+from handlers import probe
+from handlers.decode import CHANNELS, InputError, InputSpec, decode_image, decode_tensor
+from robustgate.v1 import probe_pb2
+
+logger = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("data", "body")  # "body" is what TorchServe's REST API names a raw body
+TENSOR_KEY = "tensor"
+PLAN_KEY = "plan"
+
+
+@dataclass(frozen=True)
+class HandlerSettings:
+    """The ``handler:`` section of the archive's ``model-config.yaml``."""
+
+    max_forward_batch: int = 256  # rows per forward call; a batch's rows go in chunks of this
+    max_variants: int = 2048  # variants one plan may ask for (rows - 1)
+    max_image_bytes: int = 1 << 20  # encoded image or tensor bytes
+    max_image_pixels: int = 1 << 22  # width * height read from the header, before decoding
+    intra_op_threads: int = 0  # torch / ONNX Runtime threads per worker; 0 = library default
+    log_level: str = "WARNING"  # the worker's Python log level (per-request INFO lines cost throughput)
+
+    @classmethod
+    def from_yaml(cls, section: dict[str, Any] | None) -> HandlerSettings:
+        section = dict(section or {})
+        known = {f.name: f.type for f in fields(cls)}
+        unknown = sorted(set(section) - set(known))
+        if unknown:
+            raise ValueError(f"model-config.yaml handler: unknown keys {unknown}")
+        s = cls(**section)
+        for name in ("max_forward_batch", "max_variants", "max_image_bytes", "max_image_pixels"):
+            if int(getattr(s, name)) < 1:
+                raise ValueError(f"model-config.yaml handler.{name} must be >= 1")
+        return s
+
+
+@dataclass(frozen=True)
+class Card:
+    """What the handler reads from the model card."""
+
+    spec: InputSpec
+    classes: int
+    feature_dim: int
+
+    @property
+    def shape(self) -> probe.Shape:
+        return probe.Shape(self.spec.channels, self.spec.h, self.spec.w)
+
+
+def read_card(path: str, settings: HandlerSettings) -> Card:
+    with open(path) as f:
+        card = json.load(f)
+    inp = card["input"]
+    c, h, w = (int(v) for v in inp["shape"])
+    mode = inp["mode"]
+    if CHANNELS.get(mode) != c:
+        raise ValueError(f"{path}: input mode {mode!r} does not match {c} channels")
+    if inp.get("dtype", "float32") != "float32" or list(inp.get("range", [0.0, 1.0])) != [0.0, 1.0]:
+        raise ValueError(f"{path}: this handler serves float32 inputs in [0, 1]")
+    return Card(
+        spec=InputSpec(mode=mode, h=h, w=w, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels),
+        classes=len(card["labels"]),
+        feature_dim=int(card["feature_dim"]),
+    )
+
+
+@dataclass
+class Request:
+    """One decoded request: ``base`` float32 [C, H, W] on the model's device."""
+
+    base: torch.Tensor
+    plan: probe_pb2.ProbePlan | None
+    rows: int
+
+
+@dataclass
+class Answer:
+    """One request's rows: ``logits`` float32 [rows, K] and, when asked, ``features`` [D]."""
+
+    logits: np.ndarray
+    features: np.ndarray | None
+    plan_version: int
+
+
+class ProbeHandler(BaseHandler):
+    """Base for the TorchScript and ONNX handlers."""
+
+    runtime = "unknown"
+
+    # ------------------------------------------------------------------ subclass API
+
+    def load(self, path: str) -> Any:
+        """Load the serialized model at ``path`` for ``self.device``."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` float32 [N, C, H, W] on ``self.device`` -> (logits [N, K], features [N, D])."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ TorchServe hooks
+
+    def initialize(self, context) -> None:
+        props = context.system_properties
+        self.manifest = context.manifest
+        self.model_yaml_config = getattr(context, "model_yaml_config", None) or {}
+        self.settings = HandlerSettings.from_yaml(self.model_yaml_config.get("handler"))
+        logging.getLogger().setLevel(self.settings.log_level.upper())
+        if self.settings.intra_op_threads > 0:
+            torch.set_num_threads(self.settings.intra_op_threads)
+        if torch.cuda.is_available() and props.get("gpu_id") is not None:
+            self.map_location = "cuda"
+            self.device = torch.device(f"cuda:{props['gpu_id']}")
+            torch.cuda.set_device(self.device)
+        else:
+            self.map_location = "cpu"
+            self.device = torch.device("cpu")
+        model_dir = props["model_dir"]
+        self.card = read_card(os.path.join(model_dir, "card.json"), self.settings)
+        self.model_pt_path = os.path.join(model_dir, self.manifest["model"]["serializedFile"])
+        self.model = self.load(self.model_pt_path)
+        self._check_outputs()
+        self.initialized = True
+        logger.warning(
+            "%s: %s on %s, max_forward_batch %d, max_variants %d",
+            self.manifest["model"].get("modelName"), self.runtime, self.device,
+            self.settings.max_forward_batch, self.settings.max_variants,
+        )
+
+    def _check_outputs(self) -> None:
+        s = self.card.spec
+        with torch.inference_mode():
+            logits, feats = self.forward(torch.zeros(2, s.channels, s.h, s.w, device=self.device))
+        want = ((2, self.card.classes), (2, self.card.feature_dim))
+        if (tuple(logits.shape), tuple(feats.shape)) != want:
+            raise RuntimeError(f"model outputs {tuple(logits.shape)}, {tuple(feats.shape)}; the card says {want}")
+
+    def preprocess(self, data: list[dict[str, Any]]) -> list[Request | InputError]:
+        items: list[Request | InputError] = []
+        for row in data:
+            try:
+                items.append(self.parse(row))
+            except InputError as e:
+                items.append(e)
+            except Exception:  # never let one request's surprise fail the batch
+                logger.exception("request could not be decoded")
+                items.append(InputError("internal error", 500))
+        if len(items) == 1 and isinstance(items[0], InputError):
+            raise PredictionException(items[0].message, items[0].code)
+        return items
+
+    def inference(self, items: list[Request | InputError], *args, **kwargs) -> list[Answer | InputError]:
+        good = [it for it in items if isinstance(it, Request)]
+        if not good:
+            return list(items)
+        with torch.inference_mode():
+            x = torch.cat([probe.expand(it.base, it.plan) for it in good])
+            logits, feats = self.forward_chunked(x)
+            starts = np.cumsum([0] + [it.rows for it in good])[:-1].tolist()
+            want = [s for it, s in zip(good, starts) if it.plan is not None and it.plan.return_features]
+            feats_cpu = feats[want].float().cpu().numpy() if want else None
+            logits_cpu = logits.float().cpu().numpy()
+        answers: dict[int, Answer] = {}
+        j = 0
+        for it, start in zip(good, starts):
+            f = None
+            if it.plan is not None and it.plan.return_features:
+                f, j = feats_cpu[j], j + 1
+            answers[id(it)] = Answer(
+                logits=logits_cpu[start : start + it.rows],
+                features=f,
+                plan_version=it.plan.version if it.plan is not None else 0,
+            )
+        return [answers[id(it)] if isinstance(it, Request) else it for it in items]
+
+    def postprocess(self, outputs: list[Answer | InputError]) -> list[bytes]:
+        n = len(outputs)
+        out = []
+        for idx, o in enumerate(outputs):
+            if isinstance(o, InputError):
+                self.context.set_response_status(o.code, o.message, idx)
+                res = probe_pb2.ProbeResult(
+                    error=probe_pb2.ProbeError(code=o.code, message=o.message), batch_requests=n
+                )
+            else:
+                res = probe_pb2.ProbeResult(
+                    plan_version=o.plan_version,
+                    rows=o.logits.shape[0],
+                    classes=o.logits.shape[1],
+                    logits=np.ascontiguousarray(o.logits, dtype="<f4").tobytes(),
+                    device=str(self.device),
+                    runtime=self.runtime,
+                    batch_requests=n,
+                )
+                if o.features is not None:
+                    res.features = np.ascontiguousarray(o.features, dtype="<f4").tobytes()
+                    res.feature_dim = o.features.shape[0]
+            out.append(res.SerializeToString())
+        return out
+
+    # ------------------------------------------------------------------ helpers
+
+    def parse(self, row: dict[str, Any]) -> Request:
+        """One request's input map -> :class:`Request`; raises :class:`InputError`."""
+        spec = self.card.spec
+        image = next((row[k] for k in IMAGE_KEYS if k in row), None)
+        tensor = row.get(TENSOR_KEY)
+        if (image is None) == (tensor is None):
+            raise InputError("send exactly one of 'data' (PNG or JPEG bytes) and 'tensor' (robustgate.v1.Tensor)")
+        raw = image if image is not None else tensor
+        if not isinstance(raw, (bytes, bytearray)):
+            raise InputError("the image must be sent as bytes (no JSON or text content type)")
+        arr = decode_image(bytes(raw), spec) if image is not None else decode_tensor(bytes(raw), spec)
+        plan = None
+        if PLAN_KEY in row:
+            raw_plan = row[PLAN_KEY]
+            if not isinstance(raw_plan, (bytes, bytearray)):
+                raise InputError("the plan must be sent as bytes of a serialized robustgate.v1.ProbePlan")
+            try:
+                plan = probe_pb2.ProbePlan.FromString(bytes(raw_plan))
+            except DecodeError:
+                raise InputError("plan is not a valid robustgate.v1.ProbePlan") from None
+        try:
+            rows = probe.validate(plan, self.card.shape, self.settings.max_variants) if plan is not None else 1
+        except probe.PlanError as e:
+            raise InputError(f"bad plan: {e}") from None
+        base = torch.from_numpy(np.array(arr)).to(self.device)
+        base = base.float().div_(255.0) if base.dtype == torch.uint8 else base
+        return Request(base=base, plan=plan, rows=rows)
+
+    def forward_chunked(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` over ``x`` [N, C, H, W] in chunks of at most ``max_forward_batch``."""
+        step = self.settings.max_forward_batch
+        if x.shape[0] <= step:
+            return self.forward(x)
+        parts = [self.forward(x[i : i + step]) for i in range(0, x.shape[0], step)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

@@ -1,0 +1,251 @@
+"""Probe plans: validation and expansion of one base image into every variant, on its device.
+
+The row order, the maths of each probe and the seeding are the contract written in
+``proto/robustgate/v1/probe.proto``; this module is its one implementation. Everything
+here is plain torch on whatever device the base image is on: no I/O, no TorchServe.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from robustgate.v1 import probe_pb2
+
+PLAN_VERSION = 1
+MAX_SIGMA = 10.0
+MAX_SCALE = 10.0
+MIN_SCALE = 0.1
+MEDIAN_SIZES = range(2, 6)
+BIT_DEPTHS = range(1, 9)
+
+
+class PlanError(ValueError):
+    """The plan is malformed or over a limit (a client error)."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Input image shape ``[C, H, W]``."""
+
+    c: int
+    h: int
+    w: int
+
+
+def _finite(v: float, what: str) -> float:
+    if not math.isfinite(v):
+        raise PlanError(f"{what} must be finite, got {v}")
+    return v
+
+
+def count_rows(plan: probe_pb2.ProbePlan | None) -> int:
+    """Rows of a plan's answer: 1 (base) + every variant, in plan order."""
+    if plan is None:
+        return 1
+    shuffle = plan.shuffle.count if plan.shuffle.grid else 0
+    return (
+        1
+        + plan.noise.count
+        + len(plan.squeeze.bit_depths)
+        + len(plan.squeeze.median_sizes)
+        + len(plan.views)
+        + plan.occlusion.grid**2
+        + shuffle
+    )
+
+
+def validate(plan: probe_pb2.ProbePlan, shape: Shape, max_variants: int) -> int:
+    """Check ``plan`` against the schema and the limits; return its row count.
+
+    Raises :class:`PlanError` with a message that names the offending field."""
+    if plan.version != PLAN_VERSION:
+        raise PlanError(f"plan version {plan.version} is not supported (this handler speaks {PLAN_VERSION})")
+    if plan.noise.count:
+        sigma = _finite(plan.noise.sigma, "noise.sigma")
+        if not 0.0 < sigma <= MAX_SIGMA:
+            raise PlanError(f"noise.sigma must be in (0, {MAX_SIGMA}] when noise.count > 0, got {sigma}")
+    for b in plan.squeeze.bit_depths:
+        if b not in BIT_DEPTHS:
+            raise PlanError(f"squeeze.bit_depths: {b} is not in 1..8")
+    for k in plan.squeeze.median_sizes:
+        if k not in MEDIAN_SIZES:
+            raise PlanError(f"squeeze.median_sizes: {k} is not in 2..5")
+    for i, v in enumerate(plan.views):
+        for name in ("rotate_deg", "shift_x", "shift_y", "scale"):
+            _finite(getattr(v, name), f"views[{i}].{name}")
+        if v.scale != 0.0 and not MIN_SCALE <= v.scale <= MAX_SCALE:
+            raise PlanError(f"views[{i}].scale must be 0 (unchanged) or in [{MIN_SCALE}, {MAX_SCALE}], got {v.scale}")
+        if abs(v.shift_x) > shape.w or abs(v.shift_y) > shape.h:
+            raise PlanError(f"views[{i}]: shift ({v.shift_x}, {v.shift_y}) is larger than the image")
+    g = plan.occlusion.grid
+    if g:
+        if g > min(shape.h, shape.w):
+            raise PlanError(f"occlusion.grid {g} is larger than the image ({shape.h}x{shape.w})")
+        fill = _finite(plan.occlusion.fill, "occlusion.fill")
+        if not 0.0 <= fill <= 1.0:
+            raise PlanError(f"occlusion.fill must be in [0, 1], got {fill}")
+    s = plan.shuffle
+    if s.grid:
+        if s.grid < 2 or shape.h % s.grid or shape.w % s.grid:
+            raise PlanError(f"shuffle.grid {s.grid} must be >= 2 and divide the image size {shape.h}x{shape.w}")
+    elif s.count:
+        raise PlanError("shuffle.count > 0 needs shuffle.grid >= 2")
+    rows = count_rows(plan)
+    if rows - 1 > max_variants:
+        raise PlanError(f"plan asks for {rows - 1} variants; this model allows at most {max_variants}")
+    return rows
+
+
+# ---------------------------------------------------------------------------- maths
+
+
+def bit_depth(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Reduce to ``bits`` bits per value: round(x * (2^b - 1)) / (2^b - 1)."""
+    m = float(2**bits - 1)
+    return torch.round(x * m) / m
+
+
+def _symmetric_index(n: int, before: int, after: int, device: torch.device) -> torch.Tensor:
+    # Indices of range(-before, n + after) mirrored about the edges, edge included
+    # (scipy's "reflect": d c b a | a b c d | d c b a).
+    i = torch.arange(-before, n + after, device=device)
+    i = torch.where(i < 0, -i - 1, i)
+    return torch.where(i >= n, 2 * n - i - 1, i)
+
+
+def median_filter(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``k x k`` median of ``x`` ``[..., H, W]``, equal to
+    ``scipy.ndimage.median_filter(x, size=(1, ..., k, k), mode="reflect")``."""
+    h, w = x.shape[-2:]
+    lo, hi = k // 2, (k - 1) // 2
+    xp = x.index_select(-2, _symmetric_index(h, lo, hi, x.device))
+    xp = xp.index_select(-1, _symmetric_index(w, lo, hi, x.device))
+    patches = xp.unfold(-2, k, 1).unfold(-2, k, 1)  # [..., H, W, k, k]
+    flat = patches.reshape(*patches.shape[:-2], k * k)
+    return flat.kthvalue(k * k // 2 + 1, dim=-1).values
+
+
+def affine(
+    x: torch.Tensor, rotate_deg: torch.Tensor, shift_x: torch.Tensor, shift_y: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """Scale, rotate (degrees, counter-clockwise on screen) and shift (pixels, +x right,
+    +y down) each image of ``x`` ``[N, C, H, W]`` about its centre; bilinear, zero fill.
+    Per-image parameters are float32 ``[N]`` on ``x``'s device. Same maths as the
+    training augmentation, so the viewpoint check sees what training saw."""
+    n, _, h, w = x.shape
+    theta = rotate_deg * (math.pi / 180.0)
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    # affine_grid maps output coords to input coords (normalised to [-1, 1]); the inverse
+    # of "scale then rotate CCW (on screen, y down) then shift".
+    mat = torch.zeros(n, 2, 3, device=x.device)
+    mat[:, 0, 0] = cos / scale
+    mat[:, 0, 1] = -sin / scale
+    mat[:, 1, 0] = sin / scale
+    mat[:, 1, 1] = cos / scale
+    ox, oy = -2.0 * shift_x / w, -2.0 * shift_y / h
+    mat[:, 0, 2] = mat[:, 0, 0] * ox + mat[:, 0, 1] * oy
+    mat[:, 1, 2] = mat[:, 1, 0] * ox + mat[:, 1, 1] * oy
+    grid = F.affine_grid(mat, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def views(base: torch.Tensor, transforms: list[probe_pb2.ViewTransform]) -> torch.Tensor:
+    """One variant per transform: hflip, vflip, then :func:`affine`. ``base`` ``[C, H, W]``."""
+    dev = base.device
+    x = base.unsqueeze(0).expand(len(transforms), *base.shape)
+    hflip = torch.tensor([t.hflip for t in transforms], device=dev).view(-1, 1, 1, 1)
+    vflip = torch.tensor([t.vflip for t in transforms], device=dev).view(-1, 1, 1, 1)
+    x = torch.where(hflip, x.flip(-1), x)
+    x = torch.where(vflip, x.flip(-2), x)
+
+    def col(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=dev)
+
+    return affine(
+        x.contiguous(),
+        rotate_deg=col([t.rotate_deg for t in transforms]),
+        shift_x=col([t.shift_x for t in transforms]),
+        shift_y=col([t.shift_y for t in transforms]),
+        scale=col([t.scale or 1.0 for t in transforms]),
+    )
+
+
+def window_bounds(n: int, grid: int) -> list[tuple[int, int]]:
+    """Rows (or columns) ``[start, stop)`` of each of ``grid`` windows over ``n`` pixels."""
+    return [((r * n) // grid, ((r + 1) * n) // grid) for r in range(grid)]
+
+
+def occlusions(base: torch.Tensor, grid: int, fill: float) -> torch.Tensor:
+    """``grid^2`` copies of ``base`` ``[C, H, W]``, window (r, c) set to ``fill``, row-major."""
+    _, h, w = base.shape
+    dev = base.device
+    rows = torch.zeros(grid, h, dtype=torch.bool, device=dev)
+    cols = torch.zeros(grid, w, dtype=torch.bool, device=dev)
+    for r, (a, b) in enumerate(window_bounds(h, grid)):
+        rows[r, a:b] = True
+    for c, (a, b) in enumerate(window_bounds(w, grid)):
+        cols[c, a:b] = True
+    mask = rows[:, None, :, None] & cols[None, :, None, :]  # [g, g, H, W]
+    mask = mask.reshape(grid * grid, 1, h, w)
+    return torch.where(mask, torch.tensor(fill, dtype=base.dtype, device=dev), base.unsqueeze(0))
+
+
+def permutations(count: int, tiles: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` permutations of ``range(tiles)`` ``[count, tiles]`` (int64), each drawn
+    with ``torch.randperm`` on the generator's device and redrawn while it is the identity."""
+    dev = generator.device
+    identity = torch.arange(tiles, device=dev)
+    out = []
+    for _ in range(count):
+        p = torch.randperm(tiles, generator=generator, device=dev)
+        while bool(torch.equal(p, identity)):
+            p = torch.randperm(tiles, generator=generator, device=dev)
+        out.append(p)
+    return torch.stack(out)
+
+
+def shuffles(base: torch.Tensor, grid: int, perms: torch.Tensor) -> torch.Tensor:
+    """Tile-shuffled copies of ``base`` ``[C, H, W]``: output tile i (row-major) of copy j
+    is input tile ``perms[j, i]``. Returns ``[len(perms), C, H, W]``."""
+    c, h, w = base.shape
+    th, tw = h // grid, w // grid
+    tiles = base.reshape(c, grid, th, grid, tw).permute(1, 3, 0, 2, 4).reshape(grid * grid, c, th, tw)
+    out = tiles[perms]  # [n, g*g, C, th, tw]
+    n = perms.shape[0]
+    return out.reshape(n, grid, grid, c, th, tw).permute(0, 3, 1, 4, 2, 5).reshape(n, c, h, w)
+
+
+def _generator(seed: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed % 2**64)
+
+
+def expand(base: torch.Tensor, plan: probe_pb2.ProbePlan | None) -> torch.Tensor:
+    """The base image and every variant of a validated ``plan``, in plan order.
+
+    ``base``: float32 ``[C, H, W]`` in [0, 1] on the model's device.
+    Returns float32 ``[count_rows(plan), C, H, W]`` on the same device."""
+    parts = [base.unsqueeze(0)]
+    if plan is None:
+        return parts[0]
+    dev = base.device
+    if plan.noise.count:
+        gen = _generator(plan.seed, dev)
+        eps = torch.randn((plan.noise.count, *base.shape), generator=gen, device=dev, dtype=base.dtype)
+        parts.append(base + plan.noise.sigma * eps)
+    for b in plan.squeeze.bit_depths:
+        parts.append(bit_depth(base, b).unsqueeze(0))
+    for k in plan.squeeze.median_sizes:
+        parts.append(median_filter(base, k).unsqueeze(0))
+    if plan.views:
+        parts.append(views(base, list(plan.views)))
+    if plan.occlusion.grid:
+        parts.append(occlusions(base, plan.occlusion.grid, plan.occlusion.fill))
+    if plan.shuffle.grid and plan.shuffle.count:
+        gen = _generator(plan.seed + 1, dev)
+        perms = permutations(plan.shuffle.count, plan.shuffle.grid**2, gen)
+        parts.append(shuffles(base, plan.shuffle.grid, perms))
+    return torch.cat(parts)

@@ -1,0 +1,393 @@
+"""Start, wait for and stop TorchServe on a verified model store.
+
+    python -m model_store.serve start  [--store DIR] [--run-dir DIR] [--model NAME ...]
+    python -m model_store.serve status [--run-dir DIR]
+    python -m model_store.serve stop   [--run-dir DIR]
+
+From code (tests, the main command, the gateway)::
+
+    with serve.start(serve.ServeSettings(store=Path("model_store/artifacts"))) as ts:
+        key = ts.keys().inference          # for the gRPC "authorization: Bearer <key>" header
+        channel = grpc.insecure_channel(ts.grpc_inference_target)
+
+:func:`start` verifies the store against its manifest, renders ``config/config.properties``
+and ``config/log4j2.xml`` into the run directory, launches TorchServe there (its working
+directory, so ``key_file.json`` lands there) as a process group this module owns, and
+returns once every model's workers are READY in the management API's describe answer
+(``/ping`` answers before any worker has loaded). Token authorization stays on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import string
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from model_store import archive
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG_DIR = Path(__file__).resolve().parent / "config"
+DEFAULT_STORE = Path(__file__).resolve().parent / "artifacts"
+DEFAULT_RUN_DIR = REPO / "var" / "torchserve"
+STATE_FILE = "serve.json"
+KEY_FILE = "key_file.json"
+
+
+class ServeError(RuntimeError):
+    """TorchServe could not be started, did not become ready, or is not running."""
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """How to run TorchServe. Ports are TorchServe's defaults; tests pass free ones."""
+
+    store: Path = DEFAULT_STORE
+    run_dir: Path = DEFAULT_RUN_DIR  # config, key file, logs, TorchServe's temp dir
+    models: tuple[str, ...] = ()  # archive names (archives/<name>.mar); empty = every archive
+    host: str = "127.0.0.1"
+    grpc_inference_port: int = 7070
+    grpc_management_port: int = 7071
+    inference_port: int = 8080
+    management_port: int = 8081
+    metrics_port: int = 8082
+    job_queue_size: int = 1000  # requests queued per model before TorchServe answers 503
+    default_workers: int = 1  # for archives whose model-config.yaml names no worker count
+    default_response_timeout: int = 120  # seconds
+    max_request_size: int = 8 << 20  # bytes, REST and gRPC
+    max_response_size: int = 64 << 20  # bytes
+    token_expiration_min: float = 60 * 24 * 365  # TorchServe's default is 60
+    disable_system_metrics: bool = False
+    startup_timeout_s: float = 180.0
+
+    @property
+    def archives(self) -> Path:
+        return Path(self.store) / "archives"
+
+
+@dataclass(frozen=True)
+class Keys:
+    """TorchServe's tokens: ``inference`` for predictions, ``management`` for the
+    management API, ``api`` to renew the other two (``/token?type=...``)."""
+
+    inference: str
+    management: str
+    api: str
+
+
+def read_keys(run_dir: Path) -> Keys:
+    """Read the tokens TorchServe wrote to ``run_dir/key_file.json``."""
+    path = Path(run_dir) / KEY_FILE
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ServeError(f"cannot read TorchServe's key file {path}: {e}") from None
+    return Keys(inference=raw["inference"]["key"], management=raw["management"]["key"], api=raw["API"]["key"])
+
+
+def model_names(settings: ServeSettings) -> list[str]:
+    names = list(settings.models) or sorted(p.stem for p in settings.archives.glob("*.mar"))
+    if not names:
+        raise ServeError(f"no archives in {settings.archives}: build the store with `python -m model_store.build`")
+    missing = [n for n in names if not (settings.archives / f"{n}.mar").is_file()]
+    if missing:
+        raise ServeError(f"archives not found in {settings.archives}: {', '.join(missing)}")
+    return names
+
+
+def render_config(settings: ServeSettings) -> str:
+    """config.properties for ``settings`` (the template in ``config/``, fields filled in).
+
+    Per-model batch and worker settings come from each archive's ``model-config.yaml``
+    (TorchServe 0.12 lets them win over config.properties' ``models``)."""
+    fields_ = {k: v for k, v in asdict(settings).items() if not isinstance(v, (tuple, Path))}
+    fields_["disable_system_metrics"] = str(settings.disable_system_metrics).lower()
+    template = string.Template((CONFIG_DIR / "config.properties").read_text())
+    return template.substitute(fields_)
+
+
+def _http_json(url: str, token: str, timeout: float = 5.0) -> Any:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _is_ours(pid: int) -> bool:
+    """The process ``pid`` is a TorchServe launcher (guards against a reused pid)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"ts.model_server" in cmdline
+
+
+def _stop_group(pgid: int, timeout: float) -> None:
+    """SIGTERM the process group TorchServe runs in, then SIGKILL what is left."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:  # reap the launcher when it is our child
+                os.waitpid(pgid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            if not _group_alive(pgid):
+                return
+            time.sleep(0.1)
+
+
+class TorchServe:
+    """A TorchServe started by :func:`start` (or found by :func:`attach`)."""
+
+    def __init__(self, settings: ServeSettings, names: list[str], pid: int,
+                 process: subprocess.Popen | None = None) -> None:
+        self.settings = settings
+        self.models = names
+        self.pid = pid  # the launcher's pid, also the process group's id
+        self.process = process
+
+    @property
+    def grpc_inference_target(self) -> str:
+        return f"{self.settings.host}:{self.settings.grpc_inference_port}"
+
+    @property
+    def grpc_management_target(self) -> str:
+        return f"{self.settings.host}:{self.settings.grpc_management_port}"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://{self.settings.host}:{self.settings.management_port}"
+
+    @property
+    def inference_url(self) -> str:
+        return f"http://{self.settings.host}:{self.settings.inference_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.settings.host}:{self.settings.metrics_port}/metrics"
+
+    @property
+    def log_file(self) -> Path:
+        return Path(self.settings.run_dir) / "logs" / "torchserve.out"
+
+    def keys(self) -> Keys:
+        return read_keys(self.settings.run_dir)
+
+    def running(self) -> bool:
+        if self.process is not None:
+            return self.process.poll() is None
+        return _is_ours(self.pid)
+
+    def describe(self, model: str) -> list[dict[str, Any]]:
+        """The management API's describe answer for ``model`` (one entry per version)."""
+        return _http_json(f"{self.management_url}/models/{model}", self.keys().management)
+
+    def model_status(self, model: str) -> dict[str, Any]:
+        """``{"ready": bool, "workers": [status, ...], "min_workers": n, ...}`` for ``model``."""
+        d = self.describe(model)[0]
+        workers = [w.get("status") for w in d.get("workers", [])]
+        need = max(1, int(d.get("minWorkers", 1)))
+        return {
+            "ready": len(workers) >= need and all(s == "READY" for s in workers),
+            "workers": workers,
+            "min_workers": need,
+            "batch_size": d.get("batchSize"),
+            "max_batch_delay_ms": d.get("maxBatchDelay"),
+            "version": d.get("modelVersion"),
+        }
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Block until every model's workers are READY; raise :class:`ServeError` when the
+        process dies or ``timeout`` (default: the settings') passes."""
+        deadline = time.monotonic() + (self.settings.startup_timeout_s if timeout is None else timeout)
+        pending = list(self.models)
+        last = "no answer yet"
+        while pending:
+            if not self.running():
+                raise ServeError(f"TorchServe exited while starting; see {self.log_file}:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise ServeError(f"TorchServe not ready: {pending[0]}: {last}; see {self.log_file}:\n{self.log_tail()}")
+            try:
+                st = self.model_status(pending[0])
+                last = f"workers {st['workers']}"
+                if st["ready"]:
+                    pending.pop(0)
+                    continue
+            except (ServeError, OSError, urllib.error.URLError, ValueError, KeyError, IndexError) as e:
+                last = str(e)
+            time.sleep(0.2)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop TorchServe and its workers (SIGTERM to the process group, SIGKILL after
+        ``timeout``); remove the key file and the state file."""
+        if self.process is not None or _is_ours(self.pid):
+            _stop_group(self.pid, timeout)
+        if self.process is not None:
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        for name in (KEY_FILE, STATE_FILE):
+            (Path(self.settings.run_dir) / name).unlink(missing_ok=True)
+
+    def __enter__(self) -> TorchServe:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _settings_to_json(settings: ServeSettings) -> dict[str, Any]:
+    d = asdict(settings)
+    d["store"], d["run_dir"] = str(settings.store), str(settings.run_dir)
+    d["models"] = list(settings.models)
+    return d
+
+
+def start(settings: ServeSettings, wait: bool = True) -> TorchServe:
+    """Verify the store, start TorchServe on it and (by default) wait until it is ready.
+
+    Raises :class:`archive.ManifestError` when the store fails verification and
+    :class:`ServeError` when TorchServe does not come up (it is stopped again then)."""
+    store = Path(settings.store).resolve()
+    run_dir = Path(settings.run_dir).resolve()
+    settings = ServeSettings(**{**settings.__dict__, "store": store, "run_dir": run_dir})
+    archive.verify_manifest(store)
+    names = model_names(settings)
+    existing = attach(run_dir)
+    if existing is not None:
+        raise ServeError(f"TorchServe already runs from {run_dir} (pid {existing.pid}); stop it first")
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    (run_dir / "tmp").mkdir(exist_ok=True)
+    (run_dir / KEY_FILE).unlink(missing_ok=True)
+    config = run_dir / "config.properties"
+    config.write_text(render_config(settings))
+    cmd = [
+        sys.executable, "-m", "ts.model_server", "--start", "--foreground", "--ncs",
+        "--model-store", str(settings.archives),
+        "--ts-config", str(config),
+        "--log-config", str(CONFIG_DIR / "log4j2.xml"),
+        "--models", *[f"{n}={n}.mar" for n in names],
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TS_")}
+    # TorchServe's launcher keeps its pid file in the temp dir and unpacks archives into
+    # java.io.tmpdir: one per run directory, so servers on other run dirs do not collide.
+    env.update(TMPDIR=str(run_dir / "tmp"), TEMP=str(run_dir / "tmp"),
+               LOG_LOCATION=str(run_dir / "logs"), METRICS_LOCATION=str(run_dir / "logs"))
+    with (run_dir / "logs" / "torchserve.out").open("ab") as out:
+        proc = subprocess.Popen(cmd, cwd=run_dir, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    ts = TorchServe(settings, names, proc.pid, proc)
+    (run_dir / STATE_FILE).write_text(json.dumps(
+        {"pid": proc.pid, "models": names, "settings": _settings_to_json(settings)}, indent=2) + "\n")
+    if wait:
+        try:
+            ts.wait_ready()
+        except BaseException:
+            ts.stop()
+            raise
+    return ts
+
+
+def attach(run_dir: Path = DEFAULT_RUN_DIR) -> TorchServe | None:
+    """The TorchServe started from ``run_dir`` by another process, or None."""
+    path = Path(run_dir) / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not _is_ours(int(state["pid"])):
+        return None
+    s = dict(state["settings"])
+    s["store"], s["run_dir"], s["models"] = Path(s["store"]), Path(s["run_dir"]), tuple(s["models"])
+    return TorchServe(ServeSettings(**s), list(state["models"]), int(state["pid"]))
+
+
+def stop(run_dir: Path = DEFAULT_RUN_DIR, timeout: float = 30.0) -> bool:
+    """Stop the TorchServe started from ``run_dir``; False when none was running."""
+    ts = attach(run_dir)
+    if ts is None:
+        return False
+    ts.stop(timeout)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m model_store.serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["start", "stop", "status"])
+    p.add_argument("--store", type=Path, default=DEFAULT_STORE, help="model store (with manifest.json)")
+    p.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR, help="config, key file and logs")
+    p.add_argument("--model", action="append", default=[], help="archive name to serve (repeat); default all")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--grpc-port", type=int, default=7070, help="gRPC inference port (management: +1)")
+    p.add_argument("--http-port", type=int, default=8080, help="REST inference port (management +1, metrics +2)")
+    p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for READY")
+    args = p.parse_args(argv)
+
+    if args.command == "stop":
+        print("stopped" if stop(args.run_dir) else f"no TorchServe running from {args.run_dir}")
+        return 0
+    if args.command == "status":
+        ts = attach(args.run_dir)
+        if ts is None:
+            print(f"no TorchServe running from {args.run_dir}")
+            return 1
+        report = {"pid": ts.pid, "grpc_inference": ts.grpc_inference_target, "management": ts.management_url,
+                  "metrics": ts.metrics_url, "key_file": str(Path(ts.settings.run_dir) / KEY_FILE), "models": {}}
+        ok = True
+        for name in ts.models:
+            try:
+                report["models"][name] = ts.model_status(name)
+                ok &= report["models"][name]["ready"]
+            except (OSError, urllib.error.URLError, ServeError, ValueError) as e:
+                report["models"][name] = {"ready": False, "error": str(e)}
+                ok = False
+        print(json.dumps(report, indent=2))
+        return 0 if ok else 1
+    settings = ServeSettings(
+        store=args.store, run_dir=args.run_dir, models=tuple(args.model), host=args.host,
+        grpc_inference_port=args.grpc_port, grpc_management_port=args.grpc_port + 1,
+        inference_port=args.http_port, management_port=args.http_port + 1, metrics_port=args.http_port + 2,
+        startup_timeout_s=args.timeout,
+    )
+    try:
+        ts = start(settings)
+    except (archive.ManifestError, ServeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"TorchServe ready (pid {ts.pid}): gRPC {ts.grpc_inference_target}, models {', '.join(ts.models)}; "
+          f"keys in {Path(ts.settings.run_dir) / KEY_FILE}; stop with `python -m model_store.serve stop`")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

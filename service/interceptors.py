@@ -1,0 +1,76 @@
+"""Standard gRPC server metrics (``grpc_server_*``, as go-grpc-prometheus names them) from an
+interceptor, for every unary and bidirectional-streaming method."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from service.metrics import LATENCY_BUCKETS
+
+
+class ServerMetricsInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ["grpc_service", "grpc_method", "grpc_type"]
+        self.started = Counter("grpc_server_started", "RPCs started on the server.", labels, registry=registry)
+        self.handled = Counter("grpc_server_handled", "RPCs completed on the server, by status code.",
+                               labels + ["grpc_code"], registry=registry)
+        self.handling = Histogram("grpc_server_handling_seconds", "Time to complete an RPC.", labels,
+                                  buckets=LATENCY_BUCKETS, registry=registry)
+        self.msg_received = Counter("grpc_server_msg_received", "Stream messages received.", labels, registry=registry)
+
+    def _done(self, labels: tuple[str, str, str], context: grpc.aio.ServicerContext, start: float,
+              failed: bool) -> None:
+        code = context.code() if hasattr(context, "code") else None
+        if isinstance(code, grpc.StatusCode):
+            name = code.name
+        elif code is None:
+            name = "UNKNOWN" if failed else "OK"
+        else:  # an int value
+            name = next((c.name for c in grpc.StatusCode if c.value[0] == code), "UNKNOWN")
+        self.handled.labels(*labels, name).inc()
+        self.handling.labels(*labels).observe(time.perf_counter() - start)
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        _, service, method = details.method.split("/", 2) if details.method.count("/") == 2 else ("", "", details.method)
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+            labels = (service, method, "unary")
+
+            async def unary(request, context):
+                self.started.labels(*labels).inc()
+                start, failed = time.perf_counter(), True
+                try:
+                    response = await inner(request, context)
+                    failed = False
+                    return response
+                finally:
+                    self._done(labels, context, start, failed)
+
+            return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
+        if handler.stream_stream is not None:
+            inner_s = handler.stream_stream
+            labels = (service, method, "bidi_stream")
+
+            async def counted(iterator):
+                async for item in iterator:
+                    self.msg_received.labels(*labels).inc()
+                    yield item
+
+            async def stream(request_iterator, context):
+                self.started.labels(*labels).inc()
+                start, failed = time.perf_counter(), True
+                try:
+                    async for response in inner_s(counted(request_iterator), context):
+                        yield response
+                    failed = False
+                finally:
+                    self._done(labels, context, start, failed)
+
+            return grpc.stream_stream_rpc_method_handler(stream, handler.request_deserializer, handler.response_serializer)
+        return handler

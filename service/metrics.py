@@ -1,0 +1,66 @@
+"""The gateway's Prometheus metrics, in one place.
+
+Names follow Prometheus conventions: ``robustgate_<name>_<unit>``, base units (seconds),
+``_total`` on counters. Label values come from fixed sets (model names from the registry,
+decisions, status codes, check names, stages) — never a request id, client or image hash.
+The registry is a parameter, so tests and several gateways in one process do not collide.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+# Latency buckets for the measured range: a plain call ~1-3 ms, the full gate ~10-60 ms on
+# CPU, certification up to ~0.5 s; up to 10 s for deadlines.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
+                   0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Check scores: squeeze and noise lie in [0, 1], viewpoint in [0, 2], density (Mahalanobis
+# distance) in tens to hundreds; one bucket set covers them with resolution where each lives.
+SCORE_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0,
+                 1.5, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 50.0, 100.0, 200.0, 500.0)
+RADIUS_BUCKETS = (0.0, 0.05, 0.1, 0.15, 0.25, 0.35, 0.5, 0.75, 1.0, 1.5)
+PASSES_BUCKETS = (1, 2, 5, 8, 11, 15, 20, 30, 50, 75, 100, 200, 400)
+STAGES = ("decode", "backend", "gate")
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("robustgate_requests", "Classification requests by model, gate decision and status code.",
+                                ["model", "decision", "code"], registry=r)
+        self.request_duration = Histogram("robustgate_request_duration_seconds",
+                                          "Time to answer a classification request.", ["model"],
+                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.stage_duration = Histogram("robustgate_stage_duration_seconds", "Time spent per stage of a request.",
+                                        ["stage"], buckets=LATENCY_BUCKETS, registry=r)
+        self.check_score = Histogram("robustgate_check_score", "Gate check scores (in each check's threshold units).",
+                                     ["model", "check"], buckets=SCORE_BUCKETS, registry=r)
+        self.check_verdicts = Counter("robustgate_check_verdicts", "Per-check verdicts of the checks that ran.",
+                                      ["model", "check", "verdict"], registry=r)
+        self.certified_radius = Histogram("robustgate_certified_radius",
+                                          "Certified L2 radius (pixel units in [0, 1]) where certification ran; 0 = abstained.",
+                                          ["model"], buckets=RADIUS_BUCKETS, registry=r)
+        self.forward_passes = Histogram("robustgate_forward_passes", "Forward passes (variants) spent per request.",
+                                        ["model"], buckets=PASSES_BUCKETS, registry=r)
+        self.backend_requests = Counter("robustgate_backend_requests", "Calls to TorchServe by status code.",
+                                        ["code"], registry=r)
+        self.inflight = Gauge("robustgate_inflight_requests", "Requests being processed.", registry=r)
+        self.shed = Counter("robustgate_shed_requests", "Requests refused with RESOURCE_EXHAUSTED (overload).",
+                            registry=r)
+        self.backend_up = Gauge("robustgate_backend_up", "1 while TorchServe answers the health probe.", registry=r)
+        self.model_info = Info("robustgate_model", "Served model, its gate policy version and model sha256.",
+                               ["model"], registry=r)
+
+    def declare(self, models: Iterable[tuple[str, str, str, str]]) -> None:
+        """Publish each (model, policy_version, model_sha256, mode) and pre-create series."""
+        for name, policy_version, sha, mode in models:
+            self.model_info.labels(model=name).info(
+                {"policy_version": policy_version, "model_sha256": sha, "mode": mode})
+            self.request_duration.labels(model=name)
+            self.forward_passes.labels(model=name)
+        for stage in STAGES:
+            self.stage_duration.labels(stage=stage)
+        self.backend_requests.labels(code="OK")

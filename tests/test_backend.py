@@ -1,0 +1,72 @@
+"""The gateway's side of the probe contract, against the shared example plans."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from robustgate.v1 import probe_pb2
+from service.backend import decode_result, encode_tensor
+from service.errors import BackendUnavailable, InvalidInput
+from service.gate.plan import ProbeSpec
+from service.pipeline import spec_to_proto
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "proto" / "examples"
+
+
+def test_result_with_a_per_request_error_raises_its_domain_error() -> None:
+    bad = probe_pb2.ProbeResult(error=probe_pb2.ProbeError(code=400, message="image is not a decodable PNG\nTraceback"),
+                                batch_requests=3)
+    with pytest.raises(InvalidInput, match="^backend refused the input: image is not a decodable PNG$"):
+        decode_result(bad.SerializeToString())
+    with pytest.raises(BackendUnavailable):
+        decode_result(probe_pb2.ProbeResult(error=probe_pb2.ProbeError(code=507, message="oom")).SerializeToString())
+
+
+def test_result_round_trip() -> None:
+    logits = np.arange(30, dtype=np.float32).reshape(3, 10)
+    feats = np.ones(4, dtype=np.float32)
+    raw = probe_pb2.ProbeResult(rows=3, classes=10, logits=logits.tobytes(), features=feats.tobytes(),
+                                feature_dim=4, device="cpu", runtime="onnxruntime").SerializeToString()
+    out = decode_result(raw)
+    assert np.array_equal(out.logits, logits) and np.array_equal(out.features, feats) and out.runtime == "onnxruntime"
+
+
+def test_tensor_encoding_keeps_dtype_and_shape() -> None:
+    t = probe_pb2.Tensor()
+    t.ParseFromString(encode_tensor(np.full((1, 28, 28), 0.5, dtype=np.float32)))
+    assert list(t.shape) == [1, 28, 28] and t.dtype == "float32" and len(t.data) == 28 * 28 * 4
+
+
+def _index() -> dict:
+    return json.loads((EXAMPLES / "index.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(_index()["valid"]))
+def test_gate_reads_each_valid_example_plan_like_the_handler(name: str) -> None:
+    """The handler tests use the same files: both sides count the same rows and the gate's
+    plan type turns each into the same wire message."""
+    from google.protobuf import json_format
+
+    raw = json.loads((EXAMPLES / name).read_text())
+    spec = ProbeSpec.from_dict(raw)
+    assert spec.rows == _index()["valid"][name]["rows"]
+    # Same plan on the wire (an empty section and an absent one mean the same to the handler).
+    wire = json_format.MessageToDict(spec_to_proto(spec), preserving_proto_field_name=True)
+    assert ProbeSpec.from_dict(wire) == spec
+    assert spec_to_proto(spec).seed == json_format.ParseDict(raw, probe_pb2.ProbePlan()).seed
+
+
+# Limits that depend on the served model, not on the schema: the handler alone enforces them
+# (the variant cap from its model-config.yaml, the shuffle grid dividing the image size).
+HANDLER_ONLY = {"invalid/too_many_variants.json", "invalid/shuffle_grid_not_dividing.json"}
+
+
+@pytest.mark.parametrize("name", sorted(set(_index()["invalid"]) - HANDLER_ONLY))
+def test_gate_refuses_each_invalid_example_plan(name: str) -> None:
+    from service.gate.errors import GateError
+
+    raw = json.loads((EXAMPLES / name).read_text())
+    with pytest.raises((GateError, ValueError)):
+        ProbeSpec.from_dict(raw)

@@ -1,0 +1,272 @@
+"""End to end through the real gateway process and a real TorchServe, on loopback."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+from model_store import data, serve
+from robustgate.v1 import classifier_pb2 as pb
+from service.client import Client
+from tests.conftest import free_port
+
+
+def png(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def start_gateway(store: Path, ts, tmp: Path, **overrides: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    args = {
+        "port": str(port), "metrics-port": "-1", "store": str(store),
+        "log-level": "WARNING",
+        "torchserve-address": ts.grpc_inference_target,
+        "torchserve-key-file": str(ts.settings.run_dir / serve.KEY_FILE),
+        "health-interval-s": "0.5", **overrides,
+    }
+    cmd = [sys.executable, "-m", "service"] + [x for k, v in args.items() for x in (f"--{k}", v)]
+    log = (tmp / f"gateway-{port}.log").open("wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    with grpc.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"gateway exited: {(tmp / f'gateway-{port}.log').read_text()[-3000:]}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("gateway did not become SERVING")
+            time.sleep(0.2)
+    return proc, address
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+METRICS_PORT = free_port()
+
+
+@pytest.fixture(scope="module")
+def gateway(calibrated_store: Path, torchserve, tmp_path_factory):
+    proc, address = start_gateway(calibrated_store, torchserve, tmp_path_factory.mktemp("gw"),
+                                  **{"metrics-port": str(METRICS_PORT)})
+    yield address
+    stop(proc)
+
+
+def scrape(port: int) -> dict[tuple[str, frozenset], float]:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def test_metrics_count_what_was_sent(client: Client, fmnist: data.FashionMNIST) -> None:
+    def requests(code: str) -> float:
+        return sum(v for (name, labels), v in scrape(METRICS_PORT).items()
+                   if name == "robustgate_requests_total" and ("code", code) in labels)
+
+    ok0, bad0 = requests("OK"), requests("INVALID_ARGUMENT")
+    for i in range(7):
+        client.classify(png(fmnist.test.images[100 + i]), model="fmnist-cnn")
+    for _ in range(3):
+        with pytest.raises(grpc.RpcError):
+            client.classify(b"junk", model="fmnist-cnn")
+    assert requests("OK") - ok0 == 7 and requests("INVALID_ARGUMENT") - bad0 == 3
+    samples = scrape(METRICS_PORT)
+    names = {n for n, _ in samples}
+    assert {"robustgate_request_duration_seconds_bucket", "robustgate_check_score_bucket",
+            "robustgate_forward_passes_bucket", "robustgate_inflight_requests", "robustgate_backend_requests_total",
+            "grpc_server_handled_total", "robustgate_model_info"} <= names
+    checks = {dict(l)["check"] for n, l in samples if n == "robustgate_check_score_count"}
+    assert {"squeeze", "viewpoint", "density"} <= checks
+    assert samples[("robustgate_backend_up", frozenset())] == 1.0
+    # No request id or free-form text ever becomes a label value.
+    assert not any("r-1" in dict(l).values() for _, l in samples)
+
+
+@pytest.fixture(scope="module")
+def client(gateway: str):
+    with Client(gateway) as c:
+        yield c
+
+
+def test_classify_png_answers_label_and_gate_report(client: Client, fmnist: data.FashionMNIST,
+                                                    calibrated_store: Path) -> None:
+    from service.gate.policy_io import load_policy
+
+    policy = load_policy(calibrated_store / "fmnist-cnn" / "policy.json")
+    resp = client.classify(png(fmnist.test.images[0]), model="fmnist-cnn", top_k=3, request_id="r-1")
+    assert resp.request_id == "r-1" and resp.model == "fmnist-cnn"
+    g = resp.gate
+    assert g.mode == "enforce" and g.policy_version
+    assert {c.name for c in g.checks} >= {"squeeze", "viewpoint", "density", "noise"}
+    ran = {c.name for c in g.checks if c.ran}
+    assert ran >= {"squeeze", "viewpoint", "density"}
+    # One probe call for the cheap checks: base + 4 squeezers + the card's label-preserving views
+    # (the noise stage only runs when the cheap checks are inconclusive).
+    cheap_rows = 1 + 4 + len(policy.probe.views)
+    assert g.forward_passes == cheap_rows or (g.forward_passes > cheap_rows and any(c.name == "noise" and c.ran for c in g.checks))
+    if g.decision != pb.DECISION_REJECT:
+        assert len(resp.classes) == 3
+        probs = [c.probability for c in resp.classes]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0 + 1e-6
+    assert resp.timings.total_seconds >= resp.timings.backend_seconds > 0
+
+
+def test_raw_float_tensor_and_png_agree(client: Client, fmnist: data.FashionMNIST) -> None:
+    img = fmnist.test.images[1]
+    a = client.classify(png(img), model="fmnist-cnn", top_k=10)
+    b = client.classify((img.astype(np.float32) / 255.0)[None], model="fmnist-cnn", top_k=10)
+    pa = {c.index: c.probability for c in a.classes}
+    pb_ = {c.index: c.probability for c in b.classes}
+    assert pa.keys() == pb_.keys()
+    assert max(abs(pa[k] - pb_[k]) for k in pa) < 1e-5
+
+
+def test_same_image_same_verdict(client: Client, fmnist: data.FashionMNIST) -> None:
+    raw = png(fmnist.test.images[2])
+    a, b = (client.classify(raw, model="fmnist-cnn") for _ in range(2))
+    assert [c.score for c in a.gate.checks] == [c.score for c in b.gate.checks]
+
+
+@pytest.mark.parametrize(
+    "payload,message",
+    [
+        (b"", "empty"),
+        (b"GIF89a" + b"\x00" * 40, "neither PNG nor JPEG"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 30, "not a decodable PNG"),
+    ],
+)
+def test_bad_images_are_invalid_argument(client: Client, payload: bytes, message: str) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        client.classify(payload, model="fmnist-cnn")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in err.value.details()
+
+
+def test_bad_tensor_is_invalid_argument(client: Client) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        client.classify(np.full((1, 28, 28), np.nan, dtype=np.float32), model="fmnist-cnn")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "NaN" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        client.classify(np.zeros((3, 32, 32), dtype=np.uint8), model="fmnist-cnn")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "shape" in err.value.details()
+
+
+def test_unknown_model_is_not_found(client: Client, fmnist: data.FashionMNIST) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        client.classify(png(fmnist.test.images[0]), model="no-such-model")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "no-such-model" in err.value.details()
+
+
+def test_deadline_exceeded(client: Client, fmnist: data.FashionMNIST) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        client.classify(png(fmnist.test.images[0]), model="fmnist-cnn", timeout_s=0.001)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_stream_answers_each_request_in_order(client: Client, fmnist: data.FashionMNIST) -> None:
+    reqs = [Client.request(png(fmnist.test.images[i]), "fmnist-cnn", request_id=f"s{i}") for i in range(5)]
+    reqs.insert(2, Client.request(b"not an image", "fmnist-cnn", request_id="bad"))
+    answers = list(client.classify_stream(reqs, timeout_s=60))
+    assert [a.request_id for a in answers] == ["s0", "s1", "bad", "s2", "s3", "s4"]
+    assert answers[2].WhichOneof("outcome") == "error" and answers[2].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert all(a.WhichOneof("outcome") == "result" for i, a in enumerate(answers) if i != 2)
+
+
+def test_list_and_get_model(client: Client) -> None:
+    models = client.list_models().models
+    assert [m.name for m in models] == ["fmnist-cnn"] and set(models[0].formats) == {"torchscript", "onnx"}
+    info = client.get_model("fmnist-cnn")
+    assert len(info.labels) == 10 and list(info.input.shape) == [1, 28, 28]
+    assert info.policy.mode == "enforce" and "squeeze" in info.policy.enabled_checks
+    with pytest.raises(grpc.RpcError) as err:
+        client.get_model("nope")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_reflection_lists_the_services(gateway: str) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(gateway) as ch:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        resp = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    names = {s.name for s in resp.list_services_response.service}
+    assert {"robustgate.v1.ClassifierService", "grpc.health.v1.Health"} <= names
+
+
+def test_overload_is_resource_exhausted_at_once(calibrated_store: Path, torchserve, tmp_path: Path,
+                                                 fmnist: data.FashionMNIST) -> None:
+    proc, address = start_gateway(calibrated_store, torchserve, tmp_path, **{"max-inflight": "1"})
+    try:
+        raw = png(fmnist.test.images[0])
+        with Client(address) as c, ThreadPoolExecutor(16) as pool:
+            def call(_: int) -> grpc.StatusCode:
+                try:
+                    c.classify(raw, model="fmnist-cnn", timeout_s=30)
+                    return grpc.StatusCode.OK
+                except grpc.RpcError as e:
+                    return e.code()
+
+            codes = list(pool.map(call, range(48)))
+        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert codes.count(grpc.StatusCode.OK) >= 1 and codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 1
+    finally:
+        stop(proc)
+
+
+def test_backend_down_is_unavailable_and_not_serving(calibrated_store: Path, torchserve, tmp_path: Path,
+                                                       fmnist: data.FashionMNIST) -> None:
+    class Dead:  # a TorchServe address where nothing listens
+        grpc_inference_target = f"127.0.0.1:{free_port()}"
+        settings = torchserve.settings
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "service", "--port", str(port), "--metrics-port", "-1", "--store", str(calibrated_store),
+           "--torchserve-address", Dead.grpc_inference_target,
+           "--torchserve-key-file", str(torchserve.settings.run_dir / serve.KEY_FILE), "--backend-timeout-s", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        address = f"127.0.0.1:{port}"
+        with grpc.insecure_channel(address) as ch:
+            grpc.channel_ready_future(ch).result(timeout=60)
+            status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with Client(address) as c:
+            t = time.monotonic()
+            with pytest.raises(grpc.RpcError) as err:
+                c.classify(png(fmnist.test.images[0]), model="fmnist-cnn", timeout_s=30)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert err.value.details() == "backend is unavailable"
+            assert time.monotonic() - t < 5  # fails fast, no hang
+    finally:
+        stop(proc)

@@ -1,0 +1,180 @@
+"""Both handlers in process, on the archives of a real store: one answer per request,
+variants of every request in one chunked forward, per-request errors inside a batch."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from ts.context import Context, RequestProcessor
+from ts.utils.util import PredictionException
+
+from handlers.base import HandlerSettings, ProbeHandler
+from handlers.onnx_handler import OnnxHandler
+from handlers.torchscript_handler import TorchScriptHandler
+from model_store import data
+from robustgate.v1 import probe_pb2
+
+HANDLERS = {"torchscript": TorchScriptHandler, "onnx": OnnxHandler}
+
+
+class _Metrics:
+    def add_time(self, *args, **kwargs) -> None:
+        pass
+
+
+def make_context(model_dir: Path, config: dict) -> Context:
+    manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
+    ctx = Context(manifest["model"]["modelName"], str(model_dir), manifest, 32, None, "0.12.0",
+                  model_yaml_config=config)
+    ctx.metrics = _Metrics()
+    return ctx
+
+
+def load_handler(tmp: Path, store: Path, fmt: str, **handler_overrides) -> tuple[ProbeHandler, Context]:
+    model_dir = tmp / fmt
+    if not model_dir.exists():
+        with zipfile.ZipFile(store / "archives" / f"fmnist-cnn-{fmt}.mar") as z:
+            z.extractall(model_dir)
+    config = yaml.safe_load((model_dir / "model-config.yaml").read_text())
+    config["handler"].update(handler_overrides)
+    ctx = make_context(model_dir, config)
+    h = HANDLERS[fmt]()
+    # initialize() sets process-wide knobs meant for a worker: restore them for the other tests
+    threads, level = torch.get_num_threads(), logging.getLogger().level
+    try:
+        h.initialize(ctx)
+    finally:
+        torch.set_num_threads(threads)
+        logging.getLogger().setLevel(level)
+    return h, ctx
+
+
+def handle(h: ProbeHandler, ctx: Context, requests: list[dict]) -> list[probe_pb2.ProbeResult]:
+    ctx.request_processor = [RequestProcessor({}) for _ in requests]
+    out = h.handle(requests, ctx)
+    assert len(out) == len(requests)
+    return [probe_pb2.ProbeResult.FromString(o) for o in out]
+
+
+def logits(res: probe_pb2.ProbeResult) -> np.ndarray:
+    return np.frombuffer(res.logits, dtype="<f4").reshape(res.rows, res.classes)
+
+
+def png(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def images(fmnist: data.FashionMNIST) -> np.ndarray:
+    return fmnist.test.images[:8]
+
+
+@pytest.fixture(scope="module", params=sorted(HANDLERS))
+def loaded(request, tiny_store: Path, tmp_path_factory) -> tuple[ProbeHandler, Context]:
+    return load_handler(tmp_path_factory.mktemp("mar"), tiny_store, request.param)
+
+
+PLAN = probe_pb2.ProbePlan(
+    version=1, seed=11, noise=probe_pb2.NoiseProbe(sigma=0.25, count=6),
+    squeeze=probe_pb2.SqueezeProbe(bit_depths=[1, 4], median_sizes=[2]),
+    views=[probe_pb2.ViewTransform(rotate_deg=10.0)],
+    occlusion=probe_pb2.OcclusionProbe(grid=2, fill=0.0),
+    shuffle=probe_pb2.ShuffleProbe(grid=2, count=2), return_features=True,
+)
+
+
+def test_plain_request_matches_the_model(loaded, images: np.ndarray, tiny_store: Path) -> None:
+    h, ctx = loaded
+    ref = torch.jit.load(str(tiny_store / "fmnist-cnn" / "model.pt"))
+    with torch.inference_mode():
+        want = ref(data.to_tensor(images))[0].numpy()
+    res = handle(h, ctx, [{"data": png(a)} for a in images])
+    for r, w in zip(res, want):
+        assert (r.rows, r.classes, r.plan_version, r.batch_requests) == (1, 10, 0, len(images))
+        assert r.device == "cpu" and r.runtime.startswith(("torchscript", "onnxruntime:CPUExecutionProvider"))
+        np.testing.assert_allclose(logits(r)[0], w, atol=1e-4, rtol=0)
+
+
+def test_batch_with_different_plans_and_one_bad_request(loaded, images: np.ndarray) -> None:
+    h, ctx = loaded
+    other = probe_pb2.ProbePlan(version=1, seed=3, noise=probe_pb2.NoiseProbe(sigma=0.5, count=3))
+    reqs = [
+        {"data": png(images[0]), "plan": PLAN.SerializeToString()},
+        {"data": b"not an image"},
+        {"data": png(images[1]), "plan": other.SerializeToString()},
+        {"data": png(images[2])},
+    ]
+    res = handle(h, ctx, reqs)
+    assert [r.rows for r in res] == [17, 0, 4, 1]
+    assert res[1].error.code == 400 and "PNG or JPEG" in res[1].error.message and not res[1].logits
+    assert ctx.get_response_status(1) == (400, res[1].error.message)
+    assert all(r.batch_requests == 4 for r in res)
+    assert res[0].feature_dim == h.card.feature_dim and len(res[0].features) == 4 * h.card.feature_dim
+    assert not res[2].features
+    # each answer is the one it gets alone
+    for i in (0, 2, 3):
+        alone = handle(h, ctx, [reqs[i]])[0]
+        np.testing.assert_allclose(logits(res[i]), logits(alone), atol=1e-5, rtol=0)
+
+
+def test_a_bad_request_alone_raises_a_4xx(loaded) -> None:
+    h, ctx = loaded
+    bad_plan = probe_pb2.ProbePlan(version=1, squeeze=probe_pb2.SqueezeProbe(median_sizes=[9]))
+    for req, match in (
+        ({"data": b"junk"}, "PNG or JPEG"),
+        ({"data": png(np.zeros((28, 28), np.uint8)), "plan": bad_plan.SerializeToString()}, "median"),
+        ({"data": png(np.zeros((28, 28), np.uint8)), "plan": b"\xff\xff"}, "not a valid"),
+        ({"plan": PLAN.SerializeToString()}, "exactly one"),
+        ({"data": "text, not bytes"}, "bytes"),
+    ):
+        ctx.request_processor = [RequestProcessor({})]
+        with pytest.raises(PredictionException, match=match) as err:
+            h.handle([req], ctx)
+        assert err.value.error_code == 400
+
+
+def test_same_plan_and_seed_reproduce_exactly(loaded, images: np.ndarray) -> None:
+    h, ctx = loaded
+    req = {"data": png(images[4]), "plan": PLAN.SerializeToString()}
+    a, b = handle(h, ctx, [req]), handle(h, ctx, [req])
+    assert a[0].logits == b[0].logits and a[0].features == b[0].features
+
+
+def test_forward_runs_in_chunks(tiny_store: Path, tmp_path: Path, images: np.ndarray) -> None:
+    big, ctx = load_handler(tmp_path, tiny_store, "torchscript")
+    small, ctx_small = load_handler(tmp_path, tiny_store, "torchscript", max_forward_batch=5)
+    calls: list[int] = []
+    forward = small.forward
+    small.forward = lambda x: (calls.append(x.shape[0]), forward(x))[1]  # count the chunks
+    reqs = [{"data": png(images[0]), "plan": PLAN.SerializeToString()}, {"data": png(images[1])}]
+    a, b = handle(big, ctx, reqs), handle(small, ctx_small, reqs)
+    assert calls == [5, 5, 5, 3]  # 17 + 1 rows
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(logits(x), logits(y), atol=1e-5, rtol=0)
+
+
+def test_torchscript_and_onnx_agree(tiny_store: Path, tmp_path: Path, images: np.ndarray) -> None:
+    req = [{"data": png(images[5]), "plan": PLAN.SerializeToString()}]
+    ts = handle(*load_handler(tmp_path, tiny_store, "torchscript"), req)[0]
+    ox = handle(*load_handler(tmp_path, tiny_store, "onnx"), req)[0]
+    np.testing.assert_allclose(logits(ts), logits(ox), atol=1e-4, rtol=0)
+
+
+def test_model_config_settings() -> None:
+    cfg = yaml.safe_load((Path(__file__).resolve().parent.parent / "handlers" / "model-config.yaml").read_text())
+    s = HandlerSettings.from_yaml(cfg["handler"])
+    assert s.max_forward_batch >= 64 and s.intra_op_threads == 1 and s.log_level == "WARNING"
+    assert cfg["batchSize"] > 1 and cfg["maxBatchDelay"] > 0 and cfg["minWorkers"] >= 1
+    with pytest.raises(ValueError, match="unknown keys"):
+        HandlerSettings.from_yaml({"max_batch": 3})

@@ -1,0 +1,194 @@
+"""Probe plans in process: the shared example plans, row order, seeding, and every probe
+against an independent reference computation (NumPy, SciPy, the training augmentation)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.ndimage
+import torch
+from google.protobuf import json_format
+
+from handlers import probe
+from model_store import data
+from model_store.evaluate import apply_view
+from robustgate.v1 import probe_pb2
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "proto" / "examples"
+INDEX = json.loads((EXAMPLES / "index.json").read_text())
+SHAPE = probe.Shape(1, 28, 28)
+
+
+def load_plan(name: str) -> probe_pb2.ProbePlan:
+    return json_format.Parse((EXAMPLES / name).read_text(), probe_pb2.ProbePlan())
+
+
+@pytest.fixture(scope="module")
+def base(fmnist: data.FashionMNIST) -> torch.Tensor:
+    """A real test image, float32 [1, 28, 28] in [0, 1]."""
+    return data.to_tensor(fmnist.test.images[:1])[0]
+
+
+@pytest.mark.parametrize("name", sorted(INDEX["valid"]))
+def test_example_plans_declare_their_rows(name: str, base: torch.Tensor) -> None:
+    plan = load_plan(name)
+    rows = INDEX["valid"][name]["rows"]
+    assert probe.validate(plan, SHAPE, max_variants=2048) == rows == probe.count_rows(plan)
+    out = probe.expand(base, plan)
+    assert out.shape == (rows, 1, 28, 28) and out.dtype == torch.float32
+    assert torch.equal(out[0], base)
+
+
+@pytest.mark.parametrize("name", sorted(INDEX["invalid"]))
+def test_invalid_example_plans_are_refused(name: str) -> None:
+    with pytest.raises(probe.PlanError, match=INDEX["invalid"][name].replace(".", r"\.")):
+        probe.validate(load_plan(name), SHAPE, max_variants=2048)
+
+
+def test_rows_follow_plan_order(base: torch.Tensor) -> None:
+    plan = load_plan("full.json")
+    out = probe.expand(base, plan)
+    i = 1 + plan.noise.count
+    for b in plan.squeeze.bit_depths:
+        assert torch.equal(out[i], probe.bit_depth(base, b)), f"bits {b} at row {i}"
+        i += 1
+    for k in plan.squeeze.median_sizes:
+        assert torch.equal(out[i], probe.median_filter(base, k)), f"median {k} at row {i}"
+        i += 1
+    for v in plan.views:
+        assert torch.equal(out[i], probe.views(base, [v])[0]), f"view at row {i}"
+        i += 1
+    assert torch.equal(out[i : i + 9], probe.occlusions(base, 3, 0.5))
+    assert i + 9 + plan.shuffle.count == out.shape[0]
+
+
+def test_same_plan_and_seed_give_bit_identical_variants(base: torch.Tensor) -> None:
+    plan = load_plan("full.json")
+    assert torch.equal(probe.expand(base, plan), probe.expand(base, plan))
+    other = probe_pb2.ProbePlan()
+    other.CopyFrom(plan)
+    other.seed += 1
+    a, b = probe.expand(base, plan), probe.expand(base, other)
+    assert not torch.equal(a[1:17], b[1:17])  # noise differs
+    assert torch.equal(a[17:-4], b[17:-4])  # deterministic probes do not
+
+
+def test_noise_matches_reference_and_plan_statistics(base: torch.Tensor) -> None:
+    sigma, n, seed = 0.25, 400, 123
+    plan = probe_pb2.ProbePlan(version=1, seed=seed, noise=probe_pb2.NoiseProbe(sigma=sigma, count=n))
+    out = probe.expand(base, plan)[1:]
+    gen = torch.Generator().manual_seed(seed)
+    ref = base + np.float32(sigma) * torch.randn((n, 1, 28, 28), generator=gen)
+    assert torch.equal(out, ref)
+    eps = (out - base).double()
+    # n * 784 = 313,600 draws: the mean's standard error is sigma / 560.
+    assert abs(eps.mean().item()) < 4 * sigma / np.sqrt(eps.numel())
+    assert eps.std().item() == pytest.approx(sigma, rel=0.01)
+    assert out.min() < 0.0  # not clamped, as trained
+
+
+def test_shuffle_draws_do_not_depend_on_noise_count(base: torch.Tensor) -> None:
+    def plan(noise: int) -> probe_pb2.ProbePlan:
+        return probe_pb2.ProbePlan(version=1, seed=5, noise=probe_pb2.NoiseProbe(sigma=0.5, count=noise),
+                                   shuffle=probe_pb2.ShuffleProbe(grid=4, count=3))
+
+    assert torch.equal(probe.expand(base, plan(0))[-3:], probe.expand(base, plan(10))[-3:])
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_bit_depth_matches_numpy(base: torch.Tensor, bits: int) -> None:
+    m = np.float32(2**bits - 1)
+    ref = np.rint(base.numpy() * m) / m
+    assert np.array_equal(probe.bit_depth(base, bits).numpy(), ref)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 5])
+def test_median_matches_scipy(base: torch.Tensor, k: int) -> None:
+    ref = scipy.ndimage.median_filter(base.numpy(), size=(1, k, k), mode="reflect")
+    assert np.array_equal(probe.median_filter(base, k).numpy(), ref)
+
+
+VIEWS = [
+    {"rotate_deg": 10.0},
+    {"rotate_deg": -40.0},
+    {"shift_x": 2.0, "shift_y": -3.0},
+    {"scale": 0.9},
+    {"scale": 1.2, "rotate_deg": 15.0, "shift_x": -1.5},
+    {"hflip": True},
+    {"vflip": True, "rotate_deg": 5.0},
+]
+
+
+def test_views_match_the_training_augmentation(base: torch.Tensor) -> None:
+    plan = probe_pb2.ProbePlan(version=1, views=[probe_pb2.ViewTransform(**v) for v in VIEWS])
+    out = probe.expand(base, plan)[1:]
+    for i, v in enumerate(VIEWS):
+        ref = apply_view(base[None], v)[0]
+        torch.testing.assert_close(out[i], ref, rtol=0, atol=1e-6, msg=f"view {v}")
+
+
+def test_rotation_is_counter_clockwise() -> None:
+    x = torch.zeros(1, 28, 28)
+    x[0, 4, 14] = 1.0  # a dot above the centre
+    out = probe.views(x, [probe_pb2.ViewTransform(rotate_deg=90.0)])[0, 0]
+    y, xx = divmod(int(out.argmax()), 28)
+    assert xx < 14 and abs(y - 13.5) < 1.5  # CCW on screen: top goes to the left
+
+
+@pytest.mark.parametrize("grid,fill", [(3, 0.5), (4, 0.0), (7, 1.0)])
+def test_occlusion_matches_reference(base: torch.Tensor, grid: int, fill: float) -> None:
+    out = probe.occlusions(base, grid, fill).numpy()
+    x = base.numpy()
+    k = 0
+    for r in range(grid):
+        for c in range(grid):
+            ref = x.copy()
+            ref[:, r * 28 // grid : (r + 1) * 28 // grid, c * 28 // grid : (c + 1) * 28 // grid] = fill
+            assert np.array_equal(out[k], ref), (r, c)
+            k += 1
+
+
+@pytest.mark.parametrize("grid", [2, 4, 7])
+def test_shuffle_matches_reference(base: torch.Tensor, grid: int) -> None:
+    seed, count = 99, 6
+    plan = probe_pb2.ProbePlan(version=1, seed=seed, shuffle=probe_pb2.ShuffleProbe(grid=grid, count=count))
+    out = probe.expand(base, plan)[1:].numpy()
+    gen = torch.Generator().manual_seed(seed + 1)
+    t = 28 // grid
+    x = base.numpy()
+    tiles = [x[:, r * t : (r + 1) * t, c * t : (c + 1) * t] for r in range(grid) for c in range(grid)]
+    for j in range(count):
+        p = torch.randperm(grid * grid, generator=gen)
+        while torch.equal(p, torch.arange(grid * grid)):
+            p = torch.randperm(grid * grid, generator=gen)
+        ref = np.zeros_like(x)
+        for i, src in enumerate(p.tolist()):
+            r, c = divmod(i, grid)
+            ref[:, r * t : (r + 1) * t, c * t : (c + 1) * t] = tiles[src]
+        assert np.array_equal(out[j], ref), f"copy {j}"
+        assert not np.array_equal(out[j], x) or len({tile.tobytes() for tile in tiles}) < grid * grid
+
+
+def test_seed_wraps_at_2_64(base: torch.Tensor) -> None:
+    plan = probe_pb2.ProbePlan(version=1, seed=2**64 - 1, noise=probe_pb2.NoiseProbe(sigma=0.1, count=2),
+                               shuffle=probe_pb2.ShuffleProbe(grid=2, count=1))
+    assert probe.expand(base, plan).shape[0] == 4  # the shuffle generator is seeded with 0
+
+
+def test_limits() -> None:
+    plan = probe_pb2.ProbePlan(version=1, noise=probe_pb2.NoiseProbe(sigma=0.25, count=100))
+    assert probe.validate(plan, SHAPE, max_variants=100) == 101
+    with pytest.raises(probe.PlanError, match="at most 99"):
+        probe.validate(plan, SHAPE, max_variants=99)
+    for bad in (
+        probe_pb2.ProbePlan(version=1, views=[probe_pb2.ViewTransform(rotate_deg=float("nan"))]),
+        probe_pb2.ProbePlan(version=1, views=[probe_pb2.ViewTransform(shift_x=40.0)]),
+        probe_pb2.ProbePlan(version=1, occlusion=probe_pb2.OcclusionProbe(grid=29)),
+        probe_pb2.ProbePlan(version=1, noise=probe_pb2.NoiseProbe(sigma=float("inf"), count=1)),
+        probe_pb2.ProbePlan(version=0),
+    ):
+        with pytest.raises(probe.PlanError):
+            probe.validate(bad, SHAPE, max_variants=2048)

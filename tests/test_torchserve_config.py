@@ -1,0 +1,111 @@
+"""model_store.serve without a running TorchServe: the rendered configuration, the key
+file, and the refusal to start on a store that fails its manifest."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from model_store import archive, serve
+
+
+def test_rendered_config_is_loopback_with_token_auth_and_prometheus() -> None:
+    s = serve.ServeSettings(grpc_inference_port=17070, management_port=18081, job_queue_size=77)
+    cfg = dict(
+        line.split("=", 1) for line in serve.render_config(s).splitlines() if line and not line.startswith("#")
+    )
+    assert cfg["grpc_inference_address"] == "127.0.0.1" and cfg["grpc_inference_port"] == "17070"
+    assert cfg["management_address"] == "http://127.0.0.1:18081"
+    assert all("127.0.0.1" in v for k, v in cfg.items() if k.endswith("_address"))
+    assert cfg["disable_token_authorization"] == "false"
+    assert cfg["enable_model_api"] == "false"
+    assert cfg["metrics_mode"] == "prometheus"
+    assert cfg["job_queue_size"] == "77"
+    assert float(cfg["token_expiration_min"]) >= 60 * 24
+
+
+def test_log_config_is_warn_level() -> None:
+    xml = (serve.CONFIG_DIR / "log4j2.xml").read_text()
+    assert '<Root level="warn">' in xml and '<Logger name="ACCESS_LOG" level="off"/>' in xml
+
+
+def test_read_keys(tmp_path: Path) -> None:
+    (tmp_path / serve.KEY_FILE).write_text(json.dumps({
+        "management": {"key": "m", "expiration time": "x"},
+        "inference": {"key": "i", "expiration time": "x"},
+        "API": {"key": "a"},
+    }))
+    assert serve.read_keys(tmp_path) == serve.Keys(inference="i", management="m", api="a")
+    with pytest.raises(serve.ServeError, match="key file"):
+        serve.read_keys(tmp_path / "nowhere")
+
+
+def test_start_refuses_a_store_that_fails_its_manifest(tiny_store: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store, store)
+    mar = store / "archives" / "fmnist-cnn-onnx.mar"
+    mar.write_bytes(mar.read_bytes() + b"tampered")
+    run_dir = tmp_path / "run"
+    with pytest.raises(archive.ManifestError, match="sha256 mismatch: archives/fmnist-cnn-onnx.mar"):
+        serve.start(serve.ServeSettings(store=store, run_dir=run_dir))
+    assert not (run_dir / serve.STATE_FILE).exists()  # nothing was started
+
+
+def test_unknown_model_and_idle_stop(tiny_store: Path, tmp_path: Path) -> None:
+    with pytest.raises(serve.ServeError, match="archives not found"):
+        serve.start(serve.ServeSettings(store=tiny_store, run_dir=tmp_path, models=("nope",)))
+    assert serve.stop(tmp_path) is False
+    assert serve.attach(tmp_path) is None
+
+
+def _free_port_base() -> int:
+    """A port p with p, p+1, p+2 free on the loopback (the CLI uses consecutive ports)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base > 65000:
+            continue
+        try:
+            socks = [socket.create_server(("127.0.0.1", base + i)) for i in range(3)]
+        except OSError:
+            continue
+        for s in socks:
+            s.close()
+        return base
+    raise RuntimeError("no three consecutive free ports")
+
+
+@pytest.mark.slow
+def test_cli_start_status_stop(tiny_store: Path, tmp_path: Path) -> None:
+    """The command line starts TorchServe in the background (ready when it returns),
+    reports it, and stops every process it started."""
+    run_dir = tmp_path / "run"
+    cli = [sys.executable, "-m", "model_store.serve"]
+    common = ["--store", str(tiny_store), "--run-dir", str(run_dir)]
+    start = subprocess.run(
+        [*cli, "start", *common, "--model", "fmnist-cnn-onnx",
+         "--grpc-port", str(_free_port_base()), "--http-port", str(_free_port_base())],
+        capture_output=True, text=True, timeout=240,
+    )
+    ts = serve.attach(run_dir)
+    try:
+        assert start.returncode == 0, start.stdout + start.stderr
+        assert ts is not None and ts.running()
+        keys = serve.read_keys(run_dir)
+        assert keys.inference and keys.management
+        status = subprocess.run([*cli, "status", "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0 and json.loads(status.stdout)["models"]["fmnist-cnn-onnx"]["ready"]
+        again = subprocess.run([*cli, "start", *common], capture_output=True, text=True, timeout=60)
+        assert again.returncode == 1 and "already runs" in again.stderr
+    finally:
+        stop = subprocess.run([*cli, "stop", "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=90)
+    assert stop.returncode == 0 and "stopped" in stop.stdout
+    assert not serve._group_alive(ts.pid), "TorchServe processes survived stop"
+    assert not (run_dir / serve.KEY_FILE).exists() and serve.attach(run_dir) is None
