@@ -1,7 +1,27 @@
 #!/usr/bin/env bash
-# The main command: set up, build the default model if it is missing, and serve it.
+# The main command: set up, build and calibrate the default model if missing, then serve it:
+# TorchServe on loopback (token auth on) and the RobustGate gateway in the foreground.
+# Ctrl-C (or SIGTERM) drains the gateway and stops TorchServe.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup.sh
-.venv/bin/python -m model_store.build
+py=.venv/bin/python
+model="${ROBUSTGATE_MODEL:-fmnist-cnn}"
+$py -m model_store.build --model "$model"
+$py -m service.calibration --model "$model" --if-missing --start-torchserve
+
+$py -m model_store.serve stop >/dev/null 2>&1 || true
+$py -m model_store.serve start --model "$model-torchscript" --model "$model-onnx"
+trap '$py -m model_store.serve stop >/dev/null 2>&1 || true' EXIT
+
+port="${ROBUSTGATE_PORT:-50051}"
+cat <<MSG
+
+RobustGate is starting on 127.0.0.1:$port (metrics on :${ROBUSTGATE_METRICS_PORT:-9464}/metrics).
+Call it from another shell:
+  .venv/bin/robustgate classify some.png --model $model
+  grpcurl -plaintext -d '{"model":"$model","image":"'"\$(base64 -w0 some.png)"'"}' 127.0.0.1:$port robustgate.v1.ClassifierService/Classify
+Make a test image:  .venv/bin/python -m service.sample_image some.png
+MSG
+$py -m service --models "$model"

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The test command: set up, build the default model if it is missing, run the suite.
+# The test command: set up, build and calibrate the default model if missing, run the suite.
 # Extra arguments go to pytest (e.g. scripts/test.sh -k handler -x).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup.sh
 .venv/bin/python -m model_store.build --quiet
+.venv/bin/python -m service.calibration --model fmnist-cnn --if-missing --start-torchserve
 exec .venv/bin/python -m pytest "$@"

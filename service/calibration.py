@@ -190,8 +190,11 @@ async def calibrate(
     summary = {**result.summary, "reference_images": half, "threshold_images": n - half,
                "created": stamp, "backend_format": backend_format,
                **{f"attack_{k}": len(v) for k, v in attacked_sets.items()}}
+    # Room for an opt-in certificate: the cheap probe plus the whole noise budget, with one
+    # base row per sequential batch.
+    ceiling = policy.cheap_plan(0).rows + policy.noise.max_samples + 16
     policy = dataclasses.replace(policy, version=f"{stamp}-{card['hashes']['model.pt'][:8]}", mode=mode,
-                                 calibration=summary)
+                                 calibration=summary, max_forward_passes=ceiling)
     save_policy(policy, store / model / POLICY_FILE)
     archive.write_manifest(store)
     return policy
@@ -230,9 +233,22 @@ def main(argv: list[str] | None = None) -> int:
     kwargs = dict(images=args.images, attack_images=args.attack_images, concurrency=args.concurrency,
                   flag_rate=args.flag_rate, reject_rate=args.reject_rate, checks=checks, mode=Mode(args.mode))
     if args.start_torchserve:
+        import socket
+        import tempfile
+
         from model_store import serve
 
-        settings = serve.ServeSettings(store=args.store, models=(f"{args.model}-torchscript",))
+        def free_port() -> int:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                return sock.getsockname()[1]
+
+        # A private TorchServe on free ports, so a running service is left alone.
+        run_dir = Path(tempfile.mkdtemp(prefix="rg-calibrate-"))
+        settings = serve.ServeSettings(
+            store=args.store, run_dir=run_dir, models=(f"{args.model}-torchscript",),
+            grpc_inference_port=free_port(), grpc_management_port=free_port(), inference_port=free_port(),
+            management_port=free_port(), metrics_port=free_port())
         with serve.start(settings) as ts:
             policy = asyncio.run(calibrate(args.store, args.model, ts.grpc_inference_target,
                                            settings.run_dir / serve.KEY_FILE, **kwargs))

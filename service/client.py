@@ -38,9 +38,11 @@ class Client:
 
     @staticmethod
     def request(image: bytes | np.ndarray, model: str, top_k: int = 0, request_id: str = "",
-                version: str = "") -> pb.ClassifyRequest:
+                version: str = "", certify: bool | None = None) -> pb.ClassifyRequest:
         """Bytes are sent as an encoded image; an array as a raw tensor (uint8 or float32)."""
         req = pb.ClassifyRequest(model=model, version=version, top_k=top_k, request_id=request_id)
+        if certify is not None:
+            req.certify = certify
         if isinstance(image, np.ndarray):
             dtype = "uint8" if image.dtype == np.uint8 else "float32"
             arr = np.ascontiguousarray(image, dtype="<u1" if dtype == "uint8" else "<f4")
@@ -50,8 +52,8 @@ class Client:
         return req
 
     def classify(self, image: bytes | np.ndarray, model: str, top_k: int = 0, request_id: str = "",
-                 timeout_s: float | None = None) -> pb.ClassifyResponse:
-        return self._stub.Classify(self.request(image, model, top_k, request_id),
+                 timeout_s: float | None = None, certify: bool | None = None) -> pb.ClassifyResponse:
+        return self._stub.Classify(self.request(image, model, top_k, request_id, certify=certify),
                                    timeout=timeout_s or self.timeout_s)
 
     def classify_stream(self, requests: Iterable[pb.ClassifyRequest],

@@ -24,6 +24,7 @@ def to_domain(req: pb.ClassifyRequest) -> ClassifyInput:
         tensor=tensor,
         top_k=req.top_k,
         request_id=req.request_id,
+        certify=req.certify if req.HasField("certify") else None,
     )
 
 

