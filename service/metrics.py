@@ -8,7 +8,7 @@ The registry is a parameter, so tests and several gateways in one process do not
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
@@ -51,6 +51,10 @@ class Metrics:
         self.shed = Counter("robustgate_shed_requests", "Requests refused with RESOURCE_EXHAUSTED (overload).",
                             registry=r)
         self.backend_up = Gauge("robustgate_backend_up", "1 while TorchServe answers the health probe.", registry=r)
+        self.gate_baseline = Gauge("robustgate_gate_baseline_ratio",
+                                   "Share of clean traffic the calibrated policy may decide FLAG or worse "
+                                   "(decision=FLAG) or REJECT (decision=REJECT): the calibration's targets.",
+                                   ["model", "decision"], registry=r)
         self.model_info = Info("robustgate_model", "Served model, its gate policy version and model sha256.",
                                ["model"], registry=r)
 
@@ -60,7 +64,16 @@ class Metrics:
             self.model_info.labels(model=name).info(
                 {"policy_version": policy_version, "model_sha256": sha, "mode": mode})
             self.request_duration.labels(model=name)
+            for decision in ("PASS", "FLAG", "REJECT"):  # rates count from the first request
+                self.requests.labels(model=name, decision=decision, code="OK")
             self.forward_passes.labels(model=name)
         for stage in STAGES:
             self.stage_duration.labels(stage=stage)
         self.backend_requests.labels(code="OK")
+
+    def baseline(self, model: str, calibration: Mapping[str, object]) -> None:
+        """Publish the policy's calibrated clean FLAG and REJECT rates, the alerts' baseline."""
+        for decision, key in (("FLAG", "flag_rate_target"), ("REJECT", "reject_rate_target")):
+            value = calibration.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.gate_baseline.labels(model=model, decision=decision).set(float(value))

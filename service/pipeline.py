@@ -24,6 +24,7 @@ from service.gate.cascade import GateRun
 from service.gate.plan import ProbeSpec
 from service.gate.report import GateReport
 from service.registry import Registry, ServedModel
+from service.tracing import OFF, Tracing
 
 DEFAULT_TOP_K = 5
 # Decode big images in a worker thread so one large PNG cannot stall the event loop.
@@ -99,12 +100,13 @@ def top_k(logits_row: np.ndarray, labels: tuple[str, ...], k: int) -> tuple[Clas
 
 class Pipeline:
     def __init__(self, registry: Registry, backend: TorchServeBackend, limits: Limits,
-                 backend_timeout_s: float, base_seed: int = 0) -> None:
+                 backend_timeout_s: float, base_seed: int = 0, tracing: Tracing = OFF) -> None:
         self.registry = registry
         self.backend = backend
         self.limits = limits
         self.backend_timeout_s = backend_timeout_s
         self.base_seed = base_seed
+        self.tracing = tracing
 
     async def _decode(self, req: ClassifyInput, model: ServedModel) -> np.ndarray:
         if req.image is not None and req.tensor is not None:
@@ -126,7 +128,8 @@ class Pipeline:
         k = req.top_k or DEFAULT_TOP_K
         if k > len(model.labels):
             raise InvalidInput(f"top_k {k} exceeds the model's {len(model.labels)} classes")
-        image = await self._decode(req, model)
+        with self.tracing.span("decode"):
+            image = await self._decode(req, model)
         timings.decode = time.perf_counter() - t0
 
         async def call(plan: probe_pb2.ProbePlan | None):
@@ -134,7 +137,9 @@ class Pipeline:
             if left <= 0:
                 raise DeadlineExceeded("deadline exceeded")
             t = time.perf_counter()
-            out = await self.backend.probe(model.backend_name, image, plan, min(self.backend_timeout_s, left))
+            with self.tracing.span("backend", {"robustgate.backend.model": model.backend_name,
+                                               "robustgate.backend.call": calls}):
+                out = await self.backend.probe(model.backend_name, image, plan, min(self.backend_timeout_s, left))
             timings.backend += time.perf_counter() - t
             return out
 
@@ -147,14 +152,16 @@ class Pipeline:
             if base_logits is None:
                 base_logits = out.logits[0]
             t = time.perf_counter()
-            run = run.feed(out.logits, out.features)
+            with self.tracing.span("gate"):
+                run = run.feed(out.logits, out.features)
             timings.gate += time.perf_counter() - t
         if base_logits is None:  # gate off: a plain classification
             out = await call(None)
             calls += 1
             base_logits = out.logits[0]
         t = time.perf_counter()
-        report = run.report()
+        with self.tracing.span("gate"):
+            report = run.report()
         timings.gate += time.perf_counter() - t
         classes = () if report.withhold_label else top_k(base_logits, model.labels, k)
         timings.total = time.perf_counter() - t0

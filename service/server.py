@@ -16,6 +16,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import disable_created_metrics
 
 from robustgate.v1 import classifier_pb2 as pb
 from robustgate.v1 import classifier_pb2_grpc as pb_grpc
@@ -37,6 +38,8 @@ from service.metrics import Metrics
 from service.pipeline import ClassifyResult, Pipeline
 from service.registry import Registry
 from service.settings import Settings
+from service.tracing import OFF, Tracing, set_error
+from service.tracing import setup as setup_tracing
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,11 @@ STATUS_BY_ERROR: dict[type[GatewayError], grpc.StatusCode] = {
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PolicyMismatch: grpc.StatusCode.FAILED_PRECONDITION,
 }
+
+
+# Codes that mean the server failed (a trace span's error status), not the caller.
+SERVER_FAULTS = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                           grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS})
 
 
 def status_of(err: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -108,8 +116,9 @@ def record(metrics: Metrics, res: ClassifyResult) -> None:
 
 class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
     def __init__(self, pipeline: Pipeline, registry: Registry, settings: Settings, admission: Admission,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, tracing: Tracing = OFF) -> None:
         self.pipeline = pipeline
+        self.tracing = tracing
         self.registry = registry
         self.settings = settings
         self.admission = admission
@@ -122,8 +131,22 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
         self.metrics.requests.labels(model=model, decision="NONE", code=code.name).inc()
 
     async def _classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
-        with self.admission.slot():
-            res = await self.pipeline.classify(convert.to_domain(request), self._deadline(context))
+        with self.tracing.request_span("classify", context.invocation_metadata(), {
+                "rpc.system": "grpc", "rpc.service": SERVICE_NAME, "robustgate.model": request.model,
+                "robustgate.request_id": request.request_id}) as span:
+            try:
+                with self.admission.slot():
+                    res = await self.pipeline.classify(convert.to_domain(request), self._deadline(context))
+            except Exception as e:
+                code, _ = status_of(e)
+                span.set_attribute("rpc.grpc.status_code", code.value[0])
+                if code in SERVER_FAULTS:
+                    set_error(span, code.name)
+                raise
+            span.set_attribute("rpc.grpc.status_code", 0)
+            if res.report is not None:
+                span.set_attribute("robustgate.decision", res.report.decision.value)
+                span.set_attribute("robustgate.forward_passes", res.report.forward_passes)
         record(self.metrics, res)
         return convert.to_pb(res)
 
@@ -217,6 +240,7 @@ class Gateway:
     metrics: Metrics
     metrics_port: int | None = None
     _metrics_server: object | None = None
+    tracing: Tracing = OFF
 
     async def stop(self, grace_s: float) -> None:
         await self.health.enter_graceful_shutdown()  # NOT_SERVING: load balancers stop sending
@@ -224,6 +248,7 @@ class Gateway:
         for t in self.tasks:
             t.cancel()
         await self.backend.close()
+        self.tracing.shutdown()  # exports the spans still queued
         if self._metrics_server is not None:
             self._metrics_server.shutdown()  # type: ignore[attr-defined]
 
@@ -232,12 +257,16 @@ async def start(settings: Settings, registry: Registry | None = None) -> Gateway
     """Build and start the gateway; returns once it listens."""
     registry = registry or Registry.load(settings.store, settings.models, settings.backend_format)
     token = read_inference_key(settings.torchserve_key_file)
+    disable_created_metrics()  # no rule or panel reads the *_created series; they would double the count
     metrics = Metrics()
     metrics.declare((m.name, m.policy.version, m.model_sha256, m.policy.mode.value) for m in registry.all())
+    for m in registry.all():
+        metrics.baseline(m.name, m.policy.calibration)
+    tracing = setup_tracing(settings)
     backend = TorchServeBackend(settings.torchserve_address, token, settings.max_message_bytes, metrics,
                                 key_file=settings.torchserve_key_file)
     limits = Limits(max_bytes=settings.max_message_bytes, max_pixels=settings.max_image_pixels)
-    pipeline = Pipeline(registry, backend, limits, settings.backend_timeout_s, settings.seed)
+    pipeline = Pipeline(registry, backend, limits, settings.backend_timeout_s, settings.seed, tracing)
     admission = Admission(settings.max_inflight, metrics)
     server = grpc.aio.server(
         interceptors=[ServerMetricsInterceptor(metrics.registry)],
@@ -247,7 +276,8 @@ async def start(settings: Settings, registry: Registry | None = None) -> Gateway
             ("grpc.so_reuseport", 0),
         ]
     )
-    pb_grpc.add_ClassifierServiceServicer_to_server(ClassifierServicer(pipeline, registry, settings, admission, metrics), server)
+    servicer = ClassifierServicer(pipeline, registry, settings, admission, metrics, tracing)
+    pb_grpc.add_ClassifierServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -266,10 +296,11 @@ async def start(settings: Settings, registry: Registry | None = None) -> Gateway
     task = asyncio.create_task(
         watch_backend(backend, registry, health_servicer, settings.health_interval_s, settings.backend_timeout_s, metrics)
     )
-    log.info("gateway listening on %s:%d (metrics %s), models %s via TorchServe %s (%s)", settings.host, port,
-             metrics_port if metrics_port is not None else "off", ", ".join(m.name for m in registry.all()),
-             settings.torchserve_address, settings.backend_format)
-    return Gateway(server, port, backend, health_servicer, admission, [task], metrics, metrics_port, metrics_server)
+    log.info("gateway listening on %s:%d (metrics %s, traces %s), models %s via TorchServe %s (%s)", settings.host,
+             port, metrics_port if metrics_port is not None else "off", settings.otlp_endpoint or "off",
+             ", ".join(m.name for m in registry.all()), settings.torchserve_address, settings.backend_format)
+    return Gateway(server, port, backend, health_servicer, admission, [task], metrics, metrics_port, metrics_server,
+                   tracing)
 
 
 async def serve(settings: Settings) -> None:

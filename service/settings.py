@@ -49,6 +49,10 @@ class Settings:
     """On SIGTERM: stop accepting, let in-flight calls finish within this many seconds."""
     health_interval_s: float = 2.0
     """How often the backend is probed for the health service."""
+    otlp_endpoint: str = ""
+    """OTLP/gRPC collector for traces (http://host:4317 plaintext, https:// TLS); empty: tracing off."""
+    trace_sample_ratio: float = 1.0
+    """Share of requests traced while tracing is on (a caller's sampled trace is always followed)."""
     seed: int = 0
     """Base seed for probe plans; each request's seed derives from it and a counter."""
     log_level: str = "INFO"
@@ -58,6 +62,8 @@ class Settings:
             raise ValueError(f"backend_format must be torchscript or onnx, not {self.backend_format!r}")
         if self.max_inflight < 1:
             raise ValueError("max_inflight must be >= 1")
+        if not 0.0 <= self.trace_sample_ratio <= 1.0:
+            raise ValueError("trace_sample_ratio must be in [0, 1]")
         for name in ("backend_timeout_s", "request_timeout_s", "grace_s", "health_interval_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
