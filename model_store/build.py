@@ -39,7 +39,7 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    "fmnist-cnn": Preset("compact-cnn", TrainConfig(epochs=10, lr=3e-3), floor=0.90),
+    "fmnist-cnn": Preset("compact-cnn", TrainConfig(epochs=12, lr=3e-3), floor=0.90),
     "fmnist-resnet18": Preset("resnet18", TrainConfig(epochs=6, lr=2e-3, batch_size=128), floor=0.91),
 }
 

@@ -40,7 +40,7 @@ from service.gate.checks import Check
 from service.gate.defaults import DEFAULT_VIEWS, default_probe, draft_policy
 from service.gate.density import fit_density
 from service.gate.engine import RawScores, check_scores, raw_scores
-from service.gate.plan import NoiseSpec, ProbeSpec
+from service.gate.plan import NoiseSpec, OcclusionSpec, ProbeSpec, ShuffleSpec
 from service.gate.policy import Mode, Policy, References
 from service.gate.policy_io import save_policy
 from service.pipeline import spec_to_proto
@@ -101,10 +101,16 @@ def reference_attacks(model_path: Path, images: np.ndarray, labels: np.ndarray, 
 
 # --- probing through TorchServe -----------------------------------------------------------
 
-def calibration_spec(policy: Policy, seed: int) -> ProbeSpec:
-    """Every variant any check may use, plus noise copies and features: one call per image."""
-    return dataclasses.replace(policy.probe, seed=seed, return_features=True,
-                               noise=NoiseSpec(sigma=policy.noise.sigma, count=NOISE_CALIBRATION_SAMPLES))
+def calibration_spec(policy: Policy, seed: int, checks: Sequence[Check]) -> ProbeSpec:
+    """The variants the calibrated checks use, plus features: one call per image. Sections of
+    checks not being calibrated are left out (occlusion alone is 16 rows, noise 32)."""
+    p = policy.probe
+    return dataclasses.replace(
+        p, seed=seed, return_features=True,
+        occlusion=p.occlusion if Check.OCCLUSION in checks else OcclusionSpec(),
+        shuffle=p.shuffle if Check.STRUCTURE in checks else ShuffleSpec(),
+        noise=NoiseSpec(sigma=policy.noise.sigma, count=NOISE_CALIBRATION_SAMPLES) if Check.NOISE in checks
+        else NoiseSpec())
 
 
 async def probe_all(backend: TorchServeBackend, model: str, images: np.ndarray, spec: ProbeSpec,
@@ -135,7 +141,7 @@ def scores_matrix(raws: Sequence[RawScores], spec: ProbeSpec, policy: Policy) ->
 async def calibrate(
     store: Path, model: str, address: str, key_file: Path, *, images: int | None = None,
     attack_images: int = 1000, concurrency: int = 16, flag_rate: float = 0.05, reject_rate: float = 0.01,
-    checks: Sequence[Check] = DEFAULT_CHECKS, backend_format: str = "torchscript", seed: int = 0,
+    checks: Sequence[Check] = DEFAULT_CHECKS, backend_format: str = "onnx", seed: int = 0,
     mode: Mode = Mode.ENFORCE, log=print,
 ) -> Policy:
     card = json.loads((store / model / "card.json").read_text())
@@ -149,7 +155,7 @@ async def calibrate(
     names = ("rotate+10", "rotate-10", "shift+2x", "shift-2x", "shift+2y", "shift-2y")
     views = tuple(v for v, name in zip(DEFAULT_VIEWS, names) if name in preserving)
     policy = dataclasses.replace(policy, probe=dataclasses.replace(policy.probe, views=views or DEFAULT_VIEWS))
-    spec = calibration_spec(policy, seed)
+    spec = calibration_spec(policy, seed, checks)
     backend = TorchServeBackend(address, read_inference_key(key_file), 64 << 20)
     ts_name = f"{model}-{backend_format}"
     imgs = calib.images[:n, None]  # uint8 [N, 1, 28, 28], as the gateway sends decoded PNGs
@@ -246,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         # A private TorchServe on free ports, so a running service is left alone.
         run_dir = Path(tempfile.mkdtemp(prefix="rg-calibrate-"))
         settings = serve.ServeSettings(
-            store=args.store, run_dir=run_dir, models=(f"{args.model}-torchscript",),
+            store=args.store, run_dir=run_dir, models=(f"{args.model}-onnx",),
             grpc_inference_port=free_port(), grpc_management_port=free_port(), inference_port=free_port(),
             management_port=free_port(), metrics_port=free_port())
         with serve.start(settings) as ts:

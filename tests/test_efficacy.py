@@ -26,7 +26,7 @@ ATTACKED = 200  # images attacked per attack
 @pytest.fixture(scope="module")
 def default_torchserve(default_store: Path, tmp_path_factory):
     settings = serve.ServeSettings(
-        store=default_store, run_dir=tmp_path_factory.mktemp("ts-default"), models=(f"{MODEL}-torchscript",),
+        store=default_store, run_dir=tmp_path_factory.mktemp("ts-default"), models=(f"{MODEL}-onnx",),
         grpc_inference_port=free_port(), grpc_management_port=free_port(), inference_port=free_port(),
         management_port=free_port(), metrics_port=free_port())
     with serve.start(settings) as ts:

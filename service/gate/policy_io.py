@@ -128,6 +128,7 @@ def save_policy(policy: Policy, path: str | os.PathLike[str]) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the policy is read by other users (TorchServe, the gateway)
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

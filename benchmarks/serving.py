@@ -1,0 +1,248 @@
+"""Serving benchmark: the same model and images, measured side by side in one run.
+
+    python -m benchmarks.serving            # ~3 minutes
+    python -m benchmarks.serving --smoke    # seconds (the test suite runs this)
+
+Closed-loop asyncio clients over loopback at each concurrency, for a fixed time each:
+
+- in process: TorchScript and ONNX Runtime, one image per call (the limit);
+- TorchServe called directly over its gRPC API (plain classification, no plan);
+- the gateway with the gate off; with the calibrated gate (cascade); with every check on;
+- naive: the gate's variants sent to TorchServe as separate one-image calls from the client.
+
+Writes benchmarks/results/serving[-smoke].{md,json}. On a 2-core machine the load generator
+shares the cores with the servers: compare the ratios, which carry across machines, more
+than the absolute figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclasses.dataclass
+class Result:
+    name: str
+    concurrency: int
+    calls: int
+    seconds: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    errors: int
+
+    @property
+    def per_s(self) -> float:
+        return self.calls / self.seconds if self.seconds else 0.0
+
+
+async def closed_loop(name: str, call, concurrency: int, duration_s: float) -> Result:
+    lat: list[float] = []
+    errors = 0
+    stop_at = time.perf_counter() + duration_s
+
+    async def worker(k: int) -> None:
+        nonlocal errors
+        i = k
+        while time.perf_counter() < stop_at:
+            t = time.perf_counter()
+            try:
+                await call(i)
+                lat.append(time.perf_counter() - t)
+            except Exception:
+                errors += 1
+            i += concurrency
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(k) for k in range(concurrency)))
+    elapsed = time.perf_counter() - t0
+    ms = np.array(lat) * 1e3 if lat else np.array([np.nan])
+    return Result(name, concurrency, len(lat), elapsed, *(float(np.percentile(ms, q)) for q in (50, 95, 99)), errors)
+
+
+def in_process(store: Path, model: str, images: np.ndarray, seconds: float) -> list[Result]:
+    import onnxruntime as ort
+    import torch
+
+    out = []
+    x = images.astype(np.float32)[:, None] / 255.0
+    ts = torch.jit.load(str(store / model / "model.pt")).eval()
+    sess = ort.InferenceSession(str(store / model / "model.onnx"), providers=["CPUExecutionProvider"])
+    for name, fn in (("in-process TorchScript", lambda b: ts(torch.from_numpy(b))),
+                     ("in-process ONNX Runtime", lambda b: sess.run(["logits"], {"images": b}))):
+        lat, i, stop_at = [], 0, time.perf_counter() + seconds
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            while time.perf_counter() < stop_at:
+                t = time.perf_counter()
+                fn(x[i % len(x): i % len(x) + 1])
+                lat.append(time.perf_counter() - t)
+                i += 1
+            elapsed = time.perf_counter() - t0
+        ms = np.array(lat) * 1e3
+        out.append(Result(name, 1, len(lat), elapsed, *(float(np.percentile(ms, q)) for q in (50, 95, 99)), 0))
+    return out
+
+
+def store_with_policy(src: Path, dst: Path, model: str, edit) -> Path:
+    (dst / model).mkdir(parents=True)
+    for f in ("card.json", "model.pt"):
+        shutil.copy(src / model / f, dst / model / f)
+    pol = json.loads((src / model / "policy.json").read_text())
+    edit(pol)
+    (dst / model / "policy.json").write_text(json.dumps(pol))
+    return dst
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.serving", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--store", type=Path, default=REPO / "model_store" / "artifacts")
+    p.add_argument("--model", default="fmnist-cnn")
+    p.add_argument("--seconds", type=float, default=4.0, help="per measurement")
+    p.add_argument("--concurrency", default="1,4,16,64")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--smoke", action="store_true")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.seconds, args.concurrency = 0.5, "1,4"
+    levels = [int(c) for c in args.concurrency.split(",")]
+
+    import grpc
+
+    from model_store import data, serve
+    from robustgate.torchserve import inference_pb2, inference_pb2_grpc
+    from robustgate.v1 import classifier_pb2 as pb
+    from robustgate.v1 import classifier_pb2_grpc as pb_grpc
+    from service.backend import encode_tensor
+    from tests.conftest import free_port
+    from tests.test_gateway import start_gateway, stop
+
+    images = data.load().test.images[:512]
+    tmp = Path(tempfile.mkdtemp(prefix="rg-bench-"))
+    results: list[Result] = in_process(args.store, args.model, images, args.seconds)
+    settings = serve.ServeSettings(
+        store=args.store, run_dir=tmp / "ts", models=(f"{args.model}-torchscript", f"{args.model}-onnx"),
+        grpc_inference_port=free_port(), grpc_management_port=free_port(), inference_port=free_port(),
+        management_port=free_port(), metrics_port=free_port())
+
+    def all_checks(pol: dict) -> None:
+        for name in ("occlusion", "structure"):
+            pol["checks"][name]["enabled"] = True
+    gate_off = store_with_policy(args.store, tmp / "off", args.model, lambda pol: pol.update(mode="off"))
+    gate_all = store_with_policy(args.store, tmp / "all", args.model, all_checks)
+    cheap_rows = None
+
+    async def run_all(ts) -> None:
+        nonlocal cheap_rows
+        key = ts.keys().inference
+        md = (("authorization", f"Bearer {key}"),)
+        tensors = [encode_tensor(im[None]) for im in images]
+        async with grpc.aio.insecure_channel(ts.grpc_inference_target) as ch:
+            stub = inference_pb2_grpc.InferenceAPIsServiceStub(ch)
+
+            async def direct(i: int) -> None:
+                await stub.Predictions(inference_pb2.PredictionsRequest(
+                    model_name=f"{args.model}-onnx", input={"tensor": tensors[i % len(tensors)]}),
+                    metadata=md, timeout=30)
+
+            for c in levels:
+                results.append(await closed_loop("TorchServe direct (plain)", direct, c, args.seconds))
+            # Naive: each of the gate's variants as its own one-image call.
+            rows = cheap_rows or 11
+
+            async def naive(i: int) -> None:
+                await asyncio.gather(*(direct(i) for _ in range(rows)))
+
+            for c in levels:
+                results.append(await closed_loop(f"naive: {rows} variants as separate calls", naive, c, args.seconds))
+
+    async def run_gateway(name: str, address: str) -> None:
+        nonlocal cheap_rows
+        async with grpc.aio.insecure_channel(address) as ch:
+            stub = pb_grpc.ClassifierServiceStub(ch)
+            reqs = [pb.ClassifyRequest(model=args.model, tensor=pb.ClassifyRequest().tensor.__class__(
+                shape=[1, 28, 28], dtype="uint8", data=im.tobytes()), top_k=1) for im in images]
+            first = await stub.Classify(reqs[0], timeout=30)
+            if name.startswith("gateway, calibrated"):
+                cheap_rows = first.gate.forward_passes
+
+            async def call(i: int) -> None:
+                await stub.Classify(reqs[i % len(reqs)], timeout=30)
+
+            for c in levels:
+                results.append(await closed_loop(name, call, c, args.seconds))
+
+    with serve.start(settings) as ts:
+        for name, store in (("gateway, gate off", gate_off), ("gateway, calibrated gate (cascade)", args.store),
+                            ("gateway, every check on", gate_all)):
+            proc, address = start_gateway(store, ts, tmp)
+            try:
+                asyncio.run(run_gateway(name, address))
+            finally:
+                stop(proc)
+        asyncio.run(run_all(ts))
+
+    report = {"date": dt.date.today().isoformat(),
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+              "seconds_per_measurement": args.seconds, "results": [dataclasses.asdict(r) | {"per_s": r.per_s} for r in results]}
+    report["ratios"] = ratios(results, levels)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "serving-smoke" if args.smoke else "serving"
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(render(report))
+    print(render(report))
+    return 0
+
+
+def _find(results: list[Result], prefix: str, c: int) -> Result | None:
+    return next((r for r in results if r.name.startswith(prefix) and r.concurrency == c), None)
+
+
+def ratios(results: list[Result], levels: list[int]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    top, one = max(levels), min(levels)
+    pairs = {
+        f"throughput gateway gate-off / TorchServe direct (c={top})": ("gateway, gate off", "TorchServe direct", "per_s", top),
+        f"p50 gate-on / gate-off (c={one})": ("gateway, calibrated", "gateway, gate off", "p50_ms", one),
+        f"throughput on-device expansion / naive (c={top})": ("gateway, calibrated", "naive", "per_s", top),
+        f"p50 gateway gate-off / in-process TorchScript (c={one})": ("gateway, gate off", "in-process TorchScript", "p50_ms", one),
+    }
+    for label, (a, b, field, c) in pairs.items():
+        ra, rb = _find(results, a, c), _find(results, b, c if not b.startswith("in-process") else 1)
+        if ra and rb and getattr(rb, field):
+            out[label] = round(getattr(ra, field) / getattr(rb, field), 3)
+    ra, rb = _find(results, "gateway, gate off", one), _find(results, "TorchServe direct", one)
+    if ra and rb:
+        out[f"added p50 ms, gateway gate-off vs direct (c={one})"] = round(ra.p50_ms - rb.p50_ms, 3)
+    return out
+
+
+def render(r: dict) -> str:
+    lines = [f"# Serving benchmark ({r['date']}, {r['machine']})", "",
+             f"Reproduce: `python -m benchmarks.serving` ({r['seconds_per_measurement']} s per row).", "",
+             "| path | concurrency | calls/s | p50 ms | p95 ms | p99 ms | errors |", "|---|---|---|---|---|---|---|"]
+    for x in r["results"]:
+        lines.append(f"| {x['name']} | {x['concurrency']} | {x['per_s']:.0f} | {x['p50_ms']:.2f} | {x['p95_ms']:.2f} | "
+                     f"{x['p99_ms']:.2f} | {x['errors']} |")
+    lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in r["ratios"].items()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

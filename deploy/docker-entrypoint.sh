@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# The image's entrypoint: `torchserve` or `gateway` (the default), then that role's flags.
+#
+#   torchserve [--model NAME ...]   python -m model_store.serve start on $ROBUSTGATE_STORE with
+#                                   the run directory $TORCHSERVE_RUN_DIR; stays in the
+#                                   foreground until TorchServe exits or SIGTERM stops it
+#   gateway [FLAGS]                 python -m service (flags and ROBUSTGATE_* variables), once
+#                                   TorchServe's key file exists in $TORCHSERVE_RUN_DIR
+#   anything else                   run as given (a shell, python -m service.client, ...)
+#
+# In a pod the two containers share $TORCHSERVE_RUN_DIR (an emptyDir) and the loopback.
+# Gate policies mounted in $ROBUSTGATE_POLICY_DIR as <model>.json replace the baked ones.
+set -euo pipefail
+
+store="${ROBUSTGATE_STORE:-/app/model_store/artifacts}"
+run_dir="${TORCHSERVE_RUN_DIR:-/run/torchserve}"
+policy_dir="${ROBUSTGATE_POLICY_DIR:-/etc/robustgate/policies}"
+
+log() { printf '%s docker-entrypoint: %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$*" >&2; }
+
+tailer=""
+# shellcheck disable=SC2317,SC2329  # runs from the trap in run_torchserve
+stop_torchserve() {
+  log "stopping TorchServe"
+  python -m model_store.serve stop --run-dir "$run_dir" || true
+  [ -z "$tailer" ] || kill "$tailer" 2>/dev/null || true
+  exit 0
+}
+
+run_torchserve() {
+  local launcher
+  trap stop_torchserve TERM INT
+  mkdir -p "$run_dir/logs"
+  : >>"$run_dir/logs/torchserve.out"
+  # TorchServe writes its console to a file in the run directory; mirror it to stdout.
+  tail -n 0 -F "$run_dir/logs/torchserve.out" &
+  tailer=$!
+  # `start` returns once every model's workers are READY; it runs in the background so that
+  # a SIGTERM during model loading reaches the trap.
+  python -m model_store.serve start --store "$store" --run-dir "$run_dir" \
+    --timeout "${TORCHSERVE_STARTUP_TIMEOUT_S:-900}" "$@" &
+  if ! wait $!; then
+    log "TorchServe did not start"
+    exit 1
+  fi
+  launcher="$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["pid"])' "$run_dir/serve.json")"
+  log "TorchServe ready (launcher pid $launcher)"
+  while kill -0 "$launcher" 2>/dev/null; do
+    sleep 2 &
+    wait $! || true
+  done
+  log "TorchServe exited"
+  exit 1
+}
+
+# A store whose policies come from $policy_dir: every entry of the baked store linked, each
+# <model>/policy.json replaced by $policy_dir/<model>.json. The gateway still refuses a
+# policy calibrated for another model (its model sha256 must match the model card's).
+store_with_policies() {
+  local view="${TMPDIR:-/tmp}/robustgate-store" f model entry
+  rm -rf "$view"
+  mkdir -p "$view"
+  for entry in "$store"/*; do ln -s "$entry" "$view/"; done
+  for f in "$policy_dir"/*.json; do
+    model="$(basename "$f" .json)"
+    if [ ! -d "$store/$model" ]; then
+      log "policy $f names no model of the store $store"
+      exit 1
+    fi
+    rm "$view/$model"
+    mkdir "$view/$model"
+    for entry in "$store/$model"/*; do ln -s "$entry" "$view/$model/"; done
+    rm -f "$view/$model/policy.json"
+    cp "$f" "$view/$model/policy.json"
+    log "model $model: gate policy from $f"
+  done
+  printf '%s\n' "$view"
+}
+
+run_gateway() {
+  local key_file="${ROBUSTGATE_TORCHSERVE_KEY_FILE:-$run_dir/key_file.json}"
+  local wait_s="${ROBUSTGATE_KEY_FILE_WAIT_S:-900}" waited=0 gateway_store="$store"
+  # The gateway reads TorchServe's token once at start: wait until TorchServe has written it.
+  until python -c 'import json, sys; json.load(open(sys.argv[1]))["inference"]["key"]' "$key_file" 2>/dev/null; do
+    if [ "$waited" -ge "$wait_s" ]; then
+      log "no TorchServe key file at $key_file after ${wait_s}s"
+      exit 1
+    fi
+    [ $((waited % 30)) -ne 0 ] || log "waiting for TorchServe's key file $key_file"
+    sleep 1
+    waited=$((waited + 1))
+  done
+  if compgen -G "$policy_dir/*.json" >/dev/null; then
+    gateway_store="$(store_with_policies)"
+  fi
+  exec python -m service --store "$gateway_store" --torchserve-key-file "$key_file" "$@"
+}
+
+role="${1:-gateway}"
+[ "$#" -eq 0 ] || shift
+case "$role" in
+  torchserve) run_torchserve "$@" ;;
+  gateway) run_gateway "$@" ;;
+  *) exec "$role" "$@" ;;
+esac

@@ -1,0 +1,32 @@
+"""Smoke runs of the benchmark commands (tiny budgets), so they never rot."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _run(module: str, out: Path) -> dict:
+    proc = subprocess.run([sys.executable, "-m", module, "--smoke", "--out", str(out)], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    stem = module.split(".")[-1]
+    return json.loads((out / f"{stem}-smoke.json").read_text())
+
+
+def test_serving_benchmark_smoke(default_store: Path, tmp_path: Path) -> None:
+    report = _run("benchmarks.serving", tmp_path)
+    names = {r["name"] for r in report["results"]}
+    assert {"in-process TorchScript", "in-process ONNX Runtime", "TorchServe direct (plain)", "gateway, gate off",
+            "gateway, calibrated gate (cascade)", "gateway, every check on"} <= names
+    assert all(r["errors"] == 0 and r["calls"] > 0 for r in report["results"])
+    assert any(k.startswith("throughput gateway gate-off / TorchServe direct") for k in report["ratios"])
+    assert (tmp_path / "serving-smoke.md").read_text().startswith("# Serving benchmark")
+
+
+def test_robustness_benchmark_smoke(default_store: Path, tmp_path: Path) -> None:
+    report = _run("benchmarks.robustness", tmp_path)
+    assert report["clean"]["n"] == 40 and 0 <= report["clean"]["flagged"] <= 1
+    assert {row["set"] for row in report["sets"]} >= {"fgsm eps=0.03", "pgd eps=0.1", "mnist digits (OOD)"}
+    assert set(report["certified"]["accuracy"]) == {"0.0", "0.25", "0.5", "0.75", "1.0"}
+    assert (tmp_path / "robustness-smoke-roc.png").read_bytes()[:4] == b"\x89PNG"

