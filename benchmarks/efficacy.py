@@ -21,6 +21,7 @@ import torch
 
 from robustgate.v1 import classifier_pb2 as pb
 from service.client import Client
+from service.perturb import rotate, tile_shuffle  # noqa: F401  (re-exported for the evaluations)
 
 FLAGGED = (pb.DECISION_FLAG, pb.DECISION_REJECT)
 
@@ -67,30 +68,6 @@ def attack(net: torch.nn.Module, name: str, eps: float, images: np.ndarray, labe
         advs.append(adv[ok].numpy())
         idx.append(np.nonzero(ok.numpy())[0] + i)
     return np.concatenate(advs).astype(np.float32), np.concatenate(idx)
-
-
-def rotate(images: np.ndarray, degrees: float) -> np.ndarray:
-    """uint8 [N, 28, 28] rotated about the centre (bilinear, black fill)."""
-    from PIL import Image
-
-    return np.stack([np.asarray(Image.fromarray(im).rotate(degrees, resample=Image.BILINEAR)) for im in images])
-
-
-def tile_shuffle(images: np.ndarray, grid: int = 2, seed: int = 0) -> np.ndarray:
-    """Split each image into grid x grid tiles and permute them (never the identity)."""
-    rng = np.random.default_rng(seed)
-    n, h, w = images.shape
-    th, tw = h // grid, w // grid
-    out = images.copy()
-    for k in range(n):
-        tiles = [images[k, r * th:(r + 1) * th, c * tw:(c + 1) * tw] for r in range(grid) for c in range(grid)]
-        perm = np.arange(len(tiles))
-        while (perm == np.arange(len(tiles))).all():
-            perm = rng.permutation(len(tiles))
-        for j, t in enumerate(perm):
-            r, c = divmod(j, grid)
-            out[k, r * th:(r + 1) * th, c * tw:(c + 1) * tw] = tiles[t]
-    return out
 
 
 def patch(images: np.ndarray, size: int = 8, seed: int = 0) -> np.ndarray:

@@ -9,8 +9,9 @@ calibration split that training never saw:
 1. split it in two: part A fits the references (each squeezer's clean CDF; class means and
    shared covariance of the penultimate features), part B sets the thresholds, so no
    threshold is set on the data its own references were fitted on;
-2. makes a reference set of attacks on part B (FGSM and PGD, L-inf, at eps 0.03 and 0.1,
-   white-box on the TorchScript export; only successful ones count) and ALLOCATES the
+2. makes a reference set on part B — attacks (FGSM and PGD, L-inf, at eps 0.03 and 0.1,
+   white-box on the TorchScript export; only successful ones count) and shifted inputs
+   (rotations by 40 degrees, 2x2 tile shuffles) — and ALLOCATES the
    flag and reject budgets among the enabled checks (:func:`service.gate.calibrate.
    calibrate_thresholds`): the union of all checks flags at most the target share of clean
    images while catching as many attacks as it can;
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 
 from model_store import archive, data
+from service import perturb
 from service.backend import TorchServeBackend, read_inference_key
 from service.gate.calibrate import calibrate_thresholds, fit_squeeze_references, with_thresholds
 from service.gate.checks import Check
@@ -177,6 +179,10 @@ async def calibrate(
         t0 = time.perf_counter()
         b_images, b_labels = calib.images[half:n][:attack_images], calib.labels[half:n][:attack_images]
         attacked_sets = reference_attacks(store / model / "model.pt", b_images, b_labels, seed=seed)
+        # Shifted inputs the gate also watches: large rotations and tile shuffles.
+        for name, shifted in (("rotate+40", perturb.rotate(b_images, 40)), ("rotate-40", perturb.rotate(b_images, -40)),
+                              ("shuffle2x2", perturb.tile_shuffle(b_images, 2, seed=seed))):
+            attacked_sets[name] = (shifted.astype(np.float32) / 255.0)[:, None]
         adv_all = np.concatenate(list(attacked_sets.values()))
         adv_logits, adv_feats = await probe_all(backend, ts_name, adv_all.astype(np.float32), spec, concurrency)
         attacked = scores_matrix([raw_scores(l, f, spec, density) for l, f in zip(adv_logits, adv_feats)], spec, policy)
