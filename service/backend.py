@@ -118,6 +118,9 @@ class TorchServeBackend:
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.keepalive_time_ms", 20_000),
             ("grpc.enable_retries", 0),
+            # Reconnect within seconds once TorchServe is back (gRPC's default backoff grows to 120 s).
+            ("grpc.initial_reconnect_backoff_ms", 250),
+            ("grpc.max_reconnect_backoff_ms", 2000),
         ]
         self._channel = grpc.aio.insecure_channel(address, options=opts)  # loopback inside the pod
         self._stub = inference_pb2_grpc.InferenceAPIsServiceStub(self._channel)

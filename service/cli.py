@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 
 from robustgate.v1 import classifier_pb2 as pb
-from service.client import Client
+from service.client import Client, tls_credentials
 
 _DECISION = {pb.DECISION_PASS: "PASS", pb.DECISION_FLAG: "FLAG", pb.DECISION_REJECT: "REJECT",
              pb.DECISION_UNSPECIFIED: "-"}
@@ -46,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="robustgate", description="RobustGate client")
     p.add_argument("--address", default="127.0.0.1:50051")
     p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--tls", action="store_true", help="connect with TLS (implied by --tls-ca/--tls-cert)")
+    p.add_argument("--tls-ca", type=Path, help="PEM CA that signed the gateway's certificate (default: system roots)")
+    p.add_argument("--tls-cert", type=Path, help="client certificate (PEM) for mutual TLS")
+    p.add_argument("--tls-key", type=Path, help="client private key (PEM) for mutual TLS")
+    p.add_argument("--token-file", type=Path, help="file holding the bearer token the gateway expects")
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("classify", help="classify an image file (PNG or JPEG)")
     c.add_argument("image", type=Path)
@@ -54,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("models", help="list served models")
     args = p.parse_args(argv)
     try:
-        with Client(args.address, timeout_s=args.timeout) as client:
+        creds = (tls_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+                 if args.tls or args.tls_ca or args.tls_cert else None)
+        token = args.token_file.read_text().strip() if args.token_file else None
+        with Client(args.address, timeout_s=args.timeout, credentials=creds, token=token) as client:
             if args.cmd == "classify":
                 resp = client.classify(args.image.read_bytes(), model=args.model, top_k=args.top_k,
                                        request_id=args.image.name)

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -17,15 +18,27 @@ from robustgate.v1 import classifier_pb2_grpc as pb_grpc
 from robustgate.v1 import probe_pb2
 
 
+def tls_credentials(ca_file: Path | None = None, cert_file: Path | None = None,
+                    key_file: Path | None = None) -> grpc.ChannelCredentials:
+    """TLS to the gateway: ``ca_file`` verifies the server (None: system roots); ``cert_file``
+    and ``key_file`` are the client's certificate for mutual TLS."""
+    def read(p: Path | None) -> bytes | None:
+        return Path(p).read_bytes() if p else None
+
+    return grpc.ssl_channel_credentials(read(ca_file), read(key_file), read(cert_file))
+
+
 class Client:
     def __init__(self, address: str = "127.0.0.1:50051", timeout_s: float = 10.0,
-                 credentials: grpc.ChannelCredentials | None = None, max_message_bytes: int = 8 * 1024 * 1024) -> None:
+                 credentials: grpc.ChannelCredentials | None = None, max_message_bytes: int = 8 * 1024 * 1024,
+                 token: str | None = None) -> None:
         opts = [("grpc.max_send_message_length", max_message_bytes),
                 ("grpc.max_receive_message_length", max_message_bytes)]
         self._channel = (grpc.secure_channel(address, credentials, options=opts) if credentials
                          else grpc.insecure_channel(address, options=opts))
         self._stub = pb_grpc.ClassifierServiceStub(self._channel)
         self.timeout_s = timeout_s
+        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
 
     def __enter__(self) -> "Client":
         return self
@@ -54,14 +67,17 @@ class Client:
     def classify(self, image: bytes | np.ndarray, model: str, top_k: int = 0, request_id: str = "",
                  timeout_s: float | None = None, certify: bool | None = None) -> pb.ClassifyResponse:
         return self._stub.Classify(self.request(image, model, top_k, request_id, certify=certify),
-                                   timeout=timeout_s or self.timeout_s)
+                                   timeout=timeout_s or self.timeout_s,
+                                   metadata=self._metadata)
 
     def classify_stream(self, requests: Iterable[pb.ClassifyRequest],
                         timeout_s: float | None = None) -> Iterator[pb.ClassifyStreamResponse]:
-        return self._stub.ClassifyStream((pb.ClassifyStreamRequest(request=r) for r in requests), timeout=timeout_s)
+        return self._stub.ClassifyStream((pb.ClassifyStreamRequest(request=r) for r in requests), timeout=timeout_s,
+                                        metadata=self._metadata)
 
     def list_models(self) -> pb.ListModelsResponse:
-        return self._stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout_s)
+        return self._stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout_s, metadata=self._metadata)
 
     def get_model(self, model: str) -> pb.GetModelResponse:
-        return self._stub.GetModel(pb.GetModelRequest(model=model), timeout=self.timeout_s)
+        return self._stub.GetModel(pb.GetModelRequest(model=model), timeout=self.timeout_s,
+                                     metadata=self._metadata)

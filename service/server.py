@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import signal
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -204,6 +206,70 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
             raise
 
 
+# Methods anyone may call without a token: probes and tooling must work.
+OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+UNAUTHENTICATED_MESSAGE = "missing or invalid bearer token"
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses calls without ``authorization: Bearer <token>`` (UNAUTHENTICATED), except health
+    and reflection. The comparison is constant-time."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    def _allowed(self, details: grpc.HandlerCallDetails) -> bool:
+        if details.method.startswith(OPEN_PREFIXES):
+            return True
+        for key, value in details.invocation_metadata or ():
+            if key == "authorization":
+                got = value.encode() if isinstance(value, str) else bytes(value)
+                return hmac.compare_digest(got, self._expected)
+        return False
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None or self._allowed(details):
+            return handler
+
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+
+        async def deny_stream(request_iterator, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+            yield  # unreachable: abort raises; makes this an async generator
+
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(deny, handler.request_deserializer, handler.response_serializer)
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(deny_stream, handler.request_deserializer,
+                                                         handler.response_serializer)
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(deny_stream, handler.request_deserializer,
+                                                        handler.response_serializer)
+        return grpc.stream_unary_rpc_method_handler(deny, handler.request_deserializer, handler.response_serializer)
+
+
+def auth_token(settings: Settings) -> str:
+    """The bearer token callers must present; empty: no check."""
+    if settings.auth_token_file:
+        token = Path(settings.auth_token_file).read_text().strip()
+        if not token:
+            raise ValueError(f"auth_token_file {settings.auth_token_file} is empty")
+        return token
+    return settings.auth_token
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials from settings (mutual TLS when a client CA is set); None: plaintext."""
+    if not settings.tls_cert_file:
+        return None
+    ca = Path(settings.tls_client_ca_file).read_bytes() if settings.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(Path(settings.tls_key_file).read_bytes(), Path(settings.tls_cert_file).read_bytes())],
+        root_certificates=ca, require_client_auth=ca is not None)
+
+
 async def watch_backend(backend: TorchServeBackend, registry: Registry, health_servicer: health.aio.HealthServicer,
                         interval_s: float, timeout_s: float, metrics: Metrics) -> None:
     """Probe every served model with a blank image; SERVING only while all of them answer."""
@@ -268,8 +334,12 @@ async def start(settings: Settings, registry: Registry | None = None) -> Gateway
     limits = Limits(max_bytes=settings.max_message_bytes, max_pixels=settings.max_image_pixels)
     pipeline = Pipeline(registry, backend, limits, settings.backend_timeout_s, settings.seed, tracing)
     admission = Admission(settings.max_inflight, metrics)
+    caller_token = auth_token(settings)
+    interceptors: list[grpc.aio.ServerInterceptor] = [ServerMetricsInterceptor(metrics.registry)]
+    if caller_token:  # after the metrics interceptor, so refused calls are counted too
+        interceptors.append(BearerTokenInterceptor(caller_token))
     server = grpc.aio.server(
-        interceptors=[ServerMetricsInterceptor(metrics.registry)],
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -285,7 +355,9 @@ async def start(settings: Settings, registry: Registry | None = None) -> Gateway
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    creds = server_credentials(settings)
+    address = f"{settings.host}:{settings.port}"
+    port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     metrics_server, metrics_port = None, None
     if settings.metrics_port >= 0:
         from prometheus_client import start_http_server
@@ -296,8 +368,9 @@ async def start(settings: Settings, registry: Registry | None = None) -> Gateway
     task = asyncio.create_task(
         watch_backend(backend, registry, health_servicer, settings.health_interval_s, settings.backend_timeout_s, metrics)
     )
-    log.info("gateway listening on %s:%d (metrics %s, traces %s), models %s via TorchServe %s (%s)", settings.host,
-             port, metrics_port if metrics_port is not None else "off", settings.otlp_endpoint or "off",
+    log.info("gateway listening on %s:%d (%s%s, metrics %s, traces %s), models %s via TorchServe %s (%s)",
+             settings.host, port, "mutual TLS" if settings.tls_client_ca_file else "TLS" if creds else "plaintext",
+             ", bearer token" if caller_token else "", metrics_port if metrics_port is not None else "off", settings.otlp_endpoint or "off",
              ", ".join(m.name for m in registry.all()), settings.torchserve_address, settings.backend_format)
     return Gateway(server, port, backend, health_servicer, admission, [task], metrics, metrics_port, metrics_server,
                    tracing)

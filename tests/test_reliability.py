@@ -1,0 +1,280 @@
+"""Reliability through the real gateway process and real TorchServe on loopback: hostile input,
+overload at about twice capacity, and TorchServe killed during load and restarted. Every test is
+bounded in time (seconds). CI runs a few hundred fuzz examples; HYPOTHESIS_PROFILE=nightly: 10,000.
+
+Retries: the gateway does not retry inference (idempotent but costly: a retry doubles the load
+exactly when the backend is failing). Its one retry is the token refresh in ``service/backend.py``:
+once, only on PERMISSION_DENIED, when TorchServe refused the call before running anything.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from model_store import serve
+from robustgate.v1 import classifier_pb2 as pb
+from robustgate.v1 import classifier_pb2_grpc as pb_grpc
+from robustgate.v1 import probe_pb2
+from service.client import Client
+from tests.conftest import free_port
+from tests.nasty import corpus
+from tests.test_gateway import png, scrape, start_gateway, stop
+
+NIGHTLY = os.environ.get("HYPOTHESIS_PROFILE") == "nightly"
+OK, SHED = grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def _code(fn) -> tuple[grpc.StatusCode, str]:
+    try:
+        fn()
+        return OK, ""
+    except grpc.RpcError as e:
+        return e.code(), e.details() or ""
+
+
+def _health(address: str) -> int:
+    with grpc.insecure_channel(address) as ch:
+        return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2).status
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.fixture(scope="module")
+def gateway(calibrated_store: Path, torchserve, tmp_path_factory):
+    proc, address = start_gateway(calibrated_store, torchserve, tmp_path_factory.mktemp("gw-rel"))
+    yield address
+    stop(proc)
+
+
+# --- hostile input -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(corpus()))
+def test_nasty_corpus_through_gateway(gateway: str, name: str) -> None:
+    raw, expected = corpus()[name]
+    with Client(gateway, timeout_s=30) as c:
+        code, details = _code(lambda: c.classify(raw, model="fmnist-cnn"))
+    if expected is None:
+        assert code == OK, (name, code, details)
+    else:
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and expected in details, (name, code, details)
+        assert "Traceback" not in details and ".py" not in details
+
+
+def test_100mb_message_is_refused_by_the_transport(gateway: str) -> None:
+    """RESOURCE_EXHAUSTED here comes from gRPC's receive-size limit (max_message_bytes), before
+    any gateway code runs; the servicer's own RESOURCE_EXHAUSTED means overload."""
+    opts = [("grpc.max_send_message_length", -1)]
+    with grpc.insecure_channel(gateway, options=opts) as ch:
+        stub = pb_grpc.ClassifierServiceStub(ch)
+        t = time.monotonic()
+        code, details = _code(lambda: stub.Classify(pb.ClassifyRequest(model="fmnist-cnn", image=b"\0" * (100 << 20)),
+                                                    timeout=60))
+        print(f"\n100 MB message: {code.name} in {time.monotonic() - t:.2f} s: {details}")
+    assert code == SHED
+    assert _health(gateway) == health_pb2.HealthCheckResponse.SERVING
+
+
+_tensor = st.builds(
+    lambda shape, dtype, data: probe_pb2.Tensor(shape=shape, dtype=dtype, data=data),
+    st.one_of(st.just([1, 28, 28]), st.lists(st.integers(0, 2**31), max_size=5)),
+    st.sampled_from(["uint8", "float32", "float64", "int8", "", "UINT8", "float16", "x" * 100]),
+    st.one_of(st.binary(max_size=4096), st.just(b"\0" * 784), st.just(b"\x7f\xc0\0\0" * 784),
+              st.just(b"\0" * 3136)),
+)
+
+
+@st.composite
+def _requests(draw) -> pb.ClassifyRequest:
+    req = pb.ClassifyRequest(model=draw(st.sampled_from(["fmnist-cnn"] * 4 + ["", "nope", "../etc", "\u202e"])),
+                             version=draw(st.sampled_from(["", "", "", "9", "1.0", "-1"])),
+                             top_k=draw(st.sampled_from([0, 1, 5, 10, 11, 2**32 - 1])),
+                             request_id=draw(st.text(max_size=40)))
+    which = draw(st.sampled_from(["image", "tensor", "none"]))
+    if which == "image":
+        req.image = draw(st.one_of(st.binary(max_size=2048), st.sampled_from([v[0] for v in corpus().values()])))
+    elif which == "tensor":
+        req.tensor.CopyFrom(draw(_tensor))
+    if draw(st.booleans()):
+        req.certify = False
+    return req
+
+
+@settings(max_examples=10_000 if NIGHTLY else 200, deadline=None, derandomize=not NIGHTLY,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large])
+@given(req=_requests())
+def test_request_fuzz_only_invalid_argument(gateway: str, req: pb.ClassifyRequest) -> None:
+    with grpc.insecure_channel(gateway) as ch:
+        code, details = _code(lambda: pb_grpc.ClassifierServiceStub(ch).Classify(req, timeout=30))
+    allowed = {OK, grpc.StatusCode.INVALID_ARGUMENT}
+    if req.model != "fmnist-cnn" or req.version:
+        allowed.add(grpc.StatusCode.NOT_FOUND)  # an unknown model or version is NOT_FOUND, by design
+    assert code in allowed, (code, details)
+    assert "Traceback" not in details
+
+
+def test_still_serving_after_hostile_input(gateway: str) -> None:
+    assert _health(gateway) == health_pb2.HealthCheckResponse.SERVING
+
+
+# --- overload ------------------------------------------------------------------------------
+
+def test_load_at_twice_capacity_sheds_and_loses_nothing(calibrated_store: Path, torchserve, tmp_path: Path,
+                                                          fmnist) -> None:
+    inflight, mport = 2, free_port()
+    proc, address = start_gateway(calibrated_store, torchserve, tmp_path,
+                                  **{"max-inflight": str(inflight), "metrics-port": str(mport)})
+    try:
+        raws = [png(fmnist.test.images[i]) for i in range(32)]
+        with grpc.insecure_channel(address) as ch:
+            stub = pb_grpc.ClassifierServiceStub(ch)
+            req = [pb.ClassifyRequest(model="fmnist-cnn", image=r) for r in raws]
+            # Capacity: `inflight` closed-loop callers for 3 s (never shed).
+            done = [0] * inflight
+            end = time.monotonic() + 3
+
+            def closed(k: int) -> None:
+                while time.monotonic() < end:
+                    stub.Classify(req[done[k] % 32], timeout=30)
+                    done[k] += 1
+
+            with ThreadPoolExecutor(inflight) as pool:
+                list(pool.map(closed, range(inflight)))
+            capacity = sum(done) / 3
+            rate, seconds = 2 * capacity, 8.0
+            rss0 = _rss_bytes(proc.pid)
+            before = scrape(mport)
+            # Open loop at 2x capacity for 8 s: one call every 1/rate s, whatever the answers.
+            futures, t0 = [], time.monotonic()
+            while (now := time.monotonic()) - t0 < seconds:
+                f = stub.Classify.future(req[len(futures) % 32], timeout=20)
+                futures.append((now, f))
+                time.sleep(max(0.0, t0 + len(futures) / rate - time.monotonic()))
+            codes, hung = [], 0
+            for sent, f in futures:
+                try:
+                    f.result(timeout=max(0.1, sent + 25 - time.monotonic()))
+                    codes.append(OK)
+                except grpc.FutureTimeoutError:
+                    hung += 1
+                except grpc.RpcError as e:
+                    codes.append(e.code())
+            after = scrape(mport)
+            rss1 = _rss_bytes(proc.pid)
+        n_ok, n_shed = codes.count(OK), codes.count(SHED)
+        print(f"\ncapacity {capacity:.1f} req/s (max-inflight {inflight}); offered {len(futures)} in {seconds:.0f} s "
+              f"({len(futures) / seconds:.1f} req/s): OK {n_ok}, RESOURCE_EXHAUSTED {n_shed}, other "
+              f"{len(codes) - n_ok - n_shed}, hung {hung}; RSS {rss0 / 2**20:.0f} -> {rss1 / 2**20:.0f} MiB")
+        assert hung == 0 and len(codes) == len(futures)
+        assert set(codes) <= {OK, SHED}, set(codes)
+        assert n_shed > 0 and n_ok > 0
+
+        def delta(name: str, **labels: str) -> float:
+            def total(s):
+                return sum(v for (n, ls), v in s.items() if n == name and set(labels.items()) <= set(ls))
+            return total(after) - total(before)
+
+        assert delta("robustgate_requests_total", code="OK") == n_ok
+        assert delta("robustgate_requests_total", code="RESOURCE_EXHAUSTED") == n_shed
+        assert delta("robustgate_shed_requests_total") == n_shed
+        assert after[("robustgate_inflight_requests", frozenset())] == 0
+        assert rss1 < rss0 * 1.5 + (64 << 20)  # bounded: no queue grows with the offered load
+    finally:
+        stop(proc)
+
+
+# --- backend faults ------------------------------------------------------------------------
+
+def test_torchserve_killed_during_load_then_restarted(calibrated_store: Path, tmp_path: Path, fmnist) -> None:
+    ts_settings = serve.ServeSettings(
+        store=calibrated_store, run_dir=tmp_path / "ts", grpc_inference_port=free_port(),
+        grpc_management_port=free_port(), inference_port=free_port(), management_port=free_port(),
+        metrics_port=free_port())
+    ts = serve.start(ts_settings)
+    mport, timeout_s = free_port(), 5.0
+    proc = None
+    try:
+        key0 = ts.keys().inference
+        proc, address = start_gateway(calibrated_store, ts, tmp_path, **{"backend-timeout-s": "2",
+                                                                          "metrics-port": str(mport)})
+        raw = png(fmnist.test.images[0])
+        calls: list[tuple[float, float, grpc.StatusCode]] = []
+        stop_load = threading.Event()
+
+        def load() -> None:
+            with Client(address) as c:
+                while not stop_load.is_set():
+                    t = time.monotonic()
+                    code, _ = _code(lambda: c.classify(raw, model="fmnist-cnn", timeout_s=timeout_s))
+                    calls.append((t, time.monotonic(), code))
+                    time.sleep(0.02)
+
+        threads = [threading.Thread(target=load, daemon=True) for _ in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(2)
+        t_kill = time.monotonic()
+        os.killpg(ts.pid, signal.SIGKILL)  # the whole group: frontend and workers, no cleanup
+        ts.process.wait(timeout=10)
+        t_flip = None
+        while time.monotonic() - t_kill < 15:
+            if _health(address) == health_pb2.HealthCheckResponse.NOT_SERVING:
+                t_flip = time.monotonic()
+                break
+            time.sleep(0.1)
+        time.sleep(2)  # load against a dead backend
+        t_restart = time.monotonic()
+        ts = serve.start(ts_settings)  # same ports, new key file
+        t_up = time.monotonic()
+        key1 = ts.keys().inference
+        t_ok = t_serving = None
+        with Client(address) as c:
+            while time.monotonic() - t_up < 60 and (t_ok is None or t_serving is None):
+                if t_ok is None and _code(lambda: c.classify(raw, model="fmnist-cnn", timeout_s=timeout_s))[0] == OK:
+                    t_ok = time.monotonic()
+                if t_serving is None and _health(address) == health_pb2.HealthCheckResponse.SERVING:
+                    t_serving = time.monotonic()
+                time.sleep(0.1)
+        time.sleep(1)
+        stop_load.set()
+        for t in threads:
+            t.join(timeout=timeout_s + 5)
+        backend_codes = {dict(ls).get("code"): v for (n, ls), v in scrape(mport).items()
+                         if n == "robustgate_backend_requests_total"}
+        # Calls wholly between the kill and the restart: TorchServe is gone, none may succeed.
+        outage = [c for s, e, c in calls if t_kill + 0.5 < s and e < t_restart]
+        longest = max(e - s for s, e, _ in calls)
+        print(f"\nfault: {len(calls)} calls; during outage {len(outage)} -> {sorted({c.name for c in outage})}; "
+              f"longest call {longest:.2f} s (deadline {timeout_s} s); NOT_SERVING "
+              f"{(t_flip or float('nan')) - t_kill:.2f} s after kill; TorchServe restart took {t_up - t_kill:.1f} s "
+              f"from kill; after it was READY: first OK in {(t_ok or float('nan')) - t_up:.2f} s, SERVING in "
+              f"{(t_serving or float('nan')) - t_up:.2f} s; key renewed {key0 != key1}; backend codes {backend_codes}")
+        assert all(not th.is_alive() for th in threads)
+        assert longest <= timeout_s + 1.0  # no call hangs past its deadline
+        failing = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+        assert outage and set(outage) <= failing
+        assert {c for _, _, c in calls} <= failing | {OK}
+        assert t_flip is not None
+        assert key0 != key1
+        assert t_ok is not None and t_serving is not None
+        assert backend_codes.get("PERMISSION_DENIED", 0) >= 1  # the stale token was refused, then re-read
+    finally:
+        if proc is not None:
+            stop(proc)
+        ts.stop()

@@ -1,0 +1,180 @@
+"""TLS, mutual TLS and the bearer-token check, against the real gateway process on loopback.
+
+Certificates are made in the test with the ``openssl`` CLI (a CA, a server certificate for
+127.0.0.1/localhost, a client certificate); nothing secret is committed."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+from model_store import serve
+from service.client import Client, tls_credentials
+from tests.conftest import free_port
+from tests.test_gateway import stop
+
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
+
+
+def _leaf(d: Path, name: str, cn: str, ext: str) -> None:
+    _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={cn}", cwd=d)
+    (d / f"{name}.ext").write_text(ext)
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+             "-days", "1", "-out", f"{name}.pem", "-extfile", f"{name}.ext", cwd=d)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ca.pem, server.{pem,key} (SAN 127.0.0.1, localhost), client.{pem,key}, and a stranger CA's
+    client certificate other.{pem,key}."""
+    d = tmp_path_factory.mktemp("pki")
+    for ca, sub in (("ca", "d"), ("otherca", "o")):
+        (d / sub).mkdir()
+    for sub in ("d", "o"):
+        _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                 "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", f"/CN=robustgate-test-ca-{sub}",
+                 "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+                 cwd=d / sub)
+    _leaf(d / "d", "server", "localhost", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
+    _leaf(d / "d", "client", "robustgate-client", "extendedKeyUsage=clientAuth\n")
+    _leaf(d / "o", "client", "intruder", "extendedKeyUsage=clientAuth\n")
+    return d
+
+
+def _launch(store: Path, ts, tmp: Path, creds: grpc.ChannelCredentials | None, **overrides: str):
+    """Start ``python -m service`` and wait for SERVING over ``creds`` (None: plaintext)."""
+    port = free_port()
+    args = {"port": str(port), "metrics-port": "-1", "store": str(store), "log-level": "WARNING",
+            "torchserve-address": ts.grpc_inference_target,
+            "torchserve-key-file": str(ts.settings.run_dir / serve.KEY_FILE), "health-interval-s": "0.5", **overrides}
+    cmd = [sys.executable, "-m", "service"] + [x for k, v in args.items() for x in (f"--{k}", v)]
+    logf = tmp / f"gateway-{port}.log"
+    proc = subprocess.Popen(cmd, stdout=logf.open("wb"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    address = f"127.0.0.1:{port}"
+    ch = grpc.secure_channel(address, creds) if creds else grpc.insecure_channel(address)
+    deadline = time.monotonic() + 60
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"gateway exited: {logf.read_text()[-3000:]}")
+            try:
+                st = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                if st == health_pb2.HealthCheckResponse.SERVING:
+                    return proc, address
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("gateway did not become SERVING")
+            time.sleep(0.2)
+    finally:
+        ch.close()
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _code(fn) -> tuple[grpc.StatusCode, str]:
+    try:
+        fn()
+        return grpc.StatusCode.OK, ""
+    except grpc.RpcError as e:
+        return e.code(), e.details() or ""
+
+
+def _no_internals(details: str) -> None:
+    assert "Traceback" not in details and "File \"" not in details and ".py" not in details
+
+
+def test_tls_and_mutual_tls(calibrated_store: Path, torchserve, tmp_path: Path, pki: Path) -> None:
+    d, o = pki / "d", pki / "o"
+    server = {"tls-cert-file": str(d / "server.pem"), "tls-key-file": str(d / "server.key")}
+    # Server-side TLS only: a TLS client that trusts the CA works, a plaintext client is refused.
+    proc, address = _launch(calibrated_store, torchserve, tmp_path, tls_credentials(d / "ca.pem"), **server)
+    try:
+        with Client(address, credentials=tls_credentials(d / "ca.pem"), timeout_s=10) as c:
+            assert c.classify(_png(), model="fmnist-cnn").model == "fmnist-cnn"
+        with Client(address, timeout_s=3) as c:
+            code, details = _code(lambda: c.classify(_png(), model="fmnist-cnn"))
+        assert code == grpc.StatusCode.UNAVAILABLE, (code, details)  # the handshake fails; nothing reaches the servicer
+        with Client(address, credentials=tls_credentials(o / "ca.pem"), timeout_s=3) as c:  # server cert not trusted
+            assert _code(lambda: c.classify(_png(), model="fmnist-cnn"))[0] == grpc.StatusCode.UNAVAILABLE
+    finally:
+        stop(proc)
+    # Mutual TLS: no client certificate, or one from another CA, is refused; ours works.
+    mtls = tls_credentials(d / "ca.pem", d / "client.pem", d / "client.key")
+    proc, address = _launch(calibrated_store, torchserve, tmp_path, mtls,
+                            **server, **{"tls-client-ca-file": str(d / "ca.pem")})
+    try:
+        with Client(address, credentials=mtls, timeout_s=10) as c:
+            assert c.classify(_png(), model="fmnist-cnn").model == "fmnist-cnn"
+        for creds in (tls_credentials(d / "ca.pem"), tls_credentials(d / "ca.pem", o / "client.pem", o / "client.key")):
+            with Client(address, credentials=creds, timeout_s=3) as c:
+                code, details = _code(lambda: c.classify(_png(), model="fmnist-cnn"))
+            assert code == grpc.StatusCode.UNAVAILABLE, (code, details)
+        with Client(address, timeout_s=3) as c:
+            assert _code(lambda: c.classify(_png(), model="fmnist-cnn"))[0] == grpc.StatusCode.UNAVAILABLE
+    finally:
+        stop(proc)
+
+
+def test_bearer_token(calibrated_store: Path, torchserve, tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-token-0123456789\n")
+    proc, address = _launch(calibrated_store, torchserve, tmp_path, None, **{"auth-token-file": str(token_file)})
+    try:
+        for token in (None, "wrong", "s3cret-token-012345678", "s3cret-token-0123456789x"):
+            with Client(address, token=token, timeout_s=5) as c:
+                for call in (lambda: c.classify(_png(), model="fmnist-cnn"), c.list_models,
+                             lambda: list(c.classify_stream([Client.request(_png(), "fmnist-cnn")], timeout_s=5))):
+                    code, details = _code(call)
+                    assert code == grpc.StatusCode.UNAUTHENTICATED, (token, code, details)
+                    assert details == "missing or invalid bearer token"
+                    _no_internals(details)
+        with grpc.insecure_channel(address) as ch:  # a bare "Bearer" header and a non-Bearer scheme
+            from robustgate.v1 import classifier_pb2 as pb
+            from robustgate.v1 import classifier_pb2_grpc as pb_grpc
+            stub = pb_grpc.ClassifierServiceStub(ch)
+            for md in ((("authorization", "Bearer"),), (("authorization", "Basic s3cret-token-0123456789"),)):
+                assert _code(lambda: stub.ListModels(pb.ListModelsRequest(), timeout=5, metadata=md))[0] == \
+                    grpc.StatusCode.UNAUTHENTICATED
+            # Health stays open for probes.
+            assert health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
+                health_pb2.HealthCheckResponse.SERVING
+        with Client(address, token="s3cret-token-0123456789", timeout_s=10) as c:
+            assert c.classify(_png(), model="fmnist-cnn").model == "fmnist-cnn"
+            assert [m.name for m in c.list_models().models] == ["fmnist-cnn"]
+            code, details = _code(lambda: c.classify(b"junk", model="fmnist-cnn"))  # authenticated, bad input
+            assert code == grpc.StatusCode.INVALID_ARGUMENT
+            _no_internals(details)
+    finally:
+        stop(proc)
+
+
+def test_settings_refuse_half_tls() -> None:
+    from service.settings import Settings
+
+    with pytest.raises(ValueError):
+        Settings(tls_cert_file="a.pem")
+    with pytest.raises(ValueError):
+        Settings(tls_client_ca_file="ca.pem")
