@@ -5,13 +5,13 @@ runs the full evaluation and writes the report. Every figure is printed (pytest 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from benchmarks import efficacy as ef
+from benchmarks.serving import store_with_policy
 from model_store import data, serve
 from robustgate.v1 import classifier_pb2 as pb
 from service.client import Client
@@ -121,16 +121,6 @@ def test_certified_accuracy_and_sequential_sampling(client: Client, fmnist: data
     assert passes.min() < passes.max() or passes.max() < budget
 
 
-def _store_with_mode(src: Path, dst: Path, mode: str) -> Path:
-    (dst / MODEL).mkdir(parents=True)
-    for f in ("card.json", "model.pt"):
-        shutil.copy(src / MODEL / f, dst / MODEL / f)
-    pol = json.loads((src / MODEL / "policy.json").read_text())
-    pol["mode"] = mode
-    (dst / MODEL / "policy.json").write_text(json.dumps(pol))
-    return dst
-
-
 def test_enforce_withholds_the_label_and_monitor_answers(client: Client, default_store: Path, default_torchserve,
                                                          tmp_path: Path) -> None:
     digits = ef.mnist_digits(60)
@@ -138,7 +128,7 @@ def test_enforce_withholds_the_label_and_monitor_answers(client: Client, default
     rejected = [i for i, r in enumerate(enforce) if r.gate.decision == pb.DECISION_REJECT]
     assert rejected, "no out-of-distribution image was rejected"
     assert all(not enforce[i].classes for i in rejected)  # label withheld
-    store = _store_with_mode(default_store, tmp_path / "store", "monitor")
+    store = store_with_policy(default_store, tmp_path / "store", MODEL, lambda pol: pol.update(mode="monitor"))
     proc, address = start_gateway(store, default_torchserve, tmp_path)
     try:
         with Client(address) as mon:
