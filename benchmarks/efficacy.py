@@ -145,7 +145,7 @@ def certified_accuracy(responses: list[pb.ClassifyResponse], labels: np.ndarray,
     """Share of images whose certified class is right with a certified radius >= r."""
     out = {}
     for r in radii:
-        ok = [resp.gate.certified and resp.gate.certified_radius >= r and resp.classes and resp.classes[0].index == y
-              for resp, y in zip(responses, labels)]
+        ok = [bool(resp.gate.certified and resp.gate.certified_radius >= r and resp.classes
+                   and resp.classes[0].index == y) for resp, y in zip(responses, labels)]
         out[r] = float(np.mean(ok)) if ok else float("nan")
     return out

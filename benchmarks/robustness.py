@@ -119,7 +119,8 @@ def evaluate(client, ef, test, args, store: Path, model: str) -> dict:
     return {
         "clean": {"n": clean.n, "flagged": clean.flagged, "rejected": clean.rejected,
                   "mean_forward_passes": float(clean.passes.mean()),
-                  "accuracy": float(np.mean([r.classes and r.classes[0].index == y for r, y in zip(clean_resp, test.labels)]))},
+                  "accuracy": float(np.mean([bool(r.classes) and r.classes[0].index == y
+                                             for r, y in zip(clean_resp, test.labels)]))},
         "sets": rows,
         "certified": {"n": len(cert), "accuracy": {str(r): a for r, a in ef.certified_accuracy(cert, cert_labels, radii).items()},
                       "mean_forward_passes": float(np.mean([r.gate.forward_passes for r in cert]))},

@@ -30,3 +30,13 @@ def test_robustness_benchmark_smoke(default_store: Path, tmp_path: Path) -> None
     assert {row["set"] for row in report["sets"]} >= {"fgsm eps=0.03", "pgd eps=0.1", "mnist digits (OOD)"}
     assert set(report["certified"]["accuracy"]) == {"0.0", "0.25", "0.5", "0.75", "1.0"}
     assert (tmp_path / "robustness-smoke-roc.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_certified_accuracy_counts_withheld_labels_as_wrong() -> None:
+    from benchmarks.efficacy import certified_accuracy
+    from robustgate.v1 import classifier_pb2 as pb
+
+    ok = pb.ClassifyResponse(classes=[pb.ClassScore(index=3)], gate=pb.GateReport(certified=True, certified_radius=0.3))
+    withheld = pb.ClassifyResponse(gate=pb.GateReport(certified=True, certified_radius=0.3))
+    acc = certified_accuracy([ok, withheld], [3, 3], (0.0, 0.5))
+    assert acc == {0.0: 0.5, 0.5: 0.0}
