@@ -12,6 +12,8 @@ from collections.abc import Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from service.gate.checks import Check
+
 # Latency buckets for the measured range: a plain call ~1-3 ms, the full gate ~10-60 ms on
 # CPU, certification up to ~0.5 s; up to 10 s for deadlines.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
@@ -23,6 +25,7 @@ SCORE_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0
 RADIUS_BUCKETS = (0.0, 0.05, 0.1, 0.15, 0.25, 0.35, 0.5, 0.75, 1.0, 1.5)
 PASSES_BUCKETS = (1, 2, 5, 8, 11, 15, 20, 30, 50, 75, 100, 200, 400)
 STAGES = ("decode", "backend", "gate")
+CHECK_NAMES = tuple(c.value for c in Check)  # a fixed label set
 
 
 class Metrics:
@@ -66,6 +69,10 @@ class Metrics:
             self.request_duration.labels(model=name)
             for decision in ("PASS", "FLAG", "REJECT"):  # rates count from the first request
                 self.requests.labels(model=name, decision=decision, code="OK")
+                for check in CHECK_NAMES:
+                    self.check_verdicts.labels(model=name, check=check, verdict=decision)
+            for check in CHECK_NAMES:
+                self.check_score.labels(model=name, check=check)
             self.forward_passes.labels(model=name)
         for stage in STAGES:
             self.stage_duration.labels(stage=stage)

@@ -427,7 +427,9 @@ def test_prometheus_sees_what_was_sent(prometheus: Prometheus, sent: dict[tuple[
     scores = {dict(k)["check"]: v for k, v in prometheus.query(
         'sum by (check) (robustgate_check_score_count{model="fmnist-cnn"})').items()}
     assert CHECKS <= scores.keys() and all(scores[c] == answered for c in CHECKS), scores
-    verdicts = prometheus.query('sum(robustgate_check_verdicts_total{check="squeeze", verdict="REJECT"})')
+    # Each rejected image has at least one check with a REJECT verdict (which check depends on
+    # how calibration allocated the budget for this model).
+    verdicts = prometheus.query('sum(robustgate_check_verdicts_total{verdict="REJECT"})')
     assert sum(verdicts.values()) >= sent[("REJECT", "OK")]
     # The interceptor's standard gRPC metrics see every Classify call, by status code.
     handled = {dict(k)["grpc_code"]: int(v) for k, v in prometheus.query(
