@@ -21,7 +21,7 @@ cat <<MSG
 RobustGate is starting on 127.0.0.1:$port (metrics on :${ROBUSTGATE_METRICS_PORT:-9464}/metrics).
 Call it from another shell:
   .venv/bin/robustgate classify some.png --model $model
-  grpcurl -plaintext -d '{"model":"$model","image":"'"\$(base64 -w0 some.png)"'"}' 127.0.0.1:$port robustgate.v1.ClassifierService/Classify
+  .venv/bin/grpcurl -plaintext -d '{"model":"$model","image":"'"\$(base64 -w0 some.png)"'"}' 127.0.0.1:$port robustgate.v1.ClassifierService/Classify
 Make a test image:  .venv/bin/python -m service.sample_image some.png
 MSG
 $py -m service --models "$model"
