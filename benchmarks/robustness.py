@@ -49,16 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks import efficacy as ef
     from model_store import data, serve
     from service.client import Client
-    from tests.conftest import free_port
     from tests.test_gateway import start_gateway, stop
 
     ds = data.load()
     test = ds.test
     tmp = Path(tempfile.mkdtemp(prefix="rg-robustness-"))
-    settings = serve.ServeSettings(
-        store=args.store, run_dir=tmp / "ts", models=(f"{args.model}-torchscript", f"{args.model}-onnx"),
-        grpc_inference_port=free_port(), grpc_management_port=free_port(), inference_port=free_port(),
-        management_port=free_port(), metrics_port=free_port())
+    settings = serve.ServeSettings.on_free_ports(
+        store=args.store, run_dir=tmp / "ts", models=(f"{args.model}-torchscript", f"{args.model}-onnx"))
     policy = json.loads((args.store / args.model / "policy.json").read_text())
     t_start = time.perf_counter()
     with serve.start(settings) as ts:

@@ -130,16 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     from robustgate.v1 import classifier_pb2 as pb
     from robustgate.v1 import classifier_pb2_grpc as pb_grpc
     from service.backend import encode_tensor
-    from tests.conftest import free_port
     from tests.test_gateway import start_gateway, stop
 
     images = data.load().test.images[:512]
     tmp = Path(tempfile.mkdtemp(prefix="rg-bench-"))
     results: list[Result] = in_process(args.store, args.model, images, args.seconds)
-    settings = serve.ServeSettings(
-        store=args.store, run_dir=tmp / "ts", models=(f"{args.model}-torchscript", f"{args.model}-onnx"),
-        grpc_inference_port=free_port(), grpc_management_port=free_port(), inference_port=free_port(),
-        management_port=free_port(), metrics_port=free_port())
+    settings = serve.ServeSettings.on_free_ports(
+        store=args.store, run_dir=tmp / "ts", models=(f"{args.model}-torchscript", f"{args.model}-onnx"))
 
     def all_checks(pol: dict) -> None:
         for name in ("occlusion", "structure"):

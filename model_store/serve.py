@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import string
 import subprocess
 import sys
@@ -69,9 +70,24 @@ class ServeSettings:
     disable_system_metrics: bool = False
     startup_timeout_s: float = 180.0
 
+    @classmethod
+    def on_free_ports(cls, **kwargs: Any) -> ServeSettings:
+        """Settings whose five ports are free loopback ports (tests, calibration, benchmarks:
+        a private TorchServe that leaves a running service alone)."""
+        ports = {name: free_port() for name in ("grpc_inference_port", "grpc_management_port",
+                                                "inference_port", "management_port", "metrics_port")}
+        return cls(**{**ports, **kwargs})
+
     @property
     def archives(self) -> Path:
         return Path(self.store) / "archives"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)

@@ -245,22 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     kwargs = dict(images=args.images, attack_images=args.attack_images, concurrency=args.concurrency,
                   flag_rate=args.flag_rate, reject_rate=args.reject_rate, checks=checks, mode=Mode(args.mode))
     if args.start_torchserve:
-        import socket
         import tempfile
 
         from model_store import serve
 
-        def free_port() -> int:
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                return sock.getsockname()[1]
-
         # A private TorchServe on free ports, so a running service is left alone.
         run_dir = Path(tempfile.mkdtemp(prefix="rg-calibrate-"))
-        settings = serve.ServeSettings(
-            store=args.store, run_dir=run_dir, models=(f"{args.model}-onnx",),
-            grpc_inference_port=free_port(), grpc_management_port=free_port(), inference_port=free_port(),
-            management_port=free_port(), metrics_port=free_port())
+        settings = serve.ServeSettings.on_free_ports(store=args.store, run_dir=run_dir, models=(f"{args.model}-onnx",))
         with serve.start(settings) as ts:
             policy = asyncio.run(calibrate(args.store, args.model, ts.grpc_inference_target,
                                            settings.run_dir / serve.KEY_FILE, **kwargs))

@@ -6,7 +6,19 @@ from pathlib import Path
 
 import pytest
 
+import shutil
+import sys
+
 from model_store import build, data
+
+
+def dev_tool(name: str) -> str:
+    """Path of a command-line tool from the dev extra (the venv's bin first, then PATH)."""
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.exists() else shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} not found: install the dev extra (pip install -e '.[dev]')")
+    return found
 
 
 @pytest.fixture(scope="session")
@@ -41,12 +53,7 @@ def default_store() -> Path:
     return store
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from model_store.serve import free_port  # noqa: E402,F401  (tests import it from here)
 
 
 @pytest.fixture(scope="session")
@@ -54,15 +61,7 @@ def torchserve(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory):
     """A real TorchServe on free loopback ports serving the tiny store's two archives."""
     from model_store import serve
 
-    settings = serve.ServeSettings(
-        store=tiny_store,
-        run_dir=tmp_path_factory.mktemp("ts-run"),
-        grpc_inference_port=free_port(),
-        grpc_management_port=free_port(),
-        inference_port=free_port(),
-        management_port=free_port(),
-        metrics_port=free_port(),
-    )
+    settings = serve.ServeSettings.on_free_ports(store=tiny_store, run_dir=tmp_path_factory.mktemp("ts-run"))
     ts = serve.start(settings)
     try:
         yield ts

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
 import pytest
+from tests.conftest import dev_tool
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile"
@@ -23,12 +23,6 @@ LOCK = REPO / "requirements.lock"
 ENTRYPOINT = REPO / "deploy" / "docker-entrypoint.sh"
 
 
-def _tool(name: str) -> str:
-    local = Path(sys.executable).parent / name
-    found = str(local) if local.exists() else shutil.which(name)
-    if found is None:
-        pytest.fail(f"{name} not found: install the dev extra (pip install -e '.[dev]')")
-    return found
 
 
 def instructions(text: str) -> list[tuple[str, str]]:
@@ -117,7 +111,7 @@ def excluded(path: str, rules: list[tuple[bool, re.Pattern[str]]]) -> bool:
 # --- tests -------------------------------------------------------------------------------
 
 def test_hadolint_passes() -> None:
-    out = subprocess.run([_tool("hadolint"), "--config", str(REPO / ".hadolint.yaml"), str(DOCKERFILE)],
+    out = subprocess.run([dev_tool("hadolint"), "--config", str(REPO / ".hadolint.yaml"), str(DOCKERFILE)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
 
@@ -225,7 +219,7 @@ def test_image_is_built_from_the_lock_by_a_non_root_final_stage() -> None:
 
 
 def test_entrypoint_passes_shellcheck() -> None:
-    out = subprocess.run([_tool("shellcheck"), str(ENTRYPOINT), str(REPO / "scripts" / "docker_smoke.sh")],
+    out = subprocess.run([dev_tool("shellcheck"), str(ENTRYPOINT), str(REPO / "scripts" / "docker_smoke.sh")],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
 

@@ -15,7 +15,6 @@ from benchmarks.serving import store_with_policy
 from model_store import data, serve
 from robustgate.v1 import classifier_pb2 as pb
 from service.client import Client
-from tests.conftest import free_port
 from tests.test_gateway import start_gateway, stop
 
 MODEL = "fmnist-cnn"
@@ -25,10 +24,8 @@ ATTACKED = 200  # images attacked per attack
 
 @pytest.fixture(scope="module")
 def default_torchserve(default_store: Path, tmp_path_factory):
-    settings = serve.ServeSettings(
-        store=default_store, run_dir=tmp_path_factory.mktemp("ts-default"), models=(f"{MODEL}-onnx",),
-        grpc_inference_port=free_port(), grpc_management_port=free_port(), inference_port=free_port(),
-        management_port=free_port(), metrics_port=free_port())
+    settings = serve.ServeSettings.on_free_ports(
+        store=default_store, run_dir=tmp_path_factory.mktemp("ts-default"), models=(f"{MODEL}-onnx",))
     with serve.start(settings) as ts:
         yield ts
 

@@ -8,15 +8,14 @@ ports, probes, GPU resources, autoscaling bounds, disruption budget, security se
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-import sys
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from tests.conftest import dev_tool
 
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "k8s"
@@ -31,17 +30,11 @@ ENTRYPOINT_ONLY = {"ROBUSTGATE_POLICY_DIR", "ROBUSTGATE_KEY_FILE_WAIT_S"}
 Doc = dict[str, Any]
 
 
-def _tool(name: str) -> str:
-    local = Path(sys.executable).parent / name
-    found = str(local) if local.exists() else shutil.which(name)
-    if found is None:
-        pytest.fail(f"{name} not found: install the dev extra (pip install -e '.[dev]')")
-    return found
 
 
 @cache
 def render(path: str) -> tuple[Doc, ...]:
-    out = subprocess.run([_tool("kubectl"), "kustomize", str(K8S / path)],
+    out = subprocess.run([dev_tool("kubectl"), "kustomize", str(K8S / path)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, f"kustomize {path}: {out.stderr}"
     return tuple(d for d in yaml.safe_load_all(out.stdout) if d)

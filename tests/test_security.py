@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -24,7 +23,6 @@ from service.client import Client, tls_credentials
 from tests.conftest import free_port
 from tests.test_gateway import stop
 
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
 
 
 def _openssl(*args: str, cwd: Path) -> None:
