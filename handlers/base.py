@@ -2,6 +2,11 @@
 the model, run every variant of every request in the batch through one chunked forward,
 and answer each request with its own serialized ``robustgate.v1.ProbeResult``.
 
+A request may also carry several images, each with its own plan, as one
+``robustgate.v1.ProbeBatch`` (input key ``batch``; the gateway coalesces concurrent
+requests this way); it is answered with a ``ProbeBatchResult``, one result per item, and
+its items join the same forward as every other request of the worker batch.
+
 Subclasses say only how to load the serialized model and how to run a forward
 (:meth:`ProbeHandler.load` and :meth:`ProbeHandler.forward`).
 
@@ -13,6 +18,8 @@ status to a gRPC status for the whole batch, and ignores per-request statuses on
 - a bad request in a larger batch: its answer is a ``ProbeResult`` with only ``error``
   set (its HTTP status is set too, which TorchServe's REST API honours); the other
   requests of the batch are answered normally;
+- a bad item of a ``ProbeBatch``: its result has only ``error`` set, the other items are
+  answered; a ``batch`` that cannot be parsed, or holds too many items, is a bad request;
 - anything unexpected fails the batch (TorchServe answers 503/507).
 """
 
@@ -31,7 +38,7 @@ from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 
 from handlers import probe
-from handlers.decode import CHANNELS, InputError, InputSpec, decode_image, decode_tensor
+from handlers.decode import CHANNELS, InputError, InputSpec, decode_image, decode_tensor, tensor_array
 from robustgate.v1 import probe_pb2
 
 logger = logging.getLogger(__name__)
@@ -39,6 +46,7 @@ logger = logging.getLogger(__name__)
 IMAGE_KEYS = ("data", "body")  # "body" is what TorchServe's REST API names a raw body
 TENSOR_KEY = "tensor"
 PLAN_KEY = "plan"
+BATCH_KEY = "batch"
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,7 @@ class HandlerSettings:
 
     max_forward_batch: int = 256  # rows per forward call; a batch's rows go in chunks of this
     max_variants: int = 2048  # variants one plan may ask for (rows - 1)
+    max_batch_items: int = 256  # images one ProbeBatch may carry
     max_image_bytes: int = 1 << 20  # encoded image or tensor bytes
     max_image_pixels: int = 1 << 22  # width * height read from the header, before decoding
     intra_op_threads: int = 0  # torch / ONNX Runtime threads per worker; 0 = library default
@@ -60,7 +69,7 @@ class HandlerSettings:
         if unknown:
             raise ValueError(f"model-config.yaml handler: unknown keys {unknown}")
         s = cls(**section)
-        for name in ("max_forward_batch", "max_variants", "max_image_bytes", "max_image_pixels"):
+        for name in ("max_forward_batch", "max_variants", "max_batch_items", "max_image_bytes", "max_image_pixels"):
             if int(getattr(s, name)) < 1:
                 raise ValueError(f"model-config.yaml handler.{name} must be >= 1")
         return s
@@ -103,6 +112,12 @@ class Request:
     base: torch.Tensor
     plan: probe_pb2.ProbePlan | None
     rows: int
+
+
+# One TorchServe request as the handler sees it between its hooks: a single image (or its
+# error), or the items of a ProbeBatch.
+Item = Request | InputError
+Row = Request | InputError | list[Item]
 
 
 @dataclass
@@ -166,24 +181,33 @@ class ProbeHandler(BaseHandler):
         if (tuple(logits.shape), tuple(feats.shape)) != want:
             raise RuntimeError(f"model outputs {tuple(logits.shape)}, {tuple(feats.shape)}; the card says {want}")
 
-    def preprocess(self, data: list[dict[str, Any]]) -> list[Request | InputError]:
-        items: list[Request | InputError] = []
+    def preprocess(self, data: list[dict[str, Any]]) -> list[Row]:
+        rows: list[Row] = []
         for row in data:
             try:
-                items.append(self.parse(row))
+                rows.append(self.parse_batch(row[BATCH_KEY]) if BATCH_KEY in row else self.parse(row))
             except InputError as e:
-                items.append(e)
+                rows.append(e)
             except Exception:  # never let one request's surprise fail the batch
                 logger.exception("request could not be decoded")
-                items.append(InputError("internal error", 500))
-        if len(items) == 1 and isinstance(items[0], InputError):
-            raise PredictionException(items[0].message, items[0].code)
-        return items
+                rows.append(InputError("internal error", 500))
+        if len(rows) == 1 and isinstance(rows[0], InputError):
+            raise PredictionException(rows[0].message, rows[0].code)
+        return rows
 
-    def inference(self, items: list[Request | InputError], *args, **kwargs) -> list[Answer | InputError]:
-        good = [it for it in items if isinstance(it, Request)]
+    def inference(self, rows: list[Row], *args, **kwargs) -> list[Answer | InputError | list[Answer | InputError]]:
+        flat = [it for row in rows for it in (row if isinstance(row, list) else [row])]
+        answers = self._answer([it for it in flat if isinstance(it, Request)])
+
+        def one(it: Item) -> Answer | InputError:
+            return answers[id(it)] if isinstance(it, Request) else it
+
+        return [[one(it) for it in row] if isinstance(row, list) else one(row) for row in rows]
+
+    def _answer(self, good: list[Request]) -> dict[int, Answer]:
+        """Every request's variants through one chunked forward; answers keyed by ``id(request)``."""
         if not good:
-            return list(items)
+            return {}
         with torch.inference_mode():
             x = torch.cat([probe.expand(it.base, it.plan) for it in good])
             logits, feats = self.forward_chunked(x)
@@ -202,32 +226,39 @@ class ProbeHandler(BaseHandler):
                 features=f,
                 plan_version=it.plan.version if it.plan is not None else 0,
             )
-        return [answers[id(it)] if isinstance(it, Request) else it for it in items]
+        return answers
 
-    def postprocess(self, outputs: list[Answer | InputError]) -> list[bytes]:
+    def postprocess(self, outputs: list[Answer | InputError | list[Answer | InputError]]) -> list[bytes]:
         n = len(outputs)
         out = []
         for idx, o in enumerate(outputs):
+            if isinstance(o, list):
+                batch = probe_pb2.ProbeBatchResult(results=[self._result(it, n) for it in o])
+                out.append(batch.SerializeToString())
+                continue
             if isinstance(o, InputError):
                 self.context.set_response_status(o.code, o.message, idx)
-                res = probe_pb2.ProbeResult(
-                    error=probe_pb2.ProbeError(code=o.code, message=o.message), batch_requests=n
-                )
-            else:
-                res = probe_pb2.ProbeResult(
-                    plan_version=o.plan_version,
-                    rows=o.logits.shape[0],
-                    classes=o.logits.shape[1],
-                    logits=np.ascontiguousarray(o.logits, dtype="<f4").tobytes(),
-                    device=str(self.device),
-                    runtime=self.runtime,
-                    batch_requests=n,
-                )
-                if o.features is not None:
-                    res.features = np.ascontiguousarray(o.features, dtype="<f4").tobytes()
-                    res.feature_dim = o.features.shape[0]
-            out.append(res.SerializeToString())
+            out.append(self._result(o, n).SerializeToString())
         return out
+
+    def _result(self, o: Answer | InputError, batch_requests: int) -> probe_pb2.ProbeResult:
+        if isinstance(o, InputError):
+            return probe_pb2.ProbeResult(
+                error=probe_pb2.ProbeError(code=o.code, message=o.message), batch_requests=batch_requests
+            )
+        res = probe_pb2.ProbeResult(
+            plan_version=o.plan_version,
+            rows=o.logits.shape[0],
+            classes=o.logits.shape[1],
+            logits=np.ascontiguousarray(o.logits, dtype="<f4").tobytes(),
+            device=str(self.device),
+            runtime=self.runtime,
+            batch_requests=batch_requests,
+        )
+        if o.features is not None:
+            res.features = np.ascontiguousarray(o.features, dtype="<f4").tobytes()
+            res.feature_dim = o.features.shape[0]
+        return res
 
     # ------------------------------------------------------------------ helpers
 
@@ -251,6 +282,37 @@ class ProbeHandler(BaseHandler):
                 plan = probe_pb2.ProbePlan.FromString(bytes(raw_plan))
             except DecodeError:
                 raise InputError("plan is not a valid robustgate.v1.ProbePlan") from None
+        return self._request(arr, plan)
+
+    def parse_batch(self, raw: Any) -> list[Item]:
+        """A ``batch`` input (serialized ``ProbeBatch``) -> one :class:`Request` or error per item;
+        raises :class:`InputError` when the batch as a whole is unusable."""
+        if not isinstance(raw, (bytes, bytearray)):
+            raise InputError("the batch must be sent as bytes of a serialized robustgate.v1.ProbeBatch")
+        limit = self.settings.max_batch_items
+        # Bound the bytes before parsing: every item's tensor is capped at max_image_bytes.
+        if len(raw) > limit * (self.settings.max_image_bytes + 64 * 1024):
+            raise InputError(f"batch is {len(raw)} bytes; too large")
+        try:
+            batch = probe_pb2.ProbeBatch.FromString(bytes(raw))
+        except DecodeError:
+            raise InputError("batch is not a valid robustgate.v1.ProbeBatch") from None
+        if not batch.items:
+            raise InputError("batch has no items")
+        if len(batch.items) > limit:
+            raise InputError(f"batch has {len(batch.items)} items; the limit is {limit}")
+        items: list[Item] = []
+        for item in batch.items:
+            try:
+                if not item.HasField("tensor"):
+                    raise InputError("batch item has no tensor")
+                arr = tensor_array(item.tensor, self.card.spec)
+                items.append(self._request(arr, item.plan if item.HasField("plan") else None))
+            except InputError as e:
+                items.append(e)
+        return items
+
+    def _request(self, arr: np.ndarray, plan: probe_pb2.ProbePlan | None) -> Request:
         try:
             rows = probe.validate(plan, self.card.shape, self.settings.max_variants) if plan is not None else 1
         except probe.PlanError as e:

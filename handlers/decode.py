@@ -96,6 +96,11 @@ def decode_tensor(raw: bytes, spec: InputSpec) -> np.ndarray:
         t = probe_pb2.Tensor.FromString(raw)
     except Exception:  # protobuf raises DecodeError, or RuntimeWarning-like errors on garbage
         raise InputError("tensor is not a valid robustgate.v1.Tensor") from None
+    return tensor_array(t, spec)
+
+
+def tensor_array(t: probe_pb2.Tensor, spec: InputSpec) -> np.ndarray:
+    """A parsed ``robustgate.v1.Tensor`` -> ``[C, H, W]``, checked as :func:`decode_tensor` does."""
     shape = list(t.shape)
     if len(shape) == 2:
         shape = [1, *shape]

@@ -12,6 +12,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 import numpy as np
@@ -40,6 +41,13 @@ class ProbeOutput:
     runtime: str
 
 
+class Prober(Protocol):
+    """What the request path calls: :class:`TorchServeBackend` or a coalescer in front of it."""
+
+    async def probe(self, model_name: str, image: np.ndarray, plan: probe_pb2.ProbePlan | None,
+                    timeout_s: float, version: str = "") -> ProbeOutput: ...
+
+
 def read_inference_key(key_file: Path) -> str:
     """The inference token from TorchServe's ``key_file.json``."""
     try:
@@ -49,17 +57,25 @@ def read_inference_key(key_file: Path) -> str:
         raise BackendUnavailable(f"cannot read TorchServe's key file {key_file}") from e
 
 
-def encode_tensor(image: np.ndarray) -> bytes:
-    """``uint8`` or ``float32`` [C, H, W] -> serialized ``robustgate.v1.Tensor``."""
+def tensor_message(image: np.ndarray) -> probe_pb2.Tensor:
+    """``uint8`` or ``float32`` [C, H, W] -> ``robustgate.v1.Tensor``."""
     dtype = "uint8" if image.dtype == np.uint8 else "float32"
     data = np.ascontiguousarray(image, dtype="<u1" if dtype == "uint8" else "<f4").tobytes()
-    return probe_pb2.Tensor(shape=list(image.shape), dtype=dtype, data=data).SerializeToString()
+    return probe_pb2.Tensor(shape=list(image.shape), dtype=dtype, data=data)
 
 
-def decode_result(raw: bytes) -> ProbeOutput:
+def encode_tensor(image: np.ndarray) -> bytes:
+    """``uint8`` or ``float32`` [C, H, W] -> serialized ``robustgate.v1.Tensor``."""
+    return tensor_message(image).SerializeToString()
+
+
+def decode_result(raw: bytes | probe_pb2.ProbeResult) -> ProbeOutput:
     """A ProbeResult as arrays; a per-request error inside a batch raises its domain error."""
-    res = probe_pb2.ProbeResult()
-    res.ParseFromString(raw)
+    if isinstance(raw, probe_pb2.ProbeResult):
+        res = raw
+    else:
+        res = probe_pb2.ProbeResult()
+        res.ParseFromString(raw)
     if res.HasField("error"):
         if 400 <= res.error.code < 500:
             raise InvalidInput(f"backend refused the input: {res.error.message.splitlines()[0][:300]}")
@@ -177,3 +193,45 @@ class TorchServeBackend:
         except Exception as e:  # a malformed answer is the backend's fault, not the caller's
             log.error("backend answered an undecodable ProbeResult: %s", e)
             raise BackendUnavailable("backend answered an undecodable result") from None
+
+    async def probe_batch(
+        self,
+        model_name: str,
+        items: list[tuple[np.ndarray, probe_pb2.ProbePlan | None]],
+        timeout_s: float,
+        version: str = "",
+    ) -> list[ProbeOutput | GatewayError]:
+        """One call carrying several images, each with its own plan (a ``ProbeBatch``): one
+        output per item, in order, or that item's own error. A failure of the call itself
+        raises, as :meth:`probe` does."""
+        if timeout_s <= 0:
+            raise DeadlineExceeded("request deadline ran out before the backend call")
+        batch = probe_pb2.ProbeBatch(items=[
+            probe_pb2.ProbeItem(tensor=tensor_message(image), plan=plan) if plan is not None
+            else probe_pb2.ProbeItem(tensor=tensor_message(image))
+            for image, plan in items
+        ])
+        req = inference_pb2.PredictionsRequest(model_name=model_name, model_version=version,
+                                               input={"batch": batch.SerializeToString()})
+        try:
+            resp = await self._call(req, timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise map_rpc_error(e) from None
+        try:
+            results = probe_pb2.ProbeBatchResult.FromString(resp.prediction).results
+        except Exception as e:
+            log.error("backend answered an undecodable ProbeBatchResult: %s", e)
+            raise BackendUnavailable("backend answered an undecodable result") from None
+        if len(results) != len(items):
+            log.error("backend answered %d results for %d items", len(results), len(items))
+            raise BackendUnavailable("backend answered an undecodable result")
+        outs: list[ProbeOutput | GatewayError] = []
+        for res in results:
+            try:
+                outs.append(decode_result(res))
+            except GatewayError as e:
+                outs.append(e)
+            except Exception as e:
+                log.error("backend answered an undecodable ProbeResult: %s", e)
+                outs.append(BackendUnavailable("backend answered an undecodable result"))
+        return outs

@@ -24,6 +24,7 @@ SCORE_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0
                  1.5, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 50.0, 100.0, 200.0, 500.0)
 RADIUS_BUCKETS = (0.0, 0.05, 0.1, 0.15, 0.25, 0.35, 0.5, 0.75, 1.0, 1.5)
 PASSES_BUCKETS = (1, 2, 5, 8, 11, 15, 20, 30, 50, 75, 100, 200, 400)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 STAGES = ("decode", "backend", "gate")
 CHECK_NAMES = tuple(c.value for c in Check)  # a fixed label set
 
@@ -50,6 +51,9 @@ class Metrics:
                                         ["model"], buckets=PASSES_BUCKETS, registry=r)
         self.backend_requests = Counter("robustgate_backend_requests", "Calls to TorchServe by status code.",
                                         ["code"], registry=r)
+        self.backend_batch_images = Histogram(
+            "robustgate_backend_batch_images", "Images per TorchServe call sent by the coalescer.", ["model"],
+            buckets=BATCH_BUCKETS, registry=r)
         self.inflight = Gauge("robustgate_inflight_requests", "Requests being processed.", registry=r)
         self.shed = Counter("robustgate_shed_requests", "Requests refused with RESOURCE_EXHAUSTED (overload).",
                             registry=r)

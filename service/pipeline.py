@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from robustgate.v1 import probe_pb2
-from service.backend import TorchServeBackend
+from service.backend import Prober
 from service.decode import Limits, decode_image, decode_tensor
 from service.errors import DeadlineExceeded, InvalidInput
 from service.gate.cascade import GateRun
@@ -99,7 +99,7 @@ def top_k(logits_row: np.ndarray, labels: tuple[str, ...], k: int) -> tuple[Clas
 
 
 class Pipeline:
-    def __init__(self, registry: Registry, backend: TorchServeBackend, limits: Limits,
+    def __init__(self, registry: Registry, backend: Prober, limits: Limits,
                  backend_timeout_s: float, base_seed: int = 0, tracing: Tracing = OFF) -> None:
         self.registry = registry
         self.backend = backend

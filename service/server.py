@@ -24,6 +24,7 @@ from robustgate.v1 import classifier_pb2 as pb
 from robustgate.v1 import classifier_pb2_grpc as pb_grpc
 from service import convert
 from service.backend import TorchServeBackend, read_inference_key
+from service.coalesce import CoalesceConfig, Coalescer
 from service.decode import Limits
 from service.errors import (
     BackendUnavailable,
@@ -307,12 +308,15 @@ class Gateway:
     metrics_port: int | None = None
     _metrics_server: object | None = None
     tracing: Tracing = OFF
+    coalescer: Coalescer | None = None
 
     async def stop(self, grace_s: float) -> None:
         await self.health.enter_graceful_shutdown()  # NOT_SERVING: load balancers stop sending
         await self.server.stop(grace_s)
         for t in self.tasks:
             t.cancel()
+        if self.coalescer is not None:
+            await self.coalescer.close()
         await self.backend.close()
         self.tracing.shutdown()  # exports the spans still queued
         if self._metrics_server is not None:
@@ -332,7 +336,11 @@ async def start(settings: Settings, registry: Registry | None = None) -> Gateway
     backend = TorchServeBackend(settings.torchserve_address, token, settings.max_message_bytes, metrics,
                                 key_file=settings.torchserve_key_file)
     limits = Limits(max_bytes=settings.max_message_bytes, max_pixels=settings.max_image_pixels)
-    pipeline = Pipeline(registry, backend, limits, settings.backend_timeout_s, settings.seed, tracing)
+    coalescer = None
+    if settings.coalesce_max_batch >= 2:
+        coalescer = Coalescer(backend, CoalesceConfig(settings.coalesce_max_batch, settings.coalesce_max_wait_ms,
+                                                      settings.coalesce_max_rows), metrics)
+    pipeline = Pipeline(registry, coalescer or backend, limits, settings.backend_timeout_s, settings.seed, tracing)
     admission = Admission(settings.max_inflight, metrics)
     caller_token = auth_token(settings)
     interceptors: list[grpc.aio.ServerInterceptor] = [ServerMetricsInterceptor(metrics.registry)]
@@ -368,12 +376,14 @@ async def start(settings: Settings, registry: Registry | None = None) -> Gateway
     task = asyncio.create_task(
         watch_backend(backend, registry, health_servicer, settings.health_interval_s, settings.backend_timeout_s, metrics)
     )
-    log.info("gateway listening on %s:%d (%s%s, metrics %s, traces %s), models %s via TorchServe %s (%s)",
+    log.info("gateway listening on %s:%d (%s%s, metrics %s, traces %s), models %s via TorchServe %s (%s, %s)",
              settings.host, port, "mutual TLS" if settings.tls_client_ca_file else "TLS" if creds else "plaintext",
              ", bearer token" if caller_token else "", metrics_port if metrics_port is not None else "off", settings.otlp_endpoint or "off",
-             ", ".join(m.name for m in registry.all()), settings.torchserve_address, settings.backend_format)
+             ", ".join(m.name for m in registry.all()), settings.torchserve_address, settings.backend_format,
+             f"coalescing up to {settings.coalesce_max_batch} images / {settings.coalesce_max_wait_ms:g} ms"
+             if coalescer else "no coalescing")
     return Gateway(server, port, backend, health_servicer, admission, [task], metrics, metrics_port, metrics_server,
-                   tracing)
+                   tracing, coalescer)
 
 
 async def serve(settings: Settings) -> None:

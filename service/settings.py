@@ -41,6 +41,14 @@ class Settings:
     """Deadline of one TorchServe call, capped by what the client has left."""
     request_timeout_s: float = 10.0
     """Deadline for a request whose client set none."""
+    coalesce_max_batch: int = 0
+    """Coalesce concurrent requests for one model into one TorchServe call of at most this many
+    images, each with its own plan (at most the handler's max_batch_items); 0 or 1: off."""
+    coalesce_max_wait_ms: float = 2.0
+    """With coalescing on: longest a request waits for company while the backend is busy (a lone
+    request leaves at once)."""
+    coalesce_max_rows: int = 4096
+    """With coalescing on: variant rows (images x (1 + variants)) in one TorchServe call."""
     max_inflight: int = 256
     """Requests processed at once; beyond it RESOURCE_EXHAUSTED at once."""
     max_message_bytes: int = 4 * 1024 * 1024
@@ -74,6 +82,8 @@ class Settings:
     def __post_init__(self) -> None:
         if self.backend_format not in ("torchscript", "onnx"):
             raise ValueError(f"backend_format must be torchscript or onnx, not {self.backend_format!r}")
+        if self.coalesce_max_batch < 0 or self.coalesce_max_wait_ms < 0 or self.coalesce_max_rows < 1:
+            raise ValueError("coalesce_max_batch and coalesce_max_wait_ms must be >= 0, coalesce_max_rows >= 1")
         if self.max_inflight < 1:
             raise ValueError("max_inflight must be >= 1")
         if not 0.0 <= self.trace_sample_ratio <= 1.0:

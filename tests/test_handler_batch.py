@@ -178,3 +178,44 @@ def test_model_config_settings() -> None:
     assert cfg["batchSize"] > 1 and cfg["maxBatchDelay"] > 0 and cfg["minWorkers"] >= 1
     with pytest.raises(ValueError, match="unknown keys"):
         HandlerSettings.from_yaml({"max_batch": 3})
+
+
+def tensor(a: np.ndarray) -> probe_pb2.Tensor:
+    return probe_pb2.Tensor(shape=list(a.shape), dtype="uint8", data=a.tobytes())
+
+
+def test_a_probe_batch_answers_each_item_as_if_alone(loaded, images: np.ndarray) -> None:
+    """Coalesced items (each with its own plan, one bad) beside a plain request in one worker batch."""
+    h, ctx = loaded
+    other = probe_pb2.ProbePlan(version=1, seed=3, noise=probe_pb2.NoiseProbe(sigma=0.5, count=3))
+    batch = probe_pb2.ProbeBatch(items=[
+        probe_pb2.ProbeItem(tensor=tensor(images[0]), plan=PLAN),
+        probe_pb2.ProbeItem(tensor=probe_pb2.Tensor(shape=[3, 3], dtype="uint8", data=bytes(9))),
+        probe_pb2.ProbeItem(tensor=tensor(images[1]), plan=other),
+        probe_pb2.ProbeItem(tensor=tensor(images[2])),
+    ])
+    ctx.request_processor = [RequestProcessor({}), RequestProcessor({})]
+    out = h.handle([{"batch": batch.SerializeToString()}, {"data": png(images[3])}], ctx)
+    res = probe_pb2.ProbeBatchResult.FromString(out[0]).results
+    plain = probe_pb2.ProbeResult.FromString(out[1])
+    assert [r.rows for r in res] == [17, 0, 4, 1] and plain.rows == 1
+    assert res[1].error.code == 400 and "shape" in res[1].error.message
+    assert res[0].feature_dim == h.card.feature_dim and not res[2].features
+    singles = [{"data": png(images[0]), "plan": PLAN.SerializeToString()}, None,
+               {"data": png(images[1]), "plan": other.SerializeToString()}, {"data": png(images[2])}]
+    for r, single in zip(res, singles):
+        if single is not None:
+            alone = handle(h, ctx, [single])[0]
+            np.testing.assert_allclose(logits(r), logits(alone), atol=1e-5, rtol=0)
+            assert r.features == alone.features
+
+
+def test_a_bad_probe_batch_is_refused_whole(tiny_store: Path, tmp_path: Path, images: np.ndarray) -> None:
+    h, ctx = load_handler(tmp_path, tiny_store, "onnx", max_batch_items=2)
+    three = probe_pb2.ProbeBatch(items=[probe_pb2.ProbeItem(tensor=tensor(images[i])) for i in range(3)])
+    for raw, match in ((b"\xff\xff", "not a valid"), (b"", "no items"), ("text", "bytes"),
+                       (three.SerializeToString(), "limit is 2")):
+        ctx.request_processor = [RequestProcessor({})]
+        with pytest.raises(PredictionException, match=match) as err:
+            h.handle([{"batch": raw}], ctx)
+        assert err.value.error_code == 400

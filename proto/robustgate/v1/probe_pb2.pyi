@@ -115,3 +115,23 @@ class ProbeError(_message.Message):
     code: int
     message: str
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class ProbeBatch(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[ProbeItem]
+    def __init__(self, items: _Optional[_Iterable[_Union[ProbeItem, _Mapping]]] = ...) -> None: ...
+
+class ProbeItem(_message.Message):
+    __slots__ = ("tensor", "plan")
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    tensor: Tensor
+    plan: ProbePlan
+    def __init__(self, tensor: _Optional[_Union[Tensor, _Mapping]] = ..., plan: _Optional[_Union[ProbePlan, _Mapping]] = ...) -> None: ...
+
+class ProbeBatchResult(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[ProbeResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[ProbeResult, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,186 @@
+"""Request coalescing: concurrent probe calls for one model leave as ONE TorchServe call.
+
+    prober = Coalescer(backend, CoalesceConfig(max_batch=32, max_wait_ms=2.0))
+    out = await prober.probe(model_name, image, plan, timeout_s)   # same call as the backend's
+
+For a small model TorchServe's per-call path, not the model, sets the pace: every call pays
+gRPC framing, the Java frontend's queue and the Python worker's per-request bookkeeping,
+whether or not TorchServe's own batching later groups it with others. Coalescing in the
+gateway sends several images, each with its own plan, as one ``robustgate.v1.ProbeBatch``;
+the handler answers a ``ProbeBatchResult`` and every caller gets its own ``ProbeOutput`` (or
+its own error: one bad image does not fail its neighbours).
+
+When a batch leaves (Nagle's algorithm with an idle bypass):
+
+- no call for the model is in flight: at once, with whatever arrived in the same event-loop
+  turn, so a lone caller waits nothing;
+- calls are in flight: when ``max_batch`` images or ``max_rows`` variant rows are waiting,
+  when the in-flight calls have all come back, or ``max_wait_ms`` after the first waiting
+  request, whichever comes first. The busier the backend, the larger the batches.
+
+Each caller keeps its own deadline: the call is sent with the latest of the batch's
+deadlines, a caller whose deadline passes first gets ``DeadlineExceeded`` alone, and a
+request whose deadline has already passed when its batch leaves is not sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from robustgate.v1 import probe_pb2
+from service.backend import ProbeOutput, TorchServeBackend
+from service.errors import BackendUnavailable, DeadlineExceeded, GatewayError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CoalesceConfig:
+    max_batch: int = 32
+    """Images in one TorchServe call (at most the handler's ``max_batch_items``)."""
+    max_wait_ms: float = 2.0
+    """Longest a request waits for company while the backend is busy."""
+    max_rows: int = 4096
+    """Variant rows (every image's 1 + plan variants) in one call, so gate requests stay bounded."""
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 2:
+            raise ValueError("coalescing needs max_batch >= 2")
+        if self.max_wait_ms < 0:
+            raise ValueError("max_wait_ms must be >= 0")
+        if self.max_rows < 1:
+            raise ValueError("max_rows must be >= 1")
+
+
+def plan_rows(plan: probe_pb2.ProbePlan | None) -> int:
+    """Rows a plan asks of the model: the base image plus every variant (probe.proto's order)."""
+    if plan is None:
+        return 1
+    n = 1 + plan.noise.count + len(plan.squeeze.bit_depths) + len(plan.squeeze.median_sizes) + len(plan.views)
+    return n + plan.occlusion.grid ** 2 + plan.shuffle.count
+
+
+@dataclass
+class _Waiting:
+    image: np.ndarray
+    plan: probe_pb2.ProbePlan | None
+    rows: int
+    deadline: float  # time.monotonic()
+    future: asyncio.Future
+
+
+@dataclass
+class _Lane:
+    """The waiting requests and the calls in flight for one (model, version)."""
+
+    waiting: list[_Waiting] = field(default_factory=list)
+    rows: int = 0
+    inflight: int = 0
+    timer: asyncio.TimerHandle | None = None
+
+
+class Coalescer:
+    def __init__(self, backend: TorchServeBackend, config: CoalesceConfig, metrics=None) -> None:
+        self.backend = backend
+        self.config = config
+        self._metrics = metrics  # service.metrics.Metrics or None
+        self._lanes: dict[tuple[str, str], _Lane] = {}
+        self._tasks: set[asyncio.Task] = set()
+
+    async def probe(self, model_name: str, image: np.ndarray, plan: probe_pb2.ProbePlan | None,
+                    timeout_s: float, version: str = "") -> ProbeOutput:
+        """As :meth:`TorchServeBackend.probe`, sent together with concurrent calls for the model."""
+        if timeout_s <= 0:
+            raise DeadlineExceeded("request deadline ran out before the backend call")
+        loop = asyncio.get_running_loop()
+        key = (model_name, version)
+        lane = self._lanes.setdefault(key, _Lane())
+        w = _Waiting(image, plan, plan_rows(plan), time.monotonic() + timeout_s, loop.create_future())
+        if lane.waiting and lane.rows + w.rows > self.config.max_rows:
+            self._flush(key)  # this one would overflow the call: the waiting ones go first
+        lane.waiting.append(w)
+        lane.rows += w.rows
+        if len(lane.waiting) >= self.config.max_batch or lane.rows >= self.config.max_rows:
+            self._flush(key)
+        elif lane.timer is None:
+            delay = 0.0 if lane.inflight == 0 else self.config.max_wait_ms / 1000.0
+            lane.timer = loop.call_later(delay, self._flush, key)
+        try:
+            return await asyncio.wait_for(asyncio.shield(w.future), timeout_s)
+        except TimeoutError:
+            raise DeadlineExceeded("backend did not answer within the deadline") from None
+
+    def _flush(self, key: tuple[str, str]) -> None:
+        lane = self._lanes[key]
+        if lane.timer is not None:
+            lane.timer.cancel()
+            lane.timer = None
+        batch, lane.waiting, lane.rows = lane.waiting, [], 0
+        now = time.monotonic()
+        live = []
+        for w in batch:
+            if w.future.done():  # its caller has gone (cancelled)
+                continue
+            if w.deadline <= now:
+                w.future.set_exception(DeadlineExceeded("deadline exceeded while waiting for the backend"))
+            else:
+                live.append(w)
+        if not live:
+            return
+        lane.inflight += 1
+        task = asyncio.get_running_loop().create_task(self._send(key, live))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, key: tuple[str, str], batch: list[_Waiting]) -> None:
+        model_name, version = key
+        timeout_s = max(w.deadline for w in batch) - time.monotonic()
+        try:
+            if self._metrics is not None:
+                self._metrics.backend_batch_images.labels(model=model_name).observe(len(batch))
+            if len(batch) == 1:  # nothing to coalesce: the plain call (and its errors) as is
+                outs: list[ProbeOutput | GatewayError] = [
+                    await self._plain(model_name, batch[0], timeout_s, version)]
+            else:
+                outs = await self.backend.probe_batch(
+                    model_name, [(w.image, w.plan) for w in batch], timeout_s, version)
+        except GatewayError as e:
+            outs = [e] * len(batch)
+        except Exception:  # never leave a caller hanging on a bug
+            log.exception("coalesced backend call failed")
+            outs = [BackendUnavailable("backend is unavailable")] * len(batch)
+        finally:
+            lane = self._lanes[key]
+            lane.inflight -= 1
+            if lane.inflight == 0 and lane.waiting:
+                self._flush(key)  # the backend is idle: no reason to wait longer
+        for w, out in zip(batch, outs):
+            if w.future.done():
+                continue
+            if isinstance(out, GatewayError):
+                w.future.set_exception(type(out)(str(out)))
+            else:
+                w.future.set_result(out)
+
+    async def _plain(self, model_name: str, w: _Waiting, timeout_s: float, version: str) -> ProbeOutput | GatewayError:
+        try:
+            return await self.backend.probe(model_name, w.image, w.plan, timeout_s, version)
+        except GatewayError as e:
+            return e
+
+    async def close(self) -> None:
+        """Let the calls in flight finish (their callers are waiting for them)."""
+        for lane in self._lanes.values():
+            if lane.timer is not None:
+                lane.timer.cancel()
+                lane.timer = None
+        for key, lane in self._lanes.items():
+            if lane.waiting:
+                self._flush(key)
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
