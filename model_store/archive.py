@@ -87,6 +87,28 @@ def build_archive(model_dir: Path, fmt: str, export_dir: Path, version: str = "1
     return export_dir / f"{name}.mar"
 
 
+def _packaged_sources() -> dict[str, Path]:
+    """Member name in a .mar -> the source file it is copied from (handler code, stubs, config)."""
+    out = {}
+    for prefix, root in (("handlers", HANDLERS_DIR), ("robustgate", PROTO_PKG_DIR)):
+        for p in root.rglob("*"):
+            if p.is_file() and "__pycache__" not in p.parts and p.suffix in (".py", ".yaml"):
+                out[f"{prefix}/{p.relative_to(root).as_posix()}"] = p
+    return out
+
+
+def archive_is_current(path: Path) -> bool:
+    """True when the archive carries exactly this checkout's handler code and probe stubs
+    (an archive built before a handler change would speak an older probe contract)."""
+    with zipfile.ZipFile(path) as z:
+        packaged = {n for n in z.namelist() if n.startswith(("handlers/", "robustgate/"))
+                    and n.endswith((".py", ".yaml"))}
+        sources = _packaged_sources()
+        if packaged != set(sources):
+            return False
+        return all(z.read(name) == src.read_bytes() for name, src in sources.items())
+
+
 def archive_members(path: Path) -> list[str]:
     with zipfile.ZipFile(path) as z:
         return sorted(z.namelist())

@@ -153,6 +153,19 @@ def build_model(name: str, opts: BuildOptions, dataset: data.FashionMNIST | None
     return model_dir
 
 
+def rearchive_if_stale(store: Path, name: str) -> bool:
+    """Rebuild the model's archives (not the model) when they carry other handler code than
+    this checkout's; the store must already verify. Returns whether it rebuilt them."""
+    stale = [fmt for fmt in archive.FORMATS
+             if not archive.archive_is_current(store / "archives" / f"{archive.archive_name(name, fmt)}.mar")]
+    if not stale:
+        return False
+    for fmt in stale:
+        archive.build_archive(store / name, fmt, store / "archives")
+    archive.write_manifest(store)
+    return True
+
+
 def is_built(store: Path, name: str) -> bool:
     """True when the model's files and archives exist and match the manifest."""
     wanted = [f"{name}/card.json", f"{name}/model.pt", f"{name}/model.onnx"] + [
@@ -194,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     names = list(PRESETS) if args.model == "all" else [args.model]
     for name in names:
         if not args.force and is_built(args.store, name):
+            if rearchive_if_stale(args.store, name):
+                print(f"[{name}] handler code changed since the archives were built: archives rebuilt")
             print(f"[{name}] already built and verified in {args.store / name} (use --force to rebuild)")
             continue
         start = time.perf_counter()

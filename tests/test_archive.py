@@ -2,6 +2,7 @@ import json
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,28 @@ def test_manifest_rejects_missing_and_unlisted_files(store_copy: Path) -> None:
         archive.verify_manifest(store_copy)
     assert "missing: fmnist-cnn/model.pt" in str(err.value)
     assert "not in manifest: archives/intruder.mar" in str(err.value)
+
+
+def test_archives_built_from_older_handler_code_are_rebuilt(store_copy: Path) -> None:
+    """A store built before a handler change is re-archived (not retrained) by the build command."""
+    from model_store import build
+
+    mar = store_copy / "archives" / "fmnist-cnn-onnx.mar"
+    assert archive.archive_is_current(mar)
+    old = mar.with_suffix(".old")
+    mar.rename(old)
+    with zipfile.ZipFile(old) as src, zipfile.ZipFile(mar, "w") as dst:
+        for item in src.infolist():
+            body = src.read(item)
+            if item.filename == "handlers/base.py":
+                body += b"\n# an older handler\n"
+            dst.writestr(item, body)
+    old.unlink()
+    archive.write_manifest(store_copy)
+    assert not archive.archive_is_current(mar)
+    model_before = archive.sha256_file(store_copy / "fmnist-cnn" / "model.onnx")
+    assert build.main(["--store", str(store_copy), "--quiet"]) == 0
+    assert archive.archive_is_current(mar)
+    assert archive.sha256_file(store_copy / "fmnist-cnn" / "model.onnx") == model_before
+    archive.verify_manifest(store_copy)
+    assert build.rearchive_if_stale(store_copy, "fmnist-cnn") is False  # now current: nothing to do
