@@ -8,9 +8,13 @@ Closed-loop asyncio clients over loopback at each concurrency, for a fixed time 
 - in process: TorchScript and ONNX Runtime, one image per call (the limit);
 - TorchServe called directly over its gRPC API (plain classification, no plan);
 - the gateway with the gate off; with the calibrated gate (cascade); with every check on;
+  the first two again with request coalescing on (``--coalesce-max-batch``), beside
+  TorchServe's own batching alone;
+- the gateway certifying every request (randomized smoothing): sequential sampling against a
+  fixed budget of the same maximum;
 - naive: the gate's variants sent to TorchServe as separate one-image calls from the client.
 
-Writes benchmarks/results/serving[-smoke].{md,json}. On a 2-core machine the load generator
+Writes benchmarks/results/serving[-smoke].{md,json,png}. On a 2-core machine the load generator
 shares the cores with the servers: compare the ratios, which carry across machines, more
 than the absolute figures.
 """
@@ -117,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=4.0, help="per measurement")
     p.add_argument("--concurrency", default="1,4,16,64")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--coalesce-max-batch", type=int, default=32)
+    p.add_argument("--coalesce-max-wait-ms", type=float, default=2.0)
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
     if args.smoke:
@@ -141,8 +147,18 @@ def main(argv: list[str] | None = None) -> int:
     def all_checks(pol: dict) -> None:
         for name in ("occlusion", "structure"):
             pol["checks"][name]["enabled"] = True
+
+    def certify(fixed: bool):
+        def edit(pol: dict) -> None:
+            pol["noise"]["certify"] = True
+            if fixed:  # one batch of the whole budget: no early stop
+                pol["noise"]["first_batch"] = pol["noise"]["max_samples"]
+        return edit
     gate_off = store_with_policy(args.store, tmp / "off", args.model, lambda pol: pol.update(mode="off"))
     gate_all = store_with_policy(args.store, tmp / "all", args.model, all_checks)
+    cert_seq = store_with_policy(args.store, tmp / "cert-seq", args.model, certify(False))
+    cert_fixed = store_with_policy(args.store, tmp / "cert-fixed", args.model, certify(True))
+    coalesce = {"coalesce-max-batch": str(args.coalesce_max_batch), "coalesce-max-wait-ms": str(args.coalesce_max_wait_ms)}
     cheap_rows = None
 
     async def run_all(ts) -> None:
@@ -176,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             reqs = [pb.ClassifyRequest(model=args.model, tensor=pb.ClassifyRequest().tensor.__class__(
                 shape=[1, 28, 28], dtype="uint8", data=im.tobytes()), top_k=1) for im in images]
             first = await stub.Classify(reqs[0], timeout=30)
-            if name.startswith("gateway, calibrated"):
+            if name == CASCADE:
                 cheap_rows = first.gate.forward_passes
 
             async def call(i: int) -> None:
@@ -186,9 +202,10 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(await closed_loop(name, call, c, args.seconds))
 
     with serve.start(settings) as ts:
-        for name, store in (("gateway, gate off", gate_off), ("gateway, calibrated gate (cascade)", args.store),
-                            ("gateway, every check on", gate_all)):
-            proc, address = start_gateway(store, ts, tmp)
+        for name, store, extra in ((GATE_OFF, gate_off, {}), (GATE_OFF + COALESCED, gate_off, coalesce),
+                                   (CASCADE, args.store, {}), (CASCADE + COALESCED, args.store, coalesce),
+                                   (EVERY_CHECK, gate_all, {}), (CERT_SEQ, cert_seq, {}), (CERT_FIXED, cert_fixed, {})):
+            proc, address = start_gateway(store, ts, tmp, **extra)
             try:
                 asyncio.run(run_gateway(name, address))
             finally:
@@ -199,38 +216,84 @@ def main(argv: list[str] | None = None) -> int:
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
               "seconds_per_measurement": args.seconds, "results": [dataclasses.asdict(r) | {"per_s": r.per_s} for r in results]}
     report["ratios"] = ratios(results, levels)
+    report["coalescing"] = {"max_batch": args.coalesce_max_batch, "max_wait_ms": args.coalesce_max_wait_ms}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "serving-smoke" if args.smoke else "serving"
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(render(report))
+    (args.out / f"{stem}.md").write_text(render(report, f"{stem}.png"))
+    plot(results, args.out / f"{stem}.png")
     print(render(report))
     return 0
 
 
-def _find(results: list[Result], prefix: str, c: int) -> Result | None:
-    return next((r for r in results if r.name.startswith(prefix) and r.concurrency == c), None)
+GATE_OFF = "gateway, gate off"
+CASCADE = "gateway, calibrated gate (cascade)"
+EVERY_CHECK = "gateway, every check on"
+COALESCED = ", coalescing"
+CERT_SEQ = "gateway, certify every request, sequential sampling"
+CERT_FIXED = "gateway, certify every request, fixed budget"
+DIRECT = "TorchServe direct (plain)"
+IN_PROCESS = "in-process ONNX Runtime"
+
+
+def _find(results: list[Result], name: str, c: int) -> Result | None:
+    return next((r for r in results if (r.name == name or (name == "naive" and r.name.startswith("naive")))
+                 and r.concurrency == c), None)
 
 
 def ratios(results: list[Result], levels: list[int]) -> dict[str, float]:
     out: dict[str, float] = {}
     top, one = max(levels), min(levels)
     pairs = {
-        f"throughput gateway gate-off / TorchServe direct (c={top})": ("gateway, gate off", "TorchServe direct", "per_s", top),
-        f"p50 gate-on / gate-off (c={one})": ("gateway, calibrated", "gateway, gate off", "p50_ms", one),
-        f"throughput on-device expansion / naive (c={top})": ("gateway, calibrated", "naive", "per_s", top),
-        f"p50 gateway gate-off / in-process TorchScript (c={one})": ("gateway, gate off", "in-process TorchScript", "p50_ms", one),
+        f"throughput gateway gate-off / TorchServe direct (c={top})": (GATE_OFF, DIRECT, "per_s", top),
+        f"throughput gateway gate-off with coalescing / TorchServe direct (c={top})":
+            (GATE_OFF + COALESCED, DIRECT, "per_s", top),
+        **{f"throughput coalescing / TorchServe batching alone, gate off (c={c})":
+           (GATE_OFF + COALESCED, GATE_OFF, "per_s", c) for c in levels},
+        **{f"throughput coalescing / TorchServe batching alone, cascade (c={c})":
+           (CASCADE + COALESCED, CASCADE, "per_s", c) for c in levels},
+        f"p50 gate-on / gate-off (c={one})": (CASCADE, GATE_OFF, "p50_ms", one),
+        f"p50 certify sequential / fixed (c={one})": (CERT_SEQ, CERT_FIXED, "p50_ms", one),
+        f"throughput certify sequential / fixed (c={top})": (CERT_SEQ, CERT_FIXED, "per_s", top),
+        f"throughput on-device expansion / naive (c={top})": (CASCADE, "naive", "per_s", top),
+        f"p50 gateway gate-off / in-process ONNX Runtime (c={one})": (GATE_OFF, IN_PROCESS, "p50_ms", one),
     }
     for label, (a, b, field, c) in pairs.items():
-        ra, rb = _find(results, a, c), _find(results, b, c if not b.startswith("in-process") else 1)
+        ra, rb = _find(results, a, c), _find(results, b, 1 if b == IN_PROCESS else c)
         if ra and rb and getattr(rb, field):
             out[label] = round(getattr(ra, field) / getattr(rb, field), 3)
-    ra, rb = _find(results, "gateway, gate off", one), _find(results, "TorchServe direct", one)
-    if ra and rb:
-        out[f"added p50 ms, gateway gate-off vs direct (c={one})"] = round(ra.p50_ms - rb.p50_ms, 3)
+    for name in (GATE_OFF, GATE_OFF + COALESCED):
+        ra, rb = _find(results, name, one), _find(results, DIRECT, one)
+        if ra and rb:
+            out[f"added p50 ms, {name} vs direct (c={one})"] = round(ra.p50_ms - rb.p50_ms, 3)
     return out
 
 
-def render(r: dict) -> str:
+def plot(results: list[Result], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name in dict.fromkeys(r.name for r in results if not r.name.startswith("in-process")):
+        rs = sorted((r for r in results if r.name == name), key=lambda r: r.concurrency)
+        style = "--" if COALESCED in name else "-"
+        ax1.plot([r.concurrency for r in rs], [r.per_s for r in rs], style, marker="o", label=name)
+        ax2.plot([r.concurrency for r in rs], [r.p50_ms for r in rs], style, marker="o", label=name)
+    for ax, ylabel in ((ax1, "calls/s"), (ax2, "p50 latency, ms")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    ax1.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def render(r: dict, png: str | None = None) -> str:
     lines = [f"# Serving benchmark ({r['date']}, {r['machine']})", "",
              f"Reproduce: `python -m benchmarks.serving` ({r['seconds_per_measurement']} s per row).", "",
              "| path | concurrency | calls/s | p50 ms | p95 ms | p99 ms | errors |", "|---|---|---|---|---|---|---|"]
@@ -238,6 +301,12 @@ def render(r: dict) -> str:
         lines.append(f"| {x['name']} | {x['concurrency']} | {x['per_s']:.0f} | {x['p50_ms']:.2f} | {x['p95_ms']:.2f} | "
                      f"{x['p99_ms']:.2f} | {x['errors']} |")
     lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in r["ratios"].items()]
+    if "coalescing" in r:
+        c = r["coalescing"]
+        lines += ["", f"Coalescing: up to {c['max_batch']} images per TorchServe call, "
+                      f"waiting at most {c['max_wait_ms']} ms while the backend is busy."]
+    if png:
+        lines += ["", f"![throughput and p50 latency against concurrency]({png})"]
     return "\n".join(lines) + "\n"
 
 

@@ -18,10 +18,16 @@ def test_serving_benchmark_smoke(default_store: Path, tmp_path: Path) -> None:
     report = _run("benchmarks.serving", tmp_path)
     names = {r["name"] for r in report["results"]}
     assert {"in-process TorchScript", "in-process ONNX Runtime", "TorchServe direct (plain)", "gateway, gate off",
-            "gateway, calibrated gate (cascade)", "gateway, every check on"} <= names
+            "gateway, gate off, coalescing", "gateway, calibrated gate (cascade)",
+            "gateway, calibrated gate (cascade), coalescing", "gateway, every check on",
+            "gateway, certify every request, sequential sampling", "gateway, certify every request, fixed budget"} <= names
     assert all(r["errors"] == 0 and r["calls"] > 0 for r in report["results"])
-    assert any(k.startswith("throughput gateway gate-off / TorchServe direct") for k in report["ratios"])
+    for ratio in ("throughput gateway gate-off / TorchServe direct (c=4)",
+                  "throughput coalescing / TorchServe batching alone, gate off (c=4)",
+                  "p50 certify sequential / fixed (c=1)", "throughput on-device expansion / naive (c=4)"):
+        assert report["ratios"][ratio] > 0, ratio
     assert (tmp_path / "serving-smoke.md").read_text().startswith("# Serving benchmark")
+    assert (tmp_path / "serving-smoke.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_robustness_benchmark_smoke(default_store: Path, tmp_path: Path) -> None:
