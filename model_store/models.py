@@ -73,8 +73,10 @@ class CompactCNN(nn.Module):
 
 
 class ResNet18(nn.Module):
-    """torchvision's ResNet-18 adapted to 1x28x28: a 3x3 stride-1 stem on one channel,
-    no max-pool, and a 10-class classifier. Optionally starts from a local weights file
+    """torchvision's ResNet-18 adapted to 1x28x28: a 3x3 stride-2 stem on one channel
+    (28 -> 14; the four stages then run at 14, 7, 4, 2), no max-pool, and a 10-class
+    classifier. A stride-1 stem costs 3.1x the compute (25 vs 7.9 min per epoch measured
+    on 2 CPU cores) for a model already far larger than the task needs. Optionally starts from a local weights file
     (a ``state_dict`` of torchvision's ResNet-18, loaded with ``weights_only=True``);
     nothing is downloaded.
     """
@@ -91,7 +93,7 @@ class ResNet18(nn.Module):
             net.load_state_dict(state, strict=False)
         else:
             conv1 = None
-        stem = nn.Conv2d(1, 64, 3, stride=1, padding=1, bias=False)
+        stem = nn.Conv2d(1, 64, 3, stride=2, padding=1, bias=False)
         if conv1 is not None:  # grey stem from the RGB 7x7 kernels: sum over RGB, centre 3x3
             with torch.no_grad():
                 stem.weight.copy_(conv1.sum(dim=1, keepdim=True)[:, :, 2:5, 2:5])
