@@ -56,3 +56,23 @@ def test_parity_check_catches_a_diverging_export(tmp_path: Path, fmnist: data.Fa
     reports = export.parity(model, tmp_path / "model.pt", tmp_path / "model.onnx", x)
     assert not reports["torchscript"].ok and not reports["onnx"].ok
     assert reports["onnx"].max_logit_diff == pytest.approx(0.01, abs=1e-4)
+
+
+def test_resnet18_exports_agree_with_the_eager_model(tmp_path: Path, fmnist: data.FashionMNIST) -> None:
+    """The ResNet-18 variant's export path, on a briefly trained model (batch-norm statistics
+    moved off their defaults), with the build's own parity check."""
+    from model_store.train import TrainConfig, train
+
+    model = models.build("resnet18")
+    train(model, fmnist.train, TrainConfig(epochs=1, batch_size=32, limit=320), progress=False)
+    model.eval()
+    export.export_torchscript(model, tmp_path / "model.pt")
+    export.export_onnx(model, tmp_path / "model.onnx")
+    x = data.to_tensor(fmnist.test.images[:256])
+    reports = export.parity(model, tmp_path / "model.pt", tmp_path / "model.onnx", x)
+    for fmt, r in reports.items():
+        assert r.ok, (fmt, r)
+        assert r.max_logit_diff <= 1e-3 and r.top1_agreement >= 0.999
+    sess = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits, feats = sess.run(list(export.ONNX_OUTPUTS), {export.ONNX_INPUT: x[:3].numpy()})
+    assert logits.shape == (3, 10) and feats.shape == (3, models.ResNet18.feature_dim)
