@@ -78,6 +78,7 @@ class Metrics:
             for check in CHECK_NAMES:
                 self.check_score.labels(model=name, check=check)
             self.forward_passes.labels(model=name)
+            self.backend_batch_images.labels(model=name)
         for stage in STAGES:
             self.stage_duration.labels(stage=stage)
         self.backend_requests.labels(code="OK")

@@ -108,6 +108,13 @@ def panels() -> list[Panel]:
              thresholds=[{"color": "red", "value": None}, {"color": "green", "value": 1}]),
         stat("Scrape targets up", "Gateway and TorchServe metrics endpoints Prometheus can read.",
              [target('sum(up{job=~"robustgate.*|torchserve.*"})', "up")], w=4, h=8),
+        timeseries("Images per TorchServe call (coalescing)",
+                   "Mean and p99 images the gateway's coalescer sent per TorchServe call; empty while "
+                   "coalescing is off (coalesce_max_batch 0). Near 1 under load: the backend keeps up.",
+                   [target(f"sum by (model) (rate(robustgate_backend_batch_images_sum{{{M}}}[{RATE}])) / "
+                           f"sum by (model) (rate(robustgate_backend_batch_images_count{{{M}}}[{RATE}]))",
+                           "{{model}} mean")]
+                   + quantiles("robustgate_backend_batch_images", "model", M, (0.99,)), w=8),
         row("Robustness"),
         timeseries("Flag and reject ratio vs calibrated baseline",
                    "Share of answered requests the gate flagged (FLAG or REJECT) or rejected, over 15 min, "
