@@ -56,6 +56,7 @@ class HandlerSettings:
     max_forward_batch: int = 256  # rows per forward call; a batch's rows go in chunks of this
     max_variants: int = 2048  # variants one plan may ask for (rows - 1)
     max_batch_items: int = 256  # images one ProbeBatch may carry
+    max_batch_rows: int = 8192  # rows (images x (1 + variants)) one ProbeBatch may ask for
     max_image_bytes: int = 1 << 20  # encoded image or tensor bytes
     max_image_pixels: int = 1 << 22  # width * height read from the header, before decoding
     intra_op_threads: int = 0  # torch / ONNX Runtime threads per worker; 0 = library default
@@ -69,7 +70,8 @@ class HandlerSettings:
         if unknown:
             raise ValueError(f"model-config.yaml handler: unknown keys {unknown}")
         s = cls(**section)
-        for name in ("max_forward_batch", "max_variants", "max_batch_items", "max_image_bytes", "max_image_pixels"):
+        for name in ("max_forward_batch", "max_variants", "max_batch_items", "max_batch_rows", "max_image_bytes",
+                     "max_image_pixels"):
             if int(getattr(s, name)) < 1:
                 raise ValueError(f"model-config.yaml handler.{name} must be >= 1")
         return s
@@ -290,9 +292,7 @@ class ProbeHandler(BaseHandler):
         if not isinstance(raw, (bytes, bytearray)):
             raise InputError("the batch must be sent as bytes of a serialized robustgate.v1.ProbeBatch")
         limit = self.settings.max_batch_items
-        # Bound the bytes before parsing: every item's tensor is capped at max_image_bytes.
-        if len(raw) > limit * (self.settings.max_image_bytes + 64 * 1024):
-            raise InputError(f"batch is {len(raw)} bytes; too large")
+        # TorchServe's max_request_size bounds the bytes before the handler sees them.
         try:
             batch = probe_pb2.ProbeBatch.FromString(bytes(raw))
         except DecodeError:
@@ -302,14 +302,22 @@ class ProbeHandler(BaseHandler):
         if len(batch.items) > limit:
             raise InputError(f"batch has {len(batch.items)} items; the limit is {limit}")
         items: list[Item] = []
+        rows = 0
         for item in batch.items:
             try:
                 if not item.HasField("tensor"):
                     raise InputError("batch item has no tensor")
                 arr = tensor_array(item.tensor, self.card.spec)
-                items.append(self._request(arr, item.plan if item.HasField("plan") else None))
+                req = self._request(arr, item.plan if item.HasField("plan") else None)
+                if rows + req.rows > self.settings.max_batch_rows:
+                    raise InputError(f"batch asks for more than {self.settings.max_batch_rows} rows; send fewer items", 413)
+                rows += req.rows
+                items.append(req)
             except InputError as e:
                 items.append(e)
+            except Exception:  # one item's surprise fails that item only
+                logger.exception("batch item could not be decoded")
+                items.append(InputError("internal error", 500))
         return items
 
     def _request(self, arr: np.ndarray, plan: probe_pb2.ProbePlan | None) -> Request:

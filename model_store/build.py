@@ -160,6 +160,7 @@ def rearchive_if_stale(store: Path, name: str) -> bool:
              if not archive.archive_is_current(store / "archives" / f"{archive.archive_name(name, fmt)}.mar")]
     if not stale:
         return False
+    archive.verify_manifest(store)  # the new manifest re-approves the whole store: it must verify first
     for fmt in stale:
         archive.build_archive(store / name, fmt, store / "archives")
     archive.write_manifest(store)
@@ -207,8 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     names = list(PRESETS) if args.model == "all" else [args.model]
     for name in names:
         if not args.force and is_built(args.store, name):
-            if rearchive_if_stale(args.store, name):
-                print(f"[{name}] handler code changed since the archives were built: archives rebuilt")
+            try:
+                if rearchive_if_stale(args.store, name):
+                    print(f"[{name}] handler code changed since the archives were built: archives rebuilt")
+            except archive.ManifestError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
             print(f"[{name}] already built and verified in {args.store / name} (use --force to rebuild)")
             continue
         start = time.perf_counter()

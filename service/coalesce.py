@@ -34,7 +34,7 @@ import numpy as np
 
 from robustgate.v1 import probe_pb2
 from service.backend import ProbeOutput, TorchServeBackend
-from service.errors import BackendUnavailable, DeadlineExceeded, GatewayError
+from service.errors import BackendUnavailable, DeadlineExceeded, GatewayError, InvalidInput
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +46,20 @@ class CoalesceConfig:
     max_wait_ms: float = 2.0
     """Longest a request waits for company while the backend is busy."""
     max_rows: int = 4096
-    """Variant rows (every image's 1 + plan variants) in one call, so gate requests stay bounded."""
+    """Variant rows (every image's 1 + plan variants) in one call, so gate requests stay bounded
+    (at most the handler's ``max_batch_rows``)."""
+    max_bytes: int = 2 << 20
+    """Image bytes in one call, well inside the gRPC message limits on both sides."""
+    # handlers/model-config.yaml's max_batch_items; a larger batch would be refused whole.
+    HANDLER_MAX_ITEMS = 256
 
     def __post_init__(self) -> None:
-        if self.max_batch < 2:
-            raise ValueError("coalescing needs max_batch >= 2")
+        if not 2 <= self.max_batch <= self.HANDLER_MAX_ITEMS:
+            raise ValueError(f"coalescing needs 2 <= max_batch <= {self.HANDLER_MAX_ITEMS} (the handler's max_batch_items)")
         if self.max_wait_ms < 0:
             raise ValueError("max_wait_ms must be >= 0")
-        if self.max_rows < 1:
-            raise ValueError("max_rows must be >= 1")
+        if self.max_rows < 1 or self.max_bytes < 1:
+            raise ValueError("max_rows and max_bytes must be >= 1")
 
 
 def plan_rows(plan: probe_pb2.ProbePlan | None) -> int:
@@ -70,6 +75,7 @@ class _Waiting:
     image: np.ndarray
     plan: probe_pb2.ProbePlan | None
     rows: int
+    nbytes: int
     deadline: float  # time.monotonic()
     future: asyncio.Future
 
@@ -80,6 +86,7 @@ class _Lane:
 
     waiting: list[_Waiting] = field(default_factory=list)
     rows: int = 0
+    nbytes: int = 0
     inflight: int = 0
     timer: asyncio.TimerHandle | None = None
 
@@ -100,12 +107,14 @@ class Coalescer:
         loop = asyncio.get_running_loop()
         key = (model_name, version)
         lane = self._lanes.setdefault(key, _Lane())
-        w = _Waiting(image, plan, plan_rows(plan), time.monotonic() + timeout_s, loop.create_future())
-        if lane.waiting and lane.rows + w.rows > self.config.max_rows:
+        cfg = self.config
+        w = _Waiting(image, plan, plan_rows(plan), image.nbytes, time.monotonic() + timeout_s, loop.create_future())
+        if lane.waiting and (lane.rows + w.rows > cfg.max_rows or lane.nbytes + w.nbytes > cfg.max_bytes):
             self._flush(key)  # this one would overflow the call: the waiting ones go first
         lane.waiting.append(w)
         lane.rows += w.rows
-        if len(lane.waiting) >= self.config.max_batch or lane.rows >= self.config.max_rows:
+        lane.nbytes += w.nbytes
+        if len(lane.waiting) >= cfg.max_batch or lane.rows >= cfg.max_rows or lane.nbytes >= cfg.max_bytes:
             self._flush(key)
         elif lane.timer is None:
             delay = 0.0 if lane.inflight == 0 else self.config.max_wait_ms / 1000.0
@@ -114,13 +123,16 @@ class Coalescer:
             return await asyncio.wait_for(asyncio.shield(w.future), timeout_s)
         except TimeoutError:
             raise DeadlineExceeded("backend did not answer within the deadline") from None
+        finally:
+            if not w.future.done():  # the caller is gone (deadline, cancelled): not sent if still waiting
+                w.future.cancel()
 
     def _flush(self, key: tuple[str, str]) -> None:
         lane = self._lanes[key]
         if lane.timer is not None:
             lane.timer.cancel()
             lane.timer = None
-        batch, lane.waiting, lane.rows = lane.waiting, [], 0
+        batch, lane.waiting, lane.rows, lane.nbytes = lane.waiting, [], 0, 0
         now = time.monotonic()
         live = []
         for w in batch:
@@ -149,6 +161,12 @@ class Coalescer:
             else:
                 outs = await self.backend.probe_batch(
                     model_name, [(w.image, w.plan) for w in batch], timeout_s, version)
+        except InvalidInput as e:
+            # The batch as a whole was refused: no caller's input is to blame (each item is
+            # answered on its own otherwise). Archives older than the gateway, or a
+            # coalesce_max_batch above the handler's max_batch_items.
+            log.error("TorchServe refused a coalesced batch of %d: %s", len(batch), e)
+            outs = [BackendUnavailable("backend is unavailable")] * len(batch)
         except GatewayError as e:
             outs = [e] * len(batch)
         except Exception:  # never leave a caller hanging on a bug
@@ -182,5 +200,5 @@ class Coalescer:
         for key, lane in self._lanes.items():
             if lane.waiting:
                 self._flush(key)
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        while self._tasks:  # a finishing call may start the next batch
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)

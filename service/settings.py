@@ -82,8 +82,9 @@ class Settings:
     def __post_init__(self) -> None:
         if self.backend_format not in ("torchscript", "onnx"):
             raise ValueError(f"backend_format must be torchscript or onnx, not {self.backend_format!r}")
-        if self.coalesce_max_batch < 0 or self.coalesce_max_wait_ms < 0 or self.coalesce_max_rows < 1:
-            raise ValueError("coalesce_max_batch and coalesce_max_wait_ms must be >= 0, coalesce_max_rows >= 1")
+        if not 0 <= self.coalesce_max_batch <= 256 or self.coalesce_max_wait_ms < 0 or self.coalesce_max_rows < 1:
+            raise ValueError("coalesce_max_batch must be in [0, 256] (the handler's max_batch_items), "
+                             "coalesce_max_wait_ms >= 0, coalesce_max_rows >= 1")
         if self.max_inflight < 1:
             raise ValueError("max_inflight must be >= 1")
         if not 0.0 <= self.trace_sample_ratio <= 1.0:

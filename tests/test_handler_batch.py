@@ -219,3 +219,14 @@ def test_a_bad_probe_batch_is_refused_whole(tiny_store: Path, tmp_path: Path, im
         with pytest.raises(PredictionException, match=match) as err:
             h.handle([{"batch": raw}], ctx)
         assert err.value.error_code == 400
+
+
+def test_a_probe_batch_is_bounded_in_rows(tiny_store: Path, tmp_path: Path, images: np.ndarray) -> None:
+    h, ctx = load_handler(tmp_path, tiny_store, "onnx", max_batch_rows=20)
+    batch = probe_pb2.ProbeBatch(items=[probe_pb2.ProbeItem(tensor=tensor(images[0]), plan=PLAN),  # 17 rows
+                                        probe_pb2.ProbeItem(tensor=tensor(images[1])),              # 18
+                                        probe_pb2.ProbeItem(tensor=tensor(images[2]), plan=PLAN)])  # 35: over
+    ctx.request_processor = [RequestProcessor({})]
+    res = probe_pb2.ProbeBatchResult.FromString(h.handle([{"batch": batch.SerializeToString()}], ctx)[0]).results
+    assert [r.rows for r in res] == [17, 1, 0]
+    assert res[2].error.code == 413 and "20 rows" in res[2].error.message
