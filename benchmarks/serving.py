@@ -6,7 +6,9 @@
 Closed-loop asyncio clients over loopback at each concurrency, for a fixed time each:
 
 - in process: TorchScript and ONNX Runtime, one image per call (the limit);
-- TorchServe called directly over its gRPC API (plain classification, no plan);
+- TorchServe called directly over its gRPC API (plain classification, no plan), with the
+  project's settings (handlers/model-config.yaml) and out of the box (the same archive
+  without that file: TorchServe's batch size 1, one worker per core, default threads);
 - the gateway with the gate off; with the calibrated gate (cascade); with every check on;
   the first two again with request coalescing on (``--coalesce-max-batch``), beside
   TorchServe's own batching alone;
@@ -113,6 +115,16 @@ def store_with_policy(src: Path, dst: Path, model: str, edit) -> Path:
     return dst
 
 
+def ootb_store(src: Path, model: str, dst: Path) -> Path:
+    """A store holding only ``<model>-onnx.mar`` built WITHOUT the project's model-config.yaml:
+    TorchServe's defaults (batch size 1, ``default_workers`` workers, no handler tuning)."""
+    from model_store import archive
+
+    archive.build_archive(src / model, "onnx", dst / "archives", config=None)
+    archive.write_manifest(dst)
+    return dst
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.serving", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -201,6 +213,25 @@ def main(argv: list[str] | None = None) -> int:
             for c in levels:
                 results.append(await closed_loop(name, call, c, args.seconds))
 
+    ootb = ootb_store(args.store, args.model, tmp / "ootb")
+
+    async def run_ootb(ts) -> None:
+        md = (("authorization", f"Bearer {ts.keys().inference}"),)
+        tensors = [encode_tensor(im[None]) for im in images]
+        async with grpc.aio.insecure_channel(ts.grpc_inference_target) as ch:
+            stub = inference_pb2_grpc.InferenceAPIsServiceStub(ch)
+
+            async def direct(i: int) -> None:
+                await stub.Predictions(inference_pb2.PredictionsRequest(
+                    model_name=f"{args.model}-onnx", input={"tensor": tensors[i % len(tensors)]}),
+                    metadata=md, timeout=30)
+
+            for c in levels:
+                results.append(await closed_loop(DIRECT_OOTB, direct, c, args.seconds))
+
+    with serve.start(serve.ServeSettings.on_free_ports(store=ootb, run_dir=tmp / "ts-ootb",
+                                                       default_workers=os.cpu_count() or 1)) as ts:
+        asyncio.run(run_ootb(ts))
     with serve.start(settings) as ts:
         for name, store, extra in ((GATE_OFF, gate_off, {}), (GATE_OFF + COALESCED, gate_off, coalesce),
                                    (CASCADE, args.store, {}), (CASCADE + COALESCED, args.store, coalesce),
@@ -233,6 +264,7 @@ COALESCED = ", coalescing"
 CERT_SEQ = "gateway, certify every request, sequential sampling"
 CERT_FIXED = "gateway, certify every request, fixed budget"
 DIRECT = "TorchServe direct (plain)"
+DIRECT_OOTB = "TorchServe direct (plain), out-of-the-box settings"
 IN_PROCESS = "in-process ONNX Runtime"
 
 
@@ -246,6 +278,7 @@ def ratios(results: list[Result], levels: list[int]) -> dict[str, float]:
     top, one = max(levels), min(levels)
     pairs = {
         f"throughput gateway gate-off / TorchServe direct (c={top})": (GATE_OFF, DIRECT, "per_s", top),
+        f"throughput TorchServe project settings / out of the box (c={top})": (DIRECT, DIRECT_OOTB, "per_s", top),
         f"throughput gateway gate-off with coalescing / TorchServe direct (c={top})":
             (GATE_OFF + COALESCED, DIRECT, "per_s", top),
         **{f"throughput coalescing / TorchServe batching alone, gate off (c={c})":

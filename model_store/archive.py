@@ -47,9 +47,14 @@ def _copy_py_tree(src: Path, dst: Path) -> None:
     )
 
 
-def build_archive(model_dir: Path, fmt: str, export_dir: Path, version: str = "1.0") -> Path:
+DEFAULT_CONFIG = HANDLERS_DIR / "model-config.yaml"
+
+
+def build_archive(model_dir: Path, fmt: str, export_dir: Path, version: str = "1.0",
+                  config: Path | None = DEFAULT_CONFIG) -> Path:
     """Package ``model_dir`` (holding the export and ``card.json``) for ``fmt`` into
-    ``export_dir/<model>-<fmt>.mar``; return its path."""
+    ``export_dir/<model>-<fmt>.mar``; return its path. ``config``: the model-config.yaml
+    packed with it (None: none, TorchServe's defaults; the serving benchmark's baseline)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose from {sorted(FORMATS)}")
     serialized, entry = FORMATS[fmt]
@@ -80,8 +85,7 @@ def build_archive(model_dir: Path, fmt: str, export_dir: Path, version: str = "1
             str(export_dir),
             "--force",
         ]
-        config = HANDLERS_DIR / "model-config.yaml"
-        if config.is_file():
+        if config is not None:
             cmd += ["--config-file", str(config)]
         subprocess.run(cmd, check=True, capture_output=True, text=True)
     return export_dir / f"{name}.mar"

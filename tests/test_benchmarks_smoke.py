@@ -20,11 +20,12 @@ def test_serving_benchmark_smoke(default_store: Path, tmp_path: Path) -> None:
     assert {"in-process TorchScript", "in-process ONNX Runtime", "TorchServe direct (plain)", "gateway, gate off",
             "gateway, gate off, coalescing", "gateway, calibrated gate (cascade)",
             "gateway, calibrated gate (cascade), coalescing", "gateway, every check on",
-            "gateway, certify every request, sequential sampling", "gateway, certify every request, fixed budget"} <= names
+            "gateway, certify every request, sequential sampling", "gateway, certify every request, fixed budget",
+            "TorchServe direct (plain), out-of-the-box settings"} <= names
     assert all(r["errors"] == 0 and r["calls"] > 0 for r in report["results"])
     for ratio in ("throughput gateway gate-off / TorchServe direct (c=4)",
                   "throughput coalescing / TorchServe batching alone, gate off (c=4)",
-                  "p50 certify sequential / fixed (c=1)", "throughput on-device expansion / naive (c=4)"):
+                  "p50 certify sequential / fixed (c=1)", "throughput TorchServe project settings / out of the box (c=4)", "throughput on-device expansion / naive (c=4)"):
         assert report["ratios"][ratio] > 0, ratio
     assert (tmp_path / "serving-smoke.md").read_text().startswith("# Serving benchmark")
     assert (tmp_path / "serving-smoke.png").read_bytes()[:4] == b"\x89PNG"
