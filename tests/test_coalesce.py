@@ -166,7 +166,7 @@ def test_gateway_coalesces_concurrent_requests_without_changing_answers(
     the coalescing one sent fewer TorchServe calls than requests (its batch-size histogram)."""
     images = fmnist.test.images[200:248]
     metrics_port = free_port()
-    plain, plain_addr = start_gateway(calibrated_store, torchserve, tmp_path)
+    plain, plain_addr = start_gateway(calibrated_store, torchserve, tmp_path, **{"coalesce-max-batch": "0"})
     merged, merged_addr = start_gateway(calibrated_store, torchserve, tmp_path, **{
         "coalesce-max-batch": "16", "coalesce-max-wait-ms": "5", "metrics-port": str(metrics_port)})
     try:
