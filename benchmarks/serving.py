@@ -6,10 +6,12 @@
 Closed-loop asyncio clients over loopback at each concurrency, for a fixed time each:
 
 - in process: TorchScript and ONNX Runtime, one image per call (the limit);
-- TorchServe called directly over its gRPC API (plain classification, no plan), with the
-  project's settings (handlers/model-config.yaml) and out of the box (the same archive
-  without that file: TorchServe's batch size 1, one worker per core, default threads);
-- the gateway with the gate off; with the calibrated gate (cascade); with every check on;
+- TorchServe called directly over its gRPC API (plain classification, no plan): the ONNX and
+  the TorchScript archive with the project's settings (handlers/model-config.yaml), and the
+  ONNX archive out of the box (without that file: TorchServe's batch size 1, one worker per
+  core, default threads);
+- the gateway with the gate off (on the ONNX and on the TorchScript backend); with the
+  calibrated gate (cascade); with every check on;
   the first two again with request coalescing on (``--coalesce-max-batch``), beside
   TorchServe's own batching alone;
 - the gateway certifying every request (randomized smoothing): sequential sampling against a
@@ -173,21 +175,31 @@ def main(argv: list[str] | None = None) -> int:
     coalesce = {"coalesce-max-batch": str(args.coalesce_max_batch), "coalesce-max-wait-ms": str(args.coalesce_max_wait_ms)}
     cheap_rows = None
 
+    tensors = [encode_tensor(im[None]) for im in images]
+
+    async def warm_up(call) -> None:
+        """Unmeasured load first (every concurrency), so no row pays for JIT and cold caches:
+        without it the first row measured after a start reads up to 2x slow."""
+        for c in levels:
+            await closed_loop("warm-up", call, c, min(0.5, args.seconds))
+
+    def direct_call(ts, stub, fmt: str):
+        md = (("authorization", f"Bearer {ts.keys().inference}"),)
+
+        async def direct(i: int) -> None:
+            await stub.Predictions(inference_pb2.PredictionsRequest(
+                model_name=f"{args.model}-{fmt}", input={"tensor": tensors[i % len(tensors)]}),
+                metadata=md, timeout=30)
+        return direct
+
     async def run_all(ts) -> None:
-        nonlocal cheap_rows
-        key = ts.keys().inference
-        md = (("authorization", f"Bearer {key}"),)
-        tensors = [encode_tensor(im[None]) for im in images]
         async with grpc.aio.insecure_channel(ts.grpc_inference_target) as ch:
             stub = inference_pb2_grpc.InferenceAPIsServiceStub(ch)
-
-            async def direct(i: int) -> None:
-                await stub.Predictions(inference_pb2.PredictionsRequest(
-                    model_name=f"{args.model}-onnx", input={"tensor": tensors[i % len(tensors)]}),
-                    metadata=md, timeout=30)
-
-            for c in levels:
-                results.append(await closed_loop("TorchServe direct (plain)", direct, c, args.seconds))
+            for name, fmt in ((DIRECT, "onnx"), (DIRECT_TS, "torchscript")):
+                await warm_up(direct_call(ts, stub, fmt))
+                for c in levels:
+                    results.append(await closed_loop(name, direct_call(ts, stub, fmt), c, args.seconds))
+            direct = direct_call(ts, stub, "onnx")
             # Naive: each of the gate's variants as its own one-image call.
             rows = cheap_rows or 11
 
@@ -210,32 +222,28 @@ def main(argv: list[str] | None = None) -> int:
             async def call(i: int) -> None:
                 await stub.Classify(reqs[i % len(reqs)], timeout=30)
 
+            await warm_up(call)
             for c in levels:
                 results.append(await closed_loop(name, call, c, args.seconds))
 
     ootb = ootb_store(args.store, args.model, tmp / "ootb")
 
     async def run_ootb(ts) -> None:
-        md = (("authorization", f"Bearer {ts.keys().inference}"),)
-        tensors = [encode_tensor(im[None]) for im in images]
         async with grpc.aio.insecure_channel(ts.grpc_inference_target) as ch:
             stub = inference_pb2_grpc.InferenceAPIsServiceStub(ch)
-
-            async def direct(i: int) -> None:
-                await stub.Predictions(inference_pb2.PredictionsRequest(
-                    model_name=f"{args.model}-onnx", input={"tensor": tensors[i % len(tensors)]}),
-                    metadata=md, timeout=30)
-
+            await warm_up(direct_call(ts, stub, "onnx"))
             for c in levels:
-                results.append(await closed_loop(DIRECT_OOTB, direct, c, args.seconds))
+                results.append(await closed_loop(DIRECT_OOTB, direct_call(ts, stub, "onnx"), c, args.seconds))
 
     with serve.start(serve.ServeSettings.on_free_ports(store=ootb, run_dir=tmp / "ts-ootb",
                                                        default_workers=os.cpu_count() or 1)) as ts:
         asyncio.run(run_ootb(ts))
     with serve.start(settings) as ts:
-        for name, store, extra in ((GATE_OFF, gate_off, {}), (GATE_OFF + COALESCED, gate_off, coalesce),
-                                   (CASCADE, args.store, {}), (CASCADE + COALESCED, args.store, coalesce),
-                                   (EVERY_CHECK, gate_all, {}), (CERT_SEQ, cert_seq, {}), (CERT_FIXED, cert_fixed, {})):
+        off = {"coalesce-max-batch": "0"}  # TorchServe's batching alone
+        for name, store, extra in ((GATE_OFF, gate_off, off), (GATE_OFF + COALESCED, gate_off, coalesce),
+                                   (GATE_OFF_TS, gate_off, {**off, "backend-format": "torchscript"}),
+                                   (CASCADE, args.store, off), (CASCADE + COALESCED, args.store, coalesce),
+                                   (EVERY_CHECK, gate_all, off), (CERT_SEQ, cert_seq, off), (CERT_FIXED, cert_fixed, off)):
             proc, address = start_gateway(store, ts, tmp, **extra)
             try:
                 asyncio.run(run_gateway(name, address))
@@ -265,6 +273,8 @@ CERT_SEQ = "gateway, certify every request, sequential sampling"
 CERT_FIXED = "gateway, certify every request, fixed budget"
 DIRECT = "TorchServe direct (plain)"
 DIRECT_OOTB = "TorchServe direct (plain), out-of-the-box settings"
+DIRECT_TS = "TorchServe direct (plain), TorchScript archive"
+GATE_OFF_TS = "gateway, gate off, TorchScript backend"
 IN_PROCESS = "in-process ONNX Runtime"
 
 
@@ -279,6 +289,8 @@ def ratios(results: list[Result], levels: list[int]) -> dict[str, float]:
     pairs = {
         f"throughput gateway gate-off / TorchServe direct (c={top})": (GATE_OFF, DIRECT, "per_s", top),
         f"throughput TorchServe project settings / out of the box (c={top})": (DIRECT, DIRECT_OOTB, "per_s", top),
+        f"throughput TorchServe direct, TorchScript / ONNX archive (c={top})": (DIRECT_TS, DIRECT, "per_s", top),
+        f"throughput gateway gate-off, TorchScript / ONNX backend (c={top})": (GATE_OFF_TS, GATE_OFF, "per_s", top),
         f"throughput gateway gate-off with coalescing / TorchServe direct (c={top})":
             (GATE_OFF + COALESCED, DIRECT, "per_s", top),
         **{f"throughput coalescing / TorchServe batching alone, gate off (c={c})":

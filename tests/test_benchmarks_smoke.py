@@ -21,7 +21,8 @@ def test_serving_benchmark_smoke(default_store: Path, tmp_path: Path) -> None:
             "gateway, gate off, coalescing", "gateway, calibrated gate (cascade)",
             "gateway, calibrated gate (cascade), coalescing", "gateway, every check on",
             "gateway, certify every request, sequential sampling", "gateway, certify every request, fixed budget",
-            "TorchServe direct (plain), out-of-the-box settings"} <= names
+            "TorchServe direct (plain), out-of-the-box settings", "TorchServe direct (plain), TorchScript archive",
+            "gateway, gate off, TorchScript backend"} <= names
     assert all(r["errors"] == 0 and r["calls"] > 0 for r in report["results"])
     for ratio in ("throughput gateway gate-off / TorchServe direct (c=4)",
                   "throughput coalescing / TorchServe batching alone, gate off (c=4)",
