@@ -177,11 +177,13 @@ def main(argv: list[str] | None = None) -> int:
 
     tensors = [encode_tensor(im[None]) for im in images]
 
-    async def warm_up(call) -> None:
-        """Unmeasured load first (every concurrency), so no row pays for JIT and cold caches:
-        without it the first row measured after a start reads up to 2x slow."""
-        for c in levels:
+    async def measure(name: str, call, warm: bool = True) -> None:
+        """One row per concurrency level. ``warm``: unmeasured load first (every level), so no
+        row pays for JIT and cold caches: without it the first row after a start reads up to 2x slow."""
+        for c in levels if warm else ():
             await closed_loop("warm-up", call, c, min(0.5, args.seconds))
+        for c in levels:
+            results.append(await closed_loop(name, call, c, args.seconds))
 
     def direct_call(ts, stub, fmt: str):
         md = (("authorization", f"Bearer {ts.keys().inference}"),)
@@ -196,9 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         async with grpc.aio.insecure_channel(ts.grpc_inference_target) as ch:
             stub = inference_pb2_grpc.InferenceAPIsServiceStub(ch)
             for name, fmt in ((DIRECT, "onnx"), (DIRECT_TS, "torchscript")):
-                await warm_up(direct_call(ts, stub, fmt))
-                for c in levels:
-                    results.append(await closed_loop(name, direct_call(ts, stub, fmt), c, args.seconds))
+                await measure(name, direct_call(ts, stub, fmt))
             direct = direct_call(ts, stub, "onnx")
             # Naive: each of the gate's variants as its own one-image call.
             rows = cheap_rows or 11
@@ -206,8 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             async def naive(i: int) -> None:
                 await asyncio.gather(*(direct(i) for _ in range(rows)))
 
-            for c in levels:
-                results.append(await closed_loop(f"naive: {rows} variants as separate calls", naive, c, args.seconds))
+            await measure(f"naive: {rows} variants as separate calls", naive, warm=False)  # direct warmed it
 
     async def run_gateway(name: str, address: str) -> None:
         nonlocal cheap_rows
@@ -222,18 +221,14 @@ def main(argv: list[str] | None = None) -> int:
             async def call(i: int) -> None:
                 await stub.Classify(reqs[i % len(reqs)], timeout=30)
 
-            await warm_up(call)
-            for c in levels:
-                results.append(await closed_loop(name, call, c, args.seconds))
+            await measure(name, call)
 
     ootb = ootb_store(args.store, args.model, tmp / "ootb")
 
     async def run_ootb(ts) -> None:
         async with grpc.aio.insecure_channel(ts.grpc_inference_target) as ch:
             stub = inference_pb2_grpc.InferenceAPIsServiceStub(ch)
-            await warm_up(direct_call(ts, stub, "onnx"))
-            for c in levels:
-                results.append(await closed_loop(DIRECT_OOTB, direct_call(ts, stub, "onnx"), c, args.seconds))
+            await measure(DIRECT_OOTB, direct_call(ts, stub, "onnx"))
 
     with serve.start(serve.ServeSettings.on_free_ports(store=ootb, run_dir=tmp / "ts-ootb",
                                                        default_workers=os.cpu_count() or 1)) as ts:

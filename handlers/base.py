@@ -292,8 +292,7 @@ class ProbeHandler(BaseHandler):
         if not isinstance(raw, (bytes, bytearray)):
             raise InputError("the batch must be sent as bytes of a serialized robustgate.v1.ProbeBatch")
         limit = self.settings.max_batch_items
-        # TorchServe's max_request_size bounds the bytes before the handler sees them.
-        try:
+        try:  # TorchServe's max_request_size has bounded the bytes already
             batch = probe_pb2.ProbeBatch.FromString(bytes(raw))
         except DecodeError:
             raise InputError("batch is not a valid robustgate.v1.ProbeBatch") from None

@@ -167,6 +167,17 @@ class TorchServeBackend:
                 self._metadata = (("authorization", f"Bearer {token}"),)
         raise AssertionError("unreachable")
 
+    async def _predict(self, model_name: str, version: str, inputs: dict[str, bytes], timeout_s: float) -> bytes:
+        """One Predictions call within ``timeout_s``; its answer's bytes, or a domain error."""
+        if timeout_s <= 0:
+            raise DeadlineExceeded("request deadline ran out before the backend call")
+        req = inference_pb2.PredictionsRequest(model_name=model_name, model_version=version, input=inputs)
+        try:
+            resp = await self._call(req, timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise map_rpc_error(e) from None
+        return resp.prediction
+
     async def probe(
         self,
         model_name: str,
@@ -176,23 +187,10 @@ class TorchServeBackend:
         version: str = "",
     ) -> ProbeOutput:
         """One call: the image plus an optional plan -> logits of every variant."""
-        if timeout_s <= 0:
-            raise DeadlineExceeded("request deadline ran out before the backend call")
         inputs = {"tensor": encode_tensor(image)}
         if plan is not None:
             inputs["plan"] = plan.SerializeToString()
-        req = inference_pb2.PredictionsRequest(model_name=model_name, model_version=version, input=inputs)
-        try:
-            resp = await self._call(req, timeout_s)
-        except grpc.aio.AioRpcError as e:
-            raise map_rpc_error(e) from None
-        try:
-            return decode_result(resp.prediction)
-        except GatewayError:
-            raise
-        except Exception as e:  # a malformed answer is the backend's fault, not the caller's
-            log.error("backend answered an undecodable ProbeResult: %s", e)
-            raise BackendUnavailable("backend answered an undecodable result") from None
+        return _checked(await self._predict(model_name, version, inputs, timeout_s))
 
     async def probe_batch(
         self,
@@ -204,21 +202,14 @@ class TorchServeBackend:
         """One call carrying several images, each with its own plan (a ``ProbeBatch``): one
         output per item, in order, or that item's own error. A failure of the call itself
         raises, as :meth:`probe` does."""
-        if timeout_s <= 0:
-            raise DeadlineExceeded("request deadline ran out before the backend call")
         batch = probe_pb2.ProbeBatch(items=[
             probe_pb2.ProbeItem(tensor=tensor_message(image), plan=plan) if plan is not None
             else probe_pb2.ProbeItem(tensor=tensor_message(image))
             for image, plan in items
         ])
-        req = inference_pb2.PredictionsRequest(model_name=model_name, model_version=version,
-                                               input={"batch": batch.SerializeToString()})
+        raw = await self._predict(model_name, version, {"batch": batch.SerializeToString()}, timeout_s)
         try:
-            resp = await self._call(req, timeout_s)
-        except grpc.aio.AioRpcError as e:
-            raise map_rpc_error(e) from None
-        try:
-            results = probe_pb2.ProbeBatchResult.FromString(resp.prediction).results
+            results = probe_pb2.ProbeBatchResult.FromString(raw).results
         except Exception as e:
             log.error("backend answered an undecodable ProbeBatchResult: %s", e)
             raise BackendUnavailable("backend answered an undecodable result") from None
@@ -228,10 +219,18 @@ class TorchServeBackend:
         outs: list[ProbeOutput | GatewayError] = []
         for res in results:
             try:
-                outs.append(decode_result(res))
+                outs.append(_checked(res))
             except GatewayError as e:
                 outs.append(e)
-            except Exception as e:
-                log.error("backend answered an undecodable ProbeResult: %s", e)
-                outs.append(BackendUnavailable("backend answered an undecodable result"))
         return outs
+
+
+def _checked(raw: bytes | probe_pb2.ProbeResult) -> ProbeOutput:
+    """:func:`decode_result`, where a malformed answer is the backend's fault, not the caller's."""
+    try:
+        return decode_result(raw)
+    except GatewayError:
+        raise
+    except Exception as e:
+        log.error("backend answered an undecodable ProbeResult: %s", e)
+        raise BackendUnavailable("backend answered an undecodable result") from None

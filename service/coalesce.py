@@ -35,6 +35,7 @@ import numpy as np
 from robustgate.v1 import probe_pb2
 from service.backend import ProbeOutput, TorchServeBackend
 from service.errors import BackendUnavailable, DeadlineExceeded, GatewayError, InvalidInput
+from service.settings import HANDLER_MAX_BATCH_ITEMS
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +51,10 @@ class CoalesceConfig:
     (at most the handler's ``max_batch_rows``)."""
     max_bytes: int = 2 << 20
     """Image bytes in one call, well inside the gRPC message limits on both sides."""
-    # handlers/model-config.yaml's max_batch_items; a larger batch would be refused whole.
-    HANDLER_MAX_ITEMS = 256
 
     def __post_init__(self) -> None:
-        if not 2 <= self.max_batch <= self.HANDLER_MAX_ITEMS:
-            raise ValueError(f"coalescing needs 2 <= max_batch <= {self.HANDLER_MAX_ITEMS} (the handler's max_batch_items)")
+        if not 2 <= self.max_batch <= HANDLER_MAX_BATCH_ITEMS:
+            raise ValueError(f"coalescing needs 2 <= max_batch <= {HANDLER_MAX_BATCH_ITEMS} (the handler's max_batch_items)")
         if self.max_wait_ms < 0:
             raise ValueError("max_wait_ms must be >= 0")
         if self.max_rows < 1 or self.max_bytes < 1:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 ENV_PREFIX = "ROBUSTGATE_"
+# handlers/model-config.yaml's handler.max_batch_items: a coalesced batch above it is refused whole.
+HANDLER_MAX_BATCH_ITEMS = 256
 
 
 @dataclass(frozen=True)
@@ -85,9 +87,10 @@ class Settings:
     def __post_init__(self) -> None:
         if self.backend_format not in ("torchscript", "onnx"):
             raise ValueError(f"backend_format must be torchscript or onnx, not {self.backend_format!r}")
-        if not 0 <= self.coalesce_max_batch <= 256 or self.coalesce_max_wait_ms < 0 or self.coalesce_max_rows < 1:
-            raise ValueError("coalesce_max_batch must be in [0, 256] (the handler's max_batch_items), "
-                             "coalesce_max_wait_ms >= 0, coalesce_max_rows >= 1")
+        if (not 0 <= self.coalesce_max_batch <= HANDLER_MAX_BATCH_ITEMS or self.coalesce_max_wait_ms < 0
+                or self.coalesce_max_rows < 1):
+            raise ValueError(f"coalesce_max_batch must be in [0, {HANDLER_MAX_BATCH_ITEMS}] (the handler's "
+                             "max_batch_items), coalesce_max_wait_ms >= 0, coalesce_max_rows >= 1")
         if self.max_inflight < 1:
             raise ValueError("max_inflight must be >= 1")
         if not 0.0 <= self.trace_sample_ratio <= 1.0:

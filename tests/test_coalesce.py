@@ -65,6 +65,13 @@ def run(coro):
     return asyncio.run(coro)
 
 
+async def occupy(c: Coalescer) -> asyncio.Future:
+    """A first call that keeps the backend busy, so the next requests wait for company."""
+    first = asyncio.ensure_future(c.probe("m", image(1), None, 5.0))
+    await asyncio.sleep(0.01)
+    return first
+
+
 def test_a_lone_request_leaves_at_once() -> None:
     async def main():
         c = Coalescer(ScriptedBackend(delay_s=0.0), CoalesceConfig(max_batch=8, max_wait_ms=500))
@@ -92,8 +99,7 @@ def test_busy_backend_gathers_for_at_most_max_wait() -> None:
     async def main():
         backend = ScriptedBackend(delay_s=0.3)
         c = Coalescer(backend, CoalesceConfig(max_batch=64, max_wait_ms=20))
-        first = asyncio.ensure_future(c.probe("m", image(1), None, 5.0))  # occupies the backend
-        await asyncio.sleep(0.01)
+        first = await occupy(c)
         t = time.perf_counter()
         second = [asyncio.ensure_future(c.probe("m", image(i), None, 5.0)) for i in (2, 3)]
         await asyncio.sleep(0.1)  # the wait (20 ms) is over: the second batch left without waiting for the first
@@ -208,8 +214,7 @@ def test_a_caller_that_left_is_not_sent() -> None:
     async def main():
         backend = ScriptedBackend(delay_s=0.2)
         c = Coalescer(backend, CoalesceConfig(max_batch=8, max_wait_ms=100))
-        first = asyncio.ensure_future(c.probe("m", image(1), None, 5.0))  # occupies the backend
-        await asyncio.sleep(0.01)
+        first = await occupy(c)
         gone = asyncio.ensure_future(c.probe("m", image(2), None, 5.0))
         stays = asyncio.ensure_future(c.probe("m", image(3), None, 5.0))
         await asyncio.sleep(0.01)

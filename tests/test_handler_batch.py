@@ -174,6 +174,9 @@ def test_torchscript_and_onnx_agree(tiny_store: Path, tmp_path: Path, images: np
 def test_model_config_settings() -> None:
     cfg = yaml.safe_load((Path(__file__).resolve().parent.parent / "handlers" / "model-config.yaml").read_text())
     s = HandlerSettings.from_yaml(cfg["handler"])
+    from service.settings import HANDLER_MAX_BATCH_ITEMS
+
+    assert s.max_batch_items == HANDLER_MAX_BATCH_ITEMS  # the gateway's bound on coalesce_max_batch
     assert s.max_forward_batch >= 64 and s.intra_op_threads == 1 and s.log_level == "WARNING"
     assert cfg["batchSize"] > 1 and cfg["maxBatchDelay"] > 0 and cfg["minWorkers"] >= 1
     with pytest.raises(ValueError, match="unknown keys"):
