@@ -14,7 +14,8 @@ calibration split that training never saw:
    (rotations by 40 degrees, 2x2 tile shuffles) — and ALLOCATES the
    flag and reject budgets among the enabled checks (:func:`service.gate.calibrate.
    calibrate_thresholds`): the union of all checks flags at most the target share of clean
-   images while catching as many attacks as it can;
+   images (with 95 % confidence for images like them, ``--confidence``) while catching as
+   many attacks as it can;
 3. writes ``<store>/<model>/policy.json`` (versioned, with the model's and the data's
    sha256) and re-signs the store's manifest.
 """
@@ -37,7 +38,9 @@ import torch
 from model_store import archive, data
 from service import perturb
 from service.backend import TorchServeBackend, read_inference_key
-from service.gate.calibrate import calibrate_thresholds, fit_squeeze_references, with_thresholds
+from service.gate.calibrate import (
+    DEFAULT_CONFIDENCE, calibrate_thresholds, fit_squeeze_references, with_thresholds,
+)
 from service.gate.checks import Check
 from service.gate.defaults import DEFAULT_VIEWS, default_probe, draft_policy
 from service.gate.density import fit_density
@@ -144,7 +147,7 @@ async def calibrate(
     store: Path, model: str, address: str, key_file: Path, *, images: int | None = None,
     attack_images: int = 1000, concurrency: int = 16, flag_rate: float = 0.05, reject_rate: float = 0.01,
     checks: Sequence[Check] = DEFAULT_CHECKS, backend_format: str = "onnx", seed: int = 0,
-    mode: Mode = Mode.ENFORCE, log=print,
+    mode: Mode = Mode.ENFORCE, confidence: float | None = DEFAULT_CONFIDENCE, log=print,
 ) -> Policy:
     card = json.loads((store / model / "card.json").read_text())
     ds = data.load(seed=card["data"].get("split_seed", 0))
@@ -193,7 +196,7 @@ async def calibrate(
 
     enabled = [c for c in checks if c in clean]
     result = calibrate_thresholds({c: clean[c] for c in enabled}, {c: attacked[c] for c in enabled},
-                                  flag_rate=flag_rate, reject_rate=reject_rate)
+                                  flag_rate=flag_rate, reject_rate=reject_rate, confidence=confidence)
     policy = with_thresholds(policy, result.thresholds, enable=True)
     for c in Check:
         if c not in enabled and policy.enabled(c):
@@ -223,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attack-images", type=int, default=1000)
     p.add_argument("--flag-rate", type=float, default=0.05)
     p.add_argument("--reject-rate", type=float, default=0.01)
+    p.add_argument("--confidence", type=float, default=DEFAULT_CONFIDENCE,
+                   help="keep the clean flag and reject rates within their targets with this "
+                        "confidence (Clopper-Pearson); 0 calibrates at the targets themselves")
     p.add_argument("--checks", default=",".join(c.value for c in DEFAULT_CHECKS))
     p.add_argument("--mode", default="enforce", choices=[m.value for m in Mode])
     p.add_argument("--concurrency", type=int, default=16)
@@ -243,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{args.model}] existing policy unusable ({e}); recalibrating")
     checks = [Check(c.strip()) for c in args.checks.split(",") if c.strip()]
     kwargs = dict(images=args.images, attack_images=args.attack_images, concurrency=args.concurrency,
-                  flag_rate=args.flag_rate, reject_rate=args.reject_rate, checks=checks, mode=Mode(args.mode))
+                  flag_rate=args.flag_rate, reject_rate=args.reject_rate, checks=checks, mode=Mode(args.mode),
+                  confidence=args.confidence)
     if args.start_torchserve:
         import tempfile
 

@@ -7,8 +7,8 @@ import pytest
 
 from service.gate.allocation import allocate
 from service.gate.calibrate import (
-    calibrate_thresholds, fit_squeeze_references, flag_rate, threshold_at_rate,
-    thresholds_at_rates,
+    calibrate_thresholds, fit_squeeze_references, flag_rate, rate_with_confidence,
+    threshold_at_rate, thresholds_at_rates,
 )
 from service.gate.checks import Check
 from service.gate.errors import CalibrationError
@@ -140,7 +140,7 @@ def test_calibrate_thresholds_with_attacks() -> None:
 
 def test_calibrate_thresholds_each_alone_without_attacks() -> None:
     clean, _ = _synthetic(6)
-    result = calibrate_thresholds(clean)
+    result = calibrate_thresholds(clean, confidence=None)
     for c, t in result.thresholds.items():
         assert flag_rate(clean[c], t.flag) == pytest.approx(0.05, abs=1e-3)
         assert flag_rate(clean[c], t.reject) == pytest.approx(0.01, abs=1e-3)
@@ -162,3 +162,46 @@ def test_fit_squeeze_references_one_cdf_per_squeezer() -> None:
     cdfs = fit_squeeze_references(raw)
     assert len(cdfs) == 4
     assert [c.values[-1] for c in cdfs] == pytest.approx(raw.max(axis=0).tolist())
+
+
+def test_rate_with_confidence_is_the_last_count_within_the_bound() -> None:
+    from scipy.stats import beta
+
+    for n, target in ((2500, 0.05), (2500, 0.01), (400, 0.05), (5000, 0.2)):
+        k = round(rate_with_confidence(target, n, 0.95) * n)
+        assert 0 < k < target * n
+        assert beta.ppf(0.95, k + 1, n - k) <= target < beta.ppf(0.95, k + 2, n - k - 1)
+    assert rate_with_confidence(0.05, 2500, None) == 0.05
+    assert rate_with_confidence(0.01, 100, 0.95) == 0.0  # 0 flags in 100 bounds the rate at 3 %
+    with pytest.raises(CalibrationError):
+        rate_with_confidence(0.05, 0, 0.95)
+    with pytest.raises(CalibrationError):
+        rate_with_confidence(0.05, 100, 1.0)
+
+
+def test_confidence_keeps_the_true_flag_rate_within_target() -> None:
+    """Clean scores uniform on [0, 1]: a threshold t flags 1 - t of all clean images. Over
+    many calibration draws, thresholds at the point rate overshoot the target about half the
+    time; at 90 % confidence at most about a tenth of the time."""
+    rng = np.random.default_rng(11)
+    over = {None: 0, 0.9: 0}
+    draws = 400
+    for _ in range(draws):
+        clean = {S: rng.random(1000)}
+        for conf in over:
+            t = calibrate_thresholds(clean, confidence=conf, escalate_rate=None).thresholds[S]
+            assert t.flag is not None
+            over[conf] += (1.0 - t.flag) > 0.05
+    assert over[None] / draws > 0.3
+    assert over[0.9] / draws <= 0.1 + 3 * (0.1 * 0.9 / draws) ** 0.5
+
+
+def test_calibrate_thresholds_records_targets_and_calibrated_rates() -> None:
+    clean, attacked = _synthetic(8)
+    result = calibrate_thresholds(clean, attacked, confidence=0.95)
+    s = result.summary
+    n = int(s["clean_images"])
+    assert s["flag_rate_target"] == 0.05 and s["confidence"] == 0.95
+    assert s["flag_rate_calibrated"] == rate_with_confidence(0.05, n, 0.95) < 0.05
+    assert s["flag_rate_clean"] <= s["flag_rate_calibrated"]
+    assert s["reject_rate_clean"] <= s["reject_rate_calibrated"] < 0.01

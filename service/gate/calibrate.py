@@ -5,10 +5,19 @@ the gate over the calibration split). A threshold ``t`` at clean rate ``r`` is t
 clean score value with ``mean(clean > t) <= r``: flags never exceed the target on the
 calibration data, and fall short of it only by ties. For checks calibrated together under
 one union rate, :func:`calibrate_thresholds` uses :mod:`service.gate.allocation`.
+
+A rate met exactly on the calibration images is met only about half the time on the next
+images, and less when the next images are harder. So :func:`calibrate_thresholds` aims at a
+LOWER rate on the calibration data, :func:`rate_with_confidence`: the highest count of clean
+flags whose one-sided Clopper-Pearson upper bound stays within the target at the given
+confidence. Measured on fmnist-cnn: thresholds met at exactly 5.0 % on 2,500 calibration
+images flagged 6.2 % of the 10,000 test images; the test file is harder in the tails than the
+held-out part of the train file.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
@@ -20,10 +29,12 @@ from service.gate.checks import Check
 from service.gate.errors import CalibrationError
 from service.gate.policy import CheckPolicy, Policy, Thresholds
 from service.gate.quantile import EmpiricalCDF
+from service.gate.smoothing import clopper_pearson_lower
 
 DEFAULT_FLAG_RATE = 0.05
 DEFAULT_REJECT_RATE = 0.01
 DEFAULT_ESCALATE_RATE = 0.20
+DEFAULT_CONFIDENCE = 0.95
 
 
 def clean_array(scores: ArrayLike, name: str = "scores") -> NDArray[np.float64]:
@@ -51,6 +62,38 @@ def threshold_at_rate(clean: ArrayLike, rate: float) -> float:
     # At most `allowed` values lie above s[n - allowed - 1] (ties do not cross), while any
     # smaller value would leave allowed + 1 values above it.
     return float(s[s.size - allowed - 1])
+
+
+@functools.lru_cache(maxsize=256)
+def rate_with_confidence(target: float, n: int, confidence: float | None) -> float:
+    """The rate to calibrate at on ``n`` clean images so that the clean rate of the images
+    they stand for stays within ``target`` with probability ``confidence``.
+
+    Returns ``k / n`` for the largest count ``k`` whose one-sided Clopper-Pearson upper
+    bound at ``confidence`` is ``<= target``; 0.0 when even ``k = 0`` is not (too few
+    images for this target: the thresholds then flag no calibration image). ``confidence``
+    None or 0 returns ``target`` itself (the point estimate).
+    """
+    if not 0.0 <= target <= 1.0:
+        raise CalibrationError(f"rate must be in [0, 1], got {target}")
+    if n < 1:
+        raise CalibrationError(f"need at least one clean image, got {n}")
+    if not confidence:
+        return target
+    if not 0.0 < confidence < 1.0:
+        raise CalibrationError(f"confidence must be in (0, 1), got {confidence}")
+    alpha = 1.0 - confidence
+
+    def upper(k: int) -> float:  # upper bound on the flag rate after k flags in n
+        return 1.0 - clopper_pearson_lower(n - k, n, alpha)
+
+    lo, hi = -1, n  # upper(-1) counts as <= target, upper(n) = 1 > target unless target is 1
+    if target >= 1.0:
+        return 1.0
+    while hi - lo > 1:  # the bound grows with k: bisect for the last k within the target
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if upper(mid) <= target else (lo, mid)
+    return max(lo, 0) / n
 
 
 def flag_rate(scores: ArrayLike, threshold: float | None) -> float:
@@ -109,7 +152,8 @@ def calibrate_thresholds(clean: Mapping[Check, ArrayLike],
                          attacked: Mapping[Check, ArrayLike] | None = None, *,
                          flag_rate: float = DEFAULT_FLAG_RATE,
                          reject_rate: float = DEFAULT_REJECT_RATE,
-                         escalate_rate: float | None = DEFAULT_ESCALATE_RATE
+                         escalate_rate: float | None = DEFAULT_ESCALATE_RATE,
+                         confidence: float | None = DEFAULT_CONFIDENCE
                          ) -> CalibrationResult:
     """Thresholds for the enabled checks, in their score units (policy docstring).
 
@@ -120,13 +164,21 @@ def calibrate_thresholds(clean: Mapping[Check, ArrayLike],
     flag ones. Without it, each check alone is set at the rates (the union rate is then
     higher). Escalate thresholds: each check alone at ``escalate_rate``, capped at its flag
     threshold.
+
+    confidence: the flag and reject rates are first lowered with :func:`rate_with_confidence`
+    (None or 0: used as given). The summary keeps the targets and the rates calibrated at.
     """
     if not 0 <= reject_rate <= flag_rate <= 1:
         raise CalibrationError("need 0 <= reject_rate <= flag_rate <= 1")
     checks = [c for c in Check if c in clean]
+    n = int(clean_array(clean[checks[0]]).size) if checks else 0
     summary: dict[str, float | int | str | bool] = {
         "flag_rate_target": flag_rate, "reject_rate_target": reject_rate,
-        "clean_images": int(clean_array(clean[checks[0]]).size) if checks else 0}
+        "clean_images": n, "confidence": float(confidence or 0.0)}
+    if n:
+        flag_rate = rate_with_confidence(flag_rate, n, confidence)
+        reject_rate = rate_with_confidence(reject_rate, n, confidence)
+    summary.update({"flag_rate_calibrated": flag_rate, "reject_rate_calibrated": reject_rate})
     flag: dict[Check, float | None]
     reject: dict[Check, float | None]
     if attacked is None:
