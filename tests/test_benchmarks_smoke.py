@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 
 def _run(module: str, out: Path) -> dict:
     proc = subprocess.run([sys.executable, "-m", module, "--smoke", "--out", str(out)], capture_output=True,
@@ -37,6 +39,11 @@ def test_robustness_benchmark_smoke(default_store: Path, tmp_path: Path) -> None
     assert report["clean"]["n"] == 40 and 0 <= report["clean"]["flagged"] <= 1
     assert {row["set"] for row in report["sets"]} >= {"fgsm eps=0.03", "pgd eps=0.1", "mnist digits (OOD)"}
     assert set(report["certified"]["accuracy"]) == {"0.0", "0.25", "0.5", "0.75", "1.0"}
+    offline = report["certified_in_process"]
+    assert offline["n"] == 2 and offline["samples"] == 200
+    assert set(offline["accuracy"]) == set(report["certified"]["accuracy"])
+    acc = list(offline["accuracy"].values())
+    assert all(0 <= a <= 1 for a in acc) and acc == sorted(acc, reverse=True)  # shrinks with radius
     assert (tmp_path / "robustness-smoke-roc.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -48,3 +55,22 @@ def test_certified_accuracy_counts_withheld_labels_as_wrong() -> None:
     withheld = pb.ClassifyResponse(gate=pb.GateReport(certified=True, certified_radius=0.3))
     acc = certified_accuracy([ok, withheld], [3, 3], (0.0, 0.5))
     assert acc == {0.0: 0.5, 0.5: 0.0}
+
+
+def test_certify_in_process_matches_the_bound_of_a_constant_classifier() -> None:
+    """A classifier that always answers 3: every copy agrees, so each image gets the largest
+    radius n samples allow, sigma * PhiInverse(alpha ** (1 / n)); right only where the label is 3."""
+    from scipy.stats import norm
+
+    from benchmarks.efficacy import certify_in_process
+
+    def three(x: np.ndarray) -> np.ndarray:
+        assert x.dtype == np.float32 and x.shape[1:] == (1, 28, 28)
+        return np.tile(np.eye(10, dtype=np.float32)[3], (x.shape[0], 1))
+
+    n, alpha, sigma = 500, 0.001, 0.25
+    best = sigma * norm.ppf(alpha ** (1 / n))
+    images = np.zeros((4, 28, 28), np.uint8)
+    acc = certify_in_process(three, images, np.array([3, 3, 3, 1]), sigma,
+                             (0.0, best - 1e-6, best + 1e-6), n0=10, n=n, alpha=alpha, batch=128)
+    assert acc == {0.0: 0.75, best - 1e-6: 0.75, best + 1e-6: 0.0}
