@@ -164,7 +164,7 @@ def onnx_logits(store: Path, model: str) -> Callable[[np.ndarray], np.ndarray]:
 def certify_in_process(logits: Callable[[np.ndarray], np.ndarray], images: np.ndarray, labels: np.ndarray,
                        sigma: float, radii: tuple[float, ...], *, n0: int = 100, n: int = 10_000,
                        alpha: float = 0.001, batch: int = 2000, seed: int = 0) -> dict[float, float]:
-    """Certified accuracy with the budget of the papers' tables, in process (no gateway).
+    """Certified accuracy with budgets near the papers' (they use n0 100, n 100,000), in process.
 
     CERTIFY of Cohen, Rosenfeld, Kolter (ICML 2019): the candidate class is the majority of
     ``n0`` noisy copies, then a one-sided Clopper-Pearson bound at level ``1 - alpha`` on

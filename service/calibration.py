@@ -14,8 +14,8 @@ calibration split that training never saw:
    (rotations by 40 degrees, 2x2 tile shuffles) — and ALLOCATES the
    flag and reject budgets among the enabled checks (:func:`service.gate.calibrate.
    calibrate_thresholds`): the union of all checks flags at most the target share of clean
-   images (with 95 % confidence for images like them, ``--confidence``) while catching as
-   many attacks as it can;
+   images (with 95 % confidence for images like the calibration images, ``--confidence``;
+   approximate for the union) while catching as many attacks as it can;
 3. writes ``<store>/<model>/policy.json`` (versioned, with the model's and the data's
    sha256) and re-signs the store's manifest.
 """
@@ -197,6 +197,12 @@ async def calibrate(
     enabled = [c for c in checks if c in clean]
     result = calibrate_thresholds({c: clean[c] for c in enabled}, {c: attacked[c] for c in enabled},
                                   flag_rate=flag_rate, reject_rate=reject_rate, confidence=confidence)
+    for kind in ("flag", "reject"):
+        target, got = result.summary[f"{kind}_rate_target"], result.summary[f"{kind}_rate_calibrated"]
+        if target and not got:
+            log(f"warning: {n - half} threshold images are too few to hold a {kind} rate of {target} "
+                f"with {confidence} confidence; the thresholds {kind} no calibration image. "
+                "Use more images (--images) or a lower --confidence.")
     policy = with_thresholds(policy, result.thresholds, enable=True)
     for c in Check:
         if c not in enabled and policy.enabled(c):

@@ -84,7 +84,8 @@ class Metrics:
         self.backend_requests.labels(code="OK")
 
     def baseline(self, model: str, calibration: Mapping[str, object]) -> None:
-        """Publish the policy's calibrated clean FLAG and REJECT rates, the alerts' baseline."""
+        """Publish the clean FLAG and REJECT rates the policy was calibrated for (its targets),
+        the alerts' baseline."""
         for decision, key in (("FLAG", "flag_rate_target"), ("REJECT", "reject_rate_target")):
             value = calibration.get(key)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
