@@ -40,9 +40,12 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "fmnist-cnn": Preset("compact-cnn", TrainConfig(epochs=12, lr=3e-3), floor=0.90),
-    # ResNet-18: 6 epochs reached 90.28 % (train 91.6 %: under-fit, not over-fit) on 2 CPU cores in
-    # 65 min; 15 epochs is the next setting to try (not yet demonstrated; minutes on a GPU).
-    "fmnist-resnet18": Preset("resnet18", TrainConfig(epochs=15, lr=2e-3, batch_size=128), floor=0.91),
+    # ResNet-18: 6 epochs with half-noisy batches reached 90.28 % (train 91.6 %: under-fit, not
+    # over-fit) on 2 CPU cores in 65 min. A quarter of each batch noisy and 9 epochs is the setting
+    # that fits a CPU afternoon.
+    "fmnist-resnet18": Preset(
+        "resnet18", TrainConfig(epochs=9, lr=2e-3, batch_size=128, noise_share=0.25), floor=0.91
+    ),
 }
 
 NOISE_SIGMAS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
