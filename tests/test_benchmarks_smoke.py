@@ -1,6 +1,7 @@
 """Smoke runs of the benchmark commands (tiny budgets), so they never rot."""
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -8,10 +9,22 @@ from pathlib import Path
 import numpy as np
 
 
-def _run(module: str, out: Path) -> dict:
-    proc = subprocess.run([sys.executable, "-m", module, "--smoke", "--out", str(out)], capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+def _run(module: str, out: Path, timeout_s: float = 600) -> dict:
+    proc = subprocess.Popen([sys.executable, "-m", module, "--smoke", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        # SIGINT, not SIGKILL: the benchmark's own clean-up stops the TorchServe and gateway
+        # it started (they run in sessions of their own and would outlive a killed parent).
+        proc.send_signal(signal.SIGINT)
+        try:
+            stdout, stderr = proc.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+        raise AssertionError(f"{module} --smoke ran past {timeout_s} s:\n{stdout[-2000:]}{stderr[-3000:]}") from None
+    assert proc.returncode == 0, stdout[-2000:] + stderr[-3000:]
     stem = module.split(".")[-1]
     return json.loads((out / f"{stem}-smoke.json").read_text())
 
