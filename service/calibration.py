@@ -15,7 +15,9 @@ calibration split that training never saw:
    flag and reject budgets among the enabled checks (:func:`service.gate.calibrate.
    calibrate_thresholds`): the union of all checks flags at most the target share of clean
    images (with 95 % confidence for images like the calibration images, ``--confidence``;
-   approximate for the union) while catching as many attacks as it can;
+   approximate for the union) while catching as many attacks as it can. Each reference set
+   weighs the same, however many of its images there are: 1,000 rotations would otherwise
+   outvote 170 successful FGSM images and starve the squeeze check of budget;
 3. writes ``<store>/<model>/policy.json`` (versioned, with the model's and the data's
    sha256) and re-signs the store's manifest.
 """
@@ -187,6 +189,7 @@ async def calibrate(
                               ("shuffle2x2", perturb.tile_shuffle(b_images, 2, seed=seed))):
             attacked_sets[name] = (shifted.astype(np.float32) / 255.0)[:, None]
         adv_all = np.concatenate(list(attacked_sets.values()))
+        weights = np.concatenate([np.full(len(v), 1.0 / len(v)) for v in attacked_sets.values() if len(v)])
         adv_logits, adv_feats = await probe_all(backend, ts_name, adv_all.astype(np.float32), spec, concurrency)
         attacked = scores_matrix([raw_scores(l, f, spec, density) for l, f in zip(adv_logits, adv_feats)], spec, policy)
         log(f"reference attacks: {', '.join(f'{k}: {len(v)}' for k, v in attacked_sets.items())} successful "
@@ -196,7 +199,7 @@ async def calibrate(
 
     enabled = [c for c in checks if c in clean]
     result = calibrate_thresholds({c: clean[c] for c in enabled}, {c: attacked[c] for c in enabled},
-                                  flag_rate=flag_rate, reject_rate=reject_rate, confidence=confidence)
+                                  weights=weights, flag_rate=flag_rate, reject_rate=reject_rate, confidence=confidence)
     for kind in ("flag", "reject"):
         target, got = result.summary[f"{kind}_rate_target"], result.summary[f"{kind}_rate_calibrated"]
         if target and not got:

@@ -147,6 +147,38 @@ def test_calibrate_thresholds_each_alone_without_attacks() -> None:
     assert result.summary["method"] == "each-alone"
 
 
+def test_weights_let_a_small_reference_set_count_as_much_as_a_large_one() -> None:
+    # 2,000 "shifted" images only V sees, 200 "attacks" only S sees; V and S are moderately
+    # separating, so the budget cannot catch both sets fully.
+    rng = np.random.default_rng(3)
+    n = 4000
+    clean = {S: rng.normal(size=n), V: rng.normal(size=n)}
+    attacked = {S: np.r_[rng.normal(size=2000), rng.normal(1.5, size=200)],
+                V: np.r_[rng.normal(1.5, size=2000), rng.normal(size=200)]}
+    small = np.r_[np.zeros(2000, bool), np.ones(200, bool)]
+
+    def caught(thresholds: dict) -> tuple[float, float]:
+        hit = np.zeros(small.size, bool)
+        for c, t in thresholds.items():
+            if t is not None:
+                hit |= attacked[c] > t
+        return float(hit[~small].mean()), float(hit[small].mean())
+
+    by_count = allocate(clean, attacked, 0.05)
+    per_set = np.where(small, 1 / 200, 1 / 2000)
+    by_set = allocate(clean, attacked, 0.05, weights=per_set)
+    assert by_count.rates[V] > by_count.rates[S]     # the big set wins the budget
+    assert by_set.rates[S] >= by_set.rates[V] * 0.5  # the small one gets its share
+    big_c, small_c = caught(by_count.thresholds)
+    big_s, small_s = caught(by_set.thresholds)
+    assert small_s > small_c + 0.05
+    assert by_set.clean_rate <= 0.05
+    assert by_set.detection_rate == pytest.approx((big_s + small_s) / 2)
+    # All-equal weights are the unweighted allocation.
+    assert allocate(clean, attacked, 0.05, weights=np.full(2200, 7.0)).thresholds \
+        == by_count.thresholds
+
+
 def test_allocation_input_errors() -> None:
     clean, attacked = _synthetic(7)
     with pytest.raises(CalibrationError):
@@ -155,6 +187,9 @@ def test_allocation_input_errors() -> None:
         allocate({S: clean[S], V: clean[V][:10]}, attacked, 0.05)
     with pytest.raises(CalibrationError):
         allocate(clean, attacked, 1.5)
+    for bad in (np.ones(3), -np.ones(2000), np.zeros(2000), np.full(2000, np.nan)):
+        with pytest.raises(CalibrationError, match="weights"):
+            allocate(clean, attacked, 0.05, weights=bad)
 
 
 def test_fit_squeeze_references_one_cdf_per_squeezer() -> None:

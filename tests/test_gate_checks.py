@@ -21,10 +21,23 @@ def test_softmax_known_values_and_stability() -> None:
     assert p.dtype == np.float64
 
 
-def test_squeeze_l1_per_squeezer() -> None:
-    base = np.array([1.0, 0.0, 0.0])
-    squeezed = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.5, 0.25, 0.25]])
-    assert squeeze_scores(base, squeezed) == pytest.approx([2.0, 0.0, 1.0])
+def test_squeeze_centred_logit_l2_per_squeezer() -> None:
+    base = np.array([3.0, 1.0, 0.0])
+    squeezed = np.array([[3.0, 1.0, 0.0],     # unchanged
+                         [8.0, 6.0, 5.0],     # shifted by 5: the same softmax, distance 0
+                         [3.0, 1.0, 2.0],     # one logit up by 2: centred d = (-2, -2, 4) / 3
+                         [2.0, 1.0, 0.0]])    # one logit down by 1
+    assert squeeze_scores(base, squeezed) == pytest.approx(
+        [0.0, 0.0, np.sqrt(24) / 3, np.sqrt(6) / 3])
+    with pytest.raises(ValueError):
+        squeeze_scores(base, np.zeros((2, 4)))
+
+
+def test_squeeze_sees_a_confident_answer_move_that_softmax_hides() -> None:
+    base = np.array([20.0, 0.0, 0.0])         # softmax ~ (1, 0, 0)
+    squeezed = np.array([[12.0, 0.0, 0.0]])   # still ~ (1, 0, 0), logits moved by 8
+    assert l1_distances(softmax(base), softmax(squeezed))[0] < 1e-3
+    assert squeeze_scores(base, squeezed)[0] == pytest.approx(8 * np.sqrt(6) / 3)
 
 
 def test_viewpoint_mean_l1() -> None:

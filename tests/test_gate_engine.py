@@ -23,6 +23,7 @@ from service.gate.sequential import disagreement_share
 from service.gate.smoothing import certify_counts
 
 C = 10
+CHEAP_ROWS = 1 + 3 + 6  # base, three bit depths, six views
 
 
 def row(shift: float = 0.0, top: int = 0) -> np.ndarray:
@@ -35,13 +36,23 @@ def row(shift: float = 0.0, top: int = 0) -> np.ndarray:
     return p
 
 
-class FakeModel:
-    """A pure stand-in for the handler: answers a plan with logits of known softmax rows."""
+def logits_at(distance: float) -> np.ndarray:
+    """Logits of ``row()`` moved up on class 2 and down on class 3 by ``distance / sqrt(2)``:
+    their centred L2 distance to ``log(row())`` is ``distance``, the top class stays 0."""
+    z = np.log(row())
+    z[2] += distance / np.sqrt(2)
+    z[3] -= distance / np.sqrt(2)
+    return z
 
-    def __init__(self, squeeze_l1: float = 0.0, view_l1: float = 0.0,
+
+class FakeModel:
+    """A pure stand-in for the handler: answers a plan with logits of known softmax rows
+    (squeeze rows: logits at a known distance, the unit the squeeze check measures)."""
+
+    def __init__(self, squeeze_l2: float = 0.0, view_l1: float = 0.0,
                  occlusion_drop: float = 0.0, shuffle_keep: float = 0.9,
                  stream: np.ndarray | None = None, features: np.ndarray | None = None):
-        self.squeeze_l1, self.view_l1 = squeeze_l1, view_l1
+        self.squeeze_l2, self.view_l1 = squeeze_l2, view_l1
         self.occlusion_drop, self.shuffle_keep = occlusion_drop, shuffle_keep
         self.stream = np.ones(1000, bool) if stream is None else stream
         self.used = 0
@@ -55,12 +66,13 @@ class FakeModel:
             rows.append(row() if self.stream[self.used] else row(top=2))
             self.used += 1
         n_squeeze = len(plan.squeeze.bit_depths) + len(plan.squeeze.median_sizes)
-        rows += [row(self.squeeze_l1)] * n_squeeze
-        rows += [row(self.view_l1)] * len(plan.views)
+        squeezed = [logits_at(self.squeeze_l2)] * n_squeeze
+        rest = [row(self.view_l1)] * len(plan.views)
         windows = plan.occlusion.grid ** 2
-        rows += [row(2 * self.occlusion_drop)] + [row()] * (windows - 1) if windows else []
-        rows += [row(2 * (0.9 - self.shuffle_keep))] * plan.shuffle.count
-        logits = np.log(np.stack(rows)).astype(np.float32)
+        rest += [row(2 * self.occlusion_drop)] + [row()] * (windows - 1) if windows else []
+        rest += [row(2 * (0.9 - self.shuffle_keep))] * plan.shuffle.count
+        logits = np.vstack([np.log(np.stack(rows))] + squeezed
+                           + ([np.log(np.stack(rest))] if rest else [])).astype(np.float32)
         return logits, (self.features.astype(np.float32) if plan.return_features else None)
 
 
@@ -70,7 +82,7 @@ def make_policy(mode: Mode = Mode.ENFORCE, *, certify: bool = False,
     labels = np.repeat(np.arange(C), 30)
     feats = np.eye(C)[labels] * 10.0 + rng.normal(size=(labels.size, C))
     refs = References(squeeze=tuple(EmpiricalCDF.from_samples(np.linspace(0, 1, 101))
-                                    for _ in range(4)),
+                                    for _ in default_probe().squeeze.names()),
                       density=fit_density(feats, labels))
     return Policy(
         model_name="m", model_sha256="a" * 64, data_sha256="b" * 64, version="3", mode=mode,
@@ -95,14 +107,14 @@ def drive(policy: Policy, model: FakeModel, seed: int = 1, **kw: bool) -> GateRu
 def test_score_one_matrix_with_every_section() -> None:
     policy = make_policy(occlusion=True)
     spec = replace(policy.cheap_plan(5), noise=NoiseSpec(sigma=0.25, count=20))
-    model = FakeModel(squeeze_l1=0.9, view_l1=0.4, occlusion_drop=0.6, shuffle_keep=0.7,
+    model = FakeModel(squeeze_l2=0.905, view_l1=0.4, occlusion_drop=0.6, shuffle_keep=0.7,
                       stream=np.r_[np.ones(15, bool), np.zeros(5, bool)])
     logits, feats = model(spec)
-    assert logits.shape == (spec.rows, C) == (1 + 20 + 4 + 6 + 16 + 4, C)
+    assert logits.shape == (spec.rows, C) == (1 + 20 + 3 + 6 + 16 + 4, C)
     report = score(logits, feats, spec, policy)
     sq = report.result(Check.SQUEEZE)
     assert sq.score == pytest.approx(91 / 101) and sq.verdict is Decision.PASS
-    assert dict(sq.detail)["bits1_l1"] == pytest.approx(0.9)
+    assert dict(sq.detail)["bits2_l2"] == pytest.approx(0.905, abs=1e-5)  # float32 logits
     assert report.result(Check.VIEWPOINT).score == pytest.approx(0.4)
     assert report.result(Check.OCCLUSION).score == pytest.approx(0.6)
     assert report.result(Check.OCCLUSION).verdict is Decision.FLAG
@@ -132,17 +144,17 @@ def test_bad_inputs_raise_score_input_error() -> None:
 
 
 def test_clear_pass_skips_noise() -> None:
-    model = FakeModel(squeeze_l1=0.1, view_l1=0.1)
+    model = FakeModel(squeeze_l2=0.1, view_l1=0.1)
     run = drive(make_policy(), model)
     report = run.report()
-    assert len(model.plans) == 1 and report.forward_passes == 11
+    assert len(model.plans) == 1 and report.forward_passes == CHEAP_ROWS
     assert report.decision is Decision.PASS and not report.escalated
     assert report.result(Check.NOISE).status is CheckStatus.SKIPPED
     assert report.certificate is None and report.certified is None
 
 
 def test_cheap_reject_skips_noise() -> None:
-    model = FakeModel(squeeze_l1=0.995, view_l1=1.5)
+    model = FakeModel(squeeze_l2=0.995, view_l1=1.5)
     report = drive(make_policy(), model).report()
     assert len(model.plans) == 1 and report.decision is Decision.REJECT
 
@@ -151,16 +163,16 @@ def test_cheap_reject_skips_noise() -> None:
 def test_inconclusive_escalates_and_matches_full_budget(p_agree: float) -> None:
     stream = np.random.default_rng(int(p_agree * 100)).random(1000) < p_agree
     policy = make_policy()
-    model = FakeModel(squeeze_l1=0.9, view_l1=0.1, stream=stream)
+    model = FakeModel(squeeze_l2=0.9, view_l1=0.1, stream=stream)
     run = drive(policy, model)
     report = run.report()
-    # 289 passes left after the 11 cheap rows: 283 copies in 6 batches (8 ... 128, 35)
-    assert report.escalated and run.budget == 283
+    # 290 passes left after the 10 cheap rows: 284 copies in 6 batches (8 ... 128, 36)
+    assert report.escalated and run.budget == 284
     full = disagreement_share(int(stream[:run.budget].sum()), run.budget)
     noise = report.result(Check.NOISE)
     assert noise.status is CheckStatus.SCORED and noise.score is not None
     assert (noise.score > 0.3) == (full > 0.3) and (noise.score > 0.6) == (full > 0.6)
-    assert report.forward_passes == 11 + sum(p.rows for p in model.plans[1:])
+    assert report.forward_passes == CHEAP_ROWS + sum(p.rows for p in model.plans[1:])
     assert report.forward_passes <= policy.max_forward_passes
     seeds = [p.seed for p in model.plans[1:]]
     assert len(set(seeds)) == len(seeds) and 1 not in seeds
@@ -168,7 +180,7 @@ def test_inconclusive_escalates_and_matches_full_budget(p_agree: float) -> None:
 
 
 def test_noise_stage_saves_passes_on_clear_noise_verdicts() -> None:
-    model = FakeModel(squeeze_l1=0.9, stream=np.ones(1000, bool))
+    model = FakeModel(squeeze_l2=0.9, stream=np.ones(1000, bool))
     run = drive(make_policy(), model)
     assert run.samples < run.budget  # settled before the budget: share 0 can't exceed 0.3
     assert run.report().result(Check.NOISE).verdict is Decision.PASS
@@ -190,10 +202,10 @@ def test_certification_opt_in_runs_on_clean_images() -> None:
 
 
 def test_ceiling_too_low_for_noise_skips_it() -> None:
-    policy = make_policy(certify=True, max_passes=11)
-    model = FakeModel(squeeze_l1=0.9)
+    policy = make_policy(certify=True, max_passes=CHEAP_ROWS)
+    model = FakeModel(squeeze_l2=0.9)
     report = drive(policy, model).report()
-    assert len(model.plans) == 1 and report.forward_passes == 11
+    assert len(model.plans) == 1 and report.forward_passes == CHEAP_ROWS
     assert report.result(Check.NOISE).status is CheckStatus.SKIPPED
 
 
@@ -205,14 +217,14 @@ def test_off_mode_sends_no_plan() -> None:
 
 
 def test_monitor_mode_runs_the_cascade_and_answers() -> None:
-    report = drive(make_policy(Mode.MONITOR), FakeModel(squeeze_l1=0.995)).report()
+    report = drive(make_policy(Mode.MONITOR), FakeModel(squeeze_l2=0.995)).report()
     assert report.decision is Decision.PASS and report.would_be is Decision.REJECT
 
 
 def test_runs_are_deterministic() -> None:
     stream = np.random.default_rng(4).random(1000) < 0.7
-    a = drive(make_policy(), FakeModel(squeeze_l1=0.9, stream=stream), seed=11).report()
-    b = drive(make_policy(), FakeModel(squeeze_l1=0.9, stream=stream), seed=11).report()
+    a = drive(make_policy(), FakeModel(squeeze_l2=0.9, stream=stream), seed=11).report()
+    b = drive(make_policy(), FakeModel(squeeze_l2=0.9, stream=stream), seed=11).report()
     assert a == b
 
 

@@ -29,7 +29,7 @@ def make_policy(mode: Mode = Mode.ENFORCE, **changes: Any) -> Policy:
     feats = rng.normal(size=(60, 5))
     labels = np.repeat(np.arange(10), 6)
     refs = References(
-        squeeze=tuple(EmpiricalCDF.from_samples(rng.random(50) * (i + 1)) for i in range(4)),
+        squeeze=tuple(EmpiricalCDF.from_samples(rng.random(50) * (i + 1)) for i in range(3)),
         density=fit_density(feats, labels))
     policy = Policy(
         model_name="fmnist-cnn", model_sha256=SHA_M, data_sha256=SHA_D, version="7",
@@ -48,7 +48,7 @@ def test_round_trip_through_a_file(tmp_path: Path) -> None:
     path = tmp_path / "policy.json"
     save_policy(policy, path)
     data = json.loads(path.read_text())
-    assert data["schema"] == "robustgate.policy.v1" and data["version"] == "7"
+    assert data["schema"] == "robustgate.policy.v2" and data["version"] == "7"
     assert data["checks"]["squeeze"] == {"enabled": True, "flag": 0.95, "reject": 0.99,
                                          "escalate": 0.8}
     assert load_policy(path) == policy
@@ -70,6 +70,7 @@ def _broken(mutate: Any) -> dict[str, Any]:
 
 @pytest.mark.parametrize("mutate, message", [
     (lambda d: d.update(schema="other"), "schema"),
+    (lambda d: d.update(schema="robustgate.policy.v1"), "recalibrate"),  # softmax-L1 squeeze
     (lambda d: d.update(mode="loud"), "mode"),
     (lambda d: d.update(extra=1), "extra"),
     (lambda d: d.pop("model"), "model"),
@@ -95,7 +96,7 @@ def test_load_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(PolicyError, match="not found"):
         load_policy(tmp_path / "absent.json")
     bad = tmp_path / "bad.json"
-    bad.write_text('{"schema": "robustgate.policy.v1",\n  "version": }')
+    bad.write_text('{"schema": "robustgate.policy.v2",\n  "version": }')
     with pytest.raises(PolicyError, match=r"bad\.json: not valid JSON \(line 2"):
         load_policy(bad)
     wrong = tmp_path / "wrong.json"
@@ -113,12 +114,12 @@ def test_model_hash_must_match() -> None:
 
 def test_budgets_and_cheap_plan() -> None:
     policy = make_policy()
-    assert policy.budget(Check.SQUEEZE) == 4 and policy.budget(Check.VIEWPOINT) == 6
+    assert policy.budget(Check.SQUEEZE) == 3 and policy.budget(Check.VIEWPOINT) == 6
     assert policy.budget(Check.DENSITY) == 0 and policy.budget(Check.NOISE) == 400
     plan = policy.cheap_plan(seed=99)
     assert plan.seed == 99 and plan.return_features
     assert plan.occlusion.grid == 0 and plan.shuffle.count == 0 and plan.noise.count == 0
-    assert plan.rows == 1 + 4 + 6
+    assert plan.rows == 1 + 3 + 6
     assert policy.noise_plan(5, 16).rows == 17
 
 

@@ -4,7 +4,10 @@ An image is flagged when ANY enabled check crosses its threshold, so what matter
 UNION clean flag rate: every check takes part of it. Given each check's scores on clean
 calibration images and on a reference set of attacked images, :func:`allocate` picks
 per-check thresholds whose union clean rate stays within the total target (as close to it
-as the data allow) and flags the largest share of attacked images.
+as the data allow) and flags the largest share of attacked images. Attacked images can carry
+weights, so that a reference set counts for what it stands for rather than for how many of
+its images there happen to be (1,000 rotations would otherwise outvote 170 successful
+attacks, and the budget would go to the checks that see rotations).
 
 Search: a greedy walk that lowers, step by step, the threshold whose move buys the most newly
 caught attacks per newly flagged clean image (steps of 1, 2, 4, ... clean images, so a check
@@ -46,7 +49,7 @@ class _Data:
     """Clean [N, k] and attacked [M, k] score matrices with per-check sorted clean values."""
 
     def __init__(self, clean: Mapping[Check, ArrayLike], attacked: Mapping[Check, ArrayLike],
-                 floors: Mapping[Check, float | None]) -> None:
+                 floors: Mapping[Check, float | None], weights: ArrayLike | None = None) -> None:
         if not clean or set(clean) != set(attacked):
             raise CalibrationError("clean and attacked scores must cover the same checks")
         self.checks = tuple(c for c in Check if c in clean)
@@ -57,6 +60,11 @@ class _Data:
                                    "clean (and of the attacked) set must have equal lengths")
         self.clean = np.stack(cols_c, axis=1)
         self.attacked = np.stack(cols_a, axis=1)
+        m = self.attacked.shape[0]
+        w = np.ones(m) if weights is None else np.asarray(weights, dtype=np.float64)
+        if w.shape != (m,) or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+            raise CalibrationError(f"weights must be [{m}] finite, non-negative, not all 0")
+        self.weights = w / w.sum()  # detection rates are weighted shares of the attacked set
         self.sorted = [np.sort(self.clean[:, i]) for i in range(len(self.checks))]
         # A floor of None blocks the check (reject without a flag threshold); absent = free.
         self.floors: list[float | None] = [floors[c] if c in floors else -np.inf
@@ -77,7 +85,7 @@ class _Data:
     def union(self, thresholds: list[float | None]) -> tuple[int, float]:
         """(clean images flagged, share of attacked flagged) by the union."""
         return (int(_crossing(self.clean, thresholds).sum()),
-                float(_crossing(self.attacked, thresholds).mean()))
+                float(self.weights[_crossing(self.attacked, thresholds)].sum()))
 
 
 def _finite(a: ArrayLike, name: str) -> _F64:
@@ -102,6 +110,7 @@ def _greedy(data: _Data, allowed_total: int) -> list[float | None]:
     thr: list[float | None] = [None] * k
     cover_c = np.zeros(data.n, dtype=np.int64)
     cover_a = np.zeros(data.attacked.shape[0], dtype=np.int64)
+    w = data.weights
     used = 0
     while True:
         best: tuple[tuple[float, float, float], int, int] | None = None
@@ -120,10 +129,10 @@ def _greedy(data: _Data, allowed_total: int) -> list[float | None]:
                 d_clean = int(np.count_nonzero(new_c & (cover_c == 0)))
                 if used + d_clean > allowed_total:
                     break
-                d_att = int(np.count_nonzero((col_a > t) & ~old_a & (cover_a == 0)))
+                d_att = float(w[(col_a > t) & ~old_a & (cover_a == 0)].sum())
                 if d_clean == 0 and d_att == 0:
                     continue
-                alone = float(np.mean(col_a > t))
+                alone = float(w[col_a > t].sum())
                 ratio = float("inf") if d_clean == 0 else d_att / d_clean
                 key = (ratio, -float(d_clean) if d_att == 0 else 0.0, alone)
                 if best is None or key > best[0]:
@@ -163,17 +172,20 @@ def _scaled(data: _Data, weights: tuple[float, ...], allowed_total: int) -> list
 
 def allocate(clean: Mapping[Check, ArrayLike], attacked: Mapping[Check, ArrayLike],
              total_rate: float, *,
-             floors: Mapping[Check, float | None] | None = None) -> Allocation:
+             floors: Mapping[Check, float | None] | None = None,
+             weights: ArrayLike | None = None) -> Allocation:
     """Per-check thresholds holding the union clean rate within ``total_rate``.
 
     clean: per check float [N] scores of clean calibration images (same images, same order
     in every array); attacked: per check float [M] scores of attacked reference images.
     floors: lowest threshold allowed per check (reject thresholds use the flag ones, so a
     REJECT always implies a FLAG); a floor of None keeps that check at None (never).
+    weights: float [M] >= 0 per attacked image (None: all equal); the detection rate
+    maximised and reported is the weighted share caught.
     """
     if not 0.0 <= total_rate <= 1.0:
         raise CalibrationError(f"total_rate must be in [0, 1], got {total_rate}")
-    data = _Data(clean, attacked, floors or {})
+    data = _Data(clean, attacked, floors or {}, weights)
     allowed = int(np.floor(total_rate * data.n + 1e-9))
     k = len(data.checks)
     candidates: list[tuple[str, list[float | None]]] = [

@@ -154,6 +154,7 @@ class CalibrationResult:
 
 def calibrate_thresholds(clean: Mapping[Check, ArrayLike],
                          attacked: Mapping[Check, ArrayLike] | None = None, *,
+                         weights: ArrayLike | None = None,
                          flag_rate: float = DEFAULT_FLAG_RATE,
                          reject_rate: float = DEFAULT_REJECT_RATE,
                          escalate_rate: float | None = DEFAULT_ESCALATE_RATE,
@@ -167,7 +168,7 @@ def calibrate_thresholds(clean: Mapping[Check, ArrayLike],
     ``flag_rate`` (``reject_rate``) of clean images, and reject thresholds are never below
     flag ones. Without it, each check alone is set at the rates (the union rate is then
     higher). Escalate thresholds: each check alone at ``escalate_rate``, capped at its flag
-    threshold.
+    threshold. weights: float [M] per attacked image for the allocation (None: equal).
 
     confidence: the flag and reject rates are first lowered with :func:`rate_with_confidence`
     (None or 0: used as given). The summary keeps the targets and the rates calibrated at.
@@ -192,8 +193,8 @@ def calibrate_thresholds(clean: Mapping[Check, ArrayLike],
             flag[c], reject[c] = f, max(threshold_at_rate(clean[c], reject_rate), f)
         summary["method"] = "each-alone"
     else:
-        fa = allocate(clean, attacked, flag_rate)
-        ra = allocate(clean, attacked, reject_rate, floors=fa.thresholds)
+        fa = allocate(clean, attacked, flag_rate, weights=weights)
+        ra = allocate(clean, attacked, reject_rate, floors=fa.thresholds, weights=weights)
         flag, reject = dict(fa.thresholds), dict(ra.thresholds)
         summary.update({"method": f"allocated:{fa.method}",
                         "attacked_images": int(np.asarray(attacked[checks[0]]).size),

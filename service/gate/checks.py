@@ -1,11 +1,12 @@
 """The gate's checks as pure functions of probe outputs. Higher score = more suspicious.
 
 Each function takes softmax probabilities (float64, rows sum to 1) of the base image and of
-the relevant variants; :func:`softmax` turns the handler's logits into them.
+the relevant variants (:func:`softmax` turns the handler's logits into them), except squeeze,
+which reads the logits themselves.
 
 | check     | raw score                                              | range   |
 |-----------|--------------------------------------------------------|---------|
-| squeeze   | L1(base, squeezed) per squeezer                        | [0, 2]  |
+| squeeze   | L2(base, squeezed) of centred logits, per squeezer     | [0, inf)|
 | viewpoint | mean over views of L1(base, view)                      | [0, 2]  |
 | density   | Mahalanobis distance to the predicted class (density)  | [0, inf)|
 | occlusion | largest drop of the base top-1 probability             | [-1, 1] |
@@ -60,14 +61,32 @@ def l1_distances(base: ArrayLike, variants: ArrayLike) -> NDArray[np.float64]:
     return np.asarray(np.abs(v - b).sum(axis=1), dtype=np.float64)
 
 
-def squeeze_scores(base: ArrayLike, squeezed: ArrayLike) -> NDArray[np.float64]:
-    """Feature squeezing (Xu, Evans, Qi, NDSS 2018): one L1 score per squeezer.
+def logit_distances(base: ArrayLike, variants: ArrayLike) -> NDArray[np.float64]:
+    """L2 distance between the base logits (float [C]) and each variant's (float [K, C]),
+    each row centred first (logits are defined up to a shift); returns float64 [K] >= 0."""
+    b = np.asarray(base, dtype=np.float64)
+    v = _rows(variants, b.shape[-1], "variants")
+    d = v - b
+    d -= d.mean(axis=1, keepdims=True)
+    return np.asarray(np.sqrt((d * d).sum(axis=1)), dtype=np.float64)
 
-    base: float [C] softmax of the base image; squeezed: float [S, C] softmax of each
-    squeezed copy in plan order. Returns float64 [S]. The combined check score is the maximum
-    of each score's clean quantile (:func:`service.gate.quantile.max_quantile`).
+
+def squeeze_scores(base: ArrayLike, squeezed: ArrayLike) -> NDArray[np.float64]:
+    """Feature squeezing (Xu, Evans, Qi, NDSS 2018), measured on logits: one score per
+    squeezer.
+
+    base: float [C] logits of the base image; squeezed: float [S, C] logits of each squeezed
+    copy in plan order. Returns float64 [S], :func:`logit_distances`. The combined check
+    score is the maximum of each score's clean quantile
+    (:func:`service.gate.quantile.max_quantile`).
+
+    The paper compares softmax outputs (L1). Softmax saturates: an attack that ends in a
+    confident wrong answer keeps it after squeezing, so the softmax barely moves while the
+    logits do. Measured on fmnist-cnn (in process, bit depths 2, 3, 4, at a 5 % clean flag
+    rate), the logit distance caught 75-95 % of successful FGSM/PGD at eps 0.03 and 0.1
+    against 46-84 % for softmax L1.
     """
-    return l1_distances(base, squeezed)
+    return logit_distances(base, squeezed)
 
 
 def viewpoint_score(base: ArrayLike, views: ArrayLike) -> float:

@@ -29,7 +29,7 @@ from service.gate.smoothing import certify_counts, count_agreements
 class RawScores:
     """Raw measurements from one probe result (None where the plan had no such section).
 
-    top_class: base top-1. squeeze: L1 per squeezer, plan order. viewpoint: mean L1.
+    top_class: base top-1. squeeze: logit L2 per squeezer, plan order. viewpoint: mean L1.
     density: Mahalanobis distance (None without features or model). occlusion: top-1 drop.
     structure: surviving top-1 probability. noise_agreements of noise_samples copies kept
     the base top-1.
@@ -92,7 +92,7 @@ def raw_scores(logits: ArrayLike, features: ArrayLike | None, spec: ProbeSpec,
     n_noise = lay.noise.stop - lay.noise.start
     return RawScores(
         top_class=top,
-        squeeze=None if sq is None else tuple(squeeze_scores(base, sq).tolist()),
+        squeeze=None if sq is None else tuple(squeeze_scores(z[0], z[lay.squeeze]).tolist()),
         viewpoint=None if vw is None else viewpoint_score(base, vw),
         density=dist,
         occlusion=None if oc is None else occlusion_score(base, oc),
@@ -115,7 +115,7 @@ def check_scores(raw: RawScores, spec: ProbeSpec,
         out[Check.SQUEEZE] = CheckScore(
             combined, len(raw.squeeze),
             tuple((f"{n}_quantile", q) for n, q in zip(names, quantiles))
-            + tuple((f"{n}_l1", x) for n, x in zip(names, raw.squeeze)))
+            + tuple((f"{n}_l2", x) for n, x in zip(names, raw.squeeze)))
     if raw.viewpoint is not None:
         out[Check.VIEWPOINT] = CheckScore(raw.viewpoint, len(spec.views))
     if raw.density is not None:

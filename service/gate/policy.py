@@ -29,7 +29,9 @@ from service.gate.errors import PolicyError
 from service.gate.plan import NoiseSpec, OcclusionSpec, ProbeSpec, ShuffleSpec, SqueezeSpec
 from service.gate.quantile import EmpiricalCDF
 
-POLICY_SCHEMA = "robustgate.policy.v1"
+#: v2: squeeze references are clean CDFs of logit L2 distances (v1: softmax L1), so a v1
+#: policy's squeeze thresholds mean nothing to this gate and the file is refused.
+POLICY_SCHEMA = "robustgate.policy.v2"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 

@@ -1,8 +1,8 @@
 """Policy files: JSON load and save with validation and errors that name the bad field.
 
-The file is the only I/O of the gate. Layout (``schema`` = ``robustgate.policy.v1``)::
+The file is the only I/O of the gate. Layout (``schema`` = ``robustgate.policy.v2``)::
 
-    {"schema": "robustgate.policy.v1", "version": "3", "mode": "enforce",
+    {"schema": "robustgate.policy.v2", "version": "3", "mode": "enforce",
      "model": {"name": "fmnist-cnn", "sha256": "..."}, "data": {"sha256": "..."},
      "probe": {<ProbePlan as protobuf JSON, snake_case>},
      "checks": {"squeeze": {"enabled": true, "flag": 0.97, "reject": 0.995,
@@ -72,7 +72,8 @@ def policy_from_dict(data: Mapping[str, Any]) -> Policy:
     reject_unknown(d, _TOP, "policy", PolicyError)
     schema = d.get("schema")
     if schema != POLICY_SCHEMA:
-        raise PolicyError(f"schema: expected {POLICY_SCHEMA!r}, got {schema!r}")
+        raise PolicyError(f"schema: expected {POLICY_SCHEMA!r}, got {schema!r}; recalibrate: "
+                          f"python -m service.calibration --model <name> --start-torchserve")
     model = as_mapping(_need(d, "model"), "model", PolicyError)
     reject_unknown(model, {"name", "sha256"}, "model", PolicyError)
     dataset = as_mapping(_need(d, "data"), "data", PolicyError)
