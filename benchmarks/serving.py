@@ -197,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     gate_all = store_with_policy(args.store, tmp / "all", args.model, all_checks)
     cert_seq = store_with_policy(args.store, tmp / "cert-seq", args.model, certify(False))
     cert_fixed = store_with_policy(args.store, tmp / "cert-fixed", args.model, certify(True))
-    coalesce = {"coalesce-max-batch": str(args.coalesce_max_batch), "coalesce-max-wait-ms": str(args.coalesce_max_wait_ms)}
+    coalesce = {"models": args.model, "coalesce-max-batch": str(args.coalesce_max_batch),
+                "coalesce-max-wait-ms": str(args.coalesce_max_wait_ms)}
     cheap_rows = None
 
     tensors = [encode_tensor(im[None]) for im in images]
@@ -276,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     with serve.start(serve.ServeSettings.on_free_ports(store=batching, run_dir=tmp / "ts-batching",
                                                        models=(f"{args.model}-onnx",))) as ts:
         asyncio.run(warm_torchserve(ts))
-        off = {"coalesce-max-batch": "0"}
+        off = {"models": args.model, "coalesce-max-batch": "0"}
         for name, store in ((GATE_OFF + UNCOALESCED, gate_off), (CASCADE + UNCOALESCED, args.store)):
             proc, address = start_gateway(store, ts, tmp, **off)
             try:
@@ -298,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
                 stop(proc)
         asyncio.run(run_direct(ts, ((DIRECT, "onnx"), (DIRECT_TS, "torchscript"))))
 
-    report = {"date": dt.date.today().isoformat(),
+    command = "python -m benchmarks.serving" + ("" if args.model == "fmnist-cnn" else
+                                                  f" --model {args.model} --store STORE --out DIR")
+    report = {"date": dt.date.today().isoformat(), "model": args.model, "command": command,
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
               "seconds_per_measurement": args.seconds, "results": [dataclasses.asdict(r) | {"per_s": r.per_s} for r in results]}
     report["ratios"] = ratios(results, levels)
@@ -390,8 +393,9 @@ def plot(results: list[Result], path: Path) -> None:
 
 
 def render(r: dict, png: str | None = None) -> str:
-    lines = [f"# Serving benchmark ({r['date']}, {r['machine']})", "",
-             f"Reproduce: `python -m benchmarks.serving` ({r['seconds_per_measurement']} s per row).", "",
+    lines = [f"# Serving benchmark: {r.get('model', 'fmnist-cnn')} ({r['date']}, {r['machine']})", "",
+             f"Reproduce: `{r.get('command', 'python -m benchmarks.serving')}` "
+             f"({r['seconds_per_measurement']} s per row).", "",
              "| path | concurrency | calls/s | p50 ms | p95 ms | p99 ms | errors |", "|---|---|---|---|---|---|---|"]
     for x in r["results"]:
         lines.append(f"| {x['name']} | {x['concurrency']} | {x['per_s']:.0f} | {x['p50_ms']:.2f} | {x['p95_ms']:.2f} | "
