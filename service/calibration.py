@@ -50,6 +50,7 @@ from service.gate.engine import RawScores, check_scores, raw_scores
 from service.gate.plan import NoiseSpec, OcclusionSpec, ProbeSpec, ShuffleSpec
 from service.gate.policy import Mode, Policy, References
 from service.gate.policy_io import save_policy
+from service.gate.squeeze_detector import MIN_ATTACKS, fit_squeeze_detector
 from service.pipeline import spec_to_proto
 from service.registry import POLICY_FILE
 
@@ -177,25 +178,43 @@ async def calibrate(
         # predicted class at run time.
         density = fit_density(feats[:half], calib.labels[:half], num_classes=len(card["labels"]))
         policy = dataclasses.replace(policy, references=References(squeeze=squeeze_refs, density=density))
-        # Part B: clean scores.
         raw_b = [raw_scores(l, f, spec, density) for l, f in zip(logits[half:], feats[half:])]
-        clean = scores_matrix(raw_b, spec, policy)
         # Reference attacks on part B.
         t0 = time.perf_counter()
         b_images, b_labels = calib.images[half:n][:attack_images], calib.labels[half:n][:attack_images]
         attacked_sets = reference_attacks(store / model / "model.pt", b_images, b_labels, seed=seed)
+        attack_names = set(attacked_sets)
         # Shifted inputs the gate also watches: large rotations and tile shuffles.
         for name, shifted in (("rotate+40", perturb.rotate(b_images, 40)), ("rotate-40", perturb.rotate(b_images, -40)),
                               ("shuffle2x2", perturb.tile_shuffle(b_images, 2, seed=seed))):
             attacked_sets[name] = (shifted.astype(np.float32) / 255.0)[:, None]
         adv_all = np.concatenate(list(attacked_sets.values()))
+        set_of = np.concatenate([np.full(len(v), k, dtype=object) for k, v in attacked_sets.items()])
         weights = np.concatenate([np.full(len(v), 1.0 / len(v)) for v in attacked_sets.values() if len(v)])
         adv_logits, adv_feats = await probe_all(backend, ts_name, adv_all.astype(np.float32), spec, concurrency)
-        attacked = scores_matrix([raw_scores(l, f, spec, density) for l, f in zip(adv_logits, adv_feats)], spec, policy)
+        raw_adv = [raw_scores(l, f, spec, density) for l, f in zip(adv_logits, adv_feats)]
         log(f"reference attacks: {', '.join(f'{k}: {len(v)}' for k, v in attacked_sets.items())} successful "
             f"({time.perf_counter() - t0:.0f} s)")
     finally:
         await backend.close()
+
+    # The squeeze detector: part A clean against the successful FGSM/PGD on part B (part B's
+    # clean images, which set the thresholds, stay out of the fit).
+    detector = None
+    if Check.SQUEEZE in checks:
+        is_attack = np.array([k in attack_names for k in set_of], dtype=bool)
+        if is_attack.sum() >= MIN_ATTACKS:
+            detector = fit_squeeze_detector(
+                np.array([r.squeeze_features for r in raw_a]),
+                np.array([r.squeeze_features for r, a in zip(raw_adv, is_attack) if a]),
+                weights[is_attack])
+        else:
+            log(f"warning: only {int(is_attack.sum())} reference attacks succeeded (< {MIN_ATTACKS}); "
+                "the squeeze check combines its squeezers by their maximum quantile")
+    policy = dataclasses.replace(policy, references=dataclasses.replace(policy.references,
+                                                                        squeeze_detector=detector))
+    clean = scores_matrix(raw_b, spec, policy)
+    attacked = scores_matrix(raw_adv, spec, policy)
 
     enabled = [c for c in checks if c in clean]
     result = calibrate_thresholds({c: clean[c] for c in enabled}, {c: attacked[c] for c in enabled},
@@ -213,6 +232,7 @@ async def calibrate(
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     summary = {**result.summary, "reference_images": half, "threshold_images": n - half,
                "created": stamp, "backend_format": backend_format,
+               "squeeze_detector": detector is not None,
                **{f"attack_{k}": len(v) for k, v in attacked_sets.items()}}
     # Room for an opt-in certificate: the cheap probe plus the whole noise budget, with one
     # base row per sequential batch.

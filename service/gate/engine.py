@@ -23,13 +23,16 @@ from service.gate.quantile import max_quantile
 from service.gate.report import CheckScore, GateReport, decide
 from service.gate.sequential import disagreement_share
 from service.gate.smoothing import certify_counts, count_agreements
+from service.gate.squeeze_detector import squeeze_features
 
 
 @dataclass(frozen=True)
 class RawScores:
     """Raw measurements from one probe result (None where the plan had no such section).
 
-    top_class: base top-1. squeeze: logit L2 per squeezer, plan order. viewpoint: mean L1.
+    top_class: base top-1. squeeze: logit L2 per squeezer, plan order; squeeze_features: the
+    squeeze detector's features (:func:`service.gate.squeeze_detector.squeeze_features`).
+    viewpoint: mean L1.
     density: Mahalanobis distance (None without features or model). occlusion: top-1 drop.
     structure: surviving top-1 probability. noise_agreements of noise_samples copies kept
     the base top-1.
@@ -43,6 +46,7 @@ class RawScores:
     structure: float | None = None
     noise_agreements: int = 0
     noise_samples: int = 0
+    squeeze_features: tuple[float, ...] | None = None
 
 
 def checked_logits(logits: ArrayLike, spec: ProbeSpec) -> NDArray[np.float64]:
@@ -93,6 +97,8 @@ def raw_scores(logits: ArrayLike, features: ArrayLike | None, spec: ProbeSpec,
     return RawScores(
         top_class=top,
         squeeze=None if sq is None else tuple(squeeze_scores(z[0], z[lay.squeeze]).tolist()),
+        squeeze_features=None if sq is None else tuple(
+            squeeze_features(z[0], z[lay.squeeze]).tolist()),
         viewpoint=None if vw is None else viewpoint_score(base, vw),
         density=dist,
         occlusion=None if oc is None else occlusion_score(base, oc),
@@ -105,17 +111,25 @@ def check_scores(raw: RawScores, spec: ProbeSpec,
                  references: References) -> dict[Check, CheckScore]:
     """Scores in threshold units (policy docstring) for every check the raw scores cover.
 
-    Squeeze needs one reference CDF per squeezer; without them it is left out.
+    Squeeze needs one reference CDF per squeezer; without them it is left out. Its score is
+    the squeeze detector's clean quantile where the references hold a detector for these
+    squeezers, else the maximum of the per-squeezer quantiles.
     """
     out: dict[Check, CheckScore] = {}
     if raw.squeeze is not None and len(references.squeeze) == len(raw.squeeze):
         names = spec.squeeze.names()
         quantiles = [cdf.at(x) for cdf, x in zip(references.squeeze, raw.squeeze)]
-        combined = float(max_quantile(np.asarray(raw.squeeze), references.squeeze))
-        out[Check.SQUEEZE] = CheckScore(
-            combined, len(raw.squeeze),
-            tuple((f"{n}_quantile", q) for n, q in zip(names, quantiles))
-            + tuple((f"{n}_l2", x) for n, x in zip(names, raw.squeeze)))
+        details = (tuple((f"{n}_quantile", q) for n, q in zip(names, quantiles))
+                   + tuple((f"{n}_l2", x) for n, x in zip(names, raw.squeeze)))
+        det = references.squeeze_detector
+        if det is not None and raw.squeeze_features is not None \
+                and det.squeezers == len(raw.squeeze):
+            decision = float(det.decision(raw.squeeze_features))
+            combined = det.clean.at(decision)
+            details += (("detector_log_odds", decision),)
+        else:
+            combined = float(max_quantile(np.asarray(raw.squeeze), references.squeeze))
+        out[Check.SQUEEZE] = CheckScore(combined, len(raw.squeeze), details)
     if raw.viewpoint is not None:
         out[Check.VIEWPOINT] = CheckScore(raw.viewpoint, len(spec.views))
     if raw.density is not None:

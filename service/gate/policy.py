@@ -2,8 +2,10 @@
 
 Threshold units (a check's score crosses a threshold when ``score > threshold``):
 
-- squeeze: the COMBINED QUANTILE score, ``max_s F_s(L1_s)`` with ``F_s`` the clean empirical
-  CDF of squeezer ``s`` (``references.squeeze``); so its thresholds lie in [0, 1].
+- squeeze: a clean quantile in [0, 1]. With ``references.squeeze_detector`` (what calibration
+  fits), the clean CDF of the detector's decision value
+  (:mod:`service.gate.squeeze_detector`); without it, ``max_s F_s(L2_s)`` with ``F_s`` the
+  clean empirical CDF of squeezer ``s`` (``references.squeeze``).
 - every other check: its RAW score (see :mod:`service.gate.checks`): viewpoint mean L1,
   density Mahalanobis distance, occlusion top-1 drop, structure surviving top-1 probability,
   noise share of copies that lose the base top-1.
@@ -28,6 +30,7 @@ from service.gate.density import DensityModel
 from service.gate.errors import PolicyError
 from service.gate.plan import NoiseSpec, OcclusionSpec, ProbeSpec, ShuffleSpec, SqueezeSpec
 from service.gate.quantile import EmpiricalCDF
+from service.gate.squeeze_detector import SqueezeDetector
 
 #: v2: squeeze references are clean CDFs of logit L2 distances (v1: softmax L1), so a v1
 #: policy's squeeze thresholds mean nothing to this gate and the file is refused.
@@ -97,10 +100,13 @@ class NoiseSettings:
 @dataclass(frozen=True)
 class References:
     """Calibration-fitted references. squeeze: one clean CDF per squeezer, in plan order.
-    density: class means and shared precision of the penultimate features."""
+    density: class means and shared precision of the penultimate features.
+    squeeze_detector: the fitted detector that combines the squeezers (None: their maximum
+    quantile)."""
 
     squeeze: tuple[EmpiricalCDF, ...] = ()
     density: DensityModel | None = None
+    squeeze_detector: SqueezeDetector | None = None
 
 
 @dataclass(frozen=True)
@@ -194,6 +200,10 @@ def _validate(p: Policy) -> None:
     if p.references.squeeze and len(p.references.squeeze) != n_squeeze:
         raise PolicyError(f"references.squeeze has {len(p.references.squeeze)} CDFs for "
                           f"{n_squeeze} squeezers")
+    det = p.references.squeeze_detector
+    if det is not None and det.squeezers != n_squeeze:
+        raise PolicyError(f"references.squeeze_detector was fitted on {det.squeezers} "
+                          f"squeezers, the probe has {n_squeeze}")
     needs = {Check.SQUEEZE: (n_squeeze > 0 and len(p.references.squeeze) == n_squeeze,
                              "squeezers in probe.squeeze and one reference CDF each"),
              Check.VIEWPOINT: (len(p.probe.views) > 0, "views in probe.views"),

@@ -10,7 +10,9 @@ The file is the only I/O of the gate. Layout (``schema`` = ``robustgate.policy.v
      "noise": {"sigma": 0.25, "alpha": 0.001, "target_radius": 0.25, "max_samples": 400,
                "first_batch": 8, "growth": 2, "certify": false},
      "max_forward_passes": 64,
-     "references": {"squeeze": [{"values": [...]}, ...], "density": {"means": ..., ...}},
+     "references": {"squeeze": [{"values": [...]}, ...], "density": {"means": ..., ...},
+                    "squeeze_detector": {"mean": [...], "scale": [...], "weights": [...],
+                                         "bias": 0.1, "clean": {"values": [...]}}},
      "calibration": {"flag_rate": 0.05, ...}}
 """
 
@@ -35,6 +37,7 @@ from service.gate.policy import (
     POLICY_SCHEMA, CheckPolicy, Mode, NoiseSettings, Policy, References, Thresholds,
 )
 from service.gate.quantile import EmpiricalCDF
+from service.gate.squeeze_detector import SqueezeDetector
 
 _TOP = {"schema", "version", "mode", "model", "data", "probe", "checks", "noise",
         "max_forward_passes", "references", "calibration"}
@@ -61,7 +64,9 @@ def policy_to_dict(policy: Policy) -> dict[str, Any]:
         "references": {
             "squeeze": [cdf.to_dict() for cdf in policy.references.squeeze],
             "density": (policy.references.density.to_dict()
-                        if policy.references.density is not None else None)},
+                        if policy.references.density is not None else None),
+            "squeeze_detector": (policy.references.squeeze_detector.to_dict()
+                                 if policy.references.squeeze_detector is not None else None)},
         "calibration": dict(policy.calibration),
     }
 
@@ -185,15 +190,18 @@ def _noise(d: Mapping[str, Any]) -> NoiseSettings:
 
 def _references(raw: Any) -> References:
     d = as_mapping(raw, "references", PolicyError)
-    reject_unknown(d, {"squeeze", "density"}, "references", PolicyError)
+    reject_unknown(d, {"squeeze", "density", "squeeze_detector"}, "references", PolicyError)
     cdfs = as_list(d.get("squeeze") or [], "references.squeeze", PolicyError)
     density = d.get("density")
+    detector = d.get("squeeze_detector")
     return References(
         squeeze=tuple(EmpiricalCDF.from_dict(as_mapping(c, f"references.squeeze[{i}]",
                                                         PolicyError))
                       for i, c in enumerate(cdfs)),
         density=None if density is None else DensityModel.from_dict(
-            as_mapping(density, "references.density", PolicyError)))
+            as_mapping(density, "references.density", PolicyError)),
+        squeeze_detector=None if detector is None else SqueezeDetector.from_dict(
+            as_mapping(detector, "references.squeeze_detector", PolicyError)))
 
 
 def _calibration(raw: Any) -> dict[str, float | int | str | bool]:

@@ -1,0 +1,141 @@
+"""The fitted squeeze detector: features, fit, JSON, and its use by the policy and engine."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from service.gate.checks import Check
+from service.gate.defaults import default_probe
+from service.gate.engine import check_scores, raw_scores
+from service.gate.errors import CalibrationError, PolicyError
+from service.gate.policy import References
+from service.gate.policy_io import policy_from_dict, policy_to_dict
+from service.gate.quantile import EmpiricalCDF
+from service.gate.squeeze_detector import SqueezeDetector, fit_squeeze_detector, squeeze_features
+from tests.test_gate_policy import make_policy
+
+S = 3
+F = 2 * S + 1
+
+
+def synthetic(n: int, shift: float, seed: int) -> np.ndarray:
+    """Features float [n, F]: standard normal, the drop features (S..2S-1) moved by shift."""
+    x = np.random.default_rng(seed).normal(size=(n, F))
+    x[:, S:2 * S] += shift
+    return x
+
+
+def test_features_measure_distance_drop_and_margin() -> None:
+    base = np.array([3.0, 1.0, 0.0, 0.0])
+    # Squeezer 1 moves nothing; squeezer 2 takes 1 from the top class and gives it to class 1.
+    squeezed = np.vstack([base, base + np.array([-1.0, 1.0, 0.0, 0.0])])
+    f = squeeze_features(base, squeezed)
+    assert f.shape == (5,)
+    assert f[0] == pytest.approx(np.log(1e-3))
+    assert f[1] == pytest.approx(np.log(np.sqrt(2) + 1e-3))
+    assert f[2] == pytest.approx(0.0) and f[3] == pytest.approx(1.0)  # centred drops
+    assert f[4] == pytest.approx(np.log(2.0 + 1e-3))  # base margin 3 - 1
+    # Logits are defined up to a shift: moving every squeezed logit by 5 changes nothing.
+    assert squeeze_features(base, squeezed + 5.0) == pytest.approx(f)
+    with pytest.raises(ValueError, match="logits"):
+        squeeze_features(base, squeezed[:, :3])
+
+
+def test_fit_separates_and_its_clean_cdf_holds_the_flag_rate() -> None:
+    clean, attacked = synthetic(2000, 0.0, 1), synthetic(500, 2.0, 2)
+    det = fit_squeeze_detector(clean, attacked)
+    assert det.squeezers == S
+    # The weight goes to the features that separate, not to the noise ones.
+    assert np.all(np.abs(det.weights[S:2 * S]) > 5 * np.abs(det.weights[:S]).max())
+    held_clean, held_attacked = synthetic(4000, 0.0, 3), synthetic(1000, 2.0, 4)
+    clean_scores = np.array([det.score(x) for x in held_clean])
+    attacked_scores = np.array([det.score(x) for x in held_attacked])
+    assert np.mean(clean_scores > 0.95) == pytest.approx(0.05, abs=0.015)
+    # Three features shifted by 2 sd: a linear detector sees a 2 * sqrt(3) sd shift.
+    assert np.mean(attacked_scores > 0.95) > 0.85
+
+
+def test_attack_weights_steer_the_fit() -> None:
+    clean = synthetic(1000, 0.0, 5)
+    a = synthetic(400, 0.0, 6)
+    a[:200, 0] += 3.0       # set 1 moves feature 0
+    a[200:, S] += 3.0       # set 2 moves feature S
+    heavy_first = fit_squeeze_detector(clean, a, np.r_[np.full(200, 10.0), np.full(200, 0.1)])
+    heavy_second = fit_squeeze_detector(clean, a, np.r_[np.full(200, 0.1), np.full(200, 10.0)])
+    assert heavy_first.weights[0] > heavy_first.weights[S]
+    assert heavy_second.weights[S] > heavy_second.weights[0]
+
+
+@pytest.mark.parametrize("clean, attacked, weights, match", [
+    (np.zeros((10, F)), np.zeros((5, F - 1)), None, "features"),
+    (np.zeros((1, F)), np.zeros((5, F)), None, "at least"),
+    (np.full((10, F), np.nan), np.zeros((5, F)), None, "non-finite"),
+    (np.zeros((10, F)), np.zeros((5, F)), np.ones(4), "weights"),
+    (np.zeros((10, F)), np.zeros((5, F)), -np.ones(5), "weights"),
+])
+def test_bad_fit_inputs_raise(clean, attacked, weights, match) -> None:
+    with pytest.raises(CalibrationError, match=match):
+        fit_squeeze_detector(clean, attacked, weights)
+
+
+def test_json_round_trip_and_bad_files() -> None:
+    det = fit_squeeze_detector(synthetic(300, 0.0, 7), synthetic(100, 1.5, 8))
+    again = SqueezeDetector.from_dict(json.loads(json.dumps(det.to_dict())))
+    assert again == det
+    x = synthetic(5, 1.0, 9)
+    assert again.decision(x) == pytest.approx(det.decision(x))
+    good = det.to_dict()
+    for bad, match in (({**good, "extra": 1}, "exactly"), ({**good, "bias": "x"}, "bias"),
+                       ({**good, "weights": good["weights"][:-1]}, "length"),
+                       ({**good, "scale": [0.0] * F}, "scale"),
+                       ({**good, "mean": ["a"] * F}, "squeeze detector")):
+        with pytest.raises(CalibrationError, match=match):
+            SqueezeDetector.from_dict(bad)
+
+
+def detector_policy():
+    policy = make_policy()
+    det = fit_squeeze_detector(synthetic(300, 0.0, 10), synthetic(100, 2.0, 11))
+    return replace(policy, references=replace(policy.references, squeeze_detector=det)), det
+
+
+def test_policy_keeps_the_detector_and_refuses_a_mismatched_one() -> None:
+    policy, det = detector_policy()
+    d = json.loads(json.dumps(policy_to_dict(policy)))
+    assert policy_from_dict(d).references.squeeze_detector == det
+    d["references"]["squeeze_detector"]["bias"] = None
+    with pytest.raises(PolicyError, match="bias"):
+        policy_from_dict(d)
+    four = fit_squeeze_detector(np.random.default_rng(0).normal(size=(50, 9)),
+                                np.random.default_rng(1).normal(size=(20, 9)) + 1)
+    with pytest.raises(PolicyError, match="fitted on 4 squeezers, the probe has 3"):
+        replace(policy, references=replace(policy.references, squeeze_detector=four))
+
+
+def test_engine_scores_squeeze_by_the_detector_and_falls_back_without_it() -> None:
+    policy, det = detector_policy()
+    spec = replace(default_probe(), return_features=False)
+    rng = np.random.default_rng(12)
+    logits = rng.normal(size=(spec.rows, 10)).astype(np.float32)
+    raw = raw_scores(logits, None, spec)
+    lay = spec.layout()
+    assert raw.squeeze_features == pytest.approx(
+        tuple(squeeze_features(logits[0].astype(np.float64), logits[lay.squeeze])))
+    with_det = check_scores(raw, spec, policy.references)[Check.SQUEEZE]
+    decision = float(det.decision(raw.squeeze_features))
+    assert with_det.score == det.clean.at(decision)
+    assert dict(with_det.detail)["detector_log_odds"] == pytest.approx(decision)
+    plain = check_scores(raw, spec, References(squeeze=policy.references.squeeze))[Check.SQUEEZE]
+    assert "detector_log_odds" not in dict(plain.detail)
+    assert plain.score == max(cdf.at(x) for cdf, x in zip(policy.references.squeeze, raw.squeeze))
+
+
+def test_detector_needs_a_clean_cdf() -> None:
+    det = fit_squeeze_detector(synthetic(50, 0.0, 13), synthetic(20, 2.0, 14))
+    with pytest.raises(CalibrationError, match="EmpiricalCDF"):
+        SqueezeDetector(det.mean, det.scale, det.weights, det.bias, clean=[0.0])  # type: ignore[arg-type]
+    assert isinstance(det.clean, EmpiricalCDF)
