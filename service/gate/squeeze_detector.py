@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from service.gate.checks import logit_distances
 from service.gate.errors import CalibrationError
 from service.gate.quantile import EmpiricalCDF
 
@@ -54,12 +55,11 @@ def squeeze_features(base_logits: ArrayLike, squeezed_logits: ArrayLike) -> NDAr
     if b.ndim != 1 or b.size < 2 or v.ndim != 2 or v.shape[1] != b.size or v.shape[0] < 1:
         raise ValueError(f"need base [C >= 2] and squeezed [S >= 1, C] logits, got {b.shape}, "
                          f"{v.shape}")
-    d = v - b
-    d -= d.mean(axis=1, keepdims=True)
+    l2 = logit_distances(b, v)
     top = int(np.argmax(b))
-    l2 = np.sqrt((d * d).sum(axis=1))
+    d = v[:, top] - b[top] - (v - b).mean(axis=1)  # the top-1 column of the centred move
     top2 = np.sort(b)[-2:]
-    return np.concatenate([np.log(l2 + _EPS), -d[:, top], [np.log(top2[1] - top2[0] + _EPS)]])
+    return np.concatenate([np.log(l2 + _EPS), -d, [np.log(top2[1] - top2[0] + _EPS)]])
 
 
 @dataclass(frozen=True, eq=False)
@@ -177,7 +177,6 @@ def fit_squeeze_detector(clean: ArrayLike, attacked: ArrayLike, weights: ArrayLi
         theta -= step
         if np.max(np.abs(step)) < 1e-10:
             break
-    det = SqueezeDetector(mean=mean, scale=scale, weights=theta[:-1], bias=float(theta[-1]),
-                          clean=EmpiricalCDF.from_samples(np.zeros(1)))
+    clean_decisions = z[:c.shape[0]] @ theta  # the first rows of z are the clean images
     return SqueezeDetector(mean=mean, scale=scale, weights=theta[:-1], bias=float(theta[-1]),
-                           clean=EmpiricalCDF.from_samples(det.decision(c), max_points))
+                           clean=EmpiricalCDF.from_samples(clean_decisions, max_points))
