@@ -15,6 +15,7 @@ from pathlib import Path
 
 from service.decode import InputSpec
 from service.errors import ModelNotFound, PolicyMismatch
+from service.gate.checks import Check
 from service.gate.errors import PolicyError
 from service.gate.policy import Policy
 from service.gate.policy_io import load_policy
@@ -58,6 +59,7 @@ def load_model(store: Path, name: str, backend_format: str) -> ServedModel:
         policy.check_model(model_sha)
     except PolicyError as e:
         raise PolicyMismatch(f"model {name!r}: {e}") from None
+    _warn_if_stale(name, policy)
     formats = tuple(f for f in ("torchscript", "onnx") if (store / "archives" / f"{name}-{f}.mar").is_file())
     return ServedModel(
         name=name,
@@ -70,6 +72,17 @@ def load_model(store: Path, name: str, backend_format: str) -> ServedModel:
         model_sha256=model_sha,
         noise_sigma=float(card["noise_sigma"]),
     )
+
+
+def _warn_if_stale(name: str, policy: Policy) -> None:
+    """Say so when the squeeze check runs without the fitted detector: policies calibrated
+    before the detector still load and keep their clean rate, but catch fewer attacks until
+    recalibrated (``python -m service.calibration`` without ``--if-missing``)."""
+    squeeze = policy.checks.get(Check.SQUEEZE)
+    if squeeze is not None and squeeze.enabled and policy.references.squeeze_detector is None:
+        log.warning("model %r: policy %s scores the squeeze check by the maximum of per-squeezer "
+                    "quantiles (no fitted detector); recalibrate to fit one", name,
+                    policy.version)
 
 
 class Registry:

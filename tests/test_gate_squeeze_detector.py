@@ -8,7 +8,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from service.gate.checks import Check
+from service.gate.allocation import attack_weights
+from service.gate.checks import Check, squeeze_scores
 from service.gate.defaults import default_probe
 from service.gate.engine import check_scores, raw_scores
 from service.gate.errors import CalibrationError, PolicyError
@@ -125,6 +126,9 @@ def test_engine_scores_squeeze_by_the_detector_and_falls_back_without_it() -> No
     lay = spec.layout()
     assert raw.squeeze_features == pytest.approx(
         tuple(squeeze_features(logits[0].astype(np.float64), logits[lay.squeeze])))
+    # one measurement: the per-squeezer L2 the details report is the one the features log
+    assert raw.squeeze == pytest.approx(tuple(squeeze_scores(logits[0], logits[lay.squeeze])))
+    assert np.exp(raw.squeeze_features[:S]) - 1e-3 == pytest.approx(raw.squeeze)
     with_det = check_scores(raw, spec, policy.references)[Check.SQUEEZE]
     decision = float(det.decision(raw.squeeze_features))
     assert with_det.score == det.clean.at(decision)
@@ -139,3 +143,11 @@ def test_detector_needs_a_clean_cdf() -> None:
     with pytest.raises(CalibrationError, match="EmpiricalCDF"):
         SqueezeDetector(det.mean, det.scale, det.weights, det.bias, clean=[0.0])  # type: ignore[arg-type]
     assert isinstance(det.clean, EmpiricalCDF)
+
+
+def test_attack_weights_are_normalised_and_checked() -> None:
+    assert attack_weights(None, 4) == pytest.approx([0.25] * 4)
+    assert attack_weights([1.0, 3.0], 2) == pytest.approx([0.25, 0.75])
+    for bad in ([1.0], [0.0, 0.0], [1.0, -1.0], [1.0, np.nan]):
+        with pytest.raises(CalibrationError, match="weights must be"):
+            attack_weights(bad, 2)

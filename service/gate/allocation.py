@@ -45,6 +45,17 @@ class Allocation:
     method: str
 
 
+def attack_weights(weights: ArrayLike | None, m: int) -> NDArray[np.float64]:
+    """Per-attacked-image weights float [m] (None: all equal), normalised to sum to 1.
+
+    Raises CalibrationError unless they are finite, non-negative and not all 0.
+    """
+    w = np.ones(m) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.shape != (m,) or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+        raise CalibrationError(f"weights must be [{m}] finite, non-negative, not all 0")
+    return np.asarray(w / w.sum(), dtype=np.float64)
+
+
 class _Data:
     """Clean [N, k] and attacked [M, k] score matrices with per-check sorted clean values."""
 
@@ -60,11 +71,8 @@ class _Data:
                                    "clean (and of the attacked) set must have equal lengths")
         self.clean = np.stack(cols_c, axis=1)
         self.attacked = np.stack(cols_a, axis=1)
-        m = self.attacked.shape[0]
-        w = np.ones(m) if weights is None else np.asarray(weights, dtype=np.float64)
-        if w.shape != (m,) or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
-            raise CalibrationError(f"weights must be [{m}] finite, non-negative, not all 0")
-        self.weights = w / w.sum()  # detection rates are weighted shares of the attacked set
+        # detection rates are weighted shares of the attacked set
+        self.weights = attack_weights(weights, self.attacked.shape[0])
         self.sorted = [np.sort(self.clean[:, i]) for i in range(len(self.checks))]
         # A floor of None blocks the check (reject without a flag threshold); absent = free.
         self.floors: list[float | None] = [floors[c] if c in floors else -np.inf

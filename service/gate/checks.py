@@ -76,8 +76,9 @@ def squeeze_scores(base: ArrayLike, squeezed: ArrayLike) -> NDArray[np.float64]:
     squeezer.
 
     base: float [C] logits of the base image; squeezed: float [S, C] logits of each squeezed
-    copy in plan order. Returns float64 [S], :func:`logit_distances`. The combined check
-    score is the maximum of each score's clean quantile
+    copy in plan order. Returns float64 [S], :func:`logit_distances`. The check's score
+    combines them: through the calibration-fitted detector
+    (:mod:`service.gate.squeeze_detector`), else as the maximum of each score's clean quantile
     (:func:`service.gate.quantile.max_quantile`).
 
     The paper compares softmax outputs (L1). Softmax saturates: an attack that ends in a

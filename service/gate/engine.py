@@ -13,7 +13,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from service.gate.checks import (
-    Check, occlusion_score, softmax, squeeze_scores, structure_score, viewpoint_score,
+    Check, occlusion_score, softmax, structure_score, viewpoint_score,
 )
 from service.gate.density import DensityModel
 from service.gate.errors import ScoreInputError
@@ -23,16 +23,17 @@ from service.gate.quantile import max_quantile
 from service.gate.report import CheckScore, GateReport, decide
 from service.gate.sequential import disagreement_share
 from service.gate.smoothing import certify_counts, count_agreements
-from service.gate.squeeze_detector import squeeze_features
+from service.gate.squeeze_detector import SqueezeMeasurement, measure_squeeze
 
 
 @dataclass(frozen=True)
 class RawScores:
     """Raw measurements from one probe result (None where the plan had no such section).
 
-    top_class: base top-1. squeeze: logit L2 per squeezer, plan order; squeeze_features: the
-    squeeze detector's features (:func:`service.gate.squeeze_detector.squeeze_features`).
-    viewpoint: mean L1.
+    top_class: base top-1. squeeze: logit L2 per squeezer, plan order; squeeze_drop: the
+    centred drop of the base top-1 logit per squeezer and base_margin: the base top-1 minus
+    top-2 logit (with squeeze, the detector's measurements,
+    :class:`service.gate.squeeze_detector.SqueezeMeasurement`). viewpoint: mean L1.
     density: Mahalanobis distance (None without features or model). occlusion: top-1 drop.
     structure: surviving top-1 probability. noise_agreements of noise_samples copies kept
     the base top-1.
@@ -46,7 +47,17 @@ class RawScores:
     structure: float | None = None
     noise_agreements: int = 0
     noise_samples: int = 0
-    squeeze_features: tuple[float, ...] | None = None
+    squeeze_drop: tuple[float, ...] | None = None
+    base_margin: float | None = None
+
+    @property
+    def squeeze_features(self) -> tuple[float, ...] | None:
+        """The squeeze detector's features, float [2 S + 1] (None without squeezers)."""
+        if self.squeeze is None or self.squeeze_drop is None or self.base_margin is None:
+            return None
+        m = SqueezeMeasurement(np.asarray(self.squeeze), np.asarray(self.squeeze_drop),
+                               self.base_margin)
+        return tuple(m.features().tolist())
 
 
 def checked_logits(logits: ArrayLike, spec: ProbeSpec) -> NDArray[np.float64]:
@@ -94,11 +105,12 @@ def raw_scores(logits: ArrayLike, features: ArrayLike | None, spec: ProbeSpec,
     sq, vw, oc, sh = (section(lay.squeeze), section(lay.views), section(lay.occlusion),
                       section(lay.shuffle))
     n_noise = lay.noise.stop - lay.noise.start
+    m = None if sq is None else measure_squeeze(z[0], z[lay.squeeze])
     return RawScores(
         top_class=top,
-        squeeze=None if sq is None else tuple(squeeze_scores(z[0], z[lay.squeeze]).tolist()),
-        squeeze_features=None if sq is None else tuple(
-            squeeze_features(z[0], z[lay.squeeze]).tolist()),
+        squeeze=None if m is None else tuple(m.l2.tolist()),
+        squeeze_drop=None if m is None else tuple(m.top_drop.tolist()),
+        base_margin=None if m is None else m.margin,
         viewpoint=None if vw is None else viewpoint_score(base, vw),
         density=dist,
         occlusion=None if oc is None else occlusion_score(base, oc),

@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from service.gate.checks import logit_distances
+from service.gate.allocation import attack_weights
+from service.gate.checks import squeeze_scores
 from service.gate.errors import CalibrationError
 from service.gate.quantile import EmpiricalCDF
 
@@ -44,22 +45,43 @@ DEFAULT_RIDGE = 1e-3
 MIN_ATTACKS = 20
 
 
-def squeeze_features(base_logits: ArrayLike, squeezed_logits: ArrayLike) -> NDArray[np.float64]:
-    """The detector's features of one image: base float [C] logits, squeezed float [S, C].
+@dataclass(frozen=True, eq=False)
+class SqueezeMeasurement:
+    """What the squeeze check measures on one image, the detector's raw material.
 
-    Returns float64 [2 S + 1]: ``log(L2 + 1e-3)`` per squeezer, then the centred drop of the
-    base top-1 logit per squeezer, then ``log(top-1 minus top-2 logit + 1e-3)`` of the base.
+    l2: float64 [S] centred-logit L2 per squeezer (:func:`service.gate.checks.squeeze_scores`);
+    top_drop: float64 [S] centred drop of the base top-1 logit per squeezer; margin: top-1
+    minus top-2 logit of the base.
     """
+
+    l2: NDArray[np.float64]
+    top_drop: NDArray[np.float64]
+    margin: float
+
+    def features(self) -> NDArray[np.float64]:
+        """The detector's features, float64 [2 S + 1]: ``log(L2 + 1e-3)`` per squeezer, the
+        top-1 drop per squeezer, then ``log(margin + 1e-3)``."""
+        return np.concatenate([np.log(self.l2 + _EPS), self.top_drop,
+                               [np.log(self.margin + _EPS)]])
+
+
+def measure_squeeze(base_logits: ArrayLike, squeezed_logits: ArrayLike) -> SqueezeMeasurement:
+    """Measure one image: base float [C] logits, squeezed float [S, C] in plan order."""
     b = np.asarray(base_logits, dtype=np.float64)
     v = np.asarray(squeezed_logits, dtype=np.float64)
     if b.ndim != 1 or b.size < 2 or v.ndim != 2 or v.shape[1] != b.size or v.shape[0] < 1:
         raise ValueError(f"need base [C >= 2] and squeezed [S >= 1, C] logits, got {b.shape}, "
                          f"{v.shape}")
-    l2 = logit_distances(b, v)
     top = int(np.argmax(b))
     d = v[:, top] - b[top] - (v - b).mean(axis=1)  # the top-1 column of the centred move
     top2 = np.sort(b)[-2:]
-    return np.concatenate([np.log(l2 + _EPS), -d, [np.log(top2[1] - top2[0] + _EPS)]])
+    return SqueezeMeasurement(l2=squeeze_scores(b, v), top_drop=-d,
+                              margin=float(top2[1] - top2[0]))
+
+
+def squeeze_features(base_logits: ArrayLike, squeezed_logits: ArrayLike) -> NDArray[np.float64]:
+    """The detector's features of one image (:meth:`SqueezeMeasurement.features`)."""
+    return measure_squeeze(base_logits, squeezed_logits).features()
 
 
 @dataclass(frozen=True, eq=False)
@@ -154,10 +176,7 @@ def fit_squeeze_detector(clean: ArrayLike, attacked: ArrayLike, weights: ArrayLi
         raise CalibrationError("need at least 2 clean and 1 attacked images")
     if not (np.all(np.isfinite(c)) and np.all(np.isfinite(a))):
         raise CalibrationError("features contain non-finite values")
-    w_att = np.ones(a.shape[0]) if weights is None else np.asarray(weights, dtype=np.float64)
-    if w_att.shape != (a.shape[0],) or not np.all(np.isfinite(w_att)) or np.any(w_att < 0) \
-            or w_att.sum() <= 0:
-        raise CalibrationError(f"weights must be [{a.shape[0]}] finite, >= 0, with a positive sum")
+    w_att = attack_weights(weights, a.shape[0])
     if not ridge > 0:
         raise CalibrationError(f"ridge must be > 0, got {ridge}")
     mean = c.mean(axis=0)
@@ -166,7 +185,7 @@ def fit_squeeze_detector(clean: ArrayLike, attacked: ArrayLike, weights: ArrayLi
     x = np.vstack([c, a])
     z = np.hstack([(x - mean) / scale, np.ones((x.shape[0], 1))])
     y = np.r_[np.zeros(c.shape[0]), np.ones(a.shape[0])]
-    w = np.r_[np.full(c.shape[0], 0.5 / c.shape[0]), 0.5 * w_att / w_att.sum()]
+    w = np.r_[np.full(c.shape[0], 0.5 / c.shape[0]), 0.5 * w_att]
     penalty = ridge * np.r_[np.ones(z.shape[1] - 1), 0.0]
     theta = np.zeros(z.shape[1])
     for _ in range(iterations):

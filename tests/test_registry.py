@@ -1,0 +1,54 @@
+"""The model registry's start-up reads: card and policy must agree, and stale policies say so."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from service.errors import ModelNotFound, PolicyMismatch
+from service.gate.policy import Policy
+from service.gate.policy_io import save_policy
+from service.registry import load_model
+from tests.test_gate_policy import SHA_M, make_policy
+from tests.test_gate_squeeze_detector import detector_policy
+
+
+def store_with(tmp_path: Path, policy: Policy, model_sha: str = SHA_M) -> Path:
+    model_dir = tmp_path / "fmnist-cnn"
+    model_dir.mkdir()
+    card = {"hashes": {"model.pt": model_sha}, "labels": [str(i) for i in range(10)],
+            "input": {"shape": [1, 28, 28], "mode": "L"}, "noise_sigma": 0.25, "version": "3"}
+    (model_dir / "card.json").write_text(json.dumps(card))
+    save_policy(policy, model_dir / "policy.json")
+    return tmp_path
+
+
+def test_loads_a_matching_policy_without_warning(tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    policy, _ = detector_policy()
+    with caplog.at_level(logging.WARNING, logger="service.registry"):
+        model = load_model(store_with(tmp_path, policy), "fmnist-cnn", "torchscript")
+    assert model.backend_name == "fmnist-cnn-torchscript" and model.version == "3"
+    assert model.policy.references.squeeze_detector is not None
+    assert not caplog.records
+
+
+def test_a_policy_without_the_squeeze_detector_is_named_at_start_up(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="service.registry"):
+        model = load_model(store_with(tmp_path, make_policy()), "fmnist-cnn", "torchscript")
+    assert model.policy.references.squeeze_detector is None  # it still serves
+    [record] = caplog.records
+    assert "no fitted detector" in record.getMessage()
+    assert "'fmnist-cnn'" in record.getMessage() and "recalibrate" in record.getMessage()
+
+
+def test_a_policy_for_other_weights_or_a_missing_card_is_refused(tmp_path: Path) -> None:
+    store = store_with(tmp_path, make_policy(), model_sha="c" * 64)
+    with pytest.raises(PolicyMismatch, match="fmnist-cnn"):
+        load_model(store, "fmnist-cnn", "torchscript")
+    with pytest.raises(ModelNotFound, match="no card"):
+        load_model(store, "other", "torchscript")
