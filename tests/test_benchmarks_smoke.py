@@ -117,3 +117,16 @@ def test_certify_in_process_abstains_at_a_coin_flip_and_bounds_the_radius() -> N
     ninety = certify_in_process(classifier(0.9), images, np.array([3, 5]), sigma, radii, n=n, seed=1)
     assert ninety == {0.0: 0.5, 0.2: 0.5, 0.25: 0.5}
     assert certify_in_process(classifier(0.9), images, np.array([3, 5]), sigma, (0.4,), n=n) == {0.4: 0.0}
+
+
+def test_input_statistics_study_smoke(default_store: Path, tmp_path: Path) -> None:
+    report = _run("benchmarks.input_statistics", tmp_path)
+    rows = report["flagged"]
+    logit, pixels = "squeeze detector (logits)", "input residual (pixels)"
+    assert all(set(v) == {logit, pixels} and all(0 <= x <= 1 for x in v.values()) for v in rows.values())
+    assert rows["clean test images (PNG)"][logit] <= 0.15  # thresholds at 5 % on held-out clean
+    assert sum(k.startswith(("fgsm@", "pgd@")) for k in rows) == 4
+    # The study's finding: pixel statistics flag slightly noisy clean images, the logits do not.
+    noisy = rows["clean, Gaussian noise sigma 0.02"]
+    assert noisy[pixels] > noisy[logit] + 0.2
+    assert (tmp_path / "input_statistics-smoke.md").read_text().startswith("# Input statistics")

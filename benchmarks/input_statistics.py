@@ -1,0 +1,169 @@
+"""Why the gate reads the model's answers, not the pixels: an input-statistics detector
+against the squeeze detector, both fitted the same way, in process.
+
+Feature squeezing also changes the *input*: bit-depth reduction removes whatever sits
+between the grid's levels. On Fashion-MNIST that residual alone separates L-inf attacks from
+clean images almost perfectly, because clean backgrounds are exactly 0 and an attack moves
+them to eps. Detectors of input statistics have a history here (Hendrycks and Gimpel 2017,
+PCA of the input); Carlini and Wagner (AISec 2017, "Adversarial examples are not easily
+detected") traced their success on MNIST to its zero border. This study measures the price
+on clean images a production client may send: the same garments JPEG-compressed or with
+slight sensor noise.
+
+Both detectors are the gate's own logistic regression
+(:func:`service.gate.squeeze_detector.fit_squeeze_detector`), fitted on calibration images
+against the calibration's reference FGSM/PGD (:func:`service.calibration.reference_attacks`),
+thresholded at the 95 % quantile of held-out clean calibration images, and measured on test
+images and on attacks made from test images. Squeezes use the handler's own
+:func:`handlers.probe.bit_depth`; images are 8-bit, as a PNG carries them.
+
+    python -m benchmarks.input_statistics            # ~1 min on 2 cores
+    python -m benchmarks.input_statistics --smoke    # seconds, for the test suite
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from handlers.probe import bit_depth
+from model_store import data
+from service.calibration import reference_attacks
+from service.gate.defaults import DEFAULT_BIT_DEPTHS
+from service.gate.squeeze_detector import fit_squeeze_detector, measure_squeeze
+
+REPO = Path(__file__).resolve().parent.parent
+FLAG_RATE = 0.05
+JPEG_QUALITIES = (95, 85, 75)
+NOISE_SIGMA = 0.02
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """float [N, 1, H, W] in [0, 1] -> uint8 [N, H, W], as a PNG would carry it."""
+    return np.round(np.clip(x[:, 0], 0, 1) * 255).astype(np.uint8)
+
+
+def jpeg(images: np.ndarray, quality: int) -> np.ndarray:
+    """uint8 [N, H, W] through a JPEG encode/decode at ``quality``."""
+    out = []
+    for im in images:
+        buf = io.BytesIO()
+        Image.fromarray(im).save(buf, format="JPEG", quality=quality)
+        out.append(np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("L")))
+    return np.stack(out)
+
+
+class Features:
+    """Both detectors' features of uint8 [N, H, W] images, from one TorchScript model."""
+
+    def __init__(self, model_path: Path) -> None:
+        self.ts = torch.jit.load(str(model_path)).eval()
+
+    def _logits(self, x: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            return torch.cat([self.ts(x[i:i + 1024])[0] for i in range(0, len(x), 1024)]
+                             ).numpy().astype(np.float64)
+
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(squeeze detector features [N, 2S+1], input residual features [N, S])."""
+        x = data.to_tensor(images)
+        base = self._logits(x)
+        squeezed = np.stack([self._logits(bit_depth(x, b)) for b in DEFAULT_BIT_DEPTHS], axis=1)
+        logit = np.stack([measure_squeeze(b, s).features() for b, s in zip(base, squeezed)])
+        residual = np.stack([np.log((x - bit_depth(x, b)).abs().mean(dim=(1, 2, 3)).numpy()
+                                    .astype(np.float64) + 1e-4) for b in DEFAULT_BIT_DEPTHS],
+                            axis=1)
+        return logit, residual
+
+
+def run(store: Path, model: str, clean: int, attack_images: int, seed: int = 0) -> dict:
+    t0 = time.perf_counter()
+    card = json.loads((store / model / "card.json").read_text())
+    ds = data.load(seed=card["data"].get("split_seed", 0))
+    calib, test = ds.calib, ds.test
+    if len(calib) < 2 * clean + attack_images or len(test) < clean + attack_images:
+        raise SystemExit(f"need {2 * clean + attack_images} calibration and {clean + attack_images} "
+                         f"test images, the data set has {len(calib)} and {len(test)}")
+    model_path = store / model / "model.pt"
+    feats = Features(model_path)
+    lo = 2 * clean  # attacks come from images the clean sets do not hold
+    cal_attacks = reference_attacks(model_path, calib.images[lo:lo + attack_images],
+                                    calib.labels[lo:lo + attack_images], seed=seed)
+    test_attacks = reference_attacks(model_path, test.images[clean:clean + attack_images],
+                                     test.labels[clean:clean + attack_images], seed=seed + 1)
+    rng = np.random.default_rng(seed)
+    test_clean = test.images[:clean]
+    noisy = np.round(np.clip(test_clean / 255.0 + NOISE_SIGMA * rng.standard_normal(
+        test_clean.shape), 0, 1) * 255).astype(np.uint8)
+    clean_sets = {"clean test images (PNG)": test_clean,
+                  **{f"clean, JPEG quality {q}": jpeg(test_clean, q) for q in JPEG_QUALITIES},
+                  f"clean, Gaussian noise sigma {NOISE_SIGMA:g}": noisy}
+    fit_a, fit_b = feats(calib.images[:clean]), feats(calib.images[clean:lo])
+    cal = {k: feats(to_uint8(v)) for k, v in cal_attacks.items() if len(v)}
+    measured = {**{k: feats(v) for k, v in clean_sets.items()},
+                **{f"{k} (test, {len(v)} succeeded)": feats(to_uint8(v))
+                   for k, v in test_attacks.items() if len(v)}}
+    weights = np.concatenate([np.full(len(v[0]), 1.0 / len(v[0])) for v in cal.values()])
+    rows: dict[str, dict[str, float]] = {k: {} for k in measured}
+    for i, name in enumerate(("squeeze detector (logits)", "input residual (pixels)")):
+        det = fit_squeeze_detector(fit_a[i], np.concatenate([v[i] for v in cal.values()]), weights)
+        threshold = float(np.quantile(det.decision(fit_b[i]), 1 - FLAG_RATE))
+        for k, v in measured.items():
+            rows[k][name] = float(np.mean(det.decision(v[i]) > threshold))
+    return {"model": model, "clean": clean, "attack_images": attack_images,
+            "flag_rate_target": FLAG_RATE, "bit_depths": list(DEFAULT_BIT_DEPTHS),
+            "calibration_attacks": {k: len(v[0]) for k, v in cal.items()},
+            "flagged": rows, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def render(r: dict, command: str) -> str:
+    cols = list(next(iter(r["flagged"].values())))
+    lines = [
+        "# Input statistics against the squeeze detector", "",
+        f"`{command}` ({r['seconds']:.0f} s). Model {r['model']}; each detector fitted on "
+        f"{r['clean']} clean calibration images against the reference attacks "
+        f"({', '.join(f'{k}: {n}' for k, n in r['calibration_attacks'].items())}), thresholded "
+        f"at a {r['flag_rate_target']:.0%} flag rate on {r['clean']} held-out clean calibration "
+        f"images; bit depths {r['bit_depths']}. Share flagged:", "",
+        "| images | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for k, v in r["flagged"].items():
+        lines.append(f"| {k} | " + " | ".join(f"{100 * v[c]:.1f} %" for c in cols) + " |")
+    lines += ["", "Clean rows should sit at the flag rate: every point above it is a client "
+              "sending an ordinary JPEG or a slightly noisy camera image and being told it "
+              "looks attacked.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.input_statistics", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--store", type=Path, default=REPO / "model_store" / "artifacts")
+    p.add_argument("--model", default="fmnist-cnn")
+    p.add_argument("--clean", type=int, default=2000, help="clean images per set")
+    p.add_argument("--attack-images", type=int, default=1000, help="images attacked per set")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--smoke", action="store_true", help="tiny budgets (seconds), for the test suite")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.clean, args.attack_images = 150, 120
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    result = run(args.store, args.model, args.clean, args.attack_images)
+    command = "python -m benchmarks.input_statistics" + (
+        " --smoke" if args.smoke else f" --clean {args.clean} --attack-images {args.attack_images}")
+    stem = "input_statistics-smoke" if args.smoke else "input_statistics"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(render(result, command))
+    print(render(result, command))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
