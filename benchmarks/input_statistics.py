@@ -17,7 +17,7 @@ thresholded at the 95 % quantile of held-out clean calibration images, and measu
 images and on attacks made from test images. Squeezes use the handler's own
 :func:`handlers.probe.bit_depth`; images are 8-bit, as a PNG carries them.
 
-    python -m benchmarks.input_statistics            # ~1 min on 2 cores
+    python -m benchmarks.input_statistics            # ~2 min on 2 cores
     python -m benchmarks.input_statistics --smoke    # seconds, for the test suite
 """
 
@@ -36,6 +36,7 @@ from PIL import Image
 from handlers.probe import bit_depth
 from model_store import data
 from service.calibration import reference_attacks
+from service.decode import InputSpec, Limits, decode_image
 from service.gate.defaults import DEFAULT_BIT_DEPTHS
 from service.gate.squeeze_detector import fit_squeeze_detector, measure_squeeze
 
@@ -50,13 +51,13 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
     return np.round(np.clip(x[:, 0], 0, 1) * 255).astype(np.uint8)
 
 
-def jpeg(images: np.ndarray, quality: int) -> np.ndarray:
-    """uint8 [N, H, W] through a JPEG encode/decode at ``quality``."""
+def jpeg(images: np.ndarray, quality: int, spec: InputSpec) -> np.ndarray:
+    """uint8 [N, H, W] encoded as JPEG at ``quality`` and decoded by the gateway's decoder."""
     out = []
     for im in images:
         buf = io.BytesIO()
         Image.fromarray(im).save(buf, format="JPEG", quality=quality)
-        out.append(np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("L")))
+        out.append(decode_image(buf.getvalue(), spec, Limits())[0])
     return np.stack(out)
 
 
@@ -103,7 +104,8 @@ def run(store: Path, model: str, clean: int, attack_images: int, seed: int = 0) 
     noisy = np.round(np.clip(test_clean / 255.0 + NOISE_SIGMA * rng.standard_normal(
         test_clean.shape), 0, 1) * 255).astype(np.uint8)
     clean_sets = {"clean test images (PNG)": test_clean,
-                  **{f"clean, JPEG quality {q}": jpeg(test_clean, q) for q in JPEG_QUALITIES},
+                  **{f"clean, JPEG quality {q}": jpeg(test_clean, q, InputSpec.from_card(card))
+                     for q in JPEG_QUALITIES},
                   f"clean, Gaussian noise sigma {NOISE_SIGMA:g}": noisy}
     fit_a, fit_b = feats(calib.images[:clean]), feats(calib.images[clean:lo])
     cal = {k: feats(to_uint8(v)) for k, v in cal_attacks.items() if len(v)}

@@ -17,7 +17,7 @@ from service.decode import InputSpec
 from service.errors import ModelNotFound, PolicyMismatch
 from service.gate.checks import Check
 from service.gate.errors import PolicyError
-from service.gate.policy import Policy
+from service.gate.policy import Mode, Policy
 from service.gate.policy_io import load_policy
 
 log = logging.getLogger(__name__)
@@ -77,12 +77,14 @@ def load_model(store: Path, name: str, backend_format: str) -> ServedModel:
 def _warn_if_stale(name: str, policy: Policy) -> None:
     """Say so when the squeeze check runs without the fitted detector: policies calibrated
     before the detector still load and keep their clean rate, but catch fewer attacks until
-    recalibrated (``python -m service.calibration`` without ``--if-missing``)."""
+    recalibrated (``python -m service.calibration`` without ``--if-missing``), which fits one
+    where at least 20 reference attacks succeed. Silent where the gate is off."""
     squeeze = policy.checks.get(Check.SQUEEZE)
-    if squeeze is not None and squeeze.enabled and policy.references.squeeze_detector is None:
+    if policy.mode is not Mode.OFF and squeeze is not None and squeeze.enabled \
+            and policy.references.squeeze_detector is None:
         log.warning("model %r: policy %s scores the squeeze check by the maximum of per-squeezer "
-                    "quantiles (no fitted detector); recalibrate to fit one", name,
-                    policy.version)
+                    "quantiles (no fitted detector); recalibrating fits one where at least 20 "
+                    "reference attacks succeed", name, policy.version)
 
 
 class Registry:

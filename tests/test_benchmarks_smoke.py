@@ -123,9 +123,10 @@ def test_input_statistics_study_smoke(default_store: Path, tmp_path: Path) -> No
     report = _run("benchmarks.input_statistics", tmp_path)
     rows = report["flagged"]
     logit, pixels = "squeeze detector (logits)", "input residual (pixels)"
-    assert all(set(v) == {logit, pixels} and all(0 <= x <= 1 for x in v.values()) for v in rows.values())
     assert rows["clean test images (PNG)"][logit] <= 0.15  # thresholds at 5 % on held-out clean
-    assert sum(k.startswith(("fgsm@", "pgd@")) for k in rows) == 4
+    attacks = [v for k, v in rows.items() if k.startswith(("fgsm@", "pgd@"))]
+    assert len(attacks) == 4
+    assert min(v[pixels] for v in attacks) >= 0.9  # what the pixels would buy
     # The study's finding: pixel statistics flag slightly noisy clean images, the logits do not.
     noisy = rows["clean, Gaussian noise sigma 0.02"]
     assert noisy[pixels] > noisy[logit] + 0.2

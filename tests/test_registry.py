@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from service.errors import ModelNotFound, PolicyMismatch
-from service.gate.policy import Policy
+from service.gate.policy import Mode, Policy
 from service.gate.policy_io import save_policy
 from service.registry import load_model
 from tests.test_gate_policy import SHA_M, make_policy
@@ -18,7 +19,7 @@ from tests.test_gate_squeeze_detector import detector_policy
 
 def store_with(tmp_path: Path, policy: Policy, model_sha: str = SHA_M) -> Path:
     model_dir = tmp_path / "fmnist-cnn"
-    model_dir.mkdir()
+    model_dir.mkdir(parents=True)
     card = {"hashes": {"model.pt": model_sha}, "labels": [str(i) for i in range(10)],
             "input": {"shape": [1, 28, 28], "mode": "L"}, "noise_sigma": 0.25, "version": "3"}
     (model_dir / "card.json").write_text(json.dumps(card))
@@ -33,7 +34,7 @@ def test_loads_a_matching_policy_without_warning(tmp_path: Path,
         model = load_model(store_with(tmp_path, policy), "fmnist-cnn", "torchscript")
     assert model.backend_name == "fmnist-cnn-torchscript" and model.version == "3"
     assert model.policy.references.squeeze_detector is not None
-    assert not caplog.records
+    assert not [r for r in caplog.records if r.name == "service.registry"]
 
 
 def test_a_policy_without_the_squeeze_detector_is_named_at_start_up(
@@ -41,9 +42,14 @@ def test_a_policy_without_the_squeeze_detector_is_named_at_start_up(
     with caplog.at_level(logging.WARNING, logger="service.registry"):
         model = load_model(store_with(tmp_path, make_policy()), "fmnist-cnn", "torchscript")
     assert model.policy.references.squeeze_detector is None  # it still serves
-    [record] = caplog.records
+    [record] = [r for r in caplog.records if r.name == "service.registry"]
     assert "no fitted detector" in record.getMessage()
-    assert "'fmnist-cnn'" in record.getMessage() and "recalibrate" in record.getMessage()
+    assert "'fmnist-cnn'" in record.getMessage() and "recalibrating" in record.getMessage()
+    caplog.clear()
+    off = replace(make_policy(), mode=Mode.OFF)  # the gate does not run: nothing to say
+    with caplog.at_level(logging.WARNING, logger="service.registry"):
+        load_model(store_with(tmp_path / "off", off), "fmnist-cnn", "torchscript")
+    assert not [r for r in caplog.records if r.name == "service.registry"]
 
 
 def test_a_policy_for_other_weights_or_a_missing_card_is_refused(tmp_path: Path) -> None:

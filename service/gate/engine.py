@@ -134,9 +134,9 @@ def check_scores(raw: RawScores, spec: ProbeSpec,
         details = (tuple((f"{n}_quantile", q) for n, q in zip(names, quantiles))
                    + tuple((f"{n}_l2", x) for n, x in zip(names, raw.squeeze)))
         det = references.squeeze_detector
-        if det is not None and raw.squeeze_features is not None \
-                and det.squeezers == len(raw.squeeze):
-            decision = float(det.decision(raw.squeeze_features))
+        features = raw.squeeze_features if det is not None else None
+        if det is not None and features is not None and det.squeezers == len(raw.squeeze):
+            decision = float(det.decision(features))
             combined = det.clean.at(decision)
             details += (("detector_log_odds", decision),)
         else:
