@@ -156,15 +156,23 @@ def _is_ours(pid: int) -> bool:
     return b"ts.model_server" in cmdline
 
 
-def _stop_group(pgid: int, timeout: float) -> None:
-    """SIGTERM the process group TorchServe runs in, then SIGKILL what is left."""
+def _stop_group(pgid: int, timeout: float, resend_s: float = 1.0) -> None:
+    """SIGTERM the process group TorchServe runs in, then SIGKILL what is left.
+
+    The SIGTERM is repeated every ``resend_s``: TorchServe's frontend restarts workers that
+    die while it shuts down, and those new workers, started after the first signal, would
+    otherwise live until the SIGKILL.
+    """
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            return
         deadline = time.monotonic() + wait
+        next_signal = 0.0
         while time.monotonic() < deadline:
+            if time.monotonic() >= next_signal:
+                try:
+                    os.killpg(pgid, sig)
+                except ProcessLookupError:
+                    return
+                next_signal = time.monotonic() + resend_s
             try:  # reap the launcher when it is our child
                 os.waitpid(pgid, os.WNOHANG)
             except ChildProcessError:

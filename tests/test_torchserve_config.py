@@ -109,3 +109,33 @@ def test_cli_start_status_stop(tiny_store: Path, tmp_path: Path) -> None:
     assert stop.returncode == 0 and "stopped" in stop.stdout
     assert not serve._group_alive(ts.pid), "TorchServe processes survived stop"
     assert not (run_dir / serve.KEY_FILE).exists() and serve.attach(run_dir) is None
+
+
+_RESPAWNS_ON_TERM = """
+import signal, subprocess, sys, time
+def on_term(*_):
+    subprocess.Popen(["sleep", "60"])  # a worker restarted during shutdown, same group
+    sys.exit(0)
+signal.signal(signal.SIGTERM, on_term)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_stop_reaches_processes_started_after_the_first_sigterm() -> None:
+    # TorchServe's frontend restarts workers that die while it shuts down; in the image that
+    # kept `serve stop` waiting its whole 30 s grace period for the SIGKILL.
+    import time
+
+    leader = subprocess.Popen([sys.executable, "-c", _RESPAWNS_ON_TERM], stdout=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    try:
+        assert leader.stdout is not None and leader.stdout.readline().strip() == "ready"
+        t0 = time.monotonic()
+        serve._stop_group(leader.pid, timeout=20.0)
+        elapsed = time.monotonic() - t0
+        assert not serve._group_alive(leader.pid), "a process of the group survived"
+        assert elapsed < 10.0, f"stop waited {elapsed:.1f} s: the late process never got a SIGTERM"
+    finally:
+        leader.kill()
+        leader.wait()
