@@ -101,8 +101,8 @@ def run(store: Path, model: str, clean: int, attack_images: int, seed: int = 0) 
                                      test.labels[clean:clean + attack_images], seed=seed + 1)
     rng = np.random.default_rng(seed)
     test_clean = test.images[:clean]
-    noisy = np.round(np.clip(test_clean / 255.0 + NOISE_SIGMA * rng.standard_normal(
-        test_clean.shape), 0, 1) * 255).astype(np.uint8)
+    noisy = to_uint8((test_clean / 255.0 + NOISE_SIGMA * rng.standard_normal(
+        test_clean.shape))[:, None])
     clean_sets = {"clean test images (PNG)": test_clean,
                   **{f"clean, JPEG quality {q}": jpeg(test_clean, q, InputSpec.from_card(card))
                      for q in JPEG_QUALITIES},

@@ -23,17 +23,16 @@ from service.gate.quantile import max_quantile
 from service.gate.report import CheckScore, GateReport, decide
 from service.gate.sequential import disagreement_share
 from service.gate.smoothing import certify_counts, count_agreements
-from service.gate.squeeze_detector import SqueezeMeasurement, measure_squeeze
+from service.gate.squeeze_detector import measure_squeeze
 
 
 @dataclass(frozen=True)
 class RawScores:
     """Raw measurements from one probe result (None where the plan had no such section).
 
-    top_class: base top-1. squeeze: logit L2 per squeezer, plan order; squeeze_drop: the
-    centred drop of the base top-1 logit per squeezer and base_margin: the base top-1 minus
-    top-2 logit (with squeeze, the detector's measurements,
-    :class:`service.gate.squeeze_detector.SqueezeMeasurement`). viewpoint: mean L1.
+    top_class: base top-1. squeeze: logit L2 per squeezer, plan order; squeeze_features: the
+    squeeze detector's features, from the same measurement
+    (:meth:`service.gate.squeeze_detector.SqueezeMeasurement.features`). viewpoint: mean L1.
     density: Mahalanobis distance (None without features or model). occlusion: top-1 drop.
     structure: surviving top-1 probability. noise_agreements of noise_samples copies kept
     the base top-1.
@@ -47,17 +46,7 @@ class RawScores:
     structure: float | None = None
     noise_agreements: int = 0
     noise_samples: int = 0
-    squeeze_drop: tuple[float, ...] | None = None
-    base_margin: float | None = None
-
-    @property
-    def squeeze_features(self) -> tuple[float, ...] | None:
-        """The squeeze detector's features, float [2 S + 1] (None without squeezers)."""
-        if self.squeeze is None or self.squeeze_drop is None or self.base_margin is None:
-            return None
-        m = SqueezeMeasurement(np.asarray(self.squeeze), np.asarray(self.squeeze_drop),
-                               self.base_margin)
-        return tuple(m.features().tolist())
+    squeeze_features: tuple[float, ...] | None = None
 
 
 def checked_logits(logits: ArrayLike, spec: ProbeSpec) -> NDArray[np.float64]:
@@ -109,8 +98,7 @@ def raw_scores(logits: ArrayLike, features: ArrayLike | None, spec: ProbeSpec,
     return RawScores(
         top_class=top,
         squeeze=None if m is None else tuple(m.l2.tolist()),
-        squeeze_drop=None if m is None else tuple(m.top_drop.tolist()),
-        base_margin=None if m is None else m.margin,
+        squeeze_features=None if m is None else tuple(m.features().tolist()),
         viewpoint=None if vw is None else viewpoint_score(base, vw),
         density=dist,
         occlusion=None if oc is None else occlusion_score(base, oc),
@@ -134,9 +122,9 @@ def check_scores(raw: RawScores, spec: ProbeSpec,
         details = (tuple((f"{n}_quantile", q) for n, q in zip(names, quantiles))
                    + tuple((f"{n}_l2", x) for n, x in zip(names, raw.squeeze)))
         det = references.squeeze_detector
-        features = raw.squeeze_features if det is not None else None
-        if det is not None and features is not None and det.squeezers == len(raw.squeeze):
-            decision = float(det.decision(features))
+        if det is not None and raw.squeeze_features is not None \
+                and det.squeezers == len(raw.squeeze):
+            decision = float(det.decision(raw.squeeze_features))
             combined = det.clean.at(decision)
             details += (("detector_log_odds", decision),)
         else:
