@@ -18,26 +18,21 @@ policy_dir="${ROBUSTGATE_POLICY_DIR:-/etc/robustgate/policies}"
 
 log() { printf '%s docker-entrypoint: %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$*" >&2; }
 
-tailer=""
 # shellcheck disable=SC2317,SC2329  # runs from the trap in run_torchserve
 stop_torchserve() {
   log "stopping TorchServe"
   python -m model_store.serve stop --run-dir "$run_dir" || true
-  [ -z "$tailer" ] || kill "$tailer" 2>/dev/null || true
   exit 0
 }
 
 run_torchserve() {
   local launcher
   trap stop_torchserve TERM INT
-  mkdir -p "$run_dir/logs"
-  : >>"$run_dir/logs/torchserve.out"
-  # TorchServe writes its console to a file in the run directory; mirror it to stdout.
-  tail -n 0 -F "$run_dir/logs/torchserve.out" &
-  tailer=$!
   # `start` returns once every model's workers are READY; it runs in the background so that
-  # a SIGTERM during model loading reaches the trap.
-  python -m model_store.serve start --store "$store" --run-dir "$run_dir" \
+  # a SIGTERM during model loading reaches the trap. TorchServe logs to this container's
+  # stdout, which the runtime collects and rotates (`--console inherit`); the run directory
+  # keeps only a rolling copy (logs/ts_log.log, at most 4 x 20 MB).
+  python -m model_store.serve start --store "$store" --run-dir "$run_dir" --console inherit \
     --timeout "${TORCHSERVE_STARTUP_TIMEOUT_S:-900}" "$@" &
   if ! wait $!; then
     log "TorchServe did not start"

@@ -20,6 +20,7 @@ returns once every model's workers are READY in the management API's describe an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -42,6 +43,9 @@ DEFAULT_STORE = Path(__file__).resolve().parent / "artifacts"
 DEFAULT_RUN_DIR = REPO / "var" / "torchserve"
 STATE_FILE = "serve.json"
 KEY_FILE = "key_file.json"
+CONSOLES = ("file", "inherit")
+CONSOLE_FILE = "torchserve.out"  # in <run_dir>/logs: the launcher's and the JVM's own output
+LOG_FILE = "ts_log.log"  # in <run_dir>/logs: TorchServe's log (log4j2.xml rolls it)
 
 
 class ServeError(RuntimeError):
@@ -69,6 +73,16 @@ class ServeSettings:
     token_expiration_min: float = 60 * 24 * 365  # TorchServe's default is 60
     disable_system_metrics: bool = False
     startup_timeout_s: float = 180.0
+    console: str = "file"
+    """Where TorchServe's console goes. ``"file"``: ``logs/torchserve.out`` in the run
+    directory, which then receives only what bypasses logging (the launcher's and the JVM's
+    own messages); the log itself goes to the rolling ``logs/ts_log.log`` alone.
+    ``"inherit"``: this process's stdout, with the log on it too, for a container whose
+    runtime collects and rotates stdout."""
+
+    def __post_init__(self) -> None:
+        if self.console not in CONSOLES:
+            raise ValueError(f"console must be one of {', '.join(CONSOLES)}, not {self.console!r}")
 
     @classmethod
     def on_free_ports(cls, **kwargs: Any) -> ServeSettings:
@@ -214,7 +228,8 @@ class TorchServe:
 
     @property
     def log_file(self) -> Path:
-        return Path(self.settings.run_dir) / "logs" / "torchserve.out"
+        """TorchServe's log: the frontend's warnings and the workers' output, rolled by size."""
+        return Path(self.settings.run_dir) / "logs" / LOG_FILE
 
     def keys(self) -> Keys:
         return read_keys(self.settings.run_dir)
@@ -264,10 +279,17 @@ class TorchServe:
             time.sleep(0.2)
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        """The last lines of the console file (a launcher or JVM failure shows there, where
+        one is kept) followed by the last lines of the log."""
+        parts = []
+        for path in (Path(self.settings.run_dir) / "logs" / CONSOLE_FILE, self.log_file):
+            try:
+                tail = path.read_text(errors="replace").splitlines()[-lines:]
+            except OSError:
+                continue
+            if tail:
+                parts.append("\n".join(tail))
+        return "\n".join(parts)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop TorchServe and its workers (SIGTERM to the process group, SIGKILL after
@@ -324,9 +346,13 @@ def start(settings: ServeSettings, wait: bool = True) -> TorchServe:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TS_")}
     # TorchServe's launcher keeps its pid file in the temp dir and unpacks archives into
     # java.io.tmpdir: one per run directory, so servers on other run dirs do not collide.
+    # The console carries the log only where stdout is a rotated stream (log4j2.xml).
     env.update(TMPDIR=str(run_dir / "tmp"), TEMP=str(run_dir / "tmp"),
-               LOG_LOCATION=str(run_dir / "logs"), METRICS_LOCATION=str(run_dir / "logs"))
-    with (run_dir / "logs" / "torchserve.out").open("ab") as out:
+               LOG_LOCATION=str(run_dir / "logs"), METRICS_LOCATION=str(run_dir / "logs"),
+               CONSOLE_LOG_LEVEL="all" if settings.console == "inherit" else "off")
+    with contextlib.ExitStack() as stack:
+        out = None if settings.console == "inherit" else stack.enter_context(
+            (run_dir / "logs" / CONSOLE_FILE).open("ab"))
         proc = subprocess.Popen(cmd, cwd=run_dir, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     ts = TorchServe(settings, names, proc.pid, proc)
@@ -375,6 +401,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grpc-port", type=int, default=7070, help="gRPC inference port (management: +1)")
     p.add_argument("--http-port", type=int, default=8080, help="REST inference port (management +1, metrics +2)")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for READY")
+    p.add_argument("--console", choices=CONSOLES, default="file",
+                   help="TorchServe's console: logs/torchserve.out in the run directory (the log itself then "
+                        "goes only to the rolling logs/ts_log.log), or this command's stdout with the log on it "
+                        "(a container's, which its runtime rotates)")
     args = p.parse_args(argv)
 
     if args.command == "stop":
@@ -401,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         store=args.store, run_dir=args.run_dir, models=tuple(args.model), host=args.host,
         grpc_inference_port=args.grpc_port, grpc_management_port=args.grpc_port + 1,
         inference_port=args.http_port, management_port=args.http_port + 1, metrics_port=args.http_port + 2,
-        startup_timeout_s=args.timeout,
+        startup_timeout_s=args.timeout, console=args.console,
     )
     try:
         ts = start(settings)

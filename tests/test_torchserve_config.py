@@ -30,9 +30,27 @@ def test_rendered_config_is_loopback_with_token_auth_and_prometheus() -> None:
     assert float(cfg["token_expiration_min"]) >= 60 * 24
 
 
-def test_log_config_is_warn_level() -> None:
+def test_log_config_is_warn_level_and_bounded() -> None:
+    import xml.etree.ElementTree as ET
+
     xml = (serve.CONFIG_DIR / "log4j2.xml").read_text()
     assert '<Root level="warn">' in xml and '<Logger name="ACCESS_LOG" level="off"/>' in xml
+    appenders = ET.fromstring(xml).find("Appenders")
+    assert appenders is not None
+    # Every file TorchServe logs to rolls by size and keeps a bounded number of old files;
+    # the console passes only what serve.py's CONSOLE_LOG_LEVEL lets through.
+    for rolling in appenders.findall("RollingFile"):
+        assert rolling.find("Policies/SizeBasedTriggeringPolicy") is not None, rolling.get("name")
+        assert int(rolling.find("DefaultRolloverStrategy").get("max")) <= 5, rolling.get("name")
+    assert not appenders.findall("File") and not appenders.findall("RandomAccessFile")
+    (console,) = appenders.findall("Console")
+    assert console.find("ThresholdFilter").get("level") == "${env:CONSOLE_LOG_LEVEL:-all}"
+
+
+def test_console_setting_is_checked() -> None:
+    assert serve.ServeSettings().console == "file"
+    with pytest.raises(ValueError, match="console must be one of file, inherit"):
+        serve.ServeSettings(console="stdout")
 
 
 def test_read_keys(tmp_path: Path) -> None:
@@ -89,15 +107,23 @@ def test_cli_start_status_stop(tiny_store: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     cli = [sys.executable, "-m", "model_store.serve"]
     common = ["--store", str(tiny_store), "--run-dir", str(run_dir)]
-    start = subprocess.run(
-        [*cli, "start", *common, "--model", "fmnist-cnn-onnx",
-         "--grpc-port", str(_free_port_base()), "--http-port", str(_free_port_base())],
-        capture_output=True, text=True, timeout=240,
-    )
+    console = tmp_path / "console.log"  # the container's stdout, with --console inherit
+    with console.open("wb") as out:
+        start = subprocess.run(
+            [*cli, "start", *common, "--model", "fmnist-cnn-onnx", "--console", "inherit",
+             "--grpc-port", str(_free_port_base()), "--http-port", str(_free_port_base())],
+            stdout=out, stderr=subprocess.STDOUT, timeout=240,
+        )
     ts = serve.attach(run_dir)
     try:
-        assert start.returncode == 0, start.stdout + start.stderr
-        assert ts is not None and ts.running()
+        assert start.returncode == 0, console.read_text(errors="replace")
+        assert ts is not None and ts.running() and ts.settings.console == "inherit"
+        # TorchServe's log reaches stdout (the workers' start-up lines) and the rolling file;
+        # no console file is kept in the run directory.
+        logged = console.read_text(errors="replace")
+        assert "TorchServe ready" in logged and "MODEL_LOG - Torch worker started" in logged
+        assert "Torch worker started" in ts.log_file.read_text(errors="replace")
+        assert not (run_dir / "logs" / serve.CONSOLE_FILE).exists()
         keys = serve.read_keys(run_dir)
         assert keys.inference and keys.management
         status = subprocess.run([*cli, "status", "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=60)

@@ -11,6 +11,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -243,6 +244,25 @@ def test_a_bad_request_does_not_fail_its_batch(stub, token, images: np.ndarray) 
             ), answers[5]
         else:
             assert kind == "ok" and logits(value).shape == (1, 10), (i, answers[i])
+
+
+def test_logs_go_to_the_rolling_file_not_the_console_file(stub, token, server: serve.TorchServe) -> None:
+    # A refused input makes TorchServe log the handler's traceback (about 1.5 kB). The
+    # console file is never rotated: it must hold none of that, or every bad request grows
+    # the run directory (a size-limited emptyDir in k8s) until the pod is evicted.
+    code, _ = _code_and_message(lambda: stub.Predictions(inference_pb2.PredictionsRequest(
+        model_name=MODELS[1], input={"tensor": b"garbage"}), metadata=token, timeout=30))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    logs = Path(server.settings.run_dir) / "logs"
+    assert server.log_file == logs / serve.LOG_FILE
+    deadline = time.monotonic() + 10
+    while "PredictionException" not in server.log_file.read_text(errors="replace"):
+        assert time.monotonic() < deadline, "the handler's error never reached ts_log.log"
+        time.sleep(0.1)
+    console = (logs / serve.CONSOLE_FILE).read_text(errors="replace")
+    assert "Model server started" in console  # the frontend's own output is kept
+    assert "MODEL_LOG" not in console and "PredictionException" not in console and "[WARN" not in console
+    assert "PredictionException" in server.log_tail(lines=200)
 
 
 def test_a_call_without_the_token_is_refused(stub, server: serve.TorchServe, images: np.ndarray) -> None:
