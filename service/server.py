@@ -23,6 +23,7 @@ from prometheus_client import disable_created_metrics
 from robustgate.v1 import classifier_pb2 as pb
 from robustgate.v1 import classifier_pb2_grpc as pb_grpc
 from service import convert
+from service import metrics_server as metrics_http
 from service.backend import TorchServeBackend, read_inference_key
 from service.coalesce import CoalesceConfig, Coalescer
 from service.decode import Limits
@@ -368,9 +369,8 @@ async def start(settings: Settings, registry: Registry | None = None) -> Gateway
     port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     metrics_server, metrics_port = None, None
     if settings.metrics_port >= 0:
-        from prometheus_client import start_http_server
-
-        metrics_server, _thread = start_http_server(settings.metrics_port, settings.host, registry=metrics.registry)
+        metrics_server, _thread = metrics_http.start(settings.host, settings.metrics_port, metrics.registry,
+                                                     settings.torchserve_metrics_url)
         metrics_port = metrics_server.server_port
     await server.start()
     task = asyncio.create_task(

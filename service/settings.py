@@ -39,6 +39,9 @@ class Settings:
     """TorchServe's gRPC inference address (inside the pod)."""
     torchserve_key_file: Path = REPO / "var" / "torchserve" / "key_file.json"
     """TorchServe's key_file.json (token auth), written in TorchServe's run directory."""
+    torchserve_metrics_url: str = "http://127.0.0.1:8082/metrics"
+    """TorchServe's Prometheus endpoint (inside the pod), relayed on the gateway's metrics port at
+    /metrics/torchserve so that TorchServe stays on the loopback; empty: not relayed."""
     backend_timeout_s: float = 5.0
     """Deadline of one TorchServe call, capped by what the client has left."""
     request_timeout_s: float = 10.0

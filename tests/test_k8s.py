@@ -189,6 +189,16 @@ def test_servicemonitor_scrapes_the_gateway_metrics_port(docs: tuple[Doc, ...]) 
     port_names = {p["name"] for p in scraped[0]["spec"]["ports"]}
     for ep in sm["spec"]["endpoints"]:
         assert ep["port"] in port_names, f"ServiceMonitor port {ep['port']} not on the Service"
+    # TorchServe's metrics through the gateway's relay (service/metrics_server.py), as job
+    # "torchserve": the job the rules' RobustGateScrapeTargetDown matches.
+    by_path = {ep["path"]: ep for ep in sm["spec"]["endpoints"]}
+    assert set(by_path) == {"/metrics", "/metrics/torchserve"}
+    from service import metrics_server
+
+    assert metrics_server.TORCHSERVE_PATH == "/metrics/torchserve"
+    relabel = by_path["/metrics/torchserve"]["relabelings"]
+    assert {"action": "replace", "targetLabel": "job", "replacement": "torchserve"} in relabel
+    assert int(by_path["/metrics/torchserve"]["scrapeTimeout"].rstrip("s")) > metrics_server.RELAY_TIMEOUT_S
 
 
 def test_gpu_requests_equal_limits(overlay: str, docs: tuple[Doc, ...]) -> None:

@@ -259,12 +259,14 @@ def collector() -> Iterator[Collector]:
 
 
 GATEWAY_METRICS_PORT = free_port()
+TORCHSERVE_RELAY_PATH = "/metrics/torchserve"
 
 
 @pytest.fixture(scope="module")
 def gateway(calibrated_store: Path, torchserve, collector: Collector, tmp_path_factory) -> Iterator[str]:
     proc, address = start_gateway(calibrated_store, torchserve, tmp_path_factory.mktemp("gw-obs"),
                                   **{"metrics-port": str(GATEWAY_METRICS_PORT),
+                                     "torchserve-metrics-url": torchserve.metrics_url,
                                      "otlp-endpoint": f"http://127.0.0.1:{collector.port}"})
     yield address
     stop(proc)
@@ -305,8 +307,9 @@ def prometheus(gateway: str, torchserve, tmp_path_factory) -> Iterator[Prometheu
         "rule_files": [str(RULES)],
         "scrape_configs": [
             {"job_name": "robustgate", "static_configs": [{"targets": [f"127.0.0.1:{GATEWAY_METRICS_PORT}"]}]},
-            {"job_name": "torchserve",
-             "static_configs": [{"targets": [f"127.0.0.1:{torchserve.settings.metrics_port}"]}]},
+            # As in k8s (k8s/base/servicemonitor.yaml): TorchServe through the gateway's relay.
+            {"job_name": "torchserve", "metrics_path": TORCHSERVE_RELAY_PATH,
+             "static_configs": [{"targets": [f"127.0.0.1:{GATEWAY_METRICS_PORT}"]}]},
         ],
     }
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
@@ -467,7 +470,7 @@ def test_promtool_check_metrics_on_both_endpoints(prometheus: Prometheus, torchs
     assert "_created" not in gateway_text
     # TorchServe's names are its own (its Java frontend looks its metrics up by these names):
     # the only findings allowed are style lints on those names, never a malformed exposition.
-    ts_text = scrape(torchserve.metrics_url)
+    ts_text = scrape(f"http://127.0.0.1:{GATEWAY_METRICS_PORT}{TORCHSERVE_RELAY_PATH}")
     out = subprocess.run([promtool, "check", "metrics"], input=ts_text, capture_output=True, text=True, timeout=60)
     ts_names = {line.split()[2] for line in declared_text().splitlines() if line.startswith("# TYPE ")}
     allowed = re.compile(r"^(\S+) (metric names should be written in 'snake_case' not 'camelCase'|"
@@ -480,7 +483,8 @@ def test_promtool_check_metrics_on_both_endpoints(prometheus: Prometheus, torchs
 
 def test_dashboard_reads_metrics_that_are_really_exported(prometheus: Prometheus, torchserve, sent) -> None:
     live = (exported_names(scrape(f"http://127.0.0.1:{GATEWAY_METRICS_PORT}/metrics"))
-            | exported_names(scrape(torchserve.metrics_url)) | recorded_names() | {"up"})
+            | exported_names(scrape(f"http://127.0.0.1:{GATEWAY_METRICS_PORT}{TORCHSERVE_RELAY_PATH}"))
+            | recorded_names() | {"up"})
     has_data: dict[str, bool] = {}
     for title, expr in dashboard_exprs():
         missing = metric_names(expr) - live
