@@ -78,7 +78,9 @@ class ServeSettings:
     directory, which then receives only what bypasses logging (the launcher's and the JVM's
     own messages); the log itself goes to the rolling ``logs/ts_log.log`` alone.
     ``"inherit"``: this process's stdout, with the log on it too, for a container whose
-    runtime collects and rotates stdout."""
+    runtime collects and rotates stdout. TorchServe keeps that stdout after :func:`start`
+    returns, so it must be a file or a long-lived stream, not a pipe that a caller reads to
+    its end (``$(...)``, ``capture_output``): that caller would wait until TorchServe stops."""
 
     def __post_init__(self) -> None:
         if self.console not in CONSOLES:
@@ -288,7 +290,7 @@ class TorchServe:
             except OSError:
                 continue
             if tail:
-                parts.append("\n".join(tail))
+                parts.append("\n".join([f"--- {path} ---", *tail]))
         return "\n".join(parts)
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -404,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--console", choices=CONSOLES, default="file",
                    help="TorchServe's console: logs/torchserve.out in the run directory (the log itself then "
                         "goes only to the rolling logs/ts_log.log), or this command's stdout with the log on it "
-                        "(a container's, which its runtime rotates)")
+                        "(a container's, which its runtime rotates; not a pipe read to its end: TorchServe keeps it)")
     args = p.parse_args(argv)
 
     if args.command == "stop":

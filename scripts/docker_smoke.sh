@@ -160,6 +160,7 @@ t0="$(now)"
   -v "$name-run:/run/torchserve:ro" -v "$policies:/etc/robustgate/policies:ro" \
   -e ROBUSTGATE_HOST=127.0.0.1 -e ROBUSTGATE_PORT="$gw_port" -e ROBUSTGATE_METRICS_PORT="$metrics_port" \
   -e ROBUSTGATE_TORCHSERVE_ADDRESS="127.0.0.1:$ts_grpc" \
+  -e ROBUSTGATE_TORCHSERVE_METRICS_URL="http://127.0.0.1:$((ts_http + 2))/metrics" \
   "$image" gateway >/dev/null
 say "containers started; waiting for gRPC health SERVING on 127.0.0.1:$gw_port"
 health_check() {
@@ -205,6 +206,25 @@ t0="$(now)"
 classify_s="$(secs "$t0" "$(now)")"
 grep -q "^gate: " "$work/classify.txt"
 policy_line="$("$docker" logs "$name-gateway" 2>&1 | grep -c 'gate policy from /etc/robustgate/policies' || true)"
+# TorchServe logs to its container's stdout (its workers' start-up lines among them), and the
+# gateway relays TorchServe's metrics on its own metrics port.
+ts_log_lines="$("$docker" logs "$name-torchserve" 2>&1 | grep -c 'MODEL_LOG' || true)"
+if [ "$ts_log_lines" -eq 0 ]; then
+  echo "no TorchServe worker log line (MODEL_LOG) in \`docker logs $name-torchserve\`" >&2
+  exit 1
+fi
+relay="$("$py" - "http://127.0.0.1:$metrics_port/metrics/torchserve" <<'EOF'
+import sys
+import urllib.request
+with urllib.request.urlopen(sys.argv[1], timeout=10) as resp:
+    text = resp.read().decode()
+n = sum(1 for line in text.splitlines() if line.startswith("ts_inference_requests_total"))
+print(f"{resp.status}, {n} ts_inference_requests_total series")
+if not n:
+    print(f"the relay answered no ts_inference_requests_total series:\n{text[:2000]}", file=sys.stderr)
+    sys.exit(1)
+EOF
+)"
 
 # --- stop as Kubernetes does: SIGTERM, gateway first ------------------------------------
 t0="$(now)"
@@ -230,5 +250,7 @@ build:          ${build_s} s
 start→SERVING:  ${serving_s} s (TorchServe verifies the store and loads the model; the gateway waits for its key file)
 classify:       ${classify_s} s for one call through the CLI (process start included)
 policy mount:   ${policy_line} model(s) served with the policy from the mounted directory
+torchserve log: ${ts_log_lines} worker lines on the torchserve container's stdout
+metrics relay:  /metrics/torchserve on the gateway's metrics port answered ${relay}
 stop:           gateway ${gw_stop_s} s, torchserve ${ts_stop_s} s after SIGTERM (exit codes ${gw_rc}, ${ts_rc})
 EOF

@@ -5,7 +5,7 @@
 | path | answers |
 |---|---|
 | ``/metrics`` (any path but the one below) | the gateway's registry, as ``prometheus_client`` serves it |
-| ``/metrics/torchserve`` | TorchServe's ``/metrics``, fetched when scraped; 503 when it does not answer |
+| ``/metrics/torchserve`` (or with a final ``/``) | TorchServe's ``/metrics``, fetched when scraped; 503 when it does not answer |
 
 TorchServe binds the pod's loopback, its metrics endpoint included, so nothing outside the pod
 can reach it. Prometheus scrapes it through this port as a second target with a job of its own.
@@ -53,9 +53,11 @@ class TorchServeRelay:
         self.url = url
         self.timeout_s = timeout_s
         self._last_log = float("-inf")
+        # TorchServe is beside the gateway: never through an http_proxy set for the pod.
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     def _fetch(self) -> tuple[bytes, str]:
-        with urllib.request.urlopen(self.url, timeout=self.timeout_s) as resp:
+        with self._opener.open(self.url, timeout=self.timeout_s) as resp:
             body = resp.read(MAX_RELAY_BYTES + 1)
             ctype = resp.headers.get("Content-Type") or _DEFAULT_TYPE
         if len(body) > MAX_RELAY_BYTES:
@@ -83,7 +85,7 @@ def metrics_app(registry: CollectorRegistry, torchserve_metrics_url: str = "") -
     relay = TorchServeRelay(torchserve_metrics_url) if torchserve_metrics_url else None
 
     def app(environ: dict, start_response: Callable) -> Iterable[bytes]:
-        if environ.get("PATH_INFO", "") == TORCHSERVE_PATH:
+        if environ.get("PATH_INFO", "").rstrip("/") == TORCHSERVE_PATH:
             if relay is None:
                 start_response("404 Not Found", _text())
                 return [b"TorchServe's metrics are not relayed by this gateway\n"]
@@ -105,7 +107,7 @@ class _QuietHandler(WSGIRequestHandler):
 def start(host: str, port: int, registry: CollectorRegistry,
           torchserve_metrics_url: str = "") -> tuple[WSGIServer, threading.Thread]:
     """Serve :func:`metrics_app` on ``host:port`` (0: a free port) from a daemon thread; stop
-    with ``server.shutdown()``."""
+    with ``server.shutdown()`` (from another thread), then ``server.server_close()``."""
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
     server_class = type("_MetricsServer", (_Server,), {"address_family": family})
     server = make_server(host, port, metrics_app(registry, torchserve_metrics_url), server_class, _QuietHandler)

@@ -321,7 +321,10 @@ class Gateway:
         await self.backend.close()
         self.tracing.shutdown()  # exports the spans still queued
         if self._metrics_server is not None:
-            self._metrics_server.shutdown()  # type: ignore[attr-defined]
+            server = self._metrics_server
+            # shutdown() waits up to half a second for the serving thread: not on the event loop.
+            await asyncio.to_thread(server.shutdown)  # type: ignore[attr-defined]
+            server.server_close()  # type: ignore[attr-defined]  # the port refuses from now on
 
 
 async def start(settings: Settings, registry: Registry | None = None) -> Gateway:

@@ -82,6 +82,7 @@ def _broken(mutate: Any) -> dict[str, Any]:
     (lambda d: d["references"].update(squeeze=[]), "squeeze"),
     (lambda d: d["references"].update(density={"means": [[0.0]]}), "density"),
     (lambda d: d["noise"].update(alpha=0), "alpha"),
+    (lambda d: d["noise"].update(alpha=0.9), r"alpha must be in \(0, 0.5\]"),
     (lambda d: d["probe"].update(version=9), "version"),
     (lambda d: d["probe"].update(noise={"sigma": 0.2, "count": 4}), "probe.noise"),
     (lambda d: d.update(max_forward_passes=5), "max_forward_passes"),

@@ -96,6 +96,36 @@ def test_relay_gives_up_on_a_silent_torchserve_within_its_timeout(silent_upstrea
     assert statuses == ["503 Service Unavailable"] and b"did not answer" in body
 
 
+def test_relay_ignores_proxy_settings_and_a_final_slash(registry: CollectorRegistry,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # A pod may set http_proxy for its egress; TorchServe is on the loopback beside the gateway.
+    for var in ("http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, f"http://127.0.0.1:{free_port()}")  # a proxy that is not there
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    port = free_port()
+    # The relay's upstream: this same server's own /metrics (a real HTTP exposition).
+    server, thread = metrics_server.start("127.0.0.1", port, registry, f"http://127.0.0.1:{port}/metrics")
+    try:
+        for path in ("/metrics/torchserve", "/metrics/torchserve/"):
+            status, body = get_direct(f"http://127.0.0.1:{port}{path}")
+            assert status == 200 and "robustgate_probe_things_total 3.0" in body, (path, status, body)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def get_direct(url: str) -> tuple[int, str]:
+    """GET without any proxy (the test's own client must not use the dead one either)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=15) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
 @pytest.mark.slow
 def test_relay_serves_torchserves_exposition(registry: CollectorRegistry, torchserve) -> None:
     for base in serve(registry, torchserve.metrics_url):

@@ -89,8 +89,8 @@ class NoiseSettings:
     def __post_init__(self) -> None:
         if not self.sigma > 0:
             raise PolicyError(f"noise.sigma must be > 0, got {self.sigma}")
-        if not 0 < self.alpha < 1:
-            raise PolicyError(f"noise.alpha must be in (0, 1), got {self.alpha}")
+        if not 0 < self.alpha <= 0.5:  # above 0.5 the "lower bound" is not one; near 1 the radius is infinite
+            raise PolicyError(f"noise.alpha must be in (0, 0.5], got {self.alpha}")
         if not self.target_radius >= 0:
             raise PolicyError(f"noise.target_radius must be >= 0, got {self.target_radius}")
         if self.max_samples < 1 or self.first_batch < 1 or self.growth < 1:
