@@ -96,3 +96,14 @@ def test_sixteen_bit_is_scaled_not_clipped() -> None:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")  # mode I;16
     assert decode_image(buf.getvalue(), SPEC, Limits()).min() == 255
+
+
+def test_decoders_are_registered_at_import_not_on_the_first_request() -> None:
+    # Left to the first Image.open, PIL's plugin imports added 12 ms to the first request.
+    import subprocess
+    import sys
+
+    code = ("import service.server\nfrom PIL import Image\n"
+            "print('PNG' in Image.OPEN and 'JPEG' in Image.OPEN)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "True", out.stdout + out.stderr
