@@ -86,6 +86,54 @@ async def closed_loop(name: str, call, concurrency: int, duration_s: float) -> R
     return Result(name, concurrency, len(lat), elapsed, *(float(np.percentile(ms, q)) for q in (50, 95, 99)), errors)
 
 
+def _proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process (all its threads), 0 when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = {root}, [root]
+    while todo:
+        for c in children.get(todo.pop(), ()):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
+def cpu_parts(gateway_pid: int | None, torchserve_pid: int) -> dict[str, float]:
+    """CPU seconds so far of the load generator (this process), the gateway, and TorchServe's
+    Java frontend and Python workers (the process tree under its launcher)."""
+    t = os.times()
+    parts = {"client": t.user + t.system}
+    if gateway_pid is not None:
+        parts["gateway"] = _proc_cpu_s(gateway_pid)
+    java = workers = 0.0
+    for pid in _descendants(torchserve_pid):
+        try:
+            argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+        except OSError:
+            continue
+        if argv0.endswith(b"java"):
+            java += _proc_cpu_s(pid)
+        elif pid != torchserve_pid:
+            workers += _proc_cpu_s(pid)
+    parts.update({"TorchServe Java": java, "TorchServe workers": workers})
+    return parts
+
+
 def in_process(store: Path, model: str, images: np.ndarray, seconds: float) -> list[Result]:
     import onnxruntime as ort
     import torch
@@ -203,13 +251,22 @@ def main(argv: list[str] | None = None) -> int:
 
     tensors = [encode_tensor(im[None]) for im in images]
 
-    async def measure(name: str, call, warm: bool = True) -> None:
+    cpu_per_call: dict[str, dict[str, float]] = {}
+
+    async def measure(name: str, call, warm: bool = True, cpu=None) -> None:
         """One row per concurrency level. ``warm``: unmeasured load first (every level), so no
-        row pays for JIT and cold caches: without it the first row after a start reads up to 2x slow."""
+        row pays for JIT and cold caches: without it the first row after a start reads up to 2x slow.
+        ``cpu``: a function returning :func:`cpu_parts`; each part's CPU per call is recorded
+        for the highest concurrency."""
         for c in levels if warm else ():
             await closed_loop("warm-up", call, c, min(0.5, args.seconds))
         for c in levels:
-            results.append(await closed_loop(name, call, c, args.seconds))
+            before = cpu() if cpu is not None and c == max(levels) else None
+            r = await closed_loop(name, call, c, args.seconds)
+            results.append(r)
+            if before is not None and r.calls:
+                after = cpu()
+                cpu_per_call[f"{name} (c={c})"] = {k: round(1e3 * (after[k] - before[k]) / r.calls, 3) for k in after}
 
     def direct_call(ts, stub, fmt: str):
         md = (("authorization", f"Bearer {ts.keys().inference}"),)
@@ -233,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         async with grpc.aio.insecure_channel(ts.grpc_inference_target) as ch:
             stub = inference_pb2_grpc.InferenceAPIsServiceStub(ch)
             for name, fmt in rows:
-                await measure(name, direct_call(ts, stub, fmt))
+                await measure(name, direct_call(ts, stub, fmt), cpu=lambda: cpu_parts(None, ts.pid))
             if not naive:
                 return
             direct = direct_call(ts, stub, "onnx")
@@ -245,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
 
             await measure(f"naive: {n} variants as separate calls", naive_call, warm=False)  # direct warmed it
 
-    async def run_gateway(name: str, address: str) -> None:
+    async def run_gateway(name: str, address: str, cpu=None) -> None:
         nonlocal cheap_rows
         async with grpc.aio.insecure_channel(address) as ch:
             stub = pb_grpc.ClassifierServiceStub(ch)
@@ -258,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             async def call(i: int) -> None:
                 await stub.Classify(reqs[i % len(reqs)], timeout=30)
 
-            await measure(name, call)
+            await measure(name, call, cpu=cpu)
 
     ootb = ootb_store(args.store, args.model, tmp / "ootb")
 
@@ -293,8 +350,9 @@ def main(argv: list[str] | None = None) -> int:
                                    (CASCADE, args.store, coalesce), (EVERY_CHECK, gate_all, coalesce),
                                    (CERT_SEQ, cert_seq, coalesce), (CERT_FIXED, cert_fixed, coalesce)):
             proc, address = start_gateway(store, ts, tmp, **extra)
+            cpu = (lambda proc=proc: cpu_parts(proc.pid, ts.pid)) if name == GATE_OFF else None
             try:
-                asyncio.run(run_gateway(name, address))
+                asyncio.run(run_gateway(name, address, cpu))
             finally:
                 stop(proc)
         asyncio.run(run_direct(ts, ((DIRECT, "onnx"), (DIRECT_TS, "torchscript"))))
@@ -305,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
               "seconds_per_measurement": args.seconds, "results": [dataclasses.asdict(r) | {"per_s": r.per_s} for r in results]}
     report["ratios"] = ratios(results, levels)
+    report["cpu_ms_per_call"] = cpu_per_call
     report["coalescing"] = {"max_batch": args.coalesce_max_batch, "max_wait_ms": args.coalesce_max_wait_ms}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "serving-smoke" if args.smoke else "serving"
@@ -401,6 +460,14 @@ def render(r: dict, png: str | None = None) -> str:
         lines.append(f"| {x['name']} | {x['concurrency']} | {x['per_s']:.0f} | {x['p50_ms']:.2f} | {x['p95_ms']:.2f} | "
                      f"{x['p99_ms']:.2f} | {x['errors']} |")
     lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in r["ratios"].items()]
+    if r.get("cpu_ms_per_call"):
+        parts = list(dict.fromkeys(k for v in r["cpu_ms_per_call"].values() for k in v))
+        lines += ["", "CPU per call (ms; user + system time of each process over the row, divided by the calls "
+                      "answered; the machine's cores are shared by all of them):", "",
+                  "| row | " + " | ".join(parts) + " | total |", "|---" * (len(parts) + 2) + "|"]
+        for row, v in r["cpu_ms_per_call"].items():
+            lines.append(f"| {row} | " + " | ".join(f"{v[k]:.3f}" if k in v else "–" for k in parts)
+                         + f" | {sum(v.values()):.3f} |")
     if "coalescing" in r:
         c = r["coalescing"]
         lines += ["", f"Coalescing: up to {c['max_batch']} images per TorchServe call, "

@@ -45,6 +45,12 @@ def test_serving_benchmark_smoke(default_store: Path, tmp_path: Path) -> None:
                   "throughput on-device expansion / naive, both on the batching archive (c=4)"):
         assert report["ratios"][ratio] > 0, ratio
     assert any(k.startswith("added p50 ms, gateway, gate off vs") for k in report["ratios"])
+    cpu = report["cpu_ms_per_call"]  # per process, from /proc, for the top concurrency
+    assert set(cpu) == {f"{b.GATE_OFF} (c=4)", f"{b.DIRECT} (c=4)", f"{b.DIRECT_TS} (c=4)", f"{b.DIRECT_BATCHING} (c=4)"}
+    gw = cpu[f"{b.GATE_OFF} (c=4)"]
+    assert set(gw) == {"client", "gateway", "TorchServe Java", "TorchServe workers"}
+    assert gw["gateway"] > 0 and gw["TorchServe Java"] > 0 and gw["TorchServe workers"] > 0
+    assert "gateway" not in cpu[f"{b.DIRECT} (c=4)"]
     assert (tmp_path / "serving-smoke.md").read_text().startswith("# Serving benchmark")
     assert (tmp_path / "serving-smoke.png").read_bytes()[:4] == b"\x89PNG"
 
