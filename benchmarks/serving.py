@@ -461,7 +461,8 @@ def render(r: dict, png: str | None = None) -> str:
                      f"{x['p99_ms']:.2f} | {x['errors']} |")
     lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in r["ratios"].items()]
     if r.get("cpu_ms_per_call"):
-        parts = list(dict.fromkeys(k for v in r["cpu_ms_per_call"].values() for k in v))
+        order = ("client", "gateway", "TorchServe Java", "TorchServe workers")
+        parts = [k for k in order if any(k in v for v in r["cpu_ms_per_call"].values())]
         lines += ["", "CPU per call (ms; user + system time of each process over the row, divided by the calls "
                       "answered; the machine's cores are shared by all of them):", "",
                   "| row | " + " | ".join(parts) + " | total |", "|---" * (len(parts) + 2) + "|"]

@@ -49,8 +49,8 @@ class Settings:
     coalesce_max_batch: int = 32
     """Coalesce concurrent requests for one model into one TorchServe call of at most this many
     images, each with its own plan (at most the handler's max_batch_items); 0 or 1: off. On by
-    default: measured 1.2-1.3x the throughput of TorchServe's batching alone with the gate off
-    and 1.05-1.2x with the cascade at 16-64 concurrent clients; a lone request leaves at once,
+    default: measured 1.3x the throughput of TorchServe's batching alone with the gate off
+    and 1.05-1.3x with the cascade at 16-64 concurrent clients; a lone request leaves at once,
     so at low concurrency it changes nothing (benchmarks/results/serving.md)."""
     coalesce_max_wait_ms: float = 2.0
     """With coalescing on: longest a request waits for company while the backend is busy (a lone
