@@ -349,12 +349,12 @@ def start(settings: ServeSettings, wait: bool = True) -> TorchServe:
     # TorchServe's launcher keeps its pid file in the temp dir and unpacks archives into
     # java.io.tmpdir: one per run directory, so servers on other run dirs do not collide.
     # The console carries the log only where stdout is a rotated stream (log4j2.xml).
+    inherit = settings.console == "inherit"
     env.update(TMPDIR=str(run_dir / "tmp"), TEMP=str(run_dir / "tmp"),
                LOG_LOCATION=str(run_dir / "logs"), METRICS_LOCATION=str(run_dir / "logs"),
-               CONSOLE_LOG_LEVEL="all" if settings.console == "inherit" else "off")
-    with contextlib.ExitStack() as stack:
-        out = None if settings.console == "inherit" else stack.enter_context(
-            (run_dir / "logs" / CONSOLE_FILE).open("ab"))
+               CONSOLE_LOG_LEVEL="all" if inherit else "off")
+    console = contextlib.nullcontext() if inherit else (run_dir / "logs" / CONSOLE_FILE).open("ab")
+    with console as out:  # None (inherit): TorchServe writes to this process's stdout
         proc = subprocess.Popen(cmd, cwd=run_dir, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     ts = TorchServe(settings, names, proc.pid, proc)

@@ -21,7 +21,6 @@ import logging
 import socket
 import threading
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
@@ -35,15 +34,14 @@ TORCHSERVE_PATH = "/metrics/torchserve"
 RELAY_TIMEOUT_S = 5.0  # below the ServiceMonitor's 10 s scrape timeout
 MAX_RELAY_BYTES = 16 << 20  # TorchServe's exposition is tens of kB
 _LOG_EVERY_S = 60.0  # a down TorchServe is logged once a minute, not once a scrape
+_DEFAULT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
 
 
 def _text() -> list[tuple[str, str]]:
     """Headers of a plain-text answer: a new list each time (wsgiref appends to the one given)."""
     return [("Content-Type", "text/plain; charset=utf-8")]
-
-_DEFAULT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
 
 
 class TorchServeRelay:
