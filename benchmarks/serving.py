@@ -86,50 +86,31 @@ async def closed_loop(name: str, call, concurrency: int, duration_s: float) -> R
     return Result(name, concurrency, len(lat), elapsed, *(float(np.percentile(ms, q)) for q in (50, 95, 99)), errors)
 
 
-def _proc_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of one process (all its threads), 0 when it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _descendants(root: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = {root}, [root]
-    while todo:
-        for c in children.get(todo.pop(), ()):
-            if c not in out:
-                out.add(c)
-                todo.append(c)
-    return out
-
-
 def cpu_parts(gateway_pid: int | None, torchserve_pid: int) -> dict[str, float]:
-    """CPU seconds so far of the load generator (this process), the gateway, and TorchServe's
-    Java frontend and Python workers (the process tree under its launcher)."""
-    t = os.times()
-    parts = {"client": t.user + t.system}
-    if gateway_pid is not None:
-        parts["gateway"] = _proc_cpu_s(gateway_pid)
-    java = workers = 0.0
-    for pid in _descendants(torchserve_pid):
+    """CPU seconds (user + system) so far of the load generator (this process), the gateway,
+    and TorchServe's Java frontend and Python workers (the process tree under its launcher)."""
+    import psutil
+
+    def cpu_s(proc: psutil.Process) -> float:
         try:
-            argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
-        except OSError:
+            t = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            return 0.0
+        return t.user + t.system
+
+    parts = {"client": cpu_s(psutil.Process())}
+    if gateway_pid is not None:
+        parts["gateway"] = cpu_s(psutil.Process(gateway_pid))
+    java = workers = 0.0
+    for proc in psutil.Process(torchserve_pid).children(recursive=True):
+        try:
+            is_java = proc.name() == "java"
+        except psutil.NoSuchProcess:
             continue
-        if argv0.endswith(b"java"):
-            java += _proc_cpu_s(pid)
-        elif pid != torchserve_pid:
-            workers += _proc_cpu_s(pid)
+        if is_java:
+            java += cpu_s(proc)
+        else:
+            workers += cpu_s(proc)
     parts.update({"TorchServe Java": java, "TorchServe workers": workers})
     return parts
 
