@@ -19,8 +19,10 @@ from tests.conftest import free_port
 
 
 def get(url: str) -> tuple[int, str]:
+    """GET on the loopback, never through a proxy (one test sets a dead one)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with urllib.request.urlopen(url, timeout=15) as resp:
+        with opener.open(url, timeout=15) as resp:
             return resp.status, resp.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
@@ -108,22 +110,12 @@ def test_relay_ignores_proxy_settings_and_a_final_slash(registry: CollectorRegis
     server, thread = metrics_server.start("127.0.0.1", port, registry, f"http://127.0.0.1:{port}/metrics")
     try:
         for path in ("/metrics/torchserve", "/metrics/torchserve/"):
-            status, body = get_direct(f"http://127.0.0.1:{port}{path}")
+            status, body = get(f"http://127.0.0.1:{port}{path}")
             assert status == 200 and "robustgate_probe_things_total 3.0" in body, (path, status, body)
     finally:
         server.shutdown()
         server.server_close()
         thread.join(5)
-
-
-def get_direct(url: str) -> tuple[int, str]:
-    """GET without any proxy (the test's own client must not use the dead one either)."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(url, timeout=15) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
 
 
 @pytest.mark.slow
