@@ -5,13 +5,20 @@
 | path | answers |
 |---|---|
 | ``/metrics`` (any path but the one below) | the gateway's registry, as ``prometheus_client`` serves it |
-| ``/metrics/torchserve`` (or with a final ``/``) | TorchServe's ``/metrics``, fetched when scraped; 503 when it does not answer |
+| ``/metrics/torchserve`` (or with a final ``/``) | TorchServe's ``/metrics``, fetched when scraped (one fetch at a time, reused for 1 s); 503 when it does not answer in time |
 
 TorchServe binds the pod's loopback, its metrics endpoint included, so nothing outside the pod
 can reach it. Prometheus scrapes it through this port as a second target with a job of its own.
-The relay fetches one URL fixed at start (no caller chooses what is fetched), within a timeout
-shorter than a scrape's. When TorchServe does not answer, the scrape fails with 503 and
+The relay fetches one ``http://`` URL fixed at start (no caller chooses what is fetched; any
+other scheme fails at start), never through a proxy. The fetch has one deadline for the whole of
+it, connect, headers and body (a TorchServe trickling bytes cannot stretch it), shorter than a
+scrape's timeout. When TorchServe does not answer 200 by then, the scrape fails with 503 and
 Prometheus records that target down (``up == 0``) while the gateway's own target stays up.
+
+The relay is single-flight: scrapes that arrive while a fetch is under way wait for it and share
+its outcome, and an outcome (answer or failure) younger than ``RELAY_MAX_AGE_S`` is reused, so a
+scrape storm or several Prometheus replicas cost TorchServe one fetch a second at most. No scrape
+waits longer than the relay's timeout in all: one that would answers 503.
 """
 
 from __future__ import annotations
@@ -21,17 +28,19 @@ import logging
 import socket
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
+from service.settings import relay_url_parts
+
 log = logging.getLogger(__name__)
 
 TORCHSERVE_PATH = "/metrics/torchserve"
 RELAY_TIMEOUT_S = 5.0  # below the ServiceMonitor's 10 s scrape timeout
+RELAY_MAX_AGE_S = 1.0  # a fetch's outcome is reused this long (scrapes come every 15 s)
 MAX_RELAY_BYTES = 16 << 20  # TorchServe's exposition is tens of kB
 _LOG_EVERY_S = 60.0  # a down TorchServe is logged once a minute, not once a scrape
 _DEFAULT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -44,34 +53,133 @@ def _text() -> list[tuple[str, str]]:
     return [("Content-Type", "text/plain; charset=utf-8")]
 
 
-class TorchServeRelay:
-    """A WSGI app answering TorchServe's current exposition from ``url``."""
+def _time_left(deadline: float) -> float:
+    """Seconds until ``deadline`` (``time.monotonic``); TimeoutError once it has passed."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("the relay's deadline passed")
+    return left
 
-    def __init__(self, url: str, timeout_s: float = RELAY_TIMEOUT_S) -> None:
+
+class _DeadlineSocket(socket.socket):
+    """A socket whose every blocking call ends by ``deadline``: its timeout is set to the time
+    left before each one, so a peer trickling bytes cannot stretch a fetch past the deadline as
+    it could a per-call timeout. ``http.client`` reads headers and body through ``recv_into``."""
+
+    deadline = float("-inf")
+
+    def connect(self, address: object) -> None:
+        self.settimeout(_time_left(self.deadline))
+        super().connect(address)
+
+    def sendall(self, data: bytes, flags: int = 0) -> None:
+        self.settimeout(_time_left(self.deadline))
+        super().sendall(data, flags)
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        self.settimeout(_time_left(self.deadline))
+        return super().recv(bufsize, flags)
+
+    def recv_into(self, buffer: memoryview | bytearray, nbytes: int = 0, flags: int = 0) -> int:
+        self.settimeout(_time_left(self.deadline))
+        return super().recv_into(buffer, nbytes, flags)
+
+
+class _DeadlineConnection(http.client.HTTPConnection):
+    """An HTTP connection over a :class:`_DeadlineSocket`: connect, request and response all
+    within one deadline. ``http.client`` never consults proxy settings."""
+
+    def __init__(self, host: str, port: int, deadline: float) -> None:
+        super().__init__(host, port)
+        self.deadline = deadline
+
+    def connect(self) -> None:
+        """Each of the host's addresses in turn, all within the deadline (name resolution is
+        not bounded by it: the URL names the loopback)."""
+        error: OSError = OSError(f"{self.host} has no address")
+        for family, kind, proto, _, address in socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM):
+            sock = _DeadlineSocket(family, kind, proto)
+            sock.deadline = self.deadline
+            try:
+                sock.connect(address)
+            except OSError as e:
+                sock.close()
+                error = e
+                continue
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.sock = sock
+            return
+        raise error
+
+
+_Outcome = tuple[bytes, str] | None  # (exposition, its Content-Type), or None: no answer in time
+
+
+class TorchServeRelay:
+    """A WSGI app answering TorchServe's current exposition from ``url`` (``http://`` only;
+    anything else is a ValueError here, at start). One fetch at a time, within ``timeout_s``
+    from connect to the body's last byte; its outcome is shared with the scrapes that waited
+    for it and reused for ``max_age_s``."""
+
+    def __init__(self, url: str, timeout_s: float = RELAY_TIMEOUT_S, max_age_s: float = RELAY_MAX_AGE_S) -> None:
+        host, port, target = relay_url_parts(url)
+        if timeout_s <= 0 or max_age_s < 0:
+            raise ValueError("the relay's timeout_s must be > 0 and its max_age_s >= 0")
         self.url = url
         self.timeout_s = timeout_s
+        self.max_age_s = max_age_s
+        self._host, self._port, self._target = host, port, target
+        self._lock = threading.Lock()  # held by the one fetch under way
+        self._last: tuple[float, _Outcome] | None = None  # (when it ended, outcome) of the last fetch
         self._last_log = float("-inf")
-        # TorchServe is beside the gateway: never through an http_proxy set for the pod.
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
-    def _fetch(self) -> tuple[bytes, str]:
-        with self._opener.open(self.url, timeout=self.timeout_s) as resp:
-            body = resp.read(MAX_RELAY_BYTES + 1)
-            ctype = resp.headers.get("Content-Type") or _DEFAULT_TYPE
-        if len(body) > MAX_RELAY_BYTES:
-            raise ValueError(f"exposition larger than {MAX_RELAY_BYTES} bytes")
-        return body, ctype
+    def _fetch(self, deadline: float) -> tuple[bytes, str]:
+        conn = _DeadlineConnection(self._host, self._port, deadline)
+        try:
+            conn.request("GET", self._target)
+            resp = conn.getresponse()
+            if resp.status != 200:
+                raise http.client.HTTPException(f"answered {resp.status} {resp.reason}")
+            body = resp.read(MAX_RELAY_BYTES + 1)  # every socket read within the deadline
+            if len(body) > MAX_RELAY_BYTES:
+                raise ValueError(f"exposition larger than {MAX_RELAY_BYTES} bytes")
+            if resp.length:  # the connection closed before Content-Length bytes came
+                raise http.client.IncompleteRead(body, resp.length)
+            return body, resp.headers.get("Content-Type") or _DEFAULT_TYPE
+        finally:
+            conn.close()
+
+    def _outcome(self) -> _Outcome:
+        """The last fetch's outcome if it ended after this scrape arrived or less than
+        ``max_age_s`` ago, else a new fetch's; None (503) by ``timeout_s`` after arrival at the latest."""
+        arrived = time.monotonic()
+        deadline = arrived + self.timeout_s
+        if not self._lock.acquire(timeout=self.timeout_s):
+            return None  # the fetch under way outlasted this scrape's time (it logs its own failure)
+        try:
+            if self._last is not None:
+                ended, outcome = self._last
+                if ended >= arrived or time.monotonic() - ended < self.max_age_s:
+                    return outcome
+            try:
+                outcome = self._fetch(deadline)
+            except (OSError, http.client.HTTPException, ValueError) as e:  # timeouts are OSErrors
+                outcome = None
+                now = time.monotonic()
+                if now - self._last_log >= _LOG_EVERY_S:
+                    self._last_log = now
+                    log.warning("TorchServe's metrics endpoint %s did not answer: %s", self.url, e)
+            self._last = (time.monotonic(), outcome)
+            return outcome
+        finally:
+            self._lock.release()
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
-        try:
-            body, ctype = self._fetch()
-        except (OSError, http.client.HTTPException, ValueError) as e:  # URLError and timeouts are OSErrors
-            now = time.monotonic()
-            if now - self._last_log >= _LOG_EVERY_S:
-                self._last_log = now
-                log.warning("TorchServe's metrics endpoint %s did not answer: %s", self.url, e)
+        outcome = self._outcome()
+        if outcome is None:
             start_response("503 Service Unavailable", _text())
             return [b"TorchServe's metrics endpoint did not answer\n"]
+        body, ctype = outcome
         start_response("200 OK", [("Content-Type", ctype), ("Content-Length", str(len(body)))])
         return [body]
 

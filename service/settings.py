@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +106,26 @@ class Settings:
         for name in ("backend_timeout_s", "request_timeout_s", "grace_s", "health_interval_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
+        if self.torchserve_metrics_url:
+            relay_url_parts(self.torchserve_metrics_url)
+
+
+def relay_url_parts(url: str) -> tuple[str, int, str]:
+    """(host, port, path with query) of the TorchServe metrics URL the gateway relays.
+
+    Only ``http://host[:port][/path]`` (TorchServe beside the gateway, on the pod's loopback);
+    anything else is a ValueError at start. The message never repeats the URL, which could
+    carry credentials.
+    """
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = 80 if parts.port is None else parts.port
+    except ValueError:  # not a number, or above 65535
+        port = 0
+    if parts.scheme != "http" or not parts.hostname or parts.username is not None or not port:
+        raise ValueError("torchserve_metrics_url must be http://host[:port][/path] (no credentials, "
+                         "a port in 1-65535)")
+    return parts.hostname, port, (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
 
 def _convert(f: dataclasses.Field, raw: str) -> object:

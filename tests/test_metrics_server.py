@@ -1,20 +1,22 @@
 """The gateway's metrics port (service/metrics_server.py) on real loopback sockets: its own
-registry, TorchServe's exposition relayed, and a relay that fails cleanly when TorchServe does
-not answer."""
+registry, TorchServe's exposition relayed, a relay that fails cleanly when TorchServe does
+not answer (or answers too slowly), and one fetch shared by concurrent scrapes."""
 
 from __future__ import annotations
 
+import http.server
 import socket
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
 from service import metrics_server
+from service.settings import Settings
 from tests.conftest import free_port
 
 
@@ -70,6 +72,106 @@ def silent_upstream() -> Iterator[str]:
     sock.close()
 
 
+class FakeTorchServe:
+    """A loopback HTTP server answering ``GET`` with ``status`` and a small exposition after
+    ``delay_s``, counting the requests it gets."""
+
+    body = b"# TYPE ts_fake_total counter\nts_fake_total 1.0\n"
+
+    def __init__(self, delay_s: float = 0.0, status: int = 200) -> None:
+        self.delay_s, self.status = delay_s, status
+        self.requests = 0
+        self._count_lock = threading.Lock()
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802  (http.server's name)
+                with fake._count_lock:
+                    fake.requests += 1
+                time.sleep(fake.delay_s)
+                self.send_response(fake.status)
+                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+                self.send_header("Content-Length", str(len(fake.body)))
+                self.end_headers()
+                self.wfile.write(fake.body)
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_port}/metrics"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join(5)
+
+
+@pytest.fixture
+def fake_torchserve() -> Iterator[Callable[..., FakeTorchServe]]:
+    """Start :class:`FakeTorchServe` servers (``fake_torchserve(delay_s=..., status=...)``),
+    closed after the test."""
+    started: list[FakeTorchServe] = []
+
+    def make(delay_s: float = 0.0, status: int = 200) -> FakeTorchServe:
+        started.append(FakeTorchServe(delay_s, status))
+        return started[-1]
+
+    yield make
+    for fake in started:
+        fake.close()
+
+
+@pytest.fixture(params=["body", "headers"])
+def trickling_upstream(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A loopback server that answers every request a few bytes every 0.2 s until the test ends:
+    its headers then an endless body (``body``), or endless header lines (``headers``). Each read
+    comes well within a per-read timeout, so only a deadline for the whole fetch ends it."""
+    sock = socket.create_server(("127.0.0.1", 0))
+    sock.settimeout(0.2)
+    stop = threading.Event()
+    if request.param == "body":
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 1000000\r\n\r\n"
+        drip = b"# x\n"
+    else:
+        head, drip = b"HTTP/1.1 200 OK\r\n", b"X-Drip: 1\r\n"
+
+    def answer(conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.recv(65536)  # the request
+                conn.sendall(head)
+                while not stop.wait(0.2):
+                    conn.sendall(drip)
+            except OSError:
+                pass  # the relay gave up and closed
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn = sock.accept()[0]
+            except OSError:
+                continue
+            threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}/metrics"
+    stop.set()
+    t.join(5)
+    sock.close()
+
+
+def call(relay: metrics_server.TorchServeRelay) -> tuple[str, bytes]:
+    """One scrape of ``relay`` called as a WSGI app: (status line, body)."""
+    statuses: list[str] = []
+    body = b"".join(relay({"PATH_INFO": "/metrics/torchserve"}, lambda status, headers: statuses.append(status)))
+    return statuses[0], body
+
+
 def test_own_metrics_on_metrics_path_and_relay_off_is_404(registry: CollectorRegistry) -> None:
     for base in serve(registry, ""):
         status, body = get(f"{base}/metrics")
@@ -116,6 +218,92 @@ def test_relay_ignores_proxy_settings_and_a_final_slash(registry: CollectorRegis
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+def test_concurrent_scrapes_share_one_fetch(registry: CollectorRegistry,
+                                            fake_torchserve: Callable[..., FakeTorchServe]) -> None:
+    upstream = fake_torchserve(delay_s=0.3)
+    scrapers = 8
+    results: list[tuple[int, str]] = []
+    for base in serve(registry, upstream.url):
+        start = threading.Barrier(scrapers)
+
+        def scrape() -> None:
+            start.wait(5)
+            results.append(get(f"{base}/metrics/torchserve"))
+
+        threads = [threading.Thread(target=scrape) for _ in range(scrapers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(15)
+    assert results == [(200, FakeTorchServe.body.decode())] * scrapers
+    assert upstream.requests == 1
+
+
+def test_relay_reuses_an_outcome_for_its_max_age_then_fetches_again(
+        fake_torchserve: Callable[..., FakeTorchServe]) -> None:
+    upstream = fake_torchserve()
+    relay = metrics_server.TorchServeRelay(upstream.url, timeout_s=2.0, max_age_s=0.3)
+    assert call(relay) == ("200 OK", FakeTorchServe.body)
+    assert call(relay) == ("200 OK", FakeTorchServe.body)
+    assert upstream.requests == 1  # the second scrape came within max_age_s
+    time.sleep(0.5)
+    assert call(relay) == ("200 OK", FakeTorchServe.body)
+    assert upstream.requests == 2
+
+
+def test_relay_of_a_torchserve_answering_an_error_is_503_and_the_failure_is_reused(
+        fake_torchserve: Callable[..., FakeTorchServe]) -> None:
+    upstream = fake_torchserve(status=500)
+    relay = metrics_server.TorchServeRelay(upstream.url, timeout_s=2.0, max_age_s=5.0)
+    for _ in range(3):
+        assert call(relay) == ("503 Service Unavailable", b"TorchServe's metrics endpoint did not answer\n")
+    assert upstream.requests == 1
+
+
+def test_relay_gives_up_on_a_trickling_torchserve_by_its_deadline(trickling_upstream: str) -> None:
+    timeout_s = 1.0
+    relay = metrics_server.TorchServeRelay(trickling_upstream, timeout_s=timeout_s)
+    answered: list[tuple[str, bytes]] = []
+    t0 = time.monotonic()
+    scrape = threading.Thread(target=lambda: answered.append(call(relay)), daemon=True)
+    scrape.start()
+    scrape.join(timeout_s + 1.5)  # a per-read timeout never fires here: the scrape would hang
+    assert not scrape.is_alive(), "the relay kept reading past its deadline"
+    assert time.monotonic() - t0 < timeout_s + 1.0
+    assert answered == [("503 Service Unavailable", b"TorchServe's metrics endpoint did not answer\n")]
+
+
+def test_waiting_scrapes_answer_503_within_the_timeout(silent_upstream: str) -> None:
+    # One scrape fetches from a wedged TorchServe; the others wait for it, none past the timeout.
+    timeout_s = 0.5
+    relay = metrics_server.TorchServeRelay(silent_upstream, timeout_s=timeout_s)
+    answered: list[tuple[str, float]] = []
+
+    def scrape() -> None:
+        t0 = time.monotonic()
+        status, _ = call(relay)
+        answered.append((status, time.monotonic() - t0))
+
+    threads = [threading.Thread(target=scrape) for _ in range(4)]
+    for t in threads:
+        t.start()
+        time.sleep(0.1)
+    for t in threads:
+        t.join(5)
+    assert [status for status, _ in answered] == ["503 Service Unavailable"] * 4
+    assert max(elapsed for _, elapsed in answered) < timeout_s + 0.5
+
+
+@pytest.mark.parametrize("url", ["https://127.0.0.1:8082/metrics", "file:///etc/passwd", "127.0.0.1:8082/metrics",
+                                 "http://127.0.0.1:notaport/metrics", "http://user:pw@127.0.0.1:8082/metrics"])
+def test_relay_refuses_anything_but_an_http_url_at_start(registry: CollectorRegistry, url: str) -> None:
+    with pytest.raises(ValueError, match="torchserve_metrics_url") as raised:
+        metrics_server.start("127.0.0.1", 0, registry, url)
+    assert "pw" not in str(raised.value)
+    with pytest.raises(ValueError, match="torchserve_metrics_url"):  # the gateway's settings, before it binds anything
+        Settings(torchserve_metrics_url=url)
 
 
 @pytest.mark.slow
