@@ -8,7 +8,9 @@ calibration split that training never saw:
 
 1. split it in two: part A fits the references (each squeezer's clean CDF; class means and
    shared covariance of the penultimate features), part B sets the thresholds, so no
-   threshold is set on the data its own references were fitted on;
+   threshold is set on the data its own references were fitted on. The squeeze detector is fitted on part A's clean images against part B's successful
+   attacks; where the probe holds views and features it also reads their context
+   (:data:`service.gate.squeeze_detector.CONTEXT_FEATURES`);
 2. makes a reference set on part B — attacks (FGSM and PGD, L-inf, at eps 0.03 and 0.1,
    white-box on the TorchScript export; only successful ones count) and shifted inputs
    (rotations by 40 degrees, 2x2 tile shuffles) — and ALLOCATES the
@@ -50,7 +52,7 @@ from service.gate.engine import RawScores, check_scores, raw_scores
 from service.gate.plan import NoiseSpec, OcclusionSpec, ProbeSpec, ShuffleSpec
 from service.gate.policy import Mode, Policy, References
 from service.gate.policy_io import save_policy
-from service.gate.squeeze_detector import MIN_ATTACKS, fit_squeeze_detector
+from service.gate.squeeze_detector import CONTEXT_FEATURES, MIN_ATTACKS, fit_squeeze_detector
 from service.pipeline import spec_to_proto
 from service.registry import POLICY_FILE
 
@@ -200,14 +202,24 @@ async def calibrate(
 
     # The squeeze detector: part A clean against the successful FGSM/PGD on part B (part B's
     # clean images, which set the thresholds, stay out of the fit).
+    # With views and density in the probe the detector also reads their context; part A's
+    # density distances are in-sample (its class means came from part A), which only tilts
+    # the fit: the thresholds are set on part B.
     detector = None
     if Check.SQUEEZE in checks:
         is_attack = np.array([k in attack_names for k in set_of], dtype=bool)
+        raw_a = [raw_scores(l, f, spec, density) for l, f in zip(logits[:half], feats[:half])]
+        context = CONTEXT_FEATURES if all(r.context_features is not None for r in raw_a + raw_adv) else ()
+
+        def detector_features(raws: Sequence[RawScores]) -> np.ndarray:
+            return np.array([r.squeeze_features + (r.context_features if context else ())
+                             for r in raws])
+
         if is_attack.sum() >= MIN_ATTACKS:
             detector = fit_squeeze_detector(
-                np.array([r.squeeze_features for r in raw_a]),
-                np.array([r.squeeze_features for r, a in zip(raw_adv, is_attack) if a]),
-                weights[is_attack])
+                detector_features(raw_a),
+                detector_features([r for r, a in zip(raw_adv, is_attack) if a]),
+                weights[is_attack], context=context)
         else:
             log(f"warning: only {int(is_attack.sum())} reference attacks succeeded (< {MIN_ATTACKS}); "
                 "the squeeze check combines its squeezers by their maximum quantile")
@@ -233,6 +245,7 @@ async def calibrate(
     summary = {**result.summary, "reference_images": half, "threshold_images": n - half,
                "created": stamp, "backend_format": backend_format,
                "squeeze_detector": detector is not None,
+               "squeeze_detector_context": bool(detector is not None and detector.context),
                **{f"attack_{k}": len(v) for k, v in attacked_sets.items()}}
     # Room for an opt-in certificate: the cheap probe plus the whole noise budget, with one
     # base row per sequential batch.

@@ -15,6 +15,7 @@ from benchmarks.serving import store_with_policy
 from model_store import data, serve
 from robustgate.v1 import classifier_pb2 as pb
 from service.client import Client
+from service.gate.squeeze_detector import CONTEXT_FEATURES
 from tests.test_gateway import start_gateway, stop
 
 MODEL = "fmnist-cnn"
@@ -51,6 +52,12 @@ def clean(client: Client, fmnist: data.FashionMNIST) -> ef.Outcome:
 @pytest.fixture(scope="module")
 def attack_net(default_store: Path):
     return ef.load_attack_model(default_store, MODEL)
+
+
+def test_the_calibrated_squeeze_detector_reads_the_context(policy: dict) -> None:
+    """The default calibration (views and density in the probe) fits the detector with context."""
+    assert policy["references"]["squeeze_detector"]["context"] == list(CONTEXT_FEATURES)
+    assert policy["calibration"]["squeeze_detector_context"] is True
 
 
 def test_clean_flag_rate_is_near_the_calibrated_rate(clean: ef.Outcome, policy: dict) -> None:

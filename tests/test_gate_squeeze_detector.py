@@ -16,7 +16,9 @@ from service.gate.errors import CalibrationError, PolicyError
 from service.gate.policy import References
 from service.gate.policy_io import policy_from_dict, policy_to_dict
 from service.gate.quantile import EmpiricalCDF
-from service.gate.squeeze_detector import SqueezeDetector, fit_squeeze_detector, squeeze_features
+from service.gate.squeeze_detector import (
+    CONTEXT_FEATURES, SqueezeDetector, context_features, fit_squeeze_detector, squeeze_features,
+)
 from tests.test_gate_policy import make_policy
 
 S = 3
@@ -90,7 +92,7 @@ def test_json_round_trip_and_bad_files() -> None:
     x = synthetic(5, 1.0, 9)
     assert again.decision(x) == pytest.approx(det.decision(x))
     good = det.to_dict()
-    for bad, match in (({**good, "extra": 1}, "exactly"), ({**good, "bias": "x"}, "bias"),
+    for bad, match in (({**good, "extra": 1}, "optionally"), ({**good, "bias": "x"}, "bias"),
                        ({**good, "weights": good["weights"][:-1]}, "length"),
                        ({**good, "scale": [0.0] * F}, "scale"),
                        ({**good, "mean": ["a"] * F}, "squeeze detector")):
@@ -150,3 +152,83 @@ def test_attack_weights_are_normalised_and_checked() -> None:
     for bad in ([1.0], [0.0, 0.0], [1.0, -1.0], [1.0, np.nan]):
         with pytest.raises(CalibrationError, match="weights must be"):
             attack_weights(bad, 2)
+
+
+def context_detector(seed: int = 20) -> SqueezeDetector:
+    rng = np.random.default_rng(seed)
+    k = F + len(CONTEXT_FEATURES)
+    return fit_squeeze_detector(rng.normal(size=(300, k)), rng.normal(size=(100, k)) + 1.0,
+                                context=CONTEXT_FEATURES)
+
+
+def test_context_features_measure_the_views_and_the_density() -> None:
+    base = np.array([3.0, 1.0, 0.0, 0.0])
+    # View 1 keeps the logits; view 2 moves 2 from the top class to class 1.
+    views = np.vstack([base, base + np.array([-2.0, 2.0, 0.0, 0.0])])
+    f = context_features(base, views, viewpoint_l1=0.25, density=4.0)
+    assert f.shape == (len(CONTEXT_FEATURES),)
+    assert f[0] == pytest.approx(np.log(4.0 + 1e-3)) and f[1] == pytest.approx(np.log(0.25 + 1e-3))
+    assert f[2] == pytest.approx((np.log(1e-3) + np.log(np.sqrt(8) + 1e-3)) / 2)  # mean log L2
+    assert f[3] == pytest.approx(1.0)  # mean centred top-1 drop: (0 + 2) / 2
+
+
+def test_a_detector_with_context_round_trips_and_older_files_load_without_it() -> None:
+    det = context_detector()
+    assert det.context == CONTEXT_FEATURES and det.squeezers == S
+    data = json.loads(json.dumps(det.to_dict()))
+    assert data["context"] == list(CONTEXT_FEATURES)
+    assert SqueezeDetector.from_dict(data) == det
+    plain = fit_squeeze_detector(synthetic(300, 0.0, 7), synthetic(100, 1.5, 8))
+    assert "context" not in plain.to_dict()  # a policy from before context reads the same
+    assert SqueezeDetector.from_dict(plain.to_dict()).context == ()
+    assert det != replace(det, context=())
+    even = {k: data[k][:-1] for k in ("mean", "scale", "weights")}  # 10 = 2 S + 1 + 4 for no S
+    for bad, match in (({**data, "context": ["log_density"]}, "context must be"),
+                       ({**data, "context": "log_density"}, "list of names"),
+                       ({**data, **even}, "do not fit")):
+        with pytest.raises(CalibrationError, match=match):
+            SqueezeDetector.from_dict(bad)
+
+
+def test_a_context_detector_sends_views_and_features_and_needs_their_references() -> None:
+    policy = make_policy()
+    det = context_detector()
+    with_det = replace(policy, references=replace(policy.references, squeeze_detector=det))
+    # Viewpoint and density switched off: the detector still gets what it reads.
+    off = {**with_det.checks, Check.VIEWPOINT: replace(with_det.checks[Check.VIEWPOINT], enabled=False),
+           Check.DENSITY: replace(with_det.checks[Check.DENSITY], enabled=False)}
+    plan = replace(with_det, checks=off).cheap_plan(0)
+    assert plan.views == policy.probe.views and plan.return_features
+    plan = replace(policy, checks=off).cheap_plan(0)  # no context detector: nothing extra
+    assert plan.views == () and not plan.return_features
+    with pytest.raises(PolicyError, match="reads context"):
+        replace(with_det, references=replace(with_det.references, density=None),
+                checks={**off, Check.DENSITY: replace(off[Check.DENSITY], enabled=False)})
+    # The plain detector's 7 weights read as 1 squeezer plus context: the probe has 3.
+    plain = fit_squeeze_detector(synthetic(300, 0.0, 7), synthetic(100, 1.5, 8))
+    misread = SqueezeDetector.from_dict({**plain.to_dict(), "context": list(CONTEXT_FEATURES)})
+    with pytest.raises(PolicyError, match="fitted on 1 squeezers, the probe has 3"):
+        replace(policy, references=replace(policy.references, squeeze_detector=misread))
+
+
+def test_engine_feeds_the_context_to_the_detector_and_falls_back_without_it() -> None:
+    policy = make_policy()
+    det = context_detector()
+    refs = replace(policy.references, squeeze_detector=det)
+    spec = default_probe()
+    rng = np.random.default_rng(21)
+    logits = rng.normal(size=(spec.rows, 10)).astype(np.float32)
+    feats = rng.normal(size=policy.references.density.dim).astype(np.float32)
+    raw = raw_scores(logits, feats, spec, refs.density)
+    lay = spec.layout()
+    want = context_features(logits[0].astype(np.float64), logits[lay.views].astype(np.float64),
+                            raw.viewpoint, raw.density)
+    assert raw.context_features == pytest.approx(tuple(want))
+    got = check_scores(raw, spec, refs)[Check.SQUEEZE]
+    assert got.score == det.clean.at(float(det.decision(raw.squeeze_features + raw.context_features)))
+    # Without the features (no density distance) there is no context: the maximum quantile.
+    bare = raw_scores(logits, None, replace(spec, return_features=False))
+    assert bare.context_features is None
+    fallback = check_scores(bare, spec, refs)[Check.SQUEEZE]
+    assert "detector_log_odds" not in dict(fallback.detail)
+    assert fallback.score == max(cdf.at(x) for cdf, x in zip(refs.squeeze, bare.squeeze))

@@ -23,7 +23,7 @@ from service.gate.quantile import max_quantile
 from service.gate.report import CheckScore, GateReport, decide
 from service.gate.sequential import disagreement_share
 from service.gate.smoothing import certify_counts, count_agreements
-from service.gate.squeeze_detector import measure_squeeze
+from service.gate.squeeze_detector import context_features, measure_squeeze
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,9 @@ class RawScores:
     (:meth:`service.gate.squeeze_detector.SqueezeMeasurement.features`). viewpoint: mean L1.
     density: Mahalanobis distance (None without features or model). occlusion: top-1 drop.
     structure: surviving top-1 probability. noise_agreements of noise_samples copies kept
-    the base top-1.
+    the base top-1. context_features: what a squeeze detector with context reads after the
+    squeeze features (:func:`service.gate.squeeze_detector.context_features`; None unless
+    the plan had views and the density distance was measured).
     """
 
     top_class: int
@@ -47,6 +49,7 @@ class RawScores:
     noise_agreements: int = 0
     noise_samples: int = 0
     squeeze_features: tuple[float, ...] | None = None
+    context_features: tuple[float, ...] | None = None
 
 
 def checked_logits(logits: ArrayLike, spec: ProbeSpec) -> NDArray[np.float64]:
@@ -95,16 +98,20 @@ def raw_scores(logits: ArrayLike, features: ArrayLike | None, spec: ProbeSpec,
                       section(lay.shuffle))
     n_noise = lay.noise.stop - lay.noise.start
     m = None if sq is None else measure_squeeze(z[0], z[lay.squeeze])
+    viewpoint = None if vw is None else viewpoint_score(base, vw)
+    context = (None if viewpoint is None or dist is None
+               else tuple(context_features(z[0], z[lay.views], viewpoint, dist).tolist()))
     return RawScores(
         top_class=top,
         squeeze=None if m is None else tuple(m.l2.tolist()),
         squeeze_features=None if m is None else tuple(m.features().tolist()),
-        viewpoint=None if vw is None else viewpoint_score(base, vw),
+        viewpoint=viewpoint,
         density=dist,
         occlusion=None if oc is None else occlusion_score(base, oc),
         structure=None if sh is None else structure_score(base, sh),
         noise_agreements=count_agreements(z[lay.noise], top) if n_noise else 0,
-        noise_samples=n_noise)
+        noise_samples=n_noise,
+        context_features=context)
 
 
 def check_scores(raw: RawScores, spec: ProbeSpec,
@@ -113,7 +120,8 @@ def check_scores(raw: RawScores, spec: ProbeSpec,
 
     Squeeze needs one reference CDF per squeezer; without them it is left out. Its score is
     the squeeze detector's clean quantile where the references hold a detector for these
-    squeezers, else the maximum of the per-squeezer quantiles.
+    squeezers (and the raw scores hold the context it reads, if any), else the maximum of
+    the per-squeezer quantiles.
     """
     out: dict[Check, CheckScore] = {}
     if raw.squeeze is not None and len(references.squeeze) == len(raw.squeeze):
@@ -122,9 +130,10 @@ def check_scores(raw: RawScores, spec: ProbeSpec,
         details = (tuple((f"{n}_quantile", q) for n, q in zip(names, quantiles))
                    + tuple((f"{n}_l2", x) for n, x in zip(names, raw.squeeze)))
         det = references.squeeze_detector
-        if det is not None and raw.squeeze_features is not None \
+        context = () if det is None or not det.context else raw.context_features
+        if det is not None and raw.squeeze_features is not None and context is not None \
                 and det.squeezers == len(raw.squeeze):
-            decision = float(det.decision(raw.squeeze_features))
+            decision = float(det.decision(raw.squeeze_features + tuple(context)))
             combined = det.clean.at(decision)
             details += (("detector_log_odds", decision),)
         else:

@@ -102,7 +102,7 @@ class References:
     """Calibration-fitted references. squeeze: one clean CDF per squeezer, in plan order.
     density: class means and shared precision of the penultimate features.
     squeeze_detector: the fitted detector that combines the squeezers (None: their maximum
-    quantile)."""
+    quantile); one with context also reads the views and the density distance."""
 
     squeeze: tuple[EmpiricalCDF, ...] = ()
     density: DensityModel | None = None
@@ -165,16 +165,19 @@ class Policy:
 
     def cheap_plan(self, seed: int) -> ProbeSpec:
         """The first probe of a request: the enabled cheap checks' variants, features when
-        density is on, no noise."""
+        density is on, no noise. The views and features also go when squeeze is on and its
+        detector reads them as context."""
         p = self.probe
         on = self.enabled
+        det = self.references.squeeze_detector
+        context = on(Check.SQUEEZE) and det is not None and bool(det.context)
         return replace(
             p, seed=seed, noise=NoiseSpec(),
             squeeze=p.squeeze if on(Check.SQUEEZE) else SqueezeSpec(),
-            views=p.views if on(Check.VIEWPOINT) else (),
+            views=p.views if on(Check.VIEWPOINT) or context else (),
             occlusion=p.occlusion if on(Check.OCCLUSION) else OcclusionSpec(),
             shuffle=p.shuffle if on(Check.STRUCTURE) else ShuffleSpec(),
-            return_features=on(Check.DENSITY))
+            return_features=on(Check.DENSITY) or context)
 
     def noise_plan(self, seed: int, count: int) -> ProbeSpec:
         """A noise-only probe of ``count`` copies (base row + copies)."""
@@ -204,6 +207,9 @@ def _validate(p: Policy) -> None:
     if det is not None and det.squeezers != n_squeeze:
         raise PolicyError(f"references.squeeze_detector was fitted on {det.squeezers} "
                           f"squeezers, the probe has {n_squeeze}")
+    if det is not None and det.context and not (p.probe.views and p.references.density is not None):
+        raise PolicyError("references.squeeze_detector reads context (views and the density "
+                          "distance), but the policy lacks probe.views or references.density")
     needs = {Check.SQUEEZE: (n_squeeze > 0 and len(p.references.squeeze) == n_squeeze,
                              "squeezers in probe.squeeze and one reference CDF each"),
              Check.VIEWPOINT: (len(p.probe.views) > 0, "views in probe.views"),

@@ -12,7 +12,8 @@ The file is the only I/O of the gate. Layout (``schema`` = ``robustgate.policy.v
      "max_forward_passes": 64,
      "references": {"squeeze": [{"values": [...]}, ...], "density": {"means": ..., ...},
                     "squeeze_detector": {"mean": [...], "scale": [...], "weights": [...],
-                                         "bias": 0.1, "clean": {"values": [...]}}},
+                                         "bias": 0.1, "clean": {"values": [...]},
+                                         "context": ["log_density", ...]}},
      "calibration": {"flag_rate": 0.05, ...}}
 """
 

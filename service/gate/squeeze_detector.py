@@ -16,11 +16,26 @@ the reference attacks (FGSM and PGD that succeeded), with ridge regularisation, 
 decision value is mapped through its clean CDF, so the squeeze check's score stays a clean
 quantile in [0, 1] and its thresholds keep their meaning.
 
-Measured in process on fmnist-cnn (bit depths 2, 3, 4, a 5 % clean flag rate set on held-out
-clean images, test attacks on images the fit never saw): 88 / 89 / 97 / 90 % of successful
-FGSM 0.03 / FGSM 0.1 / PGD 0.03 / PGD 0.1 caught, against 75 / 83 / 95 / 90 % for the maximum
-of per-squeezer quantiles. A detector fitted on FGSM and PGD is, like every fitted detector,
-at its best on those; the robustness report measures it on CW and corruptions it never saw.
+**Context** (:data:`CONTEXT_FEATURES`): the same cheap probe also holds the views and the
+base image's penultimate features, and the detector may read them too: the log Mahalanobis
+distance to the predicted class (the density check's score; Lee et al., NeurIPS 2018, fit a
+logistic regression over such distances against attacks), the log of the viewpoint check's
+mean L1, and the views' mean log centred-logit L2 and mean top-1 drop, measured as for the
+squeezers (an attack's step is brittle to small shifts and rotations as well as to
+squeezing; Luo et al. 2015, Tian et al. 2018). No extra forward pass: the four are measured
+on rows the cheap probe already runs, and a policy whose detector reads them sends the views
+and asks for features even where the viewpoint or density check is off.
+
+Measured in process on fmnist-cnn (bit depths 2, 3, 4 and the six default views; the
+calibration's own fit and allocation of a 4.24 % clean budget; attacks made from 4,000 test
+images the fit never saw, 701 / 1,946 / 906 / 3,112 successful), share of successful
+FGSM 0.03 / FGSM 0.1 / PGD 0.03 / PGD 0.1 the whole cheap gate flags: 73.8 / 72.2 / 90.9 /
+80.2 % without context, 81.7 / 79.5 / 95.8 / 90.4 % with it; rotated (40 degrees) and
+2x2-shuffled images 91.9 / 84.8 % and 88.4 / 82.6 %; 4.3 and 4.6 % of the 10,000 clean test
+images. (Without context but with the whole budget given to squeeze, FGSM 0.03 reached only
+86 %: the context, not the budget, is what moved it.)
+A detector fitted on FGSM and PGD is, like every fitted detector, at its best on those; the
+robustness report measures it on CW and corruptions it never saw.
 """
 
 from __future__ import annotations
@@ -43,6 +58,9 @@ _EPS = 1e-3
 DEFAULT_RIDGE = 1e-3
 #: Fewer successful reference attacks than this: no detector (max-quantile is used).
 MIN_ATTACKS = 20
+#: What a detector with context reads after the squeeze features, in this order.
+CONTEXT_FEATURES: tuple[str, ...] = ("log_density", "log_viewpoint_l1", "log_view_l2",
+                                     "view_top_drop")
 
 
 @dataclass(frozen=True, eq=False)
@@ -84,16 +102,28 @@ def squeeze_features(base_logits: ArrayLike, squeezed_logits: ArrayLike) -> NDAr
     return measure_squeeze(base_logits, squeezed_logits).features()
 
 
+def context_features(base_logits: ArrayLike, view_logits: ArrayLike, viewpoint_l1: float,
+                     density: float) -> NDArray[np.float64]:
+    """The :data:`CONTEXT_FEATURES` of one image, float64 [4]: base float [C] and views
+    float [V, C] logits, the viewpoint check's mean L1 and the density check's distance."""
+    m = measure_squeeze(base_logits, view_logits)
+    return np.array([np.log(density + _EPS), np.log(viewpoint_l1 + _EPS),
+                     float(np.mean(np.log(m.l2 + _EPS))), float(np.mean(m.top_drop))])
+
+
 @dataclass(frozen=True, eq=False)
 class SqueezeDetector:
     """Logistic regression on standardised squeeze features, with the clean CDF of its
-    decision values. mean, scale, weights: float64 [F]; bias: float; clean: EmpiricalCDF."""
+    decision values. mean, scale, weights: float64 [F]; bias: float; clean: EmpiricalCDF;
+    context: () or :data:`CONTEXT_FEATURES`, the features read after the ``2 S + 1`` squeeze
+    ones (``F = 2 S + 1 + len(context)``)."""
 
     mean: NDArray[np.float64]
     scale: NDArray[np.float64]
     weights: NDArray[np.float64]
     bias: float
     clean: EmpiricalCDF
+    context: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         arrays = [np.array(a, dtype=np.float64) for a in (self.mean, self.scale, self.weights)]
@@ -106,6 +136,15 @@ class SqueezeDetector:
             raise CalibrationError("squeeze detector: scale must be > 0")
         if not isinstance(self.clean, EmpiricalCDF):
             raise CalibrationError("squeeze detector: clean must be an EmpiricalCDF")
+        context = tuple(self.context)
+        if context not in ((), CONTEXT_FEATURES):
+            raise CalibrationError(f"squeeze detector: context must be empty or "
+                                   f"{list(CONTEXT_FEATURES)}, got {list(context)}")
+        own = arrays[0].size - len(context)
+        if own < 3 or own % 2 == 0:
+            raise CalibrationError(f"squeeze detector: {arrays[0].size} weights do not fit "
+                                   f"2 S + 1 squeeze features plus {len(context)} of context")
+        object.__setattr__(self, "context", context)
         for name, a in zip(("mean", "scale", "weights"), arrays):
             a.setflags(write=False)
             object.__setattr__(self, name, a)
@@ -114,7 +153,7 @@ class SqueezeDetector:
     @property
     def squeezers(self) -> int:
         """S, the number of squeezers the features come from."""
-        return (int(self.weights.size) - 1) // 2
+        return (int(self.weights.size) - len(self.context) - 1) // 2
 
     def decision(self, features: ArrayLike) -> NDArray[np.float64]:
         """Log-odds of 'attacked' for features float [..., F]; float64 [...]."""
@@ -130,37 +169,48 @@ class SqueezeDetector:
 
     def __eq__(self, other: object) -> bool:
         return (isinstance(other, SqueezeDetector) and self.bias == other.bias
-                and self.clean == other.clean
+                and self.clean == other.clean and self.context == other.context
                 and all(np.array_equal(getattr(self, k), getattr(other, k))
                         for k in ("mean", "scale", "weights")))
 
     __hash__ = None  # type: ignore[assignment]
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able (no pickle): mean, scale, weights, bias and the clean CDF's values."""
-        return {"mean": self.mean.tolist(), "scale": self.scale.tolist(),
-                "weights": self.weights.tolist(), "bias": self.bias,
-                "clean": self.clean.to_dict()}
+        """JSON-able (no pickle): mean, scale, weights, bias, the clean CDF's values and the
+        context's names (left out when empty, as policies written before it have it)."""
+        out: dict[str, Any] = {"mean": self.mean.tolist(), "scale": self.scale.tolist(),
+                               "weights": self.weights.tolist(), "bias": self.bias,
+                               "clean": self.clean.to_dict()}
+        if self.context:
+            out["context"] = list(self.context)
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SqueezeDetector:
         """Inverse of :meth:`to_dict`; raises CalibrationError on bad content."""
         keys = {"mean", "scale", "weights", "bias", "clean"}
-        if not isinstance(data, Mapping) or set(data) != keys:
-            raise CalibrationError(f"squeeze detector: expected exactly {sorted(keys)}")
+        if not isinstance(data, Mapping) or not keys <= set(data) <= keys | {"context"}:
+            raise CalibrationError(f"squeeze detector: expected {sorted(keys)} and optionally "
+                                   "'context'")
+        context = data.get("context", [])
+        if not isinstance(context, list) or not all(isinstance(c, str) for c in context):
+            raise CalibrationError("squeeze detector: context must be a list of names")
         if isinstance(data["bias"], bool) or not isinstance(data["bias"], (int, float)):
             raise CalibrationError("squeeze detector: bias must be a number")
         try:
             arrays = [np.asarray(data[k], dtype=np.float64) for k in ("mean", "scale", "weights")]
         except (TypeError, ValueError) as exc:
             raise CalibrationError(f"squeeze detector: {exc}") from exc
-        return cls(*arrays, bias=float(data["bias"]), clean=EmpiricalCDF.from_dict(data["clean"]))
+        return cls(*arrays, bias=float(data["bias"]), clean=EmpiricalCDF.from_dict(data["clean"]),
+                   context=tuple(context))
 
 
 def fit_squeeze_detector(clean: ArrayLike, attacked: ArrayLike, weights: ArrayLike | None = None,
                          *, ridge: float = DEFAULT_RIDGE, max_points: int | None = 4096,
-                         iterations: int = 50) -> SqueezeDetector:
-    """Fit the detector: clean float [N, F] and attacked float [M, F] features.
+                         iterations: int = 50, context: tuple[str, ...] = ()
+                         ) -> SqueezeDetector:
+    """Fit the detector: clean float [N, F] and attacked float [M, F] features (the squeeze
+    features, then the ``context`` ones: () or :data:`CONTEXT_FEATURES`).
 
     weights: float [M] per attacked image (None: equal), normalised so attacked and clean
     images each carry half the total weight. Newton's method on the ridge-penalised
@@ -198,4 +248,5 @@ def fit_squeeze_detector(clean: ArrayLike, attacked: ArrayLike, weights: ArrayLi
             break
     clean_decisions = z[:c.shape[0]] @ theta  # the first rows of z are the clean images
     return SqueezeDetector(mean=mean, scale=scale, weights=theta[:-1], bias=float(theta[-1]),
-                           clean=EmpiricalCDF.from_samples(clean_decisions, max_points))
+                           clean=EmpiricalCDF.from_samples(clean_decisions, max_points),
+                           context=tuple(context))
