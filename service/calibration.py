@@ -48,7 +48,7 @@ from service.gate.calibrate import (
 from service.gate.checks import Check
 from service.gate.defaults import DEFAULT_VIEWS, default_probe, draft_policy
 from service.gate.density import fit_density
-from service.gate.engine import RawScores, check_scores, raw_scores
+from service.gate.engine import RawScores, check_scores, detector_input, raw_scores
 from service.gate.plan import NoiseSpec, OcclusionSpec, ProbeSpec, ShuffleSpec
 from service.gate.policy import Mode, Policy, References
 from service.gate.policy_io import save_policy
@@ -210,16 +210,11 @@ async def calibrate(
         is_attack = np.array([k in attack_names for k in set_of], dtype=bool)
         raw_a = [raw_scores(l, f, spec, density) for l, f in zip(logits[:half], feats[:half])]
         context = CONTEXT_FEATURES if all(r.context_features is not None for r in raw_a + raw_adv) else ()
-
-        def detector_features(raws: Sequence[RawScores]) -> np.ndarray:
-            return np.array([r.squeeze_features + (r.context_features if context else ())
-                             for r in raws])
-
         if is_attack.sum() >= MIN_ATTACKS:
             detector = fit_squeeze_detector(
-                detector_features(raw_a),
-                detector_features([r for r, a in zip(raw_adv, is_attack) if a]),
-                weights[is_attack], context=context)
+                np.array([detector_input(r, context) for r in raw_a]),
+                np.array([detector_input(r, context) for r, a in zip(raw_adv, is_attack) if a]),
+                weights[is_attack], context=context, views=len(spec.views) if context else 0)
         else:
             log(f"warning: only {int(is_attack.sum())} reference attacks succeeded (< {MIN_ATTACKS}); "
                 "the squeeze check combines its squeezers by their maximum quantile")

@@ -11,7 +11,7 @@ import pytest
 from service.gate.allocation import attack_weights
 from service.gate.checks import Check, squeeze_scores
 from service.gate.defaults import default_probe
-from service.gate.engine import check_scores, raw_scores
+from service.gate.engine import check_scores, detector_input, raw_scores
 from service.gate.errors import CalibrationError, PolicyError
 from service.gate.policy import References
 from service.gate.policy_io import policy_from_dict, policy_to_dict
@@ -158,7 +158,7 @@ def context_detector(seed: int = 20) -> SqueezeDetector:
     rng = np.random.default_rng(seed)
     k = F + len(CONTEXT_FEATURES)
     return fit_squeeze_detector(rng.normal(size=(300, k)), rng.normal(size=(100, k)) + 1.0,
-                                context=CONTEXT_FEATURES)
+                                context=CONTEXT_FEATURES, views=len(default_probe().views))
 
 
 def test_context_features_measure_the_views_and_the_density() -> None:
@@ -174,18 +174,21 @@ def test_context_features_measure_the_views_and_the_density() -> None:
 
 def test_a_detector_with_context_round_trips_and_older_files_load_without_it() -> None:
     det = context_detector()
-    assert det.context == CONTEXT_FEATURES and det.squeezers == S
+    assert det.context == CONTEXT_FEATURES and det.squeezers == S and det.views == 6
     data = json.loads(json.dumps(det.to_dict()))
-    assert data["context"] == list(CONTEXT_FEATURES)
+    assert data["context"] == list(CONTEXT_FEATURES) and data["views"] == 6
     assert SqueezeDetector.from_dict(data) == det
     plain = fit_squeeze_detector(synthetic(300, 0.0, 7), synthetic(100, 1.5, 8))
     assert "context" not in plain.to_dict()  # a policy from before context reads the same
     assert SqueezeDetector.from_dict(plain.to_dict()).context == ()
-    assert det != replace(det, context=())
+    assert det != replace(det, views=5)
     even = {k: data[k][:-1] for k in ("mean", "scale", "weights")}  # 10 = 2 S + 1 + 4 for no S
     for bad, match in (({**data, "context": ["log_density"]}, "context must be"),
                        ({**data, "context": "log_density"}, "list of names"),
-                       ({**data, **even}, "do not fit")):
+                       ({**data, **even}, "do not fit"),
+                       ({**data, "views": 0}, "views must be"),
+                       ({**data, "views": True}, "views must be"),
+                       ({**plain.to_dict(), "views": 6}, "views must be")):
         with pytest.raises(CalibrationError, match=match):
             SqueezeDetector.from_dict(bad)
 
@@ -201,12 +204,22 @@ def test_a_context_detector_sends_views_and_features_and_needs_their_references(
     assert plan.views == policy.probe.views and plan.return_features
     plan = replace(policy, checks=off).cheap_plan(0)  # no context detector: nothing extra
     assert plan.views == () and not plan.return_features
-    with pytest.raises(PolicyError, match="reads context"):
-        replace(with_det, references=replace(with_det.references, density=None),
-                checks={**off, Check.DENSITY: replace(off[Check.DENSITY], enabled=False)})
+    # Squeeze off too: the detector reads nothing, and nothing extra is sent.
+    all_off = {**off, Check.SQUEEZE: replace(off[Check.SQUEEZE], enabled=False)}
+    plan = replace(with_det, checks=all_off).cheap_plan(0)
+    assert plan.views == () and not plan.return_features and plan.squeeze.names() == ()
+    # Its context needs the views it was fitted on and the density references.
+    with pytest.raises(PolicyError, match="no references.density"):
+        replace(with_det, references=replace(with_det.references, density=None), checks=off)
+    for views in ((), policy.probe.views[:1]):
+        with pytest.raises(PolicyError, match=f"6 views .* {len(views)} views in probe.views"):
+            replace(with_det, probe=replace(with_det.probe, views=views), checks=off)
+    # ... unless squeeze is off, where the detector is never used.
+    replace(with_det, probe=replace(with_det.probe, views=()),
+            checks={**all_off, Check.VIEWPOINT: replace(all_off[Check.VIEWPOINT], enabled=False)})
     # The plain detector's 7 weights read as 1 squeezer plus context: the probe has 3.
     plain = fit_squeeze_detector(synthetic(300, 0.0, 7), synthetic(100, 1.5, 8))
-    misread = SqueezeDetector.from_dict({**plain.to_dict(), "context": list(CONTEXT_FEATURES)})
+    misread = SqueezeDetector.from_dict({**plain.to_dict(), "context": list(CONTEXT_FEATURES), "views": 6})
     with pytest.raises(PolicyError, match="fitted on 1 squeezers, the probe has 3"):
         replace(policy, references=replace(policy.references, squeeze_detector=misread))
 
@@ -226,9 +239,15 @@ def test_engine_feeds_the_context_to_the_detector_and_falls_back_without_it() ->
     assert raw.context_features == pytest.approx(tuple(want))
     got = check_scores(raw, spec, refs)[Check.SQUEEZE]
     assert got.score == det.clean.at(float(det.decision(raw.squeeze_features + raw.context_features)))
-    # Without the features (no density distance) there is no context: the maximum quantile.
+    assert detector_input(raw, det.context) == raw.squeeze_features + raw.context_features
+    assert detector_input(raw, ()) == raw.squeeze_features
+    # Context not measured as fitted (no density distance; other views): squeeze is left out,
+    # not scored on the maximum's scale against the detector's thresholds.
     bare = raw_scores(logits, None, replace(spec, return_features=False))
-    assert bare.context_features is None
-    fallback = check_scores(bare, spec, refs)[Check.SQUEEZE]
-    assert "detector_log_odds" not in dict(fallback.detail)
-    assert fallback.score == max(cdf.at(x) for cdf, x in zip(refs.squeeze, bare.squeeze))
+    assert bare.context_features is None and detector_input(bare, det.context) is None
+    assert Check.SQUEEZE not in check_scores(bare, spec, refs)
+    assert Check.VIEWPOINT in check_scores(bare, spec, refs)
+    fewer = replace(spec, views=spec.views[:2])
+    short = raw_scores(logits[:fewer.rows], feats, fewer, refs.density)
+    assert short.context_features is not None
+    assert Check.SQUEEZE not in check_scores(short, fewer, refs)

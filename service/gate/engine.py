@@ -114,31 +114,53 @@ def raw_scores(logits: ArrayLike, features: ArrayLike | None, spec: ProbeSpec,
         context_features=context)
 
 
+def detector_input(raw: RawScores, context: tuple[str, ...]) -> tuple[float, ...] | None:
+    """What a squeeze detector with this ``context`` (its ``SqueezeDetector.context``)
+    reads from one image, in its order: the squeeze features, then the context's (None when
+    the raw scores lack either). Calibration fits on exactly this."""
+    if raw.squeeze_features is None:
+        return None
+    if not context:
+        return raw.squeeze_features
+    return None if raw.context_features is None else raw.squeeze_features + raw.context_features
+
+
+def _squeeze_score(raw: RawScores, spec: ProbeSpec, references: References) -> CheckScore | None:
+    """The squeeze check's score (:func:`check_scores`), None where it is left out."""
+    if raw.squeeze is None or len(references.squeeze) != len(raw.squeeze):
+        return None
+    names = spec.squeeze.names()
+    quantiles = [cdf.at(x) for cdf, x in zip(references.squeeze, raw.squeeze)]
+    details = (tuple((f"{n}_quantile", q) for n, q in zip(names, quantiles))
+               + tuple((f"{n}_l2", x) for n, x in zip(names, raw.squeeze)))
+    det = references.squeeze_detector
+    if det is None or det.squeezers != len(raw.squeeze):
+        return CheckScore(float(max_quantile(np.asarray(raw.squeeze), references.squeeze)),
+                          len(raw.squeeze), details)
+    x = detector_input(raw, det.context)
+    if x is None or (det.context and len(spec.views) != det.views):
+        return None  # the context was not measured as the detector was fitted
+    decision = float(det.decision(x))
+    return CheckScore(det.clean.at(decision), len(raw.squeeze),
+                      details + (("detector_log_odds", decision),))
+
+
 def check_scores(raw: RawScores, spec: ProbeSpec,
                  references: References) -> dict[Check, CheckScore]:
     """Scores in threshold units (policy docstring) for every check the raw scores cover.
 
     Squeeze needs one reference CDF per squeezer; without them it is left out. Its score is
     the squeeze detector's clean quantile where the references hold a detector for these
-    squeezers (and the raw scores hold the context it reads, if any), else the maximum of
-    the per-squeezer quantiles.
+    squeezers, else the maximum of the per-squeezer quantiles. A detector whose context the
+    probe did not measure as fitted (no views, no features, or another number of views) leaves
+    squeeze out too: the maximum is
+    on another scale than the thresholds set on the detector's scores. Policies never send
+    such a plan (:meth:`service.gate.policy.Policy.cheap_plan`).
     """
     out: dict[Check, CheckScore] = {}
-    if raw.squeeze is not None and len(references.squeeze) == len(raw.squeeze):
-        names = spec.squeeze.names()
-        quantiles = [cdf.at(x) for cdf, x in zip(references.squeeze, raw.squeeze)]
-        details = (tuple((f"{n}_quantile", q) for n, q in zip(names, quantiles))
-                   + tuple((f"{n}_l2", x) for n, x in zip(names, raw.squeeze)))
-        det = references.squeeze_detector
-        context = () if det is None or not det.context else raw.context_features
-        if det is not None and raw.squeeze_features is not None and context is not None \
-                and det.squeezers == len(raw.squeeze):
-            decision = float(det.decision(raw.squeeze_features + tuple(context)))
-            combined = det.clean.at(decision)
-            details += (("detector_log_odds", decision),)
-        else:
-            combined = float(max_quantile(np.asarray(raw.squeeze), references.squeeze))
-        out[Check.SQUEEZE] = CheckScore(combined, len(raw.squeeze), details)
+    squeeze = _squeeze_score(raw, spec, references)
+    if squeeze is not None:
+        out[Check.SQUEEZE] = squeeze
     if raw.viewpoint is not None:
         out[Check.VIEWPOINT] = CheckScore(raw.viewpoint, len(spec.views))
     if raw.density is not None:

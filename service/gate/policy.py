@@ -114,7 +114,8 @@ class Policy:
     """A versioned gate policy for one model; validated on construction (PolicyError).
 
     probe: the variants every cheap check uses (its noise section must be empty: noise comes
-    from ``noise``); the plan sent for a request keeps only the enabled checks' sections.
+    from ``noise``); the plan sent for a request keeps only the enabled checks' sections (and
+    the views and features a squeeze detector with context reads).
     checks: every :class:`Check` (missing ones are filled in disabled). max_forward_passes:
     per-request ceiling on rows the handler runs, base rows included. calibration: free
     metadata recorded by calibration (target and realised rates...).
@@ -156,7 +157,8 @@ class Policy:
 
     def budget(self, check: Check) -> int:
         """Forward passes (variants) the check may cost per request: squeezers, views,
-        occlusion windows, shuffles, noise max_samples; density costs none."""
+        occlusion windows, shuffles, noise max_samples; density costs none. (A squeeze
+        detector with context also reads the views' rows, counted under viewpoint.)"""
         p = self.probe
         return {Check.SQUEEZE: len(p.squeeze.bit_depths) + len(p.squeeze.median_sizes),
                 Check.VIEWPOINT: len(p.views), Check.DENSITY: 0,
@@ -207,9 +209,13 @@ def _validate(p: Policy) -> None:
     if det is not None and det.squeezers != n_squeeze:
         raise PolicyError(f"references.squeeze_detector was fitted on {det.squeezers} "
                           f"squeezers, the probe has {n_squeeze}")
-    if det is not None and det.context and not (p.probe.views and p.references.density is not None):
-        raise PolicyError("references.squeeze_detector reads context (views and the density "
-                          "distance), but the policy lacks probe.views or references.density")
+    if det is not None and det.context and p.enabled(Check.SQUEEZE):
+        if len(p.probe.views) != det.views or p.references.density is None:
+            raise PolicyError(f"checks.squeeze: its detector reads context measured on "
+                              f"{det.views} views and the density distance; the policy has "
+                              f"{len(p.probe.views)} views in probe.views and "
+                              f"{'a' if p.references.density is not None else 'no'} "
+                              "references.density (recalibrate, or disable squeeze)")
     needs = {Check.SQUEEZE: (n_squeeze > 0 and len(p.references.squeeze) == n_squeeze,
                              "squeezers in probe.squeeze and one reference CDF each"),
              Check.VIEWPOINT: (len(p.probe.views) > 0, "views in probe.views"),
