@@ -155,14 +155,19 @@ def render(r: dict) -> str:
         lines.append(f"| {row['set']} | {row['n']} | {100 * row['flagged']:.1f} % | {100 * row['rejected']:.1f} % | "
                      f"{row['mean_forward_passes']:.1f} | {aucs} |")
     cert, off = r["certified"], r.get("certified_in_process")
+
+    def shares(n: int, accuracy: dict) -> str:  # no images (--certify 0): say so, not "nan %"
+        return " | ".join(f"{100 * v:.1f} %" if n else "not run" for v in accuracy.values())
+
+    passes = f"{cert['mean_forward_passes']:.0f} forward passes on average" if cert["n"] else "not run"
     lines += ["", "Certified accuracy (randomized smoothing, alpha 0.001):", "",
               "| | n | " + " | ".join(f"radius {k}" for k in cert["accuracy"]) + " |",
               "|---|---|" + "---|" * len(cert["accuracy"]),
-              f"| through the gateway (`certify: true`, {cert['mean_forward_passes']:.0f} forward passes "
-              f"on average) | {cert['n']} | " + " | ".join(f"{100 * v:.1f} %" for v in cert["accuracy"].values()) + " |"]
+              f"| through the gateway (`certify: true`, {passes}) | {cert['n']} | "
+              + shares(cert["n"], cert["accuracy"]) + " |"]
     if off:
         lines.append(f"| in process, CERTIFY of Cohen et al. ({off['selection_samples']} + {off['samples']:,} "
-                     f"samples) | {off['n']} | " + " | ".join(f"{100 * v:.1f} %" for v in off["accuracy"].values()) + " |")
+                     f"samples) | {off['n']} | " + shares(off["n"], off["accuracy"]) + " |")
     lines += ["",
               "For comparison only — the feature-squeezing paper's published MNIST detection rates "
               "(Xu, Evans, Qi, NDSS 2018; different model, data and attack settings): "

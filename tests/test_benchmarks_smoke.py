@@ -137,3 +137,16 @@ def test_input_statistics_study_smoke(default_store: Path, tmp_path: Path) -> No
     noisy = rows["clean, Gaussian noise sigma 0.02"]
     assert noisy[pixels] > noisy[logit] + 0.2
     assert (tmp_path / "input_statistics-smoke.md").read_text().startswith("# Input statistics")
+
+
+def test_robustness_report_renders_the_committed_figures_and_says_when_certification_did_not_run() -> None:
+    from benchmarks.robustness import render
+
+    results = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+    r = json.loads((results / "robustness.json").read_text())
+    assert render(r) == (results / "robustness.md").read_text()  # the Markdown is the JSON's
+    r["certified"] = {"n": 0, "accuracy": dict.fromkeys(r["certified"]["accuracy"], float("nan")),
+                      "mean_forward_passes": float("nan")}
+    r["certified_in_process"]["n"] = 0
+    out = render(r)
+    assert "nan" not in out and out.count("| 0 | not run |") == 2
