@@ -71,6 +71,17 @@ def attack(net: torch.nn.Module, name: str, eps: float, images: np.ndarray, labe
     return np.concatenate(advs).astype(np.float32), np.concatenate(idx)
 
 
+def as_8bit(net: torch.nn.Module, adv: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Attacked images as a client sending PNG or JPEG would send them: float [M, 1, H, W]
+    rounded to uint8 [K, H, W], keeping the K that still fool the model after rounding."""
+    q = np.round(np.clip(adv[:, 0], 0, 1) * 255).astype(np.uint8)
+    if not len(q):
+        return q
+    with torch.no_grad():
+        pred = net(torch.from_numpy(q.astype(np.float32) / 255.0).unsqueeze(1)).argmax(1).numpy()
+    return q[pred != labels]
+
+
 def patch(images: np.ndarray, size: int = 8, seed: int = 0) -> np.ndarray:
     """A random high-contrast sticker (size x size checkerboard) at a random place."""
     rng = np.random.default_rng(seed)

@@ -5,7 +5,8 @@
 
 Starts its own TorchServe (free ports) and gateway on the default store (built and
 calibrated), then sends clean test images, successful FGSM / PGD / CW attacks at several
-eps, natural corruptions, tile-shuffled images and MNIST digits (out of distribution).
+eps (as float tensors, and FGSM / PGD again rounded to 8 bits as a PNG would carry them,
+where they still succeed), natural corruptions, tile-shuffled images and MNIST digits (out of distribution).
 Reports per set and per check: detection rate at the calibrated flag rate, ROC-AUC; the
 combined gate's flag and reject rates; certified accuracy at radii 0..1 with the samples it
 took; and, named as such, the feature-squeezing paper's published detection rates beside
@@ -95,8 +96,10 @@ def evaluate(client, ef, test, args, store: Path, model: str) -> dict:
     labels = test.labels[args.clean : args.clean + args.attacked]
     sets: dict[str, np.ndarray] = {}
     for name, eps in (("fgsm", 0.03), ("fgsm", 0.1), ("pgd", 0.03), ("pgd", 0.1), ("cw", 1.0)):
-        adv, _ = ef.attack(net, name, eps, base, labels)
+        adv, idx = ef.attack(net, name, eps, base, labels)
         sets[f"{name} eps={eps:g}" if name != "cw" else "cw L2 (c=1)"] = adv
+        if name != "cw":  # as a client sending PNG would: rounded to 8 bits, still successful
+            sets[f"{name} eps={eps:g}, 8-bit"] = ef.as_8bit(net, adv, labels[idx])
     sets["rotate 40°"] = ef.rotate(base, 40)
     sets["rotate 20°"] = ef.rotate(base, 20)
     sets["tile shuffle 2x2"] = ef.tile_shuffle(base)

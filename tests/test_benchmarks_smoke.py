@@ -58,7 +58,8 @@ def test_serving_benchmark_smoke(default_store: Path, tmp_path: Path) -> None:
 def test_robustness_benchmark_smoke(default_store: Path, tmp_path: Path) -> None:
     report = _run("benchmarks.robustness", tmp_path)
     assert report["clean"]["n"] == 40 and 0 <= report["clean"]["flagged"] <= 1
-    assert {row["set"] for row in report["sets"]} >= {"fgsm eps=0.03", "pgd eps=0.1", "mnist digits (OOD)"}
+    assert {row["set"] for row in report["sets"]} >= {"fgsm eps=0.03", "pgd eps=0.1", "fgsm eps=0.1, 8-bit",
+                                                       "mnist digits (OOD)"}
     assert set(report["certified"]["accuracy"]) == {"0.0", "0.25", "0.5", "0.75", "1.0"}
     offline = report["certified_in_process"]
     assert offline["n"] == 2 and offline["samples"] == 200
@@ -150,3 +151,21 @@ def test_robustness_report_renders_the_committed_figures_and_says_when_certifica
     r["certified_in_process"]["n"] = 0
     out = render(r)
     assert "nan" not in out and out.count("| 0 | not run |") == 2
+
+
+def test_as_8bit_rounds_like_a_png_and_keeps_only_attacks_that_still_succeed() -> None:
+    import torch
+
+    from benchmarks.efficacy import as_8bit
+
+    class MeanNet(torch.nn.Module):  # class 0 when the mean pixel is above 1/2, else class 1
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            m = x.flatten(1).mean(1)
+            return torch.stack([m, 1 - m], 1)
+
+    adv = np.stack([np.full((1, 4, 4), v, dtype=np.float32) for v in (0.9, 0.1, 0.502, 1.2)])
+    kept = as_8bit(MeanNet(), adv, np.array([1, 1, 1, 0]))
+    # 0.1 is class 1 (its label: the attack failed); 1.2 clips to 255, class 0 = its label
+    assert kept.dtype == np.uint8 and kept.shape == (2, 4, 4)
+    assert kept[0].flat[0] == 230 and kept[1].flat[0] == 128  # 229.5 and 128.01 rounded
+    assert as_8bit(MeanNet(), adv[:0], np.array([], dtype=np.int64)).shape == (0, 4, 4)
