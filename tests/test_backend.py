@@ -70,3 +70,25 @@ def test_gate_refuses_each_invalid_example_plan(name: str) -> None:
     raw = json.loads((EXAMPLES / name).read_text())
     with pytest.raises((GateError, ValueError)):
         ProbeSpec.from_dict(raw)
+
+
+def test_spec_to_proto_is_the_json_conversion_for_every_seed_and_a_fresh_message_each_time() -> None:
+    from dataclasses import replace
+
+    from google.protobuf import json_format
+
+    from service.gate.defaults import default_probe
+    from service.gate.plan import NoiseSpec
+
+    def by_json(spec: ProbeSpec) -> probe_pb2.ProbePlan:
+        return json_format.ParseDict(spec.to_dict(), probe_pb2.ProbePlan())
+
+    cheap = default_probe()
+    for seed in (0, 1, 12345, 2**63 - 1, 2**64 - 1):
+        for spec in (replace(cheap, seed=seed), ProbeSpec(seed=seed, noise=NoiseSpec(sigma=0.25, count=8)),
+                     ProbeSpec(seed=seed, noise=NoiseSpec(sigma=0.25, count=16))):
+            assert spec_to_proto(spec) == by_json(spec)
+    # The conversion is cached per plan: a caller changing its message changes no later one.
+    mine = spec_to_proto(cheap)
+    mine.seed, mine.squeeze.bit_depths[0] = 7, 8
+    assert spec_to_proto(cheap) == by_json(cheap)
