@@ -121,14 +121,19 @@ def evaluate(client, ef, test, args, store: Path, model: str) -> dict:
         rows.append({"set": name, "n": out.n, "flagged": out.flagged, "rejected": out.rejected,
                      "mean_forward_passes": float(out.passes.mean()), "checks": per_check})
         roc[name] = {c: s.tolist() for c, s in out.scores.items()}
-    cert_imgs, cert_labels = test.images[5000 : 5000 + args.certify], test.labels[5000 : 5000 + args.certify]
+    # Certified images come after the clean and attacked ones; both rows certify the first of
+    # them, with the sigma and alpha of the policy the gateway serves.
+    first = args.clean + args.attacked
+    cert_imgs, cert_labels = test.images[first : first + args.certify], test.labels[first : first + args.certify]
     cert = ef.classify_all(client, cert_imgs, model, certify=True)
     radii = (0.0, 0.25, 0.5, 0.75, 1.0)
-    sigma = float(json.loads((store / model / "card.json").read_text())["noise_sigma"])
+    noise = json.loads((store / model / "policy.json").read_text())["noise"]
+    sigma, alpha = float(noise["sigma"]), float(noise["alpha"])
     k = args.certify_in_process
-    n0, alpha = 100, 0.001
-    offline = ef.certify_in_process(ef.onnx_logits(store, model), test.images[5000 : 5000 + k], test.labels[5000 : 5000 + k],
-                                    sigma, radii, n0=n0, n=args.certify_samples, alpha=alpha)
+    n0 = 100
+    offline = ef.certify_in_process(ef.onnx_logits(store, model), test.images[first : first + k],
+                                    test.labels[first : first + k], sigma, radii, n0=n0,
+                                    n=args.certify_samples, alpha=alpha)
     return {
         "clean": {"n": clean.n, "flagged": clean.flagged, "rejected": clean.rejected,
                   "mean_forward_passes": float(clean.passes.mean()),
@@ -169,7 +174,8 @@ def render(r: dict) -> str:
         return " | ".join(f"{100 * v:.1f} %" if n else "not run" for v in accuracy.values())
 
     passes = f"{cert['mean_forward_passes']:.0f} forward passes on average" if cert["n"] else "not run"
-    lines += ["", "Certified accuracy (randomized smoothing, alpha 0.001):", "",
+    noise = f"sigma {off['sigma']:g}, alpha {off['alpha']:g}" if off else "alpha 0.001"
+    lines += ["", f"Certified accuracy (randomized smoothing, {noise}; the gateway's policy):", "",
               "| | n | " + " | ".join(f"radius {k}" for k in cert["accuracy"]) + " |",
               "|---|---|" + "---|" * len(cert["accuracy"]),
               f"| through the gateway (`certify: true`, {passes}) | {cert['n']} | "

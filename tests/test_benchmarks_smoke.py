@@ -63,6 +63,8 @@ def test_robustness_benchmark_smoke(default_store: Path, tmp_path: Path) -> None
     assert set(report["certified"]["accuracy"]) == {"0.0", "0.25", "0.5", "0.75", "1.0"}
     offline = report["certified_in_process"]
     assert offline["n"] == 2 and offline["samples"] == 200
+    noise = json.loads((default_store / "fmnist-cnn" / "policy.json").read_text())["noise"]
+    assert (offline["sigma"], offline["alpha"]) == (noise["sigma"], noise["alpha"])  # the gateway's own
     assert set(offline["accuracy"]) == set(report["certified"]["accuracy"])
     assert all(0 <= a <= 1 for a in offline["accuracy"].values())
     assert (tmp_path / "robustness-smoke-roc.png").read_bytes()[:4] == b"\x89PNG"
