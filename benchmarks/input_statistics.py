@@ -23,7 +23,6 @@ images and on attacks made from test images. Squeezes use the handler's own
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import time
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks.report import parser, write_report
 from handlers.probe import bit_depth
 from model_store import data
 from service.calibration import reference_attacks
@@ -40,7 +40,6 @@ from service.decode import InputSpec, Limits, decode_image
 from service.gate.defaults import DEFAULT_BIT_DEPTHS
 from service.gate.squeeze_detector import fit_squeeze_detector, measure_squeeze
 
-REPO = Path(__file__).resolve().parent.parent
 FLAG_RATE = 0.05
 JPEG_QUALITIES = (95, 85, 75)
 NOISE_SIGMA = 0.02
@@ -144,14 +143,9 @@ def render(r: dict, command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.input_statistics", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--store", type=Path, default=REPO / "model_store" / "artifacts")
-    p.add_argument("--model", default="fmnist-cnn")
+    p = parser("benchmarks.input_statistics", __doc__)
     p.add_argument("--clean", type=int, default=2000, help="clean images per set")
     p.add_argument("--attack-images", type=int, default=1000, help="images attacked per set")
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
-    p.add_argument("--smoke", action="store_true", help="tiny budgets (seconds), for the test suite")
     args = p.parse_args(argv)
     if args.smoke:
         args.clean, args.attack_images = 150, 120
@@ -159,11 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args.store, args.model, args.clean, args.attack_images)
     command = "python -m benchmarks.input_statistics" + (
         " --smoke" if args.smoke else f" --clean {args.clean} --attack-images {args.attack_images}")
-    stem = "input_statistics-smoke" if args.smoke else "input_statistics"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(render(result, command))
-    print(render(result, command))
+    write_report(args.out, "input_statistics-smoke" if args.smoke else "input_statistics", result,
+                 render(result, command))
     return 0
 
 

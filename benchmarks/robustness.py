@@ -15,7 +15,6 @@ the attack rows of the same table.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import os
@@ -27,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
+from benchmarks.report import parser, write_report
+
 
 # Xu, Evans, Qi, NDSS 2018, Table 4 (MNIST, joint detection at the paper's own FPR ~4 %):
 # published figures for reference only; their model, data set and attacks differ.
@@ -37,18 +37,13 @@ PAPER_ROW = {"fgsm": "FGSM", "pgd": "BIM", "cw": "CW L2"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.robustness", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--store", type=Path, default=REPO / "model_store" / "artifacts")
-    p.add_argument("--model", default="fmnist-cnn")
+    p = parser("benchmarks.robustness", __doc__)
     p.add_argument("--clean", type=int, default=2000)
     p.add_argument("--attacked", type=int, default=500, help="images attacked per attack")
     p.add_argument("--certify", type=int, default=100, help="images certified through the gateway")
     p.add_argument("--certify-in-process", type=int, default=100,
                    help="images certified in process with a large budget (--certify-samples; the papers use 100,000)")
     p.add_argument("--certify-samples", type=int, default=10_000)
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
-    p.add_argument("--smoke", action="store_true", help="tiny budgets (seconds), for the test suite")
     args = p.parse_args(argv)
     if args.smoke:
         args.clean, args.attacked, args.certify = 40, 20, 4
@@ -79,12 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     results["date"] = dt.date.today().isoformat()
     results["policy_version"] = policy["version"]
     results["flag_rate_target"] = policy["calibration"].get("flag_rate_target")
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = "robustness-smoke" if args.smoke else "robustness"
-    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(render(results))
+    write_report(args.out, stem, results, render(results))
     plot_roc(results, args.out / f"{stem}-roc.png")
-    print(render(results))
     return 0
 
 

@@ -28,7 +28,6 @@ than the absolute figures.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import datetime as dt
@@ -43,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
+from benchmarks.report import parser, write_report
 
 
 @dataclasses.dataclass
@@ -181,16 +180,11 @@ def batching_store(src: Path, model: str, dst: Path, batch_size: int = 32, max_d
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.serving", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--store", type=Path, default=REPO / "model_store" / "artifacts")
-    p.add_argument("--model", default="fmnist-cnn")
+    p = parser("benchmarks.serving", __doc__)
     p.add_argument("--seconds", type=float, default=4.0, help="per measurement")
     p.add_argument("--concurrency", default="1,4,16,64")
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--coalesce-max-batch", type=int, default=32)
     p.add_argument("--coalesce-max-wait-ms", type=float, default=2.0)
-    p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
     warm_s = 5.0
     if args.smoke:
@@ -346,12 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     report["ratios"] = ratios(results, levels)
     report["cpu_ms_per_call"] = cpu_per_call
     report["coalescing"] = {"max_batch": args.coalesce_max_batch, "max_wait_ms": args.coalesce_max_wait_ms}
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = "serving-smoke" if args.smoke else "serving"
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(render(report, f"{stem}.png"))
+    write_report(args.out, stem, report, render(report, f"{stem}.png"))
     plot(results, args.out / f"{stem}.png")
-    print(render(report))
     return 0
 
 

@@ -171,3 +171,17 @@ def test_as_8bit_rounds_like_a_png_and_keeps_only_attacks_that_still_succeed() -
     assert kept.dtype == np.uint8 and kept.shape == (2, 4, 4)
     assert kept[0].flat[0] == 230 and kept[1].flat[0] == 128  # 229.5 and 128.01 rounded
     assert as_8bit(MeanNet(), adv[:0], np.array([], dtype=np.int64)).shape == (0, 4, 4)
+
+
+def test_detector_study_smoke(default_store: Path, tmp_path: Path) -> None:
+    from benchmarks.detector_study import VARIANTS
+
+    report = _run("benchmarks.detector_study", tmp_path)
+    assert [row["variant"] for row in report["rows"]] == [v.name for v in VARIANTS]
+    sets = set(report["measured_sets"])
+    assert {"clean test images", "fgsm@0.03", "pgd@0.1", "rotate 40°", "mnist digits (OOD)"} <= sets
+    for row in report["rows"]:
+        assert set(row["flagged"]) == sets and all(0 <= x <= 1 for x in row["flagged"].values())
+        # each check's own clean rate stays within the one budget the union shares
+        assert all(0 <= b <= report["flag_rate_calibrated"] + 1e-9 for b in row["budget"].values())
+    assert "| with context (shipped) |" in (tmp_path / "detector_study-smoke.md").read_text()

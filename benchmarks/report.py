@@ -1,0 +1,32 @@
+"""What every benchmark command shares: its common flags, and how it leaves its report (the
+figures as JSON, the Markdown rendered from them)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def parser(module: str, doc: str | None) -> argparse.ArgumentParser:
+    """``python -m <module>``'s parser with the flags every benchmark takes: --store, --model,
+    --out, --smoke. The caller adds its own and parses."""
+    p = argparse.ArgumentParser(prog=f"python -m {module}", description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--store", type=Path, default=REPO / "model_store" / "artifacts")
+    p.add_argument("--model", default="fmnist-cnn")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--smoke", action="store_true", help="tiny budgets (seconds), for the test suite")
+    return p
+
+
+def write_report(out: Path, stem: str, result: dict[str, Any], markdown: str) -> None:
+    """Write ``<out>/<stem>.json`` and ``<out>/<stem>.md`` (creating ``out``), and print the
+    Markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(markdown)
+    print(markdown)
