@@ -105,12 +105,9 @@ def context_features(base_logits: ArrayLike, view_logits: ArrayLike, viewpoint_l
                      density: float) -> NDArray[np.float64]:
     """The :data:`CONTEXT_FEATURES` of one image, float64 [4]: base float [C] and views
     float [V, C] logits, the viewpoint check's mean L1 and the density check's distance."""
-    b = np.asarray(base_logits, dtype=np.float64)
-    d = np.asarray(view_logits, dtype=np.float64) - b  # each view's move, centred per row
-    d -= d.mean(axis=1, keepdims=True)
-    l2 = np.sqrt(np.einsum("ij,ij->i", d, d))  # as measure_squeeze's, without its checks
+    m = measure_squeeze(base_logits, view_logits)  # each view measured as a squeezer is
     return np.array([np.log(density + _EPS), np.log(viewpoint_l1 + _EPS),
-                     np.log(l2 + _EPS).mean(), -d[:, int(np.argmax(b))].mean()])
+                     np.log(m.l2 + _EPS).mean(), m.top_drop.mean()])
 
 
 @dataclass(frozen=True, eq=False)
