@@ -8,8 +8,9 @@ calibration split that training never saw:
 
 1. split it in two: part A fits the references (each squeezer's clean CDF; class means and
    shared covariance of the penultimate features), part B sets the thresholds, so no
-   threshold is set on the data its own references were fitted on. The squeeze detector is fitted on part A's clean images against part B's successful
-   attacks; where the probe holds views and features it also reads their context
+   threshold is set on the data its own references were fitted on. The squeeze detector is
+   fitted on part A's clean images against part B's successful attacks; where the probe
+   holds views and features it also reads their context
    (:data:`service.gate.squeeze_detector.CONTEXT_FEATURES`);
 2. makes a reference set on part B — attacks (FGSM and PGD, L-inf, at eps 0.03 and 0.1,
    white-box on the TorchScript export; only successful ones count) and shifted inputs
@@ -173,12 +174,12 @@ async def calibrate(
         t0 = time.perf_counter()
         logits, feats = await probe_all(backend, ts_name, imgs, spec, concurrency)
         log(f"probed {n} clean calibration images ({spec.rows} rows each) in {time.perf_counter() - t0:.0f} s")
-        # Part A: references.
-        raw_a = [raw_scores(l, None, spec) for l in logits[:half]]
-        squeeze_refs = fit_squeeze_references(np.array([r.squeeze for r in raw_a]))
-        # Class-conditional Gaussians on the true labels (Lee et al. 2018), scored at the
-        # predicted class at run time.
+        # Part A: references. Class-conditional Gaussians on the true labels (Lee et al. 2018),
+        # scored at the predicted class at run time; part A's raw scores (with those distances,
+        # for the squeeze detector's context) also give each squeezer's clean CDF.
         density = fit_density(feats[:half], calib.labels[:half], num_classes=len(card["labels"]))
+        raw_a = [raw_scores(l, f, spec, density) for l, f in zip(logits[:half], feats[:half])]
+        squeeze_refs = fit_squeeze_references(np.array([r.squeeze for r in raw_a]))
         policy = dataclasses.replace(policy, references=References(squeeze=squeeze_refs, density=density))
         raw_b = [raw_scores(l, f, spec, density) for l, f in zip(logits[half:], feats[half:])]
         # Reference attacks on part B.
@@ -208,7 +209,6 @@ async def calibrate(
     detector = None
     if Check.SQUEEZE in checks:
         is_attack = np.array([k in attack_names for k in set_of], dtype=bool)
-        raw_a = [raw_scores(l, f, spec, density) for l, f in zip(logits[:half], feats[:half])]
         context = CONTEXT_FEATURES if all(r.context_features is not None for r in raw_a + raw_adv) else ()
         if is_attack.sum() >= MIN_ATTACKS:
             detector = fit_squeeze_detector(

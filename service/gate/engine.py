@@ -153,9 +153,9 @@ def check_scores(raw: RawScores, spec: ProbeSpec,
     the squeeze detector's clean quantile where the references hold a detector for these
     squeezers, else the maximum of the per-squeezer quantiles. A detector whose context the
     probe did not measure as fitted (no views, no features, or another number of views) leaves
-    squeeze out too: the maximum is
-    on another scale than the thresholds set on the detector's scores. Policies never send
-    such a plan (:meth:`service.gate.policy.Policy.cheap_plan`).
+    squeeze out too: the maximum is on another scale than the thresholds set on the
+    detector's scores. Policies never send such a plan
+    (:meth:`service.gate.policy.Policy.cheap_plan`).
     """
     out: dict[Check, CheckScore] = {}
     squeeze = _squeeze_score(raw, spec, references)
