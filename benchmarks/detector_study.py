@@ -34,11 +34,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.efficacy import mnist_digits
 from benchmarks.report import parser, write_report
 from handlers.probe import expand
 from model_store import data
 from service import perturb
-from service.calibration import reference_attacks
+from service.calibration import reference_attacks, reference_shifts
 from service.gate.allocation import allocate
 from service.gate.calibrate import DEFAULT_CONFIDENCE, DEFAULT_FLAG_RATE, rate_with_confidence
 from service.gate.checks import Check
@@ -140,12 +141,9 @@ def run(store: Path, model: str, calib_images: int | None, attack_images: int, t
     b_img, b_lab = calib.images[half:n][:1000], calib.labels[half:n][:1000]
     ref = {k: probe(v.astype(np.float32)) for k, v in
            reference_attacks(model_path, b_img, b_lab, seed=seed).items() if len(v)}
-    ref.update({"rotate+40": probe(perturb.rotate(b_img, 40)), "rotate-40": probe(perturb.rotate(b_img, -40)),
-                "shuffle2x2": probe(perturb.tile_shuffle(b_img, 2, seed=seed))})
+    ref.update({k: probe(v) for k, v in reference_shifts(b_img, seed).items()})
     t_img = test.images[test_clean:test_clean + attack_images]
     t_lab = test.labels[test_clean:test_clean + attack_images]
-    from benchmarks.efficacy import mnist_digits
-
     measured = {"clean test images": probe(test.images[:test_clean]),
                 **{k: probe(v.astype(np.float32)) for k, v in
                    reference_attacks(model_path, t_img, t_lab, seed=seed + 1).items() if len(v)},

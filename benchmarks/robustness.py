@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         proc, address = start_gateway(args.store, ts, tmp)
         try:
             with Client(address) as client:
-                results = evaluate(client, ef, test, args, args.store, args.model)
+                results = evaluate(client, ef, test, args, args.store, args.model, policy["noise"])
         finally:
             stop(proc)
     results["seconds"] = round(time.perf_counter() - t_start, 1)
@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def evaluate(client, ef, test, args, store: Path, model: str) -> dict:
+def evaluate(client, ef, test, args, store: Path, model: str, noise: dict) -> dict:
+    """noise: the served policy's noise settings (its sigma and alpha certify in process too)."""
     clean_resp = ef.classify_all(client, test.images[: args.clean], model)
     clean = ef.Outcome.of(clean_resp)
     net = ef.load_attack_model(store, model)
@@ -119,7 +120,6 @@ def evaluate(client, ef, test, args, store: Path, model: str) -> dict:
     cert_imgs, cert_labels = test.images[first : first + args.certify], test.labels[first : first + args.certify]
     cert = ef.classify_all(client, cert_imgs, model, certify=True)
     radii = (0.0, 0.25, 0.5, 0.75, 1.0)
-    noise = json.loads((store / model / "policy.json").read_text())["noise"]
     sigma, alpha = float(noise["sigma"]), float(noise["alpha"])
     k = args.certify_in_process
     n0 = 100

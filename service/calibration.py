@@ -110,6 +110,13 @@ def reference_attacks(model_path: Path, images: np.ndarray, labels: np.ndarray, 
     return out
 
 
+def reference_shifts(images: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
+    """The shifted inputs the gate also watches, uint8 [N, H, W] per set name: rotations by
+    +-40 degrees and 2x2 tile shuffles of ``images`` (uint8 [N, H, W])."""
+    return {"rotate+40": perturb.rotate(images, 40), "rotate-40": perturb.rotate(images, -40),
+            "shuffle2x2": perturb.tile_shuffle(images, 2, seed=seed)}
+
+
 # --- probing through TorchServe -----------------------------------------------------------
 
 def calibration_spec(policy: Policy, seed: int, checks: Sequence[Check]) -> ProbeSpec:
@@ -187,9 +194,7 @@ async def calibrate(
         b_images, b_labels = calib.images[half:n][:attack_images], calib.labels[half:n][:attack_images]
         attacked_sets = reference_attacks(store / model / "model.pt", b_images, b_labels, seed=seed)
         attack_names = set(attacked_sets)
-        # Shifted inputs the gate also watches: large rotations and tile shuffles.
-        for name, shifted in (("rotate+40", perturb.rotate(b_images, 40)), ("rotate-40", perturb.rotate(b_images, -40)),
-                              ("shuffle2x2", perturb.tile_shuffle(b_images, 2, seed=seed))):
+        for name, shifted in reference_shifts(b_images, seed).items():
             attacked_sets[name] = (shifted.astype(np.float32) / 255.0)[:, None]
         adv_all = np.concatenate(list(attacked_sets.values()))
         set_of = np.concatenate([np.full(len(v), k, dtype=object) for k, v in attacked_sets.items()])
