@@ -11,11 +11,13 @@ import pytest
 from service.gate.allocation import attack_weights
 from service.gate.checks import Check, squeeze_scores
 from service.gate.defaults import default_probe
-from service.gate.engine import check_scores, detector_input, raw_scores
+from service.gate.cascade import GateRun
+from service.gate.engine import check_scores, detector_input, raw_scores, score
 from service.gate.errors import CalibrationError, PolicyError
 from service.gate.policy import References
 from service.gate.policy_io import policy_from_dict, policy_to_dict
 from service.gate.quantile import EmpiricalCDF
+from service.gate.report import CheckStatus
 from service.gate.squeeze_detector import (
     CONTEXT_FEATURES, SqueezeDetector, context_features, fit_squeeze_detector, squeeze_features,
 )
@@ -251,3 +253,28 @@ def test_engine_feeds_the_context_to_the_detector_and_falls_back_without_it() ->
     short = raw_scores(logits[:fewer.rows], feats, fewer, refs.density)
     assert short.context_features is not None
     assert Check.SQUEEZE not in check_scores(short, fewer, refs)
+
+
+def test_views_sent_only_as_context_are_charged_to_squeeze() -> None:
+    policy = make_policy()
+    det = context_detector()
+    checks = {**policy.checks, Check.VIEWPOINT: replace(policy.checks[Check.VIEWPOINT], enabled=False)}
+    no_view = replace(policy, references=replace(policy.references, squeeze_detector=det),
+                      checks=checks)
+    plan = no_view.cheap_plan(0)
+    assert len(plan.views) == 6
+    rng = np.random.default_rng(22)
+    logits = rng.normal(size=(plan.rows, 10)).astype(np.float32)
+    feats = rng.normal(size=policy.references.density.dim).astype(np.float32)
+    run = GateRun.start(no_view, seed=0, certify=False).feed(logits, feats)
+    for report in (score(logits, feats, plan, no_view), run.report()):
+        by = {r.check: r for r in report.checks}
+        assert by[Check.VIEWPOINT].status is CheckStatus.DISABLED
+        assert by[Check.VIEWPOINT].forward_passes == 0 and by[Check.VIEWPOINT].score is None
+        assert by[Check.SQUEEZE].forward_passes == len(plan.squeeze.names()) + 6
+        assert sum(r.forward_passes for r in report.checks) == report.forward_passes - 1  # + base
+    # With viewpoint on, the views are its own cost, and squeeze reads them for free.
+    on = replace(no_view, checks=policy.checks)
+    by = {r.check: r for r in score(logits, feats, on.cheap_plan(0), on).checks}
+    assert by[Check.VIEWPOINT].forward_passes == 6
+    assert by[Check.SQUEEZE].forward_passes == len(plan.squeeze.names())

@@ -113,7 +113,8 @@ class GateRun:
             raise GateError("feed() called on a finished gate run")
         if self.stage is Stage.CHEAP:
             raw = raw_scores(logits, features, plan, self.policy.references.density)
-            scores = check_scores(raw, plan, self.policy.references)
+            scores = check_scores(raw, plan, self.policy.references,
+                                  viewpoint=self.policy.enabled(Check.VIEWPOINT))
             done = replace(self, stage=Stage.DONE, cheap_scores=tuple(scores.items()),
                            top_class=raw.top_class, forward_passes=plan.rows)
             return done._open_noise(scores)

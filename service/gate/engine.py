@@ -7,7 +7,7 @@ stage, then sequential noise batches) is driven by :class:`service.gate.cascade.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -145,9 +145,13 @@ def _squeeze_score(raw: RawScores, spec: ProbeSpec, references: References) -> C
                       details + (("detector_log_odds", decision),))
 
 
-def check_scores(raw: RawScores, spec: ProbeSpec,
-                 references: References) -> dict[Check, CheckScore]:
+def check_scores(raw: RawScores, spec: ProbeSpec, references: References, *,
+                 viewpoint: bool = True) -> dict[Check, CheckScore]:
     """Scores in threshold units (policy docstring) for every check the raw scores cover.
+
+    viewpoint: is the viewpoint check on? Off, its views are in the plan only as the squeeze
+    detector's context: viewpoint is not scored and squeeze carries the views' forward
+    passes, so each row is charged to the check it was sent for.
 
     Squeeze needs one reference CDF per squeezer; without them it is left out. Its score is
     the squeeze detector's clean quantile where the references hold a detector for these
@@ -160,8 +164,10 @@ def check_scores(raw: RawScores, spec: ProbeSpec,
     out: dict[Check, CheckScore] = {}
     squeeze = _squeeze_score(raw, spec, references)
     if squeeze is not None:
+        if not viewpoint and spec.views:
+            squeeze = replace(squeeze, forward_passes=squeeze.forward_passes + len(spec.views))
         out[Check.SQUEEZE] = squeeze
-    if raw.viewpoint is not None:
+    if raw.viewpoint is not None and viewpoint:
         out[Check.VIEWPOINT] = CheckScore(raw.viewpoint, len(spec.views))
     if raw.density is not None:
         out[Check.DENSITY] = CheckScore(raw.density, 0)
@@ -189,6 +195,8 @@ def score(logits: ArrayLike, features: ArrayLike | None, spec: ProbeSpec,
     if raw.noise_samples > 0:
         certificate = certify_counts(raw.top_class, raw.noise_agreements, raw.noise_samples,
                                      raw.noise_samples, spec.noise.sigma, policy.noise.alpha)
-    return decide(check_scores(raw, spec, policy.references), policy,
+    scores = check_scores(raw, spec, policy.references,
+                          viewpoint=policy.enabled(Check.VIEWPOINT))
+    return decide(scores, policy,
                   certificate=certificate, forward_passes=spec.rows,
                   escalated=raw.noise_samples > 0)

@@ -158,7 +158,8 @@ class Policy:
     def budget(self, check: Check) -> int:
         """Forward passes (variants) the check may cost per request: squeezers, views,
         occlusion windows, shuffles, noise max_samples; density costs none. (A squeeze
-        detector with context also reads the views' rows, counted under viewpoint.)"""
+        detector with context also reads the views' rows: reports count them under viewpoint
+        when it is on, else under squeeze.)"""
         p = self.probe
         return {Check.SQUEEZE: len(p.squeeze.bit_depths) + len(p.squeeze.median_sizes),
                 Check.VIEWPOINT: len(p.views), Check.DENSITY: 0,
