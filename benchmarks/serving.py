@@ -5,7 +5,9 @@
 
 Closed-loop asyncio clients over loopback at each concurrency, for a fixed time each:
 
-- in process: TorchScript and ONNX Runtime, one image per call (the limit);
+- in process: TorchScript and ONNX Runtime, one image per call (the limit); and the first
+  probe of each gated row (base image and its variants, expanded and run as the handler does),
+  the limit for what the gate may add ("the gate adds only compute");
 - TorchServe called directly over its gRPC API (plain classification, no plan): the ONNX and
   the TorchScript archive as shipped (handlers/model-config.yaml: 2 workers x 1 thread,
   batch size 1, because the gateway batches); the ONNX archive with TorchServe's batching on
@@ -114,27 +116,67 @@ def cpu_parts(gateway_pid: int | None, torchserve_pid: int) -> dict[str, float]:
     return parts
 
 
+def timed_loop(name: str, fn, count: int, seconds: float) -> Result:
+    """One caller in process: ``fn(i)`` for i = 0, 1, ... for ``seconds``, each call timed."""
+    import torch
+
+    lat, i, stop_at = [], 0, time.perf_counter() + seconds
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        while time.perf_counter() < stop_at:
+            t = time.perf_counter()
+            fn(i % count)
+            lat.append(time.perf_counter() - t)
+            i += 1
+        elapsed = time.perf_counter() - t0
+    ms = np.array(lat) * 1e3
+    return Result(name, 1, len(lat), elapsed, *(float(np.percentile(ms, q)) for q in (50, 95, 99)), 0)
+
+
 def in_process(store: Path, model: str, images: np.ndarray, seconds: float) -> list[Result]:
     import onnxruntime as ort
     import torch
 
-    out = []
     x = images.astype(np.float32)[:, None] / 255.0
     ts = torch.jit.load(str(store / model / "model.pt")).eval()
     sess = ort.InferenceSession(str(store / model / "model.onnx"), providers=["CPUExecutionProvider"])
-    for name, fn in (("in-process TorchScript", lambda b: ts(torch.from_numpy(b))),
-                     ("in-process ONNX Runtime", lambda b: sess.run(["logits"], {"images": b}))):
-        lat, i, stop_at = [], 0, time.perf_counter() + seconds
-        with torch.inference_mode():
-            t0 = time.perf_counter()
-            while time.perf_counter() < stop_at:
-                t = time.perf_counter()
-                fn(x[i % len(x): i % len(x) + 1])
-                lat.append(time.perf_counter() - t)
-                i += 1
-            elapsed = time.perf_counter() - t0
-        ms = np.array(lat) * 1e3
-        out.append(Result(name, 1, len(lat), elapsed, *(float(np.percentile(ms, q)) for q in (50, 95, 99)), 0))
+    return [timed_loop("in-process TorchScript", lambda i: ts(torch.from_numpy(x[i:i + 1])), len(x), seconds),
+            timed_loop(IN_PROCESS, lambda i: sess.run(["logits"], {"images": x[i:i + 1]}), len(x), seconds)]
+
+
+def in_process_variants(store: Path, model: str, policies: dict[str, Path], images: np.ndarray,
+                        seconds: float) -> list[Result]:
+    """The limit for the gate's cost: for each gateway row named in ``policies`` (a store
+    holding its policy), the first probe that policy sends (base image and cheap variants),
+    expanded and run in process as the handler does (``handlers.probe.expand``, ONNX Runtime
+    with the archive's intra-op threads), one image per call."""
+    import onnxruntime as ort
+    import torch
+    import yaml
+
+    from handlers import probe
+    from service.gate.policy_io import load_policy
+    from service.pipeline import spec_to_proto
+
+    config = yaml.safe_load((Path(probe.__file__).parent / "model-config.yaml").read_text())
+    threads = int(config["handler"]["intra_op_threads"])
+    opts = ort.SessionOptions()
+    if threads > 0:
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    sess = ort.InferenceSession(str(store / model / "model.onnx"), sess_options=opts,
+                                providers=["CPUExecutionProvider"])
+    x = torch.from_numpy(images.astype(np.float32)[:, None] / 255.0)
+    out = []
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(max(threads, 1))
+    try:
+        for row, policy_store in policies.items():
+            plan = spec_to_proto(load_policy(policy_store / model / "policy.json").cheap_plan(0))
+            out.append(timed_loop(f"{IN_PROCESS_VARIANTS} {row} ({probe.count_rows(plan)} rows)",
+                                  lambda i, plan=plan: sess.run(None, {"images": probe.expand(x[i], plan).numpy()}),
+                                  len(x), seconds))
+    finally:
+        torch.set_num_threads(torch_threads)
     return out
 
 
@@ -220,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     gate_all = store_with_policy(args.store, tmp / "all", args.model, all_checks)
     cert_seq = store_with_policy(args.store, tmp / "cert-seq", args.model, certify(False))
     cert_fixed = store_with_policy(args.store, tmp / "cert-fixed", args.model, certify(True))
+    results += in_process_variants(args.store, args.model, {CASCADE: args.store, EVERY_CHECK: gate_all},
+                                   images, args.seconds)
     coalesce = {"models": args.model, "coalesce-max-batch": str(args.coalesce_max_batch),
                 "coalesce-max-wait-ms": str(args.coalesce_max_wait_ms)}
     cheap_rows = None
@@ -358,11 +402,16 @@ DIRECT_OOTB = "TorchServe direct (plain), out-of-the-box settings"
 DIRECT_TS = "TorchServe direct (plain), TorchScript archive"
 GATE_OFF_TS = "gateway, gate off, TorchScript backend"
 IN_PROCESS = "in-process ONNX Runtime"
+IN_PROCESS_VARIANTS = "in-process ONNX Runtime, the first probe of"
 
 
 def _find(results: list[Result], name: str, c: int) -> Result | None:
-    return next((r for r in results if (r.name == name or (name == "naive" and r.name.startswith("naive")))
-                 and r.concurrency == c), None)
+    """The row ``name`` at concurrency ``c``; "naive" and the in-process variant rows match
+    by prefix (their names carry a count)."""
+    def named(r: Result) -> bool:
+        return r.name == name or (name in ("naive", *(f"{IN_PROCESS_VARIANTS} {g}" for g in GATED))
+                                  and r.name.startswith(name))
+    return next((r for r in results if named(r) and r.concurrency == c), None)
 
 
 def ratios(results: list[Result], levels: list[int]) -> dict[str, float]:
@@ -396,6 +445,33 @@ def ratios(results: list[Result], levels: list[int]) -> dict[str, float]:
         ra, rb = _find(results, name, one), _find(results, base, one)
         if ra and rb:
             out[f"added p50 ms, {name} vs {base} (c={one})"] = round(ra.p50_ms - rb.p50_ms, 3)
+    plain = _find(results, GATE_OFF, one)
+    for name in GATED:
+        gated, limit = _find(results, name, one), _find(results, f"{IN_PROCESS_VARIANTS} {name}", 1)
+        if plain and gated and limit and limit.p50_ms:
+            out[f"{GATE_COST} {name} (c={one})"] = round((gated.p50_ms - plain.p50_ms) / limit.p50_ms, 3)
+    return out
+
+
+GATED = (CASCADE, EVERY_CHECK)
+GATE_COST = "p50 the gate adds (gate on - gate off) / its first probe in process,"
+
+# The issue's targets on the ratios above: (label prefix, comparison, bound).
+TARGETS = (
+    ("throughput gateway gate-off / TorchServe direct, best-tuned", ">=", 0.9),
+    ("added p50 ms, gateway, gate off vs TorchServe direct (plain), shipped archive", "<=", 2.0),
+    ("throughput TorchServe direct, shipped archive / out of the box", ">=", 1.5),
+    (GATE_COST, "<=", 1.2),
+)
+
+
+def targets(ratio: dict[str, float]) -> list[tuple[str, str, float, bool]]:
+    """(ratio label, comparison, bound, met) for every ratio an issue target bounds."""
+    out = []
+    for prefix, op, bound in TARGETS:
+        for label, value in ratio.items():
+            if label.startswith(prefix):
+                out.append((label, op, bound, value >= bound if op == ">=" else value <= bound))
     return out
 
 
@@ -432,6 +508,10 @@ def render(r: dict, png: str | None = None) -> str:
         lines.append(f"| {x['name']} | {x['concurrency']} | {x['per_s']:.0f} | {x['p50_ms']:.2f} | {x['p95_ms']:.2f} | "
                      f"{x['p99_ms']:.2f} | {x['errors']} |")
     lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in r["ratios"].items()]
+    met = targets(r["ratios"])
+    if met:
+        lines += ["", "Targets (issue 8), on the ratios above:", "", "| ratio | target | value | |", "|---|---|---|---|"]
+        lines += [f"| {k} | {op} {b} | {r['ratios'][k]} | {'met' if ok else '**missed**'} |" for k, op, b, ok in met]
     if r.get("cpu_ms_per_call"):
         order = ("client", "gateway", "TorchServe Java", "TorchServe workers")
         parts = [k for k in order if any(k in v for v in r["cpu_ms_per_call"].values())]

@@ -45,13 +45,20 @@ def test_serving_benchmark_smoke(default_store: Path, tmp_path: Path) -> None:
                   "throughput on-device expansion / naive, both on the batching archive (c=4)"):
         assert report["ratios"][ratio] > 0, ratio
     assert any(k.startswith("added p50 ms, gateway, gate off vs") for k in report["ratios"])
+    # The gate's cost against its first probe run in process, as the handler runs it.
+    limits = {r["name"]: r for r in report["results"] if r["name"].startswith(b.IN_PROCESS_VARIANTS)}
+    assert len(limits) == 2 and all(r["p50_ms"] > 0 for r in limits.values())
+    assert any(n.endswith("(cascade) (10 rows)") for n in limits), limits
+    for gated in b.GATED:
+        assert f"{b.GATE_COST} {gated} (c=1)" in report["ratios"]
     cpu = report["cpu_ms_per_call"]  # per process, from /proc, for the top concurrency
     assert set(cpu) == {f"{b.GATE_OFF} (c=4)", f"{b.DIRECT} (c=4)", f"{b.DIRECT_TS} (c=4)", f"{b.DIRECT_BATCHING} (c=4)"}
     gw = cpu[f"{b.GATE_OFF} (c=4)"]
     assert set(gw) == {"client", "gateway", "TorchServe Java", "TorchServe workers"}
     assert gw["gateway"] > 0 and gw["TorchServe Java"] > 0 and gw["TorchServe workers"] > 0
     assert "gateway" not in cpu[f"{b.DIRECT} (c=4)"]
-    assert (tmp_path / "serving-smoke.md").read_text().startswith("# Serving benchmark")
+    md = (tmp_path / "serving-smoke.md").read_text()
+    assert md.startswith("# Serving benchmark") and "Targets (issue 8)" in md
     assert (tmp_path / "serving-smoke.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -185,3 +192,12 @@ def test_detector_study_smoke(default_store: Path, tmp_path: Path) -> None:
         # each check's own clean rate stays within the one budget the union shares
         assert all(0 <= b <= report["flag_rate_calibrated"] + 1e-9 for b in row["budget"].values())
     assert "| with context (shipped) |" in (tmp_path / "detector_study-smoke.md").read_text()
+
+
+def test_serving_targets_read_each_bound_the_right_way() -> None:
+    from benchmarks import serving as b
+
+    got = b.targets({"throughput gateway gate-off / TorchServe direct, best-tuned (batching 32, 2 ms) (c=64)": 0.95,
+                     f"{b.GATE_COST} {b.CASCADE} (c=1)": 1.5, f"{b.GATE_COST} {b.EVERY_CHECK} (c=1)": 1.1,
+                     "p50 certify sequential / fixed (c=1)": 9.0})
+    assert [(op, bound, met) for _, op, bound, met in got] == [(">=", 0.9, True), ("<=", 1.2, False), ("<=", 1.2, True)]
