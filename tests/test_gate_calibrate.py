@@ -8,7 +8,7 @@ import pytest
 from service.gate.allocation import allocate
 from service.gate.calibrate import (
     calibrate_thresholds, fit_squeeze_references, flag_rate, rate_with_confidence,
-    threshold_at_rate, thresholds_at_rates,
+    threshold_at_rate, thresholds_at_rates, with_thresholds,
 )
 from service.gate.checks import Check
 from service.gate.errors import CalibrationError
@@ -136,6 +136,21 @@ def test_calibrate_thresholds_with_attacks() -> None:
     assert _union(clean, flags) <= 0.05 and _union(clean, rejects) <= 0.01
     assert result.summary["flag_rate_clean"] == pytest.approx(_union(clean, flags))
     assert str(result.summary["method"]).startswith("allocated:")
+
+
+def test_the_noise_check_calibrates_without_an_escalate_threshold() -> None:
+    # Escalate thresholds decide when noise runs: the cheap checks get one, noise none (a
+    # policy refuses one there), so a policy calibrated with noise on loads.
+    from tests.test_gate_policy import make_policy
+
+    rng = np.random.default_rng(5)
+    clean = {S: rng.random(2000), Check.NOISE: rng.random(2000) * 0.2}
+    attacked = {S: rng.random(300) * 0.5 + 0.5, Check.NOISE: rng.random(300)}
+    result = calibrate_thresholds(clean, attacked)
+    assert result.thresholds[S].escalate is not None
+    assert result.thresholds[Check.NOISE].escalate is None and result.thresholds[Check.NOISE].flag is not None
+    policy = with_thresholds(make_policy(), result.thresholds, enable=True)
+    assert policy.enabled(Check.NOISE) and policy.thresholds(Check.NOISE) == result.thresholds[Check.NOISE]
 
 
 def test_calibrate_thresholds_each_alone_without_attacks() -> None:

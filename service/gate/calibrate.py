@@ -29,7 +29,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from service.gate.allocation import allocate
-from service.gate.checks import Check
+from service.gate.checks import CHEAP_CHECKS, Check
 from service.gate.errors import CalibrationError
 from service.gate.policy import CheckPolicy, Policy, Thresholds
 from service.gate.quantile import EmpiricalCDF
@@ -167,8 +167,8 @@ def calibrate_thresholds(clean: Mapping[Check, ArrayLike],
     (:func:`service.gate.allocation.allocate`): the union of all checks flags at most
     ``flag_rate`` (``reject_rate``) of clean images, and reject thresholds are never below
     flag ones. Without it, each check alone is set at the rates (the union rate is then
-    higher). Escalate thresholds: each check alone at ``escalate_rate``, capped at its flag
-    threshold. weights: float [M] per attacked image for the allocation (None: equal).
+    higher). Escalate thresholds (cheap checks only: they decide when noise runs): each check
+    alone at ``escalate_rate``, capped at its flag threshold. weights: float [M] per attacked image for the allocation (None: equal).
 
     confidence: the flag and reject rates are first lowered with :func:`rate_with_confidence`
     (None or 0: used as given). The summary keeps the targets and the rates calibrated at.
@@ -204,7 +204,7 @@ def calibrate_thresholds(clean: Mapping[Check, ArrayLike],
     out: dict[Check, Thresholds] = {}
     for c in checks:
         f, esc = flag[c], None
-        if escalate_rate is not None and f is not None:
+        if escalate_rate is not None and f is not None and c in CHEAP_CHECKS:
             esc = min(threshold_at_rate(clean[c], escalate_rate), f)
         out[c] = Thresholds(flag=f, reject=reject[c], escalate=esc)
     return CalibrationResult(thresholds=out, summary=summary)
