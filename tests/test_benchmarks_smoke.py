@@ -201,3 +201,44 @@ def test_serving_targets_read_each_bound_the_right_way() -> None:
                      f"{b.GATE_COST} {b.CASCADE} (c=1)": 1.5, f"{b.GATE_COST} {b.EVERY_CHECK} (c=1)": 1.1,
                      "p50 certify sequential / fixed (c=1)": 9.0})
     assert [(op, bound, met) for _, op, bound, met in got] == [(">=", 0.9, True), ("<=", 1.2, False), ("<=", 1.2, True)]
+
+
+def test_cascade_benchmark_smoke(default_store: Path, tmp_path: Path) -> None:
+    from benchmarks import cascade as b
+
+    report = _run("benchmarks.cascade", tmp_path)
+    rows = {(r["policy"], r["set"]): r for r in report["rows"]}
+    sets = ("clean", "fgsm eps=0.03", "fgsm eps=0.1", "pgd eps=0.03", "pgd eps=0.1", "rotate 40°")
+    assert set(rows) == {(p, s) for p in b.POLICIES for s in sets}
+    clean = {p: rows[(p, "clean")] for p in b.POLICIES}
+    assert all(r["n"] == 24 for r in clean.values())
+    assert clean[b.SHIPPED]["mean_forward_passes"] == 10.0  # no noise detection: never escalates
+    # The full budget draws every noise copy for every image the cheap checks do not reject.
+    noise = report["noise_policy"]
+    assert clean[b.FULL]["mean_forward_passes"] >= 10 + noise["max_samples"] * (1 - clean[b.FULL]["flagged"])
+    assert clean[b.CASCADE]["mean_forward_passes"] < clean[b.FULL]["mean_forward_passes"]
+    assert all(0 <= r["differ_from_full_budget"] <= 1 for (p, _), r in rows.items() if p == b.CASCADE)
+    assert all(r["differ_from_full_budget"] is None for (p, _), r in rows.items() if p != b.CASCADE)
+    assert noise["noise_enabled"] and noise["first_batch"] < noise["max_samples"]
+    assert "| noise on: cascade + sequential noise | clean | 24 |" in (tmp_path / "cascade-smoke.md").read_text()
+
+
+def test_the_full_budget_escalates_every_image_in_one_batch(default_store: Path) -> None:
+    from benchmarks.cascade import full_budget
+    from service.gate.cascade import GateRun
+    from service.gate.checks import Check
+    from service.gate.policy_io import policy_from_dict
+
+    raw = json.loads((default_store / "fmnist-cnn" / "policy.json").read_text())
+    raw["checks"]["noise"].update(enabled=True, flag=0.3, reject=0.6)
+    full_budget(raw)
+    policy = policy_from_dict(raw)
+    assert policy.noise.first_batch == policy.noise.max_samples
+    plan = policy.cheap_plan(0)
+    # Logits that every cheap check finds unremarkable: all rows the same confident answer.
+    logits = np.tile(np.eye(10, dtype=np.float32)[3] * 8, (plan.rows, 1))
+    feats = policy.references.density.means[3].astype(np.float32)
+    run = GateRun.start(policy, seed=1, certify=False).feed(logits, feats)
+    nxt = run.next_plan()
+    assert nxt is not None and nxt.noise.count == policy.noise.max_samples
+    assert all(policy.thresholds(c).escalate == 0.0 for c in (Check.SQUEEZE, Check.VIEWPOINT, Check.DENSITY))

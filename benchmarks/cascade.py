@@ -1,0 +1,186 @@
+"""The cascade against the full budget, through the real gateway: forward passes and decisions.
+
+    python -m benchmarks.cascade            # ~8 minutes: calibrates, then 3 policies
+    python -m benchmarks.cascade --smoke    # seconds (the test suite runs this)
+
+The issue's target: the default policy (cascade + sequential noise) spends <= 15 forward
+passes per clean image on average, with <= 1 % of decisions differing from the full budget.
+
+The shipped policy leaves the noise check's detection off (it added nothing beside squeeze:
+``shared/ARCHITECTURE.md``), so its cascade never escalates. To measure the cascade itself,
+this command calibrates, on a copy of the store and with the calibration's own code, the
+same policy with the noise check on too (``service.calibration --checks
+squeeze,viewpoint,density,noise``), and serves three policies on the same images:
+
+- the shipped policy;
+- the noise-on policy as calibrated: cheap checks first, noise only where they are
+  inconclusive (a check above its escalate threshold, none above reject), sampled
+  sequentially and stopped as soon as the verdict cannot change;
+- the same policy at its full budget: every image escalated, all ``max_samples`` noise
+  copies drawn in one batch.
+
+Per input set (clean test images, successful FGSM / PGD attacks, 40-degree rotations): the
+share flagged, the mean forward passes, and the share of decisions (PASS / FLAG / REJECT)
+that differ from the full budget's on the same image.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.report import parser, write_report
+
+SHIPPED = "shipped policy (noise detection off)"
+CASCADE = "noise on: cascade + sequential noise"
+FULL = "noise on: full budget"
+POLICIES = (SHIPPED, CASCADE, FULL)
+
+
+def full_budget(policy: dict) -> None:
+    """Edit a policy (JSON) to spend its whole budget on every image: each cheap check's
+    escalate threshold at 0, the bottom of every score's range (the density distance is
+    always above it, so every image is inconclusive unless a check rejects it, which decides
+    it whatever the noise says), and the noise copies in one batch."""
+    for name, check in policy["checks"].items():
+        if name != "noise" and check["enabled"] and check["flag"] is not None:
+            check["escalate"] = 0.0
+    policy["noise"]["first_batch"] = policy["noise"]["max_samples"]
+
+
+def copy_model(src: Path, dst: Path, model: str) -> Path:
+    """A store holding what calibration and the gateway read of ``model`` (card, weights,
+    policy); TorchServe keeps serving the archives of the original store."""
+    (dst / model).mkdir(parents=True)
+    for f in ("card.json", "model.pt", "policy.json"):
+        shutil.copy(src / model / f, dst / model / f)
+    return dst
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser("benchmarks.cascade", __doc__)
+    p.add_argument("--clean", type=int, default=1000, help="clean test images")
+    p.add_argument("--attacked", type=int, default=500, help="test images attacked per attack")
+    p.add_argument("--calibration-images", type=int, help="calibration images (default: all 5,000)")
+    p.add_argument("--calibration-attack-images", type=int, default=1000)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.clean, args.attacked = 24, 24
+        args.calibration_images, args.calibration_attack_images = 400, 100
+
+    from benchmarks import efficacy as ef
+    from model_store import data, serve
+    from service import calibration
+    from service.client import Client
+    from service.gate.checks import Check
+    from tests.test_gateway import start_gateway, stop
+
+    test = data.load().test
+    tmp = Path(tempfile.mkdtemp(prefix="rg-cascade-"))
+    settings = serve.ServeSettings.on_free_ports(store=args.store, run_dir=tmp / "ts",
+                                                 models=(f"{args.model}-onnx",))
+    base = test.images[args.clean: args.clean + args.attacked]
+    labels = test.labels[args.clean: args.clean + args.attacked]
+    net = ef.load_attack_model(args.store, args.model)
+    sets: dict[str, np.ndarray] = {"clean": test.images[: args.clean]}
+    for name, eps in (("fgsm", 0.03), ("fgsm", 0.1), ("pgd", 0.03), ("pgd", 0.1)):
+        sets[f"{name} eps={eps:g}"] = ef.attack(net, name, eps, base, labels)[0]
+    sets["rotate 40°"] = ef.rotate(base, 40)
+    t_start = time.perf_counter()
+    noisy = copy_model(args.store, tmp / "noise", args.model)
+    decisions: dict[str, dict[str, np.ndarray]] = {}
+    passes: dict[str, dict[str, np.ndarray]] = {}
+    with serve.start(settings) as ts:
+        checks = (*calibration.DEFAULT_CHECKS, Check.NOISE)
+        t0 = time.perf_counter()
+        policy = asyncio.run(calibration.calibrate(
+            noisy, args.model, ts.grpc_inference_target, settings.run_dir / serve.KEY_FILE,
+            images=args.calibration_images, attack_images=args.calibration_attack_images, checks=checks,
+            log=lambda *a: print(*a, file=sys.stderr)))
+        calibration_s = time.perf_counter() - t0
+        full = copy_model(noisy, tmp / "full", args.model)
+        pol = json.loads((full / args.model / "policy.json").read_text())
+        full_budget(pol)
+        (full / args.model / "policy.json").write_text(json.dumps(pol))
+        for name, store in zip(POLICIES, (args.store, noisy, full)):
+            proc, address = start_gateway(store, ts, tmp)
+            try:
+                with Client(address) as client:
+                    answers = {k: ef.classify_all(client, v, args.model) for k, v in sets.items()}
+            finally:
+                stop(proc)
+            decisions[name] = {k: np.array([r.gate.policy_decision for r in v]) for k, v in answers.items()}
+            passes[name] = {k: np.array([r.gate.forward_passes for r in v]) for k, v in answers.items()}
+    noise = policy.thresholds(Check.NOISE)
+    result = {
+        "date": dt.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+        "command": " ".join(["python -m benchmarks.cascade", *(sys.argv[1:] if argv is None else argv)]),
+        "seconds": round(time.perf_counter() - t_start, 1), "calibration_seconds": round(calibration_s, 1),
+        "noise_policy": {"version": policy.version, "noise_enabled": policy.enabled(Check.NOISE),
+                         "noise_flag": noise.flag, "noise_reject": noise.reject,
+                         "max_samples": policy.noise.max_samples, "first_batch": policy.noise.first_batch,
+                         "calibration": dict(policy.calibration)},
+        "rows": summarise(decisions, passes),
+    }
+    stem = "cascade-smoke" if args.smoke else "cascade"
+    write_report(args.out, stem, result, render(result))
+    return 0
+
+
+def summarise(decisions: dict[str, dict[str, np.ndarray]],
+              passes: dict[str, dict[str, np.ndarray]]) -> list[dict]:
+    """One row per policy and input set: n, share flagged (FLAG or REJECT), mean and p95
+    forward passes, and the share of decisions differing from the full budget's."""
+    from benchmarks.efficacy import FLAGGED
+
+    rows = []
+    for name in decisions:
+        for s, d in decisions[name].items():
+            differ = (float((d != decisions[FULL][s]).mean()) if name == CASCADE and len(d)
+                      and FULL in decisions else None)
+            rows.append({"policy": name, "set": s, "n": len(d),
+                         "flagged": float(np.isin(d, FLAGGED).mean()) if len(d) else None,
+                         "mean_forward_passes": float(passes[name][s].mean()) if len(d) else None,
+                         "p95_forward_passes": float(np.percentile(passes[name][s], 95)) if len(d) else None,
+                         "differ_from_full_budget": differ})
+    return rows
+
+
+def render(r: dict) -> str:
+    pol = r["noise_policy"]
+
+    def pct(v: float | None) -> str:
+        return "–" if v is None else f"{100 * v:.1f} %"
+
+    def num(v: float | None) -> str:
+        return "–" if v is None else f"{v:.1f}"
+
+    lines = [f"# The cascade against the full budget ({r['date']}, {r['machine']})", "",
+             f"Reproduce: `{r['command']}` ({r['seconds']} s, of which calibrating the noise-on policy "
+             f"{r['calibration_seconds']} s).", "",
+             f"Noise-on policy `{pol['version']}`: noise flag threshold {pol['noise_flag']} and reject "
+             f"{pol['noise_reject']} (share of noisy copies changing the top-1), up to {pol['max_samples']} "
+             f"copies, first batch {pol['first_batch']}. Target (issue 8): <= 15 forward passes per clean "
+             "image on average, <= 1 % of decisions differing from the full budget.", "",
+             "| policy | input set | n | flagged | forward passes, mean | p95 | decisions differing from the "
+             "full budget |", "|---|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        lines.append(f"| {row['policy']} | {row['set']} | {row['n']} | {pct(row['flagged'])} | "
+                     f"{num(row['mean_forward_passes'])} | {num(row['p95_forward_passes'])} | "
+                     f"{pct(row['differ_from_full_budget'])} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
