@@ -208,19 +208,20 @@ def test_cascade_benchmark_smoke(default_store: Path, tmp_path: Path) -> None:
 
     report = _run("benchmarks.cascade", tmp_path)
     rows = {(r["policy"], r["set"]): r for r in report["rows"]}
+    noise = report["noise_policy"]
+    assert noise["noise_enabled"] and noise["noise_budgets"] == [32]
+    cascade, full = b.cascade_name(32), b.full_name(32)
     sets = ("clean", "fgsm eps=0.03", "fgsm eps=0.1", "pgd eps=0.03", "pgd eps=0.1", "rotate 40°")
-    assert set(rows) == {(p, s) for p in b.POLICIES for s in sets}
-    clean = {p: rows[(p, "clean")] for p in b.POLICIES}
+    assert set(rows) == {(p, s) for p in (b.SHIPPED, cascade, full) for s in sets}
+    clean = {p: rows[(p, "clean")] for p in (b.SHIPPED, cascade, full)}
     assert all(r["n"] == 24 for r in clean.values())
     assert clean[b.SHIPPED]["mean_forward_passes"] == 10.0  # no noise detection: never escalates
-    # The full budget draws every noise copy for every image the cheap checks do not reject.
-    noise = report["noise_policy"]
-    assert clean[b.FULL]["mean_forward_passes"] >= 10 + noise["max_samples"] * (1 - clean[b.FULL]["flagged"])
-    assert clean[b.CASCADE]["mean_forward_passes"] < clean[b.FULL]["mean_forward_passes"]
-    assert all(0 <= r["differ_from_full_budget"] <= 1 for (p, _), r in rows.items() if p == b.CASCADE)
-    assert all(r["differ_from_full_budget"] is None for (p, _), r in rows.items() if p != b.CASCADE)
-    assert noise["noise_enabled"] and noise["first_batch"] < noise["max_samples"]
-    assert "| noise on: cascade + sequential noise | clean | 24 |" in (tmp_path / "cascade-smoke.md").read_text()
+    # The full budget draws all 32 noise copies for every image the cheap checks do not reject.
+    assert clean[full]["mean_forward_passes"] >= 10 + 32 * (1 - clean[full]["flagged"])
+    assert clean[cascade]["mean_forward_passes"] < clean[full]["mean_forward_passes"]
+    assert all(0 <= r["differ_from_full_budget"] <= 1 for (p, _), r in rows.items() if p == cascade)
+    assert all(r["differ_from_full_budget"] is None for (p, _), r in rows.items() if p != cascade)
+    assert f"| {cascade} | clean | 24 |" in (tmp_path / "cascade-smoke.md").read_text()
 
 
 def test_the_full_budget_escalates_every_image_in_one_batch(default_store: Path) -> None:
