@@ -19,6 +19,7 @@ Rows of the logits matrix the handler returns, in plan order (see :meth:`ProbeSp
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -131,10 +132,10 @@ class ProbeSpec:
         sizes = [1, self.noise.count, len(self.squeeze.bit_depths),
                  len(self.squeeze.median_sizes), len(self.views), self.occlusion.grid ** 2,
                  self.shuffle.count]
-        bounds = np.concatenate([[0], np.cumsum(sizes)]).tolist()
-        s = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+        bounds = [0, *itertools.accumulate(sizes)]  # plain ints: this runs on every request
+        s = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
         return PlanLayout(base=s[0], noise=s[1], squeeze_bits=s[2], squeeze_median=s[3],
-                          views=s[4], occlusion=s[5], shuffle=s[6], rows=int(bounds[-1]))
+                          views=s[4], occlusion=s[5], shuffle=s[6], rows=bounds[-1])
 
     @property
     def rows(self) -> int:
