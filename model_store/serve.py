@@ -198,15 +198,24 @@ def _stop_group(pgid: int, timeout: float, resend_s: float = 1.0) -> None:
             time.sleep(0.1)
 
 
+def log_paths(run_dir: Path) -> tuple[Path, Path]:
+    """A run dir's console file (a launcher or JVM failure shows there, where one is kept)
+    and TorchServe's log."""
+    return run_dir / "logs" / CONSOLE_FILE, run_dir / "logs" / LOG_FILE
+
+
 class TorchServe:
     """A TorchServe started by :func:`start` (or found by :func:`attach`)."""
 
     def __init__(self, settings: ServeSettings, names: list[str], pid: int,
-                 process: subprocess.Popen | None = None) -> None:
+                 process: subprocess.Popen | None = None,
+                 log_offsets: dict[Path, int] | None = None) -> None:
         self.settings = settings
         self.models = names
         self.pid = pid  # the launcher's pid, also the process group's id
         self.process = process
+        # Where this run's lines begin in files that earlier runs of the run dir wrote to.
+        self.log_offsets = dict(log_offsets or {})
 
     @property
     def grpc_inference_target(self) -> str:
@@ -231,7 +240,7 @@ class TorchServe:
     @property
     def log_file(self) -> Path:
         """TorchServe's log: the frontend's warnings and the workers' output, rolled by size."""
-        return Path(self.settings.run_dir) / "logs" / LOG_FILE
+        return log_paths(Path(self.settings.run_dir))[1]
 
     def keys(self) -> Keys:
         return read_keys(self.settings.run_dir)
@@ -280,13 +289,17 @@ class TorchServe:
                 last = str(e)
             time.sleep(0.2)
 
-    def log_tail(self, lines: int = 30) -> str:
-        """The last lines of the console file (a launcher or JVM failure shows there, where
-        one is kept) followed by the last lines of the log."""
+    def log_tail(self, lines: int = 30, max_bytes: int = 1 << 16) -> str:
+        """The last lines this run wrote to the console file, then to the log (at most
+        ``max_bytes`` of each; a file rolled since the start is read from its beginning)."""
         parts = []
-        for path in (Path(self.settings.run_dir) / "logs" / CONSOLE_FILE, self.log_file):
+        for path in log_paths(Path(self.settings.run_dir)):
             try:
-                tail = path.read_text(errors="replace").splitlines()[-lines:]
+                with path.open("rb") as f:
+                    size = f.seek(0, os.SEEK_END)
+                    start = self.log_offsets.get(path, 0)
+                    f.seek(max(start if start <= size else 0, size - max_bytes))
+                    tail = f.read().decode(errors="replace").splitlines()[-lines:]
             except OSError:
                 continue
             if tail:
@@ -353,11 +366,12 @@ def start(settings: ServeSettings, wait: bool = True) -> TorchServe:
     env.update(TMPDIR=str(run_dir / "tmp"), TEMP=str(run_dir / "tmp"),
                LOG_LOCATION=str(run_dir / "logs"), METRICS_LOCATION=str(run_dir / "logs"),
                CONSOLE_LOG_LEVEL="all" if inherit else "off")
+    offsets = {p: p.stat().st_size for p in log_paths(run_dir) if p.is_file()}
     console = contextlib.nullcontext() if inherit else (run_dir / "logs" / CONSOLE_FILE).open("ab")
     with console as out:  # None (inherit): TorchServe writes to this process's stdout
         proc = subprocess.Popen(cmd, cwd=run_dir, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
-    ts = TorchServe(settings, names, proc.pid, proc)
+    ts = TorchServe(settings, names, proc.pid, proc, log_offsets=offsets)
     (run_dir / STATE_FILE).write_text(json.dumps(
         {"pid": proc.pid, "models": names, "settings": _settings_to_json(settings)}, indent=2) + "\n")
     if wait:

@@ -53,6 +53,23 @@ def test_console_setting_is_checked() -> None:
         serve.ServeSettings(console="stdout")
 
 
+def test_log_tail_shows_only_this_runs_lines(tmp_path: Path) -> None:
+    console, log = serve.log_paths(tmp_path)
+    log.parent.mkdir()
+    console.write_text("old console line\n")
+    log.write_text("old failure from an earlier run\n")
+    offsets = {p: p.stat().st_size for p in (console, log)}
+    ts = serve.TorchServe(serve.ServeSettings(run_dir=tmp_path), [], 0, log_offsets=offsets)
+    with log.open("a") as f:
+        f.write("this run's failure\n")
+    tail = ts.log_tail()
+    assert "this run's failure" in tail and "earlier run" not in tail and "old console" not in tail
+    log.write_text("rolled: a new file\n")  # shorter than the offset: read from its start
+    assert "rolled: a new file" in ts.log_tail()
+    attached = serve.TorchServe(serve.ServeSettings(run_dir=tmp_path), [], 0)  # offsets unknown
+    assert "old console line" in attached.log_tail()
+
+
 def test_read_keys(tmp_path: Path) -> None:
     (tmp_path / serve.KEY_FILE).write_text(json.dumps({
         "management": {"key": "m", "expiration time": "x"},
