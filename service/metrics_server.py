@@ -10,7 +10,8 @@
 TorchServe binds the pod's loopback, its metrics endpoint included, so nothing outside the pod
 can reach it. Prometheus scrapes it through this port as a second target with a job of its own.
 The relay fetches one ``http://`` URL fixed at start (no caller chooses what is fetched; any
-other scheme fails at start), never through a proxy. The fetch has one deadline for the whole of
+other scheme, or a host that does not resolve, fails at start; the name is looked up then, once),
+never through a proxy. The fetch has one deadline for the whole of
 it, connect, headers and body (a TorchServe trickling bytes cannot stretch it), shorter than a
 scrape's timeout. When TorchServe does not answer 200 by then, the scrape fails with 503 and
 Prometheus records that target down (``up == 0``) while the gateway's own target stays up.
@@ -89,15 +90,16 @@ class _DeadlineConnection(http.client.HTTPConnection):
     """An HTTP connection over a :class:`_DeadlineSocket`: connect, request and response all
     within one deadline. ``http.client`` never consults proxy settings."""
 
-    def __init__(self, host: str, port: int, deadline: float) -> None:
+    def __init__(self, host: str, port: int, addresses: list[tuple], deadline: float) -> None:
         super().__init__(host, port)
+        self.addresses = addresses
         self.deadline = deadline
 
     def connect(self) -> None:
-        """Each of the host's addresses in turn, all within the deadline (name resolution is
-        not bounded by it: the URL names the loopback)."""
+        """Each of the host's addresses (resolved once, at start: a name lookup has no
+        deadline) in turn, all within the deadline."""
         error: OSError = OSError(f"{self.host} has no address")
-        for family, kind, proto, _, address in socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM):
+        for family, kind, proto, _, address in self.addresses:
             sock = _DeadlineSocket(family, kind, proto)
             sock.deadline = self.deadline
             try:
@@ -129,12 +131,16 @@ class TorchServeRelay:
         self.timeout_s = timeout_s
         self.max_age_s = max_age_s
         self._host, self._port, self._target = host, port, target
+        try:  # once: a lookup cannot be bounded by a fetch's deadline (the URL names the loopback)
+            self._addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError:
+            raise ValueError("torchserve_metrics_url: its host does not resolve") from None
         self._lock = threading.Lock()  # held by the one fetch under way
         self._last: tuple[float, _Outcome] | None = None  # (when it ended, outcome) of the last fetch
         self._last_log = float("-inf")
 
     def _fetch(self, deadline: float) -> tuple[bytes, str]:
-        conn = _DeadlineConnection(self._host, self._port, deadline)
+        conn = _DeadlineConnection(self._host, self._port, self._addresses, deadline)
         try:
             conn.request("GET", self._target)
             resp = conn.getresponse()

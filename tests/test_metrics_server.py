@@ -220,6 +220,24 @@ def test_relay_ignores_proxy_settings_and_a_final_slash(registry: CollectorRegis
         thread.join(5)
 
 
+def test_relay_looks_its_host_up_once_at_start(fake_torchserve: Callable[..., FakeTorchServe],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # A name lookup has no deadline: a scrape must never wait on one.
+    upstream = fake_torchserve()
+    relay = metrics_server.TorchServeRelay(upstream.url.replace("127.0.0.1", "localhost"), max_age_s=0)
+
+    def no_lookups(*args: object, **kwargs: object) -> None:
+        raise AssertionError("getaddrinfo during a scrape")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_lookups)
+    statuses: list[str] = []
+    body = b"".join(relay({"PATH_INFO": "/metrics/torchserve"}, lambda status, headers: statuses.append(status)))
+    assert statuses == ["200 OK"] and body == FakeTorchServe.body
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="does not resolve"):
+        metrics_server.TorchServeRelay("http://no-such-host.invalid:8082/metrics")
+
+
 def test_concurrent_scrapes_share_one_fetch(registry: CollectorRegistry,
                                             fake_torchserve: Callable[..., FakeTorchServe]) -> None:
     upstream = fake_torchserve(delay_s=0.3)
