@@ -172,6 +172,35 @@ def _is_ours(pid: int) -> bool:
     return b"ts.model_server" in cmdline
 
 
+_STAND_DOWN = b"x"
+
+
+def _lifeline(pgid: int) -> int:
+    """Start a watchdog that stops process group ``pgid`` when this process ends without
+    standing it down; return the write end of its pipe (keep it open).
+
+    The watchdog reads its stdin, a pipe whose only write end this process holds (not
+    inherited by children it starts: PEP 446). EOF without :data:`_STAND_DOWN` first means
+    this process is gone, however it died; the watchdog, in a session of its own, then
+    stops the group as :meth:`TorchServe.stop` would."""
+    read, write = os.pipe()
+    try:
+        subprocess.Popen([sys.executable, "-c", "import sys; from model_store.serve import _watch; "
+                          "_watch(int(sys.argv[1]))", str(pgid)],
+                         stdin=read, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         cwd=REPO, start_new_session=True)
+    finally:
+        os.close(read)
+    return write
+
+
+def _watch(pgid: int) -> None:
+    """The watchdog's body (:func:`_lifeline`). A live group with this id is the one it
+    watches: Linux hands out no pid that is the id of an existing process group."""
+    if sys.stdin.buffer.read(1) != _STAND_DOWN and _group_alive(pgid):
+        _stop_group(pgid, timeout=30.0)
+
+
 def _stop_group(pgid: int, timeout: float, resend_s: float = 1.0) -> None:
     """SIGTERM the process group TorchServe runs in, then SIGKILL what is left.
 
@@ -216,6 +245,7 @@ class TorchServe:
         self.process = process
         # Where this run's lines begin in files that earlier runs of the run dir wrote to.
         self.log_offsets = dict(log_offsets or {})
+        self.lifeline: int | None = None  # write end of the pipe its watchdog waits on
 
     @property
     def grpc_inference_target(self) -> str:
@@ -318,6 +348,11 @@ class TorchServe:
                 pass
         for name in (KEY_FILE, STATE_FILE):
             (Path(self.settings.run_dir) / name).unlink(missing_ok=True)
+        if self.lifeline is not None:  # stopped in order: stand the watchdog down
+            with contextlib.suppress(OSError):
+                os.write(self.lifeline, _STAND_DOWN)
+            os.close(self.lifeline)
+            self.lifeline = None
 
     def __enter__(self) -> TorchServe:
         return self
@@ -333,8 +368,14 @@ def _settings_to_json(settings: ServeSettings) -> dict[str, Any]:
     return d
 
 
-def start(settings: ServeSettings, wait: bool = True) -> TorchServe:
+def start(settings: ServeSettings, wait: bool = True, outlive_caller: bool = False) -> TorchServe:
     """Verify the store, start TorchServe on it and (by default) wait until it is ready.
+
+    TorchServe runs in a session of its own, so a terminal's Ctrl-C does not reach it before
+    its owner can stop it in order. Unless ``outlive_caller`` (the ``start`` command, which
+    leaves it running for ``stop``), it is stopped when the calling process ends without
+    stopping it, even by SIGKILL (:func:`_lifeline`): a killed test run or benchmark leaves
+    no TorchServe behind.
 
     Raises :class:`archive.ManifestError` when the store fails verification and
     :class:`ServeError` when TorchServe does not come up (it is stopped again then)."""
@@ -372,6 +413,8 @@ def start(settings: ServeSettings, wait: bool = True) -> TorchServe:
         proc = subprocess.Popen(cmd, cwd=run_dir, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     ts = TorchServe(settings, names, proc.pid, proc, log_offsets=offsets)
+    if not outlive_caller:
+        ts.lifeline = _lifeline(proc.pid)
     (run_dir / STATE_FILE).write_text(json.dumps(
         {"pid": proc.pid, "models": names, "settings": _settings_to_json(settings)}, indent=2) + "\n")
     if wait:
@@ -450,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         startup_timeout_s=args.timeout, console=args.console,
     )
     try:
-        ts = start(settings)
+        ts = start(settings, outlive_caller=True)
     except (archive.ManifestError, ServeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

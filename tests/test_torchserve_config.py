@@ -4,12 +4,15 @@ file, and the refusal to start on a store that fails its manifest."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from model_store import archive, serve
@@ -97,6 +100,56 @@ def test_unknown_model_and_idle_stop(tiny_store: Path, tmp_path: Path) -> None:
         serve.start(serve.ServeSettings(store=tiny_store, run_dir=tmp_path, models=("nope",)))
     assert serve.stop(tmp_path) is False
     assert serve.attach(tmp_path) is None
+
+
+@pytest.mark.slow
+def test_a_caller_killed_by_sigkill_leaves_no_torchserve(tiny_store: Path, tmp_path: Path) -> None:
+    """A test run or benchmark killed outright (CI's timeout, an OOM kill) runs no clean-up:
+    the watchdog started with TorchServe stops it then."""
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from model_store import serve\n"
+        "ts = serve.start(serve.ServeSettings.on_free_ports(store=Path(sys.argv[1]), run_dir=Path(sys.argv[2]),\n"
+        "                                                   models=('fmnist-cnn-onnx',)))\n"
+        "print(ts.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    caller = subprocess.Popen([sys.executable, "-c", script, str(tiny_store), str(tmp_path / "run")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        pgid = int(caller.stdout.readline())
+        assert serve._group_alive(pgid)
+        caller.kill()
+        caller.wait(10)
+        deadline = time.monotonic() + 45
+        while serve._group_alive(pgid):
+            assert time.monotonic() < deadline, "TorchServe outlived its killed caller"
+            time.sleep(0.2)
+    finally:
+        caller.kill()
+        ts = serve.attach(tmp_path / "run")
+        if ts is not None:
+            ts.stop()
+
+
+def test_a_torchserve_stopped_in_order_stands_its_watchdog_down(tmp_path: Path) -> None:
+    """stop() writes the stand-down byte before closing the pipe: the watchdog then leaves
+    the (already stopped) group id alone."""
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        ts = serve.TorchServe(serve.ServeSettings(run_dir=tmp_path), [], sleeper.pid)
+        ts.lifeline = serve._lifeline(sleeper.pid)
+        watchdog = next(p for p in psutil.Process().children() if "_watch" in " ".join(p.cmdline()))
+        ts.stop()  # the launcher is not ours (no process, not ts.model_server): only stands down
+        assert ts.lifeline is None
+        watchdog.wait(timeout=30)
+        assert sleeper.poll() is None  # a stood-down watchdog stops nothing
+        loose = serve._lifeline(sleeper.pid)
+        os.close(loose)  # EOF without the byte: as if its owner had died
+        sleeper.wait(timeout=40)
+    finally:
+        sleeper.kill()
 
 
 def _free_port_base() -> int:
