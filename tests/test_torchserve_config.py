@@ -140,7 +140,9 @@ def test_a_torchserve_stopped_in_order_stands_its_watchdog_down(tmp_path: Path) 
     try:
         ts = serve.TorchServe(serve.ServeSettings(run_dir=tmp_path), [], sleeper.pid)
         ts.lifeline = serve._lifeline(sleeper.pid)
-        watchdog = next(p for p in psutil.Process().children() if "_watch" in " ".join(p.cmdline()))
+        # This one: the session's TorchServe has a watchdog of its own.
+        watchdog = next(p for p in psutil.Process().children()
+                        if "_watch" in " ".join(p.cmdline()) and p.cmdline()[-1] == str(sleeper.pid))
         ts.stop()  # the launcher is not ours (no process, not ts.model_server): only stands down
         assert ts.lifeline is None
         watchdog.wait(timeout=30)
