@@ -130,6 +130,26 @@ def test_views_match_the_training_augmentation(base: torch.Tensor) -> None:
         torch.testing.assert_close(out[i], ref, rtol=0, atol=1e-6, msg=f"view {v}")
 
 
+def test_view_grids_are_built_once_and_used_in_and_out_of_inference_mode(base: torch.Tensor) -> None:
+    transforms = [probe_pb2.ViewTransform(**v) for v in VIEWS]
+    probe._view_setup.cache_clear()
+    with torch.inference_mode():
+        first = probe.views(base, transforms)
+    again = probe.views(base, transforms)  # outside inference mode, from the cache
+    assert probe._view_setup.cache_info().hits == 1 and probe._view_setup.cache_info().misses == 1
+    assert torch.equal(first, again)
+    for i, v in enumerate(VIEWS):  # the cached grid gives what a fresh one gives
+        assert torch.equal(again[i], probe.views(base, [transforms[i]])[0]), v
+    # Grids too large to keep are built for the call and dropped; the cache stays bounded.
+    big = torch.zeros(1, 1024, 1024)
+    probe._view_setup.cache_clear()
+    probe.views(big, transforms[:1])
+    assert probe._view_setup.cache_info().currsize == 0
+    for angle in range(probe.GRID_CACHE_ENTRIES + 3):
+        probe.views(base, [probe_pb2.ViewTransform(rotate_deg=float(angle))])
+    assert probe._view_setup.cache_info().currsize == probe.GRID_CACHE_ENTRIES
+
+
 def test_rotation_is_counter_clockwise() -> None:
     x = torch.zeros(1, 28, 28)
     x[0, 4, 14] = 1.0  # a dot above the centre
