@@ -35,7 +35,6 @@ import datetime as dt
 import json
 import os
 import platform
-import shutil
 import sys
 import tempfile
 import time
@@ -43,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.report import parser, write_report
+from benchmarks.report import parser, store_with_policy, write_report
 
 SHIPPED = "shipped policy (noise detection off)"
 
@@ -73,15 +72,6 @@ def edit_policy(store: Path, model: str, edit) -> None:
     pol = json.loads(path.read_text())
     edit(pol)
     path.write_text(json.dumps(pol))
-
-
-def copy_model(src: Path, dst: Path, model: str) -> Path:
-    """A store holding what calibration and the gateway read of ``model`` (card, weights,
-    policy); TorchServe keeps serving the archives of the original store."""
-    (dst / model).mkdir(parents=True)
-    for f in ("card.json", "model.pt", "policy.json"):
-        shutil.copy(src / model / f, dst / model / f)
-    return dst
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         sets[f"{name} eps={eps:g}"] = ef.attack(net, name, eps, base, labels)[0]
     sets["rotate 40°"] = ef.rotate(base, 40)
     t_start = time.perf_counter()
-    noisy = copy_model(args.store, tmp / "noise", args.model)
+    noisy = store_with_policy(args.store, tmp / "noise", args.model, lambda pol: None)
     decisions: dict[str, dict[str, np.ndarray]] = {}
     passes: dict[str, dict[str, np.ndarray]] = {}
     with serve.start(settings) as ts:
@@ -144,13 +134,14 @@ def main(argv: list[str] | None = None) -> int:
         policy = load_policy(noisy / args.model / "policy.json")
         stores = {SHIPPED: args.store}
         for m in budgets:
-            def at_most(pol: dict, m: int = m) -> None:
+            def at_most(pol: dict, m: int = m, full: bool = False) -> None:
                 pol["noise"]["max_samples"] = m
+                if full:
+                    full_budget(pol)
 
-            stores[cascade_name(m)] = copy_model(noisy, tmp / f"cascade-{m}", args.model)
-            edit_policy(stores[cascade_name(m)], args.model, at_most)
-            stores[full_name(m)] = copy_model(stores[cascade_name(m)], tmp / f"full-{m}", args.model)
-            edit_policy(stores[full_name(m)], args.model, full_budget)
+            stores[cascade_name(m)] = store_with_policy(noisy, tmp / f"cascade-{m}", args.model, at_most)
+            stores[full_name(m)] = store_with_policy(noisy, tmp / f"full-{m}", args.model,
+                                                     lambda pol, m=m: at_most(pol, m, full=True))
         for name, store in stores.items():
             proc, address = start_gateway(store, ts, tmp)
             try:

@@ -1,12 +1,13 @@
-"""What every benchmark command shares: its common flags, and how it leaves its report (the
-figures as JSON, the Markdown rendered from them)."""
+"""What every benchmark command shares: its common flags, how it leaves its report (the
+figures as JSON, the Markdown rendered from them), and stores with an edited policy."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -30,3 +31,16 @@ def write_report(out: Path, stem: str, result: dict[str, Any], markdown: str) ->
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / f"{stem}.md").write_text(markdown)
     print(markdown)
+
+
+def store_with_policy(src: Path, dst: Path, model: str, edit: Callable[[dict], None]) -> Path:
+    """A store at ``dst`` holding what the gateway (and calibration) read of ``model``: its
+    card and weights from ``src``, and its policy as ``edit`` leaves the JSON of ``src``'s.
+    TorchServe keeps serving the archives of ``src``."""
+    (dst / model).mkdir(parents=True)
+    for f in ("card.json", "model.pt"):
+        shutil.copy(src / model / f, dst / model / f)
+    pol = json.loads((src / model / "policy.json").read_text())
+    edit(pol)
+    (dst / model / "policy.json").write_text(json.dumps(pol))
+    return dst

@@ -33,10 +33,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
-import json
 import os
 import platform
-import shutil
 import sys
 import tempfile
 import time
@@ -44,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.report import parser, write_report
+from benchmarks.report import parser, store_with_policy, write_report
 
 
 @dataclasses.dataclass
@@ -178,16 +176,6 @@ def in_process_variants(store: Path, model: str, policies: dict[str, Path], imag
     finally:
         torch.set_num_threads(torch_threads)
     return out
-
-
-def store_with_policy(src: Path, dst: Path, model: str, edit) -> Path:
-    (dst / model).mkdir(parents=True)
-    for f in ("card.json", "model.pt"):
-        shutil.copy(src / model / f, dst / model / f)
-    pol = json.loads((src / model / "policy.json").read_text())
-    edit(pol)
-    (dst / model / "policy.json").write_text(json.dumps(pol))
-    return dst
 
 
 def onnx_store(src: Path, model: str, dst: Path, config: Path | None) -> Path:

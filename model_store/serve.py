@@ -189,6 +189,9 @@ def _lifeline(pgid: int) -> int:
                           "_watch(int(sys.argv[1]))", str(pgid)],
                          stdin=read, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          cwd=REPO, start_new_session=True)
+    except BaseException:
+        os.close(write)
+        raise
     finally:
         os.close(read)
     return write

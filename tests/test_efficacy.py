@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from benchmarks import efficacy as ef
-from benchmarks.serving import store_with_policy
+from benchmarks.report import store_with_policy
 from model_store import data, serve
 from robustgate.v1 import classifier_pb2 as pb
 from service.client import Client

@@ -168,7 +168,8 @@ def calibrate_thresholds(clean: Mapping[Check, ArrayLike],
     ``flag_rate`` (``reject_rate``) of clean images, and reject thresholds are never below
     flag ones. Without it, each check alone is set at the rates (the union rate is then
     higher). Escalate thresholds (cheap checks only: they decide when noise runs): each check
-    alone at ``escalate_rate``, capped at its flag threshold. weights: float [M] per attacked image for the allocation (None: equal).
+    alone at ``escalate_rate``, capped at its flag threshold. weights: float [M] per
+    attacked image for the allocation (None: equal).
 
     confidence: the flag and reject rates are first lowered with :func:`rate_with_confidence`
     (None or 0: used as given). The summary keeps the targets and the rates calibrated at.
