@@ -31,10 +31,7 @@ that differ from the full budget's on the same image.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -42,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.report import parser, store_with_policy, write_report
+from benchmarks.report import invocation, parser, report_stem, run_facts, store_with_policy, write_report
 
 SHIPPED = "shipped policy (noise detection off)"
 
@@ -154,9 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     noise = policy.thresholds(Check.NOISE)
     calibrated = policy.calibration
     result = {
-        "date": dt.date.today().isoformat(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-        "command": " ".join(["python -m benchmarks.cascade", *(sys.argv[1:] if argv is None else argv)]),
+        **run_facts(invocation("benchmarks.cascade", argv)),
         "seconds": round(time.perf_counter() - t_start, 1), "calibration_seconds": round(calibration_s, 1),
         "noise_policy": {"version": policy.version, "noise_enabled": policy.enabled(Check.NOISE),
                          "noise_thresholds": source, "noise_flag": noise.flag, "noise_reject": noise.reject,
@@ -164,8 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                          "calibration": dict(calibrated)},
         "rows": summarise(decisions, passes, {cascade_name(m): full_name(m) for m in budgets}),
     }
-    stem = "cascade-smoke" if args.smoke else "cascade"
-    write_report(args.out, stem, result, render(result))
+    write_report(args.out, report_stem("benchmarks.cascade", args.smoke), result, render(result))
     return 0
 
 

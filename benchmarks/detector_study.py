@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from benchmarks.efficacy import mnist_digits
-from benchmarks.report import parser, write_report
+from benchmarks.report import parser, report_stem, study_command, write_report
 from handlers.probe import expand
 from model_store import data
 from service import perturb
@@ -217,10 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         args.calibration_images, args.attack_images, args.clean = 600, 150, 150
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     result = run(args.store, args.model, args.calibration_images, args.attack_images, args.clean)
-    command = "python -m benchmarks.detector_study" + (
-        " --smoke" if args.smoke else f" --clean {args.clean} --attack-images {args.attack_images}")
-    write_report(args.out, "detector_study-smoke" if args.smoke else "detector_study", result,
-                 render(result, command))
+    module = "benchmarks.detector_study"
+    write_report(args.out, report_stem(module, args.smoke), result, render(result, study_command(module, args)))
     return 0
 
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.report import parser, write_report
+from benchmarks.report import parser, report_stem, study_command, write_report
 from handlers.probe import bit_depth
 from model_store import data
 from service.calibration import reference_attacks
@@ -151,10 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         args.clean, args.attack_images = 150, 120
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     result = run(args.store, args.model, args.clean, args.attack_images)
-    command = "python -m benchmarks.input_statistics" + (
-        " --smoke" if args.smoke else f" --clean {args.clean} --attack-images {args.attack_images}")
-    write_report(args.out, "input_statistics-smoke" if args.smoke else "input_statistics", result,
-                 render(result, command))
+    module = "benchmarks.input_statistics"
+    write_report(args.out, report_stem(module, args.smoke), result, render(result, study_command(module, args)))
     return 0
 
 

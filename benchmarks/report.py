@@ -4,8 +4,12 @@ figures as JSON, the Markdown rendered from them), and stores with an edited pol
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
+import os
+import platform
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,6 +26,32 @@ def parser(module: str, doc: str | None) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--smoke", action="store_true", help="tiny budgets (seconds), for the test suite")
     return p
+
+
+def run_facts(command: str) -> dict[str, str]:
+    """When and where a benchmark ran (date, machine), and ``command``, which reproduces it."""
+    return {"date": dt.date.today().isoformat(),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+            "command": command}
+
+
+def invocation(module: str, argv: list[str] | None) -> str:
+    """The command line this run was given: ``python -m <module>`` and its arguments
+    (``argv``, or this process's when None)."""
+    return " ".join([f"python -m {module}", *(sys.argv[1:] if argv is None else argv)])
+
+
+def report_stem(module: str, smoke: bool) -> str:
+    """The file stem of ``module``'s report: its last name, with ``-smoke`` for a smoke run."""
+    name = module.rsplit(".", 1)[-1]
+    return f"{name}-smoke" if smoke else name
+
+
+def study_command(module: str, args: argparse.Namespace) -> str:
+    """The command that reproduces an in-process study run with ``--clean`` and
+    ``--attack-images`` (its other flags at their defaults)."""
+    return f"python -m {module}" + (
+        " --smoke" if args.smoke else f" --clean {args.clean} --attack-images {args.attack_images}")
 
 
 def write_report(out: Path, stem: str, result: dict[str, Any], markdown: str) -> None:

@@ -15,10 +15,7 @@ the attack rows of the same table.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -26,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.report import parser, write_report
+from benchmarks.report import invocation, parser, report_stem, run_facts, write_report
 
 
 # Xu, Evans, Qi, NDSS 2018, Table 4 (MNIST, joint detection at the paper's own FPR ~4 %):
@@ -69,12 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             stop(proc)
     results["seconds"] = round(time.perf_counter() - t_start, 1)
-    results["command"] = " ".join(["python -m benchmarks.robustness", *(sys.argv[1:] if argv is None else argv)])
-    results["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}"
-    results["date"] = dt.date.today().isoformat()
+    results.update(run_facts(invocation("benchmarks.robustness", argv)))
     results["policy_version"] = policy["version"]
     results["flag_rate_target"] = policy["calibration"].get("flag_rate_target")
-    stem = "robustness-smoke" if args.smoke else "robustness"
+    stem = report_stem("benchmarks.robustness", args.smoke)
     write_report(args.out, stem, results, render(results))
     plot_roc(results, args.out / f"{stem}-roc.png")
     return 0

@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import datetime as dt
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -42,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.report import parser, store_with_policy, write_report
+from benchmarks.report import parser, report_stem, run_facts, store_with_policy, write_report
 
 
 @dataclasses.dataclass
@@ -366,13 +364,12 @@ def main(argv: list[str] | None = None) -> int:
 
     command = "python -m benchmarks.serving" + ("" if args.model == "fmnist-cnn" else
                                                   f" --model {args.model} --store STORE --out DIR")
-    report = {"date": dt.date.today().isoformat(), "model": args.model, "command": command,
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+    report = {**run_facts(command), "model": args.model,
               "seconds_per_measurement": args.seconds, "results": [dataclasses.asdict(r) | {"per_s": r.per_s} for r in results]}
     report["ratios"] = ratios(results, levels)
     report["cpu_ms_per_call"] = cpu_per_call
     report["coalescing"] = {"max_batch": args.coalesce_max_batch, "max_wait_ms": args.coalesce_max_wait_ms}
-    stem = "serving-smoke" if args.smoke else "serving"
+    stem = report_stem("benchmarks.serving", args.smoke)
     write_report(args.out, stem, report, render(report, f"{stem}.png"))
     plot(results, args.out / f"{stem}.png")
     return 0
