@@ -9,6 +9,7 @@ The registry is a parameter, so tests and several gateways in one process do not
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
@@ -64,6 +65,17 @@ class Metrics:
                                    ["model", "decision"], registry=r)
         self.model_info = Info("robustgate_model", "Served model, its gate policy version and model sha256.",
                                ["model"], registry=r)
+        self._series: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def series(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)``, looked up once per label set: prometheus_client's
+        ``labels()`` costs microseconds and an answered request touches a dozen series. Only for
+        label values from fixed sets (module docstring), so the cache stays small."""
+        key = (id(metric), values)
+        child = self._series.get(key)
+        if child is None:
+            child = self._series[key] = metric.labels(*values)
+        return child
 
     def declare(self, models: Iterable[tuple[str, str, str, str]]) -> None:
         """Publish each (model, policy_version, model_sha256, mode) and pre-create series."""

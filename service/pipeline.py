@@ -92,7 +92,7 @@ def spec_to_proto(spec: ProbeSpec) -> probe_pb2.ProbePlan:
     A policy's plans differ only in their seed (and a noise batch's count), so the JSON
     conversion (about 100 us) runs once per distinct plan and later calls copy it (a few us)."""
     msg = probe_pb2.ProbePlan()
-    msg.CopyFrom(_plan_template(dataclasses.replace(spec, seed=0)))
+    msg.CopyFrom(_plan_template(spec.with_seed(0)))
     msg.seed = spec.seed
     return msg
 

@@ -99,23 +99,22 @@ class Admission:
 
 def record(metrics: Metrics, res: ClassifyResult) -> None:
     """Everything one answered request tells the dashboards."""
-    m = res.model
-    report = res.report
+    m, report, series = res.model, res.report, metrics.series
     decision = report.decision.value if report is not None else "NONE"
-    metrics.requests.labels(model=m, decision=decision, code="OK").inc()
-    metrics.request_duration.labels(model=m).observe(res.timings.total)
-    metrics.stage_duration.labels(stage="decode").observe(res.timings.decode)
-    metrics.stage_duration.labels(stage="backend").observe(res.timings.backend)
-    metrics.stage_duration.labels(stage="gate").observe(res.timings.gate)
+    series(metrics.requests, m, decision, "OK").inc()
+    series(metrics.request_duration, m).observe(res.timings.total)
+    series(metrics.stage_duration, "decode").observe(res.timings.decode)
+    series(metrics.stage_duration, "backend").observe(res.timings.backend)
+    series(metrics.stage_duration, "gate").observe(res.timings.gate)
     if report is None:
         return
-    metrics.forward_passes.labels(model=m).observe(report.forward_passes)
+    series(metrics.forward_passes, m).observe(report.forward_passes)
     for r in report.checks:
         if r.verdict is not None and r.score is not None:
-            metrics.check_score.labels(model=m, check=r.check.value).observe(r.score)
-            metrics.check_verdicts.labels(model=m, check=r.check.value, verdict=r.verdict.value).inc()
+            series(metrics.check_score, m, r.check.value).observe(r.score)
+            series(metrics.check_verdicts, m, r.check.value, r.verdict.value).inc()
     if report.certificate is not None:
-        metrics.certified_radius.labels(model=m).observe(report.certificate.radius or 0.0)
+        series(metrics.certified_radius, m).observe(report.certificate.radius or 0.0)
 
 
 class ClassifierServicer(pb_grpc.ClassifierServiceServicer):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -34,6 +35,16 @@ def test_layout_follows_plan_order() -> None:
     assert (lay.occlusion.start, lay.occlusion.stop) == (13, 22)
     assert (lay.shuffle.start, lay.shuffle.stop) == (22, 26)
     assert lay.rows == FULL.rows == 26
+
+
+def test_with_seed_changes_only_the_seed() -> None:
+    for seed in (0, 7, 2**64 - 1):
+        assert FULL.with_seed(seed) == replace(FULL, seed=seed)
+    assert FULL.with_seed(7).layout() == FULL.layout()
+    assert FULL.seed == 12345678901234567890  # the original is untouched
+    for bad in (-1, 2**64):
+        with pytest.raises(PlanError, match="plan.seed"):
+            FULL.with_seed(bad)
 
 
 def test_empty_plan_is_one_row() -> None:

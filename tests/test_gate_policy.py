@@ -122,6 +122,10 @@ def test_budgets_and_cheap_plan() -> None:
     assert plan.occlusion.grid == 0 and plan.shuffle.count == 0 and plan.noise.count == 0
     assert plan.rows == 1 + 3 + 6
     assert policy.noise_plan(5, 16).rows == 17
+    # one template, re-seeded per request: plans differ in their seed only
+    assert policy.cheap_plan(7) == replace(plan, seed=7)
+    assert replace(policy, checks={**policy.checks, Check.VIEWPOINT: replace(
+        policy.checks[Check.VIEWPOINT], enabled=False)}).cheap_plan(99).views == ()
 
 
 def test_draft_policy_is_valid_and_runs_viewpoint_only() -> None:

@@ -19,7 +19,8 @@ from service.gate.policy_io import policy_from_dict, policy_to_dict
 from service.gate.quantile import EmpiricalCDF
 from service.gate.report import CheckStatus
 from service.gate.squeeze_detector import (
-    CONTEXT_FEATURES, SqueezeDetector, context_features, fit_squeeze_detector, squeeze_features,
+    CONTEXT_FEATURES, SqueezeDetector, context_features, fit_squeeze_detector, measure_squeeze,
+    squeeze_features,
 )
 from tests.test_gate_policy import make_policy
 
@@ -119,6 +120,18 @@ def test_policy_keeps_the_detector_and_refuses_a_mismatched_one() -> None:
                                 np.random.default_rng(1).normal(size=(20, 9)) + 1)
     with pytest.raises(PolicyError, match="fitted on 4 squeezers, the probe has 3"):
         replace(policy, references=replace(policy.references, squeeze_detector=four))
+
+
+def test_measure_squeeze_by_hand() -> None:
+    base = np.array([4.0, 1.0, 0.0])
+    squeezed = np.array([[4.0, 1.0, 0.0], [3.0, 2.0, 1.0], [6.0, 3.0, 2.0]])
+    m = measure_squeeze(base, squeezed)
+    # rows: no move; the top-1 logit down 1 while the others rise 1; a uniform shift (no move)
+    move = np.array([-1.0, 1.0, 1.0]) - 1 / 3
+    assert m.l2 == pytest.approx([0.0, np.sqrt((move ** 2).sum()), 0.0])
+    assert m.top_drop == pytest.approx([0.0, 4 / 3, 0.0])
+    assert m.margin == 3.0
+    assert m.l2 == pytest.approx(squeeze_scores(base, squeezed))
 
 
 def test_engine_scores_squeeze_by_the_detector_and_falls_back_without_it() -> None:

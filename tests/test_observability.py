@@ -227,6 +227,21 @@ def test_tracing_is_off_and_free_by_default() -> None:
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
+def test_series_are_looked_up_once_and_count_where_labels_would() -> None:
+    from prometheus_client import generate_latest
+
+    from service.metrics import Metrics
+
+    m = Metrics()
+    child = m.series(m.check_verdicts, "fmnist-cnn", "squeeze", "FLAG")
+    assert child is m.series(m.check_verdicts, "fmnist-cnn", "squeeze", "FLAG")
+    assert child is m.check_verdicts.labels(model="fmnist-cnn", check="squeeze", verdict="FLAG")
+    assert child is not m.series(m.check_verdicts, "fmnist-cnn", "squeeze", "PASS")
+    child.inc(2)
+    text = generate_latest(m.registry).decode()
+    assert 'robustgate_check_verdicts_total{check="squeeze",model="fmnist-cnn",verdict="FLAG"} 2.0' in text
+
+
 # --- live: gateway + TorchServe + OTLP collector + Prometheus ----------------------------------
 
 class Collector:

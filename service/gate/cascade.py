@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from functools import cached_property
 from enum import StrEnum
 
 from numpy.typing import ArrayLike
@@ -92,6 +93,10 @@ class GateRun:
 
     def next_plan(self) -> ProbeSpec | None:
         """The probe to run next, or None when the run is done."""
+        return self._next_plan
+
+    @cached_property
+    def _next_plan(self) -> ProbeSpec | None:  # the caller's next_plan() and feed() share it
         if self.stage is Stage.CHEAP:
             return self.policy.cheap_plan(self.seed)
         if self.stage is Stage.NOISE:

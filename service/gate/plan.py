@@ -19,6 +19,8 @@ Rows of the logits matrix the handler returns, in plan order (see :meth:`ProbeSp
 
 from __future__ import annotations
 
+import copy
+import functools
 import itertools
 import math
 from collections.abc import Mapping
@@ -127,15 +129,28 @@ class ProbeSpec:
     def __post_init__(self) -> None:
         _validate(self)
 
-    def layout(self) -> PlanLayout:
-        """Row slices of every section, in plan order (module docstring)."""
+    def with_seed(self, seed: int) -> ProbeSpec:
+        """This plan with another seed. Only the seed is checked: the rest was validated when
+        this plan was built (the gateway derives every request's plan this way)."""
+        if not 0 <= seed <= _UINT64_MAX:
+            raise PlanError(f"plan.seed: must be a uint64, got {seed}")
+        new = copy.copy(self)
+        object.__setattr__(new, "seed", seed)
+        return new
+
+    @functools.cached_property
+    def _layout(self) -> PlanLayout:  # once per plan: rows and slices are read on every request
         sizes = [1, self.noise.count, len(self.squeeze.bit_depths),
                  len(self.squeeze.median_sizes), len(self.views), self.occlusion.grid ** 2,
                  self.shuffle.count]
-        bounds = [0, *itertools.accumulate(sizes)]  # plain ints: this runs on every request
+        bounds = [0, *itertools.accumulate(sizes)]  # plain ints, not NumPy's
         s = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
         return PlanLayout(base=s[0], noise=s[1], squeeze_bits=s[2], squeeze_median=s[3],
                           views=s[4], occlusion=s[5], shuffle=s[6], rows=bounds[-1])
+
+    def layout(self) -> PlanLayout:
+        """Row slices of every section, in plan order (module docstring)."""
+        return self._layout
 
     @property
     def rows(self) -> int:

@@ -19,6 +19,7 @@ and at least one crosses its escalate threshold (the "inconclusive" band
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -170,12 +171,16 @@ class Policy:
         """The first probe of a request: the enabled cheap checks' variants, features when
         density is on, no noise. The views and features also go when squeeze is on and its
         detector reads them as context."""
+        return self._cheap_template.with_seed(seed)
+
+    @functools.cached_property
+    def _cheap_template(self) -> ProbeSpec:  # built and validated once; requests change the seed
         p = self.probe
         on = self.enabled
         det = self.references.squeeze_detector
         context = on(Check.SQUEEZE) and det is not None and bool(det.context)
         return replace(
-            p, seed=seed, noise=NoiseSpec(),
+            p, seed=0, noise=NoiseSpec(),
             squeeze=p.squeeze if on(Check.SQUEEZE) else SqueezeSpec(),
             views=p.views if on(Check.VIEWPOINT) or context else (),
             occlusion=p.occlusion if on(Check.OCCLUSION) else OcclusionSpec(),

@@ -47,7 +47,6 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from service.gate.allocation import attack_weights
-from service.gate.checks import squeeze_scores
 from service.gate.errors import CalibrationError
 from service.gate.quantile import EmpiricalCDF
 
@@ -90,9 +89,11 @@ def measure_squeeze(base_logits: ArrayLike, squeezed_logits: ArrayLike) -> Squee
         raise ValueError(f"need base [C >= 2] and squeezed [S >= 1, C] logits, got {b.shape}, "
                          f"{v.shape}")
     top = int(np.argmax(b))
-    d = v[:, top] - b[top] - (v - b).mean(axis=1)  # the top-1 column of the centred move
+    d = v - b
+    d -= d.mean(axis=1, keepdims=True)  # the centred move: logits are defined up to a shift
     top2 = np.sort(b)[-2:]
-    return SqueezeMeasurement(l2=squeeze_scores(b, v), top_drop=-d,
+    # l2 is squeeze_scores(b, v), from the centred move already at hand (once per request).
+    return SqueezeMeasurement(l2=np.sqrt((d * d).sum(axis=1)), top_drop=-d[:, top],
                               margin=float(top2[1] - top2[0]))
 
 
