@@ -21,7 +21,11 @@ Closed-loop asyncio clients over loopback at each concurrency, for a fixed time 
 - the gateway certifying every request (randomized smoothing): sequential sampling against a
   fixed budget of the same maximum;
 - naive: the gate's variants sent to the batching archive as separate one-image calls from
-  the client.
+  the client;
+- the gate's cost at one client ("in turns" rows): the gateway with the gate off, with the
+  cascade and with every check on, and each gated row's first probe in process, all up at
+  once and measured in turns of a fraction of a second, so the drift of a shared machine
+  over the run falls on each alike; the gate-cost ratios read these rows.
 
 Writes benchmarks/results/serving[-smoke].{md,json,png}. On a 2-core machine the load generator
 shares the cores with the servers: compare the ratios, which carry across machines, more
@@ -31,11 +35,13 @@ than the absolute figures.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -140,40 +146,100 @@ def in_process(store: Path, model: str, images: np.ndarray, seconds: float) -> l
             timed_loop(IN_PROCESS, lambda i: sess.run(["logits"], {"images": x[i:i + 1]}), len(x), seconds)]
 
 
-def in_process_variants(store: Path, model: str, policies: dict[str, Path], images: np.ndarray,
-                        seconds: float) -> list[Result]:
+def variant_probes(store: Path, model: str, policies: dict[str, Path],
+                   images: np.ndarray) -> dict[str, Callable[[int], object]]:
     """The limit for the gate's cost: for each gateway row named in ``policies`` (a store
     holding its policy), the first probe that policy sends (base image and cheap variants),
     expanded and run in process as the handler does (``handlers.probe.expand``, ONNX Runtime
-    with the archive's intra-op threads), one image per call."""
+    with the archive's intra-op threads): row name -> ``fn(i)`` for image ``i``. Run them
+    under :func:`like_a_worker`."""
     import onnxruntime as ort
     import torch
-    import yaml
 
     from handlers import probe
     from service.gate.policy_io import load_policy
     from service.pipeline import spec_to_proto
 
-    config = yaml.safe_load((Path(probe.__file__).parent / "model-config.yaml").read_text())
-    threads = int(config["handler"]["intra_op_threads"])
+    threads = archive_intra_op_threads()
     opts = ort.SessionOptions()
     if threads > 0:
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     sess = ort.InferenceSession(str(store / model / "model.onnx"), sess_options=opts,
                                 providers=["CPUExecutionProvider"])
     x = torch.from_numpy(images.astype(np.float32)[:, None] / 255.0)
-    out = []
-    torch_threads = torch.get_num_threads()
-    torch.set_num_threads(max(threads, 1))
-    try:
-        for row, policy_store in policies.items():
-            plan = spec_to_proto(load_policy(policy_store / model / "policy.json").cheap_plan(0))
-            out.append(timed_loop(f"{IN_PROCESS_VARIANTS} {row} ({probe.count_rows(plan)} rows)",
-                                  lambda i, plan=plan: sess.run(None, {"images": probe.expand(x[i], plan).numpy()}),
-                                  len(x), seconds))
-    finally:
-        torch.set_num_threads(torch_threads)
+    out = {}
+    for row, policy_store in policies.items():
+        plan = spec_to_proto(load_policy(policy_store / model / "policy.json").cheap_plan(0))
+        out[f"{IN_PROCESS_VARIANTS} {row} ({probe.count_rows(plan)} rows)"] = (
+            lambda i, plan=plan: sess.run(None, {"images": probe.expand(x[i % len(x)], plan).numpy()}))
     return out
+
+
+def archive_intra_op_threads() -> int:
+    """The shipped archive's ``intra_op_threads`` (handlers/model-config.yaml)."""
+    import yaml
+
+    from handlers import probe
+
+    config = yaml.safe_load((Path(probe.__file__).parent / "model-config.yaml").read_text())
+    return int(config["handler"]["intra_op_threads"])
+
+
+@contextlib.contextmanager
+def like_a_worker() -> Iterator[None]:
+    """Torch's threads as a TorchServe worker of the shipped archive sets them, and inference
+    mode, for as long as the block runs."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(max(archive_intra_op_threads(), 1))
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def in_process_variants(store: Path, model: str, policies: dict[str, Path], images: np.ndarray,
+                        seconds: float) -> list[Result]:
+    """:func:`variant_probes`, each timed for ``seconds`` at one caller."""
+    with like_a_worker():
+        return [timed_loop(name, fn, len(images), seconds)
+                for name, fn in variant_probes(store, model, policies, images).items()]
+
+
+async def interleaved(calls: dict[str, Callable[[int], object]], rounds: int,
+                      round_s: float) -> list[Result]:
+    """One caller; each call in turn for ``round_s``, ``rounds`` times over (a call may be a
+    coroutine function or a plain one, run in process). On a shared machine the speed drifts
+    over minutes, by more than the gate's cost; in turns every row sees the same drift, so
+    their differences hold where rows measured minutes apart do not."""
+    import inspect
+
+    lat: dict[str, list[float]] = {name: [] for name in calls}
+    spent = dict.fromkeys(calls, 0.0)
+    errors = dict.fromkeys(calls, 0)
+    for _ in range(rounds):
+        for name, call in calls.items():
+            t0 = time.perf_counter()
+            stop_at = t0 + round_s
+            while time.perf_counter() < stop_at:
+                i = len(lat[name]) + errors[name]
+                t = time.perf_counter()
+                try:
+                    out = call(i)
+                    if inspect.isawaitable(out):
+                        await out
+                    lat[name].append(time.perf_counter() - t)
+                except Exception:
+                    errors[name] += 1
+            spent[name] += time.perf_counter() - t0
+    results = []
+    for name, v in lat.items():
+        ms = np.array(v) * 1e3 if v else np.array([np.nan])
+        results.append(Result(f"{INTERLEAVED}{name}", 1, len(v), spent[name],
+                              *(float(np.percentile(ms, q)) for q in (50, 95, 99)), errors[name]))
+    return results
 
 
 def onnx_store(src: Path, model: str, dst: Path, config: Path | None) -> Path:
@@ -214,9 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--coalesce-max-batch", type=int, default=32)
     p.add_argument("--coalesce-max-wait-ms", type=float, default=2.0)
     args = p.parse_args(argv)
-    warm_s = 5.0
+    warm_s, turns = 5.0, 10
     if args.smoke:
-        args.seconds, args.concurrency, warm_s = 0.5, "1,4", 0.2
+        args.seconds, args.concurrency, warm_s, turns = 0.5, "1,4", 0.2, 2
     levels = [int(c) for c in args.concurrency.split(",")]
 
     import grpc
@@ -307,12 +373,13 @@ def main(argv: list[str] | None = None) -> int:
 
             await measure(f"naive: {n} variants as separate calls", naive_call, warm=False)  # direct warmed it
 
+    reqs = [pb.ClassifyRequest(model=args.model, tensor=pb.ClassifyRequest().tensor.__class__(
+        shape=[1, 28, 28], dtype="uint8", data=im.tobytes()), top_k=1) for im in images]
+
     async def run_gateway(name: str, address: str, cpu=None) -> None:
         nonlocal cheap_rows
         async with grpc.aio.insecure_channel(address) as ch:
             stub = pb_grpc.ClassifierServiceStub(ch)
-            reqs = [pb.ClassifyRequest(model=args.model, tensor=pb.ClassifyRequest().tensor.__class__(
-                shape=[1, 28, 28], dtype="uint8", data=im.tobytes()), top_k=1) for im in images]
             first = await stub.Classify(reqs[0], timeout=30)
             if name.startswith(CASCADE):
                 cheap_rows = first.gate.forward_passes
@@ -347,9 +414,33 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 stop(proc)
         asyncio.run(run_direct(ts, ((DIRECT_BATCHING, "onnx"),), naive=True))
+    async def gate_cost_in_turns(ts) -> list[Result]:
+        """The gate's cost at one client: gate off, each gated row and each one's first probe
+        in process, measured in turns (:func:`interleaved`), every gateway up at once."""
+        rows = {GATE_OFF: gate_off, CASCADE: args.store, EVERY_CHECK: gate_all}
+        started: list[tuple] = []
+        try:
+            for store in rows.values():
+                started.append(start_gateway(store, ts, tmp, **coalesce))
+            async with contextlib.AsyncExitStack() as stack:
+                calls: dict[str, Callable[[int], object]] = {}
+                for name, (_, address) in zip(rows, started):
+                    ch = await stack.enter_async_context(grpc.aio.insecure_channel(address))
+                    stub = pb_grpc.ClassifierServiceStub(ch)
+                    calls[name] = lambda i, stub=stub: stub.Classify(reqs[i % len(reqs)], timeout=30)
+                    await closed_loop("warm-up", calls[name], 1, warm_s / 5)
+                calls.update(variant_probes(args.store, args.model, {CASCADE: args.store, EVERY_CHECK: gate_all},
+                                            images))
+                with like_a_worker():
+                    return await interleaved(calls, turns, args.seconds / 8)
+        finally:
+            for proc, _ in started:
+                stop(proc)
+
     # As shipped: archives at batch size 1, the gateway coalescing.
     with serve.start(settings) as ts:
         asyncio.run(warm_torchserve(ts))
+        results += asyncio.run(gate_cost_in_turns(ts))
         for name, store, extra in ((GATE_OFF, gate_off, coalesce),
                                    (GATE_OFF_TS, gate_off, {**coalesce, "backend-format": "torchscript"}),
                                    (CASCADE, args.store, coalesce), (EVERY_CHECK, gate_all, coalesce),
@@ -393,9 +484,10 @@ IN_PROCESS_VARIANTS = "in-process ONNX Runtime, the first probe of"
 def _find(results: list[Result], name: str, c: int) -> Result | None:
     """The row ``name`` at concurrency ``c``; "naive" and the in-process variant rows match
     by prefix (their names carry a count)."""
+    by_prefix = ("naive", *(f"{pre}{IN_PROCESS_VARIANTS} {g}" for pre in ("", INTERLEAVED) for g in GATED))
+
     def named(r: Result) -> bool:
-        return r.name == name or (name in ("naive", *(f"{IN_PROCESS_VARIANTS} {g}" for g in GATED))
-                                  and r.name.startswith(name))
+        return r.name == name or (name in by_prefix and r.name.startswith(name))
     return next((r for r in results if named(r) and r.concurrency == c), None)
 
 
@@ -430,16 +522,18 @@ def ratios(results: list[Result], levels: list[int]) -> dict[str, float]:
         ra, rb = _find(results, name, one), _find(results, base, one)
         if ra and rb:
             out[f"added p50 ms, {name} vs {base} (c={one})"] = round(ra.p50_ms - rb.p50_ms, 3)
-    plain = _find(results, GATE_OFF, one)
+    plain = _find(results, INTERLEAVED + GATE_OFF, 1)
     for name in GATED:
-        gated, limit = _find(results, name, one), _find(results, f"{IN_PROCESS_VARIANTS} {name}", 1)
+        gated = _find(results, INTERLEAVED + name, 1)
+        limit = _find(results, f"{INTERLEAVED}{IN_PROCESS_VARIANTS} {name}", 1)
         if plain and gated and limit and limit.p50_ms:
-            out[f"{GATE_COST} {name} (c={one})"] = round((gated.p50_ms - plain.p50_ms) / limit.p50_ms, 3)
+            out[f"{GATE_COST} {name} (c=1)"] = round((gated.p50_ms - plain.p50_ms) / limit.p50_ms, 3)
     return out
 
 
 GATED = (CASCADE, EVERY_CHECK)
-GATE_COST = "p50 the gate adds (gate on - gate off) / its first probe in process,"
+INTERLEAVED = "in turns, one client: "
+GATE_COST = "p50 the gate adds (gate on - gate off) / its first probe in process, in turns,"
 
 # The issue's targets on the ratios above: (label prefix, comparison, bound).
 TARGETS = (
@@ -467,7 +561,7 @@ def plot(results: list[Result], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name in dict.fromkeys(r.name for r in results if not r.name.startswith("in-process")):
+    for name in dict.fromkeys(r.name for r in results if not r.name.startswith(("in-process", INTERLEAVED))):
         rs = sorted((r for r in results if r.name == name), key=lambda r: r.concurrency)
         style = "--" if UNCOALESCED in name or "direct" in name else "-"
         ax1.plot([r.concurrency for r in rs], [r.per_s for r in rs], style, marker="o", label=name)

@@ -49,6 +49,11 @@ def test_serving_benchmark_smoke(default_store: Path, tmp_path: Path) -> None:
     limits = {r["name"]: r for r in report["results"] if r["name"].startswith(b.IN_PROCESS_VARIANTS)}
     assert len(limits) == 2 and all(r["p50_ms"] > 0 for r in limits.values())
     assert any(n.endswith("(cascade) (10 rows)") for n in limits), limits
+    # ... and in turns with the gateways, which the ratios read
+    turns = {r["name"]: r for r in report["results"] if r["name"].startswith(b.INTERLEAVED)}
+    assert {b.INTERLEAVED + n for n in (b.GATE_OFF, *b.GATED)} <= set(turns)
+    assert sum(n.startswith(b.INTERLEAVED + b.IN_PROCESS_VARIANTS) for n in turns) == 2
+    assert all(r["concurrency"] == 1 and r["calls"] > 0 for r in turns.values())
     for gated in b.GATED:
         assert f"{b.GATE_COST} {gated} (c=1)" in report["ratios"]
     cpu = report["cpu_ms_per_call"]  # per process, from /proc, for the top concurrency
