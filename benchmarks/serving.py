@@ -64,6 +64,13 @@ class Result:
     def per_s(self) -> float:
         return self.calls / self.seconds if self.seconds else 0.0
 
+    @classmethod
+    def of(cls, name: str, concurrency: int, latencies_s: list[float], seconds: float, errors: int = 0) -> Result:
+        """A row from the answered calls' latencies (seconds) over ``seconds`` of load."""
+        ms = np.array(latencies_s) * 1e3 if latencies_s else np.array([np.nan])
+        return cls(name, concurrency, len(latencies_s), seconds,
+                   *(float(np.percentile(ms, q)) for q in (50, 95, 99)), errors)
+
 
 async def closed_loop(name: str, call, concurrency: int, duration_s: float) -> Result:
     lat: list[float] = []
@@ -84,9 +91,7 @@ async def closed_loop(name: str, call, concurrency: int, duration_s: float) -> R
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker(k) for k in range(concurrency)))
-    elapsed = time.perf_counter() - t0
-    ms = np.array(lat) * 1e3 if lat else np.array([np.nan])
-    return Result(name, concurrency, len(lat), elapsed, *(float(np.percentile(ms, q)) for q in (50, 95, 99)), errors)
+    return Result.of(name, concurrency, lat, time.perf_counter() - t0, errors)
 
 
 def cpu_parts(gateway_pid: int | None, torchserve_pid: int) -> dict[str, float]:
@@ -131,8 +136,7 @@ def timed_loop(name: str, fn, count: int, seconds: float) -> Result:
             lat.append(time.perf_counter() - t)
             i += 1
         elapsed = time.perf_counter() - t0
-    ms = np.array(lat) * 1e3
-    return Result(name, 1, len(lat), elapsed, *(float(np.percentile(ms, q)) for q in (50, 95, 99)), 0)
+    return Result.of(name, 1, lat, elapsed)
 
 
 def in_process(store: Path, model: str, images: np.ndarray, seconds: float) -> list[Result]:
@@ -200,12 +204,10 @@ def like_a_worker() -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
-def in_process_variants(store: Path, model: str, policies: dict[str, Path], images: np.ndarray,
-                        seconds: float) -> list[Result]:
-    """:func:`variant_probes`, each timed for ``seconds`` at one caller."""
+def in_process_variants(probes: dict[str, Callable[[int], object]], count: int, seconds: float) -> list[Result]:
+    """:func:`variant_probes` over ``count`` images, each timed for ``seconds`` at one caller."""
     with like_a_worker():
-        return [timed_loop(name, fn, len(images), seconds)
-                for name, fn in variant_probes(store, model, policies, images).items()]
+        return [timed_loop(name, fn, count, seconds) for name, fn in probes.items()]
 
 
 async def interleaved(calls: dict[str, Callable[[int], object]], rounds: int,
@@ -234,12 +236,7 @@ async def interleaved(calls: dict[str, Callable[[int], object]], rounds: int,
                 except Exception:
                     errors[name] += 1
             spent[name] += time.perf_counter() - t0
-    results = []
-    for name, v in lat.items():
-        ms = np.array(v) * 1e3 if v else np.array([np.nan])
-        results.append(Result(f"{INTERLEAVED}{name}", 1, len(v), spent[name],
-                              *(float(np.percentile(ms, q)) for q in (50, 95, 99)), errors[name]))
-    return results
+    return [Result.of(f"{INTERLEAVED}{name}", 1, v, spent[name], errors[name]) for name, v in lat.items()]
 
 
 def onnx_store(src: Path, model: str, dst: Path, config: Path | None) -> Path:
@@ -314,8 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     gate_all = store_with_policy(args.store, tmp / "all", args.model, all_checks)
     cert_seq = store_with_policy(args.store, tmp / "cert-seq", args.model, certify(False))
     cert_fixed = store_with_policy(args.store, tmp / "cert-fixed", args.model, certify(True))
-    results += in_process_variants(args.store, args.model, {CASCADE: args.store, EVERY_CHECK: gate_all},
-                                   images, args.seconds)
+    probes = variant_probes(args.store, args.model, {CASCADE: args.store, EVERY_CHECK: gate_all}, images)
+    results += in_process_variants(probes, len(images), args.seconds)
     coalesce = {"models": args.model, "coalesce-max-batch": str(args.coalesce_max_batch),
                 "coalesce-max-wait-ms": str(args.coalesce_max_wait_ms)}
     cheap_rows = None
@@ -414,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 stop(proc)
         asyncio.run(run_direct(ts, ((DIRECT_BATCHING, "onnx"),), naive=True))
+
     async def gate_cost_in_turns(ts) -> list[Result]:
         """The gate's cost at one client: gate off, each gated row and each one's first probe
         in process, measured in turns (:func:`interleaved`), every gateway up at once."""
@@ -429,8 +427,7 @@ def main(argv: list[str] | None = None) -> int:
                     stub = pb_grpc.ClassifierServiceStub(ch)
                     calls[name] = lambda i, stub=stub: stub.Classify(reqs[i % len(reqs)], timeout=30)
                     await closed_loop("warm-up", calls[name], 1, warm_s / 5)
-                calls.update(variant_probes(args.store, args.model, {CASCADE: args.store, EVERY_CHECK: gate_all},
-                                            images))
+                calls.update(probes)
                 with like_a_worker():
                     return await interleaved(calls, turns, args.seconds / 8)
         finally:
@@ -484,7 +481,7 @@ IN_PROCESS_VARIANTS = "in-process ONNX Runtime, the first probe of"
 def _find(results: list[Result], name: str, c: int) -> Result | None:
     """The row ``name`` at concurrency ``c``; "naive" and the in-process variant rows match
     by prefix (their names carry a count)."""
-    by_prefix = ("naive", *(f"{pre}{IN_PROCESS_VARIANTS} {g}" for pre in ("", INTERLEAVED) for g in GATED))
+    by_prefix = ("naive", *(f"{INTERLEAVED}{IN_PROCESS_VARIANTS} {g}" for g in GATED))
 
     def named(r: Result) -> bool:
         return r.name == name or (name in by_prefix and r.name.startswith(name))

@@ -61,14 +61,19 @@ def l1_distances(base: ArrayLike, variants: ArrayLike) -> NDArray[np.float64]:
     return np.asarray(np.abs(v - b).sum(axis=1), dtype=np.float64)
 
 
-def logit_distances(base: ArrayLike, variants: ArrayLike) -> NDArray[np.float64]:
-    """L2 distance between the base logits (float [C]) and each variant's (float [K, C]),
-    each row centred first (logits are defined up to a shift); returns float64 [K] >= 0."""
+def centred_moves(base: ArrayLike, variants: ArrayLike) -> NDArray[np.float64]:
+    """Each variant's logits (float [K, C]) minus the base's (float [C]), each row centred
+    (logits are defined up to a shift); returns float64 [K, C]."""
     b = np.asarray(base, dtype=np.float64)
-    v = _rows(variants, b.shape[-1], "variants")
-    d = v - b
+    d = _rows(variants, b.shape[-1], "variants") - b
     d -= d.mean(axis=1, keepdims=True)
-    return np.asarray(np.sqrt((d * d).sum(axis=1)), dtype=np.float64)
+    return d
+
+
+def logit_distances(base: ArrayLike, variants: ArrayLike) -> NDArray[np.float64]:
+    """L2 distance between the base logits (float [C]) and each variant's (float [K, C]):
+    the length of each :func:`centred_moves` row; returns float64 [K] >= 0."""
+    return np.linalg.norm(centred_moves(base, variants), axis=1)
 
 
 def squeeze_scores(base: ArrayLike, squeezed: ArrayLike) -> NDArray[np.float64]:

@@ -47,6 +47,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from service.gate.allocation import attack_weights
+from service.gate.checks import centred_moves
 from service.gate.errors import CalibrationError
 from service.gate.quantile import EmpiricalCDF
 
@@ -89,11 +90,9 @@ def measure_squeeze(base_logits: ArrayLike, squeezed_logits: ArrayLike) -> Squee
         raise ValueError(f"need base [C >= 2] and squeezed [S >= 1, C] logits, got {b.shape}, "
                          f"{v.shape}")
     top = int(np.argmax(b))
-    d = v - b
-    d -= d.mean(axis=1, keepdims=True)  # the centred move: logits are defined up to a shift
+    d = centred_moves(b, v)  # computed once: l2 is squeeze_scores(b, v), their length
     top2 = np.sort(b)[-2:]
-    # l2 is squeeze_scores(b, v), from the centred move already at hand (once per request).
-    return SqueezeMeasurement(l2=np.sqrt((d * d).sum(axis=1)), top_drop=-d[:, top],
+    return SqueezeMeasurement(l2=np.linalg.norm(d, axis=1), top_drop=-d[:, top],
                               margin=float(top2[1] - top2[0]))
 
 
