@@ -174,24 +174,53 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
             await self._fail(context, e)
             raise  # unreachable: abort raises
 
+    async def _stream_answer(self, request: pb.ClassifyRequest,
+                             context: grpc.aio.ServicerContext) -> pb.ClassifyStreamResponse:
+        """One stream item's answer: its result, or its error (the stream goes on)."""
+        try:
+            answer = await self._classify(request, context)
+            return pb.ClassifyStreamResponse(request_id=request.request_id, result=answer)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self._count_error(request, e)
+            code, message = status_of(e)
+            if code is grpc.StatusCode.INTERNAL:
+                log.error("unexpected error on stream", exc_info=e)
+            return pb.ClassifyStreamResponse(
+                request_id=request.request_id, error=pb.StreamError(code=code.value[0], message=message))
+
     async def ClassifyStream(
         self, request_iterator: AsyncIterator[pb.ClassifyStreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ClassifyStreamResponse]:
-        async for item in request_iterator:
-            request = item.request
+        """Up to ``stream_window`` items in flight at once (so the coalescer can batch them),
+        answered in request order. A reader task takes items while the window has room; this
+        generator yields the answers in the order the items came."""
+        window = asyncio.Semaphore(self.settings.stream_window)
+        pending: asyncio.Queue[asyncio.Task[pb.ClassifyStreamResponse] | None] = asyncio.Queue()
+
+        async def read() -> None:
             try:
-                answer = await self._classify(request, context)
-                yield pb.ClassifyStreamResponse(request_id=request.request_id, result=answer)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                self._count_error(request, e)
-                code, message = status_of(e)
-                if code is grpc.StatusCode.INTERNAL:
-                    log.error("unexpected error on stream", exc_info=e)
-                yield pb.ClassifyStreamResponse(
-                    request_id=request.request_id, error=pb.StreamError(code=code.value[0], message=message)
-                )
+                async for item in request_iterator:
+                    await window.acquire()
+                    pending.put_nowait(asyncio.create_task(self._stream_answer(item.request, context)))
+            finally:
+                pending.put_nowait(None)  # end of the requests, however they ended
+
+        reader = asyncio.create_task(read())
+        task: asyncio.Task[pb.ClassifyStreamResponse] | None = None
+        try:
+            while (task := await pending.get()) is not None:
+                answer = await task
+                window.release()
+                yield answer
+            await reader  # the requests ended: cleanly, or with the reader's error
+        finally:  # the call ended early (cancelled, failed): stop what is still in flight
+            reader.cancel()
+            left = [task] + [pending.get_nowait() for _ in range(pending.qsize())]
+            for t in left:
+                if t is not None:
+                    t.cancel()
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(

@@ -60,6 +60,10 @@ class Settings:
     """With coalescing on: variant rows (images x (1 + variants)) in one TorchServe call."""
     max_inflight: int = 256
     """Requests processed at once; beyond it RESOURCE_EXHAUSTED at once."""
+    stream_window: int = 16
+    """Items of one ClassifyStream processed at once, coalesced like concurrent calls; answers
+    still leave in request order, and further items stay unread (gRPC's flow control holds a
+    faster sender back). Each item in flight counts toward ``max_inflight``. 1: one at a time."""
     max_message_bytes: int = 4 * 1024 * 1024
     """Largest gRPC message accepted (and image bytes, less framing). A larger one is refused by
     gRPC's transport with RESOURCE_EXHAUSTED before any gateway code runs (not an overload signal)."""
@@ -97,6 +101,8 @@ class Settings:
                              "max_batch_items), coalesce_max_wait_ms >= 0, coalesce_max_rows >= 1")
         if self.max_inflight < 1:
             raise ValueError("max_inflight must be >= 1")
+        if self.stream_window < 1:
+            raise ValueError("stream_window must be >= 1")
         if not 0.0 <= self.trace_sample_ratio <= 1.0:
             raise ValueError("trace_sample_ratio must be in [0, 1]")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):

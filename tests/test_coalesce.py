@@ -197,6 +197,35 @@ def test_gateway_coalesces_concurrent_requests_without_changing_answers(
         stop(merged)
 
 
+@pytest.mark.parametrize("window", [1, 16])
+def test_a_stream_runs_up_to_its_window_of_items_together_and_answers_in_order(
+        calibrated_store: Path, torchserve, tmp_path: Path, fmnist: data.FashionMNIST, window: int) -> None:
+    """One stream from one client: with a window of 1 each item waits for the one before it
+    (one image per TorchServe call); with 16, items in flight together leave in shared calls.
+    Either way the answers keep the request order, a bad item answered in its place."""
+    metrics_port = free_port()
+    proc, address = start_gateway(calibrated_store, torchserve, tmp_path, **{
+        "stream-window": str(window), "metrics-port": str(metrics_port)})
+    try:
+        n = 48
+        reqs = [Client.request(png(im), "fmnist-cnn", request_id=f"s{i}") for i, im in enumerate(fmnist.test.images[:n])]
+        reqs.insert(5, Client.request(b"junk", "fmnist-cnn", request_id="bad"))
+        with Client(address) as c:
+            answers = list(c.classify_stream(reqs, timeout_s=60))
+        assert [a.request_id for a in answers] == [r.request_id for r in reqs]
+        assert [a.WhichOneof("outcome") for a in answers] == ["error" if r.request_id == "bad" else "result" for r in reqs]
+        samples = scrape(metrics_port)
+        calls = sum(v for (name, _), v in samples.items() if name == "robustgate_backend_batch_images_count")
+        sent = sum(v for (name, _), v in samples.items() if name == "robustgate_backend_batch_images_sum")
+        assert sent == n  # every good item once
+        if window == 1:
+            assert calls == n
+        else:
+            assert calls < n / 2, calls
+    finally:
+        stop(proc)
+
+
 def test_a_batch_refused_whole_blames_no_caller() -> None:
     class Refusing(ScriptedBackend):
         async def probe_batch(self, model_name, items, timeout_s, version=""):

@@ -207,6 +207,25 @@ def test_stream_answers_each_request_in_order(client: Client, fmnist: data.Fashi
     assert all(a.WhichOneof("outcome") == "result" for i, a in enumerate(answers) if i != 2)
 
 
+def test_a_stream_cancelled_midway_leaves_nothing_in_flight(client: Client, fmnist: data.FashionMNIST) -> None:
+    """The client walks away with items in flight: the gateway stops them, frees their
+    admission slots and keeps serving."""
+    def inflight() -> float:
+        return scrape(METRICS_PORT)[("robustgate_inflight_requests", frozenset())]
+
+    reqs = [Client.request(fmnist.test.images[i][None], "fmnist-cnn", request_id=f"c{i}", certify=True)
+            for i in range(40)]  # certified: slow items, so several are in flight when it ends
+    call = client.classify_stream(reqs, timeout_s=60)
+    first = next(call)
+    assert first.request_id == "c0"
+    call.cancel()
+    deadline = time.monotonic() + 10
+    while inflight() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert inflight() == 0
+    assert client.classify(png(fmnist.test.images[0]), model="fmnist-cnn").classes
+
+
 def test_list_and_get_model(client: Client) -> None:
     models = client.list_models().models
     assert [m.name for m in models] == ["fmnist-cnn"] and set(models[0].formats) == {"torchscript", "onnx"}
