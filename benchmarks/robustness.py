@@ -227,14 +227,16 @@ def plot_roc(r: dict, path: Path) -> None:
     sets = [k for k in r["roc_scores"] if k != "clean"]
     checks = sorted(clean)
     fig, axes = plt.subplots(1, len(checks), figsize=(4.2 * len(checks), 4), squeeze=False)
+    colours = plt.get_cmap("tab20")(np.arange(len(sets)) % 20)  # one colour a set, up to 20
     for ax, check in zip(axes[0], checks):
-        for name in sets:
+        for name, colour in zip(sets, colours):
             s = r["roc_scores"][name].get(check)
             if not s:
                 continue
             y = np.r_[np.zeros(len(clean[check])), np.ones(len(s))]
             fpr, tpr, _ = roc_curve(y, np.r_[clean[check], s])
-            ax.plot(fpr, tpr, label=name, lw=1)
+            attack = name.split()[0] in PAPER_ROW  # attacks solid, shifts and corruptions dashed
+            ax.plot(fpr, tpr, label=name, lw=1, color=colour, ls="-" if attack else "--")
         ax.plot([0, 1], [0, 1], "k:", lw=0.5)
         ax.set_title(f"{check}")
         ax.set_xlabel("clean flag rate")
