@@ -50,9 +50,10 @@ class Settings:
     coalesce_max_batch: int = 32
     """Coalesce concurrent requests for one model into one TorchServe call of at most this many
     images, each with its own plan (at most the handler's max_batch_items); 0 or 1: off. On by
-    default: measured 1.3x the throughput of TorchServe's batching alone with the gate off
-    and 1.05-1.3x with the cascade at 16-64 concurrent clients; a lone request leaves at once,
-    so at low concurrency it changes nothing (benchmarks/results/serving.md)."""
+    default: against TorchServe's batching alone it lowers the p50 at one client (8.2 against
+    9.5 ms on the machine of 2026-12-03, 2.4 against 4.9 on a faster one) and gives 0.8-1.2x
+    the throughput at 4-64 clients (1.2-2.0x on the faster machine); a lone request leaves at
+    once (README, Results; benchmarks/results/serving.md)."""
     coalesce_max_wait_ms: float = 2.0
     """With coalescing on: longest a request waits for company while the backend is busy (a lone
     request leaves at once)."""

@@ -38,6 +38,10 @@ def test_serving_benchmark_smoke(default_store: Path, tmp_path: Path) -> None:
             b.GATE_OFF, b.GATE_OFF + b.UNCOALESCED, b.GATE_OFF_TS, b.CASCADE, b.CASCADE + b.UNCOALESCED,
             b.EVERY_CHECK, b.CERT_SEQ, b.CERT_FIXED} <= names
     assert any(n.startswith("naive: ") for n in names)
+    # ClassifyStream: one stream of 4 items (the smoke window) beside 4 one-call clients
+    streamed = [r for r in report["results"] if r["name"] == b.STREAMED]
+    assert [r["concurrency"] for r in streamed] == [4] and report["stream_window"] == 4
+    assert report["ratios"]["throughput gateway gate-off, streamed / unary calls (c=4)"] > 0
     assert all(r["errors"] == 0 and r["calls"] > 0 for r in report["results"])
     for ratio in ("throughput gateway gate-off / TorchServe direct, best-tuned (batching 32, 2 ms) (c=4)",
                   "throughput coalescing / TorchServe batching alone, gate off (c=4)",
@@ -45,19 +49,22 @@ def test_serving_benchmark_smoke(default_store: Path, tmp_path: Path) -> None:
                   "throughput on-device expansion / naive, both on the batching archive (c=4)"):
         assert report["ratios"][ratio] > 0, ratio
     assert any(k.startswith("added p50 ms, gateway, gate off vs") for k in report["ratios"])
+    # the gateway's added latency, from a direct call measured in the same turns
+    assert f"added p50 ms, {b.INTERLEAVED}{b.GATE_OFF} vs {b.INTERLEAVED}{b.DIRECT} (c=1)" in report["ratios"]
     # The gate's cost against its first probe run in process, as the handler runs it.
     limits = {r["name"]: r for r in report["results"] if r["name"].startswith(b.IN_PROCESS_VARIANTS)}
     assert len(limits) == 2 and all(r["p50_ms"] > 0 for r in limits.values())
     assert any(n.endswith("(cascade) (10 rows)") for n in limits), limits
     # ... and in turns with the gateways, which the ratios read
     turns = {r["name"]: r for r in report["results"] if r["name"].startswith(b.INTERLEAVED)}
-    assert {b.INTERLEAVED + n for n in (b.GATE_OFF, *b.GATED)} <= set(turns)
+    assert {b.INTERLEAVED + n for n in (b.DIRECT, b.GATE_OFF, *b.GATED)} <= set(turns)
     assert sum(n.startswith(b.INTERLEAVED + b.IN_PROCESS_VARIANTS) for n in turns) == 2
     assert all(r["concurrency"] == 1 and r["calls"] > 0 for r in turns.values())
     for gated in b.GATED:
         assert f"{b.GATE_COST} {gated} (c=1)" in report["ratios"]
     cpu = report["cpu_ms_per_call"]  # per process, from /proc, for the top concurrency
-    assert set(cpu) == {f"{b.GATE_OFF} (c=4)", f"{b.DIRECT} (c=4)", f"{b.DIRECT_TS} (c=4)", f"{b.DIRECT_BATCHING} (c=4)"}
+    assert set(cpu) == {f"{b.GATE_OFF} (c=4)", f"{b.STREAMED} (c=4)", f"{b.DIRECT} (c=4)", f"{b.DIRECT_TS} (c=4)",
+                        f"{b.DIRECT_BATCHING} (c=4)"}
     gw = cpu[f"{b.GATE_OFF} (c=4)"]
     assert set(gw) == {"client", "gateway", "TorchServe Java", "TorchServe workers"}
     assert gw["gateway"] > 0 and gw["TorchServe Java"] > 0 and gw["TorchServe workers"] > 0
@@ -258,6 +265,39 @@ def test_serving_targets_read_each_bound_the_right_way() -> None:
                      f"{b.GATE_COST} {b.CASCADE} (c=1)": 1.5, f"{b.GATE_COST} {b.EVERY_CHECK} (c=1)": 1.1,
                      "p50 certify sequential / fixed (c=1)": 9.0})
     assert [(op, bound, met) for _, op, bound, met in got] == [(">=", 0.9, True), ("<=", 1.2, False), ("<=", 1.2, True)]
+
+
+def test_serving_targets_read_the_added_latency_from_the_rows_in_turns() -> None:
+    from benchmarks import serving as b
+
+    seq = f"added p50 ms, {b.GATE_OFF} vs {b.DIRECT} (c=1)"  # rows measured minutes apart
+    turns = f"added p50 ms, {b.INTERLEAVED}{b.GATE_OFF} vs {b.INTERLEAVED}{b.DIRECT} (c=1)"
+    assert b.targets({seq: 5.0, turns: 1.5}) == [(turns, "<=", 2.0, True)]
+    assert b.targets({seq: 1.0, turns: 2.5}) == [(turns, "<=", 2.0, False)]
+
+
+def test_rows_in_turns_rotate_their_order_and_skip_rows_that_never_answered() -> None:
+    import asyncio
+
+    from benchmarks import serving as b
+
+    seen: list[str] = []
+
+    def row(name: str):
+        def call(i: int) -> None:
+            if not seen or seen[-1] != name:
+                seen.append(name)
+            if name == "broken":
+                raise RuntimeError("no answer")
+        return call
+
+    got = asyncio.run(b.interleaved({n: row(n) for n in ("a", "b", "broken")}, rounds=3, round_s=0.002))
+    assert seen == ["a", "b", "broken", "b", "broken", "a", "broken", "a", "b"]
+    rows = {r.name.removeprefix(b.INTERLEAVED): r for r in got}
+    assert rows["a"].calls > 0 and rows["broken"].calls == 0 and rows["broken"].errors > 0
+    # a row without an answered call yields no ratio, not a NaN one
+    broken = b.Result.of(b.INTERLEAVED + b.GATE_OFF, 1, [], 1.0, errors=3)
+    assert not any("added p50" in k for k in b.ratios([broken, b.Result.of(b.INTERLEAVED + b.DIRECT, 1, [0.001], 1.0)], [1]))
 
 
 def test_cascade_benchmark_smoke(default_store: Path, tmp_path: Path) -> None:

@@ -197,6 +197,16 @@ def test_gateway_coalesces_concurrent_requests_without_changing_answers(
         stop(merged)
 
 
+def test_stream_window_is_a_setting_of_at_least_one() -> None:
+    from service.settings import Settings, from_args
+
+    assert Settings().stream_window == 16
+    assert from_args(["--stream-window", "4"], environ={}).stream_window == 4
+    assert from_args([], environ={"ROBUSTGATE_STREAM_WINDOW": "2"}).stream_window == 2
+    with pytest.raises(ValueError, match="stream_window"):
+        Settings(stream_window=0)
+
+
 @pytest.mark.parametrize("window", [1, 16])
 def test_a_stream_runs_up_to_its_window_of_items_together_and_answers_in_order(
         calibrated_store: Path, torchserve, tmp_path: Path, fmnist: data.FashionMNIST, window: int) -> None:
