@@ -95,7 +95,7 @@ async def closed_loop(name: str, call, concurrency: int, duration_s: float) -> R
     return Result.of(name, concurrency, lat, time.perf_counter() - t0, errors)
 
 
-async def streamed(name: str, open_stream: Callable[[], object], request: Callable[[int], object],
+async def streamed(name: str, open_stream: Callable[[float], object], request: Callable[[int], object],
                    in_flight: int, window: int, duration_s: float) -> Result:
     """``in_flight // window`` bidirectional streams, each keeping ``window`` items written
     and unanswered for ``duration_s``; an item's latency runs from its write to its answer
@@ -110,7 +110,7 @@ async def streamed(name: str, open_stream: Callable[[], object], request: Callab
 
     async def one(k: int) -> None:
         nonlocal errors
-        call = open_stream()
+        call = open_stream(duration_s + 30)
         sent: collections.deque[float] = collections.deque()
         room = asyncio.Semaphore(window)
 
@@ -126,14 +126,20 @@ async def streamed(name: str, open_stream: Callable[[], object], request: Callab
             await call.done_writing()
 
         writer = asyncio.create_task(write())
-        async for answer in call:
-            t = sent.popleft()
-            if answer.WhichOneof("outcome") == "result":
-                lat.append(time.perf_counter() - t)
-            else:
-                errors += 1
-            room.release()
-        await writer
+        try:
+            async for answer in call:
+                t = sent.popleft()
+                if answer.WhichOneof("outcome") == "result":
+                    lat.append(time.perf_counter() - t)
+                else:
+                    errors += 1
+                room.release()
+            await writer
+        except Exception:  # the stream failed as a whole: what it had in flight is lost
+            errors += len(sent) or 1
+        finally:
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
 
     t0 = time.perf_counter()
     await asyncio.gather(*(one(k) for k in range(streams)))
@@ -273,7 +279,7 @@ async def interleaved(calls: dict[str, Callable[[int], object]], rounds: int,
         for name, call in order[k % len(order):] + order[: k % len(order)]:
             t0 = time.perf_counter()
             stop_at = t0 + round_s
-            while time.perf_counter() < stop_at:
+            while True:  # at least one call a turn, however late the turn started
                 i = len(lat[name]) + errors[name]
                 t = time.perf_counter()
                 try:
@@ -283,6 +289,8 @@ async def interleaved(calls: dict[str, Callable[[int], object]], rounds: int,
                     lat[name].append(time.perf_counter() - t)
                 except Exception:
                     errors[name] += 1
+                if time.perf_counter() >= stop_at:
+                    break
             spent[name] += time.perf_counter() - t0
     return [Result.of(f"{INTERLEAVED}{name}", 1, v, spent[name], errors[name]) for name, v in lat.items()]
 
@@ -439,8 +447,8 @@ def main(argv: list[str] | None = None) -> int:
                 return
             # The same gateway fed by ClassifyStream: as many items in flight as the unary rows
             # at each concurrency that fills whole windows.
-            def open_stream():
-                return stub.ClassifyStream(timeout=60)
+            def open_stream(timeout_s: float):
+                return stub.ClassifyStream(timeout=timeout_s)
 
             def item(i: int):
                 return pb.ClassifyStreamRequest(request=reqs[i % len(reqs)])
@@ -597,11 +605,11 @@ def ratios(results: list[Result], levels: list[int]) -> dict[str, float]:
         ra, rb = _find(results, a, c), _find(results, b, 1 if b == IN_PROCESS else c)
         if measured(ra, rb) and getattr(rb, field):
             out[label] = round(getattr(ra, field) / getattr(rb, field), 3)
-    for name, base in ((GATE_OFF, DIRECT), (GATE_OFF + UNCOALESCED, DIRECT_BATCHING),
-                       (INTERLEAVED + GATE_OFF, INTERLEAVED + DIRECT)):
-        ra, rb = _find(results, name, one), _find(results, base, one)
+    for name, base, c in ((GATE_OFF, DIRECT, one), (GATE_OFF + UNCOALESCED, DIRECT_BATCHING, one),
+                          (INTERLEAVED + GATE_OFF, INTERLEAVED + DIRECT, 1)):  # rows in turns: one client
+        ra, rb = _find(results, name, c), _find(results, base, c)
         if measured(ra, rb):
-            out[f"added p50 ms, {name} vs {base} (c={one})"] = round(ra.p50_ms - rb.p50_ms, 3)
+            out[f"added p50 ms, {name} vs {base} (c={c})"] = round(ra.p50_ms - rb.p50_ms, 3)
     plain = _find(results, INTERLEAVED + GATE_OFF, 1)
     for name in GATED:
         gated = _find(results, INTERLEAVED + name, 1)

@@ -3,6 +3,7 @@ interceptor, for every unary and bidirectional-streaming method."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import grpc
@@ -66,8 +67,11 @@ class ServerMetricsInterceptor(grpc.aio.ServerInterceptor):
                 self.started.labels(*labels).inc()
                 start, failed = time.perf_counter(), True
                 try:
-                    async for response in inner_s(counted(request_iterator), context):
-                        yield response
+                    # aclosing: a cancelled call closes the servicer's generator (and whatever
+                    # it has in flight) now, not when the garbage collector finds it
+                    async with contextlib.aclosing(inner_s(counted(request_iterator), context)) as responses:
+                        async for response in responses:
+                            yield response
                     failed = False
                 finally:
                     self._done(labels, context, start, failed)

@@ -214,13 +214,18 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
                 answer = await task
                 window.release()
                 yield answer
-            await reader  # the requests ended: cleanly, or with the reader's error
+            try:
+                await reader  # the requests ended: cleanly, or with the reader's error
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # reading the stream failed: a status, never the error's text
+                await self._fail(context, e)
         finally:  # the call ended early (cancelled, failed): stop what is still in flight
-            reader.cancel()
-            left = [task] + [pending.get_nowait() for _ in range(pending.qsize())]
+            left = [t for t in [reader, task, *(pending.get_nowait() for _ in range(pending.qsize()))]
+                    if t is not None]
             for t in left:
-                if t is not None:
-                    t.cancel()
+                t.cancel()
+            await asyncio.gather(*left, return_exceptions=True)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(

@@ -63,8 +63,9 @@ class Settings:
     """Requests processed at once; beyond it RESOURCE_EXHAUSTED at once."""
     stream_window: int = 16
     """Items of one ClassifyStream processed at once, coalesced like concurrent calls; answers
-    still leave in request order, and further items stay unread (gRPC's flow control holds a
-    faster sender back). Each item in flight counts toward ``max_inflight``. 1: one at a time."""
+    still leave in request order. One more item is read and waits; the rest stay unread, so
+    gRPC's flow control holds a faster sender back. Each item in flight counts toward
+    ``max_inflight``. 1: one at a time."""
     max_message_bytes: int = 4 * 1024 * 1024
     """Largest gRPC message accepted (and image bytes, less framing). A larger one is refused by
     gRPC's transport with RESOURCE_EXHAUSTED before any gateway code runs (not an overload signal)."""
