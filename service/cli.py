@@ -1,6 +1,7 @@
 """``robustgate``: the command-line client.
 
     robustgate classify shoe.png --model fmnist-cnn
+    robustgate classify *.png            # several images: one ClassifyStream, answers in order
     robustgate models
 """
 
@@ -17,6 +18,7 @@ from service.client import Client, tls_credentials
 
 _DECISION = {pb.DECISION_PASS: "PASS", pb.DECISION_FLAG: "FLAG", pb.DECISION_REJECT: "REJECT",
              pb.DECISION_UNSPECIFIED: "-"}
+_CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}  # a stream item's error code, by number
 
 
 def render(resp: pb.ClassifyResponse) -> str:
@@ -42,6 +44,26 @@ def render(resp: pb.ClassifyResponse) -> str:
     return "\n".join(lines)
 
 
+def classify(client: Client, images: list[Path], model: str, top_k: int, timeout_s: float) -> int:
+    """One image: one Classify call. Several: one ClassifyStream (the gateway works on a window
+    of them at once), each answer printed under its file name, a failed one on stderr; exit
+    code 2 when any failed. The timeout is per image."""
+    if len(images) == 1:
+        print(render(client.classify(images[0].read_bytes(), model=model, top_k=top_k,
+                                     request_id=images[0].name)))
+        return 0
+    reqs = [Client.request(path.read_bytes(), model, top_k=top_k, request_id=path.name) for path in images]
+    failed = 0
+    for k, answer in enumerate(client.classify_stream(reqs, timeout_s=timeout_s * len(reqs))):
+        if answer.WhichOneof("outcome") == "error":
+            failed += 1
+            code = _CODE_NAMES.get(answer.error.code, str(answer.error.code))
+            print(f"{answer.request_id}: error: {code}: {answer.error.message}", file=sys.stderr)
+            continue
+        print(("\n" if k else "") + f"== {answer.request_id}\n" + render(answer.result))
+    return 2 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="robustgate", description="RobustGate client")
     p.add_argument("--address", default="127.0.0.1:50051")
@@ -52,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tls-key", type=Path, help="client private key (PEM) for mutual TLS")
     p.add_argument("--token-file", type=Path, help="file holding the bearer token the gateway expects")
     sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("classify", help="classify an image file (PNG or JPEG)")
-    c.add_argument("image", type=Path)
+    c = sub.add_parser("classify", help="classify image files (PNG or JPEG); several go over one stream")
+    c.add_argument("images", type=Path, nargs="+", metavar="image")
     c.add_argument("--model", default="fmnist-cnn")
     c.add_argument("--top-k", type=int, default=3)
     sub.add_parser("models", help="list served models")
@@ -64,9 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         token = args.token_file.read_text().strip() if args.token_file else None
         with Client(args.address, timeout_s=args.timeout, credentials=creds, token=token) as client:
             if args.cmd == "classify":
-                resp = client.classify(args.image.read_bytes(), model=args.model, top_k=args.top_k,
-                                       request_id=args.image.name)
-                print(render(resp))
+                return classify(client, args.images, args.model, args.top_k, args.timeout)
             else:
                 for m in client.list_models().models:
                     print(f"{m.name}  version {m.version}  formats {','.join(m.formats)}  ready {m.ready}")

@@ -235,6 +235,31 @@ def test_a_stream_cancelled_midway_stops_what_it_had_in_flight(client: Client, f
     assert client.classify(png(fmnist.test.images[0]), model="fmnist-cnn").classes
 
 
+def test_cli_classifies_one_image_or_several_over_one_stream(gateway: str, fmnist: data.FashionMNIST,
+                                                              tmp_path: Path) -> None:
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"img{i}.png")
+        files[-1].write_bytes(png(fmnist.test.images[i]))
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not an image")
+
+    def cli(*args: Path | str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "service.cli", "--address", gateway, "classify", *map(str, args)],
+                              capture_output=True, text=True, timeout=120)
+
+    one = cli(files[0])
+    assert one.returncode == 0 and "rank  class" in one.stdout and "gate: " in one.stdout, one.stderr
+    many = cli(files[0], junk, files[1], files[2])
+    assert many.returncode == 2  # one image failed
+    assert [line for line in many.stdout.splitlines() if line.startswith("== ")] == ["== img0.png", "== img1.png",
+                                                                                      "== img2.png"]
+    assert many.stdout.count("gate: ") == 3
+    assert many.stderr.startswith("junk.png: error: INVALID_ARGUMENT: ") and "Traceback" not in many.stderr
+    missing = cli(files[0], tmp_path / "nope.png")
+    assert missing.returncode == 2 and missing.stderr.startswith("error: ") and not missing.stdout
+
+
 def test_list_and_get_model(client: Client) -> None:
     models = client.list_models().models
     assert [m.name for m in models] == ["fmnist-cnn"] and set(models[0].formats) == {"torchscript", "onnx"}
