@@ -56,7 +56,9 @@ class Settings:
     once (README, Results; benchmarks/results/serving.md)."""
     coalesce_max_wait_ms: float = 2.0
     """With coalescing on: longest a request waits for company while the backend is busy (a lone
-    request leaves at once)."""
+    request leaves at once, and a waiting batch leaves when the call in flight comes back).
+    Near saturation a longer wait fills batches: 10 ms gave 1.2x the throughput at 64 clients
+    but 0.9x for the gated path at 4-16 (benchmarks/results/coalesce_wait.md)."""
     coalesce_max_rows: int = 4096
     """With coalescing on: variant rows (images x (1 + variants)) in one TorchServe call."""
     max_inflight: int = 256

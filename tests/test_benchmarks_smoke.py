@@ -267,6 +267,15 @@ def test_serving_targets_read_each_bound_the_right_way() -> None:
     assert [(op, bound, met) for _, op, bound, met in got] == [(">=", 0.9, True), ("<=", 1.2, False), ("<=", 1.2, True)]
 
 
+def test_coalesce_wait_benchmark_smoke(default_store: Path, tmp_path: Path) -> None:
+    report = _run("benchmarks.coalesce_wait", tmp_path)
+    keys = {(r["policy"], r["wait_ms"], r["concurrency"]) for r in report["rows"]}
+    assert keys == {(p, w, c) for p in ("gate off", "cascade") for w in (2.0, 10.0) for c in (1, 4)}
+    assert all(r["per_s"] > 0 and r["errors"] == 0 for r in report["rows"])
+    md = (tmp_path / "coalesce_wait-smoke.md").read_text()
+    assert md.startswith("# Coalescing wait") and "| cascade | 4 |" in md and "(1.00)" in md
+
+
 def test_serving_targets_read_the_added_latency_from_the_rows_in_turns() -> None:
     from benchmarks import serving as b
 
