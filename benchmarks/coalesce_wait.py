@@ -42,13 +42,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks.serving import closed_loop
     from model_store import data, serve
-    from robustgate.v1 import classifier_pb2 as pb
     from robustgate.v1 import classifier_pb2_grpc as pb_grpc
+    from service.client import Client
     from tests.test_gateway import start_gateway, stop
 
     images = data.load().test.images[:512]
-    reqs = [pb.ClassifyRequest(model=args.model, top_k=1, tensor=pb.ClassifyRequest().tensor.__class__(
-        shape=[1, 28, 28], dtype="uint8", data=im.tobytes())) for im in images]
+    reqs = [Client.request(im[None], args.model, top_k=1) for im in images]  # raw uint8 tensors
     tmp = Path(tempfile.mkdtemp(prefix="rg-coalesce-wait-"))
     policies = {"gate off": store_with_policy(args.store, tmp / "off", args.model, lambda pol: pol.update(mode="off")),
                 "cascade": args.store}

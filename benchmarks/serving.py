@@ -347,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     from robustgate.v1 import classifier_pb2 as pb
     from robustgate.v1 import classifier_pb2_grpc as pb_grpc
     from service.backend import encode_tensor
+    from service.client import Client
     from tests.test_gateway import start_gateway, stop
 
     images = data.load().test.images[:512]
@@ -387,12 +388,18 @@ def main(argv: list[str] | None = None) -> int:
         for c in levels if warm else ():
             await closed_loop("warm-up", call, c, min(0.5, args.seconds))
         for c in levels:
-            before = cpu() if cpu is not None and c == max(levels) else None
-            r = await closed_loop(name, call, c, args.seconds)
-            results.append(r)
-            if before is not None and r.calls:
-                after = cpu()
-                cpu_per_call[f"{name} (c={c})"] = {k: round(1e3 * (after[k] - before[k]) / r.calls, 3) for k in after}
+            await record(name, c, cpu, lambda c=c: closed_loop(name, call, c, args.seconds))
+
+    async def record(name: str, c: int, cpu, take) -> None:
+        """Add the row ``await take()`` measures at concurrency ``c``; at the highest
+        concurrency also each process's CPU per call (``cpu``: a function returning
+        :func:`cpu_parts`, or None)."""
+        before = cpu() if cpu is not None and c == max(levels) else None
+        r = await take()
+        results.append(r)
+        if before is not None and r.calls:
+            after = cpu()
+            cpu_per_call[f"{name} (c={c})"] = {k: round(1e3 * (after[k] - before[k]) / r.calls, 3) for k in after}
 
     def direct_call(ts, stub, fmt: str):
         md = (("authorization", f"Bearer {ts.keys().inference}"),)
@@ -428,8 +435,7 @@ def main(argv: list[str] | None = None) -> int:
 
             await measure(f"naive: {n} variants as separate calls", naive_call, warm=False)  # direct warmed it
 
-    reqs = [pb.ClassifyRequest(model=args.model, tensor=pb.ClassifyRequest().tensor.__class__(
-        shape=[1, 28, 28], dtype="uint8", data=im.tobytes()), top_k=1) for im in images]
+    reqs = [Client.request(im[None], args.model, top_k=1) for im in images]  # raw uint8 tensors
 
     async def run_gateway(name: str, address: str, cpu=None) -> None:
         nonlocal cheap_rows
@@ -454,13 +460,8 @@ def main(argv: list[str] | None = None) -> int:
                 return pb.ClassifyStreamRequest(request=reqs[i % len(reqs)])
 
             for c in (c for c in levels if c >= args.stream_window):
-                before = cpu() if cpu is not None and c == max(levels) else None
-                r = await streamed(STREAMED, open_stream, item, c, args.stream_window, args.seconds)
-                results.append(r)
-                if before is not None and r.calls:
-                    after = cpu()
-                    cpu_per_call[f"{STREAMED} (c={c})"] = {k: round(1e3 * (after[k] - before[k]) / r.calls, 3)
-                                                           for k in after}
+                await record(STREAMED, c, cpu,
+                             lambda c=c: streamed(STREAMED, open_stream, item, c, args.stream_window, args.seconds))
 
     ootb = ootb_store(args.store, args.model, tmp / "ootb")
 
