@@ -1,14 +1,17 @@
-"""How long should a coalesced request wait for company? ``--coalesce-max-wait-ms`` side by side.
+"""How long should a coalesced request wait for company? ``--coalesce-max-wait-ms`` and
+``--coalesce-max-calls`` side by side.
 
-    python -m benchmarks.coalesce_wait                  # ~4 minutes
+    python -m benchmarks.coalesce_wait                  # ~6 minutes
     python -m benchmarks.coalesce_wait --smoke          # seconds (the test suite runs this)
 
 One TorchServe (the shipped ONNX archive) and, for each policy (gate off, the calibrated
-cascade), one gateway per wait, all up at once. Closed-loop clients at each concurrency call
-every gateway in turn (``--passes`` times, the order reversed every other pass, so the drift
-of a shared machine falls on each alike). A request waits only while a call for its model is
-in flight, and never longer than that call (the batch leaves when it comes back): the wait
-bounds how long a busy backend's next batch may gather.
+cascade), one gateway per variant (a wait in ms and a limit on TorchServe calls in flight),
+all up at once. Closed-loop clients at each concurrency call every gateway in turn
+(``--passes`` times, the order reversed every other pass, so the drift of a shared machine
+falls on each alike). A request waits only while a call for its model is in flight, and
+never longer than that call (the batch leaves when it comes back): the wait bounds how long
+a busy backend's next batch may gather. With a call limit, a request that finds that many
+calls out waits for one of them to come back, however long that takes.
 
 Writes benchmarks/results/coalesce_wait[-smoke].{md,json}.
 """
@@ -28,14 +31,16 @@ from benchmarks.report import invocation, parser, report_stem, run_facts, store_
 
 def main(argv: list[str] | None = None) -> int:
     p = parser("benchmarks.coalesce_wait", __doc__)
-    p.add_argument("--waits", default="2,10,20", help="coalesce_max_wait_ms values, ms")
+    p.add_argument("--variants", default="2:3,2:0,10:0,10:3",
+                   help="WAIT:CALLS pairs (coalesce_max_wait_ms, coalesce_max_calls; 0: no limit); "
+                        "ratios are to the first")
     p.add_argument("--concurrency", default="1,4,16,64")
     p.add_argument("--passes", type=int, default=3)
     p.add_argument("--seconds", type=float, default=2.0, help="per measurement")
     args = p.parse_args(argv)
     if args.smoke:
-        args.waits, args.concurrency, args.passes, args.seconds = "2,10", "1,4", 1, 0.3
-    waits = [float(w) for w in args.waits.split(",")]
+        args.variants, args.concurrency, args.passes, args.seconds = "2:3,10:0", "1,4", 1, 0.3
+    variants = [(float(w), int(n)) for w, n in (v.split(":") for v in args.variants.split(","))]
     levels = [int(c) for c in args.concurrency.split(",")]
 
     import grpc
@@ -54,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = serve.ServeSettings.on_free_ports(store=args.store, run_dir=tmp / "ts", models=(f"{args.model}-onnx",))
     rows: list[dict] = []
 
-    async def measure(addresses: dict[tuple[str, float], str]) -> None:
+    async def measure(addresses: dict[tuple[str, float, int], str]) -> None:
         async with contextlib.AsyncExitStack() as stack:
             calls = {}
             for key, address in addresses.items():
@@ -68,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                     order = list(calls.items()) if k % 2 == 0 else list(calls.items())[::-1]
                     for key, call in order:
                         got.setdefault((*key, c), []).append(await closed_loop("x", call, c, args.seconds))
-        for (policy, wait, c), results in got.items():
-            rows.append({"policy": policy, "wait_ms": wait, "concurrency": c,
+        for (policy, wait, calls, c), results in got.items():
+            rows.append({"policy": policy, "wait_ms": wait, "max_calls": calls, "concurrency": c,
                          "per_s": float(np.mean([r.per_s for r in results])),
                          "per_s_passes": [round(r.per_s, 1) for r in results],
                          "p50_ms": float(np.mean([r.p50_ms for r in results])),
@@ -79,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         started = {}
         try:
             for policy, store in policies.items():
-                for w in waits:
-                    started[(policy, w)] = start_gateway(store, ts, tmp, models=args.model, **{
-                        "coalesce-max-wait-ms": f"{w:g}"})
+                for w, n in variants:
+                    started[(policy, w, n)] = start_gateway(store, ts, tmp, models=args.model, **{
+                        "coalesce-max-wait-ms": f"{w:g}", "coalesce-max-calls": str(n)})
             asyncio.run(measure({key: address for key, (_, address) in started.items()}))
         finally:
             for proc, _ in started.values():
@@ -94,22 +99,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def label(wait_ms: float, max_calls: int) -> str:
+    return f"{wait_ms:g} ms, " + (f"<= {max_calls} calls" if max_calls else "no call limit")
+
+
 def render(r: dict) -> str:
-    waits = sorted({row["wait_ms"] for row in r["rows"]})
-    base = waits[0]
-    by = {(row["policy"], row["wait_ms"], row["concurrency"]): row for row in r["rows"]}
+    variants = list(dict.fromkeys((row["wait_ms"], row["max_calls"]) for row in r["rows"]))
+    base = variants[0]
+    by = {(row["policy"], row["wait_ms"], row["max_calls"], row["concurrency"]): row for row in r["rows"]}
     lines = [f"# Coalescing wait ({r['date']}, {r['machine']})", "",
              f"Reproduce: `{r['command']}` ({r['seconds_per_measurement']} s per measurement, "
-             f"mean of {r['passes']} passes in turns). Calls/s, and in brackets the ratio to the "
-             f"{base:g} ms wait; p50 in ms.", "",
-             "| policy | clients | " + " | ".join(f"{w:g} ms: calls/s" for w in waits) + " | "
-             + " | ".join(f"{w:g} ms: p50" for w in waits) + " |",
-             "|---|---|" + "---|" * (2 * len(waits))]
+             f"mean of {r['passes']} passes in turns). Variants: the longest wait for company while "
+             f"a call is in flight, and the most TorchServe calls in flight per model. Calls/s, and in "
+             f"brackets the ratio to {label(*base)}; p50 in ms.", "",
+             "| policy | clients | " + " | ".join(f"{label(*v)}: calls/s" for v in variants) + " | "
+             + " | ".join(f"{label(*v)}: p50" for v in variants) + " |",
+             "|---|---|" + "---|" * (2 * len(variants))]
     for policy, c in dict.fromkeys((row["policy"], row["concurrency"]) for row in r["rows"]):
-        ref = by[(policy, base, c)]["per_s"]
-        tput = [f"{by[(policy, w, c)]['per_s']:.0f} ({by[(policy, w, c)]['per_s'] / ref:.2f})" if ref else "–"
-                for w in waits]
-        p50 = [f"{by[(policy, w, c)]['p50_ms']:.1f}" for w in waits]
+        ref = by[(policy, *base, c)]["per_s"]
+        tput = [f"{by[(policy, *v, c)]['per_s']:.0f} ({by[(policy, *v, c)]['per_s'] / ref:.2f})" if ref else "–"
+                for v in variants]
+        p50 = [f"{by[(policy, *v, c)]['p50_ms']:.1f}" for v in variants]
         lines.append(f"| {policy} | {c} | " + " | ".join(tput) + " | " + " | ".join(p50) + " |")
     return "\n".join(lines) + "\n"
 

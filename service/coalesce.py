@@ -16,7 +16,11 @@ When a batch leaves (Nagle's algorithm with an idle bypass):
   turn, so a lone caller waits nothing;
 - calls are in flight: when ``max_batch`` images or ``max_rows`` variant rows are waiting,
   when the in-flight calls have all come back, or ``max_wait_ms`` after the first waiting
-  request, whichever comes first. The busier the backend, the larger the batches.
+  request, whichever comes first. The busier the backend, the larger the batches;
+- ``max_calls`` calls are in flight: when one of them comes back (or the batch is full).
+  TorchServe runs as many calls at once as the model has workers and queues the rest, so a
+  call beyond workers + 1 would only wait there, where nothing can join it; held here, the
+  requests behind it leave as one call.
 
 Each caller keeps its own deadline: the call is sent with the latest of the batch's
 deadlines, a caller whose deadline passes first gets ``DeadlineExceeded`` alone, and a
@@ -51,6 +55,9 @@ class CoalesceConfig:
     (at most the handler's ``max_batch_rows``)."""
     max_bytes: int = 2 << 20
     """Image bytes in one call, well inside the gRPC message limits on both sides."""
+    max_calls: int = 3
+    """TorchServe calls in flight for one model; more requests wait (gathering into the next
+    batch) until one comes back, unless they fill a batch. 0: no limit."""
 
     def __post_init__(self) -> None:
         if not 2 <= self.max_batch <= HANDLER_MAX_BATCH_ITEMS:
@@ -59,6 +66,8 @@ class CoalesceConfig:
             raise ValueError("max_wait_ms must be >= 0")
         if self.max_rows < 1 or self.max_bytes < 1:
             raise ValueError("max_rows and max_bytes must be >= 1")
+        if self.max_calls < 0:
+            raise ValueError("max_calls must be >= 0")
 
 
 def plan_rows(plan: probe_pb2.ProbePlan | None) -> int:
@@ -115,7 +124,7 @@ class Coalescer:
         lane.nbytes += w.nbytes
         if len(lane.waiting) >= cfg.max_batch or lane.rows >= cfg.max_rows or lane.nbytes >= cfg.max_bytes:
             self._flush(key)
-        elif lane.timer is None:
+        elif lane.timer is None and not self._at_limit(lane):
             delay = 0.0 if lane.inflight == 0 else self.config.max_wait_ms / 1000.0
             lane.timer = loop.call_later(delay, self._flush, key)
         try:
@@ -125,6 +134,9 @@ class Coalescer:
         finally:
             if not w.future.done():  # the caller is gone (deadline, cancelled): not sent if still waiting
                 w.future.cancel()
+
+    def _at_limit(self, lane: _Lane) -> bool:
+        return 0 < self.config.max_calls <= lane.inflight
 
     def _flush(self, key: tuple[str, str]) -> None:
         lane = self._lanes[key]
@@ -174,8 +186,8 @@ class Coalescer:
         finally:
             lane = self._lanes[key]
             lane.inflight -= 1
-            if lane.inflight == 0 and lane.waiting:
-                self._flush(key)  # the backend is idle: no reason to wait longer
+            if lane.waiting and (lane.inflight == 0 or (lane.timer is None and not self._at_limit(lane))):
+                self._flush(key)  # the backend is idle, or the held batch may leave now
         for w, out in zip(batch, outs):
             if w.future.done():
                 continue

@@ -376,7 +376,8 @@ async def start(settings: Settings, registry: Registry | None = None) -> Gateway
     coalescer = None
     if settings.coalesce_max_batch >= 2:
         coalescer = Coalescer(backend, CoalesceConfig(settings.coalesce_max_batch, settings.coalesce_max_wait_ms,
-                                                      settings.coalesce_max_rows), metrics)
+                                                      settings.coalesce_max_rows,
+                                                      max_calls=settings.coalesce_max_calls), metrics)
     pipeline = Pipeline(registry, coalescer or backend, limits, settings.backend_timeout_s, settings.seed, tracing)
     admission = Admission(settings.max_inflight, metrics)
     caller_token = auth_token(settings)

@@ -269,11 +269,12 @@ def test_serving_targets_read_each_bound_the_right_way() -> None:
 
 def test_coalesce_wait_benchmark_smoke(default_store: Path, tmp_path: Path) -> None:
     report = _run("benchmarks.coalesce_wait", tmp_path)
-    keys = {(r["policy"], r["wait_ms"], r["concurrency"]) for r in report["rows"]}
-    assert keys == {(p, w, c) for p in ("gate off", "cascade") for w in (2.0, 10.0) for c in (1, 4)}
+    keys = {(r["policy"], r["wait_ms"], r["max_calls"], r["concurrency"]) for r in report["rows"]}
+    assert keys == {(p, *v, c) for p in ("gate off", "cascade") for v in ((2.0, 3), (10.0, 0)) for c in (1, 4)}
     assert all(r["per_s"] > 0 and r["errors"] == 0 for r in report["rows"])
     md = (tmp_path / "coalesce_wait-smoke.md").read_text()
     assert md.startswith("# Coalescing wait") and "| cascade | 4 |" in md and "(1.00)" in md
+    assert "2 ms, <= 3 calls: calls/s" in md and "10 ms, no call limit: p50" in md
 
 
 def test_serving_targets_read_the_added_latency_from_the_rows_in_turns() -> None:

@@ -112,6 +112,54 @@ def test_busy_backend_gathers_for_at_most_max_wait() -> None:
     assert took < 0.55  # answered ~0.3 s after being sent, not after the first call came back too
 
 
+def test_at_max_calls_requests_gather_until_a_call_comes_back() -> None:
+    async def main():
+        backend = ScriptedBackend(delay_s=0.3)
+        c = Coalescer(backend, CoalesceConfig(max_batch=64, max_wait_ms=20, max_calls=1))
+        first = await occupy(c)
+        second = [asyncio.ensure_future(c.probe("m", image(i), None, 5.0)) for i in (2, 3, 4)]
+        await asyncio.sleep(0.1)  # past max_wait_ms, but the one call allowed is still out
+        held = list(backend.calls)
+        outs = await asyncio.gather(first, *second)
+        return held, list(backend.calls), [int(o.logits[0, 0]) for o in outs]
+
+    held, calls, answers = run(main())
+    assert held == [1]
+    assert calls == [1, 3]  # the held requests left together once the first call came back
+    assert answers == [1, 2, 3, 4]
+
+
+def test_a_full_batch_leaves_even_at_max_calls() -> None:
+    async def main():
+        backend = ScriptedBackend(delay_s=0.3)
+        c = Coalescer(backend, CoalesceConfig(max_batch=2, max_wait_ms=20, max_calls=1))
+        first = await occupy(c)
+        second = [asyncio.ensure_future(c.probe("m", image(i), None, 5.0)) for i in (2, 3)]
+        await asyncio.sleep(0.05)
+        sent = list(backend.calls)
+        await asyncio.gather(first, *second)
+        return sent
+
+    assert run(main()) == [1, 2]
+
+
+def test_a_request_held_at_max_calls_keeps_its_deadline_and_is_not_sent() -> None:
+    async def main():
+        backend = ScriptedBackend(delay_s=0.3)
+        c = Coalescer(backend, CoalesceConfig(max_batch=64, max_wait_ms=1, max_calls=1))
+        first = await occupy(c)
+        t = time.perf_counter()
+        short = await asyncio.gather(c.probe("m", image(2), None, 0.05), return_exceptions=True)
+        took = time.perf_counter() - t
+        await first
+        await c.close()
+        return short[0], took, list(backend.calls)
+
+    short, took, calls = run(main())
+    assert isinstance(short, DeadlineExceeded) and took < 0.25
+    assert calls == [1]
+
+
 def test_row_budget_splits_batches() -> None:
     plan = probe_pb2.ProbePlan(version=1, noise=probe_pb2.NoiseProbe(sigma=0.25, count=99))
     assert plan_rows(plan) == 100 and plan_rows(None) == 1
@@ -164,6 +212,8 @@ def test_config_is_checked() -> None:
         CoalesceConfig(max_batch=1)
     with pytest.raises(ValueError, match="max_wait_ms"):
         CoalesceConfig(max_wait_ms=-1)
+    with pytest.raises(ValueError, match="max_calls"):
+        CoalesceConfig(max_calls=-1)
 
 
 def test_gateway_coalesces_concurrent_requests_without_changing_answers(
