@@ -23,10 +23,12 @@ Closed-loop asyncio clients over loopback at each concurrency, for a fixed time 
   fixed budget of the same maximum;
 - naive: the gate's variants sent to the batching archive as separate one-image calls from
   the client;
-- the gate's cost at one client ("in turns" rows): the gateway with the gate off, with the
-  cascade and with every check on, and each gated row's first probe in process, all up at
-  once and measured in turns of a fraction of a second, so the drift of a shared machine
-  over the run falls on each alike; the gate-cost ratios read these rows.
+- the gate's cost at one client ("in turns" rows): TorchServe directly, the gateway with the
+  gate off, with the cascade and with every check on, a bare call to the gate-off gateway
+  (its health check: the floor under the latency it adds), and each gated row's first probe
+  in process, all up at once and measured in turns of a fraction of a second, so the drift
+  of a shared machine over the run falls on each alike; the gate-cost and added-latency
+  ratios read these rows.
 
 Writes benchmarks/results/serving[-smoke].{md,json,png}. On a 2-core machine the load generator
 shares the cores with the servers: compare the ratios, which carry across machines, more
@@ -341,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(c) for c in args.concurrency.split(",")]
 
     import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from model_store import data, serve
     from robustgate.torchserve import inference_pb2, inference_pb2_grpc
@@ -507,6 +510,9 @@ def main(argv: list[str] | None = None) -> int:
                     ch = await stack.enter_async_context(grpc.aio.insecure_channel(address))
                     stub = pb_grpc.ClassifierServiceStub(ch)
                     calls[name] = lambda i, stub=stub: stub.Classify(reqs[i % len(reqs)], timeout=30)
+                    if name == GATE_OFF:  # the same server answering from memory: the hop alone
+                        health = health_pb2_grpc.HealthStub(ch)
+                        calls[BARE_CALL] = lambda i: health.Check(health_pb2.HealthCheckRequest(), timeout=30)
                     await closed_loop("warm-up", calls[name], 1, warm_s / 5)
                 calls.update(probes)
                 with like_a_worker():
@@ -560,6 +566,7 @@ DIRECT_TS = "TorchServe direct (plain), TorchScript archive"
 GATE_OFF_TS = "gateway, gate off, TorchScript backend"
 IN_PROCESS = "in-process ONNX Runtime"
 IN_PROCESS_VARIANTS = "in-process ONNX Runtime, the first probe of"
+BARE_CALL = "gateway, gate off: a bare call (grpc.health.v1 Health/Check, answered from memory)"
 
 
 def _find(results: list[Result], name: str, c: int) -> Result | None:
@@ -611,6 +618,9 @@ def ratios(results: list[Result], levels: list[int]) -> dict[str, float]:
         ra, rb = _find(results, name, c), _find(results, base, c)
         if measured(ra, rb):
             out[f"added p50 ms, {name} vs {base} (c={c})"] = round(ra.p50_ms - rb.p50_ms, 3)
+    bare = _find(results, INTERLEAVED + BARE_CALL, 1)
+    if measured(bare):  # the floor under the added latency: one gRPC round trip to the gateway's server
+        out[f"p50 ms, {INTERLEAVED}{BARE_CALL} (c=1)"] = round(bare.p50_ms, 3)
     plain = _find(results, INTERLEAVED + GATE_OFF, 1)
     for name in GATED:
         gated = _find(results, INTERLEAVED + name, 1)

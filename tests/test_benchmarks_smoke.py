@@ -57,7 +57,8 @@ def test_serving_benchmark_smoke(default_store: Path, tmp_path: Path) -> None:
     assert any(n.endswith("(cascade) (10 rows)") for n in limits), limits
     # ... and in turns with the gateways, which the ratios read
     turns = {r["name"]: r for r in report["results"] if r["name"].startswith(b.INTERLEAVED)}
-    assert {b.INTERLEAVED + n for n in (b.DIRECT, b.GATE_OFF, *b.GATED)} <= set(turns)
+    assert {b.INTERLEAVED + n for n in (b.DIRECT, b.GATE_OFF, b.BARE_CALL, *b.GATED)} <= set(turns)
+    assert report["ratios"][f"p50 ms, {b.INTERLEAVED}{b.BARE_CALL} (c=1)"] > 0  # the hop under the added latency
     assert sum(n.startswith(b.INTERLEAVED + b.IN_PROCESS_VARIANTS) for n in turns) == 2
     assert all(r["concurrency"] == 1 and r["calls"] > 0 for r in turns.values())
     for gated in b.GATED:
