@@ -50,15 +50,15 @@ class Settings:
     coalesce_max_batch: int = 32
     """Coalesce concurrent requests for one model into one TorchServe call of at most this many
     images, each with its own plan (at most the handler's max_batch_items); 0 or 1: off. On by
-    default: against TorchServe's batching alone it lowers the p50 at one client (8.2 against
-    9.5 ms on the machine of 2026-12-03, 2.4 against 4.9 on a faster one) and gives 0.8-1.2x
-    the throughput at 4-64 clients (1.2-2.0x on the faster machine); a lone request leaves at
-    once (README, Results; benchmarks/results/serving.md)."""
+    default: against TorchServe's batching alone it lowers the p50 at one client (4.3 against
+    7.9 ms on the machine of 2026-12-03) and gives 1.4-1.7x the throughput at 1-64 clients
+    with the gate off, 1.0-1.2x with the cascade; a lone request leaves at once (README,
+    Results; benchmarks/results/serving.md)."""
     coalesce_max_wait_ms: float = 2.0
     """With coalescing on: longest a request waits for company while the backend is busy (a lone
     request leaves at once, and a waiting batch leaves when the call in flight comes back).
-    Near saturation a longer wait fills batches: 10 ms gave 1.2x the throughput at 64 clients
-    but 0.9x for the gated path at 4-16 (benchmarks/results/coalesce_wait.md)."""
+    Near saturation ``coalesce_max_calls`` is what fills batches; a 10 ms wait without it gave
+    1.1x the throughput at 64 clients but 0.8x at 4 (benchmarks/results/coalesce_wait.md)."""
     coalesce_max_rows: int = 4096
     """With coalescing on: variant rows (images x (1 + variants)) in one TorchServe call."""
     coalesce_max_calls: int = 3
