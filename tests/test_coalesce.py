@@ -224,7 +224,8 @@ def test_gateway_coalesces_concurrent_requests_without_changing_answers(
     metrics_port = free_port()
     plain, plain_addr = start_gateway(calibrated_store, torchserve, tmp_path, **{"coalesce-max-batch": "0"})
     merged, merged_addr = start_gateway(calibrated_store, torchserve, tmp_path, **{
-        "coalesce-max-batch": "16", "coalesce-max-wait-ms": "5", "metrics-port": str(metrics_port)})
+        "coalesce-max-batch": "16", "coalesce-max-wait-ms": "5", "coalesce-max-calls": "1",
+        "metrics-port": str(metrics_port)})  # one call at a time: the rest are held and gather
     try:
         def classify_all(address: str):
             with Client(address, timeout_s=60) as c, ThreadPoolExecutor(24) as pool:
@@ -245,6 +246,20 @@ def test_gateway_coalesces_concurrent_requests_without_changing_answers(
     finally:
         stop(plain)
         stop(merged)
+
+
+def test_coalesce_max_calls_is_a_setting() -> None:
+    from service.settings import Settings, from_args
+
+    import yaml
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "handlers" / "model-config.yaml").read_text())
+    # the shipped archives' workers + 1: one call ready behind the busy ones (docs say so too)
+    assert Settings().coalesce_max_calls == config["maxWorkers"] + 1 == 3
+    assert from_args(["--coalesce-max-calls", "0"], environ={}).coalesce_max_calls == 0
+    assert from_args([], environ={"ROBUSTGATE_COALESCE_MAX_CALLS": "5"}).coalesce_max_calls == 5
+    with pytest.raises(ValueError, match="coalesce_max_calls"):
+        Settings(coalesce_max_calls=-1)
 
 
 def test_stream_window_is_a_setting_of_at_least_one() -> None:
