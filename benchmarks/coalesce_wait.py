@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.variants, args.concurrency, args.passes, args.seconds = "2:3,10:0", "1,4", 1, 0.3
     variants = [(float(w), int(n)) for w, n in (v.split(":") for v in args.variants.split(","))]
+    if len(set(variants)) != len(variants):
+        p.error("--variants: each WAIT:CALLS pair once")
     levels = [int(c) for c in args.concurrency.split(",")]
 
     import grpc
@@ -73,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
                     order = list(calls.items()) if k % 2 == 0 else list(calls.items())[::-1]
                     for key, call in order:
                         got.setdefault((*key, c), []).append(await closed_loop("x", call, c, args.seconds))
-        for (policy, wait, calls, c), results in got.items():
-            rows.append({"policy": policy, "wait_ms": wait, "max_calls": calls, "concurrency": c,
+        for (policy, wait, max_calls, c), results in got.items():
+            rows.append({"policy": policy, "wait_ms": wait, "max_calls": max_calls, "concurrency": c,
                          "per_s": float(np.mean([r.per_s for r in results])),
                          "per_s_passes": [round(r.per_s, 1) for r in results],
                          "p50_ms": float(np.mean([r.p50_ms for r in results])),

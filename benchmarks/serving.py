@@ -334,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="1,4,16,64")
     p.add_argument("--coalesce-max-batch", type=int, default=32)
     p.add_argument("--coalesce-max-wait-ms", type=float, default=2.0)
+    p.add_argument("--coalesce-max-calls", type=int, default=3, help="TorchServe calls in flight per model; 0: no limit")
     p.add_argument("--stream-window", type=int, default=16,
                    help="items in flight per ClassifyStream (the gateway's --stream-window)")
     args = p.parse_args(argv)
@@ -376,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     probes = variant_probes(args.store, args.model, {CASCADE: args.store, EVERY_CHECK: gate_all}, images)
     results += in_process_variants(probes, len(images), args.seconds)
     coalesce = {"models": args.model, "coalesce-max-batch": str(args.coalesce_max_batch),
-                "coalesce-max-wait-ms": str(args.coalesce_max_wait_ms), "stream-window": str(args.stream_window)}
+                "coalesce-max-wait-ms": str(args.coalesce_max_wait_ms),
+                "coalesce-max-calls": str(args.coalesce_max_calls), "stream-window": str(args.stream_window)}
     cheap_rows = None
 
     tensors = [encode_tensor(im[None]) for im in images]
@@ -545,7 +547,8 @@ def main(argv: list[str] | None = None) -> int:
               "results": [dataclasses.asdict(r) | {"per_s": r.per_s} for r in results]}
     report["ratios"] = ratios(results, levels)
     report["cpu_ms_per_call"] = cpu_per_call
-    report["coalescing"] = {"max_batch": args.coalesce_max_batch, "max_wait_ms": args.coalesce_max_wait_ms}
+    report["coalescing"] = {"max_batch": args.coalesce_max_batch, "max_wait_ms": args.coalesce_max_wait_ms,
+                            "max_calls": args.coalesce_max_calls}
     stem = report_stem("benchmarks.serving", args.smoke)
     write_report(args.out, stem, report, render(report, f"{stem}.png"))
     plot(results, args.out / f"{stem}.png")
@@ -706,8 +709,11 @@ def render(r: dict, png: str | None = None) -> str:
                          + f" | {sum(v.values()):.3f} |")
     if "coalescing" in r:
         c = r["coalescing"]
+        calls = c.get("max_calls")  # absent from reports older than the limit
+        limit = ("" if calls is None else f", at most {calls} calls in flight per model" if calls
+                 else ", no limit on calls in flight")
         lines += ["", f"Coalescing: up to {c['max_batch']} images per TorchServe call, "
-                      f"waiting at most {c['max_wait_ms']} ms while the backend is busy."]
+                      f"waiting at most {c['max_wait_ms']} ms while the backend is busy{limit}."]
     if png:
         lines += ["", f"![throughput and p50 latency against concurrency]({png})"]
     return "\n".join(lines) + "\n"

@@ -30,6 +30,7 @@ request whose deadline has already passed when its batch leaves is not sent.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -134,6 +135,18 @@ class Coalescer:
         finally:
             if not w.future.done():  # the caller is gone (deadline, cancelled): not sent if still waiting
                 w.future.cancel()
+                self._forget(lane, w)
+
+    @staticmethod
+    def _forget(lane: _Lane, w: _Waiting) -> None:
+        """Take a departed caller's request out of its lane, so it neither fills a batch nor
+        counts toward its rows (held requests may wait a while at ``max_calls``)."""
+        for i, x in enumerate(lane.waiting):
+            if x is w:
+                del lane.waiting[i]
+                lane.rows -= w.rows
+                lane.nbytes -= w.nbytes
+                break
 
     def _at_limit(self, lane: _Lane) -> bool:
         return 0 < self.config.max_calls <= lane.inflight
@@ -158,7 +171,19 @@ class Coalescer:
         lane.inflight += 1
         task = asyncio.get_running_loop().create_task(self._send(key, live))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(functools.partial(self._call_done, key, live))
+
+    def _call_done(self, key: tuple[str, str], batch: list[_Waiting], task: asyncio.Task) -> None:
+        """However the call ended (answered, failed, cancelled before it ran): count it back,
+        answer any caller it left waiting, and let held requests leave."""
+        self._tasks.discard(task)
+        for w in batch:
+            if not w.future.done():
+                w.future.set_exception(BackendUnavailable("backend is unavailable"))
+        lane = self._lanes[key]
+        lane.inflight -= 1
+        if lane.waiting and (lane.inflight == 0 or (lane.timer is None and not self._at_limit(lane))):
+            self._flush(key)  # the backend is idle, or the requests held at max_calls may leave
 
     async def _send(self, key: tuple[str, str], batch: list[_Waiting]) -> None:
         model_name, version = key
@@ -183,11 +208,6 @@ class Coalescer:
         except Exception:  # never leave a caller hanging on a bug
             log.exception("coalesced backend call failed")
             outs = [BackendUnavailable("backend is unavailable")] * len(batch)
-        finally:
-            lane = self._lanes[key]
-            lane.inflight -= 1
-            if lane.waiting and (lane.inflight == 0 or (lane.timer is None and not self._at_limit(lane))):
-                self._flush(key)  # the backend is idle, or the held batch may leave now
         for w, out in zip(batch, outs):
             if w.future.done():
                 continue
@@ -212,4 +232,5 @@ class Coalescer:
             if lane.waiting:
                 self._flush(key)
         while self._tasks:  # a finishing call may start the next batch
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            # shielded: a cancelled close() must not cancel the calls callers are waiting on
+            await asyncio.shield(asyncio.gather(*list(self._tasks), return_exceptions=True))

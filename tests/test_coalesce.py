@@ -24,10 +24,14 @@ from tests.test_gateway import png, scrape, start_gateway, stop
 class ScriptedBackend:
     """Answers after ``delay_s``; an image whose first pixel is 255 is refused as bad input."""
 
-    def __init__(self, delay_s: float = 0.01, fail: Exception | None = None) -> None:
+    def __init__(self, delay_s: float = 0.01, fail: Exception | None = None, delays: list[float] | None = None) -> None:
         self.delay_s = delay_s
         self.fail = fail
+        self.delays = list(delays or [])  # the first calls' own delays, in order
         self.calls: list[int] = []  # images per call
+
+    def _delay(self) -> float:
+        return self.delays.pop(0) if self.delays else self.delay_s
 
     def _answer(self, image: np.ndarray) -> ProbeOutput | InvalidInput:
         if image.flat[0] == 255:
@@ -37,7 +41,7 @@ class ScriptedBackend:
 
     async def probe(self, model_name, image, plan, timeout_s, version=""):
         self.calls.append(1)
-        await asyncio.sleep(self.delay_s)
+        await asyncio.sleep(self._delay())
         if self.fail is not None:
             raise self.fail
         out = self._answer(image)
@@ -47,7 +51,7 @@ class ScriptedBackend:
 
     async def probe_batch(self, model_name, items, timeout_s, version=""):
         self.calls.append(len(items))
-        await asyncio.sleep(self.delay_s)
+        await asyncio.sleep(self._delay())
         if self.fail is not None:
             raise self.fail
         return [self._answer(image) for image, _ in items]
@@ -129,6 +133,56 @@ def test_at_max_calls_requests_gather_until_a_call_comes_back() -> None:
     assert answers == [1, 2, 3, 4]
 
 
+def test_held_requests_leave_when_any_call_comes_back_not_only_the_last() -> None:
+    async def main():
+        backend = ScriptedBackend(delays=[0.6, 0.1, 0.1])
+        c = Coalescer(backend, CoalesceConfig(max_batch=64, max_wait_ms=1, max_calls=2))
+        slow = await occupy(c)  # 0.6 s
+        fast = await occupy(c)  # 0.1 s: 2 calls out, the limit
+        t = time.perf_counter()
+        held = await asyncio.gather(*(c.probe("m", image(i), None, 5.0) for i in (3, 4)))
+        took = time.perf_counter() - t
+        await asyncio.gather(slow, fast)
+        return took, [int(o.logits[0, 0]) for o in held], backend.calls
+
+    took, answers, calls = run(main())
+    assert answers == [3, 4] and calls == [1, 1, 2]
+    assert took < 0.4  # sent when the fast call came back (~0.2 s), not after the slow one (~0.6 s)
+
+
+def test_callers_gone_while_held_do_not_fill_a_batch() -> None:
+    async def main():
+        backend = ScriptedBackend(delay_s=0.4)
+        c = Coalescer(backend, CoalesceConfig(max_batch=4, max_wait_ms=1, max_calls=1))
+        first = await occupy(c)
+        gone = await asyncio.gather(*(c.probe("m", image(i), None, 0.05) for i in (2, 3, 4)), return_exceptions=True)
+        live = asyncio.ensure_future(c.probe("m", image(5), None, 5.0))
+        await asyncio.sleep(0.05)
+        sent = list(backend.calls)  # the departed three plus this one must not count as a full batch
+        await asyncio.gather(first, live)
+        return gone, sent, backend.calls, int(live.result().logits[0, 0])
+
+    gone, sent, calls, answer = run(main())
+    assert all(isinstance(g, DeadlineExceeded) for g in gone)
+    assert sent == [1] and calls == [1, 1] and answer == 5
+
+
+def test_a_call_cancelled_before_answering_fails_its_callers_and_frees_the_lane() -> None:
+    async def main():
+        backend = ScriptedBackend(delay_s=0.3)
+        c = Coalescer(backend, CoalesceConfig(max_batch=8, max_wait_ms=1, max_calls=1))
+        first = await occupy(c)
+        for task in list(c._tasks):
+            task.cancel()
+        failed = (await asyncio.gather(first, return_exceptions=True))[0]
+        backend.delay_s = 0.0
+        after = await c.probe("m", image(7), None, 1.0)  # the lane is not stuck at its limit
+        return failed, int(after.logits[0, 0])
+
+    failed, after = run(main())
+    assert isinstance(failed, BackendUnavailable) and after == 7
+
+
 def test_a_full_batch_leaves_even_at_max_calls() -> None:
     async def main():
         backend = ScriptedBackend(delay_s=0.3)
@@ -145,7 +199,7 @@ def test_a_full_batch_leaves_even_at_max_calls() -> None:
 
 def test_a_request_held_at_max_calls_keeps_its_deadline_and_is_not_sent() -> None:
     async def main():
-        backend = ScriptedBackend(delay_s=0.3)
+        backend = ScriptedBackend(delay_s=1.0)
         c = Coalescer(backend, CoalesceConfig(max_batch=64, max_wait_ms=1, max_calls=1))
         first = await occupy(c)
         t = time.perf_counter()
@@ -156,7 +210,7 @@ def test_a_request_held_at_max_calls_keeps_its_deadline_and_is_not_sent() -> Non
         return short[0], took, list(backend.calls)
 
     short, took, calls = run(main())
-    assert isinstance(short, DeadlineExceeded) and took < 0.25
+    assert isinstance(short, DeadlineExceeded) and took < 0.5  # not held until the call came back (1 s)
     assert calls == [1]
 
 
