@@ -417,7 +417,8 @@ async def start(settings: Settings, registry: Registry | None = None) -> Gateway
              settings.host, port, "mutual TLS" if settings.tls_client_ca_file else "TLS" if creds else "plaintext",
              ", bearer token" if caller_token else "", metrics_port if metrics_port is not None else "off", settings.otlp_endpoint or "off",
              ", ".join(m.name for m in registry.all()), settings.torchserve_address, settings.backend_format,
-             f"coalescing up to {settings.coalesce_max_batch} images / {settings.coalesce_max_wait_ms:g} ms"
+             f"coalescing up to {settings.coalesce_max_batch} images / {settings.coalesce_max_wait_ms:g} ms / "
+             f"{settings.coalesce_max_calls or 'unlimited'} calls in flight"
              if coalescer else "no coalescing")
     return Gateway(server, port, backend, health_servicer, admission, [task], metrics, metrics_port, metrics_server,
                    tracing, coalescer)
