@@ -27,19 +27,22 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.report import invocation, parser, report_stem, run_facts, store_with_policy, write_report
+from service.settings import Settings
 
 
 def main(argv: list[str] | None = None) -> int:
     p = parser("benchmarks.coalesce_wait", __doc__)
-    p.add_argument("--variants", default="2:3,2:0,10:0,10:3",
+    shipped = Settings()
+    wait, calls = f"{shipped.coalesce_max_wait_ms:g}", shipped.coalesce_max_calls
+    p.add_argument("--variants", default=f"{wait}:{calls},{wait}:0,10:0,10:{calls}",
                    help="WAIT:CALLS pairs (coalesce_max_wait_ms, coalesce_max_calls; 0: no limit); "
-                        "ratios are to the first")
+                        "ratios are to the first (default %(default)s: the gateway's own settings first)")
     p.add_argument("--concurrency", default="1,4,16,64")
     p.add_argument("--passes", type=int, default=3)
     p.add_argument("--seconds", type=float, default=2.0, help="per measurement")
     args = p.parse_args(argv)
     if args.smoke:
-        args.variants, args.concurrency, args.passes, args.seconds = "2:3,10:0", "1,4", 1, 0.3
+        args.variants, args.concurrency, args.passes, args.seconds = f"{wait}:{calls},10:0", "1,4", 1, 0.3
     variants = [(float(w), int(n)) for w, n in (v.split(":") for v in args.variants.split(","))]
     if len(set(variants)) != len(variants):
         p.error("--variants: each WAIT:CALLS pair once")

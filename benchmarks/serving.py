@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.report import parser, report_stem, run_facts, store_with_policy, write_report
+from service.settings import Settings
 
 
 @dataclasses.dataclass
@@ -332,10 +333,12 @@ def main(argv: list[str] | None = None) -> int:
     p = parser("benchmarks.serving", __doc__)
     p.add_argument("--seconds", type=float, default=4.0, help="per measurement")
     p.add_argument("--concurrency", default="1,4,16,64")
-    p.add_argument("--coalesce-max-batch", type=int, default=32)
-    p.add_argument("--coalesce-max-wait-ms", type=float, default=2.0)
-    p.add_argument("--coalesce-max-calls", type=int, default=3, help="TorchServe calls in flight per model; 0: no limit")
-    p.add_argument("--stream-window", type=int, default=16,
+    shipped = Settings()  # the gateway's defaults, so the rows "as shipped" follow them
+    p.add_argument("--coalesce-max-batch", type=int, default=shipped.coalesce_max_batch)
+    p.add_argument("--coalesce-max-wait-ms", type=float, default=shipped.coalesce_max_wait_ms)
+    p.add_argument("--coalesce-max-calls", type=int, default=shipped.coalesce_max_calls,
+                   help="TorchServe calls in flight per model; 0: no limit")
+    p.add_argument("--stream-window", type=int, default=shipped.stream_window,
                    help="items in flight per ClassifyStream (the gateway's --stream-window)")
     args = p.parse_args(argv)
     warm_s, turns = 5.0, 10
