@@ -10,10 +10,13 @@ in process, on the served model's TorchScript export and the handler's own varia
 (:func:`handlers.probe.expand`), with the served policy's references and probe, for:
 
 - squeeze measurements only (the detector before it read context);
-- with context (:data:`service.gate.squeeze_detector.CONTEXT_FEATURES`, as shipped);
-- both again with the whole budget aimed at the attacks (the shifted sets weigh nothing);
-- with context, a gradient-boosted and an MLP classifier (scikit-learn) in place of the
-  logistic regression (their decision values ranked the same way).
+- with context (:data:`service.gate.squeeze_detector.CONTEXT_FEATURES`: the views and the
+  density distance);
+- with context and jitter (:data:`~service.gate.squeeze_detector.JITTER_FEATURES`: four
+  copies with Gaussian noise of sigma 0.03; as shipped);
+- each again with the whole budget aimed at the attacks (the shifted sets weigh nothing);
+- with context and jitter, a gradient-boosted and an MLP classifier (scikit-learn) in place
+  of the logistic regression (their decision values ranked the same way).
 
 Each is measured on test images the fits never saw: clean images, and FGSM / PGD (the
 calibration's own attack code, float pixels, as the robustness report sends them), 40-degree
@@ -28,7 +31,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,39 +48,45 @@ from service.gate.calibrate import DEFAULT_CONFIDENCE, DEFAULT_FLAG_RATE, rate_w
 from service.gate.checks import Check
 from service.gate.engine import RawScores, detector_input, raw_scores
 from service.gate.policy_io import load_policy
-from service.gate.squeeze_detector import CONTEXT_FEATURES, fit_squeeze_detector
+from service.gate.defaults import DEFAULT_JITTER, DEFAULT_VIEWS
+from service.gate.squeeze_detector import CONTEXT_FEATURES, JITTER_FEATURES, fit_squeeze_detector
 from service.pipeline import spec_to_proto
 
 CHECKS = (Check.SQUEEZE, Check.VIEWPOINT, Check.DENSITY)
 ATTACK_SETS = ("fgsm@0.03", "fgsm@0.1", "pgd@0.03", "pgd@0.1")
-Fitter = Callable[[np.ndarray, np.ndarray, np.ndarray], Callable[[np.ndarray], np.ndarray]]
+Fitter = Callable[[np.ndarray, np.ndarray, np.ndarray, tuple[str, ...]], Callable[[np.ndarray], np.ndarray]]
+JITTER = CONTEXT_FEATURES + JITTER_FEATURES
 
 
 @dataclass(frozen=True)
 class Variant:
     name: str
-    context: bool
+    context: tuple[str, ...]
     attacks_only: bool = False
     fitter: str = "logistic"
 
 
 VARIANTS = (
-    Variant("squeeze measurements only", context=False),
-    Variant("with context (shipped)", context=True),
-    Variant("squeeze only, whole budget on attacks", context=False, attacks_only=True),
-    Variant("with context, whole budget on attacks", context=True, attacks_only=True),
-    Variant("with context, gradient boosting", context=True, fitter="gbm"),
-    Variant("with context, MLP (32 hidden)", context=True, fitter="mlp"),
+    Variant("squeeze measurements only", context=()),
+    Variant("with context", context=CONTEXT_FEATURES),
+    Variant("with context and jitter (shipped)", context=JITTER),
+    Variant("squeeze only, whole budget on attacks", context=(), attacks_only=True),
+    Variant("with context, whole budget on attacks", context=CONTEXT_FEATURES, attacks_only=True),
+    Variant("with context and jitter, whole budget on attacks", context=JITTER, attacks_only=True),
+    Variant("with context and jitter, gradient boosting", context=JITTER, fitter="gbm"),
+    Variant("with context and jitter, MLP (32 hidden)", context=JITTER, fitter="mlp"),
 )
 
 
-def _logistic(clean: np.ndarray, attacked: np.ndarray, weights: np.ndarray):
-    det = fit_squeeze_detector(clean, attacked, weights)
+def _logistic(clean: np.ndarray, attacked: np.ndarray, weights: np.ndarray, context: tuple[str, ...]):
+    jitter = (DEFAULT_JITTER.count, DEFAULT_JITTER.sigma) if JITTER_FEATURES[0] in context else (0, 0.0)
+    views = len(DEFAULT_VIEWS) if context else 0
+    det = fit_squeeze_detector(clean, attacked, weights, context=context, views=views, jitter=jitter)
     return det.decision
 
 
 def _sklearn(kind: str) -> Fitter:
-    def fit(clean: np.ndarray, attacked: np.ndarray, weights: np.ndarray):
+    def fit(clean: np.ndarray, attacked: np.ndarray, weights: np.ndarray, context: tuple[str, ...]):
         from sklearn.ensemble import HistGradientBoostingClassifier
         from sklearn.neural_network import MLPClassifier
 
@@ -98,11 +107,13 @@ FITTERS: dict[str, Fitter] = {"logistic": _logistic, "gbm": _sklearn("gbm"), "ml
 
 
 class Prober:
-    """The cheap probe of the served policy, in process: raw scores per image."""
+    """The cheap probe of the served policy, in process: raw scores per image (with the
+    default jitter copies where the policy sends none, so every variant can be measured)."""
 
     def __init__(self, store: Path, model: str) -> None:
         self.policy = load_policy(store / model / "policy.json")
-        self.spec = self.policy.cheap_plan(0)
+        spec = self.policy.cheap_plan(0)
+        self.spec = spec if spec.jitter.count else replace(spec, jitter=DEFAULT_JITTER)
         self.plan = spec_to_proto(self.spec)
         self.ts = torch.jit.load(str(store / model / "model.pt")).eval()
 
@@ -121,8 +132,8 @@ class Prober:
         return out
 
 
-def _features(raws: list[RawScores], context: bool) -> np.ndarray:
-    return np.array([detector_input(r, CONTEXT_FEATURES if context else ()) for r in raws])
+def _features(raws: list[RawScores], context: tuple[str, ...]) -> np.ndarray:
+    return np.array([detector_input(r, context) for r in raws])
 
 
 def run(store: Path, model: str, calib_images: int | None, attack_images: int, test_clean: int,
@@ -157,7 +168,8 @@ def run(store: Path, model: str, calib_images: int | None, attack_images: int, t
         att = [k for k in ref if is_attack[k]]
         w_att = np.concatenate([np.full(len(ref[k]), 1.0 / len(ref[k])) for k in att])
         decide = FITTERS[v.fitter](_features(part_a, v.context),
-                                   np.concatenate([_features(ref[k], v.context) for k in att]), w_att)
+                                   np.concatenate([_features(ref[k], v.context) for k in att]), w_att,
+                                   v.context)
 
         def scores(raws: list[RawScores]) -> dict[Check, np.ndarray]:
             return {Check.SQUEEZE: np.asarray(decide(_features(raws, v.context)), dtype=np.float64),

@@ -10,12 +10,16 @@ detected") traced their success on MNIST to its zero border. This study measures
 on clean images a production client may send: the same garments JPEG-compressed or with
 slight sensor noise.
 
-Both detectors are the gate's own logistic regression
+All three detectors are the gate's own logistic regression
 (:func:`service.gate.squeeze_detector.fit_squeeze_detector`), fitted on calibration images
 against the calibration's reference FGSM/PGD (:func:`service.calibration.reference_attacks`),
 thresholded at the 95 % quantile of held-out clean calibration images, and measured on test
 images and on attacks made from test images. Squeezes use the handler's own
-:func:`handlers.probe.bit_depth`; images are 8-bit, as a PNG carries them.
+:func:`handlers.probe.bit_depth`; images are 8-bit, as a PNG carries them. The third column
+is the squeeze detector as shipped: the same squeeze measurements plus the context and the
+jitter copies it reads (:data:`service.gate.squeeze_detector.JITTER_FEATURES`), measured on
+the served policy's cheap probe (:class:`benchmarks.detector_study.Prober`), since faint
+noise probes the model near the image and a JPEG or a noisy photo is near another image.
 
     python -m benchmarks.input_statistics            # ~2 min on 2 cores
     python -m benchmarks.input_statistics --smoke    # seconds, for the test suite
@@ -32,12 +36,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks.detector_study import JITTER, Prober
 from benchmarks.report import parser, report_stem, study_command, write_report
 from handlers.probe import bit_depth
 from model_store import data
 from service.calibration import reference_attacks
 from service.decode import InputSpec, Limits, decode_image
 from service.gate.defaults import DEFAULT_BIT_DEPTHS
+from service.gate.engine import detector_input
 from service.gate.squeeze_detector import fit_squeeze_detector, measure_squeeze
 
 FLAG_RATE = 0.05
@@ -61,18 +67,20 @@ def jpeg(images: np.ndarray, quality: int, spec: InputSpec) -> np.ndarray:
 
 
 class Features:
-    """Both detectors' features of uint8 [N, H, W] images, from one TorchScript model."""
+    """The detectors' features of uint8 [N, H, W] images, from the served TorchScript model."""
 
-    def __init__(self, model_path: Path) -> None:
-        self.ts = torch.jit.load(str(model_path)).eval()
+    def __init__(self, store: Path, model: str) -> None:
+        self.ts = torch.jit.load(str(store / model / "model.pt")).eval()
+        self.prober = Prober(store, model)
 
     def _logits(self, x: torch.Tensor) -> np.ndarray:
         with torch.no_grad():
             return torch.cat([self.ts(x[i:i + 1024])[0] for i in range(0, len(x), 1024)]
                              ).numpy().astype(np.float64)
 
-    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(squeeze detector features [N, 2S+1], input residual features [N, S])."""
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(squeeze detector features [N, 2S+1], input residual features [N, S], the shipped
+        detector's features [N, 2S+1+7])."""
         x = data.to_tensor(images)
         base = self._logits(x)
         squeezed = np.stack([self._logits(bit_depth(x, b)) for b in DEFAULT_BIT_DEPTHS], axis=1)
@@ -80,7 +88,8 @@ class Features:
         residual = np.stack([np.log((x - bit_depth(x, b)).abs().mean(dim=(1, 2, 3)).numpy()
                                     .astype(np.float64) + 1e-4) for b in DEFAULT_BIT_DEPTHS],
                             axis=1)
-        return logit, residual
+        shipped = np.array([detector_input(r, JITTER) for r in self.prober(images)])
+        return logit, residual, shipped
 
 
 def run(store: Path, model: str, clean: int, attack_images: int, seed: int = 0) -> dict:
@@ -92,7 +101,7 @@ def run(store: Path, model: str, clean: int, attack_images: int, seed: int = 0) 
         raise SystemExit(f"need {2 * clean + attack_images} calibration and {clean + attack_images} "
                          f"test images, the data set has {len(calib)} and {len(test)}")
     model_path = store / model / "model.pt"
-    feats = Features(model_path)
+    feats = Features(store, model)
     lo = 2 * clean  # attacks come from images the clean sets do not hold
     cal_attacks = reference_attacks(model_path, calib.images[lo:lo + attack_images],
                                     calib.labels[lo:lo + attack_images], seed=seed)
@@ -113,8 +122,12 @@ def run(store: Path, model: str, clean: int, attack_images: int, seed: int = 0) 
                    for k, v in test_attacks.items() if len(v)}}
     weights = np.concatenate([np.full(len(v[0]), 1.0 / len(v[0])) for v in cal.values()])
     rows: dict[str, dict[str, float]] = {k: {} for k in measured}
-    for i, name in enumerate(("squeeze detector (logits)", "input residual (pixels)")):
-        det = fit_squeeze_detector(fit_a[i], np.concatenate([v[i] for v in cal.values()]), weights)
+    names = ("squeeze detector (logits)", "input residual (pixels)",
+             "squeeze detector with context and jitter (logits, as shipped)")
+    for i, name in enumerate(names):
+        kw = {} if i < 2 else {"context": JITTER, "views": len(feats.prober.spec.views),
+                               "jitter": (feats.prober.spec.jitter.count, feats.prober.spec.jitter.sigma)}
+        det = fit_squeeze_detector(fit_a[i], np.concatenate([v[i] for v in cal.values()]), weights, **kw)
         threshold = float(np.quantile(det.decision(fit_b[i]), 1 - FLAG_RATE))
         for k, v in measured.items():
             rows[k][name] = float(np.mean(det.decision(v[i]) > threshold))

@@ -56,6 +56,7 @@ def count_rows(plan: probe_pb2.ProbePlan | None) -> int:
         + len(plan.views)
         + plan.occlusion.grid**2
         + shuffle
+        + plan.jitter.count
     )
 
 
@@ -69,6 +70,10 @@ def validate(plan: probe_pb2.ProbePlan, shape: Shape, max_variants: int) -> int:
         sigma = _finite(plan.noise.sigma, "noise.sigma")
         if not 0.0 < sigma <= MAX_SIGMA:
             raise PlanError(f"noise.sigma must be in (0, {MAX_SIGMA}] when noise.count > 0, got {sigma}")
+    if plan.jitter.count:
+        sigma = _finite(plan.jitter.sigma, "jitter.sigma")
+        if not 0.0 < sigma <= MAX_SIGMA:
+            raise PlanError(f"jitter.sigma must be in (0, {MAX_SIGMA}] when jitter.count > 0, got {sigma}")
     for b in plan.squeeze.bit_depths:
         if b not in BIT_DEPTHS:
             raise PlanError(f"squeeze.bit_depths: {b} is not in 1..8")
@@ -271,4 +276,8 @@ def expand(base: torch.Tensor, plan: probe_pb2.ProbePlan | None) -> torch.Tensor
         gen = _generator(plan.seed + 1, dev)
         perms = permutations(plan.shuffle.count, plan.shuffle.grid**2, gen)
         parts.append(shuffles(base, plan.shuffle.grid, perms))
+    if plan.jitter.count:
+        gen = _generator(plan.seed + 2, dev)
+        eps = torch.randn((plan.jitter.count, *base.shape), generator=gen, device=dev, dtype=base.dtype)
+        parts.append(base + plan.jitter.sigma * eps)
     return torch.cat(parts)

@@ -11,7 +11,8 @@ calibration split that training never saw:
    threshold is set on the data its own references were fitted on. The squeeze detector is
    fitted on part A's clean images against part B's successful attacks; where the probe
    holds views and features it also reads their context
-   (:data:`service.gate.squeeze_detector.CONTEXT_FEATURES`);
+   (:data:`service.gate.squeeze_detector.CONTEXT_FEATURES`), and where it holds jitter
+   copies, theirs (:data:`~service.gate.squeeze_detector.JITTER_FEATURES`);
 2. makes a reference set on part B — attacks (FGSM and PGD, L-inf, at eps 0.03 and 0.1,
    white-box on the TorchScript export; only successful ones count) and shifted inputs
    (rotations by 40 degrees, 2x2 tile shuffles) — and ALLOCATES the
@@ -53,7 +54,9 @@ from service.gate.engine import RawScores, check_scores, detector_input, raw_sco
 from service.gate.plan import NoiseSpec, OcclusionSpec, ProbeSpec, ShuffleSpec
 from service.gate.policy import Mode, Policy, References
 from service.gate.policy_io import save_policy
-from service.gate.squeeze_detector import CONTEXT_FEATURES, MIN_ATTACKS, fit_squeeze_detector
+from service.gate.squeeze_detector import (
+    CONTEXT_FEATURES, JITTER_FEATURES, MIN_ATTACKS, fit_squeeze_detector,
+)
 from service.pipeline import spec_to_proto
 from service.registry import POLICY_FILE
 
@@ -215,11 +218,17 @@ async def calibrate(
     if Check.SQUEEZE in checks:
         is_attack = np.array([k in attack_names for k in set_of], dtype=bool)
         context = CONTEXT_FEATURES if all(r.context_features is not None for r in raw_a + raw_adv) else ()
+        jitter = (spec.jitter.count, spec.jitter.sigma)
+        if context and jitter[0] and all(r.jitter_features is not None for r in raw_a + raw_adv):
+            context += JITTER_FEATURES
+        else:
+            jitter = (0, 0.0)
         if is_attack.sum() >= MIN_ATTACKS:
             detector = fit_squeeze_detector(
                 np.array([detector_input(r, context) for r in raw_a]),
                 np.array([detector_input(r, context) for r, a in zip(raw_adv, is_attack) if a]),
-                weights[is_attack], context=context, views=len(spec.views) if context else 0)
+                weights[is_attack], context=context, views=len(spec.views) if context else 0,
+                jitter=jitter)
         else:
             log(f"warning: only {int(is_attack.sum())} reference attacks succeeded (< {MIN_ATTACKS}); "
                 "the squeeze check combines its squeezers by their maximum quantile")
@@ -246,6 +255,7 @@ async def calibrate(
                "created": stamp, "backend_format": backend_format,
                "squeeze_detector": detector is not None,
                "squeeze_detector_context": bool(detector is not None and detector.context),
+               "squeeze_detector_jitter": bool(detector is not None and detector.jitter[0]),
                **{f"attack_{k}": len(v) for k, v in attacked_sets.items()}}
     # Room for an opt-in certificate: the cheap probe plus the whole noise budget, with one
     # base row per sequential batch.

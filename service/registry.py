@@ -78,13 +78,22 @@ def _warn_if_stale(name: str, policy: Policy) -> None:
     """Say so when the squeeze check runs without the fitted detector: policies calibrated
     before the detector still load and keep their clean rate, but catch fewer attacks until
     recalibrated (``python -m service.calibration`` without ``--if-missing``), which fits one
-    where at least 20 reference attacks succeed. Silent where the gate is off."""
+    where at least 20 reference attacks succeed. A detector fitted before the probe's jitter
+    copies existed still serves, as fitted; recalibrating fits one that reads them (in
+    ``benchmarks.detector_study``, 1-13 points more of the FGSM and PGD the calibration
+    fits against). Silent where the gate is off."""
     squeeze = policy.checks.get(Check.SQUEEZE)
-    if policy.mode is not Mode.OFF and squeeze is not None and squeeze.enabled \
-            and policy.references.squeeze_detector is None:
+    if policy.mode is Mode.OFF or squeeze is None or not squeeze.enabled:
+        return
+    det = policy.references.squeeze_detector
+    if det is None:
         log.warning("model %r: policy %s scores the squeeze check by the maximum of per-squeezer "
                     "quantiles (no fitted detector); recalibrating fits one where at least 20 "
                     "reference attacks succeed", name, policy.version)
+    elif not det.jitter[0]:
+        log.warning("model %r: policy %s has a squeeze detector fitted without jitter copies; "
+                    "recalibrating fits one that reads them and catches more attacks",
+                    name, policy.version)
 
 
 class Registry:

@@ -15,7 +15,7 @@ from benchmarks.report import store_with_policy
 from model_store import data, serve
 from robustgate.v1 import classifier_pb2 as pb
 from service.client import Client
-from service.gate.squeeze_detector import CONTEXT_FEATURES
+from service.gate.squeeze_detector import CONTEXT_FEATURES, JITTER_FEATURES
 from tests.test_gateway import start_gateway, stop
 
 MODEL = "fmnist-cnn"
@@ -54,10 +54,14 @@ def attack_net(default_store: Path):
     return ef.load_attack_model(default_store, MODEL)
 
 
-def test_the_calibrated_squeeze_detector_reads_the_context(policy: dict) -> None:
-    """The default calibration (views and density in the probe) fits the detector with context."""
-    assert policy["references"]["squeeze_detector"]["context"] == list(CONTEXT_FEATURES)
+def test_the_calibrated_squeeze_detector_reads_the_context_and_the_jitter(policy: dict) -> None:
+    """The default calibration (views, density and jitter copies in the probe) fits the
+    detector with context and jitter, on the copies the probe holds."""
+    det = policy["references"]["squeeze_detector"]
+    assert det["context"] == list(CONTEXT_FEATURES + JITTER_FEATURES)
+    assert det["jitter"] == [policy["probe"]["jitter"]["count"], policy["probe"]["jitter"]["sigma"]] == [4, 0.03]
     assert policy["calibration"]["squeeze_detector_context"] is True
+    assert policy["calibration"]["squeeze_detector_jitter"] is True
 
 
 def test_clean_flag_rate_is_near_the_calibrated_rate(clean: ef.Outcome, policy: dict) -> None:

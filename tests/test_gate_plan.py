@@ -21,6 +21,7 @@ FULL = ProbeSpec(
     occlusion=OcclusionSpec(grid=3, fill=0.5),
     shuffle=ShuffleSpec(grid=2, count=4),
     return_features=True,
+    jitter=NoiseSpec(sigma=0.0625, count=2),  # exact in float32, as the wire sends it
 )
 
 
@@ -34,7 +35,8 @@ def test_layout_follows_plan_order() -> None:
     assert (lay.views.start, lay.views.stop) == (10, 13)
     assert (lay.occlusion.start, lay.occlusion.stop) == (13, 22)
     assert (lay.shuffle.start, lay.shuffle.stop) == (22, 26)
-    assert lay.rows == FULL.rows == 26
+    assert (lay.jitter.start, lay.jitter.stop) == (26, 28)  # last: earlier rows keep their place
+    assert lay.rows == FULL.rows == 28
 
 
 def test_with_seed_changes_only_the_seed() -> None:
@@ -61,7 +63,8 @@ def test_squeezer_names_in_row_order() -> None:
 def test_dict_round_trip_through_json() -> None:
     d = FULL.to_dict()
     assert set(d) == {"version", "seed", "noise", "squeeze", "views", "occlusion", "shuffle",
-                      "return_features"}
+                      "return_features", "jitter"}
+    assert d["jitter"] == {"sigma": 0.0625, "count": 2}
     assert d["squeeze"] == {"bit_depths": [1, 2, 4], "median_sizes": [2]}
     assert ProbeSpec.from_dict(json.loads(json.dumps(d))) == FULL
 
@@ -85,6 +88,9 @@ def test_from_dict_accepts_protobuf_json_spellings() -> None:
     ({"version": 1, "squeeze": {"bit_depths": [9]}}, "bit_depths"),
     ({"version": 1, "squeeze": {"median_sizes": [1]}}, "median_sizes"),
     ({"version": 1, "noise": {"count": 4}}, "sigma"),
+    ({"version": 1, "jitter": {"count": 4}}, "jitter.sigma"),
+    ({"version": 1, "jitter": {"count": 1, "sigma": -0.1}}, "jitter"),
+    ({"version": 1, "jitter": {"count": 1, "sigma": 0.1, "seed": 3}}, "plan.jitter"),
     ({"version": 1, "shuffle": {"grid": 1, "count": 2}}, "shuffle"),
     ({"version": 1, "shuffle": {"grid": 0, "count": 2}}, "shuffle"),
     ({"version": 1, "occlusion": {"grid": 2, "fill": 1.5}}, "occlusion"),

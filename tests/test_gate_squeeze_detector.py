@@ -19,8 +19,8 @@ from service.gate.policy_io import policy_from_dict, policy_to_dict
 from service.gate.quantile import EmpiricalCDF
 from service.gate.report import CheckStatus
 from service.gate.squeeze_detector import (
-    CONTEXT_FEATURES, SqueezeDetector, context_features, fit_squeeze_detector, measure_squeeze,
-    squeeze_features,
+    CONTEXT_FEATURES, JITTER_FEATURES, SqueezeDetector, context_features, fit_squeeze_detector,
+    jitter_features, measure_squeeze, squeeze_features,
 )
 from tests.test_gate_policy import make_policy
 
@@ -291,3 +291,88 @@ def test_views_sent_only_as_context_are_charged_to_squeeze() -> None:
     by = {r.check: r for r in score(logits, feats, on.cheap_plan(0), on).checks}
     assert by[Check.VIEWPOINT].forward_passes == 6
     assert by[Check.SQUEEZE].forward_passes == len(plan.squeeze.names())
+
+
+def jitter_detector(seed: int = 30) -> SqueezeDetector:
+    rng = np.random.default_rng(seed)
+    probe = default_probe()
+    k = F + len(CONTEXT_FEATURES) + len(JITTER_FEATURES)
+    return fit_squeeze_detector(rng.normal(size=(300, k)), rng.normal(size=(100, k)) + 1.0,
+                                context=CONTEXT_FEATURES + JITTER_FEATURES, views=len(probe.views),
+                                jitter=(probe.jitter.count, probe.jitter.sigma))
+
+
+def test_jitter_features_measure_the_copies() -> None:
+    base = np.array([3.0, 1.0, 0.0, 0.0])
+    # Copy 1 keeps the logits; copy 2 moves 3 from the top class to class 1 (top-1 flips).
+    copies = np.vstack([base, base + np.array([-3.0, 3.0, 0.0, 0.0])])
+    f = jitter_features(base, copies)
+    assert f.shape == (len(JITTER_FEATURES),)
+    assert f[0] == pytest.approx((np.log(1e-3) + np.log(np.sqrt(18) + 1e-3)) / 2)  # mean log L2
+    assert f[1] == pytest.approx(1.5)  # mean centred top-1 drop: (0 + 3) / 2
+    assert f[2] == pytest.approx(0.5)  # one copy of two keeps the top-1
+
+
+def test_a_jitter_detector_round_trips_and_names_its_copies() -> None:
+    det = jitter_detector()
+    assert det.context == CONTEXT_FEATURES + JITTER_FEATURES and det.jitter == (4, 0.03)
+    data = json.loads(json.dumps(det.to_dict()))
+    assert data["jitter"] == [4, 0.03]
+    assert SqueezeDetector.from_dict(data) == det
+    assert "jitter" not in context_detector().to_dict()  # older policies read the same
+    assert det != replace(det, jitter=(3, 0.03))
+    for bad, match in (({**data, "jitter": [0, 0.0]}, "jitter must be"),
+                       ({**data, "jitter": [4, 0.0]}, "jitter must be"),
+                       ({**data, "jitter": [4, 2.0]}, "jitter must be"),
+                       ({**data, "jitter": [True, 0.03]}, "jitter must be"),
+                       ({**data, "jitter": 4}, "jitter must be"),
+                       ({**context_detector().to_dict(), "jitter": [4, 0.03]}, "jitter must be"),
+                       ({**data, "context": list(JITTER_FEATURES)}, "context must be")):
+        with pytest.raises(CalibrationError, match=match):
+            SqueezeDetector.from_dict(bad)
+
+
+def test_a_jitter_detector_gets_its_copies_and_only_it_does() -> None:
+    policy = make_policy()
+    assert policy.probe.jitter.count == 4
+    assert policy.cheap_plan(0).jitter.count == 0  # no detector reads them: not sent
+    assert policy.budget(Check.SQUEEZE) == 3
+    det = jitter_detector()
+    with_det = replace(policy, references=replace(policy.references, squeeze_detector=det))
+    plan = with_det.cheap_plan(0)
+    assert plan.jitter == policy.probe.jitter and plan.rows == 1 + 3 + 6 + 4
+    assert with_det.budget(Check.SQUEEZE) == 3 + 4
+    squeeze_off = {**with_det.checks, Check.SQUEEZE: replace(with_det.checks[Check.SQUEEZE], enabled=False)}
+    assert replace(with_det, checks=squeeze_off).cheap_plan(0).jitter.count == 0
+    # The probe must hold the copies the detector was fitted on.
+    for jitter in (replace(policy.probe.jitter, count=2), replace(policy.probe.jitter, sigma=0.05)):
+        with pytest.raises(PolicyError, match="4 jitter copies at sigma 0.03"):
+            replace(with_det, probe=replace(with_det.probe, jitter=jitter))
+
+
+def test_engine_feeds_the_jitter_to_the_detector_and_charges_it_to_squeeze() -> None:
+    policy = make_policy()
+    det = jitter_detector()
+    noise_off = {**policy.checks, Check.NOISE: replace(policy.checks[Check.NOISE], enabled=False)}
+    pol = replace(policy, references=replace(policy.references, squeeze_detector=det), checks=noise_off)
+    spec = pol.cheap_plan(0)
+    rng = np.random.default_rng(31)
+    logits = rng.normal(size=(spec.rows, 10)).astype(np.float32)
+    feats = rng.normal(size=policy.references.density.dim).astype(np.float32)
+    raw = raw_scores(logits, feats, spec, pol.references.density)
+    want = jitter_features(logits[0].astype(np.float64), logits[-4:].astype(np.float64))
+    assert raw.jitter_features == pytest.approx(tuple(want))
+    x = raw.squeeze_features + raw.context_features + raw.jitter_features
+    assert detector_input(raw, det.context) == x
+    assert detector_input(raw, CONTEXT_FEATURES) == raw.squeeze_features + raw.context_features
+    got = check_scores(raw, spec, pol.references)[Check.SQUEEZE]
+    assert got.score == det.clean.at(float(det.decision(x)))
+    assert got.forward_passes == 3 + 4
+    report = GateRun.start(pol, seed=0, certify=False).feed(logits, feats).report()
+    assert report.forward_passes == spec.rows == 14
+    assert sum(r.forward_passes for r in report.checks) == report.forward_passes - 1  # + base
+    # Copies not measured as fitted (none, or fewer): squeeze is left out.
+    for other in (replace(spec, jitter=replace(spec.jitter, count=0)),
+                  replace(spec, jitter=replace(spec.jitter, count=2))):
+        r = raw_scores(logits[:other.rows], feats, other, pol.references.density)
+        assert Check.SQUEEZE not in check_scores(r, other, pol.references)

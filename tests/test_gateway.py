@@ -136,8 +136,11 @@ def test_classify_png_answers_label_and_gate_report(client: Client, fmnist: data
     ran = {c.name for c in g.checks if c.ran}
     assert ran >= {"squeeze", "viewpoint", "density"}
     # One probe call for the cheap checks: base + the squeezers + the card's label-preserving views
-    # (the noise stage only runs when the cheap checks are inconclusive).
-    cheap_rows = 1 + len(policy.probe.squeeze.names()) + len(policy.probe.views)
+    # + the jitter copies its squeeze detector reads (the noise stage only runs when the cheap
+    # checks are inconclusive).
+    det = policy.references.squeeze_detector
+    assert det is not None and det.jitter[0] == policy.probe.jitter.count > 0
+    cheap_rows = 1 + len(policy.probe.squeeze.names()) + len(policy.probe.views) + policy.probe.jitter.count
     assert g.forward_passes == cheap_rows or (g.forward_passes > cheap_rows and any(c.name == "noise" and c.ran for c in g.checks))
     if g.decision != pb.DECISION_REJECT:
         assert len(resp.classes) == 3

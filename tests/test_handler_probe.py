@@ -62,7 +62,8 @@ def test_rows_follow_plan_order(base: torch.Tensor) -> None:
         assert torch.equal(out[i], probe.views(base, [v])[0]), f"view at row {i}"
         i += 1
     assert torch.equal(out[i : i + 9], probe.occlusions(base, 3, 0.5))
-    assert i + 9 + plan.shuffle.count == out.shape[0]
+    assert i + 9 + plan.shuffle.count + plan.jitter.count == out.shape[0]
+    assert plan.jitter.count == 2  # the example holds every section
 
 
 def test_same_plan_and_seed_give_bit_identical_variants(base: torch.Tensor) -> None:
@@ -73,7 +74,8 @@ def test_same_plan_and_seed_give_bit_identical_variants(base: torch.Tensor) -> N
     other.seed += 1
     a, b = probe.expand(base, plan), probe.expand(base, other)
     assert not torch.equal(a[1:17], b[1:17])  # noise differs
-    assert torch.equal(a[17:-4], b[17:-4])  # deterministic probes do not
+    assert torch.equal(a[17:-6], b[17:-6])  # deterministic probes do not
+    assert not torch.equal(a[-6:-2], b[-6:-2]) and not torch.equal(a[-2:], b[-2:])  # shuffles, jitter
 
 
 def test_noise_matches_reference_and_plan_statistics(base: torch.Tensor) -> None:
@@ -96,6 +98,26 @@ def test_shuffle_draws_do_not_depend_on_noise_count(base: torch.Tensor) -> None:
                                    shuffle=probe_pb2.ShuffleProbe(grid=4, count=3))
 
     assert torch.equal(probe.expand(base, plan(0))[-3:], probe.expand(base, plan(10))[-3:])
+
+
+def test_jitter_rows_come_last_from_their_own_seed(base: torch.Tensor) -> None:
+    sigma, n, seed = 0.03, 4, 77
+    shuffle = probe_pb2.ShuffleProbe(grid=2, count=2)
+
+    def plan(jitter: int, noise: int = 0) -> probe_pb2.ProbePlan:
+        return probe_pb2.ProbePlan(version=1, seed=seed, shuffle=shuffle,
+                                   noise=probe_pb2.NoiseProbe(sigma=0.25, count=noise),
+                                   jitter=probe_pb2.NoiseProbe(sigma=sigma, count=jitter))
+
+    out = probe.expand(base, plan(n, noise=3))
+    assert out.shape[0] == probe.count_rows(plan(n, noise=3)) == 1 + 3 + 2 + n
+    gen = torch.Generator().manual_seed(seed + 2)
+    assert torch.equal(out[-n:], base + np.float32(sigma) * torch.randn((n, 1, 28, 28), generator=gen))
+    # Its own generator: the noise and shuffle rows draw what they drew without jitter.
+    assert torch.equal(out[:-n], probe.expand(base, plan(0, noise=3)))
+    with pytest.raises(probe.PlanError, match="jitter.sigma"):
+        probe.validate(probe_pb2.ProbePlan(version=1, jitter=probe_pb2.NoiseProbe(count=2)),
+                       probe.Shape(1, 28, 28), 100)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])

@@ -14,7 +14,7 @@ from service.gate.policy import Mode, Policy
 from service.gate.policy_io import save_policy
 from service.registry import load_model
 from tests.test_gate_policy import SHA_M, make_policy
-from tests.test_gate_squeeze_detector import detector_policy
+from tests.test_gate_squeeze_detector import detector_policy, jitter_detector
 
 
 def store_with(tmp_path: Path, policy: Policy, model_sha: str = SHA_M) -> Path:
@@ -29,12 +29,23 @@ def store_with(tmp_path: Path, policy: Policy, model_sha: str = SHA_M) -> Path:
 
 def test_loads_a_matching_policy_without_warning(tmp_path: Path,
                                                  caplog: pytest.LogCaptureFixture) -> None:
-    policy, _ = detector_policy()
+    policy = make_policy()
+    policy = replace(policy, references=replace(policy.references, squeeze_detector=jitter_detector()))
     with caplog.at_level(logging.WARNING, logger="service.registry"):
         model = load_model(store_with(tmp_path, policy), "fmnist-cnn", "torchscript")
     assert model.backend_name == "fmnist-cnn-torchscript" and model.version == "3"
     assert model.policy.references.squeeze_detector is not None
     assert not [r for r in caplog.records if r.name == "service.registry"]
+
+
+def test_a_detector_fitted_without_jitter_serves_and_is_named_at_start_up(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    policy, _ = detector_policy()
+    with caplog.at_level(logging.WARNING, logger="service.registry"):
+        model = load_model(store_with(tmp_path, policy), "fmnist-cnn", "torchscript")
+    assert model.policy.cheap_plan(0).jitter.count == 0  # served as fitted
+    [record] = [r for r in caplog.records if r.name == "service.registry"]
+    assert "without jitter copies" in record.getMessage() and "recalibrating" in record.getMessage()
 
 
 def test_a_policy_without_the_squeeze_detector_is_named_at_start_up(

@@ -128,6 +128,9 @@ def reference_variants(base: torch.Tensor, plan: probe_pb2.ProbePlan) -> torch.T
         for i, src in enumerate(p.tolist()):
             s[:, (i // g) * t : (i // g + 1) * t, (i % g) * t : (i % g + 1) * t] = tiles[src]
         rows.append(s)
+    gen = torch.Generator().manual_seed(plan.seed + 2)
+    eps = torch.randn((plan.jitter.count, 1, 28, 28), generator=gen).numpy()
+    rows += list(x + np.float32(plan.jitter.sigma) * eps)
     return torch.from_numpy(np.stack(rows).astype(np.float32))
 
 

@@ -1,7 +1,7 @@
 """Default probe and an uncalibrated starting policy, as the probe measured them.
 
-Squeeze (bit depths 2, 3, 4) plus six views (+-10 degree rotations, +-2 px shifts) is the
-10-pass cheap gate; occlusion and structure are configured but off until calibration shows
+Squeeze (bit depths 2, 3, 4) plus six views (+-10 degree rotations, +-2 px shifts) plus
+four jitter copies (sigma 0.03, read by the squeeze detector) is the 14-pass cheap gate; occlusion and structure are configured but off until calibration shows
 they earn their share of the budget.
 
 Why these bit depths (measured in process on fmnist-cnn, squeeze scored on logits, 5 % clean
@@ -18,7 +18,7 @@ Fashion-MNIST, whose garments have texture that binarising destroys.
 from __future__ import annotations
 
 from service.gate.checks import Check
-from service.gate.plan import OcclusionSpec, ProbeSpec, ShuffleSpec, SqueezeSpec, ViewSpec
+from service.gate.plan import NoiseSpec, OcclusionSpec, ProbeSpec, ShuffleSpec, SqueezeSpec, ViewSpec
 from service.gate.policy import CheckPolicy, Mode, NoiseSettings, Policy
 
 DEFAULT_BIT_DEPTHS: tuple[int, ...] = (2, 3, 4)
@@ -28,6 +28,8 @@ DEFAULT_VIEWS: tuple[ViewSpec, ...] = (
     ViewSpec(shift_x=2.0), ViewSpec(shift_x=-2.0),
     ViewSpec(shift_y=2.0), ViewSpec(shift_y=-2.0),
 )
+#: Jitter copies for the squeeze detector (its docstring): 4 copies at sigma 0.03.
+DEFAULT_JITTER = NoiseSpec(sigma=0.03, count=4)
 
 
 def default_probe(*, hflip: bool = False, seed: int = 0) -> ProbeSpec:
@@ -39,7 +41,8 @@ def default_probe(*, hflip: bool = False, seed: int = 0) -> ProbeSpec:
     return ProbeSpec(seed=seed,
                      squeeze=SqueezeSpec(DEFAULT_BIT_DEPTHS, DEFAULT_MEDIAN_SIZES),
                      views=views, occlusion=OcclusionSpec(grid=4, fill=0.5),
-                     shuffle=ShuffleSpec(grid=2, count=4), return_features=True)
+                     shuffle=ShuffleSpec(grid=2, count=4), return_features=True,
+                     jitter=DEFAULT_JITTER)
 
 
 def draft_policy(model_name: str, model_sha256: str, data_sha256: str, sigma: float, *,

@@ -23,7 +23,9 @@ from service.gate.quantile import max_quantile
 from service.gate.report import CheckScore, GateReport, decide
 from service.gate.sequential import disagreement_share
 from service.gate.smoothing import certify_counts, count_agreements
-from service.gate.squeeze_detector import context_features, measure_squeeze
+from service.gate.squeeze_detector import (
+    CONTEXT_FEATURES, context_features, jitter_features, measure_squeeze,
+)
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,9 @@ class RawScores:
     structure: surviving top-1 probability. noise_agreements of noise_samples copies kept
     the base top-1. context_features: what a squeeze detector with context reads after the
     squeeze features (:func:`service.gate.squeeze_detector.context_features`; None unless
-    the plan had views and the density distance was measured).
+    the plan had views and the density distance was measured). jitter_features: what a
+    detector that reads jitter reads after those
+    (:func:`service.gate.squeeze_detector.jitter_features`; None unless the plan had jitter).
     """
 
     top_class: int
@@ -50,6 +54,7 @@ class RawScores:
     noise_samples: int = 0
     squeeze_features: tuple[float, ...] | None = None
     context_features: tuple[float, ...] | None = None
+    jitter_features: tuple[float, ...] | None = None
 
 
 def checked_logits(logits: ArrayLike, spec: ProbeSpec) -> NDArray[np.float64]:
@@ -101,6 +106,8 @@ def raw_scores(logits: ArrayLike, features: ArrayLike | None, spec: ProbeSpec,
     viewpoint = None if vw is None else viewpoint_score(base, vw)
     context = (None if viewpoint is None or dist is None
                else tuple(context_features(z[0], z[lay.views], viewpoint, dist).tolist()))
+    jitter = (tuple(jitter_features(z[0], z[lay.jitter]).tolist())
+              if lay.jitter.stop > lay.jitter.start else None)
     return RawScores(
         top_class=top,
         squeeze=None if m is None else tuple(m.l2.tolist()),
@@ -111,7 +118,8 @@ def raw_scores(logits: ArrayLike, features: ArrayLike | None, spec: ProbeSpec,
         structure=None if sh is None else structure_score(base, sh),
         noise_agreements=count_agreements(z[lay.noise], top) if n_noise else 0,
         noise_samples=n_noise,
-        context_features=context)
+        context_features=context,
+        jitter_features=jitter)
 
 
 def detector_input(raw: RawScores, context: tuple[str, ...]) -> tuple[float, ...] | None:
@@ -122,7 +130,13 @@ def detector_input(raw: RawScores, context: tuple[str, ...]) -> tuple[float, ...
         return None
     if not context:
         return raw.squeeze_features
-    return None if raw.context_features is None else raw.squeeze_features + raw.context_features
+    if raw.context_features is None:
+        return None
+    if context == CONTEXT_FEATURES:
+        return raw.squeeze_features + raw.context_features
+    if raw.jitter_features is None:
+        return None
+    return raw.squeeze_features + raw.context_features + raw.jitter_features
 
 
 def _squeeze_score(raw: RawScores, spec: ProbeSpec, references: References) -> CheckScore | None:
@@ -138,7 +152,8 @@ def _squeeze_score(raw: RawScores, spec: ProbeSpec, references: References) -> C
         return CheckScore(float(max_quantile(np.asarray(raw.squeeze), references.squeeze)),
                           len(raw.squeeze), details)
     x = detector_input(raw, det.context)
-    if x is None or (det.context and len(spec.views) != det.views):
+    if x is None or (det.context and len(spec.views) != det.views) \
+            or (det.jitter[0] and (spec.jitter.count, spec.jitter.sigma) != det.jitter):
         return None  # the context was not measured as the detector was fitted
     decision = float(det.decision(x))
     return CheckScore(det.clean.at(decision), len(raw.squeeze),
@@ -156,7 +171,8 @@ def check_scores(raw: RawScores, spec: ProbeSpec, references: References, *,
     Squeeze needs one reference CDF per squeezer; without them it is left out. Its score is
     the squeeze detector's clean quantile where the references hold a detector for these
     squeezers, else the maximum of the per-squeezer quantiles. A detector whose context the
-    probe did not measure as fitted (no views, no features, or another number of views) leaves
+    probe did not measure as fitted (no views, no features, another number of views, or
+    other jitter copies than it read) leaves
     squeeze out too: the maximum is on another scale than the thresholds set on the
     detector's scores. Policies never send such a plan
     (:meth:`service.gate.policy.Policy.cheap_plan`).
@@ -166,6 +182,8 @@ def check_scores(raw: RawScores, spec: ProbeSpec, references: References, *,
     if squeeze is not None:
         if not viewpoint and spec.views:
             squeeze = replace(squeeze, forward_passes=squeeze.forward_passes + len(spec.views))
+        if spec.jitter.count:  # jitter rows are sent for the squeeze detector only
+            squeeze = replace(squeeze, forward_passes=squeeze.forward_passes + spec.jitter.count)
         out[Check.SQUEEZE] = squeeze
     if raw.viewpoint is not None and viewpoint:
         out[Check.VIEWPOINT] = CheckScore(raw.viewpoint, len(spec.views))

@@ -15,6 +15,7 @@ Rows of the logits matrix the handler returns, in plan order (see :meth:`ProbeSp
     len(views)                 view transforms, in listed order
     occlusion.grid ** 2        one window masked each, row-major
     shuffle.count              tile shuffles
+    jitter.count               small Gaussian copies (the squeeze detector's, not the noise check's)
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def _known(*names: str) -> set[str]:
 
 @dataclass(frozen=True)
 class NoiseSpec:
-    """Gaussian copies: ``count`` images ``x + N(0, sigma^2)``, sigma in [0, 1] pixel units."""
+    """Gaussian copies: ``count`` images ``x + N(0, sigma^2)``, sigma in [0, 1] pixel units
+    (the noise and the jitter sections)."""
 
     sigma: float = 0.0
     count: int = 0
@@ -105,6 +107,7 @@ class PlanLayout:
     views: slice
     occlusion: slice
     shuffle: slice
+    jitter: slice
     rows: int
 
     @property
@@ -125,6 +128,7 @@ class ProbeSpec:
     occlusion: OcclusionSpec = field(default_factory=OcclusionSpec)
     shuffle: ShuffleSpec = field(default_factory=ShuffleSpec)
     return_features: bool = False
+    jitter: NoiseSpec = field(default_factory=NoiseSpec)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -142,11 +146,11 @@ class ProbeSpec:
     def _layout(self) -> PlanLayout:  # once per plan: rows and slices are read on every request
         sizes = [1, self.noise.count, len(self.squeeze.bit_depths),
                  len(self.squeeze.median_sizes), len(self.views), self.occlusion.grid ** 2,
-                 self.shuffle.count]
+                 self.shuffle.count, self.jitter.count]
         bounds = [0, *itertools.accumulate(sizes)]  # plain ints, not NumPy's
         s = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
         return PlanLayout(base=s[0], noise=s[1], squeeze_bits=s[2], squeeze_median=s[3],
-                          views=s[4], occlusion=s[5], shuffle=s[6], rows=bounds[-1])
+                          views=s[4], occlusion=s[5], shuffle=s[6], jitter=s[7], rows=bounds[-1])
 
     def layout(self) -> PlanLayout:
         """Row slices of every section, in plan order (module docstring)."""
@@ -170,6 +174,7 @@ class ProbeSpec:
             "occlusion": {"grid": self.occlusion.grid, "fill": self.occlusion.fill},
             "shuffle": {"grid": self.shuffle.grid, "count": self.shuffle.count},
             "return_features": self.return_features,
+            "jitter": {"sigma": self.jitter.sigma, "count": self.jitter.count},
         }
 
     @classmethod
@@ -178,12 +183,14 @@ class ProbeSpec:
         ints as numbers or decimal strings). Raises :class:`PlanError` naming the bad field."""
         d = as_mapping(data, "plan", PlanError)
         reject_unknown(d, _known("version", "seed", "noise", "squeeze", "views", "occlusion",
-                                 "shuffle", "return_features"), "plan", PlanError)
+                                 "shuffle", "return_features", "jitter"), "plan", PlanError)
         version = as_int(pick(d, "version", 0), "plan.version", PlanError, minimum=0)
         seed = as_int(pick(d, "seed", 0), "plan.seed", PlanError, minimum=0,
                       maximum=_UINT64_MAX)
         n = as_mapping(pick(d, "noise", {}), "plan.noise", PlanError)
         reject_unknown(n, _known("sigma", "count"), "plan.noise", PlanError)
+        jt = as_mapping(pick(d, "jitter", {}), "plan.jitter", PlanError)
+        reject_unknown(jt, _known("sigma", "count"), "plan.jitter", PlanError)
         sq = as_mapping(pick(d, "squeeze", {}), "plan.squeeze", PlanError)
         reject_unknown(sq, _known("bit_depths", "median_sizes"), "plan.squeeze", PlanError)
         oc = as_mapping(pick(d, "occlusion", {}), "plan.occlusion", PlanError)
@@ -212,6 +219,9 @@ class ProbeSpec:
                                 count=_uint32(pick(sh, "count"), "plan.shuffle.count")),
             return_features=as_bool(pick(d, "return_features", False),
                                     "plan.return_features", PlanError),
+            jitter=NoiseSpec(
+                sigma=as_float(pick(jt, "sigma", 0.0), "plan.jitter.sigma", PlanError),
+                count=_uint32(pick(jt, "count"), "plan.jitter.count")),
         )
 
 
@@ -253,6 +263,10 @@ def _validate(p: ProbeSpec) -> None:
         raise PlanError("plan.noise: count must be >= 0 and sigma finite and >= 0")
     if p.noise.count > 0 and p.noise.sigma <= 0:
         raise PlanError("plan.noise.sigma: must be > 0 when noise.count > 0")
+    if p.jitter.count < 0 or not math.isfinite(p.jitter.sigma) or p.jitter.sigma < 0:
+        raise PlanError("plan.jitter: count must be >= 0 and sigma finite and >= 0")
+    if p.jitter.count > 0 and p.jitter.sigma <= 0:
+        raise PlanError("plan.jitter.sigma: must be > 0 when jitter.count > 0")
     if any(not 1 <= b <= 8 for b in p.squeeze.bit_depths):
         raise PlanError(f"plan.squeeze.bit_depths: each must be in 1..8, got "
                         f"{list(p.squeeze.bit_depths)}")

@@ -116,7 +116,8 @@ class Policy:
 
     probe: the variants every cheap check uses (its noise section must be empty: noise comes
     from ``noise``); the plan sent for a request keeps only the enabled checks' sections (and
-    the views and features a squeeze detector with context reads).
+    the views and features a squeeze detector with context reads, and the jitter copies one
+    that reads jitter does: the probe's jitter section is for the detector only).
     checks: every :class:`Check` (missing ones are filled in disabled). max_forward_passes:
     per-request ceiling on rows the handler runs, base rows included. calibration: free
     metadata recorded by calibration (target and realised rates...).
@@ -158,11 +159,14 @@ class Policy:
 
     def budget(self, check: Check) -> int:
         """Forward passes (variants) the check may cost per request: squeezers, views,
-        occlusion windows, shuffles, noise max_samples; density costs none. (A squeeze
-        detector with context also reads the views' rows: reports count them under viewpoint
-        when it is on, else under squeeze.)"""
+        occlusion windows, shuffles, noise max_samples; density costs none; squeeze also
+        counts the jitter copies where its detector reads them. (A squeeze detector with
+        context also reads the views' rows: reports count them under viewpoint when it is on,
+        else under squeeze.)"""
         p = self.probe
-        return {Check.SQUEEZE: len(p.squeeze.bit_depths) + len(p.squeeze.median_sizes),
+        det = self.references.squeeze_detector
+        jitter = p.jitter.count if det is not None and det.jitter[0] else 0
+        return {Check.SQUEEZE: len(p.squeeze.bit_depths) + len(p.squeeze.median_sizes) + jitter,
                 Check.VIEWPOINT: len(p.views), Check.DENSITY: 0,
                 Check.OCCLUSION: p.occlusion.grid ** 2, Check.STRUCTURE: p.shuffle.count,
                 Check.NOISE: self.noise.max_samples}[check]
@@ -170,7 +174,7 @@ class Policy:
     def cheap_plan(self, seed: int) -> ProbeSpec:
         """The first probe of a request: the enabled cheap checks' variants, features when
         density is on, no noise. The views and features also go when squeeze is on and its
-        detector reads them as context."""
+        detector reads them as context, and the jitter copies when it reads those."""
         return self._cheap_template.with_seed(seed)
 
     @functools.cached_property
@@ -179,8 +183,9 @@ class Policy:
         on = self.enabled
         det = self.references.squeeze_detector
         context = on(Check.SQUEEZE) and det is not None and bool(det.context)
+        jitter = on(Check.SQUEEZE) and det is not None and det.jitter[0] > 0
         return replace(
-            p, seed=0, noise=NoiseSpec(),
+            p, seed=0, noise=NoiseSpec(), jitter=p.jitter if jitter else NoiseSpec(),
             squeeze=p.squeeze if on(Check.SQUEEZE) else SqueezeSpec(),
             views=p.views if on(Check.VIEWPOINT) or context else (),
             occlusion=p.occlusion if on(Check.OCCLUSION) else OcclusionSpec(),
@@ -222,6 +227,11 @@ def _validate(p: Policy) -> None:
                               f"{len(p.probe.views)} views in probe.views and "
                               f"{'a' if p.references.density is not None else 'no'} "
                               "references.density (recalibrate, or disable squeeze)")
+        jitter = (p.probe.jitter.count, p.probe.jitter.sigma)
+        if det.jitter[0] and jitter != det.jitter:
+            raise PolicyError(f"checks.squeeze: its detector reads {det.jitter[0]} jitter copies "
+                              f"at sigma {det.jitter[1]}; probe.jitter has {jitter[0]} at sigma "
+                              f"{jitter[1]} (recalibrate, or disable squeeze)")
     needs = {Check.SQUEEZE: (n_squeeze > 0 and len(p.references.squeeze) == n_squeeze,
                              "squeezers in probe.squeeze and one reference CDF each"),
              Check.VIEWPOINT: (len(p.probe.views) > 0, "views in probe.views"),

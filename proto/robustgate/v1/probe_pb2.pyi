@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ProbePlan(_message.Message):
-    __slots__ = ("version", "seed", "noise", "squeeze", "views", "occlusion", "shuffle", "return_features")
+    __slots__ = ("version", "seed", "noise", "squeeze", "views", "occlusion", "shuffle", "return_features", "jitter")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     NOISE_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class ProbePlan(_message.Message):
     OCCLUSION_FIELD_NUMBER: _ClassVar[int]
     SHUFFLE_FIELD_NUMBER: _ClassVar[int]
     RETURN_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    JITTER_FIELD_NUMBER: _ClassVar[int]
     version: int
     seed: int
     noise: NoiseProbe
@@ -24,7 +25,8 @@ class ProbePlan(_message.Message):
     occlusion: OcclusionProbe
     shuffle: ShuffleProbe
     return_features: bool
-    def __init__(self, version: _Optional[int] = ..., seed: _Optional[int] = ..., noise: _Optional[_Union[NoiseProbe, _Mapping]] = ..., squeeze: _Optional[_Union[SqueezeProbe, _Mapping]] = ..., views: _Optional[_Iterable[_Union[ViewTransform, _Mapping]]] = ..., occlusion: _Optional[_Union[OcclusionProbe, _Mapping]] = ..., shuffle: _Optional[_Union[ShuffleProbe, _Mapping]] = ..., return_features: _Optional[bool] = ...) -> None: ...
+    jitter: NoiseProbe
+    def __init__(self, version: _Optional[int] = ..., seed: _Optional[int] = ..., noise: _Optional[_Union[NoiseProbe, _Mapping]] = ..., squeeze: _Optional[_Union[SqueezeProbe, _Mapping]] = ..., views: _Optional[_Iterable[_Union[ViewTransform, _Mapping]]] = ..., occlusion: _Optional[_Union[OcclusionProbe, _Mapping]] = ..., shuffle: _Optional[_Union[ShuffleProbe, _Mapping]] = ..., return_features: _Optional[bool] = ..., jitter: _Optional[_Union[NoiseProbe, _Mapping]] = ...) -> None: ...
 
 class NoiseProbe(_message.Message):
     __slots__ = ("sigma", "count")
