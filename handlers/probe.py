@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from robustgate.v1 import probe_pb2
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # the current contract; version 1 (the same, without jitter) is still served
+PLAN_VERSIONS = (1, 2)
 MAX_SIGMA = 10.0
 MAX_SCALE = 10.0
 MIN_SCALE = 0.1
@@ -64,8 +65,9 @@ def validate(plan: probe_pb2.ProbePlan, shape: Shape, max_variants: int) -> int:
     """Check ``plan`` against the schema and the limits; return its row count.
 
     Raises :class:`PlanError` with a message that names the offending field."""
-    if plan.version != PLAN_VERSION:
-        raise PlanError(f"plan version {plan.version} is not supported (this handler speaks {PLAN_VERSION})")
+    if plan.version not in PLAN_VERSIONS:
+        raise PlanError(f"plan version {plan.version} is not supported (this handler speaks "
+                        f"{' and '.join(map(str, PLAN_VERSIONS))})")
     if plan.noise.count:
         sigma = _finite(plan.noise.sigma, "noise.sigma")
         if not 0.0 < sigma <= MAX_SIGMA:
@@ -74,6 +76,8 @@ def validate(plan: probe_pb2.ProbePlan, shape: Shape, max_variants: int) -> int:
         sigma = _finite(plan.jitter.sigma, "jitter.sigma")
         if not 0.0 < sigma <= MAX_SIGMA:
             raise PlanError(f"jitter.sigma must be in (0, {MAX_SIGMA}] when jitter.count > 0, got {sigma}")
+        if plan.version < 2:
+            raise PlanError(f"jitter needs plan version 2, got version {plan.version}")
     for b in plan.squeeze.bit_depths:
         if b not in BIT_DEPTHS:
             raise PlanError(f"squeeze.bit_depths: {b} is not in 1..8")

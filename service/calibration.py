@@ -124,10 +124,12 @@ def reference_shifts(images: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]
 
 def calibration_spec(policy: Policy, seed: int, checks: Sequence[Check]) -> ProbeSpec:
     """The variants the calibrated checks use, plus features: one call per image. Sections of
-    checks not being calibrated are left out (occlusion alone is 16 rows, noise 32)."""
+    checks not being calibrated are left out (occlusion alone is 16 rows, noise 32; the jitter
+    copies are squeeze's detector's)."""
     p = policy.probe
     return dataclasses.replace(
         p, seed=seed, return_features=True,
+        jitter=p.jitter if Check.SQUEEZE in checks else NoiseSpec(),
         occlusion=p.occlusion if Check.OCCLUSION in checks else OcclusionSpec(),
         shuffle=p.shuffle if Check.STRUCTURE in checks else ShuffleSpec(),
         noise=NoiseSpec(sigma=policy.noise.sigma, count=NOISE_CALIBRATION_SAMPLES) if Check.NOISE in checks

@@ -214,6 +214,21 @@ def test_a_request_held_at_max_calls_keeps_its_deadline_and_is_not_sent() -> Non
     assert calls == [1]
 
 
+def test_plan_rows_counts_what_the_handler_runs_for_every_example_plan() -> None:
+    import json
+
+    from google.protobuf import json_format
+
+    from handlers import probe
+
+    examples = Path(__file__).resolve().parent.parent / "proto" / "examples"
+    index = json.loads((examples / "index.json").read_text())["valid"]
+    for name, want in index.items():
+        plan = json_format.Parse((examples / name).read_text(), probe_pb2.ProbePlan())
+        assert plan_rows(plan) == probe.count_rows(plan) == want["rows"], name
+    assert index["full.json"]["rows"] == 42  # every section, the jitter copies included
+
+
 def test_row_budget_splits_batches() -> None:
     plan = probe_pb2.ProbePlan(version=1, noise=probe_pb2.NoiseProbe(sigma=0.25, count=99))
     assert plan_rows(plan) == 100 and plan_rows(None) == 1

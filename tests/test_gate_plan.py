@@ -65,6 +65,9 @@ def test_dict_round_trip_through_json() -> None:
     assert set(d) == {"version", "seed", "noise", "squeeze", "views", "occlusion", "shuffle",
                       "return_features", "jitter"}
     assert d["jitter"] == {"sigma": 0.0625, "count": 2}
+    # A plan without jitter writes what plans wrote before it existed (older readers refuse
+    # fields they do not know).
+    assert "jitter" not in replace(FULL, jitter=NoiseSpec()).to_dict()
     assert d["squeeze"] == {"bit_depths": [1, 2, 4], "median_sizes": [2]}
     assert ProbeSpec.from_dict(json.loads(json.dumps(d))) == FULL
 
@@ -84,13 +87,14 @@ def test_from_dict_accepts_protobuf_json_spellings() -> None:
 
 
 @pytest.mark.parametrize("bad, where", [
-    ({"version": 2}, "version"),
+    ({"version": 3}, "version"),
+    ({"version": 1, "jitter": {"count": 1, "sigma": 0.1}}, "version 2"),
     ({"version": 1, "squeeze": {"bit_depths": [9]}}, "bit_depths"),
     ({"version": 1, "squeeze": {"median_sizes": [1]}}, "median_sizes"),
     ({"version": 1, "noise": {"count": 4}}, "sigma"),
-    ({"version": 1, "jitter": {"count": 4}}, "jitter.sigma"),
-    ({"version": 1, "jitter": {"count": 1, "sigma": -0.1}}, "jitter"),
-    ({"version": 1, "jitter": {"count": 1, "sigma": 0.1, "seed": 3}}, "plan.jitter"),
+    ({"version": 2, "jitter": {"count": 4}}, "jitter.sigma"),
+    ({"version": 2, "jitter": {"count": 1, "sigma": -0.1}}, "jitter"),
+    ({"version": 2, "jitter": {"count": 1, "sigma": 0.1, "seed": 3}}, "plan.jitter"),
     ({"version": 1, "shuffle": {"grid": 1, "count": 2}}, "shuffle"),
     ({"version": 1, "shuffle": {"grid": 0, "count": 2}}, "shuffle"),
     ({"version": 1, "occlusion": {"grid": 2, "fill": 1.5}}, "occlusion"),

@@ -376,3 +376,24 @@ def test_engine_feeds_the_jitter_to_the_detector_and_charges_it_to_squeeze() -> 
                   replace(spec, jitter=replace(spec.jitter, count=2))):
         r = raw_scores(logits[:other.rows], feats, other, pol.references.density)
         assert Check.SQUEEZE not in check_scores(r, other, pol.references)
+
+
+def test_jitter_is_compared_at_the_precision_the_wire_carries() -> None:
+    det = jitter_detector()
+    wire = float(np.float32(0.03))  # what a sigma read back from a ProbePlan holds
+    assert wire != 0.03 and det.jitter_matches(4, wire) and det.jitter_matches(4, 0.03)
+    assert not det.jitter_matches(3, 0.03) and not det.jitter_matches(4, 0.031)
+    policy = make_policy()
+    from_wire = replace(det, jitter=(4, wire))
+    replace(policy, references=replace(policy.references, squeeze_detector=from_wire))  # loads
+    for bad in ((4.7, 0.03), (True, 0.03), ("4", "0.03"), (4, True), (4, float("nan")), (4,)):
+        with pytest.raises(CalibrationError, match="jitter must be"):
+            replace(det, jitter=bad)
+
+
+def test_calibration_probes_the_jitter_copies_only_where_it_fits_squeeze() -> None:
+    from service.calibration import calibration_spec
+
+    policy = make_policy()
+    assert calibration_spec(policy, 0, [Check.SQUEEZE, Check.DENSITY]).jitter == policy.probe.jitter
+    assert calibration_spec(policy, 0, [Check.VIEWPOINT, Check.DENSITY]).jitter.count == 0

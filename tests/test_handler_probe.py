@@ -105,7 +105,7 @@ def test_jitter_rows_come_last_from_their_own_seed(base: torch.Tensor) -> None:
     shuffle = probe_pb2.ShuffleProbe(grid=2, count=2)
 
     def plan(jitter: int, noise: int = 0) -> probe_pb2.ProbePlan:
-        return probe_pb2.ProbePlan(version=1, seed=seed, shuffle=shuffle,
+        return probe_pb2.ProbePlan(version=2, seed=seed, shuffle=shuffle,
                                    noise=probe_pb2.NoiseProbe(sigma=0.25, count=noise),
                                    jitter=probe_pb2.NoiseProbe(sigma=sigma, count=jitter))
 
@@ -116,8 +116,14 @@ def test_jitter_rows_come_last_from_their_own_seed(base: torch.Tensor) -> None:
     # Its own generator: the noise and shuffle rows draw what they drew without jitter.
     assert torch.equal(out[:-n], probe.expand(base, plan(0, noise=3)))
     with pytest.raises(probe.PlanError, match="jitter.sigma"):
-        probe.validate(probe_pb2.ProbePlan(version=1, jitter=probe_pb2.NoiseProbe(count=2)),
+        probe.validate(probe_pb2.ProbePlan(version=2, jitter=probe_pb2.NoiseProbe(count=2)),
                        probe.Shape(1, 28, 28), 100)
+    # Version 1 plans are still served, without jitter: a version 1 handler would drop it.
+    with pytest.raises(probe.PlanError, match="jitter needs plan version 2"):
+        probe.validate(probe_pb2.ProbePlan(version=1, jitter=probe_pb2.NoiseProbe(sigma=0.03, count=2)),
+                       probe.Shape(1, 28, 28), 100)
+    assert probe.validate(probe_pb2.ProbePlan(version=1, squeeze=probe_pb2.SqueezeProbe(bit_depths=[2])),
+                          probe.Shape(1, 28, 28), 100) == 2
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])

@@ -156,7 +156,7 @@ def test_plan_rows_match_reference_variants(stub, token, local, images: np.ndarr
     plan = example("full.json")
     res = call(stub, token, model, png(images[0]), plan)
     rows = json.loads((EXAMPLES / "index.json").read_text())["valid"]["full.json"]["rows"]
-    assert (res.rows, res.plan_version) == (rows, 1)
+    assert (res.rows, res.plan_version) == (rows, plan.version) and plan.version == 2
     variants = reference_variants(data.to_tensor(images[:1])[0], plan)
     assert variants.shape[0] == rows
     want, feats = local[model](variants)

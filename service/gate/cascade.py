@@ -9,7 +9,8 @@ A :class:`GateRun` is an immutable state machine the gateway drives; it never do
     report = run.report()
 
 Stage 1 (cheap): one probe with the enabled cheap checks' variants (+ features for density;
-views and features also for a squeeze detector with context).
+views and features also for a squeeze detector with context, and the jitter copies for one
+that reads them).
 Stage 2 (noise) runs when certification is asked for, or when the noise check is enabled and
 the cheap stage is INCONCLUSIVE: no enabled cheap check crosses its reject threshold and at
 least one crosses its escalate threshold (its flag threshold where escalate is unset). Noise

@@ -35,7 +35,8 @@ from service.gate._fields import (
 )
 from service.gate.errors import PlanError
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # what plans are built at; 2 added the jitter section
+PLAN_VERSIONS = (1, 2)  # what a plan may say (policies written before jitter hold version 1)
 _UINT32_MAX = 2**32 - 1
 _UINT64_MAX = 2**64 - 1
 
@@ -118,7 +119,8 @@ class PlanLayout:
 
 @dataclass(frozen=True)
 class ProbeSpec:
-    """A probe plan (schema version 1). Validated on construction; raises :class:`PlanError`."""
+    """A probe plan (schema version 2, or 1 without jitter). Validated on construction;
+    raises :class:`PlanError`."""
 
     version: int = PLAN_VERSION
     seed: int = 0
@@ -162,7 +164,8 @@ class ProbeSpec:
         return self.layout().rows
 
     def to_dict(self) -> dict[str, Any]:
-        """Protobuf-JSON dict with every field written, snake_case names, seed as an int."""
+        """Protobuf-JSON dict with every field written (jitter only when set), snake_case
+        names, seed as an int."""
         return {
             "version": self.version,
             "seed": self.seed,
@@ -174,7 +177,9 @@ class ProbeSpec:
             "occlusion": {"grid": self.occlusion.grid, "fill": self.occlusion.fill},
             "shuffle": {"grid": self.shuffle.grid, "count": self.shuffle.count},
             "return_features": self.return_features,
-            "jitter": {"sigma": self.jitter.sigma, "count": self.jitter.count},
+            # Only when set: a plan without it writes what it wrote before jitter existed.
+            **({"jitter": {"sigma": self.jitter.sigma, "count": self.jitter.count}}
+               if self.jitter != NoiseSpec() else {}),
         }
 
     @classmethod
@@ -255,8 +260,9 @@ def _view(value: Any, path: str) -> ViewSpec:
 
 def _validate(p: ProbeSpec) -> None:
     """Raise PlanError where ``p`` breaks the rules written in probe.proto."""
-    if p.version != PLAN_VERSION:
-        raise PlanError(f"plan.version: only version {PLAN_VERSION} is known, got {p.version}")
+    if p.version not in PLAN_VERSIONS:
+        raise PlanError(f"plan.version: only versions {' and '.join(map(str, PLAN_VERSIONS))} are "
+                        f"known, got {p.version}")
     if not 0 <= p.seed <= _UINT64_MAX:
         raise PlanError(f"plan.seed: must be a uint64, got {p.seed}")
     if p.noise.count < 0 or not math.isfinite(p.noise.sigma) or p.noise.sigma < 0:
@@ -267,6 +273,8 @@ def _validate(p: ProbeSpec) -> None:
         raise PlanError("plan.jitter: count must be >= 0 and sigma finite and >= 0")
     if p.jitter.count > 0 and p.jitter.sigma <= 0:
         raise PlanError("plan.jitter.sigma: must be > 0 when jitter.count > 0")
+    if p.jitter.count > 0 and p.version < 2:
+        raise PlanError(f"plan.jitter: needs plan version 2, got version {p.version}")
     if any(not 1 <= b <= 8 for b in p.squeeze.bit_depths):
         raise PlanError(f"plan.squeeze.bit_depths: each must be in 1..8, got "
                         f"{list(p.squeeze.bit_depths)}")

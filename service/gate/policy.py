@@ -228,7 +228,7 @@ def _validate(p: Policy) -> None:
                               f"{'a' if p.references.density is not None else 'no'} "
                               "references.density (recalibrate, or disable squeeze)")
         jitter = (p.probe.jitter.count, p.probe.jitter.sigma)
-        if det.jitter[0] and jitter != det.jitter:
+        if det.jitter[0] and not det.jitter_matches(*jitter):
             raise PolicyError(f"checks.squeeze: its detector reads {det.jitter[0]} jitter copies "
                               f"at sigma {det.jitter[1]}; probe.jitter has {jitter[0]} at sigma "
                               f"{jitter[1]} (recalibrate, or disable squeeze)")

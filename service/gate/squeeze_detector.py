@@ -11,7 +11,7 @@ squeezer's distance alone throws away two things the same forward passes already
 
 The detector is a logistic regression over, per squeezer, ``log(L2 + 1e-3)`` of the centred
 logits and the centred drop of the predicted logit, plus ``log(margin + 1e-3)`` of the base
-logits (``2 S + 1`` features, plus 4 of context when it reads them, below). It is fitted at calibration on clean reference images against
+logits (``2 S + 1`` features, plus 4 of context and 3 of jitter when it reads them, below). It is fitted at calibration on clean reference images against
 the reference attacks (FGSM and PGD that succeeded), with ridge regularisation, and its
 decision value is mapped through its clean CDF, so the squeeze check's score stays a clean
 quantile in [0, 1] and its thresholds keep their meaning.
@@ -176,9 +176,13 @@ class SqueezeDetector:
                                    "its context was measured on, and 0 without context")
         try:
             count, sigma = self.jitter
-            count, sigma = int(count), float(sigma)
         except (TypeError, ValueError):
             raise CalibrationError("squeeze detector: jitter must be [count, sigma]") from None
+        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) \
+                or isinstance(sigma, bool) or not isinstance(sigma, (int, float, np.floating)):
+            raise CalibrationError("squeeze detector: jitter must be [count, sigma]: an integer "
+                                   "and a number")
+        count, sigma = int(count), float(sigma)
         reads_jitter = context == CONTEXTS[2]
         if not (count >= 1 and 0.0 < sigma <= 1.0 if reads_jitter else (count, sigma) == (0, 0.0)):
             raise CalibrationError("squeeze detector: jitter must be the copies (>= 1) and sigma "
@@ -190,6 +194,11 @@ class SqueezeDetector:
             a.setflags(write=False)
             object.__setattr__(self, name, a)
         object.__setattr__(self, "bias", float(self.bias))
+
+    def jitter_matches(self, count: int, sigma: float) -> bool:
+        """Are ``count`` copies at ``sigma`` the jitter this detector was fitted on? Sigma is
+        compared at float32, the precision the plan carries to the handler."""
+        return count == self.jitter[0] and np.float32(sigma) == np.float32(self.jitter[1])
 
     @property
     def squeezers(self) -> int:
@@ -248,8 +257,7 @@ class SqueezeDetector:
         except (TypeError, ValueError) as exc:
             raise CalibrationError(f"squeeze detector: {exc}") from exc
         jitter = data.get("jitter", [0, 0.0])
-        if not isinstance(jitter, list) or len(jitter) != 2 or isinstance(jitter[0], bool) \
-                or not isinstance(jitter[0], int) or not isinstance(jitter[1], (int, float)):
+        if not isinstance(jitter, list) or len(jitter) != 2:
             raise CalibrationError("squeeze detector: jitter must be [count, sigma]")
         return cls(*arrays, bias=float(data["bias"]), clean=EmpiricalCDF.from_dict(data["clean"]),
                    context=tuple(context), views=data.get("views", 0), jitter=tuple(jitter))
