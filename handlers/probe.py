@@ -68,16 +68,14 @@ def validate(plan: probe_pb2.ProbePlan, shape: Shape, max_variants: int) -> int:
     if plan.version not in PLAN_VERSIONS:
         raise PlanError(f"plan version {plan.version} is not supported (this handler speaks "
                         f"{' and '.join(map(str, PLAN_VERSIONS))})")
-    if plan.noise.count:
-        sigma = _finite(plan.noise.sigma, "noise.sigma")
-        if not 0.0 < sigma <= MAX_SIGMA:
-            raise PlanError(f"noise.sigma must be in (0, {MAX_SIGMA}] when noise.count > 0, got {sigma}")
-    if plan.jitter.count:
-        sigma = _finite(plan.jitter.sigma, "jitter.sigma")
-        if not 0.0 < sigma <= MAX_SIGMA:
-            raise PlanError(f"jitter.sigma must be in (0, {MAX_SIGMA}] when jitter.count > 0, got {sigma}")
-        if plan.version < 2:
-            raise PlanError(f"jitter needs plan version 2, got version {plan.version}")
+    for name in ("noise", "jitter"):
+        section = getattr(plan, name)
+        if section.count:
+            sigma = _finite(section.sigma, f"{name}.sigma")
+            if not 0.0 < sigma <= MAX_SIGMA:
+                raise PlanError(f"{name}.sigma must be in (0, {MAX_SIGMA}] when {name}.count > 0, got {sigma}")
+    if plan.jitter.count and plan.version < 2:
+        raise PlanError(f"jitter needs plan version 2, got version {plan.version}")
     for b in plan.squeeze.bit_depths:
         if b not in BIT_DEPTHS:
             raise PlanError(f"squeeze.bit_depths: {b} is not in 1..8")
@@ -255,6 +253,15 @@ def _generator(seed: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed % 2**64)
 
 
+def gaussian_copies(base: torch.Tensor, section: probe_pb2.NoiseProbe, seed: int) -> torch.Tensor:
+    """``section.count`` copies of ``base`` ``[C, H, W]`` plus N(0, sigma^2), not clamped (as
+    trained), drawn on its device from a generator seeded with ``seed``: the noise and the
+    jitter sections. Returns ``[count, C, H, W]``."""
+    gen = _generator(seed, base.device)
+    eps = torch.randn((section.count, *base.shape), generator=gen, device=base.device, dtype=base.dtype)
+    return base + section.sigma * eps
+
+
 def expand(base: torch.Tensor, plan: probe_pb2.ProbePlan | None) -> torch.Tensor:
     """The base image and every variant of a validated ``plan``, in plan order.
 
@@ -265,9 +272,7 @@ def expand(base: torch.Tensor, plan: probe_pb2.ProbePlan | None) -> torch.Tensor
         return parts[0]
     dev = base.device
     if plan.noise.count:
-        gen = _generator(plan.seed, dev)
-        eps = torch.randn((plan.noise.count, *base.shape), generator=gen, device=dev, dtype=base.dtype)
-        parts.append(base + plan.noise.sigma * eps)
+        parts.append(gaussian_copies(base, plan.noise, plan.seed))
     for b in plan.squeeze.bit_depths:
         parts.append(bit_depth(base, b).unsqueeze(0))
     for k in plan.squeeze.median_sizes:
@@ -281,7 +286,5 @@ def expand(base: torch.Tensor, plan: probe_pb2.ProbePlan | None) -> torch.Tensor
         perms = permutations(plan.shuffle.count, plan.shuffle.grid**2, gen)
         parts.append(shuffles(base, plan.shuffle.grid, perms))
     if plan.jitter.count:
-        gen = _generator(plan.seed + 2, dev)
-        eps = torch.randn((plan.jitter.count, *base.shape), generator=gen, device=dev, dtype=base.dtype)
-        parts.append(base + plan.jitter.sigma * eps)
+        parts.append(gaussian_copies(base, plan.jitter, plan.seed + 2))
     return torch.cat(parts)

@@ -257,7 +257,7 @@ async def calibrate(
                "created": stamp, "backend_format": backend_format,
                "squeeze_detector": detector is not None,
                "squeeze_detector_context": bool(detector is not None and detector.context),
-               "squeeze_detector_jitter": bool(detector is not None and detector.jitter[0]),
+               "squeeze_detector_jitter": bool(detector is not None and detector.reads_jitter),
                **{f"attack_{k}": len(v) for k, v in attacked_sets.items()}}
     # Room for an opt-in certificate: the cheap probe plus the whole noise budget, with one
     # base row per sequential batch.

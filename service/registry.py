@@ -90,7 +90,7 @@ def _warn_if_stale(name: str, policy: Policy) -> None:
         log.warning("model %r: policy %s scores the squeeze check by the maximum of per-squeezer "
                     "quantiles (no fitted detector); recalibrating fits one where at least 20 "
                     "reference attacks succeed", name, policy.version)
-    elif not det.jitter[0]:
+    elif not det.reads_jitter:
         log.warning("model %r: policy %s has a squeeze detector fitted without jitter copies; "
                     "recalibrating fits one that reads them and catches more attacks",
                     name, policy.version)

@@ -153,7 +153,7 @@ def _squeeze_score(raw: RawScores, spec: ProbeSpec, references: References) -> C
                           len(raw.squeeze), details)
     x = detector_input(raw, det.context)
     if x is None or (det.context and len(spec.views) != det.views) \
-            or (det.jitter[0] and not det.jitter_matches(spec.jitter.count, spec.jitter.sigma)):
+            or (det.reads_jitter and not det.jitter_matches(spec.jitter.count, spec.jitter.sigma)):
         return None  # the context was not measured as the detector was fitted
     decision = float(det.decision(x))
     return CheckScore(det.clean.at(decision), len(raw.squeeze),

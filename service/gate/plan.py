@@ -192,10 +192,6 @@ class ProbeSpec:
         version = as_int(pick(d, "version", 0), "plan.version", PlanError, minimum=0)
         seed = as_int(pick(d, "seed", 0), "plan.seed", PlanError, minimum=0,
                       maximum=_UINT64_MAX)
-        n = as_mapping(pick(d, "noise", {}), "plan.noise", PlanError)
-        reject_unknown(n, _known("sigma", "count"), "plan.noise", PlanError)
-        jt = as_mapping(pick(d, "jitter", {}), "plan.jitter", PlanError)
-        reject_unknown(jt, _known("sigma", "count"), "plan.jitter", PlanError)
         sq = as_mapping(pick(d, "squeeze", {}), "plan.squeeze", PlanError)
         reject_unknown(sq, _known("bit_depths", "median_sizes"), "plan.squeeze", PlanError)
         oc = as_mapping(pick(d, "occlusion", {}), "plan.occlusion", PlanError)
@@ -205,9 +201,7 @@ class ProbeSpec:
         return cls(
             version=version,
             seed=seed,
-            noise=NoiseSpec(
-                sigma=as_float(pick(n, "sigma", 0.0), "plan.noise.sigma", PlanError),
-                count=_uint32(pick(n, "count"), "plan.noise.count")),
+            noise=_gaussian(d, "noise"),
             squeeze=SqueezeSpec(
                 bit_depths=tuple(_uint32(x, f"plan.squeeze.bit_depths[{i}]") for i, x in
                                  enumerate(as_list(pick(sq, "bit_depths", []),
@@ -224,9 +218,7 @@ class ProbeSpec:
                                 count=_uint32(pick(sh, "count"), "plan.shuffle.count")),
             return_features=as_bool(pick(d, "return_features", False),
                                     "plan.return_features", PlanError),
-            jitter=NoiseSpec(
-                sigma=as_float(pick(jt, "sigma", 0.0), "plan.jitter.sigma", PlanError),
-                count=_uint32(pick(jt, "count"), "plan.jitter.count")),
+            jitter=_gaussian(d, "jitter"),
         )
 
 
@@ -242,6 +234,15 @@ def derive_seed(seed: int, index: int) -> int:
 
 def _uint32(value: Any, path: str) -> int:
     return 0 if value is None else as_int(value, path, PlanError, minimum=0, maximum=_UINT32_MAX)
+
+
+def _gaussian(plan: Mapping[str, Any], name: str) -> NoiseSpec:
+    """The ``noise`` or ``jitter`` section of a protobuf-JSON plan."""
+    path = f"plan.{name}"
+    g = as_mapping(pick(plan, name, {}), path, PlanError)
+    reject_unknown(g, _known("sigma", "count"), path, PlanError)
+    return NoiseSpec(sigma=as_float(pick(g, "sigma", 0.0), f"{path}.sigma", PlanError),
+                     count=_uint32(pick(g, "count"), f"{path}.count"))
 
 
 def _view(value: Any, path: str) -> ViewSpec:
@@ -265,14 +266,11 @@ def _validate(p: ProbeSpec) -> None:
                         f"known, got {p.version}")
     if not 0 <= p.seed <= _UINT64_MAX:
         raise PlanError(f"plan.seed: must be a uint64, got {p.seed}")
-    if p.noise.count < 0 or not math.isfinite(p.noise.sigma) or p.noise.sigma < 0:
-        raise PlanError("plan.noise: count must be >= 0 and sigma finite and >= 0")
-    if p.noise.count > 0 and p.noise.sigma <= 0:
-        raise PlanError("plan.noise.sigma: must be > 0 when noise.count > 0")
-    if p.jitter.count < 0 or not math.isfinite(p.jitter.sigma) or p.jitter.sigma < 0:
-        raise PlanError("plan.jitter: count must be >= 0 and sigma finite and >= 0")
-    if p.jitter.count > 0 and p.jitter.sigma <= 0:
-        raise PlanError("plan.jitter.sigma: must be > 0 when jitter.count > 0")
+    for name, g in (("noise", p.noise), ("jitter", p.jitter)):
+        if g.count < 0 or not math.isfinite(g.sigma) or g.sigma < 0:
+            raise PlanError(f"plan.{name}: count must be >= 0 and sigma finite and >= 0")
+        if g.count > 0 and g.sigma <= 0:
+            raise PlanError(f"plan.{name}.sigma: must be > 0 when {name}.count > 0")
     if p.jitter.count > 0 and p.version < 2:
         raise PlanError(f"plan.jitter: needs plan version 2, got version {p.version}")
     if any(not 1 <= b <= 8 for b in p.squeeze.bit_depths):

@@ -165,7 +165,7 @@ class Policy:
         else under squeeze.)"""
         p = self.probe
         det = self.references.squeeze_detector
-        jitter = p.jitter.count if det is not None and det.jitter[0] else 0
+        jitter = p.jitter.count if det is not None and det.reads_jitter else 0
         return {Check.SQUEEZE: len(p.squeeze.bit_depths) + len(p.squeeze.median_sizes) + jitter,
                 Check.VIEWPOINT: len(p.views), Check.DENSITY: 0,
                 Check.OCCLUSION: p.occlusion.grid ** 2, Check.STRUCTURE: p.shuffle.count,
@@ -183,7 +183,7 @@ class Policy:
         on = self.enabled
         det = self.references.squeeze_detector
         context = on(Check.SQUEEZE) and det is not None and bool(det.context)
-        jitter = on(Check.SQUEEZE) and det is not None and det.jitter[0] > 0
+        jitter = on(Check.SQUEEZE) and det is not None and det.reads_jitter
         return replace(
             p, seed=0, noise=NoiseSpec(), jitter=p.jitter if jitter else NoiseSpec(),
             squeeze=p.squeeze if on(Check.SQUEEZE) else SqueezeSpec(),
@@ -228,7 +228,7 @@ def _validate(p: Policy) -> None:
                               f"{'a' if p.references.density is not None else 'no'} "
                               "references.density (recalibrate, or disable squeeze)")
         jitter = (p.probe.jitter.count, p.probe.jitter.sigma)
-        if det.jitter[0] and not det.jitter_matches(*jitter):
+        if det.reads_jitter and not det.jitter_matches(*jitter):
             raise PolicyError(f"checks.squeeze: its detector reads {det.jitter[0]} jitter copies "
                               f"at sigma {det.jitter[1]}; probe.jitter has {jitter[0]} at sigma "
                               f"{jitter[1]} (recalibrate, or disable squeeze)")

@@ -195,6 +195,11 @@ class SqueezeDetector:
             object.__setattr__(self, name, a)
         object.__setattr__(self, "bias", float(self.bias))
 
+    @property
+    def reads_jitter(self) -> bool:
+        """Does it read :data:`JITTER_FEATURES` (and so need the probe's jitter copies)?"""
+        return self.jitter[0] > 0
+
     def jitter_matches(self, count: int, sigma: float) -> bool:
         """Are ``count`` copies at ``sigma`` the jitter this detector was fitted on? Sigma is
         compared at float32, the precision the plan carries to the handler."""
@@ -236,7 +241,7 @@ class SqueezeDetector:
         if self.context:
             out["context"] = list(self.context)
             out["views"] = self.views
-        if self.jitter[0]:
+        if self.reads_jitter:
             out["jitter"] = list(self.jitter)
         return out
 
