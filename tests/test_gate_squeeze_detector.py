@@ -19,8 +19,8 @@ from service.gate.policy_io import policy_from_dict, policy_to_dict
 from service.gate.quantile import EmpiricalCDF
 from service.gate.report import CheckStatus
 from service.gate.squeeze_detector import (
-    CONTEXT_FEATURES, JITTER_FEATURES, SqueezeDetector, context_features, fit_squeeze_detector,
-    jitter_features, measure_squeeze, squeeze_features,
+    CONTEXT_FEATURES, JITTER_FEATURES, Moves, SqueezeDetector, context_features,
+    fit_squeeze_detector, jitter_features, measure_squeeze, squeeze_features,
 )
 from tests.test_gate_policy import make_policy
 
@@ -312,6 +312,24 @@ def test_jitter_features_measure_the_copies() -> None:
     assert f[1] == pytest.approx(1.5)  # mean centred top-1 drop: (0 + 3) / 2
     assert f[2] == pytest.approx(0.5)  # one copy of two keeps the top-1
 
+
+
+def test_one_pass_over_every_variant_measures_each_section_as_alone() -> None:
+    """The gateway measures a probe's variants once (``Moves``) and reads each section's
+    rows; calibration and the studies measure a section alone. Both must give the same bits,
+    or thresholds set on one would not hold on the other."""
+    rng = np.random.default_rng(7)
+    base = rng.normal(size=10) * 3
+    variants = base + rng.normal(size=(13, 10)) * rng.uniform(0.01, 2.0, size=(13, 1))
+    variants[5] = base  # a variant that does not move
+    sq, views, jit = slice(0, 3), slice(3, 9), slice(9, 13)
+    moves = Moves.measure(base, variants)
+    assert moves.squeeze(sq).features().tolist() == squeeze_features(base, variants[sq]).tolist()
+    assert (moves.context(views, 0.25, 4.0).tolist()
+            == context_features(base, variants[views], 0.25, 4.0).tolist())
+    assert moves.jitter(jit).tolist() == jitter_features(base, variants[jit]).tolist()
+    with pytest.raises(ValueError, match="logits"):
+        Moves.measure(base, variants[:, :3])
 
 def test_a_jitter_detector_round_trips_and_names_its_copies() -> None:
     det = jitter_detector()

@@ -23,9 +23,7 @@ from service.gate.quantile import max_quantile
 from service.gate.report import CheckScore, GateReport, decide
 from service.gate.sequential import disagreement_share
 from service.gate.smoothing import certify_counts, count_agreements
-from service.gate.squeeze_detector import (
-    CONTEXT_FEATURES, context_features, jitter_features, measure_squeeze,
-)
+from service.gate.squeeze_detector import CONTEXT_FEATURES, Moves
 
 
 @dataclass(frozen=True)
@@ -99,15 +97,19 @@ def raw_scores(logits: ArrayLike, features: ArrayLike | None, spec: ProbeSpec,
     def section(s: slice) -> NDArray[np.float64] | None:
         return probs[s] if s.stop > s.start else None
 
-    sq, vw, oc, sh = (section(lay.squeeze), section(lay.views), section(lay.occlusion),
-                      section(lay.shuffle))
+    def variants(s: slice) -> slice | None:  # a section's rows among the variant rows
+        return slice(s.start - 1, s.stop - 1) if s.stop > s.start else None
+
+    vw, oc, sh = section(lay.views), section(lay.occlusion), section(lay.shuffle)
+    sq, views, jit = variants(lay.squeeze), variants(lay.views), variants(lay.jitter)
+    # Squeezers, views and jitter copies: every variant's move measured in one pass.
+    moves = Moves.measure(z[0], z[1:]) if spec.rows > 1 else None
     n_noise = lay.noise.stop - lay.noise.start
-    m = None if sq is None else measure_squeeze(z[0], z[lay.squeeze])
+    m = None if sq is None or moves is None else moves.squeeze(sq)
     viewpoint = None if vw is None else viewpoint_score(base, vw)
-    context = (None if viewpoint is None or dist is None
-               else tuple(context_features(z[0], z[lay.views], viewpoint, dist).tolist()))
-    jitter = (tuple(jitter_features(z[0], z[lay.jitter]).tolist())
-              if lay.jitter.stop > lay.jitter.start else None)
+    context = (None if viewpoint is None or dist is None or views is None or moves is None
+               else tuple(moves.context(views, viewpoint, dist).tolist()))
+    jitter = None if jit is None or moves is None else tuple(moves.jitter(jit).tolist())
     return RawScores(
         top_class=top,
         squeeze=None if m is None else tuple(m.l2.tolist()),

@@ -97,18 +97,58 @@ class SqueezeMeasurement:
                                [np.log(self.margin + _EPS)]])
 
 
+@dataclass(frozen=True, eq=False)
+class Moves:
+    """How each variant's logits move from the base's, measured once for all of a probe's
+    variant rows: the squeezers, the views and the jitter copies are each read from the same
+    arrays (:meth:`squeeze`, :meth:`context`, :meth:`jitter` take a section's rows), so the
+    gateway's per-request arithmetic is one pass over the probe, not one per section.
+
+    l2: float64 [K] centred-logit L2 per variant (:func:`service.gate.checks.squeeze_scores`);
+    top_drop: float64 [K] centred drop of the base top-1 logit; keep: bool [K], the variant's
+    top-1 is the base's; margin: top-1 minus top-2 logit of the base.
+    """
+
+    l2: NDArray[np.float64]
+    top_drop: NDArray[np.float64]
+    keep: NDArray[np.bool_]
+    margin: float
+
+    @classmethod
+    def measure(cls, base_logits: ArrayLike, variant_logits: ArrayLike) -> Moves:
+        """Base float [C] logits, variants float [K, C]."""
+        b = np.asarray(base_logits, dtype=np.float64)
+        v = np.asarray(variant_logits, dtype=np.float64)
+        if b.ndim != 1 or b.size < 2 or v.ndim != 2 or v.shape[1] != b.size or v.shape[0] < 1:
+            raise ValueError(f"need base [C >= 2] and variant [K >= 1, C] logits, got "
+                             f"{b.shape}, {v.shape}")
+        top = int(np.argmax(b))
+        d = centred_moves(b, v)  # computed once: l2 is squeeze_scores(b, v), their length
+        top2 = np.sort(b)[-2:]
+        return cls(l2=np.linalg.norm(d, axis=1), top_drop=-d[:, top],
+                   keep=np.argmax(v, axis=1) == top, margin=float(top2[1] - top2[0]))
+
+    def squeeze(self, rows: slice = slice(None)) -> SqueezeMeasurement:
+        """The squeezers' measurement, ``rows`` the squeezed copies."""
+        return SqueezeMeasurement(l2=self.l2[rows], top_drop=self.top_drop[rows],
+                                  margin=self.margin)
+
+    def context(self, rows: slice, viewpoint_l1: float, density: float) -> NDArray[np.float64]:
+        """The :data:`CONTEXT_FEATURES`, float64 [4], ``rows`` the views (each measured as a
+        squeezer is), with the viewpoint check's mean L1 and the density check's distance."""
+        return np.array([np.log(density + _EPS), np.log(viewpoint_l1 + _EPS),
+                         np.log(self.l2[rows] + _EPS).mean(), self.top_drop[rows].mean()])
+
+    def jitter(self, rows: slice = slice(None)) -> NDArray[np.float64]:
+        """The :data:`JITTER_FEATURES`, float64 [3], ``rows`` the jittered copies (each
+        measured as a squeezer is)."""
+        return np.array([np.log(self.l2[rows] + _EPS).mean(), self.top_drop[rows].mean(),
+                         self.keep[rows].mean()])
+
+
 def measure_squeeze(base_logits: ArrayLike, squeezed_logits: ArrayLike) -> SqueezeMeasurement:
     """Measure one image: base float [C] logits, squeezed float [S, C] in plan order."""
-    b = np.asarray(base_logits, dtype=np.float64)
-    v = np.asarray(squeezed_logits, dtype=np.float64)
-    if b.ndim != 1 or b.size < 2 or v.ndim != 2 or v.shape[1] != b.size or v.shape[0] < 1:
-        raise ValueError(f"need base [C >= 2] and squeezed [S >= 1, C] logits, got {b.shape}, "
-                         f"{v.shape}")
-    top = int(np.argmax(b))
-    d = centred_moves(b, v)  # computed once: l2 is squeeze_scores(b, v), their length
-    top2 = np.sort(b)[-2:]
-    return SqueezeMeasurement(l2=np.linalg.norm(d, axis=1), top_drop=-d[:, top],
-                              margin=float(top2[1] - top2[0]))
+    return Moves.measure(base_logits, squeezed_logits).squeeze()
 
 
 def squeeze_features(base_logits: ArrayLike, squeezed_logits: ArrayLike) -> NDArray[np.float64]:
@@ -120,17 +160,13 @@ def context_features(base_logits: ArrayLike, view_logits: ArrayLike, viewpoint_l
                      density: float) -> NDArray[np.float64]:
     """The :data:`CONTEXT_FEATURES` of one image, float64 [4]: base float [C] and views
     float [V, C] logits, the viewpoint check's mean L1 and the density check's distance."""
-    m = measure_squeeze(base_logits, view_logits)  # each view measured as a squeezer is
-    return np.array([np.log(density + _EPS), np.log(viewpoint_l1 + _EPS),
-                     np.log(m.l2 + _EPS).mean(), m.top_drop.mean()])
+    return Moves.measure(base_logits, view_logits).context(slice(None), viewpoint_l1, density)
 
 
 def jitter_features(base_logits: ArrayLike, jitter_logits: ArrayLike) -> NDArray[np.float64]:
     """The :data:`JITTER_FEATURES` of one image, float64 [3]: base float [C] and jittered
     copies' float [J, C] logits."""
-    m = measure_squeeze(base_logits, jitter_logits)  # each copy measured as a squeezer is
-    keep = np.argmax(np.asarray(jitter_logits), axis=1) == np.argmax(np.asarray(base_logits))
-    return np.array([np.log(m.l2 + _EPS).mean(), m.top_drop.mean(), keep.mean()])
+    return Moves.measure(base_logits, jitter_logits).jitter()
 
 
 @dataclass(frozen=True, eq=False)
