@@ -40,23 +40,25 @@ import numpy as np
 from robustgate.v1 import probe_pb2
 from service.backend import ProbeOutput, TorchServeBackend
 from service.errors import BackendUnavailable, DeadlineExceeded, GatewayError, InvalidInput
-from service.settings import HANDLER_MAX_BATCH_ITEMS
+from service.settings import HANDLER_MAX_BATCH_ITEMS, Settings
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class CoalesceConfig:
-    max_batch: int = 32
+    """Defaults are the gateway's (:class:`service.settings.Settings`, where each is argued)."""
+
+    max_batch: int = Settings.coalesce_max_batch
     """Images in one TorchServe call (at most the handler's ``max_batch_items``)."""
-    max_wait_ms: float = 2.0
+    max_wait_ms: float = Settings.coalesce_max_wait_ms
     """Longest a request waits for company while the backend is busy."""
-    max_rows: int = 4096
+    max_rows: int = Settings.coalesce_max_rows
     """Variant rows (every image's 1 + plan variants) in one call, so gate requests stay bounded
     (at most the handler's ``max_batch_rows``)."""
     max_bytes: int = 2 << 20
     """Image bytes in one call, well inside the gRPC message limits on both sides."""
-    max_calls: int = 3
+    max_calls: int = Settings.coalesce_max_calls
     """TorchServe calls in flight for one model; more requests wait (gathering into the next
     batch) until one comes back, unless they fill a batch. 0: no limit."""
 
