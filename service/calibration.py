@@ -57,7 +57,7 @@ from service.gate.policy_io import save_policy
 from service.gate.squeeze_detector import (
     CONTEXT_FEATURES, JITTER_FEATURES, MIN_ATTACKS, fit_squeeze_detector,
 )
-from service.pipeline import spec_to_proto
+from service.pipeline import request_seed, spec_to_proto
 from service.registry import POLICY_FILE
 
 CHEAP = (Check.SQUEEZE, Check.VIEWPOINT, Check.DENSITY)
@@ -138,13 +138,18 @@ def calibration_spec(policy: Policy, seed: int, checks: Sequence[Check]) -> Prob
 
 async def probe_all(backend: TorchServeBackend, model: str, images: np.ndarray, spec: ProbeSpec,
                     concurrency: int, timeout_s: float = 60.0) -> tuple[list[np.ndarray], np.ndarray]:
-    """Logits [rows, C] per image and base features [N, D]; images uint8 or float32 [N, 1, H, W]."""
-    plan = spec_to_proto(spec)
+    """Logits [rows, C] per image and base features [N, D]; images uint8 or float32 [N, 1, H, W].
+
+    Each image is probed as the gateway probes it: with its own seed
+    (:func:`service.pipeline.request_seed`, ``spec.seed`` as the gateway's base seed), so its
+    jitter copies (and noise) are the ones a request for it would get, drawn afresh for every
+    image, not one draw shared by all of them."""
     sem = asyncio.Semaphore(concurrency)
     logits: list[np.ndarray | None] = [None] * len(images)
     feats: list[np.ndarray | None] = [None] * len(images)
 
     async def one(i: int) -> None:
+        plan = spec_to_proto(spec.with_seed(request_seed(spec.seed, images[i])))
         async with sem:
             out = await backend.probe(model, images[i], plan, timeout_s)
         logits[i], feats[i] = out.logits, out.features

@@ -415,3 +415,33 @@ def test_calibration_probes_the_jitter_copies_only_where_it_fits_squeeze() -> No
     policy = make_policy()
     assert calibration_spec(policy, 0, [Check.SQUEEZE, Check.DENSITY]).jitter == policy.probe.jitter
     assert calibration_spec(policy, 0, [Check.VIEWPOINT, Check.DENSITY]).jitter.count == 0
+
+
+def test_calibration_probes_each_image_with_the_seed_the_gateway_gives_it() -> None:
+    """The detector is fitted on the jitter copies each image would get in serving: its own
+    draw (the gateway's per-image seed), not one draw shared by every calibration image."""
+    import asyncio
+
+    from handlers.probe import count_rows
+    from service.backend import ProbeOutput
+    from service.calibration import calibration_spec, probe_all
+    from service.pipeline import request_seed
+
+    sent: list[tuple[bytes, int]] = []
+
+    class Recorder:
+        async def probe(self, model_name, image, plan, timeout_s, version=""):
+            sent.append((image.tobytes(), plan.seed))
+            return ProbeOutput(np.zeros((count_rows(plan), 10), np.float32),
+                               np.zeros(4, np.float32), "cpu", "test")
+
+    spec = calibration_spec(make_policy(), 7, [Check.SQUEEZE, Check.DENSITY])
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(4, 1, 28, 28), dtype=np.uint8)
+    images[3] = images[0]  # the same image gets the same copies
+    asyncio.run(probe_all(Recorder(), "m", images, spec, concurrency=2))
+    seeds = dict(sent)
+    assert len(sent) == 4 and len(seeds) == 3
+    for im in images:
+        assert seeds[im.tobytes()] == request_seed(7, im)  # what Pipeline.classify derives
+    assert len(set(seeds.values())) == 3
