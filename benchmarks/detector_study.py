@@ -50,7 +50,7 @@ from service.gate.engine import RawScores, detector_input, raw_scores
 from service.gate.policy_io import load_policy
 from service.gate.defaults import DEFAULT_JITTER, DEFAULT_VIEWS
 from service.gate.squeeze_detector import CONTEXT_FEATURES, JITTER_FEATURES, fit_squeeze_detector
-from service.pipeline import spec_to_proto
+from service.pipeline import request_seed, spec_to_proto
 
 CHECKS = (Check.SQUEEZE, Check.VIEWPOINT, Check.DENSITY)
 ATTACK_SETS = ("fgsm@0.03", "fgsm@0.1", "pgd@0.03", "pgd@0.1")
@@ -108,14 +108,19 @@ FITTERS: dict[str, Fitter] = {"logistic": _logistic, "gbm": _sklearn("gbm"), "ml
 
 class Prober:
     """The cheap probe of the served policy, in process: raw scores per image (with the
-    default jitter copies where the policy sends none, so every variant can be measured)."""
+    default jitter copies where the policy sends none, so every variant can be measured).
+    Each image gets the plan the gateway (and calibration) would send it: its own seed, so
+    its own draw of the jitter copies (:func:`service.pipeline.request_seed`, base seed 0)."""
 
     def __init__(self, store: Path, model: str) -> None:
         self.policy = load_policy(store / model / "policy.json")
         spec = self.policy.cheap_plan(0)
         self.spec = spec if spec.jitter.count else replace(spec, jitter=DEFAULT_JITTER)
-        self.plan = spec_to_proto(self.spec)
         self.ts = torch.jit.load(str(store / model / "model.pt")).eval()
+
+    def plan(self, image: np.ndarray):  # -> probe_pb2.ProbePlan
+        """The plan for one image as the gateway decodes it (uint8 [H, W] or float32 [1, H, W])."""
+        return spec_to_proto(self.spec.with_seed(request_seed(0, image)))
 
     def __call__(self, images: np.ndarray) -> list[RawScores]:
         """images: uint8 [N, H, W] or float32 [N, 1, H, W] in [0, 1]."""
@@ -124,7 +129,8 @@ class Prober:
         with torch.inference_mode():
             for i in range(0, len(x), 128):
                 xb = x[i:i + 128]
-                logits, feats = self.ts(torch.cat([expand(im, self.plan) for im in xb]))
+                plans = [self.plan(im) for im in images[i:i + 128]]
+                logits, feats = self.ts(torch.cat([expand(im, plan) for im, plan in zip(xb, plans)]))
                 logits = logits.reshape(len(xb), self.spec.rows, -1).numpy()
                 feats = feats.reshape(len(xb), self.spec.rows, -1)[:, 0].numpy()
                 out += [raw_scores(l, f, self.spec, self.policy.references.density)

@@ -359,3 +359,18 @@ def test_the_full_budget_escalates_every_image_in_one_batch(default_store: Path)
     nxt = run.next_plan()
     assert nxt is not None and nxt.noise.count == policy.noise.max_samples
     assert all(policy.thresholds(c).escalate == 0.0 for c in (Check.SQUEEZE, Check.VIEWPOINT, Check.DENSITY))
+
+
+def test_the_studies_probe_each_image_as_the_gateway_does(default_store: Path) -> None:
+    """In process, the detector and input-statistics studies give every image the plan the
+    gateway (and calibration) would send it: its own seed, so its own jitter copies."""
+    from benchmarks.detector_study import Prober
+    from service.pipeline import request_seed
+
+    prober = Prober(default_store, "fmnist-cnn")
+    images = np.random.default_rng(0).integers(0, 256, size=(2, 28, 28), dtype=np.uint8)
+    for im in images:
+        # the gateway decodes a PNG to uint8 [1, H, W]: the same bytes, so the same seed
+        assert prober.plan(im).seed == request_seed(0, im[None]) == request_seed(0, im)
+    assert prober.plan(images[0]).seed != prober.plan(images[1]).seed
+    assert prober.plan(images[0]).jitter.count == prober.spec.jitter.count > 0
