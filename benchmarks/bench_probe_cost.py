@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import socket
 import statistics
 import sys
 import tempfile
@@ -30,16 +29,6 @@ from robustgate.torchserve import inference_pb2, inference_pb2_grpc
 from robustgate.v1 import probe_pb2
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def png(a: np.ndarray) -> bytes:
@@ -74,12 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     plan = json_format.Parse(args.plan.read_text(), probe_pb2.ProbePlan())
     ds = data.load()
     images = [png(a) for a in ds.test.images[:200]]
-    ports = free_ports(5)
     with tempfile.TemporaryDirectory(prefix="rg-bench-") as run_dir:
-        settings = serve.ServeSettings(
-            store=args.store, run_dir=Path(run_dir), grpc_inference_port=ports[0], grpc_management_port=ports[1],
-            inference_port=ports[2], management_port=ports[3], metrics_port=ports[4], disable_system_metrics=True,
-        )
+        settings = serve.ServeSettings.on_free_ports(store=args.store, run_dir=Path(run_dir),
+                                                     disable_system_metrics=True)
         print(f"starting TorchServe on {args.store} ...", flush=True)
         with serve.start(settings) as ts, grpc.insecure_channel(ts.grpc_inference_target) as channel:
             stub = inference_pb2_grpc.InferenceAPIsServiceStub(channel)

@@ -90,20 +90,28 @@ class ServeSettings:
     def on_free_ports(cls, **kwargs: Any) -> ServeSettings:
         """Settings whose five ports are free loopback ports (tests, calibration, benchmarks:
         a private TorchServe that leaves a running service alone)."""
-        ports = {name: free_port() for name in ("grpc_inference_port", "grpc_management_port",
-                                                "inference_port", "management_port", "metrics_port")}
-        return cls(**{**ports, **kwargs})
+        names = ("grpc_inference_port", "grpc_management_port", "inference_port", "management_port", "metrics_port")
+        return cls(**{**dict(zip(names, free_ports(len(names)))), **kwargs})
 
     @property
     def archives(self) -> Path:
         return Path(self.store) / "archives"
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports on 127.0.0.1 that nothing listens on right now. Every socket
+    stays bound until all are picked: picked one at a time, the kernel may hand out a port it
+    just released again, and two services told to listen on one port fail to start."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 @dataclass(frozen=True)

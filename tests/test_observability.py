@@ -273,14 +273,20 @@ def collector() -> Iterator[Collector]:
     c.server.stop(0)
 
 
-GATEWAY_METRICS_PORT = free_port()
 TORCHSERVE_RELAY_PATH = "/metrics/torchserve"
 
 
 @pytest.fixture(scope="module")
-def gateway(calibrated_store: Path, torchserve, collector: Collector, tmp_path_factory) -> Iterator[str]:
+def metrics_port() -> int:
+    """The module gateway's metrics port, picked when the gateway starts (not at import)."""
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def gateway(calibrated_store: Path, torchserve, collector: Collector, tmp_path_factory,
+            metrics_port: int) -> Iterator[str]:
     proc, address = start_gateway(calibrated_store, torchserve, tmp_path_factory.mktemp("gw-obs"),
-                                  **{"metrics-port": str(GATEWAY_METRICS_PORT),
+                                  **{"metrics-port": str(metrics_port),
                                      "torchserve-metrics-url": torchserve.metrics_url,
                                      "otlp-endpoint": f"http://127.0.0.1:{collector.port}"})
     yield address
@@ -313,7 +319,7 @@ class Prometheus:
 
 
 @pytest.fixture(scope="module")
-def prometheus(gateway: str, torchserve, tmp_path_factory) -> Iterator[Prometheus]:
+def prometheus(gateway: str, torchserve, tmp_path_factory, metrics_port: int) -> Iterator[Prometheus]:
     """Debian's Prometheus server run directly on loopback (never the system service), 1 s
     scrapes of the gateway and TorchServe, the shipped rules evaluated every second."""
     tmp = tmp_path_factory.mktemp("prometheus")
@@ -321,10 +327,10 @@ def prometheus(gateway: str, torchserve, tmp_path_factory) -> Iterator[Prometheu
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(RULES)],
         "scrape_configs": [
-            {"job_name": "robustgate", "static_configs": [{"targets": [f"127.0.0.1:{GATEWAY_METRICS_PORT}"]}]},
+            {"job_name": "robustgate", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]},
             # As in k8s (k8s/base/servicemonitor.yaml): TorchServe through the gateway's relay.
             {"job_name": "torchserve", "metrics_path": TORCHSERVE_RELAY_PATH,
-             "static_configs": [{"targets": [f"127.0.0.1:{GATEWAY_METRICS_PORT}"]}]},
+             "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]},
         ],
     }
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
@@ -477,15 +483,15 @@ def test_rules_are_healthy_and_quiet_on_normal_traffic(prometheus: Prometheus, s
     assert [a["labels"]["alertname"] for a in prometheus.get("/api/v1/alerts")["alerts"] if a["state"] == "firing"] == []
 
 
-def test_promtool_check_metrics_on_both_endpoints(prometheus: Prometheus, torchserve, sent) -> None:
+def test_promtool_check_metrics_on_both_endpoints(prometheus: Prometheus, torchserve, sent, metrics_port: int) -> None:
     promtool = tool("promtool")
-    gateway_text = scrape(f"http://127.0.0.1:{GATEWAY_METRICS_PORT}/metrics")
+    gateway_text = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
     out = subprocess.run([promtool, "check", "metrics"], input=gateway_text, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and not (out.stdout + out.stderr).strip(), out.stdout + out.stderr
     assert "_created" not in gateway_text
     # TorchServe's names are its own (its Java frontend looks its metrics up by these names):
     # the only findings allowed are style lints on those names, never a malformed exposition.
-    ts_text = scrape(f"http://127.0.0.1:{GATEWAY_METRICS_PORT}{TORCHSERVE_RELAY_PATH}")
+    ts_text = scrape(f"http://127.0.0.1:{metrics_port}{TORCHSERVE_RELAY_PATH}")
     out = subprocess.run([promtool, "check", "metrics"], input=ts_text, capture_output=True, text=True, timeout=60)
     ts_names = {line.split()[2] for line in declared_text().splitlines() if line.startswith("# TYPE ")}
     allowed = re.compile(r"^(\S+) (metric names should be written in 'snake_case' not 'camelCase'|"
@@ -496,9 +502,10 @@ def test_promtool_check_metrics_on_both_endpoints(prometheus: Prometheus, torchs
         assert m and m.group(1) in ts_names, f"TorchServe exposition: {line}"
 
 
-def test_dashboard_reads_metrics_that_are_really_exported(prometheus: Prometheus, torchserve, sent) -> None:
-    live = (exported_names(scrape(f"http://127.0.0.1:{GATEWAY_METRICS_PORT}/metrics"))
-            | exported_names(scrape(f"http://127.0.0.1:{GATEWAY_METRICS_PORT}{TORCHSERVE_RELAY_PATH}"))
+def test_dashboard_reads_metrics_that_are_really_exported(prometheus: Prometheus, torchserve, sent,
+                                                          metrics_port: int) -> None:
+    live = (exported_names(scrape(f"http://127.0.0.1:{metrics_port}/metrics"))
+            | exported_names(scrape(f"http://127.0.0.1:{metrics_port}{TORCHSERVE_RELAY_PATH}"))
             | recorded_names() | {"up"})
     has_data: dict[str, bool] = {}
     for title, expr in dashboard_exprs():

@@ -202,10 +202,7 @@ def test_load_at_twice_capacity_sheds_and_loses_nothing(calibrated_store: Path, 
 # --- backend faults ------------------------------------------------------------------------
 
 def test_torchserve_killed_during_load_then_restarted(calibrated_store: Path, tmp_path: Path, fmnist) -> None:
-    ts_settings = serve.ServeSettings(
-        store=calibrated_store, run_dir=tmp_path / "ts", grpc_inference_port=free_port(),
-        grpc_management_port=free_port(), inference_port=free_port(), management_port=free_port(),
-        metrics_port=free_port())
+    ts_settings = serve.ServeSettings.on_free_ports(store=calibrated_store, run_dir=tmp_path / "ts")
     ts = serve.start(ts_settings)
     mport, timeout_s = free_port(), 5.0
     proc = None

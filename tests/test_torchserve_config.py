@@ -33,6 +33,36 @@ def test_rendered_config_is_loopback_with_token_auth_and_prometheus() -> None:
     assert float(cfg["token_expiration_min"]) >= 60 * 24
 
 
+def test_free_ports_are_distinct_even_where_the_kernel_reuses_a_released_port(monkeypatch) -> None:
+    """A kernel may give bind(port 0) the port it released a moment ago. The five TorchServe
+    ports must still differ: two listeners told one port and TorchServe fails to start."""
+    bound: set[int] = set()
+
+    class Reusing:  # bind(0) takes the lowest port not bound right now
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.close()
+
+        def bind(self, addr):
+            assert addr == ("127.0.0.1", 0)
+            self.port = min(set(range(40000, 40010)) - bound)
+            bound.add(self.port)
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+
+        def close(self):
+            bound.discard(getattr(self, "port", None))
+
+    monkeypatch.setattr(serve.socket, "socket", Reusing)
+    s = serve.ServeSettings.on_free_ports(metrics_port=1234)
+    ports = [s.grpc_inference_port, s.grpc_management_port, s.inference_port, s.management_port]
+    assert len(set(ports)) == 4 and s.metrics_port == 1234 and not bound  # all released again
+    assert len(set(serve.free_ports(6))) == 6
+
+
 def test_log_config_is_warn_level_and_bounded() -> None:
     import xml.etree.ElementTree as ET
 
