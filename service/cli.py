@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -86,17 +87,23 @@ def main(argv: list[str] | None = None) -> int:
         token = args.token_file.read_text().strip() if args.token_file else None
         with Client(args.address, timeout_s=args.timeout, credentials=creds, token=token) as client:
             if args.cmd == "classify":
-                return classify(client, args.images, args.model, args.top_k, args.timeout)
+                code = classify(client, args.images, args.model, args.top_k, args.timeout)
             else:
+                code = 0
                 for m in client.list_models().models:
                     print(f"{m.name}  version {m.version}  formats {','.join(m.formats)}  ready {m.ready}")
+            sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below
+            return code
     except grpc.RpcError as e:
         print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader left (`robustgate classify *.png | head`): stop quietly
+        # Python flushes stdout again at exit: point it at /dev/null so that flush cannot fail too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # as a command killed by SIGPIPE exits in the shell
     except OSError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

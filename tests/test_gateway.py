@@ -72,13 +72,17 @@ def stop(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-METRICS_PORT = free_port()
+@pytest.fixture(scope="module")
+def metrics_port() -> int:
+    """The module gateway's metrics port, picked when the gateway starts (a port picked at
+    import would stay unbound through every module before this one, free for anything to take)."""
+    return free_port()
 
 
 @pytest.fixture(scope="module")
-def gateway(calibrated_store: Path, torchserve, tmp_path_factory):
+def gateway(calibrated_store: Path, torchserve, tmp_path_factory, metrics_port: int):
     proc, address = start_gateway(calibrated_store, torchserve, tmp_path_factory.mktemp("gw"),
-                                  **{"metrics-port": str(METRICS_PORT)})
+                                  **{"metrics-port": str(metrics_port)})
     yield address
     stop(proc)
 
@@ -93,9 +97,9 @@ def scrape(port: int) -> dict[tuple[str, frozenset], float]:
             for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
-def test_metrics_count_what_was_sent(client: Client, fmnist: data.FashionMNIST) -> None:
+def test_metrics_count_what_was_sent(client: Client, fmnist: data.FashionMNIST, metrics_port: int) -> None:
     def requests(code: str) -> float:
-        return sum(v for (name, labels), v in scrape(METRICS_PORT).items()
+        return sum(v for (name, labels), v in scrape(metrics_port).items()
                    if name == "robustgate_requests_total" and ("code", code) in labels)
 
     ok0, bad0 = requests("OK"), requests("INVALID_ARGUMENT")
@@ -105,7 +109,7 @@ def test_metrics_count_what_was_sent(client: Client, fmnist: data.FashionMNIST) 
         with pytest.raises(grpc.RpcError):
             client.classify(b"junk", model="fmnist-cnn")
     assert requests("OK") - ok0 == 7 and requests("INVALID_ARGUMENT") - bad0 == 3
-    samples = scrape(METRICS_PORT)
+    samples = scrape(metrics_port)
     names = {n for n, _ in samples}
     assert {"robustgate_request_duration_seconds_bucket", "robustgate_check_score_bucket",
             "robustgate_forward_passes_bucket", "robustgate_inflight_requests", "robustgate_backend_requests_total",
@@ -210,15 +214,16 @@ def test_stream_answers_each_request_in_order(client: Client, fmnist: data.Fashi
     assert all(a.WhichOneof("outcome") == "result" for i, a in enumerate(answers) if i != 2)
 
 
-def test_a_stream_cancelled_midway_stops_what_it_had_in_flight(client: Client, fmnist: data.FashionMNIST) -> None:
+def test_a_stream_cancelled_midway_stops_what_it_had_in_flight(client: Client, fmnist: data.FashionMNIST,
+                                                             metrics_port: int) -> None:
     """The client walks away with a window of slow items in flight: the gateway cancels
     them (none is answered, so none is counted), frees their admission slots and keeps
     serving."""
     def inflight() -> float:
-        return scrape(METRICS_PORT)[("robustgate_inflight_requests", frozenset())]
+        return scrape(metrics_port)[("robustgate_inflight_requests", frozenset())]
 
     def answered() -> float:
-        return sum(v for (name, _), v in scrape(METRICS_PORT).items() if name == "robustgate_requests_total")
+        return sum(v for (name, _), v in scrape(metrics_port).items() if name == "robustgate_requests_total")
 
     # A fast first item, then certified ones (hundreds of forward passes each): when the
     # first answer arrives, the window's other items have only just started.
@@ -261,6 +266,15 @@ def test_cli_classifies_one_image_or_several_over_one_stream(gateway: str, fmnis
     assert many.stderr.startswith("junk.png: error: INVALID_ARGUMENT: ") and "Traceback" not in many.stderr
     missing = cli(files[0], tmp_path / "nope.png")
     assert missing.returncode == 2 and missing.stderr.startswith("error: ") and not missing.stdout
+    # `robustgate classify *.png | head`: the reader leaves before the answers are printed
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        gone = subprocess.run([sys.executable, "-m", "service.cli", "--address", gateway, "classify", *map(str, files)],
+                              stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert (gone.returncode, gone.stderr) == (141, "")
 
 
 def test_list_and_get_model(client: Client) -> None:
