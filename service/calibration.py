@@ -58,7 +58,7 @@ from service.gate.squeeze_detector import (
     CONTEXT_FEATURES, JITTER_FEATURES, MIN_ATTACKS, fit_squeeze_detector,
 )
 from service.pipeline import request_seed, spec_to_proto
-from service.registry import POLICY_FILE
+from service.registry import JITTER_DRAWS, POLICY_FILE
 
 CHEAP = (Check.SQUEEZE, Check.VIEWPOINT, Check.DENSITY)
 DEFAULT_CHECKS = (Check.SQUEEZE, Check.VIEWPOINT, Check.DENSITY)
@@ -263,6 +263,7 @@ async def calibrate(
                "squeeze_detector": detector is not None,
                "squeeze_detector_context": bool(detector is not None and detector.context),
                "squeeze_detector_jitter": bool(detector is not None and detector.reads_jitter),
+               JITTER_DRAWS[0]: JITTER_DRAWS[1],  # probe_all: each image's own seed
                **{f"attack_{k}": len(v) for k, v in attacked_sets.items()}}
     # Room for an opt-in certificate: the cheap probe plus the whole noise budget, with one
     # base row per sequential batch.

@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 
 POLICY_FILE = "policy.json"
 CARD_FILE = "card.json"
+# Calibration's record (a key of the policy's ``calibration``) that it probed every image
+# with the jitter draw the gateway gives that image (``pipeline.request_seed``). Policies
+# calibrated before the record existed drew one set of jitter copies for all their images.
+JITTER_DRAWS = ("jitter_draws", "per-image")
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,10 @@ def _warn_if_stale(name: str, policy: Policy) -> None:
     where at least 20 reference attacks succeed. A detector fitted before the probe's jitter
     copies existed still serves, as fitted; recalibrating fits one that reads them (in
     ``benchmarks.detector_study``, 1-13 points more of the FGSM and PGD the calibration
-    fits against). Silent where the gate is off."""
+    fits against). One fitted on a single jitter draw shared by all calibration images (no
+    :data:`JITTER_DRAWS` record) realised about half a point under its clean flag rate
+    through the gateway, which draws per image, and caught 0.7-8 points less of FGSM, PGD
+    and CW (``benchmarks.robustness``, 2026-12-03). Silent where the gate is off."""
     squeeze = policy.checks.get(Check.SQUEEZE)
     if policy.mode is Mode.OFF or squeeze is None or not squeeze.enabled:
         return
@@ -94,6 +101,11 @@ def _warn_if_stale(name: str, policy: Policy) -> None:
         log.warning("model %r: policy %s has a squeeze detector fitted without jitter copies; "
                     "recalibrating fits one that reads them and catches more attacks",
                     name, policy.version)
+    elif policy.calibration.get(JITTER_DRAWS[0]) != JITTER_DRAWS[1]:
+        log.warning("model %r: policy %s was calibrated with one draw of the jitter copies for every "
+                    "image, while the gateway draws them per image; it serves as calibrated, a little "
+                    "under its clean flag rate and catching a little less; recalibrating fits it on "
+                    "the draws the gateway makes", name, policy.version)
 
 
 class Registry:

@@ -62,6 +62,7 @@ def test_the_calibrated_squeeze_detector_reads_the_context_and_the_jitter(policy
     assert det["jitter"] == [policy["probe"]["jitter"]["count"], policy["probe"]["jitter"]["sigma"]] == [4, 0.03]
     assert policy["calibration"]["squeeze_detector_context"] is True
     assert policy["calibration"]["squeeze_detector_jitter"] is True
+    assert policy["calibration"]["jitter_draws"] == "per-image"  # each image probed with its own seed
 
 
 def test_clean_flag_rate_is_near_the_calibrated_rate(clean: ef.Outcome, policy: dict) -> None:

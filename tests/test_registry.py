@@ -12,7 +12,7 @@ import pytest
 from service.errors import ModelNotFound, PolicyMismatch
 from service.gate.policy import Mode, Policy
 from service.gate.policy_io import save_policy
-from service.registry import load_model
+from service.registry import JITTER_DRAWS, load_model
 from tests.test_gate_policy import SHA_M, make_policy
 from tests.test_gate_squeeze_detector import detector_policy, jitter_detector
 
@@ -30,12 +30,27 @@ def store_with(tmp_path: Path, policy: Policy, model_sha: str = SHA_M) -> Path:
 def test_loads_a_matching_policy_without_warning(tmp_path: Path,
                                                  caplog: pytest.LogCaptureFixture) -> None:
     policy = make_policy()
-    policy = replace(policy, references=replace(policy.references, squeeze_detector=jitter_detector()))
+    policy = replace(policy, references=replace(policy.references, squeeze_detector=jitter_detector()),
+                     calibration={"flag_rate_target": 0.05, JITTER_DRAWS[0]: JITTER_DRAWS[1]})
     with caplog.at_level(logging.WARNING, logger="service.registry"):
         model = load_model(store_with(tmp_path, policy), "fmnist-cnn", "torchscript")
     assert model.backend_name == "fmnist-cnn-torchscript" and model.version == "3"
     assert model.policy.references.squeeze_detector is not None
     assert not [r for r in caplog.records if r.name == "service.registry"]
+
+
+def test_a_policy_calibrated_on_one_shared_jitter_draw_serves_and_is_named_at_start_up(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Calibrated before each image got its own jitter draw: no record in its calibration."""
+    policy = make_policy()
+    policy = replace(policy, references=replace(policy.references, squeeze_detector=jitter_detector()),
+                     calibration={"flag_rate_target": 0.05, "squeeze_detector_jitter": True})
+    with caplog.at_level(logging.WARNING, logger="service.registry"):
+        model = load_model(store_with(tmp_path, policy), "fmnist-cnn", "torchscript")
+    assert model.policy.references.squeeze_detector.reads_jitter  # served as calibrated
+    [record] = [r for r in caplog.records if r.name == "service.registry"]
+    assert "one draw of the jitter copies for every image" in record.getMessage()
+    assert "'fmnist-cnn'" in record.getMessage() and "recalibrating" in record.getMessage()
 
 
 def test_a_detector_fitted_without_jitter_serves_and_is_named_at_start_up(
