@@ -70,8 +70,8 @@ class Features:
     """The detectors' features of uint8 [N, H, W] images, from the served TorchScript model."""
 
     def __init__(self, store: Path, model: str) -> None:
-        self.ts = torch.jit.load(str(store / model / "model.pt")).eval()
         self.prober = Prober(store, model)
+        self.ts = self.prober.ts  # one load of the served model for both
 
     def _logits(self, x: torch.Tensor) -> np.ndarray:
         with torch.no_grad():
