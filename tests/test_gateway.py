@@ -277,6 +277,35 @@ def test_cli_classifies_one_image_or_several_over_one_stream(gateway: str, fmnis
     assert (gone.returncode, gone.stderr) == (141, "")
 
 
+def test_the_readme_examples_run_as_written(gateway: str, tmp_path: Path) -> None:
+    """The README's "Calling it" commands, run as written (this gateway's address in place of
+    the default one) from a folder that holds the checkout's .venv, as a newcomer would."""
+    import json
+    import re
+
+    section = (serve.REPO / "README.md").read_text().split("\n## Calling it\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+    assert len(blocks) == 2 and all("127.0.0.1:50051" in b for b in blocks)
+    script = "\n".join(blocks).replace("127.0.0.1:50051", gateway).replace(
+        "robustgate classify", f"robustgate --address {gateway} classify")
+    (tmp_path / ".venv").symlink_to(serve.REPO / ".venv")
+    out = subprocess.run(["bash", "-eo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "rank  class" in out.stdout and "gate: " in out.stdout  # robustgate classify's table
+    # grpcurl prints one JSON object per answer: Classify, Health/Check, then two stream answers
+    text = out.stdout[out.stdout.index("\n{") + 1:]
+    answers, end = [], 0
+    while (start := text.find("{", end)) >= 0:
+        obj, end = json.JSONDecoder().raw_decode(text, start)
+        answers.append(obj)
+    classify, health, *stream = answers
+    assert len(classify["classes"]) == 3 and classify["gate"]["decision"].startswith("DECISION_")
+    assert health == {"status": "SERVING"}
+    assert [a["request_id"] for a in stream] == ["shoe.png", "shoe.png"]
+    assert all(a["result"]["classes"][0]["label"] == classify["classes"][0]["label"] for a in stream)
+
+
 def test_list_and_get_model(client: Client) -> None:
     models = client.list_models().models
     assert [m.name for m in models] == ["fmnist-cnn"] and set(models[0].formats) == {"torchscript", "onnx"}
