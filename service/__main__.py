@@ -5,13 +5,20 @@ import logging
 import sys
 
 from service import settings as settings_mod
+from service.errors import GatewayError
 from service.server import serve
+
+log = logging.getLogger("service")
 
 
 def main(argv: list[str] | None = None) -> int:
     s = settings_mod.from_args(argv)
     logging.basicConfig(level=s.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(s))
+    try:
+        asyncio.run(serve(s))
+    except (GatewayError, OSError) as e:  # only start-up raises them this far: requests answer their own
+        log.error("cannot start: %s", e)
+        return 2
     return 0
 
 

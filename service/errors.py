@@ -35,4 +35,5 @@ class Unauthenticated(GatewayError):
 
 
 class PolicyMismatch(GatewayError):
-    """A gate policy does not belong to the served model (its model hash differs)."""
+    """A gate policy does not belong to the served model (its model hash differs), or its
+    probe does not fit the model's input (the handler would refuse it)."""

@@ -16,7 +16,7 @@ from pathlib import Path
 from service.decode import InputSpec
 from service.errors import ModelNotFound, PolicyMismatch
 from service.gate.checks import Check
-from service.gate.errors import PolicyError
+from service.gate.errors import PlanError, PolicyError
 from service.gate.policy import Mode, Policy
 from service.gate.policy_io import load_policy
 
@@ -58,18 +58,24 @@ def load_model(store: Path, name: str, backend_format: str) -> ServedModel:
     if (model_dir / "model.pt").is_file() and _sha256(model_dir / "model.pt") != model_sha:
         raise PolicyMismatch(f"{model_dir / 'model.pt'} does not match its card's sha256")
     policy_path = model_dir / POLICY_FILE
+    input_spec = InputSpec.from_card(card)
     try:
         policy = load_policy(policy_path)
         policy.check_model(model_sha)
     except PolicyError as e:
         raise PolicyMismatch(f"model {name!r}: {e}") from None
+    try:  # else the handler would refuse every gated call, answered as if the image were bad
+        policy.probe.check_input(input_spec.height, input_spec.width)
+    except PlanError as e:
+        raise PolicyMismatch(f"model {name!r}: the probe of {policy_path} does not fit the card's "
+                             f"input: {e}") from None
     _warn_if_stale(name, policy)
     formats = tuple(f for f in ("torchscript", "onnx") if (store / "archives" / f"{name}-{f}.mar").is_file())
     return ServedModel(
         name=name,
         version=str(card.get("version", "1")),
         labels=tuple(card["labels"]),
-        input=InputSpec.from_card(card),
+        input=input_spec,
         policy=policy,
         backend_name=f"{name}-{backend_format}",
         formats=formats,

@@ -58,18 +58,30 @@ def test_gate_reads_each_valid_example_plan_like_the_handler(name: str) -> None:
     assert spec_to_proto(spec).seed == json_format.ParseDict(raw, probe_pb2.ProbePlan()).seed
 
 
-# Limits that depend on the served model, not on the schema: the handler alone enforces them
-# (the variant cap from its model-config.yaml, the shuffle grid dividing the image size).
-HANDLER_ONLY = {"invalid/too_many_variants.json", "invalid/shuffle_grid_not_dividing.json"}
+# The variant cap comes from the archive's model-config.yaml, which the gateway does not read:
+# the handler alone enforces it.
+HANDLER_ONLY = {"invalid/too_many_variants.json"}
+# Limits of the image size: the gateway checks them when a policy's probe meets the model's
+# card (the examples are for a 1x28x28 model).
+IMAGE_SIZE = {"invalid/shuffle_grid_not_dividing.json", "invalid/view_shift_too_large.json",
+              "invalid/occlusion_grid_too_large.json"}
 
 
 @pytest.mark.parametrize("name", sorted(set(_index()["invalid"]) - HANDLER_ONLY))
 def test_gate_refuses_each_invalid_example_plan(name: str) -> None:
-    from service.gate.errors import GateError
+    from service.gate.errors import PlanError
 
     raw = json.loads((EXAMPLES / name).read_text())
-    with pytest.raises((GateError, ValueError)):
-        ProbeSpec.from_dict(raw)
+    want = _index()["invalid"][name].replace(".", r"\.")
+    with pytest.raises(PlanError, match=want):
+        ProbeSpec.from_dict(raw).check_input(28, 28)
+    if name in IMAGE_SIZE:
+        ProbeSpec.from_dict(raw).check_input(999, 960)  # fits a larger image
+
+
+@pytest.mark.parametrize("name", sorted(_index()["valid"]))
+def test_valid_example_plans_fit_the_example_image_size(name: str) -> None:
+    ProbeSpec.from_dict(json.loads((EXAMPLES / name).read_text())).check_input(28, 28)
 
 
 def test_spec_to_proto_is_the_json_conversion_for_every_seed_and_a_fresh_message_each_time() -> None:

@@ -37,6 +37,10 @@ from service.gate.errors import PlanError
 
 PLAN_VERSION = 2  # what plans are built at; 2 added the jitter section
 PLAN_VERSIONS = (1, 2)  # what a plan may say (policies written before jitter hold version 1)
+# The handler's limits (handlers/probe.py, which may not be imported from here; the shared
+# examples in proto/examples/invalid pin the two copies to one another).
+MAX_SIGMA = 10.0  # noise and jitter, pixel units
+MIN_SCALE, MAX_SCALE = 0.1, 10.0  # a view's scale, when not 0 (unchanged)
 _UINT32_MAX = 2**32 - 1
 _UINT64_MAX = 2**64 - 1
 
@@ -154,6 +158,21 @@ class ProbeSpec:
         return PlanLayout(base=s[0], noise=s[1], squeeze_bits=s[2], squeeze_median=s[3],
                           views=s[4], occlusion=s[5], shuffle=s[6], jitter=s[7], rows=bounds[-1])
 
+    def check_input(self, height: int, width: int) -> None:
+        """Raise PlanError where this plan cannot probe a ``height`` x ``width`` image: the
+        handler refuses such a plan on every call. The schema alone cannot say (the image size
+        is the model's), so the gateway asks this of each policy's probe when it loads it."""
+        for i, v in enumerate(self.views):
+            if abs(v.shift_x) > width or abs(v.shift_y) > height:
+                raise PlanError(f"plan.views[{i}]: shift ({v.shift_x}, {v.shift_y}) is larger than the "
+                                f"{height}x{width} image")
+        if self.occlusion.grid > min(height, width):
+            raise PlanError(f"plan.occlusion.grid: {self.occlusion.grid} is larger than the "
+                            f"{height}x{width} image")
+        g = self.shuffle.grid
+        if g and (height % g or width % g):
+            raise PlanError(f"plan.shuffle.grid: {g} does not divide the {height}x{width} image")
+
     def layout(self) -> PlanLayout:
         """Row slices of every section, in plan order (module docstring)."""
         return self._layout
@@ -269,8 +288,9 @@ def _validate(p: ProbeSpec) -> None:
     for name, g in (("noise", p.noise), ("jitter", p.jitter)):
         if g.count < 0 or not math.isfinite(g.sigma) or g.sigma < 0:
             raise PlanError(f"plan.{name}: count must be >= 0 and sigma finite and >= 0")
-        if g.count > 0 and g.sigma <= 0:
-            raise PlanError(f"plan.{name}.sigma: must be > 0 when {name}.count > 0")
+        if g.count > 0 and not 0 < g.sigma <= MAX_SIGMA:
+            raise PlanError(f"plan.{name}.sigma: must be in (0, {MAX_SIGMA}] when {name}.count > 0, "
+                            f"got {g.sigma}")
     if p.jitter.count > 0 and p.version < 2:
         raise PlanError(f"plan.jitter: needs plan version 2, got version {p.version}")
     if any(not 1 <= b <= 8 for b in p.squeeze.bit_depths):
@@ -283,8 +303,13 @@ def _validate(p: ProbeSpec) -> None:
         values = (v.rotate_deg, v.shift_x, v.shift_y, v.scale)
         if not all(math.isfinite(x) for x in values) or v.scale < 0:
             raise PlanError(f"plan.views[{i}]: values must be finite and scale >= 0")
-    if p.occlusion.grid < 0 or not 0.0 <= p.occlusion.fill <= 1.0:
-        raise PlanError("plan.occlusion: grid must be >= 0 and fill in [0, 1]")
+        if v.scale != 0.0 and not MIN_SCALE <= v.scale <= MAX_SCALE:
+            raise PlanError(f"plan.views[{i}].scale: must be 0 (unchanged) or in [{MIN_SCALE}, "
+                            f"{MAX_SCALE}], got {v.scale}")
+    if p.occlusion.grid < 0:
+        raise PlanError(f"plan.occlusion.grid: must be >= 0, got {p.occlusion.grid}")
+    if not 0.0 <= p.occlusion.fill <= 1.0:
+        raise PlanError(f"plan.occlusion.fill: must be in [0, 1], got {p.occlusion.fill}")
     if p.shuffle.grid < 0 or p.shuffle.grid == 1 or p.shuffle.count < 0:
         raise PlanError("plan.shuffle: grid must be 0 or >= 2, count >= 0")
     if (p.shuffle.grid == 0) != (p.shuffle.count == 0):

@@ -29,7 +29,7 @@ from types import MappingProxyType
 from service.gate.checks import Check
 from service.gate.density import DensityModel
 from service.gate.errors import PolicyError
-from service.gate.plan import NoiseSpec, OcclusionSpec, ProbeSpec, ShuffleSpec, SqueezeSpec
+from service.gate.plan import MAX_SIGMA, NoiseSpec, OcclusionSpec, ProbeSpec, ShuffleSpec, SqueezeSpec
 from service.gate.quantile import EmpiricalCDF
 from service.gate.squeeze_detector import SqueezeDetector
 
@@ -88,8 +88,8 @@ class NoiseSettings:
     certify: bool = False
 
     def __post_init__(self) -> None:
-        if not self.sigma > 0:
-            raise PolicyError(f"noise.sigma must be > 0, got {self.sigma}")
+        if not 0 < self.sigma <= MAX_SIGMA:  # the handler refuses noise copies above it
+            raise PolicyError(f"noise.sigma must be in (0, {MAX_SIGMA}], got {self.sigma}")
         if not 0 < self.alpha <= 0.5:  # above 0.5 the "lower bound" is not one; near 1 the radius is infinite
             raise PolicyError(f"noise.alpha must be in (0, 0.5], got {self.alpha}")
         if not self.target_radius >= 0:
