@@ -47,6 +47,7 @@ IMAGE_KEYS = ("data", "body")  # "body" is what TorchServe's REST API names a ra
 TENSOR_KEY = "tensor"
 PLAN_KEY = "plan"
 BATCH_KEY = "batch"
+BAD_PLAN = "bad plan"  # every refused plan's message starts so (probe.proto, ProbeError)
 
 
 @dataclass(frozen=True)
@@ -279,11 +280,11 @@ class ProbeHandler(BaseHandler):
         if PLAN_KEY in row:
             raw_plan = row[PLAN_KEY]
             if not isinstance(raw_plan, (bytes, bytearray)):
-                raise InputError("the plan must be sent as bytes of a serialized robustgate.v1.ProbePlan")
+                raise InputError(f"{BAD_PLAN}: must be sent as bytes of a serialized robustgate.v1.ProbePlan")
             try:
                 plan = probe_pb2.ProbePlan.FromString(bytes(raw_plan))
             except DecodeError:
-                raise InputError("plan is not a valid robustgate.v1.ProbePlan") from None
+                raise InputError(f"{BAD_PLAN}: not a valid robustgate.v1.ProbePlan") from None
         return self._request(arr, plan)
 
     def parse_batch(self, raw: Any) -> list[Item]:
@@ -323,7 +324,7 @@ class ProbeHandler(BaseHandler):
         try:
             rows = probe.validate(plan, self.card.shape, self.settings.max_variants) if plan is not None else 1
         except probe.PlanError as e:
-            raise InputError(f"bad plan: {e}") from None
+            raise InputError(f"{BAD_PLAN}: {e}") from None
         base = torch.from_numpy(np.array(arr)).to(self.device)
         base = base.float().div_(255.0) if base.dtype == torch.uint8 else base
         return Request(base=base, plan=plan, rows=rows)

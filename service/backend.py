@@ -26,6 +26,7 @@ from service.errors import (
     InvalidInput,
     ModelNotFound,
     Overloaded,
+    PlanRefused,
 )
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def decode_result(raw: bytes | probe_pb2.ProbeResult) -> ProbeOutput:
         res.ParseFromString(raw)
     if res.HasField("error"):
         if 400 <= res.error.code < 500:
-            raise InvalidInput(f"backend refused the input: {res.error.message.splitlines()[0][:300]}")
+            raise refusal(res.error.message)
         raise BackendUnavailable(_PUBLIC_MESSAGE[BackendUnavailable])
     logits = np.frombuffer(res.logits, dtype="<f4").reshape(res.rows, res.classes)
     feats = np.frombuffer(res.features, dtype="<f4") if res.feature_dim else None
@@ -109,13 +110,29 @@ _PUBLIC_MESSAGE: dict[type[GatewayError], str] = {
 }
 
 
+# How the handler's refusal of a plan begins (probe.proto, ProbeError); the last two are
+# what archives built before every such message began "bad plan" say.
+_PLAN_REFUSALS = ("bad plan", "plan is not a valid", "the plan must be sent")
+PLAN_REFUSED_MESSAGE = "the model server refused the gate's probe plan: the gateway and its model archives disagree"
+
+
+def refusal(message: str) -> GatewayError:
+    """The handler's 4xx as a domain error. Its input checks are written for callers:
+    InvalidInput with the first line. A refused plan is not the caller's doing (the gateway
+    wrote the plan, the caller only the image): PlanRefused, answered INTERNAL with a fixed
+    message and counted as a server fault; the handler's words go to the log."""
+    detail = (message or "invalid input").splitlines()[0][:300]
+    if detail.startswith(_PLAN_REFUSALS):
+        log.error("the model server refused a probe plan (gateway policy and archives disagree): %s", detail)
+        return PlanRefused(PLAN_REFUSED_MESSAGE)
+    return InvalidInput(f"backend refused the input: {detail}")
+
+
 def map_rpc_error(err: grpc.aio.AioRpcError) -> GatewayError:
     """A TorchServe error as a domain error whose message is safe to show a caller."""
     kind = _BY_CODE.get(err.code(), BackendUnavailable)
     if kind is InvalidInput:
-        # Our own handler's validation message: short, written for callers.
-        detail = (err.details() or "invalid input").splitlines()[0][:300]
-        return InvalidInput(f"backend refused the input: {detail}")
+        return refusal(err.details() or "")
     log.warning("backend call failed: %s %s", err.code().name, (err.details() or "")[:500])
     return kind(_PUBLIC_MESSAGE[kind])
 

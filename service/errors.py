@@ -34,6 +34,11 @@ class Unauthenticated(GatewayError):
     """Missing or wrong credentials."""
 
 
+class PlanRefused(GatewayError):
+    """The model server refused a probe plan the gateway built: the gateway's policy and the
+    served archives disagree (a deployment fault, never the caller's)."""
+
+
 class PolicyMismatch(GatewayError):
     """A gate policy does not belong to the served model (its model hash differs), or its
     probe does not fit the model's input (the handler would refuse it)."""

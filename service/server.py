@@ -34,6 +34,7 @@ from service.errors import (
     InvalidInput,
     ModelNotFound,
     Overloaded,
+    PlanRefused,
     PolicyMismatch,
     Unauthenticated,
 )
@@ -59,6 +60,7 @@ STATUS_BY_ERROR: dict[type[GatewayError], grpc.StatusCode] = {
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PolicyMismatch: grpc.StatusCode.FAILED_PRECONDITION,
+    PlanRefused: grpc.StatusCode.INTERNAL,  # a deployment fault: the error-ratio alert counts it
 }
 
 

@@ -24,6 +24,34 @@ def test_result_with_a_per_request_error_raises_its_domain_error() -> None:
         decode_result(probe_pb2.ProbeResult(error=probe_pb2.ProbeError(code=507, message="oom")).SerializeToString())
 
 
+@pytest.mark.parametrize("message", [
+    "bad plan: plan asks for 3000 variants; this model allows at most 2048",
+    "bad plan: plan version 3 is not supported (this handler speaks 1 and 2)",
+    "plan is not a valid robustgate.v1.ProbePlan",  # archives from before every refusal said "bad plan"
+])
+def test_a_refused_plan_is_the_deployments_fault_not_the_callers(message: str, caplog) -> None:
+    """The gateway wrote the plan: a client that sent a good image must not be told it sent a
+    bad one, and ops must see a server fault (INTERNAL, counted by the error-ratio alert),
+    with the handler's words in the log only."""
+    import grpc
+
+    from service.backend import PLAN_REFUSED_MESSAGE, map_rpc_error
+    from service.errors import PlanRefused
+    from service.server import SERVER_FAULTS, status_of
+
+    raw = probe_pb2.ProbeResult(error=probe_pb2.ProbeError(code=400, message=message)).SerializeToString()
+    with caplog.at_level("ERROR", logger="service.backend"), pytest.raises(PlanRefused) as err:
+        decode_result(raw)
+    assert status_of(err.value) == (grpc.StatusCode.INTERNAL, PLAN_REFUSED_MESSAGE)
+    assert grpc.StatusCode.INTERNAL in SERVER_FAULTS and message in caplog.text
+    rpc = grpc.aio.AioRpcError(grpc.StatusCode.INVALID_ARGUMENT, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                               details=message)
+    assert isinstance(map_rpc_error(rpc), PlanRefused)
+    rpc = grpc.aio.AioRpcError(grpc.StatusCode.INVALID_ARGUMENT, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                               details="tensor shape [3, 3] does not match the model's [1, 28, 28]")
+    assert isinstance(map_rpc_error(rpc), InvalidInput)
+
+
 def test_result_round_trip() -> None:
     logits = np.arange(30, dtype=np.float32).reshape(3, 10)
     feats = np.ones(4, dtype=np.float32)

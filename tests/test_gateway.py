@@ -243,6 +243,41 @@ def test_a_stream_cancelled_midway_stops_what_it_had_in_flight(client: Client, f
     assert client.classify(png(fmnist.test.images[0]), model="fmnist-cnn").classes
 
 
+def test_a_plan_the_handler_refuses_is_a_server_fault_not_the_callers(calibrated_store: Path, torchserve,
+                                                                      fmnist: data.FashionMNIST,
+                                                                      tmp_path: Path) -> None:
+    """A policy whose certification batch is over the archive's max_variants (a limit of the
+    archive's model-config.yaml, which the gateway does not read): the handler refuses that
+    plan. The caller sent a good image: INTERNAL with a fixed message, counted as a server
+    fault, the handler's words in the gateway's log; uncertified calls still answer."""
+    from benchmarks.report import store_with_policy
+
+    def certify_in_one_batch(pol: dict) -> None:
+        pol["noise"].update(certify=True, max_samples=2100, first_batch=2100)
+        pol["max_forward_passes"] = 2200
+
+    store = store_with_policy(calibrated_store, tmp_path / "store", "fmnist-cnn", certify_in_one_batch)
+    port = free_port()
+    proc, address = start_gateway(store, torchserve, tmp_path, **{"metrics-port": str(port)})
+    try:
+        with Client(address) as c:
+            with pytest.raises(grpc.RpcError) as err:
+                c.classify(png(fmnist.test.images[0]), model="fmnist-cnn")
+            assert c.classify(png(fmnist.test.images[0]), model="fmnist-cnn", certify=False).classes
+        codes: dict[str, float] = {}
+        for (name, labels), v in scrape(port).items():
+            if name == "robustgate_requests_total":
+                codes[dict(labels)["code"]] = codes.get(dict(labels)["code"], 0.0) + v
+    finally:
+        stop(proc)
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert err.value.details() == "the model server refused the gate's probe plan: the gateway and its model " \
+                                  "archives disagree"
+    assert codes.get("INTERNAL") == 1 and codes.get("OK") == 1 and not codes.get("INVALID_ARGUMENT"), codes
+    log = (tmp_path / f"gateway-{address.rsplit(':', 1)[1]}.log").read_text()
+    assert "refused a probe plan" in log and "allows at most 2048" in log
+
+
 def test_cli_classifies_one_image_or_several_over_one_stream(gateway: str, fmnist: data.FashionMNIST,
                                                               tmp_path: Path) -> None:
     files = []

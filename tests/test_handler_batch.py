@@ -188,6 +188,25 @@ def tensor(a: np.ndarray) -> probe_pb2.Tensor:
     return probe_pb2.Tensor(shape=list(a.shape), dtype="uint8", data=a.tobytes())
 
 
+def test_every_refused_plan_says_bad_plan_first(loaded, images: np.ndarray) -> None:
+    """The gateway tells a refused plan (its own fault) from a refused image (the caller's)
+    by that prefix (probe.proto, ProbeError): one of each beside a good request."""
+    h, ctx = loaded
+    too_many = probe_pb2.ProbePlan(version=1, noise=probe_pb2.NoiseProbe(sigma=0.5, count=h.settings.max_variants + 1))
+    reqs = [
+        {"data": png(images[0]), "plan": too_many.SerializeToString()},
+        {"data": png(images[0]), "plan": b"\xff\xff not a plan"},
+        {"data": png(images[0]), "plan": "a str, not bytes"},
+        {"data": png(images[0]), "plan": probe_pb2.ProbePlan(version=9).SerializeToString()},
+        {"data": b"not an image"},
+        {"data": png(images[1])},
+    ]
+    res = handle(h, ctx, reqs)
+    assert all(r.error.code == 400 and r.error.message.startswith("bad plan: ") for r in res[:4]), res[:4]
+    assert res[4].error.code == 400 and not res[4].error.message.startswith("bad plan")
+    assert res[5].rows == 1 and not res[5].HasField("error")
+
+
 def test_a_probe_batch_answers_each_item_as_if_alone(loaded, images: np.ndarray) -> None:
     """Coalesced items (each with its own plan, one bad) beside a plain request in one worker batch."""
     h, ctx = loaded
