@@ -86,6 +86,17 @@ def test_a_policy_for_other_weights_or_a_missing_card_is_refused(tmp_path: Path)
         load_model(store, "other", "torchscript")
 
 
+def edited_store(tmp_path: Path, edit) -> Path:
+    """A store whose policy is ``make_policy()``'s JSON as ``edit`` leaves it (hand-edited)."""
+    from service.gate.policy_io import policy_to_dict
+
+    raw = policy_to_dict(make_policy())
+    edit(raw)
+    store = store_with(tmp_path, make_policy())
+    (store / "fmnist-cnn" / "policy.json").write_text(json.dumps(raw))
+    return store
+
+
 @pytest.mark.parametrize("edit, field", [
     (lambda p: p["probe"]["views"][0].update(shift_x=40.0), "shift"),
     (lambda p: p["probe"]["occlusion"].update(grid=29), "occlusion.grid"),
@@ -95,14 +106,8 @@ def test_a_probe_the_handler_would_refuse_for_the_cards_image_size_is_refused_at
         tmp_path: Path, edit, field: str) -> None:
     """The schema cannot know the image size, the card does: a probe that cannot fit the
     model's 28x28 images would be refused by the handler on every gated call."""
-    from service.gate.policy_io import policy_to_dict
-
-    raw = policy_to_dict(make_policy())
-    edit(raw)
-    store = store_with(tmp_path, make_policy())
-    (store / "fmnist-cnn" / "policy.json").write_text(json.dumps(raw))
     with pytest.raises(PolicyMismatch, match=rf"'fmnist-cnn'.*does not fit the card's input: .*{field}"):
-        load_model(store, "fmnist-cnn", "torchscript")
+        load_model(edited_store(tmp_path, edit), "fmnist-cnn", "torchscript")
 
 
 @pytest.mark.parametrize("edit, field", [
@@ -110,26 +115,15 @@ def test_a_probe_the_handler_would_refuse_for_the_cards_image_size_is_refused_at
     (lambda p: p["probe"]["views"][0].update(scale=20.0), "scale"),
 ])
 def test_limits_the_handler_enforces_on_every_plan_are_refused_at_load(tmp_path: Path, edit, field: str) -> None:
-    from service.gate.policy_io import policy_to_dict
-
-    raw = policy_to_dict(make_policy())
-    edit(raw)
-    store = store_with(tmp_path, make_policy())
-    (store / "fmnist-cnn" / "policy.json").write_text(json.dumps(raw))
     with pytest.raises(PolicyMismatch, match=rf"'fmnist-cnn'.*{field}"):
-        load_model(store, "fmnist-cnn", "torchscript")
+        load_model(edited_store(tmp_path, edit), "fmnist-cnn", "torchscript")
 
 
 def test_the_gateway_that_cannot_start_says_why_in_one_line(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from service.gate.policy_io import policy_to_dict
-
-    raw = policy_to_dict(make_policy())
-    raw["probe"]["views"][0]["shift_x"] = 40.0
-    store = store_with(tmp_path, make_policy())
-    (store / "fmnist-cnn" / "policy.json").write_text(json.dumps(raw))
+    store = edited_store(tmp_path, lambda p: p["probe"]["views"][0].update(shift_x=40.0))
     out = subprocess.run([sys.executable, "-m", "service", "--store", str(store), "--models", "fmnist-cnn",
                           "--port", "0", "--metrics-port", "-1", "--torchserve-key-file", str(tmp_path / "none")],
                          capture_output=True, text=True, timeout=60)
