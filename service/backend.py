@@ -28,8 +28,10 @@ from service.errors import (
     Overloaded,
     PlanRefused,
 )
+from service.ratelog import Throttle
 
 log = logging.getLogger(__name__)
+_throttled = Throttle(log)  # per-request failures: the first at once, then one per 10 s per kind
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,8 @@ def refusal(message: str) -> GatewayError:
     message and counted as a server fault; the handler's words go to the log."""
     detail = (message or "invalid input").splitlines()[0][:300]
     if detail.startswith(_PLAN_REFUSALS):
-        log.error("the model server refused a probe plan (gateway policy and archives disagree): %s", detail)
+        _throttled.log(logging.ERROR, ("plan", detail),
+                       "the model server refused a probe plan (gateway policy and archives disagree): %s", detail)
         return PlanRefused(PLAN_REFUSED_MESSAGE)
     return InvalidInput(f"backend refused the input: {detail}")
 
@@ -133,7 +136,8 @@ def map_rpc_error(err: grpc.aio.AioRpcError) -> GatewayError:
     kind = _BY_CODE.get(err.code(), BackendUnavailable)
     if kind is InvalidInput:
         return refusal(err.details() or "")
-    log.warning("backend call failed: %s %s", err.code().name, (err.details() or "")[:500])
+    _throttled.log(logging.WARNING, ("call", err.code()), "backend call failed: %s %s", err.code().name,
+                   (err.details() or "")[:500])
     return kind(_PUBLIC_MESSAGE[kind])
 
 

@@ -40,9 +40,11 @@ import numpy as np
 from robustgate.v1 import probe_pb2
 from service.backend import ProbeOutput, TorchServeBackend
 from service.errors import BackendUnavailable, DeadlineExceeded, GatewayError, InvalidInput
+from service.ratelog import Throttle
 from service.settings import HANDLER_MAX_BATCH_ITEMS, Settings
 
 log = logging.getLogger(__name__)
+_throttled = Throttle(log)  # a refused batch repeats with every batch: one line per 10 s
 
 
 @dataclass(frozen=True)
@@ -203,7 +205,8 @@ class Coalescer:
             # The batch as a whole was refused: no caller's input is to blame (each item is
             # answered on its own otherwise). Archives older than the gateway, or a
             # coalesce_max_batch above the handler's max_batch_items.
-            log.error("TorchServe refused a coalesced batch of %d: %s", len(batch), e)
+            _throttled.log(logging.ERROR, "batch refused", "TorchServe refused a coalesced batch of %d: %s",
+                           len(batch), e)
             outs = [BackendUnavailable("backend is unavailable")] * len(batch)
         except GatewayError as e:
             outs = [e] * len(batch)

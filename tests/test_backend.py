@@ -29,15 +29,19 @@ def test_result_with_a_per_request_error_raises_its_domain_error() -> None:
     "bad plan: plan version 3 is not supported (this handler speaks 1 and 2)",
     "plan is not a valid robustgate.v1.ProbePlan",  # archives from before every refusal said "bad plan"
 ])
-def test_a_refused_plan_is_the_deployments_fault_not_the_callers(message: str, caplog) -> None:
+def test_a_refused_plan_is_the_deployments_fault_not_the_callers(message: str, caplog, monkeypatch) -> None:
     """The gateway wrote the plan: a client that sent a good image must not be told it sent a
     bad one, and ops must see a server fault (INTERNAL, counted by the error-ratio alert),
     with the handler's words in the log only."""
     import grpc
 
+    from service import backend
     from service.backend import PLAN_REFUSED_MESSAGE, map_rpc_error
     from service.errors import PlanRefused
+    from service.ratelog import Throttle
     from service.server import SERVER_FAULTS, status_of
+
+    monkeypatch.setattr(backend, "_throttled", Throttle(backend.log))  # nothing held back by other tests
 
     raw = probe_pb2.ProbeResult(error=probe_pb2.ProbeError(code=400, message=message)).SerializeToString()
     with caplog.at_level("ERROR", logger="service.backend"), pytest.raises(PlanRefused) as err:
@@ -50,6 +54,35 @@ def test_a_refused_plan_is_the_deployments_fault_not_the_callers(message: str, c
     rpc = grpc.aio.AioRpcError(grpc.StatusCode.INVALID_ARGUMENT, grpc.aio.Metadata(), grpc.aio.Metadata(),
                                details="tensor shape [3, 3] does not match the model's [1, 28, 28]")
     assert isinstance(map_rpc_error(rpc), InvalidInput)
+
+
+def test_a_failure_every_request_repeats_is_logged_once_per_interval(caplog, monkeypatch) -> None:
+    """A deployment fault or an outage fails every request alike: the first line at once,
+    then one per 10 s for the same kind, saying how many were held back."""
+    import grpc
+
+    from service import backend
+    from service.ratelog import Throttle
+
+    now = [0.0]
+    monkeypatch.setattr(backend, "_throttled", Throttle(backend.log, 10.0, clock=lambda: now[0]))
+    skew = "bad plan: plan version 3 is not supported (this handler speaks 1 and 2)"
+    down = grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                details="connection refused")
+    with caplog.at_level("WARNING", logger="service.backend"):
+        for _ in range(100):
+            backend.refusal(skew)
+            backend.map_rpc_error(down)
+        now[0] = 9.9
+        backend.refusal("bad plan: plan asks for 3000 variants; this model allows at most 2048")  # another kind
+        backend.refusal(skew)
+        assert [r.getMessage()[:40] for r in caplog.records] == [
+            "the model server refused a probe plan (g", "backend call failed: UNAVAILABLE connect",
+            "the model server refused a probe plan (g"]
+        now[0] = 10.0
+        backend.refusal(skew)
+    assert caplog.records[-1].getMessage().endswith("(and 100 more like it in the last 10 s)")
+    assert len(caplog.records) == 4
 
 
 def test_result_round_trip() -> None:
