@@ -405,7 +405,10 @@ async def start(settings: Settings, registry: Registry | None = None) -> Gateway
     )
     creds = server_credentials(settings)
     address = f"{settings.host}:{settings.port}"
-    port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+    try:
+        port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+    except RuntimeError:  # grpc's "Failed to bind": taken, or not an address of this host
+        raise OSError(f"cannot listen on {address}: the port is taken or the address is not this host's") from None
     metrics_server, metrics_port = None, None
     if settings.metrics_port >= 0:
         metrics_server, _thread = metrics_http.start(settings.host, settings.metrics_port, metrics.registry,

@@ -119,13 +119,29 @@ def test_limits_the_handler_enforces_on_every_plan_are_refused_at_load(tmp_path:
         load_model(edited_store(tmp_path, edit), "fmnist-cnn", "torchscript")
 
 
-def test_the_gateway_that_cannot_start_says_why_in_one_line(tmp_path: Path) -> None:
+def test_a_gateway_that_cannot_start_says_why_in_one_line(tmp_path: Path) -> None:
+    """Status 2 and one line naming the reason, never a traceback: a policy the handlers would
+    refuse, an unreadable TorchServe key file, a port already taken."""
+    import socket
     import subprocess
     import sys
 
-    store = edited_store(tmp_path, lambda p: p["probe"]["views"][0].update(shift_x=40.0))
-    out = subprocess.run([sys.executable, "-m", "service", "--store", str(store), "--models", "fmnist-cnn",
-                          "--port", "0", "--metrics-port", "-1", "--torchserve-key-file", str(tmp_path / "none")],
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
-    assert "cannot start: model 'fmnist-cnn': the probe of" in out.stderr and "larger than the 28x28 image" in out.stderr
+    good = store_with(tmp_path / "good", make_policy())
+    bad = edited_store(tmp_path / "bad", lambda p: p["probe"]["views"][0].update(shift_x=40.0))
+    keys = tmp_path / "key_file.json"
+    keys.write_text(json.dumps({"inference": {"key": "i"}, "management": {"key": "m"}, "API": {"key": "a"}}))
+
+    def start(store: Path, key_file: Path, port: int = 0) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "service", "--store", str(store), "--models", "fmnist-cnn",
+                               "--port", str(port), "--metrics-port", "-1", "--torchserve-key-file", str(key_file)],
+                              capture_output=True, text=True, timeout=60)
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        runs = {"cannot start: model 'fmnist-cnn': the probe of": start(bad, keys),
+                "cannot start: cannot read TorchServe's key file": start(good, tmp_path / "none"),
+                f"cannot start: cannot listen on 127.0.0.1:{taken.getsockname()[1]}":
+                    start(good, keys, taken.getsockname()[1])}
+    for reason, out in runs.items():
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert reason in out.stderr, out.stderr
+    assert "larger than the 28x28 image" in next(iter(runs.values())).stderr
