@@ -73,10 +73,16 @@ def attack(net: torch.nn.Module, name: str, eps: float, images: np.ndarray, labe
     return np.concatenate(advs).astype(np.float32), np.concatenate(idx)
 
 
-def as_8bit(net: torch.nn.Module, adv: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Attacked images as a client sending PNG or JPEG would send them: float [M, 1, H, W]
-    rounded to uint8 [K, H, W], keeping the K that still fool the model after rounding."""
-    q = np.round(np.clip(adv[:, 0], 0, 1) * 255).astype(np.uint8)
+def as_8bit(net: torch.nn.Module, adv: np.ndarray, labels: np.ndarray, clean: np.ndarray) -> np.ndarray:
+    """Attacked images as a client sending PNG or JPEG would send them, within the attack's
+    own budget: float [M, 1, H, W] to uint8 [K, H, W], each pixel's move from ``clean``
+    (uint8 [M, H, W], the images attacked) rounded toward zero to whole grey levels, keeping
+    the K that still fool the model. Rounding to the nearest level instead would leave the
+    eps-ball: FGSM's step at eps 0.03 is 7.65 levels, and 8 is 5 % more than the attack may
+    move (measured on fmnist-cnn: that alone took the squeeze check from 82 % to 90 % of FGSM
+    0.03, where on-grid steps of 7 or 8 levels read the same as float and 8-bit)."""
+    move = adv[:, 0].astype(np.float64) * 255.0 - clean
+    q = (clean + np.trunc(np.round(move, 3))).astype(np.uint8)  # round(., 3): 6.9999995 is 7 levels
     if not len(q):
         return q
     with torch.no_grad():

@@ -5,8 +5,8 @@
 
 Starts its own TorchServe (free ports) and gateway on the default store (built and
 calibrated), then sends clean test images, successful FGSM / PGD / CW attacks at several
-eps (as float tensors, and FGSM / PGD again rounded to 8 bits as a PNG would carry them,
-where they still succeed), rotations and shifts beyond the training augmentation, natural
+eps (as float tensors, and FGSM / PGD again in whole grey levels as a PNG would carry them,
+each pixel's move rounded toward zero so they stay within eps, where they still succeed), rotations and shifts beyond the training augmentation, natural
 corruptions (Gaussian noise, blur, JPEG sent as JPEG files), a sticker patch, tile-shuffled
 images and MNIST digits (out of distribution).
 Reports per set and per check: each check's flag rate at its calibrated thresholds (and on
@@ -89,8 +89,8 @@ def evaluate(client, ef, test, args, store: Path, model: str, noise: dict) -> di
     for name, eps in (("fgsm", 0.03), ("fgsm", 0.1), ("pgd", 0.03), ("pgd", 0.1), ("cw", 1.0)):
         adv, idx = ef.attack(net, name, eps, base, labels)
         sets[f"{name} eps={eps:g}" if name != "cw" else "cw L2 (c=1)"] = adv
-        if name != "cw":  # as a client sending PNG would: rounded to 8 bits, still successful
-            sets[f"{name} eps={eps:g}, 8-bit"] = ef.as_8bit(net, adv, labels[idx])
+        if name != "cw":  # as a client sending PNG would: whole grey levels within eps, still successful
+            sets[f"{name} eps={eps:g}, 8-bit"] = ef.as_8bit(net, adv, labels[idx], base[idx])
     # Shifts and natural corruptions of the same images: labels known, the model not always wrong.
     shifted = {
         "rotate 40°": ef.rotate(base, 40),
@@ -171,7 +171,9 @@ def render(r: dict) -> str:
              f"{c['mean_forward_passes']:.1f} forward passes per image."
              + (f" Each check alone at its calibrated thresholds flags {clean_checks} of them." if clean_checks else ""),
              "",
-             "Attacks count only where they succeed, so the model is wrong on all of them. For shifted and "
+             "Attacks count only where they succeed, so the model is wrong on all of them; the 8-bit rows are "
+             "the same attacks in whole grey levels, as a PNG carries them, each pixel's move rounded toward "
+             "the clean image so that it stays within eps. For shifted and "
              "corrupted images, \"model wrong\" is the served model's top-1 error on them (in process) and "
              "the next two columns split the gate's flags by it. Per check: the share each check alone "
              "flags at its calibrated thresholds, then its ROC-AUC against the clean images.", "",

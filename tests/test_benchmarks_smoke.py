@@ -231,7 +231,9 @@ def test_outcome_counts_each_checks_own_verdict_over_all_images() -> None:
     assert out.flagged == 0.5 and out.rejected == 0.25
 
 
-def test_as_8bit_rounds_like_a_png_and_keeps_only_attacks_that_still_succeed() -> None:
+def test_as_8bit_keeps_whole_grey_levels_within_eps_and_only_attacks_that_still_succeed() -> None:
+    """Each pixel's move from the clean image rounded toward zero: FGSM's 7.65-level step at
+    eps 0.03 becomes 7 levels, never 8 (which would be outside the eps-ball)."""
     import torch
 
     from benchmarks.efficacy import as_8bit
@@ -241,12 +243,18 @@ def test_as_8bit_rounds_like_a_png_and_keeps_only_attacks_that_still_succeed() -
             m = x.flatten(1).mean(1)
             return torch.stack([m, 1 - m], 1)
 
-    adv = np.stack([np.full((1, 4, 4), v, dtype=np.float32) for v in (0.9, 0.1, 0.502, 1.2)])
-    kept = as_8bit(MeanNet(), adv, np.array([1, 1, 1, 0]))
-    # 0.1 is class 1 (its label: the attack failed); 1.2 clips to 255, class 0 = its label
-    assert kept.dtype == np.uint8 and kept.shape == (2, 4, 4)
-    assert kept[0].flat[0] == 230 and kept[1].flat[0] == 128  # 229.5 and 128.01 rounded
-    assert as_8bit(MeanNet(), adv[:0], np.array([], dtype=np.int64)).shape == (0, 4, 4)
+    clean = np.array([0, 255, 120, 250], dtype=np.uint8)[:, None, None] * np.ones((4, 4, 4), np.uint8)
+    step = np.float32(0.03)
+    adv = np.stack([np.full((1, 4, 4), v, dtype=np.float32) for v in
+                    (0 + step, 1 - step, np.float32(127 / 255), np.float32(1.0))])
+    kept = as_8bit(MeanNet(), adv, np.array([0, 1, 0, 0]), clean)
+    # 0.03 from 0 is class 1 (its label 0 is wrong: kept); 1 - 0.03 from 255 is class 0 (kept);
+    # 127/255 from 120 (an on-grid move of exactly 7 levels) is class 1 (kept); the last is class 0 = its label
+    assert kept.dtype == np.uint8 and kept.shape == (3, 4, 4)
+    assert [int(k.flat[0]) for k in kept] == [7, 248, 127]
+    moved = np.abs(kept.astype(int) - clean[:3].astype(int)).max()
+    assert moved <= 0.03 * 255  # within the attack's eps
+    assert as_8bit(MeanNet(), adv[:0], np.array([], dtype=np.int64), clean[:0]).shape == (0, 4, 4)
 
 
 def test_detector_study_smoke(default_store: Path, tmp_path: Path) -> None:
