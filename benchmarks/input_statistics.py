@@ -15,7 +15,8 @@ All three detectors are the gate's own logistic regression
 against the calibration's reference FGSM/PGD (:func:`service.calibration.reference_attacks`),
 thresholded at the 95 % quantile of held-out clean calibration images, and measured on test
 images and on attacks made from test images. Squeezes use the handler's own
-:func:`handlers.probe.bit_depth`; images are 8-bit, as a PNG carries them. The third column
+:func:`handlers.probe.bit_depth`; images are 8-bit, as a PNG carries them (attacks in whole
+grey levels within their eps, :func:`attacks_8bit`). The third column
 is the squeeze detector as shipped: the same squeeze measurements plus the context and the
 jitter copies it reads (:data:`service.gate.squeeze_detector.JITTER_FEATURES`), measured on
 the served policy's cheap probe (:class:`benchmarks.detector_study.Prober`), since faint
@@ -37,6 +38,7 @@ import torch
 from PIL import Image
 
 from benchmarks.detector_study import JITTER, Prober
+from benchmarks.efficacy import as_8bit
 from benchmarks.report import parser, report_stem, study_command, write_report
 from handlers.probe import bit_depth
 from model_store import data
@@ -49,6 +51,28 @@ from service.gate.squeeze_detector import fit_squeeze_detector, measure_squeeze
 FLAG_RATE = 0.05
 JPEG_QUALITIES = (95, 85, 75)
 NOISE_SIGMA = 0.02
+
+
+def attacks_8bit(attacks: dict[str, np.ndarray], pool: np.ndarray, labels: np.ndarray,
+                 net) -> dict[str, np.ndarray]:
+    """Each set of successful attacks ("fgsm@0.03": float [M, 1, H, W]) on images of ``pool``
+    (uint8 [N, H, W], ``labels`` [N]) in whole grey levels within its eps, as a PNG client
+    can send them (:func:`benchmarks.efficacy.as_8bit`), keeping those that still fool ``net``.
+    Each attack's source image is the pool image within eps of it."""
+    ref = pool.astype(np.float32) / 255.0
+    out = {}
+    for name, adv in attacks.items():
+        eps = float(name.split("@")[1])
+        src = []
+        for a in adv[:, 0]:
+            d = np.abs(ref - a).max(axis=(1, 2))
+            j = int(np.argmin(d))
+            if d[j] > eps + 1e-4:
+                raise RuntimeError(f"{name}: an attacked image has no source within eps in the pool")
+            src.append(j)
+        src_idx = np.array(src, dtype=np.int64)
+        out[name] = as_8bit(net, adv, labels[src_idx], pool[src_idx]) if len(adv) else adv[:, 0].astype(np.uint8)
+    return out
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
@@ -116,10 +140,16 @@ def run(store: Path, model: str, clean: int, attack_images: int, seed: int = 0) 
                      for q in JPEG_QUALITIES},
                   f"clean, Gaussian noise sigma {NOISE_SIGMA:g}": noisy}
     fit_a, fit_b = feats(calib.images[:clean]), feats(calib.images[clean:lo])
-    cal = {k: feats(to_uint8(v)) for k, v in cal_attacks.items() if len(v)}
+    def net(x: torch.Tensor) -> torch.Tensor:
+        return feats.ts(x)[0]
+
+    cal_8bit = attacks_8bit(cal_attacks, calib.images[lo:lo + attack_images], calib.labels[lo:lo + attack_images], net)
+    test_8bit = attacks_8bit(test_attacks, test.images[clean:clean + attack_images],
+                             test.labels[clean:clean + attack_images], net)
+    cal = {k: feats(v) for k, v in cal_8bit.items() if len(v)}
     measured = {**{k: feats(v) for k, v in clean_sets.items()},
-                **{f"{k} (test, {len(v)} succeeded)": feats(to_uint8(v))
-                   for k, v in test_attacks.items() if len(v)}}
+                **{f"{k} (test, {len(v)} succeeded in 8 bits within eps)": feats(v)
+                   for k, v in test_8bit.items() if len(v)}}
     weights = np.concatenate([np.full(len(v[0]), 1.0 / len(v[0])) for v in cal.values()])
     rows: dict[str, dict[str, float]] = {k: {} for k in measured}
     names = ("squeeze detector (logits)", "input residual (pixels)",

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 
 def _run(module: str, out: Path, timeout_s: float = 600) -> dict:
@@ -178,6 +179,24 @@ def test_input_statistics_study_smoke(default_store: Path, tmp_path: Path) -> No
     shipped = "squeeze detector with context and jitter (logits, as shipped)"
     assert noisy[pixels] > max(noisy[logit], noisy[shipped]) + 0.2
     assert (tmp_path / "input_statistics-smoke.md").read_text().startswith("# Input statistics")
+
+
+def test_input_statistics_finds_each_attacks_source_and_keeps_it_within_eps() -> None:
+    import torch
+
+    from benchmarks.input_statistics import attacks_8bit
+
+    pool = np.random.default_rng(0).integers(20, 230, size=(3, 4, 4)).astype(np.uint8)
+    labels = np.array([5, 6, 7])
+    adv = (pool[[2, 1]].astype(np.float32) / 255 + np.float32(0.03))[:, None]  # 7.65 levels up
+
+    def always_zero(x: torch.Tensor) -> torch.Tensor:  # every attack fools it
+        return torch.eye(10)[torch.zeros(len(x), dtype=torch.long)]
+
+    out = attacks_8bit({"fgsm@0.03": adv}, pool, labels, always_zero)["fgsm@0.03"]
+    assert np.array_equal(out.astype(int), pool[[2, 1]].astype(int) + 7)
+    with pytest.raises(RuntimeError, match="no source within eps"):
+        attacks_8bit({"fgsm@0.03": adv + 0.05}, pool, labels, always_zero)
 
 
 def test_robustness_report_renders_the_committed_figures_and_says_when_certification_did_not_run() -> None:
