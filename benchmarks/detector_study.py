@@ -13,10 +13,11 @@ in process, on the served model's TorchScript export and the handler's own varia
 - with context (:data:`service.gate.squeeze_detector.CONTEXT_FEATURES`: the views and the
   density distance);
 - with context and jitter (:data:`~service.gate.squeeze_detector.JITTER_FEATURES`: four
-  copies with Gaussian noise of sigma 0.03; as shipped);
+  copies with Gaussian noise of sigma 0.03), as a logistic regression (shipped until
+  2026-12-04) and with a hidden layer of 32 tanh units (shipped: ``DEFAULT_HIDDEN``);
 - each again with the whole budget aimed at the attacks (the shifted sets weigh nothing);
-- with context and jitter, a gradient-boosted and an MLP classifier (scikit-learn) in place
-  of the logistic regression (their decision values ranked the same way).
+- with context and jitter, a gradient-boosted classifier (scikit-learn) in place of the
+  detector's own fit (its decision values ranked the same way).
 
 Each is measured on test images the fits never saw: clean images, and FGSM / PGD (the
 calibration's own attack code, float pixels, as the robustness report sends them), 40-degree
@@ -49,7 +50,9 @@ from service.gate.checks import Check
 from service.gate.engine import RawScores, detector_input, raw_scores
 from service.gate.policy_io import load_policy
 from service.gate.defaults import DEFAULT_JITTER, DEFAULT_VIEWS
-from service.gate.squeeze_detector import CONTEXT_FEATURES, JITTER_FEATURES, fit_squeeze_detector
+from service.gate.squeeze_detector import (
+    CONTEXT_FEATURES, DEFAULT_HIDDEN, JITTER_FEATURES, fit_squeeze_detector,
+)
 from service.pipeline import request_seed, spec_to_proto
 
 CHECKS = (Check.SQUEEZE, Check.VIEWPOINT, Check.DENSITY)
@@ -66,44 +69,46 @@ class Variant:
     fitter: str = "logistic"
 
 
+LAYER = f"{DEFAULT_HIDDEN} tanh units"
 VARIANTS = (
     Variant("squeeze measurements only", context=()),
     Variant("with context", context=CONTEXT_FEATURES),
-    Variant("with context and jitter (shipped)", context=JITTER),
+    Variant("with context and jitter, logistic", context=JITTER),
+    Variant(f"with context and jitter, {LAYER} (shipped)", context=JITTER, fitter="hidden"),
     Variant("squeeze only, whole budget on attacks", context=(), attacks_only=True),
     Variant("with context, whole budget on attacks", context=CONTEXT_FEATURES, attacks_only=True),
-    Variant("with context and jitter, whole budget on attacks", context=JITTER, attacks_only=True),
+    Variant("with context and jitter, logistic, whole budget on attacks", context=JITTER,
+            attacks_only=True),
+    Variant(f"with context and jitter, {LAYER}, whole budget on attacks", context=JITTER,
+            attacks_only=True, fitter="hidden"),
     Variant("with context and jitter, gradient boosting", context=JITTER, fitter="gbm"),
-    Variant("with context and jitter, MLP (32 hidden)", context=JITTER, fitter="mlp"),
 )
 
 
-def _logistic(clean: np.ndarray, attacked: np.ndarray, weights: np.ndarray, context: tuple[str, ...]):
-    jitter = (DEFAULT_JITTER.count, DEFAULT_JITTER.sigma) if JITTER_FEATURES[0] in context else (0, 0.0)
-    views = len(DEFAULT_VIEWS) if context else 0
-    det = fit_squeeze_detector(clean, attacked, weights, context=context, views=views, jitter=jitter)
-    return det.decision
-
-
-def _sklearn(kind: str) -> Fitter:
+def _own(hidden: int) -> Fitter:
+    """The detector's own fit, as calibration runs it (hidden 0: logistic regression)."""
     def fit(clean: np.ndarray, attacked: np.ndarray, weights: np.ndarray, context: tuple[str, ...]):
-        from sklearn.ensemble import HistGradientBoostingClassifier
-        from sklearn.neural_network import MLPClassifier
-
-        mean, scale = clean.mean(0), clean.std(0) + 1e-12
-        x = (np.vstack([clean, attacked]) - mean) / scale
-        y = np.r_[np.zeros(len(clean)), np.ones(len(attacked))]
-        if kind == "gbm":  # clean and attacked weigh half each, as in the logistic fit
-            w = np.r_[np.full(len(clean), 0.5 / len(clean)), 0.5 * weights / weights.sum()]
-            m = HistGradientBoostingClassifier(max_iter=200, learning_rate=0.05, random_state=0)
-            m.fit(x, y, sample_weight=w * len(x))
-        else:  # MLPClassifier takes no sample weights: every image weighs the same
-            m = MLPClassifier((32,), alpha=1e-3, max_iter=2000, random_state=0).fit(x, y)
-        return lambda f: m.predict_proba((f - mean) / scale)[:, 1]
+        jitter = (DEFAULT_JITTER.count, DEFAULT_JITTER.sigma) if JITTER_FEATURES[0] in context else (0, 0.0)
+        views = len(DEFAULT_VIEWS) if context else 0
+        return fit_squeeze_detector(clean, attacked, weights, context=context, views=views,
+                                    jitter=jitter, hidden=hidden).decision
     return fit
 
 
-FITTERS: dict[str, Fitter] = {"logistic": _logistic, "gbm": _sklearn("gbm"), "mlp": _sklearn("mlp")}
+def _gbm(clean: np.ndarray, attacked: np.ndarray, weights: np.ndarray, context: tuple[str, ...]):
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    mean, scale = clean.mean(0), clean.std(0) + 1e-12
+    x = (np.vstack([clean, attacked]) - mean) / scale
+    y = np.r_[np.zeros(len(clean)), np.ones(len(attacked))]
+    # clean and attacked weigh half each, as in the detector's own fit
+    w = np.r_[np.full(len(clean), 0.5 / len(clean)), 0.5 * weights / weights.sum()]
+    m = HistGradientBoostingClassifier(max_iter=200, learning_rate=0.05, random_state=0)
+    m.fit(x, y, sample_weight=w * len(x))
+    return lambda f: m.predict_proba((f - mean) / scale)[:, 1]
+
+
+FITTERS: dict[str, Fitter] = {"logistic": _own(0), "hidden": _own(DEFAULT_HIDDEN), "gbm": _gbm}
 
 
 class Prober:

@@ -46,7 +46,7 @@ from service.calibration import reference_attacks
 from service.decode import InputSpec, Limits, decode_image
 from service.gate.defaults import DEFAULT_BIT_DEPTHS
 from service.gate.engine import detector_input
-from service.gate.squeeze_detector import fit_squeeze_detector, measure_squeeze
+from service.gate.squeeze_detector import DEFAULT_HIDDEN, fit_squeeze_detector, measure_squeeze
 
 FLAG_RATE = 0.05
 JPEG_QUALITIES = (95, 85, 75)
@@ -156,7 +156,8 @@ def run(store: Path, model: str, clean: int, attack_images: int, seed: int = 0) 
              "squeeze detector with context and jitter (logits, as shipped)")
     for i, name in enumerate(names):
         kw = {} if i < 2 else {"context": JITTER, "views": len(feats.prober.spec.views),
-                               "jitter": (feats.prober.spec.jitter.count, feats.prober.spec.jitter.sigma)}
+                               "jitter": (feats.prober.spec.jitter.count, feats.prober.spec.jitter.sigma),
+                               "hidden": DEFAULT_HIDDEN}
         det = fit_squeeze_detector(fit_a[i], np.concatenate([v[i] for v in cal.values()]), weights, **kw)
         threshold = float(np.quantile(det.decision(fit_b[i]), 1 - FLAG_RATE))
         for k, v in measured.items():

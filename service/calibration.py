@@ -55,7 +55,7 @@ from service.gate.plan import NoiseSpec, OcclusionSpec, ProbeSpec, ShuffleSpec
 from service.gate.policy import Mode, Policy, References
 from service.gate.policy_io import save_policy
 from service.gate.squeeze_detector import (
-    CONTEXT_FEATURES, JITTER_FEATURES, MIN_ATTACKS, fit_squeeze_detector,
+    CONTEXT_FEATURES, DEFAULT_HIDDEN, JITTER_FEATURES, MIN_ATTACKS, fit_squeeze_detector,
 )
 from service.pipeline import request_seed, spec_to_proto
 from service.registry import JITTER_DRAWS, POLICY_FILE
@@ -170,7 +170,8 @@ async def calibrate(
     store: Path, model: str, address: str, key_file: Path, *, images: int | None = None,
     attack_images: int = 1000, concurrency: int = 16, flag_rate: float = 0.05, reject_rate: float = 0.01,
     checks: Sequence[Check] = DEFAULT_CHECKS, backend_format: str = "onnx", seed: int = 0,
-    mode: Mode = Mode.ENFORCE, confidence: float | None = DEFAULT_CONFIDENCE, log=print,
+    mode: Mode = Mode.ENFORCE, confidence: float | None = DEFAULT_CONFIDENCE,
+    detector_hidden: int = DEFAULT_HIDDEN, log=print,
 ) -> Policy:
     card = json.loads((store / model / "card.json").read_text())
     ds = data.load(seed=card["data"].get("split_seed", 0))
@@ -235,7 +236,7 @@ async def calibrate(
                 np.array([detector_input(r, context) for r in raw_a]),
                 np.array([detector_input(r, context) for r, a in zip(raw_adv, is_attack) if a]),
                 weights[is_attack], context=context, views=len(spec.views) if context else 0,
-                jitter=jitter)
+                jitter=jitter, hidden=detector_hidden, seed=seed)
         else:
             log(f"warning: only {int(is_attack.sum())} reference attacks succeeded (< {MIN_ATTACKS}); "
                 "the squeeze check combines its squeezers by their maximum quantile")
@@ -263,6 +264,7 @@ async def calibrate(
                "squeeze_detector": detector is not None,
                "squeeze_detector_context": bool(detector is not None and detector.context),
                "squeeze_detector_jitter": bool(detector is not None and detector.reads_jitter),
+               "squeeze_detector_hidden": detector.hidden if detector is not None else 0,
                JITTER_DRAWS[0]: JITTER_DRAWS[1],  # probe_all: each image's own seed
                **{f"attack_{k}": len(v) for k, v in attacked_sets.items()}}
     # Room for an opt-in certificate: the cheap probe plus the whole noise budget, with one
@@ -291,10 +293,15 @@ def main(argv: list[str] | None = None) -> int:
                         "confidence (Clopper-Pearson); 0 calibrates at the targets themselves")
     p.add_argument("--checks", default=",".join(c.value for c in DEFAULT_CHECKS))
     p.add_argument("--mode", default="enforce", choices=[m.value for m in Mode])
+    p.add_argument("--detector-hidden", type=int, default=DEFAULT_HIDDEN,
+                   help="hidden tanh units of the squeeze detector; 0 fits a logistic regression, "
+                        "whose weights read one per feature")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--if-missing", action="store_true", help="do nothing when a policy for this model exists")
     p.add_argument("--start-torchserve", action="store_true", help="start (and stop) TorchServe for the run")
     args = p.parse_args(argv)
+    if args.detector_hidden < 0:
+        p.error(f"--detector-hidden must be >= 0, got {args.detector_hidden}")
 
     target = args.store / args.model / POLICY_FILE
     if args.if_missing and target.is_file():
@@ -310,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     checks = [Check(c.strip()) for c in args.checks.split(",") if c.strip()]
     kwargs = dict(images=args.images, attack_images=args.attack_images, concurrency=args.concurrency,
                   flag_rate=args.flag_rate, reject_rate=args.reject_rate, checks=checks, mode=Mode(args.mode),
-                  confidence=args.confidence)
+                  confidence=args.confidence, detector_hidden=args.detector_hidden)
     if args.start_torchserve:
         import tempfile
 

@@ -287,7 +287,9 @@ def test_detector_study_smoke(default_store: Path, tmp_path: Path) -> None:
         assert set(row["flagged"]) == sets and all(0 <= x <= 1 for x in row["flagged"].values())
         # each check's own clean rate stays within the one budget the union shares
         assert all(0 <= b <= report["flag_rate_calibrated"] + 1e-9 for b in row["budget"].values())
-    assert "| with context and jitter (shipped) |" in (tmp_path / "detector_study-smoke.md").read_text()
+    shipped = [v for v in VARIANTS if v.name.endswith("(shipped)")]
+    assert [v.fitter for v in shipped] == ["hidden"]  # calibration's own form, layer and all
+    assert f"| {shipped[0].name} |" in (tmp_path / "detector_study-smoke.md").read_text()
 
 
 def test_serving_targets_read_each_bound_the_right_way() -> None:

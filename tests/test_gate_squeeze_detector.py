@@ -103,6 +103,76 @@ def test_json_round_trip_and_bad_files() -> None:
             SqueezeDetector.from_dict(bad)
 
 
+def ring(n: int, seed: int, attacked: bool) -> np.ndarray:
+    """Features float [n, F], standard normal; attacked images have feature S moved 3 sd
+    away from 0 in either direction, so no single linear direction separates them."""
+    x = np.random.default_rng(seed).normal(size=(n, F))
+    if attacked:
+        x[:, S] = np.where(x[:, S] >= 0, 1.0, -1.0) * (np.abs(x[:, S]) + 3.0)
+    return x
+
+
+def test_a_hidden_layer_separates_what_a_logistic_regression_cannot() -> None:
+    clean, attacked = ring(2000, 20, False), ring(600, 21, True)
+    linear = fit_squeeze_detector(clean, attacked)
+    layered = fit_squeeze_detector(clean, attacked, hidden=8)
+    assert (linear.hidden, layered.hidden) == (0, 8)
+    assert layered.weights.shape == (8,) and layered.hidden_weights.shape == (8, F)
+    assert layered.squeezers == S
+    held_clean, held_attacked = ring(4000, 22, False), ring(1000, 23, True)
+
+    def caught(det: SqueezeDetector) -> float:
+        cut = np.quantile(det.decision(held_clean), 0.95)
+        return float(np.mean(det.decision(held_attacked) > cut))
+
+    assert caught(layered) > 0.95
+    assert caught(linear) < 0.6  # a shift in either direction: a line sees about half
+    # Its clean CDF still holds the flag rate on images the fit never saw.
+    scores = np.array([layered.score(x) for x in held_clean])
+    assert np.mean(scores > 0.95) == pytest.approx(0.05, abs=0.015)
+    # The decision is the documented formula: tanh layer, then the logistic output.
+    x = held_attacked[:4]
+    z = (x - layered.mean) / layered.scale
+    by_hand = np.tanh(z @ layered.hidden_weights.T + layered.hidden_bias) @ layered.weights + layered.bias
+    assert layered.decision(x) == pytest.approx(by_hand)
+
+
+def test_a_hidden_layer_fit_is_deterministic_for_a_seed() -> None:
+    clean, attacked = ring(500, 24, False), ring(200, 25, True)
+    one, two = (fit_squeeze_detector(clean, attacked, hidden=4, seed=3) for _ in range(2))
+    assert one == two
+    other = fit_squeeze_detector(clean, attacked, hidden=4, seed=4)
+    assert not np.array_equal(other.hidden_weights, one.hidden_weights)
+    with pytest.raises(CalibrationError, match="hidden"):
+        fit_squeeze_detector(clean, attacked, hidden=-1)
+
+
+def test_a_hidden_layer_round_trips_and_bad_layers_are_refused() -> None:
+    det = fit_squeeze_detector(ring(300, 26, False), ring(100, 27, True), hidden=4)
+    data = json.loads(json.dumps(det.to_dict()))
+    assert set(data["hidden"]) == {"weights", "bias"} and len(data["weights"]) == 4
+    again = SqueezeDetector.from_dict(data)
+    assert again == det and again.hidden == 4
+    x = ring(5, 28, True)
+    assert again.decision(x) == pytest.approx(det.decision(x))
+    assert not again == fit_squeeze_detector(ring(300, 26, False), ring(100, 27, True))
+    # Without the layer, its output weights [4] do not fit the F features: refused.
+    layer = data["hidden"]
+    for bad, match in (({**data, "hidden": {"weights": layer["weights"]}}, "hidden"),
+                       ({**data, "hidden": {**layer, "bias": layer["bias"][:-1]}}, "hidden layer"),
+                       ({**data, "hidden": {**layer, "weights": [r[:-1] for r in layer["weights"]]}},
+                        "hidden layer"),
+                       ({**data, "hidden": {**layer, "bias": ["x"] * 4}}, "hidden"),
+                       ({**data, "hidden": {**layer, "bias": [float("nan")] * 4}}, "non-finite"),
+                       ({k: v for k, v in data.items() if k != "hidden"}, "length")):
+        with pytest.raises(CalibrationError, match=match):
+            SqueezeDetector.from_dict(bad)
+    with pytest.raises(CalibrationError, match="together"):
+        replace(det, hidden_bias=None)
+    with pytest.raises(ValueError, match="features"):
+        det.decision(np.zeros(F - 1))
+
+
 def detector_policy():
     policy = make_policy()
     det = fit_squeeze_detector(synthetic(300, 0.0, 10), synthetic(100, 2.0, 11))

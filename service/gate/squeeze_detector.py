@@ -9,12 +9,21 @@ squeezer's distance alone throws away two things the same forward passes already
   as opposed to a large move that keeps the answer (clean images with texture);
 - how confident the base answer is: a given move matters more when the base margin is thin.
 
-The detector is a logistic regression over, per squeezer, ``log(L2 + 1e-3)`` of the centred
-logits and the centred drop of the predicted logit, plus ``log(margin + 1e-3)`` of the base
-logits (``2 S + 1`` features, plus 4 of context and 3 of jitter when it reads them, below). It is fitted at calibration on clean reference images against
-the reference attacks (FGSM and PGD that succeeded), with ridge regularisation, and its
-decision value is mapped through its clean CDF, so the squeeze check's score stays a clean
-quantile in [0, 1] and its thresholds keep their meaning.
+The detector reads, per squeezer, ``log(L2 + 1e-3)`` of the centred logits and the centred
+drop of the predicted logit, plus ``log(margin + 1e-3)`` of the base logits (``2 S + 1``
+features, plus 4 of context and 3 of jitter when it reads them, below). It is fitted at
+calibration on clean reference images against the reference attacks (FGSM and PGD that
+succeeded), with ridge regularisation, and its decision value is mapped through its clean
+CDF, so the squeeze check's score stays a clean quantile in [0, 1] and its thresholds keep
+their meaning.
+
+**Form**: calibration fits one hidden layer of 32 tanh units before the logistic output
+(:data:`DEFAULT_HIDDEN`; a few hundred numbers in the policy, evaluated with two small
+matrix products per request). A logistic regression, whose weights read one per feature,
+stays available (``python -m service.calibration --detector-hidden 0``) and older policies
+hold one. The layer is worth its opacity because the features interact (the measured gain,
+below, is what a line through them misses); it is fitted by L-BFGS from a seeded start, so
+a calibration is reproducible on one machine.
 
 **Context** (:data:`CONTEXT_FEATURES`): the same cheap probe also holds the views and the
 base image's penultimate features, and the detector may read them too: the log Mahalanobis
@@ -66,6 +75,8 @@ _EPS = 1e-3
 #: Ridge penalty on the standardised weights; total sample weight is 1 (half clean, half
 #: attacked), so this is a light pull towards zero that keeps separable data finite.
 DEFAULT_RIDGE = 1e-3
+#: Hidden tanh units of the detector calibration fits (0 fits a logistic regression).
+DEFAULT_HIDDEN = 32
 #: Fewer successful reference attacks than this: no detector (max-quantile is used).
 MIN_ATTACKS = 20
 #: What a detector with context reads after the squeeze features, in this order.
@@ -171,12 +182,17 @@ def jitter_features(base_logits: ArrayLike, jitter_logits: ArrayLike) -> NDArray
 
 @dataclass(frozen=True, eq=False)
 class SqueezeDetector:
-    """Logistic regression on standardised squeeze features, with the clean CDF of its
-    decision values. mean, scale, weights: float64 [F]; bias: float; clean: EmpiricalCDF;
-    context: one of :data:`CONTEXTS`, the features read after the ``2 S + 1`` squeeze
-    ones (``F = 2 S + 1 + len(context)``); views: how many views the context was measured
-    on (0 without context): three of its features average over them; jitter: the jitter
-    copies (count, sigma) its jitter features were measured on ((0, 0.0) without)."""
+    """A classifier on standardised squeeze features, with the clean CDF of its decision
+    values: a logistic regression, or with ``hidden_weights`` one hidden layer of tanh units
+    before the logistic output.
+
+    mean, scale: float64 [F]; weights: float64 [F] (logistic) or [H] (hidden layer); bias:
+    float; clean: EmpiricalCDF; context: one of :data:`CONTEXTS`, the features read after the
+    ``2 S + 1`` squeeze ones (``F = 2 S + 1 + len(context)``); views: how many views the
+    context was measured on (0 without context): three of its features average over them;
+    jitter: the jitter copies (count, sigma) its jitter features were measured on ((0, 0.0)
+    without); hidden_weights float64 [H, F] and hidden_bias [H], both None for a logistic
+    regression."""
 
     mean: NDArray[np.float64]
     scale: NDArray[np.float64]
@@ -186,13 +202,30 @@ class SqueezeDetector:
     context: tuple[str, ...] = ()
     views: int = 0
     jitter: tuple[int, float] = (0, 0.0)
+    hidden_weights: NDArray[np.float64] | None = None
+    hidden_bias: NDArray[np.float64] | None = None
 
     def __post_init__(self) -> None:
         arrays = [np.array(a, dtype=np.float64) for a in (self.mean, self.scale, self.weights)]
-        if any(a.ndim != 1 for a in arrays) or len({a.size for a in arrays}) != 1 or arrays[0].size < 3:
+        if any(a.ndim != 1 for a in arrays) or arrays[0].size != arrays[1].size or arrays[0].size < 3:
+            raise CalibrationError("squeeze detector: mean and scale must be 1-D of one "
+                                   "length >= 3")
+        if (self.hidden_weights is None) != (self.hidden_bias is None):
+            raise CalibrationError("squeeze detector: hidden_weights and hidden_bias come together")
+        hidden: list[np.ndarray] = []
+        if self.hidden_weights is not None:
+            hidden = [np.array(self.hidden_weights, dtype=np.float64),
+                      np.array(self.hidden_bias, dtype=np.float64)]
+            h = hidden[1].size
+            if hidden[0].shape != (h, arrays[0].size) or hidden[1].shape != (h,) or h < 1 \
+                    or arrays[2].shape != (h,):
+                raise CalibrationError(f"squeeze detector: a hidden layer needs hidden_weights "
+                                       f"[H, {arrays[0].size}], hidden_bias [H] and weights [H], "
+                                       f"H >= 1")
+        elif arrays[2].size != arrays[0].size:
             raise CalibrationError("squeeze detector: mean, scale and weights must be 1-D of one "
                                    "length >= 3")
-        if not all(np.all(np.isfinite(a)) for a in arrays) or not np.isfinite(self.bias):
+        if not all(np.all(np.isfinite(a)) for a in arrays + hidden) or not np.isfinite(self.bias):
             raise CalibrationError("squeeze detector has non-finite values")
         if np.any(arrays[1] <= 0):
             raise CalibrationError("squeeze detector: scale must be > 0")
@@ -226,10 +259,16 @@ class SqueezeDetector:
                                    "without them")
         object.__setattr__(self, "jitter", (count, sigma))
         object.__setattr__(self, "context", context)
-        for name, a in zip(("mean", "scale", "weights"), arrays):
+        for name, a in zip(("mean", "scale", "weights", "hidden_weights", "hidden_bias"),
+                           arrays + hidden):
             a.setflags(write=False)
             object.__setattr__(self, name, a)
         object.__setattr__(self, "bias", float(self.bias))
+
+    @property
+    def hidden(self) -> int:
+        """H, the hidden units (0: a logistic regression)."""
+        return 0 if self.hidden_bias is None else int(self.hidden_bias.size)
 
     @property
     def reads_jitter(self) -> bool:
@@ -244,15 +283,17 @@ class SqueezeDetector:
     @property
     def squeezers(self) -> int:
         """S, the number of squeezers the features come from."""
-        return (int(self.weights.size) - len(self.context) - 1) // 2
+        return (int(self.mean.size) - len(self.context) - 1) // 2
 
     def decision(self, features: ArrayLike) -> NDArray[np.float64]:
         """Log-odds of 'attacked' for features float [..., F]; float64 [...]."""
         f = np.asarray(features, dtype=np.float64)
-        if f.shape[-1:] != self.weights.shape:
-            raise ValueError(f"features must be [..., {self.weights.size}], got {f.shape}")
-        return np.asarray(((f - self.mean) / self.scale) @ self.weights + self.bias,
-                          dtype=np.float64)
+        if f.shape[-1:] != self.mean.shape:
+            raise ValueError(f"features must be [..., {self.mean.size}], got {f.shape}")
+        z = (f - self.mean) / self.scale
+        if self.hidden_weights is not None:
+            z = np.tanh(z @ self.hidden_weights.T + self.hidden_bias)
+        return np.asarray(z @ self.weights + self.bias, dtype=np.float64)
 
     def score(self, features: ArrayLike) -> float:
         """The squeeze check's score of one image: the clean quantile of its decision value."""
@@ -262,15 +303,17 @@ class SqueezeDetector:
         return (isinstance(other, SqueezeDetector) and self.bias == other.bias
                 and self.clean == other.clean and self.context == other.context
                 and self.views == other.views and self.jitter == other.jitter
+                and self.hidden == other.hidden
                 and all(np.array_equal(getattr(self, k), getattr(other, k))
-                        for k in ("mean", "scale", "weights")))
+                        for k in ("mean", "scale", "weights", "hidden_weights", "hidden_bias")))
 
     __hash__ = None  # type: ignore[assignment]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able (no pickle): mean, scale, weights, bias, the clean CDF's values, and the
         context's names and view count (left out without context, as in policies written
-        before it) and jitter [count, sigma] (left out without jitter, likewise)."""
+        before it), jitter [count, sigma] (left out without jitter, likewise) and the hidden
+        layer {"weights": [H][F], "bias": [H]} (left out for a logistic regression)."""
         out: dict[str, Any] = {"mean": self.mean.tolist(), "scale": self.scale.tolist(),
                                "weights": self.weights.tolist(), "bias": self.bias,
                                "clean": self.clean.to_dict()}
@@ -279,15 +322,19 @@ class SqueezeDetector:
             out["views"] = self.views
         if self.reads_jitter:
             out["jitter"] = list(self.jitter)
+        if self.hidden_weights is not None and self.hidden_bias is not None:
+            out["hidden"] = {"weights": self.hidden_weights.tolist(),
+                             "bias": self.hidden_bias.tolist()}
         return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SqueezeDetector:
         """Inverse of :meth:`to_dict`; raises CalibrationError on bad content."""
         keys = {"mean", "scale", "weights", "bias", "clean"}
-        if not isinstance(data, Mapping) or not keys <= set(data) <= keys | {"context", "views", "jitter"}:
+        optional = {"context", "views", "jitter", "hidden"}
+        if not isinstance(data, Mapping) or not keys <= set(data) <= keys | optional:
             raise CalibrationError(f"squeeze detector: expected {sorted(keys)} and optionally "
-                                   "'context', 'views' and 'jitter'")
+                                   "'context', 'views', 'jitter' and 'hidden'")
         context = data.get("context", [])
         if not isinstance(context, list) or not all(isinstance(c, str) for c in context):
             raise CalibrationError("squeeze detector: context must be a list of names")
@@ -300,22 +347,36 @@ class SqueezeDetector:
         jitter = data.get("jitter", [0, 0.0])
         if not isinstance(jitter, list) or len(jitter) != 2:
             raise CalibrationError("squeeze detector: jitter must be [count, sigma]")
+        hidden: list[np.ndarray | None] = [None, None]
+        if "hidden" in data:
+            layer = data["hidden"]
+            if not isinstance(layer, Mapping) or set(layer) != {"weights", "bias"}:
+                raise CalibrationError("squeeze detector: hidden must be {'weights', 'bias'}")
+            try:
+                hidden = [np.asarray(layer[k], dtype=np.float64) for k in ("weights", "bias")]
+            except (TypeError, ValueError) as exc:
+                raise CalibrationError(f"squeeze detector: hidden: {exc}") from exc
         return cls(*arrays, bias=float(data["bias"]), clean=EmpiricalCDF.from_dict(data["clean"]),
-                   context=tuple(context), views=data.get("views", 0), jitter=tuple(jitter))
+                   context=tuple(context), views=data.get("views", 0), jitter=tuple(jitter),
+                   hidden_weights=hidden[0], hidden_bias=hidden[1])
 
 
 def fit_squeeze_detector(clean: ArrayLike, attacked: ArrayLike, weights: ArrayLike | None = None,
                          *, ridge: float = DEFAULT_RIDGE, max_points: int | None = 4096,
                          iterations: int = 50, context: tuple[str, ...] = (),
-                         views: int = 0, jitter: tuple[int, float] = (0, 0.0)) -> SqueezeDetector:
+                         views: int = 0, jitter: tuple[int, float] = (0, 0.0),
+                         hidden: int = 0, seed: int = 0) -> SqueezeDetector:
     """Fit the detector: clean float [N, F] and attacked float [M, F] features (the squeeze
     features, then the ``context`` ones: one of :data:`CONTEXTS`, measured on ``views`` views
     and the ``jitter`` copies (count, sigma)).
 
     weights: float [M] per attacked image (None: equal), normalised so attacked and clean
-    images each carry half the total weight. Newton's method on the ridge-penalised
-    log-likelihood (deterministic; the problem is convex). The clean CDF is taken over the
-    clean images' decision values.
+    images each carry half the total weight. hidden 0: a logistic regression, by Newton's
+    method on the ridge-penalised log-likelihood (deterministic; the problem is convex).
+    hidden H > 0: one layer of H tanh units before the logistic output, fitted by L-BFGS on
+    the same weighted, ridge-penalised log-likelihood from a start drawn with ``seed``
+    (deterministic for a seed; the problem is not convex, so another seed finds another
+    local optimum). The clean CDF is taken over the clean images' decision values.
     """
     c = np.asarray(clean, dtype=np.float64)
     a = np.asarray(attacked, dtype=np.float64)
@@ -346,7 +407,50 @@ def fit_squeeze_detector(clean: ArrayLike, attacked: ArrayLike, weights: ArrayLi
         theta -= step
         if np.max(np.abs(step)) < 1e-10:
             break
-    clean_decisions = z[:c.shape[0]] @ theta  # the first rows of z are the clean images
-    return SqueezeDetector(mean=mean, scale=scale, weights=theta[:-1], bias=float(theta[-1]),
+    if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 0:
+        raise CalibrationError(f"hidden must be an integer >= 0, got {hidden!r}")
+    if not hidden:
+        clean_decisions = z[:c.shape[0]] @ theta  # the first rows of z are the clean images
+        return SqueezeDetector(mean=mean, scale=scale, weights=theta[:-1], bias=float(theta[-1]),
+                               clean=EmpiricalCDF.from_samples(clean_decisions, max_points),
+                               context=tuple(context), views=views, jitter=jitter)
+    w1, b1, w2, b2 = _fit_hidden(z[:, :-1], y, w, ridge, hidden, seed)
+    clean_decisions = np.tanh(z[:c.shape[0], :-1] @ w1.T + b1) @ w2 + b2
+    return SqueezeDetector(mean=mean, scale=scale, weights=w2, bias=b2,
                            clean=EmpiricalCDF.from_samples(clean_decisions, max_points),
-                           context=tuple(context), views=views, jitter=jitter)
+                           context=tuple(context), views=views, jitter=jitter,
+                           hidden_weights=w1, hidden_bias=b1)
+
+
+def _fit_hidden(z: NDArray[np.float64], y: NDArray[np.float64], w: NDArray[np.float64],
+                ridge: float, hidden: int, seed: int
+                ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64], float]:
+    """One tanh layer and a logistic output on standardised features z [R, F], labels y [R]
+    and sample weights w [R] (summing to 1): minimise sum(w * log-loss) + ridge * (|W1|^2 +
+    |w2|^2) by L-BFGS with analytic gradients. Returns W1 [H, F], b1 [H], w2 [H], b2."""
+    from scipy.optimize import minimize  # calibration only; the gateway just evaluates
+
+    rows, f = z.shape
+    rng = np.random.default_rng(seed)
+    start = np.concatenate([rng.normal(0.0, 1.0 / np.sqrt(f), hidden * f), np.zeros(hidden),
+                            rng.normal(0.0, 1.0 / np.sqrt(hidden), hidden), [0.0]])
+
+    def unpack(p: NDArray[np.float64]):
+        return (p[:hidden * f].reshape(hidden, f), p[hidden * f:hidden * (f + 1)],
+                p[hidden * (f + 1):-1], p[-1])
+
+    def loss(p: NDArray[np.float64]) -> tuple[float, NDArray[np.float64]]:
+        w1, b1, w2, b2 = unpack(p)
+        h = np.tanh(z @ w1.T + b1)
+        s = h @ w2 + b2
+        value = float(w @ (np.logaddexp(0.0, s) - y * s) + ridge * (np.sum(w1 * w1) + w2 @ w2))
+        r = w * (1.0 / (1.0 + np.exp(-np.clip(s, -50, 50))) - y)
+        da = (r[:, None] * w2[None, :]) * (1.0 - h * h)
+        grad = np.concatenate([(da.T @ z + 2 * ridge * w1).ravel(), da.sum(axis=0),
+                               h.T @ r + 2 * ridge * w2, [r.sum()]])
+        return value, grad
+
+    result = minimize(loss, start, jac=True, method="L-BFGS-B",
+                      options={"maxiter": 3000, "maxfun": 6000, "ftol": 1e-12, "gtol": 1e-8})
+    w1, b1, w2, b2 = unpack(np.asarray(result.x, dtype=np.float64))
+    return w1, b1, w2, float(b2)
