@@ -10,15 +10,17 @@ detected") traced their success on MNIST to its zero border. This study measures
 on clean images a production client may send: the same garments JPEG-compressed or with
 slight sensor noise.
 
-All three detectors are the gate's own logistic regression
-(:func:`service.gate.squeeze_detector.fit_squeeze_detector`), fitted on calibration images
+All three detectors are the gate's own fit
+(:func:`service.gate.squeeze_detector.fit_squeeze_detector`: a logistic regression for the
+first two, with the shipped hidden layer for the third), fitted on calibration images
 against the calibration's reference FGSM/PGD (:func:`service.calibration.reference_attacks`),
 thresholded at the 95 % quantile of held-out clean calibration images, and measured on test
 images and on attacks made from test images. Squeezes use the handler's own
 :func:`handlers.probe.bit_depth`; images are 8-bit, as a PNG carries them (attacks in whole
 grey levels within their eps, :func:`attacks_8bit`). The third column
 is the squeeze detector as shipped: the same squeeze measurements plus the context and the
-jitter copies it reads (:data:`service.gate.squeeze_detector.JITTER_FEATURES`), measured on
+jitter copies it reads, through its hidden layer
+(:data:`service.gate.squeeze_detector.JITTER_FEATURES`), measured on
 the served policy's cheap probe (:class:`benchmarks.detector_study.Prober`), since faint
 noise probes the model near the image and a JPEG or a noisy photo is near another image.
 
