@@ -40,5 +40,6 @@ class PlanRefused(GatewayError):
 
 
 class PolicyMismatch(GatewayError):
-    """A gate policy does not belong to the served model (its model hash differs), or its
-    probe does not fit the model's input (the handler would refuse it)."""
+    """A gate policy does not belong to the served model (its model hash differs), its
+    probe does not fit the model's input, or the policy or the coalescing settings would ask
+    more of one call than the model's archive allows (the handler would refuse it)."""

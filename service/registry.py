@@ -3,6 +3,13 @@
 A model is served only when its policy was calibrated for exactly this model: the policy's
 ``model_sha256`` must equal the sha256 of the model's TorchScript export recorded in its card
 (both exports come from the same weights; the TorchScript file names the model).
+
+Where the store also holds the archive TorchServe serves (``archives/<model>-<format>.mar``),
+the limits its handler enforces on one call (the ``handler:`` section of the archive's
+``model-config.yaml``) are read too, and a policy or coalescing setting that would ask more
+is refused at start-up: the handler would otherwise refuse those calls one by one, at
+request time. A store without the archive (TorchServe serving one from elsewhere) is not
+checked; the handler's refusal is then answered as a deployment fault (``PlanRefused``).
 """
 
 from __future__ import annotations
@@ -10,8 +17,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+import yaml
 
 from service.decode import InputSpec
 from service.errors import ModelNotFound, PolicyMismatch
@@ -28,6 +38,36 @@ CARD_FILE = "card.json"
 # with the jitter draw the gateway gives that image (``pipeline.request_seed``). Policies
 # calibrated before the record existed drew one set of jitter copies for all their images.
 JITTER_DRAWS = ("jitter_draws", "per-image")
+ARCHIVE_CONFIG = "model-config.yaml"  # TorchServe's per-model config, at the archive's root
+
+
+@dataclass(frozen=True)
+class ArchiveLimits:
+    """What one call may ask of a model's handler, as its archive sets it (the ``handler:``
+    section of ``model-config.yaml``, read by ``handlers/base.py``); None: not set there, so
+    the handler's default applies and the gateway does not check it."""
+
+    archive: str  # the archive's file name, for messages
+    max_variants: int | None = None  # variants one plan may ask for (rows - 1)
+    max_batch_items: int | None = None  # images one coalesced call may carry
+    max_batch_rows: int | None = None  # rows one coalesced call may ask for
+
+
+def read_archive_limits(path: Path) -> ArchiveLimits:
+    """The handler limits of the archive at ``path``; PolicyMismatch when it cannot be read."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            config = yaml.safe_load(z.read(ARCHIVE_CONFIG)) or {}
+        section = config.get("handler") or {}
+        if not isinstance(section, dict):
+            raise ValueError("its handler section is not a mapping")
+        values = {k: section.get(k) for k in ("max_variants", "max_batch_items", "max_batch_rows")}
+        for k, v in values.items():
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"handler.{k} must be an integer >= 1, got {v!r}")
+    except (OSError, KeyError, zipfile.BadZipFile, yaml.YAMLError, AttributeError, ValueError) as e:
+        raise PolicyMismatch(f"cannot read {ARCHIVE_CONFIG} from the archive {path}: {e}") from None
+    return ArchiveLimits(archive=path.name, **values)
 
 
 @dataclass(frozen=True)
@@ -41,6 +81,7 @@ class ServedModel:
     formats: tuple[str, ...]
     model_sha256: str
     noise_sigma: float
+    limits: ArchiveLimits | None = None  # None: the store has no archive for the backend format
 
 
 def _sha256(path: Path) -> str:
@@ -71,6 +112,14 @@ def load_model(store: Path, name: str, backend_format: str) -> ServedModel:
                              f"input: {e}") from None
     _warn_if_stale(name, policy)
     formats = tuple(f for f in ("torchscript", "onnx") if (store / "archives" / f"{name}-{f}.mar").is_file())
+    archive = store / "archives" / f"{name}-{backend_format}.mar"
+    limits = read_archive_limits(archive) if archive.is_file() else None
+    if limits is not None and limits.max_variants is not None and policy.max_plan_rows - 1 > limits.max_variants:
+        raise PolicyMismatch(
+            f"model {name!r}: its policy can ask {policy.max_plan_rows - 1} variants in one probe "
+            f"(noise.max_samples {policy.noise.max_samples}, max_forward_passes "
+            f"{policy.max_forward_passes}); the archive {limits.archive} allows at most "
+            f"{limits.max_variants} (handler.max_variants in its {ARCHIVE_CONFIG})")
     return ServedModel(
         name=name,
         version=str(card.get("version", "1")),
@@ -81,6 +130,7 @@ def load_model(store: Path, name: str, backend_format: str) -> ServedModel:
         formats=formats,
         model_sha256=model_sha,
         noise_sigma=float(card["noise_sigma"]),
+        limits=limits,
     )
 
 
@@ -134,3 +184,24 @@ class Registry:
 
     def all(self) -> list[ServedModel]:
         return [self._models[k] for k in sorted(self._models)]
+
+    def check_coalescing(self, max_batch: int, max_rows: int) -> None:
+        """PolicyMismatch when a coalesced call could carry more images or rows than a model's
+        archive allows (``max_batch`` < 2: coalescing off, every call carries one image). A
+        call's rows reach ``max_rows``, or one request's largest probe where that is more."""
+        if max_batch < 2:
+            return
+        for m in self.all():
+            lim = m.limits
+            if lim is None:
+                continue
+            if lim.max_batch_items is not None and max_batch > lim.max_batch_items:
+                raise PolicyMismatch(f"model {m.name!r}: coalescing sends up to {max_batch} images a call "
+                                     f"(coalesce_max_batch); the archive {lim.archive} takes at most "
+                                     f"{lim.max_batch_items} (handler.max_batch_items in its {ARCHIVE_CONFIG})")
+            rows = max(max_rows, m.policy.max_plan_rows)
+            if lim.max_batch_rows is not None and rows > lim.max_batch_rows:
+                raise PolicyMismatch(f"model {m.name!r}: coalescing sends up to {rows} rows a call "
+                                     f"(coalesce_max_rows {max_rows}, or one request's largest probe); the "
+                                     f"archive {lim.archive} takes at most {lim.max_batch_rows} "
+                                     f"(handler.max_batch_rows in its {ARCHIVE_CONFIG})")

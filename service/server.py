@@ -365,6 +365,7 @@ class Gateway:
 async def start(settings: Settings, registry: Registry | None = None) -> Gateway:
     """Build and start the gateway; returns once it listens."""
     registry = registry or Registry.load(settings.store, settings.models, settings.backend_format)
+    registry.check_coalescing(settings.coalesce_max_batch, settings.coalesce_max_rows)
     token = read_inference_key(settings.torchserve_key_file)
     disable_created_metrics()  # no rule or panel reads the *_created series; they would double the count
     metrics = Metrics()

@@ -209,6 +209,24 @@ def test_ceiling_too_low_for_noise_skips_it() -> None:
     assert report.result(Check.NOISE).status is CheckStatus.SKIPPED
 
 
+@pytest.mark.parametrize("max_passes", [CHEAP_ROWS, CHEAP_ROWS + 9, 120, 500])
+@pytest.mark.parametrize("agree", [1.0, 0.6, 0.52])
+def test_no_plan_asks_more_rows_than_max_plan_rows(max_passes: int, agree: float) -> None:
+    """The gateway holds ``max_plan_rows`` against the archive's max_variants at start-up, so
+    it must bound every plan a request can send, certified or not, however the copies vote."""
+    policy = make_policy(certify=True, max_passes=max_passes)
+    model = FakeModel(squeeze_l2=0.9, stream=np.random.default_rng(3).random(1000) < agree)
+    drive(policy, model)
+    assert max(p.rows for p in model.plans) <= policy.max_plan_rows
+    assert CHEAP_ROWS <= policy.max_plan_rows <= max(CHEAP_ROWS, max_passes - CHEAP_ROWS + 1)
+
+
+def test_max_plan_rows_is_the_cheap_probe_or_the_whole_noise_budget() -> None:
+    assert make_policy(max_passes=CHEAP_ROWS).max_plan_rows == CHEAP_ROWS  # no room for noise
+    assert make_policy(max_passes=500).max_plan_rows == 1 + 400  # noise.max_samples in one batch
+    assert make_policy(Mode.OFF, max_passes=500).max_plan_rows == 1  # plain calls only
+
+
 def test_off_mode_sends_no_plan() -> None:
     run = GateRun.start(make_policy(Mode.OFF), 0, certify=True)
     assert run.next_plan() is None and run.stage is Stage.DONE

@@ -247,8 +247,9 @@ def test_a_plan_the_handler_refuses_is_a_server_fault_not_the_callers(calibrated
                                                                       fmnist: data.FashionMNIST,
                                                                       tmp_path: Path) -> None:
     """A policy whose certification batch is over the archive's max_variants (a limit of the
-    archive's model-config.yaml, which the gateway does not read): the handler refuses that
-    plan. The caller sent a good image: INTERNAL with a fixed message, counted as a server
+    archive's model-config.yaml, which the gateway checks at start-up only where its store
+    holds the archive; this store does not, as when TorchServe serves archives from
+    elsewhere): the handler refuses that plan. The caller sent a good image: INTERNAL with a fixed message, counted as a server
     fault, the handler's words in the gateway's log; uncertified calls still answer."""
     from benchmarks.report import store_with_policy
 

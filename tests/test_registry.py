@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
+import zipfile
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import yaml
 
 from service.errors import ModelNotFound, PolicyMismatch
 from service.gate.policy import Mode, Policy
 from service.gate.policy_io import save_policy
-from service.registry import JITTER_DRAWS, load_model
+from service.registry import JITTER_DRAWS, Registry, load_model
 from tests.test_gate_policy import SHA_M, make_policy
 from tests.test_gate_squeeze_detector import detector_policy, jitter_detector
 
@@ -119,9 +121,81 @@ def test_limits_the_handler_enforces_on_every_plan_are_refused_at_load(tmp_path:
         load_model(edited_store(tmp_path, edit), "fmnist-cnn", "torchscript")
 
 
+def with_archive(store: Path, handler: object, fmt: str = "torchscript", config: bytes | None = None) -> Path:
+    """Put an archive for fmnist-cnn in ``store``: a zip whose model-config.yaml has this
+    ``handler:`` section (or is ``config``, verbatim)."""
+    path = store / "archives" / f"fmnist-cnn-{fmt}.mar"
+    path.parent.mkdir(exist_ok=True)
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("model-config.yaml", config if config is not None else
+                   yaml.safe_dump({"minWorkers": 2, "batchSize": 1, "handler": handler}))
+    return store
+
+
+def test_a_policy_asking_more_variants_than_its_archive_allows_is_refused_at_load(tmp_path: Path) -> None:
+    """make_policy: a 10-row cheap probe and max_forward_passes 64, so a certified request
+    can send one noise batch of 51 copies (52 rows). The handler would refuse that plan on
+    every certified call; the gateway refuses the policy before it serves."""
+    policy = make_policy()
+    assert policy.max_plan_rows == 52
+    fits = with_archive(store_with(tmp_path / "fits", policy), {"max_variants": 51, "max_batch_rows": 8192})
+    model = load_model(fits, "fmnist-cnn", "torchscript")
+    assert model.limits is not None and model.limits.max_variants == 51 and model.limits.max_batch_items is None
+    short = with_archive(store_with(tmp_path / "short", policy), {"max_variants": 50})
+    with pytest.raises(PolicyMismatch, match=r"'fmnist-cnn': its policy can ask 51 variants in one probe .*"
+                                             r"fmnist-cnn-torchscript.mar allows at most 50 \(handler.max_variants"):
+        load_model(short, "fmnist-cnn", "torchscript")
+    # Only the archive of the format served is read; a store without it is not checked.
+    assert load_model(short, "fmnist-cnn", "onnx").limits is None
+    assert load_model(store_with(tmp_path / "none", policy), "fmnist-cnn", "torchscript").limits is None
+    off = with_archive(store_with(tmp_path / "off", replace(policy, mode=Mode.OFF)), {"max_variants": 1})
+    assert load_model(off, "fmnist-cnn", "torchscript").limits.max_variants == 1  # plain calls: 0 variants
+
+
+@pytest.mark.parametrize("config, why", [
+    (b"PK not really a zip", "not a zip"),
+    (None, "no model-config.yaml"),
+    (b"handler: [1, 2]", "handler section is not a mapping"),
+    (b"handler:\n  max_variants: many", "handler.max_variants must be an integer >= 1"),
+    (b"handler:\n  max_batch_rows: 0", "handler.max_batch_rows must be an integer >= 1"),
+    (b"handler: {max_variants: [unclosed", "not YAML"),
+])
+def test_an_archive_whose_limits_cannot_be_read_is_refused_at_load(tmp_path: Path, config: bytes | None,
+                                                                     why: str) -> None:
+    store = store_with(tmp_path, make_policy())
+    path = store / "archives" / "fmnist-cnn-torchscript.mar"
+    path.parent.mkdir()
+    if why == "not a zip":
+        path.write_bytes(config)
+    else:
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("card.json" if config is None else "model-config.yaml", config or b"{}")
+    with pytest.raises(PolicyMismatch, match=r"cannot read model-config.yaml from the archive .*fmnist-cnn-torchscript"):
+        load_model(store, "fmnist-cnn", "torchscript")
+    if why.startswith("handler."):
+        with pytest.raises(PolicyMismatch, match=why.replace(".", r"\.")):
+            load_model(store, "fmnist-cnn", "torchscript")
+
+
+def test_coalescing_beyond_the_archives_batch_limits_is_refused(tmp_path: Path) -> None:
+    store = with_archive(store_with(tmp_path, make_policy()), {"max_batch_items": 8, "max_batch_rows": 100})
+    registry = Registry({"fmnist-cnn": load_model(store, "fmnist-cnn", "torchscript")})
+    registry.check_coalescing(8, 100)
+    registry.check_coalescing(0, 10**6)  # coalescing off: one image a call
+    with pytest.raises(PolicyMismatch, match=r"up to 9 images a call .*takes at most 8 \(handler.max_batch_items"):
+        registry.check_coalescing(9, 100)
+    with pytest.raises(PolicyMismatch, match=r"up to 101 rows a call .*takes at most 100 \(handler.max_batch_rows"):
+        registry.check_coalescing(8, 101)
+    tight = with_archive(store_with(tmp_path / "tight", make_policy()), {"max_batch_rows": 51})
+    registry = Registry({"fmnist-cnn": load_model(tight, "fmnist-cnn", "torchscript")})
+    with pytest.raises(PolicyMismatch, match=r"up to 52 rows a call"):  # one certified request's noise batch
+        registry.check_coalescing(2, 40)
+
+
 def test_a_gateway_that_cannot_start_says_why_in_one_line(tmp_path: Path) -> None:
     """Status 2 and one line naming the reason, never a traceback: a policy the handlers would
-    refuse, an unreadable TorchServe key file, a port already taken."""
+    refuse, an archive that would refuse the policy's or the coalescer's calls, an unreadable
+    TorchServe key file, a port already taken."""
     import socket
     import subprocess
     import sys
@@ -131,13 +205,20 @@ def test_a_gateway_that_cannot_start_says_why_in_one_line(tmp_path: Path) -> Non
     keys = tmp_path / "key_file.json"
     keys.write_text(json.dumps({"inference": {"key": "i"}, "management": {"key": "m"}, "API": {"key": "a"}}))
 
-    def start(store: Path, key_file: Path, port: int = 0) -> subprocess.CompletedProcess:
+    small = with_archive(store_with(tmp_path / "small", make_policy()), {"max_variants": 30})
+    few = with_archive(store_with(tmp_path / "few", make_policy()), {"max_batch_items": 4})
+
+    def start(store: Path, key_file: Path, port: int = 0, *flags: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "service", "--store", str(store), "--models", "fmnist-cnn",
-                               "--port", str(port), "--metrics-port", "-1", "--torchserve-key-file", str(key_file)],
+                               "--backend-format", "torchscript", "--port", str(port), "--metrics-port", "-1",
+                               "--torchserve-key-file", str(key_file), *flags],
                               capture_output=True, text=True, timeout=60)
 
     with socket.create_server(("127.0.0.1", 0)) as taken:
         runs = {"cannot start: model 'fmnist-cnn': the probe of": start(bad, keys),
+                "cannot start: model 'fmnist-cnn': its policy can ask 51 variants": start(small, keys),
+                "cannot start: model 'fmnist-cnn': coalescing sends up to 8 images a call":
+                    start(few, keys, 0, "--coalesce-max-batch", "8"),
                 "cannot start: cannot read TorchServe's key file": start(good, tmp_path / "none"),
                 f"cannot start: cannot listen on 127.0.0.1:{taken.getsockname()[1]}":
                     start(good, keys, taken.getsockname()[1])}

@@ -31,6 +31,7 @@ from service.gate.density import DensityModel
 from service.gate.errors import PolicyError
 from service.gate.plan import MAX_SIGMA, NoiseSpec, OcclusionSpec, ProbeSpec, ShuffleSpec, SqueezeSpec
 from service.gate.quantile import EmpiricalCDF
+from service.gate.sequential import budget_within
 from service.gate.squeeze_detector import SqueezeDetector
 
 #: v2: squeeze references are clean CDFs of logit L2 distances (v1: softmax L1), so a v1
@@ -191,6 +192,20 @@ class Policy:
             occlusion=p.occlusion if on(Check.OCCLUSION) else OcclusionSpec(),
             shuffle=p.shuffle if on(Check.STRUCTURE) else ShuffleSpec(),
             return_features=on(Check.DENSITY) or context)
+
+    @functools.cached_property
+    def max_plan_rows(self) -> int:
+        """The most rows one plan of a request can ask of the model: the cheap probe, or one
+        noise batch, which can hold all the noise budget left after the cheap probe (a request
+        may ask to be certified; the first batch is as large as deciding needs). 1 when the
+        gate is off: requests go as plain calls."""
+        if self.mode is Mode.OFF:
+            return 1
+        cheap = self.cheap_plan(0).rows
+        n = self.noise
+        budget = budget_within(self.max_forward_passes - cheap, n.max_samples, first=n.first_batch,
+                               growth=n.growth)
+        return max(cheap, 1 + budget)
 
     def noise_plan(self, seed: int, count: int) -> ProbeSpec:
         """A noise-only probe of ``count`` copies (base row + copies)."""
