@@ -5,8 +5,7 @@ import logging
 import sys
 
 from service import settings as settings_mod
-from service.errors import GatewayError
-from service.server import serve
+from service.server import StartFailed, serve
 
 log = logging.getLogger("service")
 
@@ -16,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=s.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         asyncio.run(serve(s))
-    except (GatewayError, OSError) as e:  # only start-up raises them this far: requests answer their own
+    except StartFailed as e:
         log.error("cannot start: %s", e)
         return 2
     return 0

@@ -430,9 +430,19 @@ async def start(settings: Settings, registry: Registry | None = None) -> Gateway
                    tracing, coalescer)
 
 
+class StartFailed(Exception):
+    """The gateway did not start; the message says why in one line (a policy or archive that
+    does not fit, an unreadable key file, a port already taken...)."""
+
+
 async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then drain in-flight calls within ``settings.grace_s``."""
-    gw = await start(settings)
+    """Run until SIGTERM or SIGINT, then drain in-flight calls within ``settings.grace_s``.
+    StartFailed when it cannot start; anything raised after it listens is a fault, not a
+    refusal to start, and keeps its traceback."""
+    try:
+        gw = await start(settings)
+    except (GatewayError, OSError) as e:
+        raise StartFailed(str(e)) from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -226,3 +226,37 @@ def test_a_gateway_that_cannot_start_says_why_in_one_line(tmp_path: Path) -> Non
         assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
         assert reason in out.stderr, out.stderr
     assert "larger than the 28x28 image" in next(iter(runs.values())).stderr
+
+
+def test_only_a_failure_to_start_reads_cannot_start(monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """`python -m service` answers a refusal to start with status 2 and one line; a fault
+    after the gateway listened (here: while draining on SIGINT) is not dressed up as one."""
+    import asyncio
+    import os
+    import signal
+
+    import service.__main__ as entry
+    from service import server
+
+    async def refuses(settings):
+        raise PolicyMismatch("model 'fmnist-cnn': does not fit")
+
+    monkeypatch.setattr(server, "start", refuses)
+    with caplog.at_level(logging.ERROR, logger="service"):
+        assert entry.main(["--metrics-port", "-1"]) == 2
+    assert "cannot start: model 'fmnist-cnn': does not fit" in caplog.text
+
+    class Listening:
+        async def stop(self, grace_s: float) -> None:
+            raise OSError("disk gone while draining")
+
+    async def starts(settings):
+        asyncio.get_running_loop().call_later(0.05, os.kill, os.getpid(), signal.SIGINT)
+        return Listening()
+
+    caplog.clear()
+    monkeypatch.setattr(server, "start", starts)
+    with pytest.raises(OSError, match="disk gone while draining"):
+        entry.main(["--metrics-port", "-1"])
+    assert "cannot start" not in caplog.text
