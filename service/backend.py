@@ -26,7 +26,7 @@ from service.errors import (
     InvalidInput,
     ModelNotFound,
     Overloaded,
-    PlanRefused,
+    BackendRefused,
 )
 from service.ratelog import Throttle
 
@@ -88,8 +88,8 @@ def decode_result(raw: bytes | probe_pb2.ProbeResult) -> ProbeOutput:
     return ProbeOutput(logits=logits, features=feats, device=res.device, runtime=res.runtime)
 
 
-# TorchServe's gRPC status -> domain error. Handler 4xx (our validation) arrive as
-# INVALID_ARGUMENT; an unknown model as NOT_FOUND; a full job queue as RESOURCE_EXHAUSTED
+# TorchServe's gRPC status -> domain error. Handler 4xx (its validation) arrive as
+# INVALID_ARGUMENT (answered as BackendRefused: see refusal()); an unknown model as NOT_FOUND; a full job queue as RESOURCE_EXHAUSTED
 # (HTTP 503); a dead worker or frontend as UNAVAILABLE or INTERNAL.
 _BY_CODE: dict[grpc.StatusCode, type[GatewayError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,
@@ -116,25 +116,30 @@ _PUBLIC_MESSAGE: dict[type[GatewayError], str] = {
 # what archives built before every such message began "bad plan" say.
 _PLAN_REFUSALS = ("bad plan", "plan is not a valid", "the plan must be sent")
 PLAN_REFUSED_MESSAGE = "the model server refused the gate's probe plan: the gateway and its model archives disagree"
+INPUT_REFUSED_MESSAGE = ("the model server refused an input the gateway had checked: the gateway and its model "
+                         "archives disagree")
 
 
 def refusal(message: str) -> GatewayError:
-    """The handler's 4xx as a domain error. Its input checks are written for callers:
-    InvalidInput with the first line. A refused plan is not the caller's doing (the gateway
-    wrote the plan, the caller only the image): PlanRefused, answered INTERNAL with a fixed
-    message and counted as a server fault; the handler's words go to the log."""
+    """The handler's 4xx as a domain error. The gateway sends only what it built and checked:
+    tensors it decoded and validated against the model's card as the handler does, its own
+    plans and its own coalesced batches. So a refusal is never the caller's doing, whatever
+    the handler's words (they are written for direct callers): BackendRefused, answered
+    INTERNAL with a fixed message and counted as a server fault; the words go to the log."""
     detail = (message or "invalid input").splitlines()[0][:300]
     if detail.startswith(_PLAN_REFUSALS):
         _throttled.log(logging.ERROR, ("plan", detail),
                        "the model server refused a probe plan (gateway policy and archives disagree): %s", detail)
-        return PlanRefused(PLAN_REFUSED_MESSAGE)
-    return InvalidInput(f"backend refused the input: {detail}")
+        return BackendRefused(PLAN_REFUSED_MESSAGE)
+    _throttled.log(logging.ERROR, ("input", detail),
+                   "the model server refused a checked input (gateway and archives disagree): %s", detail)
+    return BackendRefused(INPUT_REFUSED_MESSAGE)
 
 
 def map_rpc_error(err: grpc.aio.AioRpcError) -> GatewayError:
     """A TorchServe error as a domain error whose message is safe to show a caller."""
     kind = _BY_CODE.get(err.code(), BackendUnavailable)
-    if kind is InvalidInput:
+    if kind is InvalidInput:  # the handler's 4xx
         return refusal(err.details() or "")
     _throttled.log(logging.WARNING, ("call", err.code()), "backend call failed: %s %s", err.code().name,
                    (err.details() or "")[:500])

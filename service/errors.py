@@ -34,9 +34,10 @@ class Unauthenticated(GatewayError):
     """Missing or wrong credentials."""
 
 
-class PlanRefused(GatewayError):
-    """The model server refused a probe plan the gateway built: the gateway's policy and the
-    served archives disagree (a deployment fault, never the caller's)."""
+class BackendRefused(GatewayError):
+    """The model server refused a call the gateway built and checked (its probe plan, the
+    tensor it decoded and validated, or a coalesced batch): the gateway and the served
+    archives disagree (a deployment fault, never the caller's)."""
 
 
 class PolicyMismatch(GatewayError):

@@ -9,7 +9,7 @@ the limits its handler enforces on one call (the ``handler:`` section of the arc
 ``model-config.yaml``) are read too, and a policy or coalescing setting that would ask more
 is refused at start-up: the handler would otherwise refuse those calls one by one, at
 request time. A store without the archive (TorchServe serving one from elsewhere) is not
-checked; the handler's refusal is then answered as a deployment fault (``PlanRefused``).
+checked; the handler's refusal is then answered as a deployment fault (``BackendRefused``).
 """
 
 from __future__ import annotations

@@ -28,13 +28,13 @@ from service.backend import TorchServeBackend, read_inference_key
 from service.coalesce import CoalesceConfig, Coalescer
 from service.decode import Limits
 from service.errors import (
+    BackendRefused,
     BackendUnavailable,
     DeadlineExceeded,
     GatewayError,
     InvalidInput,
     ModelNotFound,
     Overloaded,
-    PlanRefused,
     PolicyMismatch,
     Unauthenticated,
 )
@@ -60,7 +60,7 @@ STATUS_BY_ERROR: dict[type[GatewayError], grpc.StatusCode] = {
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PolicyMismatch: grpc.StatusCode.FAILED_PRECONDITION,
-    PlanRefused: grpc.StatusCode.INTERNAL,  # a deployment fault: the error-ratio alert counts it
+    BackendRefused: grpc.StatusCode.INTERNAL,  # a deployment fault: the error-ratio alert counts it
 }
 
 

@@ -8,18 +8,32 @@ import pytest
 
 from robustgate.v1 import probe_pb2
 from service.backend import decode_result, encode_tensor
-from service.errors import BackendUnavailable, InvalidInput
+from service.errors import BackendRefused, BackendUnavailable
 from service.gate.plan import ProbeSpec
 from service.pipeline import spec_to_proto
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "proto" / "examples"
 
 
-def test_result_with_a_per_request_error_raises_its_domain_error() -> None:
-    bad = probe_pb2.ProbeResult(error=probe_pb2.ProbeError(code=400, message="image is not a decodable PNG\nTraceback"),
-                                batch_requests=3)
-    with pytest.raises(InvalidInput, match="^backend refused the input: image is not a decodable PNG$"):
+def test_result_with_a_per_request_error_raises_its_domain_error(caplog, monkeypatch) -> None:
+    """The gateway sends only tensors it decoded and checked as the handler does: a handler
+    that refuses one disagrees with the gateway (a server fault, INTERNAL with a fixed
+    message), the caller is not told its good image was bad, the handler's words (first
+    line only) go to the log."""
+    import grpc
+
+    from service import backend
+    from service.backend import INPUT_REFUSED_MESSAGE
+    from service.ratelog import Throttle
+    from service.server import status_of
+
+    monkeypatch.setattr(backend, "_throttled", Throttle(backend.log))  # nothing held back by other tests
+    bad = probe_pb2.ProbeResult(error=probe_pb2.ProbeError(code=400, message="tensor shape [1, 32, 32]; the model "
+                                                           "takes [1, 28, 28]\nTraceback"), batch_requests=3)
+    with caplog.at_level("ERROR", logger="service.backend"), pytest.raises(BackendRefused) as err:
         decode_result(bad.SerializeToString())
+    assert status_of(err.value) == (grpc.StatusCode.INTERNAL, INPUT_REFUSED_MESSAGE)
+    assert "tensor shape [1, 32, 32]; the model takes [1, 28, 28]" in caplog.text and "Traceback" not in caplog.text
     with pytest.raises(BackendUnavailable):
         decode_result(probe_pb2.ProbeResult(error=probe_pb2.ProbeError(code=507, message="oom")).SerializeToString())
 
@@ -37,23 +51,23 @@ def test_a_refused_plan_is_the_deployments_fault_not_the_callers(message: str, c
 
     from service import backend
     from service.backend import PLAN_REFUSED_MESSAGE, map_rpc_error
-    from service.errors import PlanRefused
     from service.ratelog import Throttle
     from service.server import SERVER_FAULTS, status_of
 
     monkeypatch.setattr(backend, "_throttled", Throttle(backend.log))  # nothing held back by other tests
 
     raw = probe_pb2.ProbeResult(error=probe_pb2.ProbeError(code=400, message=message)).SerializeToString()
-    with caplog.at_level("ERROR", logger="service.backend"), pytest.raises(PlanRefused) as err:
+    with caplog.at_level("ERROR", logger="service.backend"), pytest.raises(BackendRefused) as err:
         decode_result(raw)
     assert status_of(err.value) == (grpc.StatusCode.INTERNAL, PLAN_REFUSED_MESSAGE)
     assert grpc.StatusCode.INTERNAL in SERVER_FAULTS and message in caplog.text
     rpc = grpc.aio.AioRpcError(grpc.StatusCode.INVALID_ARGUMENT, grpc.aio.Metadata(), grpc.aio.Metadata(),
                                details=message)
-    assert isinstance(map_rpc_error(rpc), PlanRefused)
+    assert isinstance(map_rpc_error(rpc), BackendRefused)
     rpc = grpc.aio.AioRpcError(grpc.StatusCode.INVALID_ARGUMENT, grpc.aio.Metadata(), grpc.aio.Metadata(),
-                               details="tensor shape [3, 3] does not match the model's [1, 28, 28]")
-    assert isinstance(map_rpc_error(rpc), InvalidInput)
+                               details="batch has 300 items; the limit is 256")  # the coalescer's call
+    refused = map_rpc_error(rpc)
+    assert isinstance(refused, BackendRefused) and str(refused) == backend.INPUT_REFUSED_MESSAGE
 
 
 def test_a_failure_every_request_repeats_is_logged_once_per_interval(caplog, monkeypatch) -> None:
