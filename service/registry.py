@@ -18,11 +18,12 @@ import hashlib
 import json
 import logging
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import yaml
 
+from model_store.archive import FORMATS, archive_name
 from service.decode import InputSpec
 from service.errors import ModelNotFound, PolicyMismatch
 from service.gate.checks import Check
@@ -61,7 +62,7 @@ def read_archive_limits(path: Path) -> ArchiveLimits:
         section = config.get("handler") or {}
         if not isinstance(section, dict):
             raise ValueError("its handler section is not a mapping")
-        values = {k: section.get(k) for k in ("max_variants", "max_batch_items", "max_batch_rows")}
+        values = {f.name: section.get(f.name) for f in fields(ArchiveLimits) if f.name != "archive"}
         for k, v in values.items():
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"handler.{k} must be an integer >= 1, got {v!r}")
@@ -82,6 +83,11 @@ class ServedModel:
     model_sha256: str
     noise_sigma: float
     limits: ArchiveLimits | None = None  # None: the store has no archive for the backend format
+
+
+def archive_path(store: Path, name: str, fmt: str) -> Path:
+    """Where the store keeps model ``name``'s TorchServe archive in format ``fmt``."""
+    return store / "archives" / f"{archive_name(name, fmt)}.mar"
 
 
 def _sha256(path: Path) -> str:
@@ -111,8 +117,8 @@ def load_model(store: Path, name: str, backend_format: str) -> ServedModel:
         raise PolicyMismatch(f"model {name!r}: the probe of {policy_path} does not fit the card's "
                              f"input: {e}") from None
     _warn_if_stale(name, policy)
-    formats = tuple(f for f in ("torchscript", "onnx") if (store / "archives" / f"{name}-{f}.mar").is_file())
-    archive = store / "archives" / f"{name}-{backend_format}.mar"
+    formats = tuple(f for f in FORMATS if archive_path(store, name, f).is_file())
+    archive = archive_path(store, name, backend_format)
     limits = read_archive_limits(archive) if archive.is_file() else None
     if limits is not None and limits.max_variants is not None and policy.max_plan_rows - 1 > limits.max_variants:
         raise PolicyMismatch(
@@ -126,7 +132,7 @@ def load_model(store: Path, name: str, backend_format: str) -> ServedModel:
         labels=tuple(card["labels"]),
         input=input_spec,
         policy=policy,
-        backend_name=f"{name}-{backend_format}",
+        backend_name=archive_name(name, backend_format),
         formats=formats,
         model_sha256=model_sha,
         noise_sigma=float(card["noise_sigma"]),

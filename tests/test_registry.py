@@ -14,7 +14,7 @@ import yaml
 from service.errors import ModelNotFound, PolicyMismatch
 from service.gate.policy import Mode, Policy
 from service.gate.policy_io import save_policy
-from service.registry import JITTER_DRAWS, Registry, load_model
+from service.registry import JITTER_DRAWS, Registry, archive_path, load_model
 from tests.test_gate_policy import SHA_M, make_policy
 from tests.test_gate_squeeze_detector import detector_policy, jitter_detector
 
@@ -124,7 +124,7 @@ def test_limits_the_handler_enforces_on_every_plan_are_refused_at_load(tmp_path:
 def with_archive(store: Path, handler: object, fmt: str = "torchscript", config: bytes | None = None) -> Path:
     """Put an archive for fmnist-cnn in ``store``: a zip whose model-config.yaml has this
     ``handler:`` section (or is ``config``, verbatim)."""
-    path = store / "archives" / f"fmnist-cnn-{fmt}.mar"
+    path = archive_path(store, "fmnist-cnn", fmt)
     path.parent.mkdir(exist_ok=True)
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("model-config.yaml", config if config is not None else
@@ -162,14 +162,13 @@ def test_a_policy_asking_more_variants_than_its_archive_allows_is_refused_at_loa
 ])
 def test_an_archive_whose_limits_cannot_be_read_is_refused_at_load(tmp_path: Path, config: bytes | None,
                                                                      why: str) -> None:
-    store = store_with(tmp_path, make_policy())
-    path = store / "archives" / "fmnist-cnn-torchscript.mar"
-    path.parent.mkdir()
+    store = with_archive(store_with(tmp_path, make_policy()), None, config=config or b"{}")
+    path = archive_path(store, "fmnist-cnn", "torchscript")
     if why == "not a zip":
         path.write_bytes(config)
-    else:
+    elif config is None:
         with zipfile.ZipFile(path, "w") as z:
-            z.writestr("card.json" if config is None else "model-config.yaml", config or b"{}")
+            z.writestr("card.json", b"{}")
     with pytest.raises(PolicyMismatch, match=r"cannot read model-config.yaml from the archive .*fmnist-cnn-torchscript"):
         load_model(store, "fmnist-cnn", "torchscript")
     if why.startswith("handler."):
