@@ -20,13 +20,12 @@ import numpy as np
 from robustgate.torchserve import inference_pb2, inference_pb2_grpc
 from robustgate.v1 import probe_pb2
 from service.errors import (
+    BackendRefused,
     BackendUnavailable,
     DeadlineExceeded,
     GatewayError,
-    InvalidInput,
     ModelNotFound,
     Overloaded,
-    BackendRefused,
 )
 from service.ratelog import Throttle
 
@@ -89,10 +88,10 @@ def decode_result(raw: bytes | probe_pb2.ProbeResult) -> ProbeOutput:
 
 
 # TorchServe's gRPC status -> domain error. Handler 4xx (its validation) arrive as
-# INVALID_ARGUMENT (answered as BackendRefused: see refusal()); an unknown model as NOT_FOUND; a full job queue as RESOURCE_EXHAUSTED
-# (HTTP 503); a dead worker or frontend as UNAVAILABLE or INTERNAL.
+# INVALID_ARGUMENT (see refusal()); an unknown model as NOT_FOUND; a full job queue as
+# RESOURCE_EXHAUSTED (HTTP 503); a dead worker or frontend as UNAVAILABLE or INTERNAL.
 _BY_CODE: dict[grpc.StatusCode, type[GatewayError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,
+    grpc.StatusCode.INVALID_ARGUMENT: BackendRefused,
     grpc.StatusCode.NOT_FOUND: ModelNotFound,
     grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
@@ -120,26 +119,25 @@ INPUT_REFUSED_MESSAGE = ("the model server refused an input the gateway had chec
                          "archives disagree")
 
 
-def refusal(message: str) -> GatewayError:
+def refusal(message: str) -> BackendRefused:
     """The handler's 4xx as a domain error. The gateway sends only what it built and checked:
     tensors it decoded and validated against the model's card as the handler does, its own
     plans and its own coalesced batches. So a refusal is never the caller's doing, whatever
     the handler's words (they are written for direct callers): BackendRefused, answered
     INTERNAL with a fixed message and counted as a server fault; the words go to the log."""
     detail = (message or "invalid input").splitlines()[0][:300]
-    if detail.startswith(_PLAN_REFUSALS):
-        _throttled.log(logging.ERROR, ("plan", detail),
-                       "the model server refused a probe plan (gateway policy and archives disagree): %s", detail)
-        return BackendRefused(PLAN_REFUSED_MESSAGE)
-    _throttled.log(logging.ERROR, ("input", detail),
-                   "the model server refused a checked input (gateway and archives disagree): %s", detail)
-    return BackendRefused(INPUT_REFUSED_MESSAGE)
+    plan = detail.startswith(_PLAN_REFUSALS)
+    what = ("a probe plan (gateway policy and archives disagree)" if plan
+            else "a checked input (gateway and archives disagree)")
+    _throttled.log(logging.ERROR, ("plan" if plan else "input", detail),
+                   "the model server refused %s: %s", what, detail)
+    return BackendRefused(PLAN_REFUSED_MESSAGE if plan else INPUT_REFUSED_MESSAGE)
 
 
 def map_rpc_error(err: grpc.aio.AioRpcError) -> GatewayError:
     """A TorchServe error as a domain error whose message is safe to show a caller."""
     kind = _BY_CODE.get(err.code(), BackendUnavailable)
-    if kind is InvalidInput:  # the handler's 4xx
+    if kind is BackendRefused:  # the handler's 4xx
         return refusal(err.details() or "")
     _throttled.log(logging.WARNING, ("call", err.code()), "backend call failed: %s %s", err.code().name,
                    (err.details() or "")[:500])
