@@ -110,16 +110,18 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
-def verify(data_dir: Path = DEFAULT_DIR) -> str:
-    """Check that the four files exist with the expected sha256; return a combined digest."""
-    missing = [name for name, _ in FILES.values() if not (data_dir / name).is_file()]
+def verify(data_dir: Path = DEFAULT_DIR, keys: tuple[str, ...] = tuple(FILES)) -> str:
+    """Check that the files of ``keys`` (all four by default) exist with the expected sha256;
+    return a combined digest."""
+    files = [FILES[k] for k in keys]
+    missing = [name for name, _ in files if not (data_dir / name).is_file()]
     if missing:
         raise DatasetError(
             f"Fashion-MNIST files missing in {data_dir}: {', '.join(missing)}. "
             f"Install them with: sudo apt-get install -y {DEBIAN_PACKAGE}"
         )
     combined = hashlib.sha256()
-    for name, digest in FILES.values():
+    for name, digest in files:
         actual = _sha256(data_dir / name)
         if actual != digest:
             raise DatasetError(
@@ -147,6 +149,17 @@ def load(data_dir: Path = DEFAULT_DIR, seed: int = 0, calib_size: int = CALIB_SI
         test=Split(te_x, te_y),
         sha256=digest,
     )
+
+
+def load_test(data_dir: Path = DEFAULT_DIR) -> Split:
+    """The test split alone, its two files verified: for readers that never touch the
+    training images (the serving benchmark), which need not read and hash 47 MB."""
+    data_dir = Path(data_dir)
+    verify(data_dir, ("test-images", "test-labels"))
+    images, labels = read_idx(data_dir / FILES["test-images"][0]), read_idx(data_dir / FILES["test-labels"][0])
+    if images.shape[0] != labels.shape[0]:
+        raise DatasetError("image and label counts differ")
+    return Split(images, labels.astype(np.int64))
 
 
 def to_tensor(images: np.ndarray):  # -> torch.Tensor

@@ -51,6 +51,20 @@ def test_modified_file_fails_the_sha256_check(tmp_path: Path) -> None:
         data.load(tmp_path)
 
 
+def test_test_split_alone_reads_only_its_files(tmp_path: Path, fmnist: data.FashionMNIST) -> None:
+    for key in ("test-images", "test-labels"):
+        shutil.copy(data.DEFAULT_DIR / data.FILES[key][0], tmp_path / data.FILES[key][0])
+    test = data.load_test(tmp_path)  # no training files there: not needed, not read
+    np.testing.assert_array_equal(test.images, fmnist.test.images)
+    np.testing.assert_array_equal(test.labels, fmnist.test.labels)
+    with pytest.raises(data.DatasetError, match="train-images"):
+        data.load(tmp_path)
+    labels = tmp_path / data.FILES["test-labels"][0]
+    labels.write_bytes(gzip.compress(gzip.decompress(labels.read_bytes())[:-1] + b"\x00"))
+    with pytest.raises(data.DatasetError, match="sha256"):
+        data.load_test(tmp_path)
+
+
 def test_idx_parser_rejects_bad_headers(tmp_path: Path) -> None:
     bad = tmp_path / "bad.gz"
     bad.write_bytes(gzip.compress(b"\x00\x00\x0d\x01\x00\x00\x00\x01abcd"))  # float dtype code
