@@ -29,10 +29,20 @@ def parser(module: str, doc: str | None) -> argparse.ArgumentParser:
 
 
 def run_facts(command: str) -> dict[str, str]:
-    """When and where a benchmark ran (date, machine), and ``command``, which reproduces it."""
+    """When and where a benchmark ran (date, machine, and its GPU where torch sees one), and
+    ``command``, which reproduces it."""
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}"
+    gpu = gpu_name()
     return {"date": dt.date.today().isoformat(),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+            "machine": machine + (f", GPU: {gpu}" if gpu else ""),
             "command": command}
+
+
+def gpu_name() -> str | None:
+    """The name of the GPU torch would run a model on (CUDA device 0), or None without one."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
 def invocation(module: str, argv: list[str] | None) -> str:

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 
-def _run(module: str, out: Path, timeout_s: float = 600) -> dict:
-    proc = subprocess.Popen([sys.executable, "-m", module, "--smoke", "--out", str(out)],
+def _run(module: str, out: Path, timeout_s: float = 600, *args: str) -> dict:
+    proc = subprocess.Popen([sys.executable, "-m", module, "--smoke", "--out", str(out), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout_s)
@@ -77,6 +77,29 @@ def test_serving_benchmark_smoke(default_store: Path, tmp_path: Path) -> None:
     md = (tmp_path / "serving-smoke.md").read_text()
     assert md.startswith("# Serving benchmark") and "Targets (issue 8)" in md
     assert (tmp_path / "serving-smoke.png").read_bytes()[:4] == b"\x89PNG"
+    assert report["format"] == "onnx" and report["runs_on"] == {"torchscript": "CPU", "onnx": "CPU"}
+    assert "serve the onnx archive" in md
+
+
+def test_serving_benchmark_smoke_on_the_torchscript_archive(default_store: Path, tmp_path: Path) -> None:
+    """``--format torchscript``: every TorchServe and gateway row on the TorchScript archive (the
+    one a GPU runs without ONNX Runtime's CUDA provider), the limits in process likewise."""
+    from benchmarks import serving as b
+
+    report = _run("benchmarks.serving", tmp_path, 600, "--format", "torchscript")
+    assert report["format"] == "torchscript" and "--format torchscript" in report["command"]
+    names = {r["name"] for r in report["results"]}
+    assert {b.DIRECT, b.DIRECT_BATCHING, b.DIRECT_OOTB, b.GATE_OFF, b.CASCADE, b.EVERY_CHECK} <= names
+    assert not {b.DIRECT_TS, b.GATE_OFF_TS} & names  # the main rows are TorchScript's already
+    limits = [n for n in names if n.startswith(b.variants_row("torchscript"))]
+    assert len(limits) == 2 and not any(n.startswith(b.IN_PROCESS_VARIANTS) for n in names)
+    assert all(r["errors"] == 0 and r["calls"] > 0 for r in report["results"])
+    ratios = report["ratios"]
+    assert ratios["p50 gateway gate-off / in-process TorchScript (c=1)"] > 0
+    assert all(f"{b.GATE_COST} {g} (c=1)" in ratios for g in b.GATED)
+    assert ratios[f"{b.FULL_GATE} (c=1)"] > 1  # every check costs more than none
+    # no GPU here: its target is not claimed
+    assert not any(k.startswith(b.FULL_GATE) for k, *_ in b.targets(ratios, b.on_gpu(report)))
 
 
 def test_robustness_benchmark_smoke(default_store: Path, tmp_path: Path) -> None:
@@ -299,6 +322,11 @@ def test_serving_targets_read_each_bound_the_right_way() -> None:
                      f"{b.GATE_COST} {b.CASCADE} (c=1)": 1.5, f"{b.GATE_COST} {b.EVERY_CHECK} (c=1)": 1.1,
                      "p50 certify sequential / fixed (c=1)": 9.0})
     assert [(op, bound, met) for _, op, bound, met in got] == [(">=", 0.9, True), ("<=", 1.2, False), ("<=", 1.2, True)]
+    full = {f"{b.FULL_GATE} (c=1)": 1.6}
+    assert b.targets(full) == []  # a GPU's target, not a CPU's
+    assert b.targets(full, gpu=True) == [(f"{b.FULL_GATE} (c=1)", "<=", 1.5, False)]
+    assert b.on_gpu({"format": "torchscript", "runs_on": {"torchscript": "NVIDIA H200", "onnx": "CPU"}})
+    assert not b.on_gpu({"format": "onnx", "runs_on": {"torchscript": "NVIDIA H200", "onnx": "CPU"}})
 
 
 def test_coalesce_wait_benchmark_smoke(default_store: Path, tmp_path: Path) -> None:
