@@ -219,7 +219,8 @@ def test_image_is_built_from_the_lock_by_a_non_root_final_stage() -> None:
 
 
 def test_entrypoint_passes_shellcheck() -> None:
-    out = subprocess.run([dev_tool("shellcheck"), str(ENTRYPOINT), str(REPO / "scripts" / "docker_smoke.sh")],
+    scripts = [str(REPO / "scripts" / name) for name in ("docker_smoke.sh", "gpu_bench.sh")]
+    out = subprocess.run([dev_tool("shellcheck"), str(ENTRYPOINT), *scripts],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
 

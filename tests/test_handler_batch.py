@@ -31,22 +31,25 @@ class _Metrics:
         pass
 
 
-def make_context(model_dir: Path, config: dict) -> Context:
+def make_context(model_dir: Path, config: dict, gpu_id: int | None = None) -> Context:
+    """A worker's context for the unpacked archive at ``model_dir``; ``gpu_id``: the GPU
+    TorchServe would give the worker (None: none, as on a machine without one)."""
     manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
-    ctx = Context(manifest["model"]["modelName"], str(model_dir), manifest, 32, None, "0.12.0",
+    ctx = Context(manifest["model"]["modelName"], str(model_dir), manifest, 32, gpu_id, "0.12.0",
                   model_yaml_config=config)
     ctx.metrics = _Metrics()
     return ctx
 
 
-def load_handler(tmp: Path, store: Path, fmt: str, **handler_overrides) -> tuple[ProbeHandler, Context]:
+def load_handler(tmp: Path, store: Path, fmt: str, gpu_id: int | None = None,
+                 **handler_overrides) -> tuple[ProbeHandler, Context]:
     model_dir = tmp / fmt
     if not model_dir.exists():
         with zipfile.ZipFile(store / "archives" / f"fmnist-cnn-{fmt}.mar") as z:
             z.extractall(model_dir)
     config = yaml.safe_load((model_dir / "model-config.yaml").read_text())
     config["handler"].update(handler_overrides)
-    ctx = make_context(model_dir, config)
+    ctx = make_context(model_dir, config, gpu_id)
     h = HANDLERS[fmt]()
     # initialize() sets process-wide knobs meant for a worker: restore them for the other tests
     threads, level = torch.get_num_threads(), logging.getLogger().level

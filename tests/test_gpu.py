@@ -1,0 +1,68 @@
+"""The handlers on a GPU, where torch sees one: the machines the `device` tool lends
+(scripts/gpu_bench.sh runs this file there). CI has no GPU, and there these tests are
+skipped: the CPU paths they compare against are covered by test_handler_batch.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from google.protobuf import json_format
+
+from handlers import probe
+from model_store import data
+from robustgate.v1 import probe_pb2
+from tests.test_handler_batch import handle, load_handler, logits, png
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "proto" / "examples"
+
+
+def example(name: str) -> probe_pb2.ProbePlan:
+    return json_format.Parse((EXAMPLES / name).read_text(), probe_pb2.ProbePlan())
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    return data.load_test().images[:8]
+
+
+def gpu_device(fmt: str) -> str:
+    """Where the handler of ``fmt`` should run when TorchServe gives its worker GPU 0."""
+    if fmt == "torchscript":
+        return "cuda"
+    import onnxruntime as ort
+
+    return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_handler_on_the_gpu_answers_as_on_the_cpu(tmp_path: Path, default_store: Path, images: np.ndarray,
+                                                  fmt: str) -> None:
+    gpu, gpu_ctx = load_handler(tmp_path / "gpu", default_store, fmt, gpu_id=0)
+    cpu, cpu_ctx = load_handler(tmp_path / "cpu", default_store, fmt)
+    assert gpu.device.type == gpu_device(fmt) and cpu.device.type == "cpu"
+    # squeezes and views are deterministic: the same rows, the same logits up to rounding
+    plan = example("squeeze_view.json")
+    requests = [{"data": png(a), "plan": plan.SerializeToString()} for a in images]
+    for on_gpu, on_cpu in zip(handle(gpu, gpu_ctx, requests), handle(cpu, cpu_ctx, requests)):
+        assert on_gpu.rows == on_cpu.rows == probe.count_rows(plan)
+        np.testing.assert_allclose(logits(on_gpu), logits(on_cpu), rtol=1e-3, atol=1e-3)
+    # every section, noise and shuffles drawn on the GPU's generator: every row answered
+    full = example("full.json")
+    for res in handle(gpu, gpu_ctx, [{"data": png(a), "plan": full.SerializeToString()} for a in images]):
+        assert res.rows == probe.count_rows(full) and np.isfinite(logits(res)).all()
+        assert len(res.features) > 0
+
+
+def test_handler_on_the_gpu_answers_a_plain_batch(tmp_path: Path, default_store: Path, images: np.ndarray) -> None:
+    gpu, ctx = load_handler(tmp_path, default_store, "torchscript", gpu_id=0)
+    got = handle(gpu, ctx, [{"data": png(a)} for a in images])
+    top1 = [int(logits(r)[0].argmax()) for r in got]
+    ref = torch.jit.load(str(default_store / "fmnist-cnn" / "model.pt")).eval()
+    with torch.inference_mode():
+        want = ref(data.to_tensor(images))[0].argmax(1).tolist()
+    assert top1 == want
