@@ -13,6 +13,8 @@
 # `run` unpacks it under /tmp, runs tests/test_gpu.py, then
 # `python -m benchmarks.serving --format torchscript` (the TorchScript archive is the one a GPU
 # runs without ONNX Runtime's CUDA provider), and leaves the logs and reports in OUT.
+# To rehearse it here (no GPU: the GPU tests skip):
+#   GPU_PYTHON_VERSION=3.11 scripts/gpu_bench.sh kit && PATH="$PWD/.venv/bin:$PATH" scripts/gpu_bench.sh run /tmp/gpu --smoke
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
