@@ -197,17 +197,21 @@ def timed_loop(name: str, fn, count: int, seconds: float) -> Result:
 class Runner:
     """The model in process, as a TorchServe worker of ``fmt``'s archive runs it on this
     machine: TorchScript on the GPU where there is one, ONNX Runtime with its CUDA provider
-    where that is installed too, else on the CPU. ``run(x)`` takes float32 ``[N, C, H, W]``
-    on :attr:`device` and returns the logits on the CPU, so a GPU's work is waited for."""
+    where that loads, else on the CPU. ``run(x)`` takes float32 ``[N, C, H, W]`` on
+    :attr:`device` and returns the logits on the CPU (with ``all_outputs``, the features
+    too, as the handler fetches them), so a GPU's work is waited for. ONNX Runtime is fed
+    from host memory even with its CUDA provider (the handler binds the GPU's tensors):
+    there the limit includes a copy the handler does not make."""
 
-    def __init__(self, store: Path, model: str, fmt: str, intra_op_threads: int = 0) -> None:
+    def __init__(self, store: Path, model: str, fmt: str, intra_op_threads: int = 0,
+                 all_outputs: bool = False) -> None:
         import torch
 
         gpu = torch.cuda.is_available()
         if fmt == "torchscript":
             self.device = torch.device("cuda" if gpu else "cpu")
             net = torch.jit.load(str(store / model / "model.pt"), map_location=self.device).eval()
-            self.run = lambda x: net(x)[0].cpu()
+            self.run = ((lambda x: [t.cpu() for t in net(x)]) if all_outputs else (lambda x: net(x)[0].cpu()))
             self.where = torch.cuda.get_device_name(self.device) if gpu else "CPU"
             return
         import onnxruntime as ort
@@ -218,9 +222,12 @@ class Runner:
             opts.intra_op_num_threads, opts.inter_op_num_threads = intra_op_threads, 1
         sess = ort.InferenceSession(str(store / model / "model.onnx"), sess_options=opts,
                                     providers=(["CUDAExecutionProvider"] if cuda else []) + ["CPUExecutionProvider"])
-        self.device = torch.device("cpu")  # fed from host memory: sess.run copies it over
-        self.run = lambda x: sess.run(["logits"], {"images": x.numpy()})[0]
-        self.where = f"{torch.cuda.get_device_name()} (CUDA provider)" if cuda else "CPU"
+        outputs = None if all_outputs else ["logits"]
+        self.device = torch.device("cpu")
+        self.run = lambda x: sess.run(outputs, {"images": x.numpy()})
+        # the provider that loaded: a CUDA provider whose libraries are missing falls back
+        loaded = sess.get_providers()[0]
+        self.where = f"{torch.cuda.get_device_name()} ({loaded})" if loaded == "CUDAExecutionProvider" else "CPU"
 
 
 def in_process(store: Path, model: str, images: np.ndarray, seconds: float) -> list[Result]:
@@ -249,7 +256,7 @@ def variant_probes(store: Path, model: str, policies: dict[str, Path],
     from service.gate.policy_io import load_policy
     from service.pipeline import spec_to_proto
 
-    r = Runner(store, model, fmt, archive_intra_op_threads())
+    r = Runner(store, model, fmt, archive_intra_op_threads(), all_outputs=True)
     x = torch.from_numpy(images.astype(np.float32)[:, None] / 255.0).to(r.device)
     out = {}
     for row, policy_store in policies.items():
@@ -384,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     from robustgate.torchserve import inference_pb2, inference_pb2_grpc
     from robustgate.v1 import classifier_pb2 as pb
     from robustgate.v1 import classifier_pb2_grpc as pb_grpc
+    from robustgate.v1 import probe_pb2
     from service.backend import encode_tensor
     from service.client import Client
     from tests.test_gateway import start_gateway, stop
@@ -391,8 +399,10 @@ def main(argv: list[str] | None = None) -> int:
     images = data.load_test().images[:512]
     tmp = Path(tempfile.mkdtemp(prefix="rg-bench-"))
     results: list[Result] = in_process(args.store, args.model, images, args.seconds)
+    # the shipped archives the rows measure: the format's, and TorchScript's beside ONNX's
     settings = serve.ServeSettings.on_free_ports(
-        store=args.store, run_dir=tmp / "ts", models=(f"{args.model}-torchscript", f"{args.model}-onnx"))
+        store=args.store, run_dir=tmp / "ts", models=tuple(dict.fromkeys((f"{args.model}-torchscript",
+                                                                          f"{args.model}-{fmt}"))))
 
     def all_checks(pol: dict) -> None:
         for name in ("occlusion", "structure"):
@@ -449,6 +459,20 @@ def main(argv: list[str] | None = None) -> int:
                 model_name=f"{args.model}-{fmt}", input={"tensor": tensors[i % len(tensors)]}),
                 metadata=md, timeout=30)
         return direct
+
+    async def worker_devices(ts) -> dict[str, str]:
+        """Where each archive's TorchServe worker runs the model, as its answer says (the
+        ProbeResult's runtime and device): format -> e.g. "torchscript on cuda:0"."""
+        out = {}
+        async with grpc.aio.insecure_channel(ts.grpc_inference_target) as ch:
+            stub = inference_pb2_grpc.InferenceAPIsServiceStub(ch)
+            for name in ts.models:
+                answer = await stub.Predictions(inference_pb2.PredictionsRequest(
+                    model_name=name, input={"tensor": tensors[0]}),
+                    metadata=(("authorization", f"Bearer {ts.keys().inference}"),), timeout=30)
+                res = probe_pb2.ProbeResult.FromString(answer.prediction)
+                out[name.rsplit("-", 1)[1]] = f"{res.runtime} on {res.device}"
+        return out
 
     async def warm_torchserve(ts) -> None:
         """Load on a fresh TorchServe before its first measured row: its Java frontend runs
@@ -560,6 +584,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # As shipped: archives at batch size 1, the gateway coalescing.
     with serve.start(settings) as ts:
+        served_on = asyncio.run(worker_devices(ts))
         asyncio.run(warm_torchserve(ts))
         results += asyncio.run(gate_cost_in_turns(ts))
         # the other format's rows (TorchScript beside ONNX) only where the main rows are ONNX's
@@ -580,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
     if fmt != "onnx":
         command += f" --format {fmt}" + ("" if " --out " in command else " --out DIR")
     report = {**run_facts(command), "model": args.model, "format": fmt,
-              "runs_on": {f: Runner(args.store, args.model, f).where for f in FORMATS},
+              "served_on": served_on, "runs_on": {f: Runner(args.store, args.model, f).where for f in FORMATS},
               "seconds_per_measurement": args.seconds, "turns": turns, "turn_seconds": args.seconds / 8,
               "stream_window": args.stream_window,
               "results": [dataclasses.asdict(r) | {"per_s": r.per_s} for r in results]}
@@ -588,7 +613,8 @@ def main(argv: list[str] | None = None) -> int:
     report["cpu_ms_per_call"] = cpu_per_call
     report["coalescing"] = {"max_batch": args.coalesce_max_batch, "max_wait_ms": args.coalesce_max_wait_ms,
                             "max_calls": args.coalesce_max_calls}
-    stem = report_stem("benchmarks.serving", args.smoke)
+    # serving[-smoke] for the ONNX rows (the name earlier reports have), serving-<format>[-smoke] else
+    stem = report_stem("benchmarks.serving" + ("" if fmt == "onnx" else f"-{fmt}"), args.smoke)
     write_report(args.out, stem, report, render(report, f"{stem}.png"))
     plot(results, args.out / f"{stem}.png")
     return 0
@@ -713,8 +739,9 @@ def targets(ratio: dict[str, float], gpu: bool = False) -> list[tuple[str, str, 
 
 
 def on_gpu(r: dict) -> bool:
-    """Whether report ``r``'s TorchServe and gateway rows served a model on a GPU."""
-    return r.get("runs_on", {}).get(r.get("format", "onnx"), "CPU") != "CPU"
+    """Whether report ``r``'s TorchServe and gateway rows served a model on a GPU, as its
+    TorchServe worker said (TorchServe gives workers a GPU only where it finds one)."""
+    return "cuda" in r.get("served_on", {}).get(r.get("format", "onnx"), "")
 
 
 def plot(results: list[Result], path: Path) -> None:
@@ -749,10 +776,11 @@ def render(r: dict, png: str | None = None) -> str:
              + (f"; ClassifyStream rows: streams of {r['stream_window']} items in flight each, as many items in "
                 "flight in all as the row's concurrency" if "stream_window" in r else "")
              + ").", ""]
-    if "runs_on" in r:
-        fmt = r.get("format", "onnx")
-        lines += [f"TorchServe and the gateways serve the {fmt} archive. In process and in TorchServe's workers, "
-                  + "; ".join(f"{IN_PROCESS_ROW[f].removeprefix('in-process ')} runs on {w}"
+    if "served_on" in r:
+        lines += [f"TorchServe and the gateways serve the {r['format']} archive. Where the model ran: in "
+                  "TorchServe's workers (as their answers say), "
+                  + "; ".join(f"the {f} archive: {w}" for f, w in r["served_on"].items()) + "; in process, "
+                  + ", ".join(f"{IN_PROCESS_ROW[f].removeprefix('in-process ')}: {w}"
                               for f, w in r["runs_on"].items()) + ".", ""]
     lines += ["| path | concurrency | calls/s | p50 ms | p95 ms | p99 ms | errors |", "|---|---|---|---|---|---|---|"]
     for x in r["results"]:

@@ -25,6 +25,8 @@ case "${1:-}" in
 kit)
   py=.venv/bin/python
   [ -x "$py" ] || { echo "gpu_bench: run scripts/setup.sh first (the kit is packed from .venv)" >&2; exit 1; }
+  command -v jlink >/dev/null || { echo "gpu_bench: jlink not found: the kit's Java runtime needs a JDK 17 (openjdk-17-jdk-headless)" >&2; exit 1; }
+  export XZ_OPT=-9  # the kit travels in a 64 MiB allowance: every MB counts
   site="$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
   target_py="${GPU_PYTHON_VERSION:-3.12}"  # the device image's python3
   rm -rf "$kit"
@@ -41,7 +43,7 @@ kit)
   (cd "$tmp/jar" && unzip -q "$site/ts/frontend/model-server.jar")
   rm "$tmp/ts/frontend/model-server.jar"
   tar -cJf "$kit/torchserve.tar.xz" -C "$tmp" ts jar
-  jdk="$(dirname "$(dirname "$(readlink -f "$(command -v java)")")")"
+  jdk="$(dirname "$(dirname "$(readlink -f "$(command -v jlink)")")")"
   [ -d "$jdk/jmods" ] || { echo "gpu_bench: $jdk has no jmods: jlink needs a JDK (openjdk-17-jdk-headless)" >&2; exit 1; }
   jlink --module-path "$jdk/jmods" --strip-debug --no-header-files --no-man-pages --output "$tmp/jre" \
     --add-modules java.base,java.logging,java.management,java.naming,java.sql,java.xml,jdk.unsupported,java.desktop,java.security.jgss,java.instrument,jdk.crypto.ec,java.net.http,jdk.management,java.scripting,jdk.zipfs
@@ -77,17 +79,20 @@ EOF
   if [ ! -f "$data_dir/t10k-images-idx3-ubyte.gz" ]; then mkdir -p "$data_dir" && cp "$kit"/data/* "$data_dir/"; fi
   export JAVA_HOME="$unpacked/jre" PYTHONPATH="$unpacked/site:$root:$root/proto" PYTHONUNBUFFERED=1
   export PATH="$JAVA_HOME/bin:$PATH"
-  {
+  {  # what the machine is; none of it may stop the run
     date -u
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv || true
-    python3 -c 'import sys, torch, onnxruntime as ort, grpc, google.protobuf as pb; print(sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU", "| onnxruntime", ort.__version__, ort.get_available_providers(), "| grpcio", grpc.__version__, "protobuf", pb.__version__)'
-    java -version 2>&1 | head -1
+    python3 -c 'import sys, torch, onnxruntime as ort, grpc, google.protobuf as pb; print(sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU", "| onnxruntime", ort.__version__, ort.get_available_providers(), "| grpcio", grpc.__version__, "protobuf", pb.__version__)' || true
+    java -version 2>&1 | head -1 || true
     nproc
   } 2>&1 | tee "$out/environment.txt"
-  tests=0  # a failing GPU test is reported, and the benchmark still runs
+  tests=0 bench=0  # a failing GPU test is reported, and the benchmark still runs
   python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_gpu.py 2>&1 | tee "$out/gpu-tests.log" || tests=$?
-  python3 -m benchmarks.serving --format torchscript --out "$out" "$@" 2>&1 | tee "$out/serving.log" | grep -v -e FutureWarning -e 'warnings.warn'
-  [ "$tests" -eq 0 ] || { echo "gpu_bench: tests/test_gpu.py failed: $out/gpu-tests.log" >&2; exit "$tests"; }
+  python3 -m benchmarks.serving --format torchscript --out "$out" "$@" 2>&1 | tee "$out/serving.log" \
+    | { grep -v -e FutureWarning -e 'warnings.warn' || true; } || bench=$?
+  [ "$tests" -eq 0 ] || echo "gpu_bench: tests/test_gpu.py failed (exit $tests): $out/gpu-tests.log" >&2
+  [ "$bench" -eq 0 ] || echo "gpu_bench: the benchmark failed (exit $bench): $out/serving.log" >&2
+  exit $((tests || bench))
   ;;
 *)
   echo "usage: scripts/gpu_bench.sh kit | run OUT [benchmark args]" >&2

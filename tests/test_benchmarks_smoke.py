@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 
-def _run(module: str, out: Path, timeout_s: float = 600, *args: str) -> dict:
+def _run(module: str, out: Path, timeout_s: float = 600, *args: str, stem: str | None = None) -> dict:
     proc = subprocess.Popen([sys.executable, "-m", module, "--smoke", "--out", str(out), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -26,7 +27,7 @@ def _run(module: str, out: Path, timeout_s: float = 600, *args: str) -> dict:
             stdout, stderr = proc.communicate()
         raise AssertionError(f"{module} --smoke ran past {timeout_s} s:\n{stdout[-2000:]}{stderr[-3000:]}") from None
     assert proc.returncode == 0, stdout[-2000:] + stderr[-3000:]
-    stem = module.split(".")[-1]
+    stem = stem or module.split(".")[-1]
     return json.loads((out / f"{stem}-smoke.json").read_text())
 
 
@@ -77,8 +78,13 @@ def test_serving_benchmark_smoke(default_store: Path, tmp_path: Path) -> None:
     md = (tmp_path / "serving-smoke.md").read_text()
     assert md.startswith("# Serving benchmark") and "Targets (issue 8)" in md
     assert (tmp_path / "serving-smoke.png").read_bytes()[:4] == b"\x89PNG"
-    assert report["format"] == "onnx" and report["runs_on"] == {"torchscript": "CPU", "onnx": "CPU"}
-    assert "serve the onnx archive" in md
+    # where TorchServe's workers and the in-process limits ran, as they said
+    assert report["format"] == "onnx" and set(report["served_on"]) == set(report["runs_on"]) == {"torchscript", "onnx"}
+    assert report["served_on"]["onnx"].startswith("onnxruntime:") and "serve the onnx archive" in md
+    if not torch.cuda.is_available():
+        assert report["served_on"] == {"torchscript": "torchscript on cpu",
+                                       "onnx": "onnxruntime:CPUExecutionProvider on cpu"}
+        assert report["runs_on"] == {"torchscript": "CPU", "onnx": "CPU"} and not b.on_gpu(report)
 
 
 def test_serving_benchmark_smoke_on_the_torchscript_archive(default_store: Path, tmp_path: Path) -> None:
@@ -86,8 +92,10 @@ def test_serving_benchmark_smoke_on_the_torchscript_archive(default_store: Path,
     one a GPU runs without ONNX Runtime's CUDA provider), the limits in process likewise."""
     from benchmarks import serving as b
 
-    report = _run("benchmarks.serving", tmp_path, 600, "--format", "torchscript")
+    report = _run("benchmarks.serving", tmp_path, 600, "--format", "torchscript", stem="serving-torchscript")
     assert report["format"] == "torchscript" and "--format torchscript" in report["command"]
+    assert set(report["served_on"]) == {"torchscript"}  # the ONNX archive is not loaded
+    assert not (tmp_path / "serving-smoke.json").exists()  # the ONNX report keeps its name
     names = {r["name"] for r in report["results"]}
     assert {b.DIRECT, b.DIRECT_BATCHING, b.DIRECT_OOTB, b.GATE_OFF, b.CASCADE, b.EVERY_CHECK} <= names
     assert not {b.DIRECT_TS, b.GATE_OFF_TS} & names  # the main rows are TorchScript's already
@@ -98,8 +106,9 @@ def test_serving_benchmark_smoke_on_the_torchscript_archive(default_store: Path,
     assert ratios["p50 gateway gate-off / in-process TorchScript (c=1)"] > 0
     assert all(f"{b.GATE_COST} {g} (c=1)" in ratios for g in b.GATED)
     assert ratios[f"{b.FULL_GATE} (c=1)"] > 1  # every check costs more than none
-    # no GPU here: its target is not claimed
-    assert not any(k.startswith(b.FULL_GATE) for k, *_ in b.targets(ratios, b.on_gpu(report)))
+    # the GPU's target is checked where TorchServe's worker ran on one, and only there
+    assert any(k.startswith(b.FULL_GATE) for k, *_ in b.targets(ratios, b.on_gpu(report))) == b.on_gpu(report)
+    assert b.on_gpu(report) == report["served_on"]["torchscript"].endswith(("cuda:0", "cuda"))
 
 
 def test_robustness_benchmark_smoke(default_store: Path, tmp_path: Path) -> None:
@@ -325,8 +334,10 @@ def test_serving_targets_read_each_bound_the_right_way() -> None:
     full = {f"{b.FULL_GATE} (c=1)": 1.6}
     assert b.targets(full) == []  # a GPU's target, not a CPU's
     assert b.targets(full, gpu=True) == [(f"{b.FULL_GATE} (c=1)", "<=", 1.5, False)]
-    assert b.on_gpu({"format": "torchscript", "runs_on": {"torchscript": "NVIDIA H200", "onnx": "CPU"}})
-    assert not b.on_gpu({"format": "onnx", "runs_on": {"torchscript": "NVIDIA H200", "onnx": "CPU"}})
+    served = {"torchscript": "torchscript on cuda:0", "onnx": "onnxruntime:CPUExecutionProvider on cpu"}
+    assert b.on_gpu({"format": "torchscript", "served_on": served})
+    assert not b.on_gpu({"format": "onnx", "served_on": served})
+    assert not b.on_gpu({"format": "onnx"})  # reports from before the workers were asked
 
 
 def test_coalesce_wait_benchmark_smoke(default_store: Path, tmp_path: Path) -> None:
