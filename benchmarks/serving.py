@@ -209,8 +209,13 @@ class Runner:
 
         gpu = torch.cuda.is_available()
         if fmt == "torchscript":
+            import json
+
+            from handlers import torchscript_handler
+
             self.device = torch.device("cuda" if gpu else "cpu")
-            net = torch.jit.load(str(store / model / "model.pt"), map_location=self.device).eval()
+            shape = tuple(json.loads((store / model / "card.json").read_text())["input"]["shape"])
+            net = torchscript_handler.load(str(store / model / "model.pt"), self.device, shape)
             self.run = ((lambda x: [t.cpu() for t in net(x)]) if all_outputs else (lambda x: net(x)[0].cpu()))
             self.where = torch.cuda.get_device_name(self.device) if gpu else "CPU"
             return

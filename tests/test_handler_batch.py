@@ -174,6 +174,35 @@ def test_torchscript_and_onnx_agree(tiny_store: Path, tmp_path: Path, images: np
     np.testing.assert_allclose(logits(ts), logits(ox), atol=1e-4, rtol=0)
 
 
+def test_torchscript_on_the_cpu_is_optimized_for_inference(tiny_store: Path, tmp_path: Path) -> None:
+    h, _ = load_handler(tmp_path, tiny_store, "torchscript")
+    # oneDNN's layout once for the whole network, not around each convolution; the archive
+    # keeps the export, which runs anywhere (the answers match it: the tests above)
+    assert "aten::to_mkldnn" in str(h.model.graph)
+    assert "aten::to_mkldnn" not in str(torch.jit.load(str(tiny_store / "fmnist-cnn" / "model.pt")).graph)
+
+
+@pytest.mark.parametrize("broken", ["raises", "answers differently"])
+def test_a_failed_cpu_optimization_serves_the_export(tiny_store: Path, tmp_path: Path, images: np.ndarray,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture, broken: str) -> None:
+    def optimize(mod: torch.jit.ScriptModule, *args, **kwargs):
+        if broken == "raises":
+            raise RuntimeError("no oneDNN here")
+        return lambda x: tuple(t + 1.0 for t in mod(x))
+
+    monkeypatch.setattr(torch.jit, "optimize_for_inference", optimize)
+    with caplog.at_level(logging.WARNING, logger="handlers.torchscript_handler"):
+        h, ctx = load_handler(tmp_path, tiny_store, "torchscript")
+    assert "not optimized for the CPU" in caplog.text and "serving the module as exported" in caplog.text
+    assert isinstance(h.model, torch.jit.ScriptModule) and "aten::to_mkldnn" not in str(h.model.graph)
+    ref = torch.jit.load(str(tiny_store / "fmnist-cnn" / "model.pt"))
+    with torch.inference_mode():
+        want = ref(data.to_tensor(images[:2]))[0].numpy()
+    for r, w in zip(handle(h, ctx, [{"data": png(a)} for a in images[:2]]), want):
+        np.testing.assert_allclose(logits(r)[0], w, atol=1e-4, rtol=0)
+
+
 def test_model_config_settings() -> None:
     cfg = yaml.safe_load((Path(__file__).resolve().parent.parent / "handlers" / "model-config.yaml").read_text())
     s = HandlerSettings.from_yaml(cfg["handler"])
