@@ -136,17 +136,14 @@ def load(data_dir: Path = DEFAULT_DIR, seed: int = 0, calib_size: int = CALIB_SI
     """Load, verify and split the data set. The calibration split is drawn with ``seed``."""
     data_dir = Path(data_dir)
     digest = verify(data_dir)
-    arrays = {key: read_idx(data_dir / name) for key, (name, _) in FILES.items()}
-    tr_x, tr_y = arrays["train-images"], arrays["train-labels"].astype(np.int64)
-    te_x, te_y = arrays["test-images"], arrays["test-labels"].astype(np.int64)
-    if tr_x.shape[0] != tr_y.shape[0] or te_x.shape[0] != te_y.shape[0]:
-        raise DatasetError("image and label counts differ")
+    train = _read_split(data_dir, "train")
+    tr_x, tr_y = train.images, train.labels
     order = np.random.default_rng(seed).permutation(tr_x.shape[0])
     calib_idx, train_idx = np.sort(order[:calib_size]), np.sort(order[calib_size:])
     return FashionMNIST(
         train=Split(tr_x[train_idx], tr_y[train_idx]),
         calib=Split(tr_x[calib_idx], tr_y[calib_idx]),
-        test=Split(te_x, te_y),
+        test=_read_split(data_dir, "test"),
         sha256=digest,
     )
 
@@ -156,7 +153,12 @@ def load_test(data_dir: Path = DEFAULT_DIR) -> Split:
     training images (the serving benchmark), which need not read and hash 47 MB."""
     data_dir = Path(data_dir)
     verify(data_dir, ("test-images", "test-labels"))
-    images, labels = read_idx(data_dir / FILES["test-images"][0]), read_idx(data_dir / FILES["test-labels"][0])
+    return _read_split(data_dir, "test")
+
+
+def _read_split(data_dir: Path, split: str) -> Split:
+    """``split`` ("train" or "test") as its two files hold it (already verified)."""
+    images, labels = (read_idx(data_dir / FILES[f"{split}-{kind}"][0]) for kind in ("images", "labels"))
     if images.shape[0] != labels.shape[0]:
         raise DatasetError("image and label counts differ")
     return Split(images, labels.astype(np.int64))
