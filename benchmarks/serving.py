@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.report import parser, report_stem, run_facts, store_with_policy, write_report
+from model_store.archive import FORMATS
 from service.settings import Settings
 
 
@@ -209,13 +210,12 @@ class Runner:
 
         gpu = torch.cuda.is_available()
         if fmt == "torchscript":
-            import json
-
             from handlers import torchscript_handler
+            from handlers.base import HandlerSettings, read_card
 
             self.device = torch.device("cuda" if gpu else "cpu")
-            shape = tuple(json.loads((store / model / "card.json").read_text())["input"]["shape"])
-            net = torchscript_handler.load(str(store / model / "model.pt"), self.device, shape)
+            card = read_card(str(store / model / "card.json"), HandlerSettings())
+            net = torchscript_handler.load(str(store / model / "model.pt"), self.device, card.shape)
             self.run = ((lambda x: [t.cpu() for t in net(x)]) if all_outputs else (lambda x: net(x)[0].cpu()))
             self.where = torch.cuda.get_device_name(self.device) if gpu else "CPU"
             return
@@ -235,17 +235,19 @@ class Runner:
         self.where = f"{torch.cuda.get_device_name()} ({loaded})" if loaded == "CUDAExecutionProvider" else "CPU"
 
 
-def in_process(store: Path, model: str, images: np.ndarray, seconds: float) -> list[Result]:
-    """One image per call in process, each format on the device its archive's worker uses."""
+def in_process(store: Path, model: str, images: np.ndarray, seconds: float) -> tuple[list[Result], dict[str, str]]:
+    """One image per call in process, each format on the device its archive's worker uses;
+    and where each ran (format -> :attr:`Runner.where`)."""
     import torch
 
     x = torch.from_numpy(images.astype(np.float32)[:, None] / 255.0)
-    out = []
+    out, where = [], {}
     for fmt in FORMATS:
         r = Runner(store, model, fmt)
         xd = x.to(r.device)
         out.append(timed_loop(IN_PROCESS_ROW[fmt], lambda i, r=r, xd=xd: r.run(xd[i:i + 1]), len(x), seconds))
-    return out
+        where[fmt] = r.where
+    return out, where
 
 
 def variant_probes(store: Path, model: str, policies: dict[str, Path],
@@ -403,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
 
     images = data.load_test().images[:512]
     tmp = Path(tempfile.mkdtemp(prefix="rg-bench-"))
-    results: list[Result] = in_process(args.store, args.model, images, args.seconds)
+    results, runs_on = in_process(args.store, args.model, images, args.seconds)
     # the shipped archives the rows measure: the format's, and TorchScript's beside ONNX's
     settings = serve.ServeSettings.on_free_ports(
         store=args.store, run_dir=tmp / "ts", models=tuple(dict.fromkeys((f"{args.model}-torchscript",
@@ -610,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     if fmt != "onnx":
         command += f" --format {fmt}" + ("" if " --out " in command else " --out DIR")
     report = {**run_facts(command), "model": args.model, "format": fmt,
-              "served_on": served_on, "runs_on": {f: Runner(args.store, args.model, f).where for f in FORMATS},
+              "served_on": served_on, "runs_on": runs_on,
               "seconds_per_measurement": args.seconds, "turns": turns, "turn_seconds": args.seconds / 8,
               "stream_window": args.stream_window,
               "results": [dataclasses.asdict(r) | {"per_s": r.per_s} for r in results]}
@@ -637,7 +639,6 @@ DIRECT_BATCHING = "TorchServe direct (plain), TorchServe batching (32, 2 ms)"
 DIRECT_OOTB = "TorchServe direct (plain), out-of-the-box settings"
 DIRECT_TS = "TorchServe direct (plain), TorchScript archive"
 GATE_OFF_TS = "gateway, gate off, TorchScript backend"
-FORMATS = ("torchscript", "onnx")  # model_store.archive.FORMATS, without importing it at module load
 IN_PROCESS_ROW = {"torchscript": "in-process TorchScript", "onnx": "in-process ONNX Runtime"}
 IN_PROCESS = IN_PROCESS_ROW["onnx"]
 

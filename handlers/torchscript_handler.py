@@ -7,23 +7,24 @@ import logging
 import torch
 
 from handlers.base import ProbeHandler
+from handlers.probe import Shape
 
 logger = logging.getLogger(__name__)
 
 
-def load(path: str, device: torch.device, shape: tuple[int, int, int]) -> torch.jit.ScriptModule:
+def load(path: str, device: torch.device, shape: Shape) -> torch.jit.ScriptModule:
     """The TorchScript module at ``path`` on ``device``, in eval mode, as a worker serves it.
 
     On the CPU it goes through ``torch.jit.optimize_for_inference``: oneDNN convolutions with
     prepacked weights and no layout conversion around each one (fmnist-cnn, 34 rows at one
     thread: 5.8 ms against 14.2, about ONNX Runtime's 5.5). That module runs on the CPU only,
     so the archive keeps the export and each CPU worker optimizes it at load. It is kept only
-    where it answers as the export does on a random batch of ``shape`` [C, H, W] images;
+    where it answers as the export does on a random batch of images of the card's ``shape``;
     otherwise the export is served as it is, with a warning that says why."""
     model = torch.jit.load(path, map_location=device).eval()
     if device.type != "cpu":
         return model
-    x = torch.rand(4, *shape)
+    x = torch.rand(4, shape.c, shape.h, shape.w)
     try:
         with torch.inference_mode():
             want = [t.clone() for t in model(x)]
@@ -46,8 +47,7 @@ class TorchScriptHandler(ProbeHandler):
     runtime = "torchscript"
 
     def load(self, path: str) -> torch.jit.ScriptModule:
-        s = self.card.spec
-        return load(path, self.device, (s.channels, s.h, s.w))
+        return load(path, self.device, self.card.shape)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits, features = self.model(x)
