@@ -110,11 +110,31 @@ def validate(plan: probe_pb2.ProbePlan, shape: Shape, max_variants: int) -> int:
 
 # ---------------------------------------------------------------------------- maths
 
+# Per-device tensors that depend only on a plan's settings (view grids, occlusion masks,
+# depth levels) are built once and kept, a few of each.
+GRID_CACHE_ENTRIES = 8  # a policy sends one list of views; calibration and benchmarks a few more
+GRID_CACHE_MAX_CELLS = 1 << 19  # views x H x W of a cached grid: at most 4 MiB each
+
 
 def bit_depth(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Reduce to ``bits`` bits per value: round(x * (2^b - 1)) / (2^b - 1)."""
     m = float(2**bits - 1)
     return torch.round(x * m) / m
+
+
+@functools.lru_cache(maxsize=GRID_CACHE_ENTRIES)
+def _levels(bits: tuple[int, ...], device: str) -> torch.Tensor:
+    """float32 ``[len(bits), 1, 1, 1]``: 2^b - 1 for each depth, on ``device``."""
+    with torch.inference_mode(False), torch.no_grad():
+        return torch.tensor([float(2**b - 1) for b in bits]).view(-1, 1, 1, 1).to(device)
+
+
+def bit_depths(x: torch.Tensor, bits: tuple[int, ...]) -> torch.Tensor:
+    """:func:`bit_depth` of ``x`` ``[C, H, W]`` at each depth in ``bits``, stacked
+    ``[len(bits), C, H, W]``: three kernels for every depth at once (the same float32
+    products and quotients as one depth at a time)."""
+    m = _levels(bits, str(x.device)).to(x.dtype)
+    return torch.round(x.unsqueeze(0) * m) / m
 
 
 def _symmetric_index(n: int, before: int, after: int, device: torch.device) -> torch.Tensor:
@@ -163,8 +183,6 @@ def sampling_grid(
 
 
 ViewKey = tuple[tuple[bool, bool, float, float, float, float], ...]
-GRID_CACHE_ENTRIES = 8  # a policy sends one list of views; calibration and benchmarks a few more
-GRID_CACHE_MAX_CELLS = 1 << 19  # views x H x W of a cached grid: at most 4 MiB each
 
 
 @functools.lru_cache(maxsize=GRID_CACHE_ENTRIES)
@@ -209,31 +227,39 @@ def window_bounds(n: int, grid: int) -> list[tuple[int, int]]:
     return [((r * n) // grid, ((r + 1) * n) // grid) for r in range(grid)]
 
 
+@functools.lru_cache(maxsize=GRID_CACHE_ENTRIES)
+def _occlusion_masks(grid: int, h: int, w: int, device: str) -> torch.Tensor:
+    """bool ``[grid^2, 1, H, W]``: mask k covers window (k // grid, k % grid). Built once per
+    grid, image size and device (as :func:`_view_setup`): on a GPU its dozen small writes
+    were a dozen kernel launches on every request."""
+    with torch.inference_mode(False), torch.no_grad():
+        rows = torch.zeros(grid, h, dtype=torch.bool)
+        cols = torch.zeros(grid, w, dtype=torch.bool)
+        for r, (a, b) in enumerate(window_bounds(h, grid)):
+            rows[r, a:b] = True
+        for c, (a, b) in enumerate(window_bounds(w, grid)):
+            cols[c, a:b] = True
+        mask = rows[:, None, :, None] & cols[None, :, None, :]  # [g, g, H, W]
+        return mask.reshape(grid * grid, 1, h, w).to(device)
+
+
 def occlusions(base: torch.Tensor, grid: int, fill: float) -> torch.Tensor:
     """``grid^2`` copies of ``base`` ``[C, H, W]``, window (r, c) set to ``fill``, row-major."""
     _, h, w = base.shape
-    dev = base.device
-    rows = torch.zeros(grid, h, dtype=torch.bool, device=dev)
-    cols = torch.zeros(grid, w, dtype=torch.bool, device=dev)
-    for r, (a, b) in enumerate(window_bounds(h, grid)):
-        rows[r, a:b] = True
-    for c, (a, b) in enumerate(window_bounds(w, grid)):
-        cols[c, a:b] = True
-    mask = rows[:, None, :, None] & cols[None, :, None, :]  # [g, g, H, W]
-    mask = mask.reshape(grid * grid, 1, h, w)
-    return torch.where(mask, torch.tensor(fill, dtype=base.dtype, device=dev), base.unsqueeze(0))
+    setup = _occlusion_masks if grid * grid * h * w <= GRID_CACHE_MAX_CELLS else _occlusion_masks.__wrapped__
+    mask = setup(grid, h, w, str(base.device))
+    return base.unsqueeze(0).expand(grid * grid, *base.shape).masked_fill(mask, fill)
 
 
 def permutations(count: int, tiles: int, generator: torch.Generator) -> torch.Tensor:
-    """``count`` permutations of ``range(tiles)`` ``[count, tiles]`` (int64), each drawn
-    with ``torch.randperm`` on the generator's device and redrawn while it is the identity."""
-    dev = generator.device
-    identity = torch.arange(tiles, device=dev)
+    """``count`` permutations of ``range(tiles)`` ``[count, tiles]`` (int64, on the CPU), each
+    drawn with ``torch.randperm`` on ``generator`` and redrawn while it is the identity."""
+    identity = torch.arange(tiles)
     out = []
     for _ in range(count):
-        p = torch.randperm(tiles, generator=generator, device=dev)
-        while bool(torch.equal(p, identity)):
-            p = torch.randperm(tiles, generator=generator, device=dev)
+        p = torch.randperm(tiles, generator=generator)
+        while torch.equal(p, identity):
+            p = torch.randperm(tiles, generator=generator)
         out.append(p)
     return torch.stack(out)
 
@@ -273,8 +299,8 @@ def expand(base: torch.Tensor, plan: probe_pb2.ProbePlan | None) -> torch.Tensor
     dev = base.device
     if plan.noise.count:
         parts.append(gaussian_copies(base, plan.noise, plan.seed))
-    for b in plan.squeeze.bit_depths:
-        parts.append(bit_depth(base, b).unsqueeze(0))
+    if plan.squeeze.bit_depths:
+        parts.append(bit_depths(base, tuple(plan.squeeze.bit_depths)))
     for k in plan.squeeze.median_sizes:
         parts.append(median_filter(base, k).unsqueeze(0))
     if plan.views:
@@ -282,9 +308,10 @@ def expand(base: torch.Tensor, plan: probe_pb2.ProbePlan | None) -> torch.Tensor
     if plan.occlusion.grid:
         parts.append(occlusions(base, plan.occlusion.grid, plan.occlusion.fill))
     if plan.shuffle.grid and plan.shuffle.count:
-        gen = _generator(plan.seed + 1, dev)
-        perms = permutations(plan.shuffle.count, plan.shuffle.grid**2, gen)
-        parts.append(shuffles(base, plan.shuffle.grid, perms))
+        # drawn on the CPU whatever the device: the same shuffles everywhere, and no wait for
+        # the GPU at each identity check (a device-to-host copy per draw)
+        perms = permutations(plan.shuffle.count, plan.shuffle.grid**2, _generator(plan.seed + 1, torch.device("cpu")))
+        parts.append(shuffles(base, plan.shuffle.grid, perms.to(dev, non_blocking=True)))
     if plan.jitter.count:
         parts.append(gaussian_copies(base, plan.jitter, plan.seed + 2))
     return torch.cat(parts)

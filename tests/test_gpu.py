@@ -72,3 +72,22 @@ def test_handler_on_the_gpu_answers_a_plain_batch(tmp_path: Path, default_store:
     with torch.inference_mode():
         want = ref(data.to_tensor(images))[0].argmax(1).tolist()
     assert top1 == want
+
+
+def test_expansion_on_the_gpu_matches_the_cpu_but_for_the_noise(images: np.ndarray) -> None:
+    """Every deterministic section (squeezes, views, occlusions, and the shuffles, whose
+    permutations are drawn on the CPU) gives on the GPU the rows it gives on the CPU; the
+    noise and jitter sections draw on the device's own generator."""
+    plan = example("full.json")
+    noise, jitter = plan.noise.count, plan.jitter.count
+    for a in images:
+        base = data.to_tensor(a[None])[0]
+        with torch.inference_mode():
+            cpu = probe.expand(base, plan)
+            gpu = probe.expand(base.cuda(), plan).cpu()
+        assert gpu.shape == cpu.shape
+        keep = [0, *range(1 + noise, cpu.shape[0] - jitter)]
+        # grid_sample may round differently on the GPU; the other sections are exact
+        np.testing.assert_allclose(gpu[keep].numpy(), cpu[keep].numpy(), rtol=0, atol=1e-5)
+        shuffled = slice(cpu.shape[0] - jitter - plan.shuffle.count, cpu.shape[0] - jitter)
+        assert torch.equal(gpu[shuffled], cpu[shuffled])

@@ -199,6 +199,32 @@ def test_occlusion_matches_reference(base: torch.Tensor, grid: int, fill: float)
             k += 1
 
 
+def test_occlusion_masks_are_built_once_and_used_in_and_out_of_inference_mode(base: torch.Tensor) -> None:
+    probe._occlusion_masks.cache_clear()
+    with torch.inference_mode():
+        first = probe.occlusions(base, 4, 0.5)
+    again = probe.occlusions(base, 4, 0.5)  # outside inference mode, from the cache
+    other_fill = probe.occlusions(base, 4, 0.0)  # the fill is not part of the mask
+    info = probe._occlusion_masks.cache_info()
+    assert (info.hits, info.misses) == (2, 1) and torch.equal(first, again)
+    assert not torch.equal(first, other_fill)
+    # masks too large to keep are built for the call and dropped; the cache stays bounded
+    probe._occlusion_masks.cache_clear()
+    probe.occlusions(torch.zeros(1, 1024, 1024), 2, 0.0)
+    assert probe._occlusion_masks.cache_info().currsize == 0
+    for grid in range(1, probe.GRID_CACHE_ENTRIES + 4):
+        probe.occlusions(base, grid, 0.0)
+    assert probe._occlusion_masks.cache_info().currsize == probe.GRID_CACHE_ENTRIES
+
+
+@pytest.mark.parametrize("bits", [(2, 3, 4), (8, 1), (5,)])
+def test_bit_depths_at_once_equal_one_depth_at_a_time(base: torch.Tensor, bits: tuple[int, ...]) -> None:
+    out = probe.bit_depths(base, bits)
+    assert out.shape == (len(bits), *base.shape)
+    for i, b in enumerate(bits):  # the same float32 arithmetic: bit for bit
+        assert torch.equal(out[i], probe.bit_depth(base, b)), b
+
+
 @pytest.mark.parametrize("grid", [2, 4, 7])
 def test_shuffle_matches_reference(base: torch.Tensor, grid: int) -> None:
     seed, count = 99, 6
