@@ -12,8 +12,8 @@ Closed-loop asyncio clients over loopback at each concurrency, for a fixed time 
   the TorchScript archive as shipped (handlers/model-config.yaml: 2 workers x 1 thread,
   batch size 1, because the gateway batches); the ONNX archive with TorchServe's batching on
   (batch 32, 2 ms: the best setting for callers that send TorchServe one image per call);
-  and the ONNX archive out of the box (no model-config.yaml: TorchServe's batch size 1, one
-  worker per core, default threads);
+  and the format's archive out of the box (no model-config.yaml: TorchServe's batch size 1, its
+  default worker count (one per GPU it finds, else one per core), default threads);
 - the gateway as shipped (request coalescing, ``--coalesce-max-batch``) with the gate off
   (on the ONNX and on the TorchScript backend; and fed by ClassifyStream, as many items in
   flight as the one-call clients, ``--stream-window`` a stream), with the calibrated gate (cascade), with
@@ -40,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import os
 import sys
 import tempfile
 import time
@@ -349,7 +348,7 @@ def archive_store(src: Path, model: str, dst: Path, config: Path | None, fmt: st
 
 def ootb_store(src: Path, model: str, dst: Path, fmt: str = "onnx") -> Path:
     """``<model>-<fmt>.mar`` WITHOUT the project's model-config.yaml: TorchServe's defaults
-    (batch size 1, ``default_workers`` workers, no handler tuning)."""
+    (batch size 1, the server's ``default_workers`` workers, no handler tuning)."""
     return archive_store(src, model, dst, None, fmt)
 
 
@@ -541,8 +540,9 @@ def main(argv: list[str] | None = None) -> int:
             stub = inference_pb2_grpc.InferenceAPIsServiceStub(ch)
             await measure(DIRECT_OOTB, direct_call(ts, stub, fmt))
 
-    with serve.start(serve.ServeSettings.on_free_ports(store=ootb, run_dir=tmp / "ts-ootb",
-                                                       default_workers=os.cpu_count() or 1)) as ts:
+    # default_workers 0: TorchServe picks, as out of the box (one worker per GPU, else per core)
+    with serve.start(serve.ServeSettings.on_free_ports(store=ootb, run_dir=tmp / "ts-ootb", default_workers=0)) as ts:
+        ootb_workers = len(ts.model_status(f"{args.model}-{fmt}")["workers"])
         asyncio.run(warm_torchserve(ts))
         asyncio.run(run_ootb(ts))
     # TorchServe's batching on (batch 32, 2 ms): best for one-image callers; the gateway without
@@ -612,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     if fmt != "onnx":
         command += f" --format {fmt}" + ("" if " --out " in command else " --out DIR")
     report = {**run_facts(command), "model": args.model, "format": fmt,
-              "served_on": served_on, "runs_on": runs_on,
+              "served_on": served_on, "runs_on": runs_on, "ootb_workers": ootb_workers,
               "seconds_per_measurement": args.seconds, "turns": turns, "turn_seconds": args.seconds / 8,
               "stream_window": args.stream_window,
               "results": [dataclasses.asdict(r) | {"per_s": r.per_s} for r in results]}
@@ -788,6 +788,9 @@ def render(r: dict, png: str | None = None) -> str:
                   + "; ".join(f"the {f} archive: {w}" for f, w in r["served_on"].items()) + "; in process, "
                   + ", ".join(f"{IN_PROCESS_ROW[f].removeprefix('in-process ')}: {w}"
                               for f, w in r["runs_on"].items()) + ".", ""]
+    if "ootb_workers" in r:
+        lines += [f"Out of the box, TorchServe started {r['ootb_workers']} worker(s) for the archive: its default "
+                  "is one per GPU it finds, else one per processor.", ""]
     lines += ["| path | concurrency | calls/s | p50 ms | p95 ms | p99 ms | errors |", "|---|---|---|---|---|---|---|"]
     for x in r["results"]:
         lines.append(f"| {x['name']} | {x['concurrency']} | {x['per_s']:.0f} | {x['p50_ms']:.2f} | {x['p95_ms']:.2f} | "

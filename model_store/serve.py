@@ -66,7 +66,9 @@ class ServeSettings:
     management_port: int = 8081
     metrics_port: int = 8082
     job_queue_size: int = 1000  # requests queued per model before TorchServe answers 503
-    default_workers: int = 1  # for archives whose model-config.yaml names no worker count
+    # for archives whose model-config.yaml names no worker count; 0: TorchServe's own rule, one
+    # worker per GPU it finds, else one per processor the JVM sees (its out-of-the-box setting)
+    default_workers: int = 1
     default_response_timeout: int = 120  # seconds
     max_request_size: int = 8 << 20  # bytes, REST and gRPC
     max_response_size: int = 64 << 20  # bytes

@@ -40,6 +40,9 @@ def test_serving_benchmark_smoke(default_store: Path, tmp_path: Path) -> None:
             b.GATE_OFF, b.GATE_OFF + b.UNCOALESCED, b.GATE_OFF_TS, b.CASCADE, b.CASCADE + b.UNCOALESCED,
             b.EVERY_CHECK, b.CERT_SEQ, b.CERT_FIXED} <= names
     assert any(n.startswith("naive: ") for n in names)
+    # out of the box: the worker count TorchServe chose itself (one per GPU, else one per core), named
+    assert report["ootb_workers"] >= 1
+    assert f"TorchServe started {report['ootb_workers']} worker(s)" in (tmp_path / "serving-smoke.md").read_text()
     # ClassifyStream: one stream of 4 items (the smoke window) beside 4 one-call clients
     streamed = [r for r in report["results"] if r["name"] == b.STREAMED]
     assert [r["concurrency"] for r in streamed] == [4] and report["stream_window"] == 4
