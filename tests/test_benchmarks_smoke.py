@@ -445,3 +445,15 @@ def test_the_studies_probe_each_image_as_the_gateway_does(default_store: Path) -
         assert prober.plan(im).seed == request_seed(0, im[None]) == request_seed(0, im)
     assert prober.plan(images[0]).seed != prober.plan(images[1]).seed
     assert prober.plan(images[0]).jitter.count == prober.spec.jitter.count > 0
+
+
+def test_expand_ab_smoke(default_store: Path, tmp_path: Path) -> None:
+    """The expansion A/B against HEAD's handlers/probe.py (a shallow clone has that revision)."""
+    report = _run("benchmarks.expand_ab", tmp_path, 300, "--against", "HEAD")
+    assert report["against"] == "HEAD" and report["plain_forward_p50_ms"] > 0
+    assert [(r["plan"].split(",")[0], r["forward"]) for r in report["rows"]] == [
+        ("cascade", False), ("cascade", True), ("every check", False), ("every check", True)]
+    assert all(r["old_p50_ms"] > 0 and r["new_p50_ms"] > 0 and r["calls"] >= 4 for r in report["rows"])
+    rows = {r["plan"].split(",")[0]: int(r["plan"].split(", ")[1].split()[0]) for r in report["rows"]}
+    assert rows["every check"] > rows["cascade"] >= 2  # occlusion and structure add rows
+    assert "| first probe | with forward |" in (tmp_path / "expand_ab-smoke.md").read_text()
