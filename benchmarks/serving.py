@@ -50,6 +50,7 @@ import numpy as np
 
 from benchmarks.report import parser, report_stem, run_facts, store_with_policy, write_report
 from model_store.archive import FORMATS
+from service.metrics import STAGES
 from service.settings import Settings
 
 
@@ -63,6 +64,7 @@ class Result:
     p95_ms: float
     p99_ms: float
     errors: int
+    mean_ms: float = float("nan")
 
     @property
     def per_s(self) -> float:
@@ -73,7 +75,23 @@ class Result:
         """A row from the answered calls' latencies (seconds) over ``seconds`` of load."""
         ms = np.array(latencies_s) * 1e3 if latencies_s else np.array([np.nan])
         return cls(name, concurrency, len(latencies_s), seconds,
-                   *(float(np.percentile(ms, q)) for q in (50, 95, 99)), errors)
+                   *(float(np.percentile(ms, q)) for q in (50, 95, 99)), errors, float(ms.mean()))
+
+
+def stage_means(before: dict, after: dict) -> dict[str, float]:
+    """Mean ms per request between two scrapes of one gateway's metrics
+    (``tests.test_gateway.scrape``): each pipeline stage (``robustgate_stage_duration_seconds``)
+    and the whole pipeline (``robustgate_request_duration_seconds``), and the requests counted."""
+    def delta(name: str, **labels: str) -> float:
+        want = set(labels.items())
+        return sum(v - before.get(k, 0.0) for k, v in after.items() if k[0] == name and want <= k[1])
+
+    n = delta("robustgate_stage_duration_seconds_count", stage="decode")
+    out = {"requests": n}
+    for stage in STAGES:
+        out[stage] = delta("robustgate_stage_duration_seconds_sum", stage=stage) * 1e3 / n if n else float("nan")
+    out["pipeline"] = delta("robustgate_request_duration_seconds_sum") * 1e3 / n if n else float("nan")
+    return out
 
 
 async def closed_loop(name: str, call, concurrency: int, duration_s: float) -> Result:
@@ -400,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     from robustgate.v1 import probe_pb2
     from service.backend import encode_tensor
     from service.client import Client
-    from tests.test_gateway import start_gateway, stop
+    from tests.test_gateway import scrape, start_gateway, stop
 
     images = data.load_test().images[:512]
     tmp = Path(tempfile.mkdtemp(prefix="rg-bench-"))
@@ -566,9 +584,10 @@ def main(argv: list[str] | None = None) -> int:
         (:func:`interleaved`), every gateway up at once."""
         rows = {GATE_OFF: gate_off, CASCADE: args.store, EVERY_CHECK: gate_all}
         started: list[tuple] = []
+        ports = dict(zip(rows, serve.free_ports(len(rows))))
         try:
-            for store in rows.values():
-                started.append(start_gateway(store, ts, tmp, **coalesce))
+            for name, store in rows.items():
+                started.append(start_gateway(store, ts, tmp, **coalesce, **{"metrics-port": str(ports[name])}))
             async with contextlib.AsyncExitStack() as stack:
                 ts_ch = await stack.enter_async_context(grpc.aio.insecure_channel(ts.grpc_inference_target))
                 # the plain call the gateway's added latency is measured against, in the same turns
@@ -583,12 +602,18 @@ def main(argv: list[str] | None = None) -> int:
                         calls[BARE_CALL] = lambda i: health.Check(health_pb2.HealthCheckRequest(), timeout=30)
                     await closed_loop("warm-up", calls[name], 1, warm_s / 5)
                 calls.update(probes)
+                before = {name: scrape(port) for name, port in ports.items()}
                 with like_a_worker():
-                    return await interleaved(calls, turns, args.seconds / 8)
+                    measured = await interleaved(calls, turns, args.seconds / 8)
+                means = {r.name.removeprefix(INTERLEAVED): r.mean_ms for r in measured}
+                for name, port in ports.items():  # where each row's time went, by the gateway's own clock
+                    stages_ms[name] = {"client": means[name], **stage_means(before[name], scrape(port))}
+                return measured
         finally:
             for proc, _ in started:
                 stop(proc)
 
+    stages_ms: dict[str, dict[str, float]] = {}  # filled by gate_cost_in_turns
     # As shipped: archives at batch size 1, the gateway coalescing.
     with serve.start(settings) as ts:
         served_on = asyncio.run(worker_devices(ts))
@@ -618,6 +643,7 @@ def main(argv: list[str] | None = None) -> int:
               "results": [dataclasses.asdict(r) | {"per_s": r.per_s} for r in results]}
     report["ratios"] = ratios(results, levels, fmt)
     report["cpu_ms_per_call"] = cpu_per_call
+    report["stages_ms_in_turns"] = stages_ms
     report["coalescing"] = {"max_batch": args.coalesce_max_batch, "max_wait_ms": args.coalesce_max_wait_ms,
                             "max_calls": args.coalesce_max_calls}
     # serving[-smoke] for the ONNX rows (the name earlier reports have), serving-<format>[-smoke] else
@@ -809,6 +835,16 @@ def render(r: dict, png: str | None = None) -> str:
         for row, v in r["cpu_ms_per_call"].items():
             lines.append(f"| {row} | " + " | ".join(f"{v[k]:.3f}" if k in v else "–" for k in parts)
                          + f" | {sum(v.values()):.3f} |")
+    if r.get("stages_ms_in_turns"):
+        lines += ["", "Where a call's time goes, in turns at one client (mean ms per request; the pipeline and its "
+                      "stages by the gateway's own clock, `robustgate_request_duration_seconds` and "
+                      "`robustgate_stage_duration_seconds`; backend: the TorchServe call, variants and forward "
+                      "included; outside: the gRPC hop, server and client):", "",
+                  "| row | client sees | outside the pipeline | pipeline | decode | backend | gate |",
+                  "|---|---|---|---|---|---|---|"]
+        for row, v in r["stages_ms_in_turns"].items():
+            lines.append(f"| {row} | {v['client']:.2f} | {v['client'] - v['pipeline']:.2f} | {v['pipeline']:.2f} | "
+                         + " | ".join(f"{v[k]:.2f}" for k in STAGES) + " |")
     if "coalescing" in r:
         c = r["coalescing"]
         calls = c.get("max_calls")  # absent from reports older than the limit

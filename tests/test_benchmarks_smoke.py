@@ -40,6 +40,16 @@ def test_serving_benchmark_smoke(default_store: Path, tmp_path: Path) -> None:
             b.GATE_OFF, b.GATE_OFF + b.UNCOALESCED, b.GATE_OFF_TS, b.CASCADE, b.CASCADE + b.UNCOALESCED,
             b.EVERY_CHECK, b.CERT_SEQ, b.CERT_FIXED} <= names
     assert any(n.startswith("naive: ") for n in names)
+    # where a call's time goes at one client, from each gateway's own stage histograms
+    stages = report["stages_ms_in_turns"]
+    assert set(stages) == {b.GATE_OFF, b.CASCADE, b.EVERY_CHECK}
+    in_turns = {r["name"].removeprefix(b.INTERLEAVED): r["calls"] for r in report["results"]
+                if r["name"].startswith(b.INTERLEAVED)}
+    for row, v in stages.items():  # the gateway counted exactly the calls the row answered, no warm-up
+        assert v["requests"] == in_turns[row] and 0 < v["backend"] < v["pipeline"] < v["client"], (row, v)
+        assert v["decode"] + v["backend"] + v["gate"] <= v["pipeline"] * 1.0001, (row, v)
+    assert stages[b.EVERY_CHECK]["gate"] > 0
+    assert "| row | client sees | outside the pipeline | pipeline |" in (tmp_path / "serving-smoke.md").read_text()
     # out of the box: the worker count TorchServe chose itself (one per GPU, else one per core), named
     assert report["ootb_workers"] >= 1
     assert f"TorchServe started {report['ootb_workers']} worker(s)" in (tmp_path / "serving-smoke.md").read_text()
