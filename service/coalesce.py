@@ -80,7 +80,8 @@ def plan_rows(plan: probe_pb2.ProbePlan | None) -> int:
     if plan is None:
         return 1
     n = 1 + plan.noise.count + len(plan.squeeze.bit_depths) + len(plan.squeeze.median_sizes) + len(plan.views)
-    return n + plan.occlusion.grid ** 2 + plan.shuffle.count + plan.jitter.count
+    shuffle = plan.shuffle.count if plan.shuffle.grid else 0  # no grid, no shuffles (handlers.probe.count_rows)
+    return n + plan.occlusion.grid ** 2 + shuffle + plan.jitter.count
 
 
 @dataclass

@@ -227,6 +227,10 @@ def test_plan_rows_counts_what_the_handler_runs_for_every_example_plan() -> None
         plan = json_format.Parse((examples / name).read_text(), probe_pb2.ProbePlan())
         assert plan_rows(plan) == probe.count_rows(plan) == want["rows"], name
     assert index["full.json"]["rows"] == 42  # every section, the jitter copies included
+    # the two agree off the examples too: a shuffle count without a grid asks for no rows
+    odd = probe_pb2.ProbePlan(version=2, shuffle=probe_pb2.ShuffleProbe(count=5),
+                              occlusion=probe_pb2.OcclusionProbe(grid=2))
+    assert plan_rows(odd) == probe.count_rows(odd) == 5
 
 
 def test_row_budget_splits_batches() -> None:
