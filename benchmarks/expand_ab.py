@@ -17,13 +17,12 @@ Writes benchmarks/results/expand_ab[-smoke].{md,json}.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -51,36 +50,19 @@ def probe_at(rev: str, tmp: Path) -> ModuleType:
 
 def first_probes(store: Path, model: str) -> dict[str, object]:
     """The first plan the model's policy sends, as shipped (cascade) and with every check on."""
+    from benchmarks.serving import every_check_on
     from handlers import probe
     from service.gate.policy_io import policy_from_dict
     from service.pipeline import spec_to_proto
 
     pol = json.loads((store / model / "policy.json").read_text())
     plans = {}
-    for name in ("cascade", "every check"):
-        if name == "every check":
-            for check in ("occlusion", "structure"):
-                pol["checks"][check]["enabled"] = True
+    for name, edit in (("cascade", None), ("every check", every_check_on)):
+        if edit is not None:
+            edit(pol)
         plan = spec_to_proto(policy_from_dict(pol).cheap_plan(0))
         plans[f"{name}, {probe.count_rows(plan)} rows"] = plan
     return plans
-
-
-def in_turns(calls: dict[str, Callable[[int], object]], turns: int, turn_s: float) -> dict[str, list[float]]:
-    """Seconds per call of each of ``calls``, one caller, each in turn for ``turn_s``, ``turns``
-    times over; the order rotates so no row always follows the same one."""
-    lat: dict[str, list[float]] = {k: [] for k in calls}
-    keys = list(calls)
-    for turn in range(turns):
-        for k in keys[turn % len(keys):] + keys[: turn % len(keys)]:
-            stop = time.perf_counter() + turn_s
-            while True:
-                t = time.perf_counter()
-                calls[k](len(lat[k]))
-                lat[k].append(time.perf_counter() - t)
-                if t >= stop:
-                    break
-    return lat
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,42 +76,49 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
-    from benchmarks.serving import like_a_worker
+    from benchmarks.serving import INTERLEAVED, Runner, interleaved, like_a_worker
     from handlers import probe as new
-    from handlers.torchscript_handler import load
     from model_store import data
 
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    shape = json.loads((args.store / args.model / "card.json").read_text())["input"]["shape"]
-    model = load(str(args.store / args.model / "model.pt"), dev, new.Shape(*(int(v) for v in shape)))
-    images = torch.from_numpy(data.load_test().images[:64].astype(np.float32)[:, None] / 255.0).to(dev)
+    r = Runner(args.store, args.model, "torchscript")  # on the GPU where there is one, as the worker
+    images = torch.from_numpy(data.load_test().images[:64].astype(np.float32)[:, None] / 255.0).to(r.device)
     plans = first_probes(args.store, args.model)
+    plain = "plain forward, 1 row"
+
+    def name(plan: str, forward: bool, tag: str) -> str:
+        return f"{tag}: {plan}" + (", with forward" if forward else "")
+
     with tempfile.TemporaryDirectory() as tmp:
         old = probe_at(args.against, Path(tmp))
 
         def call(mod: ModuleType, plan, forward: bool) -> Callable[[int], object]:
             def run(i: int) -> object:
                 x = mod.expand(images[i % len(images)], plan)
-                return (model(x)[0] if forward else x).float().cpu()
+                return r.run(x) if forward else x.cpu()
             return run
 
-        calls = {(name, fwd, tag): call(mod, plan, fwd) for name, plan in plans.items()
+        calls = {name(p, fwd, tag): call(mod, plan, fwd) for p, plan in plans.items()
                  for fwd in (False, True) for tag, mod in (("old", old), ("new", new))}
-        calls[("plain forward, 1 row", True, "")] = lambda i: model(images[i % len(images)][None])[0].cpu()
+        calls[plain] = lambda i: r.run(images[i % len(images)][None])
         with like_a_worker():  # the archive's intra-op threads, inference mode
             for c in calls.values():  # warm: allocator, cuDNN's choice, TorchScript's profiling runs
                 for i in range(5 if args.smoke else 200):
                     c(i)
-            lat = in_turns(calls, args.turns, args.turn_s)
-    p50 = {k: statistics.median(v) * 1e3 for k, v in lat.items()}
-    rows = [{"plan": name, "forward": fwd, "old_p50_ms": p50[(name, fwd, "old")], "new_p50_ms": p50[(name, fwd, "new")],
-             "new_over_old": p50[(name, fwd, "new")] / p50[(name, fwd, "old")],
-             "calls": len(lat[(name, fwd, "old")]) + len(lat[(name, fwd, "new")])}
-            for name in plans for fwd in (False, True)]
+            measured = {m.name.removeprefix(INTERLEAVED): m
+                        for m in asyncio.run(interleaved(calls, args.turns, args.turn_s))}
+    failed = {k: m.errors for k, m in measured.items() if m.errors}
+    if failed:  # interleaved counts a call that raised as an error: never report over one
+        raise SystemExit(f"expand_ab: calls failed: {failed}")
+    rows = []
+    for p in plans:
+        for fwd in (False, True):
+            o, n = measured[name(p, fwd, "old")], measured[name(p, fwd, "new")]
+            rows.append({"plan": p, "forward": fwd, "old_p50_ms": o.p50_ms, "new_p50_ms": n.p50_ms,
+                         "new_over_old": n.p50_ms / o.p50_ms, "calls": o.calls + n.calls})
     command = f"python -m benchmarks.expand_ab --against {args.against}"
-    report = {**run_facts(command), "model": args.model, "device": str(dev), "against": args.against,
+    report = {**run_facts(command), "model": args.model, "device": str(r.device), "against": args.against,
               "turns": args.turns, "turn_s": args.turn_s, "rows": rows,
-              "plain_forward_p50_ms": p50[("plain forward, 1 row", True, "")]}
+              "plain_forward_p50_ms": measured[plain].p50_ms}
     write_report(args.out, report_stem("benchmarks.expand_ab", args.smoke), report, render(report))
     return 0
 

@@ -267,6 +267,13 @@ def in_process(store: Path, model: str, images: np.ndarray, seconds: float) -> t
     return out, where
 
 
+def every_check_on(pol: dict) -> None:
+    """Edit a policy.json's dict to run every check: occlusion and structure too (the
+    "every check on" rows)."""
+    for name in ("occlusion", "structure"):
+        pol["checks"][name]["enabled"] = True
+
+
 def variant_probes(store: Path, model: str, policies: dict[str, Path],
                    images: np.ndarray, fmt: str = "onnx") -> dict[str, Callable[[int], object]]:
     """The limit for the gate's cost: for each gateway row named in ``policies`` (a store
@@ -428,10 +435,6 @@ def main(argv: list[str] | None = None) -> int:
         store=args.store, run_dir=tmp / "ts", models=tuple(dict.fromkeys((f"{args.model}-torchscript",
                                                                           f"{args.model}-{fmt}"))))
 
-    def all_checks(pol: dict) -> None:
-        for name in ("occlusion", "structure"):
-            pol["checks"][name]["enabled"] = True
-
     def certify(fixed: bool):
         def edit(pol: dict) -> None:
             pol["noise"]["certify"] = True
@@ -439,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
                 pol["noise"]["first_batch"] = pol["noise"]["max_samples"]
         return edit
     gate_off = store_with_policy(args.store, tmp / "off", args.model, lambda pol: pol.update(mode="off"))
-    gate_all = store_with_policy(args.store, tmp / "all", args.model, all_checks)
+    gate_all = store_with_policy(args.store, tmp / "all", args.model, every_check_on)
     cert_seq = store_with_policy(args.store, tmp / "cert-seq", args.model, certify(False))
     cert_fixed = store_with_policy(args.store, tmp / "cert-fixed", args.model, certify(True))
     probes = variant_probes(args.store, args.model, {CASCADE: args.store, EVERY_CHECK: gate_all}, images, fmt)
