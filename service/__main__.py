@@ -6,6 +6,7 @@ import sys
 
 from service import settings as settings_mod
 from service.server import StartFailed, serve
+from service.workers import supervise
 
 log = logging.getLogger("service")
 
@@ -13,6 +14,8 @@ log = logging.getLogger("service")
 def main(argv: list[str] | None = None) -> int:
     s = settings_mod.from_args(argv)
     logging.basicConfig(level=s.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if s.workers > 1:  # this process supervises, the workers serve
+        return supervise(s)
     try:
         asyncio.run(serve(s))
     except StartFailed as e:

@@ -4,6 +4,11 @@ Names follow Prometheus conventions: ``robustgate_<name>_<unit>``, base units (s
 ``_total`` on counters. Label values come from fixed sets (model names from the registry,
 decisions, status codes, check names, stages) — never a request id, client or image hash.
 The registry is a parameter, so tests and several gateways in one process do not collide.
+
+Every metric also works in prometheus_client's multiprocess mode (``--workers`` > 1,
+``service/workers.py``): counters and histograms add up over the processes, each gauge says how
+its processes' values combine, and the model's info is a gauge of value 1 (``Info`` has no
+multiprocess mode; the exposition's series is the same ``robustgate_model_info{...} 1``).
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from service.gate.checks import Check
 
@@ -55,16 +60,19 @@ class Metrics:
         self.backend_batch_images = Histogram(
             "robustgate_backend_batch_images", "Images per TorchServe call sent by the coalescer.", ["model"],
             buckets=BATCH_BUCKETS, registry=r)
-        self.inflight = Gauge("robustgate_inflight_requests", "Requests being processed.", registry=r)
+        self.inflight = Gauge("robustgate_inflight_requests", "Requests being processed.", registry=r,
+                              multiprocess_mode="livesum")
         self.shed = Counter("robustgate_shed_requests", "Requests refused with RESOURCE_EXHAUSTED (overload).",
                             registry=r)
-        self.backend_up = Gauge("robustgate_backend_up", "1 while TorchServe answers the health probe.", registry=r)
+        self.backend_up = Gauge("robustgate_backend_up", "1 while TorchServe answers the health probe.", registry=r,
+                                multiprocess_mode="livemin")  # several processes: 1 while every one's probe answers
         self.gate_baseline = Gauge("robustgate_gate_baseline_ratio",
                                    "Share of clean traffic the calibrated policy may decide FLAG or worse "
                                    "(decision=FLAG) or REJECT (decision=REJECT): the calibration's targets.",
-                                   ["model", "decision"], registry=r)
-        self.model_info = Info("robustgate_model", "Served model, its gate policy version and model sha256.",
-                               ["model"], registry=r)
+                                   ["model", "decision"], registry=r, multiprocess_mode="livemax")
+        self.model_info = Gauge("robustgate_model_info", "Served model, its gate policy version and model sha256.",
+                                ["model", "policy_version", "model_sha256", "mode"], registry=r,
+                                multiprocess_mode="livemax")
         self._series: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     def series(self, metric: Any, *values: str) -> Any:
@@ -80,8 +88,7 @@ class Metrics:
     def declare(self, models: Iterable[tuple[str, str, str, str]]) -> None:
         """Publish each (model, policy_version, model_sha256, mode) and pre-create series."""
         for name, policy_version, sha, mode in models:
-            self.model_info.labels(model=name).info(
-                {"policy_version": policy_version, "model_sha256": sha, "mode": mode})
+            self.model_info.labels(model=name, policy_version=policy_version, model_sha256=sha, mode=mode).set(1)
             self.request_duration.labels(model=name)
             for decision in ("PASS", "FLAG", "REJECT"):  # rates count from the first request
                 self.requests.labels(model=name, decision=decision, code="OK")

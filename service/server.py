@@ -10,7 +10,7 @@ import hmac
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -362,8 +362,10 @@ class Gateway:
             server.server_close()  # type: ignore[attr-defined]  # the port refuses from now on
 
 
-async def start(settings: Settings, registry: Registry | None = None) -> Gateway:
-    """Build and start the gateway; returns once it listens."""
+async def start(settings: Settings, registry: Registry | None = None, reuse_port: bool = False) -> Gateway:
+    """Build and start the gateway; returns once it listens. ``reuse_port``: bind with
+    SO_REUSEPORT, beside the other workers of ``service/workers.py`` (otherwise a port another
+    socket holds fails the start)."""
     registry = registry or Registry.load(settings.store, settings.models, settings.backend_format)
     registry.check_coalescing(settings.coalesce_max_batch, settings.coalesce_max_rows)
     token = read_inference_key(settings.torchserve_key_file)
@@ -392,7 +394,7 @@ async def start(settings: Settings, registry: Registry | None = None) -> Gateway
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
         ]
     )
     servicer = ClassifierServicer(pipeline, registry, settings, admission, metrics, tracing)
@@ -435,18 +437,20 @@ class StartFailed(Exception):
     does not fit, an unreadable key file, a port already taken...)."""
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, reuse_port: bool = False, started: Callable[[], object] | None = None) -> None:
     """Run until SIGTERM or SIGINT, then drain in-flight calls within ``settings.grace_s``.
     StartFailed when it cannot start; anything raised after it listens is a fault, not a
-    refusal to start, and keeps its traceback."""
+    refusal to start, and keeps its traceback. ``started`` is called once it listens."""
     try:
-        gw = await start(settings)
+        gw = await start(settings, reuse_port=reuse_port)
     except (GatewayError, OSError) as e:
         raise StartFailed(str(e)) from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if started is not None:
+        started()
     await stop.wait()
     log.info("draining: up to %.1f s for in-flight calls", settings.grace_s)
     await gw.stop(settings.grace_s)

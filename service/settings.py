@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 ENV_PREFIX = "ROBUSTGATE_"
 # handlers/model-config.yaml's handler.max_batch_items: a coalesced batch above it is refused whole.
 HANDLER_MAX_BATCH_ITEMS = 256
+MAX_WORKERS = 64
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,16 @@ class Settings:
     limit: 1.05-1.4x the throughput at 64 clients with the gate off, 1.2x with the cascade, the
     same within noise at 1-16 (benchmarks/results/coalesce_wait.md)."""
     max_inflight: int = 256
-    """Requests processed at once; beyond it RESOURCE_EXHAUSTED at once."""
+    """Requests processed at once (per gateway process, see ``workers``); beyond it
+    RESOURCE_EXHAUSTED at once."""
+    workers: int = 1
+    """Gateway processes serving one port (SO_REUSEPORT; ``service/workers.py``). One Python
+    process served 1,000 to 2,300 unary calls/s on an H200 node, its event loop holding one core:
+    more processes serve more where the model is fast (a GPU) and the node has cores for them
+    (there 4 served 2.0x one at 64 clients; 8 served less than 4, each coalescing smaller batches). Each process
+    coalesces, admits (``max_inflight``) and limits its TorchServe calls (``coalesce_max_calls``)
+    on its own. One HTTP/2 connection stays on one process, so load spreads over several
+    connections (clients, or channels of one client). 1: one process."""
     stream_window: int = 16
     """Items of one ClassifyStream processed at once, coalesced like concurrent calls; answers
     still leave in request order. One more item is read and waits; the rest stay unread, so
@@ -111,6 +121,8 @@ class Settings:
                              "max_batch_items), coalesce_max_wait_ms >= 0, coalesce_max_rows >= 1, coalesce_max_calls >= 0")
         if self.max_inflight < 1:
             raise ValueError("max_inflight must be >= 1")
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ValueError(f"workers must be in [1, {MAX_WORKERS}]")
         if self.stream_window < 1:
             raise ValueError("stream_window must be >= 1")
         if not 0.0 <= self.trace_sample_ratio <= 1.0:

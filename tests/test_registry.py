@@ -238,7 +238,7 @@ def test_only_a_failure_to_start_reads_cannot_start(monkeypatch: pytest.MonkeyPa
     import service.__main__ as entry
     from service import server
 
-    async def refuses(settings):
+    async def refuses(settings, **_):
         raise PolicyMismatch("model 'fmnist-cnn': does not fit")
 
     monkeypatch.setattr(server, "start", refuses)
@@ -250,7 +250,7 @@ def test_only_a_failure_to_start_reads_cannot_start(monkeypatch: pytest.MonkeyPa
         async def stop(self, grace_s: float) -> None:
             raise OSError("disk gone while draining")
 
-    async def starts(settings):
+    async def starts(settings, **_):
         asyncio.get_running_loop().call_later(0.05, os.kill, os.getpid(), signal.SIGINT)
         return Listening()
 

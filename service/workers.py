@@ -1,0 +1,272 @@
+"""Several gateway processes on one port: ``python -m service --workers N``.
+
+One Python process served 1,000 to 2,300 unary calls/s on an H200 node: its event loop holds
+one core (README, Results). Where the model is fast, that process is the limit, so with
+``workers`` > 1 the process started becomes a supervisor of N gateway processes:
+
+- **One port.** The supervisor reserves the port with a socket bound with ``SO_REUSEPORT`` that
+  never listens (port 0 picks a free one, as with one process). Each worker binds the same port
+  with ``SO_REUSEPORT`` and the kernel spreads new connections between the listening ones. One
+  HTTP/2 connection stays on one worker: load spreads over connections, not calls. Before the
+  reservation, the port is bound once without the option, so a port another program holds fails
+  the start with the one-process message.
+- **Spawned, not forked**: gRPC's core does not survive a fork. A worker is a whole gateway
+  (:func:`service.server.serve`) and coalesces, admits and drains on its own.
+- **Metrics add up.** Workers write prometheus_client's multiprocess files into a fresh
+  directory (``PROMETHEUS_MULTIPROC_DIR``, read when a worker imports prometheus_client); the
+  supervisor serves their combination on the metrics port (counters and histograms summed, each
+  gauge by its ``multiprocess_mode``, ``service/metrics.py``), with TorchServe's relay beside
+  it. A replaced worker's counts stay in the sums, so counters never go back. The directory is
+  removed on the way out; one left by a supervisor that was killed (its lock no longer held)
+  is removed by the next one to start, so a crash loop cannot fill the pod's /tmp.
+- **A worker that dies is replaced**, with the exit logged; more than ``MAX_RESTARTS`` in
+  ``RESTART_WINDOW_S`` and the supervisor stops everything and exits 1, so that the pod restarts.
+  Workers get SIGTERM if the supervisor dies (``PR_SET_PDEATHSIG``).
+- **Start and stop as one.** It returns 2 with the reason when a worker cannot start (the
+  first one's message is logged by the worker), and logs "listening" only when every worker
+  listens. SIGTERM or SIGINT: every worker drains (``grace_s``), then the supervisor exits 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import fcntl
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+
+from service.settings import Settings
+
+log = logging.getLogger("service.workers")
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+METRICS_DIR_PREFIX = "robustgate-metrics-"
+LOCK_FILE = ".lock"  # held (flock) by the supervisor whose directory it is
+MAX_RESTARTS = 5
+RESTART_WINDOW_S = 60.0
+START_TIMEOUT_S = 120.0  # each worker loads the registry and connects: seconds, not minutes
+KILL_AFTER_GRACE_S = 5.0  # a worker still running this long after its drain deadline is killed
+WORKER_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+_PR_SET_PDEATHSIG = 1
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` with SO_REUSEPORT that never listens: it holds the port
+    (0: a free one) for the workers. OSError, in the gateway's words, when another socket holds it."""
+    bare = host.strip("[]")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(bare, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror:
+        raise OSError(f"cannot listen on {host}:{port}: not an address of this host") from None
+    taken = OSError(f"cannot listen on {host}:{port}: the port is taken or the address is not this host's")
+    with socket.socket(family, kind, proto) as probe:  # no SO_REUSEPORT: any holder makes this fail
+        try:
+            probe.bind(address)
+        except OSError:
+            raise taken from None
+        port = probe.getsockname()[1]
+    hold = socket.socket(family, kind, proto)
+    hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        hold.bind((address[0], port, *address[2:]))
+    except OSError:  # taken in between
+        hold.close()
+        raise taken from None
+    return hold
+
+
+def metrics_dir(parent: Path | None = None) -> tuple[Path, int]:
+    """A fresh multiprocess directory under ``parent`` (the temp dir) and the fd of its held
+    lock; first removes the directories of supervisors that are gone (their lock is free)."""
+    base = Path(parent or tempfile.gettempdir())
+    for old in base.glob(METRICS_DIR_PREFIX + "*"):
+        try:
+            fd = os.open(old / LOCK_FILE, os.O_RDWR)
+        except OSError:
+            continue  # not one of ours
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a live supervisor's
+        finally:
+            os.close(fd)  # releases the lock if taken
+        shutil.rmtree(old, ignore_errors=True)
+        log.info("removed %s, left by a gateway that did not stop cleanly", old)
+    making = Path(tempfile.mkdtemp(prefix="." + METRICS_DIR_PREFIX, dir=base))  # no other start looks here
+    fd = os.open(making / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    new = base / making.name[1:]
+    making.rename(new)  # under its name only once locked
+    return new, fd
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGTERM (a drain) for this process when the supervisor dies, however it dies (Linux)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before the call above
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _worker(settings: Settings, parent: int, ready: threading.Event, why: mp.SimpleQueue) -> None:
+    """A worker process: one whole gateway on the reserved port. Exit 2: it could not start
+    (the reason goes to ``why`` too)."""
+    import asyncio
+
+    from service.server import StartFailed, serve
+
+    logging.basicConfig(level=settings.log_level, format=WORKER_LOG_FORMAT)
+    _die_with_parent(parent)
+    try:
+        asyncio.run(serve(settings, reuse_port=True, started=ready.set))
+    except StartFailed as e:
+        log.error("cannot start: %s", e)
+        why.put(str(e))
+        sys.exit(2)
+
+
+@dataclasses.dataclass
+class _Slot:
+    proc: BaseProcess
+    ready: threading.Event
+
+
+class Supervisor:
+    """The workers of one port. :meth:`run` is the whole life: start, watch, drain."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.ctx = mp.get_context("spawn")
+        self.slots: list[_Slot] = []
+        self.restarts: deque[float] = deque()
+        self.stopping = threading.Event()
+        self.why = self.ctx.SimpleQueue()  # a worker's reason for not starting
+
+    def _spawn(self, worker_settings: Settings) -> _Slot:
+        ready = self.ctx.Event()
+        proc = self.ctx.Process(target=_worker, args=(worker_settings, os.getpid(), ready, self.why),
+                                name="robustgate-worker", daemon=False)
+        proc.start()
+        return _Slot(proc, ready)  # type: ignore[arg-type]
+
+    def _wait_started(self) -> str | None:
+        """None once every worker listens; else why not (a worker exited, time ran out, a signal)."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not all(s.ready.is_set() for s in self.slots):
+            for s in self.slots:
+                if not s.proc.is_alive() and not s.ready.is_set():
+                    return self.why.get() if not self.why.empty() else f"a worker exited while starting (exit code {s.proc.exitcode})"
+            if time.monotonic() > deadline:
+                return f"the workers did not listen within {START_TIMEOUT_S:g} s"
+            if self.stopping.wait(0.05):
+                return "stopped while starting"
+        return None
+
+    def _replace_dead(self, worker_settings: Settings, metrics_path: str) -> bool:
+        """Start a worker in place of each that exited; False when they die too often."""
+        from prometheus_client import multiprocess
+
+        for i, s in enumerate(self.slots):
+            if s.proc.is_alive():
+                continue
+            now = time.monotonic()
+            self.restarts.append(now)
+            while self.restarts and now - self.restarts[0] > RESTART_WINDOW_S:
+                self.restarts.popleft()
+            multiprocess.mark_process_dead(s.proc.pid, metrics_path)  # its live gauges leave the sums
+            if len(self.restarts) > MAX_RESTARTS:
+                log.error("worker pid %d exited (exit code %s): more than %d exits in %g s, stopping",
+                          s.proc.pid, s.proc.exitcode, MAX_RESTARTS, RESTART_WINDOW_S)
+                return False
+            log.error("worker pid %d exited (exit code %s); starting another", s.proc.pid, s.proc.exitcode)
+            self.slots[i] = self._spawn(worker_settings)
+        return True
+
+    def _stop_workers(self) -> None:
+        """SIGTERM to each worker (each drains within grace_s), then kill what outlives that."""
+        for s in self.slots:
+            if s.proc.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(s.proc.pid, signal.SIGTERM)  # type: ignore[arg-type]
+        deadline = time.monotonic() + self.settings.grace_s + KILL_AFTER_GRACE_S
+        for s in self.slots:
+            s.proc.join(max(0.0, deadline - time.monotonic()))
+            if s.proc.is_alive():
+                log.error("worker pid %d did not stop in time: killed", s.proc.pid)
+                s.proc.kill()
+                s.proc.join()
+
+    def run(self) -> int:
+        """0 after a drain; 2 when the gateway cannot start; 1 when workers keep dying."""
+        from prometheus_client import CollectorRegistry, multiprocess
+
+        from service import metrics_server as metrics_http
+
+        s = self.settings
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stopping.set())
+        try:
+            hold = reserve_port(s.host, s.port)
+        except OSError as e:
+            log.error("cannot start: %s", e)
+            return 2
+        mdir, lock = metrics_dir()
+        metrics_server = None
+        rc = 0
+        try:
+            if s.metrics_port >= 0:
+                registry = CollectorRegistry()
+                multiprocess.MultiProcessCollector(registry, path=str(mdir))
+                try:
+                    metrics_server, _ = metrics_http.start(s.host, s.metrics_port, registry, s.torchserve_metrics_url)
+                except OSError:
+                    log.error("cannot start: cannot listen on %s:%d (metrics): the port is taken or the address "
+                              "is not this host's", s.host, s.metrics_port)
+                    return 2
+            port = hold.getsockname()[1]
+            worker_settings = dataclasses.replace(s, port=port, metrics_port=-1, workers=1)
+            os.environ[MULTIPROC_ENV] = str(mdir)  # the workers inherit it
+            self.slots = [self._spawn(worker_settings) for _ in range(s.workers)]
+            why = self._wait_started()
+            if why is not None:
+                if not self.stopping.is_set():
+                    log.error("cannot start: %s", why)
+                    rc = 2
+                return rc
+            log.info("gateway listening on %s:%d with %d worker processes (pids %s), metrics %s",
+                     s.host, port, len(self.slots), ", ".join(str(x.proc.pid) for x in self.slots),
+                     metrics_server.server_port if metrics_server is not None else "off")
+            while not self.stopping.wait(0.2):
+                if not self._replace_dead(worker_settings, str(mdir)):
+                    rc = 1
+                    break
+            log.info("draining: up to %.1f s for in-flight calls in each worker", s.grace_s)
+            return rc
+        finally:
+            self._stop_workers()
+            if metrics_server is not None:
+                metrics_server.shutdown()
+                metrics_server.server_close()
+            hold.close()
+            os.environ.pop(MULTIPROC_ENV, None)
+            shutil.rmtree(mdir, ignore_errors=True)
+            os.close(lock)
+
+
+def supervise(settings: Settings) -> int:
+    """Run ``settings.workers`` gateway processes on one port; the exit code (see :meth:`Supervisor.run`)."""
+    return Supervisor(settings).run()

@@ -1,0 +1,219 @@
+"""Several gateway processes on one port (``--workers``): a real supervisor, real workers and a
+real TorchServe, on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+
+from robustgate.v1 import classifier_pb2_grpc as pb_grpc
+from service.client import Client
+from service.settings import Settings
+from service.workers import LOCK_FILE, metrics_dir, reserve_port
+from tests.conftest import free_port
+from tests.test_gateway import png, scrape, start_gateway, stop
+
+
+def workers_of(proc: subprocess.Popen) -> list[psutil.Process]:
+    """The supervisor's worker processes (not multiprocessing's resource tracker)."""
+    out = []
+    for child in psutil.Process(proc.pid).children():
+        try:
+            if "spawn_main" in " ".join(child.cmdline()):
+                out.append(child)
+        except psutil.NoSuchProcess:
+            continue
+    return out
+
+
+def wait_for(what: str, ok, timeout_s: float = 30.0):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = ok()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def ok_requests(port: int) -> float:
+    return sum(v for (name, labels), v in scrape(port).items()
+               if name == "robustgate_requests_total" and ("code", "OK") in labels)
+
+
+def connections(address: str, n: int) -> list[grpc.Channel]:
+    """``n`` channels, each its own TCP connection (a local subchannel pool: otherwise channels
+    to one target share a connection)."""
+    return [grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def pool(calibrated_store: Path, torchserve, tmp_path_factory):
+    metrics_port = free_port()
+    proc, address = start_gateway(calibrated_store, torchserve, tmp_path_factory.mktemp("pool"),
+                                  workers="2", **{"metrics-port": str(metrics_port)})
+    yield proc, address, metrics_port
+    stop(proc)
+
+
+def test_connections_spread_over_the_workers_and_metrics_add_up(pool, fmnist) -> None:
+    proc, address, metrics_port = pool
+    workers = workers_of(proc)
+    assert len(workers) == 2
+    before = ok_requests(metrics_port)
+    channels = connections(address, 16)
+    try:
+        for k, ch in enumerate(channels):
+            stub = pb_grpc.ClassifierServiceStub(ch)
+            for i in range(2):
+                answer = stub.Classify(Client.request(png(fmnist.test.images[2 * k + i]), "fmnist-cnn"), timeout=30)
+                assert answer.model == "fmnist-cnn" and answer.gate.decision
+        port = int(address.rsplit(":", 1)[1])
+        serving = {w.pid for w in workers
+                   for c in w.net_connections(kind="tcp") if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port}
+        # 16 connections spread by the kernel: all on one worker has odds of 2 in 65,536
+        assert serving == {w.pid for w in workers}
+    finally:
+        for ch in channels:
+            ch.close()
+    after = scrape(metrics_port)
+    assert ok_requests(metrics_port) - before == 32  # both workers' counts, summed once
+    info = [labels for (name, labels), _ in after.items() if name == "robustgate_model_info"]
+    assert len(info) == 1 and ("model", "fmnist-cnn") in info[0]  # one series, not one per worker
+    assert after[("robustgate_backend_up", frozenset())] == 1.0
+    assert after[("robustgate_inflight_requests", frozenset())] == 0.0
+
+
+def test_a_dead_worker_is_replaced_and_counts_never_go_back(pool, fmnist) -> None:
+    proc, address, metrics_port = pool
+    old = {w.pid for w in workers_of(proc)}
+    before = ok_requests(metrics_port)
+    victim = min(old)
+    os.kill(victim, signal.SIGKILL)
+
+    def replaced() -> set[int] | None:
+        pids = {w.pid for w in workers_of(proc)}
+        return pids if len(pids) == 2 and victim not in pids else None
+
+    new = wait_for("a replacement worker", replaced)
+    assert old - {victim} <= new
+    assert proc.poll() is None  # the supervisor carries on
+    assert ok_requests(metrics_port) == before  # the dead worker's counts stay in the sum
+    channels = connections(address, 8)
+    try:
+        for k, ch in enumerate(channels):
+            pb_grpc.ClassifierServiceStub(ch).Classify(Client.request(png(fmnist.test.images[k]), "fmnist-cnn"),
+                                                       timeout=30)
+    finally:
+        for ch in channels:
+            ch.close()
+    assert ok_requests(metrics_port) == before + 8
+    assert scrape(metrics_port)[("robustgate_inflight_requests", frozenset())] == 0.0
+
+
+def test_sigterm_stops_every_worker_and_cleans_up(calibrated_store: Path, torchserve, tmp_path: Path) -> None:
+    proc, _ = start_gateway(calibrated_store, torchserve, tmp_path, workers="3", **{"metrics-port": str(free_port())})
+    workers = workers_of(proc)
+    assert len(workers) == 3
+    metrics_dir = Path(workers[0].environ()["PROMETHEUS_MULTIPROC_DIR"])
+    assert metrics_dir.is_dir() and any(metrics_dir.glob("*.db"))
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    gone, alive = psutil.wait_procs(workers, timeout=5)
+    assert not alive
+    assert not metrics_dir.exists()
+
+
+def test_workers_stop_when_the_supervisor_is_killed(calibrated_store: Path, torchserve, tmp_path: Path) -> None:
+    proc, _ = start_gateway(calibrated_store, torchserve, tmp_path, workers="2", **{"metrics-port": "-1"})
+    workers = workers_of(proc)
+    proc.kill()  # no chance to stop them itself
+    proc.wait()
+    _, alive = psutil.wait_procs(workers, timeout=20)  # each drains (SIGTERM from the kernel) and exits
+    assert not alive
+
+
+def run_service(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "service", "--workers", "2", "--log-level", "WARNING", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_a_port_taken_fails_the_start_with_the_reason() -> None:
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        r = run_service("--port", str(port), "--metrics-port", "-1")
+    assert r.returncode == 2
+    assert f"cannot start: cannot listen on 127.0.0.1:{port}" in r.stderr
+
+
+def test_a_worker_that_cannot_start_fails_the_start_with_its_reason(tmp_path: Path) -> None:
+    r = run_service("--port", "0", "--metrics-port", "-1", "--torchserve-key-file", str(tmp_path / "missing.json"))
+    assert r.returncode == 2
+    supervisor = [line for line in r.stderr.splitlines() if "service.workers:" in line]
+    assert supervisor and supervisor[-1].endswith(f"cannot start: cannot read TorchServe's key file {tmp_path / 'missing.json'}")
+    assert "Traceback" not in r.stderr
+
+
+def test_reserve_port_holds_a_port_for_reuseport_binds_only() -> None:
+    hold = reserve_port("127.0.0.1", 0)
+    try:
+        port = hold.getsockname()[1]
+        assert port > 0
+        with socket.socket() as plain, pytest.raises(OSError):
+            plain.bind(("127.0.0.1", port))  # another program: refused
+        with socket.socket() as worker:
+            worker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            worker.bind(("127.0.0.1", port))  # a worker: beside it
+            worker.listen()
+    finally:
+        hold.close()
+    with pytest.raises(OSError, match="cannot listen on nowhere.invalid:1"):
+        reserve_port("nowhere.invalid", 1)
+
+
+def test_a_killed_supervisors_metrics_dir_is_removed_by_the_next(tmp_path: Path) -> None:
+    import fcntl
+
+    stale = tmp_path / "robustgate-metrics-stale"  # its supervisor was killed: the lock is free
+    stale.mkdir()
+    (stale / LOCK_FILE).touch()
+    (stale / "counter_123.db").write_bytes(b"x" * 100)
+    live = tmp_path / "robustgate-metrics-live"  # a running supervisor's: locked
+    live.mkdir()
+    held = os.open(live / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    other = tmp_path / "robustgate-metrics-nolock"  # not one of ours
+    other.mkdir()
+    try:
+        new, fd = metrics_dir(tmp_path)
+        try:
+            assert not stale.exists() and live.is_dir() and other.is_dir()
+            assert new.is_dir() and new.name.startswith("robustgate-metrics-")
+            probe = os.open(new / LOCK_FILE, os.O_RDWR)
+            try:  # the new one is held: a later start leaves it alone
+                with pytest.raises(BlockingIOError):
+                    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            finally:
+                os.close(probe)
+        finally:
+            os.close(fd)
+    finally:
+        os.close(held)
+
+
+@pytest.mark.parametrize("n", [0, 65])
+def test_workers_out_of_range_are_refused(n: int) -> None:
+    with pytest.raises(ValueError, match="workers must be in"):
+        Settings(workers=n)
