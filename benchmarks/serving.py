@@ -39,11 +39,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
+import itertools
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +96,26 @@ def stage_means(before: dict, after: dict) -> dict[str, float]:
     return out
 
 
+@contextlib.asynccontextmanager
+async def connections(target: str, n: int) -> AsyncIterator[list]:
+    """``n`` channels to ``target``, each its own TCP connection (a local subchannel pool:
+    otherwise channels to one target share one)."""
+    import grpc
+
+    options = [("grpc.use_local_subchannel_pool", 1)] if n > 1 else []
+    channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(n)]
+    try:
+        yield channels
+    finally:
+        for ch in channels:
+            await ch.close()
+
+
+CALLER: contextvars.ContextVar[int] = contextvars.ContextVar("caller", default=0)
+"""Which of a :func:`closed_loop`'s callers makes the call (0 .. concurrency - 1): a caller
+keeps one connection, as a client process does."""
+
+
 async def closed_loop(name: str, call, concurrency: int, duration_s: float) -> Result:
     lat: list[float] = []
     errors = 0
@@ -101,6 +123,7 @@ async def closed_loop(name: str, call, concurrency: int, duration_s: float) -> R
 
     async def worker(k: int) -> None:
         nonlocal errors
+        CALLER.set(k)  # each caller is a task of its own, with its own context
         i = k
         while time.perf_counter() < stop_at:
             t = time.perf_counter()
@@ -180,8 +203,9 @@ def cpu_parts(gateway_pid: int | None, torchserve_pid: int) -> dict[str, float]:
         return t.user + t.system
 
     parts = {"client": cpu_s(psutil.Process())}
-    if gateway_pid is not None:
-        parts["gateway"] = cpu_s(psutil.Process(gateway_pid))
+    if gateway_pid is not None:  # with --workers, the supervisor and its workers
+        gateway = psutil.Process(gateway_pid)
+        parts["gateway"] = cpu_s(gateway) + sum(cpu_s(c) for c in gateway.children(recursive=True))
     java = workers = 0.0
     for proc in psutil.Process(torchserve_pid).children(recursive=True):
         try:
@@ -404,6 +428,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="TorchServe calls in flight per model; 0: no limit")
     p.add_argument("--stream-window", type=int, default=shipped.stream_window,
                    help="items in flight per ClassifyStream (the gateway's --stream-window)")
+    p.add_argument("--gateway-workers", type=int, default=shipped.workers,
+                   help="gateway processes on one port (the gateway's --workers)")
+    p.add_argument("--connections", type=int, default=1,
+                   help="client connections each row's calls spread over, TorchServe's and the gateway's alike "
+                        "(one HTTP/2 connection stays on one gateway worker)")
     p.add_argument("--format", choices=FORMATS, default="onnx",
                    help="the archive every TorchServe row serves and the gateways' --backend-format. On a "
                         "machine with a GPU the TorchScript archive runs there; the ONNX archive does only "
@@ -450,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     coalesce = {"models": args.model, "coalesce-max-batch": str(args.coalesce_max_batch),
                 "coalesce-max-wait-ms": str(args.coalesce_max_wait_ms),
                 "coalesce-max-calls": str(args.coalesce_max_calls), "stream-window": str(args.stream_window),
-                "backend-format": fmt}
+                "backend-format": fmt, "workers": str(args.gateway_workers)}
     cheap_rows = None
 
     tensors = [encode_tensor(im[None]) for im in images]
@@ -478,11 +507,11 @@ def main(argv: list[str] | None = None) -> int:
             after = cpu()
             cpu_per_call[f"{name} (c={c})"] = {k: round(1e3 * (after[k] - before[k]) / r.calls, 3) for k in after}
 
-    def direct_call(ts, stub, fmt: str):
+    def direct_call(ts, stubs, fmt: str):
         md = (("authorization", f"Bearer {ts.keys().inference}"),)
 
         async def direct(i: int) -> None:
-            await stub.Predictions(inference_pb2.PredictionsRequest(
+            await stubs[CALLER.get() % len(stubs)].Predictions(inference_pb2.PredictionsRequest(
                 model_name=f"{args.model}-{fmt}", input={"tensor": tensors[i % len(tensors)]}),
                 metadata=md, timeout=30)
         return direct
@@ -505,19 +534,19 @@ def main(argv: list[str] | None = None) -> int:
         """Load on a fresh TorchServe before its first measured row: its Java frontend runs
         interpreted until the JIT has compiled the call path, and whichever row came first
         after a start would pay for that (measured: up to 2x the latency at one client)."""
-        async with grpc.aio.insecure_channel(ts.grpc_inference_target) as ch:
-            stub = inference_pb2_grpc.InferenceAPIsServiceStub(ch)
+        async with connections(ts.grpc_inference_target, args.connections) as chs:
+            stubs = [inference_pb2_grpc.InferenceAPIsServiceStub(ch) for ch in chs]
             for name in ts.models:
-                await closed_loop("warm-up", direct_call(ts, stub, name.rsplit("-", 1)[1]), 16, warm_s)
+                await closed_loop("warm-up", direct_call(ts, stubs, name.rsplit("-", 1)[1]), 16, warm_s)
 
     async def run_direct(ts, rows, naive: bool = False) -> None:
-        async with grpc.aio.insecure_channel(ts.grpc_inference_target) as ch:
-            stub = inference_pb2_grpc.InferenceAPIsServiceStub(ch)
+        async with connections(ts.grpc_inference_target, args.connections) as chs:
+            stubs = [inference_pb2_grpc.InferenceAPIsServiceStub(ch) for ch in chs]
             for name, fmt in rows:
-                await measure(name, direct_call(ts, stub, fmt), cpu=lambda: cpu_parts(None, ts.pid))
+                await measure(name, direct_call(ts, stubs, fmt), cpu=lambda: cpu_parts(None, ts.pid))
             if not naive:
                 return
-            direct = direct_call(ts, stub, fmt)
+            direct = direct_call(ts, stubs, fmt)
             # Naive: each of the gate's variants as its own one-image call.
             n = cheap_rows or 11
 
@@ -530,22 +559,24 @@ def main(argv: list[str] | None = None) -> int:
 
     async def run_gateway(name: str, address: str, cpu=None) -> None:
         nonlocal cheap_rows
-        async with grpc.aio.insecure_channel(address) as ch:
-            stub = pb_grpc.ClassifierServiceStub(ch)
-            first = await stub.Classify(reqs[0], timeout=30)
+        async with connections(address, args.connections) as chs:
+            stubs = [pb_grpc.ClassifierServiceStub(ch) for ch in chs]
+            first = await stubs[0].Classify(reqs[0], timeout=30)
             if name.startswith(CASCADE):
                 cheap_rows = first.gate.forward_passes
 
             async def call(i: int) -> None:
-                await stub.Classify(reqs[i % len(reqs)], timeout=30)
+                await stubs[CALLER.get() % len(stubs)].Classify(reqs[i % len(reqs)], timeout=30)
 
             await measure(name, call, cpu=cpu)
             if name != GATE_OFF:
                 return
             # The same gateway fed by ClassifyStream: as many items in flight as the unary rows
             # at each concurrency that fills whole windows.
-            def open_stream(timeout_s: float):
-                return stub.ClassifyStream(timeout=timeout_s)
+            opened = itertools.count()
+
+            def open_stream(timeout_s: float):  # streams take turns over the connections
+                return stubs[next(opened) % len(stubs)].ClassifyStream(timeout=timeout_s)
 
             def item(i: int):
                 return pb.ClassifyStreamRequest(request=reqs[i % len(reqs)])
@@ -557,9 +588,9 @@ def main(argv: list[str] | None = None) -> int:
     ootb = ootb_store(args.store, args.model, tmp / "ootb", fmt)
 
     async def run_ootb(ts) -> None:
-        async with grpc.aio.insecure_channel(ts.grpc_inference_target) as ch:
-            stub = inference_pb2_grpc.InferenceAPIsServiceStub(ch)
-            await measure(DIRECT_OOTB, direct_call(ts, stub, fmt))
+        async with connections(ts.grpc_inference_target, args.connections) as chs:
+            stubs = [inference_pb2_grpc.InferenceAPIsServiceStub(ch) for ch in chs]
+            await measure(DIRECT_OOTB, direct_call(ts, stubs, fmt))
 
     # default_workers 0: TorchServe picks, as out of the box (one worker per GPU, else per core)
     with serve.start(serve.ServeSettings.on_free_ports(store=ootb, run_dir=tmp / "ts-ootb", default_workers=0)) as ts:
@@ -572,7 +603,8 @@ def main(argv: list[str] | None = None) -> int:
     with serve.start(serve.ServeSettings.on_free_ports(store=batching, run_dir=tmp / "ts-batching",
                                                        models=(f"{args.model}-{fmt}",))) as ts:
         asyncio.run(warm_torchserve(ts))
-        off = {"models": args.model, "coalesce-max-batch": "0", "backend-format": fmt}
+        off = {"models": args.model, "coalesce-max-batch": "0", "backend-format": fmt,
+               "workers": str(args.gateway_workers)}
         for name, store in ((GATE_OFF + UNCOALESCED, gate_off), (CASCADE + UNCOALESCED, args.store)):
             proc, address = start_gateway(store, ts, tmp, **off)
             try:
@@ -595,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
                 ts_ch = await stack.enter_async_context(grpc.aio.insecure_channel(ts.grpc_inference_target))
                 # the plain call the gateway's added latency is measured against, in the same turns
                 calls: dict[str, Callable[[int], object]] = {
-                    DIRECT: direct_call(ts, inference_pb2_grpc.InferenceAPIsServiceStub(ts_ch), fmt)}
+                    DIRECT: direct_call(ts, [inference_pb2_grpc.InferenceAPIsServiceStub(ts_ch)], fmt)}
                 for name, (_, address) in zip(rows, started):
                     ch = await stack.enter_async_context(grpc.aio.insecure_channel(address))
                     stub = pb_grpc.ClassifierServiceStub(ch)
@@ -624,6 +656,8 @@ def main(argv: list[str] | None = None) -> int:
         results += asyncio.run(gate_cost_in_turns(ts))
         # the other format's rows (TorchScript beside ONNX) only where the main rows are ONNX's
         other = ((GATE_OFF_TS, gate_off, {**coalesce, "backend-format": "torchscript"}),) if fmt == "onnx" else ()
+        if args.gateway_workers > 1:  # what the workers bring, side by side with one process
+            other += ((GATE_OFF_ONE_WORKER, gate_off, {**coalesce, "workers": "1"}),)
         for name, store, extra in ((GATE_OFF, gate_off, coalesce), *other,
                                    (CASCADE, args.store, coalesce), (EVERY_CHECK, gate_all, coalesce),
                                    (CERT_SEQ, cert_seq, coalesce), (CERT_FIXED, cert_fixed, coalesce)):
@@ -639,10 +673,17 @@ def main(argv: list[str] | None = None) -> int:
                                                   f" --model {args.model} --store STORE --out DIR")
     if fmt != "onnx":
         command += f" --format {fmt}" + ("" if " --out " in command else " --out DIR")
+    if args.gateway_workers != shipped.workers:
+        command += f" --gateway-workers {args.gateway_workers}"
+    if args.connections != 1:
+        command += f" --connections {args.connections}"
+    if args.concurrency != "1,4,16,64" and not args.smoke:
+        command += f" --concurrency {args.concurrency}"
     report = {**run_facts(command), "model": args.model, "format": fmt,
               "served_on": served_on, "runs_on": runs_on, "ootb_workers": ootb_workers,
               "seconds_per_measurement": args.seconds, "turns": turns, "turn_seconds": args.seconds / 8,
-              "stream_window": args.stream_window,
+              "stream_window": args.stream_window, "gateway_workers": args.gateway_workers,
+              "connections": args.connections,
               "results": [dataclasses.asdict(r) | {"per_s": r.per_s} for r in results]}
     report["ratios"] = ratios(results, levels, fmt)
     report["cpu_ms_per_call"] = cpu_per_call
@@ -668,6 +709,7 @@ DIRECT_BATCHING = "TorchServe direct (plain), TorchServe batching (32, 2 ms)"
 DIRECT_OOTB = "TorchServe direct (plain), out-of-the-box settings"
 DIRECT_TS = "TorchServe direct (plain), TorchScript archive"
 GATE_OFF_TS = "gateway, gate off, TorchScript backend"
+GATE_OFF_ONE_WORKER = "gateway, gate off, one process (--workers 1)"
 IN_PROCESS_ROW = {"torchscript": "in-process TorchScript", "onnx": "in-process ONNX Runtime"}
 IN_PROCESS = IN_PROCESS_ROW["onnx"]
 
@@ -705,6 +747,8 @@ def ratios(results: list[Result], levels: list[int], fmt: str = "onnx") -> dict[
         f"throughput TorchServe direct, TorchScript / ONNX archive (c={top})": (DIRECT_TS, DIRECT, "per_s", top),
         f"throughput gateway gate-off, TorchScript / ONNX backend (c={top})": (GATE_OFF_TS, GATE_OFF, "per_s", top),
         f"throughput gateway gate-off, streamed / unary calls (c={top})": (STREAMED, GATE_OFF, "per_s", top),
+        f"throughput gateway gate-off, its workers / one process (c={top})":
+            (GATE_OFF, GATE_OFF_ONE_WORKER, "per_s", top),
         f"throughput gateway gate-off, streamed / TorchServe direct, best-tuned (c={top})":
             (STREAMED, DIRECT_BATCHING, "per_s", top),
         **{f"throughput coalescing / TorchServe batching alone, gate off (c={c})":
@@ -817,6 +861,10 @@ def render(r: dict, png: str | None = None) -> str:
                   + "; ".join(f"the {f} archive: {w}" for f, w in r["served_on"].items()) + "; in process, "
                   + ", ".join(f"{IN_PROCESS_ROW[f].removeprefix('in-process ')}: {w}"
                               for f, w in r["runs_on"].items()) + ".", ""]
+    if r.get("gateway_workers", 1) > 1 or r.get("connections", 1) > 1:
+        lines += [f"Every gateway ran {r.get('gateway_workers', 1)} worker process(es) on its port (`--workers`); "
+                  f"each row's callers spread over {r.get('connections', 1)} client connection(s), to TorchServe "
+                  "and to the gateways alike.", ""]
     if "ootb_workers" in r:
         lines += [f"Out of the box, TorchServe started {r['ootb_workers']} worker(s) for the archive: its default "
                   "is one per GPU it finds, else one per processor.", ""]

@@ -105,8 +105,20 @@ def test_serving_benchmark_smoke_on_the_torchscript_archive(default_store: Path,
     one a GPU runs without ONNX Runtime's CUDA provider), the limits in process likewise."""
     from benchmarks import serving as b
 
-    report = _run("benchmarks.serving", tmp_path, 600, "--format", "torchscript", stem="serving-torchscript")
+    report = _run("benchmarks.serving", tmp_path, 600, "--format", "torchscript", "--gateway-workers", "2",
+                  "--connections", "2", stem="serving-torchscript")
     assert report["format"] == "torchscript" and "--format torchscript" in report["command"]
+    # every gateway as two worker processes, every row's callers over two connections
+    assert report["gateway_workers"] == 2 and report["connections"] == 2
+    assert report["command"].endswith("--gateway-workers 2 --connections 2")
+    assert "Every gateway ran 2 worker process(es)" in (tmp_path / "serving-torchscript-smoke.md").read_text()
+    assert report["ratios"]["throughput gateway gate-off, its workers / one process (c=4)"] > 0
+    turns = {r["name"].removeprefix(b.INTERLEAVED): r["calls"] for r in report["results"]
+             if r["name"].startswith(b.INTERLEAVED)}
+    for row, v in report["stages_ms_in_turns"].items():  # both workers' counts, summed by the supervisor
+        assert v["requests"] == turns[row] and 0 < v["backend"] < v["pipeline"] < v["client"], (row, v)
+    gw = report["cpu_ms_per_call"][f"{b.GATE_OFF} (c=4)"]["gateway"]
+    assert gw > 0.05  # the workers' CPU (a call costs tenths of a ms), not the idle supervisor's alone
     assert set(report["served_on"]) == {"torchscript"}  # the ONNX archive is not loaded
     assert not (tmp_path / "serving-smoke.json").exists()  # the ONNX report keeps its name
     names = {r["name"] for r in report["results"]}
