@@ -75,7 +75,8 @@ class Settings:
     """Gateway processes serving one port (SO_REUSEPORT; ``service/workers.py``). One Python
     process served 1,000 to 2,300 unary calls/s on an H200 node, its event loop holding one core:
     more processes serve more where the model is fast (a GPU) and the node has cores for them
-    (there 4 served 2.0x one at 64 clients; 8 served less than 4, each coalescing smaller batches). Each process
+    (there 4 served 2.0x one at 64 clients; 8 served less than 4, each coalescing smaller batches).
+    On 2 cores shared with TorchServe, 2 served 0.82x one: keep 1 there. Each process
     coalesces, admits (``max_inflight``) and limits its TorchServe calls (``coalesce_max_calls``)
     on its own. One HTTP/2 connection stays on one process, so load spreads over several
     connections (clients, or channels of one client). 1: one process."""
