@@ -329,6 +329,21 @@ def test_gateway_env_names_real_settings(docs: tuple[Doc, ...]) -> None:
                 assert e["name"] in known, f"{c['name']}: {e['name']} is no gateway setting"
 
 
+def test_gateway_has_a_core_per_worker(overlay: str, docs: tuple[Doc, ...]) -> None:
+    """Each gateway worker process keeps one core busy under load (service/workers.py): the
+    container's CPU must cover the workers it runs, and the GPU overlay runs several."""
+    from service.settings import Settings, from_args
+
+    gw = container(docs, "gateway")
+    env = {e["name"]: e["value"] for e in gw.get("env", []) if "value" in e}
+    workers = from_args([], env).workers
+    cpu = gw["resources"]["limits"]["cpu"]
+    cores = float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
+    assert cores >= workers, f"{workers} gateway workers on {cpu} CPU"
+    if overlay == "gpu":
+        assert workers > Settings().workers, "on a GPU node one gateway process is the limit (README)"
+
+
 def test_torchserve_config_keeps_the_lockdown(docs: tuple[Doc, ...], tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """The rendered ConfigMap's config.properties renders with model_store.serve and keeps
