@@ -389,14 +389,14 @@ async def start(settings: Settings, registry: Registry | None = None, reuse_port
     interceptors: list[grpc.aio.ServerInterceptor] = [ServerMetricsInterceptor(metrics.registry)]
     if caller_token:  # after the metrics interceptor, so refused calls are counted too
         interceptors.append(BearerTokenInterceptor(caller_token))
-    server = grpc.aio.server(
-        interceptors=interceptors,
-        options=[
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
-            ("grpc.max_send_message_length", settings.max_message_bytes),
-            ("grpc.so_reuseport", 1 if reuse_port else 0),
-        ]
-    )
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
+    ]
+    if settings.max_connection_age_s > 0:  # no grace option: calls and streams in flight run to their end
+        options.append(("grpc.max_connection_age_ms", max(1, round(settings.max_connection_age_s * 1000))))
+    server = grpc.aio.server(interceptors=interceptors, options=options)
     servicer = ClassifierServicer(pipeline, registry, settings, admission, metrics, tracing)
     pb_grpc.add_ClassifierServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()

@@ -143,6 +143,46 @@ def test_workers_stop_when_the_supervisor_is_killed(calibrated_store: Path, torc
     assert not alive
 
 
+def test_connections_age_out_gently_so_they_re_spread(calibrated_store: Path, torchserve, tmp_path: Path,
+                                                      fmnist) -> None:
+    """``max_connection_age_s``: the gateway closes a connection (GOAWAY) once it is that old;
+    the client reconnects for its next call (a new connection, which the kernel may give to
+    another worker), no call fails, and a stream open across the age runs to its end."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    proc, address = start_gateway(calibrated_store, torchserve, tmp_path, workers="2",
+                                  **{"max-connection-age-s": "0.5"})
+    port = int(address.rsplit(":", 1)[1])
+    me = psutil.Process()
+
+    def local_ports() -> set[int]:
+        return {c.laddr.port for c in me.net_connections(kind="tcp")
+                if c.status == psutil.CONN_ESTABLISHED and c.raddr and c.raddr.port == port}
+
+    try:
+        with Client(address) as client:
+            seen: set[int] = set()
+            health = health_pb2_grpc.HealthStub(client._channel)
+            end = time.monotonic() + 3
+            while time.monotonic() < end:  # one channel, one call at a time
+                assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
+                    health_pb2.HealthCheckResponse.SERVING
+                seen |= local_ports()
+                time.sleep(0.05)
+            assert len(seen) >= 3, seen  # about one connection per 0.5 s, each new
+
+            def slow_items():  # a stream open for 2.5 s, five connection ages
+                for i in range(10):
+                    time.sleep(0.25)
+                    yield Client.request(png(fmnist.test.images[i]), "fmnist-cnn", request_id=str(i))
+
+            answers = list(client.classify_stream(slow_items(), timeout_s=30))
+            assert [a.request_id for a in answers] == [str(i) for i in range(10)]
+            assert all(a.WhichOneof("outcome") == "result" for a in answers)
+    finally:
+        stop(proc)
+
+
 def run_service(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "service", "--workers", "2", "--log-level", "WARNING", *args],
                           capture_output=True, text=True, timeout=120)
