@@ -109,3 +109,15 @@ class Metrics:
             value = calibration.get(key)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.gate_baseline.labels(model=model, decision=decision).set(float(value))
+
+
+class SupervisorMetrics:
+    """What only the supervisor of several workers knows (``service/workers.py``), served beside
+    the workers' sums. A single-process gateway exports neither."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.workers = Gauge("robustgate_workers", "Gateway worker processes running on this port.",
+                             registry=registry)
+        self.restarts = Counter("robustgate_worker_restarts",
+                                "Gateway worker processes that exited unasked and were replaced.", registry=registry)
+

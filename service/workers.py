@@ -47,6 +47,7 @@ from collections import deque
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
+from service.metrics import SupervisorMetrics
 from service.settings import Settings
 
 log = logging.getLogger("service.workers")
@@ -155,6 +156,7 @@ class Supervisor:
         self.restarts: deque[float] = deque()
         self.stopping = threading.Event()
         self.why = self.ctx.SimpleQueue()  # a worker's reason for not starting
+        self.metrics: SupervisorMetrics | None = None
 
     def _spawn(self, worker_settings: Settings) -> _Slot:
         ready = self.ctx.Event()
@@ -194,6 +196,8 @@ class Supervisor:
                 return False
             log.error("worker pid %d exited (exit code %s); starting another", s.proc.pid, s.proc.exitcode)
             self.slots[i] = self._spawn(worker_settings)
+            if self.metrics is not None:
+                self.metrics.restarts.inc()
         return True
 
     def _stop_workers(self) -> None:
@@ -212,7 +216,7 @@ class Supervisor:
 
     def run(self) -> int:
         """0 after a drain; 2 when the gateway cannot start; 1 when workers keep dying."""
-        from prometheus_client import CollectorRegistry, multiprocess
+        from prometheus_client import CollectorRegistry, disable_created_metrics, multiprocess
 
         from service import metrics_server as metrics_http
 
@@ -231,6 +235,8 @@ class Supervisor:
             if s.metrics_port >= 0:
                 registry = CollectorRegistry()
                 multiprocess.MultiProcessCollector(registry, path=str(mdir))
+                disable_created_metrics()  # as the workers do
+                self.metrics = SupervisorMetrics(registry)  # in this process: not in the workers' files
                 try:
                     metrics_server, _ = metrics_http.start(s.host, s.metrics_port, registry, s.torchserve_metrics_url)
                 except OSError:
@@ -254,6 +260,8 @@ class Supervisor:
                 if not self._replace_dead(worker_settings, str(mdir)):
                     rc = 1
                     break
+                if self.metrics is not None:
+                    self.metrics.workers.set(sum(x.proc.is_alive() for x in self.slots))
             log.info("draining: up to %.1f s for in-flight calls in each worker", s.grace_s)
             return rc
         finally:

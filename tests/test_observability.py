@@ -120,11 +120,12 @@ def declared_text() -> str:
     from prometheus_client import CollectorRegistry, generate_latest
 
     from service.interceptors import ServerMetricsInterceptor
-    from service.metrics import Metrics
+    from service.metrics import Metrics, SupervisorMetrics
 
     registry = CollectorRegistry()
     Metrics(registry)
     ServerMetricsInterceptor(registry)
+    SupervisorMetrics(registry)  # the supervisor's own, with several workers
     import ts
 
     ts_config = yaml.safe_load((Path(ts.__file__).parent / "configs" / "metrics.yaml").read_text())

@@ -94,10 +94,27 @@ def test_connections_spread_over_the_workers_and_metrics_add_up(pool, fmnist) ->
     assert after[("robustgate_inflight_requests", frozenset())] == 0.0
 
 
+def test_the_summed_exposition_passes_promtool(pool) -> None:
+    """The supervisor's exposition (the workers' files combined, its own metrics beside) is as
+    clean as one process's: no lint finding, no ``_created`` series."""
+    import shutil
+    import urllib.request
+
+    _, _, metrics_port = pool
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool not found: install Debian's prometheus package (scripts/setup.sh does)"
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    out = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and not (out.stdout + out.stderr).strip(), out.stdout + out.stderr
+    assert "_created" not in text
+    assert "# TYPE robustgate_workers gauge" in text and "robustgate_worker_restarts_total" in text
+
+
 def test_a_dead_worker_is_replaced_and_counts_never_go_back(pool, fmnist) -> None:
     proc, address, metrics_port = pool
     old = {w.pid for w in workers_of(proc)}
     before = ok_requests(metrics_port)
+    restarts = scrape(metrics_port)[("robustgate_worker_restarts_total", frozenset())]
     victim = min(old)
     os.kill(victim, signal.SIGKILL)
 
@@ -109,6 +126,9 @@ def test_a_dead_worker_is_replaced_and_counts_never_go_back(pool, fmnist) -> Non
     assert old - {victim} <= new
     assert proc.poll() is None  # the supervisor carries on
     assert ok_requests(metrics_port) == before  # the dead worker's counts stay in the sum
+    after = scrape(metrics_port)
+    assert after[("robustgate_worker_restarts_total", frozenset())] == restarts + 1
+    wait_for("the gauge of running workers", lambda: scrape(metrics_port)[("robustgate_workers", frozenset())] == 2)
     channels = connections(address, 8)
     try:
         for k, ch in enumerate(channels):
