@@ -113,7 +113,8 @@ class Metrics:
 
 class SupervisorMetrics:
     """What only the supervisor of several workers knows (``service/workers.py``), served beside
-    the workers' sums. A single-process gateway exports neither."""
+    the workers' sums; a single-process gateway serves them too (1 worker, no restarts), so a
+    dashboard reads every pod alike."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.workers = Gauge("robustgate_workers", "Gateway worker processes running on this port.",

@@ -39,7 +39,7 @@ from service.errors import (
     Unauthenticated,
 )
 from service.interceptors import ServerMetricsInterceptor
-from service.metrics import Metrics
+from service.metrics import Metrics, SupervisorMetrics
 from service.pipeline import ClassifyResult, Pipeline
 from service.registry import Registry
 from service.settings import Settings
@@ -362,15 +362,17 @@ class Gateway:
             server.server_close()  # type: ignore[attr-defined]  # the port refuses from now on
 
 
-async def start(settings: Settings, registry: Registry | None = None, reuse_port: bool = False) -> Gateway:
-    """Build and start the gateway; returns once it listens. ``reuse_port``: bind with
-    SO_REUSEPORT, beside the other workers of ``service/workers.py`` (otherwise a port another
-    socket holds fails the start)."""
+async def start(settings: Settings, registry: Registry | None = None, worker: bool = False) -> Gateway:
+    """Build and start the gateway; returns once it listens. ``worker``: one of several
+    processes of ``service/workers.py``, bound with SO_REUSEPORT beside the others (otherwise a
+    port another socket holds fails the start), whose supervisor counts the workers."""
     registry = registry or Registry.load(settings.store, settings.models, settings.backend_format)
     registry.check_coalescing(settings.coalesce_max_batch, settings.coalesce_max_rows)
     token = read_inference_key(settings.torchserve_key_file)
     disable_created_metrics()  # no rule or panel reads the *_created series; they would double the count
     metrics = Metrics()
+    if not worker:  # one process: the count of workers a supervisor would serve
+        SupervisorMetrics(metrics.registry).workers.set(1)
     metrics.declare((m.name, m.policy.version, m.model_sha256, m.policy.mode.value) for m in registry.all())
     for m in registry.all():
         metrics.baseline(m.name, m.policy.calibration)
@@ -392,7 +394,7 @@ async def start(settings: Settings, registry: Registry | None = None, reuse_port
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
-        ("grpc.so_reuseport", 1 if reuse_port else 0),
+        ("grpc.so_reuseport", 1 if worker else 0),
     ]
     if settings.max_connection_age_s > 0:  # no grace option: calls and streams in flight run to their end
         options.append(("grpc.max_connection_age_ms", max(1, round(settings.max_connection_age_s * 1000))))
@@ -437,12 +439,12 @@ class StartFailed(Exception):
     does not fit, an unreadable key file, a port already taken...)."""
 
 
-async def serve(settings: Settings, reuse_port: bool = False, started: Callable[[], object] | None = None) -> None:
+async def serve(settings: Settings, worker: bool = False, started: Callable[[], object] | None = None) -> None:
     """Run until SIGTERM or SIGINT, then drain in-flight calls within ``settings.grace_s``.
     StartFailed when it cannot start; anything raised after it listens is a fault, not a
     refusal to start, and keeps its traceback. ``started`` is called once it listens."""
     try:
-        gw = await start(settings, reuse_port=reuse_port)
+        gw = await start(settings, worker=worker)
     except (GatewayError, OSError) as e:
         raise StartFailed(str(e)) from None
     stop = asyncio.Event()

@@ -133,7 +133,7 @@ def _worker(settings: Settings, parent: int, ready: threading.Event, why: mp.Sim
     logging.basicConfig(level=settings.log_level, format=WORKER_LOG_FORMAT)
     _die_with_parent(parent)
     try:
-        asyncio.run(serve(settings, reuse_port=True, started=ready.set))
+        asyncio.run(serve(settings, worker=True, started=ready.set))
     except StartFailed as e:
         log.error("cannot start: %s", e)
         why.put(str(e))

@@ -86,6 +86,12 @@ def panels() -> list[Panel]:
                    [target("sum by (instance) (robustgate_inflight_requests)", "in flight {{instance}}"),
                     target(f"sum by (instance) (rate(robustgate_shed_requests_total[{RATE}]))",
                            "shed/s {{instance}}")]),
+        timeseries("Gateway worker processes", "Worker processes running per pod, and those replaced after "
+                   "exiting unasked over 15 min (ROBUSTGATE_WORKERS; 4 in the GPU overlay, else 1; alert at 3 "
+                   "replaced).",
+                   [target("sum by (instance) (robustgate_workers)", "running {{instance}}"),
+                    target("sum by (instance) (increase(robustgate_worker_restarts_total[15m]))",
+                           "replaced in 15 min {{instance}}")]),
         row("Latency"),
         timeseries("Request latency", "End-to-end time to answer a classification, p50/p90/p99.",
                    quantiles("robustgate_request_duration_seconds", "", M), "s"),
