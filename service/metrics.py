@@ -121,4 +121,3 @@ class SupervisorMetrics:
                              registry=registry)
         self.restarts = Counter("robustgate_worker_restarts",
                                 "Gateway worker processes that exited unasked and were replaced.", registry=registry)
-
