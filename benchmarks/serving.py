@@ -47,6 +47,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -97,15 +98,15 @@ def stage_means(before: dict, after: dict) -> dict[str, float]:
 
 
 @contextlib.asynccontextmanager
-async def connections(target: str, n: int) -> AsyncIterator[list]:
-    """``n`` channels to ``target``, each its own TCP connection (a local subchannel pool:
-    otherwise channels to one target share one)."""
+async def connections(target: str, n: int, stub: Callable[[object], Any]) -> AsyncIterator[list]:
+    """``stub`` over each of ``n`` channels to ``target``, each its own TCP connection (a local
+    subchannel pool: otherwise channels to one target share one)."""
     import grpc
 
     options = [("grpc.use_local_subchannel_pool", 1)] if n > 1 else []
     channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(n)]
     try:
-        yield channels
+        yield [stub(ch) for ch in channels]
     finally:
         for ch in channels:
             await ch.close()
@@ -534,14 +535,14 @@ def main(argv: list[str] | None = None) -> int:
         """Load on a fresh TorchServe before its first measured row: its Java frontend runs
         interpreted until the JIT has compiled the call path, and whichever row came first
         after a start would pay for that (measured: up to 2x the latency at one client)."""
-        async with connections(ts.grpc_inference_target, args.connections) as chs:
-            stubs = [inference_pb2_grpc.InferenceAPIsServiceStub(ch) for ch in chs]
+        async with connections(ts.grpc_inference_target, args.connections,
+                               inference_pb2_grpc.InferenceAPIsServiceStub) as stubs:
             for name in ts.models:
                 await closed_loop("warm-up", direct_call(ts, stubs, name.rsplit("-", 1)[1]), 16, warm_s)
 
     async def run_direct(ts, rows, naive: bool = False) -> None:
-        async with connections(ts.grpc_inference_target, args.connections) as chs:
-            stubs = [inference_pb2_grpc.InferenceAPIsServiceStub(ch) for ch in chs]
+        async with connections(ts.grpc_inference_target, args.connections,
+                               inference_pb2_grpc.InferenceAPIsServiceStub) as stubs:
             for name, fmt in rows:
                 await measure(name, direct_call(ts, stubs, fmt), cpu=lambda: cpu_parts(None, ts.pid))
             if not naive:
@@ -559,8 +560,7 @@ def main(argv: list[str] | None = None) -> int:
 
     async def run_gateway(name: str, address: str, cpu=None) -> None:
         nonlocal cheap_rows
-        async with connections(address, args.connections) as chs:
-            stubs = [pb_grpc.ClassifierServiceStub(ch) for ch in chs]
+        async with connections(address, args.connections, pb_grpc.ClassifierServiceStub) as stubs:
             first = await stubs[0].Classify(reqs[0], timeout=30)
             if name.startswith(CASCADE):
                 cheap_rows = first.gate.forward_passes
@@ -588,8 +588,8 @@ def main(argv: list[str] | None = None) -> int:
     ootb = ootb_store(args.store, args.model, tmp / "ootb", fmt)
 
     async def run_ootb(ts) -> None:
-        async with connections(ts.grpc_inference_target, args.connections) as chs:
-            stubs = [inference_pb2_grpc.InferenceAPIsServiceStub(ch) for ch in chs]
+        async with connections(ts.grpc_inference_target, args.connections,
+                               inference_pb2_grpc.InferenceAPIsServiceStub) as stubs:
             await measure(DIRECT_OOTB, direct_call(ts, stubs, fmt))
 
     # default_workers 0: TorchServe picks, as out of the box (one worker per GPU, else per core)

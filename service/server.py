@@ -413,7 +413,7 @@ async def start(settings: Settings, registry: Registry | None = None, worker: bo
     try:
         port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     except RuntimeError:  # grpc's "Failed to bind": taken, or not an address of this host
-        raise OSError(f"cannot listen on {address}: the port is taken or the address is not this host's") from None
+        raise cannot_listen(address) from None
     metrics_server, metrics_port = None, None
     if settings.metrics_port >= 0:
         metrics_server, _thread = metrics_http.start(settings.host, settings.metrics_port, metrics.registry,
@@ -432,6 +432,11 @@ async def start(settings: Settings, registry: Registry | None = None, worker: bo
              if coalescer else "no coalescing")
     return Gateway(server, port, backend, health_servicer, admission, [task], metrics, metrics_port, metrics_server,
                    tracing, coalescer)
+
+
+def cannot_listen(address: str) -> OSError:
+    """The one-line refusal to start on a port that cannot be bound (one process or several)."""
+    return OSError(f"cannot listen on {address}: the port is taken or the address is not this host's")
 
 
 class StartFailed(Exception):

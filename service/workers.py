@@ -29,6 +29,7 @@ one core (README, Results). Where the model is fast, that process is the limit, 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import dataclasses
@@ -47,7 +48,11 @@ from collections import deque
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry, disable_created_metrics, multiprocess
+
+from service import metrics_server as metrics_http
 from service.metrics import SupervisorMetrics
+from service.server import StartFailed, cannot_listen, serve
 from service.settings import Settings
 
 log = logging.getLogger("service.workers")
@@ -72,7 +77,7 @@ def reserve_port(host: str, port: int) -> socket.socket:
                                                              flags=socket.AI_PASSIVE)[0]
     except socket.gaierror:
         raise OSError(f"cannot listen on {host}:{port}: not an address of this host") from None
-    taken = OSError(f"cannot listen on {host}:{port}: the port is taken or the address is not this host's")
+    taken = cannot_listen(f"{host}:{port}")
     with socket.socket(family, kind, proto) as probe:  # no SO_REUSEPORT: any holder makes this fail
         try:
             probe.bind(address)
@@ -126,10 +131,6 @@ def _die_with_parent(parent: int) -> None:
 def _worker(settings: Settings, parent: int, ready: threading.Event, why: mp.SimpleQueue) -> None:
     """A worker process: one whole gateway on the reserved port. Exit 2: it could not start
     (the reason goes to ``why`` too)."""
-    import asyncio
-
-    from service.server import StartFailed, serve
-
     logging.basicConfig(level=settings.log_level, format=WORKER_LOG_FORMAT)
     _die_with_parent(parent)
     try:
@@ -180,8 +181,6 @@ class Supervisor:
 
     def _replace_dead(self, worker_settings: Settings, metrics_path: str) -> bool:
         """Start a worker in place of each that exited; False when they die too often."""
-        from prometheus_client import multiprocess
-
         for i, s in enumerate(self.slots):
             if s.proc.is_alive():
                 continue
@@ -216,10 +215,6 @@ class Supervisor:
 
     def run(self) -> int:
         """0 after a drain; 2 when the gateway cannot start; 1 when workers keep dying."""
-        from prometheus_client import CollectorRegistry, disable_created_metrics, multiprocess
-
-        from service import metrics_server as metrics_http
-
         s = self.settings
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
@@ -240,8 +235,7 @@ class Supervisor:
                 try:
                     metrics_server, _ = metrics_http.start(s.host, s.metrics_port, registry, s.torchserve_metrics_url)
                 except OSError:
-                    log.error("cannot start: cannot listen on %s:%d (metrics): the port is taken or the address "
-                              "is not this host's", s.host, s.metrics_port)
+                    log.error("cannot start: %s", cannot_listen(f"{s.host}:{s.metrics_port} (metrics)"))
                     return 2
             port = hold.getsockname()[1]
             worker_settings = dataclasses.replace(s, port=port, metrics_port=-1, workers=1)
