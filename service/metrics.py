@@ -120,4 +120,5 @@ class SupervisorMetrics:
         self.workers = Gauge("robustgate_workers", "Gateway worker processes running on this port.",
                              registry=registry)
         self.restarts = Counter("robustgate_worker_restarts",
-                                "Gateway worker processes that exited unasked and were replaced.", registry=registry)
+                                "Gateway worker processes that exited unasked, or hung and were killed, "
+                                "and were replaced.", registry=registry)

@@ -80,6 +80,12 @@ class Settings:
     coalesces, admits (``max_inflight``) and limits its TorchServe calls (``coalesce_max_calls``)
     on its own. One HTTP/2 connection stays on one process, so load spreads over several
     connections (clients, or channels of one client). 1: one process."""
+    worker_timeout_s: float = 30.0
+    """With ``workers`` > 1: a worker whose event loop has not run for this long (hung in a call
+    that never returns, or stopped) is killed and replaced, as one that died. Its loop marks a
+    heartbeat every second; nothing in a request blocks the loop for more than milliseconds.
+    One process is watched by the pod's liveness probe instead, which with several workers
+    reaches only the one its connection lands on. 0: not watched."""
     stream_window: int = 16
     """Items of one ClassifyStream processed at once, coalesced like concurrent calls; answers
     still leave in request order. One more item is read and waits; the rest stay unread, so
@@ -138,6 +144,8 @@ class Settings:
             raise ValueError("tls_cert_file and tls_key_file go together")
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+        if self.worker_timeout_s < 0:
+            raise ValueError("worker_timeout_s must be >= 0 (0: not watched)")
         if self.max_connection_age_s < 0:
             raise ValueError("max_connection_age_s must be >= 0 (0: never)")
         for name in ("backend_timeout_s", "request_timeout_s", "grace_s", "health_interval_s"):

@@ -21,6 +21,12 @@ one core (README, Results). Where the model is fast, that process is the limit, 
   is removed by the next one to start, so a crash loop cannot fill the pod's /tmp.
 - **A worker that dies is replaced**, with the exit logged; more than ``MAX_RESTARTS`` in
   ``RESTART_WINDOW_S`` and the supervisor stops everything and exits 1, so that the pod restarts.
+  **So is one that hangs**: each worker's event loop writes a heartbeat (a shared double, the
+  monotonic clock) about once a second; one not written for ``worker_timeout_s`` gets SIGUSR1,
+  on which :mod:`faulthandler` writes every thread's stack to the log (it needs neither the
+  loop nor the GIL), then SIGKILL, and counts as an exit (gunicorn's worker timeout, with shared
+  memory for its temp file). The pod's liveness probe cannot see this: its connection reaches
+  one worker of N.
   Workers get SIGTERM if the supervisor dies (``PR_SET_PDEATHSIG``).
 - **Start and stop as one.** It returns 2 with the reason when a worker cannot start (the
   first one's message is logged by the worker), and logs "listening" only when every worker
@@ -34,6 +40,7 @@ import contextlib
 import ctypes
 import dataclasses
 import fcntl
+import faulthandler
 import logging
 import multiprocessing as mp
 import os
@@ -45,8 +52,10 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, disable_created_metrics, multiprocess
 
@@ -64,6 +73,9 @@ MAX_RESTARTS = 5
 RESTART_WINDOW_S = 60.0
 START_TIMEOUT_S = 120.0  # each worker loads the registry and connects: seconds, not minutes
 KILL_AFTER_GRACE_S = 5.0  # a worker still running this long after its drain deadline is killed
+HEARTBEAT_S = 1.0  # a worker's event loop marks its heartbeat this often (at most)
+DUMP_SIGNAL = signal.SIGUSR1  # a worker writes its threads' stacks to stderr on it
+DUMP_WAIT_S = 0.5  # time given to that before the kill
 WORKER_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 _PR_SET_PDEATHSIG = 1
 
@@ -128,13 +140,45 @@ def _die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _worker(settings: Settings, parent: int, ready: threading.Event, why: mp.SimpleQueue) -> None:
-    """A worker process: one whole gateway on the reserved port. Exit 2: it could not start
-    (the reason goes to ``why`` too)."""
+def dump_stacks_on_signal() -> None:
+    """On ``DUMP_SIGNAL`` write every thread's Python stack to stderr, even while the main thread
+    holds the GIL in a call that never returns: what the log shows of a worker killed as hung."""
+    faulthandler.register(DUMP_SIGNAL, all_threads=True)
+
+
+def beat_interval(timeout_s: float) -> float:
+    """Seconds between a worker's heartbeats: 1, or a quarter of a shorter timeout."""
+    return min(HEARTBEAT_S, timeout_s / 4) if timeout_s > 0 else HEARTBEAT_S
+
+
+async def _serve_beating(settings: Settings, ready: Callable[[], object], beat) -> None:
+    """The gateway, with ``beat.value`` set to the monotonic clock while its event loop runs."""
+    every = beat_interval(settings.worker_timeout_s)
+
+    async def heartbeat() -> None:
+        while True:
+            beat.value = time.monotonic()
+            await asyncio.sleep(every)
+
+    def started() -> None:
+        beat.value = time.monotonic()  # the loop was busy starting: fresh before it counts
+        ready()
+
+    task = asyncio.create_task(heartbeat())
+    try:
+        await serve(settings, worker=True, started=started)
+    finally:
+        task.cancel()
+
+
+def _worker(settings: Settings, parent: int, ready: threading.Event, why: mp.SimpleQueue, beat) -> None:
+    """A worker process: one whole gateway on the reserved port, beating into ``beat``. Exit 2:
+    it could not start (the reason goes to ``why`` too)."""
     logging.basicConfig(level=settings.log_level, format=WORKER_LOG_FORMAT)
+    dump_stacks_on_signal()
     _die_with_parent(parent)
     try:
-        asyncio.run(serve(settings, worker=True, started=ready.set))
+        asyncio.run(_serve_beating(settings, ready.set, beat))
     except StartFailed as e:
         log.error("cannot start: %s", e)
         why.put(str(e))
@@ -145,6 +189,7 @@ def _worker(settings: Settings, parent: int, ready: threading.Event, why: mp.Sim
 class _Slot:
     proc: BaseProcess
     ready: threading.Event
+    beat: Any  # a shared double: the monotonic clock when the worker's loop last ran
 
 
 class Supervisor:
@@ -161,10 +206,11 @@ class Supervisor:
 
     def _spawn(self, worker_settings: Settings) -> _Slot:
         ready = self.ctx.Event()
-        proc = self.ctx.Process(target=_worker, args=(worker_settings, os.getpid(), ready, self.why),
+        beat = self.ctx.RawValue("d", 0.0)  # one writer, one reader of an aligned double: no lock
+        proc = self.ctx.Process(target=_worker, args=(worker_settings, os.getpid(), ready, self.why, beat),
                                 name="robustgate-worker", daemon=False)
         proc.start()
-        return _Slot(proc, ready)  # type: ignore[arg-type]
+        return _Slot(proc, ready, beat)  # type: ignore[arg-type]
 
     def _wait_started(self) -> str | None:
         """None once every worker listens; else why not (a worker exited, time ran out, a signal)."""
@@ -178,6 +224,24 @@ class Supervisor:
             if self.stopping.wait(0.05):
                 return "stopped while starting"
         return None
+
+    def _kill_hung(self) -> None:
+        """SIGKILL each started worker whose heartbeat is older than ``worker_timeout_s``; the
+        next :meth:`_replace_dead` replaces it."""
+        timeout = self.settings.worker_timeout_s
+        if timeout <= 0:
+            return
+        now = time.monotonic()
+        for s in self.slots:
+            silent = now - s.beat.value
+            if s.ready.is_set() and silent > timeout and s.proc.is_alive():
+                log.error("worker pid %d: its event loop has not run for %.1f s (worker_timeout_s %g): "
+                          "killed; where its threads were follows", s.proc.pid, silent, timeout)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(s.proc.pid, DUMP_SIGNAL)  # type: ignore[arg-type]
+                time.sleep(DUMP_WAIT_S)
+                s.proc.kill()
+                s.proc.join(KILL_AFTER_GRACE_S)
 
     def _replace_dead(self, worker_settings: Settings, metrics_path: str) -> bool:
         """Start a worker in place of each that exited; False when they die too often."""
@@ -251,6 +315,7 @@ class Supervisor:
                      s.host, port, len(self.slots), ", ".join(str(x.proc.pid) for x in self.slots),
                      metrics_server.server_port if metrics_server is not None else "off")
             while not self.stopping.wait(0.2):
+                self._kill_hung()
                 if not self._replace_dead(worker_settings, str(mdir)):
                     rc = 1
                     break

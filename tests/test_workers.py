@@ -18,7 +18,7 @@ import pytest
 from robustgate.v1 import classifier_pb2_grpc as pb_grpc
 from service.client import Client
 from service.settings import Settings
-from service.workers import LOCK_FILE, metrics_dir, reserve_port
+from service.workers import DUMP_SIGNAL, LOCK_FILE, beat_interval, metrics_dir, reserve_port
 from tests.conftest import free_port
 from tests.test_gateway import png, scrape, start_gateway, stop
 
@@ -139,6 +139,47 @@ def test_a_dead_worker_is_replaced_and_counts_never_go_back(pool, fmnist) -> Non
             ch.close()
     assert ok_requests(metrics_port) == before + 8
     assert scrape(metrics_port)[("robustgate_inflight_requests", frozenset())] == 0.0
+
+
+def test_a_hung_worker_is_killed_and_replaced(calibrated_store: Path, torchserve, tmp_path: Path, fmnist) -> None:
+    """A worker whose event loop stops (SIGSTOP here; a call that never returns in life) is
+    found by its heartbeat, killed and replaced; busy or idle workers that beat are left alone."""
+    metrics_port = free_port()
+    proc, address = start_gateway(calibrated_store, torchserve, tmp_path, workers="2",
+                                  **{"worker-timeout-s": "1.5", "metrics-port": str(metrics_port)})
+    log_file = tmp_path / f"gateway-{address.rsplit(':', 1)[1]}.log"
+    try:
+        old = {w.pid for w in workers_of(proc)}
+        channels = connections(address, 4)
+        stubs = [pb_grpc.ClassifierServiceStub(ch) for ch in channels]
+        try:
+            end, k = time.monotonic() + 3.0, 0  # twice the timeout, calls and idle gaps
+            while time.monotonic() < end:
+                stubs[k % 4].Classify(Client.request(png(fmnist.test.images[k]), "fmnist-cnn"), timeout=30)
+                k += 1
+                time.sleep(0.02)
+            assert {w.pid for w in workers_of(proc)} == old  # nobody killed for working
+            assert scrape(metrics_port)[("robustgate_worker_restarts_total", frozenset())] == 0
+            victim = min(old)
+            os.kill(victim, signal.SIGSTOP)
+
+            def replaced() -> set[int] | None:
+                pids = {w.pid for w in workers_of(proc)}
+                return pids if len(pids) == 2 and victim not in pids else None
+
+            assert old - {victim} <= wait_for("the hung worker's replacement", replaced, timeout_s=60)
+            assert not psutil.pid_exists(victim) or psutil.Process(victim).status() == psutil.STATUS_ZOMBIE
+            assert scrape(metrics_port)[("robustgate_worker_restarts_total", frozenset())] == 1
+            assert f"worker pid {victim}: its event loop has not run for" in log_file.read_text()  # stopped: no stacks
+            for k, stub in enumerate(stubs):  # each connection to the hung worker was cut; clients reconnect
+                stub.Classify(Client.request(png(fmnist.test.images[k]), "fmnist-cnn"), timeout=30,
+                              wait_for_ready=True)
+        finally:
+            for ch in channels:
+                ch.close()
+    finally:
+        stop(proc)
+    assert proc.returncode == 0
 
 
 def test_sigterm_stops_every_worker_and_cleans_up(calibrated_store: Path, torchserve, tmp_path: Path) -> None:
@@ -277,3 +318,35 @@ def test_a_killed_supervisors_metrics_dir_is_removed_by_the_next(tmp_path: Path)
 def test_workers_out_of_range_are_refused(n: int) -> None:
     with pytest.raises(ValueError, match="workers must be in"):
         Settings(workers=n)
+
+
+def test_a_hung_worker_writes_its_stacks_before_the_kill() -> None:
+    """What the supervisor's SIGUSR1 gets from a worker whose main thread holds the GIL in a
+    call that never returns (a regular expression backtracking here): its Python stacks."""
+    hung = subprocess.Popen(
+        [sys.executable, "-c", "import re, sys\n"
+         "from service.workers import dump_stacks_on_signal\n"
+         "dump_stacks_on_signal()\n"
+         "print('ready', flush=True)\n"
+         "def handle(request):\n"
+         "    return re.match(r'(a+)+$', 'a' * 64 + 'b')\n"
+         "handle(None)\n"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert hung.stdout.readline().strip() == "ready"
+        time.sleep(0.3)  # inside the match
+        os.kill(hung.pid, DUMP_SIGNAL)
+        time.sleep(0.5)
+        assert hung.poll() is None  # the dump does not end it: the supervisor's SIGKILL does
+    finally:
+        hung.kill()
+        _, err = hung.communicate(timeout=30)
+    assert "most recent call first" in err and 'in handle' in err, err
+
+
+def test_heartbeats_come_often_enough_for_the_timeout() -> None:
+    assert beat_interval(30.0) == 1.0
+    assert beat_interval(2.0) == 0.5  # four beats a timeout
+    assert beat_interval(0.0) == 1.0  # not watched: beats cost nothing to keep
+    with pytest.raises(ValueError, match="worker_timeout_s must be >= 0"):
+        Settings(worker_timeout_s=-1)
