@@ -82,8 +82,9 @@ class Settings:
     connections (clients, or channels of one client). 1: one process."""
     worker_timeout_s: float = 30.0
     """With ``workers`` > 1: a worker whose event loop has not run for this long (hung in a call
-    that never returns, or stopped) is killed and replaced, as one that died. Its loop marks a
-    heartbeat every second; nothing in a request blocks the loop for more than milliseconds.
+    that never returns, or stopped) is killed and replaced, as one that died; so is a
+    replacement that does not listen within 120 s more. Its loop marks a heartbeat every
+    second once it listens; nothing in a request blocks the loop for more than milliseconds.
     One process is watched by the pod's liveness probe instead, which with several workers
     reaches only the one its connection lands on. 0: not watched."""
     stream_window: int = 16

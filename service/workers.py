@@ -25,8 +25,8 @@ one core (README, Results). Where the model is fast, that process is the limit, 
   monotonic clock) about once a second; one not written for ``worker_timeout_s`` gets SIGUSR1,
   on which :mod:`faulthandler` writes every thread's stack to the log (it needs neither the
   loop nor the GIL), then SIGKILL, and counts as an exit (gunicorn's worker timeout, with shared
-  memory for its temp file). The pod's liveness probe cannot see this: its connection reaches
-  one worker of N.
+  memory for its temp file); a replacement gets ``START_TIMEOUT_S`` more to start listening.
+  The pod's liveness probe cannot see this: its connection reaches one worker of N.
   Workers get SIGTERM if the supervisor dies (``PR_SET_PDEATHSIG``).
 - **Start and stop as one.** It returns 2 with the reason when a worker cannot start (the
   first one's message is logged by the worker), and logs "listening" only when every worker
@@ -152,8 +152,10 @@ def beat_interval(timeout_s: float) -> float:
 
 
 async def _serve_beating(settings: Settings, ready: Callable[[], object], beat) -> None:
-    """The gateway, with ``beat.value`` set to the monotonic clock while its event loop runs."""
+    """The gateway, with ``beat.value`` set to the monotonic clock while its event loop runs,
+    from the moment it listens (starting may block the loop: the supervisor allows for it)."""
     every = beat_interval(settings.worker_timeout_s)
+    tasks: list[asyncio.Task] = []
 
     async def heartbeat() -> None:
         while True:
@@ -161,14 +163,15 @@ async def _serve_beating(settings: Settings, ready: Callable[[], object], beat) 
             await asyncio.sleep(every)
 
     def started() -> None:
-        beat.value = time.monotonic()  # the loop was busy starting: fresh before it counts
+        beat.value = time.monotonic()  # before ``ready``: never stale once it counts
+        tasks.append(asyncio.get_running_loop().create_task(heartbeat()))
         ready()
 
-    task = asyncio.create_task(heartbeat())
     try:
         await serve(settings, worker=True, started=started)
     finally:
-        task.cancel()
+        for t in tasks:
+            t.cancel()
 
 
 def _worker(settings: Settings, parent: int, ready: threading.Event, why: mp.SimpleQueue, beat) -> None:
@@ -206,7 +209,9 @@ class Supervisor:
 
     def _spawn(self, worker_settings: Settings) -> _Slot:
         ready = self.ctx.Event()
-        beat = self.ctx.RawValue("d", 0.0)  # one writer, one reader of an aligned double: no lock
+        # one writer, one reader of an aligned double: no lock. Until it listens, the worker
+        # has START_TIMEOUT_S to do so on top of the timeout.
+        beat = self.ctx.RawValue("d", time.monotonic() + START_TIMEOUT_S)
         proc = self.ctx.Process(target=_worker, args=(worker_settings, os.getpid(), ready, self.why, beat),
                                 name="robustgate-worker", daemon=False)
         proc.start()
@@ -226,22 +231,28 @@ class Supervisor:
         return None
 
     def _kill_hung(self) -> None:
-        """SIGKILL each started worker whose heartbeat is older than ``worker_timeout_s``; the
-        next :meth:`_replace_dead` replaces it."""
+        """SIGKILL each worker whose heartbeat is older than ``worker_timeout_s`` (one that does
+        not listen yet has ``START_TIMEOUT_S`` more, from its spawn); the next
+        :meth:`_replace_dead` replaces it."""
         timeout = self.settings.worker_timeout_s
         if timeout <= 0:
             return
         now = time.monotonic()
         for s in self.slots:
             silent = now - s.beat.value
-            if s.ready.is_set() and silent > timeout and s.proc.is_alive():
+            if silent <= timeout or not s.proc.is_alive():
+                continue
+            if s.ready.is_set():
                 log.error("worker pid %d: its event loop has not run for %.1f s (worker_timeout_s %g): "
                           "killed; where its threads were follows", s.proc.pid, silent, timeout)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(s.proc.pid, DUMP_SIGNAL)  # type: ignore[arg-type]
-                time.sleep(DUMP_WAIT_S)
-                s.proc.kill()
-                s.proc.join(KILL_AFTER_GRACE_S)
+            else:
+                log.error("worker pid %d did not listen within %.1f s of its start: killed; where its "
+                          "threads were follows", s.proc.pid, silent + START_TIMEOUT_S)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(s.proc.pid, DUMP_SIGNAL)  # type: ignore[arg-type]
+            time.sleep(DUMP_WAIT_S)
+            s.proc.kill()
+            s.proc.join(KILL_AFTER_GRACE_S)
 
     def _replace_dead(self, worker_settings: Settings, metrics_path: str) -> bool:
         """Start a worker in place of each that exited; False when they die too often."""

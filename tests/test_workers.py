@@ -18,7 +18,8 @@ import pytest
 from robustgate.v1 import classifier_pb2_grpc as pb_grpc
 from service.client import Client
 from service.settings import Settings
-from service.workers import DUMP_SIGNAL, LOCK_FILE, beat_interval, metrics_dir, reserve_port
+from service.workers import (DUMP_SIGNAL, LOCK_FILE, START_TIMEOUT_S, Supervisor, _Slot, beat_interval,
+                             metrics_dir, reserve_port)
 from tests.conftest import free_port
 from tests.test_gateway import png, scrape, start_gateway, stop
 
@@ -342,6 +343,39 @@ def test_a_hung_worker_writes_its_stacks_before_the_kill() -> None:
         hung.kill()
         _, err = hung.communicate(timeout=30)
     assert "most recent call first" in err and 'in handle' in err, err
+
+
+def test_the_supervisor_kills_silent_workers_and_those_that_never_listen(caplog) -> None:
+    """``_kill_hung`` over real processes: a listening worker with a stale heartbeat and a
+    replacement that has not listened within its start allowance are killed; a beating one
+    and one still within its allowance are left alone."""
+    sup = Supervisor(Settings(workers=2, worker_timeout_s=1.0))
+
+    def slot(ready: bool, beat_age_s: float) -> _Slot:
+        proc = sup.ctx.Process(target=time.sleep, args=(60,))
+        proc.start()
+        event = sup.ctx.Event()
+        if ready:
+            event.set()
+        return _Slot(proc, event, sup.ctx.RawValue("d", time.monotonic() - beat_age_s))
+
+    silent, beating = slot(True, 5.0), slot(True, 0.2)
+    never_listened, starting = slot(False, 5.0), slot(False, -60.0)  # beat in the future: the allowance
+    sup.slots = [silent, beating, never_listened, starting]
+    try:
+        with caplog.at_level("ERROR", logger="service.workers"):
+            sup._kill_hung()
+        assert [x.proc.is_alive() for x in sup.slots] == [False, True, False, True]
+        assert f"worker pid {silent.proc.pid}: its event loop has not run for 5." in caplog.text
+        assert f"worker pid {never_listened.proc.pid} did not listen within {5 + START_TIMEOUT_S:.0f}" in caplog.text
+        sup.settings = Settings(workers=2, worker_timeout_s=0)  # off: nothing is killed
+        beating.beat.value = time.monotonic() - 100
+        sup._kill_hung()
+        assert beating.proc.is_alive()
+    finally:
+        for x in sup.slots:
+            x.proc.kill()
+            x.proc.join()
 
 
 def test_heartbeats_come_often_enough_for_the_timeout() -> None:
