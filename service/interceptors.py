@@ -3,6 +3,7 @@ interceptor, for every unary and bidirectional-streaming method."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 
@@ -10,6 +11,14 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from service.metrics import LATENCY_BUCKETS
+
+
+def cut_short_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """The status of a call whose handler was cancelled before it set one: the client's
+    deadline passed (DEADLINE_EXCEEDED, a server-side failure to answer in time) or the call
+    was cancelled (CANCELLED: the client left, or the server's drain ran out)."""
+    left = context.time_remaining()
+    return grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 0 else grpc.StatusCode.CANCELLED
 
 
 class ServerMetricsInterceptor(grpc.aio.ServerInterceptor):
@@ -23,12 +32,12 @@ class ServerMetricsInterceptor(grpc.aio.ServerInterceptor):
         self.msg_received = Counter("grpc_server_msg_received", "Stream messages received.", labels, registry=registry)
 
     def _done(self, labels: tuple[str, str, str], context: grpc.aio.ServicerContext, start: float,
-              failed: bool) -> None:
+              failed: bool, cancelled: bool = False) -> None:
         code = context.code() if hasattr(context, "code") else None
         if isinstance(code, grpc.StatusCode):
             name = code.name
         elif code is None:
-            name = "UNKNOWN" if failed else "OK"
+            name = cut_short_code(context).name if cancelled else "UNKNOWN" if failed else "OK"
         else:  # an int value
             name = next((c.name for c in grpc.StatusCode if c.value[0] == code), "UNKNOWN")
         self.handled.labels(*labels, name).inc()
@@ -45,13 +54,16 @@ class ServerMetricsInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary(request, context):
                 self.started.labels(*labels).inc()
-                start, failed = time.perf_counter(), True
+                start, failed, cancelled = time.perf_counter(), True, False
                 try:
                     response = await inner(request, context)
                     failed = False
                     return response
+                except asyncio.CancelledError:
+                    cancelled = True
+                    raise
                 finally:
-                    self._done(labels, context, start, failed)
+                    self._done(labels, context, start, failed, cancelled)
 
             return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
         if handler.stream_stream is not None:
@@ -65,7 +77,7 @@ class ServerMetricsInterceptor(grpc.aio.ServerInterceptor):
 
             async def stream(request_iterator, context):
                 self.started.labels(*labels).inc()
-                start, failed = time.perf_counter(), True
+                start, failed, cancelled = time.perf_counter(), True, False
                 try:
                     # aclosing: a cancelled call closes the servicer's generator (and whatever
                     # it has in flight) now, not when the garbage collector finds it
@@ -73,8 +85,11 @@ class ServerMetricsInterceptor(grpc.aio.ServerInterceptor):
                         async for response in responses:
                             yield response
                     failed = False
+                except asyncio.CancelledError:
+                    cancelled = True
+                    raise
                 finally:
-                    self._done(labels, context, start, failed)
+                    self._done(labels, context, start, failed, cancelled)
 
             return grpc.stream_stream_rpc_method_handler(stream, handler.request_deserializer, handler.response_serializer)
         return handler

@@ -38,7 +38,7 @@ from service.errors import (
     PolicyMismatch,
     Unauthenticated,
 )
-from service.interceptors import ServerMetricsInterceptor
+from service.interceptors import ServerMetricsInterceptor, cut_short_code
 from service.metrics import Metrics, SupervisorMetrics
 from service.pipeline import ClassifyResult, Pipeline
 from service.registry import Registry
@@ -131,7 +131,9 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
         self._known = {m.name for m in registry.all()}
 
     def _count_error(self, request: pb.ClassifyRequest, err: BaseException) -> None:
-        code, _ = status_of(err)
+        self._count(request, status_of(err)[0])
+
+    def _count(self, request: pb.ClassifyRequest, code: grpc.StatusCode) -> None:
         model = request.model if request.model in self._known else "unknown"  # fixed label set
         self.metrics.requests.labels(model=model, decision="NONE", code=code.name).inc()
 
@@ -169,7 +171,8 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
         try:
             return await self._classify(request, context)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # the client left, or its deadline passed first
+            self._count(request, cut_short_code(context))
             raise
         except Exception as e:
             self._count_error(request, e)
@@ -182,7 +185,8 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
         try:
             answer = await self._classify(request, context)
             return pb.ClassifyStreamResponse(request_id=request.request_id, result=answer)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # the stream ended under it
+            self._count(request, cut_short_code(context))
             raise
         except Exception as e:
             self._count_error(request, e)

@@ -205,6 +205,55 @@ def test_deadline_exceeded(client: Client, fmnist: data.FashionMNIST) -> None:
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+def test_calls_cut_short_are_counted_by_their_code(gateway: str, torchserve, fmnist: data.FashionMNIST,
+                                                   metrics_port: int) -> None:
+    """With TorchServe stalled, calls whose deadline passes, a call the client cancels and a
+    stream cancelled with items in flight all show in ``robustgate_requests_total`` and
+    ``grpc_server_handled`` by their code (never UNKNOWN, never missing), whichever of the
+    gateway's own deadline and gRPC's cancellation fires first."""
+    from robustgate.v1 import classifier_pb2_grpc as pb_grpc
+
+    def counts() -> dict[tuple[str, str], float]:
+        out: dict[tuple[str, str], float] = {}
+        for (name, labels), v in scrape(metrics_port).items():
+            d = dict(labels)
+            if name == "robustgate_requests_total":
+                out["requests", d["code"]] = out.get(("requests", d["code"]), 0) + v
+            elif name == "grpc_server_handled_total" and d["grpc_service"].endswith("ClassifierService"):
+                out["handled", d["grpc_code"]] = out.get(("handled", d["grpc_code"]), 0) + v
+        return out
+
+    before = counts()
+    req = Client.request(png(fmnist.test.images[0]), "fmnist-cnn")
+    os.killpg(torchserve.pid, signal.SIGSTOP)  # TorchServe answers nothing until SIGCONT
+    try:
+        with grpc.insecure_channel(gateway) as ch:
+            stub = pb_grpc.ClassifierServiceStub(ch)
+            for timeout in (0.3, 0.5, 0.7):
+                with pytest.raises(grpc.RpcError) as err:
+                    stub.Classify(req, timeout=timeout)
+                assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            call = stub.Classify.future(req)
+            time.sleep(0.5)  # in the gateway, waiting for TorchServe
+            assert call.cancel()
+            stream = stub.ClassifyStream(iter([pb.ClassifyStreamRequest(request=req)] * 2))
+            time.sleep(0.5)
+            stream.cancel()
+            time.sleep(0.5)  # the gateway hears of both cancellations
+    finally:
+        os.killpg(torchserve.pid, signal.SIGCONT)
+    after = counts()
+
+    def added(kind: str, code: str) -> float:
+        return after.get((kind, code), 0) - before.get((kind, code), 0)
+
+    assert added("requests", "DEADLINE_EXCEEDED") == 3
+    assert added("requests", "CANCELLED") == 3  # the unary call and the stream's two items
+    assert added("handled", "DEADLINE_EXCEEDED") == 3
+    assert added("handled", "CANCELLED") == 2  # the unary call and the stream
+    assert added("handled", "UNKNOWN") == 0
+
+
 def test_stream_answers_each_request_in_order(client: Client, fmnist: data.FashionMNIST) -> None:
     reqs = [Client.request(png(fmnist.test.images[i]), "fmnist-cnn", request_id=f"s{i}") for i in range(5)]
     reqs.insert(2, Client.request(b"not an image", "fmnist-cnn", request_id="bad"))
