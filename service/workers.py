@@ -9,7 +9,8 @@ one core (README, Results). Where the model is fast, that process is the limit, 
   with ``SO_REUSEPORT`` and the kernel spreads new connections between the listening ones. One
   HTTP/2 connection stays on one worker: load spreads over connections, not calls. Before the
   reservation, the port is bound once without the option, so a port another program holds fails
-  the start with the one-process message.
+  the start with the one-process message; both binds set ``SO_REUSEADDR`` as gRPC does, so the
+  TIME_WAIT connections of a previous run (a restart in the same pod) do not.
 - **Spawned, not forked**: gRPC's core does not survive a fork. A worker is a whole gateway
   (:func:`service.server.serve`) and coalesces, admits and drains on its own.
 - **Metrics add up.** Workers write prometheus_client's multiprocess files into a fresh
@@ -25,7 +26,9 @@ one core (README, Results). Where the model is fast, that process is the limit, 
   monotonic clock) about once a second; one not written for ``worker_timeout_s`` gets SIGUSR1,
   on which :mod:`faulthandler` writes every thread's stack to the log (it needs neither the
   loop nor the GIL), then SIGKILL, and counts as an exit (gunicorn's worker timeout, with shared
-  memory for its temp file); a replacement gets ``START_TIMEOUT_S`` more to start listening.
+  memory for its temp file); a replacement gets ``START_TIMEOUT_S`` more to start listening,
+  and after the supervisor itself stood still (a frozen container) every worker gets a fresh
+  timeout rather than all being killed.
   The pod's liveness probe cannot see this: its connection reaches one worker of N.
   Workers get SIGTERM if the supervisor dies (``PR_SET_PDEATHSIG``).
 - **Start and stop as one.** It returns 2 with the reason when a worker cannot start (the
@@ -90,13 +93,18 @@ def reserve_port(host: str, port: int) -> socket.socket:
     except socket.gaierror:
         raise OSError(f"cannot listen on {host}:{port}: not an address of this host") from None
     taken = cannot_listen(f"{host}:{port}")
-    with socket.socket(family, kind, proto) as probe:  # no SO_REUSEPORT: any holder makes this fail
+    # SO_REUSEADDR, as gRPC's own bind: the TIME_WAIT connections a restarted gateway's last
+    # run left on the port do not hold it (on Linux any listener, or a socket bound without
+    # the option, still does). No SO_REUSEPORT on the probe: any holder makes it fail.
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(address)
         except OSError:
             raise taken from None
         port = probe.getsockname()[1]
     hold = socket.socket(family, kind, proto)
+    hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         hold.bind((address[0], port, *address[2:]))
@@ -206,6 +214,7 @@ class Supervisor:
         self.stopping = threading.Event()
         self.why = self.ctx.SimpleQueue()  # a worker's reason for not starting
         self.metrics: SupervisorMetrics | None = None
+        self._watched_at: float | None = None  # the monotonic clock at the last watch
 
     def _spawn(self, worker_settings: Settings) -> _Slot:
         ready = self.ctx.Event()
@@ -229,6 +238,19 @@ class Supervisor:
             if self.stopping.wait(0.05):
                 return "stopped while starting"
         return None
+
+    def _watch(self, now: float) -> None:
+        """One look for hung workers. When this process itself did not run for half a timeout
+        (the container was frozen or starved), its workers could not beat either: each gets
+        a fresh timeout from now instead of being killed all at once."""
+        timeout = self.settings.worker_timeout_s
+        if self._watched_at is not None and timeout > 0 and now - self._watched_at > timeout / 2:
+            log.warning("the supervisor did not run for %.1f s: its workers' heartbeats count from now",
+                        now - self._watched_at)
+            for s in self.slots:
+                s.beat.value = max(s.beat.value, now)  # a starting worker keeps its allowance
+        self._watched_at = now
+        self._kill_hung()
 
     def _kill_hung(self) -> None:
         """SIGKILL each worker whose heartbeat is older than ``worker_timeout_s`` (one that does
@@ -326,7 +348,7 @@ class Supervisor:
                      s.host, port, len(self.slots), ", ".join(str(x.proc.pid) for x in self.slots),
                      metrics_server.server_port if metrics_server is not None else "off")
             while not self.stopping.wait(0.2):
-                self._kill_hung()
+                self._watch(time.monotonic())
                 if not self._replace_dead(worker_settings, str(mdir)):
                     rc = 1
                     break

@@ -285,6 +285,26 @@ def test_reserve_port_holds_a_port_for_reuseport_binds_only() -> None:
         reserve_port("nowhere.invalid", 1)
 
 
+def test_reserve_port_takes_a_port_its_last_run_left_in_time_wait() -> None:
+    """A supervisor restarted in the same pod finds its port with the last run's connections in
+    TIME_WAIT for a minute; they must not fail the start as a port taken."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    served, _ = listener.accept()
+    served.close()  # the server's side closes first: it is the one left in TIME_WAIT
+    client.recv(1)
+    client.close()
+    listener.close()
+    assert any(c.status == psutil.CONN_TIME_WAIT and c.laddr.port == port
+               for c in psutil.net_connections(kind="tcp4")), "no TIME_WAIT on the port: the test set nothing up"
+    hold = reserve_port("127.0.0.1", port)
+    hold.close()
+
+
 def test_a_killed_supervisors_metrics_dir_is_removed_by_the_next(tmp_path: Path) -> None:
     import fcntl
 
@@ -376,6 +396,30 @@ def test_the_supervisor_kills_silent_workers_and_those_that_never_listen(caplog)
         for x in sup.slots:
             x.proc.kill()
             x.proc.join()
+
+
+def test_a_frozen_pod_does_not_cost_every_worker() -> None:
+    """After the supervisor itself stood still (a frozen or starved container), the workers,
+    which stood still with it, get a fresh timeout rather than all being killed at once."""
+    sup = Supervisor(Settings(workers=2, worker_timeout_s=1.0))
+    proc = sup.ctx.Process(target=time.sleep, args=(60,))
+    proc.start()
+    ready = sup.ctx.Event()
+    ready.set()
+    slot = _Slot(proc, ready, sup.ctx.RawValue("d", time.monotonic() - 5.0))
+    sup.slots = [slot]
+    try:
+        sup._watched_at = time.monotonic() - 5.0  # the supervisor's last look was 5 s ago
+        sup._watch(time.monotonic())
+        assert proc.is_alive()
+        sup._watch(time.monotonic())  # the next look, 0 s later: still within the fresh timeout
+        assert proc.is_alive()
+        slot.beat.value = time.monotonic() - 5.0  # and then it really stays silent
+        sup._watch(time.monotonic())
+        assert not proc.is_alive()
+    finally:
+        proc.kill()
+        proc.join()
 
 
 def test_heartbeats_come_often_enough_for_the_timeout() -> None:
