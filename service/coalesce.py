@@ -141,6 +141,8 @@ class Coalescer:
             if not w.future.done():  # the caller is gone (deadline, cancelled): not sent if still waiting
                 w.future.cancel()
                 self._forget(lane, w)
+            elif not w.future.cancelled():
+                w.future.exception()  # failed as the caller left: read, or asyncio logs it as never retrieved
 
     @staticmethod
     def _forget(lane: _Lane, w: _Waiting) -> None:
