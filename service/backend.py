@@ -24,7 +24,7 @@ from service.errors import (
     BackendUnavailable,
     DeadlineExceeded,
     GatewayError,
-    ModelNotFound,
+    ModelNotLoaded,
     Overloaded,
 )
 from service.ratelog import Throttle
@@ -88,11 +88,12 @@ def decode_result(raw: bytes | probe_pb2.ProbeResult) -> ProbeOutput:
 
 
 # TorchServe's gRPC status -> domain error. Handler 4xx (its validation) arrive as
-# INVALID_ARGUMENT (see refusal()); an unknown model as NOT_FOUND; a full job queue as
+# INVALID_ARGUMENT (see refusal()); a model it has not loaded as NOT_FOUND (UNAVAILABLE to
+# the caller: the gateway serves that model, so it is a server fault); a full job queue as
 # RESOURCE_EXHAUSTED (HTTP 503); a dead worker or frontend as UNAVAILABLE or INTERNAL.
 _BY_CODE: dict[grpc.StatusCode, type[GatewayError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: BackendRefused,
-    grpc.StatusCode.NOT_FOUND: ModelNotFound,
+    grpc.StatusCode.NOT_FOUND: ModelNotLoaded,
     grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.UNAVAILABLE: BackendUnavailable,
@@ -104,7 +105,7 @@ _BY_CODE: dict[grpc.StatusCode, type[GatewayError]] = {
 }
 
 _PUBLIC_MESSAGE: dict[type[GatewayError], str] = {
-    ModelNotFound: "model is not loaded in the backend",
+    ModelNotLoaded: "model is not loaded in the backend; retry later",
     Overloaded: "backend is overloaded; retry later",
     DeadlineExceeded: "backend did not answer within the deadline",
     BackendUnavailable: "backend is unavailable",

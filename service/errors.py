@@ -26,6 +26,12 @@ class BackendUnavailable(GatewayError):
     """TorchServe cannot be reached or its worker failed."""
 
 
+class ModelNotLoaded(BackendUnavailable):
+    """TorchServe answers but has not loaded a model the gateway serves (restarted without
+    it, or unregistered): the server's fault and worth a retry (UNAVAILABLE), not the
+    caller's (NOT_FOUND is for names the gateway does not serve)."""
+
+
 class DeadlineExceeded(GatewayError):
     """The request's deadline ran out."""
 

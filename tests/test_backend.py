@@ -179,3 +179,21 @@ def test_spec_to_proto_is_the_json_conversion_for_every_seed_and_a_fresh_message
     mine = spec_to_proto(cheap)
     mine.seed, mine.squeeze.bit_depths[0] = 7, 8
     assert spec_to_proto(cheap) == by_json(cheap)
+
+
+def test_a_model_torchserve_has_not_loaded_is_unavailable_not_not_found(caplog) -> None:
+    """The gateway serves the model, so TorchServe's NOT_FOUND (restarted without it,
+    unregistered) is a server fault the caller may retry: UNAVAILABLE, counted by the
+    error-ratio alert; NOT_FOUND stays for names the gateway itself does not serve."""
+    import grpc
+
+    from service.backend import map_rpc_error
+    from service.server import SERVER_FAULTS, status_of
+
+    err = map_rpc_error(grpc.aio.AioRpcError(grpc.StatusCode.NOT_FOUND, grpc.aio.Metadata(),
+                                                     grpc.aio.Metadata(), "Model not found: fmnist-cnn-onnx"))
+    assert isinstance(err, BackendUnavailable)
+    code, message = status_of(err)
+    assert code is grpc.StatusCode.UNAVAILABLE and code in SERVER_FAULTS
+    assert message == "model is not loaded in the backend; retry later"
+    assert "fmnist-cnn-onnx" in caplog.text  # TorchServe's words go to the log, not the caller
