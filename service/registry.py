@@ -25,7 +25,7 @@ import yaml
 
 from model_store.archive import FORMATS, archive_name
 from service.decode import InputSpec
-from service.errors import ModelNotFound, PolicyMismatch
+from service.errors import GatewayError, ModelNotFound, PolicyMismatch
 from service.gate.checks import Check
 from service.gate.errors import PlanError, PolicyError
 from service.gate.policy import Mode, Policy
@@ -100,12 +100,17 @@ def load_model(store: Path, name: str, backend_format: str) -> ServedModel:
     card_path = model_dir / CARD_FILE
     if not card_path.is_file():
         raise ModelNotFound(f"model {name!r} has no card in {model_dir}")
-    card = json.loads(card_path.read_text())
-    model_sha = card["hashes"]["model.pt"]
+    try:
+        card = json.loads(card_path.read_text())
+        model_sha = card["hashes"]["model.pt"]
+        input_spec = InputSpec.from_card(card)
+        labels, noise_sigma = tuple(card["labels"]), float(card["noise_sigma"])
+    except (ValueError, KeyError, TypeError) as e:  # not JSON, or not a card's shape
+        raise GatewayError(f"model {name!r}: {card_path} is not a valid model card "
+                           f"({type(e).__name__}: {str(e)[:200]})") from None
     if (model_dir / "model.pt").is_file() and _sha256(model_dir / "model.pt") != model_sha:
         raise PolicyMismatch(f"{model_dir / 'model.pt'} does not match its card's sha256")
     policy_path = model_dir / POLICY_FILE
-    input_spec = InputSpec.from_card(card)
     try:
         policy = load_policy(policy_path)
         policy.check_model(model_sha)
@@ -129,13 +134,13 @@ def load_model(store: Path, name: str, backend_format: str) -> ServedModel:
     return ServedModel(
         name=name,
         version=str(card.get("version", "1")),
-        labels=tuple(card["labels"]),
+        labels=labels,
         input=input_spec,
         policy=policy,
         backend_name=archive_name(name, backend_format),
         formats=formats,
         model_sha256=model_sha,
-        noise_sigma=float(card["noise_sigma"]),
+        noise_sigma=noise_sigma,
         limits=limits,
     )
 

@@ -9,6 +9,7 @@ import contextlib
 import hmac
 import logging
 import signal
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -296,15 +297,29 @@ def auth_token(settings: Settings) -> str:
     if settings.auth_token_file:
         token = Path(settings.auth_token_file).read_text().strip()
         if not token:
-            raise ValueError(f"auth_token_file {settings.auth_token_file} is empty")
+            raise StartFailed(f"auth_token_file {settings.auth_token_file} is empty")
         return token
     return settings.auth_token
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
-    """TLS credentials from settings (mutual TLS when a client CA is set); None: plaintext."""
+    """TLS credentials from settings (mutual TLS when a client CA is set); None: plaintext.
+    Each file is loaded with OpenSSL first: gRPC refuses a certificate that is not its key's,
+    or is no PEM, only when it binds, with the same error as a port that is taken."""
     if not settings.tls_cert_file:
         return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file, password=lambda: b"")
+    except ssl.SSLError as e:
+        raise StartFailed(f"tls_cert_file {settings.tls_cert_file} and tls_key_file {settings.tls_key_file} are not "
+                          f"a PEM certificate chain and its unencrypted private key ({e.reason or e})") from None
+    if settings.tls_client_ca_file:
+        try:
+            context.load_verify_locations(settings.tls_client_ca_file)
+        except ssl.SSLError as e:
+            raise StartFailed(f"tls_client_ca_file {settings.tls_client_ca_file} holds no PEM CA certificate "
+                              f"({e.reason or e})") from None
     ca = Path(settings.tls_client_ca_file).read_bytes() if settings.tls_client_ca_file else None
     return grpc.ssl_server_credentials(
         [(Path(settings.tls_key_file).read_bytes(), Path(settings.tls_cert_file).read_bytes())],
@@ -420,8 +435,11 @@ async def start(settings: Settings, registry: Registry | None = None, worker: bo
         raise cannot_listen(address) from None
     metrics_server, metrics_port = None, None
     if settings.metrics_port >= 0:
-        metrics_server, _thread = metrics_http.start(settings.host, settings.metrics_port, metrics.registry,
-                                                     settings.torchserve_metrics_url)
+        try:
+            metrics_server, _thread = metrics_http.start(settings.host, settings.metrics_port, metrics.registry,
+                                                         settings.torchserve_metrics_url)
+        except ValueError as e:  # the relay's URL (its host does not resolve)
+            raise StartFailed(str(e)) from None
         metrics_port = metrics_server.server_port
     await server.start()
     task = asyncio.create_task(

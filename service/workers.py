@@ -334,6 +334,9 @@ class Supervisor:
                 except OSError:
                     log.error("cannot start: %s", cannot_listen(f"{s.host}:{s.metrics_port} (metrics)"))
                     return 2
+                except ValueError as e:  # the relay's URL (its host does not resolve)
+                    log.error("cannot start: %s", e)
+                    return 2
             port = hold.getsockname()[1]
             worker_settings = dataclasses.replace(s, port=port, metrics_port=-1, workers=1)
             os.environ[MULTIPROC_ENV] = str(mdir)  # the workers inherit it

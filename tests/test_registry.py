@@ -259,3 +259,14 @@ def test_only_a_failure_to_start_reads_cannot_start(monkeypatch: pytest.MonkeyPa
     with pytest.raises(OSError, match="disk gone while draining"):
         entry.main(["--metrics-port", "-1"])
     assert "cannot start" not in caplog.text
+
+
+@pytest.mark.parametrize("card", ["{", "[]", '{"hashes": {}}', '{"hashes": {"model.pt": "x"}, "input": {"shape": [28]}}'])
+def test_a_card_that_is_no_card_is_refused_with_its_path(tmp_path: Path, card: str) -> None:
+    """Not JSON, or not a card's shape: a one-line start refusal naming the file, not a traceback."""
+    from service.errors import GatewayError
+
+    store = store_with(tmp_path, make_policy())
+    (store / "fmnist-cnn" / "card.json").write_text(card)
+    with pytest.raises(GatewayError, match=r"model 'fmnist-cnn': .*card\.json is not a valid model card \("):
+        load_model(store, "fmnist-cnn", "onnx")

@@ -176,3 +176,33 @@ def test_settings_refuse_half_tls() -> None:
         Settings(tls_cert_file="a.pem")
     with pytest.raises(ValueError):
         Settings(tls_client_ca_file="ca.pem")
+
+
+def test_bad_tls_files_and_an_empty_token_fail_the_start_in_one_line(calibrated_store: Path, torchserve,
+                                                                      tmp_path: Path, pki: Path) -> None:
+    """Each is refused before the gateway binds, with exit code 2 and a line that names the
+    file: gRPC alone would refuse a certificate that is not its key's only as it binds, in the
+    words of a port that is taken; an empty token file was a traceback."""
+    (tmp_path / "junk.pem").write_text("not a certificate\n")
+    (tmp_path / "empty-token").write_text("\n")
+    d = pki / "d"
+    cases = {
+        "not its key": (["--tls-cert-file", str(d / "server.pem"), "--tls-key-file", str(d / "client.key")],
+                        f"tls_cert_file {d / 'server.pem'} and tls_key_file {d / 'client.key'} are not a PEM"),
+        "no PEM": (["--tls-cert-file", str(tmp_path / "junk.pem"), "--tls-key-file", str(d / "server.key")],
+                   f"tls_cert_file {tmp_path / 'junk.pem'} and tls_key_file"),
+        "client CA no PEM": (["--tls-cert-file", str(d / "server.pem"), "--tls-key-file", str(d / "server.key"),
+                              "--tls-client-ca-file", str(tmp_path / "junk.pem")],
+                             f"tls_client_ca_file {tmp_path / 'junk.pem'} holds no PEM CA certificate"),
+        "empty token": (["--auth-token-file", str(tmp_path / "empty-token")],
+                        f"auth_token_file {tmp_path / 'empty-token'} is empty"),
+    }
+    for case, (flags, says) in cases.items():
+        r = subprocess.run([sys.executable, "-m", "service", "--port", "0", "--metrics-port", "-1",
+                            "--store", str(calibrated_store), "--log-level", "WARNING",
+                            "--torchserve-address", torchserve.grpc_inference_target,
+                            "--torchserve-key-file", str(torchserve.settings.run_dir / serve.KEY_FILE), *flags],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, (case, r.stderr[-2000:])
+        assert f"cannot start: {says}" in r.stderr, (case, r.stderr[-2000:])
+        assert "Traceback" not in r.stderr and "port is taken" not in r.stderr, case
