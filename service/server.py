@@ -35,6 +35,7 @@ from service.errors import (
     GatewayError,
     InvalidInput,
     ModelNotFound,
+    ModelNotLoaded,
     Overloaded,
     PolicyMismatch,
     Unauthenticated,
@@ -57,6 +58,7 @@ STATUS_BY_ERROR: dict[type[GatewayError], grpc.StatusCode] = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     ModelNotFound: grpc.StatusCode.NOT_FOUND,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ModelNotLoaded: grpc.StatusCode.UNAVAILABLE,  # by TorchServe: a model the gateway serves
     BackendUnavailable: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
