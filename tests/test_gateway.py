@@ -266,19 +266,20 @@ def test_stream_answers_each_request_in_order(client: Client, fmnist: data.Fashi
 def test_a_stream_cancelled_midway_stops_what_it_had_in_flight(client: Client, fmnist: data.FashionMNIST,
                                                              metrics_port: int) -> None:
     """The client walks away with a window of slow items in flight: the gateway cancels
-    them (none is answered, so none is counted), frees their admission slots and keeps
-    serving."""
+    them (none is answered; each is counted as CANCELLED), frees their admission slots and
+    keeps serving."""
     def inflight() -> float:
         return scrape(metrics_port)[("robustgate_inflight_requests", frozenset())]
 
-    def answered() -> float:
-        return sum(v for (name, _), v in scrape(metrics_port).items() if name == "robustgate_requests_total")
+    def answered(code: str = "OK") -> float:
+        return sum(v for (name, labels), v in scrape(metrics_port).items()
+                   if name == "robustgate_requests_total" and ("code", code) in labels)
 
     # A fast first item, then certified ones (hundreds of forward passes each): when the
     # first answer arrives, the window's other items have only just started.
     reqs = [Client.request(fmnist.test.images[i][None], "fmnist-cnn", request_id=f"c{i}", certify=i > 0)
             for i in range(40)]
-    before = answered()
+    before, cancelled_before = answered(), answered("CANCELLED")
     call = client.classify_stream(reqs, timeout_s=60)
     assert next(call).request_id == "c0"
     call.cancel()
@@ -289,6 +290,8 @@ def test_a_stream_cancelled_midway_stops_what_it_had_in_flight(client: Client, f
     time.sleep(1)  # anything left running would finish and be counted by now
     done = answered() - before
     assert done < 4, f"{done:.0f} items answered: those in flight were finished, not cancelled"  # window: 16
+    cancelled = answered("CANCELLED") - cancelled_before
+    assert 1 <= cancelled and done + cancelled <= 17  # the window's items, counted once each
     assert client.classify(png(fmnist.test.images[0]), model="fmnist-cnn").classes
 
 
