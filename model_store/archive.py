@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -127,7 +128,19 @@ def sha256_file(path: Path) -> str:
 
 
 def _artifacts(store: Path) -> list[Path]:
-    return sorted(p for p in store.rglob("*") if p.is_file() and p.name != MANIFEST)
+    """Every file under ``store`` but the manifest, through symlinked folders too (each real
+    folder once): ``rglob`` skips those, and a store whose ``archives/`` is a link would let
+    an added archive through unlisted, which ``serve start`` would then load."""
+    found: list[Path] = []
+    seen: set[str] = set()
+    for folder, subfolders, files in os.walk(store, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back to a folder already walked
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        found += [Path(folder) / f for f in files if f != MANIFEST and (Path(folder) / f).is_file()]
+    return sorted(found)
 
 
 def write_manifest(store: Path) -> Path:

@@ -63,6 +63,19 @@ def test_manifest_rejects_missing_and_unlisted_files(store_copy: Path) -> None:
     assert "not in manifest: archives/intruder.mar" in str(err.value)
 
 
+def test_an_archive_added_behind_a_symlinked_folder_is_unlisted(store_copy: Path, tmp_path: Path) -> None:
+    """A store assembled with links (its archives/ elsewhere) is walked through them: an
+    archive added there is not in the manifest, and ``serve start`` would have loaded it."""
+    elsewhere = tmp_path / "shared-archives"
+    (store_copy / "archives").rename(elsewhere)
+    (store_copy / "archives").symlink_to(elsewhere, target_is_directory=True)
+    (store_copy / "fmnist-cnn" / "loop").symlink_to(store_copy, target_is_directory=True)  # walked once
+    assert "archives/fmnist-cnn-onnx.mar" in archive.verify_manifest(store_copy)  # the listed ones verify
+    (elsewhere / "intruder.mar").write_bytes(b"PK")
+    with pytest.raises(archive.ManifestError, match="not in manifest: archives/intruder.mar"):
+        archive.verify_manifest(store_copy)
+
+
 def test_archives_built_from_older_handler_code_are_rebuilt(store_copy: Path) -> None:
     """A store built before a handler change is re-archived (not retrained) by the build command."""
     from model_store import build
