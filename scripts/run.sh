@@ -24,4 +24,14 @@ Call it from another shell:
   .venv/bin/grpcurl -plaintext -d '{"model":"$model","image":"'"\$(base64 -w0 some.png)"'"}' 127.0.0.1:$port robustgate.v1.ClassifierService/Classify
 Make a test image:  .venv/bin/python -m service.sample_image some.png
 MSG
-$py -m service --models "$model"
+# In the background and waited for, so that a SIGTERM to this script (not only a terminal's
+# Ctrl-C, which reaches the whole group) drains the gateway before TorchServe stops; in the
+# foreground bash would run the EXIT trap and leave the gateway running.
+$py -m service --models "$model" &
+gateway=$!
+trap 'kill -TERM "$gateway" 2>/dev/null || true' TERM INT
+rc=0
+while kill -0 "$gateway" 2>/dev/null; do
+  wait "$gateway" || rc=$?  # a trapped signal interrupts wait; the gateway is still draining
+done
+exit "$rc"

@@ -6,10 +6,14 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
+py="${PYTHON:-python3.11}"
+command -v "$py" >/dev/null || py=python3
 need_apt=()
 for pkg in dataset-fashion-mnist prometheus openssl; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
 done
+# Debian's Python makes venvs only with its -venv package (ensurepip); other builds carry it.
+"$py" -c 'import ensurepip' 2>/dev/null || need_apt+=("$(basename "$py")-venv")
 if ((${#need_apt[@]})); then
   sudo_=""; [ "$(id -u)" -eq 0 ] || sudo_="sudo"
   echo "setup: apt-get install ${need_apt[*]}"
@@ -19,12 +23,11 @@ if ((${#need_apt[@]})); then
 fi
 command -v java >/dev/null || { echo "setup: Java 17 is required by TorchServe (apt-get install openjdk-17-jre-headless)" >&2; exit 1; }
 
-py="${PYTHON:-python3.11}"
-command -v "$py" >/dev/null || py=python3
 stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "setup: creating .venv and installing pinned dependencies (a few minutes the first time)"
-  [ -x .venv/bin/python ] || "$py" -m venv .venv
+  # A venv made without ensurepip has a python but no pip: make it again.
+  .venv/bin/python -m pip --version >/dev/null 2>&1 || { rm -rf .venv; "$py" -m venv .venv; }
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e ".[dev]"
   rm -f .venv/.installed-*
