@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -151,17 +152,36 @@ def write_manifest(store: Path) -> Path:
     return path
 
 
-def verify_manifest(store: Path, only: list[str] | None = None) -> dict[str, str]:
+def approve_changes(store: Path, changing: Sequence[str]) -> Path:
+    """Write the manifest after a run that changed ``changing`` (paths or folders relative to
+    the store, such as a model's folder and archives, or its policy). Everything else must
+    first verify against the old manifest: a new one records the whole store, so it would
+    otherwise approve a change this run did not make. A store without a manifest yet (its
+    first build) is recorded as it is."""
+    if (store / MANIFEST).is_file():
+        verify_manifest(store, changing=changing)
+    return write_manifest(store)
+
+
+def verify_manifest(store: Path, only: list[str] | None = None, changing: Sequence[str] = ()) -> dict[str, str]:
     """Check files under ``store`` against its manifest; raise :class:`ManifestError` naming
     every missing, unlisted or modified file. ``only`` restricts the check to those
-    relative paths (each must be listed). Returns the verified entries."""
+    relative paths (each must be listed); ``changing`` leaves out those paths and folders.
+    Returns the verified entries."""
     path = store / MANIFEST
     if not path.is_file():
         raise ManifestError(f"{path} is missing: build the store with `python -m model_store.build`")
     entries: dict[str, str] = json.loads(path.read_text())["sha256"]
+    if changing:
+        def kept(rel: str) -> bool:
+            return not any(rel == c or rel.startswith(c.rstrip("/") + "/") for c in changing)
+
+        entries = {rel: digest for rel, digest in entries.items() if kept(rel)}
     problems: list[str] = []
     if only is None:
         on_disk = {p.relative_to(store).as_posix() for p in _artifacts(store)}
+        if changing:
+            on_disk = {rel for rel in on_disk if kept(rel)}
         problems += [f"not in manifest: {p}" for p in sorted(on_disk - entries.keys())]
         wanted = entries
     else:

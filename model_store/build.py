@@ -147,10 +147,12 @@ def build_model(name: str, opts: BuildOptions, dataset: data.FashionMNIST | None
     from model_store.card import write_card
 
     write_card(model_dir, card)
+    archives = []
     for fmt in archive.FORMATS:
         path = archive.build_archive(model_dir, fmt, opts.store / "archives")
+        archives.append(path.relative_to(opts.store).as_posix())
         log(f"[{name}] archive {path}")
-    archive.write_manifest(opts.store)
+    archive.approve_changes(opts.store, [name, *archives])  # other models' files must still verify
     if opts.check_floor and acc_test < preset.floor:
         raise BuildError(f"[{name}] test top-1 {acc_test:.4f} is below the floor {preset.floor}")
     log(f"[{name}] test top-1 {acc_test:.4f} (floor {preset.floor}), under noise {acc['test_noisy']:.4f}, "
@@ -165,10 +167,10 @@ def rearchive_if_stale(store: Path, name: str) -> bool:
              if not archive.archive_is_current(store / "archives" / f"{archive.archive_name(name, fmt)}.mar")]
     if not stale:
         return False
-    archive.verify_manifest(store)  # the new manifest re-approves the whole store: it must verify first
-    for fmt in stale:
-        archive.build_archive(store / name, fmt, store / "archives")
-    archive.write_manifest(store)
+    archive.verify_manifest(store)  # the archives are rebuilt from the model's files: they must verify
+    rebuilt = [archive.build_archive(store / name, fmt, store / "archives").relative_to(store).as_posix()
+               for fmt in stale]
+    archive.approve_changes(store, rebuilt)
     return True
 
 

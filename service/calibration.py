@@ -273,7 +273,7 @@ async def calibrate(
     policy = dataclasses.replace(policy, version=f"{stamp}-{card['hashes']['model.pt'][:8]}", mode=mode,
                                  calibration=summary, max_forward_passes=ceiling)
     save_policy(policy, store / model / POLICY_FILE)
-    archive.write_manifest(store)
+    archive.approve_changes(store, [f"{model}/{POLICY_FILE}"])  # everything else must still verify
     return policy
 
 

@@ -76,6 +76,24 @@ def test_an_archive_added_behind_a_symlinked_folder_is_unlisted(store_copy: Path
         archive.verify_manifest(store_copy)
 
 
+def test_a_new_manifest_approves_only_what_the_run_changed(store_copy: Path) -> None:
+    """A build or calibration records the whole store again; a file changed by anyone else
+    (an archive swapped, one added) must fail that, not be approved with the run's own."""
+    mar = store_copy / "archives" / "fmnist-cnn-onnx.mar"
+    mar.write_bytes(mar.read_bytes() + b"tampered")
+    (store_copy / "fmnist-cnn" / "policy.json").write_text("{}")  # what a calibration rewrites
+    with pytest.raises(archive.ManifestError, match="sha256 mismatch: archives/fmnist-cnn-onnx.mar"):
+        archive.approve_changes(store_copy, ["fmnist-cnn/policy.json"])
+    with pytest.raises(archive.ManifestError, match="sha256 mismatch: archives/fmnist-cnn-onnx.mar"):
+        archive.verify_manifest(store_copy)  # and the old manifest was left as it was
+    archive.approve_changes(store_copy, ["fmnist-cnn", "archives/fmnist-cnn-onnx.mar"])  # a rebuild of both
+    archive.verify_manifest(store_copy)
+    (store_copy / "archives" / "intruder.mar").write_bytes(b"PK")
+    (store_copy / "fmnist-cnn" / "new-file").write_text("made by the run")
+    with pytest.raises(archive.ManifestError, match="not in manifest: archives/intruder.mar"):
+        archive.approve_changes(store_copy, ["fmnist-cnn"])
+
+
 def test_archives_built_from_older_handler_code_are_rebuilt(store_copy: Path) -> None:
     """A store built before a handler change is re-archived (not retrained) by the build command."""
     from model_store import build
