@@ -319,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                   flag_rate=args.flag_rate, reject_rate=args.reject_rate, checks=checks, mode=Mode(args.mode),
                   confidence=args.confidence, detector_hidden=args.detector_hidden)
     if args.start_torchserve:
+        import shutil
         import tempfile
 
         from model_store import serve
@@ -329,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         with serve.start(settings) as ts:
             policy = asyncio.run(calibrate(args.store, args.model, ts.grpc_inference_target,
                                            settings.run_dir / serve.KEY_FILE, **kwargs))
+        shutil.rmtree(run_dir, ignore_errors=True)  # kept, with TorchServe's logs, when it failed
     else:
         policy = asyncio.run(calibrate(args.store, args.model, args.address, args.key_file, **kwargs))
     print(f"[{args.model}] policy {policy.version} written to {target}")
