@@ -182,6 +182,22 @@ def _is_ours(pid: int) -> bool:
     return b"ts.model_server" in cmdline
 
 
+def _group_is_torchserve(pgid: int) -> bool:
+    """A process of group ``pgid`` is TorchServe's frontend or one of its workers: what is
+    left when the launcher died alone (it does not pass signals on), still holding the ports."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)"
+            if int(fields[2]) != pgid:  # state, ppid, pgrp
+                continue
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        if b"org.pytorch.serve.ModelServer" in cmdline or b"model_service_worker" in cmdline:
+            return True
+    return False
+
+
 _STAND_DOWN = b"x"
 
 
@@ -291,7 +307,7 @@ class TorchServe:
     def running(self) -> bool:
         if self.process is not None:
             return self.process.poll() is None
-        return _is_ours(self.pid)
+        return _is_ours(self.pid) or _group_is_torchserve(self.pid)
 
     def describe(self, model: str) -> list[dict[str, Any]]:
         """The management API's describe answer for ``model`` (one entry per version)."""
@@ -352,7 +368,7 @@ class TorchServe:
     def stop(self, timeout: float = 30.0) -> None:
         """Stop TorchServe and its workers (SIGTERM to the process group, SIGKILL after
         ``timeout``); remove the key file and the state file."""
-        if self.process is not None or _is_ours(self.pid):
+        if self.process is not None or _is_ours(self.pid) or _group_is_torchserve(self.pid):
             _stop_group(self.pid, timeout)
         if self.process is not None:
             try:
@@ -446,8 +462,8 @@ def attach(run_dir: Path = DEFAULT_RUN_DIR) -> TorchServe | None:
         state = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if not _is_ours(int(state["pid"])):
-        return None
+    if not (_is_ours(int(state["pid"])) or _group_is_torchserve(int(state["pid"]))):
+        return None  # its launcher's group is gone (a reused pid is no launcher of TorchServe's)
     s = dict(state["settings"])
     s["store"], s["run_dir"], s["models"] = Path(s["store"]), Path(s["run_dir"]), tuple(s["models"])
     return TorchServe(ServeSettings(**s), list(state["models"]), int(state["pid"]))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -237,6 +238,30 @@ def test_cli_start_status_stop(tiny_store: Path, tmp_path: Path) -> None:
     assert stop.returncode == 0 and "stopped" in stop.stdout
     assert not serve._group_alive(ts.pid), "TorchServe processes survived stop"
     assert not (run_dir / serve.KEY_FILE).exists() and serve.attach(run_dir) is None
+
+
+@pytest.mark.slow
+def test_stop_reaches_a_torchserve_whose_launcher_died_alone(tiny_store: Path, tmp_path: Path) -> None:
+    """The launcher (``ts.model_server --foreground``) does not pass signals on: killed by
+    itself, it leaves the JVM and the workers in its group, holding the ports. ``status`` and
+    ``stop`` still find them by the group, and ``stop`` ends them."""
+    run_dir = tmp_path / "run"
+    cli = [sys.executable, "-m", "model_store.serve"]
+    start = subprocess.run([*cli, "start", "--store", str(tiny_store), "--run-dir", str(run_dir),
+                            "--model", "fmnist-cnn-onnx", "--grpc-port", str(_free_port_base()),
+                            "--http-port", str(_free_port_base())], capture_output=True, text=True, timeout=240)
+    ts = serve.attach(run_dir)
+    assert start.returncode == 0 and ts is not None, start.stderr[-2000:]
+    try:
+        os.kill(ts.pid, signal.SIGKILL)  # the launcher only
+        psutil.wait_procs([psutil.Process(ts.pid)], timeout=10)
+        assert not serve._is_ours(ts.pid) and serve._group_alive(ts.pid)  # the orphans
+        found = serve.attach(run_dir)
+        assert found is not None and found.running()
+    finally:
+        stop = subprocess.run([*cli, "stop", "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=90)
+    assert stop.returncode == 0 and "stopped" in stop.stdout, stop.stdout + stop.stderr
+    assert not serve._group_alive(ts.pid), "TorchServe processes survived stop"
 
 
 _RESPAWNS_ON_TERM = """
