@@ -20,7 +20,7 @@ import numpy as np
 
 from robustgate.v1 import probe_pb2
 from service.backend import Prober
-from service.decode import Limits, decode_image, decode_tensor
+from service.decode import Limits, declared_pixels, decode_image, decode_tensor
 from service.errors import DeadlineExceeded, InvalidInput
 from service.gate.cascade import GateRun
 from service.gate.plan import ProbeSpec
@@ -29,8 +29,10 @@ from service.registry import Registry, ServedModel
 from service.tracing import OFF, Tracing
 
 DEFAULT_TOP_K = 5
-# Decode big images in a worker thread so one large PNG cannot stall the event loop.
+# Decode big images in a worker thread so that one cannot stall the event loop: big in bytes,
+# or in the pixels its header declares (a small file can declare millions of them).
 _INLINE_DECODE_BYTES = 64 * 1024
+_INLINE_DECODE_PIXELS = 256 * 256
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,8 @@ class Pipeline:
         if req.image is not None and req.tensor is not None:
             raise InvalidInput("send either image or tensor, not both")
         if req.image is not None:
-            if len(req.image) > _INLINE_DECODE_BYTES:
+            pixels = declared_pixels(req.image)
+            if len(req.image) > _INLINE_DECODE_BYTES or pixels is None or pixels > _INLINE_DECODE_PIXELS:
                 return await asyncio.to_thread(decode_image, req.image, model.input, self.limits)
             return decode_image(req.image, model.input, self.limits)
         if req.tensor is not None:

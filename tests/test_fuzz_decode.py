@@ -107,3 +107,71 @@ def test_decoders_are_registered_at_import_not_on_the_first_request() -> None:
             "print('PNG' in Image.OPEN and 'JPEG' in Image.OPEN)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "True", out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("mode,white", [("L", 255), ("RGB", (255, 255, 255)), ("LA", (255, 0)),
+                                        ("RGBA", (255, 255, 255, 0))])
+def test_transparent_pixels_are_black_however_the_png_says_so(mode: str, white) -> None:
+    """An alpha channel or a transparent colour (tRNS in a grey or RGB PNG): the model sees
+    the same black either way, as on its training data; a grey PNG's tRNS was dropped."""
+    buf = io.BytesIO()
+    extra = {"transparency": white} if mode in ("L", "RGB") else {}
+    Image.new(mode, (28, 28), white).save(buf, format="PNG", **extra)
+    assert decode_image(buf.getvalue(), SPEC, LIMITS).max() == 0
+
+
+@pytest.mark.parametrize("mode,size,fmt,options", [
+    ("L", (28, 28), "PNG", {}), ("I;16", (4096, 4096), "PNG", {}), ("RGBA", (640, 480), "PNG", {}),
+    ("L", (640, 480), "JPEG", {}), ("RGB", (300, 200), "JPEG", {"progressive": True}),
+    ("L", (28, 28), "JPEG", {"quality": 10})])
+def test_declared_pixels_read_from_the_header(mode: str, size: tuple[int, int], fmt: str, options: dict) -> None:
+    from service.decode import declared_pixels
+
+    buf = io.BytesIO()
+    Image.new(mode, size).save(buf, format=fmt, **options)
+    assert declared_pixels(buf.getvalue()) == size[0] * size[1]
+    assert declared_pixels(buf.getvalue()[:12]) is None  # cut before the header: unknown
+    assert declared_pixels(b"not an image") is None
+
+
+def test_a_small_file_declaring_many_pixels_is_decoded_off_the_event_loop() -> None:
+    """A 4096x4096 16-bit PNG of one grey is 32 KB (under the byte threshold) and takes about
+    a second to decode: in a thread, other requests go on meanwhile."""
+    import asyncio
+    import time
+    from types import SimpleNamespace
+
+    from service.pipeline import ClassifyInput, Pipeline
+
+    buf = io.BytesIO()
+    Image.new("I;16", (4096, 4096), 300).save(buf, format="PNG")
+    raw = buf.getvalue()
+    limits = Limits(max_bytes=1 << 20, max_pixels=4096 * 4096)
+    alone = float("inf")
+    for _ in range(2):  # warm
+        t0 = time.perf_counter()
+        decode_image(raw, SPEC, limits)
+        alone = min(alone, time.perf_counter() - t0)
+    pipeline = Pipeline(registry=None, backend=None, limits=limits, backend_timeout_s=1.0)  # type: ignore[arg-type]
+
+    async def main() -> float:
+        longest, last = 0.0, time.perf_counter()
+
+        async def tick() -> None:
+            nonlocal longest, last
+            while True:
+                await asyncio.sleep(0.005)
+                now = time.perf_counter()
+                longest, last = max(longest, now - last), now
+
+        ticker = asyncio.create_task(tick())
+        await asyncio.sleep(0.02)
+        out = await pipeline._decode(ClassifyInput(model="m", image=raw), SimpleNamespace(input=SPEC))
+        await asyncio.sleep(0.02)  # the ticker's next turn measures a stall that just ended
+        ticker.cancel()
+        assert out.shape == (1, 28, 28)
+        return longest
+
+    assert len(raw) < 64 * 1024 and alone > 0.05
+    stall = asyncio.run(main())
+    assert stall < alone / 4, f"the event loop stood still {stall:.2f} s of the decode's {alone:.2f} s"
