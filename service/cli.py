@@ -65,10 +65,31 @@ def classify(client: Client, images: list[Path], model: str, top_k: int, timeout
     return 2 if failed else 0
 
 
+def _positive_seconds(raw: str) -> float:
+    value = float(raw)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a positive number of seconds")
+    return value
+
+
+def _count(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{raw!r} is negative (0: the gateway's default)")
+    return value
+
+
+def _read_token(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except UnicodeDecodeError:
+        raise ValueError(f"token file {path} is not text") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="robustgate", description="RobustGate client")
     p.add_argument("--address", default="127.0.0.1:50051")
-    p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--timeout", type=_positive_seconds, default=10.0, help="seconds per call (per image)")
     p.add_argument("--tls", action="store_true", help="connect with TLS (implied by --tls-ca/--tls-cert)")
     p.add_argument("--tls-ca", type=Path, help="PEM CA that signed the gateway's certificate (default: system roots)")
     p.add_argument("--tls-cert", type=Path, help="client certificate (PEM) for mutual TLS")
@@ -78,13 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("classify", help="classify image files (PNG or JPEG); several go over one stream")
     c.add_argument("images", type=Path, nargs="+", metavar="image")
     c.add_argument("--model", default="fmnist-cnn")
-    c.add_argument("--top-k", type=int, default=3)
+    c.add_argument("--top-k", type=_count, default=3)
     sub.add_parser("models", help="list served models")
     args = p.parse_args(argv)
     try:
         creds = (tls_credentials(args.tls_ca, args.tls_cert, args.tls_key)
-                 if args.tls or args.tls_ca or args.tls_cert else None)
-        token = args.token_file.read_text().strip() if args.token_file else None
+                 if args.tls or args.tls_ca or args.tls_cert or args.tls_key else None)
+        token = _read_token(args.token_file) if args.token_file else None
         with Client(args.address, timeout_s=args.timeout, credentials=creds, token=token) as client:
             if args.cmd == "classify":
                 code = classify(client, args.images, args.model, args.top_k, args.timeout)
@@ -101,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         # Python flushes stdout again at exit: point it at /dev/null so that flush cannot fail too.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + 13  # as a command killed by SIGPIPE exits in the shell
-    except OSError as e:
+    except (OSError, ValueError) as e:  # unreadable files, a certificate without its key
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -21,7 +21,11 @@ from robustgate.v1 import probe_pb2
 def tls_credentials(ca_file: Path | None = None, cert_file: Path | None = None,
                     key_file: Path | None = None) -> grpc.ChannelCredentials:
     """TLS to the gateway: ``ca_file`` verifies the server (None: system roots); ``cert_file``
-    and ``key_file`` are the client's certificate for mutual TLS."""
+    and ``key_file`` are the client's certificate for mutual TLS, both or neither (gRPC's core
+    aborts the process on a certificate without its key)."""
+    if bool(cert_file) != bool(key_file):
+        raise ValueError("a client certificate and its private key go together: give both or neither")
+
     def read(p: Path | None) -> bytes | None:
         return Path(p).read_bytes() if p else None
 
@@ -72,6 +76,8 @@ class Client:
 
     def classify_stream(self, requests: Iterable[pb.ClassifyRequest],
                         timeout_s: float | None = None) -> Iterator[pb.ClassifyStreamResponse]:
+        """One ClassifyStream. ``timeout_s`` bounds the whole stream; None: no deadline (a
+        stream may be long-lived), unlike the unary calls, which default to ``timeout_s``."""
         return self._stub.ClassifyStream((pb.ClassifyStreamRequest(request=r) for r in requests), timeout=timeout_s,
                                         metadata=self._metadata)
 

@@ -16,7 +16,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--index", type=int, default=0, help="test-set index (0..9999)")
     args = p.parse_args(argv)
     test = data.load().test
-    Image.fromarray(test.images[args.index]).save(args.out)
+    if not 0 <= args.index < len(test.images):
+        p.error(f"--index must be in 0..{len(test.images) - 1}")
+    Image.fromarray(test.images[args.index]).save(args.out, format="PNG")  # whatever the name says
     print(f"{args.out}: test image {args.index}, label {data.LABELS[test.labels[args.index]]}")
     return 0
 

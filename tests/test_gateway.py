@@ -331,6 +331,32 @@ def test_a_plan_the_handler_refuses_is_a_server_fault_not_the_callers(calibrated
     assert "refused a probe plan" in log and "allows at most 2048" in log
 
 
+def test_cli_refuses_bad_arguments_in_one_line(tmp_path: Path) -> None:
+    """Refused before any call, exit 2 and one line, never a traceback, and never gRPC's core
+    aborting the process (a client certificate without its key did: SIGABRT). In a subprocess,
+    so that such an abort cannot take the test run with it."""
+    image = tmp_path / "x.png"
+    image.write_bytes(b"not read")
+    (tmp_path / "cert.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    (tmp_path / "token").write_bytes(b"\xff\xfe\x00binary")
+    cases = {
+        "certificate without key": (["--tls-cert", str(tmp_path / "cert.pem")], "go together"),
+        "key without certificate": (["--tls-key", str(tmp_path / "cert.pem")], "go together"),
+        "binary token file": (["--token-file", str(tmp_path / "token")], "is not text"),
+        "infinite timeout": (["--timeout", "inf"], "not a positive number of seconds"),
+        "negative top-k": (["classify", str(image), "--top-k", "-1"], "is negative"),
+    }
+    for case, (flags, says) in cases.items():
+        argv = flags if flags[0] == "classify" else [*flags, "classify", str(image)]
+        r = subprocess.run([sys.executable, "-m", "service.cli", "--address", "127.0.0.1:9", *argv],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2, (case, r.returncode, r.stderr[-1500:])
+        assert says in r.stderr and "Traceback" not in r.stderr, (case, r.stderr[-1500:])
+    r = subprocess.run([sys.executable, "-m", "service.sample_image", str(tmp_path / "out"), "--index", "10000"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--index must be in 0..9999" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_cli_classifies_one_image_or_several_over_one_stream(gateway: str, fmnist: data.FashionMNIST,
                                                               tmp_path: Path) -> None:
     files = []
