@@ -244,22 +244,20 @@ class Supervisor:
         (the container was frozen or starved), its workers could not beat either: each gets
         a fresh timeout from now instead of being killed all at once."""
         timeout = self.settings.worker_timeout_s
-        if self._watched_at is not None and timeout > 0 and now - self._watched_at > timeout / 2:
+        if timeout <= 0:
+            return
+        if self._watched_at is not None and now - self._watched_at > timeout / 2:
             log.warning("the supervisor did not run for %.1f s: its workers' heartbeats count from now",
                         now - self._watched_at)
             for s in self.slots:
                 s.beat.value = max(s.beat.value, now)  # a starting worker keeps its allowance
         self._watched_at = now
-        self._kill_hung()
+        self._kill_hung(now, timeout)
 
-    def _kill_hung(self) -> None:
-        """SIGKILL each worker whose heartbeat is older than ``worker_timeout_s`` (one that does
-        not listen yet has ``START_TIMEOUT_S`` more, from its spawn); the next
+    def _kill_hung(self, now: float, timeout: float) -> None:
+        """SIGKILL each worker whose heartbeat is older than ``timeout`` at ``now`` (one that
+        does not listen yet has ``START_TIMEOUT_S`` more, from its spawn); the next
         :meth:`_replace_dead` replaces it."""
-        timeout = self.settings.worker_timeout_s
-        if timeout <= 0:
-            return
-        now = time.monotonic()
         for s in self.slots:
             silent = now - s.beat.value
             if silent <= timeout or not s.proc.is_alive():

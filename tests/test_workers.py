@@ -366,7 +366,7 @@ def test_a_hung_worker_writes_its_stacks_before_the_kill() -> None:
 
 
 def test_the_supervisor_kills_silent_workers_and_those_that_never_listen(caplog) -> None:
-    """``_kill_hung`` over real processes: a listening worker with a stale heartbeat and a
+    """The supervisor's watch over real processes: a listening worker with a stale heartbeat and a
     replacement that has not listened within its start allowance are killed; a beating one
     and one still within its allowance are left alone."""
     sup = Supervisor(Settings(workers=2, worker_timeout_s=1.0))
@@ -384,13 +384,13 @@ def test_the_supervisor_kills_silent_workers_and_those_that_never_listen(caplog)
     sup.slots = [silent, beating, never_listened, starting]
     try:
         with caplog.at_level("ERROR", logger="service.workers"):
-            sup._kill_hung()
+            sup._watch(time.monotonic())
         assert [x.proc.is_alive() for x in sup.slots] == [False, True, False, True]
         assert f"worker pid {silent.proc.pid}: its event loop has not run for 5." in caplog.text
         assert f"worker pid {never_listened.proc.pid} did not listen within {5 + START_TIMEOUT_S:.0f}" in caplog.text
         sup.settings = Settings(workers=2, worker_timeout_s=0)  # off: nothing is killed
         beating.beat.value = time.monotonic() - 100
-        sup._kill_hung()
+        sup._watch(time.monotonic())
         assert beating.proc.is_alive()
     finally:
         for x in sup.slots:
