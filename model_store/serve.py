@@ -182,6 +182,12 @@ def _is_ours(pid: int) -> bool:
     return b"ts.model_server" in cmdline
 
 
+def _alive(pid: int) -> bool:
+    """The TorchServe whose launcher had ``pid`` (also its group's id) still runs: the launcher,
+    or what it left in its group when it died alone."""
+    return _is_ours(pid) or _group_is_torchserve(pid)
+
+
 def _group_is_torchserve(pgid: int) -> bool:
     """A process of group ``pgid`` is TorchServe's frontend or one of its workers: what is
     left when the launcher died alone (it does not pass signals on), still holding the ports."""
@@ -307,7 +313,7 @@ class TorchServe:
     def running(self) -> bool:
         if self.process is not None:
             return self.process.poll() is None
-        return _is_ours(self.pid) or _group_is_torchserve(self.pid)
+        return _alive(self.pid)
 
     def describe(self, model: str) -> list[dict[str, Any]]:
         """The management API's describe answer for ``model`` (one entry per version)."""
@@ -368,7 +374,7 @@ class TorchServe:
     def stop(self, timeout: float = 30.0) -> None:
         """Stop TorchServe and its workers (SIGTERM to the process group, SIGKILL after
         ``timeout``); remove the key file and the state file."""
-        if self.process is not None or _is_ours(self.pid) or _group_is_torchserve(self.pid):
+        if self.process is not None or _alive(self.pid):
             _stop_group(self.pid, timeout)
         if self.process is not None:
             try:
@@ -462,7 +468,7 @@ def attach(run_dir: Path = DEFAULT_RUN_DIR) -> TorchServe | None:
         state = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if not (_is_ours(int(state["pid"])) or _group_is_torchserve(int(state["pid"]))):
+    if not _alive(int(state["pid"])):
         return None  # its launcher's group is gone (a reused pid is no launcher of TorchServe's)
     s = dict(state["settings"])
     s["store"], s["run_dir"], s["models"] = Path(s["store"]), Path(s["run_dir"]), tuple(s["models"])
