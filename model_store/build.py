@@ -167,10 +167,10 @@ def rearchive_if_stale(store: Path, name: str) -> bool:
              if not archive.archive_is_current(store / "archives" / f"{archive.archive_name(name, fmt)}.mar")]
     if not stale:
         return False
-    archive.verify_manifest(store)  # the archives are rebuilt from the model's files: they must verify
-    rebuilt = [archive.build_archive(store / name, fmt, store / "archives").relative_to(store).as_posix()
-               for fmt in stale]
-    archive.approve_changes(store, rebuilt)
+    archive.verify_manifest(store)  # the new manifest re-approves the whole store: it must verify first
+    for fmt in stale:
+        archive.build_archive(store / name, fmt, store / "archives")
+    archive.write_manifest(store)
     return True
 
 
