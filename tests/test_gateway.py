@@ -29,16 +29,22 @@ def png(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def start_gateway(store: Path, ts, tmp: Path, **overrides: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+def gateway_command(store: Path, ts, **overrides: str) -> list[str]:
+    """``python -m service`` over ``store`` and the TorchServe ``ts``, quiet, metrics off;
+    ``overrides``: flags by name without their dashes (``port`` first of all)."""
     args = {
-        "port": str(port), "metrics-port": "-1", "store": str(store),
+        "port": "0", "metrics-port": "-1", "store": str(store),
         "log-level": "WARNING",
         "torchserve-address": ts.grpc_inference_target,
         "torchserve-key-file": str(ts.settings.run_dir / serve.KEY_FILE),
         "health-interval-s": "0.5", **overrides,
     }
-    cmd = [sys.executable, "-m", "service"] + [x for k, v in args.items() for x in (f"--{k}", v)]
+    return [sys.executable, "-m", "service"] + [x for k, v in args.items() for x in (f"--{k}", v)]
+
+
+def start_gateway(store: Path, ts, tmp: Path, **overrides: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = gateway_command(store, ts, port=str(port), **overrides)
     log = (tmp / f"gateway-{port}.log").open("wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     address = f"127.0.0.1:{port}"

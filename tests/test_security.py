@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,10 +17,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from model_store import serve
 from service.client import Client, tls_credentials
 from tests.conftest import free_port
-from tests.test_gateway import stop
+from tests.test_gateway import gateway_command, stop
 
 
 
@@ -58,10 +56,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _launch(store: Path, ts, tmp: Path, creds: grpc.ChannelCredentials | None, **overrides: str):
     """Start ``python -m service`` and wait for SERVING over ``creds`` (None: plaintext)."""
     port = free_port()
-    args = {"port": str(port), "metrics-port": "-1", "store": str(store), "log-level": "WARNING",
-            "torchserve-address": ts.grpc_inference_target,
-            "torchserve-key-file": str(ts.settings.run_dir / serve.KEY_FILE), "health-interval-s": "0.5", **overrides}
-    cmd = [sys.executable, "-m", "service"] + [x for k, v in args.items() for x in (f"--{k}", v)]
+    cmd = gateway_command(store, ts, port=str(port), **overrides)
     logf = tmp / f"gateway-{port}.log"
     proc = subprocess.Popen(cmd, stdout=logf.open("wb"), stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -198,10 +193,7 @@ def test_bad_tls_files_and_an_empty_token_fail_the_start_in_one_line(calibrated_
                         f"auth_token_file {tmp_path / 'empty-token'} is empty"),
     }
     for case, (flags, says) in cases.items():
-        r = subprocess.run([sys.executable, "-m", "service", "--port", "0", "--metrics-port", "-1",
-                            "--store", str(calibrated_store), "--log-level", "WARNING",
-                            "--torchserve-address", torchserve.grpc_inference_target,
-                            "--torchserve-key-file", str(torchserve.settings.run_dir / serve.KEY_FILE), *flags],
+        r = subprocess.run([*gateway_command(calibrated_store, torchserve), *flags],
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 2, (case, r.stderr[-2000:])
         assert f"cannot start: {says}" in r.stderr, (case, r.stderr[-2000:])
