@@ -2,8 +2,10 @@
 
 Encoded images (PNG or JPEG, told apart by content, not by name) go through Pillow:
 bytes are capped first, the header's pixel count is checked before any pixel is decoded
-(decompression bombs), the size must be the card's, and only modes that convert
-faithfully to the card's mode are accepted. Raw tensors (``robustgate.v1.Tensor``) are
+(decompression bombs), and the size must be the card's. Pixels become the card's mode as
+the gateway's decoder makes them (both call :func:`upright` and :func:`to_mode`): an EXIF
+orientation is applied, 16-bit grey is scaled to 8 bits, and transparent pixels are black.
+Raw tensors (``robustgate.v1.Tensor``) are
 checked for shape, dtype, byte length and non-finite or out-of-range values.
 Every refusal is an :class:`InputError` with an HTTP-style code and a message for the
 caller.
@@ -21,10 +23,44 @@ from PIL import Image
 from robustgate.v1 import probe_pb2
 
 FORMATS = ("PNG", "JPEG")
-# Source modes that convert faithfully to "L" or "RGB" (alpha is dropped). 16-bit and
-# float modes are refused: Pillow's conversion clips them instead of scaling.
-CONVERTIBLE = {"1", "L", "LA", "P", "PA", "RGB", "RGBA"}
 CHANNELS = {"L": 1, "RGB": 3}
+
+ORIENTATION = 0x0112  # the EXIF tag
+# EXIF orientation -> the transposition that makes the pixels upright (Pillow's exif_transpose)
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+
+
+def orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1: upright, as stored), 1 where there is none or it cannot be read."""
+    try:
+        return int(img.getexif().get(ORIENTATION, 1))
+    except Exception:  # a caller's malformed EXIF block: viewers ignore it, and so do we
+        return 1
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The image as a viewer shows it. Cameras store a turned photo's rotation as an EXIF
+    orientation instead of turning its pixels; a model trained on upright images must see
+    them turned. Call after ``load()``: a PNG's eXIf chunk may follow its pixels."""
+    turn = _UPRIGHT.get(orientation(img))
+    return img if turn is None else img.transpose(turn)
+
+
+def to_mode(img: Image.Image, mode: str) -> Image.Image:
+    """Convert to ``mode`` ("L" or "RGB") faithfully. 16- and 32-bit grey is scaled to 8 bits
+    (Pillow's own conversion clips it); an alpha channel or a transparent colour (PNG tRNS in
+    L, RGB or P) is composited over black, the training data's background."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.int64)
+        top = 65535 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255
+        img = Image.fromarray((np.clip(arr, 0, top) * 255 // top).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert(mode)
 
 
 class InputError(ValueError):
@@ -69,19 +105,17 @@ def decode_image(raw: bytes, spec: InputSpec) -> np.ndarray:
         w, h = img.size
         if w * h > spec.max_pixels:
             raise InputError(f"image is {w}x{h} pixels; the limit is {spec.max_pixels} pixels")
-        if (w, h) != (spec.w, spec.h):
+        if (spec.w, spec.h) not in ((w, h), (h, w)):  # before decoding; turned (EXIF) below
             raise InputError(f"image is {w}x{h}; the model takes {spec.w}x{spec.h}")
-        if img.mode not in CONVERTIBLE:
-            raise InputError(
-                f"image mode {img.mode} is not supported; send 8-bit grey, palette, RGB or RGBA"
-            )
         try:
             img.load()
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             raise InputError("image is truncated or corrupt") from None
-        if img.mode != spec.mode:
-            img = img.convert(spec.mode)
-        arr = np.asarray(img, dtype=np.uint8)
+        img = upright(img)
+        if img.size != (spec.w, spec.h):
+            w, h = img.size
+            raise InputError(f"image is {w}x{h} upright; the model takes {spec.w}x{spec.h}")
+        arr = np.asarray(to_mode(img, spec.mode), dtype=np.uint8)
     return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 

@@ -2,8 +2,8 @@
 
 Encoded images are accepted as PNG or JPEG, recognised by content (magic bytes), never by a
 claimed type; the pixel count is checked from the header before any pixel is decoded
-(decompression bombs); palette, alpha, 16-bit, CMYK and colour images are converted to the
-model's mode. Raw tensors are checked for shape, dtype, byte length and finite values.
+(decompression bombs); an EXIF orientation is applied, and palette, alpha, 16-bit, CMYK and
+colour images are converted to the model's mode, as the handlers do (one ``to_mode``). Raw tensors are checked for shape, dtype, byte length and finite values.
 
 The result is what crosses to TorchServe: ``uint8 [C, H, W]`` (encoded images, 0..255) or
 ``float32 [C, H, W]`` in [0, 1] (float tensors, kept exact so that small perturbations reach
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from handlers.decode import to_mode, upright
 from service.errors import InvalidInput
 
 # Register PIL's PNG and JPEG decoders now: left to the first Image.open, their imports added
@@ -88,19 +89,6 @@ def declared_pixels(raw: bytes) -> int | None:
     return None
 
 
-def _to_mode(img: Image.Image, mode: str) -> Image.Image:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(img, dtype=np.int64)
-        top = 65535 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255
-        img = Image.fromarray((np.clip(arr, 0, top) * 255 // top).astype(np.uint8), "L")
-    # An alpha channel, or a transparent colour (PNG tRNS in L, RGB or P): over black either way
-    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
-        img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (0, 0, 0, 255))  # composite over black, as training data
-        img = Image.alpha_composite(background, img)
-    return img.convert(mode)
-
-
 def decode_image(raw: bytes, spec: InputSpec, limits: Limits) -> np.ndarray:
     """PNG/JPEG bytes -> ``uint8 [C, H, W]`` in the model's mode and size (bilinear resize)."""
     if not raw:
@@ -122,7 +110,7 @@ def decode_image(raw: bytes, spec: InputSpec, limits: Limits) -> np.ndarray:
             if getattr(img, "n_frames", 1) > 1:
                 raise InvalidInput("animated images are not accepted: send one frame")
             img.load()
-            img = _to_mode(img, spec.mode)
+            img = to_mode(upright(img), spec.mode)
     except InvalidInput:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

@@ -9,7 +9,7 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from handlers.decode import InputError, InputSpec, decode_image, decode_tensor
 from robustgate.v1 import probe_pb2
@@ -88,11 +88,83 @@ def test_wrong_size_is_refused() -> None:
     refused(encode(Image.new("L", (32, 32))), "32x32; the model takes 28x28")
 
 
-def test_wrong_modes_are_refused(grey: np.ndarray) -> None:
-    sixteen = Image.fromarray(grey.astype(np.uint16) * 257)  # mode I;16
-    refused(encode(sixteen), "mode I;16 is not supported")
+def test_sixteen_bit_and_cmyk_are_converted_not_refused(grey: np.ndarray) -> None:
+    sixteen = Image.fromarray(grey.astype(np.uint16) * 257)  # mode I;16: scaled, not clipped
+    assert np.array_equal(decode_image(encode(sixteen), SPEC)[0], grey)
     cmyk = Image.fromarray(grey).convert("CMYK")
-    refused(encode(cmyk, "JPEG"), "mode CMYK is not supported")
+    assert np.abs(decode_image(encode(cmyk, "JPEG", quality=95), SPEC)[0].astype(int) - grey).mean() < 20
+
+
+def _turned(img: Image.Image, orientation: int, fmt: str = "PNG") -> bytes:
+    """``img`` stored as a camera stores a turned photo: pixels as taken, plus the EXIF
+    orientation that tells a viewer how to show them upright."""
+    undo = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_270}
+    stored = img.transpose(undo[orientation]) if orientation in undo else img
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(stored, fmt, exif=exif)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied(orientation: int, fmt: str) -> None:
+    """A photo taken with the camera turned is classified as a viewer shows it, upright (as
+    Pillow's ImageOps.exif_transpose turns it). The image is wider than tall: turned by a
+    quarter, its stored pixels are taller than wide, and the size check takes them."""
+    spec = InputSpec(mode="L", h=28, w=40, max_bytes=64 << 10, max_pixels=1 << 20)
+    upright = np.zeros((28, 40), np.uint8)
+    upright[:6, :10] = 255  # a block in the top left corner: every turn and flip moves it
+    raw = _turned(Image.fromarray(upright), orientation, fmt)
+    out = decode_image(raw, spec)[0]
+    with Image.open(io.BytesIO(raw)) as stored:
+        reference = np.asarray(ImageOps.exif_transpose(stored).convert("L"))
+    assert np.array_equal(out, reference)
+    assert np.abs(out.astype(int) - upright).mean() < 3  # JPEG: nearly exact
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
+@pytest.mark.parametrize("fmt,exif", [("PNG", b"Exif\x00\x00XX"),  # Pillow raises SyntaxError reading it
+                                      ("JPEG", b"Exif\x00\x00MM\x00*garbage"),
+                                      ("PNG", b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x01\x01\x12\x00\x03"
+                                              b"\x00\x00\x00\x01\x00\x09\x00\x00\x00\x00\x00\x00")])  # orientation 9
+def test_an_unreadable_exif_block_or_orientation_is_ignored(grey: np.ndarray, fmt: str, exif: bytes) -> None:
+    """As viewers do: the pixels are good, the image is taken as stored (by both decoders)."""
+    from service.decode import InputSpec as GatewaySpec
+    from service.decode import Limits
+    from service.decode import decode_image as gateway_decode
+
+    raw = encode(Image.fromarray(grey), fmt, exif=exif, **({"quality": 95} if fmt == "JPEG" else {}))
+    out = decode_image(raw, SPEC)[0]
+    assert np.abs(out.astype(int) - grey).mean() < (20 if fmt == "JPEG" else 1)
+    assert np.array_equal(gateway_decode(raw, GatewaySpec(), Limits())[0], out)
+
+
+def test_the_handler_and_the_gateway_make_the_same_pixels(grey: np.ndarray) -> None:
+    """Sent through the gateway or to TorchServe directly, an image is the same input: alpha
+    and transparent colours over black, 16-bit scaled, EXIF orientation applied."""
+    from service.decode import InputSpec as GatewaySpec
+    from service.decode import Limits
+    from service.decode import decode_image as gateway_decode
+    from tests.nasty import corpus
+
+    white = Image.new("L", (28, 28), 255)
+    images = {name: raw for name, (raw, error) in corpus().items() if error is None and "resized" not in name}
+    images |= {
+        "grey tRNS": encode(white, transparency=255),
+        "rgb tRNS": encode(white.convert("RGB"), transparency=(255, 255, 255)),
+        "la": encode(Image.merge("LA", [Image.fromarray(grey), Image.fromarray(255 - grey)])),
+        "palette tRNS": encode(Image.fromarray(grey).convert("P"), transparency=7),
+        "turned jpeg": _turned(Image.fromarray(grey), 6, "JPEG"),
+        "flipped png": _turned(Image.fromarray(grey), 2),
+    }
+    for mode, channels in (("L", 1), ("RGB", 3)):
+        spec = InputSpec(mode=mode, h=28, w=28, max_bytes=64 << 10, max_pixels=1 << 20)
+        for name, raw in images.items():
+            assert np.array_equal(decode_image(raw, spec), gateway_decode(raw, GatewaySpec(channels, 28, 28, mode),
+                                                                           Limits())), (mode, name)
+    assert decode_image(images["grey tRNS"], SPEC).max() == 0  # the white was transparent: black
 
 
 def tensor(arr: np.ndarray, dtype: str | None = None, shape: list[int] | None = None, data: bytes | None = None) -> bytes:
