@@ -56,13 +56,20 @@ class Client:
     @staticmethod
     def request(image: bytes | np.ndarray, model: str, top_k: int = 0, request_id: str = "",
                 version: str = "", certify: bool | None = None) -> pb.ClassifyRequest:
-        """Bytes are sent as an encoded image; an array as a raw tensor (uint8 or float32)."""
+        """Bytes are sent as an encoded image; an array as a raw tensor: uint8 (0..255) as it
+        is, any float (0..1) as float32. Other dtypes are refused here: an int64 array of
+        0..255 sent as floats would be refused by the gateway as out of range, a puzzle."""
         req = pb.ClassifyRequest(model=model, version=version, top_k=top_k, request_id=request_id)
         if certify is not None:
             req.certify = certify
         if isinstance(image, np.ndarray):
-            dtype = "uint8" if image.dtype == np.uint8 else "float32"
-            arr = np.ascontiguousarray(image, dtype="<u1" if dtype == "uint8" else "<f4")
+            if image.dtype == np.uint8:
+                dtype, wire = "uint8", "<u1"
+            elif np.issubdtype(image.dtype, np.floating):
+                dtype, wire = "float32", "<f4"
+            else:
+                raise TypeError(f"a {image.dtype} array is not an image tensor: send uint8 (0..255) or float (0..1)")
+            arr = np.ascontiguousarray(image, dtype=wire)
             req.tensor.CopyFrom(probe_pb2.Tensor(shape=list(arr.shape), dtype=dtype, data=arr.tobytes()))
         else:
             req.image = bytes(image)

@@ -1,0 +1,25 @@
+"""The Python client's request building (no server needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service.client import Client
+
+
+def test_arrays_are_sent_as_uint8_or_float32_tensors() -> None:
+    grey = np.arange(784, dtype=np.uint8).reshape(28, 28)
+    t = Client.request(grey, "m").tensor
+    assert (t.dtype, list(t.shape), t.data) == ("uint8", [28, 28], grey.tobytes())
+    t = Client.request(grey / 255.0, "m").tensor  # float64: sent as float32
+    assert t.dtype == "float32" and np.array_equal(np.frombuffer(t.data, "<f4"), (grey / 255.0).astype("<f4").ravel())
+    assert Client.request(b"\x89PNG...", "m").image == b"\x89PNG..."
+
+
+@pytest.mark.parametrize("dtype", ["int64", "int32", "uint16", "bool"])
+def test_other_dtypes_are_refused_before_sending(dtype: str) -> None:
+    """np.array(list_of_ints) is int64: sent as float32 0..255 it was refused by the gateway as
+    out of [0, 1], far from the cause."""
+    with pytest.raises(TypeError, match=f"a {dtype} array is not an image tensor: send uint8"):
+        Client.request(np.zeros((28, 28), dtype=dtype), "m")
