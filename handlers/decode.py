@@ -55,7 +55,10 @@ def to_mode(img: Image.Image, mode: str) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(img, dtype=np.int64)
         top = 65535 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255
-        img = Image.fromarray((np.clip(arr, 0, top) * 255 // top).astype(np.uint8), "L")
+        grey = (np.clip(arr, 0, top) * 255 // top).astype(np.uint8)
+        if isinstance(transparent := img.info.get("transparency"), int):  # a 16-bit tRNS grey
+            grey[arr == transparent] = 0
+        img = Image.fromarray(grey, "L")
     if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (0, 0, 0, 255))

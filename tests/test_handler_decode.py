@@ -158,13 +158,15 @@ def test_the_handler_and_the_gateway_make_the_same_pixels(grey: np.ndarray) -> N
         "palette tRNS": encode(Image.fromarray(grey).convert("P"), transparency=7),
         "turned jpeg": _turned(Image.fromarray(grey), 6, "JPEG"),
         "flipped png": _turned(Image.fromarray(grey), 2),
+        "16-bit tRNS": encode(Image.fromarray(np.full((28, 28), 65535, np.uint16)), transparency=65535),
     }
     for mode, channels in (("L", 1), ("RGB", 3)):
         spec = InputSpec(mode=mode, h=28, w=28, max_bytes=64 << 10, max_pixels=1 << 20)
         for name, raw in images.items():
             assert np.array_equal(decode_image(raw, spec), gateway_decode(raw, GatewaySpec(channels, 28, 28, mode),
                                                                            Limits())), (mode, name)
-    assert decode_image(images["grey tRNS"], SPEC).max() == 0  # the white was transparent: black
+    for name in ("grey tRNS", "16-bit tRNS"):
+        assert decode_image(images[name], SPEC).max() == 0, name  # the white was transparent: black
 
 
 def tensor(arr: np.ndarray, dtype: str | None = None, shape: list[int] | None = None, data: bytes | None = None) -> bytes:
