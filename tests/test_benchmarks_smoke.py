@@ -451,7 +451,10 @@ def test_the_full_budget_escalates_every_image_in_one_batch(default_store: Path)
     run = GateRun.start(policy, seed=1, certify=False).feed(logits, feats)
     nxt = run.next_plan()
     assert nxt is not None and nxt.noise.count == policy.noise.max_samples
-    assert all(policy.thresholds(c).escalate == 0.0 for c in (Check.SQUEEZE, Check.VIEWPOINT, Check.DENSITY))
+    # The calibration may leave a check without thresholds (its share of the flag budget 0:
+    # viewpoint, in some builds of the model); such a check never decides an image.
+    calibrated = [c for c in (Check.SQUEEZE, Check.VIEWPOINT, Check.DENSITY) if raw["checks"][c]["flag"] is not None]
+    assert calibrated and all(policy.thresholds(c).escalate == 0.0 for c in calibrated)
 
 
 def test_the_studies_probe_each_image_as_the_gateway_does(default_store: Path) -> None:

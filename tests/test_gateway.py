@@ -231,6 +231,12 @@ def test_calls_cut_short_are_counted_by_their_code(gateway: str, torchserve, fmn
                 out["handled", d["grpc_code"]] = out.get(("handled", d["grpc_code"]), 0) + v
         return out
 
+    def until_inflight(n: int) -> None:
+        deadline = time.monotonic() + 10
+        while (now := scrape(metrics_port)[("robustgate_inflight_requests", frozenset())]) != n:
+            assert time.monotonic() < deadline, f"{now:.0f} calls in flight, not {n}"
+            time.sleep(0.02)
+
     before = counts()
     req = Client.request(png(fmnist.test.images[0]), "fmnist-cnn")
     os.killpg(torchserve.pid, signal.SIGSTOP)  # TorchServe answers nothing until SIGCONT
@@ -242,18 +248,24 @@ def test_calls_cut_short_are_counted_by_their_code(gateway: str, torchserve, fmn
                     stub.Classify(req, timeout=timeout)
                 assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             call = stub.Classify.future(req)
-            time.sleep(0.5)  # in the gateway, waiting for TorchServe
+            until_inflight(1)  # in the gateway, waiting for TorchServe
             assert call.cancel()
+            until_inflight(0)
             stream = stub.ClassifyStream(iter([pb.ClassifyStreamRequest(request=req)] * 2))
-            time.sleep(0.5)
+            until_inflight(2)  # both items
             stream.cancel()
-            time.sleep(0.5)  # the gateway hears of both cancellations
+            until_inflight(0)  # the gateway has heard of both cancellations
     finally:
         os.killpg(torchserve.pid, signal.SIGCONT)
-    after = counts()
 
     def added(kind: str, code: str) -> float:
         return after.get((kind, code), 0) - before.get((kind, code), 0)
+
+    after = counts()
+    deadline = time.monotonic() + 10  # a call's code is counted as its handler returns
+    while added("handled", "CANCELLED") < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        after = counts()
 
     assert added("requests", "DEADLINE_EXCEEDED") == 3
     assert added("requests", "CANCELLED") == 3  # the unary call and the stream's two items

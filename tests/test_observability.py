@@ -423,7 +423,9 @@ def scrape(url: str) -> str:
 
 
 def test_prometheus_sees_what_was_sent(prometheus: Prometheus, sent: dict[tuple[str, str], int]) -> None:
-    targets = prometheus.get("/api/v1/targets")["activeTargets"]
+    # Health is the latest scrape's: one slow scrape on a loaded machine is not the failure sought
+    targets = prometheus.until(lambda: prometheus.get("/api/v1/targets")["activeTargets"],
+                               lambda ts: len(ts) == 2 and all(t["health"] == "up" for t in ts))
     assert sorted((t["labels"]["job"], t["health"]) for t in targets) == [("robustgate", "up"), ("torchserve", "up")]
 
     def requests() -> dict[tuple[str, str], int]:

@@ -263,7 +263,7 @@ def test_torchserve_killed_during_load_then_restarted(calibrated_store: Path, tm
               f"from kill; after it was READY: first OK in {(t_ok or float('nan')) - t_up:.2f} s, SERVING in "
               f"{(t_serving or float('nan')) - t_up:.2f} s; key renewed {key0 != key1}; backend codes {backend_codes}")
         assert all(not th.is_alive() for th in threads)
-        assert longest <= timeout_s + 1.0  # no call hangs past its deadline
+        assert longest <= timeout_s + 2.0  # no call hangs past its deadline (2 s: a loaded restart's CPU)
         failing = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
         assert outage and set(outage) <= failing
         assert {c for _, _, c in calls} <= failing | {OK}

@@ -61,8 +61,14 @@ def connections(address: str, n: int) -> list[grpc.Channel]:
 @pytest.fixture(scope="module")
 def pool(calibrated_store: Path, torchserve, tmp_path_factory):
     metrics_port = free_port()
-    proc, address = start_gateway(calibrated_store, torchserve, tmp_path_factory.mktemp("pool"),
-                                  workers="2", **{"metrics-port": str(metrics_port)})
+    tmp = tmp_path_factory.mktemp("pool")
+    proc, address = start_gateway(calibrated_store, torchserve, tmp, workers="2", **{"metrics-port": str(metrics_port)})
+    # SERVING comes from the first worker to listen; the kernel spreads connections only over
+    # those listening. The supervisor says so once every worker does.
+    log = tmp / f"gateway-{address.rsplit(':', 1)[1]}.log"
+    deadline = time.monotonic() + 120
+    while "gateway listening on" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
     yield proc, address, metrics_port
     stop(proc)
 
@@ -147,14 +153,14 @@ def test_a_hung_worker_is_killed_and_replaced(calibrated_store: Path, torchserve
     found by its heartbeat, killed and replaced; busy or idle workers that beat are left alone."""
     metrics_port = free_port()
     proc, address = start_gateway(calibrated_store, torchserve, tmp_path, workers="2",
-                                  **{"worker-timeout-s": "1.5", "metrics-port": str(metrics_port)})
+                                  **{"worker-timeout-s": "3", "metrics-port": str(metrics_port)})
     log_file = tmp_path / f"gateway-{address.rsplit(':', 1)[1]}.log"
     try:
         old = {w.pid for w in workers_of(proc)}
         channels = connections(address, 4)
         stubs = [pb_grpc.ClassifierServiceStub(ch) for ch in channels]
         try:
-            end, k = time.monotonic() + 3.0, 0  # twice the timeout, calls and idle gaps
+            end, k = time.monotonic() + 6.0, 0  # twice the timeout, calls and idle gaps
             while time.monotonic() < end:
                 stubs[k % 4].Classify(Client.request(png(fmnist.test.images[k]), "fmnist-cnn"), timeout=30)
                 k += 1
@@ -348,8 +354,8 @@ def test_a_hung_worker_writes_its_stacks_before_the_kill() -> None:
         [sys.executable, "-c", "import re, sys\n"
          "from service.workers import dump_stacks_on_signal\n"
          "dump_stacks_on_signal()\n"
-         "print('ready', flush=True)\n"
          "def handle(request):\n"
+         "    print('ready', flush=True)\n"
          "    return re.match(r'(a+)+$', 'a' * 64 + 'b')\n"
          "handle(None)\n"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -371,20 +377,22 @@ def test_the_supervisor_kills_silent_workers_and_those_that_never_listen(caplog)
     and one still within its allowance are left alone."""
     sup = Supervisor(Settings(workers=2, worker_timeout_s=1.0))
 
-    def slot(ready: bool, beat_age_s: float) -> _Slot:
+    def slot(ready: bool) -> _Slot:
         proc = sup.ctx.Process(target=time.sleep, args=(60,))
         proc.start()
         event = sup.ctx.Event()
         if ready:
             event.set()
-        return _Slot(proc, event, sup.ctx.RawValue("d", time.monotonic() - beat_age_s))
+        return _Slot(proc, event, sup.ctx.RawValue("d", 0.0))
 
-    silent, beating = slot(True, 5.0), slot(True, 0.2)
-    never_listened, starting = slot(False, 5.0), slot(False, -60.0)  # beat in the future: the allowance
+    silent, beating, never_listened, starting = slot(True), slot(True), slot(False), slot(False)
     sup.slots = [silent, beating, never_listened, starting]
+    now = time.monotonic()  # one clock for the beats and the look, however long the starts took
+    for x, age in ((silent, 5.0), (beating, 0.2), (never_listened, 5.0), (starting, -60.0)):  # future: the allowance
+        x.beat.value = now - age
     try:
         with caplog.at_level("ERROR", logger="service.workers"):
-            sup._watch(time.monotonic())
+            sup._watch(now)
         assert [x.proc.is_alive() for x in sup.slots] == [False, True, False, True]
         assert f"worker pid {silent.proc.pid}: its event loop has not run for 5." in caplog.text
         assert f"worker pid {never_listened.proc.pid} did not listen within {5 + START_TIMEOUT_S:.0f}" in caplog.text
@@ -406,16 +414,17 @@ def test_a_frozen_pod_does_not_cost_every_worker() -> None:
     proc.start()
     ready = sup.ctx.Event()
     ready.set()
-    slot = _Slot(proc, ready, sup.ctx.RawValue("d", time.monotonic() - 5.0))
+    t0 = time.monotonic()  # explicit clocks: a slow machine's pauses do not move the looks
+    slot = _Slot(proc, ready, sup.ctx.RawValue("d", t0 - 5.0))
     sup.slots = [slot]
     try:
-        sup._watched_at = time.monotonic() - 5.0  # the supervisor's last look was 5 s ago
-        sup._watch(time.monotonic())
+        sup._watched_at = t0 - 5.0  # the supervisor's last look was 5 s ago
+        sup._watch(t0)
         assert proc.is_alive()
-        sup._watch(time.monotonic())  # the next look, 0 s later: still within the fresh timeout
+        sup._watch(t0 + 0.1)  # the next look, 0.1 s later: still within the fresh timeout
         assert proc.is_alive()
-        slot.beat.value = time.monotonic() - 5.0  # and then it really stays silent
-        sup._watch(time.monotonic())
+        slot.beat.value = t0 - 4.8  # and then it really stays silent
+        sup._watch(t0 + 0.2)
         assert not proc.is_alive()
     finally:
         proc.kill()
