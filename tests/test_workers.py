@@ -64,11 +64,16 @@ def pool(calibrated_store: Path, torchserve, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pool")
     proc, address = start_gateway(calibrated_store, torchserve, tmp, workers="2", **{"metrics-port": str(metrics_port)})
     # SERVING comes from the first worker to listen; the kernel spreads connections only over
-    # those listening. The supervisor says so once every worker does.
-    log = tmp / f"gateway-{address.rsplit(':', 1)[1]}.log"
-    deadline = time.monotonic() + 120
-    while "gateway listening on" not in log.read_text() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    # those listening: wait for both.
+    port = int(address.rsplit(":", 1)[1])
+
+    def listening() -> bool:
+        workers = workers_of(proc)
+        return len(workers) == 2 and all(
+            any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in w.net_connections(kind="tcp"))
+            for w in workers)
+
+    wait_for("both workers listening", listening, timeout_s=60)
     yield proc, address, metrics_port
     stop(proc)
 
