@@ -110,6 +110,8 @@ def decode_image(raw: bytes, spec: InputSpec) -> np.ndarray:
             raise InputError(f"image is {w}x{h} pixels; the limit is {spec.max_pixels} pixels")
         if (spec.w, spec.h) not in ((w, h), (h, w)):  # before decoding; turned (EXIF) below
             raise InputError(f"image is {w}x{h}; the model takes {spec.w}x{spec.h}")
+        if getattr(img, "n_frames", 1) > 1:  # as the gateway: not its first frame in silence
+            raise InputError("animated images are not accepted: send one frame")
         try:
             img.load()
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):

@@ -60,6 +60,13 @@ def test_format_is_told_by_content_not_allowed_otherwise(grey: np.ndarray) -> No
     refused(b"", "empty")
 
 
+def test_an_animated_png_is_refused_as_the_gateway_refuses_it(grey: np.ndarray) -> None:
+    frames = [Image.fromarray(grey), Image.fromarray(255 - grey)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "PNG", save_all=True, append_images=frames[1:])
+    refused(buf.getvalue(), "animated images are not accepted: send one frame")
+
+
 def test_truncated_png_is_refused(grey: np.ndarray) -> None:
     raw = encode(Image.fromarray(grey))
     refused(raw[: len(raw) // 2], "truncated or corrupt|not a decodable")
