@@ -105,6 +105,18 @@ def scrape(port: int) -> dict[tuple[str, frozenset], float]:
             for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
+def inflight(metrics_port: int) -> float:
+    return scrape(metrics_port)[("robustgate_inflight_requests", frozenset())]
+
+
+def until_inflight(metrics_port: int, n: int, timeout_s: float = 10.0) -> None:
+    """Poll the gateway's in-flight gauge until it reads ``n``."""
+    deadline = time.monotonic() + timeout_s
+    while (now := inflight(metrics_port)) != n:
+        assert time.monotonic() < deadline, f"{now:.0f} calls in flight, not {n}"
+        time.sleep(0.02)
+
+
 def test_metrics_count_what_was_sent(client: Client, fmnist: data.FashionMNIST, metrics_port: int) -> None:
     def requests(code: str) -> float:
         return sum(v for (name, labels), v in scrape(metrics_port).items()
@@ -231,12 +243,6 @@ def test_calls_cut_short_are_counted_by_their_code(gateway: str, torchserve, fmn
                 out["handled", d["grpc_code"]] = out.get(("handled", d["grpc_code"]), 0) + v
         return out
 
-    def until_inflight(n: int) -> None:
-        deadline = time.monotonic() + 10
-        while (now := scrape(metrics_port)[("robustgate_inflight_requests", frozenset())]) != n:
-            assert time.monotonic() < deadline, f"{now:.0f} calls in flight, not {n}"
-            time.sleep(0.02)
-
     before = counts()
     req = Client.request(png(fmnist.test.images[0]), "fmnist-cnn")
     os.killpg(torchserve.pid, signal.SIGSTOP)  # TorchServe answers nothing until SIGCONT
@@ -248,13 +254,13 @@ def test_calls_cut_short_are_counted_by_their_code(gateway: str, torchserve, fmn
                     stub.Classify(req, timeout=timeout)
                 assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             call = stub.Classify.future(req)
-            until_inflight(1)  # in the gateway, waiting for TorchServe
+            until_inflight(metrics_port, 1)  # in the gateway, waiting for TorchServe
             assert call.cancel()
-            until_inflight(0)
+            until_inflight(metrics_port, 0)
             stream = stub.ClassifyStream(iter([pb.ClassifyStreamRequest(request=req)] * 2))
-            until_inflight(2)  # both items
+            until_inflight(metrics_port, 2)  # both items
             stream.cancel()
-            until_inflight(0)  # the gateway has heard of both cancellations
+            until_inflight(metrics_port, 0)  # the gateway has heard of both cancellations
     finally:
         os.killpg(torchserve.pid, signal.SIGCONT)
 
@@ -292,9 +298,6 @@ def test_a_stream_cancelled_midway_stops_what_it_had_in_flight(client: Client, f
     in 12) could not be told from one that was never cancelled."""
     window = 16  # the gateway's stream_window
 
-    def inflight() -> float:
-        return scrape(metrics_port)[("robustgate_inflight_requests", frozenset())]
-
     def answered(code: str = "OK") -> float:
         return sum(v for (name, labels), v in scrape(metrics_port).items()
                    if name == "robustgate_requests_total" and ("code", code) in labels)
@@ -313,16 +316,11 @@ def test_a_stream_cancelled_midway_stops_what_it_had_in_flight(client: Client, f
     os.killpg(torchserve.pid, signal.SIGSTOP)  # TorchServe answers nothing until SIGCONT
     try:
         first_answered.set()
-        deadline = time.monotonic() + 30
-        while (started := inflight()) < window and time.monotonic() < deadline:
-            time.sleep(0.01)
+        until_inflight(metrics_port, window, timeout_s=30)
         time.sleep(0.2)  # no more than the window is taken
-        assert inflight() == started == window
+        assert inflight(metrics_port) == window
         call.cancel()
-        deadline = time.monotonic() + 10
-        while inflight() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert inflight() == 0, "the cancelled stream's items are still in flight"
+        until_inflight(metrics_port, 0)  # the cancelled stream's items are no longer in flight
     finally:
         os.killpg(torchserve.pid, signal.SIGCONT)
     time.sleep(1)  # anything left running would finish and be counted by now
