@@ -30,30 +30,49 @@ class ServerMetricsInterceptor(grpc.aio.ServerInterceptor):
         self.handling = Histogram("grpc_server_handling_seconds", "Time to complete an RPC.", labels,
                                   buckets=LATENCY_BUCKETS, registry=registry)
         self.msg_received = Counter("grpc_server_msg_received", "Stream messages received.", labels, registry=registry)
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
-    def _done(self, labels: tuple[str, str, str], context: grpc.aio.ServicerContext, start: float,
-              failed: bool, cancelled: bool = False) -> None:
+    def _code(self, context: grpc.aio.ServicerContext, failed: bool, cancelled: bool) -> str:
         code = context.code() if hasattr(context, "code") else None
         if isinstance(code, grpc.StatusCode):
-            name = code.name
-        elif code is None:
-            name = cut_short_code(context).name if cancelled else "UNKNOWN" if failed else "OK"
-        else:  # an int value
-            name = next((c.name for c in grpc.StatusCode if c.value[0] == code), "UNKNOWN")
-        self.handled.labels(*labels, name).inc()
-        self.handling.labels(*labels).observe(time.perf_counter() - start)
+            return code.name
+        if code is None:
+            return cut_short_code(context).name if cancelled else "UNKNOWN" if failed else "OK"
+        return next((c.name for c in grpc.StatusCode if c.value[0] == code), "UNKNOWN")  # an int value
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
         if handler is None:
             return None
-        _, service, method = details.method.split("/", 2) if details.method.count("/") == 2 else ("", "", details.method)
+        # One wrapped handler per method, made at its first call: wrapping and the label
+        # lookups cost more per call than the counting itself.
+        hit = self._wrapped.get(details.method)
+        if hit is None or hit[0] is not handler:
+            hit = self._wrapped[details.method] = (handler, self._wrap(details.method, handler))
+        return hit[1]
+
+    def _wrap(self, full_method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        _, service, method = full_method.split("/", 2) if full_method.count("/") == 2 else ("", "", full_method)
+        kind = "unary" if handler.unary_unary is not None else "bidi_stream" if handler.stream_stream is not None else None
+        if kind is None:
+            return handler
+        labels = (service, method, kind)
+        started, handling = self.started.labels(*labels), self.handling.labels(*labels)
+        handled: dict[str, object] = {}
+
+        def done(context: grpc.aio.ServicerContext, start: float, failed: bool, cancelled: bool) -> None:
+            name = self._code(context, failed, cancelled)
+            child = handled.get(name)
+            if child is None:
+                child = handled[name] = self.handled.labels(*labels, name)
+            child.inc()
+            handling.observe(time.perf_counter() - start)
+
         if handler.unary_unary is not None:
             inner = handler.unary_unary
-            labels = (service, method, "unary")
 
             async def unary(request, context):
-                self.started.labels(*labels).inc()
+                started.inc()
                 start, failed, cancelled = time.perf_counter(), True, False
                 try:
                     response = await inner(request, context)
@@ -63,33 +82,31 @@ class ServerMetricsInterceptor(grpc.aio.ServerInterceptor):
                     cancelled = True
                     raise
                 finally:
-                    self._done(labels, context, start, failed, cancelled)
+                    done(context, start, failed, cancelled)
 
             return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
-        if handler.stream_stream is not None:
-            inner_s = handler.stream_stream
-            labels = (service, method, "bidi_stream")
+        inner_s = handler.stream_stream
+        received = self.msg_received.labels(*labels)
 
-            async def counted(iterator):
-                async for item in iterator:
-                    self.msg_received.labels(*labels).inc()
-                    yield item
+        async def counted(iterator):
+            async for item in iterator:
+                received.inc()
+                yield item
 
-            async def stream(request_iterator, context):
-                self.started.labels(*labels).inc()
-                start, failed, cancelled = time.perf_counter(), True, False
-                try:
-                    # aclosing: a cancelled call closes the servicer's generator (and whatever
-                    # it has in flight) now, not when the garbage collector finds it
-                    async with contextlib.aclosing(inner_s(counted(request_iterator), context)) as responses:
-                        async for response in responses:
-                            yield response
-                    failed = False
-                except asyncio.CancelledError:
-                    cancelled = True
-                    raise
-                finally:
-                    self._done(labels, context, start, failed, cancelled)
+        async def stream(request_iterator, context):
+            started.inc()
+            start, failed, cancelled = time.perf_counter(), True, False
+            try:
+                # aclosing: a cancelled call closes the servicer's generator (and whatever
+                # it has in flight) now, not when the garbage collector finds it
+                async with contextlib.aclosing(inner_s(counted(request_iterator), context)) as responses:
+                    async for response in responses:
+                        yield response
+                failed = False
+            except asyncio.CancelledError:
+                cancelled = True
+                raise
+            finally:
+                done(context, start, failed, cancelled)
 
-            return grpc.stream_stream_rpc_method_handler(stream, handler.request_deserializer, handler.response_serializer)
-        return handler
+        return grpc.stream_stream_rpc_method_handler(stream, handler.request_deserializer, handler.response_serializer)

@@ -1,0 +1,67 @@
+"""The gRPC server-metrics interceptor (service/interceptors.py) on a real grpc.aio server."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
+
+from service.interceptors import ServerMetricsInterceptor
+
+CHECK = "/grpc.health.v1.Health/Check"
+
+
+def test_each_method_is_wrapped_once_and_a_new_handler_anew() -> None:
+    icpt = ServerMetricsInterceptor(CollectorRegistry())
+    first = grpc.unary_unary_rpc_method_handler(lambda req, ctx: None)
+    second = grpc.unary_unary_rpc_method_handler(lambda req, ctx: None)
+
+    async def wrapped(handler, method: str = CHECK):
+        async def continuation(details):
+            return handler
+        return await icpt.intercept_service(continuation, SimpleNamespace(method=method, invocation_metadata=()))
+
+    async def main() -> None:
+        a, b = await wrapped(first), await wrapped(first)
+        assert a is b and a is not first  # one wrapper for every call of the method
+        assert await wrapped(second) is not a  # the method's handler changed: wrapped anew
+        assert await wrapped(None) is None  # no such method: nothing to count
+        stream = grpc.unary_stream_rpc_method_handler(lambda req, ctx: iter(()))
+        assert await wrapped(stream, "/grpc.health.v1.Health/Watch") is stream  # not counted, as before
+
+    asyncio.run(main())
+
+
+def test_calls_are_counted_by_method_and_code() -> None:
+    registry = CollectorRegistry()
+
+    async def main() -> None:
+        server = grpc.aio.server(interceptors=[ServerMetricsInterceptor(registry)])
+        servicer = health.aio.HealthServicer()
+        await servicer.set("up", health_pb2.HealthCheckResponse.SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                stub = health_pb2_grpc.HealthStub(ch)
+                for _ in range(3):
+                    await stub.Check(health_pb2.HealthCheckRequest(service="up"))
+                for _ in range(2):
+                    try:
+                        await stub.Check(health_pb2.HealthCheckRequest(service="unknown"))
+                    except grpc.aio.AioRpcError as e:
+                        assert e.code() is grpc.StatusCode.NOT_FOUND
+        finally:
+            await server.stop(None)
+
+    asyncio.run(main())
+    labels = {"grpc_service": "grpc.health.v1.Health", "grpc_method": "Check", "grpc_type": "unary"}
+    value = registry.get_sample_value
+    assert value("grpc_server_started_total", labels) == 5
+    assert value("grpc_server_handled_total", {**labels, "grpc_code": "OK"}) == 3
+    assert value("grpc_server_handled_total", {**labels, "grpc_code": "NOT_FOUND"}) == 2
+    assert value("grpc_server_handling_seconds_count", labels) == 5
