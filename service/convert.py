@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+
 from robustgate.v1 import classifier_pb2 as pb
 from service.gate.checks import Check
+from service.gate.policy import Mode
 from service.gate.report import CheckStatus, Decision, GateReport
 from service.pipeline import ClassifyInput, ClassifyResult, RawTensor
 from service.registry import ServedModel
@@ -57,13 +60,21 @@ def report_to_pb(report: GateReport | None) -> pb.GateReport:
     )
 
 
+@functools.lru_cache(maxsize=16)
+def _off_gate_pb(report: GateReport) -> pb.GateReport:
+    """A gate-off report converted once: it is one object per policy (``gate.report.off_report``).
+    Read-only: the answer's constructor copies it."""
+    return report_to_pb(report)
+
+
 def to_pb(res: ClassifyResult) -> pb.ClassifyResponse:
     return pb.ClassifyResponse(
         request_id=res.request_id,
         model=res.model,
         version=res.version,
         classes=[pb.ClassScore(index=c.index, label=c.label, probability=c.probability) for c in res.classes],
-        gate=report_to_pb(res.report),
+        gate=_off_gate_pb(res.report) if res.report is not None and res.report.mode is Mode.OFF
+        else report_to_pb(res.report),
         timings=pb.Timings(
             decode_seconds=res.timings.decode,
             backend_seconds=res.timings.backend,

@@ -14,6 +14,7 @@ the model unchanged).
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -138,7 +139,7 @@ def decode_tensor(shape: list[int], dtype: str, data: bytes, spec: InputSpec) ->
     if dims != want:
         raise InvalidInput(f"tensor shape {list(shape)} does not match the model input {list(want)}")
     dt = _DTYPES[dtype]
-    expected = int(np.prod(dims)) * dt.itemsize
+    expected = math.prod(dims) * dt.itemsize
     if len(data) != expected:
         raise InvalidInput(f"tensor data is {len(data)} bytes; shape {list(dims)} of {dtype} needs {expected}")
     arr = np.frombuffer(data, dtype=dt).reshape(dims)

@@ -18,7 +18,7 @@ from service.gate.policy import (
     CheckPolicy, Mode, NoiseSettings, Policy, References, Thresholds,
 )
 from service.gate.quantile import EmpiricalCDF
-from service.gate.report import CheckScore, CheckStatus, Decision
+from service.gate.report import CheckScore, CheckStatus, Decision, decide
 from service.gate.sequential import disagreement_share
 from service.gate.smoothing import certify_counts
 
@@ -228,10 +228,15 @@ def test_max_plan_rows_is_the_cheap_probe_or_the_whole_noise_budget() -> None:
 
 
 def test_off_mode_sends_no_plan() -> None:
-    run = GateRun.start(make_policy(Mode.OFF), 0, certify=True)
+    policy = make_policy(Mode.OFF)
+    run = GateRun.start(policy, 0, certify=True)
     assert run.next_plan() is None and run.stage is Stage.DONE
     report = run.report()
     assert report.decision is Decision.PASS and report.would_be is None
+    # the same report for every request, built once per policy
+    assert report == decide({}, policy) and GateRun.start(policy, 7).report() is report
+    other = replace(make_policy(Mode.OFF), version="4")
+    assert GateRun.start(other, 0).report().policy_version == "4"
 
 
 def test_monitor_mode_runs_the_cascade_and_answers() -> None:

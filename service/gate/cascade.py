@@ -35,7 +35,7 @@ from service.gate.engine import check_scores, checked_logits, raw_scores
 from service.gate.errors import GateError
 from service.gate.plan import ProbeSpec, derive_seed
 from service.gate.policy import Mode, Policy
-from service.gate.report import CheckScore, Decision, GateReport, decide, verdict_of
+from service.gate.report import CheckScore, Decision, GateReport, decide, off_report, verdict_of
 from service.gate.sequential import (
     all_settled, budget_within, certification_cut, detection_cut, disagreement_share,
     next_batch_size, samples_to_settle,
@@ -166,6 +166,8 @@ class GateRun:
         """The gate report; only once :meth:`next_plan` returns None."""
         if self.stage is not Stage.DONE:
             raise GateError(f"report() called while the run waits in stage {self.stage}")
+        if self.policy.mode is Mode.OFF:
+            return off_report(self.policy)
         scores = dict(self.cheap_scores)
         if self.samples > 0:
             scores[Check.NOISE] = CheckScore(

@@ -145,3 +145,18 @@ def decide(scores: Mapping[Check, CheckScore | float], policy: Policy, *,
                       policy_version=policy.version, checks=tuple(results),
                       forward_passes=forward_passes, certificate=certificate,
                       certified=certified, escalated=escalated)
+
+
+_OFF_REPORTS: dict[int, tuple[Policy, GateReport]] = {}
+
+
+def off_report(policy: Policy) -> GateReport:
+    """:func:`decide` for a policy in mode off, where no check runs: the same report for every
+    request, so it is built once per policy (the gate-off path answers thousands of calls a
+    second, and building it costs more than the rest of the gate's work on that path)."""
+    hit = _OFF_REPORTS.get(id(policy))
+    if hit is None or hit[0] is not policy:
+        if len(_OFF_REPORTS) >= 64:  # policies loaded and dropped (tests, reloads): keep it small
+            _OFF_REPORTS.clear()
+        hit = _OFF_REPORTS[id(policy)] = (policy, decide({}, policy))
+    return hit[1]
