@@ -482,3 +482,30 @@ def test_expand_ab_smoke(default_store: Path, tmp_path: Path) -> None:
     rows = {r["plan"].split(",")[0]: int(r["plan"].split(", ")[1].split()[0]) for r in report["rows"]}
     assert rows["every check"] > rows["cascade"] >= 2  # occlusion and structure add rows
     assert "| first probe | with forward |" in (tmp_path / "expand_ab-smoke.md").read_text()
+
+
+def test_gateway_ab_smoke(default_store: Path, tmp_path: Path) -> None:
+    """Two gateways, HEAD's tree and this checkout, in turns in front of one TorchServe."""
+    report = _run("benchmarks.gateway_ab", tmp_path, 300, "--against", "HEAD")
+    assert report["against"] == "HEAD" and report["command"].endswith("--smoke")
+    assert [(r["mode"], r["concurrency"]) for r in report["rows"]] == [
+        (m, c) for m in ("gate off", "calibrated gate (cascade)") for c in (1, 4)]
+    for r in report["rows"]:
+        assert r["errors"] == 0
+        assert all(np.isfinite(r[k]) and r[k] > 0 for k in r if k.startswith(("old_", "new_")) or "over" in k), r
+    assert "| gate | clients | old calls/s |" in (tmp_path / "gateway_ab-smoke.md").read_text()
+
+
+def test_gateway_ab_runs_the_old_revision_from_its_own_tree(tmp_path: Path) -> None:
+    """The old gateway's code and protos are the revision's, not this checkout's installed ones."""
+    from benchmarks.gateway_ab import tree_at
+    from tests.test_gateway import source_env
+
+    tree = tree_at("HEAD", tmp_path / "old")
+    where = subprocess.run(
+        [sys.executable, "-c", "import service.server, robustgate.v1.classifier_pb2 as m; "
+                               "print(service.server.__file__); print(m.__file__)"],
+        cwd=tree, env=source_env(tree), capture_output=True, text=True, check=True).stdout.split()
+    assert [Path(w).resolve().is_relative_to(tree.resolve()) for w in where] == [True, True], where
+    with pytest.raises(SystemExit, match="cannot read revision 'no-such-rev'"):
+        tree_at("no-such-rev", tmp_path / "bad")

@@ -44,11 +44,24 @@ def gateway_command(store: Path, ts, **overrides: str) -> list[str]:
     return [sys.executable, "-m", "service"] + [x for k, v in args.items() for x in (f"--{k}", v)]
 
 
-def start_gateway(store: Path, ts, tmp: Path, **overrides: str) -> tuple[subprocess.Popen, str]:
+def source_env(source: Path | None) -> dict[str, str]:
+    """The environment of a process that runs the repository's code from ``source`` (and
+    from that folder): its folder and its protos before this checkout's installed ones."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if source is not None:
+        env["PYTHONPATH"] = os.pathsep.join(x for x in (str(source), str(source / "proto"), env.get("PYTHONPATH")) if x)
+    return env
+
+
+def start_gateway(store: Path, ts, tmp: Path, *, source: Path | None = None,
+                  **overrides: str) -> tuple[subprocess.Popen, str]:
+    """:func:`gateway_command` started, once it answers SERVING. ``source``: another tree of
+    the repository to run the gateway's code from (its folder and its protos first on the
+    path); by default this checkout's."""
     port = free_port()
     cmd = gateway_command(store, ts, port=str(port), **overrides)
     log = (tmp / f"gateway-{port}.log").open("wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(cmd, cwd=source, stdout=log, stderr=subprocess.STDOUT, env=source_env(source))
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     try:
