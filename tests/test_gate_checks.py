@@ -120,6 +120,17 @@ def test_empirical_cdf_maps_to_clean_quantiles() -> None:
     assert EmpiricalCDF.from_dict(json.loads(json.dumps(cdf.to_dict()))) == cdf
 
 
+def test_empirical_cdf_at_one_score_is_the_array_form() -> None:
+    """at() bisects a list; the array form searches with numpy: the same value everywhere,
+    ties, both ends and NaN (a NaN score reads as the highest quantile) included."""
+    rng = np.random.default_rng(3)
+    cdf = EmpiricalCDF.from_samples(np.round(rng.normal(size=500), 1))  # many ties
+    xs = np.concatenate([cdf.values, np.nextafter(cdf.values, -np.inf), rng.normal(size=200) * 3,
+                         [-np.inf, np.inf, np.nan, cdf.values[0], cdf.values[-1]]])
+    assert [cdf.at(x) for x in xs] == cdf(xs).tolist()
+    assert [cdf.at(float(x)) for x in xs[:50]] == cdf(xs[:50]).tolist()
+
+
 def test_empirical_cdf_compression_keeps_the_ends() -> None:
     samples = np.random.default_rng(1).normal(size=10_000)
     cdf = EmpiricalCDF.from_samples(samples, max_points=101)

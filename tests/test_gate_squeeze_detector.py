@@ -400,6 +400,14 @@ def test_one_pass_over_every_variant_measures_each_section_as_alone() -> None:
     assert moves.jitter(jit).tolist() == jitter_features(base, variants[jit]).tolist()
     with pytest.raises(ValueError, match="logits"):
         Moves.measure(base, variants[:, :3])
+    # Its sums stand in for numpy's norm and mean (per-call overhead, not arithmetic): the
+    # same bits as the textbook forms, which the references of older policies were fitted on.
+    d = variants - base
+    d -= d.mean(axis=1, keepdims=True)
+    assert moves.l2.tolist() == np.linalg.norm(d, axis=1).tolist()
+    eps = 1e-3  # squeeze_detector's
+    assert moves.jitter(jit).tolist() == [np.log(moves.l2[jit] + eps).mean(), moves.top_drop[jit].mean(),
+                                          moves.keep[jit].mean()]
 
 def test_a_jitter_detector_round_trips_and_names_its_copies() -> None:
     det = jitter_detector()

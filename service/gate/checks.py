@@ -66,7 +66,7 @@ def centred_moves(base: ArrayLike, variants: ArrayLike) -> NDArray[np.float64]:
     (logits are defined up to a shift); returns float64 [K, C]."""
     b = np.asarray(base, dtype=np.float64)
     d = _rows(variants, b.shape[-1], "variants") - b
-    d -= d.mean(axis=1, keepdims=True)
+    d -= d.sum(axis=1, keepdims=True) / d.shape[1]  # the row means, as .mean() computes them, faster
     return d
 
 
@@ -100,7 +100,7 @@ def viewpoint_score(base: ArrayLike, views: ArrayLike) -> float:
     d = l1_distances(base, views)
     if d.size == 0:
         raise ValueError("viewpoint_score needs at least one view")
-    return float(d.mean())
+    return float(d.sum() / d.size)  # .mean()'s value, faster
 
 
 def occlusion_score(base: ArrayLike, occluded: ArrayLike) -> float:
