@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,8 @@ from PIL import Image
 from robustgate.v1 import probe_pb2
 
 FORMATS = ("PNG", "JPEG")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
 CHANNELS = {"L": 1, "RGB": 3}
 
 ORIENTATION = 0x0112  # the EXIF tag
@@ -66,6 +69,56 @@ def to_mode(img: Image.Image, mode: str) -> Image.Image:
     return img.convert(mode)
 
 
+def sniff(raw: bytes) -> str | None:
+    """"PNG" or "JPEG" by the bytes' magic number (never by a claimed type), else None."""
+    if raw.startswith(PNG_MAGIC):
+        return "PNG"
+    if raw.startswith(JPEG_MAGIC):
+        return "JPEG"
+    return None
+
+
+def load_image(raw: bytes, mode: str, max_bytes: int, max_pixels: int, fail: type[Exception],
+               stored_size: Callable[[int, int], str | None] = lambda w, h: None) -> Image.Image:
+    """PNG or JPEG bytes decoded, upright and in ``mode``: both decoders' one door (the
+    gateway's, which then resizes, and the handler's, which takes the card's size only), so
+    an image is refused, and becomes pixels, alike whichever path it takes.
+
+    Every limit is checked before a pixel is decoded. Refusals raise ``fail(message)``:
+    empty, over ``max_bytes``, neither PNG nor JPEG by content, no pixels, over
+    ``max_pixels`` by the header (and by Pillow's own bomb check), whatever
+    ``stored_size(width, height)`` says of the size as stored (None: accepted), animated,
+    truncated or corrupt."""
+    if not raw:
+        raise fail("image is empty")
+    if len(raw) > max_bytes:
+        raise fail(f"image is {len(raw)} bytes; the limit is {max_bytes}")
+    fmt = sniff(raw)
+    if fmt is None:
+        raise fail("image is neither PNG nor JPEG (checked by content)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(raw), formats=[fmt])  # reads the header only
+            w, h = img.size
+            if w <= 0 or h <= 0:
+                raise fail("image has no pixels")
+            if w * h > max_pixels:
+                raise fail(f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
+            if (refused := stored_size(w, h)) is not None:
+                raise fail(refused)
+            if getattr(img, "n_frames", 1) > 1:  # never its first frame in silence
+                raise fail("animated images are not accepted: send one frame")
+            img.load()
+            return to_mode(upright(img), mode)
+    except fail:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise fail(f"image has too many pixels; the limit is {max_pixels}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:  # UnidentifiedImageError is an OSError
+        raise fail(f"image is not a decodable {fmt} ({type(e).__name__})") from None
+
+
 class InputError(ValueError):
     """A client error in one request, with the HTTP-style status it maps to."""
 
@@ -91,36 +144,20 @@ class InputSpec:
 
 
 def decode_image(raw: bytes, spec: InputSpec) -> np.ndarray:
-    """PNG/JPEG bytes -> uint8 ``[C, H, W]`` in the card's mode."""
-    if len(raw) == 0:
-        raise InputError("image is empty")
-    if len(raw) > spec.max_bytes:
-        raise InputError(f"image is {len(raw)} bytes; the limit is {spec.max_bytes}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(raw), formats=FORMATS)  # reads the header only
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # Pillow's own, higher limit
-        raise InputError(f"image has too many pixels; the limit is {spec.max_pixels} pixels") from None
-    except (OSError, ValueError, SyntaxError):  # UnidentifiedImageError is an OSError
-        raise InputError("image is not a decodable PNG or JPEG") from None
-    with img:
+    """PNG/JPEG bytes -> uint8 ``[C, H, W]`` in the card's mode and size (never resized)."""
+    def card_size(w: int, h: int) -> str | None:  # as stored, before decoding; an EXIF turn may swap it
+        return None if (spec.w, spec.h) in ((w, h), (h, w)) else f"image is {w}x{h}; the model takes {spec.w}x{spec.h}"
+
+    img = load_image(raw, spec.mode, spec.max_bytes, spec.max_pixels, InputError, card_size)
+    if img.size != (spec.w, spec.h):
         w, h = img.size
-        if w * h > spec.max_pixels:
-            raise InputError(f"image is {w}x{h} pixels; the limit is {spec.max_pixels} pixels")
-        if (spec.w, spec.h) not in ((w, h), (h, w)):  # before decoding; turned (EXIF) below
-            raise InputError(f"image is {w}x{h}; the model takes {spec.w}x{spec.h}")
-        if getattr(img, "n_frames", 1) > 1:  # as the gateway: not its first frame in silence
-            raise InputError("animated images are not accepted: send one frame")
-        try:
-            img.load()
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-            raise InputError("image is truncated or corrupt") from None
-        img = upright(img)
-        if img.size != (spec.w, spec.h):
-            w, h = img.size
-            raise InputError(f"image is {w}x{h} upright; the model takes {spec.w}x{spec.h}")
-        arr = np.asarray(to_mode(img, spec.mode), dtype=np.uint8)
+        raise InputError(f"image is {w}x{h} upright; the model takes {spec.w}x{spec.h}")
+    return image_array(img)
+
+
+def image_array(img: Image.Image) -> np.ndarray:
+    """An "L" or "RGB" image -> uint8 ``[C, H, W]``."""
+    arr = np.asarray(img, dtype=np.uint8)
     return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 

@@ -13,23 +13,19 @@ the model unchanged).
 
 from __future__ import annotations
 
-import io
 import math
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from handlers.decode import to_mode, upright
+from handlers.decode import JPEG_MAGIC, PNG_MAGIC, image_array, load_image
 from service.errors import InvalidInput
 
 # Register PIL's PNG and JPEG decoders now: left to the first Image.open, their imports added
 # 12 ms to the first request after every start.
 Image.preinit()
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-JPEG_MAGIC = b"\xff\xd8\xff"
 ENCODINGS = ("png", "jpeg")
 
 
@@ -52,14 +48,6 @@ class InputSpec:
 class Limits:
     max_bytes: int = 4 * 1024 * 1024
     max_pixels: int = 4096 * 4096
-
-
-def sniff(raw: bytes) -> str | None:
-    if raw.startswith(PNG_MAGIC):
-        return "png"
-    if raw.startswith(JPEG_MAGIC):
-        return "jpeg"
-    return None
 
 
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start of frame (not DHT, JPG, DAC)
@@ -93,36 +81,10 @@ def declared_pixels(raw: bytes) -> int | None:
 
 def decode_image(raw: bytes, spec: InputSpec, limits: Limits) -> np.ndarray:
     """PNG/JPEG bytes -> ``uint8 [C, H, W]`` in the model's mode and size (bilinear resize)."""
-    if not raw:
-        raise InvalidInput("image is empty")
-    if len(raw) > limits.max_bytes:
-        raise InvalidInput(f"image is {len(raw)} bytes; the limit is {limits.max_bytes}")
-    fmt = sniff(raw)
-    if fmt is None:
-        raise InvalidInput("image is neither PNG nor JPEG (checked by content)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(raw), formats=["PNG" if fmt == "png" else "JPEG"])
-            w, h = img.size
-            if w <= 0 or h <= 0:
-                raise InvalidInput("image has no pixels")
-            if w * h > limits.max_pixels:
-                raise InvalidInput(f"image is {w}x{h} = {w * h} pixels; the limit is {limits.max_pixels}")
-            if getattr(img, "n_frames", 1) > 1:
-                raise InvalidInput("animated images are not accepted: send one frame")
-            img.load()
-            img = to_mode(upright(img), spec.mode)
-    except InvalidInput:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise InvalidInput(f"image has too many pixels; the limit is {limits.max_pixels}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
-        raise InvalidInput(f"image is not a decodable {fmt.upper()} ({type(e).__name__})") from None
+    img = load_image(raw, spec.mode, limits.max_bytes, limits.max_pixels, InvalidInput)
     if img.size != (spec.width, spec.height):
         img = img.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
-    arr = np.asarray(img, dtype=np.uint8)
-    return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
+    return image_array(img)
 
 
 _DTYPES = {"uint8": np.dtype("<u1"), "float32": np.dtype("<f4")}

@@ -120,7 +120,7 @@ def test_batch_with_different_plans_and_one_bad_request(loaded, images: np.ndarr
     ]
     res = handle(h, ctx, reqs)
     assert [r.rows for r in res] == [17, 0, 4, 1]
-    assert res[1].error.code == 400 and "PNG or JPEG" in res[1].error.message and not res[1].logits
+    assert res[1].error.code == 400 and "neither PNG nor JPEG" in res[1].error.message and not res[1].logits
     assert ctx.get_response_status(1) == (400, res[1].error.message)
     assert all(r.batch_requests == 4 for r in res)
     assert res[0].feature_dim == h.card.feature_dim and len(res[0].features) == 4 * h.card.feature_dim
@@ -135,7 +135,7 @@ def test_a_bad_request_alone_raises_a_4xx(loaded) -> None:
     h, ctx = loaded
     bad_plan = probe_pb2.ProbePlan(version=1, squeeze=probe_pb2.SqueezeProbe(median_sizes=[9]))
     for req, match in (
-        ({"data": b"junk"}, "PNG or JPEG"),
+        ({"data": b"junk"}, "neither PNG nor JPEG"),
         ({"data": png(np.zeros((28, 28), np.uint8)), "plan": bad_plan.SerializeToString()}, "median"),
         ({"data": png(np.zeros((28, 28), np.uint8)), "plan": b"\xff\xff"}, "not a valid"),
         ({"plan": PLAN.SerializeToString()}, "exactly one"),

@@ -54,9 +54,9 @@ def test_jpeg_is_decoded(grey: np.ndarray) -> None:
 
 
 def test_format_is_told_by_content_not_allowed_otherwise(grey: np.ndarray) -> None:
-    refused(encode(Image.fromarray(grey), "BMP"), "not a decodable PNG or JPEG")
-    refused(encode(Image.fromarray(grey), "GIF"), "not a decodable PNG or JPEG")
-    refused(b"garbage bytes", "not a decodable PNG or JPEG")
+    refused(encode(Image.fromarray(grey), "BMP"), "neither PNG nor JPEG")
+    refused(encode(Image.fromarray(grey), "GIF"), "neither PNG nor JPEG")
+    refused(b"garbage bytes", "neither PNG nor JPEG")
     refused(b"", "empty")
 
 
@@ -87,7 +87,7 @@ def _png_claiming(width: int, height: int, grey: np.ndarray) -> bytes:
 
 
 def test_decompression_bomb_refused_from_the_header(grey: np.ndarray) -> None:
-    refused(_png_claiming(3000, 3000, grey), "3000x3000 pixels; the limit is")  # 9 M pixels, never decoded
+    refused(_png_claiming(3000, 3000, grey), "3000x3000 = 9000000 pixels; the limit is")  # 9 M pixels, never decoded
     refused(_png_claiming(60000, 60000, grey), "too many pixels")  # over Pillow's own bomb limit
 
 
@@ -174,6 +174,34 @@ def test_the_handler_and_the_gateway_make_the_same_pixels(grey: np.ndarray) -> N
                                                                            Limits())), (mode, name)
     for name in ("grey tRNS", "16-bit tRNS"):
         assert decode_image(images[name], SPEC).max() == 0, name  # the white was transparent: black
+
+
+def test_the_handler_and_the_gateway_refuse_alike() -> None:
+    """Both decoders go through one door (``load_image``): every hostile file is refused by
+    each with the same message, and an image of another size only by the handler, which
+    takes the card's size where the gateway resizes."""
+    from service.decode import InputSpec as GatewaySpec
+    from service.decode import Limits
+    from service.decode import decode_image as gateway_decode
+    from service.errors import InvalidInput
+    from tests.nasty import corpus
+
+    limits = Limits(max_bytes=SPEC.max_bytes, max_pixels=SPEC.max_pixels)
+    refusals = 0
+    for name, (raw, error) in corpus().items():
+        if error is None:
+            continue
+        with pytest.raises(InputError) as by_handler:
+            decode_image(raw, SPEC)
+        with pytest.raises(InvalidInput) as by_gateway:
+            gateway_decode(raw, GatewaySpec(), limits)
+        assert by_handler.value.message == str(by_gateway.value), name
+        assert error in by_handler.value.message, name
+        refusals += 1
+    assert refusals >= 8
+    larger = corpus()["larger png, resized"][0]
+    assert gateway_decode(larger, GatewaySpec(), limits).shape == (1, 28, 28)
+    refused(larger, "image is 64x64; the model takes 28x28")
 
 
 def tensor(arr: np.ndarray, dtype: str | None = None, shape: list[int] | None = None, data: bytes | None = None) -> bytes:

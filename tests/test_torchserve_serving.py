@@ -214,7 +214,7 @@ def test_bad_input_is_a_4xx_and_the_server_keeps_answering(stub, token, images: 
     good = png(images[2])
     cases = {
         "corrupt": (good[: len(good) // 2], None, "truncated or corrupt|not a decodable"),
-        "not an image": (b"GIF89a-nope", None, "not a decodable PNG or JPEG"),
+        "not an image": (b"GIF89a-nope", None, "neither PNG nor JPEG"),
         "oversized": (good + b"\0" * (2 << 20), None, "bytes; the limit is"),
         "wrong size": (png(np.zeros((32, 32), np.uint8)), None, "32x32; the model takes 28x28"),
         "bad plan": (good, example("invalid/median_size.json"), "median_sizes"),
