@@ -118,6 +118,12 @@ def scrape(port: int) -> dict[tuple[str, frozenset], float]:
             for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
+def requests_by_code(metrics_port: int, code: str = "OK") -> float:
+    """``robustgate_requests_total`` of ``code``, summed over models and decisions."""
+    return sum(v for (name, labels), v in scrape(metrics_port).items()
+               if name == "robustgate_requests_total" and ("code", code) in labels)
+
+
 def inflight(metrics_port: int) -> float:
     return scrape(metrics_port)[("robustgate_inflight_requests", frozenset())]
 
@@ -311,10 +317,6 @@ def test_a_stream_cancelled_midway_stops_what_it_had_in_flight(client: Client, f
     in 12) could not be told from one that was never cancelled."""
     window = 16  # the gateway's stream_window
 
-    def answered(code: str = "OK") -> float:
-        return sum(v for (name, labels), v in scrape(metrics_port).items()
-                   if name == "robustgate_requests_total" and ("code", code) in labels)
-
     first_answered = threading.Event()
 
     def requests() -> Iterator[pb.ClassifyRequest]:
@@ -325,7 +327,7 @@ def test_a_stream_cancelled_midway_stops_what_it_had_in_flight(client: Client, f
 
     call = client.classify_stream(requests(), timeout_s=60)
     assert next(call).request_id == "c0"
-    before, cancelled_before = answered(), answered("CANCELLED")
+    before, cancelled_before = requests_by_code(metrics_port), requests_by_code(metrics_port, "CANCELLED")
     os.killpg(torchserve.pid, signal.SIGSTOP)  # TorchServe answers nothing until SIGCONT
     try:
         first_answered.set()
@@ -337,8 +339,8 @@ def test_a_stream_cancelled_midway_stops_what_it_had_in_flight(client: Client, f
     finally:
         os.killpg(torchserve.pid, signal.SIGCONT)
     time.sleep(1)  # anything left running would finish and be counted by now
-    assert answered() == before, "items of the cancelled stream were answered"
-    assert answered("CANCELLED") - cancelled_before == window
+    assert requests_by_code(metrics_port) == before, "items of the cancelled stream were answered"
+    assert requests_by_code(metrics_port, "CANCELLED") - cancelled_before == window
     assert client.classify(png(fmnist.test.images[0]), model="fmnist-cnn").classes
 
 

@@ -21,7 +21,7 @@ from service.settings import Settings
 from service.workers import (DUMP_SIGNAL, LOCK_FILE, START_TIMEOUT_S, Supervisor, _Slot, beat_interval,
                              metrics_dir, reserve_port)
 from tests.conftest import free_port
-from tests.test_gateway import png, scrape, start_gateway, stop
+from tests.test_gateway import png, requests_by_code, scrape, start_gateway, stop
 
 
 def workers_of(proc: subprocess.Popen) -> list[psutil.Process]:
@@ -45,11 +45,6 @@ def wait_for(what: str, ok, timeout_s: float = 30.0):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.1)
-
-
-def ok_requests(port: int) -> float:
-    return sum(v for (name, labels), v in scrape(port).items()
-               if name == "robustgate_requests_total" and ("code", "OK") in labels)
 
 
 def connections(address: str, n: int) -> list[grpc.Channel]:
@@ -82,7 +77,7 @@ def test_connections_spread_over_the_workers_and_metrics_add_up(pool, fmnist) ->
     proc, address, metrics_port = pool
     workers = workers_of(proc)
     assert len(workers) == 2
-    before = ok_requests(metrics_port)
+    before = requests_by_code(metrics_port)
     channels = connections(address, 16)
     try:
         for k, ch in enumerate(channels):
@@ -99,7 +94,7 @@ def test_connections_spread_over_the_workers_and_metrics_add_up(pool, fmnist) ->
         for ch in channels:
             ch.close()
     after = scrape(metrics_port)
-    assert ok_requests(metrics_port) - before == 32  # both workers' counts, summed once
+    assert requests_by_code(metrics_port) - before == 32  # both workers' counts, summed once
     info = [labels for (name, labels), _ in after.items() if name == "robustgate_model_info"]
     assert len(info) == 1 and ("model", "fmnist-cnn") in info[0]  # one series, not one per worker
     assert after[("robustgate_backend_up", frozenset())] == 1.0
@@ -125,7 +120,7 @@ def test_the_summed_exposition_passes_promtool(pool) -> None:
 def test_a_dead_worker_is_replaced_and_counts_never_go_back(pool, fmnist) -> None:
     proc, address, metrics_port = pool
     old = {w.pid for w in workers_of(proc)}
-    before = ok_requests(metrics_port)
+    before = requests_by_code(metrics_port)
     restarts = scrape(metrics_port)[("robustgate_worker_restarts_total", frozenset())]
     victim = min(old)
     os.kill(victim, signal.SIGKILL)
@@ -137,7 +132,7 @@ def test_a_dead_worker_is_replaced_and_counts_never_go_back(pool, fmnist) -> Non
     new = wait_for("a replacement worker", replaced)
     assert old - {victim} <= new
     assert proc.poll() is None  # the supervisor carries on
-    assert ok_requests(metrics_port) == before  # the dead worker's counts stay in the sum
+    assert requests_by_code(metrics_port) == before  # the dead worker's counts stay in the sum
     after = scrape(metrics_port)
     assert after[("robustgate_worker_restarts_total", frozenset())] == restarts + 1
     wait_for("the gauge of running workers", lambda: scrape(metrics_port)[("robustgate_workers", frozenset())] == 2)
@@ -149,7 +144,7 @@ def test_a_dead_worker_is_replaced_and_counts_never_go_back(pool, fmnist) -> Non
     finally:
         for ch in channels:
             ch.close()
-    assert ok_requests(metrics_port) == before + 8
+    assert requests_by_code(metrics_port) == before + 8
     assert scrape(metrics_port)[("robustgate_inflight_requests", frozenset())] == 0.0
 
 
