@@ -2,8 +2,8 @@
 
 Encoded images (PNG or JPEG, told apart by content, not by name) go through Pillow:
 bytes are capped first, the header's pixel count is checked before any pixel is decoded
-(decompression bombs), and the size must be the card's. Pixels become the card's mode as
-the gateway's decoder makes them (both call :func:`upright` and :func:`to_mode`): an EXIF
+(decompression bombs), and the size must be the card's. The gateway's decoder goes through
+the same :func:`load_image` (refusals and their messages, pixels in the card's mode): an EXIF
 orientation is applied, 16-bit grey is scaled to 8 bits, and transparent pixels are black.
 Raw tensors (``robustgate.v1.Tensor``) are
 checked for shape, dtype, byte length and non-finite or out-of-range values.

@@ -3,7 +3,8 @@
 Encoded images are accepted as PNG or JPEG, recognised by content (magic bytes), never by a
 claimed type; the pixel count is checked from the header before any pixel is decoded
 (decompression bombs); an EXIF orientation is applied, and palette, alpha, 16-bit, CMYK and
-colour images are converted to the model's mode, as the handlers do (one ``to_mode``). Raw
+colour images are converted to the model's mode: the handlers' own ``load_image``, so an
+image is refused, and becomes pixels, alike on both paths; then resized to the model's size. Raw
 tensors are checked for shape, dtype, byte length and finite values.
 
 The result is what crosses to TorchServe: ``uint8 [C, H, W]`` (encoded images, 0..255) or
