@@ -21,6 +21,16 @@ def cut_short_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
     return grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 0 else grpc.StatusCode.CANCELLED
 
 
+def status_name(context: grpc.aio.ServicerContext, failed: bool, cancelled: bool) -> str:
+    """The status code's name a call ended with: the one it set, else by how it ended."""
+    code = context.code() if hasattr(context, "code") else None
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if code is None:
+        return cut_short_code(context).name if cancelled else "UNKNOWN" if failed else "OK"
+    return next((c.name for c in grpc.StatusCode if c.value[0] == code), "UNKNOWN")  # an int value
+
+
 class ServerMetricsInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, registry: CollectorRegistry) -> None:
         labels = ["grpc_service", "grpc_method", "grpc_type"]
@@ -31,14 +41,6 @@ class ServerMetricsInterceptor(grpc.aio.ServerInterceptor):
                                   buckets=LATENCY_BUCKETS, registry=registry)
         self.msg_received = Counter("grpc_server_msg_received", "Stream messages received.", labels, registry=registry)
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
-
-    def _code(self, context: grpc.aio.ServicerContext, failed: bool, cancelled: bool) -> str:
-        code = context.code() if hasattr(context, "code") else None
-        if isinstance(code, grpc.StatusCode):
-            return code.name
-        if code is None:
-            return cut_short_code(context).name if cancelled else "UNKNOWN" if failed else "OK"
-        return next((c.name for c in grpc.StatusCode if c.value[0] == code), "UNKNOWN")  # an int value
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
@@ -58,31 +60,37 @@ class ServerMetricsInterceptor(grpc.aio.ServerInterceptor):
             return handler
         labels = (service, method, kind)
         started, handling = self.started.labels(*labels), self.handling.labels(*labels)
-        handled: dict[str, object] = {}
+        handled = self.handled
+        handled_by_code: dict[str, object] = {}  # its children, each looked up at its code's first call
 
-        def done(context: grpc.aio.ServicerContext, start: float, failed: bool, cancelled: bool) -> None:
-            name = self._code(context, failed, cancelled)
-            child = handled.get(name)
-            if child is None:
-                child = handled[name] = self.handled.labels(*labels, name)
-            child.inc()
-            handling.observe(time.perf_counter() - start)
+        class Counted:
+            """One call: started when entered; handled, by its code, and its duration when
+            left (with an exception: failed, or cancelled for a CancelledError)."""
+
+            __slots__ = ("context", "start")
+
+            def __init__(self, context: grpc.aio.ServicerContext) -> None:
+                self.context = context
+
+            def __enter__(self) -> None:
+                started.inc()
+                self.start = time.perf_counter()
+
+            def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+                name = status_name(self.context, failed=kind is not None,
+                                   cancelled=kind is not None and issubclass(kind, asyncio.CancelledError))
+                child = handled_by_code.get(name)
+                if child is None:
+                    child = handled_by_code[name] = handled.labels(*labels, name)
+                child.inc()
+                handling.observe(time.perf_counter() - self.start)
 
         if handler.unary_unary is not None:
             inner = handler.unary_unary
 
             async def unary(request, context):
-                started.inc()
-                start, failed, cancelled = time.perf_counter(), True, False
-                try:
-                    response = await inner(request, context)
-                    failed = False
-                    return response
-                except asyncio.CancelledError:
-                    cancelled = True
-                    raise
-                finally:
-                    done(context, start, failed, cancelled)
+                with Counted(context):
+                    return await inner(request, context)
 
             return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
         inner_s = handler.stream_stream
@@ -94,19 +102,11 @@ class ServerMetricsInterceptor(grpc.aio.ServerInterceptor):
                 yield item
 
         async def stream(request_iterator, context):
-            started.inc()
-            start, failed, cancelled = time.perf_counter(), True, False
-            try:
+            with Counted(context):
                 # aclosing: a cancelled call closes the servicer's generator (and whatever
                 # it has in flight) now, not when the garbage collector finds it
                 async with contextlib.aclosing(inner_s(counted(request_iterator), context)) as responses:
                     async for response in responses:
                         yield response
-                failed = False
-            except asyncio.CancelledError:
-                cancelled = True
-                raise
-            finally:
-                done(context, start, failed, cancelled)
 
         return grpc.stream_stream_rpc_method_handler(stream, handler.request_deserializer, handler.response_serializer)
