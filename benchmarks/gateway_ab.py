@@ -46,13 +46,6 @@ def tree_at(rev: str, dst: Path) -> Path:
     return dst
 
 
-def cpu_s(pid: int) -> float:
-    import psutil
-
-    t = psutil.Process(pid).cpu_times()
-    return t.user + t.system
-
-
 def main(argv: list[str] | None = None) -> int:
     p = parser("benchmarks.gateway_ab", __doc__)
     p.add_argument("--against", default="HEAD", help="git revision of the old gateway")
@@ -66,9 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         args.concurrency, args.turns, args.turn_s, warm_s = "1,4", 2, 0.2, 0.2
     levels = [int(c) for c in args.concurrency.split(",")]
 
-    from benchmarks.serving import closed_loop, connections
     from model_store import data, serve
-    from robustgate.v1 import classifier_pb2_grpc as pb_grpc
     from service.client import Client
     from tests.test_gateway import start_gateway, stop
 
@@ -89,8 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                     for tag, src in sources.items():
                         gateways[tag] = start_gateway(store, ts, tmp, source=src, models=args.model,
                                                       **{"backend-format": args.format})
-                    rows += asyncio.run(in_turns(mode, gateways, reqs, levels, args.turns, args.turn_s, warm_s,
-                                                 closed_loop, connections, pb_grpc.ClassifierServiceStub))
+                    rows += asyncio.run(in_turns(mode, gateways, reqs, levels, args.turns, args.turn_s, warm_s))
                 finally:
                     for proc, _ in gateways.values():
                         stop(proc)
@@ -106,9 +96,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def in_turns(mode: str, gateways: dict, reqs: list, levels: list[int], turns: int, turn_s: float,
-                   warm_s: float, closed_loop, connections, stub) -> list[dict]:
+                   warm_s: float) -> list[dict]:
     """One row per concurrency: each gateway's calls/s, p50 and CPU per call over ``turns``
     turns of ``turn_s`` seconds, the two taking turns."""
+    from benchmarks.serving import closed_loop, connections, gateway_cpu_s
+    from robustgate.v1 import classifier_pb2_grpc as pb_grpc
+
+    stub = pb_grpc.ClassifierServiceStub
     out = []
     tags = list(gateways)
     async with connections(gateways["old"][1], 1, stub) as old, connections(gateways["new"][1], 1, stub) as new:
@@ -126,9 +120,9 @@ async def in_turns(mode: str, gateways: dict, reqs: list, levels: list[int], tur
             for turn in range(turns):
                 for tag in tags if turn % 2 == 0 else tags[::-1]:
                     pid = gateways[tag][0].pid
-                    before = cpu_s(pid)
+                    before = gateway_cpu_s(pid)
                     r = await closed_loop(tag, call_of(tag), c, turn_s)
-                    cpu = cpu_s(pid) - before
+                    cpu = gateway_cpu_s(pid) - before
                     seen[tag].append((r.per_s, r.p50_ms, 1e3 * cpu / r.calls if r.calls else float("nan"),
                                       r.errors))
             med = {t: [statistics.median(x[k] for x in seen[t]) for k in range(3)] for t in tags}

@@ -191,22 +191,33 @@ async def streamed(name: str, open_stream: Callable[[float], object], request: C
     return Result.of(name, streams * window, lat, time.perf_counter() - t0, errors)
 
 
+def cpu_s(proc) -> float:
+    """CPU seconds (user + system) so far of a ``psutil.Process``; 0 once it has gone."""
+    import psutil
+
+    try:
+        t = proc.cpu_times()
+    except psutil.NoSuchProcess:
+        return 0.0
+    return t.user + t.system
+
+
+def gateway_cpu_s(pid: int) -> float:
+    """CPU seconds so far of the gateway ``pid``: with --workers, the supervisor and its workers."""
+    import psutil
+
+    gateway = psutil.Process(pid)
+    return cpu_s(gateway) + sum(cpu_s(c) for c in gateway.children(recursive=True))
+
+
 def cpu_parts(gateway_pid: int | None, torchserve_pid: int) -> dict[str, float]:
     """CPU seconds (user + system) so far of the load generator (this process), the gateway,
     and TorchServe's Java frontend and Python workers (the process tree under its launcher)."""
     import psutil
 
-    def cpu_s(proc: psutil.Process) -> float:
-        try:
-            t = proc.cpu_times()
-        except psutil.NoSuchProcess:
-            return 0.0
-        return t.user + t.system
-
     parts = {"client": cpu_s(psutil.Process())}
-    if gateway_pid is not None:  # with --workers, the supervisor and its workers
-        gateway = psutil.Process(gateway_pid)
-        parts["gateway"] = cpu_s(gateway) + sum(cpu_s(c) for c in gateway.children(recursive=True))
+    if gateway_pid is not None:
+        parts["gateway"] = gateway_cpu_s(gateway_pid)
     java = workers = 0.0
     for proc in psutil.Process(torchserve_pid).children(recursive=True):
         try:

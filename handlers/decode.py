@@ -23,7 +23,6 @@ from PIL import Image
 
 from robustgate.v1 import probe_pb2
 
-FORMATS = ("PNG", "JPEG")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
 CHANNELS = {"L": 1, "RGB": 3}
