@@ -6,8 +6,9 @@ from dataclasses import replace
 
 from service import convert
 from service.gate.cascade import GateRun
+from service.gate.checks import Check
 from service.gate.policy import Mode
-from service.gate.report import off_report
+from service.gate.report import decide, off_report
 from service.pipeline import ClassifyResult, ClassScore
 from tests.test_gate_engine import make_policy
 
@@ -31,9 +32,6 @@ def test_a_gate_off_answer_carries_its_policy_report_converted_once_and_never_sh
 
 
 def test_gated_answers_carry_their_own_reports() -> None:
-    from service.gate.report import decide
-    from service.gate.checks import Check
-
     policy = make_policy()
     low, high = decide({Check.DENSITY: 1.0}, policy), decide({Check.DENSITY: 9.0}, policy)
     a, b = convert.to_pb(answer(low, "a")), convert.to_pb(answer(high, "b"))

@@ -152,8 +152,8 @@ def test_load_at_twice_capacity_sheds_and_loses_nothing(calibrated_store: Path, 
                     stub.Classify(req[done[k] % 32], timeout=30)
                     done[k] += 1
 
-            for seconds in (1, 3):
-                done, end = [0] * inflight, time.monotonic() + seconds
+            for span_s in (1, 3):
+                done, end = [0] * inflight, time.monotonic() + span_s
                 with ThreadPoolExecutor(inflight) as pool:
                     list(pool.map(closed, range(inflight)))
             capacity = sum(done) / 3
