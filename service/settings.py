@@ -98,6 +98,18 @@ class Settings:
     for its next call. So long-lived connections re-spread: over pods after the autoscaler adds
     some, and over the ``workers``, which the kernel assigns per connection, unevenly when there
     are few (16 connections over 8 workers: the busiest had 1.5-3x the mean). 0: never."""
+    keepalive_time_s: float = 60.0
+    """The gateway pings a client connection after this long without a frame from it, and
+    closes it if the ping is not answered within ``keepalive_timeout_s``: a client that
+    vanished without closing its connection (host gone, network cut, a NAT or load balancer
+    that dropped the flow) no longer holds its streams open, their items in flight and their
+    admission slots, forever. Clients may ping too, as often as every 10 s (or every
+    ``keepalive_time_s`` where that is shorter), with or without calls open; more often, gRPC
+    answers GOAWAY ``too_many_pings``. 0: no pings, and gRPC's default for clients (at most
+    one ping per 5 minutes without data)."""
+    keepalive_timeout_s: float = 20.0
+    """How long the gateway waits for the answer to its keepalive ping before it closes the
+    connection (its calls and streams end CANCELLED)."""
     max_message_bytes: int = 4 * 1024 * 1024
     """Largest gRPC message accepted (and image bytes, less framing). A larger one is refused by
     gRPC's transport with RESOURCE_EXHAUSTED before any gateway code runs (not an overload signal)."""
@@ -149,7 +161,9 @@ class Settings:
             raise ValueError("worker_timeout_s must be >= 0 (0: not watched)")
         if self.max_connection_age_s < 0:
             raise ValueError("max_connection_age_s must be >= 0 (0: never)")
-        for name in ("backend_timeout_s", "request_timeout_s", "grace_s", "health_interval_s"):
+        if self.keepalive_time_s < 0:
+            raise ValueError("keepalive_time_s must be >= 0 (0: no keepalive pings)")
+        for name in ("backend_timeout_s", "request_timeout_s", "grace_s", "health_interval_s", "keepalive_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
         if self.torchserve_metrics_url:

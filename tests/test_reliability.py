@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -275,3 +277,131 @@ def test_torchserve_killed_during_load_then_restarted(calibrated_store: Path, tm
         if proc is not None:
             stop(proc)
         ts.stop()
+
+
+# --- vanished clients ----------------------------------------------------------------------
+
+class FreezableProxy:
+    """A TCP proxy on loopback to ``target`` that can go silent: after :meth:`freeze` it
+    forwards nothing either way and closes nothing, as a client whose host vanished (or whose
+    network path dropped the flow) looks to the server."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.rsplit(":", 1)
+        self._target = (host, int(port))
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._frozen = threading.Event()
+        self._closed = threading.Event()
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def freeze(self) -> None:
+        self._frozen.set()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                down, _ = self._listener.accept()
+            except OSError:
+                return
+            up = socket.create_connection(self._target)
+            self._sockets += [down, up]
+            for a, b in ((down, up), (up, down)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        src.settimeout(0.05)
+        while not self._closed.is_set():
+            if self._frozen.is_set():  # read nothing more: what is sent stays unanswered
+                time.sleep(0.05)
+                continue
+            try:
+                data = src.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            try:
+                dst.sendall(data)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self._closed.set()
+        for s in [self._listener, *self._sockets]:
+            s.close()
+
+
+def _streams_ended(mport: int, code: str | None = None) -> float:
+    """``grpc_server_handled_total`` of ClassifyStream (of ``code``, or every code)."""
+    return sum(v for (n, ls), v in scrape(mport).items()
+               if n == "grpc_server_handled_total" and ("grpc_method", "ClassifyStream") in ls
+               and (code is None or ("grpc_code", code) in ls))
+
+
+def test_a_vanished_clients_stream_is_closed_by_keepalive(calibrated_store: Path, torchserve, tmp_path: Path,
+                                                          fmnist) -> None:
+    """``keepalive_time_s``: an open stream whose client goes silent (a frozen proxy: nothing
+    answered, nothing closed) ends CANCELLED within about keepalive time + timeout, while an
+    idle stream whose client answers the pings is left alone. Without keepalive the first
+    would stay open for ever. (The pings clients may send are checked as options below: the
+    gateway's own pings, more frequent here, keep a client's from being sent at all.)"""
+    mport = free_port()
+    proc, address = start_gateway(calibrated_store, torchserve, tmp_path, **{
+        "metrics-port": str(mport), "keepalive-time-s": "0.5", "keepalive-timeout-s": "0.5"})
+    proxy = FreezableProxy(address)
+    more = threading.Event()
+
+    def items(tag: str) -> Iterator[pb.ClassifyStreamRequest]:
+        for i in range(2):
+            if i:
+                more.wait(30)  # the stream stays open and idle until then
+            yield pb.ClassifyStreamRequest(request=Client.request(png(fmnist.test.images[i]), "fmnist-cnn",
+                                                                  request_id=f"{tag}{i}"))
+
+    answering = grpc.insecure_channel(address)
+    silent = grpc.insecure_channel(proxy.address)
+    try:
+        live = pb_grpc.ClassifierServiceStub(answering).ClassifyStream(items("live"), timeout=60)
+        gone = pb_grpc.ClassifierServiceStub(silent).ClassifyStream(items("gone"), timeout=60)
+        assert next(live).request_id == "live0" and next(gone).request_id == "gone0"
+        ended = _streams_ended(mport)
+        time.sleep(3)  # six of the gateway's pings, all answered
+        assert _streams_ended(mport) == ended, "an idle stream whose client answers was closed"
+        cancelled = _streams_ended(mport, "CANCELLED")
+        proxy.freeze()
+        t0 = time.monotonic()
+        while _streams_ended(mport, "CANCELLED") == cancelled:
+            assert time.monotonic() - t0 < 10, ("the silent client's stream is still open", {
+                dict(ls).get("grpc_code"): v for (n, ls), v in scrape(mport).items()
+                if n == "grpc_server_handled_total" and ("grpc_method", "ClassifyStream") in ls})
+            time.sleep(0.1)
+        print(f"\nkeepalive: the silent client's stream ended {time.monotonic() - t0:.2f} s after it went silent")
+        more.set()  # the live stream goes on as if nothing happened
+        assert next(live).request_id == "live1"
+        assert _streams_ended(mport, "CANCELLED") - cancelled == 1
+    finally:
+        more.set()
+        answering.close()
+        silent.close()
+        proxy.close()
+        stop(proc)
+
+
+def test_keepalive_settings_become_grpc_options() -> None:
+    from service.server import keepalive_options
+    from service.settings import Settings
+
+    opts = dict(keepalive_options(Settings()))
+    assert opts["grpc.keepalive_time_ms"] == 60_000
+    assert opts["grpc.keepalive_timeout_ms"] == opts["grpc.http2.ping_timeout_ms"] == 20_000
+    assert opts["grpc.http2.min_ping_interval_without_data_ms"] == 10_000  # clients may ping every 10 s
+    assert opts["grpc.http2.max_pings_without_data"] == 0 and opts["grpc.keepalive_permit_without_calls"] == 1
+    assert dict(keepalive_options(Settings(keepalive_time_s=2)))["grpc.http2.min_ping_interval_without_data_ms"] == 2000
+    assert keepalive_options(Settings(keepalive_time_s=0)) == []
+    for bad in ({"keepalive_time_s": -1}, {"keepalive_timeout_s": 0}):
+        with pytest.raises(ValueError, match="keepalive"):
+            Settings(**bad)
