@@ -387,24 +387,28 @@ class Gateway:
 CLIENT_PING_INTERVAL_S = 10.0
 
 
+def _ms(seconds: float) -> int:
+    """A duration setting in seconds as gRPC's whole milliseconds, at least 1."""
+    return max(1, round(seconds * 1000))
+
+
 def keepalive_options(settings: Settings) -> list[tuple[str, int]]:
     """gRPC server options for ``keepalive_time_s`` and ``keepalive_timeout_s`` (their
     docstrings): the gateway's own pings, sent whether or not calls are open and without a
     limit on pings between data frames (an open stream can be idle for long), and the pings it
-    accepts from clients. None with ``keepalive_time_s`` 0 (gRPC's defaults then)."""
+    accepts from clients. Empty with ``keepalive_time_s`` 0 (gRPC's defaults then)."""
     if settings.keepalive_time_s <= 0:
         return []
-    ms = max(1, round(settings.keepalive_time_s * 1000))
-    timeout = max(1, round(settings.keepalive_timeout_s * 1000))
+    every, timeout = _ms(settings.keepalive_time_s), _ms(settings.keepalive_timeout_s)
     return [
-        ("grpc.keepalive_time_ms", ms),
+        ("grpc.keepalive_time_ms", every),
         ("grpc.keepalive_timeout_ms", timeout),
         # gRPC 1.85 closes the connection on this one; with keepalive_timeout_ms alone, a ping
         # left unanswered by a silent peer (tests/test_reliability.py) closed nothing in 10 s.
         ("grpc.http2.ping_timeout_ms", timeout),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
-        ("grpc.http2.min_ping_interval_without_data_ms", min(ms, round(CLIENT_PING_INTERVAL_S * 1000))),
+        ("grpc.http2.min_ping_interval_without_data_ms", min(every, _ms(CLIENT_PING_INTERVAL_S))),
     ]
 
 
@@ -443,7 +447,7 @@ async def start(settings: Settings, registry: Registry | None = None, worker: bo
         ("grpc.so_reuseport", 1 if worker else 0),
     ]
     if settings.max_connection_age_s > 0:  # no grace option: calls and streams in flight run to their end
-        options.append(("grpc.max_connection_age_ms", max(1, round(settings.max_connection_age_s * 1000))))
+        options.append(("grpc.max_connection_age_ms", _ms(settings.max_connection_age_s)))
     options += keepalive_options(settings)
     server = grpc.aio.server(interceptors=interceptors, options=options)
     servicer = ClassifierServicer(pipeline, registry, settings, admission, metrics, tracing)
