@@ -62,8 +62,11 @@ class Metrics:
             buckets=BATCH_BUCKETS, registry=r)
         self.inflight = Gauge("robustgate_inflight_requests", "Requests being processed.", registry=r,
                               multiprocess_mode="livesum")
-        self.shed = Counter("robustgate_shed_requests", "Requests refused with RESOURCE_EXHAUSTED (overload).",
-                            registry=r)
+        self.shed = Counter("robustgate_shed_requests", "Requests refused with RESOURCE_EXHAUSTED (overload), by "
+                            "the limit reached: server (max_inflight) or connection (max_inflight_per_connection).",
+                            ["limit"], registry=r)
+        for limit in ("server", "connection"):
+            self.shed.labels(limit=limit)
         self.backend_up = Gauge("robustgate_backend_up", "1 while TorchServe answers the health probe.", registry=r,
                                 multiprocess_mode="livemin")  # several processes: 1 while every one's probe answers
         self.gate_baseline = Gauge("robustgate_gate_baseline_ratio",

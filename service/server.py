@@ -11,7 +11,7 @@ import logging
 import signal
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,12 +43,14 @@ from service.errors import (
 from service.interceptors import ServerMetricsInterceptor, cut_short_code
 from service.metrics import Metrics, SupervisorMetrics
 from service.pipeline import ClassifyResult, Pipeline
+from service.ratelog import Throttle
 from service.registry import Registry
 from service.settings import Settings
 from service.tracing import OFF, Tracing, set_error
 from service.tracing import setup as setup_tracing
 
 log = logging.getLogger(__name__)
+_throttled = Throttle(log)  # a connection over its share repeats with each of its calls
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ClassifierService"].full_name
 INTERNAL_MESSAGE = "internal error"
@@ -80,26 +82,94 @@ def status_of(err: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
 
 
-class Admission:
-    """At most ``limit`` requests in flight; the next one is refused at once (never queued)."""
+class Connection:
+    """One client connection's requests in flight (gRPC names a connection by its peer address
+    and port), and the streams that wait for room among them."""
 
-    def __init__(self, limit: int, metrics: Metrics) -> None:
+    __slots__ = ("peer", "inflight", "users", "_room")
+
+    def __init__(self, peer: str) -> None:
+        self.peer = peer
+        self.inflight = 0
+        self.users = 0  # calls and streams of it open: kept while any is
+        self._room: asyncio.Event | None = None
+
+    async def room(self, limit: int) -> None:
+        """Wait until fewer than ``limit`` of this connection's requests are in flight."""
+        while self.inflight >= limit:
+            if self._room is None:
+                self._room = asyncio.Event()
+            self._room.clear()
+            await self._room.wait()
+
+    def done(self) -> None:
+        """One of its requests is no longer in flight."""
+        self.inflight -= 1
+        if self._room is not None:
+            self._room.set()
+
+    def hold(self, item: asyncio.Task) -> None:
+        """A stream item in flight until its task ends, however it ends (cancelled before it
+        ran too)."""
+        self.inflight += 1
+        item.add_done_callback(lambda _: self.done())
+
+
+class Admission:
+    """At most ``limit`` requests in flight, and at most ``per_connection`` from one client
+    connection (0: no such limit). A request beyond either is refused at once (never queued);
+    a stream waits for its connection's room before it reads its next item (``ClassifyStream``)."""
+
+    def __init__(self, limit: int, metrics: Metrics, per_connection: int = 0) -> None:
         self.limit = limit
+        self.per_connection = per_connection
         self.inflight = 0
         self.metrics = metrics
+        self._shed = {kind: metrics.shed.labels(limit=kind) for kind in ("server", "connection")}
+        self._connections: dict[str, Connection] = {}
 
     @contextlib.contextmanager
-    def slot(self):
+    def connection(self, peer: str) -> Iterator[Connection | None]:
+        """``peer``'s connection while a call or stream of it is open; None: no per-connection limit."""
+        if not self.per_connection:
+            yield None
+            return
+        c = self._connections.get(peer)
+        if c is None:
+            c = self._connections[peer] = Connection(peer)
+        c.users += 1
+        try:
+            yield c
+        finally:
+            c.users -= 1
+            if not c.users:
+                del self._connections[peer]
+
+    @contextlib.contextmanager
+    def slot(self, connection: Connection | None = None):
+        """One request in flight, counted against ``connection``'s share too where given (a
+        stream's items take theirs before they are read)."""
+        if connection is not None and connection.inflight >= self.per_connection:
+            self._shed["connection"].inc()
+            _throttled.log(logging.WARNING, "connection", "a client connection (%s) is at its limit of %d "
+                           "requests in flight (max_inflight_per_connection): its next calls are refused",
+                           connection.peer, self.per_connection)
+            raise Overloaded(f"this connection is at its limit of {self.per_connection} requests in flight; "
+                             "spread calls over more connections, or retry later")
         if self.inflight >= self.limit:
-            self.metrics.shed.inc()
+            self._shed["server"].inc()
             raise Overloaded(f"server is at its limit of {self.limit} requests in flight; retry later")
         self.inflight += 1
         self.metrics.inflight.inc()
+        if connection is not None:
+            connection.inflight += 1
         try:
             yield
         finally:
             self.inflight -= 1
             self.metrics.inflight.dec()
+            if connection is not None:
+                connection.done()
 
 
 def record(metrics: Metrics, res: ClassifyResult) -> None:
@@ -140,12 +210,15 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
         model = request.model if request.model in self._known else "unknown"  # fixed label set
         self.metrics.requests.labels(model=model, decision="NONE", code=code.name).inc()
 
-    async def _classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+    async def _classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext,
+                        connection: Connection | None = None) -> pb.ClassifyResponse:
+        """One request through the pipeline; ``connection``: a call's, whose share it takes
+        (a stream's items took theirs before they were read)."""
         with self.tracing.request_span("classify", context.invocation_metadata(), {
                 "rpc.system": "grpc", "rpc.service": SERVICE_NAME, "robustgate.model": request.model,
                 "robustgate.request_id": request.request_id}) as span:
             try:
-                with self.admission.slot():
+                with self.admission.slot(connection):
                     res = await self.pipeline.classify(convert.to_domain(request), self._deadline(context))
             except Exception as e:
                 code, _ = status_of(e)
@@ -173,7 +246,8 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
 
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
         try:
-            return await self._classify(request, context)
+            with self.admission.connection(context.peer()) as connection:
+                return await self._classify(request, context, connection)
         except asyncio.CancelledError:  # the client left, or its deadline passed first
             self._count(request, cut_short_code(context))
             raise
@@ -203,38 +277,45 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
         self, request_iterator: AsyncIterator[pb.ClassifyStreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ClassifyStreamResponse]:
         """Up to ``stream_window`` items in flight at once (so the coalescer can batch them),
-        answered in request order. A reader task takes items while the window has room; this
-        generator yields the answers in the order the items came."""
-        window = asyncio.Semaphore(self.settings.stream_window)
-        pending: asyncio.Queue[asyncio.Task[pb.ClassifyStreamResponse] | None] = asyncio.Queue()
+        answered in request order. A reader task takes items while the window and the
+        connection's share have room; this generator yields the answers in the order the items
+        came."""
+        with self.admission.connection(context.peer()) as connection:
+            window = asyncio.Semaphore(self.settings.stream_window)
+            pending: asyncio.Queue[asyncio.Task[pb.ClassifyStreamResponse] | None] = asyncio.Queue()
 
-        async def read() -> None:
-            try:
-                async for item in request_iterator:
-                    await window.acquire()
-                    pending.put_nowait(asyncio.create_task(self._stream_answer(item.request, context)))
-            finally:
-                pending.put_nowait(None)  # end of the requests, however they ended
+            async def read() -> None:
+                try:
+                    async for item in request_iterator:
+                        await window.acquire()
+                        if connection is not None:
+                            await connection.room(self.admission.per_connection)
+                        answer = asyncio.create_task(self._stream_answer(item.request, context))
+                        if connection is not None:
+                            connection.hold(answer)
+                        pending.put_nowait(answer)
+                finally:
+                    pending.put_nowait(None)  # end of the requests, however they ended
 
-        reader = asyncio.create_task(read())
-        task: asyncio.Task[pb.ClassifyStreamResponse] | None = None
-        try:
-            while (task := await pending.get()) is not None:
-                answer = await task
-                window.release()
-                yield answer
+            reader = asyncio.create_task(read())
+            task: asyncio.Task[pb.ClassifyStreamResponse] | None = None
             try:
-                await reader  # the requests ended: cleanly, or with the reader's error
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # reading the stream failed: a status, never the error's text
-                await self._fail(context, e)
-        finally:  # the call ended early (cancelled, failed): stop what is still in flight
-            left = [t for t in [reader, task, *(pending.get_nowait() for _ in range(pending.qsize()))]
-                    if t is not None]
-            for t in left:
-                t.cancel()
-            await asyncio.gather(*left, return_exceptions=True)
+                while (task := await pending.get()) is not None:
+                    answer = await task
+                    window.release()
+                    yield answer
+                try:
+                    await reader  # the requests ended: cleanly, or with the reader's error
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # reading the stream failed: a status, never the error's text
+                    await self._fail(context, e)
+            finally:  # the call ended early (cancelled, failed): stop what is still in flight
+                left = [t for t in [reader, task, *(pending.get_nowait() for _ in range(pending.qsize()))]
+                        if t is not None]
+                for t in left:
+                    t.cancel()
+                await asyncio.gather(*left, return_exceptions=True)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(
@@ -436,7 +517,7 @@ async def start(settings: Settings, registry: Registry | None = None, worker: bo
                                                       settings.coalesce_max_rows,
                                                       max_calls=settings.coalesce_max_calls), metrics)
     pipeline = Pipeline(registry, coalescer or backend, limits, settings.backend_timeout_s, settings.seed, tracing)
-    admission = Admission(settings.max_inflight, metrics)
+    admission = Admission(settings.max_inflight, metrics, settings.max_inflight_per_connection)
     caller_token = auth_token(settings)
     interceptors: list[grpc.aio.ServerInterceptor] = [ServerMetricsInterceptor(metrics.registry)]
     if caller_token:  # after the metrics interceptor, so refused calls are counted too

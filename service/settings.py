@@ -71,6 +71,16 @@ class Settings:
     max_inflight: int = 256
     """Requests processed at once (per gateway process, see ``workers``); beyond it
     RESOURCE_EXHAUSTED at once."""
+    max_inflight_per_connection: int = 128
+    """Requests one client connection may have processed at once, unary calls and stream items
+    together (per gateway process), so that one client cannot take every slot of
+    ``max_inflight`` and leave the others nothing: beyond it a call is refused with
+    RESOURCE_EXHAUSTED at once, and a stream reads its next item only when its connection has
+    room again (gRPC's flow control then holds the sender back). Behind a proxy that carries
+    many clients over a few connections (a service mesh's sidecar), raise it to
+    ``max_inflight`` or set 0: no per-connection limit. Not HTTP/2's
+    SETTINGS_MAX_CONCURRENT_STREAMS: with that at the limit, gRPC 1.85's clients had some calls
+    fail UNAVAILABLE (RST_STREAM REFUSED_STREAM) instead of waiting."""
     workers: int = 1
     """Gateway processes serving one port (SO_REUSEPORT; ``service/workers.py``). One Python
     process served 1,000 to 2,300 unary calls/s on an H200 node, its event loop holding one core:
@@ -91,7 +101,7 @@ class Settings:
     """Items of one ClassifyStream processed at once, coalesced like concurrent calls; answers
     still leave in request order. One more item is read and waits; the rest stay unread, so
     gRPC's flow control holds a faster sender back. Each item in flight counts toward
-    ``max_inflight``. 1: one at a time."""
+    ``max_inflight`` and ``max_inflight_per_connection``. 1: one at a time."""
     max_connection_age_s: float = 300.0
     """A client connection is closed gently (GOAWAY) after about this long (gRPC adds +-10 %
     jitter): calls in flight finish, streams open then are not cut, and the client reconnects
@@ -151,6 +161,8 @@ class Settings:
             raise ValueError(f"workers must be in [1, {MAX_WORKERS}]")
         if self.stream_window < 1:
             raise ValueError("stream_window must be >= 1")
+        if self.max_inflight_per_connection < 0:
+            raise ValueError("max_inflight_per_connection must be >= 0 (0: no limit)")
         if not 0.0 <= self.trace_sample_ratio <= 1.0:
             raise ValueError("trace_sample_ratio must be in [0, 1]")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):

@@ -279,6 +279,109 @@ def test_torchserve_killed_during_load_then_restarted(calibrated_store: Path, tm
         ts.stop()
 
 
+# --- one connection's share ------------------------------------------------------------------
+
+def test_one_connection_cannot_take_every_slot(calibrated_store: Path, torchserve, tmp_path: Path, fmnist) -> None:
+    """``max_inflight_per_connection``: a client that sends far more at once than
+    ``max_inflight`` over one connection has its calls beyond its share refused (its streams'
+    items wait instead), and a second client's calls, running beside it, always find room:
+    the server's own limit is never reached. With the limit off (0) the same load sheds the
+    second client's calls too (checked by hand). Then a stream cut in the middle of its items
+    gives its share back: the next stream on the same connection gets every item answered."""
+    mport = free_port()
+    proc, address = start_gateway(calibrated_store, torchserve, tmp_path, **{
+        "metrics-port": str(mport), "max-inflight": "4", "max-inflight-per-connection": "2", "stream-window": "4"})
+    reqs = [Client.request(png(fmnist.test.images[i]), "fmnist-cnn", request_id=str(i)) for i in range(16)]
+
+    def items(n: int) -> Iterator[pb.ClassifyStreamRequest]:
+        return (pb.ClassifyStreamRequest(request=reqs[i % 16]) for i in range(n))
+
+    def shed() -> dict[str, float]:
+        return {dict(ls)["limit"]: v for (n, ls), v in scrape(mport).items() if n == "robustgate_shed_requests_total"}
+
+    own = [("grpc.use_local_subchannel_pool", 1)]  # each channel its own connection (they share one otherwise)
+    hog_ch, other_ch = grpc.insecure_channel(address, options=own), grpc.insecure_channel(address, options=own)
+    hog, other = pb_grpc.ClassifierServiceStub(hog_ch), pb_grpc.ClassifierServiceStub(other_ch)
+
+    def beside() -> list[tuple[grpc.StatusCode, str]]:  # the other client: 2 calls at a time, 10 each
+        with ThreadPoolExecutor(2) as pool:
+            return list(pool.map(lambda i: _code(lambda: other.Classify(reqs[i % 16], timeout=30)), range(20)))
+
+    try:
+        before = shed()
+        with ThreadPoolExecutor(1) as side:
+            others = side.submit(beside)
+            calls = [hog.Classify.future(reqs[i % 16], timeout=30) for i in range(48)]  # 12x max_inflight
+            codes = [_code(f.result) for f in calls]
+            other_codes = others.result()
+        assert other_codes == [(OK, "")] * 20, other_codes
+        refused = [d for c, d in codes if c != OK]
+        assert refused and set(refused) == {"this connection is at its limit of 2 requests in flight; "
+                                            "spread calls over more connections, or retry later"}, codes
+        after = shed()
+        assert (after["server"], after["connection"]) == (before["server"], before["connection"] + len(refused))
+
+        with ThreadPoolExecutor(1) as side:
+            others = side.submit(beside)
+            streams = [hog.ClassifyStream(items(24), timeout=30) for _ in range(2)]  # 2 x window 4: 8 > 4
+            answers = [[a.WhichOneof("outcome") for a in s] for s in streams]
+            other_codes = others.result()
+        assert answers == [["result"] * 24] * 2 and other_codes == [(OK, "")] * 20, (answers, other_codes)
+        assert shed() == after  # stream items waited: nothing refused
+
+        cut = hog.ClassifyStream(items(24), timeout=30)
+        next(cut)
+        cut.cancel()  # items in flight and waiting: their share must come back
+        time.sleep(0.5)
+        again = hog.ClassifyStream(items(8), timeout=20)  # would wait for ever on a share not given back
+        assert [a.WhichOneof("outcome") for a in again] == ["result"] * 8
+    finally:
+        hog_ch.close()
+        other_ch.close()
+        stop(proc)
+
+
+def test_connection_share_is_kept_per_connection_and_given_back() -> None:
+    import asyncio
+
+    from service.errors import Overloaded
+    from service.metrics import Metrics
+    from service.server import Admission
+    from service.settings import Settings, from_args
+
+    assert Settings().max_inflight_per_connection == 128
+    assert from_args(["--max-inflight-per-connection", "0"], environ={}).max_inflight_per_connection == 0
+    with pytest.raises(ValueError, match="max_inflight_per_connection"):
+        Settings(max_inflight_per_connection=-1)
+
+    async def main() -> None:
+        admission = Admission(8, Metrics(), per_connection=2)
+        with admission.connection("ipv4:127.0.0.1:1") as a, admission.connection("ipv4:127.0.0.1:1") as a2, \
+                admission.connection("ipv4:127.0.0.1:2") as b:
+            assert a is a2 and a is not b  # one share per connection, whatever is open on it
+            with admission.slot(a), admission.slot(a):
+                with pytest.raises(Overloaded, match="this connection"):
+                    with admission.slot(a):
+                        pass
+                with admission.slot(b):  # another connection still has room
+                    pass
+                waiting = asyncio.create_task(a.room(2))  # a stream's next item
+                await asyncio.sleep(0.01)
+                assert not waiting.done()
+            await asyncio.wait_for(waiting, 1)  # woken when the calls ended
+            item = asyncio.create_task(asyncio.sleep(10))
+            a.hold(item)
+            assert a.inflight == 1
+            item.cancel()  # cancelled before it ran: its share comes back all the same
+            await asyncio.gather(item, return_exceptions=True)
+            assert (a.inflight, admission.inflight) == (0, 0)
+        assert admission._connections == {}  # nothing kept for connections with nothing open
+        with Admission(8, Metrics()).connection("ipv4:127.0.0.1:1") as off:
+            assert off is None
+
+    asyncio.run(main())
+
+
 # --- vanished clients ----------------------------------------------------------------------
 
 class FreezableProxy:

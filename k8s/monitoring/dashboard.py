@@ -82,10 +82,12 @@ def panels() -> list[Panel]:
                    [target(f'sum by (decision) (rate(robustgate_requests_total{{{M}, code="OK"}}[{RATE}]))',
                            "{{decision}}")], "reqps", stack=True),
         timeseries("In flight and shed", "Requests being processed per gateway, and requests refused with "
-                   "RESOURCE_EXHAUSTED because the gateway was at max_inflight.",
+                   "RESOURCE_EXHAUSTED because the gateway was at max_inflight (server: scale out) or a client "
+                   "connection at its share, max_inflight_per_connection (connection: that client sends more "
+                   "at once than its share; the gateway's log names it).",
                    [target("sum by (instance) (robustgate_inflight_requests)", "in flight {{instance}}"),
-                    target(f"sum by (instance) (rate(robustgate_shed_requests_total[{RATE}]))",
-                           "shed/s {{instance}}")]),
+                    target(f"sum by (instance, limit) (rate(robustgate_shed_requests_total[{RATE}]))",
+                           "shed/s {{instance}} ({{limit}})")]),
         timeseries("Gateway worker processes", "Worker processes running per pod, and those replaced after "
                    "exiting unasked over 15 min (ROBUSTGATE_WORKERS; 4 in the GPU overlay, else 1; alert at 3 "
                    "replaced).",
