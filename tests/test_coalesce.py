@@ -18,7 +18,7 @@ from service.client import Client
 from service.coalesce import CoalesceConfig, Coalescer, plan_rows
 from service.errors import BackendUnavailable, DeadlineExceeded, InvalidInput
 from tests.conftest import free_port
-from tests.test_gateway import png, scrape, start_gateway, stop
+from tests.test_gateway import metric_sum, png, scrape, start_gateway, stop
 
 
 class ScriptedBackend:
@@ -311,8 +311,8 @@ def test_gateway_coalesces_concurrent_requests_without_changing_answers(
                                        atol=1e-4)
             assert g.gate.decision == w.gate.decision and g.gate.forward_passes == w.gate.forward_passes
         samples = scrape(metrics_port)
-        count = sum(v for (n, lab), v in samples.items() if n == "robustgate_backend_batch_images_count")
-        images_sent = sum(v for (n, lab), v in samples.items() if n == "robustgate_backend_batch_images_sum")
+        count = metric_sum(samples, "robustgate_backend_batch_images_count")
+        images_sent = metric_sum(samples, "robustgate_backend_batch_images_sum")
         calls = sum(g.gate.forward_passes > 0 for g in got)  # sanity: the gate ran
         assert calls == len(images)
         assert images_sent >= len(images) and count < images_sent  # some calls carried several images
@@ -363,8 +363,8 @@ def test_a_stream_runs_up_to_its_window_of_items_together_and_answers_in_order(
         assert [a.request_id for a in answers] == [r.request_id for r in reqs]
         assert [a.WhichOneof("outcome") for a in answers] == ["error" if r.request_id == "bad" else "result" for r in reqs]
         samples = scrape(metrics_port)
-        calls = sum(v for (name, _), v in samples.items() if name == "robustgate_backend_batch_images_count")
-        sent = sum(v for (name, _), v in samples.items() if name == "robustgate_backend_batch_images_sum")
+        calls = metric_sum(samples, "robustgate_backend_batch_images_count")
+        sent = metric_sum(samples, "robustgate_backend_batch_images_sum")
         assert sent == n  # every good item once
         if window == 1:
             assert calls == n

@@ -108,7 +108,7 @@ def gateway(calibrated_store: Path, torchserve, tmp_path_factory, metrics_port: 
     stop(proc)
 
 
-def scrape(port: int) -> dict[tuple[str, frozenset], float]:
+def scrape(port: int) -> Samples:
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
@@ -118,10 +118,27 @@ def scrape(port: int) -> dict[tuple[str, frozenset], float]:
             for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
+Samples = dict[tuple[str, frozenset], float]
+
+
+def metric_sum(samples: Samples, name: str, **where: str) -> float:
+    """The samples of ``name`` whose labels include ``where``, summed."""
+    return sum(v for (n, labels), v in samples.items() if n == name and set(where.items()) <= labels)
+
+
+def metric_by(samples: Samples, name: str, label: str, **where: str) -> dict[str, float]:
+    """The samples of ``name`` whose labels include ``where``, summed by the value of ``label``."""
+    out: dict[str, float] = {}
+    for (n, labels), v in samples.items():
+        if n == name and set(where.items()) <= labels:
+            key = dict(labels)[label]
+            out[key] = out.get(key, 0.0) + v
+    return out
+
+
 def requests_by_code(metrics_port: int, code: str = "OK") -> float:
     """``robustgate_requests_total`` of ``code``, summed over models and decisions."""
-    return sum(v for (name, labels), v in scrape(metrics_port).items()
-               if name == "robustgate_requests_total" and ("code", code) in labels)
+    return metric_sum(scrape(metrics_port), "robustgate_requests_total", code=code)
 
 
 def inflight(metrics_port: int) -> float:
@@ -137,17 +154,13 @@ def until_inflight(metrics_port: int, n: int, timeout_s: float = 10.0) -> None:
 
 
 def test_metrics_count_what_was_sent(client: Client, fmnist: data.FashionMNIST, metrics_port: int) -> None:
-    def requests(code: str) -> float:
-        return sum(v for (name, labels), v in scrape(metrics_port).items()
-                   if name == "robustgate_requests_total" and ("code", code) in labels)
-
-    ok0, bad0 = requests("OK"), requests("INVALID_ARGUMENT")
+    ok0, bad0 = requests_by_code(metrics_port), requests_by_code(metrics_port, "INVALID_ARGUMENT")
     for i in range(7):
         client.classify(png(fmnist.test.images[100 + i]), model="fmnist-cnn")
     for _ in range(3):
         with pytest.raises(grpc.RpcError):
             client.classify(b"junk", model="fmnist-cnn")
-    assert requests("OK") - ok0 == 7 and requests("INVALID_ARGUMENT") - bad0 == 3
+    assert requests_by_code(metrics_port) - ok0 == 7 and requests_by_code(metrics_port, "INVALID_ARGUMENT") - bad0 == 3
     samples = scrape(metrics_port)
     names = {n for n, _ in samples}
     assert {"robustgate_request_duration_seconds_bucket", "robustgate_check_score_bucket",
@@ -252,15 +265,11 @@ def test_calls_cut_short_are_counted_by_their_code(gateway: str, torchserve, fmn
     gateway's own deadline and gRPC's cancellation fires first."""
     from robustgate.v1 import classifier_pb2_grpc as pb_grpc
 
-    def counts() -> dict[tuple[str, str], float]:
-        out: dict[tuple[str, str], float] = {}
-        for (name, labels), v in scrape(metrics_port).items():
-            d = dict(labels)
-            if name == "robustgate_requests_total":
-                out["requests", d["code"]] = out.get(("requests", d["code"]), 0) + v
-            elif name == "grpc_server_handled_total" and d["grpc_service"].endswith("ClassifierService"):
-                out["handled", d["grpc_code"]] = out.get(("handled", d["grpc_code"]), 0) + v
-        return out
+    def counts() -> dict[str, dict[str, float]]:
+        samples = scrape(metrics_port)
+        return {"requests": metric_by(samples, "robustgate_requests_total", "code"),
+                "handled": metric_by(samples, "grpc_server_handled_total", "grpc_code",
+                                     grpc_service="robustgate.v1.ClassifierService")}
 
     before = counts()
     req = Client.request(png(fmnist.test.images[0]), "fmnist-cnn")
@@ -284,7 +293,7 @@ def test_calls_cut_short_are_counted_by_their_code(gateway: str, torchserve, fmn
         os.killpg(torchserve.pid, signal.SIGCONT)
 
     def added(kind: str, code: str) -> float:
-        return after.get((kind, code), 0) - before.get((kind, code), 0)
+        return after[kind].get(code, 0) - before[kind].get(code, 0)
 
     after = counts()
     deadline = time.monotonic() + 10  # a call's code is counted as its handler returns
@@ -366,10 +375,7 @@ def test_a_plan_the_handler_refuses_is_a_server_fault_not_the_callers(calibrated
             with pytest.raises(grpc.RpcError) as err:
                 c.classify(png(fmnist.test.images[0]), model="fmnist-cnn")
             assert c.classify(png(fmnist.test.images[0]), model="fmnist-cnn", certify=False).classes
-        codes: dict[str, float] = {}
-        for (name, labels), v in scrape(port).items():
-            if name == "robustgate_requests_total":
-                codes[dict(labels)["code"]] = codes.get(dict(labels)["code"], 0.0) + v
+        codes = metric_by(scrape(port), "robustgate_requests_total", "code")
     finally:
         stop(proc)
     assert err.value.code() == grpc.StatusCode.INTERNAL

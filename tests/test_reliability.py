@@ -32,7 +32,7 @@ from robustgate.v1 import probe_pb2
 from service.client import Client
 from tests.conftest import free_port
 from tests.nasty import corpus
-from tests.test_gateway import png, scrape, start_gateway, stop
+from tests.test_gateway import metric_by, metric_sum, png, scrape, start_gateway, stop
 
 NIGHTLY = os.environ.get("HYPOTHESIS_PROFILE") == "nightly"
 OK, SHED = grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -188,9 +188,7 @@ def test_load_at_twice_capacity_sheds_and_loses_nothing(calibrated_store: Path, 
         assert n_shed > 0 and n_ok > 0
 
         def delta(name: str, **labels: str) -> float:
-            def total(s):
-                return sum(v for (n, ls), v in s.items() if n == name and set(labels.items()) <= set(ls))
-            return total(after) - total(before)
+            return metric_sum(after, name, **labels) - metric_sum(before, name, **labels)
 
         assert delta("robustgate_requests_total", code="OK") == n_ok
         assert delta("robustgate_requests_total", code="RESOURCE_EXHAUSTED") == n_shed
@@ -254,8 +252,7 @@ def test_torchserve_killed_during_load_then_restarted(calibrated_store: Path, tm
         stop_load.set()
         for t in threads:
             t.join(timeout=timeout_s + 5)
-        backend_codes = {dict(ls).get("code"): v for (n, ls), v in scrape(mport).items()
-                         if n == "robustgate_backend_requests_total"}
+        backend_codes = metric_by(scrape(mport), "robustgate_backend_requests_total", "code")
         # Calls wholly between the kill and the restart: TorchServe is gone, none may succeed.
         outage = [c for s, e, c in calls if t_kill + 0.5 < s and e < t_restart]
         longest = max(e - s for s, e, _ in calls)
@@ -297,7 +294,7 @@ def test_one_connection_cannot_take_every_slot(calibrated_store: Path, torchserv
         return (pb.ClassifyStreamRequest(request=reqs[i % 16]) for i in range(n))
 
     def shed() -> dict[str, float]:
-        return {dict(ls)["limit"]: v for (n, ls), v in scrape(mport).items() if n == "robustgate_shed_requests_total"}
+        return metric_by(scrape(mport), "robustgate_shed_requests_total", "limit")
 
     own = [("grpc.use_local_subchannel_pool", 1)]  # each channel its own connection (they share one otherwise)
     hog_ch, other_ch = grpc.insecure_channel(address, options=own), grpc.insecure_channel(address, options=own)
@@ -440,8 +437,7 @@ class FreezableProxy:
 
 def _stream_ends(mport: int) -> dict[str, float]:
     """``grpc_server_handled_total`` of ClassifyStream by status code."""
-    return {dict(ls)["grpc_code"]: v for (n, ls), v in scrape(mport).items()
-            if n == "grpc_server_handled_total" and ("grpc_method", "ClassifyStream") in ls}
+    return metric_by(scrape(mport), "grpc_server_handled_total", "grpc_code", grpc_method="ClassifyStream")
 
 
 def test_a_vanished_clients_stream_is_closed_by_keepalive(calibrated_store: Path, torchserve, tmp_path: Path,
