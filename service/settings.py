@@ -59,7 +59,8 @@ class Settings:
     """With coalescing on: longest a request waits for company while the backend is busy (a lone
     request leaves at once, and a waiting batch leaves when the call in flight comes back).
     Near saturation ``coalesce_max_calls`` is what fills batches; a 10 ms wait without it gave
-    1.1x the throughput at 64 clients but 0.8x at 4 (benchmarks/results/coalesce_wait.md)."""
+    0.9-1.1x the throughput at 64 clients but 0.8x with the cascade at 4
+    (benchmarks/results/coalesce_wait.md)."""
     coalesce_max_rows: int = 4096
     """With coalescing on: variant rows (images x (1 + variants)) in one TorchServe call."""
     coalesce_max_calls: int = 3
