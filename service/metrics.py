@@ -62,11 +62,10 @@ class Metrics:
             buckets=BATCH_BUCKETS, registry=r)
         self.inflight = Gauge("robustgate_inflight_requests", "Requests being processed.", registry=r,
                               multiprocess_mode="livesum")
-        self.shed = Counter("robustgate_shed_requests", "Requests refused with RESOURCE_EXHAUSTED (overload), by "
-                            "the limit reached: server (max_inflight) or connection (max_inflight_per_connection).",
-                            ["limit"], registry=r)
-        for limit in ("server", "connection"):
-            self.shed.labels(limit=limit)
+        shed = Counter("robustgate_shed_requests", "Requests refused with RESOURCE_EXHAUSTED (overload), by the "
+                       "limit reached: server (max_inflight) or connection (max_inflight_per_connection).",
+                       ["limit"], registry=r)
+        self.shed = {limit: shed.labels(limit=limit) for limit in ("server", "connection")}  # both exported from 0
         self.backend_up = Gauge("robustgate_backend_up", "1 while TorchServe answers the health probe.", registry=r,
                                 multiprocess_mode="livemin")  # several processes: 1 while every one's probe answers
         self.gate_baseline = Gauge("robustgate_gate_baseline_ratio",

@@ -86,17 +86,21 @@ class Connection:
     """One client connection's requests in flight (gRPC names a connection by its peer address
     and port), and the streams that wait for room among them."""
 
-    __slots__ = ("peer", "inflight", "users", "_room")
+    __slots__ = ("peer", "limit", "inflight", "users", "_room")
 
-    def __init__(self, peer: str) -> None:
+    def __init__(self, peer: str, limit: int) -> None:
         self.peer = peer
+        self.limit = limit
         self.inflight = 0
         self.users = 0  # calls and streams of it open: kept while any is
         self._room: asyncio.Event | None = None
 
-    async def room(self, limit: int) -> None:
+    def full(self) -> bool:
+        return self.inflight >= self.limit
+
+    async def room(self) -> None:
         """Wait until fewer than ``limit`` of this connection's requests are in flight."""
-        while self.inflight >= limit:
+        while self.full():
             if self._room is None:
                 self._room = asyncio.Event()
             self._room.clear()
@@ -125,7 +129,6 @@ class Admission:
         self.per_connection = per_connection
         self.inflight = 0
         self.metrics = metrics
-        self._shed = {kind: metrics.shed.labels(limit=kind) for kind in ("server", "connection")}
         self._connections: dict[str, Connection] = {}
 
     @contextlib.contextmanager
@@ -136,7 +139,7 @@ class Admission:
             return
         c = self._connections.get(peer)
         if c is None:
-            c = self._connections[peer] = Connection(peer)
+            c = self._connections[peer] = Connection(peer, self.per_connection)
         c.users += 1
         try:
             yield c
@@ -149,15 +152,15 @@ class Admission:
     def slot(self, connection: Connection | None = None):
         """One request in flight, counted against ``connection``'s share too where given (a
         stream's items take theirs before they are read)."""
-        if connection is not None and connection.inflight >= self.per_connection:
-            self._shed["connection"].inc()
+        if connection is not None and connection.full():
+            self.metrics.shed["connection"].inc()
             _throttled.log(logging.WARNING, "connection", "a client connection (%s) is at its limit of %d "
                            "requests in flight (max_inflight_per_connection): its next calls are refused",
                            connection.peer, self.per_connection)
             raise Overloaded(f"this connection is at its limit of {self.per_connection} requests in flight; "
                              "spread calls over more connections, or retry later")
         if self.inflight >= self.limit:
-            self._shed["server"].inc()
+            self.metrics.shed["server"].inc()
             raise Overloaded(f"server is at its limit of {self.limit} requests in flight; retry later")
         self.inflight += 1
         self.metrics.inflight.inc()
@@ -289,7 +292,7 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
                     async for item in request_iterator:
                         await window.acquire()
                         if connection is not None:
-                            await connection.room(self.admission.per_connection)
+                            await connection.room()
                         answer = asyncio.create_task(self._stream_answer(item.request, context))
                         if connection is not None:
                             connection.hold(answer)

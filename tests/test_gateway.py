@@ -108,6 +108,9 @@ def gateway(calibrated_store: Path, torchserve, tmp_path_factory, metrics_port: 
     stop(proc)
 
 
+Samples = dict[tuple[str, frozenset], float]
+
+
 def scrape(port: int) -> Samples:
     import urllib.request
 
@@ -116,9 +119,6 @@ def scrape(port: int) -> Samples:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     return {(s.name, frozenset(s.labels.items())): s.value
             for fam in text_string_to_metric_families(text) for s in fam.samples}
-
-
-Samples = dict[tuple[str, frozenset], float]
 
 
 def metric_sum(samples: Samples, name: str, **where: str) -> float:

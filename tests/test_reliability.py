@@ -362,7 +362,7 @@ def test_connection_share_is_kept_per_connection_and_given_back() -> None:
                         pass
                 with admission.slot(b):  # another connection still has room
                     pass
-                waiting = asyncio.create_task(a.room(2))  # a stream's next item
+                waiting = asyncio.create_task(a.room())  # a stream's next item
                 await asyncio.sleep(0.01)
                 assert not waiting.done()
             await asyncio.wait_for(waiting, 1)  # woken when the calls ended
