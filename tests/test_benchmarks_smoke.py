@@ -81,6 +81,10 @@ def test_serving_benchmark_smoke(default_store: Path, tmp_path: Path) -> None:
     assert all(r["concurrency"] == 1 and r["calls"] > 0 for r in turns.values())
     for gated in b.GATED:
         assert f"{b.GATE_COST} {gated} (c=1)" in report["ratios"]
+    # ... each with how far resampling the turns moves it, and only those
+    spread = report["ratio_intervals"]
+    assert f"{b.GATE_COST} {b.CASCADE} (c=1)" in spread and all(lo <= hi for lo, hi in spread.values())
+    assert all(k.startswith(("p50", "added p50 ms, " + b.INTERLEAVED)) for k in spread), spread
     cpu = report["cpu_ms_per_call"]  # per process, from /proc, for the top concurrency
     assert set(cpu) == {f"{b.GATE_OFF} (c=4)", f"{b.STREAMED} (c=4)", f"{b.DIRECT} (c=4)", f"{b.DIRECT_TS} (c=4)",
                         f"{b.DIRECT_BATCHING} (c=4)"}
@@ -365,6 +369,22 @@ def test_serving_targets_read_each_bound_the_right_way() -> None:
     assert not b.on_gpu({"format": "onnx"})  # reports from before the workers were asked
 
 
+
+def test_serving_refuses_rows_the_shipped_gateway_would_shed() -> None:
+    from benchmarks import serving as b
+    from service.settings import Settings
+
+    shipped = Settings(max_inflight=256, max_inflight_per_connection=128)
+    assert b.admission_overrun(128, 1, 1, shipped) == ""
+    assert "--connections 2 or more" in b.admission_overrun(129, 1, 1, shipped)
+    assert "--connections 3 or more" in b.admission_overrun(300, 2, 4, shipped)  # 150 on one
+    assert b.admission_overrun(256, 2, 1, shipped) == ""
+    assert "max_inflight (256)" in b.admission_overrun(257, 4, 1, shipped)
+    assert b.admission_overrun(512, 4, 2, shipped) == ""  # several processes share it out
+    assert b.admission_overrun(1000, 1, 1, Settings(max_inflight=1000, max_inflight_per_connection=0)) == ""
+    with pytest.raises(SystemExit):  # refused before anything starts
+        b.main(["--concurrency", "1,200"])
+
 def test_coalesce_wait_benchmark_smoke(default_store: Path, tmp_path: Path) -> None:
     report = _run("benchmarks.coalesce_wait", tmp_path)
     keys = {(r["policy"], r["wait_ms"], r["max_calls"], r["concurrency"]) for r in report["rows"]}
@@ -382,6 +402,32 @@ def test_serving_targets_read_the_added_latency_from_the_rows_in_turns() -> None
     turns = f"added p50 ms, {b.INTERLEAVED}{b.GATE_OFF} vs {b.INTERLEAVED}{b.DIRECT} (c=1)"
     assert b.targets({seq: 5.0, turns: 1.5}) == [(turns, "<=", 2.0, True)]
     assert b.targets({seq: 1.0, turns: 2.5}) == [(turns, "<=", 2.0, False)]
+
+
+def test_ratios_in_turns_carry_how_far_resampling_the_turns_moves_them() -> None:
+    from benchmarks import serving as b
+
+    probe = f"{b.variants_row('onnx')} {b.CASCADE} (14 rows)"
+    ms = {b.DIRECT: 2.0, b.GATE_OFF: 3.0, b.CASCADE: 6.0, probe: 2.5}  # p50s, every turn alike
+    steady_turns = {name: [[v / 1e3] * 5 for _ in range(8)] for name, v in ms.items()}
+    cost = f"{b.GATE_COST} {b.CASCADE} (c=1)"
+    added = f"added p50 ms, {b.INTERLEAVED}{b.GATE_OFF} vs {b.INTERLEAVED}{b.DIRECT} (c=1)"
+    steady = b.turn_intervals(steady_turns, resamples=200)
+    assert steady[cost] == (1.2, 1.2) and steady[added] == (1.0, 1.0)  # no noise: (6 - 3) / 2.5, 3 - 2
+    # the gated row drifting from turn to turn: the interval widens around the pooled value
+    drifting = {**steady_turns, b.CASCADE: [[v / 1e3] * 5 for v in (5.0, 5.5, 6.0, 6.5, 7.0, 5.2, 6.8, 6.1)]}
+    pooled = b.ratios([b.Result.of(b.INTERLEAVED + name, 1, [x for t in turns for x in t], 1.0)
+                       for name, turns in drifting.items()], [1])
+    lo, hi = b.turn_intervals(drifting, resamples=200)[cost]
+    assert lo < pooled[cost] < hi and hi - lo > 0.2
+    assert b.turn_intervals(drifting, resamples=200)[added] == (1.0, 1.0)  # rows that held still keep theirs
+    # rendered beside the value, and a verdict whose interval holds the bound says so
+    report = {"date": "d", "machine": "m", "seconds_per_measurement": 1, "results": [],
+              "ratios": {cost: pooled[cost], added: 1.0}, "ratio_intervals": {cost: [lo, hi], added: [1.0, 1.0]}}
+    md = b.render(report)
+    assert pooled[cost] > 1.2  # a miss, by less than the noise
+    assert f"| {cost} | <= 1.2 | {pooled[cost]} ({lo}–{hi}) | **missed**, within this run's noise |" in md
+    assert f"| {added} | <= 2.0 | 1.0 (1.0–1.0) | met |" in md
 
 
 def test_rows_in_turns_rotate_their_order_and_skip_rows_that_never_answered() -> None:
