@@ -4,6 +4,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,7 @@ def test_serving_benchmark_smoke(default_store: Path, tmp_path: Path) -> None:
     assert all(r["concurrency"] == 1 and r["calls"] > 0 for r in turns.values())
     for gated in b.GATED:
         assert f"{b.GATE_COST} {gated} (c=1)" in report["ratios"]
+        assert f"{b.GATE_COST_IDLE} {gated} (c=1)" in report["ratios"]
     # ... each with how far resampling the turns moves it, and only those
     spread = report["ratio_intervals"]
     assert f"{b.GATE_COST} {b.CASCADE} (c=1)" in spread and all(lo <= hi for lo, hi in spread.values())
@@ -452,6 +454,28 @@ def test_rows_in_turns_rotate_their_order_and_skip_rows_that_never_answered() ->
     # a row without an answered call yields no ratio, not a NaN one
     broken = b.Result.of(b.INTERLEAVED + b.GATE_OFF, 1, [], 1.0, errors=3)
     assert not any("added p50" in k for k in b.ratios([broken, b.Result.of(b.INTERLEAVED + b.DIRECT, 1, [0.001], 1.0)], [1]))
+
+
+def test_a_row_after_idle_sleeps_before_each_call_outside_its_time() -> None:
+    import asyncio
+
+    from benchmarks import serving as b
+
+    def work(i: int) -> None:
+        end = time.perf_counter() + 0.001
+        while time.perf_counter() < end:
+            pass
+
+    got = asyncio.run(b.interleaved({"busy": work, "idle": b.AfterIdle(0.02, work)}, rounds=2, round_s=0.1))
+    rows = {r.name.removeprefix(b.INTERLEAVED): r for r in got}
+    assert rows["idle"].p50_ms < 10  # the sleep is not the call's time ...
+    assert rows["idle"].calls <= 12 < rows["busy"].calls  # ... but it spaces the calls out
+    # the ratio against the probe after idle, beside (not instead of) the target's
+    probe = f"{b.variants_row('onnx')} {b.CASCADE} (14 rows)"
+    rows_ms = {b.GATE_OFF: 3.0, b.CASCADE: 9.0, probe: 5.0, f"{b.AFTER_IDLE}{probe}": 6.0}
+    got = b.ratios([b.Result.of(b.INTERLEAVED + n, 1, [v / 1e3], 1.0) for n, v in rows_ms.items()], [1])
+    assert got[f"{b.GATE_COST} {b.CASCADE} (c=1)"] == 1.2 and got[f"{b.GATE_COST_IDLE} {b.CASCADE} (c=1)"] == 1.0
+    assert [t[0] for t in b.targets(got)] == [f"{b.GATE_COST} {b.CASCADE} (c=1)"]
 
 
 def test_cascade_benchmark_smoke(default_store: Path, tmp_path: Path) -> None:
