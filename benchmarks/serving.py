@@ -26,9 +26,10 @@ Closed-loop asyncio clients over loopback at each concurrency, for a fixed time 
 - the gate's cost at one client ("in turns" rows): TorchServe directly, the gateway with the
   gate off, with the cascade and with every check on, a bare call to the gate-off gateway
   (its health check: the floor under the latency it adds), and each gated row's first probe
-  in process, all up at once and measured in turns of a fraction of a second, so the drift
-  of a shared machine over the run falls on each alike; the gate-cost and added-latency
-  ratios read these rows.
+  in process (back to back, and again after 10 ms idle per call, as a TorchServe worker runs
+  it), all up at once and measured in turns of a fraction of a second, so the drift of a
+  shared machine over the run falls on each alike; the gate-cost and added-latency ratios
+  read these rows, each with how far resampling the turns moves it.
 
 Writes benchmarks/results/serving[-smoke].{md,json,png}. On a 2-core machine the load generator
 shares the cores with the servers: compare the ratios, which carry across machines, more
