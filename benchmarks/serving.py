@@ -370,7 +370,7 @@ class AfterIdle:
     """A row of :func:`interleaved` whose every call comes after ``idle_s`` of sleep (not
     timed), as a TorchServe worker's does: at one client with two workers taking turns, each
     sits idle for about one whole call between its own. On this VM a probe run after 7 ms of
-    sleep took 1 to 2 ms longer than back to back (caches and the core gone cold), so the
+    sleep took 0.7 to 2 ms longer than back to back (caches and the core gone cold), so the
     back-to-back limit flatters the probe."""
 
     idle_s: float
