@@ -156,8 +156,8 @@ class Admission:
             self.metrics.shed["connection"].inc()
             _throttled.log(logging.WARNING, "connection", "a client connection (%s) is at its limit of %d "
                            "requests in flight (max_inflight_per_connection): its next calls are refused",
-                           connection.peer, self.per_connection)
-            raise Overloaded(f"this connection is at its limit of {self.per_connection} requests in flight; "
+                           connection.peer, connection.limit)
+            raise Overloaded(f"this connection is at its limit of {connection.limit} requests in flight; "
                              "spread calls over more connections, or retry later")
         if self.inflight >= self.limit:
             self.metrics.shed["server"].inc()
