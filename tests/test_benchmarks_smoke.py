@@ -371,7 +371,6 @@ def test_serving_targets_read_each_bound_the_right_way() -> None:
     assert not b.on_gpu({"format": "onnx"})  # reports from before the workers were asked
 
 
-
 def test_serving_refuses_rows_the_shipped_gateway_would_shed() -> None:
     from benchmarks import serving as b
     from service.settings import Settings
@@ -386,6 +385,7 @@ def test_serving_refuses_rows_the_shipped_gateway_would_shed() -> None:
     assert b.admission_overrun(1000, 1, 1, Settings(max_inflight=1000, max_inflight_per_connection=0)) == ""
     with pytest.raises(SystemExit):  # refused before anything starts
         b.main(["--concurrency", "1,200"])
+
 
 def test_coalesce_wait_benchmark_smoke(default_store: Path, tmp_path: Path) -> None:
     report = _run("benchmarks.coalesce_wait", tmp_path)
@@ -420,9 +420,10 @@ def test_ratios_in_turns_carry_how_far_resampling_the_turns_moves_them() -> None
     drifting = {**steady_turns, b.CASCADE: [[v / 1e3] * 5 for v in (5.0, 5.5, 6.0, 6.5, 7.0, 5.2, 6.8, 6.1)]}
     pooled = b.ratios([b.Result.of(b.INTERLEAVED + name, 1, [x for t in turns for x in t], 1.0)
                        for name, turns in drifting.items()], [1])
-    lo, hi = b.turn_intervals(drifting, resamples=200)[cost]
+    spread = b.turn_intervals(drifting, resamples=200)
+    lo, hi = spread[cost]
     assert lo < pooled[cost] < hi and hi - lo > 0.2
-    assert b.turn_intervals(drifting, resamples=200)[added] == (1.0, 1.0)  # rows that held still keep theirs
+    assert spread[added] == (1.0, 1.0)  # rows that held still keep theirs
     # rendered beside the value, and a verdict whose interval holds the bound says so
     report = {"date": "d", "machine": "m", "seconds_per_measurement": 1, "results": [],
               "ratios": {cost: pooled[cost], added: 1.0}, "ratio_intervals": {cost: [lo, hi], added: [1.0, 1.0]}}
