@@ -197,7 +197,8 @@ class Coalescer:
         timeout_s = max(w.deadline for w in batch) - time.monotonic()
         try:
             if self._metrics is not None:
-                self._metrics.backend_batch_images.labels(model=model_name).observe(len(batch))
+                self._metrics.series(self._metrics.backend_batch_images,
+                                     self._metrics.model_of(model_name)).observe(len(batch))
             if len(batch) == 1:  # nothing to coalesce: the plain call (and its errors) as is
                 outs: list[ProbeOutput | GatewayError] = [
                     await self._plain(model_name, batch[0], timeout_s, version)]

@@ -76,6 +76,7 @@ class Metrics:
                                 ["model", "policy_version", "model_sha256", "mode"], registry=r,
                                 multiprocess_mode="livemax")
         self._series: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._models: dict[str, str] = {}  # TorchServe archive name -> the model it serves (declare)
 
     def series(self, metric: Any, *values: str) -> Any:
         """``metric.labels(*values)``, looked up once per label set: prometheus_client's
@@ -87,8 +88,15 @@ class Metrics:
             child = self._series[key] = metric.labels(*values)
         return child
 
-    def declare(self, models: Iterable[tuple[str, str, str, str]]) -> None:
-        """Publish each (model, policy_version, model_sha256, mode) and pre-create series."""
+    def model_of(self, backend_name: str) -> str:
+        """The ``model`` label for a call to TorchServe archive ``backend_name`` (what the
+        backend and the coalescer know): the served model's name, as every other series has it."""
+        return self._models.get(backend_name, backend_name)
+
+    def declare(self, models: Iterable[tuple[str, str, str, str]], backends: Mapping[str, str] | None = None) -> None:
+        """Publish each (model, policy_version, model_sha256, mode) and pre-create series;
+        ``backends`` maps each TorchServe archive name to the model it serves."""
+        self._models.update(backends or {})
         for name, policy_version, sha, mode in models:
             self.model_info.labels(model=name, policy_version=policy_version, model_sha256=sha, mode=mode).set(1)
             self.request_duration.labels(model=name)

@@ -507,7 +507,8 @@ async def start(settings: Settings, registry: Registry | None = None, worker: bo
     metrics = Metrics()
     if not worker:  # one process: the count of workers a supervisor would serve
         SupervisorMetrics(metrics.registry).workers.set(1)
-    metrics.declare((m.name, m.policy.version, m.model_sha256, m.policy.mode.value) for m in registry.all())
+    metrics.declare(((m.name, m.policy.version, m.model_sha256, m.policy.mode.value) for m in registry.all()),
+                    {m.backend_name: m.name for m in registry.all()})
     for m in registry.all():
         metrics.baseline(m.name, m.policy.calibration)
     tracing = setup_tracing(settings)

@@ -18,7 +18,7 @@ from service.client import Client
 from service.coalesce import CoalesceConfig, Coalescer, plan_rows
 from service.errors import BackendUnavailable, DeadlineExceeded, InvalidInput
 from tests.conftest import free_port
-from tests.test_gateway import metric_sum, png, scrape, start_gateway, stop
+from tests.test_gateway import metric_by, metric_sum, png, scrape, start_gateway, stop
 
 
 class ScriptedBackend:
@@ -311,8 +311,11 @@ def test_gateway_coalesces_concurrent_requests_without_changing_answers(
                                        atol=1e-4)
             assert g.gate.decision == w.gate.decision and g.gate.forward_passes == w.gate.forward_passes
         samples = scrape(metrics_port)
-        count = metric_sum(samples, "robustgate_backend_batch_images_count")
-        images_sent = metric_sum(samples, "robustgate_backend_batch_images_sum")
+        # labelled by the served model, as every series and the dashboard's $model filter are
+        # (not by the TorchServe archive the call went to)
+        assert set(metric_by(samples, "robustgate_backend_batch_images_count", "model")) == {"fmnist-cnn"}
+        count = metric_sum(samples, "robustgate_backend_batch_images_count", model="fmnist-cnn")
+        images_sent = metric_sum(samples, "robustgate_backend_batch_images_sum", model="fmnist-cnn")
         calls = sum(g.gate.forward_passes > 0 for g in got)  # sanity: the gate ran
         assert calls == len(images)
         assert images_sent >= len(images) and count < images_sent  # some calls carried several images
