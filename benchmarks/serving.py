@@ -84,8 +84,10 @@ class Result:
 
 def stage_means(before: dict, after: dict) -> dict[str, float]:
     """Mean ms per request between two scrapes of one gateway's metrics
-    (``tests.test_gateway.scrape``): each pipeline stage (``robustgate_stage_duration_seconds``)
-    and the whole pipeline (``robustgate_request_duration_seconds``), and the requests counted."""
+    (``tests.test_gateway.scrape``): each pipeline stage (``robustgate_stage_duration_seconds``),
+    the whole pipeline (``robustgate_request_duration_seconds``), the TorchServe worker's part of
+    the backend stage by its own clock (``robustgate_backend_worker_seconds``; the gateway's
+    health probe, one small call every 2 s, adds to it too), and the requests counted."""
     def delta(name: str, **labels: str) -> float:
         want = set(labels.items())
         return sum(v - before.get(k, 0.0) for k, v in after.items() if k[0] == name and want <= k[1])
@@ -95,6 +97,7 @@ def stage_means(before: dict, after: dict) -> dict[str, float]:
     for stage in STAGES:
         out[stage] = delta("robustgate_stage_duration_seconds_sum", stage=stage) * 1e3 / n if n else float("nan")
     out["pipeline"] = delta("robustgate_request_duration_seconds_sum") * 1e3 / n if n else float("nan")
+    out["worker"] = delta("robustgate_backend_worker_seconds_sum") * 1e3 / n if n else float("nan")
     return out
 
 
@@ -719,6 +722,10 @@ def main(argv: list[str] | None = None) -> int:
                 means = {r.name.removeprefix(INTERLEAVED): r.mean_ms for r in measured}
                 for name, port in ports.items():  # where each row's time went, by the gateway's own clock
                     stages_ms[name] = {"client": means[name], **stage_means(before[name], scrape(port))}
+                    probe = next((m for p, m in means.items() if p.startswith(f"{variants_row(fmt)} {name} (")),
+                                 None)
+                    if probe is not None:  # what the worker's share of the gate is measured against
+                        stages_ms[name]["probe_in_process"] = probe
                 return measured
         finally:
             for proc, _ in started:
@@ -932,6 +939,25 @@ def plot(results: list[Result], path: Path) -> None:
     plt.close(fig)
 
 
+def worker_share(stages: dict[str, dict[str, float]]) -> list[str]:
+    """Lines saying how much of each gated row's extra time the worker spent, against the same
+    probe in process: the in-process figure is the gate's compute, so the worker's surplus over
+    it is TorchServe's (a colder worker, its threads), the rest of the surplus the larger call's."""
+    off = stages.get(GATE_OFF, {})
+    out = []
+    for row in GATED:
+        v = stages.get(row, {})
+        if "worker" not in off or "worker" not in v or not v.get("probe_in_process"):
+            continue
+        worker = v["worker"] - off["worker"]
+        backend = v["backend"] - off["backend"]
+        out.append(f"- {row}: the backend stage takes {backend:.2f} ms more than gate off, {worker:.2f} ms of it in "
+                   f"the worker, whose first probe takes {v['probe_in_process']:.2f} ms in process: the worker "
+                   f"{worker / v['probe_in_process']:.2f}×, the whole backend stage {backend / v['probe_in_process']:.2f}×.")
+    return ["", "What the gate adds to the backend, in the worker and in all (means, gate on − gate off), "
+                "against its first probe in process in the same turns:", "", *out] if out else []
+
+
 def render(r: dict, png: str | None = None) -> str:
     lines = [f"# Serving benchmark: {r.get('model', 'fmnist-cnn')} ({r['date']}, {r['machine']})", "",
              f"Reproduce: `{r.get('command', 'python -m benchmarks.serving')}` "
@@ -987,12 +1013,19 @@ def render(r: dict, png: str | None = None) -> str:
         lines += ["", "Where a call's time goes, in turns at one client (mean ms per request; the pipeline and its "
                       "stages by the gateway's own clock, `robustgate_request_duration_seconds` and "
                       "`robustgate_stage_duration_seconds`; backend: the TorchServe call, variants and forward "
-                      "included; outside: the gRPC hop, server and client):", "",
-                  "| row | client sees | outside the pipeline | pipeline | decode | backend | gate |",
-                  "|---|---|---|---|---|---|---|"]
-        for row, v in r["stages_ms_in_turns"].items():
+                      "included; outside: the gRPC hop, server and client; in the worker: the part of the "
+                      "backend stage the TorchServe worker spent on the batch, by its own clock, "
+                      "`robustgate_backend_worker_seconds`):", "",
+                  "| row | client sees | outside the pipeline | pipeline | decode | backend | in the worker | gate |",
+                  "|---|---|---|---|---|---|---|---|"]
+        stages = r["stages_ms_in_turns"]
+
+        def ms(v: dict, key: str) -> str:
+            return f"{v[key]:.2f}" if key in v else "–"  # reports before the worker's clock have none
+        for row, v in stages.items():
             lines.append(f"| {row} | {v['client']:.2f} | {v['client'] - v['pipeline']:.2f} | {v['pipeline']:.2f} | "
-                         + " | ".join(f"{v[k]:.2f}" for k in STAGES) + " |")
+                         f"{ms(v, 'decode')} | {ms(v, 'backend')} | {ms(v, 'worker')} | {ms(v, 'gate')} |")
+        lines += worker_share(stages)
     if "coalescing" in r:
         c = r["coalescing"]
         calls = c.get("max_calls")  # absent from reports older than the limit

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -185,6 +186,7 @@ class ProbeHandler(BaseHandler):
             raise RuntimeError(f"model outputs {tuple(logits.shape)}, {tuple(feats.shape)}; the card says {want}")
 
     def preprocess(self, data: list[dict[str, Any]]) -> list[Row]:
+        self._started = time.perf_counter()  # the batch's worker time runs from here to postprocess
         rows: list[Row] = []
         for row in data:
             try:
@@ -233,21 +235,23 @@ class ProbeHandler(BaseHandler):
 
     def postprocess(self, outputs: list[Answer | InputError | list[Answer | InputError]]) -> list[bytes]:
         n = len(outputs)
+        took = time.perf_counter() - self._started
         out = []
         for idx, o in enumerate(outputs):
             if isinstance(o, list):
-                batch = probe_pb2.ProbeBatchResult(results=[self._result(it, n) for it in o])
+                batch = probe_pb2.ProbeBatchResult(results=[self._result(it, n, took) for it in o])
                 out.append(batch.SerializeToString())
                 continue
             if isinstance(o, InputError):
                 self.context.set_response_status(o.code, o.message, idx)
-            out.append(self._result(o, n).SerializeToString())
+            out.append(self._result(o, n, took).SerializeToString())
         return out
 
-    def _result(self, o: Answer | InputError, batch_requests: int) -> probe_pb2.ProbeResult:
+    def _result(self, o: Answer | InputError, batch_requests: int, worker_seconds: float) -> probe_pb2.ProbeResult:
         if isinstance(o, InputError):
             return probe_pb2.ProbeResult(
-                error=probe_pb2.ProbeError(code=o.code, message=o.message), batch_requests=batch_requests
+                error=probe_pb2.ProbeError(code=o.code, message=o.message), batch_requests=batch_requests,
+                worker_seconds=worker_seconds,
             )
         res = probe_pb2.ProbeResult(
             plan_version=o.plan_version,
@@ -257,6 +261,7 @@ class ProbeHandler(BaseHandler):
             device=str(self.device),
             runtime=self.runtime,
             batch_requests=batch_requests,
+            worker_seconds=worker_seconds,
         )
         if o.features is not None:
             res.features = np.ascontiguousarray(o.features, dtype="<f4").tobytes()

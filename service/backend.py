@@ -41,6 +41,7 @@ class ProbeOutput:
     features: np.ndarray | None
     device: str
     runtime: str
+    worker_s: float = 0.0  # the worker's time on the batch that served it (0: an older archive)
 
 
 class Prober(Protocol):
@@ -84,7 +85,8 @@ def decode_result(raw: bytes | probe_pb2.ProbeResult) -> ProbeOutput:
         raise BackendUnavailable(_PUBLIC_MESSAGE[BackendUnavailable])
     logits = np.frombuffer(res.logits, dtype="<f4").reshape(res.rows, res.classes)
     feats = np.frombuffer(res.features, dtype="<f4") if res.feature_dim else None
-    return ProbeOutput(logits=logits, features=feats, device=res.device, runtime=res.runtime)
+    return ProbeOutput(logits=logits, features=feats, device=res.device, runtime=res.runtime,
+                       worker_s=res.worker_seconds)
 
 
 # TorchServe's gRPC status -> domain error. Handler 4xx (its validation) arrive as
@@ -173,6 +175,13 @@ class TorchServeBackend:
         if self._metrics is not None:
             self._metrics.backend_requests.labels(code=code.name).inc()
 
+    def _worker_time(self, model_name: str, seconds: float) -> None:
+        """An answered call's worker time (its results' ``worker_seconds``); archives built
+        before that field answer 0 and are not counted, nor is a call refused as a whole."""
+        if self._metrics is not None and seconds > 0:
+            m = self._metrics
+            m.series(m.backend_worker_duration, m.model_of(model_name)).observe(seconds)
+
     async def _call(self, req: inference_pb2.PredictionsRequest, timeout_s: float):
         """One Predictions call; retried once, only when TorchServe refused the token before
         doing anything (it renews keys): safe, the request was never run."""
@@ -215,7 +224,9 @@ class TorchServeBackend:
         inputs = {"tensor": encode_tensor(image)}
         if plan is not None:
             inputs["plan"] = plan.SerializeToString()
-        return _checked(await self._predict(model_name, version, inputs, timeout_s))
+        out = _checked(await self._predict(model_name, version, inputs, timeout_s))
+        self._worker_time(model_name, out.worker_s)
+        return out
 
     async def probe_batch(
         self,
@@ -241,6 +252,7 @@ class TorchServeBackend:
         if len(results) != len(items):
             log.error("backend answered %d results for %d items", len(results), len(items))
             raise BackendUnavailable("backend answered an undecodable result")
+        self._worker_time(model_name, max(r.worker_seconds for r in results))
         outs: list[ProbeOutput | GatewayError] = []
         for res in results:
             try:

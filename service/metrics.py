@@ -57,6 +57,10 @@ class Metrics:
                                         ["model"], buckets=PASSES_BUCKETS, registry=r)
         self.backend_requests = Counter("robustgate_backend_requests", "Calls to TorchServe by status code.",
                                         ["code"], registry=r)
+        self.backend_worker_duration = Histogram(
+            "robustgate_backend_worker_seconds", "Time the TorchServe worker spent on the batch that answered "
+            "each call, by its own clock (decode, variants, forward); the rest of the call is transport, "
+            "TorchServe's frontend and queue.", ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.backend_batch_images = Histogram(
             "robustgate_backend_batch_images", "Images per TorchServe call sent by the coalescer.", ["model"],
             buckets=BATCH_BUCKETS, registry=r)
@@ -108,6 +112,7 @@ class Metrics:
                 self.check_score.labels(model=name, check=check)
             self.forward_passes.labels(model=name)
             self.backend_batch_images.labels(model=name)
+            self.backend_worker_duration.labels(model=name)
         for stage in STAGES:
             self.stage_duration.labels(stage=stage)
         self.backend_requests.labels(code="OK")

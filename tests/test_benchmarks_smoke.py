@@ -49,8 +49,14 @@ def test_serving_benchmark_smoke(default_store: Path, tmp_path: Path) -> None:
     for row, v in stages.items():  # the gateway counted exactly the calls the row answered, no warm-up
         assert v["requests"] == in_turns[row] and 0 < v["backend"] < v["pipeline"] < v["client"], (row, v)
         assert v["decode"] + v["backend"] + v["gate"] <= v["pipeline"] * 1.0001, (row, v)
+        assert 0 < v["worker"] < v["backend"], (row, v)  # the worker's own clock, inside the call's
     assert stages[b.EVERY_CHECK]["gate"] > 0
-    assert "| row | client sees | outside the pipeline | pipeline |" in (tmp_path / "serving-smoke.md").read_text()
+    # the gated rows' workers run more variants, measured against the same probe in process
+    for row in b.GATED:
+        assert stages[row]["worker"] > stages[b.GATE_OFF]["worker"] and stages[row]["probe_in_process"] > 0
+    md = (tmp_path / "serving-smoke.md").read_text()
+    assert "| row | client sees | outside the pipeline | pipeline | decode | backend | in the worker | gate |" in md
+    assert f"- {b.CASCADE}: the backend stage takes" in md and f"- {b.EVERY_CHECK}: the backend stage takes" in md
     # out of the box: the worker count TorchServe chose itself (one per GPU, else one per core), named
     assert report["ootb_workers"] >= 1
     assert f"TorchServe started {report['ootb_workers']} worker(s)" in (tmp_path / "serving-smoke.md").read_text()
@@ -123,6 +129,7 @@ def test_serving_benchmark_smoke_on_the_torchscript_archive(default_store: Path,
              if r["name"].startswith(b.INTERLEAVED)}
     for row, v in report["stages_ms_in_turns"].items():  # both workers' counts, summed by the supervisor
         assert v["requests"] == turns[row] and 0 < v["backend"] < v["pipeline"] < v["client"], (row, v)
+        assert 0 < v["worker"] < v["backend"], (row, v)
     gw = report["cpu_ms_per_call"][f"{b.GATE_OFF} (c=4)"]["gateway"]
     assert gw > 0.05  # the workers' CPU (a call costs tenths of a ms), not the idle supervisor's alone
     assert set(report["served_on"]) == {"torchscript"}  # the ONNX archive is not loaded

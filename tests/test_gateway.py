@@ -155,6 +155,7 @@ def until_inflight(metrics_port: int, n: int, timeout_s: float = 10.0) -> None:
 
 def test_metrics_count_what_was_sent(client: Client, fmnist: data.FashionMNIST, metrics_port: int) -> None:
     ok0, bad0 = requests_by_code(metrics_port), requests_by_code(metrics_port, "INVALID_ARGUMENT")
+    before = scrape(metrics_port)
     for i in range(7):
         client.classify(png(fmnist.test.images[100 + i]), model="fmnist-cnn")
     for _ in range(3):
@@ -169,6 +170,15 @@ def test_metrics_count_what_was_sent(client: Client, fmnist: data.FashionMNIST, 
     checks = {dict(l)["check"] for n, l in samples if n == "robustgate_check_score_count"}
     assert {"squeeze", "viewpoint", "density"} <= checks
     assert samples[("robustgate_backend_up", frozenset())] == 1.0
+    # Each answered TorchServe call reports its worker's time, a part of the backend stage's
+    # (the health probe's calls, every 2 s, add a fraction of a millisecond of worker time).
+    def grew(name: str, **where: str) -> float:
+        return metric_sum(samples, name, **where) - metric_sum(before, name, **where)
+
+    assert set(metric_by(samples, "robustgate_backend_worker_seconds_count", "model")) == {"fmnist-cnn"}
+    assert grew("robustgate_backend_worker_seconds_count", model="fmnist-cnn") >= 7
+    worker_s = grew("robustgate_backend_worker_seconds_sum", model="fmnist-cnn")
+    assert 0 < worker_s < grew("robustgate_stage_duration_seconds_sum", stage="backend")
     # No request id or free-form text ever becomes a label value.
     assert not any("r-1" in dict(l).values() for _, l in samples)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
 import zipfile
 from pathlib import Path
 
@@ -129,6 +130,22 @@ def test_batch_with_different_plans_and_one_bad_request(loaded, images: np.ndarr
     for i in (0, 2, 3):
         alone = handle(h, ctx, [reqs[i]])[0]
         np.testing.assert_allclose(logits(res[i]), logits(alone), atol=1e-5, rtol=0)
+
+
+def test_every_result_carries_its_batch_worker_time(loaded, images: np.ndarray) -> None:
+    h, ctx = loaded
+    batch = probe_pb2.ProbeBatch(items=[probe_pb2.ProbeItem(
+        tensor=probe_pb2.Tensor(shape=[1, 28, 28], dtype="uint8", data=a.tobytes()), plan=PLAN) for a in images[:2]])
+    reqs = [{"data": png(images[0]), "plan": PLAN.SerializeToString()}, {"data": b"not an image"},
+            {"batch": batch.SerializeToString()}]
+    ctx.request_processor = [RequestProcessor({}) for _ in reqs]
+    t0 = time.perf_counter()
+    out = h.handle(reqs, ctx)
+    wall = time.perf_counter() - t0
+    res = [probe_pb2.ProbeResult.FromString(o) for o in out[:2]]
+    res += list(probe_pb2.ProbeBatchResult.FromString(out[2]).results)
+    took = {r.worker_seconds for r in res}  # one batch, one time, the failed request's included
+    assert len(took) == 1 and 0 < took.pop() <= wall
 
 
 def test_a_bad_request_alone_raises_a_4xx(loaded) -> None:

@@ -96,11 +96,17 @@ def panels() -> list[Panel]:
                            "replaced in 15 min {{instance}}")]),
         row("Latency"),
         timeseries("Request latency", "End-to-end time to answer a classification, p50/p90/p99.",
-                   quantiles("robustgate_request_duration_seconds", "", M), "s"),
+                   quantiles("robustgate_request_duration_seconds", "", M), "s", w=6),
         timeseries("Latency per stage (p99)", "Decode, TorchServe calls (all of a request's probes) and the "
-                   "gate's own maths.", quantiles("robustgate_stage_duration_seconds", "stage", "", (0.99,)), "s"),
+                   "gate's own maths.", quantiles("robustgate_stage_duration_seconds", "stage", "", (0.99,)), "s",
+                   w=6),
+        timeseries("TorchServe worker time per call", "What the TorchServe worker spent on the batch that "
+                   "answered each call, by its own clock (decode, variants, forward), p50/p99. The rest of "
+                   "the backend stage is the gRPC hop, TorchServe's frontend and its queue: a backend stage "
+                   "rising while this holds is queueing (workers saturated), not a slower model.",
+                   quantiles("robustgate_backend_worker_seconds", "model", M, (0.5, 0.99)), "s", w=6),
         timeseries("gRPC handling time (p99)", "Per gRPC method, from the server interceptor.",
-                   quantiles("grpc_server_handling_seconds", "grpc_method", "", (0.99,)), "s"),
+                   quantiles("grpc_server_handling_seconds", "grpc_method", "", (0.99,)), "s", w=6),
         row("Errors"),
         timeseries("Server-side error ratio", "Share of requests ending in INTERNAL, UNAVAILABLE, "
                    "DEADLINE_EXCEEDED, UNKNOWN or DATA_LOSS (recording rule; alert above 5 %).",

@@ -87,7 +87,7 @@ class Tensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ProbeResult(_message.Message):
-    __slots__ = ("plan_version", "rows", "classes", "logits", "features", "feature_dim", "device", "runtime", "error", "batch_requests")
+    __slots__ = ("plan_version", "rows", "classes", "logits", "features", "feature_dim", "device", "runtime", "error", "batch_requests", "worker_seconds")
     PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +98,7 @@ class ProbeResult(_message.Message):
     RUNTIME_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     BATCH_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     plan_version: int
     rows: int
     classes: int
@@ -108,7 +109,8 @@ class ProbeResult(_message.Message):
     runtime: str
     error: ProbeError
     batch_requests: int
-    def __init__(self, plan_version: _Optional[int] = ..., rows: _Optional[int] = ..., classes: _Optional[int] = ..., logits: _Optional[bytes] = ..., features: _Optional[bytes] = ..., feature_dim: _Optional[int] = ..., device: _Optional[str] = ..., runtime: _Optional[str] = ..., error: _Optional[_Union[ProbeError, _Mapping]] = ..., batch_requests: _Optional[int] = ...) -> None: ...
+    worker_seconds: float
+    def __init__(self, plan_version: _Optional[int] = ..., rows: _Optional[int] = ..., classes: _Optional[int] = ..., logits: _Optional[bytes] = ..., features: _Optional[bytes] = ..., feature_dim: _Optional[int] = ..., device: _Optional[str] = ..., runtime: _Optional[str] = ..., error: _Optional[_Union[ProbeError, _Mapping]] = ..., batch_requests: _Optional[int] = ..., worker_seconds: _Optional[float] = ...) -> None: ...
 
 class ProbeError(_message.Message):
     __slots__ = ("code", "message")
