@@ -422,13 +422,16 @@ async def interleaved(calls: dict[str, Callable[[int], object] | AfterIdle], rou
 
 
 def turn_intervals(by_turn: dict[str, list[list[float]]], fmt: str = "onnx", resamples: int = 1000,
-                   level: float = 0.9, seed: int = 0) -> dict[str, tuple[float, float]]:
+                   level: float = 0.9, seed: int = 0,
+                   compute: Callable[[list[Result]], dict[str, float]] | None = None) -> dict[str, tuple[float, float]]:
     """How far the ratios read from the rows in turns (:func:`interleaved`'s ``by_turn``) can
     be trusted, within one run: each resample draws the turns with replacement, the same
     turns for every row (rows in one turn share the machine's drift), pools each row's
-    latencies over them and recomputes the ratios with :func:`ratios`. -> ratio label ->
+    latencies over them and recomputes the ratios with ``compute`` (default: this report's
+    :func:`ratios`) from rows named as :func:`interleaved` names them. -> ratio label ->
     (low, high), the central ``level`` of the resampled values. It does not see the drift
     from one run or day to the next, which on a shared VM is larger."""
+    compute = compute or (lambda rows: ratios(rows, [1], fmt))
     rng = np.random.default_rng(seed)
     n = min(len(turns) for turns in by_turn.values())
     draws: dict[str, list[float]] = {}
@@ -436,7 +439,7 @@ def turn_intervals(by_turn: dict[str, list[list[float]]], fmt: str = "onnx", res
         pick = rng.integers(0, n, n)
         rows = [Result.of(INTERLEAVED + name, 1, list(itertools.chain.from_iterable(turns[k] for k in pick)), 1.0)
                 for name, turns in by_turn.items()]
-        for label, value in ratios(rows, [1], fmt).items():
+        for label, value in compute(rows).items():
             draws.setdefault(label, []).append(value)
     tail = (1 - level) / 2
     return {label: (round(float(np.quantile(v, tail)), 3), round(float(np.quantile(v, 1 - tail)), 3))
