@@ -942,23 +942,48 @@ def plot(results: list[Result], path: Path) -> None:
     plt.close(fig)
 
 
-def worker_share(stages: dict[str, dict[str, float]]) -> list[str]:
-    """Lines saying how much of each gated row's extra time the worker spent, against the same
-    probe in process: the in-process figure is the gate's compute, so the worker's surplus over
-    it is TorchServe's (a colder worker, its threads), the rest of the surplus the larger call's."""
+def surplus_parts(stages: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """For each gated row: what it adds to a gate-off call (means at one client, in turns),
+    its first probe's time in process, and the surplus over that probe split where it goes.
+    The parts add up to the surplus: the worker's time beyond the probe, the TorchServe call
+    around the worker (its frontend, the hop, the larger plan and answer), the gate's logic
+    in the gateway, the answer's way back to the client (outside the pipeline), the rest of
+    the pipeline (decode and bookkeeping)."""
     off = stages.get(GATE_OFF, {})
-    out = []
+    out = {}
     for row in GATED:
         v = stages.get(row, {})
         if "worker" not in off or "worker" not in v or not v.get("probe_in_process"):
-            continue
-        worker = v["worker"] - off["worker"]
-        backend = v["backend"] - off["backend"]
-        out.append(f"- {row}: the backend stage takes {backend:.2f} ms more than gate off, {worker:.2f} ms of it in "
-                   f"the worker, whose first probe takes {v['probe_in_process']:.2f} ms in process: the worker "
-                   f"{worker / v['probe_in_process']:.2f}×, the whole backend stage {backend / v['probe_in_process']:.2f}×.")
-    return ["", "What the gate adds to the backend, in the worker and in all (means, gate on − gate off), "
-                "against its first probe in process in the same turns:", "", *out] if out else []
+            continue  # reports before the worker's clock
+
+        def d(key: str) -> float:
+            return v[key] - off[key]
+        adds, probe = d("client"), v["probe_in_process"]
+        rest = (v["pipeline"] - v["backend"] - v["gate"]) - (off["pipeline"] - off["backend"] - off["gate"])
+        out[row] = {"adds": adds, "probe": probe, "surplus": adds - probe, "worker": d("worker") - probe,
+                    "around the worker": d("backend") - d("worker"), "gate logic": d("gate"),
+                    "answer": (v["client"] - v["pipeline"]) - (off["client"] - off["pipeline"]), "rest": rest}
+    return out
+
+
+SURPLUS_PARTS = ("worker", "around the worker", "gate logic", "answer", "rest")
+
+
+def surplus_table(stages: dict[str, dict[str, float]]) -> list[str]:
+    """:func:`surplus_parts` as the report's table (none for reports without the worker's clock)."""
+    parts = surplus_parts(stages)
+    if not parts:
+        return []
+    lines = ["", "Where what the gate adds goes beyond its probe's compute (means, ms, gate on − gate off; "
+                 "in the worker: its time beyond the same probe in process; around the worker: the rest of the "
+                 "TorchServe call, its frontend, the hop, the larger plan and answer; gate logic: the gateway's; "
+                 "answer: outside the pipeline, on its way to the client; rest: decode and bookkeeping):", "",
+             "| row | the gate adds | its probe in process | surplus | " + " | ".join(SURPLUS_PARTS) + " |",
+             "|---" * (4 + len(SURPLUS_PARTS)) + "|"]
+    for row, p in parts.items():
+        lines.append(f"| {row} | {p['adds']:.2f} | {p['probe']:.2f} | {p['surplus']:.2f} | "
+                     + " | ".join(f"{p[k]:.2f}" for k in SURPLUS_PARTS) + " |")
+    return lines
 
 
 def render(r: dict, png: str | None = None) -> str:
@@ -1028,7 +1053,7 @@ def render(r: dict, png: str | None = None) -> str:
         for row, v in stages.items():
             lines.append(f"| {row} | {v['client']:.2f} | {v['client'] - v['pipeline']:.2f} | {v['pipeline']:.2f} | "
                          f"{ms(v, 'decode')} | {ms(v, 'backend')} | {ms(v, 'worker')} | {ms(v, 'gate')} |")
-        lines += worker_share(stages)
+        lines += surplus_table(stages)
     if "coalescing" in r:
         c = r["coalescing"]
         calls = c.get("max_calls")  # absent from reports older than the limit

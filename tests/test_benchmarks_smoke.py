@@ -56,7 +56,13 @@ def test_serving_benchmark_smoke(default_store: Path, tmp_path: Path) -> None:
         assert stages[row]["worker"] > stages[b.GATE_OFF]["worker"] and stages[row]["probe_in_process"] > 0
     md = (tmp_path / "serving-smoke.md").read_text()
     assert "| row | client sees | outside the pipeline | pipeline | decode | backend | in the worker | gate |" in md
-    assert f"- {b.CASCADE}: the backend stage takes" in md and f"- {b.EVERY_CHECK}: the backend stage takes" in md
+    # what each gated row adds beyond its probe, split where it goes: the parts add up
+    parts = b.surplus_parts(stages)
+    assert set(parts) == set(b.GATED)
+    for row, p in parts.items():
+        assert p["surplus"] == pytest.approx(sum(p[k] for k in b.SURPLUS_PARTS), abs=1e-9), (row, p)
+        assert p["adds"] == pytest.approx(stages[row]["client"] - stages[b.GATE_OFF]["client"])
+        assert f"| {row} | {p['adds']:.2f} | {p['probe']:.2f} | {p['surplus']:.2f} |" in md
     # out of the box: the worker count TorchServe chose itself (one per GPU, else one per core), named
     assert report["ootb_workers"] >= 1
     assert f"TorchServe started {report['ootb_workers']} worker(s)" in (tmp_path / "serving-smoke.md").read_text()
