@@ -1,17 +1,21 @@
 """What a probe plan costs against a plain call, through a real TorchServe.
 
-    python benchmarks/bench_probe_cost.py [--store DIR] [--plan proto/examples/full.json] [--calls 300]
+    python benchmarks/bench_probe_cost.py [--store DIR] [--plan proto/examples/full.json] [--calls 300] [--aio]
 
 Starts TorchServe (model_store.serve) on free loopback ports with the store's archives,
 then for each model sends the same real test images sequentially over gRPC: first plain
 (one row of logits), then with the plan (the ~40-row example by default), and prints the
-latency of each and their ratio. Sequential calls measure the cost of one request; the
-variants of a plan ride inside that one call.
+latency of each and their ratio, and how much of each call the TorchServe worker spent by
+its own clock (``ProbeResult.worker_seconds``): the rest, "around", is TorchServe's frontend,
+its queue and the gRPC hop. Sequential calls measure the cost of one request; the variants of
+a plan ride inside that one call. ``--aio``: the calls from a grpc.aio client, as the gateway
+makes them, instead of the blocking one.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import io
 import statistics
 import sys
@@ -37,20 +41,47 @@ def png(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def timed_calls(stub, token, model: str, images: list[bytes], plan: bytes | None, calls: int) -> list[float]:
-    """Seconds per call, sequential, after a warm-up."""
-    def one(img: bytes) -> None:
+def timed_calls(stub, token, model: str, images: list[bytes], plan: bytes | None,
+                calls: int) -> tuple[list[float], list[float]]:
+    """Seconds per call and the worker's seconds in each, sequential, after a warm-up."""
+    def one(img: bytes) -> float:
         inputs = {"data": img} if plan is None else {"data": img, "plan": plan}
-        stub.Predictions(inference_pb2.PredictionsRequest(model_name=model, input=inputs), metadata=token, timeout=60)
+        resp = stub.Predictions(inference_pb2.PredictionsRequest(model_name=model, input=inputs), metadata=token,
+                                timeout=60)
+        return probe_pb2.ProbeResult.FromString(resp.prediction).worker_seconds
 
     for img in images[:20]:
         one(img)
-    out = []
+    took, worker = [], []
     for i in range(calls):
         t = time.perf_counter()
-        one(images[i % len(images)])
-        out.append(time.perf_counter() - t)
-    return out
+        worker.append(one(images[i % len(images)]))
+        took.append(time.perf_counter() - t)
+    return took, worker
+
+
+def timed_calls_aio(target: str, token, model: str, images: list[bytes], plan: bytes | None,
+                    calls: int) -> tuple[list[float], list[float]]:
+    """:func:`timed_calls` from a grpc.aio client on its own event loop, as the gateway calls."""
+    async def run() -> tuple[list[float], list[float]]:
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = inference_pb2_grpc.InferenceAPIsServiceStub(channel)
+
+            async def one(img: bytes) -> float:
+                inputs = {"data": img} if plan is None else {"data": img, "plan": plan}
+                resp = await stub.Predictions(inference_pb2.PredictionsRequest(model_name=model, input=inputs),
+                                              metadata=token, timeout=60)
+                return probe_pb2.ProbeResult.FromString(resp.prediction).worker_seconds
+
+            for img in images[:20]:
+                await one(img)
+            took, worker = [], []
+            for i in range(calls):
+                t = time.perf_counter()
+                worker.append(await one(images[i % len(images)]))
+                took.append(time.perf_counter() - t)
+            return took, worker
+    return asyncio.run(run())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store", type=Path, default=build.DEFAULT_STORE)
     p.add_argument("--plan", type=Path, default=REPO / "proto" / "examples" / "full.json")
     p.add_argument("--calls", type=int, default=300)
+    p.add_argument("--aio", action="store_true", help="call from a grpc.aio client, as the gateway does")
     args = p.parse_args(argv)
 
     plan = json_format.Parse(args.plan.read_text(), probe_pb2.ProbePlan())
@@ -74,13 +106,22 @@ def main(argv: list[str] | None = None) -> int:
                 model_name=ts.models[0], input={"data": images[0], "plan": plan.SerializeToString()}), metadata=token)
             rows = probe_pb2.ProbeResult.FromString(first.prediction).rows
             print(f"plan {args.plan.name}: {rows} rows (base + {rows - 1} variants); {args.calls} sequential calls each")
-            print(f"{'model':28s} {'plain ms':>9s} {'plan ms':>9s} {'ratio':>6s}   (median; mean in brackets)")
+            print(f"{'model':28s} {'plain ms':>9s} {'plan ms':>9s} {'ratio':>6s}   (median; mean in brackets)   "
+                  "worker / around, plain and plan (mean ms)")
             for model in ts.models:
-                plain = timed_calls(stub, token, model, images, None, args.calls)
-                probed = timed_calls(stub, token, model, images, plan.SerializeToString(), args.calls)
+                if args.aio:
+                    def timed(p: bytes | None) -> tuple[list[float], list[float]]:
+                        return timed_calls_aio(ts.grpc_inference_target, token, model, images, p, args.calls)
+                else:
+                    def timed(p: bytes | None) -> tuple[list[float], list[float]]:
+                        return timed_calls(stub, token, model, images, p, args.calls)
+                plain, plain_w = timed(None)
+                probed, probed_w = timed(plan.SerializeToString())
                 mp, mq = statistics.median(plain) * 1e3, statistics.median(probed) * 1e3
-                print(f"{model:28s} {mp:9.2f} {mq:9.2f} {mq / mp:6.2f}   "
-                      f"({statistics.mean(plain) * 1e3:.2f} / {statistics.mean(probed) * 1e3:.2f} ms)")
+                ap, aq = statistics.mean(plain) * 1e3, statistics.mean(probed) * 1e3
+                wp, wq = statistics.mean(plain_w) * 1e3, statistics.mean(probed_w) * 1e3
+                print(f"{model:28s} {mp:9.2f} {mq:9.2f} {mq / mp:6.2f}   ({ap:.2f} / {aq:.2f} ms)   "
+                      f"{wp:.2f} / {ap - wp:.2f}, {wq:.2f} / {aq - wq:.2f}")
     return 0
 
 
