@@ -565,9 +565,9 @@ def test_expand_ab_smoke(default_store: Path, tmp_path: Path) -> None:
     assert all(r["old_p50_ms"] > 0 and r["new_p50_ms"] > 0 and r["calls"] >= 4 for r in report["rows"])
     rows = {r["plan"].split(",")[0]: int(r["plan"].split(", ")[1].split()[0]) for r in report["rows"]}
     assert rows["every check"] > rows["cascade"] >= 2  # occlusion and structure add rows
-    for r in report["rows"]:  # each ratio with how far its 2 resampled turns move it (the pooled one inside)
-        low, high = r["interval"]
-        assert 0 < low <= high and low <= r["new_over_old"] * 1.0001 and r["new_over_old"] <= high * 1.0001, r
+    for r in report["rows"]:  # each ratio with how far its 2 resampled turns move it (the pooled one inside:
+        low, high = r["interval"]  # it is one of the draws; the bounds are rounded to 3 decimals, so it is too)
+        assert 0 < low <= round(r["new_over_old"], 3) <= high, r
     md = (tmp_path / "expand_ab-smoke.md").read_text()
     assert "| first probe | with forward |" in md
     assert f"{report['rows'][0]['new_over_old']:.2f} ({report['rows'][0]['interval'][0]:.2f}–" in md
