@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import io
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -41,47 +43,46 @@ def png(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def timed_calls(stub, token, model: str, images: list[bytes], plan: bytes | None,
-                calls: int) -> tuple[list[float], list[float]]:
-    """Seconds per call and the worker's seconds in each, sequential, after a warm-up."""
-    def one(img: bytes) -> float:
-        inputs = {"data": img} if plan is None else {"data": img, "plan": plan}
-        resp = stub.Predictions(inference_pb2.PredictionsRequest(model_name=model, input=inputs), metadata=token,
-                                timeout=60)
-        return probe_pb2.ProbeResult.FromString(resp.prediction).worker_seconds
+def request(model: str, img: bytes, plan: bytes | None) -> inference_pb2.PredictionsRequest:
+    return inference_pb2.PredictionsRequest(model_name=model,
+                                            input={"data": img} if plan is None else {"data": img, "plan": plan})
+
+
+def worker_seconds(resp: inference_pb2.PredictionResponse) -> float:
+    return probe_pb2.ProbeResult.FromString(resp.prediction).worker_seconds
+
+
+async def timed_calls(call: Callable[[bytes], object], images: list[bytes],
+                      calls: int) -> tuple[list[float], list[float]]:
+    """Seconds per call and the worker's seconds in each, sequential, after a warm-up;
+    ``call(image)`` returns the worker's seconds, or an awaitable of them (a grpc.aio client)."""
+    async def one(img: bytes) -> float:
+        out = call(img)
+        return await out if inspect.isawaitable(out) else out
 
     for img in images[:20]:
-        one(img)
+        await one(img)
     took, worker = [], []
     for i in range(calls):
         t = time.perf_counter()
-        worker.append(one(images[i % len(images)]))
+        worker.append(await one(images[i % len(images)]))
         took.append(time.perf_counter() - t)
     return took, worker
 
 
-def timed_calls_aio(target: str, token, model: str, images: list[bytes], plan: bytes | None,
-                    calls: int) -> tuple[list[float], list[float]]:
-    """:func:`timed_calls` from a grpc.aio client on its own event loop, as the gateway calls."""
-    async def run() -> tuple[list[float], list[float]]:
-        async with grpc.aio.insecure_channel(target) as channel:
-            stub = inference_pb2_grpc.InferenceAPIsServiceStub(channel)
+async def measure(ts, stub, token, model: str, images: list[bytes], plan: bytes | None, calls: int,
+                  aio: bool) -> tuple[list[float], list[float]]:
+    """:func:`timed_calls` from the blocking ``stub``, or from a grpc.aio client as the gateway calls."""
+    if not aio:
+        return await timed_calls(
+            lambda img: worker_seconds(stub.Predictions(request(model, img, plan), metadata=token, timeout=60)),
+            images, calls)
+    async with grpc.aio.insecure_channel(ts.grpc_inference_target) as channel:
+        aio_stub = inference_pb2_grpc.InferenceAPIsServiceStub(channel)
 
-            async def one(img: bytes) -> float:
-                inputs = {"data": img} if plan is None else {"data": img, "plan": plan}
-                resp = await stub.Predictions(inference_pb2.PredictionsRequest(model_name=model, input=inputs),
-                                              metadata=token, timeout=60)
-                return probe_pb2.ProbeResult.FromString(resp.prediction).worker_seconds
-
-            for img in images[:20]:
-                await one(img)
-            took, worker = [], []
-            for i in range(calls):
-                t = time.perf_counter()
-                worker.append(await one(images[i % len(images)]))
-                took.append(time.perf_counter() - t)
-            return took, worker
-    return asyncio.run(run())
+        async def call(img: bytes) -> float:
+            return worker_seconds(await aio_stub.Predictions(request(model, img, plan), metadata=token, timeout=60))
+        return await timed_calls(call, images, calls)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,21 +103,15 @@ def main(argv: list[str] | None = None) -> int:
         with serve.start(settings) as ts, grpc.insecure_channel(ts.grpc_inference_target) as channel:
             stub = inference_pb2_grpc.InferenceAPIsServiceStub(channel)
             token = [("authorization", f"Bearer {ts.keys().inference}")]
-            first = stub.Predictions(inference_pb2.PredictionsRequest(
-                model_name=ts.models[0], input={"data": images[0], "plan": plan.SerializeToString()}), metadata=token)
+            first = stub.Predictions(request(ts.models[0], images[0], plan.SerializeToString()), metadata=token)
             rows = probe_pb2.ProbeResult.FromString(first.prediction).rows
             print(f"plan {args.plan.name}: {rows} rows (base + {rows - 1} variants); {args.calls} sequential calls each")
             print(f"{'model':28s} {'plain ms':>9s} {'plan ms':>9s} {'ratio':>6s}   (median; mean in brackets)   "
                   "worker / around, plain and plan (mean ms)")
             for model in ts.models:
-                if args.aio:
-                    def timed(p: bytes | None) -> tuple[list[float], list[float]]:
-                        return timed_calls_aio(ts.grpc_inference_target, token, model, images, p, args.calls)
-                else:
-                    def timed(p: bytes | None) -> tuple[list[float], list[float]]:
-                        return timed_calls(stub, token, model, images, p, args.calls)
-                plain, plain_w = timed(None)
-                probed, probed_w = timed(plan.SerializeToString())
+                plain, plain_w = asyncio.run(measure(ts, stub, token, model, images, None, args.calls, args.aio))
+                probed, probed_w = asyncio.run(measure(ts, stub, token, model, images, plan.SerializeToString(),
+                                                       args.calls, args.aio))
                 mp, mq = statistics.median(plain) * 1e3, statistics.median(probed) * 1e3
                 ap, aq = statistics.mean(plain) * 1e3, statistics.mean(probed) * 1e3
                 wp, wq = statistics.mean(plain_w) * 1e3, statistics.mean(probed_w) * 1e3

@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         p50 = {m.name.removeprefix(INTERLEAVED): m.p50_ms for m in results}
         return {n: p50[n] / p50[o] for n, o in pairs.items()}
 
+    ratio = new_over_old(measured.values())
     # how far this run's noise moves each ratio: its turns resampled, the same for every row
     spread = turn_intervals(by_turn, compute=new_over_old)
     rows = []
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         for fwd in (False, True):
             o, n = measured[name(p, fwd, "old")], measured[name(p, fwd, "new")]
             rows.append({"plan": p, "forward": fwd, "old_p50_ms": o.p50_ms, "new_p50_ms": n.p50_ms,
-                         "new_over_old": n.p50_ms / o.p50_ms, "interval": list(spread[name(p, fwd, "new")]),
+                         "new_over_old": ratio[name(p, fwd, "new")], "interval": list(spread[name(p, fwd, "new")]),
                          "calls": o.calls + n.calls})
     command = f"python -m benchmarks.expand_ab --against {args.against}"
     report = {**run_facts(command), "model": args.model, "device": str(r.device), "against": args.against,

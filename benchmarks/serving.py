@@ -725,10 +725,9 @@ def main(argv: list[str] | None = None) -> int:
                 means = {r.name.removeprefix(INTERLEAVED): r.mean_ms for r in measured}
                 for name, port in ports.items():  # where each row's time went, by the gateway's own clock
                     stages_ms[name] = {"client": means[name], **stage_means(before[name], scrape(port))}
-                    probe = next((m for p, m in means.items() if p.startswith(f"{variants_row(fmt)} {name} (")),
-                                 None)
+                    probe = _find(measured, f"{INTERLEAVED}{variants_row(fmt)} {name}", 1)
                     if probe is not None:  # what the worker's share of the gate is measured against
-                        stages_ms[name]["probe_in_process"] = probe
+                        stages_ms[name]["probe_in_process"] = probe.mean_ms
                 return measured
         finally:
             for proc, _ in started:
