@@ -3,7 +3,7 @@
 Encoded images are accepted as PNG or JPEG, recognised by content (magic bytes), never by a
 claimed type; the pixel count is checked from the header before any pixel is decoded
 (decompression bombs); an EXIF orientation is applied, and palette, alpha, 16-bit, CMYK and
-colour images are converted to the model's mode: the handlers' own ``load_image``, so an
+colour images are converted to the model's mode: the handlers' own ``load_pixels``, so an
 image is refused, and becomes pixels, alike on both paths; then resized to the model's size. Raw
 tensors are checked for shape, dtype, byte length and finite values.
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from handlers.decode import JPEG_MAGIC, PNG_MAGIC, image_array, load_image
+from handlers.decode import JPEG_MAGIC, PNG_MAGIC, image_array, load_pixels, pixels_image
 from service.errors import InvalidInput
 
 # Register PIL's PNG and JPEG decoders now: left to the first Image.open, their imports added
@@ -82,10 +82,10 @@ def declared_pixels(raw: bytes) -> int | None:
 
 def decode_image(raw: bytes, spec: InputSpec, limits: Limits) -> np.ndarray:
     """PNG/JPEG bytes -> ``uint8 [C, H, W]`` in the model's mode and size (bilinear resize)."""
-    img = load_image(raw, spec.mode, limits.max_bytes, limits.max_pixels, InvalidInput)
-    if img.size != (spec.width, spec.height):
-        img = img.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
-    return image_array(img)
+    pixels = load_pixels(raw, spec.mode, limits.max_bytes, limits.max_pixels, InvalidInput)
+    if pixels.shape[1:] == (spec.height, spec.width):
+        return pixels
+    return image_array(pixels_image(pixels).resize((spec.width, spec.height), Image.Resampling.BILINEAR))
 
 
 _DTYPES = {"uint8": np.dtype("<u1"), "float32": np.dtype("<f4")}

@@ -177,7 +177,7 @@ def test_the_handler_and_the_gateway_make_the_same_pixels(grey: np.ndarray) -> N
 
 
 def test_the_handler_and_the_gateway_refuse_alike() -> None:
-    """Both decoders go through one door (``load_image``): every hostile file is refused by
+    """Both decoders go through one door (``load_pixels``): every hostile file is refused by
     each with the same message, and an image of another size only by the handler, which
     takes the card's size where the gateway resizes."""
     from service.decode import InputSpec as GatewaySpec
