@@ -9,13 +9,14 @@ store, one process each, in front of one TorchServe (the working tree's archive 
 ``--format``: only the gateway differs). Closed-loop clients at each ``--concurrency`` call
 one and then the other in turns of ``--turn-s`` seconds, the first of a turn alternating, so
 a shared machine's drift falls on each alike; with the gate off (where the gateway's own
-per-call work is the cost on a few cores) and with the calibrated gate (cascade). Per row:
+per-call work is the cost on a few cores) and with the calibrated gate (cascade); clients send
+raw uint8 tensors, or with ``--input png`` the same images as PNG files. Per row:
 calls/s, p50, and the gateway process's CPU per answered call (user + system, from
 ``/proc``), each the median over the turns; and new / old of each, the median of the
 turns' ratios. The serving benchmark measures rows minutes apart, where a change of a few
 per cent is lost in the drift; this measures one gateway change at a time.
 
-Writes benchmarks/results/gateway_ab[-smoke].{md,json}.
+Writes benchmarks/results/gateway_ab[-png][-smoke].{md,json}.
 """
 
 from __future__ import annotations
@@ -31,6 +32,17 @@ from benchmarks.report import REPO, parser, report_stem, run_facts, store_with_p
 from model_store.archive import FORMATS
 
 MODES = {"gate off": lambda pol: pol.update(mode="off"), "calibrated gate (cascade)": lambda pol: None}
+INPUTS = ("tensor", "png")
+
+
+def requests(images, model: str, kind: str = "tensor") -> list:
+    """One Classify request per grey ``[28, 28]`` test image: a raw uint8 tensor, or the image
+    as a client's PNG file (``benchmarks.decode_png.encoded``)."""
+    from benchmarks.decode_png import encoded
+    from service.client import Client
+
+    sent = encoded(images, 28) if kind == "png" else [im[None] for im in images]
+    return [Client.request(x, model, top_k=1) for x in sent]
 
 
 def tree_at(rev: str, dst: Path) -> Path:
@@ -53,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--turns", type=int, default=8)
     p.add_argument("--turn-s", type=float, default=2.0)
     p.add_argument("--format", choices=FORMATS, default="onnx", help="the TorchServe archive both call")
+    p.add_argument("--input", choices=INPUTS, default="tensor",
+                   help="what clients send: raw uint8 tensors, or the same images as PNG files (decoded by the gateway)")
     args = p.parse_args(argv)
     warm_s = 2.0
     if args.smoke:
@@ -60,11 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(c) for c in args.concurrency.split(",")]
 
     from model_store import data, serve
-    from service.client import Client
     from tests.test_gateway import start_gateway, stop
 
-    images = data.load_test().images[:512]
-    reqs = [Client.request(im[None], args.model, top_k=1) for im in images]
+    reqs = requests(data.load_test().images[:512], args.model, args.input)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="rg-gateway-ab-") as tmp_name:
         tmp = Path(tmp_name)
@@ -88,10 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     if failed:  # never report over calls that failed
         raise SystemExit(f"gateway_ab: calls failed: {[(r['mode'], r['concurrency'], r['errors']) for r in failed]}")
     command = f"python -m benchmarks.gateway_ab --against {args.against}" + (
-        " --smoke" if args.smoke else f" --concurrency {args.concurrency}" if args.concurrency != "1,64" else "")
-    report = {**run_facts(command), "model": args.model, "format": args.format, "against": args.against,
-              "turns": args.turns, "turn_s": args.turn_s, "rows": rows}
-    write_report(args.out, report_stem("benchmarks.gateway_ab", args.smoke), report, render(report))
+        " --smoke" if args.smoke else f" --concurrency {args.concurrency}" if args.concurrency != "1,64" else "") + (
+        " --input png" if args.input == "png" else "")
+    report = {**run_facts(command), "model": args.model, "format": args.format, "input": args.input,
+              "against": args.against, "turns": args.turns, "turn_s": args.turn_s, "rows": rows}
+    stem = report_stem("benchmarks.gateway_ab" + ("-png" if args.input == "png" else ""), args.smoke)
+    write_report(args.out, stem, report, render(report))
     return 0
 
 
@@ -139,7 +153,8 @@ async def in_turns(mode: str, gateways: dict, reqs: list, levels: list[int], tur
 
 def render(r: dict) -> str:
     lines = [f"# The gateway, now against {r['against']} ({r['date']}, {r['machine']})", "",
-             f"Reproduce: `{r['command']}` ({r['model']}, TorchServe's {r['format']} archive behind both; "
+             f"Reproduce: `{r['command']}` ({r['model']}, TorchServe's {r['format']} archive behind both; clients "
+             f"send {'PNG files' if r.get('input') == 'png' else 'raw uint8 tensors'}; "
              f"{r['turns']} turns of {r['turn_s']} s per row, the two gateways taking turns). Each figure is "
              "the median over the turns; new / old is the median of the turns' ratios. Gateway CPU: user + "
              "system time of the gateway process per answered call.", "",

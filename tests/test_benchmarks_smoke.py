@@ -585,6 +585,20 @@ def test_gateway_ab_smoke(default_store: Path, tmp_path: Path) -> None:
     assert "| gate | clients | old calls/s |" in (tmp_path / "gateway_ab-smoke.md").read_text()
 
 
+def test_gateway_ab_sends_the_same_images_as_tensors_or_png_files() -> None:
+    """``--input png``: each request carries the image as a PNG file that decodes to the
+    pixels the tensor request carries."""
+    from benchmarks.gateway_ab import requests
+    from service.decode import InputSpec, Limits, decode_image
+
+    images = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    tensors, pngs = requests(images, "m"), requests(images, "m", "png")
+    assert [r.WhichOneof("input") for r in tensors + pngs] == ["tensor"] * 3 + ["image"] * 3
+    for t, p, im in zip(tensors, pngs, images):
+        assert t.tensor.data == im.tobytes() and p.image.startswith(b"\x89PNG")
+        assert np.array_equal(decode_image(p.image, InputSpec(), Limits())[0], im)
+
+
 def test_gateway_ab_runs_the_old_revision_from_its_own_tree(tmp_path: Path) -> None:
     """The old gateway's code and protos are the revision's, not this checkout's installed ones."""
     from benchmarks.gateway_ab import tree_at
@@ -598,3 +612,18 @@ def test_gateway_ab_runs_the_old_revision_from_its_own_tree(tmp_path: Path) -> N
     assert [Path(w).resolve().is_relative_to(tree.resolve()) for w in where] == [True, True], where
     with pytest.raises(SystemExit, match="cannot read revision 'no-such-rev'"):
         tree_at("no-such-rev", tmp_path / "bad")
+
+
+def test_decode_png_smoke(tmp_path: Path) -> None:
+    """The PNG decode A/B: every kind measured on both paths, a ratio with its interval, and a
+    control kind over the plain limit, whose two rows take the same path."""
+    report = _run("benchmarks.decode_png", tmp_path, 300)
+    kinds = [r["image"] for r in report["rows"]]
+    assert kinds[0].startswith("28x28 grey") and kinds[-1].startswith("over the plain limit")
+    for r in report["rows"]:
+        assert r["libspng_p50_us"] > 0 and r["pillow_p50_us"] > 0 and r["calls"] >= 2
+        low, high = r["interval"]
+        assert 0 < low <= round(r["pillow_over_libspng"], 3) <= high, r
+    md = (tmp_path / "decode_png-smoke.md").read_text()
+    first = report["rows"][0]
+    assert f"| {first['image']} | {first['bytes_mean']} | {first['libspng_p50_us']:.1f} |" in md
