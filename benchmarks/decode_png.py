@@ -18,7 +18,6 @@ Writes benchmarks/results/decode_png[-smoke].{md,json}.
 
 from __future__ import annotations
 
-import asyncio
 import io
 from collections.abc import Callable
 
@@ -26,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.report import invocation, parser, report_stem, run_facts, write_report
+from benchmarks.serving import INTERVAL_NOTE
 
 LIBSPNG, PILLOW = "libspng's path", "Pillow's path"
 CONTROL = "over the plain limit, Pillow's path in both rows"
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.turns, args.turn_s = 2, 0.01
 
-    from benchmarks.serving import INTERLEAVED, interleaved, turn_intervals
+    from benchmarks.serving import ab_in_turns
     from handlers import decode
     from model_store import data
     from service.decode import InputSpec, Limits, decode_image
@@ -87,24 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     for c in calls.values():
         for i in range(5 if args.smoke else 200):
             c(i)
-    by_turn: dict[str, list[list[float]]] = {}
-    measured = {m.name.removeprefix(INTERLEAVED): m
-                for m in asyncio.run(interleaved(calls, args.turns, args.turn_s, by_turn))}
-    failed = {k: m.errors for k, m in measured.items() if m.errors}
-    if failed:
-        raise SystemExit(f"decode_png: calls failed: {failed}")
-
-    def speedup(results) -> dict[str, float]:  # p50 Pillow's path / libspng's, per kind
-        p50 = {m.name.removeprefix(INTERLEAVED): m.p50_ms for m in results}
-        return {k: p50[f"{k}, {PILLOW}"] / p50[f"{k}, {LIBSPNG}"] for k in kinds}
-
-    ratio = speedup(measured.values())
-    spread = turn_intervals(by_turn, compute=speedup)
+    pairs = {f"{k}, {PILLOW}": f"{k}, {LIBSPNG}" for k in kinds}  # Pillow's / libspng's, per kind
+    measured, ratio, spread = ab_in_turns(calls, args.turns, args.turn_s, pairs, "decode_png")
     rows = [{"image": k, "bytes_mean": round(float(np.mean([len(b) for b in pngs]))),
              "libspng_p50_us": measured[f"{k}, {LIBSPNG}"].p50_ms * 1e3,
              "pillow_p50_us": measured[f"{k}, {PILLOW}"].p50_ms * 1e3,
              "calls": min(measured[f"{k}, {path}"].calls for path in (LIBSPNG, PILLOW)),
-             "pillow_over_libspng": ratio[k], "interval": list(spread[k])} for k, pngs in kinds.items()]
+             "pillow_over_libspng": ratio[f"{k}, {PILLOW}"], "interval": list(spread[f"{k}, {PILLOW}"])}
+            for k, pngs in kinds.items()]
     report = {**run_facts(invocation("benchmarks.decode_png", argv)), "turns": args.turns, "turn_s": args.turn_s,
               "rows": rows}
     write_report(args.out, report_stem("benchmarks.decode_png", args.smoke), report, render(report))
@@ -115,8 +105,7 @@ def render(r: dict) -> str:
     lines = [f"# The gateway's PNG decode: libspng's path against Pillow's ({r['date']}, {r['machine']})", "",
              f"Reproduce: `{r['command']}` (one caller, {r['turns']} turns of {r['turn_s']} s each, the rows in "
              "turns). `service.decode.decode_image` per image, microseconds at the median; Pillow's path: "
-             "`handlers.decode.plain_png` off, every PNG through Pillow as before libspng's path. In brackets: the "
-             "central 90 % of the same ratio over 1,000 resamples of the turns, how far this run's noise moves it.", "",
+             "`handlers.decode.plain_png` off, every PNG through Pillow as before libspng's path. " + INTERVAL_NOTE, "",
              "| PNG | bytes (mean) | libspng's path, µs | Pillow's path, µs | Pillow's / libspng's |",
              "|---|---|---|---|---|"]
     for x in r["rows"]:

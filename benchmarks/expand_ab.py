@@ -17,7 +17,6 @@ Writes benchmarks/results/expand_ab[-smoke].{md,json}.
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import json
 import subprocess
@@ -28,6 +27,7 @@ from pathlib import Path
 from types import ModuleType
 
 from benchmarks.report import REPO, parser, report_stem, run_facts, write_report
+from benchmarks.serving import INTERVAL_NOTE
 
 
 def probe_at(rev: str, tmp: Path) -> ModuleType:
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
-    from benchmarks.serving import INTERLEAVED, Runner, interleaved, like_a_worker, turn_intervals
+    from benchmarks.serving import Runner, ab_in_turns, like_a_worker
     from handlers import probe as new
     from model_store import data
 
@@ -104,21 +104,9 @@ def main(argv: list[str] | None = None) -> int:
             for c in calls.values():  # warm: allocator, cuDNN's choice, TorchScript's profiling runs
                 for i in range(5 if args.smoke else 200):
                     c(i)
-            by_turn: dict[str, list[list[float]]] = {}
-            measured = {m.name.removeprefix(INTERLEAVED): m
-                        for m in asyncio.run(interleaved(calls, args.turns, args.turn_s, by_turn))}
-    failed = {k: m.errors for k, m in measured.items() if m.errors}
-    if failed:  # interleaved counts a call that raised as an error: never report over one
-        raise SystemExit(f"expand_ab: calls failed: {failed}")
-    pairs = {name(p, fwd, "new"): name(p, fwd, "old") for p in plans for fwd in (False, True)}
-
-    def new_over_old(results) -> dict[str, float]:  # p50 new / old per row, here and resampled
-        p50 = {m.name.removeprefix(INTERLEAVED): m.p50_ms for m in results}
-        return {n: p50[n] / p50[o] for n, o in pairs.items()}
-
-    ratio = new_over_old(measured.values())
-    # how far this run's noise moves each ratio: its turns resampled, the same for every row
-    spread = turn_intervals(by_turn, compute=new_over_old)
+            pairs = {name(p, fwd, "new"): name(p, fwd, "old") for p in plans for fwd in (False, True)}
+            # each new / old, and how far this run's noise moves it
+            measured, ratio, spread = ab_in_turns(calls, args.turns, args.turn_s, pairs, "expand_ab")
     rows = []
     for p in plans:
         for fwd in (False, True):
@@ -138,8 +126,7 @@ def render(r: dict) -> str:
     lines = [f"# Probe expansion, now against {r['against']} ({r['date']}, {r['machine']})", "",
              f"Reproduce: `{r['command']}` (on {r['device']}; one caller, {r['turns']} turns of {r['turn_s']} s "
              "per row). Each call expands the policy's first probe of one test image; \"with forward\" adds "
-             "the model and the copy of the logits to the host, as the handler does. In brackets: the central "
-             "90 % of the same ratio over 1,000 resamples of the turns, how far this run's noise moves it.", "",
+             "the model and the copy of the logits to the host, as the handler does. " + INTERVAL_NOTE, "",
              "| first probe | with forward | old p50 ms | new p50 ms | new / old |", "|---|---|---|---|---|"]
 
     def spread(x: dict) -> str:  # reports before the intervals have none

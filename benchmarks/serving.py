@@ -446,6 +446,28 @@ def turn_intervals(by_turn: dict[str, list[list[float]]], fmt: str = "onnx", res
             for label, v in draws.items()}
 
 
+INTERVAL_NOTE = ("In brackets: the central 90 % of the same ratio over 1,000 resamples of the turns, how far "
+                 "this run's noise moves it.")
+
+
+def ab_in_turns(calls: dict[str, Callable[[int], object]], turns: int, turn_s: float, pairs: dict[str, str],
+                who: str) -> tuple[dict[str, Result], dict[str, float], dict[str, tuple[float, float]]]:
+    """An A/B in process: the rows in turns (:func:`interleaved`, one caller), never reported
+    over a call that raised (SystemExit naming ``who``). -> the rows by name; for each of
+    ``pairs`` (row -> the row it is divided by) the p50 ratio, keyed by the first; and how far
+    this run's noise moves each (:func:`turn_intervals`, the same turns for every row)."""
+    by_turn: dict[str, list[list[float]]] = {}
+    measured = {m.name.removeprefix(INTERLEAVED): m for m in asyncio.run(interleaved(calls, turns, turn_s, by_turn))}
+    failed = {k: m.errors for k, m in measured.items() if m.errors}
+    if failed:
+        raise SystemExit(f"{who}: calls failed: {failed}")
+
+    def p50_ratios(results) -> dict[str, float]:
+        p50 = {m.name.removeprefix(INTERLEAVED): m.p50_ms for m in results}
+        return {a: p50[a] / p50[b] for a, b in pairs.items()}
+    return measured, p50_ratios(measured.values()), turn_intervals(by_turn, compute=p50_ratios)
+
+
 def archive_store(src: Path, model: str, dst: Path, config: Path | None, fmt: str = "onnx") -> Path:
     """A store holding only ``<model>-<fmt>.mar``, packed with ``config`` as its
     model-config.yaml (None: none, TorchServe's defaults)."""
