@@ -314,6 +314,16 @@ def every_check_on(pol: dict) -> None:
         pol["checks"][name]["enabled"] = True
 
 
+def first_plans(model: str, policies: dict[str, Path]) -> dict[str, object]:
+    """For each gateway row named in ``policies`` (a store holding its policy), the first
+    probe plan that policy sends (base image and cheap variants), as the wire message."""
+    from service.gate.policy_io import load_policy
+    from service.pipeline import spec_to_proto
+
+    return {row: spec_to_proto(load_policy(store / model / "policy.json").cheap_plan(0))
+            for row, store in policies.items()}
+
+
 def variant_probes(store: Path, model: str, policies: dict[str, Path],
                    images: np.ndarray, fmt: str = "onnx") -> dict[str, Callable[[int], object]]:
     """The limit for the gate's cost: for each gateway row named in ``policies`` (a store
@@ -324,14 +334,11 @@ def variant_probes(store: Path, model: str, policies: dict[str, Path],
     import torch
 
     from handlers import probe
-    from service.gate.policy_io import load_policy
-    from service.pipeline import spec_to_proto
 
     r = Runner(store, model, fmt, archive_intra_op_threads(), all_outputs=True)
     x = torch.from_numpy(images.astype(np.float32)[:, None] / 255.0).to(r.device)
     out = {}
-    for row, policy_store in policies.items():
-        plan = spec_to_proto(load_policy(policy_store / model / "policy.json").cheap_plan(0))
+    for row, plan in first_plans(model, policies).items():
         out[f"{variants_row(fmt)} {row} ({probe.count_rows(plan)} rows)"] = (
             lambda i, plan=plan: r.run(probe.expand(x[i % len(x)], plan)))
     return out
@@ -728,9 +735,13 @@ def main(argv: list[str] | None = None) -> int:
                 started.append(start_gateway(store, ts, tmp, **coalesce, **{"metrics-port": str(ports[name])}))
             async with contextlib.AsyncExitStack() as stack:
                 ts_ch = await stack.enter_async_context(grpc.aio.insecure_channel(ts.grpc_inference_target))
-                # the plain call the gateway's added latency is measured against, in the same turns
-                calls: dict[str, Callable[[int], object]] = {
-                    DIRECT: direct_call(ts, [inference_pb2_grpc.InferenceAPIsServiceStub(ts_ch)], fmt)}
+                ts_stub = inference_pb2_grpc.InferenceAPIsServiceStub(ts_ch)
+                # the plain call the gateway's added latency is measured against, in the same turns;
+                # and each gated row's first plan sent straight to TorchServe: the plan's cost around
+                # the worker without the gateway (each answer's worker clock kept)
+                calls: dict[str, Callable[[int], object]] = {DIRECT: direct_probe(ts, ts_stub, DIRECT, None)}
+                for row, plan in plans.items():
+                    calls[direct_plan_row(row)] = direct_probe(ts, ts_stub, direct_plan_row(row), plan)
                 for name, (_, address) in zip(rows, started):
                     ch = await stack.enter_async_context(grpc.aio.insecure_channel(address))
                     stub = pb_grpc.ClassifierServiceStub(ch)
@@ -745,6 +756,8 @@ def main(argv: list[str] | None = None) -> int:
                 with like_a_worker():
                     measured = await interleaved(calls, turns, args.seconds / 8, by_turn)
                 means = {r.name.removeprefix(INTERLEAVED): r.mean_ms for r in measured}
+                for name, seconds in worker_s.items():  # TorchServe called straight: the client's and the worker's clocks
+                    direct_ms[name] = {"client": means[name], "worker": 1e3 * float(np.mean(seconds))}
                 for name, port in ports.items():  # where each row's time went, by the gateway's own clock
                     stages_ms[name] = {"client": means[name], **stage_means(before[name], scrape(port))}
                     probe = _find(measured, f"{INTERLEAVED}{variants_row(fmt)} {name}", 1)
@@ -755,7 +768,24 @@ def main(argv: list[str] | None = None) -> int:
             for proc, _ in started:
                 stop(proc)
 
+    plans = {row: p.SerializeToString() for row, p in first_plans(args.model, {CASCADE: args.store,
+                                                                              EVERY_CHECK: gate_all}).items()}
+    worker_s: dict[str, list[float]] = {}  # each direct row's answers' worker clocks, in turns
+
+    def direct_probe(ts, stub, name: str, plan: bytes | None):
+        """A call straight to TorchServe, with ``plan`` (serialized) or plain, that keeps the
+        worker's clock of each answer (``worker_s[name]``)."""
+        md = (("authorization", f"Bearer {ts.keys().inference}"),)
+
+        async def call(i: int) -> None:
+            inputs = {"tensor": tensors[i % len(tensors)], **({"plan": plan} if plan else {})}
+            answer = await stub.Predictions(inference_pb2.PredictionsRequest(
+                model_name=f"{args.model}-{fmt}", input=inputs), metadata=md, timeout=30)
+            worker_s.setdefault(name, []).append(probe_pb2.ProbeResult.FromString(answer.prediction).worker_seconds)
+        return call
+
     stages_ms: dict[str, dict[str, float]] = {}  # filled by gate_cost_in_turns
+    direct_ms: dict[str, dict[str, float]] = {}  # filled by gate_cost_in_turns
     by_turn: dict[str, list[list[float]]] = {}  # the rows in turns, turn by turn: gate_cost_in_turns
     # As shipped: archives at batch size 1, the gateway coalescing.
     with serve.start(settings) as ts:
@@ -797,6 +827,7 @@ def main(argv: list[str] | None = None) -> int:
     report["ratio_intervals"] = turn_intervals(by_turn, fmt)
     report["cpu_ms_per_call"] = cpu_per_call
     report["stages_ms_in_turns"] = stages_ms
+    report["direct_ms_in_turns"] = direct_ms
     report["coalescing"] = {"max_batch": args.coalesce_max_batch, "max_wait_ms": args.coalesce_max_wait_ms,
                             "max_calls": args.coalesce_max_calls}
     # serving[-smoke] for the ONNX rows (the name earlier reports have), serving-<format>[-smoke] else
@@ -903,6 +934,11 @@ def ratios(results: list[Result], levels: list[int], fmt: str = "onnx") -> dict[
 
 
 GATED = (CASCADE, EVERY_CHECK)
+
+
+def direct_plan_row(row: str) -> str:
+    """The row that sends gated ``row``'s first plan straight to TorchServe."""
+    return f"TorchServe direct, the first probe of {row}"
 INTERLEAVED = "in turns, one client: "
 GATE_COST = "p50 the gate adds (gate on - gate off) / its first probe in process, in turns,"
 IDLE_S = 0.01
@@ -963,13 +999,17 @@ def plot(results: list[Result], path: Path) -> None:
     plt.close(fig)
 
 
-def surplus_parts(stages: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+def surplus_parts(stages: dict[str, dict[str, float]],
+                  direct: dict[str, dict[str, float]] | None = None) -> dict[str, dict[str, float]]:
     """For each gated row: what it adds to a gate-off call (means at one client, in turns),
     its first probe's time in process, and the surplus over that probe split where it goes.
     The parts add up to the surplus: the worker's time beyond the probe, the TorchServe call
     around the worker (its frontend, the hop, the larger plan and answer), the gate's logic
     in the gateway, the answer's way back to the client (outside the pipeline), the rest of
-    the pipeline (decode and bookkeeping)."""
+    the pipeline (decode and bookkeeping). Beside them, where ``direct`` holds the calls
+    straight to TorchServe (:data:`DIRECT` and :func:`direct_plan_row`'s, client and worker
+    ms), ``around the worker, direct``: what the plan adds around the worker with no gateway
+    in the way, to hold the gateway's part against."""
     off = stages.get(GATE_OFF, {})
     out = {}
     for row in GATED:
@@ -984,26 +1024,34 @@ def surplus_parts(stages: dict[str, dict[str, float]]) -> dict[str, dict[str, fl
         out[row] = {"adds": adds, "probe": probe, "surplus": adds - probe, "worker": d("worker") - probe,
                     "around the worker": d("backend") - d("worker"), "gate logic": d("gate"),
                     "answer": (v["client"] - v["pipeline"]) - (off["client"] - off["pipeline"]), "rest": rest}
+        plain, planned = (direct or {}).get(DIRECT), (direct or {}).get(direct_plan_row(row))
+        if plain and planned:
+            out[row][DIRECT_AROUND] = (planned["client"] - plain["client"]) - (planned["worker"] - plain["worker"])
     return out
 
 
 SURPLUS_PARTS = ("worker", "around the worker", "gate logic", "answer", "rest")
+DIRECT_AROUND = "around the worker, direct"
 
 
-def surplus_table(stages: dict[str, dict[str, float]]) -> list[str]:
+def surplus_table(stages: dict[str, dict[str, float]], direct: dict[str, dict[str, float]] | None = None) -> list[str]:
     """:func:`surplus_parts` as the report's table (none for reports without the worker's clock)."""
-    parts = surplus_parts(stages)
+    parts = surplus_parts(stages, direct)
     if not parts:
         return []
     lines = ["", "Where what the gate adds goes beyond its probe's compute (means, ms, gate on − gate off; "
                  "in the worker: its time beyond the same probe in process; around the worker: the rest of the "
                  "TorchServe call, its frontend, the hop, the larger plan and answer; gate logic: the gateway's; "
-                 "answer: outside the pipeline, on its way to the client; rest: decode and bookkeeping):", "",
-             "| row | the gate adds | its probe in process | surplus | " + " | ".join(SURPLUS_PARTS) + " |",
-             "|---" * (4 + len(SURPLUS_PARTS)) + "|"]
+                 "answer: outside the pipeline, on its way to the client; rest: decode and bookkeeping; "
+                 "beside them, around the worker, direct: the same plan sent straight to TorchServe by a client "
+                 "in the same turns, its time around the worker beyond a plain direct call's, the gateway's "
+                 "column held against it):", "",
+             "| row | the gate adds | its probe in process | surplus | " + " | ".join(SURPLUS_PARTS)
+             + f" | {DIRECT_AROUND} |", "|---" * (5 + len(SURPLUS_PARTS)) + "|"]
     for row, p in parts.items():
         lines.append(f"| {row} | {p['adds']:.2f} | {p['probe']:.2f} | {p['surplus']:.2f} | "
-                     + " | ".join(f"{p[k]:.2f}" for k in SURPLUS_PARTS) + " |")
+                     + " | ".join(f"{p[k]:.2f}" for k in SURPLUS_PARTS)
+                     + (f" | {p[DIRECT_AROUND]:.2f} |" if DIRECT_AROUND in p else " | – |"))
     return lines
 
 
@@ -1074,7 +1122,7 @@ def render(r: dict, png: str | None = None) -> str:
         for row, v in stages.items():
             lines.append(f"| {row} | {v['client']:.2f} | {v['client'] - v['pipeline']:.2f} | {v['pipeline']:.2f} | "
                          f"{ms(v, 'decode')} | {ms(v, 'backend')} | {ms(v, 'worker')} | {ms(v, 'gate')} |")
-        lines += surplus_table(stages)
+        lines += surplus_table(stages, r.get("direct_ms_in_turns"))
     if "coalescing" in r:
         c = r["coalescing"]
         calls = c.get("max_calls")  # absent from reports older than the limit

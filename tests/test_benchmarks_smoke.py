@@ -57,8 +57,15 @@ def test_serving_benchmark_smoke(default_store: Path, tmp_path: Path) -> None:
     md = (tmp_path / "serving-smoke.md").read_text()
     assert "| row | client sees | outside the pipeline | pipeline | decode | backend | in the worker | gate |" in md
     # what each gated row adds beyond its probe, split where it goes: the parts add up
-    parts = b.surplus_parts(stages)
-    assert set(parts) == set(b.GATED)
+    direct = report["direct_ms_in_turns"]  # the same plans straight to TorchServe, with the worker's clock
+    assert set(direct) == {b.DIRECT} | {b.direct_plan_row(row) for row in b.GATED}
+    for row, v in direct.items():
+        assert 0 < v["worker"] < v["client"], (row, v)
+    for row in b.GATED:
+        assert direct[b.direct_plan_row(row)]["worker"] > direct[b.DIRECT]["worker"], row
+    parts = b.surplus_parts(stages, direct)
+    assert set(parts) == set(b.GATED) and all(b.DIRECT_AROUND in p for p in parts.values())
+    assert f"| {b.DIRECT_AROUND} |" in md
     for row, p in parts.items():
         assert p["surplus"] == pytest.approx(sum(p[k] for k in b.SURPLUS_PARTS), abs=1e-9), (row, p)
         assert p["adds"] == pytest.approx(stages[row]["client"] - stages[b.GATE_OFF]["client"])
