@@ -618,13 +618,17 @@ def main(argv: list[str] | None = None) -> int:
             after = cpu()
             cpu_per_call[f"{name} (c={c})"] = {k: round(1e3 * (after[k] - before[k]) / r.calls, 3) for k in after}
 
-    def direct_call(ts, stubs, fmt: str):
+    def direct_call(ts, stubs, fmt: str, plan: bytes | None = None, clock: list[float] | None = None):
+        """A call straight to TorchServe's ``fmt`` archive, plain or with ``plan`` (serialized);
+        with ``clock``, each answer's worker seconds appended to it."""
         md = (("authorization", f"Bearer {ts.keys().inference}"),)
 
         async def direct(i: int) -> None:
-            await stubs[CALLER.get() % len(stubs)].Predictions(inference_pb2.PredictionsRequest(
-                model_name=f"{args.model}-{fmt}", input={"tensor": tensors[i % len(tensors)]}),
-                metadata=md, timeout=30)
+            inputs = {"tensor": tensors[i % len(tensors)], **({"plan": plan} if plan else {})}
+            answer = await stubs[CALLER.get() % len(stubs)].Predictions(inference_pb2.PredictionsRequest(
+                model_name=f"{args.model}-{fmt}", input=inputs), metadata=md, timeout=30)
+            if clock is not None:
+                clock.append(probe_pb2.ProbeResult.FromString(answer.prediction).worker_seconds)
         return direct
 
     async def worker_devices(ts) -> dict[str, str]:
@@ -739,9 +743,10 @@ def main(argv: list[str] | None = None) -> int:
                 # the plain call the gateway's added latency is measured against, in the same turns;
                 # and each gated row's first plan sent straight to TorchServe: the plan's cost around
                 # the worker without the gateway (each answer's worker clock kept)
-                calls: dict[str, Callable[[int], object]] = {DIRECT: direct_probe(ts, ts_stub, DIRECT, None)}
-                for row, plan in plans.items():
-                    calls[direct_plan_row(row)] = direct_probe(ts, ts_stub, direct_plan_row(row), plan)
+                direct = {DIRECT: None, **{direct_plan_row(row): plan for row, plan in plans.items()}}
+                calls: dict[str, Callable[[int], object]] = {
+                    name: direct_call(ts, [ts_stub], fmt, plan, worker_s.setdefault(name, []))
+                    for name, plan in direct.items()}
                 for name, (_, address) in zip(rows, started):
                     ch = await stack.enter_async_context(grpc.aio.insecure_channel(address))
                     stub = pb_grpc.ClassifierServiceStub(ch)
@@ -771,18 +776,6 @@ def main(argv: list[str] | None = None) -> int:
     plans = {row: p.SerializeToString() for row, p in first_plans(args.model, {CASCADE: args.store,
                                                                               EVERY_CHECK: gate_all}).items()}
     worker_s: dict[str, list[float]] = {}  # each direct row's answers' worker clocks, in turns
-
-    def direct_probe(ts, stub, name: str, plan: bytes | None):
-        """A call straight to TorchServe, with ``plan`` (serialized) or plain, that keeps the
-        worker's clock of each answer (``worker_s[name]``)."""
-        md = (("authorization", f"Bearer {ts.keys().inference}"),)
-
-        async def call(i: int) -> None:
-            inputs = {"tensor": tensors[i % len(tensors)], **({"plan": plan} if plan else {})}
-            answer = await stub.Predictions(inference_pb2.PredictionsRequest(
-                model_name=f"{args.model}-{fmt}", input=inputs), metadata=md, timeout=30)
-            worker_s.setdefault(name, []).append(probe_pb2.ProbeResult.FromString(answer.prediction).worker_seconds)
-        return call
 
     stages_ms: dict[str, dict[str, float]] = {}  # filled by gate_cost_in_turns
     direct_ms: dict[str, dict[str, float]] = {}  # filled by gate_cost_in_turns
@@ -852,6 +845,11 @@ GATE_OFF_TS = "gateway, gate off, TorchScript backend"
 GATE_OFF_ONE_WORKER = "gateway, gate off, one process (--workers 1)"
 IN_PROCESS_ROW = {"torchscript": "in-process TorchScript", "onnx": "in-process ONNX Runtime"}
 IN_PROCESS = IN_PROCESS_ROW["onnx"]
+
+
+def direct_plan_row(row: str) -> str:
+    """The row that sends gated ``row``'s first plan straight to TorchServe."""
+    return f"TorchServe direct, the first probe of {row}"
 
 
 def variants_row(fmt: str) -> str:
@@ -934,11 +932,6 @@ def ratios(results: list[Result], levels: list[int], fmt: str = "onnx") -> dict[
 
 
 GATED = (CASCADE, EVERY_CHECK)
-
-
-def direct_plan_row(row: str) -> str:
-    """The row that sends gated ``row``'s first plan straight to TorchServe."""
-    return f"TorchServe direct, the first probe of {row}"
 INTERLEAVED = "in turns, one client: "
 GATE_COST = "p50 the gate adds (gate on - gate off) / its first probe in process, in turns,"
 IDLE_S = 0.01
