@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,14 @@ import pytest
 import shutil
 import sys
 
+from hypothesis import HealthCheck, settings
+
 from model_store import build, data
+
+# Property tests: a few hundred examples in CI; HYPOTHESIS_PROFILE=nightly for 10,000.
+settings.register_profile("ci", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("nightly", max_examples=10_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def dev_tool(name: str) -> str:

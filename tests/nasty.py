@@ -16,13 +16,14 @@ def _png(img: Image.Image, **kw) -> bytes:
     return buf.getvalue()
 
 
+def chunk(kind: bytes, body: bytes) -> bytes:
+    """One PNG chunk: length, kind, body and its CRC."""
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+
 def bomb_png(side: int = 20_000) -> bytes:
     """A tiny file that claims side x side pixels (IHDR), with a highly compressed body."""
     raw = zlib.compress(b"\x00" * (side + 1) * 64, 9)  # only a few rows: decoding would need far more
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-
     ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
 

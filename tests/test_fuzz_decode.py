@@ -5,21 +5,16 @@ HYPOTHESIS_PROFILE=nightly for 10,000."""
 from __future__ import annotations
 
 import io
-import os
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
 from service.decode import InputSpec, Limits, decode_image, decode_tensor
 from service.errors import InvalidInput
 from tests.nasty import corpus
-
-settings.register_profile("ci", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("nightly", max_examples=10_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 SPEC = InputSpec()
 LIMITS = Limits(max_bytes=1 << 20, max_pixels=1 << 22)

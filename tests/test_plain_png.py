@@ -5,7 +5,6 @@ Pillow's image differs from the raw pixels, or the file is not whole) are left t
 from __future__ import annotations
 
 import io
-import os
 import struct
 import zlib
 from contextlib import contextmanager
@@ -13,22 +12,15 @@ from unittest import mock
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
 from handlers import decode
 from handlers.decode import PLAIN_PNG_MAX_PIXELS, InputError, load_pixels, plain_png
-
-settings.register_profile("ci", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("nightly", max_examples=10_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+from tests.nasty import chunk
 
 MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
 
 def _filtered(rows: np.ndarray, filters: list[int], bpp: int) -> bytes:
