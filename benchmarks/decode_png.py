@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.report import invocation, parser, report_stem, run_facts, write_report
-from benchmarks.serving import INTERVAL_NOTE
+from benchmarks.serving import INTERVAL_NOTE, ab_in_turns
 
 LIBSPNG, PILLOW = "libspng's path", "Pillow's path"
 CONTROL = "over the plain limit, Pillow's path in both rows"
@@ -52,7 +52,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.turns, args.turn_s = 2, 0.01
 
-    from benchmarks.serving import ab_in_turns
     from handlers import decode
     from model_store import data
     from service.decode import InputSpec, Limits, decode_image
