@@ -443,7 +443,7 @@ def _stream_ends(mport: int) -> dict[str, float]:
 def test_a_vanished_clients_stream_is_closed_by_keepalive(calibrated_store: Path, torchserve, tmp_path: Path,
                                                           fmnist) -> None:
     """``keepalive_time_s``: an open stream whose client goes silent (a frozen proxy: nothing
-    answered, nothing closed) ends CANCELLED within about keepalive time + timeout, while an
+    answered, nothing closed) ends within about keepalive time + timeout, while an
     idle stream whose client answers the pings is left alone. Without keepalive the first
     would stay open for ever. (The pings clients may send are checked as options below: the
     gateway's own pings, more frequent here, keep a client's from being sent at all.)"""
@@ -466,19 +466,25 @@ def test_a_vanished_clients_stream_is_closed_by_keepalive(calibrated_store: Path
         live = pb_grpc.ClassifierServiceStub(answering).ClassifyStream(items("live"), timeout=60)
         gone = pb_grpc.ClassifierServiceStub(silent).ClassifyStream(items("gone"), timeout=60)
         assert next(live).request_id == "live0" and next(gone).request_id == "gone0"
-        ended = sum(_stream_ends(mport).values())
+        ended = _stream_ends(mport)
         time.sleep(3)  # six of the gateway's pings, all answered
-        assert sum(_stream_ends(mport).values()) == ended, "an idle stream whose client answers was closed"
-        cancelled = _stream_ends(mport).get("CANCELLED", 0)
+        assert _stream_ends(mport) == ended, "an idle stream whose client answers was closed"
         proxy.freeze()
         t0 = time.monotonic()
-        while (ends := _stream_ends(mport)).get("CANCELLED", 0) == cancelled:
+        while (ends := _stream_ends(mport)) == ended:
             assert time.monotonic() - t0 < 10, ("the silent client's stream is still open", ends)
             time.sleep(0.1)
         print(f"\nkeepalive: the silent client's stream ended {time.monotonic() - t0:.2f} s after it went silent")
+        # gRPC Python gives a handler a cut connection as the end of its requests, the same as a
+        # client's half-close, and cancels the handler when core reports the cut: a stream with
+        # nothing in flight ends CANCELLED, or OK where its handler finished first (seen in CI)
+        added = {code: n - ended.get(code, 0) for code, n in ends.items() if n != ended.get(code, 0)}
+        assert added in ({"CANCELLED": 1}, {"OK": 1}), added
         more.set()  # the live stream goes on as if nothing happened
         assert next(live).request_id == "live1"
-        assert _stream_ends(mport).get("CANCELLED", 0) - cancelled == 1
+        assert list(live) == []  # and ends when its client closes it, counted before its status is sent
+        final = _stream_ends(mport)
+        assert final.get("OK", 0) - ends.get("OK", 0) == 1 == sum(final.values()) - sum(ends.values())
     finally:
         more.set()
         answering.close()
