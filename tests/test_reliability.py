@@ -474,7 +474,8 @@ def test_a_vanished_clients_stream_is_closed_by_keepalive(calibrated_store: Path
         while (ends := _stream_ends(mport)) == ended:
             assert time.monotonic() - t0 < 10, ("the silent client's stream is still open", ends)
             time.sleep(0.1)
-        print(f"\nkeepalive: the silent client's stream ended {time.monotonic() - t0:.2f} s after it went silent")
+        print(f"\nkeepalive: the silent client's stream ended {time.monotonic() - t0:.2f} s after it went silent",
+              f"({ends})")
         # gRPC Python gives a handler a cut connection as the end of its requests, the same as a
         # client's half-close, and cancels the handler when core reports the cut: a stream with
         # nothing in flight ends CANCELLED, or OK where its handler finished first (seen in CI)
