@@ -113,7 +113,7 @@ async def in_turns(mode: str, gateways: dict, reqs: list, levels: list[int], tur
                    warm_s: float) -> list[dict]:
     """One row per concurrency: each gateway's calls/s, p50 and CPU per call over ``turns``
     turns of ``turn_s`` seconds, the two taking turns."""
-    from benchmarks.serving import closed_loop, connections, gateway_cpu_s
+    from benchmarks.serving import closed_loop, closed_loops_in_turns, connections, gateway_cpu_s
     from robustgate.v1 import classifier_pb2_grpc as pb_grpc
 
     stub = pb_grpc.ClassifierServiceStub
@@ -127,18 +127,12 @@ async def in_turns(mode: str, gateways: dict, reqs: list, levels: list[int], tur
                 await stubs[tag].Classify(reqs[i % len(reqs)], timeout=30)
             return call
 
+        calls = {tag: call_of(tag) for tag in tags}
+        clocks = {tag: (lambda pid=gateways[tag][0].pid: gateway_cpu_s(pid)) for tag in tags}
         for c in levels:
             for tag in tags:
-                await closed_loop("warm-up", call_of(tag), c, warm_s)
-            seen: dict[str, list[tuple[float, float, float, int]]] = {t: [] for t in tags}
-            for turn in range(turns):
-                for tag in tags if turn % 2 == 0 else tags[::-1]:
-                    pid = gateways[tag][0].pid
-                    before = gateway_cpu_s(pid)
-                    r = await closed_loop(tag, call_of(tag), c, turn_s)
-                    cpu = gateway_cpu_s(pid) - before
-                    seen[tag].append((r.per_s, r.p50_ms, 1e3 * cpu / r.calls if r.calls else float("nan"),
-                                      r.errors))
+                await closed_loop("warm-up", calls[tag], c, warm_s)
+            seen = await closed_loops_in_turns(calls, c, turns, turn_s, clocks)
             med = {t: [statistics.median(x[k] for x in seen[t]) for k in range(3)] for t in tags}
             ratio = [statistics.median(n[k] / o[k] for o, n in zip(seen["old"], seen["new"])) for k in range(3)]
             out.append({"mode": mode, "concurrency": c,

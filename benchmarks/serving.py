@@ -46,9 +46,9 @@ import itertools
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -193,6 +193,55 @@ async def streamed(name: str, open_stream: Callable[[float], object], request: C
     t0 = time.perf_counter()
     await asyncio.gather(*(one(k) for k in range(streams)))
     return Result.of(name, streams * window, lat, time.perf_counter() - t0, errors)
+
+
+def torchserve_call(ts, stubs: list, model_name: str, tensors: list[bytes], plan: bytes | None = None,
+                    clock: list[float] | None = None) -> Callable[[int], Awaitable[None]]:
+    """``call(i)``: ``tensors[i]`` (cycled; encoded as the gateway sends them) straight to
+    TorchServe ``ts``'s ``model_name`` over its gRPC inference API, as a client with the
+    inference token does; each caller of a :func:`closed_loop` keeps to one of ``stubs``.
+    Plain, or with ``plan`` (serialized); with ``clock``, each answer's worker seconds are
+    appended to it."""
+    from robustgate.torchserve import inference_pb2
+    from robustgate.v1 import probe_pb2
+
+    md = (("authorization", f"Bearer {ts.keys().inference}"),)
+
+    async def direct(i: int) -> None:
+        inputs = {"tensor": tensors[i % len(tensors)], **({"plan": plan} if plan else {})}
+        answer = await stubs[CALLER.get() % len(stubs)].Predictions(inference_pb2.PredictionsRequest(
+            model_name=model_name, input=inputs), metadata=md, timeout=30)
+        if clock is not None:
+            clock.append(probe_pb2.ProbeResult.FromString(answer.prediction).worker_seconds)
+    return direct
+
+
+class Turn(NamedTuple):
+    """One row's turn in :func:`closed_loops_in_turns`."""
+
+    per_s: float
+    p50_ms: float
+    cpu_ms_per_call: float  # NaN where the row has no CPU clock, or answered nothing
+    errors: int
+
+
+async def closed_loops_in_turns(calls: dict[str, Callable[[int], Awaitable[object]]], concurrency: int,
+                                turns: int, turn_s: float,
+                                cpu_s: dict[str, Callable[[], float]] | None = None) -> dict[str, list[Turn]]:
+    """A :func:`closed_loop` of ``concurrency`` callers on each of ``calls`` for ``turn_s``
+    in turns, ``turns`` times over, the order rotating from turn to turn (with two rows:
+    alternating), so that a shared machine's drift falls on every row alike. ``cpu_s``: for
+    some rows, a clock of the CPU seconds their processes have used so far. -> each row's turns."""
+    seen: dict[str, list[Turn]] = {name: [] for name in calls}
+    order = list(calls)
+    for turn in range(turns):
+        for name in order[turn % len(order):] + order[:turn % len(order)]:
+            clock = (cpu_s or {}).get(name)
+            before = clock() if clock else 0.0
+            r = await closed_loop(name, calls[name], concurrency, turn_s)
+            cpu = 1e3 * (clock() - before) / r.calls if clock and r.calls else float("nan")
+            seen[name].append(Turn(r.per_s, r.p50_ms, cpu, r.errors))
+    return seen
 
 
 def cpu_s(proc) -> float:
@@ -619,17 +668,8 @@ def main(argv: list[str] | None = None) -> int:
             cpu_per_call[f"{name} (c={c})"] = {k: round(1e3 * (after[k] - before[k]) / r.calls, 3) for k in after}
 
     def direct_call(ts, stubs, fmt: str, plan: bytes | None = None, clock: list[float] | None = None):
-        """A call straight to TorchServe's ``fmt`` archive, plain or with ``plan`` (serialized);
-        with ``clock``, each answer's worker seconds appended to it."""
-        md = (("authorization", f"Bearer {ts.keys().inference}"),)
-
-        async def direct(i: int) -> None:
-            inputs = {"tensor": tensors[i % len(tensors)], **({"plan": plan} if plan else {})}
-            answer = await stubs[CALLER.get() % len(stubs)].Predictions(inference_pb2.PredictionsRequest(
-                model_name=f"{args.model}-{fmt}", input=inputs), metadata=md, timeout=30)
-            if clock is not None:
-                clock.append(probe_pb2.ProbeResult.FromString(answer.prediction).worker_seconds)
-        return direct
+        """:func:`torchserve_call` to the model's ``fmt`` archive with the test images."""
+        return torchserve_call(ts, stubs, f"{args.model}-{fmt}", tensors, plan, clock)
 
     async def worker_devices(ts) -> dict[str, str]:
         """Where each archive's TorchServe worker runs the model, as its answer says (the

@@ -634,3 +634,66 @@ def test_decode_png_smoke(tmp_path: Path) -> None:
     md = (tmp_path / "decode_png-smoke.md").read_text()
     first = report["rows"][0]
     assert f"| {first['image']} | {first['bytes_mean']} | {first['libspng_p50_us']:.1f} |" in md
+
+
+def test_versus_direct_smoke(default_store: Path, tmp_path: Path) -> None:
+    """The gate-off gateway and TorchServe called directly (the same archive, and its best
+    setting on a second TorchServe), all up at once, in turns: every row at every level, and
+    each pair at its level with the range of its turns."""
+    from benchmarks import versus_direct as v
+
+    report = _run("benchmarks.versus_direct", tmp_path, 300)
+    assert [(r["row"], r["concurrency"]) for r in report["rows"]] == [
+        (row, c) for c in (1, 4) for row in (v.GATEWAY, v.SHIPPED, v.BEST)]
+    for r in report["rows"]:
+        assert r["errors"] == 0 and r["calls_per_s"] > 0 and r["p50_ms"] > 0 and r["cpu_ms_per_call"] > 0, r
+    assert [(p["pair"], p["concurrency"]) for p in report["pairs"]] == [
+        (v.PAIRS[2][0], 1), (v.PAIRS[0][0], 4), (v.PAIRS[1][0], 4)]
+    for p in report["pairs"]:
+        assert p["low"] <= p["value"] <= p["high"], p
+    md = (tmp_path / "versus_direct-smoke.md").read_text()
+    assert f"| {v.GATEWAY} | 4 | {report['rows'][3]['calls_per_s']:.0f} |" in md
+
+
+def test_versus_direct_pairs_read_each_turn_against_its_own_and_each_bound_the_right_way() -> None:
+    from benchmarks import versus_direct as v
+    from benchmarks.serving import Turn
+
+    def turns(per_s: list[float], p50: list[float]) -> list[Turn]:
+        return [Turn(a, b, float("nan"), 0) for a, b in zip(per_s, p50)]
+
+    # turn by turn the gateway reads 0.9, 1.0 and 0.5 of the best: median 0.9, met; over a
+    # pooled mean (240 / 300) it would read 0.8
+    seen = {v.GATEWAY: turns([90, 150, 50], [5.0, 3.0, 9.0]), v.BEST: turns([100, 150, 100], [1.0, 1.0, 1.0]),
+            v.SHIPPED: turns([100, 100, 100], [2.5, 1.0, 6.0])}
+    top = {p["pair"]: p for p in v.pair_rows(seen, 64, [1, 64])}
+    assert set(top) == {v.PAIRS[0][0], v.PAIRS[1][0]}
+    best = top[v.PAIRS[0][0]]
+    assert (best["value"], best["low"], best["high"], best["met"]) == (0.9, 0.5, 1.0, True)
+    assert top[v.PAIRS[1][0]]["met"] is None  # no target
+    (added,) = v.pair_rows(seen, 1, [1, 64])
+    assert (added["pair"], added["value"], added["low"], added["high"], added["met"]) == (
+        v.PAIRS[2][0], 2.5, 2.0, 3.0, False)  # p50 differences 2.5, 2.0, 3.0 ms: over 2 ms
+    assert v.pair_rows(seen, 16, [1, 16, 64]) == []
+
+
+def test_closed_loops_in_turns_rotate_their_order_and_read_cpu_per_call() -> None:
+    import asyncio
+
+    from benchmarks import serving as b
+
+    order: list[str] = []
+    used = [0.0]
+
+    def row(name: str):
+        async def call(i: int) -> None:
+            if not order or order[-1] != name:
+                order.append(name)
+            used[0] += 0.001  # 1 ms of CPU a call, by this row's clock
+        return call
+
+    seen = asyncio.run(b.closed_loops_in_turns({n: row(n) for n in "abc"}, 1, 3, 0.002, {"a": lambda: used[0]}))
+    assert order == list("abcbcacab")
+    assert [len(seen[n]) for n in "abc"] == [3, 3, 3]
+    assert all(abs(t.cpu_ms_per_call - 1.0) < 1e-6 and t.per_s > 0 and t.errors == 0 for t in seen["a"])
+    assert all(np.isnan(t.cpu_ms_per_call) for t in seen["b"])
