@@ -412,27 +412,33 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
         root_certificates=ca, require_client_auth=ca is not None)
 
 
+async def probe_backend(backend: TorchServeBackend, registry: Registry, health_servicer: health.aio.HealthServicer,
+                        timeout_s: float, metrics: Metrics, status: int | None = None) -> int:
+    """Probe every served model with a blank image: SERVING only if all of them answer.
+    ``status``: the health status set before (None: none yet). -> the status set now."""
+    ok = True
+    for m in registry.all():
+        blank = np.zeros((m.input.channels, m.input.height, m.input.width), dtype=np.uint8)
+        try:
+            await backend.probe(m.backend_name, blank, None, timeout_s)
+        except GatewayError:
+            ok = False
+            break
+    metrics.backend_up.set(1 if ok else 0)
+    new = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+    if new != status:
+        log.info("backend %s", "answers: SERVING" if ok else "does not answer: NOT_SERVING")
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, new)
+    return new
+
+
 async def watch_backend(backend: TorchServeBackend, registry: Registry, health_servicer: health.aio.HealthServicer,
-                        interval_s: float, timeout_s: float, metrics: Metrics) -> None:
-    """Probe every served model with a blank image; SERVING only while all of them answer."""
-    status = None
+                        interval_s: float, timeout_s: float, metrics: Metrics, status: int) -> None:
+    """:func:`probe_backend` every ``interval_s``, from ``status``, the first probe's."""
     while True:
-        ok = True
-        for m in registry.all():
-            blank = np.zeros((m.input.channels, m.input.height, m.input.width), dtype=np.uint8)
-            try:
-                await backend.probe(m.backend_name, blank, None, timeout_s)
-            except GatewayError:
-                ok = False
-                break
-        metrics.backend_up.set(1 if ok else 0)
-        new = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
-        if new != status:
-            log.info("backend %s", "answers: SERVING" if ok else "does not answer: NOT_SERVING")
-            for name in ("", SERVICE_NAME):
-                await health_servicer.set(name, new)
-            status = new
         await asyncio.sleep(interval_s)
+        status = await probe_backend(backend, registry, health_servicer, timeout_s, metrics, status)
 
 
 @dataclass
@@ -558,10 +564,14 @@ async def start(settings: Settings, registry: Registry | None = None, worker: bo
         except ValueError as e:  # the relay's URL (its host does not resolve)
             raise StartFailed(str(e)) from None
         metrics_port = metrics_server.server_port
+    # The backend probed once before the port listens: a gateway's first health answer is
+    # already the backend's, and a worker started beside others (or replacing one) never
+    # answers NOT_SERVING for a backend that answers. A backend that hangs delays listening by
+    # at most backend_timeout_s.
+    status = await probe_backend(backend, registry, health_servicer, settings.backend_timeout_s, metrics)
     await server.start()
-    task = asyncio.create_task(
-        watch_backend(backend, registry, health_servicer, settings.health_interval_s, settings.backend_timeout_s, metrics)
-    )
+    task = asyncio.create_task(watch_backend(backend, registry, health_servicer, settings.health_interval_s,
+                                             settings.backend_timeout_s, metrics, status))
     log.info("gateway listening on %s:%d (%s%s, metrics %s, traces %s), models %s via TorchServe %s (%s, %s)",
              settings.host, port, "mutual TLS" if settings.tls_client_ca_file else "TLS" if creds else "plaintext",
              ", bearer token" if caller_token else "", metrics_port if metrics_port is not None else "off", settings.otlp_endpoint or "off",

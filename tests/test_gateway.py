@@ -526,6 +526,40 @@ def test_overload_is_resource_exhausted_at_once(calibrated_store: Path, torchser
         stop(proc)
 
 
+def test_the_first_health_answer_is_already_the_backends(calibrated_store: Path, torchserve, tmp_path: Path) -> None:
+    """The gateway probes TorchServe once before it accepts calls, so its first health answer
+    is the backend's: a worker started beside others (or replacing one) never answers
+    NOT_SERVING for a backend that answers. Here TorchServe is frozen while the gateway
+    starts and a health check waits at its bound port; thawed, the check is answered SERVING
+    (answered at once, as before, it read NOT_SERVING: the first probe had not come back)."""
+    import psutil
+
+    port = free_port()
+    cmd = gateway_command(calibrated_store, torchserve, port=str(port), **{"backend-timeout-s": "20"})
+    os.killpg(torchserve.pid, signal.SIGSTOP)
+    thawed = False
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def bound() -> bool:
+            return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port
+                       for c in psutil.Process(proc.pid).net_connections(kind="tcp"))
+        deadline = time.monotonic() + 60
+        while not bound():
+            assert proc.poll() is None and time.monotonic() < deadline, "the gateway never bound its port"
+            time.sleep(0.05)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            check = health_pb2_grpc.HealthStub(ch).Check.future(health_pb2.HealthCheckRequest(), timeout=30,
+                                                                   wait_for_ready=True)
+            time.sleep(1.0)  # the check is on its way while TorchServe cannot answer the probe
+            os.killpg(torchserve.pid, signal.SIGCONT)
+            thawed = True
+            assert check.result().status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        if not thawed:
+            os.killpg(torchserve.pid, signal.SIGCONT)
+        stop(proc)
+
+
 def test_backend_down_is_unavailable_and_not_serving(calibrated_store: Path, torchserve, tmp_path: Path,
                                                        fmnist: data.FashionMNIST) -> None:
     class Dead:  # a TorchServe address where nothing listens
