@@ -564,10 +564,11 @@ async def start(settings: Settings, registry: Registry | None = None, worker: bo
         except ValueError as e:  # the relay's URL (its host does not resolve)
             raise StartFailed(str(e)) from None
         metrics_port = metrics_server.server_port
-    # The backend probed once before the port listens: a gateway's first health answer is
+    # The backend probed once before the server answers anything (the port is bound: a
+    # connection made meanwhile waits in its backlog), so a gateway's first health answer is
     # already the backend's, and a worker started beside others (or replacing one) never
-    # answers NOT_SERVING for a backend that answers. A backend that hangs delays listening by
-    # at most backend_timeout_s.
+    # answers NOT_SERVING for a backend that answers. A backend that hangs delays the start
+    # by at most backend_timeout_s.
     status = await probe_backend(backend, registry, health_servicer, settings.backend_timeout_s, metrics)
     await server.start()
     task = asyncio.create_task(watch_backend(backend, registry, health_servicer, settings.health_interval_s,
