@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import string
@@ -100,15 +101,47 @@ class ServeSettings:
         return Path(self.store) / "archives"
 
 
+# Where free_ports looks first: below the kernel's ephemeral range, whose ports it hands to
+# outgoing connections as their local ends. A port picked from that range can be taken by a
+# client connecting anywhere between the pick and the listener's bind (the suite opens
+# thousands); a port below it is taken only by a process that names it.
+PORTS_BELOW_EPHEMERAL_FROM = 20000
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' local ports (Linux's default where it
+    cannot be read)."""
+    try:
+        low, high = map(int, EPHEMERAL_RANGE_FILE.read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999
+    return low, high
+
+
 def free_ports(n: int) -> list[int]:
-    """``n`` distinct TCP ports on 127.0.0.1 that nothing listens on right now. Every socket
-    stays bound until all are picked: picked one at a time, the kernel may hand out a port it
-    just released again, and two services told to listen on one port fail to start."""
+    """``n`` distinct TCP ports on 127.0.0.1 that nothing listens on right now: picked at random
+    below the kernel's ephemeral range where that leaves room, each tried by binding it (one
+    taken, or already ours, is passed over), else handed out by the kernel (port 0). Every
+    socket stays bound until all are picked: picked one at a time, the kernel may hand out a
+    port it just released again, and two services told one port fail to start."""
+    low, _ = ephemeral_range()
+    rng = random.SystemRandom()
+    tries = 200 if low - PORTS_BELOW_EPHEMERAL_FROM >= 1000 else 0
     with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
+        ports: list[int] = []
+        while len(ports) < n:
+            port = rng.randrange(PORTS_BELOW_EPHEMERAL_FROM, low) if tries > 0 else 0
+            tries -= 1
+            s = stack.enter_context(socket.socket())
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                if port == 0:
+                    raise
+                continue  # taken, or lingering in TIME_WAIT: another
+            ports.append(s.getsockname()[1])
+        return ports
 
 
 def free_port() -> int:

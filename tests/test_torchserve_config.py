@@ -36,7 +36,8 @@ def test_rendered_config_is_loopback_with_token_auth_and_prometheus() -> None:
 
 def test_free_ports_are_distinct_even_where_the_kernel_reuses_a_released_port(monkeypatch) -> None:
     """A kernel may give bind(port 0) the port it released a moment ago. The five TorchServe
-    ports must still differ: two listeners told one port and TorchServe fails to start."""
+    ports must still differ: two listeners told one port and TorchServe fails to start. (An
+    ephemeral range with no room below it leaves the pick to the kernel.)"""
     bound: set[int] = set()
 
     class Reusing:  # bind(0) takes the lowest port not bound right now
@@ -57,11 +58,41 @@ def test_free_ports_are_distinct_even_where_the_kernel_reuses_a_released_port(mo
         def close(self):
             bound.discard(getattr(self, "port", None))
 
+    monkeypatch.setattr(serve, "ephemeral_range", lambda: (serve.PORTS_BELOW_EPHEMERAL_FROM + 10, 60999))
     monkeypatch.setattr(serve.socket, "socket", Reusing)
     s = serve.ServeSettings.on_free_ports(metrics_port=1234)
     ports = [s.grpc_inference_port, s.grpc_management_port, s.inference_port, s.management_port]
     assert len(set(ports)) == 4 and s.metrics_port == 1234 and not bound  # all released again
     assert len(set(serve.free_ports(6))) == 6
+
+
+def test_free_ports_stay_out_of_the_range_outgoing_connections_take_and_pass_over_taken_ones(monkeypatch) -> None:
+    """The kernel gives outgoing connections local ports from its ephemeral range, so a port
+    picked there can be taken by any client between the pick and the listener's bind; ports
+    below it cannot. A port someone listens on, or one already picked, is passed over."""
+    low = 32768  # Linux's default; whatever this machine's is
+    monkeypatch.setattr(serve, "ephemeral_range", lambda: (low, 60999))
+    ports = serve.free_ports(50)
+    assert len(set(ports)) == 50
+    assert all(serve.PORTS_BELOW_EPHEMERAL_FROM <= p < low for p in ports)
+    for p in ports:  # free: each binds
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", p))
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", ports[0]))
+        taken.listen()
+        picks = iter([ports[0], ports[1], ports[1], ports[2]])
+        monkeypatch.setattr(serve.random.SystemRandom, "randrange", lambda self, a, b: next(picks))
+        assert serve.free_ports(2) == [ports[1], ports[2]]
+
+
+def test_the_ephemeral_range_is_the_kernels_or_linuxs_default(monkeypatch, tmp_path) -> None:
+    (tmp_path / "range").write_text("1024\t4999\n")
+    monkeypatch.setattr(serve, "EPHEMERAL_RANGE_FILE", tmp_path / "range")
+    assert serve.ephemeral_range() == (1024, 4999)
+    monkeypatch.setattr(serve, "EPHEMERAL_RANGE_FILE", tmp_path / "absent")
+    assert serve.ephemeral_range() == (32768, 60999)
 
 
 def test_log_config_is_warn_level_and_bounded() -> None:
