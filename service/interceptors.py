@@ -31,6 +31,9 @@ def status_name(context: grpc.aio.ServicerContext, failed: bool, cancelled: bool
     return next((c.name for c in grpc.StatusCode if c.value[0] == code), "UNKNOWN")  # an int value
 
 
+_CUT_SHORT = (asyncio.CancelledError, GeneratorExit)
+
+
 class ServerMetricsInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, registry: CollectorRegistry) -> None:
         labels = ["grpc_service", "grpc_method", "grpc_type"]
@@ -65,7 +68,9 @@ class ServerMetricsInterceptor(grpc.aio.ServerInterceptor):
 
         class Counted:
             """One call: started when entered; handled, by its code, and its duration when
-            left (with an exception: failed, or cancelled for a CancelledError)."""
+            left (with an exception: failed, or cut short for a CancelledError, or for a
+            GeneratorExit: gRPC closes a stream's generator where it waits to send, when the
+            client cancels or its deadline passes while the client is not reading)."""
 
             __slots__ = ("context", "start")
 
@@ -78,7 +83,7 @@ class ServerMetricsInterceptor(grpc.aio.ServerInterceptor):
 
             def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
                 name = status_name(self.context, failed=kind is not None,
-                                   cancelled=kind is not None and issubclass(kind, asyncio.CancelledError))
+                                   cancelled=kind is not None and issubclass(kind, _CUT_SHORT))
                 child = handled_by_code.get(name)
                 if child is None:
                     child = handled_by_code[name] = handled.labels(*labels, name)

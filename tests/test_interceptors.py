@@ -65,3 +65,45 @@ def test_calls_are_counted_by_method_and_code() -> None:
     assert value("grpc_server_handled_total", {**labels, "grpc_code": "OK"}) == 3
     assert value("grpc_server_handled_total", {**labels, "grpc_code": "NOT_FOUND"}) == 2
     assert value("grpc_server_handling_seconds_count", labels) == 5
+
+
+def test_a_stream_cut_short_while_it_waits_to_send_is_counted_cancelled() -> None:
+    """A client that stops reading and then cancels: gRPC closes the stream's generator where
+    it waits to send (a GeneratorExit, not a CancelledError). That is the client's doing,
+    counted CANCELLED, never UNKNOWN (a server fault on the dashboard)."""
+    registry = CollectorRegistry()
+    blocked = asyncio.Event()
+    chunk = b"x" * (1 << 20)
+    labels = {"grpc_service": "t.Flood", "grpc_method": "Flood", "grpc_type": "bidi_stream"}
+
+    async def flood(requests, context):
+        await anext(aiter(requests))
+        for _ in range(1000):  # more than any flow-control window holds
+            yield chunk
+            blocked.set()  # once a few are out, the next send waits for the reader
+        raise AssertionError("the client read nothing, yet every message went out")
+
+    async def main() -> None:
+        server = grpc.aio.server(interceptors=[ServerMetricsInterceptor(registry)])
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "t.Flood", {"Flood": grpc.stream_stream_rpc_method_handler(flood)}),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                call = ch.stream_stream("/t.Flood/Flood")()
+                await call.write(b"go")
+                await asyncio.wait_for(blocked.wait(), 10)
+                await asyncio.sleep(0.5)  # the server now waits to send; the client reads nothing
+                call.cancel()
+                for _ in range(100):  # counted once the server has closed the generator
+                    if registry.get_sample_value("grpc_server_handling_seconds_count", labels):
+                        break
+                    await asyncio.sleep(0.05)
+        finally:
+            await server.stop(None)
+
+    asyncio.run(main())
+    handled = {code: registry.get_sample_value("grpc_server_handled_total", {**labels, "grpc_code": code})
+               for code in ("CANCELLED", "UNKNOWN", "OK")}
+    assert handled == {"CANCELLED": 1, "UNKNOWN": None, "OK": None}
