@@ -134,7 +134,10 @@ class Coalescer:
             delay = 0.0 if lane.inflight == 0 else self.config.max_wait_ms / 1000.0
             lane.timer = loop.call_later(delay, self._flush, key)
         try:
-            return await asyncio.wait_for(asyncio.shield(w.future), timeout_s)
+            # Not wait_for: on Python 3.11 a cancel that lands as the answer does is dropped
+            # (wait_for returns the result), and the caller's handler runs on for nobody.
+            async with asyncio.timeout(timeout_s):
+                return await asyncio.shield(w.future)
         except TimeoutError:
             raise DeadlineExceeded("backend did not answer within the deadline") from None
         finally:

@@ -417,6 +417,32 @@ def test_a_caller_that_left_is_not_sent() -> None:
     assert run(main()) == [1, 1]  # the second call carried only the caller that stayed
 
 
+def test_a_caller_cancelled_as_its_answer_lands_stays_cancelled() -> None:
+    """The cancel and the answer in one turn of the loop: the caller (a Classify handler
+    whose client has left, or a drain that ran out) must see the cancel, not the answer, or
+    it goes on to its gate's next probe for nobody. Python 3.11's wait_for dropped it."""
+    async def main():
+        c = Coalescer(ScriptedBackend(delay_s=0.0), CoalesceConfig(max_batch=8, max_wait_ms=5))
+        send, callers = c._send, []
+
+        async def answer_then_cancel(key, batch):
+            await send(key, batch)  # the callers' futures now hold their answers
+            for t in callers:
+                t.cancel()
+
+        c._send = answer_then_cancel
+
+        async def handler(i):
+            await c.probe("m", image(i), None, 5.0)
+            await asyncio.sleep(0)  # the next stage
+            return "went on"
+
+        callers.extend(asyncio.ensure_future(handler(i)) for i in range(3))
+        return await asyncio.gather(*callers, return_exceptions=True)
+
+    assert all(isinstance(o, asyncio.CancelledError) for o in run(main()))
+
+
 def test_callers_leaving_as_their_call_fails_leave_no_unread_error() -> None:
     """A caller whose deadline passes (or who is cancelled) just as its call fails finds its
     future already failed: the coalescer reads that error, or asyncio logs "Future exception
