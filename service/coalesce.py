@@ -24,7 +24,9 @@ When a batch leaves (Nagle's algorithm with an idle bypass):
 
 Each caller keeps its own deadline: the call is sent with the latest of the batch's
 deadlines, a caller whose deadline passes first gets ``DeadlineExceeded`` alone, and a
-request whose deadline has already passed when its batch leaves is not sent.
+request whose deadline has already passed when its batch leaves is not sent. A call that
+TorchServe refuses as a whole (an archive that takes no ``ProbeBatch``, or fewer items) blames
+no caller: its requests are sent again one by one, each answered as if it had gone alone.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import numpy as np
 
 from robustgate.v1 import probe_pb2
 from service.backend import ProbeOutput, TorchServeBackend
-from service.errors import BackendUnavailable, DeadlineExceeded, GatewayError, InvalidInput
+from service.errors import BackendRefused, BackendUnavailable, DeadlineExceeded, GatewayError
 from service.ratelog import Throttle
 from service.settings import HANDLER_MAX_BATCH_ITEMS, Settings
 
@@ -206,15 +208,17 @@ class Coalescer:
                 outs: list[ProbeOutput | GatewayError] = [
                     await self._plain(model_name, batch[0], timeout_s, version)]
             else:
-                outs = await self.backend.probe_batch(
-                    model_name, [(w.image, w.plan) for w in batch], timeout_s, version)
-        except InvalidInput as e:
-            # The batch as a whole was refused: no caller's input is to blame (each item is
-            # answered on its own otherwise). Archives older than the gateway, or a
-            # coalesce_max_batch above the handler's max_batch_items.
-            _throttled.log(logging.ERROR, "batch refused", "TorchServe refused a coalesced batch of %d: %s",
-                           len(batch), e)
-            outs = [BackendUnavailable("backend is unavailable")] * len(batch)
+                try:
+                    outs = await self.backend.probe_batch(
+                        model_name, [(w.image, w.plan) for w in batch], timeout_s, version)
+                except BackendRefused:
+                    # The batch as a whole was refused (the backend has logged the handler's
+                    # words): no caller's input is to blame. An archive that takes no
+                    # ProbeBatch, or fewer items than coalesce_max_batch (the registry checks
+                    # that against archives that state their limit): each request on its own.
+                    _throttled.log(logging.ERROR, "batch refused",
+                                   "TorchServe refused a coalesced call of %d requests; sent one by one", len(batch))
+                    outs = await self._one_by_one(model_name, batch, version)
         except GatewayError as e:
             outs = [e] * len(batch)
         except Exception:  # never leave a caller hanging on a bug
@@ -227,6 +231,16 @@ class Coalescer:
                 w.future.set_exception(type(out)(str(out)))
             else:
                 w.future.set_result(out)
+
+    async def _one_by_one(self, model_name: str, batch: list[_Waiting], version: str) -> list[ProbeOutput | GatewayError]:
+        now = time.monotonic()
+
+        async def one(w: _Waiting) -> ProbeOutput | GatewayError:
+            if w.future.done() or w.deadline <= now:  # gone, or out of time: not sent
+                return DeadlineExceeded("deadline exceeded while waiting for the backend")
+            return await self._plain(model_name, w, w.deadline - now, version)
+
+        return list(await asyncio.gather(*(one(w) for w in batch)))
 
     async def _plain(self, model_name: str, w: _Waiting, timeout_s: float, version: str) -> ProbeOutput | GatewayError:
         try:

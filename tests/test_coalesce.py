@@ -13,7 +13,7 @@ import pytest
 
 from model_store import data
 from robustgate.v1 import probe_pb2
-from service.backend import ProbeOutput
+from service.backend import ProbeOutput, refusal
 from service.client import Client
 from service.coalesce import CoalesceConfig, Coalescer, plan_rows
 from service.errors import BackendUnavailable, DeadlineExceeded, InvalidInput
@@ -377,17 +377,26 @@ def test_a_stream_runs_up_to_its_window_of_items_together_and_answers_in_order(
         stop(proc)
 
 
-def test_a_batch_refused_whole_blames_no_caller() -> None:
+def test_a_call_refused_whole_is_sent_again_one_by_one() -> None:
+    """TorchServe refusing a coalesced call as a whole (an archive that takes no ProbeBatch,
+    or fewer items) blames no caller: the backend raises what it raises for any refusal, and
+    each request goes again on its own, answered (or refused) as if it had gone alone."""
     class Refusing(ScriptedBackend):
         async def probe_batch(self, model_name, items, timeout_s, version=""):
-            raise InvalidInput("backend refused the input: batch has 4 items; the limit is 2")
+            self.calls.append(len(items))
+            raise refusal("batch has 4 items; the limit is 2")
 
     async def main():
-        c = Coalescer(Refusing(), CoalesceConfig(max_batch=4, max_wait_ms=10))
-        return await asyncio.gather(*(c.probe("m", image(i), None, 5.0) for i in range(4)), return_exceptions=True)
+        backend = Refusing(delay_s=0.0)
+        c = Coalescer(backend, CoalesceConfig(max_batch=4, max_wait_ms=60_000))
+        outs = await asyncio.gather(*(c.probe("m", image(i, bad=i == 2), None, 5.0) for i in range(4)),
+                                    return_exceptions=True)
+        return backend.calls, outs
 
-    outs = run(main())
-    assert all(isinstance(o, BackendUnavailable) and "limit" not in str(o) for o in outs)
+    calls, outs = run(main())
+    assert calls == [4, 1, 1, 1, 1]
+    assert [float(o.logits[0, 0]) for i, o in enumerate(outs) if i != 2] == [0.0, 1.0, 3.0]
+    assert isinstance(outs[2], InvalidInput) and "bad pixel" in str(outs[2])  # its own refusal, alone
 
 
 def test_a_caller_that_left_is_not_sent() -> None:
