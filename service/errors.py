@@ -42,8 +42,9 @@ class Unauthenticated(GatewayError):
 
 class BackendRefused(GatewayError):
     """The model server refused a call the gateway built and checked (its probe plan, the
-    tensor it decoded and validated, or a coalesced batch): the gateway and the served
-    archives disagree (a deployment fault, never the caller's)."""
+    tensor it decoded and validated, or a coalesced batch, whose requests the coalescer then
+    sends one by one): the gateway and the served archives disagree (a deployment fault,
+    never the caller's)."""
 
 
 class PolicyMismatch(GatewayError):
