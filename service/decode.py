@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from handlers.decode import JPEG_MAGIC, PNG_MAGIC, image_array, load_pixels, pixels_image
+from handlers.decode import image_array, load_pixels, pixels_image
 from service.errors import InvalidInput
 
 # Register PIL's PNG and JPEG decoders now: left to the first Image.open, their imports added
@@ -51,38 +51,21 @@ class Limits:
     max_pixels: int = 4096 * 4096
 
 
-_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start of frame (not DHT, JPG, DAC)
+class NotHere(Exception):
+    """The image's header, as its decoder reads it, declares more pixels than the caller will
+    decode where it runs (the event loop): decode it elsewhere. Raised before any pixel is
+    decoded; never a caller's error."""
 
 
-def declared_pixels(raw: bytes) -> int | None:
-    """Width x height as a PNG's IHDR or a JPEG's start-of-frame declares them, read from the
-    bytes without decoding (microseconds); None when not found there. The cost of a decode
-    follows the pixels, not the bytes: a 4096x4096 16-bit PNG of one grey is 32 KB."""
-    if raw.startswith(PNG_MAGIC):
-        if len(raw) >= 24 and raw[12:16] == b"IHDR":
-            return int.from_bytes(raw[16:20], "big") * int.from_bytes(raw[20:24], "big")
-        return None
-    if not raw.startswith(JPEG_MAGIC):
-        return None
-    i = 2
-    while i + 4 <= len(raw) and raw[i] == 0xFF:
-        marker = raw[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker in _SOF_MARKERS:
-            if i + 9 > len(raw):
-                return None
-            return int.from_bytes(raw[i + 5:i + 7], "big") * int.from_bytes(raw[i + 7:i + 9], "big")
-        if marker == 0xDA:  # start of scan before any frame header
-            return None
-        i += 2 + int.from_bytes(raw[i + 2:i + 4], "big")
-    return None
+def decode_image(raw: bytes, spec: InputSpec, limits: Limits, here_pixels: int | None = None) -> np.ndarray:
+    """PNG/JPEG bytes -> ``uint8 [C, H, W]`` in the model's mode and size (bilinear resize).
+    ``here_pixels``: raise :class:`NotHere` for an image of more pixels, by the header its
+    decoder reads (a PNG's last IHDR, not its first), before decoding any."""
+    def size_here(w: int, h: int) -> None:
+        if here_pixels is not None and w * h > here_pixels:
+            raise NotHere(f"{w}x{h}")
 
-
-def decode_image(raw: bytes, spec: InputSpec, limits: Limits) -> np.ndarray:
-    """PNG/JPEG bytes -> ``uint8 [C, H, W]`` in the model's mode and size (bilinear resize)."""
-    pixels = load_pixels(raw, spec.mode, limits.max_bytes, limits.max_pixels, InvalidInput)
+    pixels = load_pixels(raw, spec.mode, limits.max_bytes, limits.max_pixels, InvalidInput, size_here)
     if pixels.shape[1:] == (spec.height, spec.width):
         return pixels
     return image_array(pixels_image(pixels).resize((spec.width, spec.height), Image.Resampling.BILINEAR))

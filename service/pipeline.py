@@ -20,7 +20,7 @@ import numpy as np
 
 from robustgate.v1 import probe_pb2
 from service.backend import Prober
-from service.decode import Limits, declared_pixels, decode_image, decode_tensor
+from service.decode import Limits, NotHere, decode_image, decode_tensor
 from service.errors import DeadlineExceeded, InvalidInput
 from service.gate.cascade import GateRun
 from service.gate.plan import ProbeSpec
@@ -30,7 +30,9 @@ from service.tracing import OFF, Tracing
 
 DEFAULT_TOP_K = 5
 # Decode big images in a worker thread so that one cannot stall the event loop: big in bytes,
-# or in the pixels its header declares (a small file can declare millions of them).
+# or in the pixels its header declares (a small file can declare millions of them), as its
+# decoder reads that header: a header parser of our own read a PNG's first IHDR where Pillow
+# takes its last, and could be led past a JPEG's frame header by a marker without a length.
 _INLINE_DECODE_BYTES = 64 * 1024
 _INLINE_DECODE_PIXELS = 256 * 256
 
@@ -127,10 +129,12 @@ class Pipeline:
         if req.image is not None and req.tensor is not None:
             raise InvalidInput("send either image or tensor, not both")
         if req.image is not None:
-            pixels = declared_pixels(req.image)
-            if len(req.image) > _INLINE_DECODE_BYTES or pixels is None or pixels > _INLINE_DECODE_PIXELS:
-                return await asyncio.to_thread(decode_image, req.image, model.input, self.limits)
-            return decode_image(req.image, model.input, self.limits)
+            if len(req.image) <= _INLINE_DECODE_BYTES:
+                try:
+                    return decode_image(req.image, model.input, self.limits, here_pixels=_INLINE_DECODE_PIXELS)
+                except NotHere:
+                    pass
+            return await asyncio.to_thread(decode_image, req.image, model.input, self.limits)
         if req.tensor is not None:
             t = req.tensor
             return decode_tensor(list(t.shape), t.dtype, t.data, model.input)

@@ -28,6 +28,17 @@ def bomb_png(side: int = 20_000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
 
 
+def many_scans_jpeg(copies: int, side: int = 28) -> bytes:
+    """A progressive JPEG whose last scan is repeated ``copies`` times more: each copy costs
+    the decoder another pass over the image, at a few bytes each."""
+    buf = io.BytesIO()
+    Image.new("L", (side, side), 90).save(buf, format="JPEG", progressive=True)
+    raw = buf.getvalue()
+    last = raw.rindex(b"\xff\xda")  # Pillow writes no EXIF: every FF DA is a start of scan
+    end = raw.rindex(b"\xff\xd9")
+    return raw[:end] + raw[last:end] * copies + raw[end:]
+
+
 def corpus() -> dict[str, tuple[bytes, str | None]]:
     """name -> (bytes, None if it must be accepted else a substring of the expected error)."""
     rng = np.random.default_rng(0)
@@ -59,4 +70,5 @@ def corpus() -> dict[str, tuple[bytes, str | None]]:
         "polyglot (zip after png magic)": (b"\x89PNG\r\n\x1a\nPK\x03\x04" + b"\x00" * 64, "not a decodable PNG"),
         "html claiming to be an image": (b"<html><script>alert(1)</script></html>", "neither PNG nor JPEG"),
         "jpeg magic then garbage": (b"\xff\xd8\xff" + bytes(rng.integers(0, 256, 500, dtype=np.uint8)), "not a decodable JPEG"),
+        "jpeg of too many scans": (many_scans_jpeg(100), "scans; the limit is"),
     }

@@ -115,23 +115,50 @@ def test_transparent_pixels_are_black_however_the_png_says_so(mode: str, white) 
     assert decode_image(buf.getvalue(), SPEC, LIMITS).max() == 0
 
 
-@pytest.mark.parametrize("mode,size,fmt,options", [
-    ("L", (28, 28), "PNG", {}), ("I;16", (4096, 4096), "PNG", {}), ("RGBA", (640, 480), "PNG", {}),
-    ("L", (640, 480), "JPEG", {}), ("RGB", (300, 200), "JPEG", {"progressive": True}),
-    ("L", (28, 28), "JPEG", {"quality": 10})])
-def test_declared_pixels_read_from_the_header(mode: str, size: tuple[int, int], fmt: str, options: dict) -> None:
-    from service.decode import declared_pixels
+def _two_headers_png(side: int = 4096, depth: int = 8) -> bytes:
+    """A PNG whose first IHDR says 1x1 and whose second, the one Pillow decodes by, side x side
+    (grey, of ``depth`` bits, all black)."""
+    import struct
+    import zlib
 
+    from tests.nasty import chunk
+
+    ihdr = [struct.pack(">IIBBBBB", w, w, depth, 0, 0, 0, 0) for w in (1, side)]
+    rows = zlib.compress(bytes((side * depth // 8 + 1) * side), 9)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr[0]) + chunk(b"IHDR", ihdr[1])
+            + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("make,pixels", [
+    (lambda: _encoded_image("I;16", (4096, 4096), "PNG"), 4096 * 4096),
+    (lambda: _two_headers_png(), 4096 * 4096),
+    (lambda: _encoded_image("L", (2048, 2048), "JPEG"), 2048 * 2048),
+    (lambda: b"\xff\xd8\xff\xd0" + _encoded_image("L", (2048, 2048), "JPEG")[2:], 2048 * 2048),  # RST0 first
+], ids=["16-bit png", "png with a second IHDR", "jpeg", "jpeg with a marker without length first"])
+def test_decoding_here_stops_at_the_header_its_decoder_reads(make, pixels: int) -> None:
+    """The gateway decodes a small image where it runs (the event loop) only if it holds few
+    pixels, by the header its decoder reads: before decoding any, NotHere for more."""
+    from service.decode import NotHere
+
+    raw, limits = make(), Limits(max_bytes=1 << 20, max_pixels=pixels)
+    assert len(raw) < 64 * 1024
+    with pytest.raises(NotHere):
+        decode_image(raw, SPEC, limits, here_pixels=pixels - 1)
+    assert decode_image(raw, SPEC, limits, here_pixels=pixels).shape == (1, 28, 28)
+
+
+def _encoded_image(mode: str, size: tuple[int, int], fmt: str, **options) -> bytes:
     buf = io.BytesIO()
-    Image.new(mode, size).save(buf, format=fmt, **options)
-    assert declared_pixels(buf.getvalue()) == size[0] * size[1]
-    assert declared_pixels(buf.getvalue()[:12]) is None  # cut before the header: unknown
-    assert declared_pixels(b"not an image") is None
+    Image.new(mode, size, 200).save(buf, format=fmt, **options)
+    return buf.getvalue()
 
 
-def test_a_small_file_declaring_many_pixels_is_decoded_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("two_headers", [False, True], ids=["16-bit png", "16-bit png behind a 1x1 IHDR"])
+def test_a_small_file_declaring_many_pixels_is_decoded_off_the_event_loop(monkeypatch: pytest.MonkeyPatch,
+                                                                          two_headers: bool) -> None:
     """A 4096x4096 16-bit PNG of one grey is 32 KB (under the byte threshold) and takes about
-    a second to decode: in a thread, other requests go on meanwhile."""
+    a second to decode: in a thread, other requests go on meanwhile. Also where its first
+    IHDR says 1x1 (Pillow decodes by the last)."""
     import asyncio
     import threading
     import time
@@ -140,17 +167,16 @@ def test_a_small_file_declaring_many_pixels_is_decoded_off_the_event_loop(monkey
     from service import pipeline as pipeline_module
     from service.pipeline import ClassifyInput, Pipeline
 
-    decoded_in: list[int] = []
+    decoded_in: list[int] = []  # the threads where decode_image returned pixels
 
     def recording_decode(*args, **kwargs):
+        out = decode_image(*args, **kwargs)  # NotHere on the loop's thread: not recorded
         decoded_in.append(threading.get_ident())
-        return decode_image(*args, **kwargs)
+        return out
 
     monkeypatch.setattr(pipeline_module, "decode_image", recording_decode)
 
-    buf = io.BytesIO()
-    Image.new("I;16", (4096, 4096), 300).save(buf, format="PNG")
-    raw = buf.getvalue()
+    raw = _two_headers_png(depth=16) if two_headers else _encoded_image("I;16", (4096, 4096), "PNG")
     limits = Limits(max_bytes=1 << 20, max_pixels=4096 * 4096)
     alone = float("inf")
     for _ in range(2):  # warm
@@ -182,3 +208,29 @@ def test_a_small_file_declaring_many_pixels_is_decoded_off_the_event_loop(monkey
     assert len(decoded_in) == 1 and decoded_in[0] != threading.get_ident()  # not on the loop's thread
     # The effect, loosely (a loaded machine's scheduling is in it): the loop kept running
     assert stall < alone / 2, f"the event loop stood still {stall:.2f} s of the decode's {alone:.2f} s"
+
+
+def test_jpeg_scans_are_counted_as_a_decoder_meets_them() -> None:
+    """Baseline: one scan; progressive: one per FF DA (Pillow writes no EXIF, and a scan's
+    data stuffs every FF); an appended copy of the last scan is one more; the count stops at
+    its bound, however many there are."""
+    from handlers.decode import MAX_JPEG_SCANS, jpeg_scans
+    from tests.nasty import many_scans_jpeg
+
+    assert jpeg_scans(_encoded_image("L", (64, 64), "JPEG")) == 1
+    progressive = _encoded_image("RGB", (64, 64), "JPEG", progressive=True)
+    assert jpeg_scans(progressive) == progressive.count(b"\xff\xda") > 1
+    base = jpeg_scans(many_scans_jpeg(0))
+    assert jpeg_scans(many_scans_jpeg(3)) == base + 3
+    assert jpeg_scans(many_scans_jpeg(100_000)) == MAX_JPEG_SCANS + 1
+    assert jpeg_scans(b"\xff\xd8\xff\xd0" + many_scans_jpeg(3)[2:]) == base + 3  # RST0: no length
+
+
+def test_a_jpeg_of_many_scans_is_refused_before_its_decode_and_one_at_the_limit_is_not() -> None:
+    from handlers.decode import MAX_JPEG_SCANS, jpeg_scans
+    from tests.nasty import many_scans_jpeg
+
+    extra = MAX_JPEG_SCANS - jpeg_scans(many_scans_jpeg(0))
+    assert decode_image(many_scans_jpeg(extra), SPEC, LIMITS).shape == (1, 28, 28)
+    with pytest.raises(InvalidInput, match=f"more than {MAX_JPEG_SCANS} scans"):
+        decode_image(many_scans_jpeg(extra + 1), SPEC, LIMITS)
