@@ -257,6 +257,11 @@ def test_limits() -> None:
     assert probe.validate(plan, SHAPE, max_variants=100) == 101
     with pytest.raises(probe.PlanError, match="at most 99"):
         probe.validate(plan, SHAPE, max_variants=99)
+    # the size is checked before any entry is visited: a request of millions of views (8 MiB
+    # of empty ones is four million) costs its lengths, not a loop over every one
+    many = probe_pb2.ProbePlan(version=1, views=[probe_pb2.ViewTransform(rotate_deg=float("nan"))] * 101)
+    with pytest.raises(probe.PlanError, match="asks for 101 variants; this model allows at most 100"):
+        probe.validate(many, SHAPE, max_variants=100)
     for bad in (
         probe_pb2.ProbePlan(version=1, views=[probe_pb2.ViewTransform(rotate_deg=float("nan"))]),
         probe_pb2.ProbePlan(version=1, views=[probe_pb2.ViewTransform(shift_x=40.0)]),
