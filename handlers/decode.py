@@ -7,7 +7,8 @@ RGB, whole, nothing in it that changes what Pillow makes of it: :func:`plain_png
 decoded by libspng instead, to the same pixels, after the same checks; anything libspng
 does not take goes to Pillow, which decides. The gateway's decoder goes through
 the same :func:`load_pixels` (refusals and their messages, pixels in the card's mode): an EXIF
-orientation is applied, 16-bit grey is scaled to 8 bits, and transparent pixels are black.
+orientation is applied, 16-bit grey is scaled to 8 bits, and transparent pixels are black
+(a 16-bit colour PNG's transparent colour, which no 8-bit one stands for, is refused).
 Raw tensors (``robustgate.v1.Tensor``) are
 checked for shape, dtype, byte length and non-finite or out-of-range values.
 Every refusal is an :class:`InputError` with an HTTP-style code and a message for the
@@ -195,6 +196,23 @@ def jpeg_scans(raw: bytes, stop_after: int = MAX_JPEG_SCANS) -> int:
     return scans
 
 
+# Pillow decodes 2- and 4-bit grey to 0..255 but keeps a tRNS grey as stored (0..3, 0..15),
+# so no decoded pixel matched it; 16-bit colour it decodes to the high bytes, and compares a
+# tRNS colour's low bytes with them: white turned black, or a transparent colour kept.
+_SCALED_GREY = {"L;2": 3, "L;4": 15}
+
+
+def _transparent_as_decoded(value: object, stored_as: str | None, fail: type[Exception]) -> object:
+    """A PNG's transparent colour (tRNS) as a value of the pixels Pillow decoded (``stored_as``:
+    how it unpacked them); a 16-bit colour one, which no 8-bit value stands for, is refused."""
+    if stored_as in _SCALED_GREY and isinstance(value, int):
+        return value * 255 // _SCALED_GREY[stored_as]
+    if stored_as is not None and stored_as.startswith("RGB;16") and isinstance(value, tuple):
+        raise fail("16-bit colour PNGs with a transparent colour (tRNS) are not accepted: "
+                   "send 8 bits per channel, or an alpha channel")
+    return value
+
+
 def load_pixels(raw: bytes, mode: str, max_bytes: int, max_pixels: int, fail: type[Exception],
                 stored_size: Callable[[int, int], str | None] = lambda w, h: None) -> np.ndarray:
     """PNG or JPEG bytes decoded, upright and in ``mode``, as uint8 ``[C, H, W]``: both
@@ -236,7 +254,10 @@ def load_pixels(raw: bytes, mode: str, max_bytes: int, max_pixels: int, fail: ty
                 raise fail("animated images are not accepted: send one frame")
             if fmt == "JPEG" and jpeg_scans(raw) > MAX_JPEG_SCANS:
                 raise fail(f"image is a JPEG of more than {MAX_JPEG_SCANS} scans; the limit is {MAX_JPEG_SCANS}")
+            stored_as = img.tile[0].args if fmt == "PNG" and img.tile else None  # gone once loaded
             img.load()
+            if "transparency" in img.info:
+                img.info["transparency"] = _transparent_as_decoded(img.info["transparency"], stored_as, fail)
             return image_array(to_mode(upright(img), mode))
     except fail:
         raise

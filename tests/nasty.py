@@ -21,6 +21,20 @@ def chunk(kind: bytes, body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
 
 
+def png_of(samples: np.ndarray, depth: int, colour: int, trns: tuple[int, ...]) -> bytes:
+    """A PNG of ``samples`` as stored (grey [H, W] or RGB [H, W, 3] at ``depth`` bits), with a
+    tRNS chunk naming ``trns`` as the transparent colour."""
+    h, w = samples.shape[:2]
+    if depth < 8:
+        rows = [np.packbits(np.unpackbits(r.astype(np.uint8)[:, None], axis=1)[:, -depth:].ravel()).tobytes()
+                for r in samples]
+    else:
+        rows = [r.astype(">u2" if depth == 16 else "u1").tobytes() for r in samples]
+    ihdr = struct.pack(">IIBBBBB", w, h, depth, colour, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"tRNS", struct.pack(f">{len(trns)}H", *trns))
+            + chunk(b"IDAT", zlib.compress(b"".join(b"\0" + r for r in rows))) + chunk(b"IEND", b""))
+
+
 def bomb_png(side: int = 20_000) -> bytes:
     """A tiny file that claims side x side pixels (IHDR), with a highly compressed body."""
     raw = zlib.compress(b"\x00" * (side + 1) * 64, 9)  # only a few rows: decoding would need far more
@@ -71,4 +85,6 @@ def corpus() -> dict[str, tuple[bytes, str | None]]:
         "html claiming to be an image": (b"<html><script>alert(1)</script></html>", "neither PNG nor JPEG"),
         "jpeg magic then garbage": (b"\xff\xd8\xff" + bytes(rng.integers(0, 256, 500, dtype=np.uint8)), "not a decodable JPEG"),
         "jpeg of too many scans": (many_scans_jpeg(100), "scans; the limit is"),
+        "16-bit colour png with a transparent colour": (
+            png_of(np.full((28, 28, 3), 65535), 16, 2, (255, 255, 255)), "transparent colour"),
     }

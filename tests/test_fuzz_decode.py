@@ -14,7 +14,7 @@ from PIL import Image
 
 from service.decode import InputSpec, Limits, decode_image, decode_tensor
 from service.errors import InvalidInput
-from tests.nasty import corpus
+from tests.nasty import corpus, png_of
 
 SPEC = InputSpec()
 LIMITS = Limits(max_bytes=1 << 20, max_pixels=1 << 22)
@@ -102,6 +102,29 @@ def test_decoders_are_registered_at_import_not_on_the_first_request() -> None:
             "print('PNG' in Image.OPEN and 'JPEG' in Image.OPEN)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "True", out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("depth,stored,transparent,decoded", [
+    (2, [3, 2, 1, 0], 3, [0, 170, 85, 0]),
+    (2, [3, 2, 1, 0], 2, [255, 0, 85, 0]),
+    (4, [15, 8, 0, 15], 15, [0, 136, 0, 0]),
+    (1, [1, 0, 1, 0], 1, [0, 0, 0, 0]),
+    (8, [255, 7, 0, 7], 7, [255, 0, 0, 0]),
+])
+def test_a_low_bit_depth_greys_transparent_colour_is_black(depth, stored, transparent, decoded) -> None:
+    """Pillow scales 1-, 2- and 4-bit grey to 0..255 but keeps a tRNS grey as stored: the
+    transparent colour is compared at the pixels' scale, so it is black as in 8 bits."""
+    raw = png_of(np.tile(stored, (28, 7)), depth, 0, (transparent,))
+    assert decode_image(raw, SPEC, LIMITS)[0, 0, :4].tolist() == decoded
+
+
+def test_a_16_bit_colour_pngs_transparent_colour_is_refused_not_guessed() -> None:
+    """Pillow keeps 16-bit colour's high bytes and compared a tRNS colour's low bytes with
+    them: opaque white turned black. No 8-bit value stands for a 16-bit colour: refused."""
+    samples = np.full((28, 28, 3), 65535)
+    for trns in ((255, 255, 255), (65535, 65535, 65535)):
+        with pytest.raises(InvalidInput, match="16-bit colour PNGs with a transparent colour"):
+            decode_image(png_of(samples, 16, 2, trns), InputSpec(channels=3, mode="RGB"), LIMITS)
 
 
 @pytest.mark.parametrize("mode,white", [("L", 255), ("RGB", (255, 255, 255)), ("LA", (255, 0)),
