@@ -87,6 +87,9 @@ def _broken(mutate: Any) -> dict[str, Any]:
     (lambda d: d["probe"].update(noise={"sigma": 0.2, "count": 4}), "probe.noise"),
     (lambda d: d.update(max_forward_passes=5), "max_forward_passes"),
     (lambda d: d["checks"]["noise"].update(escalate=0.1), "escalate"),
+    # a negative share made the sequential test settle before drawing a copy: the check vanished
+    (lambda d: d["checks"]["noise"].update(flag=-0.1, reject=None), r"shares of noise copies in \[0, 1\], got -0.1"),
+    (lambda d: d["checks"]["noise"].update(flag=0.5, reject=1.5), "got 1.5"),
 ])
 def test_bad_policies_raise_policy_error(mutate: Any, message: str) -> None:
     with pytest.raises(PolicyError, match=message):

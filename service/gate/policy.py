@@ -261,7 +261,11 @@ def _validate(p: Policy) -> None:
         if value is not None and not 0.0 <= value <= 1.0:
             raise PolicyError(f"checks.squeeze: thresholds are clean quantiles in [0, 1], "
                               f"got {value}")
-    if p.thresholds(Check.NOISE).escalate is not None:
+    t = p.thresholds(Check.NOISE)
+    for value in (t.flag, t.reject):  # the sequential test's cuts are counts of copies
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise PolicyError(f"checks.noise: thresholds are shares of noise copies in [0, 1], got {value}")
+    if t.escalate is not None:
         raise PolicyError("checks.noise: escalate applies to cheap checks only")
     cheap_rows = p.cheap_plan(0).rows
     if p.max_forward_passes < cheap_rows:
