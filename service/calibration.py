@@ -254,6 +254,8 @@ async def calibrate(
             log(f"warning: {n - half} threshold images are too few to hold a {kind} rate of {target} "
                 f"with {confidence} confidence; the thresholds {kind} no calibration image. "
                 "Use more images (--images) or a lower --confidence.")
+        elif Check.SQUEEZE in clean and (warning := squeeze_ceiling_warning(clean[Check.SQUEEZE], kind, got)):
+            log(warning)
     policy = with_thresholds(policy, result.thresholds, enable=True)
     for c in Check:
         if c not in enabled and policy.enabled(c):
@@ -275,6 +277,21 @@ async def calibrate(
     save_policy(policy, store / model / POLICY_FILE)
     archive.approve_changes(store, [f"{model}/{POLICY_FILE}"])  # everything else must still verify
     return policy
+
+
+def squeeze_ceiling_warning(clean_squeeze: np.ndarray, kind: str, rate: float) -> str | None:
+    """A warning when the squeeze check cannot ``kind`` at ``rate``, else None. Its score is a
+    clean quantile, 1.0 for every score above all the references: when more threshold images
+    than the rate lets cross sit there, no threshold below 1.0 holds the rate, and none at
+    1.0 is ever crossed, whatever the attack's squeeze distance. More reference images (a
+    longer tail) move the ceiling out."""
+    scores = np.asarray(clean_squeeze, dtype=np.float64)
+    top = int((scores >= 1.0).sum())
+    if not rate or top <= rate * scores.size:
+        return None
+    return (f"warning: squeeze cannot {kind} at a rate of {rate}: {top} of {scores.size} threshold "
+            f"images score above every squeeze reference (1.0), more than that rate lets cross. "
+            "Use more images (--images).")
 
 
 def main(argv: list[str] | None = None) -> int:

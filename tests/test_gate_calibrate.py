@@ -255,3 +255,25 @@ def test_calibrate_thresholds_records_targets_and_calibrated_rates() -> None:
     assert s["flag_rate_calibrated"] == rate_with_confidence(0.05, n, 0.95) < 0.05
     assert s["flag_rate_clean"] <= s["flag_rate_calibrated"]
     assert s["reject_rate_clean"] <= s["reject_rate_calibrated"] < 0.01
+
+
+def test_a_squeeze_threshold_stuck_at_its_ceiling_is_warned_of() -> None:
+    """The squeeze score is a clean quantile, 1.0 above every reference. When more threshold
+    images sit at 1.0 than the reject rate lets cross, the reject threshold can only be 1.0
+    (or none), never crossed: calibration says so, and stays quiet when the tail has room."""
+    from service.calibration import squeeze_ceiling_warning
+
+    rng = np.random.default_rng(3)
+    attacked = {S: np.ones(200)}  # every attack far above the references: at the ceiling too
+
+    def stuck(n: int, at_ceiling: int, rate: float) -> tuple[bool, str | None]:
+        clean = np.concatenate([rng.random(n - at_ceiling) * 0.999, np.ones(at_ceiling)])
+        t = calibrate_thresholds({S: clean}, attacked, flag_rate=0.05, reject_rate=rate).thresholds[S]
+        can_reject = t.reject is not None and bool((attacked[S] > t.reject).any())
+        return can_reject, squeeze_ceiling_warning(clean, "reject", rate)
+
+    can_reject, warning = stuck(500, 6, 0.002)  # 6 at 1.0; the rate lets 1 of 500 cross
+    assert not can_reject and warning is not None and "6 of 500" in warning and "cannot reject" in warning
+    can_reject, warning = stuck(2000, 2, 0.01)  # 2 at 1.0; the rate lets 20 of 2,000 cross
+    assert can_reject and warning is None
+    assert squeeze_ceiling_warning(np.ones(10), "flag", 0.0) is None  # no rate asked for
