@@ -12,7 +12,11 @@ log = logging.getLogger("service")
 
 
 def main(argv: list[str] | None = None) -> int:
-    s = settings_mod.from_args(argv)
+    try:
+        s = settings_mod.from_args(argv)
+    except ValueError as e:  # a setting out of range or of the wrong kind: one line, no traceback
+        print(f"python -m service: error: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=s.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if s.workers > 1:  # this process supervises, the workers serve
         return supervise(s)

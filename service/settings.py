@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import urllib.parse
 from collections.abc import Mapping, Sequence
@@ -17,6 +18,7 @@ ENV_PREFIX = "ROBUSTGATE_"
 # handlers/model-config.yaml's handler.max_batch_items: a coalesced batch above it is refused whole.
 HANDLER_MAX_BATCH_ITEMS = 256
 MAX_WORKERS = 64
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,20 @@ class Settings:
     Health and reflection stay open either way, so probes work."""
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # NaN passes every < and <= check below
+            if isinstance(f.default, float) and not math.isfinite(getattr(self, f.name)):
+                raise ValueError(f"{f.name} must be a finite number")
+        if not 0 <= self.port <= 65535:  # gRPC wraps a larger one to another port
+            raise ValueError("port must be in [0, 65535] (0: a free one)")
+        if not -1 <= self.metrics_port <= 65535:
+            raise ValueError("metrics_port must be in [0, 65535] (0: a free one), or -1 (off)")
+        if not self.models:
+            raise ValueError("models must name at least one model (a gateway of none reports SERVING)")
+        if self.max_message_bytes < 1 or self.max_image_pixels < 1:
+            raise ValueError("max_message_bytes and max_image_pixels must be >= 1")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
+        object.__setattr__(self, "log_level", self.log_level.upper())
         if self.backend_format not in ("torchscript", "onnx"):
             raise ValueError(f"backend_format must be torchscript or onnx, not {self.backend_format!r}")
         if (not 0 <= self.coalesce_max_batch <= HANDLER_MAX_BATCH_ITEMS or self.coalesce_max_wait_ms < 0
@@ -205,10 +221,12 @@ def _convert(f: dataclasses.Field, raw: str) -> object:
     default = f.default
     if isinstance(default, bool):
         return raw.strip().lower() in ("1", "true", "yes", "on")
-    if isinstance(default, int):
-        return int(raw)
-    if isinstance(default, float):
-        return float(raw)
+    if isinstance(default, (int, float)):
+        try:
+            return type(default)(raw)
+        except ValueError:
+            kind = "an integer" if isinstance(default, int) else "a number"
+            raise ValueError(f"{f.name} must be {kind}, got {raw.strip()[:40]!r}") from None
     if isinstance(default, tuple):
         return tuple(s.strip() for s in raw.split(",") if s.strip())
     if f.name in ("store", "torchserve_key_file"):

@@ -1,0 +1,48 @@
+"""Gateway settings: every value out of range or of the wrong kind is refused at start with a
+message naming the setting; ``python -m service`` says so in one line, without a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from service.settings import REPO, Settings, from_args
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"ROBUSTGATE_PORT": "70000"}, r"port must be in \[0, 65535\]"),  # gRPC wrapped it to 4464
+    ({"ROBUSTGATE_PORT": "-1"}, r"port must be in \[0, 65535\]"),
+    ({"ROBUSTGATE_METRICS_PORT": "70000"}, "metrics_port must be"),
+    ({"ROBUSTGATE_METRICS_PORT": "-7"}, "metrics_port must be"),  # only -1 turns it off
+    ({"ROBUSTGATE_WORKER_TIMEOUT_S": "nan"}, "worker_timeout_s must be a finite number"),
+    ({"ROBUSTGATE_GRACE_S": "inf"}, "grace_s must be a finite number"),
+    ({"ROBUSTGATE_BACKEND_TIMEOUT_S": "NaN"}, "backend_timeout_s must be a finite number"),
+    ({"ROBUSTGATE_MODELS": " , "}, "at least one model"),
+    ({"ROBUSTGATE_MODELS": ""}, "at least one model"),
+    ({"ROBUSTGATE_MAX_MESSAGE_BYTES": "0"}, "max_message_bytes"),
+    ({"ROBUSTGATE_MAX_IMAGE_PIXELS": "-1"}, "max_image_pixels"),
+    ({"ROBUSTGATE_LOG_LEVEL": "loud"}, "log_level must be one of"),
+    ({"ROBUSTGATE_PORT": "abc"}, "port must be an integer, got 'abc'"),
+    ({"ROBUSTGATE_GRACE_S": "soon"}, "grace_s must be a number, got 'soon'"),
+])
+def test_bad_settings_are_refused_by_name(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        from_args([], environ=env)
+
+
+def test_edges_and_spellings_that_are_accepted() -> None:
+    assert from_args([], environ={"ROBUSTGATE_PORT": "65535", "ROBUSTGATE_METRICS_PORT": "-1"}).metrics_port == -1
+    assert from_args(["--port", "0", "--metrics-port", "0"], environ={}).port == 0
+    assert from_args(["--log-level", "debug"], environ={}).log_level == "DEBUG"  # logging wants it upper
+    assert Settings().log_level == "INFO" and Settings().models == ("fmnist-cnn",)
+
+
+def test_the_gateway_names_a_bad_setting_in_one_line() -> None:
+    for args in (["--port", "abc"], ["--workers", "0"], ["--worker-timeout-s", "nan"]):
+        out = subprocess.run([sys.executable, "-m", "service", *args], cwd=REPO, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 2, out.stderr
+        assert "Traceback" not in out.stderr and out.stderr.count("\n") == 1, out.stderr
+        assert out.stderr.startswith("python -m service: error: ")
