@@ -27,6 +27,7 @@ from __future__ import annotations
 import http.client
 import logging
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -210,8 +211,20 @@ def metrics_app(registry: CollectorRegistry, torchserve_metrics_url: str = "") -
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
 
+    def handle_error(self, request: object, client_address: object) -> None:
+        """A client that went quiet (the handler's timeout) or away: closed without a word;
+        anything else as socketserver reports it."""
+        if isinstance(sys.exc_info()[1], (TimeoutError, ConnectionError)):
+            return
+        super().handle_error(request, client_address)
+
 
 class _QuietHandler(WSGIRequestHandler):
+    # A connection that sends nothing (or half a request) holds its thread until it ends:
+    # without a timeout, forever. Prometheus sends its request at once and reads the answer
+    # within its scrape timeout (10 s by default).
+    timeout = 30.0
+
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002  (no line per scrape)
         pass
 

@@ -333,3 +333,24 @@ def test_relay_serves_torchserves_exposition(registry: CollectorRegistry, torchs
         assert "robustgate_probe_things" not in body  # the two expositions stay apart
         status, body = get(f"{base}/metrics")
         assert "ts_inference_requests_total" not in body
+
+
+def test_a_connection_that_sends_nothing_is_closed_by_the_read_timeout(registry: CollectorRegistry,
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       capfd: pytest.CaptureFixture) -> None:
+    """Each connection holds a thread: one that sends nothing, or half a request, is closed
+    after the handler's timeout (30 s as shipped), quietly, and scrapes go on meanwhile."""
+    assert metrics_server._QuietHandler.timeout == 30.0
+    monkeypatch.setattr(metrics_server._QuietHandler, "timeout", 0.5)
+    for base in serve(registry, ""):
+        port = int(base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as silent, \
+                socket.create_connection(("127.0.0.1", port)) as half:
+            half.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # no blank line: never ends
+            assert get(base + "/metrics")[0] == 200
+            for s in (silent, half):
+                s.settimeout(10)
+                t0 = time.monotonic()
+                assert s.recv(1024) == b""  # closed by the server, not by this timeout
+                assert time.monotonic() - t0 < 5
+    assert "Traceback" not in capfd.readouterr().err  # a client gone quiet is no server error
