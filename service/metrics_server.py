@@ -233,9 +233,10 @@ def start(host: str, port: int, registry: CollectorRegistry,
           torchserve_metrics_url: str = "") -> tuple[WSGIServer, threading.Thread]:
     """Serve :func:`metrics_app` on ``host:port`` (0: a free port) from a daemon thread; stop
     with ``server.shutdown()`` (from another thread), then ``server.server_close()``."""
-    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    bare = host.strip("[]")  # an IPv6 host as gRPC takes it ([::]): the brackets are not the address
+    family = socket.getaddrinfo(bare, port, type=socket.SOCK_STREAM)[0][0]
     server_class = type("_MetricsServer", (_Server,), {"address_family": family})
-    server = make_server(host, port, metrics_app(registry, torchserve_metrics_url), server_class, _QuietHandler)
+    server = make_server(bare, port, metrics_app(registry, torchserve_metrics_url), server_class, _QuietHandler)
     thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
     thread.start()
     return server, thread

@@ -354,3 +354,24 @@ def test_a_connection_that_sends_nothing_is_closed_by_the_read_timeout(registry:
                 assert s.recv(1024) == b""  # closed by the server, not by this timeout
                 assert time.monotonic() - t0 < 5
     assert "Traceback" not in capfd.readouterr().err  # a client gone quiet is no server error
+
+
+def test_an_ipv6_host_in_brackets_as_grpc_takes_it_is_served_where_the_bare_one_is(
+        registry: CollectorRegistry) -> None:
+    """``ROBUSTGATE_HOST=[::]`` is how gRPC takes an IPv6 address; the metrics server passed
+    the brackets to getaddrinfo and failed to start. Either form now binds the same address
+    (on a machine without IPv6 both fail alike)."""
+    outcomes = []
+    for host in ("::1", "[::1]"):
+        try:
+            server, thread = metrics_server.start(host, 0, registry, "")
+        except OSError as e:
+            outcomes.append(type(e).__name__)
+            continue
+        try:
+            outcomes.append(get(f"http://[::1]:{server.server_port}/metrics")[0])
+        finally:
+            server.shutdown()
+            server.server_close()
+            thread.join(5)
+    assert outcomes[0] == outcomes[1], outcomes
