@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,17 +95,23 @@ def _sha256(path: Path) -> str:
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Parse a gzipped IDX file (unsigned-byte data only) into an array of its shape."""
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
+    """Parse a gzipped IDX file (unsigned-byte data only, at least one dimension) into an array
+    of its shape; DatasetError for anything else (not gzip, cut short, a wrong header)."""
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:  # BadGzipFile is an OSError
+        raise DatasetError(f"{path}: not a whole gzip file ({type(e).__name__})") from None
     if len(raw) < 4:
         raise DatasetError(f"{path}: too short for an IDX header")
     zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
-    if zero != 0 or dtype_code != 0x08:
-        raise DatasetError(f"{path}: not an unsigned-byte IDX file")
+    if zero != 0 or dtype_code != 0x08 or ndim == 0:
+        raise DatasetError(f"{path}: not an unsigned-byte IDX file of at least one dimension")
     header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DatasetError(f"{path}: too short for its {ndim} dimensions")
     dims = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = int(np.prod(dims))
+    expected = math.prod(dims)  # a Python int: numpy's prod wraps four dimensions of 2^32 - 1
     if len(raw) - header != expected:
         raise DatasetError(f"{path}: {len(raw) - header} data bytes, expected {expected}")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)

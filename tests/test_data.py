@@ -74,3 +74,19 @@ def test_idx_parser_rejects_bad_headers(tmp_path: Path) -> None:
     short.write_bytes(gzip.compress(b"\x00\x00\x08\x01\x00\x00\x00\x05ab"))  # says 5 bytes, has 2
     with pytest.raises(data.DatasetError, match="expected 5"):
         data.read_idx(short)
+    whole = gzip.compress(b"\x00\x00\x08\x01\x00\x00\x00\x02ab")
+    assert data.read_idx(_write(tmp_path / "ok.gz", whole)).tolist() == [97, 98]
+    for name, raw, message in [
+        ("cut.gz", whole[:-5], "not a whole gzip file"),  # cut short: EOFError inside gzip
+        ("plain.idx", b"\x00\x00\x08\x01\x00\x00\x00\x02ab", "not a whole gzip file"),  # not gzip
+        ("dims.gz", gzip.compress(b"\x00\x00\x08\x03\x00\x00"), "too short for its 3 dimensions"),
+        ("scalar.gz", gzip.compress(b"\x00\x00\x08\x00a"), "at least one dimension"),
+        ("huge.gz", gzip.compress(b"\x00\x00\x08\x04" + b"\xff" * 16 + b"ab"), "expected 3402823"),  # no wrap
+    ]:
+        with pytest.raises(data.DatasetError, match=message):
+            data.read_idx(_write(tmp_path / name, raw))
+
+
+def _write(path: Path, raw: bytes) -> Path:
+    path.write_bytes(raw)
+    return path
