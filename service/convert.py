@@ -11,11 +11,18 @@ from service.gate.report import CheckStatus, Decision, GateReport
 from service.pipeline import ClassifyInput, ClassifyResult, RawTensor
 from service.registry import ServedModel
 from service.decode import ENCODINGS
+from service.errors import InvalidInput
+
+# A caller's id is echoed in its answer (twice on a stream: the envelope and the result): an
+# unbounded one could push an answer past the message limit and end a stream's later answers.
+MAX_REQUEST_ID_CHARS = 256
 
 _DECISION = {Decision.PASS: pb.DECISION_PASS, Decision.FLAG: pb.DECISION_FLAG, Decision.REJECT: pb.DECISION_REJECT}
 
 
 def to_domain(req: pb.ClassifyRequest) -> ClassifyInput:
+    if len(req.request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidInput(f"request_id is {len(req.request_id)} characters; the limit is {MAX_REQUEST_ID_CHARS}")
     which = req.WhichOneof("input")
     tensor = None
     if which == "tensor":

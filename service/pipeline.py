@@ -145,7 +145,7 @@ class Pipeline:
         t0 = time.perf_counter()
         timings = Timings()
         model = self.registry.get(req.model, req.version)
-        k = req.top_k or DEFAULT_TOP_K
+        k = req.top_k or min(DEFAULT_TOP_K, len(model.labels))  # unset: 5, or every label of a model of fewer
         if k > len(model.labels):
             raise InvalidInput(f"top_k {k} exceeds the model's {len(model.labels)} classes")
         with self.tracing.span("decode"):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import disable_created_metrics
@@ -74,11 +75,18 @@ SERVER_FAULTS = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE
                            grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS})
 
 
+# A status message travels in a header (gRPC's soft limit on all of them: 8 KiB, and each
+# byte outside ASCII percent-encoded to three) and may quote what the caller sent (a model
+# name, a dtype, a shape): beyond this it would end the call RESOURCE_EXHAUSTED instead.
+MAX_MESSAGE_CHARS = 500
+
+
 def status_of(err: BaseException) -> tuple[grpc.StatusCode, str]:
     """(code, message safe for the caller) for any exception."""
     for kind, code in STATUS_BY_ERROR.items():
         if isinstance(err, kind):
-            return code, str(err)
+            message = str(err)
+            return code, message if len(message) <= MAX_MESSAGE_CHARS else message[:MAX_MESSAGE_CHARS - 1] + "…"
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
 
 
@@ -205,6 +213,10 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
         self.admission = admission
         self.metrics = metrics
         self._known = {m.name for m in registry.all()}
+        self.backend_serving = False  # as the last backend probe found it (ListModels' ready)
+
+    def set_backend_serving(self, serving: bool) -> None:
+        self.backend_serving = serving
 
     def _count_error(self, request: pb.ClassifyRequest, err: BaseException) -> None:
         self._count(request, status_of(err)[0])
@@ -273,8 +285,8 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
             code, message = status_of(e)
             if code is grpc.StatusCode.INTERNAL:
                 log.error("unexpected error on stream", exc_info=e)
-            return pb.ClassifyStreamResponse(
-                request_id=request.request_id, error=pb.StreamError(code=code.value[0], message=message))
+            echo = request.request_id if len(request.request_id) <= convert.MAX_REQUEST_ID_CHARS else ""  # refused for it
+            return pb.ClassifyStreamResponse(request_id=echo, error=pb.StreamError(code=code.value[0], message=message))
 
     async def ClassifyStream(
         self, request_iterator: AsyncIterator[pb.ClassifyStreamRequest], context: grpc.aio.ServicerContext
@@ -311,6 +323,8 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
                     await reader  # the requests ended: cleanly, or with the reader's error
                 except asyncio.CancelledError:
                     raise
+                except DecodeError:  # gRPC could not parse the caller's next message
+                    await self._fail(context, InvalidInput("a stream message is not a valid ClassifyStreamRequest"))
                 except Exception as e:  # reading the stream failed: a status, never the error's text
                     await self._fail(context, e)
             finally:  # the call ended early (cancelled, failed): stop what is still in flight
@@ -322,7 +336,7 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(
-            models=[pb.ModelSummary(name=m.name, version=m.version, formats=list(m.formats), ready=True)
+            models=[pb.ModelSummary(name=m.name, version=m.version, formats=list(m.formats), ready=self.backend_serving)
                     for m in self.registry.all()]
         )
 
@@ -413,9 +427,11 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
 
 
 async def probe_backend(backend: TorchServeBackend, registry: Registry, health_servicer: health.aio.HealthServicer,
-                        timeout_s: float, metrics: Metrics, status: int | None = None) -> int:
+                        timeout_s: float, metrics: Metrics, status: int | None = None,
+                        serving: Callable[[bool], None] = lambda ok: None) -> int:
     """Probe every served model with a blank image: SERVING only if all of them answer.
-    ``status``: the health status set before (None: none yet). -> the status set now."""
+    ``status``: the health status set before (None: none yet); ``serving``: told every
+    round's outcome. -> the status set now."""
     ok = True
     for m in registry.all():
         blank = np.zeros((m.input.channels, m.input.height, m.input.width), dtype=np.uint8)
@@ -425,6 +441,7 @@ async def probe_backend(backend: TorchServeBackend, registry: Registry, health_s
             ok = False
             break
     metrics.backend_up.set(1 if ok else 0)
+    serving(ok)
     new = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
     if new != status:
         log.info("backend %s", "answers: SERVING" if ok else "does not answer: NOT_SERVING")
@@ -434,11 +451,12 @@ async def probe_backend(backend: TorchServeBackend, registry: Registry, health_s
 
 
 async def watch_backend(backend: TorchServeBackend, registry: Registry, health_servicer: health.aio.HealthServicer,
-                        interval_s: float, timeout_s: float, metrics: Metrics, status: int) -> None:
+                        interval_s: float, timeout_s: float, metrics: Metrics, status: int,
+                        serving: Callable[[bool], None] = lambda ok: None) -> None:
     """:func:`probe_backend` every ``interval_s``, from ``status``, the first probe's."""
     while True:
         await asyncio.sleep(interval_s)
-        status = await probe_backend(backend, registry, health_servicer, timeout_s, metrics, status)
+        status = await probe_backend(backend, registry, health_servicer, timeout_s, metrics, status, serving)
 
 
 @dataclass
@@ -567,10 +585,11 @@ async def start(settings: Settings, registry: Registry | None = None, worker: bo
     # already the backend's, and a worker started beside others (or replacing one) never
     # answers NOT_SERVING for a backend that answers. A backend that hangs delays the start
     # by at most backend_timeout_s.
-    status = await probe_backend(backend, registry, health_servicer, settings.backend_timeout_s, metrics)
+    status = await probe_backend(backend, registry, health_servicer, settings.backend_timeout_s, metrics,
+                                 serving=servicer.set_backend_serving)
     await server.start()
     task = asyncio.create_task(watch_backend(backend, registry, health_servicer, settings.health_interval_s,
-                                             settings.backend_timeout_s, metrics, status))
+                                             settings.backend_timeout_s, metrics, status, servicer.set_backend_serving))
     log.info("gateway listening on %s:%d (%s%s, metrics %s, traces %s), models %s via TorchServe %s (%s, %s)",
              settings.host, port, "mutual TLS" if settings.tls_client_ca_file else "TLS" if creds else "plaintext",
              ", bearer token" if caller_token else "", metrics_port if metrics_port is not None else "off", settings.otlp_endpoint or "off",

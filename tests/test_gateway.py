@@ -327,6 +327,49 @@ def test_stream_answers_each_request_in_order(client: Client, fmnist: data.Fashi
     assert all(a.WhichOneof("outcome") == "result" for i, a in enumerate(answers) if i != 2)
 
 
+def test_what_a_caller_sent_is_quoted_in_an_error_only_up_to_a_limit(client: Client, fmnist: data.FashionMNIST) -> None:
+    """A status message travels in a header of at most 8 KiB: quoting a 9,000-character model
+    name whole ended the call RESOURCE_EXHAUSTED, which a client retries, instead of NOT_FOUND."""
+    with pytest.raises(grpc.RpcError) as err:
+        client.classify(png(fmnist.test.images[0]), model="x" * 9000)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "xxxx" in err.value.details() and len(err.value.details()) <= 500
+
+
+def test_an_overlong_request_id_is_refused_and_the_stream_goes_on(client: Client, fmnist: data.FashionMNIST) -> None:
+    """A request_id is echoed (twice on a stream): 2 MB of one pushed its answer past the
+    message limit and ended the stream, losing the answers after it. Over 256 characters it
+    is refused, that answer echoes none, and the stream goes on."""
+    image = png(fmnist.test.images[0])
+    assert client.classify(image, "fmnist-cnn", request_id="r" * 256).request_id == "r" * 256
+    with pytest.raises(grpc.RpcError) as err:
+        client.classify(image, "fmnist-cnn", request_id="r" * 257)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "request_id is 257 characters" in err.value.details()
+    reqs = [Client.request(image, "fmnist-cnn", request_id=rid) for rid in ("one", "r" * 2_100_000, "three")]
+    answers = list(client.classify_stream(reqs, timeout_s=60))
+    assert [a.request_id for a in answers] == ["one", "", "three"]
+    assert answers[1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert [a.WhichOneof("outcome") for a in answers] == ["result", "error", "result"]
+
+
+def test_an_undecodable_stream_message_is_the_callers_error(gateway: str, fmnist: data.FashionMNIST) -> None:
+    """A stream message protobuf cannot parse (a string field that is not UTF-8) is the
+    caller's doing: INVALID_ARGUMENT, not INTERNAL (a server fault, logged with a traceback)."""
+    good = pb.ClassifyStreamRequest(request=Client.request(png(fmnist.test.images[0]), "fmnist-cnn", request_id="ok"))
+    bad_request = b"\x0a\x0afmnist-cnn" + b"\x32\x02\xff\xfe"  # model, then request_id (field 6): not UTF-8
+    bad = b"\x0a" + bytes([len(bad_request)]) + bad_request  # ClassifyStreamRequest.request
+    with grpc.insecure_channel(gateway) as channel:
+        call = channel.stream_stream("/robustgate.v1.ClassifierService/ClassifyStream")(
+            iter([good.SerializeToString(), bad]), timeout=60)
+        answers, code = [], None
+        try:
+            answers.extend(pb.ClassifyStreamResponse.FromString(raw) for raw in call)
+        except grpc.RpcError as e:
+            code, details = e.code(), e.details()
+    assert [a.request_id for a in answers] == ["ok"]
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "not a valid ClassifyStreamRequest" in details
+
+
 def test_a_stream_cancelled_midway_stops_what_it_had_in_flight(client: Client, fmnist: data.FashionMNIST,
                                                              metrics_port: int, torchserve) -> None:
     """The client walks away with a window of items in flight: the gateway cancels them (none
@@ -488,6 +531,7 @@ def test_the_readme_examples_run_as_written(gateway: str, tmp_path: Path) -> Non
 def test_list_and_get_model(client: Client) -> None:
     models = client.list_models().models
     assert [m.name for m in models] == ["fmnist-cnn"] and set(models[0].formats) == {"torchscript", "onnx"}
+    assert models[0].ready  # TorchServe answers (a dead one: test_backend_down_is_unavailable_and_not_serving)
     info = client.get_model("fmnist-cnn")
     assert len(info.labels) == 10 and list(info.input.shape) == [1, 28, 28]
     assert info.policy.mode == "enforce" and "squeeze" in info.policy.enabled_checks
@@ -584,5 +628,6 @@ def test_backend_down_is_unavailable_and_not_serving(calibrated_store: Path, tor
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
             assert err.value.details() == "backend is unavailable"
             assert time.monotonic() - t < 5  # fails fast, no hang
+            assert [m.ready for m in c.list_models().models] == [False]  # was always True
     finally:
         stop(proc)

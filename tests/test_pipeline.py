@@ -1,0 +1,45 @@
+"""The pipeline around a scripted backend: what a request's fields do before and after the
+backend call (the gateway tests run it against a real TorchServe)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from service.backend import ProbeOutput
+from service.decode import InputSpec, Limits
+from service.errors import InvalidInput
+from service.gate.policy import Mode
+from service.pipeline import ClassifyInput, Pipeline, RawTensor
+from tests.test_gate_policy import make_policy
+
+
+class Backend:
+    def __init__(self, classes: int) -> None:
+        self.classes = classes
+
+    async def probe(self, model_name, image, plan, timeout_s, version=""):
+        return ProbeOutput(np.arange(self.classes, dtype=np.float32)[None], None, "cpu", "scripted")
+
+
+def classify(labels: tuple[str, ...], **request) -> tuple:
+    model = SimpleNamespace(name="m", version="1", labels=labels, input=InputSpec(), backend_name="m-onnx",
+                            policy=make_policy(Mode.OFF))
+    registry = SimpleNamespace(get=lambda name, version: model)
+    pipeline = Pipeline(registry, Backend(len(labels)), Limits(), backend_timeout_s=5.0)  # type: ignore[arg-type]
+    req = ClassifyInput(model="m", tensor=RawTensor((28, 28), "uint8", bytes(784)), **request)
+    res = asyncio.run(pipeline.classify(req, time.monotonic() + 5))
+    return tuple(c.label for c in res.classes)
+
+
+def test_unset_top_k_is_five_or_every_label_of_a_model_of_fewer() -> None:
+    ten = tuple("abcdefghij")
+    assert classify(ten) == ("j", "i", "h", "g", "f")
+    assert classify(("a", "b", "c")) == ("c", "b", "a")  # was INVALID_ARGUMENT for every default request
+    assert classify(("a", "b", "c"), top_k=2) == ("c", "b")
+    with pytest.raises(InvalidInput, match="top_k 4 exceeds the model's 3 classes"):
+        classify(("a", "b", "c"), top_k=4)
