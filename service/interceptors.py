@@ -1,5 +1,7 @@
 """Standard gRPC server metrics (``grpc_server_*``, as go-grpc-prometheus names them) from an
-interceptor, for every unary and bidirectional-streaming method."""
+interceptor, for every unary and bidirectional-streaming method; and, since it wraps every
+unary handler, a request that does not parse answered INVALID_ARGUMENT (gRPC's own answer is
+UNKNOWN, naming the parser's exception)."""
 
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ def status_name(context: grpc.aio.ServicerContext, failed: bool, cancelled: bool
 
 
 _CUT_SHORT = (asyncio.CancelledError, GeneratorExit)
+_UNPARSED = object()  # a unary request its deserializer could not parse
 
 
 class ServerMetricsInterceptor(grpc.aio.ServerInterceptor):
@@ -92,12 +95,23 @@ class ServerMetricsInterceptor(grpc.aio.ServerInterceptor):
 
         if handler.unary_unary is not None:
             inner = handler.unary_unary
+            parse = handler.request_deserializer
+
+            def parsed(raw: bytes):
+                # gRPC answers a request its deserializer raises on UNKNOWN, naming the
+                # exception's type: a caller's malformed bytes are INVALID_ARGUMENT.
+                try:
+                    return parse(raw) if parse is not None else raw
+                except Exception:
+                    return _UNPARSED
 
             async def unary(request, context):
                 with Counted(context):
+                    if request is _UNPARSED:
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the {method} request does not parse")
                     return await inner(request, context)
 
-            return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
+            return grpc.unary_unary_rpc_method_handler(unary, parsed, handler.response_serializer)
         inner_s = handler.stream_stream
         received = self.msg_received.labels(*labels)
 

@@ -352,9 +352,10 @@ def test_an_overlong_request_id_is_refused_and_the_stream_goes_on(client: Client
     assert [a.WhichOneof("outcome") for a in answers] == ["result", "error", "result"]
 
 
-def test_an_undecodable_stream_message_is_the_callers_error(gateway: str, fmnist: data.FashionMNIST) -> None:
-    """A stream message protobuf cannot parse (a string field that is not UTF-8) is the
-    caller's doing: INVALID_ARGUMENT, not INTERNAL (a server fault, logged with a traceback)."""
+def test_an_undecodable_message_is_the_callers_error(gateway: str, fmnist: data.FashionMNIST) -> None:
+    """A message protobuf cannot parse (a string field that is not UTF-8) is the caller's
+    doing: INVALID_ARGUMENT, on a stream (was INTERNAL, a server fault logged with a
+    traceback) and in a unary call (was gRPC's UNKNOWN)."""
     good = pb.ClassifyStreamRequest(request=Client.request(png(fmnist.test.images[0]), "fmnist-cnn", request_id="ok"))
     bad_request = b"\x0a\x0afmnist-cnn" + b"\x32\x02\xff\xfe"  # model, then request_id (field 6): not UTF-8
     bad = b"\x0a" + bytes([len(bad_request)]) + bad_request  # ClassifyStreamRequest.request
@@ -368,6 +369,11 @@ def test_an_undecodable_stream_message_is_the_callers_error(gateway: str, fmnist
             code, details = e.code(), e.details()
     assert [a.request_id for a in answers] == ["ok"]
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "not a valid ClassifyStreamRequest" in details
+    with grpc.insecure_channel(gateway) as channel:  # the same bytes in a unary call
+        with pytest.raises(grpc.RpcError) as err:
+            channel.unary_unary("/robustgate.v1.ClassifierService/Classify")(bad_request, timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # gRPC's own answer: UNKNOWN, naming DecodeError
+    assert err.value.details() == "the Classify request does not parse"
 
 
 def test_a_stream_cancelled_midway_stops_what_it_had_in_flight(client: Client, fmnist: data.FashionMNIST,

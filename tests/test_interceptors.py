@@ -107,3 +107,35 @@ def test_a_stream_cut_short_while_it_waits_to_send_is_counted_cancelled() -> Non
     handled = {code: registry.get_sample_value("grpc_server_handled_total", {**labels, "grpc_code": code})
                for code in ("CANCELLED", "UNKNOWN", "OK")}
     assert handled == {"CANCELLED": 1, "UNKNOWN": None, "OK": None}
+
+
+def test_a_unary_request_that_does_not_parse_is_invalid_argument() -> None:
+    """gRPC answers a request its deserializer raises on UNKNOWN, with the exception's type
+    in the message: malformed bytes from a caller are INVALID_ARGUMENT, counted as such."""
+    registry = CollectorRegistry()
+
+    async def main() -> tuple:
+        server = grpc.aio.server(interceptors=[ServerMetricsInterceptor(registry)])
+        servicer = health.aio.HealthServicer()
+        await servicer.set("up", health_pb2.HealthCheckResponse.SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                check = ch.unary_unary(CHECK)
+                ok = health_pb2.HealthCheckResponse.FromString(
+                    await check(health_pb2.HealthCheckRequest(service="up").SerializeToString()))
+                try:
+                    await check(b"\x0a\x02\xff\xfe")  # field 1, a string, not UTF-8
+                except grpc.aio.AioRpcError as e:
+                    return ok.status, e.code(), e.details()
+                return ok.status, None, None
+        finally:
+            await server.stop(None)
+
+    status, code, details = asyncio.run(main())
+    assert status == health_pb2.HealthCheckResponse.SERVING  # a request that parses goes through
+    assert code is grpc.StatusCode.INVALID_ARGUMENT and details == "the Check request does not parse"
+    labels = {"grpc_service": "grpc.health.v1.Health", "grpc_method": "Check", "grpc_type": "unary"}
+    assert registry.get_sample_value("grpc_server_handled_total", {**labels, "grpc_code": "INVALID_ARGUMENT"}) == 1
