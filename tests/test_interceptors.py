@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from types import SimpleNamespace
 
 import grpc
@@ -35,28 +37,35 @@ def test_each_method_is_wrapped_once_and_a_new_handler_anew() -> None:
     asyncio.run(main())
 
 
+@contextlib.asynccontextmanager
+async def health_channel(registry: CollectorRegistry) -> AsyncIterator[grpc.aio.Channel]:
+    """A channel to a health server behind the interceptor, its service "up" SERVING."""
+    server = grpc.aio.server(interceptors=[ServerMetricsInterceptor(registry)])
+    servicer = health.aio.HealthServicer()
+    await servicer.set("up", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            yield ch
+    finally:
+        await server.stop(None)
+
+
 def test_calls_are_counted_by_method_and_code() -> None:
     registry = CollectorRegistry()
 
     async def main() -> None:
-        server = grpc.aio.server(interceptors=[ServerMetricsInterceptor(registry)])
-        servicer = health.aio.HealthServicer()
-        await servicer.set("up", health_pb2.HealthCheckResponse.SERVING)
-        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-                stub = health_pb2_grpc.HealthStub(ch)
-                for _ in range(3):
-                    await stub.Check(health_pb2.HealthCheckRequest(service="up"))
-                for _ in range(2):
-                    try:
-                        await stub.Check(health_pb2.HealthCheckRequest(service="unknown"))
-                    except grpc.aio.AioRpcError as e:
-                        assert e.code() is grpc.StatusCode.NOT_FOUND
-        finally:
-            await server.stop(None)
+        async with health_channel(registry) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            for _ in range(3):
+                await stub.Check(health_pb2.HealthCheckRequest(service="up"))
+            for _ in range(2):
+                try:
+                    await stub.Check(health_pb2.HealthCheckRequest(service="unknown"))
+                except grpc.aio.AioRpcError as e:
+                    assert e.code() is grpc.StatusCode.NOT_FOUND
 
     asyncio.run(main())
     labels = {"grpc_service": "grpc.health.v1.Health", "grpc_method": "Check", "grpc_type": "unary"}
@@ -115,24 +124,15 @@ def test_a_unary_request_that_does_not_parse_is_invalid_argument() -> None:
     registry = CollectorRegistry()
 
     async def main() -> tuple:
-        server = grpc.aio.server(interceptors=[ServerMetricsInterceptor(registry)])
-        servicer = health.aio.HealthServicer()
-        await servicer.set("up", health_pb2.HealthCheckResponse.SERVING)
-        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-                check = ch.unary_unary(CHECK)
-                ok = health_pb2.HealthCheckResponse.FromString(
-                    await check(health_pb2.HealthCheckRequest(service="up").SerializeToString()))
-                try:
-                    await check(b"\x0a\x02\xff\xfe")  # field 1, a string, not UTF-8
-                except grpc.aio.AioRpcError as e:
-                    return ok.status, e.code(), e.details()
-                return ok.status, None, None
-        finally:
-            await server.stop(None)
+        async with health_channel(registry) as ch:
+            check = ch.unary_unary(CHECK)
+            ok = health_pb2.HealthCheckResponse.FromString(
+                await check(health_pb2.HealthCheckRequest(service="up").SerializeToString()))
+            try:
+                await check(b"\x0a\x02\xff\xfe")  # field 1, a string, not UTF-8
+            except grpc.aio.AioRpcError as e:
+                return ok.status, e.code(), e.details()
+            return ok.status, None, None
 
     status, code, details = asyncio.run(main())
     assert status == health_pb2.HealthCheckResponse.SERVING  # a request that parses goes through
