@@ -185,14 +185,14 @@ def jpeg_scans(raw: bytes, stop_after: int = MAX_JPEG_SCANS) -> int:
             break
         elif marker in _JPEG_STANDALONE:
             pos += 2
-        elif marker == 0xDA:
-            scans += 1
-            end = _JPEG_NEXT_MARKER.search(raw, pos + 2 + int.from_bytes(raw[pos + 2:pos + 4], "big"))
-            if end is None:
-                break
-            pos = end.end() - 2
         else:
-            pos += 2 + int.from_bytes(raw[pos + 2:pos + 4], "big")
+            pos += 2 + int.from_bytes(raw[pos + 2:pos + 4], "big")  # past the segment
+            if marker == 0xDA:  # and past the scan's data, to the next marker
+                scans += 1
+                found = _JPEG_NEXT_MARKER.search(raw, pos)
+                if found is None:
+                    break
+                pos = found.end() - 2
     return scans
 
 
