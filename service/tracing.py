@@ -22,6 +22,9 @@ from typing import Any, ContextManager, Protocol
 from service.settings import Settings
 
 SERVICE_NAME = "robustgate"
+# A string attribute's longest exported value: a caller's model name or request_id is on a
+# request span before validation refuses it, so an exported span stays small whatever was sent.
+MAX_ATTRIBUTE_CHARS = 256
 AttributeValue = str | bool | int | float
 
 
@@ -93,18 +96,20 @@ def set_error(span: SpanLike, description: str) -> None:
 def setup(settings: Settings) -> Tracing:
     """``OFF`` unless ``settings.otlp_endpoint`` is set; else a tracer whose spans go through a
     batching processor to an OTLP/gRPC exporter (``http://`` endpoint: plaintext,
-    ``https://``: TLS; a bare ``host:port``: plaintext). Sampling is parent-based at ``settings.trace_sample_ratio``."""
+    ``https://``: TLS; a bare ``host:port``: plaintext). Sampling is parent-based at ``settings.trace_sample_ratio``;
+    string attributes are clipped to ``MAX_ATTRIBUTE_CHARS``."""
     if not settings.otlp_endpoint:
         return OFF
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace import SpanLimits, TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
     from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
     provider = TracerProvider(
         resource=Resource.create({"service.name": SERVICE_NAME}),
         sampler=ParentBased(TraceIdRatioBased(settings.trace_sample_ratio)),
+        span_limits=SpanLimits(max_span_attribute_length=MAX_ATTRIBUTE_CHARS),
     )
     endpoint = settings.otlp_endpoint
     exporter = OTLPSpanExporter(endpoint=endpoint, insecure=not endpoint.startswith("https://"),

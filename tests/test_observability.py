@@ -396,8 +396,8 @@ def sent(gateway: str, prometheus: Prometheus, fmnist: data.FashionMNIST) -> dic
                 c.classify(payload, model="fmnist-cnn")
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             note("NONE", "INVALID_ARGUMENT")
-        with pytest.raises(grpc.RpcError) as err:
-            c.classify(png(fmnist.test.images[0]), model="no-such-model")
+        with pytest.raises(grpc.RpcError) as err:  # a long unknown name: its trace span is clipped
+            c.classify(png(fmnist.test.images[0]), model="no-such-model-" + "m" * 5000, request_id="trace-unknown")
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
         note("NONE", "NOT_FOUND")
     with grpc.insecure_channel(gateway) as ch:
@@ -535,10 +535,10 @@ def test_traces_reach_the_otlp_collector(collector: Collector, sent: dict[tuple[
                 for a in s.attributes if a.key == "robustgate.request_id"}
 
     deadline = time.monotonic() + 20  # the batch processor exports every 5 s
-    while not {"trace-ok", "trace-bad"} <= roots().keys() and time.monotonic() < deadline:
+    while not {"trace-ok", "trace-bad", "trace-unknown"} <= roots().keys() and time.monotonic() < deadline:
         time.sleep(0.25)
     found = roots()
-    assert {"trace-ok", "trace-bad"} <= found.keys(), f"spans received: {[s.name for s in collector.spans]}"
+    assert {"trace-ok", "trace-bad", "trace-unknown"} <= found.keys(), f"spans received: {[s.name for s in collector.spans]}"
     root = found["trace-ok"]
     from opentelemetry.proto.trace.v1 import trace_pb2
 
@@ -557,3 +557,8 @@ def test_traces_reach_the_otlp_collector(collector: Collector, sent: dict[tuple[
     bad_attrs = {a.key: a.value for a in bad.attributes}
     assert bad_attrs["rpc.grpc.status_code"].int_value == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert bad.status.code != trace_pb2.Status.STATUS_CODE_ERROR  # a client error is not a server failure
+    from service.tracing import MAX_ATTRIBUTE_CHARS
+
+    unknown = {a.key: a.value for a in found["trace-unknown"].attributes}
+    assert unknown["rpc.grpc.status_code"].int_value == grpc.StatusCode.NOT_FOUND.value[0]
+    assert unknown["robustgate.model"].string_value == ("no-such-model-" + "m" * 5000)[:MAX_ATTRIBUTE_CHARS]
