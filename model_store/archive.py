@@ -140,27 +140,65 @@ def _artifacts(store: Path) -> list[Path]:
             subfolders[:] = []
             continue
         seen.add(real)
-        found += [Path(folder) / f for f in files if f != MANIFEST and (Path(folder) / f).is_file()]
-    return sorted(found)
+        found += [Path(folder) / f for f in files if (Path(folder) / f).is_file()]
+    root_manifest = Path(store) / MANIFEST  # only the store's own: one anywhere else is an artifact
+    return sorted(p for p in found if p != root_manifest)
+
+
+def _under(rel: str, paths: Sequence[str]) -> bool:
+    """Whether ``rel`` is one of ``paths`` or inside one of them (folders)."""
+    return any(rel == c or rel.startswith(c.rstrip("/") + "/") for c in paths)
+
+
+def _record(store: Path, entries: dict[str, str]) -> Path:
+    """Write the manifest atomically (a temporary file renamed over it): a crash mid-write
+    leaves the old manifest, never half a new one."""
+    path = store / MANIFEST
+    fd, tmp = tempfile.mkstemp(dir=store, prefix=f".{MANIFEST}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps({"version": 1, "sha256": entries}, indent=2, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def write_manifest(store: Path) -> Path:
     """Record the sha256 of every file under ``store`` (except the manifest itself)."""
-    entries = {p.relative_to(store).as_posix(): sha256_file(p) for p in _artifacts(store)}
-    path = store / MANIFEST
-    path.write_text(json.dumps({"version": 1, "sha256": entries}, indent=2, sort_keys=True) + "\n")
-    return path
+    return _record(store, {p.relative_to(store).as_posix(): sha256_file(p) for p in _artifacts(store)})
 
 
 def approve_changes(store: Path, changing: Sequence[str]) -> Path:
     """Write the manifest after a run that changed ``changing`` (paths or folders relative to
     the store, such as a model's folder and archives, or its policy). Everything else must
-    first verify against the old manifest: a new one records the whole store, so it would
-    otherwise approve a change this run did not make. A store without a manifest yet (its
-    first build) is recorded as it is."""
-    if (store / MANIFEST).is_file():
-        verify_manifest(store, changing=changing)
-    return write_manifest(store)
+    first verify against the old manifest, and the new one keeps the digests it verified
+    (not a second reading of those files, which a change made meanwhile would slip into); only
+    the files under ``changing`` are hashed anew. A store without a manifest yet (its first
+    build) is recorded as it is."""
+    if not (store / MANIFEST).is_file():
+        return write_manifest(store)
+    kept = verify_manifest(store, changing=changing)
+    on_disk = {p.relative_to(store).as_posix(): p for p in _artifacts(store)}
+    fresh = {rel: sha256_file(p) for rel, p in on_disk.items() if _under(rel, changing)}
+    return _record(store, {**kept, **fresh})
+
+
+def _read_entries(path: Path) -> dict[str, str]:
+    """The manifest's {relative path: sha256}; ManifestError when it is not one."""
+    try:
+        entries = json.loads(path.read_text())["sha256"]
+        if not isinstance(entries, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and len(v) == 64 for k, v in entries.items()):
+            raise ValueError("its sha256 entries are not {path: hex digest}")
+    except (OSError, ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise ManifestError(f"{path} is not a readable manifest ({type(e).__name__}: {str(e)[:200]}); "
+                            "rebuild the store with `python -m model_store.build --force`") from None
+    return entries
 
 
 def verify_manifest(store: Path, only: list[str] | None = None, changing: Sequence[str] = ()) -> dict[str, str]:
@@ -171,10 +209,10 @@ def verify_manifest(store: Path, only: list[str] | None = None, changing: Sequen
     path = store / MANIFEST
     if not path.is_file():
         raise ManifestError(f"{path} is missing: build the store with `python -m model_store.build`")
-    entries: dict[str, str] = json.loads(path.read_text())["sha256"]
+    entries = _read_entries(path)
     if changing:
         def kept(rel: str) -> bool:
-            return not any(rel == c or rel.startswith(c.rstrip("/") + "/") for c in changing)
+            return not _under(rel, changing)
 
         entries = {rel: digest for rel, digest in entries.items() if kept(rel)}
     problems: list[str] = []

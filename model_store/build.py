@@ -17,6 +17,7 @@ import os
 import platform
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,57 +108,65 @@ def build_model(name: str, opts: BuildOptions, dataset: data.FashionMNIST | None
     max_drop = 0.03
     transforms = evaluate.label_preserving(model, ds.test, acc_test, max_drop=max_drop, limit=gen_limit)
 
-    model_dir = opts.store / name
-    if model_dir.exists():
-        shutil.rmtree(model_dir)
-    model_dir.mkdir(parents=True)
-    log(f"[{name}] exporting TorchScript and ONNX")
-    export.export_torchscript(model, model_dir / "model.pt")
-    export.export_onnx(model, model_dir / "model.onnx")
-    reports = export.parity(model, model_dir / "model.pt", model_dir / "model.onnx", data.to_tensor(ds.test.images[: opts.parity_limit]))
-    failed = {fmt: r for fmt, r in reports.items() if not r.ok}
-    if failed:
-        raise BuildError(f"[{name}] export parity failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
-
-    card = {
-        "schema": 1,
-        "name": name,
-        "architecture": preset.arch,
-        "parameters": models.count_parameters(model),
-        "feature_dim": model.feature_dim,
-        "input": {"shape": [1, 28, 28], "dtype": "float32", "range": [0.0, 1.0], "mode": "L", "layout": "NCHW"},
-        "labels": list(data.LABELS),
-        "noise_sigma": cfg.noise_sigma,
-        "data": {"source": f"Debian {data.DEBIAN_PACKAGE}", "sha256": ds.sha256,
-                 "train": len(ds.train), "calib": len(ds.calib), "test": len(ds.test), "split_seed": cfg.seed},
-        "training": {**dataclasses.asdict(cfg), "seconds": round(result.seconds, 1), "machine": _machine(),
-                     "final_loss": result.final_loss, "pretrained_weights": str(opts.weights) if opts.weights else None},
-        "accuracy": acc,
-        "floor": preset.floor,
-        "sweeps": sweeps,
-        "sweep_images": gen_limit or len(ds.test),
-        "label_preserving_max_drop": max_drop,
-        "transforms": transforms,
-        "label_preserving_transforms": [
-            {"name": k, **v["transform"]} for k, v in transforms.items() if v["preserves_label"]
-        ],
-        "parity": {fmt: r.as_dict() for fmt, r in reports.items()},
-        "hashes": {f: archive.sha256_file(model_dir / f) for f in ("model.pt", "model.onnx")},
-    }
-    from model_store.card import write_card
-
-    write_card(model_dir, card)
-    archives = []
-    for fmt in archive.FORMATS:
-        path = archive.build_archive(model_dir, fmt, opts.store / "archives")
-        archives.append(path.relative_to(opts.store).as_posix())
-        log(f"[{name}] archive {path}")
-    archive.approve_changes(opts.store, [name, *archives])  # other models' files must still verify
-    if opts.check_floor and acc_test < preset.floor:
+    if opts.check_floor and acc_test < preset.floor:  # before anything in the store changes
         raise BuildError(f"[{name}] test top-1 {acc_test:.4f} is below the floor {preset.floor}")
+    opts.store.mkdir(parents=True, exist_ok=True)
+    # Everything is made in a staging folder and moved into the store only once it passed its
+    # checks: a failed parity check or an interrupt leaves the model already built as it was.
+    with tempfile.TemporaryDirectory(dir=opts.store, prefix=f".{name}-staging-") as staging:
+        model_dir = Path(staging) / name
+        model_dir.mkdir()
+        log(f"[{name}] exporting TorchScript and ONNX")
+        export.export_torchscript(model, model_dir / "model.pt")
+        export.export_onnx(model, model_dir / "model.onnx")
+        reports = export.parity(model, model_dir / "model.pt", model_dir / "model.onnx", data.to_tensor(ds.test.images[: opts.parity_limit]))
+        failed = {fmt: r for fmt, r in reports.items() if not r.ok}
+        if failed:
+            raise BuildError(f"[{name}] export parity failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
+
+        card = {
+            "schema": 1,
+            "name": name,
+            "architecture": preset.arch,
+            "parameters": models.count_parameters(model),
+            "feature_dim": model.feature_dim,
+            "input": {"shape": [1, 28, 28], "dtype": "float32", "range": [0.0, 1.0], "mode": "L", "layout": "NCHW"},
+            "labels": list(data.LABELS),
+            "noise_sigma": cfg.noise_sigma,
+            "data": {"source": f"Debian {data.DEBIAN_PACKAGE}", "sha256": ds.sha256,
+                     "train": len(ds.train), "calib": len(ds.calib), "test": len(ds.test), "split_seed": cfg.seed},
+            "training": {**dataclasses.asdict(cfg), "seconds": round(result.seconds, 1), "machine": _machine(),
+                         "final_loss": result.final_loss, "pretrained_weights": str(opts.weights) if opts.weights else None},
+            "accuracy": acc,
+            "floor": preset.floor,
+            "sweeps": sweeps,
+            "sweep_images": gen_limit or len(ds.test),
+            "label_preserving_max_drop": max_drop,
+            "transforms": transforms,
+            "label_preserving_transforms": [
+                {"name": k, **v["transform"]} for k, v in transforms.items() if v["preserves_label"]
+            ],
+            "parity": {fmt: r.as_dict() for fmt, r in reports.items()},
+            "hashes": {f: archive.sha256_file(model_dir / f) for f in ("model.pt", "model.onnx")},
+        }
+        from model_store.card import write_card
+
+        write_card(model_dir, card)
+        built = [archive.build_archive(model_dir, fmt, Path(staging) / "archives") for fmt in archive.FORMATS]
+        final = opts.store / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(model_dir, final)
+        (opts.store / "archives").mkdir(exist_ok=True)
+        for a in built:
+            os.replace(a, opts.store / "archives" / a.name)
+    changed = [f"archives/{a.name}" for a in built]
+    archive.approve_changes(opts.store, [name, *changed])  # other models' files must still verify
+    for a in changed:
+        log(f"[{name}] archive {opts.store / a}")
     log(f"[{name}] test top-1 {acc_test:.4f} (floor {preset.floor}), under noise {acc['test_noisy']:.4f}, "
         f"train-test gap {acc['train_test_gap']:+.4f}, trained in {result.seconds:.0f} s")
-    return model_dir
+    return final
 
 
 def rearchive_if_stale(store: Path, name: str) -> bool:
@@ -167,10 +176,10 @@ def rearchive_if_stale(store: Path, name: str) -> bool:
              if not archive.archive_is_current(store / "archives" / f"{archive.archive_name(name, fmt)}.mar")]
     if not stale:
         return False
-    archive.verify_manifest(store)  # the new manifest re-approves the whole store: it must verify first
-    for fmt in stale:
-        archive.build_archive(store / name, fmt, store / "archives")
-    archive.write_manifest(store)
+    archive.verify_manifest(store)  # the archives are rebuilt from the model's files: they must verify first
+    rebuilt = [archive.build_archive(store / name, fmt, store / "archives").relative_to(store).as_posix()
+               for fmt in stale]
+    archive.approve_changes(store, rebuilt)  # and still verify after: only the new archives are hashed anew
     return True
 
 

@@ -117,3 +117,85 @@ def test_archives_built_from_older_handler_code_are_rebuilt(store_copy: Path) ->
     assert archive.sha256_file(store_copy / "fmnist-cnn" / "model.onnx") == model_before
     archive.verify_manifest(store_copy)
     assert build.rearchive_if_stale(store_copy, "fmnist-cnn") is False  # now current: nothing to do
+
+
+def test_a_change_made_while_a_run_writes_is_not_approved(store_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The new manifest keeps the digests the run verified before it wrote: a card changed
+    while the archives were being rebuilt is caught, not hashed into the new manifest."""
+    from model_store import build
+
+    card = store_copy / "fmnist-cnn" / "card.json"
+    real_build = archive.build_archive
+
+    def build_while_someone_edits(*args, **kwargs):  # the seconds model-archiver runs
+        card.write_text(card.read_text().replace('"T-shirt/top"', '"TAMPERED"'))
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(archive, "build_archive", build_while_someone_edits)
+    monkeypatch.setattr(archive, "archive_is_current", lambda path: False)
+    with pytest.raises(archive.ManifestError, match="sha256 mismatch: fmnist-cnn/card.json"):
+        build.rearchive_if_stale(store_copy, "fmnist-cnn")
+    with pytest.raises(archive.ManifestError, match="sha256 mismatch: fmnist-cnn/card.json"):
+        archive.verify_manifest(store_copy)
+
+
+def test_a_broken_manifest_is_a_manifest_error_and_is_replaced_whole(store_copy: Path) -> None:
+    from model_store import build
+
+    manifest = store_copy / archive.MANIFEST
+    good = manifest.read_text()
+    for broken in (good[: len(good) // 2], '{"sha256": ["a"]}', '{"version": 1}', '{"sha256": {"a": 1}}'):
+        manifest.write_text(broken)
+        with pytest.raises(archive.ManifestError, match="is not a readable manifest"):
+            archive.verify_manifest(store_copy)
+        assert build.main(["--store", str(store_copy), "--verify"]) == 1  # a message, not a traceback
+        assert not build.is_built(store_copy, "fmnist-cnn")
+    manifest.write_text(good)
+    archive.write_manifest(store_copy)
+    assert [p.name for p in store_copy.iterdir() if p.name.startswith(".")] == []  # no temporary left
+    assert oct(manifest.stat().st_mode & 0o777) == "0o644"
+
+
+def test_only_the_stores_own_manifest_is_left_out(store_copy: Path) -> None:
+    """A file named manifest.json anywhere but the store's root is an artifact like any other."""
+    (store_copy / "archives" / archive.MANIFEST).write_text("{}")
+    (store_copy / "fmnist-cnn" / archive.MANIFEST).write_text("{}")
+    with pytest.raises(archive.ManifestError) as err:
+        archive.verify_manifest(store_copy)
+    assert "not in manifest: archives/manifest.json" in str(err.value)
+    assert "not in manifest: fmnist-cnn/manifest.json" in str(err.value)
+
+
+def _rebuild_options(store: Path, check_floor: bool):
+    from model_store import build
+
+    return build.BuildOptions(store=store, sweep_limit=50, parity_limit=100, check_floor=check_floor,
+                              progress=False, overrides={"epochs": 1, "limit": 300})
+
+
+def test_a_rebuild_that_fails_its_checks_leaves_the_built_model_as_it_was(
+        store_copy: Path, fmnist, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below the accuracy floor nothing is written (before, the failed model was approved by
+    the manifest, and the next build took it as built); a failed parity check leaves the
+    model that was there, its archives and its manifest untouched."""
+    from model_store import build, export
+
+    before = archive.verify_manifest(store_copy)
+    with pytest.raises(build.BuildError, match="below the floor"):  # 300 images, 1 epoch: far below
+        build.build_model("fmnist-cnn", _rebuild_options(store_copy, check_floor=True), dataset=fmnist)
+    assert archive.verify_manifest(store_copy) == before
+
+    real_parity = export.parity
+
+    def failing_parity(*args, **kwargs):
+        reports = real_parity(*args, **kwargs)
+        import dataclasses
+
+        return {**reports, "onnx": dataclasses.replace(reports["onnx"], max_logit_diff=1.0)}  # a broken export
+
+    monkeypatch.setattr(export, "parity", failing_parity)
+    with pytest.raises(build.BuildError, match="export parity failed"):
+        build.build_model("fmnist-cnn", _rebuild_options(store_copy, check_floor=False), dataset=fmnist)
+    assert archive.verify_manifest(store_copy) == before
+    assert build.is_built(store_copy, "fmnist-cnn")
+    assert [p.name for p in store_copy.iterdir() if p.name.startswith(".")] == []  # no staging left
