@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from model_store import archive
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -77,10 +79,12 @@ def store_with_policy(src: Path, dst: Path, model: str, edit: Callable[[dict], N
     """A store at ``dst`` holding what the gateway (and calibration) read of ``model``: its
     card and weights from ``src``, and its policy as ``edit`` leaves the JSON of ``src``'s.
     TorchServe keeps serving the archives of ``src``."""
+    archive.verify_manifest(src, only=[f"{model}/card.json", f"{model}/model.pt"])
     (dst / model).mkdir(parents=True)
     for f in ("card.json", "model.pt"):
         shutil.copy(src / model / f, dst / model / f)
     pol = json.loads((src / model / "policy.json").read_text())
     edit(pol)
     (dst / model / "policy.json").write_text(json.dumps(pol))
+    archive.write_manifest(dst)  # the gateway verifies what it reads of a store
     return dst

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -37,6 +38,15 @@ FORMATS = {
 
 class ManifestError(RuntimeError):
     """An artifact does not match the manifest."""
+
+
+class UnsafeArchive(ManifestError):
+    """An archive that is not a plain set of files to unpack (see :func:`check_archive`)."""
+
+
+# An archive's unpacked size, at most: the bundled models' archives unpack to a few MB
+# (ResNet-18's to about 90 MB); a zip bomb unpacks to far more than it weighs.
+MAX_UNPACKED_BYTES = 1 << 30
 
 
 def archive_name(model: str, fmt: str) -> str:
@@ -113,6 +123,39 @@ def archive_is_current(path: Path) -> bool:
         if packaged != set(sources):
             return False
         return all(z.read(name) == src.read_bytes() for name, src in sources.items())
+
+
+def check_archive(path: Path, max_unpacked_bytes: int = MAX_UNPACKED_BYTES) -> None:
+    """Raise :class:`UnsafeArchive` unless the zip at ``path`` is only plain files under
+    relative names: no absolute or ``..`` name, no symlink or device entry, no name twice
+    (which copy an unpacker keeps is its own choice), and no more than ``max_unpacked_bytes``
+    unpacked. TorchServe unpacks every archive it serves; a hash in the manifest only says
+    the file is the one the build wrote, not that it is safe to unpack."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except (OSError, zipfile.BadZipFile) as e:
+        raise UnsafeArchive(f"{path} is not a readable zip archive: {e}") from None
+    problems: list[str] = []
+    seen: set[str] = set()
+    total = 0
+    for info in infos:
+        name = info.filename
+        parts = name.replace("\\", "/").split("/")
+        if name.startswith(("/", "\\")) or ".." in parts or (len(name) > 1 and name[1] == ":"):
+            problems.append(f"{name!r} would unpack outside the archive's folder")
+        kind = stat.S_IFMT(info.external_attr >> 16)  # 0: no Unix type recorded, a plain entry
+        if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
+            problems.append(f"{name!r} is not a plain file (a {'symlink' if kind == stat.S_IFLNK else oct(kind)})")
+        if name in seen:
+            problems.append(f"{name!r} is in it twice")
+        seen.add(name)
+        total += info.file_size
+    if total > max_unpacked_bytes:
+        problems.append(f"it unpacks to {total:,} bytes, more than {max_unpacked_bytes:,}")
+    if problems:
+        raise UnsafeArchive(f"archive {path} refused: " + "; ".join(problems[:5])
+                            + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
 
 
 def archive_members(path: Path) -> list[str]:

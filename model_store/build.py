@@ -81,7 +81,10 @@ def build_model(name: str, opts: BuildOptions, dataset: data.FashionMNIST | None
     cfg = dataclasses.replace(preset.train, **opts.overrides)
     ds = dataset or data.load(seed=cfg.seed)
     torch.manual_seed(cfg.seed)
-    model = models.build(preset.arch, weights=opts.weights)
+    try:
+        model = models.build(preset.arch, weights=opts.weights)
+    except ValueError as e:  # weights that are not the architecture's
+        raise BuildError(f"[{name}] {e}") from None
 
     log = (lambda *a: print(*a, flush=True)) if opts.progress else (lambda *a: None)
     log(f"[{name}] training {preset.arch} ({models.count_parameters(model):,} parameters) on "

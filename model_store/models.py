@@ -9,6 +9,7 @@ gate builds (noise, squeezing, transforms) works in plain [0, 1] pixel space.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -87,10 +88,22 @@ class ResNet18(nn.Module):
         super().__init__()
         net = torchvision.models.resnet18(weights=None)
         if weights is not None:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
+            try:
+                state = torch.load(weights, map_location="cpu", weights_only=True)
+            except (OSError, RuntimeError, pickle.UnpicklingError) as e:  # weights_only refuses pickled code
+                raise ValueError(f"cannot load {weights} as a state_dict: {str(e)[:300]}") from None
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise ValueError(f"{weights} is not a state_dict of tensors (a checkpoint that wraps one, "
+                                 "such as {'state_dict': ...}, must be unwrapped first)")
             conv1 = state.pop("conv1.weight", None)
             state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-            net.load_state_dict(state, strict=False)
+            # The stem (conv1) and the head (fc) are replaced: everything else must be there.
+            missing, unexpected = net.load_state_dict(state, strict=False)
+            missing = [k for k in missing if not k.startswith(("fc.", "conv1."))]
+            if missing or unexpected or conv1 is None:
+                raise ValueError(f"{weights} is not a torchvision ResNet-18 state_dict: "
+                                 f"missing {(missing + ([] if conv1 is not None else ['conv1.weight']))[:5]}, "
+                                 f"unexpected {list(unexpected)[:5]}")
         else:
             conv1 = None
         stem = nn.Conv2d(1, 64, 3, stride=2, padding=1, bias=False)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import json
 import os
 import random
@@ -88,6 +89,13 @@ class ServeSettings:
     def __post_init__(self) -> None:
         if self.console not in CONSOLES:
             raise ValueError(f"console must be one of {', '.join(CONSOLES)}, not {self.console!r}")
+        try:  # its five ports, the management API's among them, stay private to the machine (pod)
+            loopback = self.host == "localhost" or ipaddress.IPv4Address(self.host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise ValueError(f"host must be localhost or an IPv4 loopback address such as 127.0.0.1, not "
+                             f"{self.host[:100]!r}: TorchServe's ports stay private, the gateway is what callers reach")
 
     @classmethod
     def on_free_ports(cls, **kwargs: Any) -> ServeSettings:
@@ -445,13 +453,16 @@ def start(settings: ServeSettings, wait: bool = True, outlive_caller: bool = Fal
     stopping it, even by SIGKILL (:func:`_lifeline`): a killed test run or benchmark leaves
     no TorchServe behind.
 
-    Raises :class:`archive.ManifestError` when the store fails verification and
+    Raises :class:`archive.ManifestError` when the store fails verification or an archive is
+    unsafe to unpack (:func:`archive.check_archive`), and
     :class:`ServeError` when TorchServe does not come up (it is stopped again then)."""
     store = Path(settings.store).resolve()
     run_dir = Path(settings.run_dir).resolve()
     settings = ServeSettings(**{**settings.__dict__, "store": store, "run_dir": run_dir})
     archive.verify_manifest(store)
     names = model_names(settings)
+    for n in names:  # TorchServe unpacks each: plain files under relative names only
+        archive.check_archive(settings.archives / f"{n}.mar")
     existing = attach(run_dir)
     if existing is not None:
         raise ServeError(f"TorchServe already runs from {run_dir} (pid {existing.pid}); stop it first")
@@ -481,16 +492,16 @@ def start(settings: ServeSettings, wait: bool = True, outlive_caller: bool = Fal
         proc = subprocess.Popen(cmd, cwd=run_dir, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     ts = TorchServe(settings, names, proc.pid, proc, log_offsets=offsets)
-    if not outlive_caller:
-        ts.lifeline = _lifeline(proc.pid)
-    (run_dir / STATE_FILE).write_text(json.dumps(
-        {"pid": proc.pid, "models": names, "settings": _settings_to_json(settings)}, indent=2) + "\n")
-    if wait:
-        try:
+    try:  # from here on, a failure (a full disk, an interrupt) stops what was started
+        if not outlive_caller:
+            ts.lifeline = _lifeline(proc.pid)
+        (run_dir / STATE_FILE).write_text(json.dumps(
+            {"pid": proc.pid, "models": names, "settings": _settings_to_json(settings)}, indent=2) + "\n")
+        if wait:
             ts.wait_ready()
-        except BaseException:
-            ts.stop()
-            raise
+    except BaseException:
+        ts.stop()
+        raise
     return ts
 
 
@@ -554,12 +565,16 @@ def main(argv: list[str] | None = None) -> int:
                 ok = False
         print(json.dumps(report, indent=2))
         return 0 if ok else 1
-    settings = ServeSettings(
-        store=args.store, run_dir=args.run_dir, models=tuple(args.model), host=args.host,
-        grpc_inference_port=args.grpc_port, grpc_management_port=args.grpc_port + 1,
-        inference_port=args.http_port, management_port=args.http_port + 1, metrics_port=args.http_port + 2,
-        startup_timeout_s=args.timeout, console=args.console,
-    )
+    try:
+        settings = ServeSettings(
+            store=args.store, run_dir=args.run_dir, models=tuple(args.model), host=args.host,
+            grpc_inference_port=args.grpc_port, grpc_management_port=args.grpc_port + 1,
+            inference_port=args.http_port, management_port=args.http_port + 1, metrics_port=args.http_port + 2,
+            startup_timeout_s=args.timeout, console=args.console,
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         ts = start(settings, outlive_caller=True)
     except (archive.ManifestError, ServeError) as e:

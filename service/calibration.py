@@ -173,6 +173,9 @@ async def calibrate(
     mode: Mode = Mode.ENFORCE, confidence: float | None = DEFAULT_CONFIDENCE,
     detector_hidden: int = DEFAULT_HIDDEN, log=print,
 ) -> Policy:
+    # What it reads must be what the build wrote; everything but the policy verifies again
+    # before the new policy replaces the old one (a store that fails keeps its policy).
+    archive.verify_manifest(store, only=[f"{model}/card.json", f"{model}/model.pt"])
     card = json.loads((store / model / "card.json").read_text())
     ds = data.load(seed=card["data"].get("split_seed", 0))
     calib = ds.calib
@@ -274,6 +277,7 @@ async def calibrate(
     ceiling = policy.cheap_plan(0).rows + policy.noise.max_samples + 16
     policy = dataclasses.replace(policy, version=f"{stamp}-{card['hashes']['model.pt'][:8]}", mode=mode,
                                  calibration=summary, max_forward_passes=ceiling)
+    archive.verify_manifest(store, changing=[f"{model}/{POLICY_FILE}"])
     save_policy(policy, store / model / POLICY_FILE)
     archive.approve_changes(store, [f"{model}/{POLICY_FILE}"])  # everything else must still verify
     return policy

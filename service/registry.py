@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from model_store.archive import FORMATS, archive_name
+from model_store.archive import FORMATS, ManifestError, UnsafeArchive, archive_name, check_archive, verify_manifest
 from service.decode import InputSpec
 from service.errors import GatewayError, ModelNotFound, PolicyMismatch
 from service.gate.checks import Check
@@ -40,6 +40,7 @@ CARD_FILE = "card.json"
 # calibrated before the record existed drew one set of jitter copies for all their images.
 JITTER_DRAWS = ("jitter_draws", "per-image")
 ARCHIVE_CONFIG = "model-config.yaml"  # TorchServe's per-model config, at the archive's root
+MAX_CONFIG_BYTES = 64 * 1024  # the shipped one is under 2 KB
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,8 @@ def read_archive_limits(path: Path) -> ArchiveLimits:
     """The handler limits of the archive at ``path``; PolicyMismatch when it cannot be read."""
     try:
         with zipfile.ZipFile(path) as z:
+            if z.getinfo(ARCHIVE_CONFIG).file_size > MAX_CONFIG_BYTES:
+                raise ValueError(f"it is over {MAX_CONFIG_BYTES:,} bytes")
             config = yaml.safe_load(z.read(ARCHIVE_CONFIG)) or {}
         section = config.get("handler") or {}
         if not isinstance(section, dict):
@@ -68,6 +71,10 @@ def read_archive_limits(path: Path) -> ArchiveLimits:
                 raise ValueError(f"handler.{k} must be an integer >= 1, got {v!r}")
     except (OSError, KeyError, zipfile.BadZipFile, yaml.YAMLError, AttributeError, ValueError) as e:
         raise PolicyMismatch(f"cannot read {ARCHIVE_CONFIG} from the archive {path}: {e}") from None
+    try:
+        check_archive(path)
+    except UnsafeArchive as e:
+        raise PolicyMismatch(str(e)) from None
     return ArchiveLimits(archive=path.name, **values)
 
 
@@ -175,6 +182,22 @@ def _warn_if_stale(name: str, policy: Policy) -> None:
                     "the draws the gateway makes", name, policy.version)
 
 
+def verify_served_files(store: Path, names: tuple[str, ...], backend_format: str) -> None:
+    """GatewayError unless each model's card, its weights and its backend archive (those of
+    them present) match the store's manifest: a card's labels are what callers read, and its
+    model hash is what binds a policy to the model. The policy itself is left out: a deployment
+    may mount its own (``deploy/docker-entrypoint.sh``), held to the card's model hash instead."""
+    wanted = []
+    for n in names:
+        wanted.append(f"{n}/{CARD_FILE}")
+        wanted += [rel for rel in (f"{n}/model.pt", f"archives/{archive_name(n, backend_format)}.mar")
+                   if (store / rel).is_file()]
+    try:
+        verify_manifest(store, only=wanted)
+    except ManifestError as e:
+        raise GatewayError(str(e)) from None
+
+
 class Registry:
     """Name -> ServedModel; unknown names and versions are ModelNotFound."""
 
@@ -183,6 +206,9 @@ class Registry:
 
     @classmethod
     def load(cls, store: Path, names: tuple[str, ...], backend_format: str) -> "Registry":
+        """The served models of ``store``, whose files the gateway reads verified first against
+        the store's manifest (:func:`verify_served_files`)."""
+        verify_served_files(store, names, backend_format)
         return cls({n: load_model(store, n, backend_format) for n in names})
 
     def get(self, name: str, version: str = "") -> ServedModel:

@@ -199,3 +199,113 @@ def test_a_rebuild_that_fails_its_checks_leaves_the_built_model_as_it_was(
     assert archive.verify_manifest(store_copy) == before
     assert build.is_built(store_copy, "fmnist-cnn")
     assert [p.name for p in store_copy.iterdir() if p.name.startswith(".")] == []  # no staging left
+
+
+def _rezip(src: Path, dst: Path, extra: list[tuple[zipfile.ZipInfo | str, bytes]]) -> Path:
+    """A copy of the archive ``src`` at ``dst`` with ``extra`` members appended."""
+    with zipfile.ZipFile(src) as z, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as out:
+        for item in z.infolist():
+            out.writestr(item, z.read(item))
+        for info, body in extra:
+            if isinstance(info, str) and info in {i.filename for i in z.infolist()}:
+                import warnings
+
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # "Duplicate name": that is the point
+                    out.writestr(info, body)
+            else:
+                out.writestr(info, body)
+    return dst
+
+
+def test_an_archive_that_is_not_plain_files_is_refused(tiny_store: Path, tmp_path: Path) -> None:
+    """TorchServe unpacks what it serves: a manifest's hash says an archive is the one written,
+    not that it is safe to unpack."""
+    good = tiny_store / "archives" / "fmnist-cnn-onnx.mar"
+    archive.check_archive(good)  # what the build makes passes
+    link = zipfile.ZipInfo("handlers/evil.py")
+    link.external_attr = (0o120777 << 16)  # a symlink entry
+    cases = {
+        "outside": ("../../escaped.py", b"x", "would unpack outside"),
+        "absolute": ("/etc/cron.d/x", b"x", "would unpack outside"),
+        "symlink": (link, b"/etc/passwd", "is not a plain file"),
+        "twice": ("handlers/base.py", b"# another handler", "is in it twice"),
+    }
+    for name, (member, body, message) in cases.items():
+        bad = _rezip(good, tmp_path / f"{name}.mar", [(member, body)])
+        with pytest.raises(archive.UnsafeArchive, match=message):
+            archive.check_archive(bad)
+    bomb = _rezip(good, tmp_path / "bomb.mar", [("padding.bin", b"\0" * (8 << 20))])
+    assert bomb.stat().st_size < good.stat().st_size + (1 << 20)  # 8 MiB of zeros pack small
+    archive.check_archive(bomb)
+    with pytest.raises(archive.UnsafeArchive, match="unpacks to"):
+        archive.check_archive(bomb, max_unpacked_bytes=4 << 20)
+    with pytest.raises(archive.UnsafeArchive, match="not a readable zip"):
+        archive.check_archive(tmp_path / "twice.mar.missing")
+
+
+def test_serve_and_the_gateway_refuse_an_unsafe_archive_the_manifest_lists(store_copy: Path, tmp_path: Path) -> None:
+    from model_store import serve
+    from service.errors import PolicyMismatch
+    from service.registry import read_archive_limits
+
+    mar = store_copy / "archives" / "fmnist-cnn-onnx.mar"
+    _rezip(mar, tmp_path / "bad.mar", [("../../escaped.py", b"x")]).replace(mar)
+    archive.write_manifest(store_copy)  # listed: whoever rewrote it approved it
+    settings = serve.ServeSettings.on_free_ports(store=store_copy, run_dir=tmp_path / "run")
+    with pytest.raises(archive.UnsafeArchive, match="would unpack outside"):
+        serve.start(settings)  # refused before TorchServe is started
+    assert serve.attach(tmp_path / "run") is None
+    with pytest.raises(PolicyMismatch, match="would unpack outside"):
+        read_archive_limits(mar)
+
+
+def test_the_gateway_reads_only_a_card_weights_and_archive_the_manifest_lists(calibrated_store: Path,
+                                                                             tmp_path: Path) -> None:
+    """A card edited after the build (labels swapped: callers would read wrong class names)
+    fails the gateway's start; a policy replaced (as a deployment mounts its own) does not."""
+    from service.errors import GatewayError
+    from service.registry import Registry
+
+    store_copy = tmp_path / "store"
+    shutil.copytree(calibrated_store, store_copy)
+
+    assert Registry.load(store_copy, ("fmnist-cnn",), "onnx").get("fmnist-cnn").labels[0] == "T-shirt/top"
+    policy = store_copy / "fmnist-cnn" / "policy.json"
+    policy.write_text(policy.read_text().replace('"mode": "enforce"', '"mode": "monitor"'))
+    assert Registry.load(store_copy, ("fmnist-cnn",), "onnx").get("fmnist-cnn").policy.mode.value == "monitor"
+    card = store_copy / "fmnist-cnn" / "card.json"
+    card.write_text(card.read_text().replace('"T-shirt/top"', '"Trouser?"'))
+    with pytest.raises(GatewayError, match="sha256 mismatch: fmnist-cnn/card.json"):
+        Registry.load(store_copy, ("fmnist-cnn",), "onnx")
+    (store_copy / archive.MANIFEST).unlink()
+    with pytest.raises(GatewayError, match="manifest.json is missing"):
+        Registry.load(store_copy, ("fmnist-cnn",), "onnx")
+
+
+def test_calibration_refuses_a_store_that_does_not_verify(store_copy: Path) -> None:
+    """Checked before TorchServe is called (the address here serves nothing) and before the
+    policy is replaced."""
+    import asyncio
+
+    from service import calibration
+
+    policy = store_copy / "fmnist-cnn" / "policy.json"
+    card = store_copy / "fmnist-cnn" / "card.json"
+    card.write_text(card.read_text() + " ")
+    before = policy.read_bytes() if policy.exists() else None
+    with pytest.raises(archive.ManifestError, match="sha256 mismatch: fmnist-cnn/card.json"):
+        asyncio.run(calibration.calibrate(store_copy, "fmnist-cnn", "127.0.0.1:1", store_copy / "no-key.json",
+                                          images=10, log=lambda *a: None))
+    assert (policy.read_bytes() if policy.exists() else None) == before
+
+
+def test_torchserve_listens_on_loopback_only() -> None:
+    from model_store import serve
+
+    for host in ("127.0.0.1", "127.0.0.2", "localhost"):
+        serve.ServeSettings(host=host)
+    for host in ("0.0.0.0", "10.0.0.7", "::", "example.com", "127.0.0.1\nplugins_path=/tmp"):
+        with pytest.raises(ValueError, match="loopback"):
+            serve.ServeSettings(host=host)
+    assert serve.main(["start", "--host", "0.0.0.0"]) == 2

@@ -29,3 +29,23 @@ def test_resnet18_fine_tunes_from_a_local_weights_file(tmp_path: Path) -> None:
 def test_weights_are_refused_for_the_compact_cnn(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="resnet18"):
         models.build("compact-cnn", weights=tmp_path / "w.pth")
+
+
+def test_weights_that_are_not_a_resnet18_state_dict_are_refused(tmp_path: Path) -> None:
+    """Before, a checkpoint wrapping the state_dict loaded nothing (strict=False) and the card
+    still named it as the pretrained weights."""
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    cases = {
+        "wrapped": ({"state_dict": state}, "not a state_dict of tensors"),
+        "tensor": (torch.zeros(3), "not a state_dict of tensors"),
+        "partial": ({k: v for k, v in state.items() if not k.startswith("layer4.")}, "missing"),
+        "extra": ({**state, "head.weight": torch.zeros(1)}, "unexpected"),
+    }
+    for name, (obj, message) in cases.items():
+        path = tmp_path / f"{name}.pth"
+        torch.save(obj, path)
+        with pytest.raises(ValueError, match=message):
+            models.build("resnet18", weights=path)
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot load"):
+        models.build("resnet18", weights=tmp_path / "junk.pth")

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from model_store.archive import write_manifest
 from service.errors import ModelNotFound, PolicyMismatch
 from service.gate.policy import Mode, Policy
 from service.gate.policy_io import save_policy
@@ -26,6 +27,7 @@ def store_with(tmp_path: Path, policy: Policy, model_sha: str = SHA_M) -> Path:
             "input": {"shape": [1, 28, 28], "mode": "L"}, "noise_sigma": 0.25, "version": "3"}
     (model_dir / "card.json").write_text(json.dumps(card))
     save_policy(policy, model_dir / "policy.json")
+    write_manifest(tmp_path)  # the gateway verifies the card (and archives) it reads
     return tmp_path
 
 
@@ -129,6 +131,7 @@ def with_archive(store: Path, handler: object, fmt: str = "torchscript", config:
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("model-config.yaml", config if config is not None else
                    yaml.safe_dump({"minWorkers": 2, "batchSize": 1, "handler": handler}))
+    write_manifest(store)
     return store
 
 
