@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -184,10 +185,13 @@ class TorchServeBackend:
 
     async def _call(self, req: inference_pb2.PredictionsRequest, timeout_s: float):
         """One Predictions call; retried once, only when TorchServe refused the token before
-        doing anything (it renews keys): safe, the request was never run."""
+        doing anything (it renews keys): safe, the request was never run. Both tries share
+        ``timeout_s``: the retry gets what the refusal left, none when it took it all."""
+        deadline = time.monotonic() + timeout_s
         for attempt in (0, 1):
             try:
-                resp = await self._stub.Predictions(req, timeout=timeout_s, metadata=self._metadata)
+                resp = await self._stub.Predictions(req, timeout=deadline - time.monotonic() if attempt else timeout_s,
+                                                    metadata=self._metadata)
                 self._count(grpc.StatusCode.OK)
                 return resp
             except grpc.aio.AioRpcError as e:
@@ -199,6 +203,8 @@ class TorchServeBackend:
                 except GatewayError:
                     raise e from None
                 self._metadata = (("authorization", f"Bearer {token}"),)
+                if deadline - time.monotonic() <= 0:
+                    raise
         raise AssertionError("unreachable")
 
     async def _predict(self, model_name: str, version: str, inputs: dict[str, bytes], timeout_s: float) -> bytes:

@@ -395,7 +395,10 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 def auth_token(settings: Settings) -> str:
     """The bearer token callers must present; empty: no check."""
     if settings.auth_token_file:
-        token = Path(settings.auth_token_file).read_text().strip()
+        try:
+            token = Path(settings.auth_token_file).read_bytes().decode("ascii").strip()
+        except UnicodeDecodeError:  # gRPC metadata values are ASCII: no caller could send it
+            raise StartFailed(f"auth_token_file {settings.auth_token_file} is not ASCII text") from None
         if not token:
             raise StartFailed(f"auth_token_file {settings.auth_token_file} is empty")
         return token

@@ -55,10 +55,13 @@ class Tracing:
         return self._tracer is not None
 
     def span(self, name: str, attributes: Mapping[str, AttributeValue] | None = None) -> ContextManager[SpanLike]:
-        """A child of the current span (a stage of the request)."""
+        """A child of the current span (a stage of the request). Like the request span, it
+        records no exception and sets no error status by itself: a caller's bad image ending a
+        ``decode`` span is not a server failure, and its message is the caller's text."""
         if self._tracer is None:
             return _NULL
-        return self._tracer.start_as_current_span(name, attributes=attributes)
+        return self._tracer.start_as_current_span(name, attributes=attributes, record_exception=False,
+                                                  set_status_on_exception=False)
 
     def request_span(self, name: str, metadata: Iterable[tuple[str, str | bytes]] | None,
                      attributes: Mapping[str, AttributeValue] | None = None) -> ContextManager[SpanLike]:
@@ -109,7 +112,8 @@ def setup(settings: Settings) -> Tracing:
     provider = TracerProvider(
         resource=Resource.create({"service.name": SERVICE_NAME}),
         sampler=ParentBased(TraceIdRatioBased(settings.trace_sample_ratio)),
-        span_limits=SpanLimits(max_span_attribute_length=MAX_ATTRIBUTE_CHARS),
+        span_limits=SpanLimits(max_attribute_length=MAX_ATTRIBUTE_CHARS,  # events' too
+                               max_span_attribute_length=MAX_ATTRIBUTE_CHARS),
     )
     endpoint = settings.otlp_endpoint
     exporter = OTLPSpanExporter(endpoint=endpoint, insecure=not endpoint.startswith("https://"),

@@ -197,3 +197,43 @@ def test_a_model_torchserve_has_not_loaded_is_unavailable_not_not_found(caplog) 
     assert code is grpc.StatusCode.UNAVAILABLE and code in SERVER_FAULTS
     assert message == "model is not loaded in the backend; retry later"
     assert "fmnist-cnn-onnx" in caplog.text  # TorchServe's words go to the log, not the caller
+
+
+def test_the_token_refresh_retry_shares_the_calls_timeout(tmp_path: Path) -> None:
+    """TorchServe refuses a renewed token after a while (here 0.6 s of a 1 s budget); the one
+    retry with the re-read token gets what is left, not a second full timeout."""
+    import asyncio
+
+    import grpc
+
+    from robustgate.torchserve import inference_pb2, inference_pb2_grpc
+    from service.backend import TorchServeBackend
+
+    budgets: list[float] = []
+
+    class Slow(inference_pb2_grpc.InferenceAPIsServiceServicer):
+        async def Predictions(self, request, context):  # noqa: N802 (gRPC method name)
+            budgets.append(context.time_remaining())
+            await asyncio.sleep(0.6)
+            if dict(context.invocation_metadata()).get("authorization") == "Bearer old":
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, "Token Authorization failed")
+            return inference_pb2.PredictionResponse(prediction=b"ok")
+
+    keys = tmp_path / "key_file.json"
+    keys.write_text(json.dumps({"inference": {"key": "new"}, "management": {"key": "m"}, "API": {"key": "a"}}))
+
+    async def main() -> grpc.StatusCode:
+        server = grpc.aio.server()
+        inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server(Slow(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            backend = TorchServeBackend(f"127.0.0.1:{port}", "old", 1 << 20, key_file=keys)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await backend._call(inference_pb2.PredictionsRequest(model_name="m"), 1.0)
+            return err.value.code()
+        finally:
+            await server.stop(0)
+
+    assert asyncio.run(main()) == grpc.StatusCode.DEADLINE_EXCEEDED  # not an answer at 1.2 s
+    assert len(budgets) == 2 and budgets[0] > 0.9 and budgets[1] < 0.45, budgets

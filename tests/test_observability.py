@@ -557,6 +557,9 @@ def test_traces_reach_the_otlp_collector(collector: Collector, sent: dict[tuple[
     bad_attrs = {a.key: a.value for a in bad.attributes}
     assert bad_attrs["rpc.grpc.status_code"].int_value == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert bad.status.code != trace_pb2.Status.STATUS_CODE_ERROR  # a client error is not a server failure
+    bad_decode = [s for s in collector.spans if s.parent_span_id == bad.span_id and s.name == "decode"]
+    assert len(bad_decode) == 1  # the stage the bad image ended: neither failed nor carrying its text
+    assert bad_decode[0].status.code != trace_pb2.Status.STATUS_CODE_ERROR and not bad_decode[0].events
     from service.tracing import MAX_ATTRIBUTE_CHARS
 
     unknown = {a.key: a.value for a in found["trace-unknown"].attributes}

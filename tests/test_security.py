@@ -180,6 +180,7 @@ def test_bad_tls_files_and_an_empty_token_fail_the_start_in_one_line(calibrated_
     words of a port that is taken; an empty token file was a traceback."""
     (tmp_path / "junk.pem").write_text("not a certificate\n")
     (tmp_path / "empty-token").write_text("\n")
+    (tmp_path / "latin1-token").write_bytes("s\xe9cret\n".encode("latin-1"))  # not UTF-8 either
     d = pki / "d"
     cases = {
         "not its key": (["--tls-cert-file", str(d / "server.pem"), "--tls-key-file", str(d / "client.key")],
@@ -191,6 +192,8 @@ def test_bad_tls_files_and_an_empty_token_fail_the_start_in_one_line(calibrated_
                              f"tls_client_ca_file {tmp_path / 'junk.pem'} holds no PEM CA certificate"),
         "empty token": (["--auth-token-file", str(tmp_path / "empty-token")],
                         f"auth_token_file {tmp_path / 'empty-token'} is empty"),
+        "token not ASCII": (["--auth-token-file", str(tmp_path / "latin1-token")],
+                            f"auth_token_file {tmp_path / 'latin1-token'} is not ASCII text"),
     }
     for case, (flags, says) in cases.items():
         r = subprocess.run([*gateway_command(calibrated_store, torchserve), *flags],
