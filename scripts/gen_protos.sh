@@ -9,8 +9,8 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 py="${PYTHON:-$root/.venv/bin/python}"
 cd "$root/proto"
-files=$(find robustgate -name '*.proto' | sort)
-"$py" -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. $files
+mapfile -t files < <(find robustgate -name '*.proto' | sort)
+"$py" -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. "${files[@]}"
 
 # TorchServe's protos import "google/rpc/status.proto" (googleapis-common-protos) and
 # declare themselves as top-level files ("inference.proto"); protoc writes absolute
@@ -19,12 +19,15 @@ ts_out=robustgate/torchserve
 mkdir -p "$ts_out"
 rm -f "$ts_out"/*_pb2*.py "$ts_out"/*_pb2*.pyi
 gapi="$("$py" -c 'import google.rpc.status_pb2 as m, pathlib; print(pathlib.Path(m.__file__).parents[2])')"
+mapfile -t ts_files < <(find torchserve -name '*.proto' -printf '%f\n' | sort)
 "$py" -m grpc_tools.protoc -I torchserve -I "$gapi" --python_out="$ts_out" --pyi_out="$ts_out" \
-  --grpc_python_out="$ts_out" $(find torchserve -name '*.proto' | sort | xargs -n1 basename)
+  --grpc_python_out="$ts_out" "${ts_files[@]}"
 sed -i -E 's/^import (inference|management)_pb2 as /from . import \1_pb2 as /' "$ts_out"/*_pb2_grpc.py
 
 # grpc_tools writes empty *_pb2_grpc.py for protos without services: drop them.
-for f in $(find robustgate -name '*_pb2_grpc.py'); do
+while IFS= read -r -d '' f; do
   grep -q 'class ' "$f" || rm -f "$f"
-done
-for d in $(find robustgate -type d -not -name __pycache__); do [ -f "$d/__init__.py" ] || : > "$d/__init__.py"; done
+done < <(find robustgate -name '*_pb2_grpc.py' -print0)
+while IFS= read -r -d '' d; do
+  [ -f "$d/__init__.py" ] || : > "$d/__init__.py"
+done < <(find robustgate -type d -not -name __pycache__ -print0)

@@ -5,6 +5,11 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
+# One instance per checkout: a second would stop the first one's TorchServe (one run dir) and
+# then fail to bind the first one's port, leaving it up without a backend.
+mkdir -p var
+exec 9>var/run.lock
+flock -n 9 || { echo "scripts/run.sh already runs from $root (var/run.lock); stop it first" >&2; exit 1; }
 bash scripts/setup.sh
 py=.venv/bin/python
 model="${ROBUSTGATE_MODEL:-fmnist-cnn}"
@@ -32,6 +37,8 @@ gateway=$!
 trap 'kill -TERM "$gateway" 2>/dev/null || true' TERM INT
 rc=0
 while kill -0 "$gateway" 2>/dev/null; do
-  wait "$gateway" || rc=$?  # a trapped signal interrupts wait; the gateway is still draining
+  # A trapped signal interrupts wait (status > 128) while the gateway still drains: wait
+  # again; the last wait's status is the gateway's own exit status.
+  if wait "$gateway"; then rc=0; else rc=$?; fi
 done
 exit "$rc"

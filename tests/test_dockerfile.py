@@ -218,8 +218,9 @@ def test_image_is_built_from_the_lock_by_a_non_root_final_stage() -> None:
     assert "openjdk-17-jre-headless" in final_text, "Java 17 for TorchServe"
 
 
-def test_entrypoint_passes_shellcheck() -> None:
-    scripts = [str(REPO / "scripts" / name) for name in ("docker_smoke.sh", "gpu_bench.sh")]
+def test_entrypoint_and_every_script_pass_shellcheck() -> None:
+    scripts = [str(p) for p in sorted((REPO / "scripts").glob("*.sh"))] + [str(REPO / ".ci" / "run")]
+    assert len(scripts) >= 7
     out = subprocess.run([dev_tool("shellcheck"), str(ENTRYPOINT), *scripts],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
