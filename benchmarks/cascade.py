@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -160,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": summarise(decisions, passes, {cascade_name(m): full_name(m) for m in budgets}),
     }
     write_report(args.out, report_stem("benchmarks.cascade", args.smoke), result, render(result))
+    shutil.rmtree(tmp, ignore_errors=True)  # kept, with TorchServe's and the gateway's logs, when the run failed
     return 0
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
               "seconds_per_measurement": args.seconds, "passes": args.passes, "rows": rows}
     stem = report_stem("benchmarks.coalesce_wait", args.smoke)
     write_report(args.out, stem, report, render(report))
+    shutil.rmtree(tmp, ignore_errors=True)  # kept, with TorchServe's and the gateway's logs, when the run failed
     return 0
 
 

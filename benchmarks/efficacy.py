@@ -209,10 +209,13 @@ def auc(clean: np.ndarray, other: np.ndarray) -> float:
 
 def certified_accuracy(responses: list[pb.ClassifyResponse], labels: np.ndarray,
                        radii: tuple[float, ...]) -> dict[float, float]:
-    """Share of images whose certified class is right with a certified radius >= r."""
+    """Share of images whose certified class is right with a certified radius >= r (Cohen et
+    al.'s table: at r = 0, any certificate counts). The gateway's ``certified`` flag says the
+    radius reached the policy's target, not that there is one: a certificate is a radius
+    above 0 (an abstention answers 0.0)."""
     out = {}
     for r in radii:
-        ok = [bool(resp.gate.certified and resp.gate.certified_radius >= r and resp.classes
+        ok = [bool(resp.gate.certified_radius > 0 and resp.gate.certified_radius >= r and resp.classes
                    and resp.classes[0].index == y) for resp, y in zip(responses, labels)]
         out[r] = float(np.mean(ok)) if ok else float("nan")
     return out

@@ -19,6 +19,7 @@ published detection rates beside the attack rows of the same table.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = report_stem("benchmarks.robustness", args.smoke)
     write_report(args.out, stem, results, render(results))
     plot_roc(results, args.out / f"{stem}-roc.png")
+    shutil.rmtree(tmp, ignore_errors=True)  # kept, with TorchServe's and the gateway's logs, when the run failed
     return 0
 
 

@@ -43,6 +43,7 @@ import contextlib
 import contextvars
 import dataclasses
 import itertools
+import shutil
 import sys
 import tempfile
 import time
@@ -867,6 +868,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = report_stem("benchmarks.serving" + ("" if fmt == "onnx" else f"-{fmt}"), args.smoke)
     write_report(args.out, stem, report, render(report, f"{stem}.png"))
     plot(results, args.out / f"{stem}.png")
+    shutil.rmtree(tmp, ignore_errors=True)  # kept, with TorchServe's and the gateway's logs, when the run failed
     return 0
 
 
@@ -912,8 +914,12 @@ def _find(results: list[Result], name: str, c: int) -> Result | None:
     return next((r for r in results if named(r) and r.concurrency == c), None)
 
 
+MAX_ERROR_SHARE = 0.01  # of a row's calls; a row with more failed calls gives no ratio
+
+
 def ratios(results: list[Result], levels: list[int], fmt: str = "onnx") -> dict[str, float]:
-    """The report's ratios, from rows whose TorchServe and gateway rows served ``fmt``."""
+    """The report's ratios, from rows whose TorchServe and gateway rows served ``fmt``; none
+    from a row that failed more than ``MAX_ERROR_SHARE`` of its calls."""
     out: dict[str, float] = {}
     limit_row = IN_PROCESS_ROW[fmt]
     top, one = max(levels), min(levels)
@@ -944,8 +950,12 @@ def ratios(results: list[Result], levels: list[int], fmt: str = "onnx") -> dict[
         f"p50 gateway gate-off / {limit_row} (c={one})": (GATE_OFF, limit_row, "p50_ms", one),
     }
 
-    def measured(*rows: Result | None) -> bool:  # a row with no answered call has NaN percentiles
-        return all(r is not None and r.calls > 0 for r in rows)
+    def measured(*rows: Result | None) -> bool:
+        """Rows a ratio may read: some calls answered (else NaN percentiles) and at most 1 % of
+        them failed (else the answered ones are the survivors of an overload, a throughput
+        and percentiles of another load than the row's)."""
+        return all(r is not None and r.calls > 0 and r.errors <= MAX_ERROR_SHARE * (r.calls + r.errors)
+                   for r in rows)
 
     for label, (a, b, field, c) in pairs.items():
         ra, rb = _find(results, a, c), _find(results, b, 1 if b == limit_row else c)

@@ -1,9 +1,12 @@
 """Smoke runs of the benchmark commands (tiny budgets), so they never rot."""
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -12,9 +15,17 @@ import pytest
 import torch
 
 
+# Left in the temporary folder by libraries, not by the benchmarks: ONNX Runtime's session id.
+FOREIGN_TEMP_FILES = {".ses"}
+
+
 def _run(module: str, out: Path, timeout_s: float = 600, *args: str, stem: str | None = None) -> dict:
+    # The run's temporary folders: none may be left after a success. A short path of its own
+    # (TorchServe's workers bind Unix sockets under it, whose paths are at most 107 bytes).
+    scratch = Path(tempfile.mkdtemp(prefix="rg-smoke-"))
     proc = subprocess.Popen([sys.executable, "-m", module, "--smoke", "--out", str(out), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TMPDIR": str(scratch)})
     try:
         stdout, stderr = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -28,6 +39,9 @@ def _run(module: str, out: Path, timeout_s: float = 600, *args: str, stem: str |
             stdout, stderr = proc.communicate()
         raise AssertionError(f"{module} --smoke ran past {timeout_s} s:\n{stdout[-2000:]}{stderr[-3000:]}") from None
     assert proc.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    left = sorted(p.name for p in scratch.iterdir() if p.name not in FOREIGN_TEMP_FILES)
+    assert not left, f"{module} left {left} in its temporary folder"
+    shutil.rmtree(scratch)
     stem = stem or module.split(".")[-1]
     return json.loads((out / f"{stem}-smoke.json").read_text())
 
@@ -199,6 +213,11 @@ def test_certified_accuracy_counts_withheld_labels_as_wrong() -> None:
     withheld = pb.ClassifyResponse(gate=pb.GateReport(certified=True, certified_radius=0.3))
     acc = certified_accuracy([ok, withheld], [3, 3], (0.0, 0.5))
     assert acc == {0.0: 0.5, 0.5: 0.0}
+    # Below the policy's target radius the gateway says certified=false; the radius still
+    # certifies at r = 0 (and an abstention, radius 0, does not).
+    below = pb.ClassifyResponse(classes=[pb.ClassScore(index=3)], gate=pb.GateReport(certified=False, certified_radius=0.18))
+    abstained = pb.ClassifyResponse(classes=[pb.ClassScore(index=3)], gate=pb.GateReport(certified=False))
+    assert certified_accuracy([below, abstained], [3, 3], (0.0, 0.25)) == {0.0: 0.5, 0.25: 0.0}
 
 
 def test_certify_in_process_matches_the_bound_of_a_constant_classifier() -> None:
@@ -475,6 +494,12 @@ def test_rows_in_turns_rotate_their_order_and_skip_rows_that_never_answered() ->
     # a row without an answered call yields no ratio, not a NaN one
     broken = b.Result.of(b.INTERLEAVED + b.GATE_OFF, 1, [], 1.0, errors=3)
     assert not any("added p50" in k for k in b.ratios([broken, b.Result.of(b.INTERLEAVED + b.DIRECT, 1, [0.001], 1.0)], [1]))
+    # nor does a row whose answered calls are the survivors of many failed ones (an overload)
+    direct = b.Result.of(b.DIRECT, 64, [0.01] * 200, 1.0)
+    for errors, ratio in ((2, True), (29, False)):
+        gate_off = b.Result.of(b.GATE_OFF, 64, [0.01] * 200, 1.0, errors=errors)
+        got = b.ratios([gate_off, direct], [64])
+        assert ("throughput gateway gate-off / TorchServe direct, same archive (c=64)" in got) is ratio, errors
 
 
 def test_a_row_after_idle_sleeps_before_each_call_outside_its_time() -> None:
