@@ -240,7 +240,8 @@ def _read_entries(path: Path) -> dict[str, str]:
             raise ValueError("its sha256 entries are not {path: hex digest}")
     except (OSError, ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
         raise ManifestError(f"{path} is not a readable manifest ({type(e).__name__}: {str(e)[:200]}); "
-                            "rebuild the store with `python -m model_store.build --force`") from None
+                            f"nothing in the store can be trusted: delete it and rebuild every model "
+                            f"(`python -m model_store.build --model all --force`), then recalibrate") from None
     return entries
 
 

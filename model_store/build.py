@@ -73,11 +73,27 @@ def _machine() -> str:
     return f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
+def _prepare_store(store: Path, name: str) -> None:
+    """Make ``store`` and clear what an interrupted build of ``name`` left there (its staging
+    folders; a manifest's temporary file); then the other models' files must verify, so a
+    store this build could not approve fails now, not after training."""
+    store.mkdir(parents=True, exist_ok=True)
+    for left in [*store.glob(f".{name}-staging-*"), *store.glob(f".{archive.MANIFEST}.*")]:
+        if left.is_dir() and not left.is_symlink():
+            shutil.rmtree(left)
+        else:
+            left.unlink()
+    if (store / archive.MANIFEST).is_file():
+        archive.verify_manifest(store, changing=[name, *(f"archives/{archive.archive_name(name, fmt)}.mar"
+                                                         for fmt in archive.FORMATS)])
+
+
 def build_model(name: str, opts: BuildOptions, dataset: data.FashionMNIST | None = None) -> Path:
     """Build ``name`` into ``opts.store/name`` and its archives; return the model directory."""
     if name not in PRESETS:
         raise ValueError(f"unknown model {name!r}; choose from {sorted(PRESETS)}")
     preset = PRESETS[name]
+    _prepare_store(opts.store, name)  # before minutes of training, not after
     cfg = dataclasses.replace(preset.train, **opts.overrides)
     ds = dataset or data.load(seed=cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -113,9 +129,9 @@ def build_model(name: str, opts: BuildOptions, dataset: data.FashionMNIST | None
 
     if opts.check_floor and acc_test < preset.floor:  # before anything in the store changes
         raise BuildError(f"[{name}] test top-1 {acc_test:.4f} is below the floor {preset.floor}")
-    opts.store.mkdir(parents=True, exist_ok=True)
     # Everything is made in a staging folder and moved into the store only once it passed its
-    # checks: a failed parity check or an interrupt leaves the model already built as it was.
+    # checks and the rest of the store still verifies: a failed parity check, an interrupt or
+    # a store changed by someone else leaves the model already built as it was.
     with tempfile.TemporaryDirectory(dir=opts.store, prefix=f".{name}-staging-") as staging:
         model_dir = Path(staging) / name
         model_dir.mkdir()
@@ -156,14 +172,16 @@ def build_model(name: str, opts: BuildOptions, dataset: data.FashionMNIST | None
 
         write_card(model_dir, card)
         built = [archive.build_archive(model_dir, fmt, Path(staging) / "archives") for fmt in archive.FORMATS]
+        changed = [f"archives/{a.name}" for a in built]
+        if (opts.store / archive.MANIFEST).is_file():
+            archive.verify_manifest(opts.store, changing=[name, *changed, Path(staging).name])
         final = opts.store / name
         if final.exists():
             shutil.rmtree(final)
-        os.replace(model_dir, final)
+        shutil.move(model_dir, final)
         (opts.store / "archives").mkdir(exist_ok=True)
-        for a in built:
-            os.replace(a, opts.store / "archives" / a.name)
-    changed = [f"archives/{a.name}" for a in built]
+        for a in built:  # a move, not a rename: archives/ may be a link to another file system
+            shutil.move(a, opts.store / "archives" / a.name)
     archive.approve_changes(opts.store, [name, *changed])  # other models' files must still verify
     for a in changed:
         log(f"[{name}] archive {opts.store / a}")
@@ -238,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         try:
             build_model(name, opts)
-        except (BuildError, data.DatasetError) as e:
+        except (BuildError, data.DatasetError, archive.ManifestError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
         print(f"[{name}] built in {time.perf_counter() - start:.0f} s")

@@ -516,7 +516,11 @@ def attach(run_dir: Path = DEFAULT_RUN_DIR) -> TorchServe | None:
         return None  # its launcher's group is gone (a reused pid is no launcher of TorchServe's)
     s = dict(state["settings"])
     s["store"], s["run_dir"], s["models"] = Path(s["store"]), Path(s["run_dir"]), tuple(s["models"])
-    return TorchServe(ServeSettings(**s), list(state["models"]), int(state["pid"]))
+    try:
+        settings = ServeSettings(**s)
+    except (TypeError, ValueError):  # written by another version (other fields, a host now refused)
+        settings = ServeSettings(store=s["store"], run_dir=s["run_dir"], models=s["models"])  # enough to stop it
+    return TorchServe(settings, list(state["models"]), int(state["pid"]))
 
 
 def stop(run_dir: Path = DEFAULT_RUN_DIR, timeout: float = 30.0) -> bool:

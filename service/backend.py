@@ -204,7 +204,7 @@ class TorchServeBackend:
                     raise e from None
                 self._metadata = (("authorization", f"Bearer {token}"),)
                 if deadline - time.monotonic() <= 0:
-                    raise
+                    raise DeadlineExceeded("the deadline ran out while TorchServe refused a renewed token") from None
         raise AssertionError("unreachable")
 
     async def _predict(self, model_name: str, version: str, inputs: dict[str, bytes], timeout_s: float) -> bytes:

@@ -2,6 +2,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -309,3 +310,29 @@ def test_torchserve_listens_on_loopback_only() -> None:
         with pytest.raises(ValueError, match="loopback"):
             serve.ServeSettings(host=host)
     assert serve.main(["start", "--host", "0.0.0.0"]) == 2
+
+
+def test_a_build_clears_what_an_interrupted_one_left_and_checks_the_store_before_training(
+        store_copy: Path, fmnist) -> None:
+    """A killed build leaves its staging folder (and perhaps a manifest's temporary file) in
+    the store, which then fails verification; the next build of that model removes them. A
+    store the build could not approve (a file no run wrote) fails before minutes of training."""
+    from model_store import build
+
+    staged = store_copy / ".fmnist-cnn-staging-abc123" / "fmnist-cnn"
+    staged.mkdir(parents=True)
+    (staged / "model.pt").write_bytes(b"half an export")
+    (store_copy / ".manifest.json.x1y2").write_text("{")
+    with pytest.raises(archive.ManifestError, match="not in manifest: .fmnist-cnn-staging-abc123"):
+        archive.verify_manifest(store_copy)
+    with pytest.raises(build.BuildError, match="below the floor"):
+        build.build_model("fmnist-cnn", _rebuild_options(store_copy, check_floor=True), dataset=fmnist)
+    archive.verify_manifest(store_copy)  # cleared; the built model untouched
+
+    (store_copy / "archives" / "intruder.mar").write_bytes(b"PK")
+    start = time.monotonic()
+    assert build.main(["--store", str(store_copy), "--force", "--quiet"]) == 1
+    assert time.monotonic() - start < 30  # refused before training (which takes minutes)
+    (store_copy / "archives" / "intruder.mar").unlink()
+    (store_copy / archive.MANIFEST).write_text("{")
+    assert build.main(["--store", str(store_copy), "--force", "--quiet"]) == 1  # a message, no traceback

@@ -236,4 +236,4 @@ def test_the_token_refresh_retry_shares_the_calls_timeout(tmp_path: Path) -> Non
             await server.stop(0)
 
     assert asyncio.run(main()) == grpc.StatusCode.DEADLINE_EXCEEDED  # not an answer at 1.2 s
-    assert len(budgets) == 2 and budgets[0] > 0.9 and budgets[1] < 0.45, budgets
+    assert len(budgets) == 2 and budgets[0] > 0.7 and budgets[1] < budgets[0] - 0.5, budgets
