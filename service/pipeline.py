@@ -26,7 +26,7 @@ from service.gate.cascade import GateRun
 from service.gate.plan import ProbeSpec
 from service.gate.report import GateReport
 from service.registry import Registry, ServedModel
-from service.tracing import OFF, Tracing
+from service.tracing import OFF, Tracing, set_error
 
 DEFAULT_TOP_K = 5
 # Decode big images in a worker thread so that one cannot stall the event loop: big in bytes,
@@ -158,8 +158,12 @@ class Pipeline:
                 raise DeadlineExceeded("deadline exceeded")
             t = time.perf_counter()
             with self.tracing.span("backend", {"robustgate.backend.model": model.backend_name,
-                                               "robustgate.backend.call": calls}):
-                out = await self.backend.probe(model.backend_name, image, plan, min(self.backend_timeout_s, left))
+                                               "robustgate.backend.call": calls}) as span:
+                try:
+                    out = await self.backend.probe(model.backend_name, image, plan, min(self.backend_timeout_s, left))
+                except Exception as e:  # the input was checked before: a failure here is the server's
+                    set_error(span, type(e).__name__)
+                    raise
             timings.backend += time.perf_counter() - t
             return out
 

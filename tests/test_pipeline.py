@@ -43,3 +43,35 @@ def test_unset_top_k_is_five_or_every_label_of_a_model_of_fewer() -> None:
     assert classify(("a", "b", "c"), top_k=2) == ("c", "b")
     with pytest.raises(InvalidInput, match="top_k 4 exceeds the model's 3 classes"):
         classify(("a", "b", "c"), top_k=4)
+
+
+def test_a_failed_backend_call_marks_its_stage_span_failed() -> None:
+    """Stage spans set no status by themselves (a bad image is the caller's); the backend
+    call's failure is the server's, and its span says so without the message's text."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import StatusCode
+
+    from service.errors import BackendUnavailable
+    from service.tracing import Tracing
+
+    class Down:
+        async def probe(self, model_name, image, plan, timeout_s, version=""):
+            raise BackendUnavailable("TorchServe at 127.0.0.1:7070 refused the connection")
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing = Tracing(provider.get_tracer("test"), provider)
+    model = SimpleNamespace(name="m", version="1", labels=tuple("abc"), input=InputSpec(), backend_name="m-onnx",
+                            policy=make_policy(Mode.OFF))
+    pipeline = Pipeline(SimpleNamespace(get=lambda name, version: model), Down(), Limits(),  # type: ignore[arg-type]
+                        backend_timeout_s=5.0, tracing=tracing)
+    req = ClassifyInput(model="m", tensor=RawTensor((28, 28), "uint8", bytes(784)))
+    with pytest.raises(BackendUnavailable):
+        asyncio.run(pipeline.classify(req, time.monotonic() + 5))
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert spans["backend"].status.status_code is StatusCode.ERROR
+    assert spans["backend"].status.description == "BackendUnavailable" and not spans["backend"].events
+    assert spans["decode"].status.status_code is StatusCode.UNSET
