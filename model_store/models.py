@@ -100,10 +100,11 @@ class ResNet18(nn.Module):
             # The stem (conv1) and the head (fc) are replaced: everything else must be there.
             missing, unexpected = net.load_state_dict(state, strict=False)
             missing = [k for k in missing if not k.startswith(("fc.", "conv1."))]
-            if missing or unexpected or conv1 is None:
+            if conv1 is None:  # popped above: the grey stem is made from it
+                missing.append("conv1.weight")
+            if missing or unexpected:
                 raise ValueError(f"{weights} is not a torchvision ResNet-18 state_dict: "
-                                 f"missing {(missing + ([] if conv1 is not None else ['conv1.weight']))[:5]}, "
-                                 f"unexpected {list(unexpected)[:5]}")
+                                 f"missing {missing[:5]}, unexpected {list(unexpected)[:5]}")
         else:
             conv1 = None
         stem = nn.Conv2d(1, 64, 3, stride=2, padding=1, bias=False)

@@ -190,8 +190,7 @@ class TorchServeBackend:
         deadline = time.monotonic() + timeout_s
         for attempt in (0, 1):
             try:
-                resp = await self._stub.Predictions(req, timeout=deadline - time.monotonic() if attempt else timeout_s,
-                                                    metadata=self._metadata)
+                resp = await self._stub.Predictions(req, timeout=deadline - time.monotonic(), metadata=self._metadata)
                 self._count(grpc.StatusCode.OK)
                 return resp
             except grpc.aio.AioRpcError as e:
