@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -127,19 +127,24 @@ def archive_is_current(path: Path) -> bool:
 
 def check_archive(path: Path, max_unpacked_bytes: int = MAX_UNPACKED_BYTES) -> None:
     """Raise :class:`UnsafeArchive` unless the zip at ``path`` is only plain files under
+    relative names (:func:`check_members`)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            check_members(z, max_unpacked_bytes)
+    except (OSError, zipfile.BadZipFile) as e:
+        raise UnsafeArchive(f"{path} is not a readable zip archive: {e}") from None
+
+
+def check_members(z: zipfile.ZipFile, max_unpacked_bytes: int = MAX_UNPACKED_BYTES) -> None:
+    """Raise :class:`UnsafeArchive` unless the open zip ``z`` is only plain files under
     relative names: no absolute or ``..`` name, no symlink or device entry, no name twice
     (which copy an unpacker keeps is its own choice), and no more than ``max_unpacked_bytes``
     unpacked. TorchServe unpacks every archive it serves; a hash in the manifest only says
     the file is the one the build wrote, not that it is safe to unpack."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            infos = z.infolist()
-    except (OSError, zipfile.BadZipFile) as e:
-        raise UnsafeArchive(f"{path} is not a readable zip archive: {e}") from None
     problems: list[str] = []
     seen: set[str] = set()
     total = 0
-    for info in infos:
+    for info in z.infolist():
         name = info.filename
         parts = name.replace("\\", "/").split("/")
         if name.startswith(("/", "\\")) or ".." in parts or (len(name) > 1 and name[1] == ":"):
@@ -154,7 +159,7 @@ def check_archive(path: Path, max_unpacked_bytes: int = MAX_UNPACKED_BYTES) -> N
     if total > max_unpacked_bytes:
         problems.append(f"it unpacks to {total:,} bytes, more than {max_unpacked_bytes:,}")
     if problems:
-        raise UnsafeArchive(f"archive {path} refused: " + "; ".join(problems[:5])
+        raise UnsafeArchive(f"archive {z.filename} refused: " + "; ".join(problems[:5])
                             + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
 
 
@@ -216,16 +221,21 @@ def write_manifest(store: Path) -> Path:
     return _record(store, {p.relative_to(store).as_posix(): sha256_file(p) for p in _artifacts(store)})
 
 
-def approve_changes(store: Path, changing: Sequence[str]) -> Path:
-    """Write the manifest after a run that changed ``changing`` (paths or folders relative to
-    the store, such as a model's folder and archives, or its policy). Everything else must
-    first verify against the old manifest, and the new one keeps the digests it verified
-    (not a second reading of those files, which a change made meanwhile would slip into); only
-    the files under ``changing`` are hashed anew. A store without a manifest yet (its first
-    build) is recorded as it is."""
+def approve_changes(store: Path, changing: Sequence[str], write: Callable[[], object] | None = None) -> Path:
+    """Make a change to ``changing`` (paths or folders relative to the store, such as a
+    model's folder and archives, or its policy) and write the manifest after it. Everything
+    else must first verify against the old manifest; only then does ``write`` (when given)
+    make the change, so a store that does not verify is never changed. The new manifest
+    keeps the digests it verified (not a second reading of those files, which a change made
+    meanwhile would slip into); only the files under ``changing`` are hashed anew. A store
+    without a manifest yet (its first build) is recorded as it is after ``write``."""
     if not (store / MANIFEST).is_file():
+        if write is not None:
+            write()
         return write_manifest(store)
     kept = verify_manifest(store, changing=changing)
+    if write is not None:
+        write()
     on_disk = {p.relative_to(store).as_posix(): p for p in _artifacts(store)}
     fresh = {rel: sha256_file(p) for rel, p in on_disk.items() if _under(rel, changing)}
     return _record(store, {**kept, **fresh})

@@ -132,8 +132,9 @@ def build_model(name: str, opts: BuildOptions, dataset: data.FashionMNIST | None
     # Everything is made in a staging folder and moved into the store only once it passed its
     # checks and the rest of the store still verifies: a failed parity check, an interrupt or
     # a store changed by someone else leaves the model already built as it was.
-    with tempfile.TemporaryDirectory(dir=opts.store, prefix=f".{name}-staging-") as staging:
-        model_dir = Path(staging) / name
+    staging = Path(tempfile.mkdtemp(dir=opts.store, prefix=f".{name}-staging-"))
+    try:
+        model_dir = staging / name
         model_dir.mkdir()
         log(f"[{name}] exporting TorchScript and ONNX")
         export.export_torchscript(model, model_dir / "model.pt")
@@ -171,18 +172,23 @@ def build_model(name: str, opts: BuildOptions, dataset: data.FashionMNIST | None
         from model_store.card import write_card
 
         write_card(model_dir, card)
-        built = [archive.build_archive(model_dir, fmt, Path(staging) / "archives") for fmt in archive.FORMATS]
+        built = [archive.build_archive(model_dir, fmt, staging / "archives") for fmt in archive.FORMATS]
         changed = [f"archives/{a.name}" for a in built]
-        if (opts.store / archive.MANIFEST).is_file():
-            archive.verify_manifest(opts.store, changing=[name, *changed, Path(staging).name])
         final = opts.store / name
-        if final.exists():
-            shutil.rmtree(final)
-        shutil.move(model_dir, final)
-        (opts.store / "archives").mkdir(exist_ok=True)
-        for a in built:  # a move, not a rename: archives/ may be a link to another file system
-            shutil.move(a, opts.store / "archives" / a.name)
-    archive.approve_changes(opts.store, [name, *changed])  # other models' files must still verify
+
+        def move_in() -> None:
+            if final.exists():
+                shutil.rmtree(final)
+            shutil.move(model_dir, final)
+            (opts.store / "archives").mkdir(exist_ok=True)
+            for a in built:  # a move, not a rename: archives/ may be a link to another file system
+                shutil.move(a, opts.store / "archives" / a.name)
+            shutil.rmtree(staging)  # gone before the new files are hashed: none of it is listed
+
+        # Other models' files must still verify before this one's replace what is there.
+        archive.approve_changes(opts.store, [name, *changed, staging.name], write=move_in)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     for a in changed:
         log(f"[{name}] archive {opts.store / a}")
     log(f"[{name}] test top-1 {acc_test:.4f} (floor {preset.floor}), under noise {acc['test_noisy']:.4f}, "

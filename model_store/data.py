@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from model_store.archive import sha256_file
+
 DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
 DEBIAN_PACKAGE = "dataset-fashion-mnist"
 
@@ -86,14 +88,6 @@ class FashionMNIST:
     sha256: str  # one digest over the four source files, for model cards and policies
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def read_idx(path: Path) -> np.ndarray:
     """Parse a gzipped IDX file (unsigned-byte data only, at least one dimension) into an array
     of its shape; DatasetError for anything else (not gzip, cut short, a wrong header)."""
@@ -129,7 +123,7 @@ def verify(data_dir: Path = DEFAULT_DIR, keys: tuple[str, ...] = tuple(FILES)) -
         )
     combined = hashlib.sha256()
     for name, digest in files:
-        actual = _sha256(data_dir / name)
+        actual = sha256_file(data_dir / name)
         if actual != digest:
             raise DatasetError(
                 f"{data_dir / name}: sha256 {actual} does not match the expected {digest}; "

@@ -277,9 +277,8 @@ async def calibrate(
     ceiling = policy.cheap_plan(0).rows + policy.noise.max_samples + 16
     policy = dataclasses.replace(policy, version=f"{stamp}-{card['hashes']['model.pt'][:8]}", mode=mode,
                                  calibration=summary, max_forward_passes=ceiling)
-    archive.verify_manifest(store, changing=[f"{model}/{POLICY_FILE}"])
-    save_policy(policy, store / model / POLICY_FILE)
-    archive.approve_changes(store, [f"{model}/{POLICY_FILE}"])  # everything else must still verify
+    target = store / model / POLICY_FILE  # saved only once everything else still verifies
+    archive.approve_changes(store, [f"{model}/{POLICY_FILE}"], write=lambda: save_policy(policy, target))
     return policy
 
 

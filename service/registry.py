@@ -14,7 +14,6 @@ checked; the handler's refusal is then answered as a deployment fault (``Backend
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import zipfile
@@ -23,7 +22,8 @@ from pathlib import Path
 
 import yaml
 
-from model_store.archive import FORMATS, ManifestError, UnsafeArchive, archive_name, check_archive, verify_manifest
+from model_store.archive import (FORMATS, ManifestError, UnsafeArchive, archive_name, check_members, sha256_file,
+                                 verify_manifest)
 from service.decode import InputSpec
 from service.errors import GatewayError, ModelNotFound, PolicyMismatch
 from service.gate.checks import Check
@@ -59,6 +59,7 @@ def read_archive_limits(path: Path) -> ArchiveLimits:
     """The handler limits of the archive at ``path``; PolicyMismatch when it cannot be read."""
     try:
         with zipfile.ZipFile(path) as z:
+            check_members(z)  # the one TorchServe will unpack, read by the same open
             if z.getinfo(ARCHIVE_CONFIG).file_size > MAX_CONFIG_BYTES:
                 raise ValueError(f"it is over {MAX_CONFIG_BYTES:,} bytes")
             config = yaml.safe_load(z.read(ARCHIVE_CONFIG)) or {}
@@ -69,12 +70,10 @@ def read_archive_limits(path: Path) -> ArchiveLimits:
         for k, v in values.items():
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"handler.{k} must be an integer >= 1, got {v!r}")
-    except (OSError, KeyError, zipfile.BadZipFile, yaml.YAMLError, AttributeError, ValueError) as e:
-        raise PolicyMismatch(f"cannot read {ARCHIVE_CONFIG} from the archive {path}: {e}") from None
-    try:
-        check_archive(path)
     except UnsafeArchive as e:
         raise PolicyMismatch(str(e)) from None
+    except (OSError, KeyError, zipfile.BadZipFile, yaml.YAMLError, AttributeError, ValueError) as e:
+        raise PolicyMismatch(f"cannot read {ARCHIVE_CONFIG} from the archive {path}: {e}") from None
     return ArchiveLimits(archive=path.name, **values)
 
 
@@ -97,12 +96,10 @@ def archive_path(store: Path, name: str, fmt: str) -> Path:
     return store / "archives" / f"{archive_name(name, fmt)}.mar"
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def load_model(store: Path, name: str, backend_format: str) -> ServedModel:
-    """Read ``store/name/{card,policy}.json``; raise PolicyMismatch when they disagree."""
+def load_model(store: Path, name: str, backend_format: str, verified: dict[str, str] | None = None) -> ServedModel:
+    """Read ``store/name/{card,policy}.json``; raise PolicyMismatch when they disagree.
+    ``verified``: digests just checked against the files (:func:`verify_served_files`), so
+    the weights are not read a second time to compare with the card."""
     model_dir = store / name
     card_path = model_dir / CARD_FILE
     if not card_path.is_file():
@@ -115,8 +112,9 @@ def load_model(store: Path, name: str, backend_format: str) -> ServedModel:
     except (ValueError, KeyError, TypeError) as e:  # not JSON, or not a card's shape
         raise GatewayError(f"model {name!r}: {card_path} is not a valid model card "
                            f"({type(e).__name__}: {str(e)[:200]})") from None
-    if (model_dir / "model.pt").is_file() and _sha256(model_dir / "model.pt") != model_sha:
-        raise PolicyMismatch(f"{model_dir / 'model.pt'} does not match its card's sha256")
+    weights = model_dir / "model.pt"
+    if weights.is_file() and ((verified or {}).get(f"{name}/model.pt") or sha256_file(weights)) != model_sha:
+        raise PolicyMismatch(f"{weights} does not match its card's sha256")
     policy_path = model_dir / POLICY_FILE
     try:
         policy = load_policy(policy_path)
@@ -182,18 +180,19 @@ def _warn_if_stale(name: str, policy: Policy) -> None:
                     "the draws the gateway makes", name, policy.version)
 
 
-def verify_served_files(store: Path, names: tuple[str, ...], backend_format: str) -> None:
+def verify_served_files(store: Path, names: tuple[str, ...], backend_format: str) -> dict[str, str]:
     """GatewayError unless each model's card, its weights and its backend archive (those of
     them present) match the store's manifest: a card's labels are what callers read, and its
     model hash is what binds a policy to the model. The policy itself is left out: a deployment
-    may mount its own (``deploy/docker-entrypoint.sh``), held to the card's model hash instead."""
+    may mount its own (``deploy/docker-entrypoint.sh``), held to the card's model hash instead.
+    Returns the verified {relative path: sha256}."""
     wanted = []
     for n in names:
         wanted.append(f"{n}/{CARD_FILE}")
         wanted += [rel for rel in (f"{n}/model.pt", f"archives/{archive_name(n, backend_format)}.mar")
                    if (store / rel).is_file()]
     try:
-        verify_manifest(store, only=wanted)
+        return verify_manifest(store, only=wanted)
     except ManifestError as e:
         raise GatewayError(str(e)) from None
 
@@ -208,8 +207,8 @@ class Registry:
     def load(cls, store: Path, names: tuple[str, ...], backend_format: str) -> "Registry":
         """The served models of ``store``, whose files the gateway reads verified first against
         the store's manifest (:func:`verify_served_files`)."""
-        verify_served_files(store, names, backend_format)
-        return cls({n: load_model(store, n, backend_format) for n in names})
+        verified = verify_served_files(store, names, backend_format)
+        return cls({n: load_model(store, n, backend_format, verified) for n in names})
 
     def get(self, name: str, version: str = "") -> ServedModel:
         m = self._models.get(name)

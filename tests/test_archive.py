@@ -201,6 +201,56 @@ def test_a_rebuild_that_fails_its_checks_leaves_the_built_model_as_it_was(
     assert build.is_built(store_copy, "fmnist-cnn")
     assert [p.name for p in store_copy.iterdir() if p.name.startswith(".")] == []  # no staging left
 
+    def parity_while_someone_adds_an_archive(*args, **kwargs):  # the store changes during the build
+        (store_copy / "archives" / "intruder.mar").write_bytes(b"PK")
+        return real_parity(*args, **kwargs)
+
+    monkeypatch.setattr(export, "parity", parity_while_someone_adds_an_archive)
+    with pytest.raises(archive.ManifestError, match="not in manifest: archives/intruder.mar"):
+        build.build_model("fmnist-cnn", _rebuild_options(store_copy, check_floor=False), dataset=fmnist)
+    (store_copy / "archives" / "intruder.mar").unlink()
+    assert archive.verify_manifest(store_copy) == before  # the built model was not replaced
+    assert [p.name for p in store_copy.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_rebuild_replaces_the_model_and_records_only_its_files(store_copy: Path, fmnist) -> None:
+    """A rebuild over a built store moves the new model and archives in, hashes those anew and
+    keeps the rest as verified; nothing of its staging folder is left or listed."""
+    from model_store import build
+
+    before = archive.verify_manifest(store_copy)
+    (store_copy / "other").mkdir()
+    (store_copy / "other" / "card.json").write_text("{}")  # another model's file, approved by its run
+    archive.approve_changes(store_copy, ["other"])
+    build.build_model("fmnist-cnn", _rebuild_options(store_copy, check_floor=False), dataset=fmnist)
+    after = archive.verify_manifest(store_copy)
+    assert after["other/card.json"] == archive.sha256_file(store_copy / "other" / "card.json")
+    assert after["fmnist-cnn/model.pt"] != before["fmnist-cnn/model.pt"]  # 300 images, 1 epoch: new weights
+    assert not any(rel.startswith(".") for rel in after)
+    assert [p.name for p in store_copy.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_change_is_written_only_when_the_rest_of_the_store_verifies(store_copy: Path) -> None:
+    """``approve_changes(write=...)``: verify, then write, then record; a store that does
+    not verify is left as it was, the write never run."""
+    policy = store_copy / "fmnist-cnn" / "policy.json"
+    written: list[str] = []
+
+    def save() -> None:
+        written.append("policy")
+        policy.write_text('{"new": true}')
+
+    card = store_copy / "fmnist-cnn" / "card.json"
+    original = card.read_bytes()
+    card.write_bytes(original + b" ")
+    with pytest.raises(archive.ManifestError, match="sha256 mismatch: fmnist-cnn/card.json"):
+        archive.approve_changes(store_copy, ["fmnist-cnn/policy.json"], write=save)
+    assert written == []
+    card.write_bytes(original)
+    archive.approve_changes(store_copy, ["fmnist-cnn/policy.json"], write=save)
+    assert written == ["policy"]
+    assert archive.verify_manifest(store_copy)["fmnist-cnn/policy.json"] == archive.sha256_file(policy)
+
 
 def _rezip(src: Path, dst: Path, extra: list[tuple[zipfile.ZipInfo | str, bytes]]) -> Path:
     """A copy of the archive ``src`` at ``dst`` with ``extra`` members appended."""
@@ -282,6 +332,34 @@ def test_the_gateway_reads_only_a_card_weights_and_archive_the_manifest_lists(ca
     (store_copy / archive.MANIFEST).unlink()
     with pytest.raises(GatewayError, match="manifest.json is missing"):
         Registry.load(store_copy, ("fmnist-cnn",), "onnx")
+
+
+def test_the_gateway_reads_each_served_file_once_and_holds_the_weights_to_the_card(
+        calibrated_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The weights verified against the manifest are compared with the card by that digest,
+    not read again; weights the manifest approved but the card does not name still fail."""
+    from service import registry
+    from service.errors import PolicyMismatch
+
+    store_copy = tmp_path / "store"
+    shutil.copytree(calibrated_store, store_copy)
+    read: list[str] = []
+    real = archive.sha256_file
+
+    def counting(path: Path) -> str:
+        read.append(Path(path).relative_to(store_copy).as_posix())
+        return real(path)
+
+    monkeypatch.setattr(archive, "sha256_file", counting)
+    monkeypatch.setattr(registry, "sha256_file", counting)
+    registry.Registry.load(store_copy, ("fmnist-cnn",), "onnx")
+    assert sorted(read) == ["archives/fmnist-cnn-onnx.mar", "fmnist-cnn/card.json", "fmnist-cnn/model.pt"]
+
+    weights = store_copy / "fmnist-cnn" / "model.pt"
+    weights.write_bytes(weights.read_bytes() + b"\0")  # other weights, approved by a manifest rewrite
+    archive.write_manifest(store_copy)
+    with pytest.raises(PolicyMismatch, match="does not match its card's sha256"):
+        registry.Registry.load(store_copy, ("fmnist-cnn",), "onnx")
 
 
 def test_calibration_refuses_a_store_that_does_not_verify(store_copy: Path) -> None:
