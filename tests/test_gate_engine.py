@@ -184,6 +184,9 @@ def test_noise_stage_saves_passes_on_clear_noise_verdicts() -> None:
     run = drive(make_policy(), model)
     assert run.samples < run.budget  # settled before the budget: share 0 can't exceed 0.3
     assert run.report().result(Check.NOISE).verdict is Decision.PASS
+    # Copies drawn for the check alone certify nothing: stopped early, their bound would read
+    # "not certified" (and fill the radius metric) where a request that asked would be.
+    assert run.certificate() is None and run.report().certified is None
 
 
 def test_certification_opt_in_runs_on_clean_images() -> None:

@@ -155,8 +155,11 @@ class GateRun:
 
     def certificate(self) -> Certificate | None:
         """The certificate so far: conservative (undrawn copies count as disagreeing) until
-        the budget is spent; None when certification neither was asked for nor ran."""
-        if self.budget == 0 or not (self.certify or self.samples):
+        the budget is spent; None unless certification was asked for and the budget left room.
+        Noisy copies drawn only for the noise check stop once its verdict is settled, far
+        short of what a certificate would have drawn: the bound they give would read as
+        "not certified" where a request that asked would be, so it is not reported."""
+        if self.budget == 0 or not self.certify:
             return None
         n = self.policy.noise
         return certify_counts(self.top_class, self.agreements, self.samples, self.budget,
