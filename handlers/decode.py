@@ -161,27 +161,48 @@ def _decode_plain(raw: bytes, stored: str) -> np.ndarray | None:
 # pixel limits bounds the number of scans: a 2048x2048 one repeating its last 16-byte scan
 # costs about 2.5 ms per copy (a 4 MiB file: minutes). Encoders write 1 (baseline) to about 12.
 MAX_JPEG_SCANS = 100
+# Pillow reads a JPEG's header (everything before its first scan) in Python, a marker and a
+# byte of padding at a time: a 4 MiB file of empty comment segments held it 1.1 s, of fill bytes
+# 1.6 s. Encoders write a few dozen segments (APPn, DQT, DHT, SOF, SOS) and no stray bytes.
+MAX_JPEG_SEGMENTS = 256
+MAX_JPEG_STRAY_BYTES = 1024  # fill (FF FF) and junk bytes between segments, all told
 _JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD9)})  # TEM, RST0-7, SOI: no length follows
 # Where a scan's entropy-coded data ends: the next marker that is neither a stuffed 0xFF (FF 00)
 # nor a restart (FF D0-D7), after any fill bytes.
 _JPEG_NEXT_MARKER = re.compile(rb"\xff+[^\x00\xd0-\xd7\xff]")
+_FF_RUN = re.compile(rb"\xff+")
 
 
-def jpeg_scans(raw: bytes, stop_after: int = MAX_JPEG_SCANS) -> int:
-    """Start-of-scan markers in a JPEG's bytes, counted as libjpeg meets them (segments by
-    their lengths, markers without one, a scan's data up to the next marker, bytes between
-    segments skipped), up to ``stop_after + 1``; stops at EOI."""
-    pos, scans, n = 2, 0, len(raw)
-    while pos + 1 < n and scans <= stop_after:
+@dataclass(frozen=True)
+class JpegLayout:
+    scans: int  # start-of-scan markers
+    segments: int  # markers outside a scan's data, standalone ones too
+    stray: int  # fill and junk bytes between segments
+
+
+def jpeg_layout(raw: bytes) -> JpegLayout:
+    """A JPEG's markers counted as libjpeg meets them (segments by their lengths, markers
+    without one, a scan's data up to the next marker, bytes between segments skipped); stops
+    at EOI, or once a count passes its limit (:data:`MAX_JPEG_SCANS`, :data:`MAX_JPEG_SEGMENTS`,
+    :data:`MAX_JPEG_STRAY_BYTES`), so its cost is bounded whatever the bytes."""
+    pos, scans, segments, stray, n = 2, 0, 0, 0, len(raw)
+    while (pos + 1 < n and scans <= MAX_JPEG_SCANS and segments <= MAX_JPEG_SEGMENTS
+           and stray <= MAX_JPEG_STRAY_BYTES):
         if raw[pos] != 0xFF:  # not a marker: libjpeg skips to the next 0xFF
-            pos = raw.find(b"\xff", pos)
-            if pos < 0:
+            found = raw.find(b"\xff", pos)
+            stray += (found if found >= 0 else n) - pos
+            if found < 0:
                 break
+            pos = found
             continue
         marker = raw[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-        elif marker == 0xD9:  # EOI
+        if marker == 0xFF:  # fill bytes: the run's last 0xFF starts the marker
+            end = _FF_RUN.match(raw, pos).end()
+            stray += end - 1 - pos
+            pos = end - 1
+            continue
+        segments += 1
+        if marker == 0xD9:  # EOI
             break
         elif marker in _JPEG_STANDALONE:
             pos += 2
@@ -193,7 +214,59 @@ def jpeg_scans(raw: bytes, stop_after: int = MAX_JPEG_SCANS) -> int:
                 if found is None:
                     break
                 pos = found.end() - 2
-    return scans
+    return JpegLayout(scans, segments, stray)
+
+
+def jpeg_refusal(raw: bytes) -> str | None:
+    """Why a JPEG's layout is refused before it is decoded (:func:`jpeg_layout`), else None."""
+    layout = jpeg_layout(raw)
+    if layout.scans > MAX_JPEG_SCANS:
+        return f"image is a JPEG of more than {MAX_JPEG_SCANS} scans; the limit is {MAX_JPEG_SCANS}"
+    if layout.segments > MAX_JPEG_SEGMENTS:
+        return f"image is a JPEG of more than {MAX_JPEG_SEGMENTS} marker segments; the limit is {MAX_JPEG_SEGMENTS}"
+    if layout.stray > MAX_JPEG_STRAY_BYTES:
+        return (f"image is a JPEG with more than {MAX_JPEG_STRAY_BYTES} bytes of padding between its "
+                f"segments; the limit is {MAX_JPEG_STRAY_BYTES}")
+    return None
+
+
+# Pillow reads a PNG's chunks in Python (about 3 us each) and inflates every compressed one it
+# meets whole: an ICC profile (iCCP) or a compressed text (zTXt, iTXt) of up to 1 MiB, about
+# 2 ms each. A 1 MiB file of a thousand 1 KiB ICC profiles held it 2.2 s. The standard allows
+# one ICC profile, before the image data; encoders write the image data in chunks of 8 KiB or
+# more, and a few chunks besides.
+PNG_CHUNKS_BASE = 256  # chunks, plus one per KiB of the file
+MAX_PNG_PACKED_CHUNKS = 8  # iCCP, zTXt and iTXt, all told
+_PNG_PACKED = frozenset({b"iCCP", b"zTXt", b"iTXt"})
+
+
+def png_refusal(raw: bytes) -> str | None:
+    """Why a PNG's chunk layout is refused before it is decoded, else None: more chunks than
+    :data:`PNG_CHUNKS_BASE` plus one per KiB, more than :data:`MAX_PNG_PACKED_CHUNKS`
+    compressed ones, or an ICC profile twice or after the image data. Reads chunk headers
+    only (lengths and kinds; Pillow checks the rest), at most the limit's number."""
+    limit = PNG_CHUNKS_BASE + len(raw) // 1024
+    pos, chunks, packed, pixels_seen, icc = 8, 0, 0, False, False
+    while pos + 8 <= len(raw):
+        kind = raw[pos + 4:pos + 8]
+        chunks += 1
+        if chunks > limit:
+            return f"image is a PNG of more than {limit} chunks; the limit for a file of its size is {limit}"
+        if kind == b"IEND":
+            break
+        if kind == b"IDAT":
+            pixels_seen = True
+        elif kind == b"iCCP":
+            if icc or pixels_seen:
+                return "image is not a decodable PNG (an ICC profile twice, or after the image data)"
+            icc = True
+        if kind in _PNG_PACKED:
+            packed += 1
+            if packed > MAX_PNG_PACKED_CHUNKS:
+                return (f"image is a PNG of more than {MAX_PNG_PACKED_CHUNKS} compressed metadata chunks "
+                        f"(iCCP, zTXt, iTXt); the limit is {MAX_PNG_PACKED_CHUNKS}")
+        pos += 12 + int.from_bytes(raw[pos:pos + 4], "big")
+    return None
 
 
 # Pillow decodes 2- and 4-bit grey to 0..255 but keeps a tRNS grey as stored (0..3, 0..15),
@@ -224,7 +297,8 @@ def load_pixels(raw: bytes, mode: str, max_bytes: int, max_pixels: int, fail: ty
     empty, over ``max_bytes``, neither PNG nor JPEG by content, no pixels, over
     ``max_pixels`` by the header (and by Pillow's own bomb check), whatever
     ``stored_size(width, height)`` says of the size as stored (None: accepted; it may also
-    raise), animated, a JPEG of more than :data:`MAX_JPEG_SCANS` scans, truncated or corrupt."""
+    raise), animated, a layout whose parse alone would cost more than a decode
+    (:func:`jpeg_refusal`, :func:`png_refusal`), truncated or corrupt."""
     if not raw:
         raise fail("image is empty")
     if len(raw) > max_bytes:
@@ -241,6 +315,8 @@ def load_pixels(raw: bytes, mode: str, max_bytes: int, max_pixels: int, fail: ty
         if (refused := stored_size(w, h)) is not None:
             raise fail(refused)
 
+    if (refused := png_refusal(raw) if fmt == "PNG" else jpeg_refusal(raw)) is not None:
+        raise fail(refused)  # from the layout alone, before a decoder reads it
     if fmt == "PNG" and (plain := plain_png(raw)) is not None:
         check_size(plain[0], plain[1])
         if (pixels := _decode_plain(raw, plain[2])) is not None:  # no EXIF, no transparency
@@ -252,8 +328,6 @@ def load_pixels(raw: bytes, mode: str, max_bytes: int, max_pixels: int, fail: ty
             check_size(*img.size)
             if getattr(img, "n_frames", 1) > 1:  # never its first frame in silence
                 raise fail("animated images are not accepted: send one frame")
-            if fmt == "JPEG" and jpeg_scans(raw) > MAX_JPEG_SCANS:
-                raise fail(f"image is a JPEG of more than {MAX_JPEG_SCANS} scans; the limit is {MAX_JPEG_SCANS}")
             stored_as = img.tile[0].args if fmt == "PNG" and img.tile else None  # gone once loaded
             img.load()
             if "transparency" in img.info:
@@ -263,7 +337,8 @@ def load_pixels(raw: bytes, mode: str, max_bytes: int, max_pixels: int, fail: ty
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise fail(f"image has too many pixels; the limit is {max_pixels}") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:  # UnidentifiedImageError is an OSError
+    except (OSError, SyntaxError, ValueError, EOFError,  # UnidentifiedImageError is an OSError
+            IndexError, KeyError, TypeError, struct.error) as e:  # Pillow's parsers on malformed chunks
         raise fail(f"image is not a decodable {fmt} ({type(e).__name__})") from None
 
 

@@ -53,6 +53,23 @@ def many_scans_jpeg(copies: int, side: int = 28) -> bytes:
     return raw[:end] + raw[last:end] * copies + raw[end:]
 
 
+def png_with(before: list[tuple[bytes, bytes]] = (), after: list[tuple[bytes, bytes]] = (), side: int = 28) -> bytes:
+    """A grey PNG with the chunks ``before`` between its header and its image data and
+    ``after`` between the image data and its end."""
+    rows = b"".join(b"\0" + bytes(range(side)) for _ in range(side))
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + b"".join(chunk(k, b) for k, b in before)
+            + chunk(b"IDAT", zlib.compress(rows)) + b"".join(chunk(k, b) for k, b in after) + chunk(b"IEND", b""))
+
+
+def jpeg_with(header: bytes, side: int = 28) -> bytes:
+    """A baseline grey JPEG with ``header`` (segments, padding) right after its start marker."""
+    buf = io.BytesIO()
+    Image.new("L", (side, side), 90).save(buf, format="JPEG")
+    raw = buf.getvalue()
+    return raw[:2] + header + raw[2:]
+
+
 def corpus() -> dict[str, tuple[bytes, str | None]]:
     """name -> (bytes, None if it must be accepted else a substring of the expected error)."""
     rng = np.random.default_rng(0)
@@ -85,6 +102,12 @@ def corpus() -> dict[str, tuple[bytes, str | None]]:
         "html claiming to be an image": (b"<html><script>alert(1)</script></html>", "neither PNG nor JPEG"),
         "jpeg magic then garbage": (b"\xff\xd8\xff" + bytes(rng.integers(0, 256, 500, dtype=np.uint8)), "not a decodable JPEG"),
         "jpeg of too many scans": (many_scans_jpeg(100), "scans; the limit is"),
+        "jpeg of many empty comments": (jpeg_with(b"\xff\xfe\x00\x02" * 1000), "marker segments; the limit is"),
+        "jpeg padded with fill bytes": (jpeg_with(b"\xff" * 4000), "bytes of padding"),
+        "png of many icc profiles": (png_with(before=[(b"iCCP", b"p\0\0" + zlib.compress(b"\0" * (1 << 20), 9))] * 20),
+                                     "ICC profile twice"),
+        "png with an empty icc profile after its pixels": (png_with(after=[(b"iCCP", b"")]), "after the image data"),
+        "png of many unknown chunks": (png_with(before=[(b"quIt", b"")] * 2000), "chunks; the limit for a file of its size"),
         "16-bit colour png with a transparent colour": (
             png_of(np.full((28, 28, 3), 65535), 16, 2, (255, 255, 255)), "transparent colour"),
     }

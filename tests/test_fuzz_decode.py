@@ -5,6 +5,8 @@ HYPOTHESIS_PROFILE=nightly for 10,000."""
 from __future__ import annotations
 
 import io
+import zlib
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -237,23 +239,64 @@ def test_jpeg_scans_are_counted_as_a_decoder_meets_them() -> None:
     """Baseline: one scan; progressive: one per FF DA (Pillow writes no EXIF, and a scan's
     data stuffs every FF); an appended copy of the last scan is one more; the count stops at
     its bound, however many there are."""
-    from handlers.decode import MAX_JPEG_SCANS, jpeg_scans
+    from handlers.decode import MAX_JPEG_SCANS, jpeg_layout
     from tests.nasty import many_scans_jpeg
 
-    assert jpeg_scans(_encoded_image("L", (64, 64), "JPEG")) == 1
+    def scans(raw: bytes) -> int:
+        return jpeg_layout(raw).scans
+
+    assert scans(_encoded_image("L", (64, 64), "JPEG")) == 1
     progressive = _encoded_image("RGB", (64, 64), "JPEG", progressive=True)
-    assert jpeg_scans(progressive) == progressive.count(b"\xff\xda") > 1
-    base = jpeg_scans(many_scans_jpeg(0))
-    assert jpeg_scans(many_scans_jpeg(3)) == base + 3
-    assert jpeg_scans(many_scans_jpeg(100_000)) == MAX_JPEG_SCANS + 1
-    assert jpeg_scans(b"\xff\xd8\xff\xd0" + many_scans_jpeg(3)[2:]) == base + 3  # RST0: no length
+    assert scans(progressive) == progressive.count(b"\xff\xda") > 1
+    base = scans(many_scans_jpeg(0))
+    assert scans(many_scans_jpeg(3)) == base + 3
+    assert scans(many_scans_jpeg(100_000)) == MAX_JPEG_SCANS + 1
+    assert scans(b"\xff\xd8\xff\xd0" + many_scans_jpeg(3)[2:]) == base + 3  # RST0: no length
+    padded = many_scans_jpeg(3)
+    padded = padded[:2] + b"\xff" * 5 + padded[2:]  # fill bytes before a marker: skipped, counted
+    assert jpeg_layout(padded) == replace(jpeg_layout(many_scans_jpeg(3)), stray=5)
+
+
+def test_a_jpeg_or_png_whose_layout_costs_more_than_its_pixels_is_refused_and_an_ordinary_one_is_not() -> None:
+    """Pillow parses a JPEG's header and a PNG's chunks in Python and inflates every compressed
+    PNG chunk it meets: a small file of many segments, padding or ICC profiles held it seconds.
+    The limits leave room for what encoders write."""
+    from handlers.decode import (MAX_JPEG_SEGMENTS, MAX_JPEG_STRAY_BYTES, MAX_PNG_PACKED_CHUNKS, PNG_CHUNKS_BASE,
+                                 jpeg_layout)
+    from tests.nasty import jpeg_with, png_with
+
+    comment = b"\xff\xfe\x00\x02"  # an empty COM segment
+    base = jpeg_layout(jpeg_with(b"")).segments
+    _check(decode_image(jpeg_with(comment * (MAX_JPEG_SEGMENTS - base)), SPEC, LIMITS))
+    with pytest.raises(InvalidInput, match=f"more than {MAX_JPEG_SEGMENTS} marker segments"):
+        decode_image(jpeg_with(comment * (MAX_JPEG_SEGMENTS - base + 1)), SPEC, LIMITS)
+    _check(decode_image(jpeg_with(b"\xff" * MAX_JPEG_STRAY_BYTES), SPEC, LIMITS))
+    with pytest.raises(InvalidInput, match=f"more than {MAX_JPEG_STRAY_BYTES} bytes of padding"):
+        decode_image(jpeg_with(b"\xff" * (MAX_JPEG_STRAY_BYTES + 1)), SPEC, LIMITS)
+    with pytest.raises(InvalidInput, match="bytes of padding"):
+        decode_image(jpeg_with(comment + b"\x00" * (MAX_JPEG_STRAY_BYTES + 1)), SPEC, LIMITS)  # junk
+
+    icc = (b"iCCP", b"icc\0\0" + zlib.compress(b"\0" * 4096))
+    text = (b"zTXt", b"note\0\0" + zlib.compress(b"x" * 4096))
+    _check(decode_image(png_with(before=[icc] + [text] * (MAX_PNG_PACKED_CHUNKS - 1)), SPEC, LIMITS))
+    with pytest.raises(InvalidInput, match="compressed metadata chunks"):
+        decode_image(png_with(before=[icc] + [text] * MAX_PNG_PACKED_CHUNKS), SPEC, LIMITS)
+    with pytest.raises(InvalidInput, match="ICC profile twice"):
+        decode_image(png_with(before=[icc, icc]), SPEC, LIMITS)
+    with pytest.raises(InvalidInput, match="after the image data"):
+        decode_image(png_with(after=[(b"iCCP", b"")]), SPEC, LIMITS)  # Pillow: an IndexError
+    inert = (b"tIME", b"\x07\xea\x0c\x06\x00\x00\x00")
+    small = png_with(before=[inert] * (PNG_CHUNKS_BASE - 4))  # IHDR, IDAT, IEND: within the limit
+    _check(decode_image(small, SPEC, LIMITS))
+    with pytest.raises(InvalidInput, match="chunks; the limit for a file of its size"):
+        decode_image(png_with(before=[inert] * (PNG_CHUNKS_BASE + 8)), SPEC, LIMITS)
 
 
 def test_a_jpeg_of_many_scans_is_refused_before_its_decode_and_one_at_the_limit_is_not() -> None:
-    from handlers.decode import MAX_JPEG_SCANS, jpeg_scans
+    from handlers.decode import MAX_JPEG_SCANS, jpeg_layout
     from tests.nasty import many_scans_jpeg
 
-    extra = MAX_JPEG_SCANS - jpeg_scans(many_scans_jpeg(0))
+    extra = MAX_JPEG_SCANS - jpeg_layout(many_scans_jpeg(0)).scans
     assert decode_image(many_scans_jpeg(extra), SPEC, LIMITS).shape == (1, 28, 28)
     with pytest.raises(InvalidInput, match=f"more than {MAX_JPEG_SCANS} scans"):
         decode_image(many_scans_jpeg(extra + 1), SPEC, LIMITS)
