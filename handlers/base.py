@@ -118,6 +118,11 @@ class Request:
     rows: int
 
 
+class BatchRefused(InputError):
+    """A ProbeBatch refused whole (it does not parse, or is over a limit): answered as a
+    ProbeBatchResult of this one error, the message its caller reads, not as a ProbeResult."""
+
+
 # One TorchServe request as the handler sees it between its hooks: a single image (or its
 # error), or the items of a ProbeBatch.
 Item = Request | InputError
@@ -192,10 +197,10 @@ class ProbeHandler(BaseHandler):
             try:
                 rows.append(self.parse_batch(row[BATCH_KEY]) if BATCH_KEY in row else self.parse(row))
             except InputError as e:
-                rows.append(e)
+                rows.append(BatchRefused(e.message, e.code) if BATCH_KEY in row else e)
             except Exception:  # never let one request's surprise fail the batch
                 logger.exception("request could not be decoded")
-                rows.append(InputError("internal error", 500))
+                rows.append(BatchRefused("internal error", 500) if BATCH_KEY in row else InputError("internal error", 500))
         if len(rows) == 1 and isinstance(rows[0], InputError):
             raise PredictionException(rows[0].message, rows[0].code)
         return rows
@@ -244,6 +249,9 @@ class ProbeHandler(BaseHandler):
                 continue
             if isinstance(o, InputError):
                 self.context.set_response_status(o.code, o.message, idx)
+            if isinstance(o, BatchRefused):  # answered in the message its caller reads
+                out.append(probe_pb2.ProbeBatchResult(results=[self._result(o, n, took)]).SerializeToString())
+                continue
             out.append(self._result(o, n, took).SerializeToString())
         return out
 

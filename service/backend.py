@@ -254,6 +254,8 @@ class TorchServeBackend:
         except Exception as e:
             log.error("backend answered an undecodable ProbeBatchResult: %s", e)
             raise BackendUnavailable("backend answered an undecodable result") from None
+        if len(results) == 1 != len(items) and results[0].HasField("error"):
+            _checked(results[0])  # the handler refused the batch whole: raises its error for the call
         if len(results) != len(items):
             log.error("backend answered %d results for %d items", len(results), len(items))
             raise BackendUnavailable("backend answered an undecodable result")

@@ -199,6 +199,34 @@ def test_a_model_torchserve_has_not_loaded_is_unavailable_not_not_found(caplog) 
     assert "fmnist-cnn-onnx" in caplog.text  # TorchServe's words go to the log, not the caller
 
 
+def test_a_probe_batch_the_handler_refused_whole_raises_its_error_for_the_call(monkeypatch) -> None:
+    """One error for a batch of three (the handler refused the batch, e.g. over its item
+    limit): the call's error, a refusal the coalescer answers by sending the items one by one;
+    not "an undecodable result" (UNAVAILABLE for all three)."""
+    import asyncio
+
+    from service import backend
+    from service.backend import TorchServeBackend
+    from service.ratelog import Throttle
+
+    monkeypatch.setattr(backend, "_throttled", Throttle(backend.log))
+    answers: list[bytes] = []
+
+    async def predict(self, model_name, version, inputs, timeout_s):
+        return answers.pop(0)
+
+    monkeypatch.setattr(TorchServeBackend, "_predict", predict)
+    tb = TorchServeBackend("127.0.0.1:1", "token", 1 << 20)
+    items = [(np.zeros((1, 28, 28), np.uint8), None)] * 3
+    refused = probe_pb2.ProbeError(code=400, message="batch has 3 items; the limit is 2")
+    answers.append(probe_pb2.ProbeBatchResult(results=[probe_pb2.ProbeResult(error=refused)]).SerializeToString())
+    with pytest.raises(BackendRefused):
+        asyncio.run(tb.probe_batch("m", items, 1.0))
+    answers.append(probe_pb2.ProbeBatchResult(results=[probe_pb2.ProbeResult(rows=1)]).SerializeToString())
+    with pytest.raises(BackendUnavailable, match="undecodable"):  # one answer, not an error: the handler's fault
+        asyncio.run(tb.probe_batch("m", items, 1.0))
+
+
 def test_the_token_refresh_retry_shares_the_calls_timeout(tmp_path: Path) -> None:
     """TorchServe refuses a renewed token after a while (here 0.6 s of a 1 s budget); the one
     retry with the re-read token gets what is left, not a second full timeout."""

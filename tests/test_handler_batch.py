@@ -291,6 +291,13 @@ def test_a_bad_probe_batch_is_refused_whole(tiny_store: Path, tmp_path: Path, im
         with pytest.raises(PredictionException, match=match) as err:
             h.handle([{"batch": raw}], ctx)
         assert err.value.error_code == 400
+        # Beside another request in one worker batch: its answer is the message its caller
+        # reads, a ProbeBatchResult of that one error (a ProbeResult read as one has no results).
+        ctx.request_processor = [RequestProcessor({}), RequestProcessor({})]
+        out = h.handle([{"batch": raw}, {"data": png(images[0])}], ctx)
+        res = probe_pb2.ProbeBatchResult.FromString(out[0]).results
+        assert len(res) == 1 and res[0].error.code == 400 and match in res[0].error.message
+        assert probe_pb2.ProbeResult.FromString(out[1]).rows == 1
 
 
 def test_a_probe_batch_is_bounded_in_rows(tiny_store: Path, tmp_path: Path, images: np.ndarray) -> None:
