@@ -148,18 +148,26 @@ def map_rpc_error(err: grpc.aio.AioRpcError) -> GatewayError:
     return kind(_PUBLIC_MESSAGE[kind])
 
 
+# The channel to TorchServe carries what the gateway built (decoded tensors, coalesced into calls
+# of at most CoalesceConfig.max_bytes) and TorchServe's answers (every variant's logits): its
+# limits are TorchServe's own (max_request_size, max_response_size in model_store.serve's
+# ServeSettings), not the callers' max_message_bytes. Tied to that, a gateway whose callers were
+# held to 64 KiB answered coalesced calls RESOURCE_EXHAUSTED ("overloaded") under load.
+BACKEND_MAX_SEND_BYTES = 8 << 20
+BACKEND_MAX_RECEIVE_BYTES = 64 << 20
+
+
 class TorchServeBackend:
     """Async client of TorchServe's gRPC inference API (one channel for every call)."""
 
-    def __init__(self, address: str, token: str | None, max_message_bytes: int, metrics=None,
-                 key_file: Path | None = None) -> None:
+    def __init__(self, address: str, token: str | None, metrics=None, key_file: Path | None = None) -> None:
         self._address = address
         self._metrics = metrics  # service.metrics.Metrics or None
         self._key_file = key_file  # re-read when TorchServe refuses the token (it was renewed)
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
         opts = [
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", BACKEND_MAX_SEND_BYTES),
+            ("grpc.max_receive_message_length", BACKEND_MAX_RECEIVE_BYTES),
             ("grpc.keepalive_time_ms", 20_000),
             ("grpc.enable_retries", 0),
             # Reconnect within seconds once TorchServe is back (gRPC's default backoff grows to 120 s).

@@ -188,7 +188,7 @@ async def calibrate(
     views = tuple(v for v, name in zip(DEFAULT_VIEWS, names) if name in preserving)
     policy = dataclasses.replace(policy, probe=dataclasses.replace(policy.probe, views=views or DEFAULT_VIEWS))
     spec = calibration_spec(policy, seed, checks)
-    backend = TorchServeBackend(address, read_inference_key(key_file), 64 << 20)
+    backend = TorchServeBackend(address, read_inference_key(key_file))
     ts_name = f"{model}-{backend_format}"
     imgs = calib.images[:n, None]  # uint8 [N, 1, 28, 28], as the gateway sends decoded PNGs
     try:

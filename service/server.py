@@ -539,8 +539,7 @@ async def start(settings: Settings, registry: Registry | None = None, worker: bo
     for m in registry.all():
         metrics.baseline(m.name, m.policy.calibration)
     tracing = setup_tracing(settings)
-    backend = TorchServeBackend(settings.torchserve_address, token, settings.max_message_bytes, metrics,
-                                key_file=settings.torchserve_key_file)
+    backend = TorchServeBackend(settings.torchserve_address, token, metrics, key_file=settings.torchserve_key_file)
     limits = Limits(max_bytes=settings.max_message_bytes, max_pixels=settings.max_image_pixels)
     coalescer = None
     if settings.coalesce_max_batch >= 2:

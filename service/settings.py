@@ -124,8 +124,10 @@ class Settings:
     """How long the gateway waits for the answer to its keepalive ping before it closes the
     connection (its calls and streams end CANCELLED)."""
     max_message_bytes: int = 4 * 1024 * 1024
-    """Largest gRPC message accepted (and image bytes, less framing). A larger one is refused by
-    gRPC's transport with RESOURCE_EXHAUSTED before any gateway code runs (not an overload signal)."""
+    """Largest gRPC message accepted from callers, and sent to them (and image bytes, less
+    framing). A larger one is refused by gRPC's transport with RESOURCE_EXHAUSTED before any
+    gateway code runs (not an overload signal). The gateway's own calls to TorchServe have
+    TorchServe's limits (``service.backend.BACKEND_MAX_*``), whatever this is."""
     max_image_pixels: int = 4096 * 4096
     """Pixel-count cap checked from the header before full decode (decompression bombs)."""
     grace_s: float = 10.0

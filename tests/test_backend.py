@@ -216,7 +216,7 @@ def test_a_probe_batch_the_handler_refused_whole_raises_its_error_for_the_call(m
         return answers.pop(0)
 
     monkeypatch.setattr(TorchServeBackend, "_predict", predict)
-    tb = TorchServeBackend("127.0.0.1:1", "token", 1 << 20)
+    tb = TorchServeBackend("127.0.0.1:1", "token")
     items = [(np.zeros((1, 28, 28), np.uint8), None)] * 3
     refused = probe_pb2.ProbeError(code=400, message="batch has 3 items; the limit is 2")
     answers.append(probe_pb2.ProbeBatchResult(results=[probe_pb2.ProbeResult(error=refused)]).SerializeToString())
@@ -225,6 +225,47 @@ def test_a_probe_batch_the_handler_refused_whole_raises_its_error_for_the_call(m
     answers.append(probe_pb2.ProbeBatchResult(results=[probe_pb2.ProbeResult(rows=1)]).SerializeToString())
     with pytest.raises(BackendUnavailable, match="undecodable"):  # one answer, not an error: the handler's fault
         asyncio.run(tb.probe_batch("m", items, 1.0))
+
+
+def test_the_channel_to_torchserve_has_torchserves_limits_not_the_callers() -> None:
+    """A gateway whose callers are held to a small max_message_bytes still sends coalesced
+    calls and reads their answers (every variant's logits) up to TorchServe's own limits."""
+    import asyncio
+
+    import grpc
+
+    from model_store.serve import ServeSettings
+    from robustgate.torchserve import inference_pb2, inference_pb2_grpc
+    from service import backend
+    from service.backend import TorchServeBackend
+
+    assert backend.BACKEND_MAX_SEND_BYTES == ServeSettings.max_request_size
+    assert backend.BACKEND_MAX_RECEIVE_BYTES == ServeSettings.max_response_size
+    rows = 4096  # coalesce_max_rows: 160 KiB of logits for ten classes
+    logits = np.zeros((rows, 10), "<f4").tobytes()
+
+    class Fake(inference_pb2_grpc.InferenceAPIsServiceServicer):
+        async def Predictions(self, request, context):  # noqa: N802 (gRPC method name)
+            n = len(probe_pb2.ProbeBatch.FromString(request.input["batch"]).items)
+            one = probe_pb2.ProbeResult(rows=rows // n, classes=10, logits=logits[: len(logits) // n])
+            return inference_pb2.PredictionResponse(prediction=probe_pb2.ProbeBatchResult(results=[one] * n)
+                                                    .SerializeToString())
+
+    async def main() -> list:
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 8 << 20),
+                                          ("grpc.max_send_message_length", 64 << 20)])
+        inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server(Fake(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            tb = TorchServeBackend(f"127.0.0.1:{port}", "token")
+            items = [(np.zeros((3, 224, 224), np.float32), None)] * 8  # 4.8 MB of tensors in one call
+            return await tb.probe_batch("m", items, 5.0)
+        finally:
+            await server.stop(0)
+
+    outs = asyncio.run(main())
+    assert len(outs) == 8 and all(o.logits.shape == (rows // 8, 10) for o in outs)
 
 
 def test_the_token_refresh_retry_shares_the_calls_timeout(tmp_path: Path) -> None:
@@ -256,7 +297,7 @@ def test_the_token_refresh_retry_shares_the_calls_timeout(tmp_path: Path) -> Non
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         try:
-            backend = TorchServeBackend(f"127.0.0.1:{port}", "old", 1 << 20, key_file=keys)
+            backend = TorchServeBackend(f"127.0.0.1:{port}", "old", key_file=keys)
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await backend._call(inference_pb2.PredictionsRequest(model_name="m"), 1.0)
             return err.value.code()
