@@ -18,6 +18,11 @@ ENV_PREFIX = "ROBUSTGATE_"
 # handlers/model-config.yaml's handler.max_batch_items: a coalesced batch above it is refused whole.
 HANDLER_MAX_BATCH_ITEMS = 256
 MAX_WORKERS = 64
+# gRPC takes its options as 32-bit ints: message sizes in bytes, durations in milliseconds
+# (and its deadlines overflow beyond about 292 years); larger values failed the start with an
+# OverflowError traceback, or left the health probe failing for good.
+MAX_MESSAGE_BYTES = 2**31 - 1
+MAX_DURATION_S = (2**31 - 1) // 1000
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -165,6 +170,8 @@ class Settings:
             raise ValueError("models must name at least one model (a gateway of none reports SERVING)")
         if self.max_message_bytes < 1 or self.max_image_pixels < 1:
             raise ValueError("max_message_bytes and max_image_pixels must be >= 1")
+        if self.max_message_bytes > MAX_MESSAGE_BYTES:
+            raise ValueError(f"max_message_bytes must be <= {MAX_MESSAGE_BYTES} (gRPC's limit is a 32-bit int)")
         if self.log_level.upper() not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
         object.__setattr__(self, "log_level", self.log_level.upper())
@@ -197,6 +204,10 @@ class Settings:
         for name in ("backend_timeout_s", "request_timeout_s", "grace_s", "health_interval_s", "keepalive_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
+        for f in dataclasses.fields(self):
+            if f.name.endswith("_s") and getattr(self, f.name) > MAX_DURATION_S:
+                raise ValueError(f"{f.name} must be <= {MAX_DURATION_S} s (about 24 days: gRPC takes durations as "
+                                 f"32-bit milliseconds; 0 turns off those that may be off)")
         if self.torchserve_metrics_url:
             relay_url_parts(self.torchserve_metrics_url)
 

@@ -26,6 +26,14 @@ from service.settings import REPO, Settings, from_args
     ({"ROBUSTGATE_LOG_LEVEL": "loud"}, "log_level must be one of"),
     ({"ROBUSTGATE_PORT": "abc"}, "port must be an integer, got 'abc'"),
     ({"ROBUSTGATE_GRACE_S": "soon"}, "grace_s must be a number, got 'soon'"),
+    # gRPC's options are 32-bit: an OverflowError traceback at start, or a health probe that
+    # never answered (a deadline past int64 nanoseconds)
+    ({"ROBUSTGATE_MAX_MESSAGE_BYTES": str(2**32)}, r"max_message_bytes must be <= 2147483647"),
+    ({"ROBUSTGATE_MAX_CONNECTION_AGE_S": "2592000"}, r"max_connection_age_s must be <= 2147483 s"),
+    ({"ROBUSTGATE_KEEPALIVE_TIME_S": "2592000"}, r"keepalive_time_s must be <= 2147483 s"),
+    ({"ROBUSTGATE_KEEPALIVE_TIMEOUT_S": "2592000"}, r"keepalive_timeout_s must be <= 2147483 s"),
+    ({"ROBUSTGATE_BACKEND_TIMEOUT_S": "1e10"}, r"backend_timeout_s must be <= 2147483 s"),
+    ({"ROBUSTGATE_REQUEST_TIMEOUT_S": "1e10"}, r"request_timeout_s must be <= 2147483 s"),
 ])
 def test_bad_settings_are_refused_by_name(env: dict[str, str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -37,10 +45,13 @@ def test_edges_and_spellings_that_are_accepted() -> None:
     assert from_args(["--port", "0", "--metrics-port", "0"], environ={}).port == 0
     assert from_args(["--log-level", "debug"], environ={}).log_level == "DEBUG"  # logging wants it upper
     assert Settings().log_level == "INFO" and Settings().models == ("fmnist-cnn",)
+    edge = {"ROBUSTGATE_MAX_MESSAGE_BYTES": str(2**31 - 1), "ROBUSTGATE_MAX_CONNECTION_AGE_S": "2147483"}
+    assert from_args([], environ=edge).max_connection_age_s == 2147483
 
 
 def test_the_gateway_names_a_bad_setting_in_one_line() -> None:
-    for args in (["--port", "abc"], ["--workers", "0"], ["--worker-timeout-s", "nan"]):
+    for args in (["--port", "abc"], ["--workers", "0"], ["--worker-timeout-s", "nan"],
+                 ["--max-connection-age-s", "2592000"]):
         out = subprocess.run([sys.executable, "-m", "service", *args], cwd=REPO, capture_output=True,
                              text=True, timeout=120)
         assert out.returncode == 2, out.stderr
