@@ -381,15 +381,15 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
             yield  # unreachable: abort raises; makes this an async generator
 
+        # No deserializer: a caller without the token has its bytes refused unread, so bytes
+        # that do not parse read UNAUTHENTICATED too, not INVALID_ARGUMENT.
         if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(deny, handler.request_deserializer, handler.response_serializer)
+            return grpc.unary_unary_rpc_method_handler(deny, None, handler.response_serializer)
         if handler.stream_stream is not None:
-            return grpc.stream_stream_rpc_method_handler(deny_stream, handler.request_deserializer,
-                                                         handler.response_serializer)
+            return grpc.stream_stream_rpc_method_handler(deny_stream, None, handler.response_serializer)
         if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(deny_stream, handler.request_deserializer,
-                                                        handler.response_serializer)
-        return grpc.stream_unary_rpc_method_handler(deny, handler.request_deserializer, handler.response_serializer)
+            return grpc.unary_stream_rpc_method_handler(deny_stream, None, handler.response_serializer)
+        return grpc.stream_unary_rpc_method_handler(deny, None, handler.response_serializer)
 
 
 def auth_token(settings: Settings) -> str:

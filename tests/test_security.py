@@ -151,6 +151,12 @@ def test_bearer_token(calibrated_store: Path, torchserve, tmp_path: Path) -> Non
             for md in ((("authorization", "Bearer"),), (("authorization", "Basic s3cret-token-0123456789"),)):
                 assert _code(lambda: stub.ListModels(pb.ListModelsRequest(), timeout=5, metadata=md))[0] == \
                     grpc.StatusCode.UNAUTHENTICATED
+            # Bytes that do not parse: unread without the token (UNAUTHENTICATED, as any call
+            # without it), INVALID_ARGUMENT with it.
+            raw = ch.unary_unary("/robustgate.v1.ClassifierService/Classify")
+            assert _code(lambda: raw(b"\xff\xff\xff", timeout=5))[0] == grpc.StatusCode.UNAUTHENTICATED
+            good = (("authorization", "Bearer s3cret-token-0123456789"),)
+            assert _code(lambda: raw(b"\xff\xff\xff", timeout=5, metadata=good))[0] == grpc.StatusCode.INVALID_ARGUMENT
             # Health stays open for probes.
             assert health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
                 health_pb2.HealthCheckResponse.SERVING
