@@ -208,8 +208,35 @@ def metrics_app(registry: CollectorRegistry, torchserve_metrics_url: str = "") -
     return app
 
 
+MAX_CONNECTIONS = 32  # served at once; each holds a thread (Prometheus scrapes one at a time)
+
+
 class _Server(ThreadingMixIn, WSGIServer):
+    """One thread per connection, at most :data:`MAX_CONNECTIONS` of them: a connection
+    beyond is closed at once, unanswered, so idle connections cannot grow the gateway's
+    threads without bound (each held up to the handler's timeout)."""
+
     daemon_threads = True
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: socket.socket, client_address: object) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)  # starts the connection's thread
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: socket.socket, client_address: object) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     def handle_error(self, request: object, client_address: object) -> None:
         """A client that went quiet (the handler's timeout) or away: closed without a word;
@@ -223,7 +250,7 @@ class _QuietHandler(WSGIRequestHandler):
     # A connection that sends nothing (or half a request) holds its thread until it ends:
     # without a timeout, forever. Prometheus sends its request at once and reads the answer
     # within its scrape timeout (10 s by default).
-    timeout = 30.0
+    timeout = 10.0
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002  (no line per scrape)
         pass

@@ -339,8 +339,8 @@ def test_a_connection_that_sends_nothing_is_closed_by_the_read_timeout(registry:
                                                                        monkeypatch: pytest.MonkeyPatch,
                                                                        capfd: pytest.CaptureFixture) -> None:
     """Each connection holds a thread: one that sends nothing, or half a request, is closed
-    after the handler's timeout (30 s as shipped), quietly, and scrapes go on meanwhile."""
-    assert metrics_server._QuietHandler.timeout == 30.0
+    after the handler's timeout (10 s as shipped), quietly, and scrapes go on meanwhile."""
+    assert metrics_server._QuietHandler.timeout == 10.0
     monkeypatch.setattr(metrics_server._QuietHandler, "timeout", 0.5)
     for base in serve(registry, ""):
         port = int(base.rsplit(":", 1)[1])
@@ -354,6 +354,35 @@ def test_a_connection_that_sends_nothing_is_closed_by_the_read_timeout(registry:
                 assert s.recv(1024) == b""  # closed by the server, not by this timeout
                 assert time.monotonic() - t0 < 5
     assert "Traceback" not in capfd.readouterr().err  # a client gone quiet is no server error
+
+
+def test_idle_connections_hold_at_most_max_connections_threads(registry: CollectorRegistry,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past MAX_CONNECTIONS a connection is closed at once, unanswered (before: one thread per
+    connection, without bound, each held up to the read timeout); once they go, scrapes are
+    served again."""
+    monkeypatch.setattr(metrics_server, "MAX_CONNECTIONS", 4)
+    for base in serve(registry, ""):
+        port = int(base.rsplit(":", 1)[1])
+        before = threading.active_count()
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+        try:
+            deadline = time.monotonic() + 5
+            while threading.active_count() < before + 4 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            extra = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
+            for s in extra:
+                s.settimeout(5)
+                assert s.recv(1024) == b""  # closed by the server at once
+                s.close()
+            assert threading.active_count() <= before + 4
+        finally:
+            for s in idle:
+                s.close()
+        deadline = time.monotonic() + 5
+        while threading.active_count() > before and time.monotonic() < deadline:  # their threads end
+            time.sleep(0.01)
+        assert get(base + "/metrics")[0] == 200
 
 
 def test_an_ipv6_host_in_brackets_as_grpc_takes_it_is_served_where_the_bare_one_is(
