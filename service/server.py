@@ -232,14 +232,19 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
         with self.tracing.request_span("classify", context.invocation_metadata(), {
                 "rpc.system": "grpc", "rpc.service": SERVICE_NAME, "robustgate.model": request.model,
                 "robustgate.request_id": request.request_id}) as span:
+            admitted = None  # perf_counter() once admitted
             try:
                 with self.admission.slot(connection):
+                    admitted = time.perf_counter()
                     res = await self.pipeline.classify(convert.to_domain(request), self._deadline(context))
             except Exception as e:
                 code, _ = status_of(e)
                 span.set_attribute("rpc.grpc.status_code", code.value[0])
                 if code in SERVER_FAULTS:
                     set_error(span, code.name)
+                if admitted is not None and request.model in self._known:  # a deadline's wait, a backend's failure
+                    self.metrics.series(self.metrics.request_duration, request.model).observe(
+                        time.perf_counter() - admitted)
                 raise
             span.set_attribute("rpc.grpc.status_code", 0)
             if res.report is not None:
