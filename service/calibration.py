@@ -51,7 +51,7 @@ from service.gate.checks import Check
 from service.gate.defaults import DEFAULT_VIEWS, default_probe, draft_policy
 from service.gate.density import fit_density
 from service.gate.engine import RawScores, check_scores, detector_input, raw_scores
-from service.gate.plan import NoiseSpec, OcclusionSpec, ProbeSpec, ShuffleSpec
+from service.gate.plan import NoiseSpec, OcclusionSpec, ProbeSpec, ShuffleSpec, ViewSpec
 from service.gate.policy import Mode, Policy, References
 from service.gate.policy_io import save_policy
 from service.gate.squeeze_detector import (
@@ -122,6 +122,19 @@ def reference_shifts(images: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]
 
 # --- probing through TorchServe -----------------------------------------------------------
 
+VIEW_NAMES = ("rotate+10", "rotate-10", "shift+2x", "shift-2x", "shift+2y", "shift-2y")  # DEFAULT_VIEWS'
+
+
+def label_preserving_views(card: dict) -> tuple[ViewSpec, ...]:
+    """The viewpoint check's views: those of :data:`DEFAULT_VIEWS` and the mirror image that
+    the model card measured to keep the label (``label_preserving_transforms``). None of
+    them: an empty tuple, and the check is left off (a view that changes the label is no
+    test of fragility: the model is right to answer otherwise)."""
+    preserving = {t["name"] for t in card["label_preserving_transforms"]}
+    views = tuple(v for v, name in zip(DEFAULT_VIEWS, VIEW_NAMES) if name in preserving)
+    return views + ((ViewSpec(hflip=True),) if "hflip" in preserving else ())
+
+
 def calibration_spec(policy: Policy, seed: int, checks: Sequence[Check]) -> ProbeSpec:
     """The variants the calibrated checks use, plus features: one call per image. Sections of
     checks not being calibrated are left out (occlusion alone is 16 rows, noise 32; the jitter
@@ -181,12 +194,12 @@ async def calibrate(
     calib = ds.calib
     n = len(calib) if images is None else min(images, len(calib))
     half = n // 2
-    preserving = {t["name"] for t in card["label_preserving_transforms"]}
-    policy = draft_policy(model, card["hashes"]["model.pt"], card["data"]["sha256"], card["noise_sigma"],
-                          hflip="hflip" in preserving)
-    names = ("rotate+10", "rotate-10", "shift+2x", "shift-2x", "shift+2y", "shift-2y")
-    views = tuple(v for v, name in zip(DEFAULT_VIEWS, names) if name in preserving)
-    policy = dataclasses.replace(policy, probe=dataclasses.replace(policy.probe, views=views or DEFAULT_VIEWS))
+    views = label_preserving_views(card)
+    policy = draft_policy(model, card["hashes"]["model.pt"], card["data"]["sha256"], card["noise_sigma"])
+    policy = dataclasses.replace(policy, probe=dataclasses.replace(policy.probe, views=views))
+    if not views and Check.VIEWPOINT in checks:
+        log("warning: the model card names no view that keeps the label; the viewpoint check is left off")
+        checks = [c for c in checks if c is not Check.VIEWPOINT]
     spec = calibration_spec(policy, seed, checks)
     backend = TorchServeBackend(address, read_inference_key(key_file))
     ts_name = f"{model}-{backend_format}"

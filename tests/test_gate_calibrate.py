@@ -277,3 +277,19 @@ def test_a_squeeze_threshold_stuck_at_its_ceiling_is_warned_of() -> None:
     can_reject, warning = stuck(2000, 2, 0.01)  # 2 at 1.0; the rate lets 20 of 2,000 cross
     assert can_reject and warning is None
     assert squeeze_ceiling_warning(np.ones(10), "flag", 0.0) is None  # no rate asked for
+
+
+def test_the_viewpoint_check_uses_the_views_the_card_measured_to_keep_the_label() -> None:
+    """The card's list decides: a mirror image it marks as keeping the label is probed (it was
+    dropped), and a card marking none leaves no views, where all six were probed (each of
+    them a transform the card said changes the label)."""
+    from service.calibration import VIEW_NAMES, label_preserving_views
+    from service.gate.defaults import DEFAULT_VIEWS
+    from service.gate.plan import ViewSpec
+
+    def card(*names: str) -> dict:
+        return {"label_preserving_transforms": [{"name": n} for n in names]}
+
+    assert label_preserving_views(card(*VIEW_NAMES, "scale0.9")) == DEFAULT_VIEWS
+    assert label_preserving_views(card("rotate-10", "hflip")) == (DEFAULT_VIEWS[1], ViewSpec(hflip=True))
+    assert label_preserving_views(card("vflip", "scale1.1")) == ()
