@@ -30,6 +30,8 @@ from service.gate.checks import Check
 from service.gate.errors import PlanError, PolicyError
 from service.gate.policy import Mode, Policy
 from service.gate.policy_io import load_policy
+from service.gate.sequential import budget_within
+from service.gate.smoothing import certify_counts
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +129,7 @@ def load_model(store: Path, name: str, backend_format: str, verified: dict[str, 
         raise PolicyMismatch(f"model {name!r}: the probe of {policy_path} does not fit the card's "
                              f"input: {e}") from None
     _warn_if_stale(name, policy)
+    _warn_if_noise_falls_short(name, policy)
     formats = tuple(f for f in FORMATS if archive_path(store, name, f).is_file())
     archive = archive_path(store, name, backend_format)
     limits = read_archive_limits(archive) if archive.is_file() else None
@@ -178,6 +181,27 @@ def _warn_if_stale(name: str, policy: Policy) -> None:
                     "image, while the gateway draws them per image; it serves as calibrated, a little "
                     "under its clean flag rate and catching a little less; recalibrating fits it on "
                     "the draws the gateway makes", name, policy.version)
+
+
+def _warn_if_noise_falls_short(name: str, policy: Policy) -> None:
+    """Warn when the noise stage can never do what the policy asks of it: no copy fits in
+    ``max_forward_passes`` after the cheap probe (an enabled noise check is then skipped on
+    every request, certification never runs), or even unanimous copies certify less than
+    ``noise.target_radius`` (every certificate reads "not certified")."""
+    n = policy.noise
+    budget = budget_within(policy.max_forward_passes - policy.cheap_plan(0).rows, n.max_samples,
+                           first=n.first_batch, growth=n.growth)
+    if budget == 0:
+        if policy.enabled(Check.NOISE) or n.certify:
+            log.warning("model %r: policy %s leaves no forward pass for a noise copy after the cheap probe "
+                        "(max_forward_passes %d): the noise check and certification never run",
+                        name, policy.version, policy.max_forward_passes)
+        return
+    best = certify_counts(0, budget, budget, budget, n.sigma, n.alpha).radius or 0.0
+    if best < n.target_radius:
+        log.warning("model %r: policy %s certifies at most radius %.3f with its %d noise copies, below its "
+                    "target_radius %g: no certificate it gives reads certified", name, policy.version, best,
+                    budget, n.target_radius)
 
 
 def verify_served_files(store: Path, names: tuple[str, ...], backend_format: str) -> dict[str, str]:

@@ -108,6 +108,12 @@ def test_density_json_round_trip_and_errors() -> None:
         DensityModel.from_dict({"means": [[0.0, 1.0]], "precision": [[1.0]]})
     with pytest.raises(CalibrationError):
         DensityModel.from_dict({"means": [[0.0]], "precision": [[1.0]], "extra": 1})
+    # A precision that is no inverse covariance: a distance of 0 far from every mean, so the
+    # density check would never flag.
+    with pytest.raises(CalibrationError, match="positive definite"):
+        DensityModel.from_dict({"means": [[0.0, 0.0]], "precision": [[-1.0, 0.0], [0.0, -1.0]]})
+    with pytest.raises(CalibrationError, match="symmetric"):
+        DensityModel.from_dict({"means": [[0.0, 0.0]], "precision": [[1.0, 0.5], [0.0, 1.0]]})
 
 
 def test_empirical_cdf_maps_to_clean_quantiles() -> None:

@@ -57,6 +57,21 @@ def test_a_policy_calibrated_on_one_shared_jitter_draw_serves_and_is_named_at_st
     assert "'fmnist-cnn'" in record.getMessage() and "recalibrating" in record.getMessage()
 
 
+@pytest.mark.parametrize("changes, message", [
+    # the noise check enabled, but no copy fits after the cheap probe: skipped on every request
+    (lambda p: {"max_forward_passes": p.cheap_plan(0).rows}, "leaves no forward pass for a noise copy"),
+    # 400 unanimous copies certify at most 0.53 at sigma 0.25, alpha 0.001
+    (lambda p: {"noise": replace(p.noise, target_radius=0.6), "max_forward_passes": 500}, "certifies at most radius 0.529"),
+])
+def test_a_noise_stage_that_cannot_do_what_its_policy_asks_is_named_at_start_up(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, changes, message: str) -> None:
+    policy = make_policy()
+    policy = replace(policy, **changes(policy))
+    with caplog.at_level(logging.WARNING, logger="service.registry"):
+        load_model(store_with(tmp_path, policy), "fmnist-cnn", "torchscript")  # served as it is
+    assert any(message in r.getMessage() for r in caplog.records if r.name == "service.registry"), caplog.text
+
+
 def test_a_detector_fitted_without_jitter_serves_and_is_named_at_start_up(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     policy, _ = detector_policy()

@@ -32,8 +32,8 @@ def reject_unknown(data: Mapping[str, Any], known: set[str], path: str, err: Err
 def as_int(value: Any, path: str, err: Err, *, minimum: int | None = None,
            maximum: int | None = None) -> int:
     """Read an integer; decimal strings are accepted (protobuf JSON writes 64-bit ints so)."""
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        value = int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isascii() and value.strip().lstrip("-").isdecimal():
+        value = int(value)  # ASCII digits only: "²" is a digit to isdigit() and no int
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):

@@ -36,6 +36,12 @@ class DensityModel:
                                    f"got {p.shape}")
         if not (np.all(np.isfinite(m)) and np.all(np.isfinite(p))):
             raise CalibrationError("density model has non-finite values")
+        if not np.allclose(p, p.T, rtol=1e-6, atol=1e-9):
+            raise CalibrationError("density precision must be symmetric")
+        try:  # else a distance can be 0, or negative under the root, for features far from every mean
+            np.linalg.cholesky(p)
+        except np.linalg.LinAlgError:
+            raise CalibrationError("density precision must be positive definite") from None
         for a in (m, p):
             a.setflags(write=False)
         object.__setattr__(self, "means", m)
