@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import hashlib
+import hmac
 import time
 from dataclasses import dataclass, field
 
@@ -101,10 +101,11 @@ def spec_to_proto(spec: ProbeSpec) -> probe_pb2.ProbePlan:
     return msg
 
 
-def request_seed(base_seed: int, image: np.ndarray) -> int:
-    """A per-image seed: the same image gets the same probes (reproducible verdicts)."""
-    digest = hashlib.sha256(image.tobytes()).digest()
-    return (base_seed ^ int.from_bytes(digest[:8], "little")) & ((1 << 63) - 1)
+def request_seed(key: int, image: np.ndarray) -> int:
+    """A per-image seed, keyed: the same image gets the same probes under one ``key``
+    (reproducible verdicts), and without the key nobody can tell which (``Settings.seed``)."""
+    digest = hmac.digest(key.to_bytes(8, "little"), image.tobytes(), "sha256")
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def top_k(logits_row: np.ndarray, labels: tuple[str, ...], k: int) -> tuple[ClassScore, ...]:

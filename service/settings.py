@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import math
 import os
+import secrets
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -143,8 +144,13 @@ class Settings:
     """OTLP/gRPC collector for traces (http://host:4317 plaintext, https:// TLS); empty: tracing off."""
     trace_sample_ratio: float = 1.0
     """Share of requests traced while tracing is on (a caller's sampled trace is always followed)."""
-    seed: int = 0
-    """Base seed for probe plans; each request's seed derives from it and a counter."""
+    seed: int = field(default=-1, repr=False)
+    """Secret key of the probe plans' seeds: an image's seed is a keyed hash (HMAC-SHA256) of
+    its pixels, so under one key the same image meets the same probes (reproducible verdicts),
+    and a caller cannot know the noise and jitter copies its image will meet (randomized
+    checks whose draws an attacker can compute are as good as fixed ones). -1: drawn at random
+    at start, shared by the workers of one gateway; set one (from a Secret) for every pod
+    and restart to probe alike. In [0, 2^63)."""
     log_level: str = "INFO"
     tls_cert_file: str = ""
     """PEM server certificate chain; with ``tls_key_file`` the port speaks TLS; empty: plaintext."""
@@ -210,6 +216,10 @@ class Settings:
                                  f"32-bit milliseconds; 0 turns off those that may be off)")
         if self.torchserve_metrics_url:
             relay_url_parts(self.torchserve_metrics_url)
+        if not -1 <= self.seed < 2**63:
+            raise ValueError("seed must be in [0, 2^63), or -1 (a secret one drawn at start)")
+        if self.seed == -1:  # before the workers are spawned: they inherit this object
+            object.__setattr__(self, "seed", secrets.randbits(63))
 
 
 def relay_url_parts(url: str) -> tuple[str, int, str]:

@@ -32,11 +32,12 @@ def png(a: np.ndarray) -> bytes:
 
 
 def gateway_command(store: Path, ts, **overrides: str) -> list[str]:
-    """``python -m service`` over ``store`` and the TorchServe ``ts``, quiet, metrics off;
-    ``overrides``: flags by name without their dashes (``port`` first of all)."""
+    """``python -m service`` over ``store`` and the TorchServe ``ts``, quiet, metrics off, probe
+    seed 0 (tests and benchmarks compare gateways and runs: as shipped, each draws a secret
+    one); ``overrides``: flags by name without their dashes (``port`` first of all)."""
     args = {
         "port": "0", "metrics-port": "-1", "store": str(store),
-        "log-level": "WARNING",
+        "log-level": "WARNING", "seed": "0",
         "torchserve-address": ts.grpc_inference_target,
         "torchserve-key-file": str(ts.settings.run_dir / serve.KEY_FILE),
         "health-interval-s": "0.5", **overrides,

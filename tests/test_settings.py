@@ -57,3 +57,31 @@ def test_the_gateway_names_a_bad_setting_in_one_line() -> None:
         assert out.returncode == 2, out.stderr
         assert "Traceback" not in out.stderr and out.stderr.count("\n") == 1, out.stderr
         assert out.stderr.startswith("python -m service: error: ")
+
+
+def test_the_probe_seed_is_a_secret_drawn_at_start_unless_set() -> None:
+    """An attacker who can compute the noise and jitter copies its image will meet can fit
+    the image to them: the key is drawn at random (never shown, kept by the workers, which
+    get the supervisor's settings pickled) unless a deployment sets one."""
+    import dataclasses
+    import pickle
+
+    a, b = Settings(), Settings()
+    assert 0 <= a.seed < 2**63 and a.seed != b.seed
+    assert str(a.seed) not in repr(a)
+    assert pickle.loads(pickle.dumps(a)).seed == a.seed == dataclasses.replace(a, port=1).seed
+    assert from_args(["--seed", "7"], environ={}).seed == 7
+    with pytest.raises(ValueError, match="seed must be in"):
+        Settings(seed=-2)
+
+
+def test_an_images_seed_tells_nothing_of_another_without_the_key() -> None:
+    """Keyed (HMAC), not the key XOR a public hash: there, the key cancelled out of two
+    images' seeds, so one seed learnt gave every other image's."""
+    import numpy as np
+
+    from service.pipeline import request_seed
+
+    a, b = np.zeros((1, 28, 28), np.uint8), np.full((1, 28, 28), 9, np.uint8)
+    assert request_seed(7, a) == request_seed(7, a.copy()) != request_seed(8, a)
+    assert request_seed(7, a) ^ request_seed(7, b) != request_seed(8, a) ^ request_seed(8, b)
