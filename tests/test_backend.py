@@ -216,15 +216,18 @@ def test_a_probe_batch_the_handler_refused_whole_raises_its_error_for_the_call(m
         return answers.pop(0)
 
     monkeypatch.setattr(TorchServeBackend, "_predict", predict)
-    tb = TorchServeBackend("127.0.0.1:1", "token")
     items = [(np.zeros((1, 28, 28), np.uint8), None)] * 3
+
+    async def call():  # the channel is made on the loop that uses it
+        return await TorchServeBackend("127.0.0.1:1", "token").probe_batch("m", items, 1.0)
+
     refused = probe_pb2.ProbeError(code=400, message="batch has 3 items; the limit is 2")
     answers.append(probe_pb2.ProbeBatchResult(results=[probe_pb2.ProbeResult(error=refused)]).SerializeToString())
     with pytest.raises(BackendRefused):
-        asyncio.run(tb.probe_batch("m", items, 1.0))
+        asyncio.run(call())
     answers.append(probe_pb2.ProbeBatchResult(results=[probe_pb2.ProbeResult(rows=1)]).SerializeToString())
     with pytest.raises(BackendUnavailable, match="undecodable"):  # one answer, not an error: the handler's fault
-        asyncio.run(tb.probe_batch("m", items, 1.0))
+        asyncio.run(call())
 
 
 def test_the_channel_to_torchserve_has_torchserves_limits_not_the_callers() -> None:
