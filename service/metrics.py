@@ -42,7 +42,8 @@ class Metrics:
         self.requests = Counter("robustgate_requests", "Classification requests by model, gate decision and status code.",
                                 ["model", "decision", "code"], registry=r)
         self.request_duration = Histogram("robustgate_request_duration_seconds",
-                                          "Time to answer an admitted classification request, failed ones too.", ["model"],
+                                          "Time to answer an admitted classification request, failed by the server or cut short too.",
+                                          ["model"],
                                           buckets=LATENCY_BUCKETS, registry=r)
         self.stage_duration = Histogram("robustgate_stage_duration_seconds", "Time spent per stage of a request.",
                                         ["stage"], buckets=LATENCY_BUCKETS, registry=r)

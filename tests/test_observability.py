@@ -442,11 +442,10 @@ def test_prometheus_sees_what_was_sent(prometheus: Prometheus, sent: dict[tuple[
         assert len(values) == 1, f"{expr}: {values}"
         return next(iter(values.values()))
 
-    # Histograms: one observation per answered request (per stage, per request); the request
-    # duration also of each admitted request that failed (here the malformed images; not the
-    # unknown model's), so a latency panel does not look best when requests time out.
-    timed = sum(n for (_, code), n in expected.items() if code != "NOT_FOUND")
-    assert timed > answered
+    # Histograms: one observation per answered request (per stage, per request); the
+    # malformed images, a caller's error answered at once, are not timed (server faults are:
+    # test_torchserve_killed_during_load_then_restarted).
+    timed = answered
     assert one('sum(robustgate_request_duration_seconds_count{model="fmnist-cnn"})') == timed
     assert one('sum(robustgate_forward_passes_count{model="fmnist-cnn"})') == answered
     for stage in ("decode", "backend", "gate"):

@@ -252,7 +252,13 @@ def test_torchserve_killed_during_load_then_restarted(calibrated_store: Path, tm
         stop_load.set()
         for t in threads:
             t.join(timeout=timeout_s + 5)
-        backend_codes = metric_by(scrape(mport), "robustgate_backend_requests_total", "code")
+        samples = scrape(mport)
+        backend_codes = metric_by(samples, "robustgate_backend_requests_total", "code")
+        # Every call was timed, the failed ones too (all server faults here): a latency panel
+        # must not look best while a backend is down.
+        timed = metric_sum(samples, "robustgate_request_duration_seconds_count", model="fmnist-cnn")
+        requests = metric_sum(samples, "robustgate_requests_total", model="fmnist-cnn")
+        answered = metric_sum(samples, "robustgate_requests_total", model="fmnist-cnn", code="OK")
         # Calls wholly between the kill and the restart: TorchServe is gone, none may succeed.
         outage = [c for s, e, c in calls if t_kill + 0.5 < s and e < t_restart]
         longest = max(e - s for s, e, _ in calls)
@@ -270,6 +276,7 @@ def test_torchserve_killed_during_load_then_restarted(calibrated_store: Path, tm
         assert key0 != key1
         assert t_ok is not None and t_serving is not None
         assert backend_codes.get("PERMISSION_DENIED", 0) >= 1  # the stale token was refused, then re-read
+        assert timed == requests > answered
     finally:
         if proc is not None:
             stop(proc)
