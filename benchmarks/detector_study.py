@@ -122,8 +122,9 @@ FITTERS: dict[str, Fitter] = {"logistic": _own(0), "hidden": _own(DEFAULT_HIDDEN
 class Prober:
     """The cheap probe of the served policy, in process: raw scores per image (with the
     default jitter copies where the policy sends none, so every variant can be measured).
-    Each image gets the plan the gateway (and calibration) would send it: its own seed, so
-    its own draw of the jitter copies (:func:`service.pipeline.request_seed`, base seed 0)."""
+    Each image gets a plan as the gateway (and calibration) would send it: its own seed, so
+    its own draw of the jitter copies (:func:`service.pipeline.request_seed` keyed by 0, the
+    key of a gateway run with ``--seed 0``; as shipped a gateway draws a secret one)."""
 
     def __init__(self, store: Path, model: str) -> None:
         self.policy = load_policy(store / model / "policy.json")

@@ -231,24 +231,37 @@ def jpeg_refusal(raw: bytes) -> str | None:
 
 
 # Pillow reads a PNG's chunks in Python (about 3 us each) and inflates every compressed one it
-# meets whole: an ICC profile (iCCP) or a compressed text (zTXt, iTXt) of up to 1 MiB, about
-# 2 ms each. A 1 MiB file of a thousand 1 KiB ICC profiles held it 2.2 s. The standard allows
-# one ICC profile, before the image data; encoders write the image data in chunks of 8 KiB or
-# more, and a few chunks besides.
-PNG_CHUNKS_BASE = 256  # chunks, plus one per KiB of the file
-MAX_PNG_PACKED_CHUNKS = 8  # iCCP, zTXt and iTXt, all told
-_PNG_PACKED = frozenset({b"iCCP", b"zTXt", b"iTXt"})
+# meets whole: an ICC profile (iCCP) or a compressed text (zTXt, an iTXt whose flag says so) of
+# up to 1 MiB, about 2 ms each. A 1 MiB file of a thousand 1 KiB ICC profiles held it 2.2 s.
+# The standard allows one ICC profile, before the image data. Encoders write the image data in
+# chunks of 8 KiB or more, or, flushing after every row (streaming writers), one per row.
+PNG_CHUNKS_BASE = 256  # chunks, plus one per KiB of the file and one per row (up to PNG_ROW_CHUNKS)
+PNG_ROW_CHUNKS = 8192
+MAX_PNG_PACKED_CHUNKS = 8  # compressed metadata, all told
+
+
+def _packed(kind: bytes, body: bytes) -> bool:
+    """Whether Pillow inflates this chunk: an ICC profile, a zTXt, an iTXt whose compression
+    flag (the byte after its keyword's NUL) is 1."""
+    if kind in (b"iCCP", b"zTXt"):
+        return True
+    if kind == b"iTXt":
+        nul = body.find(b"\0", 0, 80)
+        return 0 <= nul < len(body) - 1 and body[nul + 1] == 1
+    return False
 
 
 def png_refusal(raw: bytes) -> str | None:
     """Why a PNG's chunk layout is refused before it is decoded, else None: more chunks than
-    :data:`PNG_CHUNKS_BASE` plus one per KiB, more than :data:`MAX_PNG_PACKED_CHUNKS`
-    compressed ones, or an ICC profile twice or after the image data. Reads chunk headers
-    only (lengths and kinds; Pillow checks the rest), at most the limit's number."""
-    limit = PNG_CHUNKS_BASE + len(raw) // 1024
+    :data:`PNG_CHUNKS_BASE` plus one per KiB and one per row, more than
+    :data:`MAX_PNG_PACKED_CHUNKS` compressed ones, or an ICC profile twice or after the image
+    data. Reads chunk headers (lengths and kinds; Pillow checks the rest) and an iTXt's flag,
+    at most the limit's number."""
+    rows = int.from_bytes(raw[20:24], "big") if raw[12:16] == b"IHDR" else 0
+    limit = PNG_CHUNKS_BASE + len(raw) // 1024 + min(rows, PNG_ROW_CHUNKS)
     pos, chunks, packed, pixels_seen, icc = 8, 0, 0, False, False
     while pos + 8 <= len(raw):
-        kind = raw[pos + 4:pos + 8]
+        n, kind = int.from_bytes(raw[pos:pos + 4], "big"), raw[pos + 4:pos + 8]
         chunks += 1
         if chunks > limit:
             return f"image is a PNG of more than {limit} chunks; the limit for a file of its size is {limit}"
@@ -260,12 +273,12 @@ def png_refusal(raw: bytes) -> str | None:
             if icc or pixels_seen:
                 return "image is not a decodable PNG (an ICC profile twice, or after the image data)"
             icc = True
-        if kind in _PNG_PACKED:
+        if _packed(kind, raw[pos + 8:pos + 8 + min(n, 82)]):
             packed += 1
             if packed > MAX_PNG_PACKED_CHUNKS:
                 return (f"image is a PNG of more than {MAX_PNG_PACKED_CHUNKS} compressed metadata chunks "
-                        f"(iCCP, zTXt, iTXt); the limit is {MAX_PNG_PACKED_CHUNKS}")
-        pos += 12 + int.from_bytes(raw[pos:pos + 4], "big")
+                        f"(iCCP, zTXt, compressed iTXt); the limit is {MAX_PNG_PACKED_CHUNKS}")
+        pos += 12 + n
     return None
 
 
@@ -326,7 +339,9 @@ def load_pixels(raw: bytes, mode: str, max_bytes: int, max_pixels: int, fail: ty
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(raw), formats=[fmt])  # reads the header only
             check_size(*img.size)
-            if getattr(img, "n_frames", 1) > 1:  # never its first frame in silence
+            # Never an animation's first frame in silence. A camera's JPEG with a second picture
+            # (MPF: a depth map, an HDR gain map) opens as MPO: its first frame is the photo.
+            if getattr(img, "n_frames", 1) > 1 and img.format != "MPO":
                 raise fail("animated images are not accepted: send one frame")
             stored_as = img.tile[0].args if fmt == "PNG" and img.tile else None  # gone once loaded
             img.load()

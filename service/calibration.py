@@ -154,9 +154,10 @@ async def probe_all(backend: TorchServeBackend, model: str, images: np.ndarray, 
     """Logits [rows, C] per image and base features [N, D]; images uint8 or float32 [N, 1, H, W].
 
     Each image is probed as the gateway probes it: with its own seed
-    (:func:`service.pipeline.request_seed`, ``spec.seed`` as the gateway's base seed), so its
-    jitter copies (and noise) are the ones a request for it would get, drawn afresh for every
-    image, not one draw shared by all of them."""
+    (:func:`service.pipeline.request_seed`, keyed by ``spec.seed``), so its jitter copies (and
+    noise) are drawn afresh for every image, not one draw shared by all of them; they are the
+    very copies a request would get only from a gateway run with ``--seed`` ``spec.seed``
+    (by default a gateway keys its seeds with a secret drawn at start)."""
     sem = asyncio.Semaphore(concurrency)
     logits: list[np.ndarray | None] = [None] * len(images)
     feats: list[np.ndarray | None] = [None] * len(images)

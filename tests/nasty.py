@@ -62,6 +62,25 @@ def png_with(before: list[tuple[bytes, bytes]] = (), after: list[tuple[bytes, by
             + chunk(b"IDAT", zlib.compress(rows)) + b"".join(chunk(k, b) for k, b in after) + chunk(b"IEND", b""))
 
 
+def png_row_by_row(width: int = 400, height: int = 300) -> bytes:
+    """A grey PNG, one shade per row, as a streaming writer makes it: the image data flushed
+    after every row, one IDAT chunk each (more chunks than one per KiB of the file)."""
+    z = zlib.compressobj()
+    rows = [z.compress(b"\0" + bytes([y % 256]) * width) + z.flush(zlib.Z_FULL_FLUSH)
+            for y in range(height)]
+    rows[-1] += z.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + b"".join(chunk(b"IDAT", r) for r in rows) + chunk(b"IEND", b"")
+
+
+def camera_mpo(side: int = 28) -> bytes:
+    """A JPEG with a second picture after it (MPF), as phones write a depth or gain map."""
+    buf = io.BytesIO()
+    Image.new("L", (side, side), 90).save(buf, format="MPO", save_all=True,
+                                         append_images=[Image.new("L", (side // 2, side // 2), 10)])
+    return buf.getvalue()
+
+
 def jpeg_with(header: bytes, side: int = 28) -> bytes:
     """A baseline grey JPEG with ``header`` (segments, padding) right after its start marker."""
     buf = io.BytesIO()
@@ -91,6 +110,8 @@ def corpus() -> dict[str, tuple[bytes, str | None]]:
         "rgba png": (_png(rgba), None),
         "palette png": (_png(palette), None),
         "cmyk jpeg": (cmyk.getvalue(), None),
+        "camera jpeg with a second picture (MPO)": (camera_mpo(), None),
+        "larger png flushed row by row, one IDAT each, resized": (png_row_by_row(), None),
         "larger png, resized": (_png(grey.resize((64, 64))), None),
         "empty": (b"", "empty"),
         "truncated png": (good[: len(good) // 2], "not a decodable PNG"),

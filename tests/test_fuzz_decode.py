@@ -285,11 +285,16 @@ def test_a_jpeg_or_png_whose_layout_costs_more_than_its_pixels_is_refused_and_an
         decode_image(png_with(before=[icc, icc]), SPEC, LIMITS)
     with pytest.raises(InvalidInput, match="after the image data"):
         decode_image(png_with(after=[(b"iCCP", b"")]), SPEC, LIMITS)  # Pillow: an IndexError
+    plain_text = (b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0" + b"<x/>" * 100)  # uncompressed: not inflated
+    packed_text = (b"iTXt", b"note\0\1\0\0\0" + zlib.compress(b"x" * 4096))
+    _check(decode_image(png_with(before=[icc] + [plain_text] * (MAX_PNG_PACKED_CHUNKS + 4)), SPEC, LIMITS))
+    with pytest.raises(InvalidInput, match="compressed metadata chunks"):
+        decode_image(png_with(before=[icc] + [packed_text] * MAX_PNG_PACKED_CHUNKS), SPEC, LIMITS)
     inert = (b"tIME", b"\x07\xea\x0c\x06\x00\x00\x00")
-    small = png_with(before=[inert] * (PNG_CHUNKS_BASE - 4))  # IHDR, IDAT, IEND: within the limit
+    small = png_with(before=[inert] * (PNG_CHUNKS_BASE - 4))  # with IHDR, IDAT, IEND: within the base
     _check(decode_image(small, SPEC, LIMITS))
     with pytest.raises(InvalidInput, match="chunks; the limit for a file of its size"):
-        decode_image(png_with(before=[inert] * (PNG_CHUNKS_BASE + 8)), SPEC, LIMITS)
+        decode_image(png_with(before=[inert] * (PNG_CHUNKS_BASE + 64)), SPEC, LIMITS)  # + 6 KiB, 28 rows
 
 
 def test_a_jpeg_of_many_scans_is_refused_before_its_decode_and_one_at_the_limit_is_not() -> None:

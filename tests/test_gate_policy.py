@@ -87,6 +87,8 @@ def _broken(mutate: Any) -> dict[str, Any]:
     (lambda d: d["probe"].update(noise={"sigma": 0.2, "count": 4}), "probe.noise"),
     (lambda d: d.update(max_forward_passes=5), "max_forward_passes"),
     (lambda d: d.update(max_forward_passes="\u00b2"), "max_forward_passes: expected an integer"),  # isdigit()
+    (lambda d: d.update(max_forward_passes="--5"), "max_forward_passes: expected an integer"),
+    (lambda d: d.update(max_forward_passes="9" * 5000), "max_forward_passes: expected an integer"),  # int() limit
     (lambda d: d["checks"]["noise"].update(escalate=0.1), "escalate"),
     # a negative share made the sequential test settle before drawing a copy: the check vanished
     (lambda d: d["checks"]["noise"].update(flag=-0.1, reject=None), r"shares of noise copies in \[0, 1\], got -0.1"),

@@ -7,12 +7,14 @@ raise, so a bad plan raises ``PlanError`` and a bad policy ``PolicyError``.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from service.gate.errors import GateError
 
 Err = type[GateError]
+_DECIMAL = re.compile(r"-?[0-9]{1,30}")
 
 
 def as_mapping(value: Any, path: str, err: Err) -> Mapping[str, Any]:
@@ -32,8 +34,8 @@ def reject_unknown(data: Mapping[str, Any], known: set[str], path: str, err: Err
 def as_int(value: Any, path: str, err: Err, *, minimum: int | None = None,
            maximum: int | None = None) -> int:
     """Read an integer; decimal strings are accepted (protobuf JSON writes 64-bit ints so)."""
-    if isinstance(value, str) and value.strip().lstrip("-").isascii() and value.strip().lstrip("-").isdecimal():
-        value = int(value)  # ASCII digits only: "²" is a digit to isdigit() and no int
+    if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+        value = int(value)  # ASCII digits only ("²" is a digit to isdigit() and no int), at most 30
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
