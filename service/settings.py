@@ -23,6 +23,9 @@ MAX_WORKERS = 64
 # (and its deadlines overflow beyond about 292 years); larger values failed the start with an
 # OverflowError traceback, or left the health probe failing for good.
 MAX_MESSAGE_BYTES = 2**31 - 1
+# ROBUSTGATE_* variables that are not the gateway's settings but read beside it (the image's
+# entrypoint, scripts/run.sh); any other unknown name is refused as a likely typo.
+OTHER_ENV = frozenset({"ROBUSTGATE_POLICY_DIR", "ROBUSTGATE_KEY_FILE_WAIT_S", "ROBUSTGATE_MODEL"})
 MAX_DURATION_S = (2**31 - 1) // 1000
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -262,6 +265,11 @@ def from_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | No
     env = os.environ if environ is None else environ
     values: dict[str, object] = {}
     fields = {f.name: f for f in dataclasses.fields(Settings)}
+    known = {ENV_PREFIX + name.upper() for name in fields} | OTHER_ENV
+    unknown = sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in known)
+    if unknown:  # a misspelt setting would otherwise start with the default, in silence
+        raise ValueError(f"unknown setting {', '.join(unknown)}: the gateway's are {ENV_PREFIX}<setting> "
+                         f"for the flags of `python -m service --help`")
     for name, f in fields.items():
         raw = env.get(ENV_PREFIX + name.upper())
         if raw is not None:

@@ -26,6 +26,8 @@ from service.settings import REPO, Settings, from_args
     ({"ROBUSTGATE_LOG_LEVEL": "loud"}, "log_level must be one of"),
     ({"ROBUSTGATE_PORT": "abc"}, "port must be an integer, got 'abc'"),
     ({"ROBUSTGATE_GRACE_S": "soon"}, "grace_s must be a number, got 'soon'"),
+    # a misspelt name started with the default, in silence
+    ({"ROBUSTGATE_WORKRS": "9"}, "unknown setting ROBUSTGATE_WORKRS"),
     # gRPC's options are 32-bit: an OverflowError traceback at start, or a health probe that
     # never answered (a deadline past int64 nanoseconds)
     ({"ROBUSTGATE_MAX_MESSAGE_BYTES": str(2**32)}, r"max_message_bytes must be <= 2147483647"),
@@ -44,6 +46,8 @@ def test_edges_and_spellings_that_are_accepted() -> None:
     assert from_args([], environ={"ROBUSTGATE_PORT": "65535", "ROBUSTGATE_METRICS_PORT": "-1"}).metrics_port == -1
     assert from_args(["--port", "0", "--metrics-port", "0"], environ={}).port == 0
     assert from_args(["--log-level", "debug"], environ={}).log_level == "DEBUG"  # logging wants it upper
+    beside = {"ROBUSTGATE_POLICY_DIR": "/p", "ROBUSTGATE_KEY_FILE_WAIT_S": "9", "ROBUSTGATE_MODEL": "m", "OTHER": "x"}
+    assert from_args([], environ=beside).workers == Settings().workers  # read by the entrypoint and run.sh
     assert Settings().log_level == "INFO" and Settings().models == ("fmnist-cnn",)
     edge = {"ROBUSTGATE_MAX_MESSAGE_BYTES": str(2**31 - 1), "ROBUSTGATE_MAX_CONNECTION_AGE_S": "2147483"}
     assert from_args([], environ=edge).max_connection_age_s == 2147483
