@@ -3,7 +3,8 @@
 #
 #   torchserve [--model NAME ...]   python -m model_store.serve start on $ROBUSTGATE_STORE with
 #                                   the run directory $TORCHSERVE_RUN_DIR; stays in the
-#                                   foreground until TorchServe exits or SIGTERM stops it
+#                                   foreground until TorchServe exits or SIGTERM stops it;
+#                                   TORCHSERVE_SYSTEM_METRICS=off turns its system metrics off
 #   gateway [FLAGS]                 python -m service (flags and ROBUSTGATE_* variables), once
 #                                   TorchServe's key file exists in $TORCHSERVE_RUN_DIR
 #   anything else                   run as given (a shell, python -m service.client, ...)
@@ -26,14 +27,15 @@ stop_torchserve() {
 }
 
 run_torchserve() {
-  local launcher
+  local launcher extra=()
   trap stop_torchserve TERM INT
+  [ "${TORCHSERVE_SYSTEM_METRICS:-on}" = on ] || extra+=(--no-system-metrics)
   # `start` returns once every model's workers are READY; it runs in the background so that
   # a SIGTERM during model loading reaches the trap. TorchServe logs to this container's
   # stdout, which the runtime collects and rotates (`--console inherit`); the run directory
   # keeps only a rolling copy (logs/ts_log.log, at most 4 x 20 MB).
   python -m model_store.serve start --store "$store" --run-dir "$run_dir" --console inherit \
-    --timeout "${TORCHSERVE_STARTUP_TIMEOUT_S:-900}" "$@" &
+    --timeout "${TORCHSERVE_STARTUP_TIMEOUT_S:-900}" "${extra[@]}" "$@" &
   if ! wait $!; then
     log "TorchServe did not start"
     exit 1
@@ -73,6 +75,10 @@ store_with_policies() {
 }
 
 run_gateway() {
+  # PID 1 ignores a signal it has no handler for: without this, a pod deleted while the
+  # gateway waits for the key file (up to 15 minutes) waited out its grace period and was
+  # killed. The exec below replaces the handler with the gateway's own drain.
+  trap 'exit 143' TERM INT
   local key_file="${ROBUSTGATE_TORCHSERVE_KEY_FILE:-$run_dir/key_file.json}"
   local wait_s="${ROBUSTGATE_KEY_FILE_WAIT_S:-900}" waited=0 gateway_store="$store"
   # The gateway reads TorchServe's token once at start: wait until TorchServe has written it.

@@ -547,6 +547,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="TorchServe's console: logs/torchserve.out in the run directory (the log itself then "
                         "goes only to the rolling logs/ts_log.log), or this command's stdout with the log on it "
                         "(a container's, which its runtime rotates; not a pipe read to its end: TorchServe keeps it)")
+    p.add_argument("--no-system-metrics", action="store_true",
+                   help="turn TorchServe's system metrics (CPU, memory, GPU, every minute) off: on a GPU "
+                        "its collector needs the nvgpu package, which this image does not carry")
     args = p.parse_args(argv)
 
     if args.command == "stop":
@@ -574,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
             store=args.store, run_dir=args.run_dir, models=tuple(args.model), host=args.host,
             grpc_inference_port=args.grpc_port, grpc_management_port=args.grpc_port + 1,
             inference_port=args.http_port, management_port=args.http_port + 1, metrics_port=args.http_port + 2,
-            startup_timeout_s=args.timeout, console=args.console,
+            startup_timeout_s=args.timeout, console=args.console, disable_system_metrics=args.no_system_metrics,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

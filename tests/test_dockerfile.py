@@ -240,3 +240,43 @@ def test_entrypoint_refuses_a_policy_for_an_unknown_model(tmp_path: Path) -> Non
     out = subprocess.run(["bash", str(ENTRYPOINT), "gateway"], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 1
     assert "names no model" in out.stderr
+
+
+def test_entrypoint_passes_torchserve_system_metrics_off(tmp_path: Path) -> None:
+    """TORCHSERVE_SYSTEM_METRICS=off (the GPU overlay) reaches `serve start` as a flag; unset,
+    none. A stand-in python records the command line (and fails: TorchServe did not start)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text('#!/bin/sh\necho "$@" >> "$RECORD"\nexit 1\n')
+    (bin_dir / "python").chmod(0o755)
+    for value, flagged in ((None, False), ("on", False), ("off", True)):
+        record = tmp_path / f"args-{value}"
+        env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "RECORD": str(record), "TORCHSERVE_RUN_DIR": str(tmp_path)}
+        if value is not None:
+            env["TORCHSERVE_SYSTEM_METRICS"] = value
+        out = subprocess.run(["bash", str(ENTRYPOINT), "torchserve", "--model", "m-onnx"], env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1 and "did not start" in out.stderr
+        line = record.read_text()
+        assert line.startswith("-m model_store.serve start") and line.rstrip().endswith("--model m-onnx")
+        assert ("--no-system-metrics" in line) == flagged, line
+
+
+def test_entrypoint_gateway_leaves_on_sigterm_while_it_waits_for_the_key_file(tmp_path: Path) -> None:
+    """As PID 1 a shell ignores a signal it has no handler for: a pod deleted while its
+    gateway waited for TorchServe's key file sat out its grace period and was killed."""
+    import signal
+    import time
+
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "TORCHSERVE_RUN_DIR": str(tmp_path)}
+    proc = subprocess.Popen(["bash", str(ENTRYPOINT), "gateway"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        line = ""
+        while "waiting for TorchServe's key file" not in line and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 143  # its handler's exit, not killed by the signal (-15)
+    finally:
+        proc.kill()
+        proc.wait()

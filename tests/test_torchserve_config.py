@@ -244,7 +244,7 @@ def test_cli_start_status_stop(tiny_store: Path, tmp_path: Path) -> None:
     console = tmp_path / "console.log"  # the container's stdout, with --console inherit
     with console.open("wb") as out:
         start = subprocess.run(
-            [*cli, "start", *common, "--model", "fmnist-cnn-onnx", "--console", "inherit",
+            [*cli, "start", *common, "--model", "fmnist-cnn-onnx", "--console", "inherit", "--no-system-metrics",
              "--grpc-port", str(_free_port_base()), "--http-port", str(_free_port_base())],
             stdout=out, stderr=subprocess.STDOUT, timeout=240,
         )
@@ -252,6 +252,7 @@ def test_cli_start_status_stop(tiny_store: Path, tmp_path: Path) -> None:
     try:
         assert start.returncode == 0, console.read_text(errors="replace")
         assert ts is not None and ts.running() and ts.settings.console == "inherit"
+        assert "disable_system_metrics=true" in (run_dir / "config.properties").read_text()  # the GPU overlay's
         # TorchServe's log reaches stdout (the workers' start-up lines) and the rolling file;
         # no console file is kept in the run directory.
         logged = console.read_text(errors="replace")

@@ -182,10 +182,12 @@ def panels() -> list[Panel]:
                    [target(f"sum(rate(Requests2XX[{RATE}]))", "2xx"),
                     target(f"sum(rate(Requests4XX[{RATE}]))", "4xx"),
                     target(f"sum(rate(Requests5XX[{RATE}]))", "5xx")], "reqps"),
-        timeseries("TorchServe host", "CPU and memory use of TorchServe's host (percent).",
+        timeseries("TorchServe host", "CPU and memory use of TorchServe's host (percent; TorchServe's system "
+                   "metrics, off in the gpu overlay: there read the kubelet's container metrics).",
                    [target("max by (instance) (CPUUtilization)", "CPU {{instance}}"),
                     target("max by (instance) (MemoryUtilization)", "memory {{instance}}")], "percent"),
-        timeseries("TorchServe GPU", "GPU and GPU-memory use per device (percent; only on GPU nodes).",
+        timeseries("TorchServe GPU", "GPU and GPU-memory use per device (percent; TorchServe's system metrics, "
+                   "which the gpu overlay turns off: there read NVIDIA's DCGM exporter).",
                    [target("max by (instance, DeviceId) (GPUUtilization)", "GPU {{DeviceId}}"),
                     target("max by (instance, DeviceId) (GPUMemoryUtilization)", "memory {{DeviceId}}")],
                    "percent"),
