@@ -345,6 +345,25 @@ def test_torchserve_serves_only_what_the_gateway_calls(overlay: str, docs: tuple
     assert (env.get("TORCHSERVE_SYSTEM_METRICS", "on") == "off") == (overlay == "gpu")
 
 
+def test_the_gateway_takes_calls_only_with_its_token_from_a_secret(docs: tuple[Doc, ...]) -> None:
+    """gRPC is open to every namespace (NetworkPolicy): each call must carry the bearer token,
+    read from a Secret mounted read-only for the gateway's group alone. Its optional seed key
+    gives every pod one probe key."""
+    gw, spec = container(docs, "gateway"), pod_spec(docs)
+    env = {e["name"]: e for e in gw["env"]}
+    token_file = Path(env["ROBUSTGATE_AUTH_TOKEN_FILE"]["value"])
+    [mount] = [m for m in gw["volumeMounts"] if m["mountPath"] == str(token_file.parent)]
+    assert mount.get("readOnly")
+    [volume] = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    secret = volume["secret"]
+    assert [i["path"] for i in secret["items"]] == [token_file.name] and not secret.get("optional")
+    assert secret["defaultMode"] == 0o440 and spec["securityContext"]["fsGroup"] == gw["securityContext"].get(
+        "runAsUser", spec["securityContext"]["runAsUser"])
+    seed = env["ROBUSTGATE_SEED"]["valueFrom"]["secretKeyRef"]
+    assert seed["name"] == secret["secretName"] and seed["optional"] is True
+    assert "ROBUSTGATE_AUTH_TOKEN" not in env, "a token in the manifest (or env) shows in `kubectl get` and ps"
+
+
 def test_gateway_has_a_core_per_worker(overlay: str, docs: tuple[Doc, ...]) -> None:
     """Each gateway worker process keeps one core busy under load (service/workers.py): the
     container's CPU must cover the workers it runs, and the GPU overlay runs several."""
