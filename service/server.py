@@ -317,9 +317,13 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
             async def read() -> None:
                 try:
                     async for item in request_iterator:
-                        await window.acquire()
-                        if connection is not None:
-                            await connection.room()
+                        try:
+                            await window.acquire()
+                            if connection is not None:
+                                await connection.room()
+                        except asyncio.CancelledError:  # read, never started: a request all the same
+                            self._count(item.request, cut_short_code(context))
+                            raise
                         answer = asyncio.create_task(self._stream_answer(item.request, context))
                         if connection is not None:
                             connection.hold(answer)

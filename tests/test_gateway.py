@@ -328,6 +328,44 @@ def test_calls_cut_short_are_counted_by_their_code(gateway: str, torchserve, fmn
     assert added("handled", "UNKNOWN") == 0
 
 
+def test_a_stream_item_read_but_not_started_is_counted_when_the_stream_is_cancelled(
+        calibrated_store: Path, torchserve, tmp_path: Path, fmnist: data.FashionMNIST) -> None:
+    """With a window of one, the second item waits, read, for the first to be answered; the
+    stream cancelled then: both count as CANCELLED requests (the waiting one went uncounted)."""
+    from robustgate.v1 import classifier_pb2_grpc as pb_grpc
+
+    port = free_port()
+    proc, address = start_gateway(calibrated_store, torchserve, tmp_path,
+                                  **{"stream-window": "1", "metrics-port": str(port)})
+    req = Client.request(png(fmnist.test.images[0]), "fmnist-cnn")
+
+    def received() -> float:
+        return metric_sum(scrape(port), "grpc_server_msg_received_total", grpc_method="ClassifyStream")
+
+    try:
+        before = requests_by_code(port, "CANCELLED")
+        os.killpg(torchserve.pid, signal.SIGSTOP)  # the first item waits for TorchServe
+        try:
+            with grpc.insecure_channel(address) as ch:
+                stream = pb_grpc.ClassifierServiceStub(ch).ClassifyStream(
+                    iter([pb.ClassifyStreamRequest(request=req)] * 3))
+                until_inflight(port, 1)
+                deadline = time.monotonic() + 10
+                while received() < 2:  # the second item read, waiting for the window
+                    assert time.monotonic() < deadline
+                    time.sleep(0.02)
+                stream.cancel()
+                until_inflight(port, 0)
+        finally:
+            os.killpg(torchserve.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        while requests_by_code(port, "CANCELLED") - before < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert requests_by_code(port, "CANCELLED") - before == received() == 2  # the third: never read
+    finally:
+        stop(proc)
+
+
 def test_stream_answers_each_request_in_order(client: Client, fmnist: data.FashionMNIST) -> None:
     reqs = [Client.request(png(fmnist.test.images[i]), "fmnist-cnn", request_id=f"s{i}") for i in range(5)]
     reqs.insert(2, Client.request(b"not an image", "fmnist-cnn", request_id="bad"))
