@@ -229,13 +229,11 @@ def approve_changes(store: Path, changing: Sequence[str], write: Callable[[], ob
     keeps the digests it verified (not a second reading of those files, which a change made
     meanwhile would slip into); only the files under ``changing`` are hashed anew. A store
     without a manifest yet (its first build) is recorded as it is after ``write``."""
-    if not (store / MANIFEST).is_file():
-        if write is not None:
-            write()
-        return write_manifest(store)
-    kept = verify_manifest(store, changing=changing)
+    kept = verify_manifest(store, changing=changing) if (store / MANIFEST).is_file() else None
     if write is not None:
         write()
+    if kept is None:
+        return write_manifest(store)
     on_disk = {p.relative_to(store).as_posix(): p for p in _artifacts(store)}
     fresh = {rel: sha256_file(p) for rel, p in on_disk.items() if _under(rel, changing)}
     return _record(store, {**kept, **fresh})

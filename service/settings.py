@@ -23,10 +23,10 @@ MAX_WORKERS = 64
 # (and its deadlines overflow beyond about 292 years); larger values failed the start with an
 # OverflowError traceback, or left the health probe failing for good.
 MAX_MESSAGE_BYTES = 2**31 - 1
+MAX_DURATION_S = (2**31 - 1) // 1000
 # ROBUSTGATE_* variables that are not the gateway's settings but read beside it (the image's
 # entrypoint, scripts/run.sh); any other unknown name is refused as a likely typo.
 OTHER_ENV = frozenset({"ROBUSTGATE_POLICY_DIR", "ROBUSTGATE_KEY_FILE_WAIT_S", "ROBUSTGATE_MODEL"})
-MAX_DURATION_S = (2**31 - 1) // 1000
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
