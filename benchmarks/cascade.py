@@ -14,8 +14,9 @@ squeeze,viewpoint,density,noise``). Where its allocation gives noise no share of
 budget (it did on fmnist-cnn: noise then never flags, and nothing escalates), the noise
 thresholds are set by hand (``--noise-flag``, ``--noise-reject``; default: flag where the
 smoothed classifier disagrees with the plain one). It serves, on the same images, the
-shipped policy and, for each noise budget (``--noise-budgets``: the most noise copies one
-image may cost, ``noise.max_samples``):
+shipped policy and, for each noise budget (``--noise-budgets``: the copies the noise check
+scores, ``noise.detect_samples``; the calibration sets its thresholds on 32, so at any
+other count the clean rate calibrated thresholds promise does not hold):
 
 - the noise-on policy: cheap checks first, noise only where they are inconclusive (a check
   above its escalate threshold, none above reject), sampled sequentially and stopped as
@@ -57,11 +58,11 @@ def full_budget(policy: dict) -> None:
     """Edit a policy (JSON) to spend its whole budget on every image: each cheap check's
     escalate threshold at 0, the bottom of every score's range (the density distance is
     always above it, so every image is inconclusive unless a check rejects it, which decides
-    it whatever the noise says), and the noise copies in one batch."""
+    it whatever the noise says), and the noise copies it scores in one batch."""
     for name, check in policy["checks"].items():
         if name != "noise" and check["enabled"] and check["flag"] is not None:
             check["escalate"] = 0.0
-    policy["noise"]["first_batch"] = policy["noise"]["max_samples"]
+    policy["noise"]["first_batch"] = policy["noise"]["detect_samples"]
 
 
 def edit_policy(store: Path, model: str, edit) -> None:
@@ -82,15 +83,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="noise flag threshold where the calibration gives noise none (share of "
                         "noisy copies changing the top-1; 0.5: the smoothed classifier disagrees)")
     p.add_argument("--noise-reject", type=float, default=0.75)
-    p.add_argument("--noise-budgets", default="400,32",
-                   help="noise copies at most (noise.max_samples) per run of the noise-on policy; "
-                        "400 is the shipped budget, sized for certificates")
+    p.add_argument("--noise-budgets", default="32,400",
+                   help="noise copies the noise check scores (noise.detect_samples) per run of the "
+                        "noise-on policy; 32 is the count its thresholds are calibrated on")
     args = p.parse_args(argv)
     if args.smoke:
         args.clean, args.attacked = 24, 24
         args.calibration_images, args.calibration_attack_images = 400, 100
         args.noise_budgets = "32"
     budgets = [int(b) for b in args.noise_budgets.split(",")]
+    if not budgets or min(budgets) < 1:
+        p.error("--noise-budgets: copies counts, each >= 1")
 
     from benchmarks import efficacy as ef
     from model_store import data, serve
@@ -133,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         stores = {SHIPPED: args.store}
         for m in budgets:
             def at_most(pol: dict, m: int = m, full: bool = False) -> None:
-                pol["noise"]["max_samples"] = m
+                pol["noise"]["detect_samples"] = m
+                pol["noise"]["max_samples"] = max(pol["noise"]["max_samples"], m)
                 if full:
                     full_budget(pol)
 

@@ -62,7 +62,6 @@ from service.registry import JITTER_DRAWS, POLICY_FILE
 
 CHEAP = (Check.SQUEEZE, Check.VIEWPOINT, Check.DENSITY)
 DEFAULT_CHECKS = (Check.SQUEEZE, Check.VIEWPOINT, Check.DENSITY)
-NOISE_CALIBRATION_SAMPLES = 32
 ATTACKS = (("fgsm", 0.03), ("fgsm", 0.1), ("pgd", 0.03), ("pgd", 0.1))
 
 
@@ -137,15 +136,16 @@ def label_preserving_views(card: dict) -> tuple[ViewSpec, ...]:
 
 def calibration_spec(policy: Policy, seed: int, checks: Sequence[Check]) -> ProbeSpec:
     """The variants the calibrated checks use, plus features: one call per image. Sections of
-    checks not being calibrated are left out (occlusion alone is 16 rows, noise 32; the jitter
-    copies are squeeze's detector's)."""
+    checks not being calibrated are left out (occlusion alone is 16 rows; the jitter copies are
+    squeeze's detector's). Noise: ``noise.detect_samples`` copies, the count the gateway scores
+    the noise check over, so the thresholds set here hold there."""
     p = policy.probe
     return dataclasses.replace(
         p, seed=seed, return_features=True,
         jitter=p.jitter if Check.SQUEEZE in checks else NoiseSpec(),
         occlusion=p.occlusion if Check.OCCLUSION in checks else OcclusionSpec(),
         shuffle=p.shuffle if Check.STRUCTURE in checks else ShuffleSpec(),
-        noise=NoiseSpec(sigma=policy.noise.sigma, count=NOISE_CALIBRATION_SAMPLES) if Check.NOISE in checks
+        noise=NoiseSpec(sigma=policy.noise.sigma, count=policy.noise.detect_samples) if Check.NOISE in checks
         else NoiseSpec())
 
 

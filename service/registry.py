@@ -30,7 +30,6 @@ from service.gate.checks import Check
 from service.gate.errors import PlanError, PolicyError
 from service.gate.policy import Mode, Policy
 from service.gate.policy_io import load_policy
-from service.gate.sequential import budget_within
 from service.gate.smoothing import certify_counts
 
 log = logging.getLogger(__name__)
@@ -186,17 +185,24 @@ def _warn_if_stale(name: str, policy: Policy) -> None:
 def _warn_if_noise_falls_short(name: str, policy: Policy) -> None:
     """Warn when the noise stage can never do what the policy asks of it: no copy fits in
     ``max_forward_passes`` after the cheap probe (an enabled noise check is then skipped on
-    every request, certification never runs), or even unanimous copies certify less than
-    ``noise.target_radius`` (every certificate reads "not certified")."""
+    every request, certification never runs), fewer than ``noise.detect_samples`` do (the
+    noise check scores fewer copies than its thresholds were calibrated on), or even unanimous
+    copies certify less than ``noise.target_radius`` (every certificate reads "not
+    certified")."""
     n = policy.noise
-    budget = budget_within(policy.max_forward_passes - policy.cheap_plan(0).rows, n.max_samples,
-                           first=n.first_batch, growth=n.growth)
+    cheap = policy.cheap_plan(0).rows
+    budget = policy.noise_budget(cheap, certify=True)
     if budget == 0:
         if policy.enabled(Check.NOISE) or n.certify:
             log.warning("model %r: policy %s leaves no forward pass for a noise copy after the cheap probe "
                         "(max_forward_passes %d): the noise check and certification never run",
                         name, policy.version, policy.max_forward_passes)
         return
+    scored = policy.noise_budget(cheap, certify=False)
+    if policy.enabled(Check.NOISE) and scored < n.detect_samples:
+        log.warning("model %r: policy %s leaves room for %d noise copies after the cheap probe, fewer than the "
+                    "%d its noise thresholds were calibrated on: the check flags off its calibrated rate",
+                    name, policy.version, scored, n.detect_samples)
     best = certify_counts(0, budget, budget, budget, n.sigma, n.alpha).radius or 0.0
     if best < n.target_radius:
         log.warning("model %r: policy %s certifies at most radius %.3f with its %d noise copies, below its "

@@ -293,3 +293,20 @@ def test_the_viewpoint_check_uses_the_views_the_card_measured_to_keep_the_label(
     assert label_preserving_views(card(*VIEW_NAMES, "scale0.9")) == DEFAULT_VIEWS
     assert label_preserving_views(card("rotate-10", "hflip")) == (DEFAULT_VIEWS[1], ViewSpec(hflip=True))
     assert label_preserving_views(card("vflip", "scale1.1")) == ()
+
+
+def test_noise_is_calibrated_on_the_copies_the_gateway_scores() -> None:
+    """The share of k disagreeing copies spreads less the more copies there are: thresholds
+    set on one count and read on another miss their clean rate. The calibration probes as
+    many as the policy's ``noise.detect_samples``, the count the cascade scores."""
+    from dataclasses import replace
+
+    from service.calibration import calibration_spec
+    from service.gate.defaults import draft_policy
+    from service.gate.policy import NoiseSettings
+
+    policy = draft_policy("m", "a" * 64, "b" * 64, 0.25)
+    assert calibration_spec(policy, 0, [Check.NOISE]).noise.count == policy.noise.detect_samples == 32
+    wider = replace(policy, noise=NoiseSettings(sigma=0.25, detect_samples=48))
+    assert calibration_spec(wider, 0, [Check.NOISE, S]).noise.count == 48
+    assert calibration_spec(wider, 0, [S]).noise.count == 0

@@ -77,7 +77,7 @@ class FakeModel:
 
 
 def make_policy(mode: Mode = Mode.ENFORCE, *, certify: bool = False,
-                max_passes: int = 300, occlusion: bool = False) -> Policy:
+                max_passes: int = 300, occlusion: bool = False, detect_samples: int = 32) -> Policy:
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(C), 30)
     feats = np.eye(C)[labels] * 10.0 + rng.normal(size=(labels.size, C))
@@ -87,7 +87,8 @@ def make_policy(mode: Mode = Mode.ENFORCE, *, certify: bool = False,
     return Policy(
         model_name="m", model_sha256="a" * 64, data_sha256="b" * 64, version="3", mode=mode,
         probe=default_probe(), noise=NoiseSettings(sigma=0.25, alpha=0.001,
-                                                   target_radius=0.25, certify=certify),
+                                                   target_radius=0.25, certify=certify,
+                                                   detect_samples=detect_samples),
         checks={Check.SQUEEZE: CheckPolicy(True, Thresholds(0.95, 0.99, 0.8)),
                 Check.VIEWPOINT: CheckPolicy(True, Thresholds(0.5, 1.0, 0.3)),
                 Check.DENSITY: CheckPolicy(True, Thresholds(6.0, 10.0, 5.0)),
@@ -166,9 +167,10 @@ def test_inconclusive_escalates_and_matches_full_budget(p_agree: float) -> None:
     model = FakeModel(squeeze_l2=0.9, view_l1=0.1, stream=stream)
     run = drive(policy, model)
     report = run.report()
-    # 290 passes left after the 10 cheap rows: 284 copies in 6 batches (8 ... 128, 36)
-    assert report.escalated and run.budget == 284
-    full = disagreement_share(int(stream[:run.budget].sum()), run.budget)
+    # the check scores the 32 copies its thresholds were calibrated on (noise.detect_samples),
+    # though 290 passes are left after the 10 cheap rows
+    assert report.escalated and run.budget == run.detect_budget == 32
+    full = disagreement_share(int(stream[:32].sum()), 32)
     noise = report.result(Check.NOISE)
     assert noise.status is CheckStatus.SCORED and noise.score is not None
     assert (noise.score > 0.3) == (full > 0.3) and (noise.score > 0.6) == (full > 0.6)
@@ -181,12 +183,47 @@ def test_inconclusive_escalates_and_matches_full_budget(p_agree: float) -> None:
 
 def test_noise_stage_saves_passes_on_clear_noise_verdicts() -> None:
     model = FakeModel(squeeze_l2=0.9, stream=np.ones(1000, bool))
-    run = drive(make_policy(), model)
-    assert run.samples < run.budget  # settled before the budget: share 0 can't exceed 0.3
+    run = drive(make_policy(detect_samples=200), model)
+    assert run.samples < run.budget == 200  # settled before the budget: share 0 can't exceed 0.3
     assert run.report().result(Check.NOISE).verdict is Decision.PASS
     # Copies drawn for the check alone certify nothing: stopped early, their bound would read
     # "not certified" (and fill the radius metric) where a request that asked would be.
     assert run.certificate() is None and run.report().certified is None
+
+
+def test_noise_score_counts_the_calibrated_copies_when_a_certificate_draws_more() -> None:
+    """Thresholds hold at the copy count they were calibrated on: a certificate's 400 copies
+    must not dilute (or sharpen) the share the noise check reads. Copies 24-31 disagree (in
+    the third batch, which runs past copy 32), and half of those after."""
+    stream = np.r_[np.ones(24, bool), np.zeros(8, bool), np.random.default_rng(5).random(968) < 0.5]
+    policy = make_policy(max_passes=500)
+    run = drive(policy, FakeModel(squeeze_l2=0.9, stream=stream), certify=True)
+    report = run.report()
+    assert run.budget > 300 and run.detect_budget == 32 and run.samples > 32
+    noise = report.result(Check.NOISE)
+    assert noise.score == pytest.approx(8 / 32) and noise.verdict is Decision.PASS
+    assert dict(noise.detail)["samples"] == 32 and dict(noise.detail)["budget"] == 32
+    full = certify_counts(0, int(stream[:run.budget].sum()), run.budget, run.budget, 0.25, 0.001)
+    assert report.certified == full.certifies(0.25)
+    # the same image without a certificate draws only what the score needs
+    alone = drive(policy, FakeModel(squeeze_l2=0.9, stream=stream), certify=False)
+    lone = alone.report().result(Check.NOISE)
+    assert alone.samples == alone.budget == 32
+    assert (lone.score, lone.verdict, lone.detail) == (noise.score, noise.verdict, noise.detail)
+
+
+@pytest.mark.parametrize("p_agree", [0.9, 0.7, 0.45])
+def test_certify_and_detect_each_match_their_full_budget(p_agree: float) -> None:
+    stream = np.random.default_rng(int(p_agree * 100)).random(1000) < p_agree
+    policy = make_policy(max_passes=500)
+    run = drive(policy, FakeModel(squeeze_l2=0.9, stream=stream), certify=True)
+    report = run.report()
+    share = disagreement_share(int(stream[:32].sum()), 32)
+    noise = report.result(Check.NOISE)
+    assert noise.score is not None
+    assert (noise.score > 0.3) == (share > 0.3) and (noise.score > 0.6) == (share > 0.6)
+    full = certify_counts(0, int(stream[:run.budget].sum()), run.budget, run.budget, 0.25, 0.001)
+    assert report.certified == full.certifies(0.25)
 
 
 def test_certification_opt_in_runs_on_clean_images() -> None:

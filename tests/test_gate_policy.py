@@ -55,6 +55,14 @@ def test_round_trip_through_a_file(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
 
 
+def test_noise_detect_samples_round_trips_and_defaults_to_the_count_calibrated_on() -> None:
+    policy = make_policy(noise=NoiseSettings(sigma=0.25, detect_samples=48))
+    d = policy_to_dict(policy)
+    assert d["noise"]["detect_samples"] == 48 and policy_from_dict(d) == policy
+    del d["noise"]["detect_samples"]  # a policy written before the field: calibrated on 32
+    assert policy_from_dict(d).noise.detect_samples == 32
+
+
 def test_missing_checks_are_disabled() -> None:
     d = policy_to_dict(make_policy())
     del d["checks"]["occlusion"], d["checks"]["structure"]
@@ -83,6 +91,8 @@ def _broken(mutate: Any) -> dict[str, Any]:
     (lambda d: d["references"].update(density={"means": [[0.0]]}), "density"),
     (lambda d: d["noise"].update(alpha=0), "alpha"),
     (lambda d: d["noise"].update(alpha=0.9), r"alpha must be in \(0, 0.5\]"),
+    (lambda d: d["noise"].update(detect_samples=0), "detect_samples"),
+    (lambda d: d["noise"].update(detect_samples="many"), "noise.detect_samples: expected an integer"),
     (lambda d: d["probe"].update(version=9), "version"),
     (lambda d: d["probe"].update(noise={"sigma": 0.2, "count": 4}), "probe.noise"),
     (lambda d: d.update(max_forward_passes=5), "max_forward_passes"),
@@ -122,7 +132,7 @@ def test_model_hash_must_match() -> None:
 def test_budgets_and_cheap_plan() -> None:
     policy = make_policy()
     assert policy.budget(Check.SQUEEZE) == 3 and policy.budget(Check.VIEWPOINT) == 6
-    assert policy.budget(Check.DENSITY) == 0 and policy.budget(Check.NOISE) == 400
+    assert policy.budget(Check.DENSITY) == 0 and policy.budget(Check.NOISE) == 32  # scored copies
     plan = policy.cheap_plan(seed=99)
     assert plan.seed == 99 and plan.return_features
     assert plan.occlusion.grid == 0 and plan.shuffle.count == 0 and plan.noise.count == 0

@@ -62,6 +62,9 @@ def test_a_policy_calibrated_on_one_shared_jitter_draw_serves_and_is_named_at_st
     (lambda p: {"max_forward_passes": p.cheap_plan(0).rows}, "leaves no forward pass for a noise copy"),
     # 400 unanimous copies certify at most 0.53 at sigma 0.25, alpha 0.001
     (lambda p: {"noise": replace(p.noise, target_radius=0.6), "max_forward_passes": 500}, "certifies at most radius 0.529"),
+    # room for 16 copies, the thresholds calibrated on 32: the check would flag off its rate
+    (lambda p: {"max_forward_passes": p.cheap_plan(0).rows + 18},
+     "room for 16 noise copies after the cheap probe, fewer than the 32 its noise thresholds"),
 ])
 def test_a_noise_stage_that_cannot_do_what_its_policy_asks_is_named_at_start_up(
         tmp_path: Path, caplog: pytest.LogCaptureFixture, changes, message: str) -> None:

@@ -16,7 +16,10 @@ the cheap stage is INCONCLUSIVE: no enabled cheap check crosses its reject thres
 least one crosses its escalate threshold (its flag threshold where escalate is unset). Noise
 copies come in sequential batches (each with its own derived seed) under a budget that fits
 the per-request forward-pass ceiling, and stop as soon as the full-budget verdicts (certified
-at the target radius; noise score over its flag / reject thresholds) are settled.
+at the target radius; noise score over its flag / reject thresholds) are settled. The noise
+score is the share of the first ``noise.detect_samples`` copies that lose the base top-1,
+the count its thresholds were calibrated on; a certificate counts every copy of its budget
+(``noise.max_samples``), so a run asked for both settles each verdict on its own copies.
 
 With ``mode: off`` the first ``next_plan()`` is already None: classify without a plan.
 """
@@ -37,7 +40,7 @@ from service.gate.plan import ProbeSpec, derive_seed
 from service.gate.policy import Mode, Policy
 from service.gate.report import CheckScore, Decision, GateReport, decide, off_report, verdict_of
 from service.gate.sequential import (
-    all_settled, budget_within, certification_cut, detection_cut, disagreement_share,
+    all_settled, certification_cut, detection_cut, disagreement_share,
     next_batch_size, samples_to_settle,
 )
 from service.gate.smoothing import Certificate, certify_counts, count_agreements
@@ -79,7 +82,10 @@ class GateRun:
     forward_passes: int = 0
     budget: int = 0
     cuts: tuple[int, ...] = ()
+    detect_budget: int = 0
+    detect_cuts: tuple[int, ...] = ()
     agreements: int = 0
+    detect_agreements: int = 0
     samples: int = 0
     batches: int = 0
 
@@ -102,12 +108,25 @@ class GateRun:
             return self.policy.cheap_plan(self.seed)
         if self.stage is Stage.NOISE:
             n = self.policy.noise
-            size = next_batch_size(
-                self.samples, self.budget, first=n.first_batch, growth=n.growth,
-                at_least=samples_to_settle(self.agreements, self.samples, self.budget,
-                                           self.cuts))
+            need = max(samples_to_settle(self.agreements, self.samples, self.budget, self.cuts),
+                       samples_to_settle(self.detect_agreements, self.detect_samples,
+                                         self.detect_budget, self.detect_cuts))
+            size = next_batch_size(self.samples, self.budget, first=n.first_batch,
+                                   growth=n.growth, at_least=need)
             return self.policy.noise_plan(derive_seed(self.seed, self.batches + 1), size)
         return None
+
+    @property
+    def detect_samples(self) -> int:
+        """Copies drawn so far that the noise score counts: the first ``detect_budget``."""
+        return min(self.samples, self.detect_budget)
+
+    def _settled(self) -> bool:
+        """Every verdict the noise stage feeds is fixed: certification on all the copies,
+        detection on the first ``detect_budget``."""
+        return (all_settled(self.agreements, self.samples, self.budget, self.cuts)
+                and all_settled(self.detect_agreements, self.detect_samples, self.detect_budget,
+                                self.detect_cuts))
 
     def feed(self, logits: ArrayLike, features: ArrayLike | None = None) -> GateRun:
         """Advance with the handler's answer to :meth:`next_plan`.
@@ -125,11 +144,14 @@ class GateRun:
                            top_class=raw.top_class, forward_passes=plan.rows)
             return done._open_noise(scores)
         z = checked_logits(logits, plan)
-        got = count_agreements(z[plan.layout().noise], self.top_class)
-        run = replace(self, agreements=self.agreements + got,
+        copies = z[plan.layout().noise]
+        scored = copies[:self.detect_budget - self.detect_samples]  # the batch's share of the first
+        run = replace(self, agreements=self.agreements + count_agreements(copies, self.top_class),
+                      detect_agreements=self.detect_agreements
+                      + count_agreements(scored, self.top_class),
                       samples=self.samples + plan.noise.count, batches=self.batches + 1,
                       forward_passes=self.forward_passes + plan.rows)
-        if all_settled(run.agreements, run.samples, run.budget, run.cuts):
+        if run._settled():
             run = replace(run, stage=Stage.DONE)
         return run
 
@@ -138,20 +160,20 @@ class GateRun:
         if not (detect or self.certify):
             return self
         n = self.policy.noise
-        budget = budget_within(self.policy.max_forward_passes - self.forward_passes,
-                               n.max_samples, first=n.first_batch, growth=n.growth)
+        budget = self.policy.noise_budget(self.forward_passes, certify=self.certify)
         if budget == 0:
             return self
-        cuts = []
+        cuts = detect_cuts = ()
+        detect_budget = min(n.detect_samples, budget)
         if self.certify:
-            cuts.append(certification_cut(budget, n.sigma, n.alpha, n.target_radius))
+            cuts = (certification_cut(budget, n.sigma, n.alpha, n.target_radius),)
         if self.policy.enabled(Check.NOISE):
             t = self.policy.thresholds(Check.NOISE)
-            cuts += [detection_cut(budget, x) for x in (t.flag, t.reject) if x is not None]
-        run = replace(self, budget=budget, cuts=tuple(cuts))
-        if all_settled(0, 0, budget, run.cuts):
-            return run
-        return replace(run, stage=Stage.NOISE)
+            detect_cuts = tuple(detection_cut(detect_budget, x) for x in (t.flag, t.reject)
+                                if x is not None)
+        run = replace(self, budget=budget, cuts=cuts, detect_budget=detect_budget,
+                      detect_cuts=detect_cuts)
+        return run if run._settled() else replace(run, stage=Stage.NOISE)
 
     def certificate(self) -> Certificate | None:
         """The certificate so far: conservative (undrawn copies count as disagreeing) until
@@ -173,9 +195,10 @@ class GateRun:
             return off_report(self.policy)
         scores = dict(self.cheap_scores)
         if self.samples > 0:
+            k, m = self.detect_agreements, self.detect_samples
             scores[Check.NOISE] = CheckScore(
-                disagreement_share(self.agreements, self.samples), self.samples,
-                (("agreements", float(self.agreements)), ("samples", float(self.samples)),
-                 ("budget", float(self.budget))))
+                disagreement_share(k, m), self.samples,
+                (("agreements", float(k)), ("samples", float(m)),
+                 ("budget", float(self.detect_budget))))
         return decide(scores, self.policy, certificate=self.certificate(),
                       forward_passes=self.forward_passes, escalated=self.batches > 0)

@@ -37,6 +37,8 @@ from service.gate.squeeze_detector import SqueezeDetector
 #: v2: squeeze references are clean CDFs of logit L2 distances (v1: softmax L1), so a v1
 #: policy's squeeze thresholds mean nothing to this gate and the file is refused.
 POLICY_SCHEMA = "robustgate.policy.v2"
+#: Noise copies per image the noise check's thresholds are calibrated on and scored over.
+DETECT_SAMPLES = 32
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -76,7 +78,10 @@ class CheckPolicy:
 class NoiseSettings:
     """Randomized smoothing. sigma: the training noise from the model card, pixel units.
     alpha: 1 - confidence of the Clopper-Pearson bound. target_radius: L2 radius (pixel
-    units) a certificate must reach to count as certified. max_samples: the noise budget N.
+    units) a certificate must reach to count as certified. max_samples: the noise budget N
+    of a certificate. detect_samples: the copies the noise check's score is the share of,
+    the count its thresholds were calibrated on (a request's first copies; more copies would
+    shift the share's spread and with it the clean flag rate the thresholds promise).
     first_batch, growth: sequential batch sizes first * growth**i. certify: run
     certification on every request by default (opt-in; a request may override)."""
 
@@ -84,6 +89,7 @@ class NoiseSettings:
     alpha: float = 0.001
     target_radius: float = 0.25
     max_samples: int = 400
+    detect_samples: int = DETECT_SAMPLES
     first_batch: int = 8
     growth: int = 2
     certify: bool = False
@@ -95,8 +101,8 @@ class NoiseSettings:
             raise PolicyError(f"noise.alpha must be in (0, 0.5], got {self.alpha}")
         if not self.target_radius >= 0:
             raise PolicyError(f"noise.target_radius must be >= 0, got {self.target_radius}")
-        if self.max_samples < 1 or self.first_batch < 1 or self.growth < 1:
-            raise PolicyError("noise.max_samples, first_batch and growth must be >= 1")
+        if min(self.max_samples, self.detect_samples, self.first_batch, self.growth) < 1:
+            raise PolicyError("noise.max_samples, detect_samples, first_batch and growth must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -160,7 +166,8 @@ class Policy:
 
     def budget(self, check: Check) -> int:
         """Forward passes (variants) the check may cost per request: squeezers, views,
-        occlusion windows, shuffles, noise max_samples; density costs none; squeeze also
+        occlusion windows, shuffles, the noise copies it scores (a certificate may draw more,
+        up to ``noise.max_samples``); density costs none; squeeze also
         counts the jitter copies where its detector reads them. (A squeeze detector with
         context also reads the views' rows: reports count them under viewpoint when it is on,
         else under squeeze.)"""
@@ -170,7 +177,7 @@ class Policy:
         return {Check.SQUEEZE: len(p.squeeze.bit_depths) + len(p.squeeze.median_sizes) + jitter,
                 Check.VIEWPOINT: len(p.views), Check.DENSITY: 0,
                 Check.OCCLUSION: p.occlusion.grid ** 2, Check.STRUCTURE: p.shuffle.count,
-                Check.NOISE: self.noise.max_samples}[check]
+                Check.NOISE: min(self.noise.detect_samples, self.noise.max_samples)}[check]
 
     def cheap_plan(self, seed: int) -> ProbeSpec:
         """The first probe of a request: the enabled cheap checks' variants, features when
@@ -202,10 +209,17 @@ class Policy:
         if self.mode is Mode.OFF:
             return 1
         cheap = self.cheap_plan(0).rows
+        return max(cheap, 1 + self.noise_budget(cheap, certify=True))
+
+    def noise_budget(self, spent: int, *, certify: bool) -> int:
+        """Noise copies a request may still draw after ``spent`` forward passes: those of a
+        certificate (``noise.max_samples``) when ``certify``, else those the noise check
+        scores (``noise.detect_samples``), cut to what fits in ``max_forward_passes`` with one
+        base row per sequential batch; 0 when no copy fits."""
         n = self.noise
-        budget = budget_within(self.max_forward_passes - cheap, n.max_samples, first=n.first_batch,
-                               growth=n.growth)
-        return max(cheap, 1 + budget)
+        wanted = n.max_samples if certify else min(n.detect_samples, n.max_samples)
+        return budget_within(self.max_forward_passes - spent, wanted, first=n.first_batch,
+                             growth=n.growth)
 
     def noise_plan(self, seed: int, count: int) -> ProbeSpec:
         """A noise-only probe of ``count`` copies (base row + copies)."""

@@ -8,7 +8,7 @@ The file is the only I/O of the gate. Layout (``schema`` = ``robustgate.policy.v
      "checks": {"squeeze": {"enabled": true, "flag": 0.97, "reject": 0.995,
                             "escalate": 0.8}, ...},
      "noise": {"sigma": 0.25, "alpha": 0.001, "target_radius": 0.25, "max_samples": 400,
-               "first_batch": 8, "growth": 2, "certify": false},
+               "detect_samples": 32, "first_batch": 8, "growth": 2, "certify": false},
      "max_forward_passes": 64,
      "references": {"squeeze": [{"values": [...]}, ...], "density": {"means": ..., ...},
                     "squeeze_detector": {"mean": [...], "scale": [...], "weights": [...],
@@ -35,7 +35,7 @@ from service.gate.density import DensityModel
 from service.gate.errors import GateError, PolicyError
 from service.gate.plan import ProbeSpec
 from service.gate.policy import (
-    POLICY_SCHEMA, CheckPolicy, Mode, NoiseSettings, Policy, References, Thresholds,
+    DETECT_SAMPLES, POLICY_SCHEMA, CheckPolicy, Mode, NoiseSettings, Policy, References, Thresholds,
 )
 from service.gate.quantile import EmpiricalCDF
 from service.gate.squeeze_detector import SqueezeDetector
@@ -59,7 +59,8 @@ def policy_to_dict(policy: Policy) -> dict[str, Any]:
                              "escalate": cp.thresholds.escalate}
                    for c, cp in policy.checks.items()},
         "noise": {"sigma": n.sigma, "alpha": n.alpha, "target_radius": n.target_radius,
-                  "max_samples": n.max_samples, "first_batch": n.first_batch,
+                  "max_samples": n.max_samples, "detect_samples": n.detect_samples,
+                  "first_batch": n.first_batch,
                   "growth": n.growth, "certify": n.certify},
         "max_forward_passes": policy.max_forward_passes,
         "references": {
@@ -176,14 +177,17 @@ def _checks(d: Mapping[str, Any]) -> dict[Check, CheckPolicy]:
 
 
 def _noise(d: Mapping[str, Any]) -> NoiseSettings:
-    reject_unknown(d, {"sigma", "alpha", "target_radius", "max_samples", "first_batch",
-                       "growth", "certify"}, "noise", PolicyError)
+    reject_unknown(d, {"sigma", "alpha", "target_radius", "max_samples", "detect_samples",
+                       "first_batch", "growth", "certify"}, "noise", PolicyError)
     return NoiseSettings(
         sigma=as_float(_need(d, "sigma", "noise"), "noise.sigma", PolicyError),
         alpha=as_float(d.get("alpha", 0.001), "noise.alpha", PolicyError),
         target_radius=as_float(d.get("target_radius", 0.25), "noise.target_radius",
                                PolicyError),
         max_samples=as_int(d.get("max_samples", 400), "noise.max_samples", PolicyError),
+        # a policy written before the field was calibrated on 32 copies, the default
+        detect_samples=as_int(d.get("detect_samples", DETECT_SAMPLES), "noise.detect_samples",
+                              PolicyError),
         first_batch=as_int(d.get("first_batch", 8), "noise.first_batch", PolicyError),
         growth=as_int(d.get("growth", 2), "noise.growth", PolicyError),
         certify=as_bool(d.get("certify", False), "noise.certify", PolicyError))
