@@ -58,7 +58,7 @@ from service.gate.squeeze_detector import (
     CONTEXT_FEATURES, DEFAULT_HIDDEN, JITTER_FEATURES, MIN_ATTACKS, fit_squeeze_detector,
 )
 from service.pipeline import request_seed, spec_to_proto
-from service.registry import JITTER_DRAWS, POLICY_FILE
+from service.registry import JITTER_DRAWS, NOISE_COPIES, POLICY_FILE
 
 CHEAP = (Check.SQUEEZE, Check.VIEWPOINT, Check.DENSITY)
 DEFAULT_CHECKS = (Check.SQUEEZE, Check.VIEWPOINT, Check.DENSITY)
@@ -285,6 +285,7 @@ async def calibrate(
                "squeeze_detector_jitter": bool(detector is not None and detector.reads_jitter),
                "squeeze_detector_hidden": detector.hidden if detector is not None else 0,
                JITTER_DRAWS[0]: JITTER_DRAWS[1],  # probe_all: each image's own seed
+               **({NOISE_COPIES: policy.noise.detect_samples} if Check.NOISE in checks else {}),
                **{f"attack_{k}": len(v) for k, v in attacked_sets.items()}}
     # Room for an opt-in certificate: the cheap probe plus the whole noise budget, with one
     # base row per sequential batch.

@@ -40,6 +40,10 @@ CARD_FILE = "card.json"
 # with the jitter draw the gateway gives that image (``pipeline.request_seed``). Policies
 # calibrated before the record existed drew one set of jitter copies for all their images.
 JITTER_DRAWS = ("jitter_draws", "per-image")
+# Calibration's record of how many noise copies per image it set the noise thresholds on (a
+# policy calibrated with the noise check): a policy edited since to score another count no
+# longer holds the clean rate those thresholds were set for.
+NOISE_COPIES = "noise_copies"
 ARCHIVE_CONFIG = "model-config.yaml"  # TorchServe's per-model config, at the archive's root
 MAX_CONFIG_BYTES = 64 * 1024  # the shipped one is under 2 KB
 
@@ -198,6 +202,11 @@ def _warn_if_noise_falls_short(name: str, policy: Policy) -> None:
                         "(max_forward_passes %d): the noise check and certification never run",
                         name, policy.version, policy.max_forward_passes)
         return
+    calibrated_on = policy.calibration.get(NOISE_COPIES)
+    if policy.enabled(Check.NOISE) and calibrated_on is not None and calibrated_on != n.detect_samples:
+        log.warning("model %r: policy %s scores the noise check on %d copies, but its thresholds were "
+                    "calibrated on %s: the check flags off its calibrated rate; recalibrate, or set "
+                    "noise.detect_samples back", name, policy.version, n.detect_samples, calibrated_on)
     scored = policy.noise_budget(cheap, certify=False)
     if policy.enabled(Check.NOISE) and scored < n.detect_samples:
         log.warning("model %r: policy %s leaves room for %d noise copies after the cheap probe, fewer than the "

@@ -559,14 +559,14 @@ def test_the_full_budget_escalates_every_image_in_one_batch(default_store: Path)
     raw["checks"]["noise"].update(enabled=True, flag=0.3, reject=0.6)
     full_budget(raw)
     policy = policy_from_dict(raw)
-    assert policy.noise.first_batch == policy.noise.max_samples
+    assert policy.noise.first_batch == policy.noise.detect_samples  # the copies the check scores
     plan = policy.cheap_plan(0)
     # Logits that every cheap check finds unremarkable: all rows the same confident answer.
     logits = np.tile(np.eye(10, dtype=np.float32)[3] * 8, (plan.rows, 1))
     feats = policy.references.density.means[3].astype(np.float32)
     run = GateRun.start(policy, seed=1, certify=False).feed(logits, feats)
     nxt = run.next_plan()
-    assert nxt is not None and nxt.noise.count == policy.noise.max_samples
+    assert nxt is not None and nxt.noise.count == policy.noise.detect_samples
     # The calibration may leave a check without thresholds (its share of the flag budget 0:
     # viewpoint, in some builds of the model); such a check never decides an image.
     calibrated = [c for c in (Check.SQUEEZE, Check.VIEWPOINT, Check.DENSITY) if raw["checks"][c]["flag"] is not None]

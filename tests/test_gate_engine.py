@@ -205,7 +205,8 @@ def test_noise_score_counts_the_calibrated_copies_when_a_certificate_draws_more(
     assert dict(noise.detail)["samples"] == 32 and dict(noise.detail)["budget"] == 32
     full = certify_counts(0, int(stream[:run.budget].sum()), run.budget, run.budget, 0.25, 0.001)
     assert report.certified == full.certifies(0.25)
-    # the same image without a certificate draws only what the score needs
+    # the same image without a certificate draws only what the score needs (the fake model
+    # answers copy i alike whatever the batches; the gateway's batches draw their own noise)
     alone = drive(policy, FakeModel(squeeze_l2=0.9, stream=stream), certify=False)
     lone = alone.report().result(Check.NOISE)
     assert alone.samples == alone.budget == 32
@@ -317,3 +318,15 @@ def test_raw_scores_without_density_model() -> None:
     spec = ProbeSpec(return_features=True)
     raw = raw_scores(np.log(row()[None, :]), None, spec, density=None)
     assert raw.top_class == 0 and raw.density is None and raw.squeeze is None
+
+
+def test_a_settled_certificate_draws_no_copy_past_the_scored_ones() -> None:
+    """A target radius no budget reaches settles the certificate at once ("not certified"):
+    what remains is the noise check's 32 copies, and no batch runs past them."""
+    stream = np.random.default_rng(3).random(1000) < 0.7
+    policy = make_policy(max_passes=500)
+    policy = replace(policy, noise=replace(policy.noise, target_radius=0.6))
+    model = FakeModel(squeeze_l2=0.9, stream=stream)
+    run = drive(policy, model, certify=True)
+    assert run.budget > 300 and run.samples == run.detect_budget == 32
+    assert run.report().certified is False

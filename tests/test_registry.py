@@ -65,6 +65,10 @@ def test_a_policy_calibrated_on_one_shared_jitter_draw_serves_and_is_named_at_st
     # room for 16 copies, the thresholds calibrated on 32: the check would flag off its rate
     (lambda p: {"max_forward_passes": p.cheap_plan(0).rows + 18},
      "room for 16 noise copies after the cheap probe, fewer than the 32 its noise thresholds"),
+    # calibrated on 32 copies, edited to score 64
+    (lambda p: {"noise": replace(p.noise, detect_samples=64),
+                "calibration": {**p.calibration, "noise_copies": 32}},
+     "scores the noise check on 64 copies, but its thresholds were calibrated on 32"),
 ])
 def test_a_noise_stage_that_cannot_do_what_its_policy_asks_is_named_at_start_up(
         tmp_path: Path, caplog: pytest.LogCaptureFixture, changes, message: str) -> None:

@@ -111,8 +111,10 @@ class GateRun:
             need = max(samples_to_settle(self.agreements, self.samples, self.budget, self.cuts),
                        samples_to_settle(self.detect_agreements, self.detect_samples,
                                          self.detect_budget, self.detect_cuts))
-            size = next_batch_size(self.samples, self.budget, first=n.first_batch,
-                                   growth=n.growth, at_least=need)
+            # once the certificate is settled, only the scored copies are left to draw
+            certified = all_settled(self.agreements, self.samples, self.budget, self.cuts)
+            size = next_batch_size(self.samples, self.detect_budget if certified else self.budget,
+                                   first=n.first_batch, growth=n.growth, at_least=need)
             return self.policy.noise_plan(derive_seed(self.seed, self.batches + 1), size)
         return None
 

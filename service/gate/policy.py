@@ -103,6 +103,9 @@ class NoiseSettings:
             raise PolicyError(f"noise.target_radius must be >= 0, got {self.target_radius}")
         if min(self.max_samples, self.detect_samples, self.first_batch, self.growth) < 1:
             raise PolicyError("noise.max_samples, detect_samples, first_batch and growth must be >= 1")
+        if self.detect_samples > self.max_samples:  # the copies scored are a request's first
+            raise PolicyError(f"noise.detect_samples ({self.detect_samples}) must be <= noise.max_samples "
+                              f"({self.max_samples})")
 
 
 @dataclass(frozen=True)
@@ -177,7 +180,7 @@ class Policy:
         return {Check.SQUEEZE: len(p.squeeze.bit_depths) + len(p.squeeze.median_sizes) + jitter,
                 Check.VIEWPOINT: len(p.views), Check.DENSITY: 0,
                 Check.OCCLUSION: p.occlusion.grid ** 2, Check.STRUCTURE: p.shuffle.count,
-                Check.NOISE: min(self.noise.detect_samples, self.noise.max_samples)}[check]
+                Check.NOISE: self.noise.detect_samples}[check]
 
     def cheap_plan(self, seed: int) -> ProbeSpec:
         """The first probe of a request: the enabled cheap checks' variants, features when
@@ -217,7 +220,7 @@ class Policy:
         scores (``noise.detect_samples``), cut to what fits in ``max_forward_passes`` with one
         base row per sequential batch; 0 when no copy fits."""
         n = self.noise
-        wanted = n.max_samples if certify else min(n.detect_samples, n.max_samples)
+        wanted = n.max_samples if certify else n.detect_samples
         return budget_within(self.max_forward_passes - spent, wanted, first=n.first_batch,
                              growth=n.growth)
 

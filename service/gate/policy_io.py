@@ -179,15 +179,16 @@ def _checks(d: Mapping[str, Any]) -> dict[Check, CheckPolicy]:
 def _noise(d: Mapping[str, Any]) -> NoiseSettings:
     reject_unknown(d, {"sigma", "alpha", "target_radius", "max_samples", "detect_samples",
                        "first_batch", "growth", "certify"}, "noise", PolicyError)
+    max_samples = as_int(d.get("max_samples", 400), "noise.max_samples", PolicyError)
     return NoiseSettings(
         sigma=as_float(_need(d, "sigma", "noise"), "noise.sigma", PolicyError),
         alpha=as_float(d.get("alpha", 0.001), "noise.alpha", PolicyError),
         target_radius=as_float(d.get("target_radius", 0.25), "noise.target_radius",
                                PolicyError),
-        max_samples=as_int(d.get("max_samples", 400), "noise.max_samples", PolicyError),
+        max_samples=max_samples,
         # a policy written before the field was calibrated on 32 copies, the default
-        detect_samples=as_int(d.get("detect_samples", DETECT_SAMPLES), "noise.detect_samples",
-                              PolicyError),
+        detect_samples=as_int(d.get("detect_samples", min(DETECT_SAMPLES, max_samples)),
+                              "noise.detect_samples", PolicyError),
         first_batch=as_int(d.get("first_batch", 8), "noise.first_batch", PolicyError),
         growth=as_int(d.get("growth", 2), "noise.growth", PolicyError),
         certify=as_bool(d.get("certify", False), "noise.certify", PolicyError))
