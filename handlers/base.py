@@ -194,13 +194,15 @@ class ProbeHandler(BaseHandler):
         self._started = time.perf_counter()  # the batch's worker time runs from here to postprocess
         rows: list[Row] = []
         for row in data:
+            batch = BATCH_KEY in row
+            refused = BatchRefused if batch else InputError  # a refused batch is answered whole
             try:
-                rows.append(self.parse_batch(row[BATCH_KEY]) if BATCH_KEY in row else self.parse(row))
+                rows.append(self.parse_batch(row[BATCH_KEY]) if batch else self.parse(row))
             except InputError as e:
-                rows.append(BatchRefused(e.message, e.code) if BATCH_KEY in row else e)
+                rows.append(refused(e.message, e.code))
             except Exception:  # never let one request's surprise fail the batch
                 logger.exception("request could not be decoded")
-                rows.append(BatchRefused("internal error", 500) if BATCH_KEY in row else InputError("internal error", 500))
+                rows.append(refused("internal error", 500))
         if len(rows) == 1 and isinstance(rows[0], InputError):
             raise PredictionException(rows[0].message, rows[0].code)
         return rows

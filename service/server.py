@@ -233,28 +233,19 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
                 "rpc.system": "grpc", "rpc.service": SERVICE_NAME, "robustgate.model": request.model,
                 "robustgate.request_id": request.request_id}) as span:
             admitted = None  # perf_counter() once admitted
-
-            def waited() -> None:
-                """A failed request's time, where the failure is the server's (a deadline that
-                ran out, a backend's failure) or the caller left: the slow ones the latency
-                panels and alert must see; a caller's error (a bad image) is answered at once."""
-                if admitted is not None and request.model in self._known:
-                    self.metrics.series(self.metrics.request_duration, request.model).observe(
-                        time.perf_counter() - admitted)
-
             try:
                 with self.admission.slot(connection):
                     admitted = time.perf_counter()
                     res = await self.pipeline.classify(convert.to_domain(request), self._deadline(context))
             except asyncio.CancelledError:  # the caller's deadline passed, or it left
-                waited()
+                self._time_failed(request, admitted)
                 raise
             except Exception as e:
                 code, _ = status_of(e)
                 span.set_attribute("rpc.grpc.status_code", code.value[0])
                 if code in SERVER_FAULTS:
                     set_error(span, code.name)
-                    waited()
+                    self._time_failed(request, admitted)
                 raise
             span.set_attribute("rpc.grpc.status_code", 0)
             if res.report is not None:
@@ -262,6 +253,15 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
                 span.set_attribute("robustgate.forward_passes", res.report.forward_passes)
         record(self.metrics, res)
         return convert.to_pb(res)
+
+    def _time_failed(self, request: pb.ClassifyRequest, admitted: float | None) -> None:
+        """A failed request's time, where the failure is the server's (a deadline that ran
+        out, a backend's failure) or the caller left: the slow ones the latency panels and
+        alert must see; a caller's error (a bad image) is answered at once. ``admitted``:
+        when it was admitted (None: it never was, and waited for nothing of ours)."""
+        if admitted is not None and request.model in self._known:
+            self.metrics.series(self.metrics.request_duration, request.model).observe(
+                time.perf_counter() - admitted)
 
     def _deadline(self, context: grpc.aio.ServicerContext) -> float:
         left = context.time_remaining()
