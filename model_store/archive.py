@@ -15,12 +15,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 import shutil
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -138,9 +141,11 @@ def check_archive(path: Path, max_unpacked_bytes: int = MAX_UNPACKED_BYTES) -> N
 def check_members(z: zipfile.ZipFile, max_unpacked_bytes: int = MAX_UNPACKED_BYTES) -> None:
     """Raise :class:`UnsafeArchive` unless the open zip ``z`` is only plain files under
     relative names: no absolute or ``..`` name, no symlink or device entry, no name twice
-    (which copy an unpacker keeps is its own choice), and no more than ``max_unpacked_bytes``
-    unpacked. TorchServe unpacks every archive it serves; a hash in the manifest only says
-    the file is the one the build wrote, not that it is safe to unpack."""
+    (after ``./`` and ``//`` are folded: which copy an unpacker keeps is its own choice), and
+    no more than ``max_unpacked_bytes`` unpacked. TorchServe unpacks every archive it serves;
+    a hash in the manifest only says the file is the one the build wrote, not that it is safe
+    to unpack. The directory is not the whole story, so the entries themselves are read too
+    (:func:`_layout_problems`)."""
     problems: list[str] = []
     seen: set[str] = set()
     total = 0
@@ -152,15 +157,95 @@ def check_members(z: zipfile.ZipFile, max_unpacked_bytes: int = MAX_UNPACKED_BYT
         kind = stat.S_IFMT(info.external_attr >> 16)  # 0: no Unix type recorded, a plain entry
         if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
             problems.append(f"{name!r} is not a plain file (a {'symlink' if kind == stat.S_IFLNK else oct(kind)})")
-        if name in seen:
+        folded = posixpath.normpath(name.replace("\\", "/")) + ("/" if name.endswith("/") else "")
+        if folded in seen:
             problems.append(f"{name!r} is in it twice")
-        seen.add(name)
+        seen.add(folded)
         total += info.file_size
     if total > max_unpacked_bytes:
         problems.append(f"it unpacks to {total:,} bytes, more than {max_unpacked_bytes:,}")
+    if not problems:
+        problems = _layout_problems(z)
     if problems:
         raise UnsafeArchive(f"archive {z.filename} refused: " + "; ".join(problems[:5])
                             + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
+
+
+_LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # signature .. extra length: 30 bytes
+_LOCAL_SIGNATURE = b"PK\x03\x04"
+_CHUNK = 1 << 20
+
+
+def _layout_problems(z: zipfile.ZipFile) -> list[str]:
+    """What the zip's entries say that its directory does not: Python reads an archive by its
+    central directory, TorchServe's Java unpacker (``ZipInputStream``) by the entries' own
+    headers, one after another. So the entries must lie back to back from the first byte to
+    the directory (an entry the directory leaves out would be unpacked unseen), each under
+    the name and sizes the directory gives, with no data descriptor (sizes after the data,
+    which the archiver never writes), stored or deflated, and each deflated stream must end
+    exactly at its stated size with its CRC right (a stream that runs on would be unpacked
+    whole, whatever the header said). Empty when none of that is wrong."""
+    fp = z.fp
+    if fp is None:
+        return ["it is closed"]
+    pos = 0
+    for info in sorted(z.infolist(), key=lambda i: i.header_offset):
+        name = info.filename
+        if info.header_offset != pos:
+            return [f"it holds {info.header_offset - pos:+,} bytes no entry accounts for before {name!r}"]
+        fp.seek(pos)
+        head = fp.read(_LOCAL_HEADER.size)
+        if len(head) < _LOCAL_HEADER.size or head[:4] != _LOCAL_SIGNATURE:
+            return [f"{name!r} has no entry header where the directory puts it"]
+        _, _, flags, method, _, _, crc, packed, size, n, m = _LOCAL_HEADER.unpack(head)
+        raw_name = fp.read(n)
+        local = raw_name.decode("utf-8" if flags & 0x800 else "cp437", "replace")
+        if local != info.orig_filename:
+            return [f"{name!r} is named {local!r} in its own header"]
+        if flags & 0x08 or flags & 0x01:
+            return [f"{name!r} is encrypted or has its sizes after its data"]
+        if (method, crc, packed, size) != (info.compress_type, info.CRC, info.compress_size, info.file_size):
+            return [f"{name!r} has other sizes or method in its own header than in the directory"]
+        data = pos + _LOCAL_HEADER.size + n + m
+        fp.seek(data)
+        if (why := _content_problem(fp, method, packed, size, crc)) is not None:
+            return [f"{name!r} {why}"]
+        pos = data + packed
+    if pos != z.start_dir:
+        return [f"it holds {z.start_dir - pos:+,} bytes no entry accounts for before its directory"]
+    return []
+
+
+def _content_problem(fp, method: int, packed: int, size: int, crc: int) -> str | None:
+    """Why the ``packed`` bytes at ``fp`` do not unpack to exactly ``size`` bytes of CRC
+    ``crc`` (stored or deflated), else None. Never inflates more than ``size + 1`` bytes."""
+    if method not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        return f"is compressed by method {method}, neither stored nor deflated"
+    if method == zipfile.ZIP_STORED and packed != size:
+        return "is stored under two sizes"
+    inflate = zlib.decompressobj(-15) if method == zipfile.ZIP_DEFLATED else None
+    left, out, got = packed, 0, 0
+    while left:
+        chunk = fp.read(min(left, _CHUNK))
+        if not chunk:
+            return "is cut short"
+        left -= len(chunk)
+        if inflate is not None:
+            try:
+                chunk = inflate.decompress(chunk, size + 1 - out)
+            except zlib.error:
+                return "is not a valid deflate stream"
+            if inflate.unconsumed_tail:
+                return f"unpacks to more than its stated {size:,} bytes"
+        out += len(chunk)
+        got = zlib.crc32(chunk, got)
+        if out > size:
+            return f"unpacks to more than its stated {size:,} bytes"
+    if inflate is not None and (not inflate.eof or inflate.unused_data):
+        return "has a deflate stream that does not end where the entry does"
+    if out != size or got != crc:
+        return "does not unpack to its stated size and CRC"
+    return None
 
 
 def archive_members(path: Path) -> list[str]:

@@ -1,8 +1,11 @@
+import io
 import json
 import shutil
+import struct
 import subprocess
 import sys
 import time
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -293,6 +296,54 @@ def test_an_archive_that_is_not_plain_files_is_refused(tiny_store: Path, tmp_pat
         archive.check_archive(bomb, max_unpacked_bytes=4 << 20)
     with pytest.raises(archive.UnsafeArchive, match="not a readable zip"):
         archive.check_archive(tmp_path / "twice.mar.missing")
+
+
+def _zip(members: list[tuple[str, bytes]], method: int = zipfile.ZIP_DEFLATED) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", method) as z, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Duplicate name" where a case wants one
+        for name, body in members:
+            z.writestr(name, body)
+    return buf.getvalue()
+
+
+def test_an_archive_whose_entries_say_what_its_directory_does_not_is_refused(tmp_path: Path) -> None:
+    """TorchServe's Java unpacker reads the entries' own headers one after another, Python
+    the central directory: an archive must read the same both ways (found by review)."""
+    plain = _zip([("MAR-INF/MANIFEST.json", b"{}"), ("handlers/a.py", b"x = 1\n")])
+    archive.check_members(zipfile.ZipFile(io.BytesIO(plain)))  # the same, read both ways
+    # an entry in front that the directory does not list: Java would unpack it, unseen
+    hidden = _zip([("handlers/evil.py", b"import os\n")])
+    hidden = hidden[:hidden.index(b"PK\x01\x02")]
+    # a deflated entry whose stream runs on far past the size its headers give
+    bomb = bytearray(_zip([("a.bin", b"\0" * (4 << 20))]))
+    struct.pack_into("<I", bomb, 22, 10)  # the entry's own header
+    struct.pack_into("<I", bomb, bomb.index(b"PK\x01\x02") + 24, 10)  # the directory's
+    # the entry's own name differs from the directory's (Java unpacks by the entry's)
+    renamed = bytearray(plain)
+    at = renamed.index(b"handlers/a.py")  # the first: the entry's header, before the directory
+    renamed[at:at + 13] = b"handlers/b.py"
+    # a stored entry's bytes changed after the CRC was taken
+    flipped = bytearray(_zip([("a.txt", b"hello")], zipfile.ZIP_STORED))
+    flipped[30 + 5] ^= 0xFF
+    # bytes between the last entry and the directory, the directory's offset moved to match
+    cd = plain.index(b"PK\x01\x02")
+    gap = bytearray(plain[:cd] + b"junk" + plain[cd:])
+    end = gap.rindex(b"PK\x05\x06")
+    struct.pack_into("<I", gap, end + 16, cd + 4)
+    cases = {
+        "hidden": (hidden + plain, "bytes no entry accounts for"),
+        "bomb": (bytes(bomb), "unpacks to more than its stated 10 bytes"),
+        "renamed": (bytes(renamed), "is named 'handlers/b.py' in its own header"),
+        "flipped": (bytes(flipped), "does not unpack to its stated size and CRC"),
+        "gap": (bytes(gap), r"\+4 bytes no entry accounts for before its directory"),
+        "dot-slash twin": (_zip([("handlers/a.py", b"1"), ("./handlers/a.py", b"2")]), "is in it twice"),
+    }
+    for name, (data, message) in cases.items():
+        path = tmp_path / f"{name}.mar"
+        path.write_bytes(data)
+        with pytest.raises(archive.UnsafeArchive, match=message):
+            archive.check_archive(path)
 
 
 def test_serve_and_the_gateway_refuse_an_unsafe_archive_the_manifest_lists(store_copy: Path, tmp_path: Path) -> None:
