@@ -274,8 +274,8 @@ def test_off_mode_sends_no_plan() -> None:
     assert run.next_plan() is None and run.stage is Stage.DONE
     report = run.report()
     assert report.decision is Decision.PASS and report.would_be is None
-    # the same report for every request, built once per policy
-    assert report == decide({}, policy) and GateRun.start(policy, 7).report() is report
+    # the same report for every request, built once per policy; the plain call is its one pass
+    assert report == decide({}, policy, forward_passes=1) and GateRun.start(policy, 7).report() is report
     other = replace(make_policy(Mode.OFF), version="4")
     assert GateRun.start(other, 0).report().policy_version == "4"
 

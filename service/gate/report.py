@@ -151,12 +151,13 @@ _OFF_REPORTS: dict[int, tuple[Policy, GateReport]] = {}
 
 
 def off_report(policy: Policy) -> GateReport:
-    """:func:`decide` for a policy in mode off, where no check runs: the same report for every
-    request, so it is built once per policy (the gate-off path answers thousands of calls a
-    second, and building it costs more than the rest of the gate's work on that path)."""
+    """:func:`decide` for a policy in mode off, where no check runs and the image costs one
+    forward pass, the plain call: the same report for every request, so it is built once per
+    policy (the gate-off path answers thousands of calls a second, and building it costs more
+    than the rest of the gate's work on that path)."""
     hit = _OFF_REPORTS.get(id(policy))
     if hit is None or hit[0] is not policy:
         if len(_OFF_REPORTS) >= 64:  # policies loaded and dropped (tests, reloads): keep it small
             _OFF_REPORTS.clear()
-        hit = _OFF_REPORTS[id(policy)] = (policy, decide({}, policy))
+        hit = _OFF_REPORTS[id(policy)] = (policy, decide({}, policy, forward_passes=1))
     return hit[1]
