@@ -22,6 +22,10 @@ _DECISION = {pb.DECISION_PASS: "PASS", pb.DECISION_FLAG: "FLAG", pb.DECISION_REJ
 _CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}  # a stream item's error code, by number
 
 
+def _decision(value: int) -> str:
+    return _DECISION.get(value, str(value))  # a newer gateway's decision: its number
+
+
 def render(resp: pb.ClassifyResponse) -> str:
     g = resp.gate
     lines = [f"model {resp.model} v{resp.version}   request {resp.request_id or '-'}", ""]
@@ -30,14 +34,14 @@ def render(resp: pb.ClassifyResponse) -> str:
         lines += [f"  {i + 1:>4}  {c.label:<14} {c.probability:>10.4f}" for i, c in enumerate(resp.classes)]
     else:
         lines += ["  (label withheld: the gate rejected this image)"]
-    lines += ["", f"gate: {_DECISION[g.decision]}  (policy decision {_DECISION[g.policy_decision]}, mode {g.mode}, "
+    lines += ["", f"gate: {_decision(g.decision)}  (policy decision {_decision(g.policy_decision)}, mode {g.mode}, "
               f"policy {g.policy_version}, {g.forward_passes} forward passes)"]
     lines += ["  check       ran   score      flag >     reject >   verdict"]
     for c in g.checks:
         ran = "yes" if c.ran else "no"
         score = f"{c.score:.4f}" if c.ran else "-"
         lines.append(f"  {c.name:<10}  {ran:<4}  {score:<9}  {c.flag_threshold:<9.4g}  {c.reject_threshold:<9.4g}  "
-                     f"{_DECISION[c.verdict] if c.ran else '-'}")
+                     f"{_decision(c.verdict) if c.ran else '-'}")
     lines.append(f"  certified radius: {g.certified_radius:.3f}" if g.certified else "  certified radius: - (not certified)")
     t = resp.timings
     lines.append(f"timings: decode {1e3 * t.decode_seconds:.2f} ms, backend {1e3 * t.backend_seconds:.2f} ms, "
@@ -80,10 +84,18 @@ def _count(raw: str) -> int:
 
 
 def _read_token(path: Path) -> str:
+    """The bearer token in ``path``: printable ASCII (a gRPC header value), at least one
+    character; an empty file would send no token at all, and a control character fails in
+    gRPC's core with lines of C on stderr."""
     try:
-        return path.read_text().strip()
+        token = path.read_bytes().decode("ascii").strip()
     except UnicodeDecodeError:
-        raise ValueError(f"token file {path} is not text") from None
+        raise ValueError(f"token file {path} is not ASCII text") from None
+    if not token:
+        raise ValueError(f"token file {path} is empty")
+    if not token.isprintable():
+        raise ValueError(f"token file {path} holds more than one line, or a control character")
+    return token
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:  # unreadable files, a certificate without its key
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: no traceback
+        return 128 + 2
 
 
 if __name__ == "__main__":

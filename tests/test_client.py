@@ -23,3 +23,17 @@ def test_other_dtypes_are_refused_before_sending(dtype: str) -> None:
     out of [0, 1], far from the cause."""
     with pytest.raises(TypeError, match=f"a {dtype} array is not an image tensor: send uint8"):
         Client.request(np.zeros((28, 28), dtype=dtype), "m")
+
+
+def test_the_cli_renders_a_decision_it_does_not_know_by_its_number() -> None:
+    """A newer gateway may answer a decision this client has no name for: printed as its
+    number, not a KeyError traceback."""
+    from robustgate.v1 import classifier_pb2 as pb
+    from service.cli import render
+
+    resp = pb.ClassifyResponse(model="m", version="1")
+    resp.gate.decision = 7
+    resp.gate.policy_decision = pb.DECISION_FLAG
+    resp.gate.checks.add(name="squeeze", ran=True, score=0.5, verdict=9)
+    text = render(resp)
+    assert "gate: 7  (policy decision FLAG" in text and text.rstrip().count(" 9") >= 1

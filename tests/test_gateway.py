@@ -509,10 +509,14 @@ def test_cli_refuses_bad_arguments_in_one_line(tmp_path: Path) -> None:
     image.write_bytes(b"not read")
     (tmp_path / "cert.pem").write_text("-----BEGIN CERTIFICATE-----\n")
     (tmp_path / "token").write_bytes(b"\xff\xfe\x00binary")
+    (tmp_path / "empty-token").write_bytes(b"\n")  # would send no token: a bare UNAUTHENTICATED
+    (tmp_path / "two-line-token").write_bytes(b"abc\ndef\n")  # gRPC core: lines of C on stderr
     cases = {
         "certificate without key": (["--tls-cert", str(tmp_path / "cert.pem")], "go together"),
         "key without certificate": (["--tls-key", str(tmp_path / "cert.pem")], "go together"),
-        "binary token file": (["--token-file", str(tmp_path / "token")], "is not text"),
+        "binary token file": (["--token-file", str(tmp_path / "token")], "is not ASCII text"),
+        "empty token file": (["--token-file", str(tmp_path / "empty-token")], "is empty"),
+        "two-line token file": (["--token-file", str(tmp_path / "two-line-token")], "more than one line"),
         "infinite timeout": (["--timeout", "inf"], "not a positive number of seconds"),
         "negative top-k": (["classify", str(image), "--top-k", "-1"], "is negative"),
     }
