@@ -102,7 +102,11 @@ def build_archive(model_dir: Path, fmt: str, export_dir: Path, version: str = "1
         ]
         if config is not None:
             cmd += ["--config-file", str(config)]
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:  # CalledProcessError's message leaves out why
+            lines = [line.strip() for line in (done.stderr or done.stdout).splitlines() if line.strip()]
+            raise ManifestError(f"torch-model-archiver could not write {name}.mar to {export_dir} "
+                                f"(exit {done.returncode}): {lines[-1][:500] if lines else 'no message'}")
     return export_dir / f"{name}.mar"
 
 

@@ -204,9 +204,22 @@ def rearchive_if_stale(store: Path, name: str) -> bool:
     if not stale:
         return False
     archive.verify_manifest(store)  # the archives are rebuilt from the model's files: they must verify first
-    rebuilt = [archive.build_archive(store / name, fmt, store / "archives").relative_to(store).as_posix()
-               for fmt in stale]
-    archive.approve_changes(store, rebuilt)  # and still verify after: only the new archives are hashed anew
+    # Made aside and moved in only once all are made: an archiver that fails leaves the
+    # store's archives as they were (and the store verifying), not half replaced.
+    staging = Path(tempfile.mkdtemp(dir=store, prefix=f".{name}-staging-"))
+    try:
+        built = [archive.build_archive(store / name, fmt, staging) for fmt in stale]
+        rebuilt = [f"archives/{p.name}" for p in built]
+
+        def move_in() -> None:
+            for p in built:
+                os.replace(p, store / "archives" / p.name)
+            shutil.rmtree(staging)  # gone before the new files are hashed: none of it is listed
+
+        # the rest must still verify: only the new archives are hashed anew
+        archive.approve_changes(store, [*rebuilt, staging.name], write=move_in)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return True
 
 
@@ -222,6 +235,18 @@ def is_built(store: Path, name: str) -> bool:
     return True
 
 
+def _at_least(low: int):
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{raw!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{raw!r} is below {low}")
+        return value
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m model_store.build", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -229,9 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store", type=Path, default=DEFAULT_STORE, help="model store directory")
     p.add_argument("--force", action="store_true", help="rebuild even when the model is already built")
     p.add_argument("--weights", type=Path, help="local ResNet-18 state_dict to fine-tune from (never downloaded)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--limit", type=int, help="train on this many images only (smoke builds)")
+    p.add_argument("--epochs", type=_at_least(1))
+    p.add_argument("--seed", type=_at_least(0))
+    p.add_argument("--limit", type=_at_least(1), help="train on this many images only (smoke builds)")
     p.add_argument("--no-floor", action="store_true", help="do not fail below the accuracy floor")
     p.add_argument("--verify", action="store_true", help="only verify the store against its manifest")
     p.add_argument("--quiet", action="store_true")

@@ -90,15 +90,22 @@ class ResNet18(nn.Module):
         if weights is not None:
             try:
                 state = torch.load(weights, map_location="cpu", weights_only=True)
-            except (OSError, RuntimeError, pickle.UnpicklingError) as e:  # weights_only refuses pickled code
+            except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:  # weights_only refuses pickled code
                 raise ValueError(f"cannot load {weights} as a state_dict: {str(e)[:300]}") from None
             if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
                 raise ValueError(f"{weights} is not a state_dict of tensors (a checkpoint that wraps one, "
                                  "such as {'state_dict': ...}, must be unwrapped first)")
             conv1 = state.pop("conv1.weight", None)
+            if conv1 is not None and tuple(conv1.shape) != (64, 3, 7, 7):  # a CIFAR 3x3 stem would broadcast
+                raise ValueError(f"{weights} is not a torchvision ResNet-18 state_dict: conv1.weight is "
+                                 f"{tuple(conv1.shape)}, not (64, 3, 7, 7)")
             state = {k: v for k, v in state.items() if not k.startswith("fc.")}
             # The stem (conv1) and the head (fc) are replaced: everything else must be there.
-            missing, unexpected = net.load_state_dict(state, strict=False)
+            try:
+                missing, unexpected = net.load_state_dict(state, strict=False)
+            except RuntimeError as e:  # a tensor of another shape: "size mismatch for ..."
+                raise ValueError(f"{weights} is not a torchvision ResNet-18 state_dict: "
+                                 f"{str(e).strip().splitlines()[-1][:300]}") from None
             missing = [k for k in missing if not k.startswith(("fc.", "conv1."))]
             if conv1 is None:  # popped above: the grey stem is made from it
                 missing.append("conv1.weight")

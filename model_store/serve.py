@@ -25,6 +25,7 @@ import ipaddress
 import json
 import os
 import random
+import re
 import signal
 import socket
 import string
@@ -172,15 +173,29 @@ def read_keys(run_dir: Path) -> Keys:
     path = Path(run_dir) / KEY_FILE
     try:
         raw = json.loads(path.read_text())
+        keys = Keys(inference=raw["inference"]["key"], management=raw["management"]["key"],
+                    api=raw["API"]["key"])
     except (OSError, ValueError) as e:
         raise ServeError(f"cannot read TorchServe's key file {path}: {e}") from None
-    return Keys(inference=raw["inference"]["key"], management=raw["management"]["key"], api=raw["API"]["key"])
+    except (KeyError, TypeError):
+        raise ServeError(f"TorchServe's key file {path} is not in the layout TorchServe writes "
+                         "(inference, management and API keys)") from None
+    if not all(isinstance(k, str) and k for k in (keys.inference, keys.management, keys.api)):
+        raise ServeError(f"TorchServe's key file {path} holds an empty or non-text key")
+    return keys
+
+
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # an archive's name: no path, no ".."
 
 
 def model_names(settings: ServeSettings) -> list[str]:
     names = list(settings.models) or sorted(p.stem for p in settings.archives.glob("*.mar"))
     if not names:
         raise ServeError(f"no archives in {settings.archives}: build the store with `python -m model_store.build`")
+    bad = [n for n in names if not MODEL_NAME.fullmatch(n) or ".." in n]
+    if bad:  # "/tmp/x" would be looked for outside the store, "../x" refused by TorchServe only later
+        raise ServeError(f"model names are archive names in {settings.archives} (letters, digits, '.', '_', "
+                         f"'-'; no path): {', '.join(map(repr, bad))}")
     missing = [n for n in names if not (settings.archives / f"{n}.mar").is_file()]
     if missing:
         raise ServeError(f"archives not found in {settings.archives}: {', '.join(missing)}")
@@ -466,8 +481,9 @@ def start(settings: ServeSettings, wait: bool = True, outlive_caller: bool = Fal
     existing = attach(run_dir)
     if existing is not None:
         raise ServeError(f"TorchServe already runs from {run_dir} (pid {existing.pid}); stop it first")
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    (run_dir / "tmp").mkdir(exist_ok=True)
+    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new one: this user's alone
+    (run_dir / "logs").mkdir(mode=0o700, exist_ok=True)
+    (run_dir / "tmp").mkdir(mode=0o700, exist_ok=True)
     (run_dir / KEY_FILE).unlink(missing_ok=True)
     config = run_dir / "config.properties"
     config.write_text(render_config(settings))
@@ -489,8 +505,10 @@ def start(settings: ServeSettings, wait: bool = True, outlive_caller: bool = Fal
     offsets = {p: p.stat().st_size for p in log_paths(run_dir) if p.is_file()}
     console = contextlib.nullcontext() if inherit else (run_dir / "logs" / CONSOLE_FILE).open("ab")
     with console as out:  # None (inherit): TorchServe writes to this process's stdout
+        # umask 077: TorchServe writes its key file (every token) with the default mode and
+        # makes it owner-only after; created owner-only, no other user can open it between
         proc = subprocess.Popen(cmd, cwd=run_dir, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                stdin=subprocess.DEVNULL, start_new_session=True, umask=0o077)
     ts = TorchServe(settings, names, proc.pid, proc, log_offsets=offsets)
     try:  # from here on, a failure (a full disk, an interrupt) stops what was started
         if not outlive_caller:

@@ -123,6 +123,38 @@ def test_archives_built_from_older_handler_code_are_rebuilt(store_copy: Path) ->
     assert build.rearchive_if_stale(store_copy, "fmnist-cnn") is False  # now current: nothing to do
 
 
+def test_an_archiver_that_fails_leaves_the_archives_as_they_were_and_says_why(
+        store_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """Re-archiving wrote straight over the store's archives, and a failing archiver left a
+    traceback that dropped its stderr; the store then failed verification (found by review)."""
+    from model_store import build
+
+    before = {p.name: archive.sha256_file(p) for p in (store_copy / "archives").glob("*.mar")}
+    real_build = archive.build_archive
+    made: list[str] = []
+    card_only = tmp_path / "fmnist-cnn"  # the card, no weights: the archiver fails
+    card_only.mkdir()
+    shutil.copy(store_copy / "fmnist-cnn" / "card.json", card_only / "card.json")
+
+    def second_fails(model_dir, fmt, export_dir, *args, **kwargs):
+        if made:  # the first archive is written, then the archiver fails on the second
+            return real_build(card_only, fmt, export_dir, *args, **kwargs)
+        made.append(fmt)
+        return real_build(model_dir, fmt, export_dir, *args, **kwargs)
+
+    monkeypatch.setattr(archive, "build_archive", second_fails)
+    monkeypatch.setattr(archive, "archive_is_current", lambda path: False)
+    assert build.main(["--store", str(store_copy), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err
+    archive.verify_manifest(store_copy)  # untouched
+    assert {p.name: archive.sha256_file(p) for p in (store_copy / "archives").glob("*.mar")} == before
+    assert not list(store_copy.glob(".fmnist-cnn-staging-*"))
+    # the archiver's own failure, with its reason
+    with pytest.raises(archive.ManifestError, match=r"could not write fmnist-cnn-onnx.mar .*\(exit \d+\): FileNotFoundError.*model.onnx"):
+        real_build(card_only, "onnx", tmp_path / "out")
+
+
 def test_a_change_made_while_a_run_writes_is_not_approved(store_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The new manifest keeps the digests the run verified before it wrote: a card changed
     while the archives were being rebuilt is caught, not hashed into the new manifest."""
@@ -465,3 +497,19 @@ def test_a_build_clears_what_an_interrupted_one_left_and_checks_the_store_before
     (store_copy / "archives" / "intruder.mar").unlink()
     (store_copy / archive.MANIFEST).write_text("{")
     assert build.main(["--store", str(store_copy), "--force", "--quiet"]) == 1  # a message, no traceback
+
+
+@pytest.mark.parametrize("flag, value, says", [
+    ("--epochs", "0", "'0' is below 1"),  # OneCycleLR's ValueError, as a traceback
+    ("--limit", "-5", "'-5' is below 1"),  # trained on all but 5 images, in silence
+    ("--seed", "-1", "'-1' is below 0"),  # default_rng's ValueError
+    ("--epochs", "two", "'two' is not a whole number"),
+])
+def test_the_build_refuses_counts_out_of_range_in_one_line(
+        flag: str, value: str, says: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from model_store import build
+
+    with pytest.raises(SystemExit) as exit_:
+        build.main(["--store", str(tmp_path / "store"), flag, value])
+    assert exit_.value.code == 2 and says in capsys.readouterr().err
+    assert not (tmp_path / "store").exists()  # refused before anything was made

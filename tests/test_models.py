@@ -40,6 +40,10 @@ def test_weights_that_are_not_a_resnet18_state_dict_are_refused(tmp_path: Path) 
         "tensor": (torch.zeros(3), "not a state_dict of tensors"),
         "partial": ({k: v for k, v in state.items() if not k.startswith("layer4.")}, "missing"),
         "extra": ({**state, "head.weight": torch.zeros(1)}, "unexpected"),
+        # a CIFAR ResNet-18's 3x3 stem: its centre crop broadcast every kernel to one constant
+        "3x3 stem": ({**state, "conv1.weight": torch.zeros(64, 3, 3, 3)}, r"conv1.weight is \(64, 3, 3, 3\)"),
+        # a wider block: load_state_dict's RuntimeError escaped as a traceback
+        "size mismatch": ({**state, "layer1.0.conv1.weight": torch.zeros(32, 64, 3, 3)}, "size mismatch"),
     }
     for name, (obj, message) in cases.items():
         path = tmp_path / f"{name}.pth"
@@ -47,5 +51,7 @@ def test_weights_that_are_not_a_resnet18_state_dict_are_refused(tmp_path: Path) 
         with pytest.raises(ValueError, match=message):
             models.build("resnet18", weights=path)
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="cannot load"):
-        models.build("resnet18", weights=tmp_path / "junk.pth")
+    (tmp_path / "empty.pth").write_bytes(b"")  # EOFError escaped
+    for junk in ("junk.pth", "empty.pth"):
+        with pytest.raises(ValueError, match="cannot load"):
+            models.build("resnet18", weights=tmp_path / junk)

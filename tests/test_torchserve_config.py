@@ -144,6 +144,11 @@ def test_read_keys(tmp_path: Path) -> None:
     assert serve.read_keys(tmp_path) == serve.Keys(inference="i", management="m", api="a")
     with pytest.raises(serve.ServeError, match="key file"):
         serve.read_keys(tmp_path / "nowhere")
+    for odd in ({"inference": {"key": "i"}}, [1, 2], {"inference": {"key": 3}, "management": {"key": "m"},
+                                                     "API": {"key": "a"}}):
+        (tmp_path / serve.KEY_FILE).write_text(json.dumps(odd))  # no traceback: a message
+        with pytest.raises(serve.ServeError, match="key file .* (is not in the layout|holds an empty)"):
+            serve.read_keys(tmp_path)
 
 
 def test_start_refuses_a_store_that_fails_its_manifest(tiny_store: Path, tmp_path: Path) -> None:
@@ -160,6 +165,13 @@ def test_start_refuses_a_store_that_fails_its_manifest(tiny_store: Path, tmp_pat
 def test_unknown_model_and_idle_stop(tiny_store: Path, tmp_path: Path) -> None:
     with pytest.raises(serve.ServeError, match="archives not found"):
         serve.start(serve.ServeSettings(store=tiny_store, run_dir=tmp_path, models=("nope",)))
+    # a path is no archive name: "/x" was looked for outside the store, "../x" refused by
+    # TorchServe only after the whole start-up wait
+    outside = tmp_path / "elsewhere.mar"
+    shutil.copy(tiny_store / "archives" / "fmnist-cnn-onnx.mar", outside)
+    for name in (str(outside.with_suffix("")), "../elsewhere", "a/b"):
+        with pytest.raises(serve.ServeError, match="no path"):
+            serve.start(serve.ServeSettings(store=tiny_store, run_dir=tmp_path, models=(name,)))
     assert serve.stop(tmp_path) is False
     assert serve.attach(tmp_path) is None
 
@@ -261,6 +273,7 @@ def test_cli_start_status_stop(tiny_store: Path, tmp_path: Path) -> None:
         assert not (run_dir / "logs" / serve.CONSOLE_FILE).exists()
         keys = serve.read_keys(run_dir)
         assert keys.inference and keys.management
+        assert (run_dir / serve.KEY_FILE).stat().st_mode & 0o077 == 0 and run_dir.stat().st_mode & 0o077 == 0
         status = subprocess.run([*cli, "status", "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=60)
         assert status.returncode == 0 and json.loads(status.stdout)["models"]["fmnist-cnn-onnx"]["ready"]
         again = subprocess.run([*cli, "start", *common], capture_output=True, text=True, timeout=60)
