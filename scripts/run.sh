@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main command: set up, build and calibrate the default model if missing, then serve it:
 # TorchServe on loopback (token auth on) and the RobustGate gateway in the foreground.
-# Ctrl-C (or SIGTERM) drains the gateway and stops TorchServe.
+# Ctrl-C (or SIGTERM) at any point stops it: during set-up, the build or the calibration it
+# stops that step; once serving, it drains the gateway; TorchServe is stopped either way.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -10,15 +11,46 @@ cd "$root"
 mkdir -p var
 exec 9>var/run.lock
 flock -n 9 || { echo "scripts/run.sh already runs from $root (var/run.lock); stop it first" >&2; exit 1; }
-bash scripts/setup.sh
+
+# Every step runs in the background and is waited for, so that a SIGTERM to this script (not
+# only a terminal's Ctrl-C, which reaches the whole group) reaches the step that runs: bash
+# defers a trap until a foreground command ends, and dies of an untrapped TERM, leaving that
+# command (a training run, TorchServe being started) running without it.
+child=""
+stopping=0
+on_signal() {
+  stopping=1
+  if [ -n "$child" ]; then kill -TERM "$child" 2>/dev/null || true; fi
+}
+trap on_signal TERM INT
+step() {  # "$@" in the background; returns its exit status
+  "$@" &
+  child=$!
+  local rc
+  while :; do
+    # A trapped signal interrupts wait (status > 128) while the step may still run: wait
+    # again. Once it has ended, wait gives its own status (bash keeps it), signal or not.
+    if wait "$child"; then rc=0; else rc=$?; fi
+    [ "$rc" -gt 128 ] || break
+    if ! kill -0 "$child" 2>/dev/null; then
+      if wait "$child"; then rc=0; else rc=$?; fi
+      break
+    fi
+  done
+  child=""
+  return "$rc"
+}
+stop_if_asked() { [ "$stopping" -eq 0 ] || exit 143; }
+
+step bash scripts/setup.sh; stop_if_asked
 py=.venv/bin/python
 model="${ROBUSTGATE_MODEL:-fmnist-cnn}"
-$py -m model_store.build --model "$model"
-$py -m service.calibration --model "$model" --if-missing --start-torchserve
+step $py -m model_store.build --model "$model"; stop_if_asked
+step $py -m service.calibration --model "$model" --if-missing --start-torchserve; stop_if_asked
 
+trap '$py -m model_store.serve stop >/dev/null 2>&1 || true' EXIT  # from here on, whatever ends this
 $py -m model_store.serve stop >/dev/null 2>&1 || true
-$py -m model_store.serve start --model "$model-torchscript" --model "$model-onnx"
-trap '$py -m model_store.serve stop >/dev/null 2>&1 || true' EXIT
+step $py -m model_store.serve start --model "$model-torchscript" --model "$model-onnx"; stop_if_asked
 
 port="${ROBUSTGATE_PORT:-50051}"
 cat <<MSG
@@ -29,16 +61,7 @@ Call it from another shell:
   .venv/bin/grpcurl -plaintext -d '{"model":"$model","image":"'"\$(base64 -w0 some.png)"'"}' 127.0.0.1:$port robustgate.v1.ClassifierService/Classify
 Make a test image:  .venv/bin/python -m service.sample_image some.png
 MSG
-# In the background and waited for, so that a SIGTERM to this script (not only a terminal's
-# Ctrl-C, which reaches the whole group) drains the gateway before TorchServe stops; in the
-# foreground bash would run the EXIT trap and leave the gateway running.
-$py -m service --models "$model" &
-gateway=$!
-trap 'kill -TERM "$gateway" 2>/dev/null || true' TERM INT
+# The gateway drains on SIGTERM and exits 0; its status is this script's.
 rc=0
-while kill -0 "$gateway" 2>/dev/null; do
-  # A trapped signal interrupts wait (status > 128) while the gateway still drains: wait
-  # again; the last wait's status is the gateway's own exit status.
-  if wait "$gateway"; then rc=0; else rc=$?; fi
-done
+step $py -m service --models "$model" || rc=$?
 exit "$rc"

@@ -30,19 +30,64 @@ def test_a_second_run_refuses_to_start_while_one_runs(tmp_path: Path) -> None:
     assert "scripts/run.sh already runs" in r.stderr and "var/run.lock" in r.stderr
 
 
+def _steps(tmp_path: Path, body: str) -> Path:
+    """A script of run.sh's own step machinery (its text, from ``child=""`` to
+    ``stop_if_asked``) followed by ``body``."""
+    text = RUN.read_text()
+    start = text.index('child=""')
+    end = text.index("\n", text.index("stop_if_asked() {"))
+    script = tmp_path / "steps.sh"
+    script.write_text(f"set -euo pipefail\n{text[start:end]}\n{body}\n")
+    return script
+
+
+def _program(path: Path, text: str) -> Path:
+    path.write_text("#!/usr/bin/env bash\n" + text)
+    path.chmod(0o755)
+    return path
+
+
 def test_run_exits_with_the_gateways_status_after_a_drain(tmp_path: Path) -> None:
     """SIGTERM to run.sh reaches the gateway, which drains and exits 0: the script exits 0,
-    not 143 (the status of the wait the signal interrupted). The loop is run.sh's own text."""
-    text = RUN.read_text()
-    loop = text[text.index('$py -m service --models "$model" &'):]
-    gateway = tmp_path / "gateway"  # drains for a second after SIGTERM, then exits with $1
-    gateway.write_text("#!/usr/bin/env bash\ntrap 'sleep 1; exit \"$STATUS\"' TERM\n"
-                       "while :; do sleep 0.1; done\n")
-    gateway.chmod(0o755)
-    script = tmp_path / "loop.sh"
-    script.write_text(f"set -euo pipefail\npy={gateway}\nmodel=m\n{loop}")
+    not 143 (the status of the wait the signal interrupted)."""
+    gateway = _program(tmp_path / "gateway", "trap 'sleep 1; exit \"$STATUS\"' TERM\nwhile :; do sleep 0.1; done\n")
+    script = _steps(tmp_path, f'rc=0\nstep {gateway} || rc=$?\nexit "$rc"')
     for status in ("0", "3"):
         proc = subprocess.Popen(["bash", str(script)], env={**os.environ, "STATUS": status})
         time.sleep(0.5)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == int(status)
+
+
+def test_a_signal_during_a_set_up_step_stops_that_step_and_the_script(tmp_path: Path) -> None:
+    """Before, the build, the calibration and TorchServe's start ran in the foreground: a
+    SIGTERM killed bash alone (its trap waits for a foreground command), and the step ran on
+    without it, a TorchServe started for nobody (found by review)."""
+    got = tmp_path / "got-term"
+    build = _program(tmp_path / "build", f"trap 'touch {got}; exit 143' TERM\nwhile :; do sleep 0.1; done\n")
+    after = tmp_path / "after"
+    script = _steps(tmp_path, f"step {build}; stop_if_asked\ntouch {after}")
+    proc = subprocess.Popen(["bash", str(script)])
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 143
+    assert got.exists() and not after.exists()
+    # a step that ignores the signal and finishes: the script still stops before the next
+    stubborn = _program(tmp_path / "stubborn", "trap '' TERM\nsleep 1\n")
+    script = _steps(tmp_path, f"step {stubborn}; stop_if_asked\ntouch {after}")
+    proc = subprocess.Popen(["bash", str(script)])
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 143 and not after.exists()
+
+
+def test_a_step_that_fails_at_once_fails_the_script_with_its_status(tmp_path: Path) -> None:
+    """A step reaped before it is waited for still gives its own status (a wait loop guarded
+    by ``kill -0`` would have skipped the wait and called it a success)."""
+    fails = _program(tmp_path / "fails", "exit 5\n")
+    after = tmp_path / "after"
+    script = _steps(tmp_path, f"sleep 0.3\nstep {fails}\ntouch {after}")
+    assert subprocess.run(["bash", str(script)], timeout=20).returncode == 5 and not after.exists()
+    lost = _program(tmp_path / "lost", "exit 127\n")  # its own 127, not "already waited for"
+    script = _steps(tmp_path, f"rc=0\nstep {lost} || rc=$?\nexit $rc")
+    assert subprocess.run(["bash", str(script)], timeout=20).returncode == 127
