@@ -18,6 +18,7 @@ flock -n 9 || { echo "scripts/run.sh already runs from $root (var/run.lock); sto
 # command (a training run, TorchServe being started) running without it.
 child=""
 stopping=0
+# shellcheck disable=SC2329  # invoked by the trap below
 on_signal() {
   stopping=1
   if [ -n "$child" ]; then kill -TERM "$child" 2>/dev/null || true; fi

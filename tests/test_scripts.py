@@ -41,6 +41,21 @@ def _steps(tmp_path: Path, body: str) -> Path:
     return script
 
 
+def _stopped(script: Path, **kw) -> int:
+    """Run ``script``, SIGTERM it half a second in, and return its exit status; killed (with
+    what it started) if it does not end in 20 s: a loop that waits forever must not outlive
+    the test."""
+    proc = subprocess.Popen(["bash", str(script)], start_new_session=True, **kw)
+    try:
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        return proc.wait(timeout=20)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def _program(path: Path, text: str) -> Path:
     path.write_text("#!/usr/bin/env bash\n" + text)
     path.chmod(0o755)
@@ -53,10 +68,7 @@ def test_run_exits_with_the_gateways_status_after_a_drain(tmp_path: Path) -> Non
     gateway = _program(tmp_path / "gateway", "trap 'sleep 1; exit \"$STATUS\"' TERM\nwhile :; do sleep 0.1; done\n")
     script = _steps(tmp_path, f'rc=0\nstep {gateway} || rc=$?\nexit "$rc"')
     for status in ("0", "3"):
-        proc = subprocess.Popen(["bash", str(script)], env={**os.environ, "STATUS": status})
-        time.sleep(0.5)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=20) == int(status)
+        assert _stopped(script, env={**os.environ, "STATUS": status}) == int(status)
 
 
 def test_a_signal_during_a_set_up_step_stops_that_step_and_the_script(tmp_path: Path) -> None:
@@ -67,18 +79,12 @@ def test_a_signal_during_a_set_up_step_stops_that_step_and_the_script(tmp_path: 
     build = _program(tmp_path / "build", f"trap 'touch {got}; exit 143' TERM\nwhile :; do sleep 0.1; done\n")
     after = tmp_path / "after"
     script = _steps(tmp_path, f"step {build}; stop_if_asked\ntouch {after}")
-    proc = subprocess.Popen(["bash", str(script)])
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=20) == 143
+    assert _stopped(script) == 143
     assert got.exists() and not after.exists()
     # a step that ignores the signal and finishes: the script still stops before the next
     stubborn = _program(tmp_path / "stubborn", "trap '' TERM\nsleep 1\n")
     script = _steps(tmp_path, f"step {stubborn}; stop_if_asked\ntouch {after}")
-    proc = subprocess.Popen(["bash", str(script)])
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=20) == 143 and not after.exists()
+    assert _stopped(script) == 143 and not after.exists()
 
 
 def test_a_step_that_fails_at_once_fails_the_script_with_its_status(tmp_path: Path) -> None:
