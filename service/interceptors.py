@@ -1,15 +1,18 @@
 """Standard gRPC server metrics (``grpc_server_*``, as go-grpc-prometheus names them) from an
 interceptor, for every unary and bidirectional-streaming method; and, since it wraps every
-unary handler, a request that does not parse answered INVALID_ARGUMENT (gRPC's own answer is
-UNKNOWN, naming the parser's exception)."""
+handler, a request that does not parse answered INVALID_ARGUMENT (gRPC's own answer is
+UNKNOWN, naming the parser's exception): a unary request, a server-streaming one (health's
+Watch), or a message of a bidirectional stream its servicer does not answer for itself."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import time
 
 import grpc
+from google.protobuf.message import DecodeError
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from service.metrics import LATENCY_BUCKETS
@@ -35,6 +38,39 @@ def status_name(context: grpc.aio.ServicerContext, failed: bool, cancelled: bool
 
 _CUT_SHORT = (asyncio.CancelledError, GeneratorExit)
 _UNPARSED = object()  # a unary request its deserializer could not parse
+
+
+def _parse_checked(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A server-streaming handler whose request, when it does not parse, is answered
+    INVALID_ARGUMENT (other kinds are returned as they are). It keeps the servicer's style:
+    an async generator, or a coroutine that writes with ``context.write``."""
+    if handler.unary_stream is None:
+        return handler
+    inner, parse = handler.unary_stream, handler.request_deserializer
+
+    def parsed(raw: bytes):
+        try:
+            return parse(raw) if parse is not None else raw
+        except Exception:
+            return _UNPARSED
+
+    async def refuse(context) -> None:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the {method} request does not parse")
+
+    if inspect.isasyncgenfunction(inner):
+        async def generated(request, context):
+            if request is _UNPARSED:
+                await refuse(context)
+            async for response in inner(request, context):
+                yield response
+        wrapped = generated
+    else:
+        async def written(request, context):
+            if request is _UNPARSED:
+                await refuse(context)
+            return await inner(request, context)
+        wrapped = written
+    return grpc.unary_stream_rpc_method_handler(wrapped, parsed, handler.response_serializer)
 
 
 class ServerMetricsInterceptor(grpc.aio.ServerInterceptor):
@@ -63,7 +99,7 @@ class ServerMetricsInterceptor(grpc.aio.ServerInterceptor):
         _, service, method = full_method.split("/", 2) if full_method.count("/") == 2 else ("", "", full_method)
         kind = "unary" if handler.unary_unary is not None else "bidi_stream" if handler.stream_stream is not None else None
         if kind is None:
-            return handler
+            return _parse_checked(method, handler)
         labels = (service, method, kind)
         started, handling = self.started.labels(*labels), self.handling.labels(*labels)
         handled = self.handled
@@ -125,7 +161,11 @@ class ServerMetricsInterceptor(grpc.aio.ServerInterceptor):
                 # aclosing: a cancelled call closes the servicer's generator (and whatever
                 # it has in flight) now, not when the garbage collector finds it
                 async with contextlib.aclosing(inner_s(counted(request_iterator), context)) as responses:
-                    async for response in responses:
-                        yield response
+                    try:
+                        async for response in responses:
+                            yield response
+                    except DecodeError:  # a message the servicer let through unanswered
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                            f"a {method} message does not parse")
 
         return grpc.stream_stream_rpc_method_handler(stream, handler.request_deserializer, handler.response_serializer)

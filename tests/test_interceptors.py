@@ -32,7 +32,9 @@ def test_each_method_is_wrapped_once_and_a_new_handler_anew() -> None:
         assert await wrapped(second) is not a  # the method's handler changed: wrapped anew
         assert await wrapped(None) is None  # no such method: nothing to count
         stream = grpc.unary_stream_rpc_method_handler(lambda req, ctx: iter(()))
-        assert await wrapped(stream, "/grpc.health.v1.Health/Watch") is stream  # not counted, as before
+        watch = await wrapped(stream, "/grpc.health.v1.Health/Watch")  # not counted: its parse checked
+        assert watch is not stream and watch is await wrapped(stream, "/grpc.health.v1.Health/Watch")
+        assert watch.response_streaming and not watch.request_streaming
 
     asyncio.run(main())
 
@@ -139,3 +141,44 @@ def test_a_unary_request_that_does_not_parse_is_invalid_argument() -> None:
     assert code is grpc.StatusCode.INVALID_ARGUMENT and details == "the Check request does not parse"
     labels = {"grpc_service": "grpc.health.v1.Health", "grpc_method": "Check", "grpc_type": "unary"}
     assert registry.get_sample_value("grpc_server_handled_total", {**labels, "grpc_code": "INVALID_ARGUMENT"}) == 1
+
+
+def test_a_streaming_request_that_does_not_parse_is_invalid_argument() -> None:
+    """Health's Watch (server streaming) and reflection (bidirectional), both open without a
+    token: gRPC answered malformed bytes UNKNOWN, quoting the parser's exception (found by
+    review). A message that parses still goes through."""
+    from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+    async def main() -> dict[str, tuple]:
+        server = grpc.aio.server(interceptors=[ServerMetricsInterceptor(CollectorRegistry())])
+        servicer = health.aio.HealthServicer()
+        await servicer.set("up", health_pb2.HealthCheckResponse.SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        reflection.enable_server_reflection(("grpc.health.v1.Health", reflection.SERVICE_NAME), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        out: dict[str, tuple] = {}
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                watch = ch.unary_stream("/grpc.health.v1.Health/Watch")
+                first = await watch(health_pb2.HealthCheckRequest(service="up").SerializeToString()).read()
+                out["watch ok"] = (health_pb2.HealthCheckResponse.FromString(first).status,)
+                reflect = ch.stream_stream("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")
+                good = reflection_pb2.ServerReflectionRequest(list_services="").SerializeToString()
+                answer = [reflection_pb2.ServerReflectionResponse.FromString(r) async for r in reflect(iter([good]))]
+                out["reflect ok"] = (len(answer[0].list_services_response.service),)
+                for name, call in (("watch", lambda: watch(b"\x0a\x02\xff\xfe")),
+                                   ("reflect", lambda: reflect(iter([b"\xff"])))):
+                    try:
+                        [r async for r in call()]
+                        out[name] = (None, "")
+                    except grpc.aio.AioRpcError as e:
+                        out[name] = (e.code(), e.details())
+        finally:
+            await server.stop(None)
+        return out
+
+    out = asyncio.run(main())
+    assert out["watch ok"] == (health_pb2.HealthCheckResponse.SERVING,) and out["reflect ok"] == (2,)
+    assert out["watch"] == (grpc.StatusCode.INVALID_ARGUMENT, "the Watch request does not parse")
+    assert out["reflect"] == (grpc.StatusCode.INVALID_ARGUMENT, "a ServerReflectionInfo message does not parse")
