@@ -42,7 +42,12 @@ def render(resp: pb.ClassifyResponse) -> str:
         score = f"{c.score:.4f}" if c.ran else "-"
         lines.append(f"  {c.name:<10}  {ran:<4}  {score:<9}  {c.flag_threshold:<9.4g}  {c.reject_threshold:<9.4g}  "
                      f"{_decision(c.verdict) if c.ran else '-'}")
-    lines.append(f"  certified radius: {g.certified_radius:.3f}" if g.certified else "  certified radius: - (not certified)")
+    if g.certified:
+        lines.append(f"  certified radius: {g.certified_radius:.3f}")
+    elif g.certified_radius > 0:  # a certificate below the policy's target radius
+        lines.append(f"  certified radius: {g.certified_radius:.3f} (below the policy's target: not certified)")
+    else:
+        lines.append("  certified radius: - (not certified)")
     t = resp.timings
     lines.append(f"timings: decode {1e3 * t.decode_seconds:.2f} ms, backend {1e3 * t.backend_seconds:.2f} ms, "
                  f"gate {1e3 * t.gate_seconds:.2f} ms, total {1e3 * t.total_seconds:.2f} ms")

@@ -76,8 +76,9 @@ class Client:
         return req
 
     def classify(self, image: bytes | np.ndarray, model: str, top_k: int = 0, request_id: str = "",
-                 timeout_s: float | None = None, certify: bool | None = None) -> pb.ClassifyResponse:
-        return self._stub.Classify(self.request(image, model, top_k, request_id, certify=certify),
+                 timeout_s: float | None = None, certify: bool | None = None,
+                 version: str = "") -> pb.ClassifyResponse:
+        return self._stub.Classify(self.request(image, model, top_k, request_id, version=version, certify=certify),
                                    timeout=timeout_s or self.timeout_s,
                                    metadata=self._metadata)
 

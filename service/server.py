@@ -44,6 +44,7 @@ from service.errors import (
 from service.interceptors import ServerMetricsInterceptor, cut_short_code
 from service.metrics import Metrics, SupervisorMetrics
 from service.pipeline import ClassifyResult, Pipeline
+from service import ratelog
 from service.ratelog import Throttle
 from service.registry import Registry
 from service.settings import Settings
@@ -505,6 +506,7 @@ class Gateway:
         if self.coalescer is not None:
             await self.coalescer.close()
         await self.backend.close()
+        ratelog.flush_all()  # every log line held back says so before the process ends
         self.tracing.shutdown()  # exports the spans still queued
         if self._metrics_server is not None:
             server = self._metrics_server

@@ -37,3 +37,16 @@ def test_the_cli_renders_a_decision_it_does_not_know_by_its_number() -> None:
     resp.gate.checks.add(name="squeeze", ran=True, score=0.5, verdict=9)
     text = render(resp)
     assert "gate: 7  (policy decision FLAG" in text and text.rstrip().count(" 9") >= 1
+    resp.gate.certified_radius = 0.12  # a certificate short of the policy's target radius
+    assert "certified radius: 0.120 (below the policy's target: not certified)" in render(resp)
+    resp.gate.certified = True
+    assert "certified radius: 0.120\n" in render(resp)
+
+
+def test_classify_can_name_a_model_version() -> None:
+    from types import SimpleNamespace
+
+    with Client("127.0.0.1:9") as client:  # nothing is sent: the stub hands the request back
+        client._stub = SimpleNamespace(Classify=lambda req, timeout, metadata: req)  # type: ignore[assignment]
+        sent = client.classify(b"png", "fmnist-cnn", version="2", certify=True)
+    assert (sent.model, sent.version, sent.certify) == ("fmnist-cnn", "2", True)

@@ -529,6 +529,9 @@ def test_cli_refuses_bad_arguments_in_one_line(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "service.sample_image", str(tmp_path / "out"), "--index", "10000"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--index must be in 0..9999" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "service.sample_image", str(tmp_path / "no-such-folder" / "x.png")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "cannot write" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_cli_classifies_one_image_or_several_over_one_stream(gateway: str, fmnist: data.FashionMNIST,
