@@ -70,7 +70,8 @@ class ClassifierServiceServicer:
 
     def ClassifyStream(self, request_iterator, context):
         """Classify a stream of images; answers come in request order. A bad request
-        gets an answer carrying its error; the stream goes on.
+        gets an answer carrying its error; the stream goes on. A message that does
+        not parse as a ClassifyStreamRequest ends the stream (INVALID_ARGUMENT).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
