@@ -19,7 +19,6 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 kit="$root/.gpukit"
-unpacked=/tmp/rg-gpukit
 
 case "${1:-}" in
 kit)
@@ -57,8 +56,9 @@ run)
   mkdir -p "$out"
   out="$(cd "$out" && pwd)"
   [ -d "$kit" ] || { echo "gpu_bench: no .gpukit here: pack it with 'scripts/gpu_bench.sh kit' and carry it" >&2; exit 1; }
-  rm -rf "$unpacked"
-  mkdir -p "$unpacked/site"
+  # a fresh folder of this run's own (a fixed /tmp name another user could have made first)
+  unpacked="$(mktemp -d /tmp/rg-gpukit.XXXXXX)"
+  mkdir "$unpacked/site"
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$unpacked/site" "$kit"/wheels/*.whl
   tar -xJf "$kit/torchserve.tar.xz" -C "$unpacked"
   tar -xJf "$kit/jre.tar.xz" -C "$unpacked"

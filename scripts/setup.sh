@@ -21,7 +21,9 @@ if ((${#need_apt[@]})); then
   $sudo_ apt-get install -y -q --no-install-recommends "${need_apt[@]}" >/dev/null \
     || { $sudo_ apt-get update -q >/dev/null && $sudo_ apt-get install -y -q --no-install-recommends "${need_apt[@]}" >/dev/null; }
 fi
-command -v java >/dev/null || { echo "setup: Java 17 is required by TorchServe (apt-get install openjdk-17-jre-headless)" >&2; exit 1; }
+java_major="$(java -XshowSettings:properties -version 2>&1 | sed -n 's/^ *java.specification.version = //p' || true)"
+[ "${java_major:-0}" -ge 17 ] 2>/dev/null \
+  || { echo "setup: Java 17 or later is required by TorchServe (found: ${java_major:-none}; apt-get install openjdk-17-jre-headless)" >&2; exit 1; }
 
 stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
