@@ -73,16 +73,22 @@ def _machine() -> str:
     return f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
-def _prepare_store(store: Path, name: str) -> None:
-    """Make ``store`` and clear what an interrupted build of ``name`` left there (its staging
-    folders; a manifest's temporary file); then the other models' files must verify, so a
-    store this build could not approve fails now, not after training."""
-    store.mkdir(parents=True, exist_ok=True)
+def _clear_leftovers(store: Path, name: str) -> None:
+    """Remove what an interrupted build or re-archiving of ``name`` left in ``store``: its
+    staging folders, a manifest's temporary file. None is listed; each fails verification."""
     for left in [*store.glob(f".{name}-staging-*"), *store.glob(f".{archive.MANIFEST}.*")]:
         if left.is_dir() and not left.is_symlink():
             shutil.rmtree(left)
         else:
             left.unlink()
+
+
+def _prepare_store(store: Path, name: str) -> None:
+    """Make ``store`` and clear what an interrupted build of ``name`` left there (its staging
+    folders; a manifest's temporary file); then the other models' files must verify, so a
+    store this build could not approve fails now, not after training."""
+    store.mkdir(parents=True, exist_ok=True)
+    _clear_leftovers(store, name)
     if (store / archive.MANIFEST).is_file():
         archive.verify_manifest(store, changing=[name, *(f"archives/{archive.archive_name(name, fmt)}.mar"
                                                          for fmt in archive.FORMATS)])
@@ -203,6 +209,7 @@ def rearchive_if_stale(store: Path, name: str) -> bool:
              if not archive.archive_is_current(store / "archives" / f"{archive.archive_name(name, fmt)}.mar")]
     if not stale:
         return False
+    _clear_leftovers(store, name)  # an interrupted re-archiving's, or the store would not verify
     archive.verify_manifest(store)  # the archives are rebuilt from the model's files: they must verify first
     # Made aside and moved in only once all are made: an archiver that fails leaves the
     # store's archives as they were (and the store verifying), not half replaced.
@@ -212,8 +219,8 @@ def rearchive_if_stale(store: Path, name: str) -> bool:
         rebuilt = [f"archives/{p.name}" for p in built]
 
         def move_in() -> None:
-            for p in built:
-                os.replace(p, store / "archives" / p.name)
+            for p in built:  # a move, not a rename: archives/ may be a link to another file system
+                shutil.move(p, store / "archives" / p.name)
             shutil.rmtree(staging)  # gone before the new files are hashed: none of it is listed
 
         # the rest must still verify: only the new archives are hashed anew
@@ -275,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                         progress=not args.quiet, overrides=overrides)
     names = list(PRESETS) if args.model == "all" else [args.model]
     for name in names:
+        _clear_leftovers(args.store, name)  # an interrupted run's: serving would refuse the store
         if not args.force and is_built(args.store, name):
             try:
                 if rearchive_if_stale(args.store, name):
@@ -298,4 +306,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C, or run.sh passing on a SIGTERM: finally blocks ran
+        sys.exit(130)

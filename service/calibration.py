@@ -374,4 +374,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C, or run.sh passing on a SIGTERM: finally blocks ran
+        sys.exit(130)

@@ -499,6 +499,20 @@ def test_a_build_clears_what_an_interrupted_one_left_and_checks_the_store_before
     assert build.main(["--store", str(store_copy), "--force", "--quiet"]) == 1  # a message, no traceback
 
 
+def test_a_build_of_a_model_already_built_clears_an_interrupted_runs_leftovers(store_copy: Path) -> None:
+    """A re-archiving or build interrupted (Ctrl-C in run.sh) left its staging folder; the
+    next build found the model built and skipped it, and every later start failed
+    verification on the folder (found by review)."""
+    from model_store import build
+
+    (store_copy / ".fmnist-cnn-staging-k1" / "archives").mkdir(parents=True)
+    (store_copy / ".fmnist-cnn-staging-k1" / "archives" / "fmnist-cnn-onnx.mar").write_bytes(b"half")
+    with pytest.raises(archive.ManifestError, match="not in manifest: .fmnist-cnn-staging-k1"):
+        archive.verify_manifest(store_copy)
+    assert build.main(["--store", str(store_copy), "--quiet"]) == 0  # already built: nothing trained
+    archive.verify_manifest(store_copy)
+
+
 @pytest.mark.parametrize("flag, value, says", [
     ("--epochs", "0", "'0' is below 1"),  # OneCycleLR's ValueError, as a traceback
     ("--limit", "-5", "'-5' is below 1"),  # trained on all but 5 images, in silence

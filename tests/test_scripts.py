@@ -6,6 +6,7 @@ import fcntl
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -66,7 +67,7 @@ def test_run_exits_with_the_gateways_status_after_a_drain(tmp_path: Path) -> Non
     """SIGTERM to run.sh reaches the gateway, which drains and exits 0: the script exits 0,
     not 143 (the status of the wait the signal interrupted)."""
     gateway = _program(tmp_path / "gateway", "trap 'sleep 1; exit \"$STATUS\"' TERM\nwhile :; do sleep 0.1; done\n")
-    script = _steps(tmp_path, f'rc=0\nstep {gateway} || rc=$?\nexit "$rc"')
+    script = _steps(tmp_path, f'rc=0\nsignal_to=TERM\nstep {gateway} || rc=$?\nexit "$rc"')
     for status in ("0", "3"):
         assert _stopped(script, env={**os.environ, "STATUS": status}) == int(status)
 
@@ -75,16 +76,33 @@ def test_a_signal_during_a_set_up_step_stops_that_step_and_the_script(tmp_path: 
     """Before, the build, the calibration and TorchServe's start ran in the foreground: a
     SIGTERM killed bash alone (its trap waits for a foreground command), and the step ran on
     without it, a TorchServe started for nobody (found by review)."""
-    got = tmp_path / "got-term"
-    build = _program(tmp_path / "build", f"trap 'touch {got}; exit 143' TERM\nwhile :; do sleep 0.1; done\n")
+    got = tmp_path / "got-int"
+    build = _program(tmp_path / "build", f"trap 'touch {got}; exit 130' INT\nwhile :; do sleep 0.1; done\n")
     after = tmp_path / "after"
     script = _steps(tmp_path, f"step {build}; stop_if_asked\ntouch {after}")
-    assert _stopped(script) == 143
+    assert _stopped(script) == 130  # the step's own status, with set -e
     assert got.exists() and not after.exists()
     # a step that ignores the signal and finishes: the script still stops before the next
-    stubborn = _program(tmp_path / "stubborn", "trap '' TERM\nsleep 1\n")
+    stubborn = _program(tmp_path / "stubborn", "trap '' INT TERM\nsleep 1\n")
     script = _steps(tmp_path, f"step {stubborn}; stop_if_asked\ntouch {after}")
     assert _stopped(script) == 143 and not after.exists()
+
+
+def test_a_python_step_runs_its_finally_blocks_and_a_steps_children_stop_too(tmp_path: Path) -> None:
+    """SIGTERM alone to a background step was worse than the foreground's Ctrl-C: Python's
+    default SIGTERM skips finally blocks (a build's staging folder stayed in the store), and a
+    step's own foreground child (setup's pip) ran on after its shell died (found by review)."""
+    cleaned = tmp_path / "cleaned"
+    python = _program(tmp_path / "build.py", f"exec {sys.executable} -c '"
+                      f"import time\ntry:\n    time.sleep(30)\nfinally:\n    open(\"{cleaned}\", \"w\").close()'\n")
+    script = _steps(tmp_path, f"step {python}; stop_if_asked")
+    assert _stopped(script) != 0 and cleaned.exists()
+    late = tmp_path / "late"
+    nested = _program(tmp_path / "nested", f"sleep 3\ntouch {late}\n")  # its sleep gets the signal too
+    script = _steps(tmp_path, f"step {nested}; stop_if_asked")
+    assert _stopped(script) != 0
+    time.sleep(3.5)
+    assert not late.exists()
 
 
 def test_a_step_that_fails_at_once_fails_the_script_with_its_status(tmp_path: Path) -> None:
