@@ -43,7 +43,8 @@ _UNPARSED = object()  # a unary request its deserializer could not parse
 def _parse_checked(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     """A server-streaming handler whose request, when it does not parse, is answered
     INVALID_ARGUMENT (other kinds are returned as they are). It keeps the servicer's style:
-    an async generator, or a coroutine that writes with ``context.write``."""
+    an async generator, or a coroutine that writes with ``context.write``; a synchronous one
+    (which grpc.aio runs in its thread pool) is left as it is."""
     if handler.unary_stream is None:
         return handler
     inner, parse = handler.unary_stream, handler.request_deserializer
@@ -64,6 +65,8 @@ def _parse_checked(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMetho
             async for response in inner(request, context):
                 yield response
         wrapped = generated
+    elif not inspect.iscoroutinefunction(inner):
+        return handler
     else:
         async def written(request, context):
             if request is _UNPARSED:

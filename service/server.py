@@ -503,10 +503,12 @@ class Gateway:
         await self.server.stop(grace_s)
         for t in self.tasks:
             t.cancel()
-        if self.coalescer is not None:
-            await self.coalescer.close()
-        await self.backend.close()
-        ratelog.flush_all()  # every log line held back says so before the process ends
+        try:
+            if self.coalescer is not None:
+                await self.coalescer.close()
+            await self.backend.close()
+        finally:
+            ratelog.flush_all()  # every log line held back says so before the process ends
         self.tracing.shutdown()  # exports the spans still queued
         if self._metrics_server is not None:
             server = self._metrics_server

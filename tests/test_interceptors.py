@@ -31,9 +31,15 @@ def test_each_method_is_wrapped_once_and_a_new_handler_anew() -> None:
         assert a is b and a is not first  # one wrapper for every call of the method
         assert await wrapped(second) is not a  # the method's handler changed: wrapped anew
         assert await wrapped(None) is None  # no such method: nothing to count
-        stream = grpc.unary_stream_rpc_method_handler(lambda req, ctx: iter(()))
-        watch = await wrapped(stream, "/grpc.health.v1.Health/Watch")  # not counted: its parse checked
-        assert watch is not stream and watch is await wrapped(stream, "/grpc.health.v1.Health/Watch")
+        stream = grpc.unary_stream_rpc_method_handler(lambda req, ctx: iter(()))  # synchronous
+        assert await wrapped(stream, "/x.Sync/Watch") is stream  # left to grpc, which runs it in a thread
+
+        async def watch_servicer(request, context) -> None:  # health.aio's style: context.write
+            await context.write(request)
+
+        coroutine = grpc.unary_stream_rpc_method_handler(watch_servicer)
+        watch = await wrapped(coroutine, "/grpc.health.v1.Health/Watch")  # not counted: its parse checked
+        assert watch is not coroutine and watch is await wrapped(coroutine, "/grpc.health.v1.Health/Watch")
         assert watch.response_streaming and not watch.request_streaming
 
     asyncio.run(main())
