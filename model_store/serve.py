@@ -513,8 +513,11 @@ def start(settings: ServeSettings, wait: bool = True, outlive_caller: bool = Fal
     try:  # from here on, a failure (a full disk, an interrupt) stops what was started
         if not outlive_caller:
             ts.lifeline = _lifeline(proc.pid)
-        (run_dir / STATE_FILE).write_text(json.dumps(
+        # whole or not at all: `stop` reads it to find what to stop
+        partial = run_dir / f".{STATE_FILE}.{proc.pid}"
+        partial.write_text(json.dumps(
             {"pid": proc.pid, "models": names, "settings": _settings_to_json(settings)}, indent=2) + "\n")
+        os.replace(partial, run_dir / STATE_FILE)
         if wait:
             ts.wait_ready()
     except BaseException:
@@ -530,15 +533,21 @@ def attach(run_dir: Path = DEFAULT_RUN_DIR) -> TorchServe | None:
         state = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if not _alive(int(state["pid"])):
+    try:
+        pid = int(state["pid"])
+        s = dict(state["settings"])
+        s["store"], s["run_dir"], s["models"] = Path(s["store"]), Path(s["run_dir"]), tuple(s["models"])
+        models = list(state["models"])
+    except (KeyError, TypeError, ValueError):
+        raise ServeError(f"{path} is not the state `start` writes (edited by hand?): stop the TorchServe it "
+                         "names yourself, if one runs, and remove the file") from None
+    if not _alive(pid):
         return None  # its launcher's group is gone (a reused pid is no launcher of TorchServe's)
-    s = dict(state["settings"])
-    s["store"], s["run_dir"], s["models"] = Path(s["store"]), Path(s["run_dir"]), tuple(s["models"])
     try:
         settings = ServeSettings(**s)
     except (TypeError, ValueError):  # written by another version (other fields, a host now refused)
         settings = ServeSettings(store=s["store"], run_dir=s["run_dir"], models=s["models"])  # enough to stop it
-    return TorchServe(settings, list(state["models"]), int(state["pid"]))
+    return TorchServe(settings, models, pid)
 
 
 def stop(run_dir: Path = DEFAULT_RUN_DIR, timeout: float = 30.0) -> bool:
@@ -569,7 +578,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="turn TorchServe's system metrics (CPU, memory, GPU, every minute) off: on a GPU "
                         "its collector needs the nvgpu package, which this image does not carry")
     args = p.parse_args(argv)
+    try:
+        return _command(args)
+    except (ServeError, archive.ManifestError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a run directory that cannot be made or written
+        print(f"error: {e.strerror or e}: {e.filename or args.run_dir}", file=sys.stderr)
+        return 1
 
+
+def _command(args: argparse.Namespace) -> int:
     if args.command == "stop":
         print("stopped" if stop(args.run_dir) else f"no TorchServe running from {args.run_dir}")
         return 0
@@ -585,8 +604,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 report["models"][name] = ts.model_status(name)
                 ok &= report["models"][name]["ready"]
-            except (OSError, urllib.error.URLError, ServeError, ValueError) as e:
-                report["models"][name] = {"ready": False, "error": str(e)}
+            except (OSError, urllib.error.URLError, ServeError, ValueError, LookupError, TypeError) as e:
+                # LookupError, TypeError: a describe answer of another shape (an empty list)
+                report["models"][name] = {"ready": False, "error": str(e) or type(e).__name__}
                 ok = False
         print(json.dumps(report, indent=2))
         return 0 if ok else 1
@@ -600,11 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    try:
-        ts = start(settings, outlive_caller=True)
-    except (archive.ManifestError, ServeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    ts = start(settings, outlive_caller=True)
     print(f"TorchServe ready (pid {ts.pid}): gRPC {ts.grpc_inference_target}, models {', '.join(ts.models)}; "
           f"keys in {Path(ts.settings.run_dir) / KEY_FILE}; stop with `python -m model_store.serve stop`")
     return 0

@@ -337,3 +337,19 @@ def test_stop_reaches_processes_started_after_the_first_sigterm() -> None:
     finally:
         leader.kill()
         leader.wait()
+
+
+def test_the_serve_command_answers_a_broken_state_or_run_dir_in_one_line(tiny_store: Path, tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    """A hand-edited serve.json was a KeyError traceback for stop, status and start; a run
+    directory that cannot be made was an OSError one (found by review)."""
+    (tmp_path / serve.STATE_FILE).write_text(json.dumps({"pid": 1}))  # no settings, no models
+    for command in ("stop", "status"):
+        assert serve.main([command, "--run-dir", str(tmp_path)]) == 1
+        err = capsys.readouterr().err
+        assert "is not the state `start` writes" in err and "Traceback" not in err
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert serve.main(["start", "--store", str(tiny_store), "--run-dir", str(blocker / "run")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "a-file" in err and "Traceback" not in err
