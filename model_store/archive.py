@@ -12,6 +12,8 @@ missing, added or modified; TorchServe is only started on a store that verifies.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -24,13 +26,14 @@ import sys
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 HANDLERS_DIR = REPO / "handlers"
 PROTO_PKG_DIR = REPO / "proto" / "robustgate"
 MANIFEST = "manifest.json"
+STORE_LOCK = ".lock"  # at the store's root, no artifact: held by whatever changes the store
 
 FORMATS = {
     # format: (serialized file in the model dir, handler entry file in handlers/)
@@ -278,8 +281,8 @@ def _artifacts(store: Path) -> list[Path]:
             continue
         seen.add(real)
         found += [Path(folder) / f for f in files if (Path(folder) / f).is_file()]
-    root_manifest = Path(store) / MANIFEST  # only the store's own: one anywhere else is an artifact
-    return sorted(p for p in found if p != root_manifest)
+    own = {Path(store) / MANIFEST, Path(store) / STORE_LOCK}  # the store's own: anywhere else, artifacts
+    return sorted(p for p in found if p not in own)
 
 
 def _under(rel: str, paths: Sequence[str]) -> bool:
@@ -308,6 +311,26 @@ def _record(store: Path, entries: dict[str, str]) -> Path:
 def write_manifest(store: Path) -> Path:
     """Record the sha256 of every file under ``store`` (except the manifest itself)."""
     return _record(store, {p.relative_to(store).as_posix(): sha256_file(p) for p in _artifacts(store)})
+
+
+@contextlib.contextmanager
+def store_lock(store: Path, who: str) -> Iterator[None]:
+    """Hold ``store`` for a run that changes it (a build, a calibration): one at a time. Two
+    at once (``scripts/run.sh`` and ``scripts/test.sh`` started together on a fresh clone)
+    each cleared the other's staging folder or approved a manifest under the other's
+    change. A second run says it waits, then waits."""
+    Path(store).mkdir(parents=True, exist_ok=True)
+    fd = os.open(Path(store) / STORE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"{who}: waiting for another build or calibration of {store} to finish", file=sys.stderr,
+                  flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # the lock goes with it
 
 
 def approve_changes(store: Path, changing: Sequence[str], write: Callable[[], object] | None = None) -> Path:

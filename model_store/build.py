@@ -281,6 +281,21 @@ def main(argv: list[str] | None = None) -> int:
     opts = BuildOptions(store=args.store, weights=args.weights, check_floor=not args.no_floor,
                         progress=not args.quiet, overrides=overrides)
     names = list(PRESETS) if args.model == "all" else [args.model]
+    try:
+        with archive.store_lock(args.store, "build"):
+            code = _build_all(args, opts, names)
+    except OSError as e:  # a store that cannot be made or locked
+        print(f"error: {e.strerror or e}: {e.filename or args.store}", file=sys.stderr)
+        return 1
+    if code:
+        return code
+    for name in names:
+        print(f"{name}: card {args.store / name / 'card.md'}")
+    print(f"archives: {args.store / 'archives'}  manifest: {args.store / archive.MANIFEST}")
+    return 0
+
+
+def _build_all(args: argparse.Namespace, opts: BuildOptions, names: list[str]) -> int:
     for name in names:
         _clear_leftovers(args.store, name)  # an interrupted run's: serving would refuse the store
         if not args.force and is_built(args.store, name):
@@ -299,9 +314,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 1
         print(f"[{name}] built in {time.perf_counter() - start:.0f} s")
-    for name in names:
-        print(f"{name}: card {args.store / name / 'card.md'}")
-    print(f"archives: {args.store / 'archives'}  manifest: {args.store / archive.MANIFEST}")
     return 0
 
 

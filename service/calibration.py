@@ -337,7 +337,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.detector_hidden < 0:
         p.error(f"--detector-hidden must be >= 0, got {args.detector_hidden}")
+    with archive.store_lock(args.store, "calibration"):  # a build or another calibration: one at a time
+        return _calibrate_command(args)
 
+
+def _calibrate_command(args: argparse.Namespace) -> int:
     target = args.store / args.model / POLICY_FILE
     if args.if_missing and target.is_file():
         from service.gate.policy_io import load_policy

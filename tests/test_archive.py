@@ -1,5 +1,6 @@
 import io
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -527,3 +528,26 @@ def test_the_build_refuses_counts_out_of_range_in_one_line(
         build.main(["--store", str(tmp_path / "store"), flag, value])
     assert exit_.value.code == 2 and says in capsys.readouterr().err
     assert not (tmp_path / "store").exists()  # refused before anything was made
+
+
+def test_one_build_or_calibration_changes_a_store_at_a_time(store_copy: Path) -> None:
+    """run.sh and test.sh started together on a fresh clone each cleared the other's staging
+    folder (found by review): a second run waits for the first, and says so. The lock file
+    is the store's own, not an artifact."""
+    import fcntl
+    import threading
+
+    holder = os.open(store_copy / archive.STORE_LOCK, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # a build that runs
+    archive.verify_manifest(store_copy)  # .lock is not an unlisted file
+    done: list[subprocess.CompletedProcess] = []
+    second = threading.Thread(target=lambda: done.append(subprocess.run(
+        [sys.executable, "-m", "model_store.build", "--store", str(store_copy), "--quiet"],
+        capture_output=True, text=True, timeout=120)))
+    second.start()
+    time.sleep(8)  # long enough to start, read the store and meet the lock
+    assert not done, "a second build ran while the first held the store"
+    os.close(holder)  # the first one ends
+    second.join(120)
+    assert done and done[0].returncode == 0, done[0].stderr if done else "still waiting"
+    assert "waiting for another build or calibration" in done[0].stderr
