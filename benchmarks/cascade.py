@@ -42,7 +42,6 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.report import invocation, parser, report_stem, run_facts, store_with_policy, write_report
-from service.gate.policy import DETECT_SAMPLES
 
 SHIPPED = "shipped policy (noise detection off)"
 
@@ -63,8 +62,10 @@ def full_budget(policy: dict) -> None:
     for name, check in policy["checks"].items():
         if name != "noise" and check["enabled"] and check["flag"] is not None:
             check["escalate"] = 0.0
-    noise = policy["noise"]  # a file written before detect_samples: the default count
-    noise["first_batch"] = noise.get("detect_samples", min(DETECT_SAMPLES, noise.get("max_samples", 400)))
+    from service.gate.policy_io import policy_from_dict
+
+    # the count the policy scores, as the gateway reads it (a file without it: its default)
+    policy["noise"]["first_batch"] = policy_from_dict(policy).noise.detect_samples
 
 
 def edit_policy(store: Path, model: str, edit) -> None:

@@ -204,12 +204,12 @@ def build_model(name: str, opts: BuildOptions, dataset: data.FashionMNIST | None
 
 def rearchive_if_stale(store: Path, name: str) -> bool:
     """Rebuild the model's archives (not the model) when they carry other handler code than
-    this checkout's; the store must already verify. Returns whether it rebuilt them."""
+    this checkout's; the store must already verify (``main`` clears an interrupted run's
+    leftovers first). Returns whether it rebuilt them."""
     stale = [fmt for fmt in archive.FORMATS
              if not archive.archive_is_current(store / "archives" / f"{archive.archive_name(name, fmt)}.mar")]
     if not stale:
         return False
-    _clear_leftovers(store, name)  # an interrupted re-archiving's, or the store would not verify
     archive.verify_manifest(store)  # the archives are rebuilt from the model's files: they must verify first
     # Made aside and moved in only once all are made: an archiver that fails leaves the
     # store's archives as they were (and the store verifying), not half replaced.

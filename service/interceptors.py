@@ -37,7 +37,23 @@ def status_name(context: grpc.aio.ServicerContext, failed: bool, cancelled: bool
 
 
 _CUT_SHORT = (asyncio.CancelledError, GeneratorExit)
-_UNPARSED = object()  # a unary request its deserializer could not parse
+_UNPARSED = object()  # a request its deserializer could not parse
+
+
+def _tolerant(parse):
+    """``parse`` (a handler's request deserializer) returning :data:`_UNPARSED` where it
+    raises: gRPC answers a request its deserializer raises on UNKNOWN, naming the exception's
+    type, and a caller's malformed bytes are INVALID_ARGUMENT (:func:`_refuse`)."""
+    def parsed(raw: bytes):
+        try:
+            return parse(raw) if parse is not None else raw
+        except Exception:
+            return _UNPARSED
+    return parsed
+
+
+async def _refuse(context, method: str) -> None:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the {method} request does not parse")
 
 
 def _parse_checked(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
@@ -47,21 +63,11 @@ def _parse_checked(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMetho
     (which grpc.aio runs in its thread pool) is left as it is."""
     if handler.unary_stream is None:
         return handler
-    inner, parse = handler.unary_stream, handler.request_deserializer
-
-    def parsed(raw: bytes):
-        try:
-            return parse(raw) if parse is not None else raw
-        except Exception:
-            return _UNPARSED
-
-    async def refuse(context) -> None:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the {method} request does not parse")
-
+    inner = handler.unary_stream
     if inspect.isasyncgenfunction(inner):
         async def generated(request, context):
             if request is _UNPARSED:
-                await refuse(context)
+                await _refuse(context, method)
             async for response in inner(request, context):
                 yield response
         wrapped = generated
@@ -70,10 +76,11 @@ def _parse_checked(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMetho
     else:
         async def written(request, context):
             if request is _UNPARSED:
-                await refuse(context)
+                await _refuse(context, method)
             return await inner(request, context)
         wrapped = written
-    return grpc.unary_stream_rpc_method_handler(wrapped, parsed, handler.response_serializer)
+    return grpc.unary_stream_rpc_method_handler(wrapped, _tolerant(handler.request_deserializer),
+                                                handler.response_serializer)
 
 
 class ServerMetricsInterceptor(grpc.aio.ServerInterceptor):
@@ -134,23 +141,15 @@ class ServerMetricsInterceptor(grpc.aio.ServerInterceptor):
 
         if handler.unary_unary is not None:
             inner = handler.unary_unary
-            parse = handler.request_deserializer
-
-            def parsed(raw: bytes):
-                # gRPC answers a request its deserializer raises on UNKNOWN, naming the
-                # exception's type: a caller's malformed bytes are INVALID_ARGUMENT.
-                try:
-                    return parse(raw) if parse is not None else raw
-                except Exception:
-                    return _UNPARSED
 
             async def unary(request, context):
                 with Counted(context):
                     if request is _UNPARSED:
-                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the {method} request does not parse")
+                        await _refuse(context, method)
                     return await inner(request, context)
 
-            return grpc.unary_unary_rpc_method_handler(unary, parsed, handler.response_serializer)
+            return grpc.unary_unary_rpc_method_handler(unary, _tolerant(handler.request_deserializer),
+                                                       handler.response_serializer)
         inner_s = handler.stream_stream
         received = self.msg_received.labels(*labels)
 

@@ -26,6 +26,7 @@ from robustgate.v1 import classifier_pb2 as pb
 from robustgate.v1 import classifier_pb2_grpc as pb_grpc
 from service import convert
 from service import metrics_server as metrics_http
+from service import ratelog
 from service.backend import TorchServeBackend, read_inference_key
 from service.coalesce import CoalesceConfig, Coalescer
 from service.decode import Limits
@@ -44,15 +45,13 @@ from service.errors import (
 from service.interceptors import ServerMetricsInterceptor, cut_short_code
 from service.metrics import Metrics, SupervisorMetrics
 from service.pipeline import ClassifyResult, Pipeline
-from service import ratelog
-from service.ratelog import Throttle
 from service.registry import Registry
 from service.settings import Settings
 from service.tracing import OFF, Tracing, set_error
 from service.tracing import setup as setup_tracing
 
 log = logging.getLogger(__name__)
-_throttled = Throttle(log)  # a connection over its share repeats with each of its calls
+_throttled = ratelog.Throttle(log)  # a connection over its share repeats with each of its calls
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ClassifierService"].full_name
 INTERNAL_MESSAGE = "internal error"

@@ -112,9 +112,9 @@ class GateRun:
                        samples_to_settle(self.detect_agreements, self.detect_samples,
                                          self.detect_budget, self.detect_cuts))
             # once the certificate is settled, only the scored copies are left to draw
-            certified = all_settled(self.agreements, self.samples, self.budget, self.cuts)
-            size = next_batch_size(self.samples, self.detect_budget if certified else self.budget,
-                                   first=n.first_batch, growth=n.growth, at_least=need)
+            left_for = self.detect_budget if self._certificate_settled() else self.budget
+            size = next_batch_size(self.samples, left_for, first=n.first_batch, growth=n.growth,
+                                   at_least=need)
             return self.policy.noise_plan(derive_seed(self.seed, self.batches + 1), size)
         return None
 
@@ -123,12 +123,15 @@ class GateRun:
         """Copies drawn so far that the noise score counts: the first ``detect_budget``."""
         return min(self.samples, self.detect_budget)
 
+    def _certificate_settled(self) -> bool:
+        """The certification verdict (on all the copies) is fixed, or none was asked for."""
+        return all_settled(self.agreements, self.samples, self.budget, self.cuts)
+
     def _settled(self) -> bool:
         """Every verdict the noise stage feeds is fixed: certification on all the copies,
         detection on the first ``detect_budget``."""
-        return (all_settled(self.agreements, self.samples, self.budget, self.cuts)
-                and all_settled(self.detect_agreements, self.detect_samples, self.detect_budget,
-                                self.detect_cuts))
+        return self._certificate_settled() and all_settled(
+            self.detect_agreements, self.detect_samples, self.detect_budget, self.detect_cuts)
 
     def feed(self, logits: ArrayLike, features: ArrayLike | None = None) -> GateRun:
         """Advance with the handler's answer to :meth:`next_plan`.
