@@ -3,7 +3,7 @@
 #   gateway     the gRPC gateway beside it (default)
 # Build:  docker build --build-arg BASE_IMAGE=<Debian bookworm + Python 3.11> -t robustgate:TAG .
 # The build context needs the model store: `python -m model_store.build` (and calibration)
-# first; see deploy/README-deploy.md.
+# first; see README.md, Deployment.
 
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 

@@ -2,7 +2,7 @@
 # Real image smoke test: build the image, run TorchServe and the gateway from it as two
 # containers sharing the host's loopback and a run-directory volume (as the pod shares its
 # loopback and an emptyDir), wait for gRPC health SERVING, classify one Fashion-MNIST test
-# image, stop both, and print the numbers deploy/README-deploy.md records.
+# image, stop both, and print the numbers the README (Deployment) records.
 #
 #   scripts/docker_smoke.sh [--store DIR] [--base-image IMAGE] [--keep-image]
 #

