@@ -19,6 +19,7 @@ import json
 import os
 import posixpath
 import shutil
+import signal
 import stat
 import struct
 import subprocess
@@ -342,13 +343,31 @@ def approve_changes(store: Path, changing: Sequence[str], write: Callable[[], ob
     meanwhile would slip into); only the files under ``changing`` are hashed anew. A store
     without a manifest yet (its first build) is recorded as it is after ``write``."""
     kept = verify_manifest(store, changing=changing) if (store / MANIFEST).is_file() else None
-    if write is not None:
-        write()
-    if kept is None:
-        return write_manifest(store)
-    on_disk = {p.relative_to(store).as_posix(): p for p in _artifacts(store)}
-    fresh = {rel: sha256_file(p) for rel, p in on_disk.items() if _under(rel, changing)}
-    return _record(store, {**kept, **fresh})
+    # The change and its record are one step for Ctrl-C and SIGTERM: an interrupt between
+    # the two would leave new files under the old digests, a store that no longer verifies.
+    with _signals_deferred():
+        if write is not None:
+            write()
+        if kept is None:
+            return write_manifest(store)
+        on_disk = {p.relative_to(store).as_posix(): p for p in _artifacts(store)}
+        fresh = {rel: sha256_file(p) for rel, p in on_disk.items() if _under(rel, changing)}
+        return _record(store, {**kept, **fresh})
+
+
+_DEFERRED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT, SIGTERM and SIGHUP for this thread until the block ends; one that came
+    meanwhile is delivered then (KeyboardInterrupt after the block, not in the middle of it).
+    SIGKILL and a power cut are not held: the next build of the model repairs its files."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _read_entries(path: Path) -> dict[str, str]:

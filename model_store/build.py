@@ -137,7 +137,8 @@ def build_model(name: str, opts: BuildOptions, dataset: data.FashionMNIST | None
         raise BuildError(f"[{name}] test top-1 {acc_test:.4f} is below the floor {preset.floor}")
     # Everything is made in a staging folder and moved into the store only once it passed its
     # checks and the rest of the store still verifies: a failed parity check, an interrupt or
-    # a store changed by someone else leaves the model already built as it was.
+    # a store changed by someone else leaves the model already built as it was (Ctrl-C and
+    # SIGTERM wait while the files move in and the manifest records them; see approve_changes).
     staging = Path(tempfile.mkdtemp(dir=opts.store, prefix=f".{name}-staging-"))
     try:
         model_dir = staging / name

@@ -551,3 +551,45 @@ def test_one_build_or_calibration_changes_a_store_at_a_time(store_copy: Path) ->
     second.join(120)
     assert done and done[0].returncode == 0, done[0].stderr if done else "still waiting"
     assert "waiting for another build or calibration" in done[0].stderr
+
+
+_INTERRUPTED_CHANGE = r"""
+import os, signal, sys
+from pathlib import Path
+from model_store import archive
+
+store = Path(sys.argv[1])
+model = store / "m"
+
+def move_in():
+    (model / "model.pt").write_bytes(b"new weights")
+    os.kill(os.getpid(), signal.SIGINT if sys.argv[2] == "INT" else signal.SIGTERM)
+    (model / "card.json").write_text('{"new": true}')
+
+try:
+    archive.approve_changes(store, ["m"], write=move_in)
+except KeyboardInterrupt:
+    print("interrupted after the change", flush=True)
+    raise
+"""
+
+
+@pytest.mark.parametrize("sig", ["INT", "TERM"])
+def test_an_interrupt_during_a_change_waits_for_its_record(tmp_path: Path, sig: str) -> None:
+    """Ctrl-C or SIGTERM while a change moves in (a build's move, a policy's write) is held
+    until the manifest records it: the store still verifies, then the process stops as asked.
+    Delivered at once, it left the new files under the old digests."""
+    store = tmp_path / "store"
+    (store / "m").mkdir(parents=True)
+    (store / "m" / "model.pt").write_bytes(b"old weights")
+    (store / "m" / "card.json").write_text("{}")
+    archive.write_manifest(store)
+    done = subprocess.run([sys.executable, "-c", _INTERRUPTED_CHANGE, str(store), sig],
+                          capture_output=True, text=True, timeout=60, cwd=Path(archive.__file__).parents[1])
+    if sig == "INT":
+        assert done.returncode != 0 and "interrupted after the change" in done.stdout, done.stderr[-2000:]
+    else:
+        assert done.returncode == -15, (done.returncode, done.stderr[-2000:])  # SIGTERM's default action
+    assert (store / "m" / "card.json").read_text() == '{"new": true}'  # the change ran whole
+    entries = archive.verify_manifest(store)
+    assert entries["m/model.pt"] == archive.sha256_file(store / "m" / "model.pt")
