@@ -10,7 +10,7 @@ from service.gate.policy import Mode
 from service.gate.report import CheckStatus, Decision, GateReport
 from service.pipeline import ClassifyInput, ClassifyResult, RawTensor
 from service.registry import ServedModel
-from service.decode import ENCODINGS
+from service.decode import ENCODINGS, TENSOR_DTYPES
 from service.errors import InvalidInput
 
 # A caller's id is echoed in its answer (twice on a stream: the envelope and the result): an
@@ -97,8 +97,9 @@ def model_to_pb(m: ServedModel, max_image_bytes: int) -> pb.GetModelResponse:
         name=m.name,
         version=m.version,
         labels=list(m.labels),
-        input=pb.InputSpec(shape=[m.input.channels, m.input.height, m.input.width], dtype="uint8|float32",
-                           mode=m.input.mode, encodings=list(ENCODINGS), max_image_bytes=max_image_bytes),
+        input=pb.InputSpec(shape=[m.input.channels, m.input.height, m.input.width], dtype="float32",
+                           mode=m.input.mode, encodings=list(ENCODINGS), max_image_bytes=max_image_bytes,
+                           tensor_dtypes=list(TENSOR_DTYPES)),
         policy=pb.PolicySummary(
             version=p.version,
             mode=p.mode.value,

@@ -72,6 +72,7 @@ def decode_image(raw: bytes, spec: InputSpec, limits: Limits, here_pixels: int |
 
 
 _DTYPES = {"uint8": np.dtype("<u1"), "float32": np.dtype("<f4")}
+TENSOR_DTYPES = tuple(_DTYPES)
 
 
 def decode_tensor(shape: list[int], dtype: str, data: bytes, spec: InputSpec) -> np.ndarray:

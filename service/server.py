@@ -361,7 +361,7 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
 
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.GetModelResponse:
         try:
-            return convert.model_to_pb(self.registry.get(request.model, request.version), self.settings.max_message_bytes)
+            return convert.model_to_pb(self.registry.get(request.model, request.version), self.settings.max_image_bytes)
         except Exception as e:
             await self._fail(context, e)
             raise
@@ -562,7 +562,7 @@ async def start(settings: Settings, registry: Registry | None = None, worker: bo
         metrics.baseline(m.name, m.policy.calibration)
     tracing = setup_tracing(settings)
     backend = TorchServeBackend(settings.torchserve_address, token, metrics, key_file=settings.torchserve_key_file)
-    limits = Limits(max_bytes=settings.max_message_bytes, max_pixels=settings.max_image_pixels)
+    limits = Limits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
     coalescer = None
     if settings.coalesce_max_batch >= 2:
         coalescer = Coalescer(backend, CoalesceConfig(settings.coalesce_max_batch, settings.coalesce_max_wait_ms,

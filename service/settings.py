@@ -24,6 +24,10 @@ MAX_WORKERS = 64
 # OverflowError traceback, or left the health probe failing for good.
 MAX_MESSAGE_BYTES = 2**31 - 1
 MAX_DURATION_S = (2**31 - 1) // 1000
+# A request's fields besides its image (model, version, request id of at most 256 characters,
+# top_k, certify, protobuf's tags and lengths): the image limit is the message limit less this,
+# so an image at the limit GetModel states still fits in a message gRPC takes.
+REQUEST_ENVELOPE_BYTES = 1024
 # ROBUSTGATE_* variables that are not the gateway's settings but read beside it (the image's
 # entrypoint, scripts/run.sh); any other unknown name is refused as a likely typo.
 OTHER_ENV = frozenset({"ROBUSTGATE_POLICY_DIR", "ROBUSTGATE_KEY_FILE_WAIT_S", "ROBUSTGATE_MODEL"})
@@ -133,9 +137,10 @@ class Settings:
     """How long the gateway waits for the answer to its keepalive ping before it closes the
     connection (its calls and streams end CANCELLED)."""
     max_message_bytes: int = 4 * 1024 * 1024
-    """Largest gRPC message accepted from callers, and sent to them (and image bytes, less
-    framing). A larger one is refused by gRPC's transport with RESOURCE_EXHAUSTED before any
-    gateway code runs (not an overload signal). The gateway's own calls to TorchServe have
+    """Largest gRPC message accepted from callers, and sent to them. A larger one is refused
+    by gRPC's transport with RESOURCE_EXHAUSTED before any gateway code runs (not an overload
+    signal). Encoded images may take all of it but ``REQUEST_ENVELOPE_BYTES``
+    (``max_image_bytes``, which GetModel states). The gateway's own calls to TorchServe have
     TorchServe's limits (``service.backend.BACKEND_MAX_*``), whatever this is."""
     max_image_pixels: int = 4096 * 4096
     """Pixel-count cap checked from the header before full decode (decompression bombs)."""
@@ -177,8 +182,11 @@ class Settings:
             raise ValueError("metrics_port must be in [0, 65535] (0: a free one), or -1 (off)")
         if not self.models:
             raise ValueError("models must name at least one model (a gateway of none reports SERVING)")
-        if self.max_message_bytes < 1 or self.max_image_pixels < 1:
-            raise ValueError("max_message_bytes and max_image_pixels must be >= 1")
+        if self.max_message_bytes <= REQUEST_ENVELOPE_BYTES:
+            raise ValueError(f"max_message_bytes must be > {REQUEST_ENVELOPE_BYTES} (a request's fields "
+                             f"besides its image)")
+        if self.max_image_pixels < 1:
+            raise ValueError("max_image_pixels must be >= 1")
         if self.max_message_bytes > MAX_MESSAGE_BYTES:
             raise ValueError(f"max_message_bytes must be <= {MAX_MESSAGE_BYTES} (gRPC's limit is a 32-bit int)")
         if self.log_level.upper() not in LOG_LEVELS:
@@ -223,6 +231,11 @@ class Settings:
             raise ValueError("seed must be in [0, 2^63), or -1 (a secret one drawn at start)")
         if self.seed == -1:  # before the workers are spawned: they inherit this object
             object.__setattr__(self, "seed", secrets.randbits(63))
+
+    @property
+    def max_image_bytes(self) -> int:
+        """The largest encoded image taken: the message limit less a request's other fields."""
+        return self.max_message_bytes - REQUEST_ENVELOPE_BYTES
 
 
 def relay_url_parts(url: str) -> tuple[str, int, str]:

@@ -603,10 +603,26 @@ def test_list_and_get_model(client: Client) -> None:
     assert models[0].ready  # TorchServe answers (a dead one: test_backend_down_is_unavailable_and_not_serving)
     info = client.get_model("fmnist-cnn")
     assert len(info.labels) == 10 and list(info.input.shape) == [1, 28, 28]
+    assert info.input.dtype == "float32" and list(info.input.tensor_dtypes) == ["uint8", "float32"]
     assert info.policy.mode == "enforce" and "squeeze" in info.policy.enabled_checks
     with pytest.raises(grpc.RpcError) as err:
         client.get_model("nope")
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_an_image_at_the_stated_limit_is_read_one_byte_more_is_refused(client: Client) -> None:
+    """GetModel's max_image_bytes is a promise: an image of that size, in a request with a
+    request id of the longest kind, reaches the decoder (these bytes are no image); one byte
+    more is refused by the decoder, saying the limit. It stated the message limit, which an
+    image that size cannot fit beside the request's other fields (gRPC refused it)."""
+    limit = client.get_model("fmnist-cnn").input.max_image_bytes
+    assert limit > 0
+    for size, wanted in ((limit, "neither PNG nor JPEG"), (limit + 1, f"the limit is {limit}")):
+        request = pb.ClassifyRequest(model="fmnist-cnn", image=b"\x01" * size, request_id="r" * 256)
+        with pytest.raises(grpc.RpcError) as err:
+            client._stub.Classify(request, timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (size, err.value.code(), err.value.details())
+        assert wanted in err.value.details(), (size, err.value.details())
 
 
 def test_reflection_lists_the_services(gateway: str) -> None:

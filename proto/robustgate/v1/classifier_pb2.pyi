@@ -168,18 +168,20 @@ class GetModelRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class InputSpec(_message.Message):
-    __slots__ = ("shape", "dtype", "mode", "encodings", "max_image_bytes")
+    __slots__ = ("shape", "dtype", "mode", "encodings", "max_image_bytes", "tensor_dtypes")
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     ENCODINGS_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_DTYPES_FIELD_NUMBER: _ClassVar[int]
     shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: str
     mode: str
     encodings: _containers.RepeatedScalarFieldContainer[str]
     max_image_bytes: int
-    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., mode: _Optional[str] = ..., encodings: _Optional[_Iterable[str]] = ..., max_image_bytes: _Optional[int] = ...) -> None: ...
+    tensor_dtypes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., mode: _Optional[str] = ..., encodings: _Optional[_Iterable[str]] = ..., max_image_bytes: _Optional[int] = ..., tensor_dtypes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PolicySummary(_message.Message):
     __slots__ = ("version", "mode", "enabled_checks", "max_forward_passes", "noise_sigma", "model_sha256")
