@@ -229,24 +229,37 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def _is_ours(pid: int) -> bool:
-    """The process ``pid`` is a TorchServe launcher (guards against a reused pid)."""
+def _runs_from(pid: int, run_dir: Path) -> bool:
+    """The process ``pid`` works in ``run_dir`` or under it: ``start`` starts the launcher
+    there, the JVM inherits it and each worker works in its model's folder under ``tmp/``."""
+    try:
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return False
+    root = os.path.realpath(run_dir)
+    return cwd == root or cwd.startswith(root + os.sep)
+
+
+def _is_ours(pid: int, run_dir: Path) -> bool:
+    """The process ``pid`` is the TorchServe launcher ``start`` started from ``run_dir``: a
+    reused pid is another program's, or another run directory's TorchServe."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return b"ts.model_server" in cmdline
+    return b"ts.model_server" in cmdline and _runs_from(pid, run_dir)
 
 
-def _alive(pid: int) -> bool:
-    """The TorchServe whose launcher had ``pid`` (also its group's id) still runs: the launcher,
-    or what it left in its group when it died alone."""
-    return _is_ours(pid) or _group_is_torchserve(pid)
+def _alive(pid: int, run_dir: Path) -> bool:
+    """The TorchServe whose launcher had ``pid`` (also its group's id) still runs from
+    ``run_dir``: the launcher, or what it left in its group when it died alone."""
+    return _is_ours(pid, run_dir) or _group_is_torchserve(pid, run_dir)
 
 
-def _group_is_torchserve(pgid: int) -> bool:
-    """A process of group ``pgid`` is TorchServe's frontend or one of its workers: what is
-    left when the launcher died alone (it does not pass signals on), still holding the ports."""
+def _group_is_torchserve(pgid: int, run_dir: Path) -> bool:
+    """A process of group ``pgid`` is TorchServe's frontend or one of its workers, from
+    ``run_dir``: what is left when the launcher died alone (it does not pass signals on),
+    still holding the ports."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)"
@@ -255,7 +268,8 @@ def _group_is_torchserve(pgid: int) -> bool:
             cmdline = (stat.parent / "cmdline").read_bytes()
         except (OSError, IndexError, ValueError):
             continue  # gone meanwhile
-        if b"org.pytorch.serve.ModelServer" in cmdline or b"model_service_worker" in cmdline:
+        if ((b"org.pytorch.serve.ModelServer" in cmdline or b"model_service_worker" in cmdline)
+                and _runs_from(int(stat.parent.name), run_dir)):
             return True
     return False
 
@@ -369,7 +383,7 @@ class TorchServe:
     def running(self) -> bool:
         if self.process is not None:
             return self.process.poll() is None
-        return _alive(self.pid)
+        return _alive(self.pid, Path(self.settings.run_dir))
 
     def describe(self, model: str) -> list[dict[str, Any]]:
         """The management API's describe answer for ``model`` (one entry per version)."""
@@ -430,7 +444,7 @@ class TorchServe:
     def stop(self, timeout: float = 30.0) -> None:
         """Stop TorchServe and its workers (SIGTERM to the process group, SIGKILL after
         ``timeout``); remove the key file and the state file."""
-        if self.process is not None or _alive(self.pid):
+        if self.process is not None or _alive(self.pid, Path(self.settings.run_dir)):
             _stop_group(self.pid, timeout)
         if self.process is not None:
             try:
@@ -541,8 +555,8 @@ def attach(run_dir: Path = DEFAULT_RUN_DIR) -> TorchServe | None:
     except (KeyError, TypeError, ValueError):
         raise ServeError(f"{path} is not the state `start` writes (edited by hand?): stop the TorchServe it "
                          "names yourself, if one runs, and remove the file") from None
-    if not _alive(pid):
-        return None  # its launcher's group is gone (a reused pid is no launcher of TorchServe's)
+    if not _alive(pid, Path(run_dir)):
+        return None  # its launcher's group is gone (a reused pid is no TorchServe of this run dir's)
     try:
         settings = ServeSettings(**s)
     except (TypeError, ValueError):  # written by another version (other fields, a host now refused)

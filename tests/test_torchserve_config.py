@@ -300,7 +300,7 @@ def test_stop_reaches_a_torchserve_whose_launcher_died_alone(tiny_store: Path, t
     try:
         os.kill(ts.pid, signal.SIGKILL)  # the launcher only
         psutil.wait_procs([psutil.Process(ts.pid)], timeout=10)
-        assert not serve._is_ours(ts.pid) and serve._group_alive(ts.pid)  # the orphans
+        assert not serve._is_ours(ts.pid, run_dir) and serve._group_alive(ts.pid)  # the orphans
         found = serve.attach(run_dir)
         assert found is not None and found.running()
     finally:
@@ -353,3 +353,26 @@ def test_the_serve_command_answers_a_broken_state_or_run_dir_in_one_line(tiny_st
     assert serve.main(["start", "--store", str(tiny_store), "--run-dir", str(blocker / "run")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "a-file" in err and "Traceback" not in err
+
+
+def test_a_state_file_naming_another_run_dirs_torchserve_is_not_attached(tmp_path: Path) -> None:
+    """``stop`` signals the group a state file names: a pid reused by another run directory's
+    TorchServe launcher (another user's of this account, another test's) was taken for this
+    one's, and ``stop`` would have ended it. A launcher is this run dir's only when it works
+    there, as ``start`` starts it."""
+    elsewhere, here = tmp_path / "elsewhere", tmp_path / "here"
+    elsewhere.mkdir()
+    here.mkdir()
+    # A stand-in with a launcher's command line (argv carries "ts.model_server"), in a group of its own.
+    sleeper = [sys.executable, "-c", "import time; time.sleep(120)", "ts.model_server"]
+    for cwd, wanted in ((elsewhere, False), (here, True)):
+        proc = subprocess.Popen(sleeper, cwd=cwd, start_new_session=True)
+        try:
+            state = {"pid": proc.pid, "models": ["m"],
+                     "settings": serve._settings_to_json(serve.ServeSettings(run_dir=here))}
+            (here / serve.STATE_FILE).write_text(json.dumps(state))
+            assert (serve.attach(here) is not None) is wanted, cwd
+            assert serve._alive(proc.pid, here) is wanted
+        finally:
+            proc.kill()
+            proc.wait()
