@@ -22,7 +22,7 @@ import re
 import struct
 import warnings
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -168,8 +168,10 @@ MAX_JPEG_SEGMENTS = 256
 MAX_JPEG_STRAY_BYTES = 1024  # fill (FF FF) and junk bytes between segments, all told
 _JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD9)})  # TEM, RST0-7, SOI: no length follows
 # Where a scan's entropy-coded data ends: the next marker that is neither a stuffed 0xFF (FF 00)
-# nor a restart (FF D0-D7), after any fill bytes.
-_JPEG_NEXT_MARKER = re.compile(rb"\xff+[^\x00\xd0-\xd7\xff]")
+# nor a restart (FF D0-D7), after any fill bytes: the first such code byte right after a 0xFF.
+# Found by the code byte, looking one back (linear); ``\xff+[^...]`` backtracked through every
+# run of 0xFF bytes from each of its bytes, quadratic: 64 KiB of FF held a decode for 17 s.
+_JPEG_NEXT_MARKER = re.compile(rb"(?<=\xff)[^\x00\xd0-\xd7\xff]")
 _FF_RUN = re.compile(rb"\xff+")
 
 
@@ -210,10 +212,11 @@ def jpeg_layout(raw: bytes) -> JpegLayout:
             pos += 2 + int.from_bytes(raw[pos + 2:pos + 4], "big")  # past the segment
             if marker == 0xDA:  # and past the scan's data, to the next marker
                 scans += 1
-                found = _JPEG_NEXT_MARKER.search(raw, pos)
+                # from pos + 1: the look back may see raw[pos], never a byte before it
+                found = _JPEG_NEXT_MARKER.search(raw, pos + 1)
                 if found is None:
                     break
-                pos = found.end() - 2
+                pos = found.start() - 1  # the marker's 0xFF
     return JpegLayout(scans, segments, stray)
 
 
@@ -411,6 +414,14 @@ def pixels_image(pixels: np.ndarray) -> Image.Image:
 DTYPES = {"uint8": np.dtype("u1"), "float32": np.dtype("<f4")}
 
 
+def shape_text(shape: Sequence[int]) -> str:
+    """A tensor's shape for a message: whole up to four dimensions, else its start and its
+    length (a caller's shape of millions of entries was quoted whole, megabytes of text)."""
+    if len(shape) <= 4:
+        return str([int(d) for d in shape])
+    return f"[{', '.join(str(int(d)) for d in shape[:3])}, ...] ({len(shape)} dimensions)"
+
+
 def decode_tensor(raw: bytes, spec: InputSpec) -> np.ndarray:
     """Serialized ``robustgate.v1.Tensor`` -> ``[C, H, W]``: uint8 as sent, or float32 in [0, 1]."""
     if len(raw) > spec.max_bytes + 1024:
@@ -424,15 +435,17 @@ def decode_tensor(raw: bytes, spec: InputSpec) -> np.ndarray:
 
 def tensor_array(t: probe_pb2.Tensor, spec: InputSpec) -> np.ndarray:
     """A parsed ``robustgate.v1.Tensor`` -> ``[C, H, W]``, checked as :func:`decode_tensor` does."""
+    want = [spec.channels, spec.h, spec.w]
+    if len(t.shape) not in (2, 3):  # before any copy of a shape that may hold millions
+        raise InputError(f"tensor shape {shape_text(t.shape)}; the model takes {want} (or [H, W] for one channel)")
     shape = list(t.shape)
     if len(shape) == 2:
         shape = [1, *shape]
-    want = [spec.channels, spec.h, spec.w]
     if shape != want:
-        raise InputError(f"tensor shape {list(t.shape)}; the model takes {want} (or [H, W] for one channel)")
+        raise InputError(f"tensor shape {shape_text(t.shape)}; the model takes {want} (or [H, W] for one channel)")
     dtype = DTYPES.get(t.dtype)
     if dtype is None:
-        raise InputError(f"tensor dtype {t.dtype!r} is not supported; use 'uint8' or 'float32'")
+        raise InputError(f"tensor dtype {t.dtype[:32]!r} is not supported; use 'uint8' or 'float32'")
     n = int(np.prod(shape))
     if len(t.data) != n * dtype.itemsize:
         raise InputError(f"tensor data is {len(t.data)} bytes; shape {shape} {t.dtype} needs {n * dtype.itemsize}")

@@ -257,6 +257,41 @@ def test_jpeg_scans_are_counted_as_a_decoder_meets_them() -> None:
     assert jpeg_layout(padded) == replace(jpeg_layout(many_scans_jpeg(3)), stray=5)
 
 
+_SCAN_BYTES = st.lists(st.sampled_from([b"\xff", b"\x00", b"\xd0", b"\xd7", b"\xd9", b"\xda", b"\x41"]),
+                      max_size=64).map(b"".join)
+
+
+@given(_SCAN_BYTES, st.integers(0, 64))
+def test_a_scans_end_is_the_marker_a_decoder_stops_at(raw: bytes, pos: int) -> None:
+    """The scan-end search (linear, by the code byte after a 0xFF) finds the marker the plain
+    pattern ``\\xff+`` + code byte finds: its last 0xFF, from the scan's start on."""
+    import re
+
+    from handlers.decode import _JPEG_NEXT_MARKER
+
+    plain = re.compile(rb"\xff+[^\x00\xd0-\xd7\xff]").search(raw, pos)
+    found = _JPEG_NEXT_MARKER.search(raw, pos + 1)
+    assert (found.start() - 1 if found else None) == (plain.end() - 2 if plain else None)
+
+
+def test_a_scan_of_fill_bytes_is_read_in_linear_time() -> None:
+    """A JPEG whose scan data is one long run of 0xFF (then 00) was read in quadratic time
+    before any limit applied: 64 KiB held the gateway's event loop 17 s, 4 MiB would have
+    taken about a day. A megabyte of it must be refused in well under the 30 s given."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("from service.decode import InputSpec, Limits, decode_image\n"
+            "from service.errors import InvalidInput\n"
+            "raw = b'\\xff\\xd8\\xff\\xda\\x00\\x02' + b'\\xff' * (1 << 20) + b'\\x00'\n"
+            "try:\n    decode_image(raw, InputSpec(), Limits())\n"
+            "except InvalidInput as e:\n    print('refused:', e)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0 and done.stdout.startswith("refused:"), done.stderr[-2000:]
+
+
 def test_a_jpeg_or_png_whose_layout_costs_more_than_its_pixels_is_refused_and_an_ordinary_one_is_not() -> None:
     """Pillow parses a JPEG's header and a PNG's chunks in Python and inflates every compressed
     PNG chunk it meets: a small file of many segments, padding or ICC profiles held it seconds.
@@ -305,3 +340,26 @@ def test_a_jpeg_of_many_scans_is_refused_before_its_decode_and_one_at_the_limit_
     assert decode_image(many_scans_jpeg(extra), SPEC, LIMITS).shape == (1, 28, 28)
     with pytest.raises(InvalidInput, match=f"more than {MAX_JPEG_SCANS} scans"):
         decode_image(many_scans_jpeg(extra + 1), SPEC, LIMITS)
+
+
+def test_a_tensor_shape_of_millions_of_entries_is_refused_by_its_length_and_quoted_short() -> None:
+    """A Tensor whose shape field holds millions of entries (4 MiB on the wire) was converted
+    entry by entry and quoted whole: 0.6 s of the event loop and a 12 MB message per request.
+    Its number of dimensions refuses it first; the message quotes its start."""
+    from handlers.decode import InputError
+    from handlers.decode import InputSpec as CardSpec
+    from handlers.decode import tensor_array
+    from robustgate.v1 import probe_pb2
+
+    huge = probe_pb2.Tensor(shape=[1] * 2_000_000, dtype="uint8", data=bytes(784))
+    with pytest.raises(InvalidInput) as gateway:
+        decode_tensor(huge.shape, "uint8", huge.data, InputSpec())
+    with pytest.raises(InputError) as handler:
+        tensor_array(huge, CardSpec(mode="L", h=28, w=28, max_bytes=1 << 20, max_pixels=1 << 20))
+    for err in (gateway.value, handler.value):
+        assert "[1, 1, 1, ...] (2000000 dimensions)" in str(err) and len(str(err)) < 200, str(err)[:300]
+    with pytest.raises(InvalidInput, match=r"tensor shape \[1, 2, 28, 28\] does not match"):
+        decode_tensor([1, 2, 28, 28], "uint8", bytes(784), InputSpec())  # short shapes: whole
+    with pytest.raises(InvalidInput) as long_dtype:
+        decode_tensor([28, 28], "x" * 100_000, bytes(784), InputSpec())
+    assert len(str(long_dtype.value)) < 200
