@@ -26,7 +26,7 @@ def to_domain(req: pb.ClassifyRequest) -> ClassifyInput:
     which = req.WhichOneof("input")
     tensor = None
     if which == "tensor":
-        tensor = RawTensor(tuple(req.tensor.shape), req.tensor.dtype, req.tensor.data)
+        tensor = RawTensor(req.tensor.shape, req.tensor.dtype, req.tensor.data)  # not copied: decode checks its length first
     return ClassifyInput(
         model=req.model,
         version=req.version,

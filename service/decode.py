@@ -15,12 +15,13 @@ the model unchanged).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
-from handlers.decode import image_array, load_pixels, pixels_image
+from handlers.decode import image_array, load_pixels, pixels_image, shape_text
 from service.errors import InvalidInput
 
 # Register PIL's PNG and JPEG decoders now: left to the first Image.open, their imports added
@@ -75,16 +76,18 @@ _DTYPES = {"uint8": np.dtype("<u1"), "float32": np.dtype("<f4")}
 TENSOR_DTYPES = tuple(_DTYPES)
 
 
-def decode_tensor(shape: list[int], dtype: str, data: bytes, spec: InputSpec) -> np.ndarray:
+def decode_tensor(shape: Sequence[int], dtype: str, data: bytes, spec: InputSpec) -> np.ndarray:
     """A raw tensor ([H, W] or [C, H, W], uint8 0..255 or float32 0..1) -> ``[C, H, W]``."""
     if dtype not in _DTYPES:
-        raise InvalidInput(f"tensor dtype {dtype!r} is not supported; use uint8 or float32")
+        raise InvalidInput(f"tensor dtype {dtype[:32]!r} is not supported; use uint8 or float32")
     want = (spec.channels, spec.height, spec.width)
+    if len(shape) not in (2, 3):  # before any copy of a shape that may hold millions
+        raise InvalidInput(f"tensor shape {shape_text(shape)} does not match the model input {list(want)}")
     dims = tuple(int(d) for d in shape)
     if dims == want[1:] and spec.channels == 1:
         dims = want
     if dims != want:
-        raise InvalidInput(f"tensor shape {list(shape)} does not match the model input {list(want)}")
+        raise InvalidInput(f"tensor shape {shape_text(shape)} does not match the model input {list(want)}")
     dt = _DTYPES[dtype]
     expected = math.prod(dims) * dt.itemsize
     if len(data) != expected:

@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import hmac
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,7 +40,7 @@ _INLINE_DECODE_PIXELS = 256 * 256
 
 @dataclass(frozen=True)
 class RawTensor:
-    shape: tuple[int, ...]
+    shape: Sequence[int]  # the request's own field: a caller's may hold millions of entries
     dtype: str
     data: bytes
 
@@ -138,7 +139,7 @@ class Pipeline:
             return await asyncio.to_thread(decode_image, req.image, model.input, self.limits)
         if req.tensor is not None:
             t = req.tensor
-            return decode_tensor(list(t.shape), t.dtype, t.data, model.input)
+            return decode_tensor(t.shape, t.dtype, t.data, model.input)
         raise InvalidInput("request has no image: set image (PNG/JPEG bytes) or tensor")
 
     async def classify(self, req: ClassifyInput, deadline: float) -> ClassifyResult:
