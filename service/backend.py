@@ -260,12 +260,13 @@ class TorchServeBackend:
         try:
             results = probe_pb2.ProbeBatchResult.FromString(raw).results
         except Exception as e:
-            log.error("backend answered an undecodable ProbeBatchResult: %s", e)
+            _throttled.log(logging.ERROR, "undecodable batch", "backend answered an undecodable ProbeBatchResult: %s", e)
             raise BackendUnavailable("backend answered an undecodable result") from None
         if len(results) == 1 != len(items) and results[0].HasField("error"):
             _checked(results[0])  # the handler refused the batch whole: raises its error for the call
         if len(results) != len(items):
-            log.error("backend answered %d results for %d items", len(results), len(items))
+            _throttled.log(logging.ERROR, "result count", "backend answered %d results for %d items",
+                           len(results), len(items))
             raise BackendUnavailable("backend answered an undecodable result")
         self._worker_time(model_name, max(r.worker_seconds for r in results))
         outs: list[ProbeOutput | GatewayError] = []
@@ -284,5 +285,5 @@ def _checked(raw: bytes | probe_pb2.ProbeResult) -> ProbeOutput:
     except GatewayError:
         raise
     except Exception as e:
-        log.error("backend answered an undecodable ProbeResult: %s", e)
+        _throttled.log(logging.ERROR, "undecodable result", "backend answered an undecodable ProbeResult: %s", e)
         raise BackendUnavailable("backend answered an undecodable result") from None

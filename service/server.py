@@ -90,6 +90,14 @@ def status_of(err: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
 
 
+def _log_unexpected(err: BaseException, what: str) -> None:
+    """The traceback of an error no domain error names (a bug: answered INTERNAL with a fixed
+    message). A domain error answered INTERNAL (BackendRefused, a deployment fault) was logged
+    where it arose, throttled: a traceback per request would be thousands of lines a second."""
+    if not isinstance(err, GatewayError):
+        log.error(what, exc_info=err)
+
+
 class Connection:
     """One client connection's requests in flight (gRPC names a connection by its peer address
     and port), and the streams that wait for room among them."""
@@ -270,8 +278,7 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
 
     async def _fail(self, context: grpc.aio.ServicerContext, err: BaseException) -> None:
         code, message = status_of(err)
-        if code is grpc.StatusCode.INTERNAL:
-            log.error("unexpected error", exc_info=err)
+        _log_unexpected(err, "unexpected error")
         await context.abort(code, message)
 
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
@@ -298,8 +305,7 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
         except Exception as e:
             self._count_error(request, e)
             code, message = status_of(e)
-            if code is grpc.StatusCode.INTERNAL:
-                log.error("unexpected error on stream", exc_info=e)
+            _log_unexpected(e, "unexpected error on stream")
             echo = request.request_id if len(request.request_id) <= convert.MAX_REQUEST_ID_CHARS else ""  # refused for it
             return pb.ClassifyStreamResponse(request_id=echo, error=pb.StreamError(code=code.value[0], message=message))
 
@@ -313,6 +319,13 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
         with self.admission.connection(context.peer()) as connection:
             window = asyncio.Semaphore(self.settings.stream_window)
             pending: asyncio.Queue[asyncio.Task[pb.ClassifyStreamResponse] | None] = asyncio.Queue()
+            # Items whose task has not run its first step: one cancelled then never runs its
+            # body (where a cancelled item is counted); it was read, so it is counted at the end.
+            unstarted: dict[asyncio.Task[pb.ClassifyStreamResponse], pb.ClassifyRequest] = {}
+
+            async def answer_of(request: pb.ClassifyRequest) -> pb.ClassifyStreamResponse:
+                unstarted.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+                return await self._stream_answer(request, context)
 
             async def read() -> None:
                 try:
@@ -324,7 +337,8 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
                         except asyncio.CancelledError:  # read, never started: a request all the same
                             self._count(item.request, cut_short_code(context))
                             raise
-                        answer = asyncio.create_task(self._stream_answer(item.request, context))
+                        answer = asyncio.create_task(answer_of(item.request))
+                        unstarted[answer] = item.request
                         if connection is not None:
                             connection.hold(answer)
                         pending.put_nowait(answer)
@@ -352,6 +366,8 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
                 for t in left:
                     t.cancel()
                 await asyncio.gather(*left, return_exceptions=True)
+                for request in unstarted.values():
+                    self._count(request, cut_short_code(context))
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(

@@ -1,0 +1,126 @@
+"""The servicer's error and stream bookkeeping, with a stand-in pipeline and context: what
+reaches the log and the request counter on paths a real server reaches only by timing."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import types
+
+import grpc
+import pytest
+
+from robustgate.v1 import classifier_pb2 as pb
+from service.backend import refusal
+from service.metrics import Metrics
+from service.server import Admission, ClassifierServicer
+
+
+class Aborted(Exception):
+    pass
+
+
+class Context:
+    """What the servicer reads of a grpc.aio context."""
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:5000"
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    def invocation_metadata(self) -> tuple:
+        return ()
+
+    async def abort(self, code: grpc.StatusCode, message: str) -> None:
+        raise Aborted(code, message)
+
+
+def servicer(pipeline: object, metrics: Metrics, window: int = 4) -> ClassifierServicer:
+    registry = types.SimpleNamespace(all=lambda: [types.SimpleNamespace(name="m")])
+    settings = types.SimpleNamespace(stream_window=window, request_timeout_s=10.0)
+    return ClassifierServicer(pipeline, registry, settings, Admission(100, metrics), metrics)  # type: ignore[arg-type]
+
+
+def counted(metrics: Metrics) -> dict[str, float]:
+    return {s.labels["code"]: s.value for fam in metrics.requests.collect() for s in fam.samples
+            if s.name.endswith("_total")}
+
+
+def test_a_deployment_fault_is_logged_throttled_not_with_a_traceback_per_request(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The handler refusing the gateway's plans (gateway and archives disagree) fails every
+    request INTERNAL. The backend logs it once per 10 s; the servicer also logged a traceback
+    per request ("unexpected error"), thousands of lines a second under load."""
+
+    class Refused:
+        async def classify(self, request: object, deadline: float) -> None:
+            raise refusal("bad plan: noise.count over max_batch_rows")
+
+    from service import backend
+    from service.ratelog import Throttle
+
+    monkeypatch.setattr(backend, "_throttled", Throttle(backend.log))  # none held from other tests
+    metrics = Metrics()
+    sv = servicer(Refused(), metrics)
+
+    async def calls() -> list[tuple]:
+        answers = []
+        for _ in range(200):
+            with pytest.raises(Aborted) as err:
+                await sv.Classify(pb.ClassifyRequest(model="m", image=b"x"), Context())
+            answers.append(err.value.args)
+        return answers
+
+    with caplog.at_level(logging.INFO):
+        answers = asyncio.run(calls())
+    assert {a[0] for a in answers} == {grpc.StatusCode.INTERNAL}
+    assert "refused the gate's probe plan" in answers[0][1] and "max_batch_rows" not in answers[0][1]
+    assert counted(metrics) == {"INTERNAL": 200.0}
+    refusals = [r for r in caplog.records if "refused a probe plan" in r.getMessage()]
+    assert len(refusals) == 1, [r.getMessage() for r in caplog.records][:5]
+    assert not [r for r in caplog.records if r.exc_info], "a traceback per request"
+
+
+def test_a_bug_still_logs_its_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    class Broken:
+        async def classify(self, request: object, deadline: float) -> None:
+            raise KeyError("internal detail")
+
+    with caplog.at_level(logging.INFO), pytest.raises(Aborted) as err:
+        asyncio.run(servicer(Broken(), Metrics()).Classify(pb.ClassifyRequest(model="m", image=b"x"), Context()))
+    assert err.value.args[0] is grpc.StatusCode.INTERNAL and "internal detail" not in err.value.args[1]
+    assert [r for r in caplog.records if r.exc_info and "unexpected error" in r.getMessage()]
+
+
+def test_a_stream_item_cancelled_before_it_started_is_still_counted() -> None:
+    """Every item read from a stream is a request in the counter. One whose task the stream's
+    end cancelled before its first step never ran the code that counts a cancelled item:
+    here the caller leaves while the second item is being read."""
+
+    class Slow:
+        async def classify(self, request: object, deadline: float) -> None:
+            await asyncio.Event().wait()  # never answers: the caller leaves first
+
+    metrics = Metrics()
+    sv = servicer(Slow(), metrics)
+
+    async def run() -> None:
+        consumer: asyncio.Task | None = None
+
+        async def items():
+            yield pb.ClassifyStreamRequest(request=pb.ClassifyRequest(model="m", request_id="0", image=b"x"))
+            assert consumer is not None
+            consumer.cancel()  # the caller leaves: its stream ends as the next item is read
+            yield pb.ClassifyStreamRequest(request=pb.ClassifyRequest(model="m", request_id="1", image=b"x"))
+
+        async def consume() -> None:
+            async for _ in sv.ClassifyStream(items(), Context()):
+                pass
+
+        consumer = asyncio.create_task(consume())
+        with pytest.raises(asyncio.CancelledError):
+            await consumer
+
+    asyncio.run(run())
+    assert counted(metrics) == {"CANCELLED": 2.0}
