@@ -113,7 +113,7 @@ class Coalescer:
         self.config = config
         self._metrics = metrics  # service.metrics.Metrics or None
         self._lanes: dict[tuple[str, str], _Lane] = {}
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: dict[asyncio.Task, list[_Waiting]] = {}  # each call in flight: its requests
 
     async def probe(self, model_name: str, image: np.ndarray, plan: probe_pb2.ProbePlan | None,
                     timeout_s: float, version: str = "") -> ProbeOutput:
@@ -182,13 +182,13 @@ class Coalescer:
             return
         lane.inflight += 1
         task = asyncio.get_running_loop().create_task(self._send(key, live))
-        self._tasks.add(task)
+        self._tasks[task] = live
         task.add_done_callback(functools.partial(self._call_done, key, live))
 
     def _call_done(self, key: tuple[str, str], batch: list[_Waiting], task: asyncio.Task) -> None:
         """However the call ended (answered, failed, cancelled before it ran): count it back,
         answer any caller it left waiting, and let held requests leave."""
-        self._tasks.discard(task)
+        self._tasks.pop(task, None)
         for w in batch:
             if not w.future.done():
                 w.future.set_exception(BackendUnavailable("backend is unavailable"))
@@ -233,12 +233,16 @@ class Coalescer:
                 w.future.set_result(out)
 
     async def _one_by_one(self, model_name: str, batch: list[_Waiting], version: str) -> list[ProbeOutput | GatewayError]:
-        now = time.monotonic()
+        """Each request of a refused batch on its own, at most ``max_calls`` at a time (the
+        lane counts this as one call: all at once, a batch of 32 was 32 calls in flight)."""
+        room = asyncio.Semaphore(self.config.max_calls or len(batch))
 
         async def one(w: _Waiting) -> ProbeOutput | GatewayError:
-            if w.future.done() or w.deadline <= now:  # gone, or out of time: not sent
-                return DeadlineExceeded("deadline exceeded while waiting for the backend")
-            return await self._plain(model_name, w, w.deadline - now, version)
+            async with room:
+                now = time.monotonic()
+                if w.future.done() or w.deadline <= now:  # gone, or out of time: not sent
+                    return DeadlineExceeded("deadline exceeded while waiting for the backend")
+                return await self._plain(model_name, w, w.deadline - now, version)
 
         return list(await asyncio.gather(*(one(w) for w in batch)))
 
@@ -249,7 +253,9 @@ class Coalescer:
             return e
 
     async def close(self) -> None:
-        """Let the calls in flight finish (their callers are waiting for them)."""
+        """Let the calls in flight finish where a caller still waits for them; a call every
+        caller of which has gone (the server's stop cancelled them) is cancelled, so the drain
+        does not wait up to a backend timeout for answers nobody reads."""
         for lane in self._lanes.values():
             if lane.timer is not None:
                 lane.timer.cancel()
@@ -258,5 +264,8 @@ class Coalescer:
             if lane.waiting:
                 self._flush(key)
         while self._tasks:  # a finishing call may start the next batch
+            for task, batch in list(self._tasks.items()):
+                if all(w.future.done() for w in batch):
+                    task.cancel()
             # shielded: a cancelled close() must not cancel the calls callers are waiting on
             await asyncio.shield(asyncio.gather(*list(self._tasks), return_exceptions=True))

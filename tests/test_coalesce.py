@@ -399,6 +399,70 @@ def test_a_call_refused_whole_is_sent_again_one_by_one() -> None:
     assert isinstance(outs[2], InvalidInput) and "bad pixel" in str(outs[2])  # its own refusal, alone
 
 
+def test_a_refused_batch_goes_one_by_one_within_the_call_limit() -> None:
+    """The requests of a refused batch went to TorchServe all at once (a batch of 32: 32 calls
+    in flight, while the lane counted one); now at most max_calls at a time, each answered."""
+    class Refusing(ScriptedBackend):
+        def __init__(self) -> None:
+            super().__init__(delay_s=0.01)
+            self.open = self.peak = 0
+
+        async def probe_batch(self, model_name, items, timeout_s, version=""):
+            raise refusal("batch has 8 items; the limit is 1")
+
+        async def probe(self, *args, **kwargs):
+            self.open += 1
+            self.peak = max(self.peak, self.open)
+            try:
+                return await super().probe(*args, **kwargs)
+            finally:
+                self.open -= 1
+
+    async def main():
+        backend = Refusing()
+        c = Coalescer(backend, CoalesceConfig(max_batch=8, max_wait_ms=60_000, max_calls=2))
+        outs = await asyncio.gather(*(c.probe("m", image(i), None, 5.0) for i in range(8)))
+        return backend.peak, outs
+
+    peak, outs = run(main())
+    assert [float(o.logits[0, 0]) for o in outs] == [float(i) for i in range(8)]
+    assert peak == 2
+
+
+def test_close_does_not_wait_for_a_call_whose_callers_have_gone() -> None:
+    """At the server's stop every handler is cancelled, then the coalescer closes: it waited
+    for each call in flight, up to a backend timeout, for answers nobody would read (the
+    worker could be killed before its log and traces were flushed). A call a caller still
+    waits for is still let finish."""
+    class Hung(ScriptedBackend):
+        def __init__(self) -> None:
+            super().__init__(delay_s=0.0)
+            self.release = asyncio.Event()
+
+        async def probe(self, *args, **kwargs):
+            await self.release.wait()
+            return await super().probe(*args, **kwargs)
+
+    async def main():
+        backend = Hung()
+        c = Coalescer(backend, CoalesceConfig(max_batch=8, max_wait_ms=60_000))
+        gone = asyncio.ensure_future(c.probe("m", image(1), None, 60.0))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        await asyncio.gather(gone, return_exceptions=True)
+        await asyncio.wait_for(c.close(), 5)  # nobody waits: not held
+        waiting = asyncio.ensure_future(c.probe("m", image(2), None, 60.0))
+        await asyncio.sleep(0.01)
+        closing = asyncio.ensure_future(c.close())
+        await asyncio.sleep(0.05)
+        held = not closing.done()  # a caller waits: close waits with it
+        backend.release.set()
+        await asyncio.wait_for(closing, 5)
+        return held, float((await waiting).logits[0, 0])
+
+    assert run(main()) == (True, 2.0)
+
+
 def test_a_caller_that_left_is_not_sent() -> None:
     """Held behind a first call that answers only when told (no timer races a slow machine),
     two requests wait for company; one caller leaves; the rest go when the first returns."""
