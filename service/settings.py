@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import math
 import os
 import secrets
@@ -171,6 +172,10 @@ class Settings:
     auth_token: str = ""
     """The bearer token itself (prefer ``auth_token_file``: env and flags show in ``ps``); empty: no check.
     Health and reflection stay open either way, so probes work."""
+    allow_unauthenticated: bool = False
+    """Serve callers without a credential on an address other machines reach. Off: a host that
+    is not loopback (0.0.0.0, a LAN address, a name) needs ``auth_token_file`` /
+    ``auth_token`` or ``tls_client_ca_file``, and the start is refused without one."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # NaN passes every < and <= check below
@@ -210,6 +215,12 @@ class Settings:
             raise ValueError("trace_sample_ratio must be in [0, 1]")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("tls_cert_file and tls_key_file go together")
+        if not (self.auth_token or self.auth_token_file or self.tls_client_ca_file or self.allow_unauthenticated
+                or is_loopback(self.host)):
+            raise ValueError(f"host {self.host} takes calls from other machines and no caller credential is set: "
+                             "set auth_token_file (callers send 'authorization: Bearer <token>') or "
+                             "tls_client_ca_file (mutual TLS), or allow_unauthenticated=true to serve anyone "
+                             "who reaches the port")
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
         if self.worker_timeout_s < 0:
@@ -236,6 +247,18 @@ class Settings:
     def max_image_bytes(self) -> int:
         """The largest encoded image taken: the message limit less a request's other fields."""
         return self.max_message_bytes - REQUEST_ENVELOPE_BYTES
+
+
+def is_loopback(host: str) -> bool:
+    """``host`` is this machine's loopback only ("localhost", 127.0.0.0/8, ::1): unreachable
+    from other machines. A name other than localhost may resolve anywhere: not loopback."""
+    bare = host.strip().strip("[]")
+    if bare == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(bare).is_loopback
+    except ValueError:
+        return False
 
 
 def relay_url_parts(url: str) -> tuple[str, int, str]:

@@ -215,7 +215,7 @@ def test_gpu_requests_equal_limits(overlay: str, docs: tuple[Doc, ...]) -> None:
         assert "nvidia.com/gpu" not in json.dumps(spec), "the cpu overlay asks for no GPU"
 
 
-def test_hpa_bounds_and_target_resolve(docs: tuple[Doc, ...]) -> None:
+def test_hpa_bounds_and_target_resolve(docs: tuple[Doc, ...], overlay: str) -> None:
     hpa, dep = one(docs, "HorizontalPodAutoscaler"), one(docs, "Deployment")
     ref = hpa["spec"]["scaleTargetRef"]
     assert (ref["apiVersion"], ref["kind"], ref["name"]) == ("apps/v1", "Deployment", dep["metadata"]["name"]), \
@@ -226,9 +226,14 @@ def test_hpa_bounds_and_target_resolve(docs: tuple[Doc, ...]) -> None:
     kinds = {m["type"]: m for m in hpa["spec"]["metrics"]}
     assert kinds["Pods"]["pods"]["metric"]["name"] == "robustgate_inflight_requests"
     assert kinds["Pods"]["pods"]["target"]["type"] == "AverageValue"
-    assert kinds["Resource"]["resource"]["name"] == "cpu", "CPU is the fallback metric"
-    for c in pod_spec(docs)["containers"]:  # a Utilization target needs every container's CPU request
-        assert "cpu" in c["resources"]["requests"], c["name"]
+    containers = {c["name"]: c for c in pod_spec(docs)["containers"]}
+    cpu = kinds.get("Resource", {}).get("resource") or kinds.get("ContainerResource", {}).get("containerResource")
+    assert cpu and cpu["name"] == "cpu", "CPU is the fallback metric"
+    # Where the gateway is the bottleneck (GPU: the model runs on the GPU) its own container's
+    # CPU; where the model runs on the pod's CPU too, the pod's.
+    assert cpu.get("container") == ("gateway" if overlay == "gpu" else None), cpu
+    for c in containers.values() if "container" not in cpu else [containers[cpu["container"]]]:
+        assert "cpu" in c["resources"]["requests"], c["name"]  # a Utilization target needs the request
 
 
 def test_pdb_leaves_a_pod_serving(docs: tuple[Doc, ...]) -> None:

@@ -3,6 +3,7 @@ message naming the setting; ``python -m service`` says so in one line, without a
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -41,6 +42,23 @@ from service.settings import REPO, Settings, from_args
 def test_bad_settings_are_refused_by_name(env: dict[str, str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         from_args([], environ=env)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "[::]", "10.0.0.7", "gateway.example.com"])
+def test_an_address_other_machines_reach_needs_a_caller_credential(host: str) -> None:
+    """Security by default: the image sets 0.0.0.0 (a pod's Service reaches it there); run
+    outside Kubernetes without a token, every machine that reached the port could classify.
+    Refused unless a credential is set or the operator says so in as many words."""
+    with pytest.raises(ValueError, match=rf"host {re.escape(host)} takes calls from other machines"):
+        from_args([], environ={"ROBUSTGATE_HOST": host})
+    assert from_args([], environ={"ROBUSTGATE_HOST": host, "ROBUSTGATE_AUTH_TOKEN_FILE": "/run/token"}).host == host
+    assert from_args([], environ={"ROBUSTGATE_HOST": host, "ROBUSTGATE_AUTH_TOKEN": "t"}).host == host
+    assert from_args(["--allow-unauthenticated", "true"], environ={"ROBUSTGATE_HOST": host}).allow_unauthenticated
+    mtls = {"ROBUSTGATE_HOST": host, "ROBUSTGATE_TLS_CERT_FILE": "c.pem", "ROBUSTGATE_TLS_KEY_FILE": "k.pem",
+            "ROBUSTGATE_TLS_CLIENT_CA_FILE": "ca.pem"}
+    assert from_args([], environ=mtls).host == host
+    for loopback in ("127.0.0.1", "127.0.0.2", "localhost", "::1", "[::1]"):
+        assert from_args([], environ={"ROBUSTGATE_HOST": loopback}).host == loopback
 
 
 def test_edges_and_spellings_that_are_accepted() -> None:
