@@ -25,10 +25,12 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 HANDLERS_DIR = REPO / "handlers"
@@ -360,14 +362,31 @@ _DEFERRED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT, SIGTERM and SIGHUP for this thread until the block ends; one that came
-    meanwhile is delivered then (KeyboardInterrupt after the block, not in the middle of it).
-    SIGKILL and a power cut are not held: the next build of the model repairs its files."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED)
+    """Hold SIGINT, SIGTERM and SIGHUP until the block ends; one that came meanwhile is
+    raised again then, to the handler it would have met (KeyboardInterrupt after the block,
+    a default SIGTERM ending the process after it, not in the middle of it).
+
+    By replacing the handlers, not by a signal mask: a mask holds a signal for the calling
+    thread only, and the kernel hands a process's signal to any thread not masking it (torch
+    and gRPC keep threads: a build or a calibration is never single-threaded). Python runs
+    every handler in the main thread; called from another thread, the block is not guarded.
+    SIGKILL and a power cut are not held either: the next build of the model repairs its files."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous: dict[int, Any] = {}
     try:
+        for sig in _DEFERRED:
+            handler = signal.getsignal(sig)
+            signal.signal(sig, lambda signum, _frame: caught.append(signum))
+            previous[sig] = signal.SIG_DFL if handler is None else handler  # None: set outside Python
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(caught):
+            signal.raise_signal(sig)
 
 
 def _read_entries(path: Path) -> dict[str, str]:

@@ -40,13 +40,14 @@ EOF
   echo "lock: wrote $out ($(grep -c -- '--hash=' "$out") packages)"
 }
 
-deps() {  # deps KEY: pyproject's pins ("runtime": [project] dependencies; "dev": both)
+deps() {  # deps KEY: pyproject's pins ("runtime": [project] dependencies; "dev": both, and
+  # the build backend, which setup.sh's `pip install --no-build-isolation -e .` uses)
   "$py" - "$1" <<'EOF'
 import sys, tomllib
-project = tomllib.load(open("pyproject.toml", "rb"))["project"]
-pins = list(project["dependencies"])
+pyproject = tomllib.load(open("pyproject.toml", "rb"))
+pins = list(pyproject["project"]["dependencies"])
 if sys.argv[1] == "dev":
-    pins += project["optional-dependencies"]["dev"]
+    pins += pyproject["project"]["optional-dependencies"]["dev"] + pyproject["build-system"]["requires"]
 print("\n".join(pins))
 EOF
 }

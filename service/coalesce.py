@@ -105,6 +105,7 @@ class _Lane:
     nbytes: int = 0
     inflight: int = 0
     timer: asyncio.TimerHandle | None = None
+    fallback: asyncio.Semaphore | None = None  # refused batches' requests, one by one: max_calls at a time
 
 
 class Coalescer:
@@ -218,7 +219,7 @@ class Coalescer:
                     # that against archives that state their limit): each request on its own.
                     _throttled.log(logging.ERROR, "batch refused",
                                    "TorchServe refused a coalesced call of %d requests; sent one by one", len(batch))
-                    outs = await self._one_by_one(model_name, batch, version)
+                    outs = await self._one_by_one(self._lanes[key], model_name, batch, version)
         except GatewayError as e:
             outs = [e] * len(batch)
         except Exception:  # never leave a caller hanging on a bug
@@ -232,13 +233,16 @@ class Coalescer:
             else:
                 w.future.set_result(out)
 
-    async def _one_by_one(self, model_name: str, batch: list[_Waiting], version: str) -> list[ProbeOutput | GatewayError]:
-        """Each request of a refused batch on its own, at most ``max_calls`` at a time (the
-        lane counts this as one call: all at once, a batch of 32 was 32 calls in flight)."""
-        room = asyncio.Semaphore(self.config.max_calls or len(batch))
+    async def _one_by_one(self, lane: _Lane, model_name: str, batch: list[_Waiting],
+                          version: str) -> list[ProbeOutput | GatewayError]:
+        """Each request of a refused batch on its own, at most ``max_calls`` at a time for the
+        lane, whatever number of its batches were refused at once (the lane counts a batch as
+        one call: sent all at once, a batch of 32 was 32 calls in flight)."""
+        if lane.fallback is None:
+            lane.fallback = asyncio.Semaphore(self.config.max_calls or HANDLER_MAX_BATCH_ITEMS)
 
         async def one(w: _Waiting) -> ProbeOutput | GatewayError:
-            async with room:
+            async with lane.fallback:
                 now = time.monotonic()
                 if w.future.done() or w.deadline <= now:  # gone, or out of time: not sent
                     return DeadlineExceeded("deadline exceeded while waiting for the backend")

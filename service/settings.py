@@ -25,10 +25,11 @@ MAX_WORKERS = 64
 # OverflowError traceback, or left the health probe failing for good.
 MAX_MESSAGE_BYTES = 2**31 - 1
 MAX_DURATION_S = (2**31 - 1) // 1000
-# A request's fields besides its image (model, version, request id of at most 256 characters,
-# top_k, certify, protobuf's tags and lengths): the image limit is the message limit less this,
-# so an image at the limit GetModel states still fits in a message gRPC takes.
-REQUEST_ENVELOPE_BYTES = 1024
+# A request's fields besides its image (a request id of at most 256 characters, up to 1 KiB in
+# UTF-8; the model's name and version; top_k, certify; protobuf's tags and lengths, a stream
+# item's wrapper): the image limit is the message limit less this, so an image at the limit
+# GetModel states still fits in a message gRPC takes.
+REQUEST_ENVELOPE_BYTES = 2048
 # ROBUSTGATE_* variables that are not the gateway's settings but read beside it (the image's
 # entrypoint, scripts/run.sh); any other unknown name is refused as a likely typo.
 OTHER_ENV = frozenset({"ROBUSTGATE_POLICY_DIR", "ROBUSTGATE_KEY_FILE_WAIT_S", "ROBUSTGATE_MODEL"})

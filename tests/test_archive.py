@@ -560,6 +560,9 @@ from model_store import archive
 
 store = Path(sys.argv[1])
 model = store / "m"
+if sys.argv[3] == "threads":  # as a build (torch's pool) or a calibration (gRPC's) is
+    import threading
+    threading.Thread(target=threading.Event().wait, daemon=True).start()
 
 def move_in():
     (model / "model.pt").write_bytes(b"new weights")
@@ -574,17 +577,20 @@ except KeyboardInterrupt:
 """
 
 
+@pytest.mark.parametrize("threads", ["one thread", "threads"])
 @pytest.mark.parametrize("sig", ["INT", "TERM"])
-def test_an_interrupt_during_a_change_waits_for_its_record(tmp_path: Path, sig: str) -> None:
+def test_an_interrupt_during_a_change_waits_for_its_record(tmp_path: Path, sig: str, threads: str) -> None:
     """Ctrl-C or SIGTERM while a change moves in (a build's move, a policy's write) is held
     until the manifest records it: the store still verifies, then the process stops as asked.
-    Delivered at once, it left the new files under the old digests."""
+    Delivered at once, it left the new files under the old digests. With another thread
+    running (a build's, a calibration's), a signal mask on the main thread held nothing: the
+    kernel handed the signal to the other thread."""
     store = tmp_path / "store"
     (store / "m").mkdir(parents=True)
     (store / "m" / "model.pt").write_bytes(b"old weights")
     (store / "m" / "card.json").write_text("{}")
     archive.write_manifest(store)
-    done = subprocess.run([sys.executable, "-c", _INTERRUPTED_CHANGE, str(store), sig],
+    done = subprocess.run([sys.executable, "-c", _INTERRUPTED_CHANGE, str(store), sig, threads],
                           capture_output=True, text=True, timeout=60, cwd=Path(archive.__file__).parents[1])
     if sig == "INT":
         assert done.returncode != 0 and "interrupted after the change" in done.stdout, done.stderr[-2000:]

@@ -57,6 +57,18 @@ class ScriptedBackend:
         return [self._answer(image) for image, _ in items]
 
 
+class HeldBackend(ScriptedBackend):
+    """Answers a plain call only once ``release`` is set: no timer races a slow machine."""
+
+    def __init__(self) -> None:
+        super().__init__(delay_s=0.0)
+        self.release = asyncio.Event()
+
+    async def probe(self, *args, **kwargs):
+        await self.release.wait()
+        return await super().probe(*args, **kwargs)
+
+
 def image(i: int, bad: bool = False) -> np.ndarray:
     a = np.zeros((1, 28, 28), np.uint8)
     a.flat[1] = i
@@ -401,7 +413,8 @@ def test_a_call_refused_whole_is_sent_again_one_by_one() -> None:
 
 def test_a_refused_batch_goes_one_by_one_within_the_call_limit() -> None:
     """The requests of a refused batch went to TorchServe all at once (a batch of 32: 32 calls
-    in flight, while the lane counted one); now at most max_calls at a time, each answered."""
+    in flight, while the lane counted one); now at most max_calls at a time for the lane,
+    however many batches were refused together, each answered."""
     class Refusing(ScriptedBackend):
         def __init__(self) -> None:
             super().__init__(delay_s=0.01)
@@ -420,12 +433,13 @@ def test_a_refused_batch_goes_one_by_one_within_the_call_limit() -> None:
 
     async def main():
         backend = Refusing()
-        c = Coalescer(backend, CoalesceConfig(max_batch=8, max_wait_ms=60_000, max_calls=2))
-        outs = await asyncio.gather(*(c.probe("m", image(i), None, 5.0) for i in range(8)))
+        c = Coalescer(backend, CoalesceConfig(max_batch=4, max_wait_ms=60_000, max_calls=2))
+        # 48 callers: full batches leave at once, several refused together
+        outs = await asyncio.gather(*(c.probe("m", image(i), None, 5.0) for i in range(48)))
         return backend.peak, outs
 
     peak, outs = run(main())
-    assert [float(o.logits[0, 0]) for o in outs] == [float(i) for i in range(8)]
+    assert [float(o.logits[0, 0]) for o in outs] == [float(i) for i in range(48)]
     assert peak == 2
 
 
@@ -434,17 +448,8 @@ def test_close_does_not_wait_for_a_call_whose_callers_have_gone() -> None:
     for each call in flight, up to a backend timeout, for answers nobody would read (the
     worker could be killed before its log and traces were flushed). A call a caller still
     waits for is still let finish."""
-    class Hung(ScriptedBackend):
-        def __init__(self) -> None:
-            super().__init__(delay_s=0.0)
-            self.release = asyncio.Event()
-
-        async def probe(self, *args, **kwargs):
-            await self.release.wait()
-            return await super().probe(*args, **kwargs)
-
     async def main():
-        backend = Hung()
+        backend = HeldBackend()
         c = Coalescer(backend, CoalesceConfig(max_batch=8, max_wait_ms=60_000))
         gone = asyncio.ensure_future(c.probe("m", image(1), None, 60.0))
         await asyncio.sleep(0.01)
@@ -466,17 +471,8 @@ def test_close_does_not_wait_for_a_call_whose_callers_have_gone() -> None:
 def test_a_caller_that_left_is_not_sent() -> None:
     """Held behind a first call that answers only when told (no timer races a slow machine),
     two requests wait for company; one caller leaves; the rest go when the first returns."""
-    class Held(ScriptedBackend):
-        def __init__(self) -> None:
-            super().__init__(delay_s=0.0)
-            self.release = asyncio.Event()
-
-        async def probe(self, *args, **kwargs):
-            await self.release.wait()
-            return await super().probe(*args, **kwargs)
-
     async def main():
-        backend = Held()
+        backend = HeldBackend()
         c = Coalescer(backend, CoalesceConfig(max_batch=8, max_wait_ms=60_000))
         first = await occupy(c)
         gone = asyncio.ensure_future(c.probe("m", image(2), None, 5.0))

@@ -211,6 +211,16 @@ def test_lock_agrees_with_pyproject(lock: Path, groups: tuple[str, ...]) -> None
             f"{name}: pyproject {version}, {lock.name} {pins[name][0]}: run scripts/lock.sh"
 
 
+def test_dev_lock_holds_the_build_backend() -> None:
+    """setup.sh installs the project with --no-build-isolation: the build backend comes from
+    the lock (scripts/lock.sh resolves [build-system] requires), not from a fresh download."""
+    pins = _lock_pins(DEV_LOCK)
+    requires = tomllib.loads((REPO / "pyproject.toml").read_text())["build-system"]["requires"]
+    for req in requires:
+        name = re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9_.\-]+", req).group(0)).lower()
+        assert name in pins, f"{name} (build-system requires) is missing from requirements-dev.lock: run scripts/lock.sh"
+
+
 def test_dev_lock_holds_the_runtime_lock() -> None:
     """The tests run on the image's versions: every runtime pin, same version, same file."""
     runtime, dev = _lock_pins(LOCK), _lock_pins(DEV_LOCK)

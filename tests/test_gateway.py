@@ -612,13 +612,14 @@ def test_list_and_get_model(client: Client) -> None:
 
 def test_an_image_at_the_stated_limit_is_read_one_byte_more_is_refused(client: Client) -> None:
     """GetModel's max_image_bytes is a promise: an image of that size, in a request with a
-    request id of the longest kind, reaches the decoder (these bytes are no image); one byte
-    more is refused by the decoder, saying the limit. It stated the message limit, which an
-    image that size cannot fit beside the request's other fields (gRPC refused it)."""
+    request id of the longest kind (256 characters of 4 bytes each in UTF-8), reaches the
+    decoder (these bytes are no image); one byte more is refused by the decoder, saying the
+    limit. It stated the message limit, which an image that size cannot fit beside the
+    request's other fields (gRPC refused it)."""
     limit = client.get_model("fmnist-cnn").input.max_image_bytes
     assert limit > 0
     for size, wanted in ((limit, "neither PNG nor JPEG"), (limit + 1, f"the limit is {limit}")):
-        request = pb.ClassifyRequest(model="fmnist-cnn", image=b"\x01" * size, request_id="r" * 256)
+        request = pb.ClassifyRequest(model="fmnist-cnn", image=b"\x01" * size, request_id="\U0001f600" * 256)
         with pytest.raises(grpc.RpcError) as err:
             client._stub.Classify(request, timeout=30)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (size, err.value.code(), err.value.details())

@@ -23,7 +23,7 @@ from service.settings import REPO, Settings, from_args
     ({"ROBUSTGATE_MODELS": " , "}, "at least one model"),
     ({"ROBUSTGATE_MODELS": ""}, "at least one model"),
     ({"ROBUSTGATE_MAX_MESSAGE_BYTES": "0"}, "max_message_bytes"),
-    ({"ROBUSTGATE_MAX_MESSAGE_BYTES": "1024"}, r"max_message_bytes must be > 1024 \(a request.s fields"),
+    ({"ROBUSTGATE_MAX_MESSAGE_BYTES": "2048"}, r"max_message_bytes must be > 2048 \(a request.s fields"),
     ({"ROBUSTGATE_MAX_IMAGE_PIXELS": "-1"}, "max_image_pixels"),
     ({"ROBUSTGATE_LOG_LEVEL": "loud"}, "log_level must be one of"),
     ({"ROBUSTGATE_PORT": "abc"}, "port must be an integer, got 'abc'"),
