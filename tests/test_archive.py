@@ -558,6 +558,9 @@ import os, signal, sys
 from pathlib import Path
 from model_store import archive
 
+# Python's own SIGINT handler, whatever this process inherited: a shell without job control
+# starts background commands (a CI job's, `cmd &`) with SIGINT ignored, and Python keeps that.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 store = Path(sys.argv[1])
 model = store / "m"
 if sys.argv[3] == "threads":  # as a build (torch's pool) or a calibration (gRPC's) is
