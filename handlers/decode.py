@@ -436,10 +436,9 @@ def decode_tensor(raw: bytes, spec: InputSpec) -> np.ndarray:
 def tensor_array(t: probe_pb2.Tensor, spec: InputSpec) -> np.ndarray:
     """A parsed ``robustgate.v1.Tensor`` -> ``[C, H, W]``, checked as :func:`decode_tensor` does."""
     want = [spec.channels, spec.h, spec.w]
-    if len(t.shape) not in (2, 3):  # before any copy of a shape that may hold millions
-        raise InputError(f"tensor shape {shape_text(t.shape)}; the model takes {want} (or [H, W] for one channel)")
-    shape = list(t.shape)
-    if len(shape) == 2:
+    # copied only when its length can match: a caller's shape may hold millions of entries
+    shape = list(t.shape) if len(t.shape) in (2, 3) else None
+    if shape is not None and len(shape) == 2:
         shape = [1, *shape]
     if shape != want:
         raise InputError(f"tensor shape {shape_text(t.shape)}; the model takes {want} (or [H, W] for one channel)")
