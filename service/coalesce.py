@@ -184,13 +184,12 @@ class Coalescer:
         lane.inflight += 1
         task = asyncio.get_running_loop().create_task(self._send(key, live))
         self._tasks[task] = live
-        task.add_done_callback(functools.partial(self._call_done, key, live))
+        task.add_done_callback(functools.partial(self._call_done, key))
 
-    def _call_done(self, key: tuple[str, str], batch: list[_Waiting], task: asyncio.Task) -> None:
+    def _call_done(self, key: tuple[str, str], task: asyncio.Task) -> None:
         """However the call ended (answered, failed, cancelled before it ran): count it back,
         answer any caller it left waiting, and let held requests leave."""
-        self._tasks.pop(task, None)
-        for w in batch:
+        for w in self._tasks.pop(task):
             if not w.future.done():
                 w.future.set_exception(BackendUnavailable("backend is unavailable"))
         lane = self._lanes[key]
