@@ -5,8 +5,8 @@
 #   requirements.lock      the runtime closure: what the Dockerfile installs
 #   requirements-dev.lock  the runtime lock's pins plus the closure of the [dev] extra: what
 #                          scripts/setup.sh installs, so tests run against the image's versions
-# Each holds one file per package from PyPI with its sha256, a wheel wherever PyPI has one; tests/test_dockerfile.py
-# fails while a lock disagrees with pyproject.toml or the two locks disagree.
+# Each holds one file per package from PyPI with its sha256, a wheel wherever PyPI has one;
+# tests/test_dockerfile.py fails while a lock disagrees with pyproject.toml or the two disagree.
 #   scripts/lock.sh          both
 #   scripts/lock.sh dev      the dev lock only, resolved around the runtime lock as it stands
 set -euo pipefail

@@ -164,6 +164,11 @@ def test_dockerignore_matcher_follows_docker() -> None:
     assert excluded("src/a.pyc", rules) and excluded("src/x/a.pyc", rules)
 
 
+def _canonical(name: str) -> str:
+    """A distribution's name as pip compares it (PEP 503)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 def _lock_pins(lock: Path = LOCK) -> dict[str, tuple[str, list[str]]]:
     pins: dict[str, tuple[str, list[str]]] = {}
     text = lock.read_text().replace("\\\n", " ")
@@ -175,7 +180,7 @@ def _lock_pins(lock: Path = LOCK) -> dict[str, tuple[str, list[str]]]:
         name, _, version = words[0].partition("==")
         assert version, f"{lock.name}: {words[0]} is not pinned with =="
         hashes = [w.split("=", 1)[1] for w in words[1:] if w.startswith("--hash=")]
-        key = re.sub(r"[-_.]+", "-", name).lower()
+        key = _canonical(name)
         assert key not in pins, f"{lock.name}: {name} is pinned twice"
         pins[key] = (version, hashes)
     return pins
@@ -190,7 +195,7 @@ def _pyproject_pins(*groups: str) -> list[tuple[str, str]]:
     for dep in deps:
         m = re.fullmatch(r"\s*([A-Za-z0-9_.\-]+)\s*==\s*([^\s;]+)\s*", dep)
         assert m, f"pyproject.toml: {dep!r} is not pinned with =="
-        pins.append((re.sub(r"[-_.]+", "-", m.group(1)).lower(), m.group(2)))
+        pins.append((_canonical(m.group(1)), m.group(2)))
     return pins
 
 
@@ -217,7 +222,7 @@ def test_dev_lock_holds_the_build_backend() -> None:
     pins = _lock_pins(DEV_LOCK)
     requires = tomllib.loads((REPO / "pyproject.toml").read_text())["build-system"]["requires"]
     for req in requires:
-        name = re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9_.\-]+", req).group(0)).lower()
+        name = _canonical(re.match(r"[A-Za-z0-9_.\-]+", req).group(0))
         assert name in pins, f"{name} (build-system requires) is missing from requirements-dev.lock: run scripts/lock.sh"
 
 
