@@ -54,15 +54,37 @@ def source_env(source: Path | None) -> dict[str, str]:
     return env
 
 
+PORT_TRIES = 3  # a gateway whose picked port was taken before it bound it: started again on another
+
+
 def start_gateway(store: Path, ts, tmp: Path, *, source: Path | None = None,
                   **overrides: str) -> tuple[subprocess.Popen, str]:
     """:func:`gateway_command` started, once it answers SERVING. ``source``: another tree of
     the repository to run the gateway's code from (its folder and its protos first on the
-    path); by default this checkout's."""
-    port = free_port()
-    cmd = gateway_command(store, ts, port=str(port), **overrides)
-    log = (tmp / f"gateway-{port}.log").open("wb")
-    proc = subprocess.Popen(cmd, cwd=source, stdout=log, stderr=subprocess.STDOUT, env=source_env(source))
+    path); by default this checkout's. The port is picked free and released for the gateway
+    to bind, so another process can take it in between (seen once in a few hundred starts):
+    a gateway that exits saying its port is taken is started again on a fresh one, up to
+    :data:`PORT_TRIES` times; a port the caller names is never changed."""
+    for attempt in range(1, PORT_TRIES + 1):
+        port = overrides.get("port") or str(free_port())
+        try:
+            return _start_gateway_on(port, store, ts, tmp, source, overrides)
+        except PortTaken:
+            if "port" in overrides or attempt == PORT_TRIES:
+                raise
+    raise AssertionError("unreachable")
+
+
+class PortTaken(RuntimeError):
+    """The gateway exited because another process held its gRPC port."""
+
+
+def _start_gateway_on(port: str, store: Path, ts, tmp: Path, source: Path | None,
+                      overrides: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    cmd = gateway_command(store, ts, **{**overrides, "port": port})
+    log_path = tmp / f"gateway-{port}.log"
+    proc = subprocess.Popen(cmd, cwd=source, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
+                            env=source_env(source))
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     try:
@@ -70,7 +92,9 @@ def start_gateway(store: Path, ts, tmp: Path, *, source: Path | None = None,
             stub = health_pb2_grpc.HealthStub(ch)
             while True:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"gateway exited: {(tmp / f'gateway-{port}.log').read_text()[-3000:]}")
+                    text = log_path.read_text()
+                    kind = PortTaken if f"cannot listen on {address}: the port is taken" in text else RuntimeError
+                    raise kind(f"gateway exited: {text[-3000:]}")
                 try:
                     if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
                         break
@@ -499,6 +523,32 @@ def test_a_plan_the_handler_refuses_is_a_server_fault_not_the_callers(calibrated
     assert codes.get("INTERNAL") == 1 and codes.get("OK") == 1 and not codes.get("INVALID_ARGUMENT"), codes
     log = (tmp_path / f"gateway-{address.rsplit(':', 1)[1]}.log").read_text()
     assert "refused a probe plan" in log and "allows at most 2048" in log
+
+
+def test_a_gateway_whose_port_was_taken_after_the_pick_is_started_on_another(calibrated_store: Path, torchserve,
+                                                                              tmp_path: Path, monkeypatch) -> None:
+    """The harness's own start: the first port it picks is held (as when another process binds
+    it between the pick and the gateway's bind); the gateway that exits saying so is started
+    again on a fresh port, and a port the caller names is not changed behind its back."""
+    import socket
+
+    import tests.test_gateway as here
+
+    with socket.create_server(("127.0.0.1", 0)) as held:
+        taken = held.getsockname()[1]
+        picks = iter([taken])
+        pick = here.free_port
+        monkeypatch.setattr(here, "free_port", lambda: next(picks, None) or pick())
+        proc, address = start_gateway(calibrated_store, torchserve, tmp_path)
+        try:
+            assert address != f"127.0.0.1:{taken}"
+            with Client(address) as c:
+                assert c.list_models().models
+        finally:
+            stop(proc)
+        assert "the port is taken" in (tmp_path / f"gateway-{taken}.log").read_text()
+        with pytest.raises(PortTaken):
+            start_gateway(calibrated_store, torchserve, tmp_path, port=str(taken))
 
 
 def test_cli_refuses_bad_arguments_in_one_line(tmp_path: Path) -> None:
