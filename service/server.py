@@ -128,10 +128,15 @@ class Connection:
         if self._room is not None:
             self._room.set()
 
-    def hold(self, item: asyncio.Task) -> None:
-        """A stream item in flight until its task ends, however it ends (cancelled before it
-        ran too)."""
+    async def take(self) -> None:
+        """Wait for room, then count one stream item in flight before it is read: handed on
+        with :meth:`hold`, or given back with :meth:`done` when no item comes."""
+        await self.room()
         self.inflight += 1
+
+    def hold(self, item: asyncio.Task) -> None:
+        """The item :meth:`take` counted stays in flight until its task ends, however it ends
+        (cancelled before it ran too)."""
         item.add_done_callback(lambda _: self.done())
 
 
@@ -313,9 +318,9 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
         self, request_iterator: AsyncIterator[pb.ClassifyStreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ClassifyStreamResponse]:
         """Up to ``stream_window`` items in flight at once (so the coalescer can batch them),
-        answered in request order. A reader task takes items while the window and the
-        connection's share have room; this generator yields the answers in the order the items
-        came."""
+        answered in request order. A reader task reads the next item only once the window and
+        the connection's share have room for it (so nothing read waits: the rest stay with
+        gRPC's flow control); this generator yields the answers in the order the items came."""
         with self.admission.connection(context.peer()) as connection:
             window = asyncio.Semaphore(self.settings.stream_window)
             pending: asyncio.Queue[asyncio.Task[pb.ClassifyStreamResponse] | None] = asyncio.Queue()
@@ -328,20 +333,26 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
                 return await self._stream_answer(request, context)
 
             async def read() -> None:
+                items = aiter(request_iterator)
                 try:
-                    async for item in request_iterator:
+                    while True:
+                        await window.acquire()
+                        if connection is not None:
+                            await connection.take()
                         try:
-                            await window.acquire()
+                            item = await anext(items)
+                        except BaseException:  # the requests ended, failed or were cancelled: no item
+                            window.release()
                             if connection is not None:
-                                await connection.room()
-                        except asyncio.CancelledError:  # read, never started: a request all the same
-                            self._count(item.request, cut_short_code(context))
+                                connection.done()
                             raise
                         answer = asyncio.create_task(answer_of(item.request))
                         unstarted[answer] = item.request
                         if connection is not None:
                             connection.hold(answer)
                         pending.put_nowait(answer)
+                except StopAsyncIteration:
+                    pass
                 finally:
                     pending.put_nowait(None)  # end of the requests, however they ended
 

@@ -117,8 +117,9 @@ class Settings:
     reaches only the one its connection lands on. 0: not watched."""
     stream_window: int = 16
     """Items of one ClassifyStream processed at once, coalesced like concurrent calls; answers
-    still leave in request order. One more item is read and waits; the rest stay unread, so
-    gRPC's flow control holds a faster sender back. Each item in flight counts toward
+    still leave in request order. The next item is read only when one of them is answered (and
+    the connection has room, below); the rest stay unread, so gRPC's flow control holds a
+    faster sender back. Each item in flight counts toward
     ``max_inflight`` and ``max_inflight_per_connection``. 1: one at a time."""
     max_connection_age_s: float = 300.0
     """A client connection is closed gently (GOAWAY) after about this long (gRPC adds +-10 %

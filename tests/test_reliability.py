@@ -373,6 +373,13 @@ def test_connection_share_is_kept_per_connection_and_given_back() -> None:
                 await asyncio.sleep(0.01)
                 assert not waiting.done()
             await asyncio.wait_for(waiting, 1)  # woken when the calls ended
+            await a.take()  # a stream's item, counted before it is read
+            with admission.slot(a):  # full now: the next item waits unread
+                taking = asyncio.create_task(a.take())
+                await asyncio.sleep(0.01)
+                assert not taking.done() and a.inflight == 2
+            await asyncio.wait_for(taking, 1)
+            a.done()  # no item came after all
             item = asyncio.create_task(asyncio.sleep(10))
             a.hold(item)
             assert a.inflight == 1
