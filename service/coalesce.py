@@ -26,7 +26,10 @@ Each caller keeps its own deadline: the call is sent with the latest of the batc
 deadlines, a caller whose deadline passes first gets ``DeadlineExceeded`` alone, and a
 request whose deadline has already passed when its batch leaves is not sent. A call that
 TorchServe refuses as a whole (an archive that takes no ``ProbeBatch``, or fewer items) blames
-no caller: its requests are sent again one by one, each answered as if it had gone alone.
+no caller: its requests are sent again one by one, each answered as if it had gone alone. The
+lane remembers the refusal for :data:`REFUSAL_MEMORY_S`: a batch at least as large (in images
+and in rows) goes one by one at once, without the round trip it would be refused in; smaller
+batches are still tried, and once the memory lapses (an archive replaced) every size is.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from service.settings import HANDLER_MAX_BATCH_ITEMS, Settings
 
 log = logging.getLogger(__name__)
 _throttled = Throttle(log)  # a refused batch repeats with every batch: one line per 10 s
+REFUSAL_MEMORY_S = 60.0  # how long a lane sends batches like a refused one straight one by one
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,23 @@ class _Lane:
     inflight: int = 0
     timer: asyncio.TimerHandle | None = None
     fallback: asyncio.Semaphore | None = None  # refused batches' requests, one by one: max_calls at a time
+    refused: dict[tuple[int, int], float] = field(default_factory=dict)  # (images, rows) refused: until when
+
+    def refuses(self, images: int, rows: int, now: float) -> bool:
+        """Whether a batch of ``images`` and ``rows`` is at least as large as one TorchServe
+        refused within :data:`REFUSAL_MEMORY_S` (whichever of its limits that one passed, this
+        one passes too). Lapsed refusals are forgotten."""
+        for size, until in list(self.refused.items()):
+            if until <= now:
+                del self.refused[size]
+            elif images >= size[0] and rows >= size[1]:
+                return True
+        return False
+
+    def remember_refusal(self, images: int, rows: int, now: float) -> None:
+        for size in [x for x in self.refused if x[0] >= images and x[1] >= rows]:
+            del self.refused[size]  # covered by this smaller one
+        self.refused[(images, rows)] = now + REFUSAL_MEMORY_S
 
 
 class Coalescer:
@@ -208,17 +229,25 @@ class Coalescer:
                 outs: list[ProbeOutput | GatewayError] = [
                     await self._plain(model_name, batch[0], timeout_s, version)]
             else:
-                try:
-                    outs = await self.backend.probe_batch(
-                        model_name, [(w.image, w.plan) for w in batch], timeout_s, version)
-                except BackendRefused:
-                    # The batch as a whole was refused (the backend has logged the handler's
-                    # words): no caller's input is to blame. An archive that takes no
-                    # ProbeBatch, or fewer items than coalesce_max_batch (the registry checks
-                    # that against archives that state their limit): each request on its own.
-                    _throttled.log(logging.ERROR, "batch refused",
-                                   "TorchServe refused a coalesced call of %d requests; sent one by one", len(batch))
-                    outs = await self._one_by_one(self._lanes[key], model_name, batch, version)
+                lane, rows = self._lanes[key], sum(w.rows for w in batch)
+                if lane.refuses(len(batch), rows, time.monotonic()):
+                    outs = await self._one_by_one(lane, model_name, batch, version)
+                else:
+                    try:
+                        outs = await self.backend.probe_batch(
+                            model_name, [(w.image, w.plan) for w in batch], timeout_s, version)
+                    except BackendRefused:
+                        # The batch as a whole was refused (the backend has logged the handler's
+                        # words): no caller's input is to blame. An archive that takes no
+                        # ProbeBatch, or fewer items than coalesce_max_batch (the registry checks
+                        # that against archives that state their limit): each request on its own,
+                        # and the lane's next batches as large as this one too.
+                        _throttled.log(logging.ERROR, "batch refused",
+                                       "TorchServe refused a coalesced call of %d requests (%d rows); sent one "
+                                       "by one, as are batches as large for %.0f s", len(batch), rows,
+                                       REFUSAL_MEMORY_S)
+                        lane.remember_refusal(len(batch), rows, time.monotonic())
+                        outs = await self._one_by_one(lane, model_name, batch, version)
         except GatewayError as e:
             outs = [e] * len(batch)
         except Exception:  # never leave a caller hanging on a bug

@@ -411,6 +411,55 @@ def test_a_call_refused_whole_is_sent_again_one_by_one() -> None:
     assert isinstance(outs[2], InvalidInput) and "bad pixel" in str(outs[2])  # its own refusal, alone
 
 
+def test_a_lane_remembers_a_refused_batch_size_for_a_while(monkeypatch) -> None:
+    """Every coalesced call to an archive that takes no ProbeBatch was refused, each a wasted
+    round trip before its requests went one by one. The lane now remembers the refused size:
+    as large a batch goes one by one at once; a smaller one is still tried (and remembered in
+    turn when refused); once the memory lapses (an archive replaced), batches are tried again."""
+    import service.coalesce as coalesce
+
+    class Refusing(ScriptedBackend):
+        def __init__(self) -> None:
+            super().__init__(delay_s=0.0)
+            self.limit = 1  # images per call it takes
+
+        async def probe_batch(self, model_name, items, timeout_s, version=""):
+            self.calls.append(len(items))
+            if len(items) > self.limit:
+                raise refusal(f"batch has {len(items)} items; the limit is {self.limit}")
+            return [self._answer(im) for im, _ in items]
+
+    monkeypatch.setattr(coalesce, "REFUSAL_MEMORY_S", 0.5)
+
+    async def batch_of(c: Coalescer, n: int) -> list[float]:
+        outs = await asyncio.gather(*(c.probe("m", image(i), None, 5.0) for i in range(n)))
+        return [float(o.logits[0, 0]) for o in outs]
+
+    async def main():
+        backend = Refusing()
+        c = Coalescer(backend, CoalesceConfig(max_batch=4, max_wait_ms=60_000))
+        rounds = []
+        for n in (4, 4, 3, 2, 4):
+            backend.calls.clear()
+            assert await batch_of(c, n) == [float(i) for i in range(n)]
+            rounds.append(list(backend.calls))
+        await asyncio.sleep(0.6)  # the memory lapses; the archive now takes batches of 4
+        backend.limit = 4
+        backend.calls.clear()
+        assert await batch_of(c, 4) == [0.0, 1.0, 2.0, 3.0]
+        rounds.append(list(backend.calls))
+        return rounds
+
+    assert run(main()) == [
+        [4, 1, 1, 1, 1],  # refused, then one by one
+        [1, 1, 1, 1],     # as large as the refused one: straight one by one
+        [3, 1, 1, 1],     # smaller: tried, refused, remembered
+        [2, 1, 1],        # and again
+        [1, 1, 1, 1],
+        [4],              # the refusals lapsed: one call
+    ]
+
+
 def test_a_refused_batch_goes_one_by_one_within_the_call_limit() -> None:
     """The requests of a refused batch went to TorchServe all at once (a batch of 32: 32 calls
     in flight, while the lane counted one); now at most max_calls at a time for the lane,
