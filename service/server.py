@@ -129,8 +129,8 @@ class Connection:
             self._room.set()
 
     async def take(self) -> None:
-        """Wait for room, then count one stream item in flight before it is read: handed on
-        with :meth:`hold`, or given back with :meth:`done` when no item comes."""
+        """Wait for room, then count one stream item in flight: handed on with :meth:`hold`,
+        or given back with :meth:`done`."""
         await self.room()
         self.inflight += 1
 
@@ -319,8 +319,9 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
     ) -> AsyncIterator[pb.ClassifyStreamResponse]:
         """Up to ``stream_window`` items in flight at once (so the coalescer can batch them),
         answered in request order. A reader task reads the next item only once the window and
-        the connection's share have room for it (so nothing read waits: the rest stay with
-        gRPC's flow control); this generator yields the answers in the order the items came."""
+        the connection's share have room for it (the rest stay with gRPC's flow control; a
+        stream waiting for its caller's next item holds no share), then counts it in flight;
+        this generator yields the answers in the order the items came."""
         with self.admission.connection(context.peer()) as connection:
             window = asyncio.Semaphore(self.settings.stream_window)
             pending: asyncio.Queue[asyncio.Task[pb.ClassifyStreamResponse] | None] = asyncio.Queue()
@@ -337,15 +338,19 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
                 try:
                     while True:
                         await window.acquire()
-                        if connection is not None:
-                            await connection.take()
+                        if connection is not None:  # waited for, not taken: an idle stream holds no share
+                            await connection.room()
                         try:
                             item = await anext(items)
                         except BaseException:  # the requests ended, failed or were cancelled: no item
                             window.release()
-                            if connection is not None:
-                                connection.done()
                             raise
+                        if connection is not None:
+                            try:  # at once, unless a call took the room while the item came
+                                await connection.take()
+                            except asyncio.CancelledError:  # read, never started: a request all the same
+                                self._count(item.request, cut_short_code(context))
+                                raise
                         answer = asyncio.create_task(answer_of(item.request))
                         unstarted[answer] = item.request
                         if connection is not None:

@@ -339,6 +339,23 @@ def test_one_connection_cannot_take_every_slot(calibrated_store: Path, torchserv
         time.sleep(0.5)
         again = hog.ClassifyStream(items(8), timeout=20)  # would wait for ever on a share not given back
         assert [a.WhichOneof("outcome") for a in again] == ["result"] * 8
+
+        # Streams open but idle (a caller between items) hold no share: with two of them open
+        # (the share is 2), the connection's calls and a third stream's items are answered.
+        go_on = threading.Event()
+
+        def idle() -> Iterator[pb.ClassifyStreamRequest]:
+            go_on.wait(30)
+            yield from items(1)
+
+        idle_streams = [hog.ClassifyStream(idle(), timeout=30) for _ in range(2)]
+        try:
+            time.sleep(0.5)  # both open at the gateway, each waiting for its first item
+            assert _code(lambda: hog.Classify(reqs[0], timeout=10)) == (OK, "")
+            assert [a.WhichOneof("outcome") for a in hog.ClassifyStream(items(3), timeout=10)] == ["result"] * 3
+        finally:
+            go_on.set()
+        assert [[a.WhichOneof("outcome") for a in s] for s in idle_streams] == [["result"]] * 2
     finally:
         hog_ch.close()
         other_ch.close()
@@ -373,13 +390,13 @@ def test_connection_share_is_kept_per_connection_and_given_back() -> None:
                 await asyncio.sleep(0.01)
                 assert not waiting.done()
             await asyncio.wait_for(waiting, 1)  # woken when the calls ended
-            await a.take()  # a stream's item, counted before it is read
-            with admission.slot(a):  # full now: the next item waits unread
+            await a.take()  # a stream's item, counted in flight
+            with admission.slot(a):  # full now: the next item waits
                 taking = asyncio.create_task(a.take())
                 await asyncio.sleep(0.01)
                 assert not taking.done() and a.inflight == 2
-            await asyncio.wait_for(taking, 1)
-            a.done()  # no item came after all
+            await asyncio.wait_for(taking, 1)  # the call ended: its room is the waiting item's
+            a.done()  # the first item given back (the second's share is handed to hold below)
             item = asyncio.create_task(asyncio.sleep(10))
             a.hold(item)
             assert a.inflight == 1
