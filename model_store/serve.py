@@ -213,9 +213,15 @@ def render_config(settings: ServeSettings) -> str:
     return template.substitute(fields_)
 
 
+# TorchServe's own APIs, on this host: never through a proxy. urlopen follows http_proxy even
+# for 127.0.0.1 (unless no_proxy names it), so a pod or shell that sets one for its egress sent
+# the management token to the proxy, and readiness never came.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def _http_json(url: str, token: str, timeout: float = 5.0) -> Any:
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
+    with _DIRECT.open(req, timeout=timeout) as resp:
         return json.loads(resp.read())
 
 

@@ -92,3 +92,42 @@ def calibrated_store(tiny_store: Path, torchserve) -> Path:
         )
     )
     return tiny_store
+
+
+@pytest.fixture
+def proxy_env(monkeypatch: pytest.MonkeyPatch):
+    """Every proxy variable HTTP clients and gRPC read points at a listener on loopback that
+    records each connection it gets (and closes it); ``no_proxy`` unset, as in a pod that sets
+    a proxy for its egress. Yields the list of recorded connections: a client that keeps to
+    its loopback peer leaves it empty."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen: list[bytes] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return  # closed
+            with conn:
+                conn.settimeout(1.0)
+                try:
+                    seen.append(conn.recv(4096))
+                except OSError:
+                    seen.append(b"")
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "grpc_proxy", "all_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(var, url)
+    for var in ("no_proxy", "NO_PROXY", "no_grpc_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    try:
+        yield seen
+    finally:
+        listener.close()
+        thread.join(5)

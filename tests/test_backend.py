@@ -271,6 +271,41 @@ def test_the_channel_to_torchserve_has_torchserves_limits_not_the_callers() -> N
     assert len(outs) == 8 and all(o.logits.shape == (rows // 8, 10) for o in outs)
 
 
+def test_the_channel_to_torchserve_never_goes_through_a_proxy(proxy_env) -> None:
+    """gRPC honours http_proxy / grpc_proxy even for 127.0.0.1: a pod that set one for its
+    egress sent every call, TorchServe's token in its metadata, to the proxy (as CONNECT)."""
+    import asyncio
+
+    import grpc
+
+    from robustgate.torchserve import inference_pb2, inference_pb2_grpc
+    from service.backend import TorchServeBackend
+
+    tokens: list[str] = []
+
+    class Fake(inference_pb2_grpc.InferenceAPIsServiceServicer):
+        async def Predictions(self, request, context):  # noqa: N802 (gRPC method name)
+            tokens.extend(v for k, v in context.invocation_metadata() if k == "authorization")
+            return inference_pb2.PredictionResponse(prediction=probe_pb2.ProbeResult(
+                rows=1, classes=10, logits=np.zeros((1, 10), "<f4").tobytes()).SerializeToString())
+
+    async def main():
+        server = grpc.aio.server()
+        inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server(Fake(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        tb = TorchServeBackend(f"127.0.0.1:{port}", "secret")
+        try:
+            return await tb.probe("m", np.zeros((1, 28, 28), np.float32), None, 5.0)
+        finally:
+            await tb.close()
+            await server.stop(0)
+
+    out = asyncio.run(main())
+    assert out.logits.shape == (1, 10) and tokens == ["Bearer secret"]
+    assert proxy_env == []
+
+
 def test_the_token_refresh_retry_shares_the_calls_timeout(tmp_path: Path) -> None:
     """TorchServe refuses a renewed token after a while (here 0.6 s of a 1 s budget); the one
     retry with the re-read token gets what is left, not a second full timeout."""

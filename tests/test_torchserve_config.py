@@ -95,6 +95,39 @@ def test_the_ephemeral_range_is_the_kernels_or_linuxs_default(monkeypatch, tmp_p
     assert serve.ephemeral_range() == (32768, 60999)
 
 
+def test_torchserves_apis_are_called_directly_whatever_proxy_the_environment_names(proxy_env) -> None:
+    """urlopen followed http_proxy even for 127.0.0.1: a shell or pod that set one for its
+    egress sent TorchServe's management token to the proxy, and readiness never came."""
+    import http.server
+    import threading
+
+    heard: list[str | None] = []
+
+    class Api(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            heard.append(self.headers.get("Authorization"))
+            body = json.dumps([{"modelName": "m"}]).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Api)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        answer = serve._http_json(f"http://127.0.0.1:{server.server_address[1]}/models/m", "secret")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    assert answer == [{"modelName": "m"}] and heard == ["Bearer secret"]
+    assert proxy_env == []
+
+
 def test_log_config_is_warn_level_and_bounded() -> None:
     import xml.etree.ElementTree as ET
 
