@@ -35,10 +35,13 @@ on_signal() {
     kill -TERM "$child" 2>/dev/null || true
   fi
 }
-trap on_signal TERM INT
+# HUP too: a closed terminal or a lost ssh session. Untrapped, bash died of it and its EXIT trap
+# stopped TorchServe, while the step (in a session of its own, out of the terminal's reach)
+# ran on: a gateway without a backend, holding the port and the lock.
+trap on_signal TERM INT HUP
 step() {  # "$@" in a session of its own, waited for; returns its exit status
   [ "$stopping" -eq 0 ] || return 143
-  ( trap - INT TERM; exec setsid "$@" ) &
+  ( trap - INT TERM HUP; exec setsid "$@" ) &
   child=$!
   [ "$stopping" -eq 0 ] || on_signal  # a signal that came while it started
   local rc

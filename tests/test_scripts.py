@@ -42,14 +42,14 @@ def _steps(tmp_path: Path, body: str) -> Path:
     return script
 
 
-def _stopped(script: Path, **kw) -> int:
-    """Run ``script``, SIGTERM it half a second in, and return its exit status; killed (with
-    what it started) if it does not end in 20 s: a loop that waits forever must not outlive
-    the test."""
+def _stopped(script: Path, sig: signal.Signals = signal.SIGTERM, **kw) -> int:
+    """Run ``script``, send it ``sig`` half a second in, and return its exit status; killed
+    (with what it started) if it does not end in 20 s: a loop that waits forever must not
+    outlive the test."""
     proc = subprocess.Popen(["bash", str(script)], start_new_session=True, **kw)
     try:
         time.sleep(0.5)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         return proc.wait(timeout=20)
     finally:
         if proc.poll() is None:
@@ -70,6 +70,16 @@ def test_run_exits_with_the_gateways_status_after_a_drain(tmp_path: Path) -> Non
     script = _steps(tmp_path, f'rc=0\nsignal_to=TERM\nstep {gateway} || rc=$?\nexit "$rc"')
     for status in ("0", "3"):
         assert _stopped(script, env={**os.environ, "STATUS": status}) == int(status)
+
+
+def test_a_hangup_drains_the_gateway_as_sigterm_does(tmp_path: Path) -> None:
+    """A closed terminal (SIGHUP) killed bash alone: its EXIT trap stopped TorchServe while the
+    gateway, in a session of its own, never heard of it and served on without a backend."""
+    drained = tmp_path / "drained"
+    gateway = _program(tmp_path / "gateway",  # ends alone in 20 s: not heard of, it must not outlive the test
+                       f"trap 'touch {drained}; exit 0' TERM\nfor _ in $(seq 200); do sleep 0.1; done\n")
+    script = _steps(tmp_path, f'rc=0\nsignal_to=TERM\nstep {gateway} || rc=$?\nexit "$rc"')
+    assert _stopped(script, signal.SIGHUP) == 0 and drained.exists()
 
 
 def test_a_signal_during_a_set_up_step_stops_that_step_and_the_script(tmp_path: Path) -> None:
