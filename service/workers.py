@@ -196,6 +196,36 @@ def _worker(settings: Settings, parent: int, ready: threading.Event, why: mp.Sim
         sys.exit(2)
 
 
+class StopFlag:
+    """Set by the supervisor's signal handler, polled by its loops. Not a threading.Event:
+    Python runs a handler between any two bytecodes of the main thread, also while
+    ``Event.wait`` holds the event's own lock, and ``Event.set`` there waits for that lock
+    for ever (the supervisor hung on its SIGTERM; the pod was killed at its grace period).
+    Setting an attribute takes no lock; a wait sleeps in short slices and looks again."""
+
+    __slots__ = ("_set",)
+    SLICE_S = 0.02
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self, timeout: float) -> bool:
+        """True as soon as set (within a slice); False after ``timeout`` seconds otherwise."""
+        deadline = time.monotonic() + timeout
+        while not self._set:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(left, self.SLICE_S))
+        return True
+
+
 @dataclasses.dataclass
 class _Slot:
     proc: BaseProcess
@@ -211,7 +241,7 @@ class Supervisor:
         self.ctx = mp.get_context("spawn")
         self.slots: list[_Slot] = []
         self.restarts: deque[float] = deque()
-        self.stopping = threading.Event()
+        self.stopping = StopFlag()  # set by SIGTERM / SIGINT
         self.why = self.ctx.SimpleQueue()  # a worker's reason for not starting
         self.metrics: SupervisorMetrics | None = None
         self._watched_at: float | None = None  # the monotonic clock at the last watch

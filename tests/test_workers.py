@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -437,3 +438,39 @@ def test_heartbeats_come_often_enough_for_the_timeout() -> None:
     assert beat_interval(0.0) == 1.0  # not watched: beats cost nothing to keep
     with pytest.raises(ValueError, match="worker_timeout_s must be >= 0"):
         Settings(worker_timeout_s=-1)
+
+
+STOP_STRESS = """
+import signal, time
+from service.settings import Settings
+from service.workers import Supervisor
+sup = Supervisor(Settings())
+signal.signal(signal.SIGALRM, lambda *_: sup.stopping.set())  # as run() installs it for SIGTERM
+signal.setitimer(signal.ITIMER_REAL, 0.0002, 0.0002)
+end = time.monotonic() + 2
+while time.monotonic() < end:
+    sup.stopping.wait(0.0005)
+signal.setitimer(signal.ITIMER_REAL, 0)
+assert sup.stopping.is_set() and sup.stopping.wait(0)
+print("done")
+"""
+
+
+def test_the_stop_signal_never_hangs_the_supervisor_in_its_own_wait() -> None:
+    """The handler set a threading.Event: run between two bytecodes of ``Event.wait`` while
+    that held the event's lock, ``set`` blocked on the same lock (a supervisor hung on SIGTERM
+    until the pod's grace period killed it). Thousands of signals land amid the supervisor's
+    waits here; the old event hung or died in them within the two seconds."""
+    r = subprocess.run([sys.executable, "-c", STOP_STRESS], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.strip() == "done", (r.returncode, r.stderr[-2000:])
+
+
+def test_the_stop_flag_waits_for_its_timeout_or_until_set() -> None:
+    from service.workers import StopFlag
+
+    flag = StopFlag()
+    t0 = time.monotonic()
+    assert flag.wait(0.1) is False and time.monotonic() - t0 >= 0.1
+    threading.Timer(0.05, flag.set).start()
+    t0 = time.monotonic()
+    assert flag.wait(5) is True and time.monotonic() - t0 < 1 and flag.is_set()
