@@ -314,6 +314,40 @@ def test_inconclusive_band() -> None:
     assert not inconclusive(cs(occlusion=0.9), policy)  # disabled checks do not count
 
 
+def test_a_policy_of_the_noise_check_alone_runs_it_on_every_image() -> None:
+    """``calibration --checks noise`` wrote a policy whose noise stage nothing could open (no
+    cheap check to escalate): every image passed unscored, most of its copies changing answer."""
+    base = make_policy()
+    off = CheckPolicy(False, Thresholds(None, None))
+    policy = replace(base, checks={**{c: off for c in Check}, Check.NOISE: base.checks[Check.NOISE]})
+    assert inconclusive({}, policy)
+    mostly_changed = np.random.default_rng(3).random(1000) < 0.2  # 4 copies in 5 change the answer
+    report = drive(policy, FakeModel(stream=mostly_changed)).report()
+    noise = report.result(Check.NOISE)
+    assert report.escalated and noise.status is CheckStatus.SCORED and noise.verdict is Decision.REJECT
+    assert report.decision is Decision.REJECT
+    # a cheap check enabled with only a reject threshold cannot escalate either, and settles
+    # the image where it rejects
+    only_reject = replace(policy, checks={**policy.checks, Check.SQUEEZE: CheckPolicy(True, Thresholds(None, 0.99))})
+    assert inconclusive({Check.SQUEEZE: CheckScore(0.5)}, only_reject)
+    assert not inconclusive({Check.SQUEEZE: CheckScore(0.999)}, only_reject)
+
+
+def test_asking_for_a_certificate_never_changes_the_decision() -> None:
+    """Certification drew noise copies for an image the cheap checks had settled, and the noise
+    check's verdict on them then counted: the same image passed without a certificate and was
+    rejected with one (and certify traffic's clean flag rate was not the calibrated one)."""
+    half = np.random.default_rng(4).random(1000) < 0.5
+    policy = make_policy(max_passes=500)
+    plain = drive(policy, FakeModel(squeeze_l2=0.1, view_l1=0.1, stream=half)).report()
+    asked = drive(policy, FakeModel(squeeze_l2=0.1, view_l1=0.1, stream=half), certify=True)
+    report = asked.report()
+    assert plain.decision is report.decision is Decision.PASS
+    assert report.result(Check.NOISE).status is CheckStatus.SKIPPED
+    assert asked.samples > 0 and report.certificate is not None and report.certified is False
+    assert not plain.escalated
+
+
 def test_raw_scores_without_density_model() -> None:
     spec = ProbeSpec(return_features=True)
     raw = raw_scores(np.log(row()[None, :]), None, spec, density=None)

@@ -13,7 +13,10 @@ views and features also for a squeeze detector with context, and the jitter copi
 that reads them).
 Stage 2 (noise) runs when certification is asked for, or when the noise check is enabled and
 the cheap stage is INCONCLUSIVE: no enabled cheap check crosses its reject threshold and at
-least one crosses its escalate threshold (its flag threshold where escalate is unset). Noise
+least one crosses its escalate threshold (its flag threshold where escalate is unset), or no
+enabled cheap check has such a threshold at all (then on every image). The noise check is
+scored, and counts toward the decision, only where the cascade opened it this way: the
+copies drawn for a certificate alone leave it ``skipped``. Noise
 copies come in sequential batches (each with its own derived seed) under a budget that fits
 the per-request forward-pass ceiling, and stop as soon as the full-budget verdicts (certified
 at the target radius; noise score over its flag / reject thresholds) are settled. The noise
@@ -55,18 +58,23 @@ class Stage(StrEnum):
 
 
 def inconclusive(scores: Mapping[Check, CheckScore], policy: Policy) -> bool:
-    """True when the cheap checks neither clear nor condemn the image (module docstring)."""
-    escalate = False
+    """True when the cheap checks neither clear nor condemn the image (module docstring);
+    also, unless one rejects it, when no enabled cheap check has a threshold to escalate on
+    (a policy of the noise check alone): nothing else would ever open the noise stage."""
+    escalate = can_escalate = False
     for check in CHEAP_CHECKS:
-        cs = scores.get(check)
-        if cs is None or not policy.enabled(check):
+        if not policy.enabled(check):
             continue
         t = policy.thresholds(check)
+        bar = t.escalate if t.escalate is not None else t.flag
+        can_escalate = can_escalate or bar is not None
+        cs = scores.get(check)
+        if cs is None:
+            continue
         if verdict_of(cs.score, t) is Decision.REJECT:
             return False
-        bar = t.escalate if t.escalate is not None else t.flag
         escalate = escalate or (bar is not None and cs.score > bar)
-    return escalate
+    return escalate or not can_escalate
 
 
 @dataclass(frozen=True)
@@ -169,10 +177,13 @@ class GateRun:
         if budget == 0:
             return self
         cuts = detect_cuts = ()
-        detect_budget = min(n.detect_samples, budget)
+        # Scored only where the cascade opens it: a certificate's copies do not make the noise
+        # check count for an image the cheap checks settled (asking for a certificate would
+        # otherwise change the verdict, and the clean flag rate, of the same image).
+        detect_budget = min(n.detect_samples, budget) if detect else 0
         if self.certify:
             cuts = (certification_cut(budget, n.sigma, n.alpha, n.target_radius),)
-        if self.policy.enabled(Check.NOISE):
+        if detect:
             t = self.policy.thresholds(Check.NOISE)
             detect_cuts = tuple(detection_cut(detect_budget, x) for x in (t.flag, t.reject)
                                 if x is not None)
@@ -199,7 +210,7 @@ class GateRun:
         if self.policy.mode is Mode.OFF:
             return off_report(self.policy)
         scores = dict(self.cheap_scores)
-        if self.samples > 0:
+        if self.detect_samples > 0:  # the noise check ran (certificate copies alone score nothing)
             k, m = self.detect_agreements, self.detect_samples
             scores[Check.NOISE] = CheckScore(
                 disagreement_share(k, m), self.samples,

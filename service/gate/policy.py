@@ -14,7 +14,9 @@ Per check: ``flag`` and ``reject`` thresholds (``None`` = never crosses; reject 
 for the cheap checks an ``escalate`` threshold (<= flag; unset = the flag threshold) that
 drives the cascade: the noise stage runs only when no cheap check crosses its reject threshold
 and at least one crosses its escalate threshold (the "inconclusive" band
-``escalate < score <= reject``), or when certification was asked for.
+``escalate < score <= reject``), or no enabled cheap check has one (noise then runs on every
+image), or when certification was asked for (noise then scores nothing unless the band opened
+it too).
 """
 
 from __future__ import annotations
