@@ -103,6 +103,17 @@ def _broken(mutate: Any) -> dict[str, Any]:
     # a negative share made the sequential test settle before drawing a copy: the check vanished
     (lambda d: d["checks"]["noise"].update(flag=-0.1, reject=None), r"shares of noise copies in \[0, 1\], got -0.1"),
     (lambda d: d["checks"]["noise"].update(flag=0.5, reject=1.5), "got 1.5"),
+    # an integer beyond any float raised OverflowError (the gateway's start: a traceback)
+    (lambda d: d["checks"]["viewpoint"].update(flag=10 ** 400), "checks.viewpoint.flag: must be finite"),
+    (lambda d: d["references"]["squeeze"][0].update(values=[10 ** 400]), "values must be numbers"),
+    # falsy values of the wrong type were read as empty (no checks, no references)
+    (lambda d: d.update(checks=[]), "checks"),
+    (lambda d: d.update(checks=False), "checks"),
+    (lambda d: d.update(references=0), "references"),
+    (lambda d: d.update(calibration=[]), "calibration"),
+    (lambda d: d["references"].update(squeeze=0), "references.squeeze"),
+    # one call to the model server per copy: 400 round trips for one request
+    (lambda d: d["noise"].update(first_batch=1, growth=1), "more than 24 batches"),
 ])
 def test_bad_policies_raise_policy_error(mutate: Any, message: str) -> None:
     with pytest.raises(PolicyError, match=message):
@@ -116,6 +127,10 @@ def test_load_errors_name_the_file(tmp_path: Path) -> None:
     bad.write_text('{"schema": "robustgate.policy.v2",\n  "version": }')
     with pytest.raises(PolicyError, match=r"bad\.json: not valid JSON \(line 2"):
         load_policy(bad)
+    for text in ('{"version": ' + "9" * 5000 + "}", "[" * 100_000 + "]" * 100_000):  # past int()'s digits; the stack
+        bad.write_text(text)
+        with pytest.raises(PolicyError, match=r"bad\.json: not valid JSON"):
+            load_policy(bad)
     wrong = tmp_path / "wrong.json"
     wrong.write_text(json.dumps(_broken(lambda d: d.update(mode="loud"))))
     with pytest.raises(PolicyError, match=r"wrong\.json: mode"):
@@ -197,3 +212,14 @@ def test_off_runs_nothing() -> None:
     report = decide(_scores(density=9.0), make_policy(Mode.OFF))
     assert report.decision is Decision.PASS and report.would_be is None
     assert all(r.status is CheckStatus.SKIPPED and r.score is None for r in report.checks)
+
+
+@pytest.mark.parametrize("budget", [1, 7, 8, 9, 24, 400, 401, 10_000, 220_000])
+@pytest.mark.parametrize("first, growth", [(1, 1), (8, 1), (8, 2), (42, 2), (1, 3), (100, 1)])
+def test_the_batch_limit_counts_the_sequential_schedule(budget: int, first: int, growth: int) -> None:
+    from service.gate.policy import batches_over
+    from service.gate.sequential import batch_schedule
+
+    n = len(batch_schedule(budget, first=first, growth=growth))
+    assert not batches_over(budget, first, growth, n) and batches_over(budget, first, growth, n - 1)
+    assert NoiseSettings(sigma=0.25, max_samples=400).max_samples == 400  # the shipped schedule: 6 batches

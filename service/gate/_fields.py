@@ -52,7 +52,10 @@ def as_float(value: Any, path: str, err: Err, *, minimum: float | None = None,
     """Read a finite number (ints accepted) within optional inclusive bounds."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise err(f"{path}: expected a number, got {value!r}")
-    out = float(value)
+    try:
+        out = float(value)
+    except OverflowError:  # an integer beyond any float
+        out = math.inf
     if not math.isfinite(out):
         raise err(f"{path}: must be finite, got {value!r}")
     if minimum is not None and out < minimum:

@@ -108,6 +108,28 @@ class NoiseSettings:
         if self.detect_samples > self.max_samples:  # the copies scored are a request's first
             raise PolicyError(f"noise.detect_samples ({self.detect_samples}) must be <= noise.max_samples "
                               f"({self.max_samples})")
+        if batches_over(self.max_samples, self.first_batch, self.growth, MAX_NOISE_BATCHES):
+            raise PolicyError(f"noise.first_batch ({self.first_batch}) and growth ({self.growth}) take more than "
+                              f"{MAX_NOISE_BATCHES} batches to draw noise.max_samples ({self.max_samples}): each "
+                              f"batch is a call to the model server; raise first_batch or growth")
+
+
+# Noise batches one request may take, each a round trip to the model server: the shipped
+# schedule (8, 16, 32, ... up to 400) takes 6, and 220,000 copies (radius 1.0 at sigma 0.25)
+# take 15; first_batch 1 with growth 1 took one call per copy.
+MAX_NOISE_BATCHES = 24
+
+
+def batches_over(budget: int, first: int, growth: int, limit: int) -> bool:
+    """Whether the geometric schedule (:func:`service.gate.sequential.batch_schedule`) covers
+    ``budget`` copies only in more than ``limit`` batches; never walks more than ``limit``."""
+    spent, size = 0, first
+    for _ in range(limit):
+        spent += size
+        if spent >= budget:
+            return False
+        size = spent * (growth - 1) + first
+    return True
 
 
 @dataclass(frozen=True)

@@ -87,7 +87,7 @@ def policy_from_dict(data: Mapping[str, Any]) -> Policy:
     reject_unknown(dataset, {"sha256"}, "data", PolicyError)
     try:
         probe = ProbeSpec.from_dict(as_mapping(_need(d, "probe"), "probe", PolicyError))
-        references = _references(d.get("references") or {})
+        references = _references(d.get("references", {}))
     except PolicyError:
         raise
     except GateError as exc:
@@ -100,11 +100,11 @@ def policy_from_dict(data: Mapping[str, Any]) -> Policy:
         mode=Mode(_mode(_need(d, "mode"))),
         probe=probe,
         noise=_noise(as_mapping(_need(d, "noise"), "noise", PolicyError)),
-        checks=_checks(as_mapping(d.get("checks") or {}, "checks", PolicyError)),
+        checks=_checks(as_mapping(d.get("checks", {}), "checks", PolicyError)),
         max_forward_passes=as_int(d.get("max_forward_passes", 64), "max_forward_passes",
                                   PolicyError, minimum=1),
         references=references,
-        calibration=_calibration(d.get("calibration") or {}),
+        calibration=_calibration(d.get("calibration", {})),
     )
 
 
@@ -122,6 +122,8 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
     except json.JSONDecodeError as exc:
         raise PolicyError(f"{p}: not valid JSON (line {exc.lineno}, column {exc.colno}: "
                           f"{exc.msg})") from exc
+    except (ValueError, RecursionError) as exc:  # an integer of over 4,300 digits; nesting past the stack
+        raise PolicyError(f"{p}: not valid JSON ({exc.__class__.__name__})") from exc
     try:
         return policy_from_dict(data)
     except PolicyError as exc:
@@ -197,7 +199,7 @@ def _noise(d: Mapping[str, Any]) -> NoiseSettings:
 def _references(raw: Any) -> References:
     d = as_mapping(raw, "references", PolicyError)
     reject_unknown(d, {"squeeze", "density", "squeeze_detector"}, "references", PolicyError)
-    cdfs = as_list(d.get("squeeze") or [], "references.squeeze", PolicyError)
+    cdfs = as_list(d.get("squeeze", []), "references.squeeze", PolicyError)
     density = d.get("density")
     detector = d.get("squeeze_detector")
     return References(

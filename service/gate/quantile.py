@@ -79,7 +79,7 @@ class EmpiricalCDF:
             raise CalibrationError("EmpiricalCDF: expected {'values': [numbers...]}")
         try:
             arr = np.asarray(values, dtype=np.float64)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             raise CalibrationError("EmpiricalCDF: values must be numbers") from exc
         return cls(arr)
 
