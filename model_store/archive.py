@@ -144,13 +144,13 @@ def check_archive(path: Path, max_unpacked_bytes: int = MAX_UNPACKED_BYTES) -> N
     try:
         with zipfile.ZipFile(path) as z:
             check_members(z, max_unpacked_bytes)
-    except (OSError, zipfile.BadZipFile) as e:
+    except (OSError, zipfile.BadZipFile, UnicodeDecodeError) as e:  # a name flagged UTF-8 that is not
         raise UnsafeArchive(f"{path} is not a readable zip archive: {e}") from None
 
 
 def check_members(z: zipfile.ZipFile, max_unpacked_bytes: int = MAX_UNPACKED_BYTES) -> None:
     """Raise :class:`UnsafeArchive` unless the open zip ``z`` is only plain files under
-    relative names: no absolute or ``..`` name, no symlink or device entry, no name twice
+    relative names: no absolute or ``..`` name, no NUL in a name, no symlink or device entry, no name twice
     (after ``./`` and ``//`` are folded: which copy an unpacker keeps is its own choice), and
     no more than ``max_unpacked_bytes`` unpacked. TorchServe unpacks every archive it serves;
     a hash in the manifest only says the file is the one the build wrote, not that it is safe
@@ -161,6 +161,8 @@ def check_members(z: zipfile.ZipFile, max_unpacked_bytes: int = MAX_UNPACKED_BYT
     total = 0
     for info in z.infolist():
         name = info.filename
+        if "\x00" in info.orig_filename:  # zipfile cuts the name at it; Java and unzip may not
+            problems.append(f"{info.orig_filename!r} has a NUL in its name")
         parts = name.replace("\\", "/").split("/")
         if name.startswith(("/", "\\")) or ".." in parts or (len(name) > 1 and name[1] == ":"):
             problems.append(f"{name!r} would unpack outside the archive's folder")

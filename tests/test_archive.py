@@ -364,7 +364,15 @@ def test_an_archive_whose_entries_say_what_its_directory_does_not_is_refused(tmp
     gap = bytearray(plain[:cd] + b"junk" + plain[cd:])
     end = gap.rindex(b"PK\x05\x06")
     struct.pack_into("<I", gap, end + 16, cd + 4)
+    # a NUL in a name (both headers): Python's zipfile cuts the name there, other unpackers may not
+    nul = _zip([("handlers/a.py", b"x = 1\n"), ("handlers/aZ/../../../evil.py", b"")]).replace(b"aZ/", b"a\0/")
+    # a name flagged UTF-8 that is not: zipfile raised UnicodeDecodeError, a traceback for the user
+    utf = bytearray(_zip([("handlers/Z.py", b"x = 1\n")]).replace(b"/Z.py", b"/\xff.py"))
+    at = utf.index(b"PK\x01\x02")
+    struct.pack_into("<H", utf, at + 8, struct.unpack_from("<H", utf, at + 8)[0] | 0x800)
     cases = {
+        "nul": (nul, "has a NUL in its name"),
+        "not utf-8": (bytes(utf), "not a readable zip archive"),
         "hidden": (hidden + plain, "bytes no entry accounts for"),
         "bomb": (bytes(bomb), "unpacks to more than its stated 10 bytes"),
         "renamed": (bytes(renamed), "is named 'handlers/b.py' in its own header"),
