@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent set-up on a fresh Debian machine (Python 3.11, Java 17): Debian packages the
 # project reads, and the virtual environment with the pinned dependencies.
-# Re-running is cheap: the venv is reinstalled only when pyproject.toml or the lock changes.
+# Re-running is cheap: the venv is made again only when pyproject.toml or the lock changes
+# (from scratch: a package the lock dropped must not linger where CI's fresh venv lacks it).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -20,6 +21,13 @@ if ((${#need_apt[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   $sudo_ apt-get install -y -q --no-install-recommends "${need_apt[@]}" >/dev/null \
     || { $sudo_ apt-get update -q >/dev/null && $sudo_ apt-get install -y -q --no-install-recommends "${need_apt[@]}" >/dev/null; }
+  # The project runs its own Prometheus (tests) and needs only the binaries: on a host run by
+  # systemd, Debian's package also starts and enables a server on every interface (:9090).
+  if [[ " ${need_apt[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null \
+      && systemctl is-enabled --quiet prometheus 2>/dev/null; then
+    echo "setup: stopping and disabling the prometheus service the package started (the project needs its binaries only)"
+    $sudo_ systemctl disable --now --quiet prometheus || true
+  fi
 fi
 java_major="$(java -XshowSettings:properties -version 2>&1 | sed -n 's/^ *java.specification.version = //p' || true)"
 [ "${java_major:-0}" -ge 17 ] 2>/dev/null \
@@ -27,9 +35,9 @@ java_major="$(java -XshowSettings:properties -version 2>&1 | sed -n 's/^ *java.s
 
 stamp=".venv/.installed-$(cat pyproject.toml requirements-dev.lock | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
-  echo "setup: creating .venv and installing the locked dependencies (a few minutes the first time)"
-  # A venv made without ensurepip has a python but no pip: make it again.
-  .venv/bin/python -m pip --version >/dev/null 2>&1 || { rm -rf .venv; "$py" -m venv .venv; }
+  echo "setup: creating .venv and installing the locked dependencies (a few minutes)"
+  rm -rf .venv
+  "$py" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade "pip==26.3"
   # Every package at its locked version and hash (scripts/lock.sh); then the project alone,
   # built with the lock's setuptools.

@@ -125,3 +125,41 @@ def test_a_step_that_fails_at_once_fails_the_script_with_its_status(tmp_path: Pa
     lost = _program(tmp_path / "lost", "exit 127\n")  # its own 127, not "already waited for"
     script = _steps(tmp_path, f"rc=0\nstep {lost} || rc=$?\nexit $rc")
     assert subprocess.run(["bash", str(script)], timeout=20).returncode == 127
+
+
+def test_setup_stops_the_prometheus_service_its_package_started(tmp_path: Path) -> None:
+    """Debian's prometheus package, installed on a host run by systemd, starts and enables a
+    server on every interface; set-up needs its binaries only, so it disables the service it
+    caused (never one that was there before: only where it installed the package itself).
+    Set-up runs from a copy whose venv is up to date, on stand-ins for apt and systemd."""
+    import hashlib
+
+    root = tmp_path / "checkout"
+    (root / "scripts").mkdir(parents=True)
+    (root / "scripts" / "setup.sh").write_text((REPO / "scripts" / "setup.sh").read_text())
+    digest = b""
+    for name in ("pyproject.toml", "requirements-dev.lock"):
+        (root / name).write_bytes((REPO / name).read_bytes())
+        digest += (REPO / name).read_bytes()
+    (root / ".venv").mkdir()
+    (root / ".venv" / f".installed-{hashlib.sha256(digest).hexdigest()[:16]}").touch()
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    calls = tmp_path / "calls"
+    for name in ("apt-get", "systemctl", "sudo"):
+        _program(bin_ / name, f'echo "{name} $*" >> {calls}\n' + ('exec "$@"\n' if name == "sudo" else ""))
+    _program(bin_ / "dpkg-query", '[ "$3" = prometheus ] && exit 1; printf "install ok installed"\n')
+    _program(bin_ / "java", 'echo "    java.specification.version = 17" >&2\n')
+    env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "PYTHON": sys.executable}
+    r = subprocess.run(["bash", str(root / "scripts" / "setup.sh")], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = calls.read_text().splitlines()
+    assert any(ln.startswith("apt-get install") and ln.endswith(" prometheus") for ln in lines), lines
+    assert lines[-2:] == ["systemctl is-enabled --quiet prometheus", "systemctl disable --now --quiet prometheus"], lines
+    # installed before: left as it is
+    _program(bin_ / "dpkg-query", 'printf "install ok installed"\n')
+    calls.unlink()
+    assert subprocess.run(["bash", str(root / "scripts" / "setup.sh")], env=env, timeout=60,
+                          capture_output=True).returncode == 0
+    assert not calls.exists()
