@@ -283,9 +283,9 @@ def _group_is_torchserve(pgid: int, run_dir: Path) -> bool:
 _STAND_DOWN = b"x"
 
 
-def _lifeline(pgid: int) -> int:
-    """Start a watchdog that stops process group ``pgid`` when this process ends without
-    standing it down; return the write end of its pipe (keep it open).
+def _lifeline(pgid: int, run_dir: Path) -> int:
+    """Start a watchdog that stops process group ``pgid``, TorchServe's from ``run_dir``, when
+    this process ends without standing it down; return the write end of its pipe (keep it open).
 
     The watchdog reads its stdin, a pipe whose only write end this process holds (not
     inherited by children it starts: PEP 446). EOF without :data:`_STAND_DOWN` first means
@@ -294,7 +294,7 @@ def _lifeline(pgid: int) -> int:
     read, write = os.pipe()
     try:
         subprocess.Popen([sys.executable, "-c", "import sys; from model_store.serve import _watch; "
-                          "_watch(int(sys.argv[1]))", str(pgid)],
+                          "_watch(int(sys.argv[1]), sys.argv[2])", str(pgid), str(run_dir)],
                          stdin=read, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          cwd=REPO, start_new_session=True)
     except BaseException:
@@ -305,10 +305,12 @@ def _lifeline(pgid: int) -> int:
     return write
 
 
-def _watch(pgid: int) -> None:
-    """The watchdog's body (:func:`_lifeline`). A live group with this id is the one it
-    watches: Linux hands out no pid that is the id of an existing process group."""
-    if sys.stdin.buffer.read(1) != _STAND_DOWN and _group_alive(pgid):
+def _watch(pgid: int, run_dir: str) -> None:
+    """The watchdog's body (:func:`_lifeline`). The group is stopped only where it is still
+    TorchServe's from ``run_dir`` (:func:`_alive`): Linux hands out no pid that is the id of an
+    existing group, but once TorchServe's group has gone (it crashed) its id may lead another
+    program's, which a bare "a group with this id lives" would have stopped."""
+    if sys.stdin.buffer.read(1) != _STAND_DOWN and _alive(pgid, Path(run_dir)):
         _stop_group(pgid, timeout=30.0)
 
 
@@ -532,7 +534,7 @@ def start(settings: ServeSettings, wait: bool = True, outlive_caller: bool = Fal
     ts = TorchServe(settings, names, proc.pid, proc, log_offsets=offsets)
     try:  # from here on, a failure (a full disk, an interrupt) stops what was started
         if not outlive_caller:
-            ts.lifeline = _lifeline(proc.pid)
+            ts.lifeline = _lifeline(proc.pid, run_dir)
         # whole or not at all: `stop` reads it to find what to stop
         partial = run_dir / f".{STATE_FILE}.{proc.pid}"
         partial.write_text(json.dumps(

@@ -242,23 +242,37 @@ def test_a_caller_killed_by_sigkill_leaves_no_torchserve(tiny_store: Path, tmp_p
 
 def test_a_torchserve_stopped_in_order_stands_its_watchdog_down(tmp_path: Path) -> None:
     """stop() writes the stand-down byte before closing the pipe: the watchdog then leaves
-    the (already stopped) group id alone."""
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    the (already stopped) group id alone. Without it (its owner died), the watchdog stops the
+    group only where it is still TorchServe's from the run dir: a group whose id a crashed
+    TorchServe's pid came to lead is another program's (found by review)."""
+    def sleeper(*marks: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *marks],
+                                cwd=tmp_path, start_new_session=True)
+
+    def watchdog_of(pid: int) -> psutil.Process:  # the session's TorchServe has a watchdog of its own
+        return next(p for p in psutil.Process().children()
+                    if "_watch" in " ".join(p.cmdline()) and str(pid) in p.cmdline())
+
+    launcher, other = sleeper("ts.model_server"), sleeper()  # TorchServe's launcher, as _alive knows it
     try:
-        ts = serve.TorchServe(serve.ServeSettings(run_dir=tmp_path), [], sleeper.pid)
-        ts.lifeline = serve._lifeline(sleeper.pid)
-        # This one: the session's TorchServe has a watchdog of its own.
-        watchdog = next(p for p in psutil.Process().children()
-                        if "_watch" in " ".join(p.cmdline()) and p.cmdline()[-1] == str(sleeper.pid))
-        ts.stop()  # the launcher is not ours (no process, not ts.model_server): only stands down
+        ts = serve.TorchServe(serve.ServeSettings(run_dir=tmp_path), [], other.pid)
+        ts.lifeline = serve._lifeline(other.pid, tmp_path)
+        watchdog = watchdog_of(other.pid)
+        ts.stop()  # not TorchServe: stop() only stands the watchdog down (as where it is gone)
         assert ts.lifeline is None
         watchdog.wait(timeout=30)
-        assert sleeper.poll() is None  # a stood-down watchdog stops nothing
-        loose = serve._lifeline(sleeper.pid)
+        assert other.poll() is None  # a stood-down watchdog stops nothing
+        loose = serve._lifeline(other.pid, tmp_path)
+        watchdog = watchdog_of(other.pid)
         os.close(loose)  # EOF without the byte: as if its owner had died
-        sleeper.wait(timeout=40)
+        watchdog.wait(timeout=30)
+        assert other.poll() is None  # not TorchServe: left alone
+        loose = serve._lifeline(launcher.pid, tmp_path)
+        os.close(loose)
+        launcher.wait(timeout=40)
     finally:
-        sleeper.kill()
+        launcher.kill()
+        other.kill()
 
 
 def _free_port_base() -> int:
