@@ -281,6 +281,7 @@ def _group_is_torchserve(pgid: int, run_dir: Path) -> bool:
 
 
 _STAND_DOWN = b"x"
+LAUNCHER_PID_FILE = ".model_server.pid"  # ts.model_server's, in its temp dir
 
 
 def _lifeline(pgid: int, run_dir: Path) -> int:
@@ -507,6 +508,10 @@ def start(settings: ServeSettings, wait: bool = True, outlive_caller: bool = Fal
     (run_dir / "logs").mkdir(mode=0o700, exist_ok=True)
     (run_dir / "tmp").mkdir(mode=0o700, exist_ok=True)
     (run_dir / KEY_FILE).unlink(missing_ok=True)
+    # The launcher's pid file from a run that ended without `stop` (TMPDIR below): nothing
+    # runs from this run dir (attach), but were its pid now another TorchServe's JVM, the
+    # launcher would refuse to start ("already running").
+    (run_dir / "tmp" / LAUNCHER_PID_FILE).unlink(missing_ok=True)
     config = run_dir / "config.properties"
     config.write_text(render_config(settings))
     cmd = [

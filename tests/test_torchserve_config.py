@@ -209,6 +209,23 @@ def test_unknown_model_and_idle_stop(tiny_store: Path, tmp_path: Path) -> None:
     assert serve.attach(tmp_path) is None
 
 
+def test_a_pid_file_left_by_a_run_that_ended_unstopped_does_not_block_the_next(tiny_store: Path,
+                                                                              tmp_path: Path) -> None:
+    """The launcher keeps its JVM's pid in the run dir's temp folder and refuses to start while
+    that pid is a TorchServe's: left behind by a run that ended without ``stop``, and the pid
+    since reused by another run dir's TorchServe, it blocked this one ("already running")."""
+    run_dir = tmp_path / "run"
+    (run_dir / "tmp").mkdir(parents=True, mode=0o700)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "org.pytorch.serve.ModelServer"])
+    try:
+        (run_dir / "tmp" / serve.LAUNCHER_PID_FILE).write_text(f"{other.pid}\n")
+        with serve.start(serve.ServeSettings.on_free_ports(store=tiny_store, run_dir=run_dir,
+                                                           models=("fmnist-cnn-onnx",))) as ts:
+            assert ts.model_status("fmnist-cnn-onnx")["workers"]
+    finally:
+        other.kill()
+
+
 @pytest.mark.slow
 def test_a_caller_killed_by_sigkill_leaves_no_torchserve(tiny_store: Path, tmp_path: Path) -> None:
     """A test run or benchmark killed outright (CI's timeout, an OOM kill) runs no clean-up:
