@@ -222,9 +222,6 @@ class Coalescer:
         model_name, version = key
         timeout_s = max(w.deadline for w in batch) - time.monotonic()
         try:
-            if self._metrics is not None:
-                self._metrics.series(self._metrics.backend_batch_images,
-                                     self._metrics.model_of(model_name)).observe(len(batch))
             if len(batch) == 1:  # nothing to coalesce: the plain call (and its errors) as is
                 outs: list[ProbeOutput | GatewayError] = [
                     await self._plain(model_name, batch[0], timeout_s, version)]
@@ -234,6 +231,7 @@ class Coalescer:
                     outs = await self._one_by_one(lane, model_name, batch, version)
                 else:
                     try:
+                        self._observe_call(model_name, len(batch))
                         outs = await self.backend.probe_batch(
                             model_name, [(w.image, w.plan) for w in batch], timeout_s, version)
                     except BackendRefused:
@@ -254,18 +252,30 @@ class Coalescer:
             log.exception("coalesced backend call failed")
             outs = [BackendUnavailable("backend is unavailable")] * len(batch)
         for w, out in zip(batch, outs):
-            if w.future.done():
-                continue
-            if isinstance(out, GatewayError):
-                w.future.set_exception(type(out)(str(out)))
-            else:
-                w.future.set_result(out)
+            self._answer(w, out)
+
+    @staticmethod
+    def _answer(w: _Waiting, out: ProbeOutput | GatewayError) -> None:
+        """Hand ``out`` to the caller of ``w``, unless it has its answer or has gone."""
+        if w.future.done():
+            return
+        if isinstance(out, GatewayError):
+            w.future.set_exception(type(out)(str(out)))
+        else:
+            w.future.set_result(out)
+
+    def _observe_call(self, model_name: str, images: int) -> None:
+        """One TorchServe call of ``images`` images (a refused one too: TorchServe had it)."""
+        if self._metrics is not None:
+            self._metrics.series(self._metrics.backend_batch_images,
+                                 self._metrics.model_of(model_name)).observe(images)
 
     async def _one_by_one(self, lane: _Lane, model_name: str, batch: list[_Waiting],
                           version: str) -> list[ProbeOutput | GatewayError]:
         """Each request of a refused batch on its own, at most ``max_calls`` at a time for the
         lane, whatever number of its batches were refused at once (the lane counts a batch as
-        one call: sent all at once, a batch of 32 was 32 calls in flight)."""
+        one call: sent all at once, a batch of 32 was 32 calls in flight). Each caller is
+        answered as its own call comes back, not when the batch's slowest has."""
         if lane.fallback is None:
             lane.fallback = asyncio.Semaphore(self.config.max_calls or HANDLER_MAX_BATCH_ITEMS)
 
@@ -274,11 +284,14 @@ class Coalescer:
                 now = time.monotonic()
                 if w.future.done() or w.deadline <= now:  # gone, or out of time: not sent
                     return DeadlineExceeded("deadline exceeded while waiting for the backend")
-                return await self._plain(model_name, w, w.deadline - now, version)
+                out = await self._plain(model_name, w, w.deadline - now, version)
+            self._answer(w, out)
+            return out
 
         return list(await asyncio.gather(*(one(w) for w in batch)))
 
     async def _plain(self, model_name: str, w: _Waiting, timeout_s: float, version: str) -> ProbeOutput | GatewayError:
+        self._observe_call(model_name, 1)
         try:
             return await self.backend.probe(model_name, w.image, w.plan, timeout_s, version)
         except GatewayError as e:

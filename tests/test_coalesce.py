@@ -492,6 +492,41 @@ def test_a_refused_batch_goes_one_by_one_within_the_call_limit() -> None:
     assert peak == 2
 
 
+def test_a_refused_batchs_callers_are_answered_each_as_its_own_call_returns() -> None:
+    """Sent one by one, a refused batch's callers all waited for the slowest of their calls
+    (a batch of 32 at max_calls 4: the first caller about 8 call times). Each is answered as
+    its call comes back; every call, the refused one too, is counted as a call to TorchServe."""
+    from service.metrics import Metrics
+
+    class Refusing(ScriptedBackend):
+        async def probe_batch(self, model_name, items, timeout_s, version=""):
+            raise refusal("batch has 4 items; the limit is 1")
+
+        async def probe(self, model_name, image, plan, timeout_s, version=""):
+            await asyncio.sleep(1.0 if image.flat[1] == 0 else 0.01)  # the first image's call is slow
+            return self._answer(image)
+
+    async def main():
+        metrics = Metrics()
+        c = Coalescer(Refusing(), CoalesceConfig(max_batch=4, max_wait_ms=60_000, max_calls=4), metrics)
+        done: dict[int, float] = {}
+        t0 = time.monotonic()
+
+        async def call(i: int) -> None:
+            await c.probe("m", image(i), None, 5.0)
+            done[i] = time.monotonic() - t0
+
+        await asyncio.gather(*(call(i) for i in range(4)))
+        return done, metrics
+
+    done, metrics = run(main())
+    assert done[0] >= 1.0 and max(done[i] for i in (1, 2, 3)) < 0.5, done
+    calls = {s.name: s.value for m in metrics.registry.collect() if m.name == "robustgate_backend_batch_images"
+             for s in m.samples if s.labels.get("model") == "m"}
+    assert calls["robustgate_backend_batch_images_count"] == 5  # the refused call and four plain ones
+    assert calls["robustgate_backend_batch_images_sum"] == 8
+
+
 def test_close_does_not_wait_for_a_call_whose_callers_have_gone() -> None:
     """At the server's stop every handler is cancelled, then the coalescer closes: it waited
     for each call in flight, up to a backend timeout, for answers nobody would read (the
