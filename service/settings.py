@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 ENV_PREFIX = "ROBUSTGATE_"
 # handlers/model-config.yaml's handler.max_batch_items: a coalesced batch above it is refused whole.
 HANDLER_MAX_BATCH_ITEMS = 256
+MIN_WORKER_TIMEOUT_S = 1.0  # a watched worker's shortest timeout (Settings.worker_timeout_s)
 MAX_WORKERS = 64
 # gRPC takes its options as 32-bit ints: message sizes in bytes, durations in milliseconds
 # (and its deadlines overflow beyond about 292 years); larger values failed the start with an
@@ -114,7 +115,7 @@ class Settings:
     replacement that does not listen within 120 s more. Its loop marks a heartbeat every
     second once it listens; nothing in a request blocks the loop for more than milliseconds.
     One process is watched by the pod's liveness probe instead, which with several workers
-    reaches only the one its connection lands on. 0: not watched."""
+    reaches only the one its connection lands on. 0: not watched; otherwise at least 1 s."""
     stream_window: int = 16
     """Items of one ClassifyStream processed at once, coalesced like concurrent calls; answers
     still leave in request order. The next item is read only when one of them is answered (and
@@ -227,6 +228,10 @@ class Settings:
             raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
         if self.worker_timeout_s < 0:
             raise ValueError("worker_timeout_s must be >= 0 (0: not watched)")
+        if 0 < self.worker_timeout_s < MIN_WORKER_TIMEOUT_S:  # the supervisor looks every 0.2 s; below
+            # twice that, every look took it for a frozen pod and forgave every hung worker
+            raise ValueError(f"worker_timeout_s must be 0 (not watched) or at least {MIN_WORKER_TIMEOUT_S:g} s, "
+                             f"got {self.worker_timeout_s:g}")
         if self.max_connection_age_s < 0:
             raise ValueError("max_connection_age_s must be >= 0 (0: never)")
         if self.keepalive_time_s < 0:

@@ -306,6 +306,8 @@ class Supervisor:
 
     def _replace_dead(self, worker_settings: Settings, metrics_path: str) -> bool:
         """Start a worker in place of each that exited; False when they die too often."""
+        while not self.why.empty():  # a replacement's reason for not starting (it logged it):
+            self.why.get()           # unread, 64 KiB of them would block the next in its put
         for i, s in enumerate(self.slots):
             if s.proc.is_alive():
                 continue

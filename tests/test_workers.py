@@ -438,6 +438,9 @@ def test_heartbeats_come_often_enough_for_the_timeout() -> None:
     assert beat_interval(0.0) == 1.0  # not watched: beats cost nothing to keep
     with pytest.raises(ValueError, match="worker_timeout_s must be >= 0"):
         Settings(worker_timeout_s=-1)
+    # shorter than two of the supervisor's looks, every look forgave every hung worker
+    with pytest.raises(ValueError, match="worker_timeout_s must be 0 .* or at least 1 s, got 0.3"):
+        Settings(worker_timeout_s=0.3)
 
 
 STOP_STRESS = """
@@ -474,3 +477,14 @@ def test_the_stop_flag_waits_for_its_timeout_or_until_set() -> None:
     threading.Timer(0.05, flag.set).start()
     t0 = time.monotonic()
     assert flag.wait(5) is True and time.monotonic() - t0 < 1 and flag.is_set()
+
+
+def test_replacements_reasons_are_read_so_none_blocks_on_a_full_pipe() -> None:
+    """A worker that cannot start puts its reason in a pipe the supervisor read only during the
+    first start: replacements' reasons piled up until, some 64 KiB later, one blocked in its
+    put and stood hung until the watch killed it. Each round of replacing drains them."""
+    sup = Supervisor(Settings(workers=2))
+    for _ in range(3):
+        sup.why.put("cannot listen on 127.0.0.1:1: the port is taken")
+    assert sup._replace_dead(Settings(), "/nonexistent") is True  # no slot has died
+    assert sup.why.empty()
