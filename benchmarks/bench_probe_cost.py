@@ -33,6 +33,7 @@ from PIL import Image
 from model_store import build, data, serve
 from robustgate.torchserve import inference_pb2, inference_pb2_grpc
 from robustgate.v1 import probe_pb2
+from service.backend import NO_PROXY
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -77,7 +78,7 @@ async def measure(ts, stub, token, model: str, images: list[bytes], plan: bytes 
         return await timed_calls(
             lambda img: worker_seconds(stub.Predictions(request(model, img, plan), metadata=token, timeout=60)),
             images, calls)
-    async with grpc.aio.insecure_channel(ts.grpc_inference_target) as channel:
+    async with grpc.aio.insecure_channel(ts.grpc_inference_target, options=[NO_PROXY]) as channel:
         aio_stub = inference_pb2_grpc.InferenceAPIsServiceStub(channel)
 
         async def call(img: bytes) -> float:
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = serve.ServeSettings.on_free_ports(store=args.store, run_dir=Path(run_dir),
                                                      disable_system_metrics=True)
         print(f"starting TorchServe on {args.store} ...", flush=True)
-        with serve.start(settings) as ts, grpc.insecure_channel(ts.grpc_inference_target) as channel:
+        with serve.start(settings) as ts, grpc.insecure_channel(ts.grpc_inference_target, options=[NO_PROXY]) as channel:
             stub = inference_pb2_grpc.InferenceAPIsServiceStub(channel)
             token = [("authorization", f"Bearer {ts.keys().inference}")]
             first = stub.Predictions(request(ts.models[0], images[0], plan.SerializeToString()), metadata=token)

@@ -55,6 +55,7 @@ import numpy as np
 
 from benchmarks.report import parser, report_stem, run_facts, store_with_policy, write_report
 from model_store.archive import FORMATS
+from service.backend import NO_PROXY
 from service.metrics import STAGES
 from service.settings import Settings
 
@@ -676,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
         """Where each archive's TorchServe worker runs the model, as its answer says (the
         ProbeResult's runtime and device): format -> e.g. "torchscript on cuda:0"."""
         out = {}
-        async with grpc.aio.insecure_channel(ts.grpc_inference_target) as ch:
+        async with grpc.aio.insecure_channel(ts.grpc_inference_target, options=[NO_PROXY]) as ch:
             stub = inference_pb2_grpc.InferenceAPIsServiceStub(ch)
             for name in ts.models:
                 answer = await stub.Predictions(inference_pb2.PredictionsRequest(
@@ -779,7 +780,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, store in rows.items():
                 started.append(start_gateway(store, ts, tmp, **coalesce, **{"metrics-port": str(ports[name])}))
             async with contextlib.AsyncExitStack() as stack:
-                ts_ch = await stack.enter_async_context(grpc.aio.insecure_channel(ts.grpc_inference_target))
+                ts_ch = await stack.enter_async_context(grpc.aio.insecure_channel(ts.grpc_inference_target, options=[NO_PROXY]))
                 ts_stub = inference_pb2_grpc.InferenceAPIsServiceStub(ts_ch)
                 # the plain call the gateway's added latency is measured against, in the same turns;
                 # and each gated row's first plan sent straight to TorchServe: the plan's cost around

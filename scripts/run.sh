@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main command: set up, build and calibrate the default model if missing, then serve it:
 # TorchServe on loopback (token auth on) and the RobustGate gateway in the foreground.
-# Ctrl-C (or SIGTERM) at any point stops it: during the build, the calibration or
+# Ctrl-C (or SIGTERM, or a hangup) at any point stops it: during the build, the calibration or
 # TorchServe's start it stops that step (set-up finishes first); once serving, it drains the
 # gateway; TorchServe is stopped either way.
 set -euo pipefail

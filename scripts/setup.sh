@@ -36,8 +36,10 @@ java_major="$(java -XshowSettings:properties -version 2>&1 | sed -n 's/^ *java.s
 stamp=".venv/.installed-$(cat pyproject.toml requirements-dev.lock | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "setup: creating .venv and installing the locked dependencies (a few minutes)"
-  rm -rf .venv
-  "$py" -m venv .venv
+  # The interpreter the venv is made from, never the venv's own (run from a shell where
+  # .venv is activated, python3.11 is the one about to be cleared).
+  base="$("$py" -c 'import sys; print(getattr(sys, "_base_executable", sys.executable))')"
+  "$base" -m venv --clear .venv  # its contents only: a .venv that is a mount point stays one
   .venv/bin/python -m pip install -q --upgrade "pip==26.3"
   # Every package at its locked version and hash (scripts/lock.sh); then the project alone,
   # built with the lock's setuptools.

@@ -157,6 +157,11 @@ BACKEND_MAX_SEND_BYTES = 8 << 20
 BACKEND_MAX_RECEIVE_BYTES = 64 << 20
 
 
+# A channel option: never through http_proxy / grpc_proxy, which gRPC honours even for
+# 127.0.0.1: a pod that sets one for its egress would send TorchServe's token to the proxy.
+NO_PROXY = ("grpc.enable_http_proxy", 0)
+
+
 class TorchServeBackend:
     """Async client of TorchServe's gRPC inference API (one channel for every call)."""
 
@@ -173,9 +178,7 @@ class TorchServeBackend:
             # Reconnect within seconds once TorchServe is back (gRPC's default backoff grows to 120 s).
             ("grpc.initial_reconnect_backoff_ms", 250),
             ("grpc.max_reconnect_backoff_ms", 2000),
-            # Never through http_proxy / grpc_proxy (gRPC honours them even for 127.0.0.1): a
-            # pod that sets one for its egress would send TorchServe's token to the proxy.
-            ("grpc.enable_http_proxy", 0),
+            NO_PROXY,
         ]
         self._channel = grpc.aio.insecure_channel(address, options=opts)  # loopback inside the pod
         self._stub = inference_pb2_grpc.InferenceAPIsServiceStub(self._channel)

@@ -172,7 +172,7 @@ class Admission:
     @contextlib.contextmanager
     def slot(self, connection: Connection | None = None):
         """One request in flight, counted against ``connection``'s share too where given (a
-        stream's items take theirs before they are read)."""
+        stream's items take theirs with :meth:`Connection.take` as they are read)."""
         if connection is not None and connection.full():
             self.metrics.shed["connection"].inc()
             _throttled.log(logging.WARNING, "connection", "a client connection (%s) is at its limit of %d "

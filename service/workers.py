@@ -281,8 +281,11 @@ class Supervisor:
                         now - self._watched_at)
             for s in self.slots:
                 s.beat.value = max(s.beat.value, now)  # a starting worker keeps its allowance
-        self._watched_at = now
+        began = time.monotonic()
         self._kill_hung(now, timeout)
+        # from the look's end: the time spent killing (0.5 s for each one's stacks) was this
+        # process running, not frozen; counted as a gap, it forgave every other stale worker
+        self._watched_at = now + (time.monotonic() - began)
 
     def _kill_hung(self, now: float, timeout: float) -> None:
         """SIGKILL each worker whose heartbeat is older than ``timeout`` at ``now`` (one that

@@ -129,5 +129,6 @@ def proxy_env(monkeypatch: pytest.MonkeyPatch):
     try:
         yield seen
     finally:
+        listener.shutdown(socket.SHUT_RDWR)  # wakes the accept (close alone does not, on Linux)
         listener.close()
         thread.join(5)

@@ -106,6 +106,9 @@ def _broken(mutate: Any) -> dict[str, Any]:
     # an integer beyond any float raised OverflowError (the gateway's start: a traceback)
     (lambda d: d["checks"]["viewpoint"].update(flag=10 ** 400), "checks.viewpoint.flag: must be finite"),
     (lambda d: d["references"]["squeeze"][0].update(values=[10 ** 400]), "values must be numbers"),
+    (lambda d: d["references"]["density"]["means"][0].__setitem__(0, 10 ** 400), "density model"),
+    (lambda d: d["calibration"].update(flag_rate_target=10 ** 400), "calibration.flag_rate_target: must be finite"),
+    (lambda d: d["calibration"].update(flag_rate_target=float("inf")), "calibration.flag_rate_target"),
     # falsy values of the wrong type were read as empty (no checks, no references)
     (lambda d: d.update(checks=[]), "checks"),
     (lambda d: d.update(checks=False), "checks"),

@@ -98,7 +98,10 @@ def test_json_round_trip_and_bad_files() -> None:
     for bad, match in (({**good, "extra": 1}, "optionally"), ({**good, "bias": "x"}, "bias"),
                        ({**good, "weights": good["weights"][:-1]}, "length"),
                        ({**good, "scale": [0.0] * F}, "scale"),
-                       ({**good, "mean": ["a"] * F}, "squeeze detector")):
+                       ({**good, "mean": ["a"] * F}, "squeeze detector"),
+                       # integers beyond any float: OverflowError, a traceback at the gateway's start
+                       ({**good, "bias": 10 ** 400}, "squeeze detector"),
+                       ({**good, "mean": [10 ** 400] * F}, "squeeze detector")):
         with pytest.raises(CalibrationError, match=match):
             SqueezeDetector.from_dict(bad)
 

@@ -146,8 +146,9 @@ def test_setup_stops_the_prometheus_service_its_package_started(tmp_path: Path) 
     bin_ = tmp_path / "bin"
     bin_.mkdir()
     calls = tmp_path / "calls"
-    for name in ("apt-get", "systemctl", "sudo"):
-        _program(bin_ / name, f'echo "{name} $*" >> {calls}\n' + ('exec "$@"\n' if name == "sudo" else ""))
+    for name in ("apt-get", "systemctl"):
+        _program(bin_ / name, f'echo "{name} $*" >> {calls}\n')
+    _program(bin_ / "sudo", 'exec "$@"\n')  # not root: the same commands, through sudo
     _program(bin_ / "dpkg-query", '[ "$3" = prometheus ] && exit 1; printf "install ok installed"\n')
     _program(bin_ / "java", 'echo "    java.specification.version = 17" >&2\n')
     env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "PYTHON": sys.executable}

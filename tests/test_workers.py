@@ -407,6 +407,34 @@ def test_the_supervisor_kills_silent_workers_and_those_that_never_listen(caplog)
             x.proc.join()
 
 
+def test_the_time_a_kill_takes_is_not_taken_for_a_frozen_supervisor() -> None:
+    """A kill waits half a second for the worker's stacks: the next look, right after, saw a gap
+    over half a 1 s timeout, took the supervisor for frozen and forgave every other stale
+    worker. The gap now counts from the end of the look that killed."""
+    sup = Supervisor(Settings(workers=2, worker_timeout_s=1.0))
+
+    def slot() -> _Slot:
+        proc = sup.ctx.Process(target=time.sleep, args=(60,))
+        proc.start()
+        event = sup.ctx.Event()
+        event.set()
+        return _Slot(proc, event, sup.ctx.RawValue("d", 0.0))
+
+    first, second = slot(), slot()
+    sup.slots = [first, second]
+    try:
+        now = time.monotonic()
+        first.beat.value, second.beat.value = now - 5.0, now - 0.9  # the second: stale by the next look
+        sup._watch(now)
+        assert not first.proc.is_alive() and second.proc.is_alive()
+        sup._watch(time.monotonic())
+        assert not second.proc.is_alive()
+    finally:
+        for x in sup.slots:
+            x.proc.kill()
+            x.proc.join()
+
+
 def test_a_frozen_pod_does_not_cost_every_worker() -> None:
     """After the supervisor itself stood still (a frozen or starved container), the workers,
     which stood still with it, get a fresh timeout rather than all being killed at once."""

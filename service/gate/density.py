@@ -93,7 +93,7 @@ class DensityModel:
         try:
             return cls(np.asarray(data["means"], dtype=np.float64),
                        np.asarray(data["precision"], dtype=np.float64))
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:  # overflow: an integer beyond any float
             if isinstance(exc, CalibrationError):
                 raise
             raise CalibrationError(f"density model: {exc}") from exc

@@ -20,7 +20,6 @@ The file is the only I/O of the gate. Layout (``schema`` = ``robustgate.policy.v
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from collections.abc import Mapping
@@ -215,9 +214,10 @@ def _references(raw: Any) -> References:
 def _calibration(raw: Any) -> dict[str, float | int | str | bool]:
     d = as_mapping(raw, "calibration", PolicyError)
     for key, value in d.items():
-        if not isinstance(value, (int, float, str, bool)) or (
-                isinstance(value, float) and not math.isfinite(value)):
+        if not isinstance(value, (int, float, str, bool)):
             raise PolicyError(f"calibration.{key}: expected a finite number, string or "
                               f"boolean")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            as_float(value, f"calibration.{key}", PolicyError)  # finite, an integer too (read as a float)
     return dict(d)
 

@@ -348,8 +348,9 @@ class SqueezeDetector:
         if isinstance(data["bias"], bool) or not isinstance(data["bias"], (int, float)):
             raise CalibrationError("squeeze detector: bias must be a number")
         try:
+            bias = float(data["bias"])
             arrays = [np.asarray(data[k], dtype=np.float64) for k in ("mean", "scale", "weights")]
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:  # overflow: an integer beyond any float
             raise CalibrationError(f"squeeze detector: {exc}") from exc
         jitter = data.get("jitter", [0, 0.0])
         if not isinstance(jitter, list) or len(jitter) != 2:
@@ -361,9 +362,9 @@ class SqueezeDetector:
                 raise CalibrationError("squeeze detector: hidden must be {'weights', 'bias'}")
             try:
                 hidden = [np.asarray(layer[k], dtype=np.float64) for k in ("weights", "bias")]
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError, OverflowError) as exc:
                 raise CalibrationError(f"squeeze detector: hidden: {exc}") from exc
-        return cls(*arrays, bias=float(data["bias"]), clean=EmpiricalCDF.from_dict(data["clean"]),
+        return cls(*arrays, bias=bias, clean=EmpiricalCDF.from_dict(data["clean"]),
                    context=tuple(context), views=data.get("views", 0), jitter=tuple(jitter),
                    hidden_weights=hidden[0], hidden_bias=hidden[1])
 
