@@ -47,7 +47,7 @@ from service.backend import TorchServeBackend, read_inference_key
 from service.gate.calibrate import (
     DEFAULT_CONFIDENCE, calibrate_thresholds, fit_squeeze_references, with_thresholds,
 )
-from service.gate.checks import Check
+from service.gate.checks import CHEAP_CHECKS, Check
 from service.gate.defaults import DEFAULT_VIEWS, default_probe, draft_policy
 from service.gate.density import fit_density
 from service.gate.engine import RawScores, check_scores, detector_input, raw_scores
@@ -263,6 +263,8 @@ async def calibrate(
     attacked = scores_matrix(raw_adv, spec, policy)
 
     enabled = [c for c in checks if c in clean]
+    if warning := cascade_warning(enabled):
+        log(warning)
     result = calibrate_thresholds({c: clean[c] for c in enabled}, {c: attacked[c] for c in enabled},
                                   weights=weights, flag_rate=flag_rate, reject_rate=reject_rate, confidence=confidence)
     for kind in ("flag", "reject"):
@@ -295,6 +297,18 @@ async def calibrate(
     target = store / model / POLICY_FILE  # saved only once everything else still verifies
     archive.approve_changes(store, [f"{model}/{POLICY_FILE}"], write=lambda: save_policy(policy, target))
     return policy
+
+
+def cascade_warning(checks: Sequence[Check]) -> str | None:
+    """A warning when the noise check is calibrated beside cheap checks, else None. The budget
+    is shared out on every calibration image's noise score, but served in the cascade the noise
+    check scores only the images a cheap check escalates: it flags (and catches) less than the
+    summary's rates say, and the policy's realised clean rate falls below its target. Alone, it
+    scores every image, as calibrated (service/gate/cascade.py)."""
+    if Check.NOISE in checks and any(c in CHEAP_CHECKS for c in checks):
+        return ("warning: noise is calibrated as if it scored every image; beside cheap checks the cascade "
+                "scores it only where they escalate, so it flags and catches less than this summary says")
+    return None
 
 
 def squeeze_ceiling_warning(clean_squeeze: np.ndarray, kind: str, rate: float) -> str | None:

@@ -310,3 +310,14 @@ def test_noise_is_calibrated_on_the_copies_the_gateway_scores() -> None:
     wider = replace(policy, noise=NoiseSettings(sigma=0.25, detect_samples=48))
     assert calibration_spec(wider, 0, [Check.NOISE, S]).noise.count == 48
     assert calibration_spec(wider, 0, [S]).noise.count == 0
+
+
+def test_calibrating_noise_beside_cheap_checks_warns_that_its_rates_assume_every_image() -> None:
+    """The budget is shared on every image's noise score, but the cascade scores noise only
+    where a cheap check escalates (a review's synthetic case: calibrated to catch all attacks,
+    served it caught a third): the calibration says so. Alone, noise is scored everywhere."""
+    from service.calibration import DEFAULT_CHECKS, cascade_warning
+
+    assert "noise is calibrated as if it scored every image" in cascade_warning([*DEFAULT_CHECKS, Check.NOISE])
+    assert cascade_warning([Check.NOISE]) is None
+    assert cascade_warning(DEFAULT_CHECKS) is None
