@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import zipfile
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -132,7 +133,7 @@ def load_model(store: Path, name: str, backend_format: str, verified: dict[str, 
         raise PolicyMismatch(f"model {name!r}: the probe of {policy_path} does not fit the card's "
                              f"input: {e}") from None
     _warn_if_stale(name, policy)
-    _warn_if_noise_falls_short(name, policy)
+    _warn_if_noise_falls_short(name, policy, noise_sigma)
     formats = tuple(f for f in FORMATS if archive_path(store, name, f).is_file())
     archive = archive_path(store, name, backend_format)
     limits = read_archive_limits(archive) if archive.is_file() else None
@@ -186,14 +187,20 @@ def _warn_if_stale(name: str, policy: Policy) -> None:
                     "the draws the gateway makes", name, policy.version)
 
 
-def _warn_if_noise_falls_short(name: str, policy: Policy) -> None:
+def _warn_if_noise_falls_short(name: str, policy: Policy, trained_sigma: float) -> None:
     """Warn when the noise stage can never do what the policy asks of it: no copy fits in
     ``max_forward_passes`` after the cheap probe (an enabled noise check is then skipped on
     every request, certification never runs), fewer than ``noise.detect_samples`` do (the
     noise check scores fewer copies than its thresholds were calibrated on), or even unanimous
     copies certify less than ``noise.target_radius`` (every certificate reads "not
-    certified")."""
+    certified"); or when its noise is not the card's ``noise_sigma``, the noise the model was
+    trained under (any caller may ask for a certificate)."""
     n = policy.noise
+    if not math.isclose(n.sigma, trained_sigma, rel_tol=1e-6):
+        log.warning("model %r: policy %s draws noise at sigma %g, the model was trained at %g (its card): "
+                    "certificates still hold, for a smoothed model it was not trained as, so fewer certify "
+                    "and the noise check flags off its calibrated rate; recalibrate, or set noise.sigma back",
+                    name, policy.version, n.sigma, trained_sigma)
     cheap = policy.cheap_plan(0).rows
     budget = policy.noise_budget(cheap, certify=True)
     if budget == 0:

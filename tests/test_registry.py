@@ -69,6 +69,8 @@ def test_a_policy_calibrated_on_one_shared_jitter_draw_serves_and_is_named_at_st
     (lambda p: {"noise": replace(p.noise, detect_samples=64),
                 "calibration": {**p.calibration, "noise_copies": 32}},
      "scores the noise check on 64 copies, but its thresholds were calibrated on 32"),
+    # noise not the card's (0.25): certificates for a smoothed model it was not trained as
+    (lambda p: {"noise": replace(p.noise, sigma=0.5)}, "draws noise at sigma 0.5, the model was trained at 0.25"),
 ])
 def test_a_noise_stage_that_cannot_do_what_its_policy_asks_is_named_at_start_up(
         tmp_path: Path, caplog: pytest.LogCaptureFixture, changes, message: str) -> None:
