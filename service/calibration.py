@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import dataclasses
 import datetime as dt
+import hashlib
 import json
 import sys
 import time
@@ -287,6 +288,7 @@ async def calibrate(
                "squeeze_detector_jitter": bool(detector is not None and detector.reads_jitter),
                "squeeze_detector_hidden": detector.hidden if detector is not None else 0,
                JITTER_DRAWS[0]: JITTER_DRAWS[1],  # probe_all: each image's own seed
+               CALIBRATOR_KEY: calibrator_digest(),
                **({NOISE_COPIES: policy.noise.detect_samples} if Check.NOISE in checks else {}),
                **{f"attack_{k}": len(v) for k, v in attacked_sets.items()}}
     # Room for an opt-in certificate: the cheap probe plus the whole noise budget, with one
@@ -346,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="hidden tanh units of the squeeze detector; 0 fits a logistic regression, "
                         "whose weights read one per feature")
     p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--if-missing", action="store_true", help="do nothing when a policy for this model exists")
+    p.add_argument("--if-missing", action="store_true",
+                   help="do nothing when a current policy for this model exists (for these weights, by this code)")
     p.add_argument("--start-torchserve", action="store_true", help="start (and stop) TorchServe for the run")
     args = p.parse_args(argv)
     if args.detector_hidden < 0:
@@ -355,18 +358,53 @@ def main(argv: list[str] | None = None) -> int:
         return _calibrate_command(args)
 
 
+# The code a policy's figures come from: the calibration, the gate's scores and fits, and the
+# handler that computes every variant. ``--if-missing`` keeps a policy only where this code
+# is the code that calibrated it (recorded under CALIBRATOR_KEY).
+REPO = Path(__file__).resolve().parent.parent
+CALIBRATOR_SOURCES = ("service/calibration.py", "service/gate", "handlers")
+CALIBRATOR_KEY = "calibrator"
+
+
+def calibrator_digest(root: Path = REPO) -> str:
+    """16 hex digits of sha256 over :data:`CALIBRATOR_SOURCES`' Python files (names and bytes)."""
+    h = hashlib.sha256()
+    for rel in CALIBRATOR_SOURCES:
+        path = root / rel
+        for f in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def stale_reason(store: Path, model: str) -> str | None:
+    """Why ``model``'s policy in ``store`` must be calibrated (again), or None where it is
+    current: missing, unreadable, calibrated for other weights, or by other code (a policy kept
+    across a change of the gate or the handler scored with thresholds fitted to the old)."""
+    from service.gate.policy_io import load_policy
+
+    target = store / model / POLICY_FILE
+    if not target.is_file():
+        return "no policy"
+    try:
+        card = json.loads((store / model / "card.json").read_text())
+        policy = load_policy(target)
+        policy.check_model(card["hashes"]["model.pt"])
+    except Exception as e:  # broken, or another model's
+        return f"existing policy unusable ({e})"
+    found, now = policy.calibration.get(CALIBRATOR_KEY), calibrator_digest()
+    if found != now:
+        return f"existing policy calibrated by other code (calibrator {found or 'unrecorded'}, now {now})"
+    return None
+
+
 def _calibrate_command(args: argparse.Namespace) -> int:
     target = args.store / args.model / POLICY_FILE
     if args.if_missing and target.is_file():
-        from service.gate.policy_io import load_policy
-
-        try:
-            card = json.loads((args.store / args.model / "card.json").read_text())
-            load_policy(target).check_model(card["hashes"]["model.pt"])
+        why = stale_reason(args.store, args.model)
+        if why is None:
             print(f"[{args.model}] policy already calibrated: {target}")
             return 0
-        except Exception as e:  # stale or broken: recalibrate
-            print(f"[{args.model}] existing policy unusable ({e}); recalibrating")
+        print(f"[{args.model}] {why}; recalibrating")
     checks = [Check(c.strip()) for c in args.checks.split(",") if c.strip()]
     kwargs = dict(images=args.images, attack_images=args.attack_images, concurrency=args.concurrency,
                   flag_rate=args.flag_rate, reject_rate=args.reject_rate, checks=checks, mode=Mode(args.mode),

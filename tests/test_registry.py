@@ -297,3 +297,32 @@ def test_a_card_that_is_no_card_is_refused_with_its_path(tmp_path: Path, card: s
     (store / "fmnist-cnn" / "card.json").write_text(card)
     with pytest.raises(GatewayError, match=r"model 'fmnist-cnn': .*card\.json is not a valid model card \("):
         load_model(store, "fmnist-cnn", "onnx")
+
+
+def test_if_missing_keeps_a_policy_only_for_these_weights_and_this_code(tmp_path: Path) -> None:
+    """``calibration --if-missing`` (run.sh, test.sh) kept any policy that loaded for the
+    weights, also one calibrated before a change of the gate's scores or the handler's
+    variants: thresholds fitted to the old code, served by the new. The policy records the
+    calibrating code's digest; another digest (or none) is calibrated again."""
+    import shutil
+
+    from service.calibration import CALIBRATOR_KEY, calibrator_digest, stale_reason
+
+    assert stale_reason(tmp_path, "fmnist-cnn") == "no policy"
+    current = replace(make_policy(), calibration={"flag_rate_target": 0.05, CALIBRATOR_KEY: calibrator_digest()})
+    store = store_with(tmp_path / "current", current)
+    assert stale_reason(store, "fmnist-cnn") is None
+    store = store_with(tmp_path / "unrecorded", make_policy())
+    assert "calibrated by other code (calibrator unrecorded" in stale_reason(store, "fmnist-cnn")
+    store = store_with(tmp_path / "other-weights", current, model_sha="c" * 64)
+    assert "existing policy unusable" in stale_reason(store, "fmnist-cnn")
+    # the digest follows the code: a copy of the sources reads the same, one changed byte not
+    copy = tmp_path / "tree"
+    for rel in ("service/calibration.py", "service/gate", "handlers"):
+        src, dst = Path(__file__).resolve().parent.parent / rel, copy / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, dst)
+    assert calibrator_digest(copy) == calibrator_digest()
+    engine = copy / "service" / "gate" / "engine.py"
+    engine.write_text(engine.read_text() + "\n")
+    assert calibrator_digest(copy) != calibrator_digest()
