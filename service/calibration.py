@@ -354,19 +354,28 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.detector_hidden < 0:
         p.error(f"--detector-hidden must be >= 0, got {args.detector_hidden}")
-    with archive.store_lock(args.store, "calibration"):  # a build or another calibration: one at a time
-        return _calibrate_command(args)
+    from model_store.serve import ServeError
+    from service.errors import GatewayError
+
+    try:
+        with archive.store_lock(args.store, "calibration"):  # a build or another calibration: one at a time
+            return _calibrate_command(args)
+    except (GatewayError, ServeError, archive.ManifestError) as e:  # TorchServe unreachable, a store
+        print(f"error: {e}", file=sys.stderr)                         # that fails its manifest: one line
+        return 1
+    except OSError as e:  # a store that cannot be read or locked
+        print(f"error: {e.strerror or e}: {e.filename or args.store}", file=sys.stderr)
+        return 1
 
 
 # The code a policy's figures come from: the calibration, the gate's scores and fits, and the
 # handler that computes every variant. ``--if-missing`` keeps a policy only where this code
 # is the code that calibrated it (recorded under CALIBRATOR_KEY).
-REPO = Path(__file__).resolve().parent.parent
 CALIBRATOR_SOURCES = ("service/calibration.py", "service/gate", "handlers")
 CALIBRATOR_KEY = "calibrator"
 
 
-def calibrator_digest(root: Path = REPO) -> str:
+def calibrator_digest(root: Path = archive.REPO) -> str:
     """16 hex digits of sha256 over :data:`CALIBRATOR_SOURCES`' Python files (names and bytes)."""
     h = hashlib.sha256()
     for rel in CALIBRATOR_SOURCES:

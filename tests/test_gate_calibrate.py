@@ -321,3 +321,20 @@ def test_calibrating_noise_beside_cheap_checks_warns_that_its_rates_assume_every
     assert "noise is calibrated as if it scored every image" in cascade_warning([*DEFAULT_CHECKS, Check.NOISE])
     assert cascade_warning([Check.NOISE]) is None
     assert cascade_warning(DEFAULT_CHECKS) is None
+
+
+def test_the_calibration_command_refuses_in_one_line(tiny_store, tmp_path) -> None:
+    """TorchServe not there (no key file), or a model the store does not hold: one line and
+    exit 1, never a traceback."""
+    import shutil
+    import subprocess
+    import sys
+
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store, store)
+    base = [sys.executable, "-m", "service.calibration", "--store", str(store), "--key-file", str(tmp_path / "none.json")]
+    for args, said in ((["--model", "fmnist-cnn", "--address", "127.0.0.1:1"], "cannot read TorchServe's key file"),
+                       (["--model", "nope"], "not in manifest: nope/card.json")):
+        r = subprocess.run(base + args, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert r.stderr.strip().startswith("error: ") and said in r.stderr and len(r.stderr.strip().splitlines()) == 1
