@@ -138,6 +138,12 @@ def archive_is_current(path: Path) -> bool:
         return all(z.read(name) == src.read_bytes() for name, src in sources.items())
 
 
+def os_error_line(e: OSError, where: Path) -> str:
+    """An OSError as the commands' mains print it: one line, the system's words and the path
+    (``where`` when the error names none)."""
+    return f"error: {e.strerror or e}: {e.filename or where}"
+
+
 def check_archive(path: Path, max_unpacked_bytes: int = MAX_UNPACKED_BYTES) -> None:
     """Raise :class:`UnsafeArchive` unless the zip at ``path`` is only plain files under
     relative names (:func:`check_members`)."""

@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         with archive.store_lock(args.store, "build"):
             code = _build_all(args, opts, names)
     except OSError as e:  # a store that cannot be made or locked
-        print(f"error: {e.strerror or e}: {e.filename or args.store}", file=sys.stderr)
+        print(archive.os_error_line(e, args.store), file=sys.stderr)
         return 1
     if code:
         return code

@@ -611,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # a run directory that cannot be made or written
-        print(f"error: {e.strerror or e}: {e.filename or args.run_dir}", file=sys.stderr)
+        print(archive.os_error_line(e, args.run_dir), file=sys.stderr)
         return 1
 
 

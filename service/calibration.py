@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)                         # that fails its manifest: one line
         return 1
     except OSError as e:  # a store that cannot be read or locked
-        print(f"error: {e.strerror or e}: {e.filename or args.store}", file=sys.stderr)
+        print(archive.os_error_line(e, args.store), file=sys.stderr)
         return 1
 
 

@@ -33,7 +33,7 @@ from service.gate.density import DensityModel
 from service.gate.errors import PolicyError
 from service.gate.plan import MAX_SIGMA, NoiseSpec, OcclusionSpec, ProbeSpec, ShuffleSpec, SqueezeSpec
 from service.gate.quantile import EmpiricalCDF
-from service.gate.sequential import budget_within
+from service.gate.sequential import budget_within, next_batch_size
 from service.gate.squeeze_detector import SqueezeDetector
 
 #: v2: squeeze references are clean CDFs of logit L2 distances (v1: softmax L1), so a v1
@@ -123,12 +123,11 @@ MAX_NOISE_BATCHES = 24
 def batches_over(budget: int, first: int, growth: int, limit: int) -> bool:
     """Whether the geometric schedule (:func:`service.gate.sequential.batch_schedule`) covers
     ``budget`` copies only in more than ``limit`` batches; never walks more than ``limit``."""
-    spent, size = 0, first
+    spent = 0
     for _ in range(limit):
-        spent += size
+        spent += next_batch_size(spent, budget, first=first, growth=growth)
         if spent >= budget:
             return False
-        size = spent * (growth - 1) + first
     return True
 
 
