@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import ipaddress
 import json
 import os
@@ -34,6 +35,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -501,10 +503,52 @@ def start(settings: ServeSettings, wait: bool = True, outlive_caller: bool = Fal
     names = model_names(settings)
     for n in names:  # TorchServe unpacks each: plain files under relative names only
         archive.check_archive(settings.archives / f"{n}.mar")
+    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new one: this user's alone
+    with _start_lock(run_dir):  # until the state file names what started: one start at a time
+        ts = _launch(settings, run_dir, names, outlive_caller)
+    try:
+        if wait:
+            ts.wait_ready()
+    except BaseException:
+        ts.stop()
+        raise
+    return ts
+
+
+#: How long a ``start`` waits for another one on the same run dir to write its state.
+START_LOCK_WAIT_S = 30.0
+START_LOCK_FILE = ".start.lock"
+
+
+@contextlib.contextmanager
+def _start_lock(run_dir: Path) -> Iterator[None]:
+    """Hold the run dir's start lock: two ``start``s on one run dir would both find nothing
+    running (:func:`attach`) and launch two TorchServes, the second's state file hiding the
+    first from ``stop``. The second waits here, then finds the first's state. The lock is an
+    ``flock`` on a file of the run dir, released when its holder ends, however it ends, and
+    not inherited by TorchServe (close-on-exec)."""
+    fd = os.open(run_dir / START_LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + START_LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise ServeError(f"another start on {run_dir} has held it for "
+                                     f"{START_LOCK_WAIT_S:g} s; is that one stuck?") from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _launch(settings: ServeSettings, run_dir: Path, names: list[str], outlive_caller: bool) -> TorchServe:
+    """Start TorchServe and write its state file (the caller holds the start lock)."""
     existing = attach(run_dir)
     if existing is not None:
         raise ServeError(f"TorchServe already runs from {run_dir} (pid {existing.pid}); stop it first")
-    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new one: this user's alone
     (run_dir / "logs").mkdir(mode=0o700, exist_ok=True)
     (run_dir / "tmp").mkdir(mode=0o700, exist_ok=True)
     (run_dir / KEY_FILE).unlink(missing_ok=True)
@@ -545,8 +589,6 @@ def start(settings: ServeSettings, wait: bool = True, outlive_caller: bool = Fal
         partial.write_text(json.dumps(
             {"pid": proc.pid, "models": names, "settings": _settings_to_json(settings)}, indent=2) + "\n")
         os.replace(partial, run_dir / STATE_FILE)
-        if wait:
-            ts.wait_ready()
     except BaseException:
         ts.stop()
         raise

@@ -216,7 +216,8 @@ async def calibrate(
         density = fit_density(feats[:half], calib.labels[:half], num_classes=len(card["labels"]))
         raw_a = [raw_scores(l, f, spec, density) for l, f in zip(logits[:half], feats[:half])]
         squeeze_refs = fit_squeeze_references(np.array([r.squeeze for r in raw_a]))
-        policy = dataclasses.replace(policy, references=References(squeeze=squeeze_refs, density=density))
+        policy = dataclasses.replace(policy, references=References(
+            squeeze=squeeze_refs, density=density, squeezers=spec.squeeze.names()))
         raw_b = [raw_scores(l, f, spec, density) for l, f in zip(logits[half:], feats[half:])]
         # Reference attacks on part B.
         t0 = time.perf_counter()

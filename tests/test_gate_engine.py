@@ -83,7 +83,8 @@ def make_policy(mode: Mode = Mode.ENFORCE, *, certify: bool = False,
     feats = np.eye(C)[labels] * 10.0 + rng.normal(size=(labels.size, C))
     refs = References(squeeze=tuple(EmpiricalCDF.from_samples(np.linspace(0, 1, 101))
                                     for _ in default_probe().squeeze.names()),
-                      density=fit_density(feats, labels))
+                      density=fit_density(feats, labels),
+                      squeezers=default_probe().squeeze.names())
     return Policy(
         model_name="m", model_sha256="a" * 64, data_sha256="b" * 64, version="3", mode=mode,
         probe=default_probe(), noise=NoiseSettings(sigma=0.25, alpha=0.001,

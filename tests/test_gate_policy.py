@@ -30,7 +30,7 @@ def make_policy(mode: Mode = Mode.ENFORCE, **changes: Any) -> Policy:
     labels = np.repeat(np.arange(10), 6)
     refs = References(
         squeeze=tuple(EmpiricalCDF.from_samples(rng.random(50) * (i + 1)) for i in range(3)),
-        density=fit_density(feats, labels))
+        density=fit_density(feats, labels), squeezers=default_probe().squeeze.names())
     policy = Policy(
         model_name="fmnist-cnn", model_sha256=SHA_M, data_sha256=SHA_D, version="7",
         mode=mode, probe=default_probe(), noise=NoiseSettings(sigma=0.25),
@@ -49,6 +49,7 @@ def test_round_trip_through_a_file(tmp_path: Path) -> None:
     save_policy(policy, path)
     data = json.loads(path.read_text())
     assert data["schema"] == "robustgate.policy.v2" and data["version"] == "7"
+    assert data["references"]["squeezers"] == list(default_probe().squeeze.names())
     assert data["checks"]["squeeze"] == {"enabled": True, "flag": 0.95, "reject": 0.99,
                                          "escalate": 0.8}
     assert load_policy(path) == policy
@@ -88,6 +89,11 @@ def _broken(mutate: Any) -> dict[str, Any]:
     (lambda d: d["checks"]["viewpoint"].update(flag="high"), "checks.viewpoint.flag"),
     (lambda d: d["checks"].update(colour={"enabled": True}), "colour"),
     (lambda d: d["references"].update(squeeze=[]), "squeeze"),
+    # references fitted on other squeezers, or in another order, or on unnamed ones
+    (lambda d: d["probe"]["squeeze"]["bit_depths"].reverse(), r"fitted on \['bits"),
+    (lambda d: d["references"]["squeezers"].reverse(), "order counts"),
+    (lambda d: d["references"].pop("squeezers"), "references.squeezers: missing"),
+    (lambda d: d["references"].update(squeezers=[5, 4, 3]), r"references.squeezers\[0\]"),
     (lambda d: d["references"].update(density={"means": [[0.0]]}), "density"),
     (lambda d: d["noise"].update(alpha=0), "alpha"),
     (lambda d: d["noise"].update(alpha=0.9), r"alpha must be in \(0, 0.5\]"),

@@ -3,6 +3,7 @@ file, and the refusal to start on a store that fails its manifest."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -222,8 +224,35 @@ def test_a_pid_file_left_by_a_run_that_ended_unstopped_does_not_block_the_next(t
         with serve.start(serve.ServeSettings.on_free_ports(store=tiny_store, run_dir=run_dir,
                                                            models=("fmnist-cnn-onnx",))) as ts:
             assert ts.model_status("fmnist-cnn-onnx")["workers"]
+            # the start lock went with its start: TorchServe did not inherit it
+            with open(run_dir / serve.START_LOCK_FILE) as f:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     finally:
         other.kill()
+
+
+def test_a_second_start_on_a_run_dir_waits_for_the_first_to_name_what_it_started(
+        tiny_store: Path, tmp_path: Path, monkeypatch) -> None:
+    """Two starts on one run dir both found nothing running and launched two TorchServes (the
+    second's state file hid the first from `stop`). A start waits for the run dir's start
+    lock, held until the state file is written, then finds what the first started."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    settings = serve.ServeSettings.on_free_ports(store=tiny_store, run_dir=run_dir, models=("fmnist-cnn-onnx",))
+    monkeypatch.setattr(serve, "START_LOCK_WAIT_S", 0.5)
+    with open(run_dir / serve.START_LOCK_FILE, "w") as held:  # a start in progress elsewhere
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(serve.ServeError, match="another start on .* has held it for 0.5 s"):
+            serve.start(settings, wait=False)
+    assert serve.attach(run_dir) is None and not (run_dir / "config.properties").exists()
+    # the lock freed while one waits: the waiting start goes on
+    monkeypatch.setattr(serve, "START_LOCK_WAIT_S", 30.0)
+    held = open(run_dir / serve.START_LOCK_FILE, "w")
+    fcntl.flock(held, fcntl.LOCK_EX)
+    threading.Timer(0.5, held.close).start()
+    t0 = time.monotonic()
+    with serve.start(settings, wait=False) as ts:
+        assert time.monotonic() - t0 >= 0.4 and serve.attach(run_dir).pid == ts.pid
 
 
 @pytest.mark.slow

@@ -136,11 +136,15 @@ class References:
     """Calibration-fitted references. squeeze: one clean CDF per squeezer, in plan order.
     density: class means and shared precision of the penultimate features.
     squeeze_detector: the fitted detector that combines the squeezers (None: their maximum
-    quantile); one with context also reads the views and the density distance."""
+    quantile); one with context also reads the views and the density distance.
+    squeezers: the squeezers both were fitted on, in order (:meth:`SqueezeSpec.names`):
+    the policy is refused unless ``probe.squeeze`` names the same ones in the same order (a
+    hand-reordered ``bit_depths`` would otherwise feed each squeezer another's reference)."""
 
     squeeze: tuple[EmpiricalCDF, ...] = ()
     density: DensityModel | None = None
     squeeze_detector: SqueezeDetector | None = None
+    squeezers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -272,6 +276,14 @@ def _validate(p: Policy) -> None:
         raise PolicyError(f"references.squeeze has {len(p.references.squeeze)} CDFs for "
                           f"{n_squeeze} squeezers")
     det = p.references.squeeze_detector
+    fitted, probed = tuple(p.references.squeezers), p.probe.squeeze.names()
+    if (p.references.squeeze or det is not None) and fitted != probed:
+        raise PolicyError(
+            f"references.squeezers: the squeeze references were fitted on {list(fitted)}, "
+            f"probe.squeeze has {list(probed)} (order counts: recalibrate, or restore "
+            "probe.squeeze)" if fitted else
+            "references.squeezers: missing; the squeezers the squeeze references were fitted "
+            "on, in order (a policy from an older calibration: recalibrate)")
     if det is not None and det.squeezers != n_squeeze:
         raise PolicyError(f"references.squeeze_detector was fitted on {det.squeezers} "
                           f"squeezers, the probe has {n_squeeze}")

@@ -10,7 +10,8 @@ The file is the only I/O of the gate. Layout (``schema`` = ``robustgate.policy.v
      "noise": {"sigma": 0.25, "alpha": 0.001, "target_radius": 0.25, "max_samples": 400,
                "detect_samples": 32, "first_batch": 8, "growth": 2, "certify": false},
      "max_forward_passes": 64,
-     "references": {"squeeze": [{"values": [...]}, ...], "density": {"means": ..., ...},
+     "references": {"squeezers": ["bits5", ...], "squeeze": [{"values": [...]}, ...],
+                    "density": {"means": ..., ...},
                     "squeeze_detector": {"mean": [...], "scale": [...], "weights": [...],
                                          "bias": 0.1, "clean": {"values": [...]},
                                          "context": ["log_density", ...]}},
@@ -63,6 +64,7 @@ def policy_to_dict(policy: Policy) -> dict[str, Any]:
                   "growth": n.growth, "certify": n.certify},
         "max_forward_passes": policy.max_forward_passes,
         "references": {
+            "squeezers": list(policy.references.squeezers),
             "squeeze": [cdf.to_dict() for cdf in policy.references.squeeze],
             "density": (policy.references.density.to_dict()
                         if policy.references.density is not None else None),
@@ -197,7 +199,9 @@ def _noise(d: Mapping[str, Any]) -> NoiseSettings:
 
 def _references(raw: Any) -> References:
     d = as_mapping(raw, "references", PolicyError)
-    reject_unknown(d, {"squeeze", "density", "squeeze_detector"}, "references", PolicyError)
+    reject_unknown(d, {"squeezers", "squeeze", "density", "squeeze_detector"}, "references",
+                   PolicyError)
+    names = as_list(d.get("squeezers", []), "references.squeezers", PolicyError)
     cdfs = as_list(d.get("squeeze", []), "references.squeeze", PolicyError)
     density = d.get("density")
     detector = d.get("squeeze_detector")
@@ -208,7 +212,9 @@ def _references(raw: Any) -> References:
         density=None if density is None else DensityModel.from_dict(
             as_mapping(density, "references.density", PolicyError)),
         squeeze_detector=None if detector is None else SqueezeDetector.from_dict(
-            as_mapping(detector, "references.squeeze_detector", PolicyError)))
+            as_mapping(detector, "references.squeeze_detector", PolicyError)),
+        squeezers=tuple(as_str(n, f"references.squeezers[{i}]", PolicyError)
+                        for i, n in enumerate(names)))
 
 
 def _calibration(raw: Any) -> dict[str, float | int | str | bool]:
