@@ -68,9 +68,11 @@ class Metrics:
         self.inflight = Gauge("robustgate_inflight_requests", "Requests being processed.", registry=r,
                               multiprocess_mode="livesum")
         shed = Counter("robustgate_shed_requests", "Requests refused with RESOURCE_EXHAUSTED (overload), by the "
-                       "limit reached: server (max_inflight) or connection (max_inflight_per_connection).",
+                       "limit reached: server (max_inflight), connection (max_inflight_per_connection) or "
+                       "stream (a stream refused as it opened: max_streams_per_connection).",
                        ["limit"], registry=r)
-        self.shed = {limit: shed.labels(limit=limit) for limit in ("server", "connection")}  # both exported from 0
+        self.shed = {limit: shed.labels(limit=limit)  # all exported from 0
+                     for limit in ("server", "connection", "stream")}
         self.backend_up = Gauge("robustgate_backend_up", "1 while TorchServe answers the health probe.", registry=r,
                                 multiprocess_mode="livemin")  # several processes: 1 while every one's probe answers
         self.gate_baseline = Gauge("robustgate_gate_baseline_ratio",

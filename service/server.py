@@ -100,19 +100,21 @@ def _log_unexpected(err: BaseException, what: str) -> None:
 
 class Connection:
     """One client connection's requests in flight (gRPC names a connection by its peer address
-    and port), and the streams that wait for room among them."""
+    and port), the streams that wait for room among them, and its streams open. limit: its
+    share of requests in flight (0: none)."""
 
-    __slots__ = ("peer", "limit", "inflight", "users", "_room")
+    __slots__ = ("peer", "limit", "inflight", "users", "streams", "_room")
 
     def __init__(self, peer: str, limit: int) -> None:
         self.peer = peer
         self.limit = limit
         self.inflight = 0
         self.users = 0  # calls and streams of it open: kept while any is
+        self.streams = 0  # ClassifyStreams of it open
         self._room: asyncio.Event | None = None
 
     def full(self) -> bool:
-        return self.inflight >= self.limit
+        return 0 < self.limit <= self.inflight
 
     async def room(self) -> None:
         """Wait until fewer than ``limit`` of this connection's requests are in flight."""
@@ -143,19 +145,24 @@ class Connection:
 class Admission:
     """At most ``limit`` requests in flight, and at most ``per_connection`` from one client
     connection (0: no such limit). A request beyond either is refused at once (never queued);
-    a stream waits for its connection's room before it reads its next item (``ClassifyStream``)."""
+    a stream waits for its connection's room before it reads its next item (``ClassifyStream``).
+    At most ``streams_per_connection`` streams open on one connection (0: no limit): one more
+    is refused as it opens."""
 
-    def __init__(self, limit: int, metrics: Metrics, per_connection: int = 0) -> None:
+    def __init__(self, limit: int, metrics: Metrics, per_connection: int = 0,
+                 streams_per_connection: int = 0) -> None:
         self.limit = limit
         self.per_connection = per_connection
+        self.streams_per_connection = streams_per_connection
         self.inflight = 0
         self.metrics = metrics
         self._connections: dict[str, Connection] = {}
 
     @contextlib.contextmanager
     def connection(self, peer: str) -> Iterator[Connection | None]:
-        """``peer``'s connection while a call or stream of it is open; None: no per-connection limit."""
-        if not self.per_connection:
+        """``peer``'s connection while a call or stream of it is open; None: no per-connection
+        limit of either kind."""
+        if not self.per_connection and not self.streams_per_connection:
             yield None
             return
         c = self._connections.get(peer)
@@ -168,6 +175,27 @@ class Admission:
             c.users -= 1
             if not c.users:
                 del self._connections[peer]
+
+    def open_stream(self, connection: Connection | None) -> None:
+        """Count one ClassifyStream open on ``connection`` (until :meth:`close_stream`), or
+        refuse it (Overloaded) when ``streams_per_connection`` are open on it already. An open
+        stream costs the gateway a reader task and its buffers even while it waits for its
+        caller: without a bound one connection could open them by the hundred thousand."""
+        cap = self.streams_per_connection
+        if connection is None or not cap:
+            return
+        if connection.streams >= cap:
+            self.metrics.shed["stream"].inc()
+            _throttled.log(logging.WARNING, "streams", "a client connection (%s) has %d streams open "
+                           "(max_streams_per_connection): its next streams are refused", connection.peer, cap)
+            raise Overloaded(f"this connection has {cap} streams open, its limit; close one, or open "
+                             "another connection")
+        connection.streams += 1
+
+    def close_stream(self, connection: Connection | None) -> None:
+        """A stream :meth:`open_stream` counted has ended."""
+        if connection is not None and self.streams_per_connection:
+            connection.streams -= 1
 
     @contextlib.contextmanager
     def slot(self, connection: Connection | None = None):
@@ -323,67 +351,76 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
         stream waiting for its caller's next item holds no share), then counts it in flight;
         this generator yields the answers in the order the items came."""
         with self.admission.connection(context.peer()) as connection:
-            window = asyncio.Semaphore(self.settings.stream_window)
-            pending: asyncio.Queue[asyncio.Task[pb.ClassifyStreamResponse] | None] = asyncio.Queue()
-            # Items whose task has not run its first step: one cancelled then never runs its
-            # body (where a cancelled item is counted); it was read, so it is counted at the end.
-            unstarted: dict[asyncio.Task[pb.ClassifyStreamResponse], pb.ClassifyRequest] = {}
-
-            async def answer_of(request: pb.ClassifyRequest) -> pb.ClassifyStreamResponse:
-                unstarted.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
-                return await self._stream_answer(request, context)
-
-            async def read() -> None:
-                items = aiter(request_iterator)
-                try:
-                    while True:
-                        await window.acquire()
-                        if connection is not None:  # waited for, not taken: an idle stream holds no share
-                            await connection.room()
-                        try:
-                            item = await anext(items)
-                        except BaseException:  # the requests ended, failed or were cancelled: no item
-                            window.release()
-                            raise
-                        if connection is not None:
-                            try:  # at once, unless a call took the room while the item came
-                                await connection.take()
-                            except asyncio.CancelledError:  # read, never started: a request all the same
-                                self._count(item.request, cut_short_code(context))
-                                raise
-                        answer = asyncio.create_task(answer_of(item.request))
-                        unstarted[answer] = item.request
-                        if connection is not None:
-                            connection.hold(answer)
-                        pending.put_nowait(answer)
-                except StopAsyncIteration:
-                    pass
-                finally:
-                    pending.put_nowait(None)  # end of the requests, however they ended
-
-            reader = asyncio.create_task(read())
-            task: asyncio.Task[pb.ClassifyStreamResponse] | None = None
             try:
-                while (task := await pending.get()) is not None:
-                    answer = await task
-                    window.release()
-                    yield answer
+                self.admission.open_stream(connection)
+            except Overloaded as e:
+                await self._fail(context, e)
+                return  # unreachable: abort raises
+            try:
+                window = asyncio.Semaphore(self.settings.stream_window)
+                pending: asyncio.Queue[asyncio.Task[pb.ClassifyStreamResponse] | None] = asyncio.Queue()
+                # Items whose task has not run its first step: one cancelled then never runs its
+                # body (where a cancelled item is counted); it was read, so it is counted at the end.
+                unstarted: dict[asyncio.Task[pb.ClassifyStreamResponse], pb.ClassifyRequest] = {}
+
+                async def answer_of(request: pb.ClassifyRequest) -> pb.ClassifyStreamResponse:
+                    unstarted.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+                    return await self._stream_answer(request, context)
+
+                async def read() -> None:
+                    items = aiter(request_iterator)
+                    try:
+                        while True:
+                            await window.acquire()
+                            if connection is not None:  # waited for, not taken: an idle stream holds no share
+                                await connection.room()
+                            try:
+                                item = await anext(items)
+                            except BaseException:  # the requests ended, failed or were cancelled: no item
+                                window.release()
+                                raise
+                            if connection is not None:
+                                try:  # at once, unless a call took the room while the item came
+                                    await connection.take()
+                                except asyncio.CancelledError:  # read, never started: a request all the same
+                                    self._count(item.request, cut_short_code(context))
+                                    raise
+                            answer = asyncio.create_task(answer_of(item.request))
+                            unstarted[answer] = item.request
+                            if connection is not None:
+                                connection.hold(answer)
+                            pending.put_nowait(answer)
+                    except StopAsyncIteration:
+                        pass
+                    finally:
+                        pending.put_nowait(None)  # end of the requests, however they ended
+
+                reader = asyncio.create_task(read())
+                task: asyncio.Task[pb.ClassifyStreamResponse] | None = None
                 try:
-                    await reader  # the requests ended: cleanly, or with the reader's error
-                except asyncio.CancelledError:
-                    raise
-                except DecodeError:  # gRPC could not parse the caller's next message
-                    await self._fail(context, InvalidInput("a stream message is not a valid ClassifyStreamRequest"))
-                except Exception as e:  # reading the stream failed: a status, never the error's text
-                    await self._fail(context, e)
-            finally:  # the call ended early (cancelled, failed): stop what is still in flight
-                left = [t for t in [reader, task, *(pending.get_nowait() for _ in range(pending.qsize()))]
-                        if t is not None]
-                for t in left:
-                    t.cancel()
-                await asyncio.gather(*left, return_exceptions=True)
-                for request in unstarted.values():
-                    self._count(request, cut_short_code(context))
+                    while (task := await pending.get()) is not None:
+                        answer = await task
+                        window.release()
+                        yield answer
+                    try:
+                        await reader  # the requests ended: cleanly, or with the reader's error
+                    except asyncio.CancelledError:
+                        raise
+                    except DecodeError:  # gRPC could not parse the caller's next message
+                        await self._fail(context,
+                                         InvalidInput("a stream message is not a valid ClassifyStreamRequest"))
+                    except Exception as e:  # reading the stream failed: a status, never the error's text
+                        await self._fail(context, e)
+                finally:  # the call ended early (cancelled, failed): stop what is still in flight
+                    left = [t for t in [reader, task, *(pending.get_nowait() for _ in range(pending.qsize()))]
+                            if t is not None]
+                    for t in left:
+                        t.cancel()
+                    await asyncio.gather(*left, return_exceptions=True)
+                    for request in unstarted.values():
+                        self._count(request, cut_short_code(context))
+            finally:
+                self.admission.close_stream(connection)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(
@@ -601,7 +638,8 @@ async def start(settings: Settings, registry: Registry | None = None, worker: bo
                                                       settings.coalesce_max_rows,
                                                       max_calls=settings.coalesce_max_calls), metrics)
     pipeline = Pipeline(registry, coalescer or backend, limits, settings.backend_timeout_s, settings.seed, tracing)
-    admission = Admission(settings.max_inflight, metrics, settings.max_inflight_per_connection)
+    admission = Admission(settings.max_inflight, metrics, settings.max_inflight_per_connection,
+                          settings.max_streams_per_connection)
     caller_token = auth_token(settings)
     interceptors: list[grpc.aio.ServerInterceptor] = [ServerMetricsInterceptor(metrics.registry)]
     if caller_token:  # after the metrics interceptor, so refused calls are counted too

@@ -100,6 +100,14 @@ class Settings:
     ``max_inflight`` or set 0: no per-connection limit. Not HTTP/2's
     SETTINGS_MAX_CONCURRENT_STREAMS: with that at the limit, gRPC 1.85's clients had some calls
     fail UNAVAILABLE (RST_STREAM REFUSED_STREAM) instead of waiting."""
+    max_streams_per_connection: int = 100
+    """ClassifyStreams one client connection may have open at once (per gateway process); one
+    more is refused with RESOURCE_EXHAUSTED as it opens, and the connection's other calls and
+    streams go on. An open stream costs the gateway a task and its buffers even while it waits
+    for its caller's next item (and holds no share of ``max_inflight_per_connection`` then):
+    unbounded, one connection could open them by the hundred thousand. 100 is what HTTP/2
+    recommends a server allow at least (RFC 9113, SETTINGS_MAX_CONCURRENT_STREAMS). Behind a
+    proxy that carries many clients' streams over one connection, raise it; 0: no limit."""
     workers: int = 1
     """Gateway processes serving one port (SO_REUSEPORT; ``service/workers.py``). One Python
     process served 1,000 to 2,300 unary calls/s on an H200 node, its event loop holding one core:
@@ -214,6 +222,8 @@ class Settings:
             raise ValueError("stream_window must be >= 1")
         if self.max_inflight_per_connection < 0:
             raise ValueError("max_inflight_per_connection must be >= 0 (0: no limit)")
+        if self.max_streams_per_connection < 0:
+            raise ValueError("max_streams_per_connection must be >= 0 (0: no limit)")
         if not 0.0 <= self.trace_sample_ratio <= 1.0:
             raise ValueError("trace_sample_ratio must be in [0, 1]")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):

@@ -294,7 +294,8 @@ def test_one_connection_cannot_take_every_slot(calibrated_store: Path, torchserv
     gives its share back: the next stream on the same connection gets every item answered."""
     mport = free_port()
     proc, address = start_gateway(calibrated_store, torchserve, tmp_path, **{
-        "metrics-port": str(mport), "max-inflight": "4", "max-inflight-per-connection": "2", "stream-window": "4"})
+        "metrics-port": str(mport), "max-inflight": "4", "max-inflight-per-connection": "2", "stream-window": "4",
+        "max-streams-per-connection": "3"})
     reqs = [Client.request(png(fmnist.test.images[i]), "fmnist-cnn", request_id=str(i)) for i in range(16)]
 
     def items(n: int) -> Iterator[pb.ClassifyStreamRequest]:
@@ -353,9 +354,26 @@ def test_one_connection_cannot_take_every_slot(calibrated_store: Path, torchserv
             time.sleep(0.5)  # both open at the gateway, each waiting for its first item
             assert _code(lambda: hog.Classify(reqs[0], timeout=10)) == (OK, "")
             assert [a.WhichOneof("outcome") for a in hog.ClassifyStream(items(3), timeout=10)] == ["result"] * 3
+            # max_streams_per_connection 3: a third idle stream fills it, a fourth is refused as it
+            # opens (counted as shed), the other connection's stream is not, calls go on
+            idle_streams.append(hog.ClassifyStream(idle(), timeout=30))
+            time.sleep(0.5)
+            before = shed()
+            assert _code(lambda: list(hog.ClassifyStream(items(1), timeout=10))) == (
+                SHED, "this connection has 3 streams open, its limit; close one, or open another "
+                "connection")
+            assert shed()["stream"] == before["stream"] + 1
+            assert [a.WhichOneof("outcome") for a in other.ClassifyStream(items(2), timeout=10)] == ["result"] * 2
+            assert _code(lambda: hog.Classify(reqs[0], timeout=10)) == (OK, "")
         finally:
             go_on.set()
-        assert [[a.WhichOneof("outcome") for a in s] for s in idle_streams] == [["result"]] * 2
+        assert [[a.WhichOneof("outcome") for a in s] for s in idle_streams] == [["result"]] * 3
+        # the streams ended (and the refused, cut and finished ones before): room for 3 again
+        go_on.clear()
+        idle_streams = [hog.ClassifyStream(idle(), timeout=30) for _ in range(3)]
+        time.sleep(0.5)
+        go_on.set()
+        assert [[a.WhichOneof("outcome") for a in s] for s in idle_streams] == [["result"]] * 3
     finally:
         hog_ch.close()
         other_ch.close()
@@ -371,6 +389,10 @@ def test_connection_share_is_kept_per_connection_and_given_back() -> None:
     from service.settings import Settings, from_args
 
     assert Settings().max_inflight_per_connection == 128
+    assert Settings().max_streams_per_connection == 100
+    assert from_args(["--max-streams-per-connection", "0"], environ={}).max_streams_per_connection == 0
+    with pytest.raises(ValueError, match="max_streams_per_connection"):
+        Settings(max_streams_per_connection=-1)
     assert from_args(["--max-inflight-per-connection", "0"], environ={}).max_inflight_per_connection == 0
     with pytest.raises(ValueError, match="max_inflight_per_connection"):
         Settings(max_inflight_per_connection=-1)
@@ -406,6 +428,27 @@ def test_connection_share_is_kept_per_connection_and_given_back() -> None:
         assert admission._connections == {}  # nothing kept for connections with nothing open
         with Admission(8, Metrics()).connection("ipv4:127.0.0.1:1") as off:
             assert off is None
+
+        # streams open per connection: counted while open, refused past the cap, per connection;
+        # a connection record is kept for a stream cap alone (no share of requests then)
+        streams = Admission(8, Metrics(), streams_per_connection=2)
+        with streams.connection("ipv4:127.0.0.1:1") as a, streams.connection("ipv4:127.0.0.1:2") as b:
+            assert a is not None and not a.full()
+            streams.open_stream(a)
+            streams.open_stream(a)
+            with pytest.raises(Overloaded, match="this connection has 2 streams open"):
+                streams.open_stream(a)
+            streams.open_stream(b)  # another connection's own count
+            streams.close_stream(a)
+            streams.open_stream(a)  # a closed stream gives its place back
+            assert (a.streams, b.streams) == (2, 1)
+            assert streams.metrics.shed["stream"]._value.get() == 1
+            with streams.slot(a), streams.slot(a), streams.slot(a):  # no share of requests
+                pass
+        unbounded = Admission(8, Metrics(), per_connection=2)
+        with unbounded.connection("ipv4:127.0.0.1:1") as c:
+            for _ in range(500):
+                unbounded.open_stream(c)  # 0: no stream cap
 
     asyncio.run(main())
 
