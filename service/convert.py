@@ -8,7 +8,7 @@ from robustgate.v1 import classifier_pb2 as pb
 from service.gate.checks import Check
 from service.gate.policy import Mode
 from service.gate.report import CheckStatus, Decision, GateReport
-from service.pipeline import ClassifyInput, ClassifyResult, RawTensor
+from service.pipeline import ClassifyInput, ClassifyResult, RawTensor, certify_allowed
 from service.registry import ServedModel
 from service.decode import ENCODINGS, TENSOR_DTYPES
 from service.errors import InvalidInput
@@ -91,7 +91,7 @@ def to_pb(res: ClassifyResult) -> pb.ClassifyResponse:
     )
 
 
-def model_to_pb(m: ServedModel, max_image_bytes: int) -> pb.GetModelResponse:
+def model_to_pb(m: ServedModel, max_image_bytes: int, allow_certify: bool = True) -> pb.GetModelResponse:
     p = m.policy
     return pb.GetModelResponse(
         name=m.name,
@@ -107,6 +107,8 @@ def model_to_pb(m: ServedModel, max_image_bytes: int) -> pb.GetModelResponse:
             max_forward_passes=p.max_forward_passes,
             noise_sigma=p.noise.sigma,
             model_sha256=p.model_sha256,
+            certify_default=p.noise.certify,
+            certify_allowed=certify_allowed(m, allow_certify),
         ),
         formats=list(m.formats),
     )

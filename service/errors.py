@@ -47,6 +47,12 @@ class BackendRefused(GatewayError):
     never the caller's)."""
 
 
+class NotOffered(GatewayError):
+    """The request asks for what this gateway was set not to do: a certificate where
+    ``allow_certify`` is false (and the policy does not certify every request anyway). The
+    same request will be refused again: ask without it."""
+
+
 class PolicyMismatch(GatewayError):
     """A gate policy does not belong to the served model (its model hash differs), its
     probe does not fit the model's input, or the policy or the coalescing settings would ask

@@ -22,7 +22,7 @@ import numpy as np
 from robustgate.v1 import probe_pb2
 from service.backend import Prober
 from service.decode import Limits, NotHere, decode_image, decode_tensor
-from service.errors import DeadlineExceeded, InvalidInput
+from service.errors import DeadlineExceeded, InvalidInput, NotOffered
 from service.gate.cascade import GateRun
 from service.gate.plan import ProbeSpec
 from service.gate.report import GateReport
@@ -117,10 +117,18 @@ def top_k(logits_row: np.ndarray, labels: tuple[str, ...], k: int) -> tuple[Clas
     return tuple(ClassScore(int(i), labels[i] if i < len(labels) else str(i), float(p[i])) for i in order)
 
 
+def certify_allowed(model: ServedModel, allow_certify: bool) -> bool:
+    """Whether a request for ``model`` may set ``certify: true``: the gateway allows it, or the
+    policy certifies every request anyway (asking then asks for nothing more)."""
+    return allow_certify or model.policy.noise.certify
+
+
 class Pipeline:
     def __init__(self, registry: Registry, backend: Prober, limits: Limits,
-                 backend_timeout_s: float, base_seed: int = 0, tracing: Tracing = OFF) -> None:
+                 backend_timeout_s: float, base_seed: int = 0, tracing: Tracing = OFF,
+                 allow_certify: bool = True) -> None:
         self.registry = registry
+        self.allow_certify = allow_certify  # Settings.allow_certify
         self.backend = backend
         self.limits = limits
         self.backend_timeout_s = backend_timeout_s
@@ -147,6 +155,8 @@ class Pipeline:
         t0 = time.perf_counter()
         timings = Timings()
         model = self.registry.get(req.model, req.version)
+        if req.certify and not certify_allowed(model, self.allow_certify):
+            raise NotOffered("certification is turned off on this gateway (allow_certify): ask without certify")
         k = req.top_k or min(DEFAULT_TOP_K, len(model.labels))  # unset: 5, or every label of a model of fewer
         if k > len(model.labels):
             raise InvalidInput(f"top_k {k} exceeds the model's {len(model.labels)} classes")

@@ -38,6 +38,7 @@ from service.errors import (
     InvalidInput,
     ModelNotFound,
     ModelNotLoaded,
+    NotOffered,
     Overloaded,
     PolicyMismatch,
     Unauthenticated,
@@ -66,6 +67,7 @@ STATUS_BY_ERROR: dict[type[GatewayError], grpc.StatusCode] = {
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PolicyMismatch: grpc.StatusCode.FAILED_PRECONDITION,
+    NotOffered: grpc.StatusCode.FAILED_PRECONDITION,
     BackendRefused: grpc.StatusCode.INTERNAL,  # a deployment fault: the error-ratio alert counts it
 }
 
@@ -430,7 +432,8 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
 
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.GetModelResponse:
         try:
-            return convert.model_to_pb(self.registry.get(request.model, request.version), self.settings.max_image_bytes)
+            return convert.model_to_pb(self.registry.get(request.model, request.version), self.settings.max_image_bytes,
+                                       self.settings.allow_certify)
         except Exception as e:
             await self._fail(context, e)
             raise
@@ -637,7 +640,8 @@ async def start(settings: Settings, registry: Registry | None = None, worker: bo
         coalescer = Coalescer(backend, CoalesceConfig(settings.coalesce_max_batch, settings.coalesce_max_wait_ms,
                                                       settings.coalesce_max_rows,
                                                       max_calls=settings.coalesce_max_calls), metrics)
-    pipeline = Pipeline(registry, coalescer or backend, limits, settings.backend_timeout_s, settings.seed, tracing)
+    pipeline = Pipeline(registry, coalescer or backend, limits, settings.backend_timeout_s, settings.seed, tracing,
+                        allow_certify=settings.allow_certify)
     admission = Admission(settings.max_inflight, metrics, settings.max_inflight_per_connection,
                           settings.max_streams_per_connection)
     caller_token = auth_token(settings)

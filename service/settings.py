@@ -100,6 +100,13 @@ class Settings:
     ``max_inflight`` or set 0: no per-connection limit. Not HTTP/2's
     SETTINGS_MAX_CONCURRENT_STREAMS: with that at the limit, gRPC 1.85's clients had some calls
     fail UNAVAILABLE (RST_STREAM REFUSED_STREAM) instead of waiting."""
+    allow_certify: bool = True
+    """Whether a request may ask for a randomized-smoothing certificate (``certify: true``),
+    which draws up to the policy's ``noise.max_samples`` noise copies within its
+    ``max_forward_passes`` (the shipped policy: up to 430 forward passes, about 30 times a
+    request's 14), all of it counted as one request by ``max_inflight``. false: such a request
+    is refused with FAILED_PRECONDITION, unless the policy certifies every request anyway
+    (``noise.certify``); GetModel tells callers (``policy.certify_allowed``)."""
     max_streams_per_connection: int = 100
     """ClassifyStreams one client connection may have open at once (per gateway process); one
     more is refused with RESOURCE_EXHAUSTED as it opens, and the connection's other calls and

@@ -660,9 +660,53 @@ def test_list_and_get_model(client: Client) -> None:
     assert len(info.labels) == 10 and list(info.input.shape) == [1, 28, 28]
     assert info.input.dtype == "float32" and list(info.input.tensor_dtypes) == ["uint8", "float32"]
     assert info.policy.mode == "enforce" and "squeeze" in info.policy.enabled_checks
+    assert (info.policy.certify_default, info.policy.certify_allowed) == (False, True)
     with pytest.raises(grpc.RpcError) as err:
         client.get_model("nope")
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_gateway_that_offers_no_certificates_refuses_requests_for_one(calibrated_store: Path, torchserve,
+                                                                      fmnist: data.FashionMNIST,
+                                                                      tmp_path: Path) -> None:
+    """``allow_certify false``: a request asking for a certificate (up to 430 forward passes
+    where one costs 14) is refused FAILED_PRECONDITION with words saying what to do, before
+    anything reaches TorchServe; unset or false, it is answered; GetModel says so. A policy
+    that certifies every request anyway takes an explicit ask, which asks for nothing more."""
+    from benchmarks.report import store_with_policy
+
+    image = png(fmnist.test.images[0])
+    port = free_port()
+    proc, address = start_gateway(calibrated_store, torchserve, tmp_path,
+                                  **{"metrics-port": str(port), "allow-certify": "false"})
+    try:
+        with Client(address) as c:
+            with pytest.raises(grpc.RpcError) as err:
+                c.classify(image, model="fmnist-cnn", certify=True)
+            plain = c.classify(image, model="fmnist-cnn")
+            assert c.classify(image, model="fmnist-cnn", certify=False).classes
+            assert c.get_model("fmnist-cnn").policy.certify_allowed is False
+        codes = metric_by(scrape(port), "robustgate_requests_total", "code")
+    finally:
+        stop(proc)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert err.value.details() == "certification is turned off on this gateway (allow_certify): ask without certify"
+    assert plain.gate.forward_passes < 20  # the cheap checks only: nothing certified
+    assert codes == {"FAILED_PRECONDITION": 1, "OK": 2}, codes
+
+    def certify_all(pol: dict) -> None:
+        pol["noise"]["certify"] = True
+
+    store = store_with_policy(calibrated_store, tmp_path / "store", "fmnist-cnn", certify_all)
+    proc, address = start_gateway(store, torchserve, tmp_path, **{"allow-certify": "false"})
+    try:
+        with Client(address) as c:
+            policy = c.get_model("fmnist-cnn").policy
+            assert (policy.certify_default, policy.certify_allowed) == (True, True)
+            certified = c.classify(image, model="fmnist-cnn", certify=True).gate
+            assert certified.forward_passes > plain.gate.forward_passes
+    finally:
+        stop(proc)
 
 
 def test_an_image_at_the_stated_limit_is_read_one_byte_more_is_refused(client: Client) -> None:

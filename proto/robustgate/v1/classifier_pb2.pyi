@@ -184,20 +184,24 @@ class InputSpec(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., mode: _Optional[str] = ..., encodings: _Optional[_Iterable[str]] = ..., max_image_bytes: _Optional[int] = ..., tensor_dtypes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PolicySummary(_message.Message):
-    __slots__ = ("version", "mode", "enabled_checks", "max_forward_passes", "noise_sigma", "model_sha256")
+    __slots__ = ("version", "mode", "enabled_checks", "max_forward_passes", "noise_sigma", "model_sha256", "certify_default", "certify_allowed")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     ENABLED_CHECKS_FIELD_NUMBER: _ClassVar[int]
     MAX_FORWARD_PASSES_FIELD_NUMBER: _ClassVar[int]
     NOISE_SIGMA_FIELD_NUMBER: _ClassVar[int]
     MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    CERTIFY_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    CERTIFY_ALLOWED_FIELD_NUMBER: _ClassVar[int]
     version: str
     mode: str
     enabled_checks: _containers.RepeatedScalarFieldContainer[str]
     max_forward_passes: int
     noise_sigma: float
     model_sha256: str
-    def __init__(self, version: _Optional[str] = ..., mode: _Optional[str] = ..., enabled_checks: _Optional[_Iterable[str]] = ..., max_forward_passes: _Optional[int] = ..., noise_sigma: _Optional[float] = ..., model_sha256: _Optional[str] = ...) -> None: ...
+    certify_default: bool
+    certify_allowed: bool
+    def __init__(self, version: _Optional[str] = ..., mode: _Optional[str] = ..., enabled_checks: _Optional[_Iterable[str]] = ..., max_forward_passes: _Optional[int] = ..., noise_sigma: _Optional[float] = ..., model_sha256: _Optional[str] = ..., certify_default: _Optional[bool] = ..., certify_allowed: _Optional[bool] = ...) -> None: ...
 
 class GetModelResponse(_message.Message):
     __slots__ = ("name", "version", "labels", "input", "policy", "formats")
