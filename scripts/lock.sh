@@ -5,6 +5,7 @@
 #   requirements.lock      the runtime closure: what the Dockerfile installs
 #   requirements-dev.lock  the runtime lock's pins plus the closure of the [dev] extra: what
 #                          scripts/setup.sh installs, so tests run against the image's versions
+#   requirements-pip.lock  the pip setup.sh installs first (its pin kept; PIP_VERSION=X.Y moves it)
 # Each holds one file per package from PyPI with its sha256, a wheel wherever PyPI has one;
 # tests/test_dockerfile.py fails while a lock disagrees with pyproject.toml or the two disagree.
 #   scripts/lock.sh          both
@@ -61,6 +62,11 @@ if [ "$which" = all ]; then
 # pin here disagrees with pyproject.toml.
 " "$work/runtime.txt"
 fi
+pip_version="${PIP_VERSION:-$(sed -n 's/^pip==\([^ ]*\) .*/\1/p' requirements-pip.lock)}"
+echo "pip==${pip_version:?requirements-pip.lock names no pip==VERSION; set PIP_VERSION}" >"$work/pip.txt"
+resolve requirements-pip.lock "# The pip that scripts/setup.sh installs into .venv before the development lock, at its
+# version and sha256 (from PyPI): the installer that checks every other hash is checked too.
+# Regenerate with scripts/lock.sh (PIP_VERSION=X.Y scripts/lock.sh to move it)." "$work/pip.txt"
 deps dev >"$work/dev.txt"
 # The runtime lock's versions, as constraints: the dev closure adds packages, never moves one.
 sed -n 's/^\([A-Za-z0-9_.-]*==[^ ]*\) .*/\1/p' requirements.lock >"$work/constraints.txt"

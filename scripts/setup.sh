@@ -33,14 +33,15 @@ java_major="$(java -XshowSettings:properties -version 2>&1 | sed -n 's/^ *java.s
 [ "${java_major:-0}" -ge 17 ] 2>/dev/null \
   || { echo "setup: Java 17 or later is required by TorchServe (found: ${java_major:-none}; apt-get install openjdk-17-jre-headless)" >&2; exit 1; }
 
-stamp=".venv/.installed-$(cat pyproject.toml requirements-dev.lock | sha256sum | cut -c1-16)"
+stamp=".venv/.installed-$(cat pyproject.toml requirements-pip.lock requirements-dev.lock | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "setup: creating .venv and installing the locked dependencies (a few minutes)"
   # The interpreter the venv is made from, never the venv's own (run from a shell where
   # .venv is activated, python3.11 is the one about to be cleared).
   base="$("$py" -c 'import sys; print(getattr(sys, "_base_executable", sys.executable))')"
   "$base" -m venv --clear .venv  # its contents only: a .venv that is a mount point stays one
-  .venv/bin/python -m pip install -q --upgrade "pip==26.3"
+  # pip itself first, at its locked version and hash
+  .venv/bin/python -m pip install -q --upgrade --require-hashes --no-deps -r requirements-pip.lock
   # Every package at its locked version and hash (scripts/lock.sh); then the project alone,
   # built with the lock's setuptools.
   .venv/bin/python -m pip install -q --require-hashes --no-deps -r requirements-dev.lock

@@ -243,13 +243,17 @@ def test_setup_installs_the_dev_lock_and_reinstalls_when_it_changes() -> None:
     assert from_lock, "setup.sh installs requirements-dev.lock"
     assert {"--require-hashes", "--no-deps"} <= set(from_lock[0])
     for words in installs:
-        if words is from_lock[0]:
-            continue
-        # Anything else installed resolves nothing: the project without its dependencies, or
-        # a pinned pip.
-        assert "--no-deps" in words or any(re.fullmatch(r"pip==[\w.]+", w) for w in words), " ".join(words)
+        # Nothing installed resolves anything, and everything from an index is checked against
+        # a lock's hash: pip itself too (a pinned version alone trusts whatever the index
+        # serves under it); only the project, from this checkout, goes without.
+        assert "--no-deps" in words, " ".join(words)
+        assert "--require-hashes" in words or words[-2:] == ["-e", "."], " ".join(words)
+    assert [w for words in installs for w in words if w.endswith(".lock")][:2] == [
+        "requirements-pip.lock", "requirements-dev.lock"]  # pip first: it checks the rest
+    pip_lock = (REPO / "requirements-pip.lock").read_text()
+    assert re.search(r"^pip==[\w.]+ \\\n    --hash=sha256:[0-9a-f]{64}$", pip_lock, re.M), pip_lock
     stamp = next(ln for ln in lines if ln.startswith("stamp="))
-    assert "requirements-dev.lock" in stamp and "pyproject.toml" in stamp
+    assert all(f in stamp for f in ("requirements-dev.lock", "requirements-pip.lock", "pyproject.toml"))
 
 
 def test_image_is_built_from_the_lock_by_a_non_root_final_stage() -> None:
