@@ -138,7 +138,7 @@ def test_setup_stops_the_prometheus_service_its_package_started(tmp_path: Path) 
     (root / "scripts").mkdir(parents=True)
     (root / "scripts" / "setup.sh").write_text((REPO / "scripts" / "setup.sh").read_text())
     digest = b""
-    for name in ("pyproject.toml", "requirements-dev.lock"):
+    for name in ("pyproject.toml", "requirements-pip.lock", "requirements-dev.lock"):  # the stamp's order
         (root / name).write_bytes((REPO / name).read_bytes())
         digest += (REPO / name).read_bytes()
     (root / ".venv").mkdir()
