@@ -454,7 +454,9 @@ class TorchServe:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop TorchServe and its workers (SIGTERM to the process group, SIGKILL after
-        ``timeout``); remove the key file and the state file."""
+        ``timeout``); remove the key file and the state file, unless the state file names
+        another TorchServe by now (a ``start`` on the run dir, once this one was gone: its
+        files are that one's)."""
         if self.process is not None or _alive(self.pid, Path(self.settings.run_dir)):
             _stop_group(self.pid, timeout)
         if self.process is not None:
@@ -462,8 +464,10 @@ class TorchServe:
                 self.process.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
-        for name in (KEY_FILE, STATE_FILE):
-            (Path(self.settings.run_dir) / name).unlink(missing_ok=True)
+        run_dir = Path(self.settings.run_dir)
+        if _state_pid(run_dir) in (None, self.pid):
+            for name in (KEY_FILE, STATE_FILE):
+                (run_dir / name).unlink(missing_ok=True)
         if self.lifeline is not None:  # stopped in order: stand the watchdog down
             with contextlib.suppress(OSError):
                 os.write(self.lifeline, _STAND_DOWN)
@@ -504,13 +508,15 @@ def start(settings: ServeSettings, wait: bool = True, outlive_caller: bool = Fal
     for n in names:  # TorchServe unpacks each: plain files under relative names only
         archive.check_archive(settings.archives / f"{n}.mar")
     run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new one: this user's alone
-    with _start_lock(run_dir):  # until the state file names what started: one start at a time
-        ts = _launch(settings, run_dir, names, outlive_caller)
-    try:
+    ts: TorchServe | None = None
+    try:  # an interrupt as the lock is let go stops what was started too
+        with _start_lock(run_dir):  # until the state file names what started: one start at a time
+            ts = _launch(settings, run_dir, names, outlive_caller)
         if wait:
             ts.wait_ready()
     except BaseException:
-        ts.stop()
+        if ts is not None:
+            ts.stop()
         raise
     return ts
 
@@ -593,6 +599,14 @@ def _launch(settings: ServeSettings, run_dir: Path, names: list[str], outlive_ca
         ts.stop()
         raise
     return ts
+
+
+def _state_pid(run_dir: Path) -> int | None:
+    """The pid the run dir's state file names; None where there is none to read."""
+    try:
+        return int(json.loads((run_dir / STATE_FILE).read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def attach(run_dir: Path = DEFAULT_RUN_DIR) -> TorchServe | None:

@@ -8,8 +8,8 @@
 #   requirements-pip.lock  the pip setup.sh installs first (its pin kept; PIP_VERSION=X.Y moves it)
 # Each holds one file per package from PyPI with its sha256, a wheel wherever PyPI has one;
 # tests/test_dockerfile.py fails while a lock disagrees with pyproject.toml or the two disagree.
-#   scripts/lock.sh          both
-#   scripts/lock.sh dev      the dev lock only, resolved around the runtime lock as it stands
+#   scripts/lock.sh          all three
+#   scripts/lock.sh dev      the dev lock (and pip's) only, resolved around the runtime lock as it stands
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -62,7 +62,7 @@ if [ "$which" = all ]; then
 # pin here disagrees with pyproject.toml.
 " "$work/runtime.txt"
 fi
-pip_version="${PIP_VERSION:-$(sed -n 's/^pip==\([^ ]*\) .*/\1/p' requirements-pip.lock)}"
+pip_version="${PIP_VERSION:-$(sed -n 's/^pip==\([^ ]*\) .*/\1/p' requirements-pip.lock 2>/dev/null || true)}"
 echo "pip==${pip_version:?requirements-pip.lock names no pip==VERSION; set PIP_VERSION}" >"$work/pip.txt"
 resolve requirements-pip.lock "# The pip that scripts/setup.sh installs into .venv before the development lock, at its
 # version and sha256 (from PyPI): the installer that checks every other hash is checked too.

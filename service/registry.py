@@ -194,7 +194,8 @@ def _warn_if_noise_falls_short(name: str, policy: Policy, trained_sigma: float) 
     noise check scores fewer copies than its thresholds were calibrated on), or even unanimous
     copies certify less than ``noise.target_radius`` (every certificate reads "not
     certified"); or when its noise is not the card's ``noise_sigma``, the noise the model was
-    trained under (any caller may ask for a certificate)."""
+    trained under (any caller may ask for a certificate, unless the gateway's ``allow_certify``
+    is off)."""
     n = policy.noise
     if not math.isclose(n.sigma, trained_sigma, rel_tol=1e-6):
         log.warning("model %r: policy %s draws noise at sigma %g, the model was trained at %g (its card): "

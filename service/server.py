@@ -351,7 +351,8 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
         answered in request order. A reader task reads the next item only once the window and
         the connection's share have room for it (the rest stay with gRPC's flow control; a
         stream waiting for its caller's next item holds no share), then counts it in flight;
-        this generator yields the answers in the order the items came."""
+        this generator yields the answers in the order the items came. A stream opened on a
+        connection with ``max_streams_per_connection`` open already is refused at once."""
         with self.admission.connection(context.peer()) as connection:
             try:
                 self.admission.open_stream(connection)

@@ -346,18 +346,22 @@ def test_one_connection_cannot_take_every_slot(calibrated_store: Path, torchserv
         go_on = threading.Event()
 
         def idle() -> Iterator[pb.ClassifyStreamRequest]:
+            yield from items(1)
             go_on.wait(30)
             yield from items(1)
 
-        idle_streams = [hog.ClassifyStream(idle(), timeout=30) for _ in range(2)]
+        def open_idle() -> Iterator[pb.ClassifyStreamResponse]:
+            stream = hog.ClassifyStream(idle(), timeout=30)
+            assert next(stream).WhichOneof("outcome") == "result"  # open at the gateway, now idle
+            return stream
+
+        idle_streams = [open_idle() for _ in range(2)]
         try:
-            time.sleep(0.5)  # both open at the gateway, each waiting for its first item
             assert _code(lambda: hog.Classify(reqs[0], timeout=10)) == (OK, "")
             assert [a.WhichOneof("outcome") for a in hog.ClassifyStream(items(3), timeout=10)] == ["result"] * 3
             # max_streams_per_connection 3: a third idle stream fills it, a fourth is refused as it
             # opens (counted as shed), the other connection's stream is not, calls go on
-            idle_streams.append(hog.ClassifyStream(idle(), timeout=30))
-            time.sleep(0.5)
+            idle_streams.append(open_idle())
             before = shed()
             assert _code(lambda: list(hog.ClassifyStream(items(1), timeout=10))) == (
                 SHED, "this connection has 3 streams open, its limit; close one, or open another "
@@ -370,8 +374,7 @@ def test_one_connection_cannot_take_every_slot(calibrated_store: Path, torchserv
         assert [[a.WhichOneof("outcome") for a in s] for s in idle_streams] == [["result"]] * 3
         # the streams ended (and the refused, cut and finished ones before): room for 3 again
         go_on.clear()
-        idle_streams = [hog.ClassifyStream(idle(), timeout=30) for _ in range(3)]
-        time.sleep(0.5)
+        idle_streams = [open_idle() for _ in range(3)]
         go_on.set()
         assert [[a.WhichOneof("outcome") for a in s] for s in idle_streams] == [["result"]] * 3
     finally:

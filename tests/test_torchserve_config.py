@@ -249,8 +249,8 @@ def test_a_second_start_on_a_run_dir_waits_for_the_first_to_name_what_it_started
     monkeypatch.setattr(serve, "START_LOCK_WAIT_S", 30.0)
     held = open(run_dir / serve.START_LOCK_FILE, "w")
     fcntl.flock(held, fcntl.LOCK_EX)
-    threading.Timer(0.5, held.close).start()
     t0 = time.monotonic()
+    threading.Timer(0.5, held.close).start()
     with serve.start(settings, wait=False) as ts:
         assert time.monotonic() - t0 >= 0.4 and serve.attach(run_dir).pid == ts.pid
 
@@ -469,3 +469,25 @@ def test_a_state_file_naming_another_run_dirs_torchserve_is_not_attached(tmp_pat
         finally:
             proc.kill()
             proc.wait()
+
+
+def test_a_stop_leaves_the_files_of_a_torchserve_started_after_it(tmp_path: Path) -> None:
+    """A ``stop`` whose TorchServe is gone by the time it removes the key and state files, and
+    a ``start`` on the run dir in between (the lock lets it in: nothing runs): those files are
+    the new TorchServe's, and removing them hid it from ``stop`` and its gateway from its
+    token. They are removed only where the state file names the stopped one, or nothing."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    settings = serve.ServeSettings(run_dir=tmp_path)
+    state = {"pid": os.getpid(), "models": ["m"], "settings": serve._settings_to_json(settings)}
+    (tmp_path / serve.STATE_FILE).write_text(json.dumps(state))  # the newer start's
+    (tmp_path / serve.KEY_FILE).write_text("{}")
+    serve.TorchServe(settings, ["m"], gone.pid).stop()
+    assert (tmp_path / serve.STATE_FILE).exists() and (tmp_path / serve.KEY_FILE).exists()
+    state["pid"] = gone.pid  # its own: removed, as before
+    (tmp_path / serve.STATE_FILE).write_text(json.dumps(state))
+    serve.TorchServe(settings, ["m"], gone.pid).stop()
+    assert not (tmp_path / serve.STATE_FILE).exists() and not (tmp_path / serve.KEY_FILE).exists()
+    (tmp_path / serve.KEY_FILE).write_text("{}")  # no state file at all: the key goes too
+    serve.TorchServe(settings, ["m"], gone.pid).stop()
+    assert not (tmp_path / serve.KEY_FILE).exists()
