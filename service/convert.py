@@ -108,7 +108,7 @@ def model_to_pb(m: ServedModel, max_image_bytes: int, allow_certify: bool = True
             noise_sigma=p.noise.sigma,
             model_sha256=p.model_sha256,
             certify_default=p.noise.certify,
-            certify_allowed=certify_allowed(m, allow_certify),
+            certify_refused=not certify_allowed(m, allow_certify),
         ),
         formats=list(m.formats),
     )

@@ -106,7 +106,7 @@ class Settings:
     ``max_forward_passes`` (the shipped policy: up to 430 forward passes, about 30 times a
     request's 14), all of it counted as one request by ``max_inflight``. false: such a request
     is refused with FAILED_PRECONDITION, unless the policy certifies every request anyway
-    (``noise.certify``); GetModel tells callers (``policy.certify_allowed``)."""
+    (``noise.certify``); GetModel tells callers (``policy.certify_refused``)."""
     max_streams_per_connection: int = 100
     """ClassifyStreams one client connection may have open at once (per gateway process); one
     more is refused with RESOURCE_EXHAUSTED as it opens, and the connection's other calls and
@@ -187,7 +187,7 @@ class Settings:
     """PEM CA bundle; set: mutual TLS, every client must present a certificate it signed."""
     auth_token_file: str = ""
     """File holding the bearer token callers must send (``authorization: Bearer <token>``)."""
-    auth_token: str = ""
+    auth_token: str = field(default="", repr=False)  # a secret: never in a logged repr
     """The bearer token itself (prefer ``auth_token_file``: env and flags show in ``ps``); empty: no check.
     Health and reflection stay open either way, so probes work."""
     allow_unauthenticated: bool = False

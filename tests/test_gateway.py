@@ -660,7 +660,7 @@ def test_list_and_get_model(client: Client) -> None:
     assert len(info.labels) == 10 and list(info.input.shape) == [1, 28, 28]
     assert info.input.dtype == "float32" and list(info.input.tensor_dtypes) == ["uint8", "float32"]
     assert info.policy.mode == "enforce" and "squeeze" in info.policy.enabled_checks
-    assert (info.policy.certify_default, info.policy.certify_allowed) == (False, True)
+    assert (info.policy.certify_default, info.policy.certify_refused) == (False, False)
     with pytest.raises(grpc.RpcError) as err:
         client.get_model("nope")
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
@@ -685,7 +685,7 @@ def test_a_gateway_that_offers_no_certificates_refuses_requests_for_one(calibrat
                 c.classify(image, model="fmnist-cnn", certify=True)
             plain = c.classify(image, model="fmnist-cnn")
             assert c.classify(image, model="fmnist-cnn", certify=False).classes
-            assert c.get_model("fmnist-cnn").policy.certify_allowed is False
+            assert c.get_model("fmnist-cnn").policy.certify_refused is True
         codes = metric_by(scrape(port), "robustgate_requests_total", "code")
     finally:
         stop(proc)
@@ -702,7 +702,7 @@ def test_a_gateway_that_offers_no_certificates_refuses_requests_for_one(calibrat
     try:
         with Client(address) as c:
             policy = c.get_model("fmnist-cnn").policy
-            assert (policy.certify_default, policy.certify_allowed) == (True, True)
+            assert (policy.certify_default, policy.certify_refused) == (True, False)
             certified = c.classify(image, model="fmnist-cnn", certify=True).gate
             assert certified.forward_passes > plain.gate.forward_passes
     finally:

@@ -98,6 +98,13 @@ def test_the_probe_seed_is_a_secret_drawn_at_start_unless_set() -> None:
         Settings(seed=-2)
 
 
+def test_the_callers_token_is_not_in_the_settings_repr() -> None:
+    """A logged or traced Settings (a start-up failure, a debugging print) must not carry the
+    bearer token every caller sends."""
+    s = Settings(auth_token="s3cret-token-value")
+    assert s.auth_token == "s3cret-token-value" and "s3cret" not in repr(s) and "s3cret" not in str(s)
+
+
 def test_an_images_seed_tells_nothing_of_another_without_the_key() -> None:
     """Keyed (HMAC), not the key XOR a public hash: there, the key cancelled out of two
     images' seeds, so one seed learnt gave every other image's."""

@@ -184,7 +184,7 @@ class InputSpec(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., mode: _Optional[str] = ..., encodings: _Optional[_Iterable[str]] = ..., max_image_bytes: _Optional[int] = ..., tensor_dtypes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PolicySummary(_message.Message):
-    __slots__ = ("version", "mode", "enabled_checks", "max_forward_passes", "noise_sigma", "model_sha256", "certify_default", "certify_allowed")
+    __slots__ = ("version", "mode", "enabled_checks", "max_forward_passes", "noise_sigma", "model_sha256", "certify_default", "certify_refused")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     ENABLED_CHECKS_FIELD_NUMBER: _ClassVar[int]
@@ -192,7 +192,7 @@ class PolicySummary(_message.Message):
     NOISE_SIGMA_FIELD_NUMBER: _ClassVar[int]
     MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
     CERTIFY_DEFAULT_FIELD_NUMBER: _ClassVar[int]
-    CERTIFY_ALLOWED_FIELD_NUMBER: _ClassVar[int]
+    CERTIFY_REFUSED_FIELD_NUMBER: _ClassVar[int]
     version: str
     mode: str
     enabled_checks: _containers.RepeatedScalarFieldContainer[str]
@@ -200,8 +200,8 @@ class PolicySummary(_message.Message):
     noise_sigma: float
     model_sha256: str
     certify_default: bool
-    certify_allowed: bool
-    def __init__(self, version: _Optional[str] = ..., mode: _Optional[str] = ..., enabled_checks: _Optional[_Iterable[str]] = ..., max_forward_passes: _Optional[int] = ..., noise_sigma: _Optional[float] = ..., model_sha256: _Optional[str] = ..., certify_default: _Optional[bool] = ..., certify_allowed: _Optional[bool] = ...) -> None: ...
+    certify_refused: bool
+    def __init__(self, version: _Optional[str] = ..., mode: _Optional[str] = ..., enabled_checks: _Optional[_Iterable[str]] = ..., max_forward_passes: _Optional[int] = ..., noise_sigma: _Optional[float] = ..., model_sha256: _Optional[str] = ..., certify_default: _Optional[bool] = ..., certify_refused: _Optional[bool] = ...) -> None: ...
 
 class GetModelResponse(_message.Message):
     __slots__ = ("name", "version", "labels", "input", "policy", "formats")
