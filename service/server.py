@@ -521,6 +521,13 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
         root_certificates=ca, require_client_auth=ca is not None)
 
 
+#: The health service the liveness probe asks for: SERVING while the gateway process serves at
+#: all, whatever its backend does. The overall status ("") and the classifier's follow the
+#: backend (readiness): a restart would not mend a backend, only cut the calls and streams the
+#: gateway has open. A hung event loop answers nothing, which fails the probe all the same.
+LIVENESS_SERVICE = "robustgate.liveness"
+
+
 async def probe_backend(backend: TorchServeBackend, registry: Registry, health_servicer: health.aio.HealthServicer,
                         timeout_s: float, metrics: Metrics, status: int | None = None,
                         serving: Callable[[bool], None] = lambda ok: None) -> int:
@@ -686,6 +693,7 @@ async def start(settings: Settings, registry: Registry | None = None, worker: bo
     # by at most backend_timeout_s.
     status = await probe_backend(backend, registry, health_servicer, settings.backend_timeout_s, metrics,
                                  serving=servicer.set_backend_serving)
+    await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     await server.start()
     task = asyncio.create_task(watch_backend(backend, registry, health_servicer, settings.health_interval_s,
                                              settings.backend_timeout_s, metrics, status, servicer.set_backend_serving))

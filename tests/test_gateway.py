@@ -22,6 +22,7 @@ from PIL import Image
 from model_store import data, serve
 from robustgate.v1 import classifier_pb2 as pb
 from service.client import Client
+from service.server import LIVENESS_SERVICE
 from tests.conftest import free_port
 
 
@@ -806,6 +807,11 @@ def test_backend_down_is_unavailable_and_not_serving(calibrated_store: Path, tor
             grpc.channel_ready_future(ch).result(timeout=60)
             status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5).status
             assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            # the liveness probe's service: the process serves, whatever its backend does (a
+            # restart would only cut the calls and streams it has open)
+            live = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=LIVENESS_SERVICE), timeout=5).status
+            assert live == health_pb2.HealthCheckResponse.SERVING
         with Client(address) as c:
             t = time.monotonic()
             with pytest.raises(grpc.RpcError) as err:

@@ -247,6 +247,8 @@ def test_pdb_leaves_a_pod_serving(docs: tuple[Doc, ...]) -> None:
 
 
 def test_probes_and_services_use_declared_ports(docs: tuple[Doc, ...]) -> None:
+    from service.server import LIVENESS_SERVICE
+
     spec = pod_spec(docs)
     all_ports: dict[str | int, int] = {}
     for c in spec["containers"]:
@@ -262,6 +264,9 @@ def test_probes_and_services_use_declared_ports(docs: tuple[Doc, ...]) -> None:
     gw = container(docs, "gateway")
     for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert gw[kind]["grpc"]["port"] == 50051, f"gateway {kind} is a native gRPC probe on 50051"
+    # startup and readiness follow the backend (the overall status); liveness the process alone
+    assert "service" not in gw["readinessProbe"]["grpc"] and "service" not in gw["startupProbe"]["grpc"]
+    assert gw["livenessProbe"]["grpc"]["service"] == LIVENESS_SERVICE
     assert gw["startupProbe"]["periodSeconds"] * gw["startupProbe"]["failureThreshold"] >= 300, \
         "the startup probe allows at least 5 minutes for model loading"
     for svc in every(docs, "Service"):
