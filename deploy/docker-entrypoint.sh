@@ -4,7 +4,9 @@
 #   torchserve [--model NAME ...]   python -m model_store.serve start on $ROBUSTGATE_STORE with
 #                                   the run directory $TORCHSERVE_RUN_DIR; stays in the
 #                                   foreground until TorchServe exits or SIGTERM stops it;
-#                                   TORCHSERVE_SYSTEM_METRICS=off turns its system metrics off
+#                                   TORCHSERVE_SYSTEM_METRICS=off turns its system metrics off;
+#                                   TORCHSERVE_REQUIRE_GPU=true refuses to start without a
+#                                   usable CUDA device (else TorchServe would run on the CPU)
 #   gateway [FLAGS]                 python -m service (flags and ROBUSTGATE_* variables), once
 #                                   TorchServe's key file exists in $TORCHSERVE_RUN_DIR
 #   anything else                   run as given (a shell, python -m service.client, ...)
@@ -30,6 +32,16 @@ run_torchserve() {
   local launcher extra=()
   trap stop_torchserve TERM INT
   [ "${TORCHSERVE_SYSTEM_METRICS:-on}" = on ] || extra+=(--no-system-metrics)
+  # A pod given a GPU whose node runtime did not inject the driver (no NVIDIA container
+  # toolkit as the default runtime, no runtimeClassName) sees no CUDA device: TorchServe would
+  # serve on the CPU, its probes passing, the GPU held and idle. Stop here instead.
+  if [ "${TORCHSERVE_REQUIRE_GPU:-false}" = true ] \
+    && ! python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+    log "TORCHSERVE_REQUIRE_GPU=true but no CUDA device is usable in this container (is the NVIDIA" \
+      "container toolkit the node's runtime, or does the pod need a runtimeClassName?); not starting" \
+      "TorchServe on the CPU"
+    exit 1
+  fi
   # `start` returns once every model's workers are READY; it runs in the background so that
   # a SIGTERM during model loading reaches the trap. TorchServe logs to this container's
   # stdout, which the runtime collects and rotates (`--console inherit`); the run directory

@@ -322,6 +322,32 @@ def test_entrypoint_passes_torchserve_system_metrics_off(tmp_path: Path) -> None
         assert ("--no-system-metrics" in line) == flagged, line
 
 
+def test_entrypoint_torchserve_refuses_to_start_on_the_cpu_where_a_gpu_is_required(tmp_path: Path) -> None:
+    """TORCHSERVE_REQUIRE_GPU=true (the GPU overlay): without a usable CUDA device (a node
+    whose runtime did not inject the driver) the container stops with a message naming the
+    likely cause, instead of TorchServe serving on the CPU with its GPU held idle. Unset, or
+    with CUDA usable, `serve start` runs. A stand-in python answers the CUDA question from
+    $CUDA and records every command line."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text('#!/bin/sh\necho "$@" >> "$RECORD"\n'
+                                    'case "$2" in *cuda.is_available*) exit "$CUDA";; esac\nexit 1\n')
+    (bin_dir / "python").chmod(0o755)
+    for require, cuda, refused in ((None, "1", False), ("true", "1", True), ("true", "0", False)):
+        record = tmp_path / f"args-{require}-{cuda}"
+        env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "RECORD": str(record), "TORCHSERVE_RUN_DIR": str(tmp_path),
+               "CUDA": cuda}
+        if require is not None:
+            env["TORCHSERVE_REQUIRE_GPU"] = require
+        out = subprocess.run(["bash", str(ENTRYPOINT), "torchserve"], env=env, capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 1, out.stderr
+        started = "model_store.serve start" in record.read_text()
+        assert started is not refused, (require, cuda, out.stderr)
+        assert ("no CUDA device is usable" in out.stderr) is refused, out.stderr
+        assert ("did not start" in out.stderr) is started  # the stand-in's start fails
+
+
 def test_entrypoint_gateway_leaves_on_sigterm_while_it_waits_for_the_key_file(tmp_path: Path) -> None:
     """As PID 1 a shell ignores a signal it has no handler for: a pod deleted while its
     gateway waited for TorchServe's key file sat out its grace period and was killed."""

@@ -356,6 +356,7 @@ def test_torchserve_serves_only_what_the_gateway_calls(overlay: str, docs: tuple
     assert served == [f"{m}-{settings.backend_format}" for m in settings.models]
     env = {e["name"]: e.get("value") for e in ts.get("env", [])}
     assert (env.get("TORCHSERVE_SYSTEM_METRICS", "on") == "off") == (overlay == "gpu")
+    assert (env.get("TORCHSERVE_REQUIRE_GPU") == "true") == (overlay == "gpu")  # no silent CPU fallback
 
 
 def test_the_gateway_takes_calls_only_with_its_token_from_a_secret(docs: tuple[Doc, ...]) -> None:
