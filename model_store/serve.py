@@ -401,12 +401,14 @@ class TorchServe:
         return _http_json(f"{self.management_url}/models/{model}", self.keys().management)
 
     def model_status(self, model: str) -> dict[str, Any]:
-        """``{"ready": bool, "workers": [status, ...], "min_workers": n, ...}`` for ``model``."""
+        """``{"ready": bool, "serving": bool, "workers": [status, ...], "min_workers": n, ...}``
+        for ``model``: ready, every worker it should have READY; serving, at least one."""
         d = self.describe(model)[0]
         workers = [w.get("status") for w in d.get("workers", [])]
         need = max(1, int(d.get("minWorkers", 1)))
         return {
             "ready": len(workers) >= need and all(s == "READY" for s in workers),
+            "serving": "READY" in workers,
             "workers": workers,
             "min_workers": need,
             "batch_size": d.get("batchSize"),
@@ -657,6 +659,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="TorchServe's console: logs/torchserve.out in the run directory (the log itself then "
                         "goes only to the rolling logs/ts_log.log), or this command's stdout with the log on it "
                         "(a container's, which its runtime rotates; not a pipe read to its end: TorchServe keeps it)")
+    p.add_argument("--live", action="store_true",
+                   help="status: exit 0 while every model has a READY worker (a liveness probe: TorchServe "
+                        "restarts a failed worker by itself, the others serving meanwhile); without it, "
+                        "0 only while every worker is READY")
     p.add_argument("--no-system-metrics", action="store_true",
                    help="turn TorchServe's system metrics (CPU, memory, GPU, every minute) off: on a GPU "
                         "its collector needs the nvgpu package, which this image does not carry")
@@ -686,7 +692,7 @@ def _command(args: argparse.Namespace) -> int:
         for name in ts.models:
             try:
                 report["models"][name] = ts.model_status(name)
-                ok &= report["models"][name]["ready"]
+                ok &= report["models"][name]["serving" if args.live else "ready"]
             except (OSError, urllib.error.URLError, ServeError, ValueError, LookupError, TypeError) as e:
                 # LookupError, TypeError: a describe answer of another shape (an empty list)
                 report["models"][name] = {"ready": False, "error": str(e) or type(e).__name__}

@@ -270,6 +270,10 @@ def test_probes_and_services_use_declared_ports(docs: tuple[Doc, ...]) -> None:
     # startup and readiness follow the backend (the overall status); liveness the process alone
     assert "service" not in gw["readinessProbe"]["grpc"] and "service" not in gw["startupProbe"]["grpc"]
     assert gw["livenessProbe"]["grpc"]["service"] == LIVENESS_SERVICE
+    # TorchServe: started once every worker is READY; alive while each model has one READY
+    ts = container(docs, "torchserve")
+    assert "--live" not in ts["startupProbe"]["exec"]["command"]
+    assert ts["livenessProbe"]["exec"]["command"][3:5] == ["status", "--live"]
     assert gw["startupProbe"]["periodSeconds"] * gw["startupProbe"]["failureThreshold"] >= 300, \
         "the startup probe allows at least 5 minutes for model loading"
     for svc in every(docs, "Service"):

@@ -369,6 +369,9 @@ def test_cli_start_status_stop(tiny_store: Path, tmp_path: Path) -> None:
         assert (run_dir / serve.KEY_FILE).stat().st_mode & 0o077 == 0 and run_dir.stat().st_mode & 0o077 == 0
         status = subprocess.run([*cli, "status", "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=60)
         assert status.returncode == 0 and json.loads(status.stdout)["models"]["fmnist-cnn-onnx"]["ready"]
+        live = subprocess.run([*cli, "status", "--live", "--run-dir", str(run_dir)], capture_output=True, text=True,
+                              timeout=60)
+        assert live.returncode == 0 and json.loads(live.stdout)["models"]["fmnist-cnn-onnx"]["serving"]
         again = subprocess.run([*cli, "start", *common], capture_output=True, text=True, timeout=60)
         assert again.returncode == 1 and "already runs" in again.stderr
     finally:
@@ -469,6 +472,19 @@ def test_a_state_file_naming_another_run_dirs_torchserve_is_not_attached(tmp_pat
         finally:
             proc.kill()
             proc.wait()
+
+
+def test_a_model_with_a_worker_down_is_not_ready_but_still_serving(tmp_path: Path, monkeypatch) -> None:
+    """Readiness wants every worker READY; the liveness probe (``status --live``) one: a worker
+    TorchServe is restarting does not restart the container (every model reloaded), no READY
+    worker at all does."""
+    ts = serve.TorchServe(serve.ServeSettings(run_dir=tmp_path), ["m"], 1)
+    for workers, ready, serving in ((["READY", "READY"], True, True), (["READY", "UNLOADING"], False, True),
+                                    (["STOPPED", "UNLOADING"], False, False), ([], False, False)):
+        monkeypatch.setattr(ts, "describe", lambda model, w=workers: [
+            {"minWorkers": 2, "workers": [{"status": s} for s in w]}])
+        status = ts.model_status("m")
+        assert (status["ready"], status["serving"]) == (ready, serving), workers
 
 
 def test_a_stop_leaves_the_files_of_a_torchserve_started_after_it(tmp_path: Path) -> None:
