@@ -134,6 +134,7 @@ def load_model(store: Path, name: str, backend_format: str, verified: dict[str, 
                              f"input: {e}") from None
     _warn_if_stale(name, policy)
     _warn_if_noise_falls_short(name, policy, noise_sigma)
+    _warn_if_a_check_cannot_fire(name, policy)
     formats = tuple(f for f in FORMATS if archive_path(store, name, f).is_file())
     archive = archive_path(store, name, backend_format)
     limits = read_archive_limits(archive) if archive.is_file() else None
@@ -185,6 +186,20 @@ def _warn_if_stale(name: str, policy: Policy) -> None:
                     "image, while the gateway draws them per image; it serves as calibrated, a little "
                     "under its clean flag rate and catching a little less; recalibrating fits it on "
                     "the draws the gateway makes", name, policy.version)
+
+
+def _warn_if_a_check_cannot_fire(name: str, policy: Policy) -> None:
+    """Name each enabled check with no flag, reject or escalate threshold (a policy edited by
+    hand, or one whose calibration gave the check no share): every request pays its forward
+    passes and it never changes a decision."""
+    if policy.mode is Mode.OFF:
+        return
+    for check, cp in policy.checks.items():
+        t = cp.thresholds
+        if cp.enabled and t.flag is None and t.reject is None and t.escalate is None:
+            log.warning("model %r: policy %s enables the %s check with no flag, reject or escalate threshold: "
+                        "it costs %d forward passes a request and never changes a decision; disable it, or "
+                        "recalibrate", name, policy.version, check.value, policy.budget(check))
 
 
 def _warn_if_noise_falls_short(name: str, policy: Policy, trained_sigma: float) -> None:

@@ -57,6 +57,20 @@ def test_a_policy_calibrated_on_one_shared_jitter_draw_serves_and_is_named_at_st
     assert "'fmnist-cnn'" in record.getMessage() and "recalibrating" in record.getMessage()
 
 
+def test_an_enabled_check_that_can_never_fire_is_named_at_start_up(tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    from service.gate.checks import Check
+    from service.gate.policy import CheckPolicy, Thresholds
+
+    policy = make_policy()
+    policy = replace(policy, checks={**policy.checks, Check.VIEWPOINT: CheckPolicy(True, Thresholds())})
+    with caplog.at_level(logging.WARNING, logger="service.registry"):
+        load_model(store_with(tmp_path, policy), "fmnist-cnn", "torchscript")  # served as it is
+    [record] = [r for r in caplog.records if r.name == "service.registry" and "enables" in r.getMessage()]
+    assert record.getMessage().startswith("model 'fmnist-cnn': policy 7 enables the viewpoint check with no flag, "
+                                          f"reject or escalate threshold: it costs {len(policy.probe.views)} forward")
+
+
 @pytest.mark.parametrize("changes, message", [
     # the noise check enabled, but no copy fits after the cheap probe: skipped on every request
     (lambda p: {"max_forward_passes": p.cheap_plan(0).rows}, "leaves no forward pass for a noise copy"),
