@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     except StartFailed as e:
         log.error("cannot start: %s", e)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before its drain handler was installed (loading, the first probe)
+        return 128 + 2
     return 0
 
 

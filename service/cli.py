@@ -16,6 +16,7 @@ import grpc
 
 from robustgate.v1 import classifier_pb2 as pb
 from service.client import Client, tls_credentials
+from service.settings import MAX_DURATION_S, read_token_file
 
 _DECISION = {pb.DECISION_PASS: "PASS", pb.DECISION_FLAG: "FLAG", pb.DECISION_REJECT: "REJECT",
              pb.DECISION_UNSPECIFIED: "-"}
@@ -60,11 +61,11 @@ def classify(client: Client, images: list[Path], model: str, top_k: int, timeout
     code 2 when any failed. The timeout is per image."""
     if len(images) == 1:
         print(render(client.classify(images[0].read_bytes(), model=model, top_k=top_k,
-                                     request_id=images[0].name)))
+                                     request_id=_request_id(images[0]))))
         return 0
-    reqs = [Client.request(path.read_bytes(), model, top_k=top_k, request_id=path.name) for path in images]
+    reqs = [Client.request(path.read_bytes(), model, top_k=top_k, request_id=_request_id(path)) for path in images]
     failed = 0
-    for k, answer in enumerate(client.classify_stream(reqs, timeout_s=timeout_s * len(reqs))):
+    for k, answer in enumerate(client.classify_stream(reqs, timeout_s=min(timeout_s * len(reqs), MAX_DURATION_S))):
         if answer.WhichOneof("outcome") == "error":
             failed += 1
             code = _CODE_NAMES.get(answer.error.code, str(answer.error.code))
@@ -75,32 +76,32 @@ def classify(client: Client, images: list[Path], model: str, top_k: int, timeout
 
 
 def _positive_seconds(raw: str) -> float:
-    value = float(raw)
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{raw!r} is not a positive number of seconds")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= MAX_DURATION_S:  # beyond, gRPC's deadline overflows: it expires at once
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a number of seconds in (0, {MAX_DURATION_S}]")
     return value
+
+
+MAX_TOP_K = 2**32 - 1  # the field is a uint32
 
 
 def _count(raw: str) -> int:
-    value = int(raw)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{raw!r} is negative (0: the gateway's default)")
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a whole number") from None
+    if not 0 <= value <= MAX_TOP_K:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not in [0, {MAX_TOP_K}] (0: the gateway's default)")
     return value
 
 
-def _read_token(path: Path) -> str:
-    """The bearer token in ``path``: printable ASCII (a gRPC header value), at least one
-    character; an empty file would send no token at all, and a control character fails in
-    gRPC's core with lines of C on stderr."""
-    try:
-        token = path.read_bytes().decode("ascii").strip()
-    except UnicodeDecodeError:
-        raise ValueError(f"token file {path} is not ASCII text") from None
-    if not token:
-        raise ValueError(f"token file {path} is empty")
-    if not token.isprintable():
-        raise ValueError(f"token file {path} holds more than one line, or a control character")
-    return token
+def _request_id(path: Path) -> str:
+    """A file's name as the request id: a name that is no UTF-8 (bytes the file system kept)
+    with those bytes escaped, which protobuf's strings refuse as they are."""
+    return os.fsencode(path.name).decode("utf-8", "backslashreplace")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         creds = (tls_credentials(args.tls_ca, args.tls_cert, args.tls_key)
                  if args.tls or args.tls_ca or args.tls_cert or args.tls_key else None)
-        token = _read_token(args.token_file) if args.token_file else None
+        token = read_token_file(args.token_file) if args.token_file else None
         with Client(args.address, timeout_s=args.timeout, credentials=creds, token=token) as client:
             if args.cmd == "classify":
                 code = classify(client, args.images, args.model, args.top_k, args.timeout)

@@ -47,7 +47,7 @@ from service.interceptors import ServerMetricsInterceptor, cut_short_code
 from service.metrics import Metrics, SupervisorMetrics
 from service.pipeline import ClassifyResult, Pipeline
 from service.registry import Registry
-from service.settings import Settings
+from service.settings import Settings, read_token_file
 from service.tracing import OFF, Tracing, set_error
 from service.tracing import setup as setup_tracing
 
@@ -487,13 +487,10 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 def auth_token(settings: Settings) -> str:
     """The bearer token callers must present; empty: no check."""
     if settings.auth_token_file:
-        try:
-            token = Path(settings.auth_token_file).read_bytes().decode("ascii").strip()
-        except UnicodeDecodeError:  # gRPC metadata values are ASCII: no caller could send it
-            raise StartFailed(f"auth_token_file {settings.auth_token_file} is not ASCII text") from None
-        if not token:
-            raise StartFailed(f"auth_token_file {settings.auth_token_file} is empty")
-        return token
+        try:  # a token no caller could send (not ASCII, two lines) would refuse every call
+            return read_token_file(settings.auth_token_file, "auth_token_file")
+        except ValueError as e:
+            raise StartFailed(str(e)) from None
     return settings.auth_token
 
 

@@ -65,7 +65,8 @@ class Settings:
     backend_timeout_s: float = 5.0
     """Deadline of one TorchServe call, capped by what the client has left."""
     request_timeout_s: float = 10.0
-    """Deadline for a request whose client set none."""
+    """Deadline for a request whose client set none; a client's own deadline is cut to ten
+    times this (100 s by default), so that no caller's deadline holds a slot for hours."""
     coalesce_max_batch: int = 32
     """Coalesce concurrent requests for one model into one TorchServe call of at most this many
     images, each with its own plan (at most the handler's max_batch_items); 0 or 1: off. On by
@@ -233,6 +234,8 @@ class Settings:
             raise ValueError("max_streams_per_connection must be >= 0 (0: no limit)")
         if not 0.0 <= self.trace_sample_ratio <= 1.0:
             raise ValueError("trace_sample_ratio must be in [0, 1]")
+        if self.auth_token and not (self.auth_token.isascii() and self.auth_token.isprintable()):
+            raise ValueError("auth_token must be printable ASCII on one line (a gRPC header value)")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("tls_cert_file and tls_key_file go together")
         if not (self.auth_token or self.auth_token_file or self.tls_client_ca_file or self.allow_unauthenticated
@@ -273,6 +276,22 @@ class Settings:
         return self.max_message_bytes - REQUEST_ENVELOPE_BYTES
 
 
+def read_token_file(path: Path | str, what: str = "token file") -> str:
+    """The bearer token in ``path``: printable ASCII (a gRPC header value), at least one
+    character, surrounding whitespace dropped. ValueError naming the file otherwise: an empty
+    file would mean no token at all, and a second line or a control character is a token no
+    client can send (it fails in gRPC's core with lines of C on stderr)."""
+    try:
+        token = Path(path).read_bytes().decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} {path} is not ASCII text") from None
+    if not token:
+        raise ValueError(f"{what} {path} is empty")
+    if not token.isprintable():
+        raise ValueError(f"{what} {path} holds more than one line, or a control character")
+    return token
+
+
 def is_loopback(host: str) -> bool:
     """``host`` is this machine's loopback only ("localhost", 127.0.0.0/8, ::1): unreachable
     from other machines. A name other than localhost may resolve anywhere: not loopback."""
@@ -303,10 +322,16 @@ def relay_url_parts(url: str) -> tuple[str, int, str]:
     return parts.hostname, port, (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
 def _convert(f: dataclasses.Field, raw: str) -> object:
     default = f.default
-    if isinstance(default, bool):
-        return raw.strip().lower() in ("1", "true", "yes", "on")
+    if isinstance(default, bool):  # a typo ("ture") read as false would switch a setting off in silence
+        word = raw.strip().lower()
+        if word not in _TRUE + _FALSE:
+            raise ValueError(f"{f.name} must be true or false (or 1/0, yes/no, on/off), got {raw.strip()[:40]!r}")
+        return word in _TRUE
     if isinstance(default, (int, float)):
         try:
             return type(default)(raw)

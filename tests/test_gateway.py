@@ -573,8 +573,13 @@ def test_cli_refuses_bad_arguments_in_one_line(tmp_path: Path) -> None:
         "binary token file": (["--token-file", str(tmp_path / "token")], "is not ASCII text"),
         "empty token file": (["--token-file", str(tmp_path / "empty-token")], "is empty"),
         "two-line token file": (["--token-file", str(tmp_path / "two-line-token")], "more than one line"),
-        "infinite timeout": (["--timeout", "inf"], "not a positive number of seconds"),
-        "negative top-k": (["classify", str(image), "--top-k", "-1"], "is negative"),
+        "infinite timeout": (["--timeout", "inf"], "is not a number of seconds in (0, "),
+        # past gRPC's 32-bit milliseconds the deadline overflowed: DEADLINE_EXCEEDED at once
+        "timeout past gRPC's range": (["--timeout", "1e10"], "is not a number of seconds in (0, 2147483]"),
+        "timeout not a number": (["--timeout", "soon"], "'soon' is not a number of seconds"),
+        "negative top-k": (["classify", str(image), "--top-k", "-1"], "is not in [0, 4294967295]"),
+        "top-k past uint32": (["classify", str(image), "--top-k", "99999999999"], "is not in [0, 4294967295]"),
+        "top-k not a number": (["classify", str(image), "--top-k", "abc"], "'abc' is not a whole number"),
     }
     for case, (flags, says) in cases.items():
         argv = flags if flags[0] == "classify" else [*flags, "classify", str(image)]
@@ -613,6 +618,13 @@ def test_cli_classifies_one_image_or_several_over_one_stream(gateway: str, fmnis
     assert many.stderr.startswith("junk.png: error: INVALID_ARGUMENT: ") and "Traceback" not in many.stderr
     missing = cli(files[0], tmp_path / "nope.png")
     assert missing.returncode == 2 and missing.stderr.startswith("error: ") and not missing.stdout
+    # a file name that is no UTF-8 (the file system keeps bytes): its request id escapes them
+    odd = Path(os.fsdecode(bytes(tmp_path) + b"/shoe\xff.png"))
+    odd.write_bytes(files[0].read_bytes())
+    named = subprocess.run([sys.executable, "-m", "service.cli", "--address", gateway, "classify", odd, files[1]],
+                           capture_output=True, timeout=120)
+    assert named.returncode == 0, named.stderr
+    assert b"== shoe\\xff.png\n" in named.stdout
     # `robustgate classify *.png | head`: the reader leaves before the answers are printed
     read, write = os.pipe()
     os.close(read)

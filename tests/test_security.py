@@ -187,6 +187,7 @@ def test_bad_tls_files_and_an_empty_token_fail_the_start_in_one_line(calibrated_
     (tmp_path / "junk.pem").write_text("not a certificate\n")
     (tmp_path / "empty-token").write_text("\n")
     (tmp_path / "latin1-token").write_bytes("s\xe9cret\n".encode("latin-1"))  # not UTF-8 either
+    (tmp_path / "two-line-token").write_bytes(b"abc\ndef\n")  # no caller could send it: every call refused
     d = pki / "d"
     cases = {
         "not its key": (["--tls-cert-file", str(d / "server.pem"), "--tls-key-file", str(d / "client.key")],
@@ -200,6 +201,8 @@ def test_bad_tls_files_and_an_empty_token_fail_the_start_in_one_line(calibrated_
                         f"auth_token_file {tmp_path / 'empty-token'} is empty"),
         "token not ASCII": (["--auth-token-file", str(tmp_path / "latin1-token")],
                             f"auth_token_file {tmp_path / 'latin1-token'} is not ASCII text"),
+        "token of two lines": (["--auth-token-file", str(tmp_path / "two-line-token")],
+                               f"auth_token_file {tmp_path / 'two-line-token'} holds more than one line"),
     }
     for case, (flags, says) in cases.items():
         r = subprocess.run([*gateway_command(calibrated_store, torchserve), *flags],

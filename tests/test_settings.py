@@ -98,6 +98,20 @@ def test_the_probe_seed_is_a_secret_drawn_at_start_unless_set() -> None:
         Settings(seed=-2)
 
 
+def test_a_yes_no_setting_refuses_a_word_it_does_not_know() -> None:
+    """Anything but 1/true/yes/on read as false: ``--allow-certify ture`` or
+    ``ROBUSTGATE_ALLOW_UNAUTHENTICATED=ture`` switched the setting off in silence."""
+    for word, value in (("true", True), ("ON", True), ("1", True), (" yes ", True),
+                        ("false", False), ("off", False), ("0", False), ("No", False)):
+        assert from_args(["--allow-certify", word], environ={}).allow_certify is value, word
+        assert from_args([], environ={"ROBUSTGATE_ALLOW_CERTIFY": word}).allow_certify is value, word
+    for word in ("ture", "flase", "", "2", "enabled"):
+        with pytest.raises(ValueError, match="allow_certify must be true or false"):
+            from_args(["--allow-certify", word], environ={})
+    with pytest.raises(ValueError, match="auth_token must be printable ASCII"):
+        Settings(auth_token="abc\ndef")
+
+
 def test_the_callers_token_is_not_in_the_settings_repr() -> None:
     """A logged or traced Settings (a start-up failure, a debugging print) must not carry the
     bearer token every caller sends."""
