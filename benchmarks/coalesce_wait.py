@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.report import invocation, parser, report_stem, run_facts, store_with_policy, write_report
+from service.backend import NO_PROXY
 from service.settings import Settings
 
 
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         async with contextlib.AsyncExitStack() as stack:
             calls = {}
             for key, address in addresses.items():
-                stub = pb_grpc.ClassifierServiceStub(await stack.enter_async_context(grpc.aio.insecure_channel(address)))
+                stub = pb_grpc.ClassifierServiceStub(await stack.enter_async_context(grpc.aio.insecure_channel(address, options=[NO_PROXY])))
                 calls[key] = lambda i, stub=stub: stub.Classify(reqs[i % len(reqs)], timeout=30)
             for call in calls.values():
                 await closed_loop("warm-up", call, 16, min(1.0, args.seconds))

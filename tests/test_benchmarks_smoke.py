@@ -112,6 +112,7 @@ def test_serving_benchmark_smoke(default_store: Path, tmp_path: Path) -> None:
     assert {b.INTERLEAVED + n for n in (b.DIRECT, b.GATE_OFF, b.BARE_CALL, *b.GATED)} <= set(turns)
     assert report["ratios"][f"p50 ms, {b.INTERLEAVED}{b.BARE_CALL} (c=1)"] > 0  # the hop under the added latency
     assert sum(n.startswith(b.INTERLEAVED + b.IN_PROCESS_VARIANTS) for n in turns) == 2
+    assert b.INTERLEAVED + b.image_alone_row("onnx") in turns  # what the variants' time is net of
     assert all(r["concurrency"] == 1 and r["calls"] > 0 for r in turns.values())
     for gated in b.GATED:
         assert f"{b.GATE_COST} {gated} (c=1)" in report["ratios"]
@@ -449,12 +450,12 @@ def test_ratios_in_turns_carry_how_far_resampling_the_turns_moves_them() -> None
     from benchmarks import serving as b
 
     probe = f"{b.variants_row('onnx')} {b.CASCADE} (14 rows)"
-    ms = {b.DIRECT: 2.0, b.GATE_OFF: 3.0, b.CASCADE: 6.0, probe: 2.5}  # p50s, every turn alike
+    ms = {b.DIRECT: 2.0, b.GATE_OFF: 3.0, b.CASCADE: 6.0, probe: 3.0, b.image_alone_row("onnx"): 0.5}  # every turn alike
     steady_turns = {name: [[v / 1e3] * 5 for _ in range(8)] for name, v in ms.items()}
     cost = f"{b.GATE_COST} {b.CASCADE} (c=1)"
     added = f"added p50 ms, {b.INTERLEAVED}{b.GATE_OFF} vs {b.INTERLEAVED}{b.DIRECT} (c=1)"
     steady = b.turn_intervals(steady_turns, resamples=200)
-    assert steady[cost] == (1.2, 1.2) and steady[added] == (1.0, 1.0)  # no noise: (6 - 3) / 2.5, 3 - 2
+    assert steady[cost] == (1.2, 1.2) and steady[added] == (1.0, 1.0)  # no noise: (6 - 3) / (3 - 0.5), 3 - 2
     # the gated row drifting from turn to turn: the interval widens around the pooled value
     drifting = {**steady_turns, b.CASCADE: [[v / 1e3] * 5 for v in (5.0, 5.5, 6.0, 6.5, 7.0, 5.2, 6.8, 6.1)]}
     pooled = b.ratios([b.Result.of(b.INTERLEAVED + name, 1, [x for t in turns for x in t], 1.0)
@@ -517,11 +518,17 @@ def test_a_row_after_idle_sleeps_before_each_call_outside_its_time() -> None:
     assert rows["idle"].p50_ms < 10  # the sleep is not the call's time ...
     assert rows["idle"].calls <= 12 < rows["busy"].calls  # ... but it spaces the calls out
     # the ratio against the probe after idle, beside (not instead of) the target's
-    probe = f"{b.variants_row('onnx')} {b.CASCADE} (14 rows)"
-    rows_ms = {b.GATE_OFF: 3.0, b.CASCADE: 9.0, probe: 5.0, f"{b.AFTER_IDLE}{probe}": 6.0}
+    probe, alone = f"{b.variants_row('onnx')} {b.CASCADE} (14 rows)", b.image_alone_row("onnx")
+    rows_ms = {b.GATE_OFF: 3.0, b.CASCADE: 9.0, probe: 5.5, alone: 0.5, f"{b.AFTER_IDLE}{probe}": 7.0,
+               f"{b.AFTER_IDLE}{alone}": 1.0}
     got = b.ratios([b.Result.of(b.INTERLEAVED + n, 1, [v / 1e3], 1.0) for n, v in rows_ms.items()], [1])
+    # (9 - 3) / (5.5 - 0.5) and / (7 - 1): the variants' time, the image's own row (which the
+    # plain call pays too) taken out; without the image-alone row no ratio is claimed
     assert got[f"{b.GATE_COST} {b.CASCADE} (c=1)"] == 1.2 and got[f"{b.GATE_COST_IDLE} {b.CASCADE} (c=1)"] == 1.0
     assert [t[0] for t in b.targets(got)] == [f"{b.GATE_COST} {b.CASCADE} (c=1)"]
+    del rows_ms[alone]
+    got = b.ratios([b.Result.of(b.INTERLEAVED + n, 1, [v / 1e3], 1.0) for n, v in rows_ms.items()], [1])
+    assert f"{b.GATE_COST} {b.CASCADE} (c=1)" not in got
 
 
 def test_cascade_benchmark_smoke(default_store: Path, tmp_path: Path) -> None:
