@@ -2,11 +2,13 @@
 
     with Client("127.0.0.1:50051") as c:
         answer = c.classify(Path("shoe.png").read_bytes(), model="fmnist-cnn")
-        print(answer.classes[0].label, answer.gate.decision)
+        if answer.classes:  # empty where the gate REJECTs in enforce mode
+            print(answer.classes[0].label, answer.gate.decision)
 """
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -22,9 +24,23 @@ def tls_credentials(ca_file: Path | None = None, cert_file: Path | None = None,
                     key_file: Path | None = None) -> grpc.ChannelCredentials:
     """TLS to the gateway: ``ca_file`` verifies the server (None: system roots); ``cert_file``
     and ``key_file`` are the client's certificate for mutual TLS, both or neither (gRPC's core
-    aborts the process on a certificate without its key)."""
+    aborts the process on a certificate without its key). Each file is loaded with OpenSSL
+    first (ValueError naming it): gRPC's core takes a file that is no PEM, prints lines of C
+    and fails every call UNAVAILABLE, naming no file."""
     if bool(cert_file) != bool(key_file):
         raise ValueError("a client certificate and its private key go together: give both or neither")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if ca_file:
+        try:
+            context.load_verify_locations(ca_file)
+        except ssl.SSLError as e:
+            raise ValueError(f"CA file {ca_file} holds no PEM certificate ({e.reason or e})") from None
+    if cert_file:
+        try:
+            context.load_cert_chain(cert_file, key_file, password=lambda: b"")
+        except ssl.SSLError as e:
+            raise ValueError(f"{cert_file} and {key_file} are not a PEM certificate and its unencrypted "
+                             f"private key ({e.reason or e})") from None
 
     def read(p: Path | None) -> bytes | None:
         return Path(p).read_bytes() if p else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -570,6 +571,10 @@ def test_cli_refuses_bad_arguments_in_one_line(tmp_path: Path) -> None:
     cases = {
         "certificate without key": (["--tls-cert", str(tmp_path / "cert.pem")], "go together"),
         "key without certificate": (["--tls-key", str(tmp_path / "cert.pem")], "go together"),
+        # gRPC's core took them, printed lines of C and failed UNAVAILABLE naming no file
+        "CA file no PEM": (["--tls-ca", str(tmp_path / "cert.pem")], f"CA file {tmp_path / 'cert.pem'} holds no PEM"),
+        "certificate and key no PEM": (["--tls-cert", str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "cert.pem")],
+                                       "are not a PEM certificate and its unencrypted private key"),
         "binary token file": (["--token-file", str(tmp_path / "token")], "is not ASCII text"),
         "empty token file": (["--token-file", str(tmp_path / "empty-token")], "is empty"),
         "two-line token file": (["--token-file", str(tmp_path / "two-line-token")], "more than one line"),
@@ -587,6 +592,8 @@ def test_cli_refuses_bad_arguments_in_one_line(tmp_path: Path) -> None:
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 2, (case, r.returncode, r.stderr[-1500:])
         assert says in r.stderr and "Traceback" not in r.stderr, (case, r.stderr[-1500:])
+        # nothing from gRPC's core (its log lines: "E1206 19:03:12.34 ... ssl_transport_security.cc")
+        assert not re.search(r"^[EWI]\d{4} |\.cc:\d+", r.stderr, re.M), (case, r.stderr[-1500:])
     r = subprocess.run([sys.executable, "-m", "service.sample_image", str(tmp_path / "out"), "--index", "10000"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--index must be in 0..9999" in r.stderr and "Traceback" not in r.stderr
