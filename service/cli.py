@@ -2,6 +2,7 @@
 
     robustgate classify shoe.png --model fmnist-cnn
     robustgate classify *.png            # several images: one ClassifyStream, answers in order
+    robustgate classify shoe.png --certify   # with a randomized-smoothing certificate
     robustgate models
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -55,24 +57,39 @@ def render(resp: pb.ClassifyResponse) -> str:
     return "\n".join(lines)
 
 
-def classify(client: Client, images: list[Path], model: str, top_k: int, timeout_s: float) -> int:
+def classify(client: Client, images: list[Path], model: str, top_k: int, timeout_s: float,
+             certify: bool | None = None, version: str = "") -> int:
     """One image: one Classify call. Several: one ClassifyStream (the gateway works on a window
-    of them at once), each answer printed under its file name, a failed one on stderr; exit
-    code 2 when any failed. The timeout is per image."""
+    of them at once), each file read only as the stream takes it, each answer printed under
+    its file name; a file that cannot be read and an answer that failed go to stderr and the
+    others go on; exit code 2 when any failed. The timeout is per image."""
     if len(images) == 1:
-        print(render(client.classify(images[0].read_bytes(), model=model, top_k=top_k,
-                                     request_id=_request_id(images[0]))))
+        print(render(client.classify(images[0].read_bytes(), model=model, top_k=top_k, version=version,
+                                     request_id=_request_id(images[0]), certify=certify)))
         return 0
-    reqs = [Client.request(path.read_bytes(), model, top_k=top_k, request_id=_request_id(path)) for path in images]
+    unread: list[Path] = []
+
+    def requests() -> Iterator[pb.ClassifyRequest]:  # run by gRPC's thread as it sends
+        for path in images:
+            try:
+                data = path.read_bytes()
+            except OSError as e:
+                unread.append(path)
+                print(f"{_request_id(path)}: error: cannot read: {e.strerror or e}", file=sys.stderr)
+                continue
+            yield Client.request(data, model, top_k=top_k, request_id=_request_id(path), version=version,
+                                 certify=certify)
+
     failed = 0
-    for k, answer in enumerate(client.classify_stream(reqs, timeout_s=min(timeout_s * len(reqs), MAX_DURATION_S))):
+    stream = client.classify_stream(requests(), timeout_s=min(timeout_s * len(images), MAX_DURATION_S))
+    for k, answer in enumerate(stream):
         if answer.WhichOneof("outcome") == "error":
             failed += 1
             code = _CODE_NAMES.get(answer.error.code, str(answer.error.code))
             print(f"{answer.request_id}: error: {code}: {answer.error.message}", file=sys.stderr)
             continue
         print(("\n" if k else "") + f"== {answer.request_id}\n" + render(answer.result))
-    return 2 if failed else 0
+    return 2 if failed or unread else 0
 
 
 def _positive_seconds(raw: str) -> float:
@@ -118,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("images", type=Path, nargs="+", metavar="image")
     c.add_argument("--model", default="fmnist-cnn")
     c.add_argument("--top-k", type=_count, default=3)
+    c.add_argument("--model-version", default="", help="the model version to ask for (default: the one served)")
+    c.add_argument("--certify", action="store_true",
+                   help="ask for a randomized-smoothing certificate (up to the policy's noise budget: about 30 "
+                        "times a request's forward passes; refused where the gateway runs --allow-certify false)")
     sub.add_parser("models", help="list served models")
     args = p.parse_args(argv)
     try:
@@ -126,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         token = read_token_file(args.token_file) if args.token_file else None
         with Client(args.address, timeout_s=args.timeout, credentials=creds, token=token) as client:
             if args.cmd == "classify":
-                code = classify(client, args.images, args.model, args.top_k, args.timeout)
+                code = classify(client, args.images, args.model, args.top_k, args.timeout,
+                                certify=True if args.certify else None, version=args.model_version)
             else:
                 code = 0
                 for m in client.list_models().models:

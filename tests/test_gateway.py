@@ -623,8 +623,20 @@ def test_cli_classifies_one_image_or_several_over_one_stream(gateway: str, fmnis
                                                                                       "== img2.png"]
     assert many.stdout.count("gate: ") == 3
     assert many.stderr.startswith("junk.png: error: INVALID_ARGUMENT: ") and "Traceback" not in many.stderr
-    missing = cli(files[0], tmp_path / "nope.png")
+    missing = cli(tmp_path / "nope.png")
     assert missing.returncode == 2 and missing.stderr.startswith("error: ") and not missing.stdout
+    # several: a file that cannot be read (gone, a folder a glob matched) is named on stderr and
+    # the others are answered (all were read before sending: one stopped the run)
+    some = cli(files[0], tmp_path / "nope.png", tmp_path, files[1])
+    assert some.returncode == 2
+    assert [line for line in some.stdout.splitlines() if line.startswith("== ")] == ["== img0.png", "== img1.png"]
+    assert some.stderr.splitlines() == ["nope.png: error: cannot read: No such file or directory",
+                                        f"{tmp_path.name}: error: cannot read: Is a directory"]
+    # a certificate asked for, and a model version named
+    certified = cli(files[0], "--certify", "--model-version", "1")
+    assert certified.returncode == 0 and "certified radius: 0." in certified.stdout, certified.stdout
+    other = cli(files[0], "--model-version", "9")
+    assert other.returncode == 2 and other.stderr.startswith("error: NOT_FOUND: "), other.stderr
     # a file name that is no UTF-8 (the file system keeps bytes): its request id escapes them
     odd = Path(os.fsdecode(bytes(tmp_path) + b"/shoe\xff.png"))
     odd.write_bytes(files[0].read_bytes())
