@@ -26,15 +26,18 @@ Each caller keeps its own deadline: the call is sent with the latest of the batc
 deadlines, a caller whose deadline passes first gets ``DeadlineExceeded`` alone, and a
 request whose deadline has already passed when its batch leaves is not sent. A call that
 TorchServe refuses as a whole (an archive that takes no ``ProbeBatch``, or fewer items) blames
-no caller: its requests are sent again one by one, each answered as if it had gone alone. The
-lane remembers the refusal for :data:`REFUSAL_MEMORY_S`: a batch at least as large (in images
-and in rows) goes one by one at once, without the round trip it would be refused in; smaller
-batches are still tried, and once the memory lapses (an archive replaced) every size is.
+no caller: its requests are sent again one by one, each answered as if it had gone alone. They
+queue in the lane and each leaves as a call of its own within the same ``max_calls``, ahead of
+any new batch (no refused batch's requests wait behind requests that came later). The lane
+remembers the refusal for :data:`REFUSAL_MEMORY_S`: a batch at least as large (in images and in
+rows) goes one by one at once, without the round trip it would be refused in; smaller batches
+are still tried, and once the memory lapses (an archive replaced) every size is.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import time
@@ -107,9 +110,9 @@ class _Lane:
     waiting: list[_Waiting] = field(default_factory=list)
     rows: int = 0
     nbytes: int = 0
-    inflight: int = 0
+    inflight: int = 0  # TorchServe calls in flight (a batch is one; each of a refused batch's requests one)
     timer: asyncio.TimerHandle | None = None
-    fallback: asyncio.Semaphore | None = None  # refused batches' requests, one by one: max_calls at a time
+    singles: collections.deque[_Waiting] = field(default_factory=collections.deque)  # refused batches' requests, each to go alone
     refused: dict[tuple[int, int], float] = field(default_factory=dict)  # (images, rows) refused: until when
 
     def refuses(self, images: int, rows: int, now: float) -> bool:
@@ -156,7 +159,7 @@ class Coalescer:
             self._flush(key)
         elif lane.timer is None and not self._at_limit(lane):
             delay = 0.0 if lane.inflight == 0 else self.config.max_wait_ms / 1000.0
-            lane.timer = loop.call_later(delay, self._flush, key)
+            lane.timer = loop.call_later(delay, self._timer_fired, key)
         try:
             # Not wait_for: on Python 3.11 a cancel that lands as the answer does is dropped
             # (wait_for returns the result), and the caller's handler runs on for nobody.
@@ -180,10 +183,23 @@ class Coalescer:
                 del lane.waiting[i]
                 lane.rows -= w.rows
                 lane.nbytes -= w.nbytes
-                break
+                return
+        for i, x in enumerate(lane.singles):
+            if x is w:
+                del lane.singles[i]
+                return
 
     def _at_limit(self, lane: _Lane) -> bool:
         return 0 < self.config.max_calls <= lane.inflight
+
+    def _timer_fired(self, key: tuple[str, str]) -> None:
+        """The wait for company is over: the requests leave, unless the lane has reached
+        ``max_calls`` meanwhile (a refused batch's requests took its calls): then they are held,
+        and leave when a call comes back."""
+        lane = self._lanes[key]
+        lane.timer = None
+        if not (lane.singles or self._at_limit(lane)):
+            self._flush(key)
 
     def _flush(self, key: tuple[str, str]) -> None:
         lane = self._lanes[key]
@@ -191,6 +207,17 @@ class Coalescer:
             lane.timer.cancel()
             lane.timer = None
         batch, lane.waiting, lane.rows, lane.nbytes = lane.waiting, [], 0, 0
+        live = self._live(batch)
+        if len(live) > 1 and lane.refuses(len(live), sum(w.rows for w in live), time.monotonic()):
+            lane.singles.extend(live)  # as large as a batch refused lately: one by one, no round trip
+            self._send_singles(key)
+        elif live:
+            self._start(key, live)
+
+    @staticmethod
+    def _live(batch: list[_Waiting]) -> list[_Waiting]:
+        """The requests of ``batch`` still to send: a caller that has gone is dropped, one out of
+        time is answered ``DeadlineExceeded`` and not sent."""
         now = time.monotonic()
         live = []
         for w in batch:
@@ -200,22 +227,38 @@ class Coalescer:
                 w.future.set_exception(DeadlineExceeded("deadline exceeded while waiting for the backend"))
             else:
                 live.append(w)
-        if not live:
-            return
-        lane.inflight += 1
-        task = asyncio.get_running_loop().create_task(self._send(key, live))
-        self._tasks[task] = live
+        return live
+
+    def _start(self, key: tuple[str, str], batch: list[_Waiting]) -> None:
+        """One TorchServe call for ``batch`` (one request: a plain call), counted in its lane."""
+        self._lanes[key].inflight += 1
+        task = asyncio.get_running_loop().create_task(self._send(key, batch))
+        self._tasks[task] = batch
         task.add_done_callback(functools.partial(self._call_done, key))
+
+    def _send_singles(self, key: tuple[str, str]) -> None:
+        """Refused batches' requests, each as its own call, while the lane has calls to spare
+        (``max_calls``; with no limit, at most a handler batch's worth at once: a refused
+        batch of 32 is not 32 calls at a time)."""
+        lane = self._lanes[key]
+        limit = self.config.max_calls or HANDLER_MAX_BATCH_ITEMS
+        while lane.singles and lane.inflight < limit:
+            live = self._live([lane.singles.popleft()])
+            if live:
+                self._start(key, live)
 
     def _call_done(self, key: tuple[str, str], task: asyncio.Task) -> None:
         """However the call ended (answered, failed, cancelled before it ran): count it back,
-        answer any caller it left waiting, and let held requests leave."""
+        answer any caller it left waiting, and let the next call leave: refused batches'
+        requests first, then the requests held at max_calls."""
         for w in self._tasks.pop(task):
             if not w.future.done():
                 w.future.set_exception(BackendUnavailable("backend is unavailable"))
         lane = self._lanes[key]
         lane.inflight -= 1
-        if lane.waiting and (lane.inflight == 0 or (lane.timer is None and not self._at_limit(lane))):
+        self._send_singles(key)
+        if lane.waiting and not lane.singles and (
+                lane.inflight == 0 or (lane.timer is None and not self._at_limit(lane))):
             self._flush(key)  # the backend is idle, or the requests held at max_calls may leave
 
     async def _send(self, key: tuple[str, str], batch: list[_Waiting]) -> None:
@@ -227,25 +270,25 @@ class Coalescer:
                     await self._plain(model_name, batch[0], timeout_s, version)]
             else:
                 lane, rows = self._lanes[key], sum(w.rows for w in batch)
-                if lane.refuses(len(batch), rows, time.monotonic()):
-                    outs = await self._one_by_one(lane, model_name, batch, version)
-                else:
-                    try:
-                        self._observe_call(model_name, len(batch))
-                        outs = await self.backend.probe_batch(
-                            model_name, [(w.image, w.plan) for w in batch], timeout_s, version)
-                    except BackendRefused:
-                        # The batch as a whole was refused (the backend has logged the handler's
-                        # words): no caller's input is to blame. An archive that takes no
-                        # ProbeBatch, or fewer items than coalesce_max_batch (the registry checks
-                        # that against archives that state their limit): each request on its own,
-                        # and the lane's next batches as large as this one too.
-                        _throttled.log(logging.ERROR, "batch refused",
-                                       "TorchServe refused a coalesced call of %d requests (%d rows); sent one "
-                                       "by one, as are batches as large for %.0f s", len(batch), rows,
-                                       REFUSAL_MEMORY_S)
-                        lane.remember_refusal(len(batch), rows, time.monotonic())
-                        outs = await self._one_by_one(lane, model_name, batch, version)
+                try:
+                    self._observe_call(model_name, len(batch))
+                    outs = await self.backend.probe_batch(
+                        model_name, [(w.image, w.plan) for w in batch], timeout_s, version)
+                except BackendRefused:
+                    # The batch as a whole was refused (the backend has logged the handler's
+                    # words): no caller's input is to blame. An archive that takes no
+                    # ProbeBatch, or fewer items than coalesce_max_batch (the registry checks
+                    # that against archives that state their limit): each request on its own,
+                    # in the lane's turn (this call's end sends the first), and the lane's next
+                    # batches as large as this one too.
+                    _throttled.log(logging.ERROR, "batch refused",
+                                   "TorchServe refused a coalesced call of %d requests (%d rows); sent one "
+                                   "by one, as are batches as large for %.0f s", len(batch), rows,
+                                   REFUSAL_MEMORY_S)
+                    lane.remember_refusal(len(batch), rows, time.monotonic())
+                    lane.singles.extend(w for w in batch if not w.future.done())
+                    batch.clear()  # no longer this call's to answer (nor to fail, in _call_done)
+                    return
         except GatewayError as e:
             outs = [e] * len(batch)
         except Exception:  # never leave a caller hanging on a bug
@@ -269,26 +312,6 @@ class Coalescer:
         if self._metrics is not None:
             self._metrics.series(self._metrics.backend_batch_images,
                                  self._metrics.model_of(model_name)).observe(images)
-
-    async def _one_by_one(self, lane: _Lane, model_name: str, batch: list[_Waiting],
-                          version: str) -> list[ProbeOutput | GatewayError]:
-        """Each request of a refused batch on its own, at most ``max_calls`` at a time for the
-        lane, whatever number of its batches were refused at once (the lane counts a batch as
-        one call: sent all at once, a batch of 32 was 32 calls in flight). Each caller is
-        answered as its own call comes back, not when the batch's slowest has."""
-        if lane.fallback is None:
-            lane.fallback = asyncio.Semaphore(self.config.max_calls or HANDLER_MAX_BATCH_ITEMS)
-
-        async def one(w: _Waiting) -> ProbeOutput | GatewayError:
-            async with lane.fallback:
-                now = time.monotonic()
-                if w.future.done() or w.deadline <= now:  # gone, or out of time: not sent
-                    return DeadlineExceeded("deadline exceeded while waiting for the backend")
-                out = await self._plain(model_name, w, w.deadline - now, version)
-            self._answer(w, out)
-            return out
-
-        return list(await asyncio.gather(*(one(w) for w in batch)))
 
     async def _plain(self, model_name: str, w: _Waiting, timeout_s: float, version: str) -> ProbeOutput | GatewayError:
         self._observe_call(model_name, 1)

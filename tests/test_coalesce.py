@@ -492,6 +492,92 @@ def test_a_refused_batch_goes_one_by_one_within_the_call_limit() -> None:
     assert peak == 2
 
 
+def test_refused_batches_and_new_batches_together_stay_within_max_calls() -> None:
+    """A refused batch's requests went one by one beside the lane's other calls, each side
+    bounded by max_calls on its own: callers in a closed loop against an archive that takes no
+    ProbeBatch had 3 TorchServe calls in flight at max_calls 2 (4 at 3). Every call, a batch
+    or a refused batch's single request, now counts against the one limit."""
+    class Refusing(ScriptedBackend):
+        def __init__(self) -> None:
+            super().__init__(delay_s=0.005)
+            self.open = self.peak = 0
+
+        async def _count(self, call):
+            self.open += 1
+            self.peak = max(self.peak, self.open)
+            try:
+                return await call
+            finally:
+                self.open -= 1
+
+        async def probe_batch(self, model_name, items, timeout_s, version=""):
+            async def refuse():
+                await asyncio.sleep(0.005)
+                raise refusal(f"batch has {len(items)} items; the limit is 1")
+            return await self._count(refuse())
+
+        async def probe(self, *args, **kwargs):
+            return await self._count(super().probe(*args, **kwargs))
+
+    async def main(max_calls):
+        backend = Refusing()
+        c = Coalescer(backend, CoalesceConfig(max_batch=16, max_wait_ms=2, max_calls=max_calls))
+        answered = 0
+        async def caller(k):
+            nonlocal answered
+            for i in range(30):
+                out = await c.probe("m", image((k * 7 + i) % 250), None, 5.0)
+                assert out.logits[0, 0] == (k * 7 + i) % 250
+                answered += 1
+        await asyncio.gather(*(caller(k) for k in range(8)))
+        return backend.peak, answered
+
+    for max_calls in (1, 2, 3):
+        peak, answered = run(main(max_calls))
+        assert answered == 240
+        assert peak <= max_calls, (max_calls, peak)
+
+
+def test_a_request_waiting_for_company_is_held_when_refused_requests_fill_the_lane() -> None:
+    """Its wait for company ran out after a refused batch's requests had taken every call:
+    it left anyway, one call past max_calls. Held now, it leaves when a call comes back."""
+    class Refusing(ScriptedBackend):
+        def __init__(self) -> None:
+            super().__init__(delay_s=0.0)
+            self.release = asyncio.Event()
+            self.open = self.peak = 0
+
+        async def probe_batch(self, model_name, items, timeout_s, version=""):
+            self.calls.append(len(items))
+            await asyncio.sleep(0.02)
+            raise refusal(f"batch has {len(items)} items; the limit is 1")
+
+        async def probe(self, *args, **kwargs):
+            self.open += 1
+            self.peak = max(self.peak, self.open)
+            try:
+                await self.release.wait()
+                return await super().probe(*args, **kwargs)
+            finally:
+                self.open -= 1
+
+    async def main():
+        backend = Refusing()
+        c = Coalescer(backend, CoalesceConfig(max_batch=8, max_wait_ms=60, max_calls=2))
+        first = [asyncio.ensure_future(c.probe("m", image(i), None, 5.0)) for i in (1, 2)]  # one call of two
+        await asyncio.sleep(0.005)
+        third = asyncio.ensure_future(c.probe("m", image(3), None, 5.0))  # waits for company (60 ms)
+        await asyncio.sleep(0.15)  # refused at 20 ms: its two requests took both calls; the wait ran out
+        peak = backend.peak
+        backend.release.set()
+        outs = await asyncio.gather(*first, third)
+        return peak, backend.calls, [float(o.logits[0, 0]) for o in outs]
+
+    peak, calls, outs = run(main())
+    assert outs == [1.0, 2.0, 3.0]
+    assert peak == 2 and calls == [2, 1, 1, 1], (peak, calls)
+
+
 def test_a_refused_batchs_callers_are_answered_each_as_its_own_call_returns() -> None:
     """Sent one by one, a refused batch's callers all waited for the slowest of their calls
     (a batch of 32 at max_calls 4: the first caller about 8 call times). Each is answered as
