@@ -108,6 +108,8 @@ class Client:
     def list_models(self) -> pb.ListModelsResponse:
         return self._stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout_s, metadata=self._metadata)
 
-    def get_model(self, model: str) -> pb.GetModelResponse:
-        return self._stub.GetModel(pb.GetModelRequest(model=model), timeout=self.timeout_s,
+    def get_model(self, model: str, version: str = "") -> pb.GetModelResponse:
+        """What ``model`` takes and answers, and its gate policy; ``version`` names the one
+        served (NOT_FOUND for another), empty for the served default."""
+        return self._stub.GetModel(pb.GetModelRequest(model=model, version=version), timeout=self.timeout_s,
                                      metadata=self._metadata)

@@ -696,6 +696,10 @@ def test_list_and_get_model(client: Client) -> None:
     with pytest.raises(grpc.RpcError) as err:
         client.get_model("nope")
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert client.get_model("fmnist-cnn", models[0].version).labels == info.labels  # the served version
+    with pytest.raises(grpc.RpcError) as err:
+        client.get_model("fmnist-cnn", models[0].version + "-other")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "is not served" in err.value.details()
 
 
 def test_a_gateway_that_offers_no_certificates_refuses_requests_for_one(calibrated_store: Path, torchserve,
