@@ -70,15 +70,7 @@ trap '$py -m model_store.serve stop >/dev/null 2>&1 || true' EXIT  # from here o
 step $py -m model_store.serve stop >/dev/null 2>&1 || true
 step $py -m model_store.serve start --model "$model-torchscript" --model "$model-onnx"; stop_if_asked
 
-port="${ROBUSTGATE_PORT:-50051}"
-cat <<MSG
-
-RobustGate is starting on 127.0.0.1:$port (metrics on :${ROBUSTGATE_METRICS_PORT:-9464}/metrics).
-Call it from another shell:
-  .venv/bin/robustgate classify some.png --model $model
-  .venv/bin/grpcurl -plaintext -d '{"model":"$model","image":"'"\$(base64 -w0 some.png)"'"}' 127.0.0.1:$port robustgate.v1.ClassifierService/Classify
-Make a test image:  .venv/bin/python -m service.sample_image some.png
-MSG
+bash scripts/banner.sh "$model"
 # The gateway drains on SIGTERM and exits 0; its status is this script's.
 rc=0
 signal_to="TERM"

@@ -21,6 +21,7 @@ from service.client import Client, tls_credentials
 from tests.conftest import free_port
 from tests.test_gateway import gateway_command, stop
 
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -121,6 +122,13 @@ def test_tls_and_mutual_tls(calibrated_store: Path, torchserve, tmp_path: Path, 
     try:
         with Client(address, credentials=mtls, timeout_s=10) as c:
             assert c.classify(_png(), model="fmnist-cnn").model == "fmnist-cnn"
+        banner = tmp_path / "banner"  # the files by the names the banner gives them
+        banner.mkdir()
+        for src, name in (("ca.pem", "CA.pem"), ("client.pem", "client.pem"), ("client.key", "client.key")):
+            (banner / name).write_bytes((d / src).read_bytes())
+        _banner_calls_answer(address, {"ROBUSTGATE_TLS_CERT_FILE": str(d / "server.pem"),
+                                       "ROBUSTGATE_TLS_KEY_FILE": str(d / "server.key"),
+                                       "ROBUSTGATE_TLS_CLIENT_CA_FILE": str(d / "ca.pem")}, banner)
         for creds in (tls_credentials(d / "ca.pem"), tls_credentials(d / "ca.pem", o / "client.pem", o / "client.key")):
             with Client(address, credentials=creds, timeout_s=3) as c:
                 code, details = _code(lambda: c.classify(_png(), model="fmnist-cnn"))
@@ -166,8 +174,26 @@ def test_bearer_token(calibrated_store: Path, torchserve, tmp_path: Path) -> Non
             code, details = _code(lambda: c.classify(b"junk", model="fmnist-cnn"))  # authenticated, bad input
             assert code == grpc.StatusCode.INVALID_ARGUMENT
             _no_internals(details)
+        _banner_calls_answer(address, {"ROBUSTGATE_AUTH_TOKEN_FILE": str(token_file)}, tmp_path)
     finally:
         stop(proc)
+
+
+def _banner_calls_answer(address: str, env: dict[str, str], tmp: Path) -> None:
+    """The two calls scripts/run.sh prints (scripts/banner.sh), run as printed against the
+    gateway at ``address`` configured by ``env``: both answer. They named the default port,
+    no token and plaintext whatever the gateway's settings were."""
+    port = address.rsplit(":", 1)[1]
+    out = subprocess.run(["bash", str(REPO / "scripts" / "banner.sh"), "fmnist-cnn"], check=True, text=True,
+                         capture_output=True, env={**os.environ, "ROBUSTGATE_PORT": port, **env}).stdout
+    (tmp / "some.png").write_bytes(_png())
+    calls = [line.strip() for line in out.splitlines() if line.strip().startswith((".venv/bin/robustgate",
+                                                                                   ".venv/bin/grpcurl"))]
+    assert len(calls) == 2, out
+    for call in calls:
+        r = subprocess.run(["bash", "-c", f"cd {tmp} && ln -sfn {REPO / '.venv'} .venv && {call}"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "fmnist-cnn" in r.stdout, (call, r.stdout, r.stderr)
 
 
 def test_settings_refuse_half_tls() -> None:
