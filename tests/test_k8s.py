@@ -363,10 +363,25 @@ def test_torchserve_serves_only_what_the_gateway_calls(overlay: str, docs: tuple
     assert (env.get("TORCHSERVE_REQUIRE_GPU") == "true") == (overlay == "gpu")  # no silent CPU fallback
 
 
+def test_grpc_is_open_only_to_its_namespace_and_namespaces_labelled_as_clients(docs: tuple[Doc, ...]) -> None:
+    """The NetworkPolicy admitted gRPC from every namespace of the cluster (an empty
+    namespaceSelector), the token alone between any pod and the gateway. Now this namespace's
+    pods and namespaces labelled robustgate.io/client=true; no rule admits every namespace."""
+    [grpc_rule] = [r for r in one(docs, "NetworkPolicy")["spec"]["ingress"]
+                   if any(p["port"] == "grpc" for p in r["ports"])]
+    peers = grpc_rule["from"]
+    assert all(p.get("namespaceSelector") != {} for p in peers), "gRPC open to every namespace"
+    assert {"podSelector": {}} in peers  # the gateway's own namespace
+    assert {"namespaceSelector": {"matchLabels": {"robustgate.io/client": "true"}}} in peers
+    assert len(peers) == 2
+    for rule in one(docs, "NetworkPolicy")["spec"]["ingress"]:
+        assert "from" in rule, "a rule without peers admits every source"
+
+
 def test_the_gateway_takes_calls_only_with_its_token_from_a_secret(docs: tuple[Doc, ...]) -> None:
-    """gRPC is open to every namespace (NetworkPolicy): each call must carry the bearer token,
-    read from a Secret mounted read-only for the gateway's group alone. Its optional seed key
-    gives every pod one probe key."""
+    """Each call that the NetworkPolicy lets through must carry the bearer token, read from a
+    Secret mounted read-only for the gateway's group alone. Its optional seed key gives every
+    pod one probe key."""
     gw, spec = container(docs, "gateway"), pod_spec(docs)
     env = {e["name"]: e for e in gw["env"]}
     token_file = Path(env["ROBUSTGATE_AUTH_TOKEN_FILE"]["value"])
