@@ -28,7 +28,8 @@ request whose deadline has already passed when its batch leaves is not sent. A c
 TorchServe refuses as a whole (an archive that takes no ``ProbeBatch``, or fewer items) blames
 no caller: its requests are sent again one by one, each answered as if it had gone alone. They
 queue in the lane and each leaves as a call of its own within the same ``max_calls``, ahead of
-any new batch (no refused batch's requests wait behind requests that came later). The lane
+any new batch (no refused batch's requests wait behind requests that came later), and one at a
+time where full batches, which leave whatever the limit, hold the lane at it. The lane
 remembers the refusal for :data:`REFUSAL_MEMORY_S`: a batch at least as large (in images and in
 rows) goes one by one at once, without the round trip it would be refused in; smaller batches
 are still tried, and once the memory lapses (an archive replaced) every size is.
@@ -113,6 +114,7 @@ class _Lane:
     inflight: int = 0  # TorchServe calls in flight (a batch is one; each of a refused batch's requests one)
     timer: asyncio.TimerHandle | None = None
     singles: collections.deque[_Waiting] = field(default_factory=collections.deque)  # refused batches' requests, each to go alone
+    single_calls: set[asyncio.Task] = field(default_factory=set)  # the calls in flight of those
     refused: dict[tuple[int, int], float] = field(default_factory=dict)  # (images, rows) refused: until when
 
     def refuses(self, images: int, rows: int, now: float) -> bool:
@@ -229,23 +231,26 @@ class Coalescer:
                 live.append(w)
         return live
 
-    def _start(self, key: tuple[str, str], batch: list[_Waiting]) -> None:
+    def _start(self, key: tuple[str, str], batch: list[_Waiting]) -> asyncio.Task:
         """One TorchServe call for ``batch`` (one request: a plain call), counted in its lane."""
         self._lanes[key].inflight += 1
         task = asyncio.get_running_loop().create_task(self._send(key, batch))
         self._tasks[task] = batch
         task.add_done_callback(functools.partial(self._call_done, key))
+        return task
 
     def _send_singles(self, key: tuple[str, str]) -> None:
         """Refused batches' requests, each as its own call, while the lane has calls to spare
         (``max_calls``; with no limit, at most a handler batch's worth at once: a refused
-        batch of 32 is not 32 calls at a time)."""
+        batch of 32 is not 32 calls at a time), and one at a time where it has none: full
+        batches leave whatever the limit, and a steady stream of them would otherwise keep
+        these waiting until their deadlines."""
         lane = self._lanes[key]
         limit = self.config.max_calls or HANDLER_MAX_BATCH_ITEMS
-        while lane.singles and lane.inflight < limit:
+        while lane.singles and (lane.inflight < limit or not lane.single_calls):
             live = self._live([lane.singles.popleft()])
             if live:
-                self._start(key, live)
+                lane.single_calls.add(self._start(key, live))
 
     def _call_done(self, key: tuple[str, str], task: asyncio.Task) -> None:
         """However the call ended (answered, failed, cancelled before it ran): count it back,
@@ -256,6 +261,7 @@ class Coalescer:
                 w.future.set_exception(BackendUnavailable("backend is unavailable"))
         lane = self._lanes[key]
         lane.inflight -= 1
+        lane.single_calls.discard(task)
         self._send_singles(key)
         if lane.waiting and not lane.singles and (
                 lane.inflight == 0 or (lane.timer is None and not self._at_limit(lane))):

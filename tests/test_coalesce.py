@@ -578,6 +578,47 @@ def test_a_request_waiting_for_company_is_held_when_refused_requests_fill_the_la
     assert peak == 2 and calls == [2, 1, 1, 1], (peak, calls)
 
 
+def test_a_refused_request_is_not_starved_by_full_batches_that_keep_the_lane_past_max_calls() -> None:
+    """Full batches leave whatever the call limit; a refused batch's requests waited for the
+    lane to drop below it, which a steady stream of full batches never let happen: they ran
+    out their deadlines (review). A call that comes back now gives its turn to the first of
+    them. The archive here refuses batches of more than 30 rows (unstated, as an older one)."""
+    class RowLimited(ScriptedBackend):
+        async def probe_batch(self, model_name, items, timeout_s, version=""):
+            self.calls.append(len(items))
+            await asyncio.sleep(self._delay())
+            rows = sum(plan_rows(p) for _, p in items)
+            if rows > 30:
+                raise refusal(f"batch has {rows} rows; the limit is 30")
+            return [self._answer(im) for im, _ in items]
+
+    heavy_plan = probe_pb2.ProbePlan()
+    heavy_plan.noise.count = 40  # 41 rows: refused in any batch, answered alone
+
+    async def main():
+        c = Coalescer(RowLimited(delay_s=0.02), CoalesceConfig(max_batch=8, max_wait_ms=2, max_calls=2,
+                                                               max_rows=100))
+        light: list[asyncio.Future] = []
+        done = asyncio.Event()
+
+        async def full_batches() -> None:  # 8 light requests every 5 ms: each a full batch
+            while not done.is_set():
+                light.extend(asyncio.ensure_future(c.probe("m", image(i), None, 5.0)) for i in range(8))
+                await asyncio.sleep(0.005)
+
+        producer = asyncio.create_task(full_batches())
+        await asyncio.sleep(0.1)
+        heavy = [asyncio.ensure_future(c.probe("m", image(200 + i), heavy_plan, 2.0)) for i in range(2)]
+        outs = await asyncio.gather(*heavy, return_exceptions=True)
+        done.set()
+        await producer
+        await asyncio.gather(*light, return_exceptions=True)
+        return outs
+
+    outs = run(main())
+    assert [o if isinstance(o, Exception) else float(o.logits[0, 0]) for o in outs] == [200.0, 201.0]
+
+
 def test_a_refused_batchs_callers_are_answered_each_as_its_own_call_returns() -> None:
     """Sent one by one, a refused batch's callers all waited for the slowest of their calls
     (a batch of 32 at max_calls 4: the first caller about 8 call times). Each is answered as
