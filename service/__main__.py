@@ -3,6 +3,7 @@
 import asyncio
 import logging
 import sys
+from pathlib import Path
 
 from service import settings as settings_mod
 from service.server import StartFailed, serve
@@ -18,6 +19,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m service: error: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=s.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if s.seed_file and not Path(s.seed_file).exists():
+        log.warning("seed_file %s is not there: this gateway drew its own probe key, so an image's "
+                    "probes differ from other gateways'", s.seed_file)
     if s.workers > 1:  # this process supervises, the workers serve
         return supervise(s)
     try:

@@ -178,7 +178,12 @@ class Settings:
     and a caller cannot know the noise and jitter copies its image will meet (randomized
     checks whose draws an attacker can compute are as good as fixed ones). -1: drawn at random
     at start, shared by the workers of one gateway; set one (from a Secret) for every pod
-    and restart to probe alike. In [0, 2^63)."""
+    and restart to probe alike. In [0, 2^63). Prefer ``seed_file``: env and flags show in
+    ``ps`` and ``/proc/*/environ``."""
+    seed_file: str = ""
+    """File holding ``seed`` (a whole number), read at start. A file that is not there (a
+    Secret's optional key left unset) draws one at start, as without it, and says so in the
+    log; one that is there and holds anything else refuses the start. Not with ``seed``."""
     log_level: str = "INFO"
     tls_cert_file: str = ""
     """PEM server certificate chain; with ``tls_key_file`` the port speaks TLS; empty: plaintext."""
@@ -292,6 +297,27 @@ def read_token_file(path: Path | str, what: str = "token file") -> str:
     return token
 
 
+def read_seed_file(path: Path | str) -> int | None:
+    """The probe key in ``path``: a whole number in [0, 2^63), surrounding whitespace dropped.
+    None where there is no such file (a Secret's optional key left unset). ValueError naming
+    the file for anything else: a key silently drawn in its place would probe this pod
+    unlike the others."""
+    try:
+        text = Path(path).read_bytes().decode("ascii").strip()
+    except FileNotFoundError:
+        return None
+    except UnicodeDecodeError:
+        raise ValueError(f"seed_file {path} is not ASCII text") from None
+    except OSError as e:
+        raise ValueError(f"seed_file {path} cannot be read: {e.strerror or e}") from None
+    if not text.isdigit():
+        raise ValueError(f"seed_file {path} does not hold a whole number")
+    seed = int(text)
+    if seed >= 2**63:
+        raise ValueError(f"seed_file {path} holds a seed outside [0, 2^63)")
+    return seed
+
+
 def is_loopback(host: str) -> bool:
     """``host`` is this machine's loopback only ("localhost", 127.0.0.0/8, ::1): unreachable
     from other machines. A name other than localhost may resolve anywhere: not loopback."""
@@ -368,4 +394,10 @@ def from_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | No
         raw = getattr(args, name)
         if raw is not None:
             values[name] = _convert(f, raw)
+    if values.get("seed_file"):
+        if "seed" in values:
+            raise ValueError("seed and seed_file: set one (seed_file keeps the key out of env and ps)")
+        seed = read_seed_file(str(values["seed_file"]))
+        if seed is not None:
+            values["seed"] = seed
     return Settings(**values)  # type: ignore[arg-type]

@@ -381,20 +381,25 @@ def test_grpc_is_open_only_to_its_namespace_and_namespaces_labelled_as_clients(d
 def test_the_gateway_takes_calls_only_with_its_token_from_a_secret(docs: tuple[Doc, ...]) -> None:
     """Each call that the NetworkPolicy lets through must carry the bearer token, read from a
     Secret mounted read-only for the gateway's group alone. Its optional seed key gives every
-    pod one probe key."""
+    pod one probe key, as a file beside the token (it came as env, which every process of
+    the user reads in /proc/*/environ): a Secret without it leaves no file."""
     gw, spec = container(docs, "gateway"), pod_spec(docs)
     env = {e["name"]: e for e in gw["env"]}
     token_file = Path(env["ROBUSTGATE_AUTH_TOKEN_FILE"]["value"])
+    seed_file = Path(env["ROBUSTGATE_SEED_FILE"]["value"])
+    assert seed_file.parent == token_file.parent
     [mount] = [m for m in gw["volumeMounts"] if m["mountPath"] == str(token_file.parent)]
     assert mount.get("readOnly")
     [volume] = [v for v in spec["volumes"] if v["name"] == mount["name"]]
-    secret = volume["secret"]
-    assert [i["path"] for i in secret["items"]] == [token_file.name] and not secret.get("optional")
-    assert secret["defaultMode"] == 0o440 and spec["securityContext"]["fsGroup"] == gw["securityContext"].get(
+    projected = volume["projected"]
+    token, seed = (s["secret"] for s in projected["sources"])
+    assert token["name"] == seed["name"]
+    assert token["items"] == [{"key": "token", "path": token_file.name}] and not token.get("optional")
+    assert seed["items"] == [{"key": "seed", "path": seed_file.name}] and seed["optional"] is True
+    assert projected["defaultMode"] == 0o440 and spec["securityContext"]["fsGroup"] == gw["securityContext"].get(
         "runAsUser", spec["securityContext"]["runAsUser"])
-    seed = env["ROBUSTGATE_SEED"]["valueFrom"]["secretKeyRef"]
-    assert seed["name"] == secret["secretName"] and seed["optional"] is True
-    assert "ROBUSTGATE_AUTH_TOKEN" not in env, "a token in the manifest (or env) shows in `kubectl get` and ps"
+    assert not {"ROBUSTGATE_AUTH_TOKEN", "ROBUSTGATE_SEED"} & set(env), \
+        "a secret in the manifest or env shows in `kubectl get`, ps and /proc/*/environ"
 
 
 def test_gateway_has_a_core_per_worker(overlay: str, docs: tuple[Doc, ...]) -> None:

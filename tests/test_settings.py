@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -117,6 +118,43 @@ def test_the_callers_token_is_not_in_the_settings_repr() -> None:
     bearer token every caller sends."""
     s = Settings(auth_token="s3cret-token-value")
     assert s.auth_token == "s3cret-token-value" and "s3cret" not in repr(s) and "s3cret" not in str(s)
+
+
+def test_the_probe_key_comes_from_a_file_that_may_be_absent(tmp_path: Path) -> None:
+    """seed_file: the key kept out of env and ps (a Secret's key as a file). A file that is
+    not there (the Secret's optional key unset) draws one, as without it; one that holds
+    anything but a whole number in [0, 2^63) refuses the start, naming the file; seed and
+    seed_file together are refused."""
+    f = tmp_path / "seed"
+    f.write_text("12345\n")
+    assert from_args(["--seed-file", str(f)], environ={}).seed == 12345
+    assert from_args([], environ={"ROBUSTGATE_SEED_FILE": str(f)}).seed == 12345
+    absent = [from_args(["--seed-file", str(tmp_path / "none")], environ={}).seed for _ in range(2)]
+    assert absent[0] != absent[1] and all(0 <= s < 2**63 for s in absent)
+    for text, words in (("", "does not hold a whole number"), ("-1", "does not hold a whole number"),
+                        ("12 34", "does not hold a whole number"), ("0x10", "does not hold a whole number"),
+                        (str(2**63), "holds a seed outside [0, 2^63)"), ("\xe9", "is not ASCII text")):
+        f.write_bytes(text.encode("latin-1"))
+        with pytest.raises(ValueError, match=re.escape(f"seed_file {f} {words}")):
+            from_args(["--seed-file", str(f)], environ={})
+    with pytest.raises(ValueError, match="cannot be read"):
+        from_args(["--seed-file", str(tmp_path)], environ={})  # a folder
+    f.write_text("7")
+    with pytest.raises(ValueError, match="seed and seed_file: set one"):
+        from_args(["--seed-file", str(f), "--seed", "7"], environ={})
+
+
+def test_a_gateway_whose_seed_file_is_not_there_says_so(tmp_path: Path, caplog) -> None:
+    import logging
+
+    from service import __main__ as gateway_main
+
+    with caplog.at_level(logging.WARNING, logger="service"):
+        rc = gateway_main.main(["--seed-file", str(tmp_path / "none"), "--models", "no-such-model",
+                                "--store", str(tmp_path), "--metrics-port", "-1", "--port", "0"])
+    assert rc == 2  # no such model: it stops before serving
+    assert any("seed_file" in r.getMessage() and "drew its own probe key" in r.getMessage()
+               for r in caplog.records)
 
 
 def test_an_images_seed_tells_nothing_of_another_without_the_key() -> None:
