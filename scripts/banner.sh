@@ -5,6 +5,7 @@
 set -euo pipefail
 model="$1"
 port="${ROBUSTGATE_PORT:-50051}"
+[ "$port" != 0 ] || port=PORT  # a free port, picked at start: its log line "gateway listening on" names it
 host="${ROBUSTGATE_HOST:-127.0.0.1}"
 case "$host" in
   0.0.0.0) host=127.0.0.1 ;;  # every interface: loopback is one
@@ -23,8 +24,9 @@ if [ -n "${ROBUSTGATE_TLS_CERT_FILE:-}" ]; then
   fi
 fi
 if [ -n "${ROBUSTGATE_AUTH_TOKEN_FILE:-}" ]; then
-  cli="${cli:+$cli }--token-file $ROBUSTGATE_AUTH_TOKEN_FILE"
-  grpcurl_flags="$grpcurl_flags -H \"authorization: Bearer \$(cat $ROBUSTGATE_AUTH_TOKEN_FILE)\""
+  token_file=$(printf '%q' "$ROBUSTGATE_AUTH_TOKEN_FILE")  # pasted into a shell: quoted for it
+  cli="${cli:+$cli }--token-file $token_file"
+  grpcurl_flags="$grpcurl_flags -H \"authorization: Bearer \$(cat $token_file)\""
 elif [ -n "${ROBUSTGATE_AUTH_TOKEN:-}" ]; then
   cli="${cli:+$cli }--token-file TOKEN_FILE"  # a file holding the token you set in ROBUSTGATE_AUTH_TOKEN
   grpcurl_flags="$grpcurl_flags -H \"authorization: Bearer \$(cat TOKEN_FILE)\""

@@ -181,9 +181,10 @@ class Settings:
     and restart to probe alike. In [0, 2^63). Prefer ``seed_file``: env and flags show in
     ``ps`` and ``/proc/*/environ``."""
     seed_file: str = ""
-    """File holding ``seed`` (a whole number), read at start. A file that is not there (a
-    Secret's optional key left unset) draws one at start, as without it, and says so in the
-    log; one that is there and holds anything else refuses the start. Not with ``seed``."""
+    """File holding ``seed`` (a whole number), read once at start (a key added to the Secret
+    later reaches a gateway at its next start). A file that is not there (a Secret's optional
+    key left unset) draws one at start, as without it, and says so in the log; one that is
+    there and holds anything else refuses the start. Not with ``seed``."""
     log_level: str = "INFO"
     tls_cert_file: str = ""
     """PEM server certificate chain; with ``tls_key_file`` the port speaks TLS; empty: plaintext."""
@@ -272,6 +273,10 @@ class Settings:
             relay_url_parts(self.torchserve_metrics_url)
         if not -1 <= self.seed < 2**63:
             raise ValueError("seed must be in [0, 2^63), or -1 (a secret one drawn at start)")
+        if self.seed == -1 and self.seed_file:  # once: a copy (dataclasses.replace) keeps what was read
+            from_file = read_seed_file(self.seed_file)
+            if from_file is not None:
+                object.__setattr__(self, "seed", from_file)
         if self.seed == -1:  # before the workers are spawned: they inherit this object
             object.__setattr__(self, "seed", secrets.randbits(63))
 
@@ -394,10 +399,6 @@ def from_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | No
         raw = getattr(args, name)
         if raw is not None:
             values[name] = _convert(f, raw)
-    if values.get("seed_file"):
-        if "seed" in values:
-            raise ValueError("seed and seed_file: set one (seed_file keeps the key out of env and ps)")
-        seed = read_seed_file(str(values["seed_file"]))
-        if seed is not None:
-            values["seed"] = seed
+    if values.get("seed_file") and "seed" in values:
+        raise ValueError("seed and seed_file: set one (seed_file keeps the key out of env and ps)")
     return Settings(**values)  # type: ignore[arg-type]

@@ -174,7 +174,10 @@ def test_bearer_token(calibrated_store: Path, torchserve, tmp_path: Path) -> Non
             code, details = _code(lambda: c.classify(b"junk", model="fmnist-cnn"))  # authenticated, bad input
             assert code == grpc.StatusCode.INVALID_ARGUMENT
             _no_internals(details)
-        _banner_calls_answer(address, {"ROBUSTGATE_AUTH_TOKEN_FILE": str(token_file)}, tmp_path)
+        odd = tmp_path / "my dir" / "tok'en $HOME"  # as the shell the calls are pasted into reads it
+        odd.parent.mkdir()
+        odd.write_bytes(token_file.read_bytes())
+        _banner_calls_answer(address, {"ROBUSTGATE_AUTH_TOKEN_FILE": str(odd)}, tmp_path)
     finally:
         stop(proc)
 

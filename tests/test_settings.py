@@ -3,6 +3,7 @@ message naming the setting; ``python -m service`` says so in one line, without a
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -129,6 +130,10 @@ def test_the_probe_key_comes_from_a_file_that_may_be_absent(tmp_path: Path) -> N
     f.write_text("12345\n")
     assert from_args(["--seed-file", str(f)], environ={}).seed == 12345
     assert from_args([], environ={"ROBUSTGATE_SEED_FILE": str(f)}).seed == 12345
+    s = Settings(seed_file=str(f))  # in code too, not only from flags and env
+    f.write_text("0")
+    assert s.seed == dataclasses.replace(s, port=1).seed == 12345  # read once: a copy keeps it
+    assert Settings(seed_file=str(f)).seed == 0
     absent = [from_args(["--seed-file", str(tmp_path / "none")], environ={}).seed for _ in range(2)]
     assert absent[0] != absent[1] and all(0 <= s < 2**63 for s in absent)
     for text, words in (("", "does not hold a whole number"), ("-1", "does not hold a whole number"),
