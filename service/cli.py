@@ -140,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="ask for a randomized-smoothing certificate (up to the policy's noise budget: about 30 "
                         "times a request's forward passes; refused where the gateway runs --allow-certify false)")
     sub.add_parser("models", help="list served models")
+    h = sub.add_parser("health", help="the gateway's health (grpc.health.v1) as an exit status: 0 SERVING, 1 not "
+                                      "serving; an exec probe where the kubelet's gRPC probe cannot speak TLS")
+    h.add_argument("--service", default="", help="'' the gateway's readiness (default), robustgate.liveness "
+                                                  "its process alone, or robustgate.v1.ClassifierService")
     args = p.parse_args(argv)
     try:
         creds = (tls_credentials(args.tls_ca, args.tls_cert, args.tls_key)
@@ -149,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.cmd == "classify":
                 code = classify(client, args.images, args.model, args.top_k, args.timeout,
                                 certify=True if args.certify else None, version=args.model_version)
+            elif args.cmd == "health":
+                status = client.health(args.service)
+                print(status)
+                code = 0 if status == "SERVING" else 1
             else:
                 code = 0
                 for m in client.list_models().models:

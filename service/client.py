@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from robustgate.v1 import classifier_pb2 as pb
 from robustgate.v1 import classifier_pb2_grpc as pb_grpc
@@ -104,6 +105,14 @@ class Client:
         stream may be long-lived), unlike the unary calls, which default to ``timeout_s``."""
         return self._stub.ClassifyStream((pb.ClassifyStreamRequest(request=r) for r in requests), timeout=timeout_s,
                                         metadata=self._metadata)
+
+    def health(self, service: str = "") -> str:
+        """The gateway's grpc.health.v1 status of ``service`` ("" the whole gateway, as its
+        readiness probe asks), by name: "SERVING", "NOT_SERVING", ...; NOT_FOUND for a service
+        it does not report. Needs no token."""
+        reply = health_pb2_grpc.HealthStub(self._channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=self.timeout_s, metadata=self._metadata)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     def list_models(self) -> pb.ListModelsResponse:
         return self._stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout_s, metadata=self._metadata)

@@ -655,6 +655,24 @@ def test_cli_classifies_one_image_or_several_over_one_stream(gateway: str, fmnis
     assert (gone.returncode, gone.stderr) == (141, "")
 
 
+def test_cli_health_is_an_exit_status(gateway: str) -> None:
+    """`robustgate health` (an exec probe where the kubelet's gRPC probe cannot speak TLS):
+    the gateway's status by name, exit 0 when SERVING; a service it does not report is an
+    error (2) naming it."""
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "service.cli", "--address", gateway, "health", *args],
+                              capture_output=True, text=True, timeout=120)
+
+    for service in ((), ("--service", "robustgate.liveness"), ("--service", "robustgate.v1.ClassifierService")):
+        r = cli(*service)
+        assert (r.returncode, r.stdout) == (0, "SERVING\n"), (service, r.stderr)
+    r = cli("--service", "nope")
+    assert r.returncode == 2 and r.stderr.startswith("error: NOT_FOUND"), r.stderr
+    down = subprocess.run([sys.executable, "-m", "service.cli", "--address", f"127.0.0.1:{free_port()}",
+                           "--timeout", "2", "health"], capture_output=True, text=True, timeout=120)
+    assert down.returncode == 2 and down.stderr.startswith("error: UNAVAILABLE"), down.stderr
+
+
 def test_the_readme_examples_run_as_written(gateway: str, tmp_path: Path) -> None:
     """The README's "Calling it" commands, run as written (this gateway's address in place of
     the default one) from a folder that holds the checkout's .venv, as a newcomer would."""
@@ -847,6 +865,9 @@ def test_backend_down_is_unavailable_and_not_serving(calibrated_store: Path, tor
             live = health_pb2_grpc.HealthStub(ch).Check(
                 health_pb2.HealthCheckRequest(service=LIVENESS_SERVICE), timeout=5).status
             assert live == health_pb2.HealthCheckResponse.SERVING
+        probe = subprocess.run([sys.executable, "-m", "service.cli", "--address", address, "health"],
+                               capture_output=True, text=True, timeout=120)  # `robustgate health`, an exec probe
+        assert (probe.returncode, probe.stdout) == (1, "NOT_SERVING\n"), probe.stderr
         with Client(address) as c:
             t = time.monotonic()
             with pytest.raises(grpc.RpcError) as err:
