@@ -154,6 +154,37 @@ def check_archive(path: Path, max_unpacked_bytes: int = MAX_UNPACKED_BYTES) -> N
         raise UnsafeArchive(f"{path} is not a readable zip archive: {e}") from None
 
 
+def check_archive_model(path: Path, model_dir: Path) -> None:
+    """Raise :class:`UnsafeArchive` unless the archive at ``path`` serves the model that the card
+    in ``model_dir`` describes: the serialized file its ``MAR-INF/MANIFEST.json`` names hashes
+    as the card says, and the ``card.json`` it carries (the handler's labels and input) is that
+    card. The store's manifest says only that each file is one a build wrote: an archive from
+    another build, or one rebuilt from other weights with the manifest rewritten, would serve
+    a model other than the one its policy was calibrated on."""
+    card_path = model_dir / "card.json"
+    try:
+        card_bytes = card_path.read_bytes()
+        hashes = json.loads(card_bytes)["hashes"]
+        with zipfile.ZipFile(path) as z:
+            serialized = json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]["serializedFile"]
+            carried = z.read("card.json")
+            digest = hashlib.sha256()
+            with z.open(serialized) as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+    except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile) as e:
+        raise UnsafeArchive(f"archive {path} cannot be checked against {card_path}: "
+                            f"{type(e).__name__}: {str(e)[:200]}") from None
+    want = hashes.get(serialized) if isinstance(hashes, dict) else None
+    if digest.hexdigest() != want:
+        raise UnsafeArchive(f"archive {path} serves a {serialized} other than {card_path} describes "
+                            f"(sha256 {digest.hexdigest()[:12]}, the card's {str(want)[:12]}): rebuild it "
+                            "(python -m model_store.build)")
+    if carried != card_bytes:
+        raise UnsafeArchive(f"archive {path} carries another card.json than {card_path}: rebuild it "
+                            "(python -m model_store.build)")
+
+
 def check_members(z: zipfile.ZipFile, max_unpacked_bytes: int = MAX_UNPACKED_BYTES) -> None:
     """Raise :class:`UnsafeArchive` unless the open zip ``z`` is only plain files under
     relative names: no absolute or ``..`` name, no NUL in a name, no symlink or device entry, no name twice

@@ -509,6 +509,10 @@ def start(settings: ServeSettings, wait: bool = True, outlive_caller: bool = Fal
     names = model_names(settings)
     for n in names:  # TorchServe unpacks each: plain files under relative names only
         archive.check_archive(settings.archives / f"{n}.mar")
+        model, _, fmt = n.rpartition("-")
+        if fmt not in archive.FORMATS:
+            raise archive.UnsafeArchive(f"archive {n}.mar is not named <model>-<format> ({', '.join(archive.FORMATS)})")
+        archive.check_archive_model(settings.archives / f"{n}.mar", store / model)  # and serves its card's model
     run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new one: this user's alone
     ts: TorchServe | None = None
     try:  # an interrupt as the lock is let go stops what was started too

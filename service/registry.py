@@ -23,8 +23,9 @@ from pathlib import Path
 
 import yaml
 
-from model_store.archive import (FORMATS, ManifestError, UnsafeArchive, archive_name, check_members, sha256_file,
-                                 verify_manifest)
+from handlers import limits as handler_limits
+from model_store.archive import (FORMATS, ManifestError, UnsafeArchive, archive_name, check_archive_model,
+                                 check_members, sha256_file, verify_manifest)
 from service.decode import InputSpec
 from service.errors import GatewayError, ModelNotFound, PolicyMismatch
 from service.gate.checks import Check
@@ -52,13 +53,21 @@ MAX_CONFIG_BYTES = 64 * 1024  # the shipped one is under 2 KB
 @dataclass(frozen=True)
 class ArchiveLimits:
     """What one call may ask of a model's handler, as its archive sets it (the ``handler:``
-    section of ``model-config.yaml``, read by ``handlers/base.py``); None: not set there, so
-    the handler's default applies and the gateway does not check it."""
+    section of ``model-config.yaml``, read by ``handlers/base.py``), or the handler's default
+    (``handlers/limits.py``) where the archive leaves a key unset: the handler enforces that
+    default, so an unset key is no more "no limit" to the gateway than to the handler."""
 
     archive: str  # the archive's file name, for messages
-    max_variants: int | None = None  # variants one plan may ask for (rows - 1)
-    max_batch_items: int | None = None  # images one coalesced call may carry
-    max_batch_rows: int | None = None  # rows one coalesced call may ask for
+    max_variants: int = handler_limits.MAX_VARIANTS  # variants one plan may ask for (rows - 1)
+    max_batch_items: int = handler_limits.MAX_BATCH_ITEMS  # images one coalesced call may carry
+    max_batch_rows: int = handler_limits.MAX_BATCH_ROWS  # rows one coalesced call may ask for
+    defaults: tuple[str, ...] = ()  # the keys the archive leaves unset
+
+    def source(self, key: str) -> str:
+        """Where the limit ``key`` comes from, for messages."""
+        if key in self.defaults:
+            return f"the handler's default handler.{key}, which its {ARCHIVE_CONFIG} leaves unset"
+        return f"handler.{key} in its {ARCHIVE_CONFIG}"
 
 
 def read_archive_limits(path: Path) -> ArchiveLimits:
@@ -72,15 +81,16 @@ def read_archive_limits(path: Path) -> ArchiveLimits:
         section = config.get("handler") or {}
         if not isinstance(section, dict):
             raise ValueError("its handler section is not a mapping")
-        values = {f.name: section.get(f.name) for f in fields(ArchiveLimits) if f.name != "archive"}
+        keys = [f.name for f in fields(ArchiveLimits) if f.name not in ("archive", "defaults")]
+        values = {k: section.get(k, getattr(ArchiveLimits, k)) for k in keys}
         for k, v in values.items():
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"handler.{k} must be an integer >= 1, got {v!r}")
     except UnsafeArchive as e:
         raise PolicyMismatch(str(e)) from None
     except (OSError, KeyError, zipfile.BadZipFile, yaml.YAMLError, AttributeError, ValueError) as e:
         raise PolicyMismatch(f"cannot read {ARCHIVE_CONFIG} from the archive {path}: {e}") from None
-    return ArchiveLimits(archive=path.name, **values)
+    return ArchiveLimits(archive=path.name, **values, defaults=tuple(k for k in keys if k not in section))
 
 
 @dataclass(frozen=True)
@@ -138,12 +148,12 @@ def load_model(store: Path, name: str, backend_format: str, verified: dict[str, 
     formats = tuple(f for f in FORMATS if archive_path(store, name, f).is_file())
     archive = archive_path(store, name, backend_format)
     limits = read_archive_limits(archive) if archive.is_file() else None
-    if limits is not None and limits.max_variants is not None and policy.max_plan_rows - 1 > limits.max_variants:
+    if limits is not None and policy.max_plan_rows - 1 > limits.max_variants:
         raise PolicyMismatch(
             f"model {name!r}: its policy can ask {policy.max_plan_rows - 1} variants in one probe "
             f"(noise.max_samples {policy.noise.max_samples}, max_forward_passes "
             f"{policy.max_forward_passes}); the archive {limits.archive} allows at most "
-            f"{limits.max_variants} (handler.max_variants in its {ARCHIVE_CONFIG})")
+            f"{limits.max_variants} ({limits.source('max_variants')})")
     return ServedModel(
         name=name,
         version=str(card.get("version", "1")),
@@ -283,6 +293,18 @@ class Registry:
     def all(self) -> list[ServedModel]:
         return [self._models[k] for k in sorted(self._models)]
 
+    def check_archive_models(self, store: Path, backend_format: str) -> None:
+        """PolicyMismatch unless each model's backend archive (where the store has one) serves
+        the model its card describes, the one its policy is bound to
+        (:func:`model_store.archive.check_archive_model`)."""
+        for m in self.all():
+            path = archive_path(store, m.name, backend_format)
+            if path.is_file():
+                try:
+                    check_archive_model(path, store / m.name)
+                except UnsafeArchive as e:
+                    raise PolicyMismatch(str(e)) from None
+
     def check_coalescing(self, max_batch: int, max_rows: int) -> None:
         """PolicyMismatch when a coalesced call could carry more images or rows than a model's
         archive allows (``max_batch`` < 2: coalescing off, every call carries one image). A
@@ -293,13 +315,13 @@ class Registry:
             lim = m.limits
             if lim is None:
                 continue
-            if lim.max_batch_items is not None and max_batch > lim.max_batch_items:
+            if max_batch > lim.max_batch_items:
                 raise PolicyMismatch(f"model {m.name!r}: coalescing sends up to {max_batch} images a call "
                                      f"(coalesce_max_batch); the archive {lim.archive} takes at most "
-                                     f"{lim.max_batch_items} (handler.max_batch_items in its {ARCHIVE_CONFIG})")
+                                     f"{lim.max_batch_items} ({lim.source('max_batch_items')})")
             rows = max(max_rows, m.policy.max_plan_rows)
-            if lim.max_batch_rows is not None and rows > lim.max_batch_rows:
+            if rows > lim.max_batch_rows:
                 raise PolicyMismatch(f"model {m.name!r}: coalescing sends up to {rows} rows a call "
                                      f"(coalesce_max_rows {max_rows}, or one request's largest probe); the "
                                      f"archive {lim.archive} takes at most {lim.max_batch_rows} "
-                                     f"(handler.max_batch_rows in its {ARCHIVE_CONFIG})")
+                                     f"({lim.source('max_batch_rows')})")

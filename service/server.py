@@ -628,6 +628,7 @@ async def start(settings: Settings, registry: Registry | None = None, worker: bo
     port another socket holds fails the start), whose supervisor counts the workers."""
     registry = registry or Registry.load(settings.store, settings.models, settings.backend_format)
     registry.check_coalescing(settings.coalesce_max_batch, settings.coalesce_max_rows)
+    registry.check_archive_models(settings.store, settings.backend_format)
     token = read_inference_key(settings.torchserve_key_file)
     disable_created_metrics()  # no rule or panel reads the *_created series; they would double the count
     metrics = Metrics()

@@ -403,6 +403,44 @@ def test_serve_and_the_gateway_refuse_an_unsafe_archive_the_manifest_lists(store
         read_archive_limits(mar)
 
 
+def _replaced(src: Path, dst: Path, member: str, body: bytes) -> Path:
+    """A copy of the archive ``src`` at ``dst`` with ``member``'s content replaced."""
+    with zipfile.ZipFile(src) as z, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as out:
+        for item in z.infolist():
+            out.writestr(item, body if item.filename == member else z.read(item))
+    return dst
+
+
+@pytest.mark.parametrize("member", ["model.onnx", "card.json"])
+def test_serve_and_the_gateway_refuse_an_archive_serving_another_model_than_its_card(
+        calibrated_store: Path, tmp_path: Path, member: str) -> None:
+    """The manifest says only that a file is one a build wrote: an archive rebuilt from other
+    weights (or carrying another card) with the manifest rewritten was served, under a policy
+    calibrated for the card's model. TorchServe's start and the gateway's now hash the served
+    file inside the archive against the card, and the card it carries against the store's."""
+    from model_store import serve
+    from service.errors import PolicyMismatch
+    from service.registry import Registry
+
+    store_copy = tmp_path / "store"
+    shutil.copytree(calibrated_store, store_copy)
+    mar = store_copy / "archives" / "fmnist-cnn-onnx.mar"
+    with zipfile.ZipFile(mar) as z:
+        body = z.read(member)
+    _replaced(mar, tmp_path / "other.mar", member, body + b" ").replace(mar)
+    archive.write_manifest(store_copy)  # listed: whoever rewrote it approved it
+    why = "serves a model.onnx other than" if member == "model.onnx" else "carries another card.json than"
+    settings = serve.ServeSettings.on_free_ports(store=store_copy, run_dir=tmp_path / "run",
+                                                 models=("fmnist-cnn-onnx",))
+    with pytest.raises(archive.UnsafeArchive, match=why):
+        serve.start(settings)  # refused before TorchServe is started
+    assert serve.attach(tmp_path / "run") is None
+    registry = Registry.load(store_copy, ("fmnist-cnn",), "onnx")
+    registry.check_archive_models(store_copy, "torchscript")  # the other archive is the card's
+    with pytest.raises(PolicyMismatch, match=why):
+        registry.check_archive_models(store_copy, "onnx")
+
+
 def test_the_gateway_reads_only_a_card_weights_and_archive_the_manifest_lists(calibrated_store: Path,
                                                                              tmp_path: Path) -> None:
     """A card edited after the build (labels swapped: callers would read wrong class names)
