@@ -38,7 +38,7 @@ from google.protobuf.message import DecodeError
 from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 
-from handlers import probe
+from handlers import limits, probe
 from handlers.decode import CHANNELS, InputError, InputSpec, decode_image, decode_tensor, tensor_array
 from robustgate.v1 import probe_pb2
 
@@ -55,10 +55,10 @@ BAD_PLAN = "bad plan"  # every refused plan's message starts so (probe.proto, Pr
 class HandlerSettings:
     """The ``handler:`` section of the archive's ``model-config.yaml``."""
 
-    max_forward_batch: int = 256  # rows per forward call; a batch's rows go in chunks of this
-    max_variants: int = 2048  # variants one plan may ask for (rows - 1)
-    max_batch_items: int = 256  # images one ProbeBatch may carry
-    max_batch_rows: int = 8192  # rows (images x (1 + variants)) one ProbeBatch may ask for
+    max_forward_batch: int = limits.MAX_FORWARD_BATCH  # rows per forward call; a batch's rows go in chunks of this
+    max_variants: int = limits.MAX_VARIANTS  # variants one plan may ask for (rows - 1)
+    max_batch_items: int = limits.MAX_BATCH_ITEMS  # images one ProbeBatch may carry
+    max_batch_rows: int = limits.MAX_BATCH_ROWS  # rows (images x (1 + variants)) one ProbeBatch may ask for
     max_image_bytes: int = 1 << 20  # encoded image or tensor bytes
     max_image_pixels: int = 1 << 22  # width * height read from the header, before decoding
     intra_op_threads: int = 0  # torch / ONNX Runtime threads per worker; 0 = library default

@@ -15,10 +15,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from handlers import limits as handler_limits
+
 REPO = Path(__file__).resolve().parent.parent
 ENV_PREFIX = "ROBUSTGATE_"
-# handlers/model-config.yaml's handler.max_batch_items: a coalesced batch above it is refused whole.
-HANDLER_MAX_BATCH_ITEMS = 256
+# The handler's default max_batch_items (an archive may set it lower): a coalesced batch above
+# it is refused whole.
+HANDLER_MAX_BATCH_ITEMS = handler_limits.MAX_BATCH_ITEMS
 MIN_WORKER_TIMEOUT_S = 1.0  # a watched worker's shortest timeout (Settings.worker_timeout_s)
 MAX_WORKERS = 64
 # gRPC takes its options as 32-bit ints: message sizes in bytes, durations in milliseconds

@@ -181,7 +181,8 @@ def test_a_policy_asking_more_variants_than_its_archive_allows_is_refused_at_loa
     assert policy.max_plan_rows == 52
     fits = with_archive(store_with(tmp_path / "fits", policy), {"max_variants": 51, "max_batch_rows": 8192})
     model = load_model(fits, "fmnist-cnn", "torchscript")
-    assert model.limits is not None and model.limits.max_variants == 51 and model.limits.max_batch_items is None
+    assert model.limits is not None and model.limits.max_variants == 51
+    assert model.limits.max_batch_items == 256 and model.limits.defaults == ("max_batch_items",)  # the handler's
     short = with_archive(store_with(tmp_path / "short", policy), {"max_variants": 50})
     with pytest.raises(PolicyMismatch, match=r"'fmnist-cnn': its policy can ask 51 variants in one probe .*"
                                              r"fmnist-cnn-torchscript.mar allows at most 50 \(handler.max_variants"):
@@ -230,6 +231,23 @@ def test_coalescing_beyond_the_archives_batch_limits_is_refused(tmp_path: Path) 
     registry = Registry({"fmnist-cnn": load_model(tight, "fmnist-cnn", "torchscript")})
     with pytest.raises(PolicyMismatch, match=r"up to 52 rows a call"):  # one certified request's noise batch
         registry.check_coalescing(2, 40)
+
+
+def test_limits_an_archive_leaves_unset_are_the_handlers_defaults_not_none(tmp_path: Path) -> None:
+    """An archive whose model-config.yaml sets no limit read as "no limit" to the gateway,
+    while the handler enforced its defaults (handlers/limits.py): coalescing past them started,
+    and every such call then failed INTERNAL. They are the defaults now, named as such."""
+    from handlers import limits
+
+    store = with_archive(store_with(tmp_path, make_policy()), {"intra_op_threads": 1})
+    registry = Registry({"fmnist-cnn": load_model(store, "fmnist-cnn", "torchscript")})
+    lim = registry.get("fmnist-cnn").limits
+    assert (lim.max_variants, lim.max_batch_items, lim.max_batch_rows) == (
+        limits.MAX_VARIANTS, limits.MAX_BATCH_ITEMS, limits.MAX_BATCH_ROWS)
+    registry.check_coalescing(32, limits.MAX_BATCH_ROWS)
+    with pytest.raises(PolicyMismatch, match=rf"takes at most {limits.MAX_BATCH_ROWS} \(the handler's default "
+                                             r"handler.max_batch_rows, which its model-config.yaml leaves unset"):
+        registry.check_coalescing(32, limits.MAX_BATCH_ROWS + 1)
 
 
 def test_a_gateway_that_cannot_start_says_why_in_one_line(tmp_path: Path) -> None:
