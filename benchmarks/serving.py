@@ -539,10 +539,13 @@ def ab_in_turns(calls: dict[str, Callable[[int], object]], turns: int, turn_s: f
 
 def archive_store(src: Path, model: str, dst: Path, config: Path | None, fmt: str = "onnx") -> Path:
     """A store holding only ``<model>-<fmt>.mar``, packed with ``config`` as its
-    model-config.yaml (None: none, TorchServe's defaults)."""
+    model-config.yaml (None: none, TorchServe's defaults), and the card it serves (TorchServe
+    is started only on an archive that serves its card's model)."""
     from model_store import archive
 
     archive.build_archive(src / model, fmt, dst / "archives", config=config)
+    (dst / model).mkdir(exist_ok=True)
+    shutil.copy2(src / model / "card.json", dst / model / "card.json")
     archive.write_manifest(dst)
     return dst
 
