@@ -46,11 +46,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from handlers import limits as handler_limits
 from robustgate.v1 import probe_pb2
 from service.backend import ProbeOutput, TorchServeBackend
 from service.errors import BackendRefused, BackendUnavailable, DeadlineExceeded, GatewayError
 from service.ratelog import Throttle
-from service.settings import HANDLER_MAX_BATCH_ITEMS, Settings
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 _throttled = Throttle(log)  # a refused batch repeats with every batch: one line per 10 s
@@ -75,8 +76,8 @@ class CoalesceConfig:
     batch) until one comes back, unless they fill a batch. 0: no limit."""
 
     def __post_init__(self) -> None:
-        if not 2 <= self.max_batch <= HANDLER_MAX_BATCH_ITEMS:
-            raise ValueError(f"coalescing needs 2 <= max_batch <= {HANDLER_MAX_BATCH_ITEMS} (the handler's max_batch_items)")
+        if not 2 <= self.max_batch <= handler_limits.MAX_BATCH_ITEMS:
+            raise ValueError(f"coalescing needs 2 <= max_batch <= {handler_limits.MAX_BATCH_ITEMS} (the handler's max_batch_items)")
         if self.max_wait_ms < 0:
             raise ValueError("max_wait_ms must be >= 0")
         if self.max_rows < 1 or self.max_bytes < 1:
@@ -246,7 +247,7 @@ class Coalescer:
         batches leave whatever the limit, and a steady stream of them would otherwise keep
         these waiting until their deadlines."""
         lane = self._lanes[key]
-        limit = self.config.max_calls or HANDLER_MAX_BATCH_ITEMS
+        limit = self.config.max_calls or handler_limits.MAX_BATCH_ITEMS
         while lane.singles and (lane.inflight < limit or not lane.single_calls):
             live = self._live([lane.singles.popleft()])
             if live:
@@ -284,7 +285,7 @@ class Coalescer:
                     # The batch as a whole was refused (the backend has logged the handler's
                     # words): no caller's input is to blame. An archive that takes no
                     # ProbeBatch, or fewer items than coalesce_max_batch (the registry checks
-                    # that against archives that state their limit): each request on its own,
+                    # that against each archive's limits at start): each request on its own,
                     # in the lane's turn (this call's end sends the first), and the lane's next
                     # batches as large as this one too.
                     _throttled.log(logging.ERROR, "batch refused",

@@ -81,8 +81,8 @@ def read_archive_limits(path: Path) -> ArchiveLimits:
         section = config.get("handler") or {}
         if not isinstance(section, dict):
             raise ValueError("its handler section is not a mapping")
-        keys = [f.name for f in fields(ArchiveLimits) if f.name not in ("archive", "defaults")]
-        values = {k: section.get(k, getattr(ArchiveLimits, k)) for k in keys}
+        keys = [f.name for f in fields(ArchiveLimits) if f.name.startswith("max_")]
+        values = {k: section.get(k, getattr(ArchiveLimits, k)) for k in keys}  # unset: the handler's default
         for k, v in values.items():
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"handler.{k} must be an integer >= 1, got {v!r}")

@@ -19,9 +19,6 @@ from handlers import limits as handler_limits
 
 REPO = Path(__file__).resolve().parent.parent
 ENV_PREFIX = "ROBUSTGATE_"
-# The handler's default max_batch_items (an archive may set it lower): a coalesced batch above
-# it is refused whole.
-HANDLER_MAX_BATCH_ITEMS = handler_limits.MAX_BATCH_ITEMS
 MIN_WORKER_TIMEOUT_S = 1.0  # a watched worker's shortest timeout (Settings.worker_timeout_s)
 MAX_WORKERS = 64
 # gRPC takes its options as 32-bit ints: message sizes in bytes, durations in milliseconds
@@ -227,9 +224,9 @@ class Settings:
         object.__setattr__(self, "log_level", self.log_level.upper())
         if self.backend_format not in ("torchscript", "onnx"):
             raise ValueError(f"backend_format must be torchscript or onnx, not {self.backend_format!r}")
-        if (not 0 <= self.coalesce_max_batch <= HANDLER_MAX_BATCH_ITEMS or self.coalesce_max_wait_ms < 0
+        if (not 0 <= self.coalesce_max_batch <= handler_limits.MAX_BATCH_ITEMS or self.coalesce_max_wait_ms < 0
                 or self.coalesce_max_rows < 1 or self.coalesce_max_calls < 0):
-            raise ValueError(f"coalesce_max_batch must be in [0, {HANDLER_MAX_BATCH_ITEMS}] (the handler's "
+            raise ValueError(f"coalesce_max_batch must be in [0, {handler_limits.MAX_BATCH_ITEMS}] (the handler's "
                              "max_batch_items), coalesce_max_wait_ms >= 0, coalesce_max_rows >= 1, coalesce_max_calls >= 0")
         if self.max_inflight < 1:
             raise ValueError("max_inflight must be >= 1")

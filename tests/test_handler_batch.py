@@ -223,9 +223,9 @@ def test_a_failed_cpu_optimization_serves_the_export(tiny_store: Path, tmp_path:
 def test_model_config_settings() -> None:
     cfg = yaml.safe_load((Path(__file__).resolve().parent.parent / "handlers" / "model-config.yaml").read_text())
     s = HandlerSettings.from_yaml(cfg["handler"])
-    from service.settings import HANDLER_MAX_BATCH_ITEMS
+    from handlers import limits
 
-    assert s.max_batch_items == HANDLER_MAX_BATCH_ITEMS  # the gateway's bound on coalesce_max_batch
+    assert s.max_batch_items == limits.MAX_BATCH_ITEMS  # the gateway's bound on coalesce_max_batch
     assert s.max_forward_batch >= 64 and s.intra_op_threads == 1 and s.log_level == "WARNING"
     # One batching layer, the gateway's: TorchServe must not hold the coalesced calls back.
     assert cfg["batchSize"] == 1 and cfg["maxBatchDelay"] > 0 and cfg["minWorkers"] >= 1
