@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import hashlib
 import ipaddress
 import json
 import os
@@ -505,19 +506,16 @@ def start(settings: ServeSettings, wait: bool = True, outlive_caller: bool = Fal
     store = Path(settings.store).resolve()
     run_dir = Path(settings.run_dir).resolve()
     settings = ServeSettings(**{**settings.__dict__, "store": store, "run_dir": run_dir})
-    archive.verify_manifest(store)
+    verified = archive.verify_manifest(store)
     names = model_names(settings)
-    for n in names:  # TorchServe unpacks each: plain files under relative names only
-        archive.check_archive(settings.archives / f"{n}.mar")
-        model, _, fmt = n.rpartition("-")
-        if fmt not in archive.FORMATS:
+    for n in names:
+        if n.rpartition("-")[2] not in archive.FORMATS:
             raise archive.UnsafeArchive(f"archive {n}.mar is not named <model>-<format> ({', '.join(archive.FORMATS)})")
-        archive.check_archive_model(settings.archives / f"{n}.mar", store / model)  # and serves its card's model
     run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new one: this user's alone
     ts: TorchServe | None = None
     try:  # an interrupt as the lock is let go stops what was started too
         with _start_lock(run_dir):  # until the state file names what started: one start at a time
-            ts = _launch(settings, run_dir, names, outlive_caller)
+            ts = _launch(settings, run_dir, names, outlive_caller, verified)
         if wait:
             ts.wait_ready()
     except BaseException:
@@ -556,11 +554,60 @@ def _start_lock(run_dir: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def _launch(settings: ServeSettings, run_dir: Path, names: list[str], outlive_caller: bool) -> TorchServe:
-    """Start TorchServe and write its state file (the caller holds the start lock)."""
+#: The run dir's folder of the archives TorchServe serves: checked copies of the store's.
+STAGED_ARCHIVES = "archives"
+
+
+def _stage_archives(store: Path, run_dir: Path, names: list[str], verified: dict[str, str]) -> Path:
+    """Copy the archives TorchServe is to serve from the store into the run dir, each hashed
+    as it is copied against the manifest entry verified before, and check the copies: each is
+    only plain files under relative names (:func:`archive.check_archive`; TorchServe unpacks
+    it) and serves the model its card describes (:func:`archive.check_archive_model`).
+    TorchServe reads the copies, so what it serves is what was checked: the store's file
+    could be replaced between a check of it and TorchServe's read (a build finishing, say).
+    Returns the folder of copies; the run dir is this user's alone."""
+    staged = run_dir / STAGED_ARCHIVES
+    if staged.is_symlink() or staged.is_file():
+        staged.unlink()
+    staged.mkdir(mode=0o700, exist_ok=True)
+    served = {f"{n}.mar" for n in names}
+    for old in staged.iterdir():  # a former start's: only what is served now stays
+        if old.name not in served:
+            old.unlink()
+    for n in names:
+        rel, src, dst = f"archives/{n}.mar", store / "archives" / f"{n}.mar", staged / f"{n}.mar"
+        partial = staged / f".{n}.mar.partial"
+        digest = hashlib.sha256()
+        with src.open("rb") as f, open(partial, "wb", opener=_owner_only) as out:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+                out.write(chunk)
+        if digest.hexdigest() != verified.get(rel):
+            partial.unlink()
+            raise archive.ManifestError(f"model store {store} failed verification: sha256 mismatch: {rel} "
+                                        "(it changed while TorchServe was being started: a build running?)")
+        os.replace(partial, dst)
+        try:
+            archive.check_archive(dst)
+            archive.check_archive_model(dst, store / n.rpartition("-")[0])
+        except archive.UnsafeArchive as e:  # the copy was checked; a user rebuilds the store's file
+            dst.unlink()
+            raise archive.UnsafeArchive(str(e).replace(str(dst), str(src))) from None
+    return staged
+
+
+def _owner_only(path: str, flags: int) -> int:
+    return os.open(path, flags, 0o600)
+
+
+def _launch(settings: ServeSettings, run_dir: Path, names: list[str], outlive_caller: bool,
+            verified: dict[str, str]) -> TorchServe:
+    """Check and copy the archives (:func:`_stage_archives`), start TorchServe on the copies
+    and write its state file (the caller holds the start lock)."""
     existing = attach(run_dir)
     if existing is not None:
         raise ServeError(f"TorchServe already runs from {run_dir} (pid {existing.pid}); stop it first")
+    staged = _stage_archives(Path(settings.store), run_dir, names, verified)
     (run_dir / "logs").mkdir(mode=0o700, exist_ok=True)
     (run_dir / "tmp").mkdir(mode=0o700, exist_ok=True)
     (run_dir / KEY_FILE).unlink(missing_ok=True)
@@ -572,7 +619,7 @@ def _launch(settings: ServeSettings, run_dir: Path, names: list[str], outlive_ca
     config.write_text(render_config(settings))
     cmd = [
         sys.executable, "-m", "ts.model_server", "--start", "--foreground", "--ncs",
-        "--model-store", str(settings.archives),
+        "--model-store", str(staged),
         "--ts-config", str(config),
         "--log-config", str(CONFIG_DIR / "log4j2.xml"),
         "--models", *[f"{n}={n}.mar" for n in names],

@@ -197,6 +197,56 @@ def test_start_refuses_a_store_that_fails_its_manifest(tiny_store: Path, tmp_pat
     assert not (run_dir / serve.STATE_FILE).exists()  # nothing was started
 
 
+def test_an_archive_replaced_after_verification_is_refused(tiny_store: Path, tmp_path: Path,
+                                                            monkeypatch) -> None:
+    """The store's archive replaced between the manifest check and the copy TorchServe is to
+    read (a build finishing as a start runs): the copy's hash is not the verified one."""
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store, store)
+    mar = store / "archives" / "fmnist-cnn-onnx.mar"
+    verify = archive.verify_manifest
+
+    def verify_then_replace(*args, **kwargs):
+        out = verify(*args, **kwargs)
+        mar.write_bytes(mar.read_bytes() + b"rebuilt")
+        return out
+
+    monkeypatch.setattr(archive, "verify_manifest", verify_then_replace)
+    run_dir = tmp_path / "run"
+    with pytest.raises(archive.ManifestError, match="sha256 mismatch: archives/fmnist-cnn-onnx.mar "
+                                                    r"\(it changed while TorchServe was being started"):
+        serve.start(serve.ServeSettings.on_free_ports(store=store, run_dir=run_dir, models=("fmnist-cnn-onnx",)))
+    assert serve.attach(run_dir) is None
+    assert not list((run_dir / serve.STAGED_ARCHIVES).iterdir())  # no copy, whole or partial, left
+
+
+def test_torchserve_serves_the_copy_that_was_checked(tiny_store: Path, tmp_path: Path, monkeypatch) -> None:
+    """The archives were checked in the store and TorchServe read them from the store after:
+    one replaced in between was served unchecked. TorchServe now reads the run dir's copies,
+    which are what was checked; here the store's file is garbage by the time TorchServe
+    starts, and the model it serves is the checked one."""
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store, store)
+    mar = store / "archives" / "fmnist-cnn-onnx.mar"
+    check = archive.check_archive_model
+
+    def check_then_replace(path: Path, model_dir: Path) -> None:
+        check(path, model_dir)
+        mar.write_bytes(b"PK\x05\x06" + bytes(18))  # an empty zip: no model in it
+
+    monkeypatch.setattr(archive, "check_archive_model", check_then_replace)
+    run_dir = tmp_path / "run"
+    (run_dir / serve.STAGED_ARCHIVES).mkdir(parents=True, mode=0o700)
+    (run_dir / serve.STAGED_ARCHIVES / "fmnist-cnn-torchscript.mar").write_bytes(b"a former start's")
+    with serve.start(serve.ServeSettings.on_free_ports(store=store, run_dir=run_dir,
+                                                       models=("fmnist-cnn-onnx",))) as ts:
+        assert ts.model_status("fmnist-cnn-onnx")["ready"]
+        staged = sorted((run_dir / serve.STAGED_ARCHIVES).iterdir())
+        assert [p.name for p in staged] == ["fmnist-cnn-onnx.mar"]  # only what is served now
+        assert staged[0].stat().st_mode & 0o777 == 0o600
+        assert archive.sha256_file(staged[0]) == archive.sha256_file(tiny_store / "archives" / "fmnist-cnn-onnx.mar")
+
+
 def test_unknown_model_and_idle_stop(tiny_store: Path, tmp_path: Path) -> None:
     with pytest.raises(serve.ServeError, match="archives not found"):
         serve.start(serve.ServeSettings(store=tiny_store, run_dir=tmp_path, models=("nope",)))
