@@ -220,12 +220,11 @@ class ProbeHandler(BaseHandler):
         """Every request's variants through one chunked forward; answers keyed by ``id(request)``."""
         if not good:
             return {}
+        starts = np.cumsum([0] + [it.rows for it in good])[:-1].tolist()
+        want = [s for it, s in zip(good, starts) if it.plan is not None and it.plan.return_features]
         with torch.inference_mode():
-            x = torch.cat([probe.expand(it.base, it.plan) for it in good])
-            logits, feats = self.forward_chunked(x)
-            starts = np.cumsum([0] + [it.rows for it in good])[:-1].tolist()
-            want = [s for it, s in zip(good, starts) if it.plan is not None and it.plan.return_features]
-            feats_cpu = feats[want].float().cpu().numpy() if want else None
+            logits, feats = self.forward_expanded(good, want)
+            feats_cpu = feats.float().cpu().numpy() if want else None
             logits_cpu = logits.float().cpu().numpy()
         answers: dict[int, Answer] = {}
         j = 0
@@ -239,6 +238,38 @@ class ProbeHandler(BaseHandler):
                 plan_version=it.plan.version if it.plan is not None else 0,
             )
         return answers
+
+    def forward_expanded(self, good: list[Request], want: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each request's variants (:func:`probe.expand`) through :meth:`forward` in chunks of
+        ``max_forward_batch`` rows, expanded request by request as the chunks need them: the
+        worker batch's rows are never in memory all at once (a batch of ProbeBatches may ask
+        for ``batch_size`` x ``max_batch_rows`` of them), only a chunk and one request's.
+        Returns every row's logits and the features of rows ``want`` (ascending; None when
+        empty)."""
+        step = self.settings.max_forward_batch
+        logits: list[torch.Tensor] = []
+        feats: list[torch.Tensor] = []
+        pending: list[torch.Tensor] = []  # expanded rows not forwarded yet
+        held = done = w = 0  # rows pending, rows forwarded, next of `want`
+        for k, it in enumerate(good):
+            pending.append(probe.expand(it.base, it.plan))
+            held += pending[-1].shape[0]
+            last = k == len(good) - 1
+            if held < step and not last:
+                continue
+            x = pending[0] if len(pending) == 1 else torch.cat(pending)
+            end = held if last else held - held % step
+            for i in range(0, end, step):
+                lo, fe = self.forward(x[i : min(i + step, end)])
+                logits.append(lo)
+                while w < len(want) and want[w] < done + lo.shape[0]:
+                    feats.append(fe[want[w] - done].clone())  # not a view holding the chunk's
+                    w += 1
+                done += lo.shape[0]
+            pending = [x[end:]] if end < held else []
+            held -= end
+        out = logits[0] if len(logits) == 1 else torch.cat(logits)
+        return out, (torch.stack(feats) if feats else None)
 
     def postprocess(self, outputs: list[Answer | InputError | list[Answer | InputError]]) -> list[bytes]:
         n = len(outputs)
@@ -343,11 +374,3 @@ class ProbeHandler(BaseHandler):
         base = torch.from_numpy(np.array(arr)).to(self.device)
         base = base.float().div_(255.0) if base.dtype == torch.uint8 else base
         return Request(base=base, plan=plan, rows=rows)
-
-    def forward_chunked(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`forward` over ``x`` [N, C, H, W] in chunks of at most ``max_forward_batch``."""
-        step = self.settings.max_forward_batch
-        if x.shape[0] <= step:
-            return self.forward(x)
-        parts = [self.forward(x[i : i + step]) for i in range(0, x.shape[0], step)]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

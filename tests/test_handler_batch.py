@@ -184,6 +184,44 @@ def test_forward_runs_in_chunks(tiny_store: Path, tmp_path: Path, images: np.nda
         np.testing.assert_allclose(logits(x), logits(y), atol=1e-5, rtol=0)
 
 
+def test_a_worker_batch_is_expanded_as_its_chunks_need_it(tiny_store: Path, tmp_path: Path, images: np.ndarray,
+                                                         monkeypatch) -> None:
+    """The whole worker batch was expanded before its first forward: a batch of ProbeBatches
+    may ask for batch_size x max_batch_rows rows at once. Rows are now expanded request by
+    request as the chunks need them: at most a chunk's less one are ever pending beside the
+    request being expanded, and the answers, features too, are those of one big forward."""
+    from handlers import probe
+
+    big, ctx = load_handler(tmp_path, tiny_store, "onnx")
+    small, ctx_small = load_handler(tmp_path, tiny_store, "onnx", max_forward_batch=5)
+    expanded, forwarded, pending_at_expand = [0], [0], []
+    expand, forward = probe.expand, small.forward
+
+    def counting_expand(base, plan):
+        pending_at_expand.append(expanded[0] - forwarded[0])
+        out = expand(base, plan)
+        expanded[0] += out.shape[0]
+        return out
+
+    def counting_forward(x):
+        forwarded[0] += x.shape[0]
+        return forward(x)
+
+    plain = probe_pb2.ProbePlan(version=2, seed=1, noise=probe_pb2.NoiseProbe(sigma=0.1, count=2))
+    reqs = [{"data": png(images[i]), "plan": (PLAN if i % 3 == 0 else plain).SerializeToString()} for i in range(8)]
+    want = handle(big, ctx, reqs)
+    monkeypatch.setattr(probe, "expand", counting_expand)
+    small.forward = counting_forward
+    got = handle(small, ctx_small, reqs)
+    assert expanded[0] == forwarded[0] == 3 * 17 + 5 * 3
+    assert max(pending_at_expand) < 5, pending_at_expand
+    for a, b in zip(want, got):
+        np.testing.assert_allclose(logits(a), logits(b), atol=1e-5, rtol=0)
+        assert a.feature_dim == b.feature_dim
+        np.testing.assert_allclose(np.frombuffer(a.features, "<f4"), np.frombuffer(b.features, "<f4"), atol=1e-5)
+    assert sum(bool(r.features) for r in got) == 3
+
+
 def test_torchscript_and_onnx_agree(tiny_store: Path, tmp_path: Path, images: np.ndarray) -> None:
     req = [{"data": png(images[5]), "plan": PLAN.SerializeToString()}]
     ts = handle(*load_handler(tmp_path, tiny_store, "torchscript"), req)[0]
