@@ -243,7 +243,8 @@ class ProbeHandler(BaseHandler):
         """Each request's variants (:func:`probe.expand`) through :meth:`forward` in chunks of
         ``max_forward_batch`` rows, expanded request by request as the chunks need them: the
         worker batch's rows are never in memory all at once (a batch of ProbeBatches may ask
-        for ``batch_size`` x ``max_batch_rows`` of them), only a chunk and one request's.
+        for ``batch_size`` x ``max_batch_rows`` of them), only one request's and under a
+        chunk's more.
         Returns every row's logits and the features of rows ``want`` (ascending; None when
         empty)."""
         step = self.settings.max_forward_batch
@@ -258,6 +259,7 @@ class ProbeHandler(BaseHandler):
             if held < step and not last:
                 continue
             x = pending[0] if len(pending) == 1 else torch.cat(pending)
+            pending.clear()  # x holds them now
             end = held if last else held - held % step
             for i in range(0, end, step):
                 lo, fe = self.forward(x[i : min(i + step, end)])
@@ -266,7 +268,8 @@ class ProbeHandler(BaseHandler):
                     feats.append(fe[want[w] - done].clone())  # not a view holding the chunk's
                     w += 1
                 done += lo.shape[0]
-            pending = [x[end:]] if end < held else []
+            if end < held:  # under a chunk: a copy, not a view holding all of x
+                pending.append(x[end:].clone())
             held -= end
         out = logits[0] if len(logits) == 1 else torch.cat(logits)
         return out, (torch.stack(feats) if feats else None)

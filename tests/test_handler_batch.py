@@ -184,8 +184,9 @@ def test_forward_runs_in_chunks(tiny_store: Path, tmp_path: Path, images: np.nda
         np.testing.assert_allclose(logits(x), logits(y), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("step", [5, 23])  # 23: the wanted feature rows 23 and 46 start chunks
 def test_a_worker_batch_is_expanded_as_its_chunks_need_it(tiny_store: Path, tmp_path: Path, images: np.ndarray,
-                                                         monkeypatch) -> None:
+                                                         monkeypatch, step: int) -> None:
     """The whole worker batch was expanded before its first forward: a batch of ProbeBatches
     may ask for batch_size x max_batch_rows rows at once. Rows are now expanded request by
     request as the chunks need them: at most a chunk's less one are ever pending beside the
@@ -193,7 +194,7 @@ def test_a_worker_batch_is_expanded_as_its_chunks_need_it(tiny_store: Path, tmp_
     from handlers import probe
 
     big, ctx = load_handler(tmp_path, tiny_store, "onnx")
-    small, ctx_small = load_handler(tmp_path, tiny_store, "onnx", max_forward_batch=5)
+    small, ctx_small = load_handler(tmp_path, tiny_store, "onnx", max_forward_batch=step)
     expanded, forwarded, pending_at_expand = [0], [0], []
     expand, forward = probe.expand, small.forward
 
@@ -214,7 +215,7 @@ def test_a_worker_batch_is_expanded_as_its_chunks_need_it(tiny_store: Path, tmp_
     small.forward = counting_forward
     got = handle(small, ctx_small, reqs)
     assert expanded[0] == forwarded[0] == 3 * 17 + 5 * 3
-    assert max(pending_at_expand) < 5, pending_at_expand
+    assert max(pending_at_expand) < step, pending_at_expand
     for a, b in zip(want, got):
         np.testing.assert_allclose(logits(a), logits(b), atol=1e-5, rtol=0)
         assert a.feature_dim == b.feature_dim
