@@ -28,6 +28,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import string
@@ -572,20 +573,27 @@ def _stage_archives(store: Path, run_dir: Path, names: list[str], verified: dict
     staged.mkdir(mode=0o700, exist_ok=True)
     served = {f"{n}.mar" for n in names}
     for old in staged.iterdir():  # a former start's: only what is served now stays
-        if old.name not in served:
-            old.unlink()
+        if old.name not in served or not old.is_file() or old.is_symlink():
+            _remove(old)
+    changed = "(it changed while TorchServe was being started: a build running?)"
     for n in names:
         rel, src, dst = f"archives/{n}.mar", store / "archives" / f"{n}.mar", staged / f"{n}.mar"
         partial = staged / f".{n}.mar.partial"
         digest = hashlib.sha256()
-        with src.open("rb") as f, open(partial, "wb", opener=_owner_only) as out:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-                out.write(chunk)
+        try:
+            with src.open("rb") as f, open(partial, "wb", opener=_owner_only) as out:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+                    out.write(chunk)
+        except FileNotFoundError:
+            partial.unlink(missing_ok=True)
+            raise archive.ManifestError(f"model store {store} failed verification: missing: {rel} {changed}") from None
+        except BaseException:  # a full disk, an interrupt: no half copy left
+            partial.unlink(missing_ok=True)
+            raise
         if digest.hexdigest() != verified.get(rel):
             partial.unlink()
-            raise archive.ManifestError(f"model store {store} failed verification: sha256 mismatch: {rel} "
-                                        "(it changed while TorchServe was being started: a build running?)")
+            raise archive.ManifestError(f"model store {store} failed verification: sha256 mismatch: {rel} {changed}")
         os.replace(partial, dst)
         try:
             archive.check_archive(dst)
@@ -594,6 +602,14 @@ def _stage_archives(store: Path, run_dir: Path, names: list[str], verified: dict
             dst.unlink()
             raise archive.UnsafeArchive(str(e).replace(str(dst), str(src))) from None
     return staged
+
+
+def _remove(path: Path) -> None:
+    """Remove ``path``, a folder with what it holds, a link as a link."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def _owner_only(path: str, flags: int) -> int:

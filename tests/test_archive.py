@@ -396,9 +396,12 @@ def test_serve_and_the_gateway_refuse_an_unsafe_archive_the_manifest_lists(store
     _rezip(mar, tmp_path / "bad.mar", [("../../escaped.py", b"x")]).replace(mar)
     archive.write_manifest(store_copy)  # listed: whoever rewrote it approved it
     settings = serve.ServeSettings.on_free_ports(store=store_copy, run_dir=tmp_path / "run")
-    with pytest.raises(archive.UnsafeArchive, match="would unpack outside"):
+    with pytest.raises(archive.UnsafeArchive, match="would unpack outside") as err:
         serve.start(settings)  # refused before TorchServe is started
     assert serve.attach(tmp_path / "run") is None
+    # the run dir's copy was checked; the message names the store's file, the one to rebuild
+    assert str(mar) in str(err.value) and str(tmp_path / "run") not in str(err.value)
+    assert not list((tmp_path / "run" / serve.STAGED_ARCHIVES).iterdir())
     with pytest.raises(PolicyMismatch, match="would unpack outside"):
         read_archive_limits(mar)
 

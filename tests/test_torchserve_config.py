@@ -238,6 +238,8 @@ def test_torchserve_serves_the_copy_that_was_checked(tiny_store: Path, tmp_path:
     run_dir = tmp_path / "run"
     (run_dir / serve.STAGED_ARCHIVES).mkdir(parents=True, mode=0o700)
     (run_dir / serve.STAGED_ARCHIVES / "fmnist-cnn-torchscript.mar").write_bytes(b"a former start's")
+    (run_dir / serve.STAGED_ARCHIVES / "fmnist-cnn-onnx.mar").mkdir()  # in the copy's way
+    (run_dir / serve.STAGED_ARCHIVES / "fmnist-cnn-onnx.mar" / "x").write_bytes(b"x")
     with serve.start(serve.ServeSettings.on_free_ports(store=store, run_dir=run_dir,
                                                        models=("fmnist-cnn-onnx",))) as ts:
         assert ts.model_status("fmnist-cnn-onnx")["ready"]
