@@ -286,15 +286,28 @@ class Settings:
         return self.max_message_bytes - REQUEST_ENVELOPE_BYTES
 
 
-def read_token_file(path: Path | str, what: str = "token file") -> str:
-    """The bearer token in ``path``: printable ASCII (a gRPC header value), at least one
-    character, surrounding whitespace dropped. ValueError naming the file otherwise: an empty
-    file would mean no token at all, and a second line or a control character is a token no
-    client can send (it fails in gRPC's core with lines of C on stderr)."""
+def _read_ascii(path: Path | str, what: str) -> str:
+    """The ASCII text in ``path``, surrounding whitespace dropped; ValueError naming the file
+    where it is not ASCII or cannot be read (FileNotFoundError passes: the callers differ)."""
     try:
-        token = Path(path).read_bytes().decode("ascii").strip()
+        return Path(path).read_bytes().decode("ascii").strip()
     except UnicodeDecodeError:
         raise ValueError(f"{what} {path} is not ASCII text") from None
+    except FileNotFoundError:
+        raise
+    except OSError as e:  # a folder, no permission
+        raise ValueError(f"{what} {path} cannot be read: {e.strerror or e}") from None
+
+
+def read_token_file(path: Path | str, what: str = "token file") -> str:
+    """The bearer token in ``path``: printable ASCII (a gRPC header value), at least one
+    character, surrounding whitespace dropped. ValueError naming the file otherwise: a missing
+    or empty file would mean no token at all, and a second line or a control character is a
+    token no client can send (it fails in gRPC's core with lines of C on stderr)."""
+    try:
+        token = _read_ascii(path, what)
+    except FileNotFoundError:
+        raise ValueError(f"{what} {path} is not there") from None
     if not token:
         raise ValueError(f"{what} {path} is empty")
     if not token.isprintable():
@@ -308,13 +321,9 @@ def read_seed_file(path: Path | str) -> int | None:
     the file for anything else: a key silently drawn in its place would probe this pod
     unlike the others."""
     try:
-        text = Path(path).read_bytes().decode("ascii").strip()
+        text = _read_ascii(path, "seed_file")
     except FileNotFoundError:
         return None
-    except UnicodeDecodeError:
-        raise ValueError(f"seed_file {path} is not ASCII text") from None
-    except OSError as e:
-        raise ValueError(f"seed_file {path} cannot be read: {e.strerror or e}") from None
     if not text.isdigit():
         raise ValueError(f"seed_file {path} does not hold a whole number")
     seed = int(text)

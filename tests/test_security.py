@@ -232,6 +232,10 @@ def test_bad_tls_files_and_an_empty_token_fail_the_start_in_one_line(calibrated_
                             f"auth_token_file {tmp_path / 'latin1-token'} is not ASCII text"),
         "token of two lines": (["--auth-token-file", str(tmp_path / "two-line-token")],
                                f"auth_token_file {tmp_path / 'two-line-token'} holds more than one line"),
+        "no token file": (["--auth-token-file", str(tmp_path / "nowhere")],  # was errno words, no setting
+                          f"auth_token_file {tmp_path / 'nowhere'} is not there"),
+        "token file a folder": (["--auth-token-file", str(tmp_path)],
+                                f"auth_token_file {tmp_path} cannot be read: Is a directory"),
     }
     for case, (flags, says) in cases.items():
         r = subprocess.run([*gateway_command(calibrated_store, torchserve), *flags],
