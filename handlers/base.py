@@ -248,6 +248,10 @@ class ProbeHandler(BaseHandler):
         Returns every row's logits and the features of rows ``want`` (ascending; None when
         empty)."""
         step = self.settings.max_forward_batch
+        if sum(it.rows for it in good) <= step:  # the common case: one forward, nothing held over
+            x = torch.cat([probe.expand(it.base, it.plan) for it in good])
+            lo, fe = self.forward(x)
+            return lo, (fe[want] if want else None)
         logits: list[torch.Tensor] = []
         feats: list[torch.Tensor] = []
         pending: list[torch.Tensor] = []  # expanded rows not forwarded yet
