@@ -629,6 +629,23 @@ def test_expand_ab_smoke(default_store: Path, tmp_path: Path) -> None:
     assert f"{report['rows'][0]['new_over_old']:.2f} ({report['rows'][0]['interval'][0]:.2f}–" in md
 
 
+def test_gate_logic_smoke(default_store: Path, tmp_path: Path) -> None:
+    """The gateway's own work for the gate, in process, back to back and after idle."""
+    report = _run("benchmarks.gate_logic", tmp_path, 300)
+    names = [r["row"] for r in report["rows"]]
+    assert names == ["gate logic, cascade", "gate logic, every check", "answer, gated (cascade)", "answer, gate off"]
+    passes = {r["row"]: r["passes"] for r in report["rows"]}
+    assert passes["gate logic, every check"] > passes["gate logic, cascade"] >= 2  # occlusion and structure add rows
+    for r in report["rows"]:
+        assert r["p50_ms"] > 0 and r["idle_p50_ms"] > 0 and r["calls"] >= 4, r
+        low, high = r["interval"]
+        assert 0 < low <= round(r["idle_over_back_to_back"], 3) <= high, r
+    md = (tmp_path / "gate_logic-smoke.md").read_text()
+    first = report["rows"][0]
+    assert f"| gate logic, cascade | {first['passes']:.1f} | {first['p50_ms']:.3f} | {first['idle_p50_ms']:.3f} |" in md
+    assert f"{report['gated_answer_over_off']:.2f}×" in md
+
+
 def test_gateway_ab_smoke(default_store: Path, tmp_path: Path) -> None:
     """Two gateways, HEAD's tree and this checkout, in turns in front of one TorchServe."""
     report = _run("benchmarks.gateway_ab", tmp_path, 300, "--against", "HEAD")
