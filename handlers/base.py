@@ -334,6 +334,10 @@ class ProbeHandler(BaseHandler):
             raw_plan = row[PLAN_KEY]
             if not isinstance(raw_plan, (bytes, bytearray)):
                 raise InputError(f"{BAD_PLAN}: must be sent as bytes of a serialized robustgate.v1.ProbePlan")
+            bound = probe.max_plan_bytes(self.settings.max_variants)
+            if len(raw_plan) > bound:  # before parsing it (probe.max_plan_bytes)
+                raise InputError(f"{BAD_PLAN}: {len(raw_plan):,} bytes, more than any plan within this model's "
+                                 f"{self.settings.max_variants} variants takes ({bound:,})")
             try:
                 plan = probe_pb2.ProbePlan.FromString(bytes(raw_plan))
             except DecodeError:

@@ -44,6 +44,15 @@ def _finite(v: float, what: str) -> float:
     return v
 
 
+def max_plan_bytes(max_variants: int) -> int:
+    """More bytes than any serialized plan of at most ``max_variants`` variants takes: as a
+    protobuf serializer writes one, a view is at most 26 bytes (each variant of another kind
+    less) and the plan's other fields under 200. A plan is refused over this before it is
+    parsed, since parsing is what costs: TorchServe lets 8 MiB through, and 8 MiB of empty
+    views parse to four million messages (~190 MB) before :func:`validate` counts them."""
+    return 1024 + 64 * max_variants
+
+
 def count_rows(plan: probe_pb2.ProbePlan | None) -> int:
     """Rows of a plan's answer: 1 (base) + every variant, in plan order."""
     if plan is None:

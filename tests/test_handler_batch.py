@@ -18,6 +18,7 @@ from PIL import Image
 from ts.context import Context, RequestProcessor
 from ts.utils.util import PredictionException
 
+from handlers import probe
 from handlers.base import HandlerSettings, ProbeHandler
 from handlers.onnx_handler import OnnxHandler
 from handlers.torchscript_handler import TorchScriptHandler
@@ -191,7 +192,6 @@ def test_a_worker_batch_is_expanded_as_its_chunks_need_it(tiny_store: Path, tmp_
     may ask for batch_size x max_batch_rows rows at once. Rows are now expanded request by
     request as the chunks need them: at most a chunk's less one are ever pending beside the
     request being expanded, and the answers, features too, are those of one big forward."""
-    from handlers import probe
 
     big, ctx = load_handler(tmp_path, tiny_store, "onnx")
     small, ctx_small = load_handler(tmp_path, tiny_store, "onnx", max_forward_batch=step)
@@ -286,13 +286,30 @@ def test_every_refused_plan_says_bad_plan_first(loaded, images: np.ndarray) -> N
         {"data": png(images[0]), "plan": b"\xff\xff not a plan"},
         {"data": png(images[0]), "plan": "a str, not bytes"},
         {"data": png(images[0]), "plan": probe_pb2.ProbePlan(version=9).SerializeToString()},
+        {"data": png(images[0]), "plan": b"\x2a\x00" * (probe.max_plan_bytes(h.settings.max_variants) // 2 + 1)},
         {"data": b"not an image"},
         {"data": png(images[1])},
     ]
     res = handle(h, ctx, reqs)
-    assert all(r.error.code == 400 and r.error.message.startswith("bad plan: ") for r in res[:4]), res[:4]
-    assert res[4].error.code == 400 and not res[4].error.message.startswith("bad plan")
-    assert res[5].rows == 1 and not res[5].HasField("error")
+    assert all(r.error.code == 400 and r.error.message.startswith("bad plan: ") for r in res[:5]), res[:5]
+    assert "bytes, more than any plan within this model's" in res[4].error.message  # refused unparsed
+    assert res[5].error.code == 400 and not res[5].error.message.startswith("bad plan")
+    assert res[6].rows == 1 and not res[6].HasField("error")
+
+
+def test_the_largest_plans_fit_the_byte_bound() -> None:
+    """Every field at its widest (views with every field set, the largest varints): a plan of
+    max_variants variants of any kind serializes within probe.max_plan_bytes."""
+    for n in (1, 7, 2048):
+        view = probe_pb2.ViewTransform(rotate_deg=-1e30, shift_x=-1e30, shift_y=-1e30, scale=-1e30, hflip=True, vflip=True)
+        wide = dict(version=2**32 - 1, seed=2**64 - 1, return_features=True,
+                    occlusion=probe_pb2.OcclusionProbe(grid=2**32 - 1, fill=-1e30),
+                    shuffle=probe_pb2.ShuffleProbe(grid=2**32 - 1, count=2**32 - 1))
+        noise = probe_pb2.NoiseProbe(sigma=-1e30, count=2**32 - 1)
+        for plan in (probe_pb2.ProbePlan(views=[view] * n, noise=noise, jitter=noise, **wide),
+                     probe_pb2.ProbePlan(squeeze=probe_pb2.SqueezeProbe(bit_depths=[2**32 - 1] * n,
+                                                                        median_sizes=[2**32 - 1] * n), **wide)):
+            assert len(plan.SerializeToString()) <= probe.max_plan_bytes(n), n
 
 
 def test_a_probe_batch_answers_each_item_as_if_alone(loaded, images: np.ndarray) -> None:
