@@ -275,6 +275,7 @@ class ProbeHandler(BaseHandler):
             if end < held:  # under a chunk: a copy, not a view holding all of x
                 pending.append(x[end:].clone())
             held -= end
+            del x, lo, fe  # before the next request's rows are built beside them
         out = logits[0] if len(logits) == 1 else torch.cat(logits)
         return out, (torch.stack(feats) if feats else None)
 
