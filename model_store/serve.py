@@ -507,6 +507,11 @@ def start(settings: ServeSettings, wait: bool = True, outlive_caller: bool = Fal
     store = Path(settings.store).resolve()
     run_dir = Path(settings.run_dir).resolve()
     settings = ServeSettings(**{**settings.__dict__, "store": store, "run_dir": run_dir})
+    staged = run_dir / STAGED_ARCHIVES
+    if run_dir == store or store in run_dir.parents or staged == store or store in staged.parents:
+        raise ServeError(f"the run dir {run_dir} and the model store {store} overlap: the run dir holds "
+                         "TorchServe's files and copies of the archives, which would change the store "
+                         "(give --run-dir a folder of its own)")
     verified = archive.verify_manifest(store)
     names = model_names(settings)
     for n in names:

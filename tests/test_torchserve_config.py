@@ -249,6 +249,23 @@ def test_torchserve_serves_the_copy_that_was_checked(tiny_store: Path, tmp_path:
         assert archive.sha256_file(staged[0]) == archive.sha256_file(tiny_store / "archives" / "fmnist-cnn-onnx.mar")
 
 
+def test_a_run_dir_overlapping_the_store_is_refused(tiny_store: Path, tmp_path: Path) -> None:
+    """The run dir gets TorchServe's files and a copy of each served archive in ``archives/``,
+    clearing what else is there: a run dir that is the store (or in it, or holds it as its
+    ``archives/``) would have deleted the store's other archives."""
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store, store)
+    before = sorted(p.name for p in (store / "archives").iterdir())
+    for run_dir in (store, store / "run", store / "archives", tmp_path):
+        s = store if run_dir != tmp_path else tmp_path / serve.STAGED_ARCHIVES
+        if run_dir == tmp_path:
+            shutil.copytree(store, s)
+        with pytest.raises(serve.ServeError, match="overlap"):
+            serve.start(serve.ServeSettings.on_free_ports(store=s, run_dir=run_dir, models=("fmnist-cnn-onnx",)))
+        assert sorted(p.name for p in (s / "archives").iterdir()) == before
+    archive.verify_manifest(store)
+
+
 def test_unknown_model_and_idle_stop(tiny_store: Path, tmp_path: Path) -> None:
     with pytest.raises(serve.ServeError, match="archives not found"):
         serve.start(serve.ServeSettings(store=tiny_store, run_dir=tmp_path, models=("nope",)))
@@ -516,6 +533,12 @@ def test_a_state_file_naming_another_run_dirs_torchserve_is_not_attached(tmp_pat
     for cwd, wanted in ((elsewhere, False), (here, True)):
         proc = subprocess.Popen(sleeper, cwd=cwd, start_new_session=True)
         try:
+            # Until the child has exec'd, /proc shows the parent's command line: wait for its own
+            # (under a loaded machine the check below read pytest's and failed).
+            deadline = time.monotonic() + 30
+            while b"ts.model_server" not in Path(f"/proc/{proc.pid}/cmdline").read_bytes():
+                assert time.monotonic() < deadline, "the stand-in did not start"
+                time.sleep(0.01)
             state = {"pid": proc.pid, "models": ["m"],
                      "settings": serve._settings_to_json(serve.ServeSettings(run_dir=here))}
             (here / serve.STATE_FILE).write_text(json.dumps(state))
