@@ -30,7 +30,7 @@ import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 REPO = Path(__file__).resolve().parent.parent
 HANDLERS_DIR = REPO / "handlers"
@@ -168,17 +168,15 @@ def check_archive_model(path: Path, model_dir: Path) -> None:
         with zipfile.ZipFile(path) as z:
             serialized = json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]["serializedFile"]
             carried = z.read("card.json")
-            digest = hashlib.sha256()
             with z.open(serialized) as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(chunk)
+                digest = sha256_stream(f)
     except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile) as e:
         raise UnsafeArchive(f"archive {path} cannot be checked against {card_path}: "
                             f"{type(e).__name__}: {str(e)[:200]}") from None
     want = hashes.get(serialized) if isinstance(hashes, dict) else None
-    if digest.hexdigest() != want:
+    if digest != want:
         raise UnsafeArchive(f"archive {path} serves a {serialized} other than {card_path} describes "
-                            f"(sha256 {digest.hexdigest()[:12]}, the card's {str(want)[:12]}): rebuild it "
+                            f"(sha256 {digest[:12]}, the card's {str(want)[:12]}): rebuild it "
                             "(python -m model_store.build)")
     if carried != card_bytes:
         raise UnsafeArchive(f"archive {path} carries another card.json than {card_path}: rebuild it "
@@ -302,12 +300,20 @@ def archive_members(path: Path) -> list[str]:
         return sorted(z.namelist())
 
 
-def sha256_file(path: Path) -> str:
+def sha256_stream(f: BinaryIO, copy_to: BinaryIO | None = None) -> str:
+    """The sha256 (hex) of what is left to read of ``f``, read in chunks; each chunk also
+    written to ``copy_to`` where given (a copy hashed as it is made)."""
     h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    for chunk in iter(lambda: f.read(_CHUNK), b""):
+        h.update(chunk)
+        if copy_to is not None:
+            copy_to.write(chunk)
     return h.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    with Path(path).open("rb") as f:
+        return sha256_stream(f)
 
 
 def _artifacts(store: Path) -> list[Path]:

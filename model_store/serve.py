@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import hashlib
 import ipaddress
 import json
 import os
@@ -584,19 +583,16 @@ def _stage_archives(store: Path, run_dir: Path, names: list[str], verified: dict
     for n in names:
         rel, src, dst = f"archives/{n}.mar", store / "archives" / f"{n}.mar", staged / f"{n}.mar"
         partial = staged / f".{n}.mar.partial"
-        digest = hashlib.sha256()
         try:
             with src.open("rb") as f, open(partial, "wb", opener=_owner_only) as out:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(chunk)
-                    out.write(chunk)
+                digest = archive.sha256_stream(f, copy_to=out)
         except FileNotFoundError:
             partial.unlink(missing_ok=True)
             raise archive.ManifestError(f"model store {store} failed verification: missing: {rel} {changed}") from None
         except BaseException:  # a full disk, an interrupt: no half copy left
             partial.unlink(missing_ok=True)
             raise
-        if digest.hexdigest() != verified.get(rel):
+        if digest != verified.get(rel):
             partial.unlink()
             raise archive.ManifestError(f"model store {store} failed verification: sha256 mismatch: {rel} {changed}")
         os.replace(partial, dst)
