@@ -38,7 +38,7 @@ from google.protobuf.message import DecodeError
 from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 
-from handlers import limits, probe
+from handlers import limits, probe, wire
 from handlers.decode import CHANNELS, InputError, InputSpec, decode_image, decode_tensor, tensor_array
 from robustgate.v1 import probe_pb2
 
@@ -335,10 +335,7 @@ class ProbeHandler(BaseHandler):
             raw_plan = row[PLAN_KEY]
             if not isinstance(raw_plan, (bytes, bytearray)):
                 raise InputError(f"{BAD_PLAN}: must be sent as bytes of a serialized robustgate.v1.ProbePlan")
-            bound = probe.max_plan_bytes(self.settings.max_variants)
-            if len(raw_plan) > bound:  # before parsing it (probe.max_plan_bytes)
-                raise InputError(f"{BAD_PLAN}: {len(raw_plan):,} bytes, more than any plan within this model's "
-                                 f"{self.settings.max_variants} variants takes ({bound:,})")
+            self._check_plan_bytes(len(raw_plan))
             try:
                 plan = probe_pb2.ProbePlan.FromString(bytes(raw_plan))
             except DecodeError:
@@ -347,22 +344,32 @@ class ProbeHandler(BaseHandler):
 
     def parse_batch(self, raw: Any) -> list[Item]:
         """A ``batch`` input (serialized ``ProbeBatch``) -> one :class:`Request` or error per item;
-        raises :class:`InputError` when the batch as a whole is unusable."""
+        raises :class:`InputError` when the batch as a whole is unusable. The batch is walked on
+        the wire first (``handlers/wire.py``): its item count and each item's plan bytes are
+        bounded before anything is parsed, then each item is parsed alone."""
         if not isinstance(raw, (bytes, bytearray)):
             raise InputError("the batch must be sent as bytes of a serialized robustgate.v1.ProbeBatch")
         limit = self.settings.max_batch_items
-        try:  # TorchServe's max_request_size has bounded the bytes already
-            batch = probe_pb2.ProbeBatch.FromString(bytes(raw))
-        except DecodeError:
+        buf = memoryview(raw)  # TorchServe's max_request_size has bounded the bytes already
+        try:
+            spans = wire.batch_items(buf, limit)
+        except wire.WireError:
             raise InputError("batch is not a valid robustgate.v1.ProbeBatch") from None
-        if not batch.items:
+        except wire.TooManyItems:
+            raise InputError(f"batch has more than {limit} items; the limit is {limit}") from None
+        if not spans:
             raise InputError("batch has no items")
-        if len(batch.items) > limit:
-            raise InputError(f"batch has {len(batch.items)} items; the limit is {limit}")
         items: list[Item] = []
         rows = 0
-        for item in batch.items:
+        for span in spans:
             try:
+                if span.malformed:
+                    raise InputError("batch item is not a valid robustgate.v1.ProbeItem")
+                self._check_plan_bytes(span.plan_bytes)
+                try:
+                    item = probe_pb2.ProbeItem.FromString(buf[span.start:span.end])
+                except DecodeError:
+                    raise InputError("batch item is not a valid robustgate.v1.ProbeItem") from None
                 if not item.HasField("tensor"):
                     raise InputError("batch item has no tensor")
                 arr = tensor_array(item.tensor, self.card.spec)
@@ -377,6 +384,14 @@ class ProbeHandler(BaseHandler):
                 logger.exception("batch item could not be decoded")
                 items.append(InputError("internal error", 500))
         return items
+
+    def _check_plan_bytes(self, n: int) -> None:
+        """Refuse a plan of ``n`` bytes before it is parsed, since parsing is what costs
+        (:func:`probe.max_plan_bytes`)."""
+        bound = probe.max_plan_bytes(self.settings.max_variants)
+        if n > bound:
+            raise InputError(f"{BAD_PLAN}: {n:,} bytes, more than any plan within this model's "
+                             f"{self.settings.max_variants} variants takes ({bound:,})")
 
     def _request(self, arr: np.ndarray, plan: probe_pb2.ProbePlan | None) -> Request:
         try:

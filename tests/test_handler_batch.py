@@ -24,6 +24,7 @@ from handlers.onnx_handler import OnnxHandler
 from handlers.torchscript_handler import TorchScriptHandler
 from model_store import data
 from robustgate.v1 import probe_pb2
+from tests.test_wire import field
 
 HANDLERS = {"torchscript": TorchScriptHandler, "onnx": OnnxHandler}
 
@@ -365,3 +366,30 @@ def test_a_probe_batch_is_bounded_in_rows(tiny_store: Path, tmp_path: Path, imag
     res = probe_pb2.ProbeBatchResult.FromString(h.handle([{"batch": batch.SerializeToString()}], ctx)[0]).results
     assert [r.rows for r in res] == [17, 1, 0]
     assert res[2].error.code == 413 and "20 rows" in res[2].error.message
+
+
+def test_a_probe_batch_is_bounded_before_it_is_parsed(tiny_store: Path, tmp_path: Path, images: np.ndarray) -> None:
+    """8 MiB of empty items (what TorchServe's max_request_size lets through; parsed whole,
+    ~190 MB of messages) is refused at the item past the limit, unparsed. An item whose plan is
+    over the plan bound, or whose bytes do not parse, fails alone beside items that are served."""
+    h, ctx = load_handler(tmp_path, tiny_store, "onnx", max_batch_items=5)
+    ctx.request_processor = [RequestProcessor({})]
+    with pytest.raises(PredictionException, match="batch has more than 5 items; the limit is 5") as err:
+        h.handle([{"batch": b"\x0a\x00" * (4 << 20)}], ctx)
+    assert err.value.error_code == 400
+    empty_views = b"\x2a\x00" * (probe.max_plan_bytes(h.settings.max_variants) // 2 + 1)
+    huge = probe_pb2.ProbeItem(tensor=tensor(images[1])).SerializeToString() + field(2, empty_views)
+    batch = b"".join(field(1, x) for x in (
+        probe_pb2.ProbeItem(tensor=tensor(images[0]), plan=PLAN).SerializeToString(),
+        huge,
+        b"\x12\x7f\x00",  # a plan of 127 bytes in an item of 3
+        # a group (proto2's wire type, which a parser reads as an unknown field): the walk cannot
+        # measure what follows it, so the item is refused rather than parsed unbounded
+        probe_pb2.ProbeItem(tensor=tensor(images[3])).SerializeToString() + b"\x1b\x1c",
+        probe_pb2.ProbeItem(tensor=tensor(images[2])).SerializeToString(),
+    ))
+    res = probe_pb2.ProbeBatchResult.FromString(h.handle([{"batch": batch}], ctx)[0]).results
+    assert [r.rows for r in res] == [17, 0, 0, 0, 1]
+    assert res[1].error.code == 400 and res[1].error.message.startswith("bad plan: ")
+    assert "bytes, more than any plan within this model's" in res[1].error.message
+    assert all(r.error.code == 400 and "not a valid robustgate.v1.ProbeItem" in r.error.message for r in res[2:4])
