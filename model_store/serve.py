@@ -457,9 +457,9 @@ class TorchServe:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop TorchServe and its workers (SIGTERM to the process group, SIGKILL after
-        ``timeout``); remove the key file and the state file, unless the state file names
-        another TorchServe by now (a ``start`` on the run dir, once this one was gone: its
-        files are that one's)."""
+        ``timeout``); remove the key file, the state file and the archive copies, unless the
+        state file names another TorchServe by now (a ``start`` on the run dir, once this one
+        was gone: its files are that one's)."""
         if self.process is not None or _alive(self.pid, Path(self.settings.run_dir)):
             _stop_group(self.pid, timeout)
         if self.process is not None:
@@ -471,6 +471,7 @@ class TorchServe:
         if _state_pid(run_dir) in (None, self.pid):
             for name in (KEY_FILE, STATE_FILE):
                 (run_dir / name).unlink(missing_ok=True)
+            _clear_staged(run_dir)
         if self.lifeline is not None:  # stopped in order: stand the watchdog down
             with contextlib.suppress(OSError):
                 os.write(self.lifeline, _STAND_DOWN)
@@ -603,6 +604,28 @@ def _stage_archives(store: Path, run_dir: Path, names: list[str], verified: dict
             dst.unlink()
             raise archive.UnsafeArchive(str(e).replace(str(dst), str(src))) from None
     return staged
+
+
+def _clear_staged(run_dir: Path) -> None:
+    """Remove the run dir's archive copies once what served them is stopped, unless a start
+    holds the run dir (it is staging its own copies there)."""
+    staged = run_dir / STAGED_ARCHIVES
+    if not staged.is_dir() or staged.is_symlink():
+        return
+    try:
+        fd = os.open(run_dir / START_LOCK_FILE, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:  # no lock file: no start made these copies
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return
+    try:
+        if _state_pid(run_dir) is None:  # no later start has taken the run dir over
+            shutil.rmtree(staged, ignore_errors=True)
+    finally:
+        os.close(fd)
 
 
 def _remove(path: Path) -> None:

@@ -247,6 +247,31 @@ def test_torchserve_serves_the_copy_that_was_checked(tiny_store: Path, tmp_path:
         assert [p.name for p in staged] == ["fmnist-cnn-onnx.mar"]  # only what is served now
         assert staged[0].stat().st_mode & 0o777 == 0o600
         assert archive.sha256_file(staged[0]) == archive.sha256_file(tiny_store / "archives" / "fmnist-cnn-onnx.mar")
+    assert not (run_dir / serve.STAGED_ARCHIVES).exists()  # stopped: no copy left behind
+    assert not (run_dir / serve.KEY_FILE).exists() and not (run_dir / serve.STATE_FILE).exists()
+
+
+def test_the_copies_are_left_to_a_start_that_holds_the_run_dir(tmp_path: Path) -> None:
+    """A stop clears the archive copies unless a start is staging its own there (it holds the
+    start lock) or has taken the run dir over by now (its state file)."""
+    staged = tmp_path / serve.STAGED_ARCHIVES
+    staged.mkdir()
+    (staged / "fmnist-cnn-onnx.mar").write_bytes(b"a copy")
+    serve._clear_staged(tmp_path)  # no lock file: no start made these
+    assert staged.exists()
+    fd = os.open(tmp_path / serve.START_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # a start holds the run dir
+        serve._clear_staged(tmp_path)
+        assert (staged / "fmnist-cnn-onnx.mar").exists()
+    finally:
+        os.close(fd)
+    (tmp_path / serve.STATE_FILE).write_text(json.dumps({"pid": 4321}))  # another TorchServe's now
+    serve._clear_staged(tmp_path)
+    assert (staged / "fmnist-cnn-onnx.mar").exists()
+    (tmp_path / serve.STATE_FILE).unlink()
+    serve._clear_staged(tmp_path)
+    assert not staged.exists()
 
 
 def test_a_run_dir_overlapping_the_store_is_refused(tiny_store: Path, tmp_path: Path) -> None:
