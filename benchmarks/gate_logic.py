@@ -1,7 +1,7 @@
 """The gateway's own work for the gate, in process: its logic and its answer, back to back
 and after the process idled, side by side in one run.
 
-    python -m benchmarks.gate_logic          # ~30 s
+    python -m benchmarks.gate_logic          # ~1 min
     python -m benchmarks.gate_logic --smoke  # seconds (the test suite runs this)
 
 The serving benchmark's stage clocks put the gate's logic at about 0.6 ms a request and the
@@ -16,11 +16,12 @@ would), then each row times only the gateway's part, one request per call:
 - **answer**: the request's metrics (``service.server.record``), the response message
   (``convert.to_pb``) and its bytes, for a gated request and a gate-off one.
 
-Each row also runs **after idle**: the process sleeps ``--idle-ms`` (not timed) before every
-call, as the gateway does at one client while TorchServe answers (the serving report's
-backend stage: about 3 ms a gate-off call, 8 ms the cascade's); on a VM a core that idled
-runs the next code slower (caches and the core gone cold), which the serving benchmark's
-stage clocks include. The gate logic row times more than the pipeline's ``gate`` stage
+Each row also runs **after idle**, once for each of ``--idle-ms`` (1, 2, 5 and 8 ms): the
+process sleeps that long (not timed) before every call, as the gateway does at one client
+while TorchServe answers (the serving report's backend stage: about 3 ms a gate-off call,
+8 ms the cascade's); on a VM a core that idled runs the next code slower (caches and the
+core gone cold), which the serving benchmark's stage clocks include. The sweep shows how
+the slowdown grows with the idle time. The gate logic row times more than the pipeline's ``gate`` stage
 (which times ``feed`` and ``report``): the run's start, the request's seed and each plan's
 wire message too. Rows run in turns (``benchmarks.serving.interleaved``).
 
@@ -97,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=200, help="test images, each one request")
     p.add_argument("--turns", type=int, default=20)
     p.add_argument("--turn-s", type=float, default=0.1)
-    p.add_argument("--idle-ms", type=float, default=5.0, help="sleep before each call of the after-idle rows")
+    p.add_argument("--idle-ms", type=float, nargs="+", default=[1.0, 2.0, 5.0, 8.0],
+                   help="sleeps before each call of the after-idle rows, one set of rows each")
     args = p.parse_args(argv)
     if args.smoke:
         args.images, args.turns, args.turn_s = 8, 2, 0.01
@@ -137,22 +139,25 @@ def main(argv: list[str] | None = None) -> int:
         return ClassifyResult(f"r{k}", served.name, served.version, classes, report, timings, 1)
     calls["answer, gated (cascade)"] = answer_call([result(k, rep) for k, rep in enumerate(reports)], metrics)
     calls["answer, gate off"] = answer_call([result(k, None) for k in range(len(images))], metrics)
-    for name in list(calls):
-        calls[f"after {args.idle_ms:g} ms idle: {name}"] = AfterIdle(args.idle_ms / 1000, calls[name])
-    warm = [c for c in calls.values() if not isinstance(c, AfterIdle)]
-    for c in warm:
+    base = list(calls)
+    for c in calls.values():
         for i in range(len(images)):
             c(i)
-    idle = f"after {args.idle_ms:g} ms idle: "
-    base = [n for n in calls if not n.startswith(idle)]
-    pairs = {idle + n: n for n in base}
+    idle = {ms: f"after {ms:g} ms idle: " for ms in args.idle_ms}
+    for ms, prefix in idle.items():
+        for name in base:
+            calls[prefix + name] = AfterIdle(ms / 1000, calls[name])
+    pairs = {prefix + n: n for prefix in idle.values() for n in base}
     pairs["answer, gated (cascade)"] = "answer, gate off"
     measured, ratio, spread = ab_in_turns(calls, args.turns, args.turn_s, pairs, "gate_logic")
-    rows = [{"row": n, "passes": passes.get(n.removeprefix("gate logic, ")),
-             "p50_ms": measured[n].p50_ms, "idle_p50_ms": measured[idle + n].p50_ms,
-             "idle_over_back_to_back": ratio[idle + n], "interval": list(spread[idle + n]),
-             "calls": measured[n].calls + measured[idle + n].calls} for n in base]
-    report = {**run_facts(f"python -m benchmarks.gate_logic --images {args.images}"), "model": args.model,
+    rows = [{"row": n, "passes": passes.get(n.removeprefix("gate logic, ")), "p50_ms": measured[n].p50_ms,
+             "after_idle": [{"idle_ms": ms, "p50_ms": measured[prefix + n].p50_ms,
+                             "over_back_to_back": ratio[prefix + n], "interval": list(spread[prefix + n])}
+                            for ms, prefix in idle.items()],
+             "calls": measured[n].calls + sum(measured[prefix + n].calls for prefix in idle.values())}
+            for n in base]
+    report = {**run_facts(f"python -m benchmarks.gate_logic --images {args.images} "
+                                  f"--idle-ms {' '.join(f'{ms:g}' for ms in args.idle_ms)}"), "model": args.model,
               "policy": served.policy.version, "images": args.images, "turns": args.turns, "turn_s": args.turn_s,
               "idle_ms": args.idle_ms, "rows": rows,
               "gated_answer_over_off": ratio["answer, gated (cascade)"],
@@ -165,14 +170,17 @@ def render(r: dict) -> str:
     lines = [f"# The gateway's own work for the gate, in process ({r['date']}, {r['machine']})", "",
              f"Reproduce: `{r['command']}` (model {r['model']}, policy `{r['policy']}`; {r['images']} test images, "
              f"one request each, the backend's answers computed first; one caller, {r['turns']} turns of "
-             f"{r['turn_s']} s per row). \"After idle\": the process sleeps {r['idle_ms']:g} ms (not timed) before "
-             "each call, as the gateway does at one client while TorchServe answers. " + INTERVAL_NOTE, "",
-             "| row | forward passes | back to back p50 ms | after idle p50 ms | after idle / back to back |",
-             "|---|---|---|---|---|"]
+             f"{r['turn_s']} s per row). \"After N ms idle\": the process sleeps N ms (not timed) before "
+             "each call, as the gateway does at one client while TorchServe answers; each cell is the p50 "
+             "and its ratio to back to back. " + INTERVAL_NOTE, "",
+             "| row | forward passes | back to back p50 ms | "
+             + " | ".join(f"after {ms:g} ms idle" for ms in r["idle_ms"]) + " |",
+             "|---|---|---|" + "---|" * len(r["idle_ms"])]
     for x in r["rows"]:
         fp = f"{x['passes']:.1f}" if x["passes"] is not None else "–"
-        lines.append(f"| {x['row']} | {fp} | {x['p50_ms']:.3f} | {x['idle_p50_ms']:.3f} | "
-                     f"{x['idle_over_back_to_back']:.2f} ({x['interval'][0]:.2f}–{x['interval'][1]:.2f}) |")
+        cells = [f"{a['p50_ms']:.3f} ms, {a['over_back_to_back']:.2f}× ({a['interval'][0]:.2f}–{a['interval'][1]:.2f})"
+                 for a in x["after_idle"]]
+        lines.append(f"| {x['row']} | {fp} | {x['p50_ms']:.3f} | " + " | ".join(cells) + " |")
     lo, hi = r["gated_answer_interval"]
     lines += ["", f"A gated answer against a gate-off one, back to back: {r['gated_answer_over_off']:.2f}× "
               f"({lo:.2f}–{hi:.2f}).", ""]

@@ -636,13 +636,19 @@ def test_gate_logic_smoke(default_store: Path, tmp_path: Path) -> None:
     assert names == ["gate logic, cascade", "gate logic, every check", "answer, gated (cascade)", "answer, gate off"]
     passes = {r["row"]: r["passes"] for r in report["rows"]}
     assert passes["gate logic, every check"] > passes["gate logic, cascade"] >= 2  # occlusion and structure add rows
+    assert report["idle_ms"] == [1, 2, 5, 8]  # the sweep
     for r in report["rows"]:
-        assert r["p50_ms"] > 0 and r["idle_p50_ms"] > 0 and r["calls"] >= 4, r
-        low, high = r["interval"]
-        assert 0 < low <= round(r["idle_over_back_to_back"], 3) <= high, r
+        assert r["p50_ms"] > 0 and r["calls"] >= 4 * 5, r
+        assert [a["idle_ms"] for a in r["after_idle"]] == report["idle_ms"], r
+        for a in r["after_idle"]:
+            low, high = a["interval"]
+            assert a["p50_ms"] > 0 and 0 < low <= round(a["over_back_to_back"], 3) <= high, r
     md = (tmp_path / "gate_logic-smoke.md").read_text()
     first = report["rows"][0]
-    assert f"| gate logic, cascade | {first['passes']:.1f} | {first['p50_ms']:.3f} | {first['idle_p50_ms']:.3f} |" in md
+    assert "| after 1 ms idle | after 2 ms idle | after 5 ms idle | after 8 ms idle |" in md
+    cell = lambda a: f"{a['p50_ms']:.3f} ms, {a['over_back_to_back']:.2f}×"  # noqa: E731
+    assert (f"| gate logic, cascade | {first['passes']:.1f} | {first['p50_ms']:.3f} | {cell(first['after_idle'][0])} ("
+            in md)
     assert f"{report['gated_answer_over_off']:.2f}×" in md
 
 
