@@ -352,7 +352,7 @@ class ProbeHandler(BaseHandler):
         limit = self.settings.max_batch_items
         buf = memoryview(raw)  # TorchServe's max_request_size has bounded the bytes already
         try:
-            spans = wire.batch_items(buf, limit)
+            spans = wire.batch_items(buf, limit, probe.max_plan_bytes(self.settings.max_variants))
         except wire.WireError:
             raise InputError("batch is not a valid robustgate.v1.ProbeBatch") from None
         except wire.TooManyItems:
@@ -365,7 +365,8 @@ class ProbeHandler(BaseHandler):
             try:
                 if span.malformed:
                     raise InputError("batch item is not a valid robustgate.v1.ProbeItem")
-                self._check_plan_bytes(span.plan_bytes)
+                if span.plan_bytes is not None:  # measured: the item is longer than the bound
+                    self._check_plan_bytes(span.plan_bytes)
                 try:
                     item = probe_pb2.ProbeItem.FromString(buf[span.start:span.end])
                 except DecodeError:

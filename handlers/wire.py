@@ -8,6 +8,11 @@ and lengths (the protobuf wire format: a varint key ``field << 3 | wire type``, 
 a length-delimited value is a varint length and that many bytes), stops one item past the
 limit, and hands back each item's span so that the handler parses the items one by one, each
 within its own bounds, and a bad item fails that item only.
+
+The walk is bounded too, since it runs in Python (a step per field, where a field can be two
+bytes): at most ``MAX_OTHER_FIELDS`` fields beside the items, and only an item longer than the
+plan bound is walked inside (a shorter one cannot carry a plan over it), at most
+``MAX_ITEM_FIELDS`` fields. The gateway writes items and, in each, a tensor and a plan.
 """
 
 from __future__ import annotations
@@ -15,12 +20,15 @@ from __future__ import annotations
 from typing import NamedTuple
 
 VARINT, FIXED64, LEN, FIXED32 = 0, 1, 2, 5
+MAX_FIELD_NUMBER = (1 << 29) - 1
 ITEMS = 1  # ProbeBatch.items
 PLAN = 2  # ProbeItem.plan
+MAX_OTHER_FIELDS = 64  # fields of a batch other than its items (fields a later schema may add)
+MAX_ITEM_FIELDS = 64  # fields of one item walked (a tensor and a plan, and what a later schema adds)
 
 
 class WireError(ValueError):
-    """The bytes are not a protobuf message this module can walk."""
+    """The bytes are not a protobuf message this module walks."""
 
 
 class TooManyItems(ValueError):
@@ -28,13 +36,15 @@ class TooManyItems(ValueError):
 
 
 class ItemSpan(NamedTuple):
-    """One ``items`` entry: its bytes are ``buf[start:end]``; ``plan_bytes`` is the length of its
-    ``plan`` field (summed where the field repeats, as a parser merges them); ``malformed``:
-    the item's own fields do not walk (truncated, or a wire type protobuf 3 does not write)."""
+    """One ``items`` entry, ``buf[start:end]``. ``plan_bytes``: the length of its ``plan`` field
+    (summed where the field repeats, as a parser merges them), measured where the item is longer
+    than the plan bound; None where it is not (its plan is shorter than the item). ``malformed``:
+    the item's own fields do not walk (truncated, a wire type protobuf 3 does not write, more
+    than ``MAX_ITEM_FIELDS``)."""
 
     start: int
     end: int
-    plan_bytes: int
+    plan_bytes: int | None
     malformed: bool = False
 
 
@@ -63,8 +73,8 @@ def _field(buf: bytes | memoryview, i: int, end: int) -> tuple[int, int, int, in
     else:
         key, i = _varint(buf, i, end)
     number, kind = key >> 3, key & 7
-    if number == 0:
-        raise WireError("field number 0")
+    if not 0 < number <= MAX_FIELD_NUMBER:
+        raise WireError(f"field number {number}")
     if kind == LEN:
         n = buf[i] if i < end else 0x80
         if n < 0x80:
@@ -86,32 +96,41 @@ def _field(buf: bytes | memoryview, i: int, end: int) -> tuple[int, int, int, in
 
 
 def _plan_bytes(buf: bytes | memoryview, i: int, end: int) -> int:
-    total = 0
+    total = fields = 0
     while i < end:
+        fields += 1
+        if fields > MAX_ITEM_FIELDS:
+            raise WireError(f"more than {MAX_ITEM_FIELDS} fields in an item")
         number, kind, start, i = _field(buf, i, end)
         if number == PLAN and kind == LEN:
             total += i - start
     return total
 
 
-def batch_items(buf: bytes | memoryview, max_items: int) -> list[ItemSpan]:
+def batch_items(buf: bytes | memoryview, max_items: int, max_plan_bytes: int) -> list[ItemSpan]:
     """Each ``items`` entry of the serialized ``ProbeBatch`` in ``buf``, in order. Raises
-    :class:`WireError` when the batch's own fields do not walk (an item's fields that do not
-    walk mark that item ``malformed``), :class:`TooManyItems` at item ``max_items + 1``. Other
-    top-level fields (unknown to this schema) are skipped, as a parser keeps them unread.
-    The work is a few steps per field at the top level and in each item, not per byte."""
+    :class:`TooManyItems` at item ``max_items + 1``, and :class:`WireError` where the batch's
+    own fields do not walk or there are more than ``MAX_OTHER_FIELDS`` beside the items (an
+    item's own fields that do not walk mark that item ``malformed``). Other top-level fields
+    (unknown to this schema) are skipped, as a parser keeps them unread."""
     items: list[ItemSpan] = []
-    i, end = 0, len(buf)
+    i, end, others = 0, len(buf), 0
     while i < end:
         number, kind, start, i = _field(buf, i, end)
         if number != ITEMS:
+            others += 1
+            if others > MAX_OTHER_FIELDS:
+                raise WireError(f"more than {MAX_OTHER_FIELDS} fields beside the items")
             continue
         if kind != LEN:
             raise WireError(f"field {ITEMS} (items) with wire type {kind}")
         if len(items) == max_items:
             raise TooManyItems(max_items)
+        if i - start <= max_plan_bytes:
+            items.append(ItemSpan(start, i, None))
+            continue
         try:
             items.append(ItemSpan(start, i, _plan_bytes(buf, start, i)))
         except WireError:
-            items.append(ItemSpan(start, i, 0, malformed=True))
+            items.append(ItemSpan(start, i, None, malformed=True))
     return items

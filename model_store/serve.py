@@ -33,6 +33,7 @@ import socket
 import string
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -468,10 +469,13 @@ class TorchServe:
             except subprocess.TimeoutExpired:
                 pass
         run_dir = Path(self.settings.run_dir)
-        if _state_pid(run_dir) in (None, self.pid):
-            for name in (KEY_FILE, STATE_FILE):
-                (run_dir / name).unlink(missing_ok=True)
-            _clear_staged(run_dir)
+        with _tidy_lock(run_dir) as locked:  # no start stages copies or writes its state meanwhile
+            if _state_pid(run_dir) in (None, self.pid):
+                for name in (KEY_FILE, STATE_FILE):
+                    (run_dir / name).unlink(missing_ok=True)
+                staged = run_dir / STAGED_ARCHIVES
+                if locked and staged.is_dir() and not staged.is_symlink():
+                    shutil.rmtree(staged, ignore_errors=True)
         if self.lifeline is not None:  # stopped in order: stand the watchdog down
             with contextlib.suppress(OSError):
                 os.write(self.lifeline, _STAND_DOWN)
@@ -555,9 +559,37 @@ def _start_lock(run_dir: Path) -> Iterator[None]:
                     raise ServeError(f"another start on {run_dir} has held it for "
                                      f"{START_LOCK_WAIT_S:g} s; is that one stuck?") from None
                 time.sleep(0.05)
-        yield
+        held = _held.__dict__.setdefault("run_dirs", set())
+        held.add(run_dir)
+        try:
+            yield
+        finally:
+            held.discard(run_dir)
     finally:
         os.close(fd)  # releases the lock
+
+
+_held = threading.local()  # the run dirs whose start lock this thread holds
+
+
+@contextlib.contextmanager
+def _tidy_lock(run_dir: Path) -> Iterator[bool]:
+    """Hold the run dir's start lock while ``stop`` tidies it: a start staging its copies or
+    launching is waited for, and once its state file names its own TorchServe, that one's files
+    stay. True when held, by this thread's own start too (a start that fails stops what it
+    started); False where it cannot be had (the run dir gone, or a start stuck holding it):
+    then the key and state files are tidied as before and the copies left."""
+    if run_dir in getattr(_held, "run_dirs", ()):
+        yield True
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(_start_lock(run_dir))
+        except (OSError, ServeError):
+            locked = False
+        else:
+            locked = True
+        yield locked
 
 
 #: The run dir's folder of the archives TorchServe serves: checked copies of the store's.
@@ -604,28 +636,6 @@ def _stage_archives(store: Path, run_dir: Path, names: list[str], verified: dict
             dst.unlink()
             raise archive.UnsafeArchive(str(e).replace(str(dst), str(src))) from None
     return staged
-
-
-def _clear_staged(run_dir: Path) -> None:
-    """Remove the run dir's archive copies once what served them is stopped, unless a start
-    holds the run dir (it is staging its own copies there)."""
-    staged = run_dir / STAGED_ARCHIVES
-    if not staged.is_dir() or staged.is_symlink():
-        return
-    try:
-        fd = os.open(run_dir / START_LOCK_FILE, os.O_RDWR | os.O_CLOEXEC)
-    except OSError:  # no lock file: no start made these copies
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return
-    try:
-        if _state_pid(run_dir) is None:  # no later start has taken the run dir over
-            shutil.rmtree(staged, ignore_errors=True)
-    finally:
-        os.close(fd)
 
 
 def _remove(path: Path) -> None:

@@ -375,7 +375,7 @@ def test_a_probe_batch_is_bounded_before_it_is_parsed(tiny_store: Path, tmp_path
     h, ctx = load_handler(tmp_path, tiny_store, "onnx", max_batch_items=5)
     ctx.request_processor = [RequestProcessor({})]
     with pytest.raises(PredictionException, match="batch has more than 5 items; the limit is 5") as err:
-        h.handle([{"batch": b"\x0a\x00" * (4 << 20)}], ctx)
+        h.handle([{"batch": b"\x0a\x00" * (4 << 20) + b"\xff\xff"}], ctx)  # the end, which does not walk, unread
     assert err.value.error_code == 400
     empty_views = b"\x2a\x00" * (probe.max_plan_bytes(h.settings.max_variants) // 2 + 1)
     huge = probe_pb2.ProbeItem(tensor=tensor(images[1])).SerializeToString() + field(2, empty_views)
@@ -383,9 +383,10 @@ def test_a_probe_batch_is_bounded_before_it_is_parsed(tiny_store: Path, tmp_path
         probe_pb2.ProbeItem(tensor=tensor(images[0]), plan=PLAN).SerializeToString(),
         huge,
         b"\x12\x7f\x00",  # a plan of 127 bytes in an item of 3
-        # a group (proto2's wire type, which a parser reads as an unknown field): the walk cannot
-        # measure what follows it, so the item is refused rather than parsed unbounded
-        probe_pb2.ProbeItem(tensor=tensor(images[3])).SerializeToString() + b"\x1b\x1c",
+        # a group (proto2's wire type, which a parser reads as an unknown field) in an item longer
+        # than the plan bound: the walk cannot measure what follows it, so the item is refused
+        # rather than parsed unbounded
+        probe_pb2.ProbeItem(tensor=tensor(images[3])).SerializeToString() + field(9, bytes(200_000)) + b"\x1b\x1c",
         probe_pb2.ProbeItem(tensor=tensor(images[2])).SerializeToString(),
     ))
     res = probe_pb2.ProbeBatchResult.FromString(h.handle([{"batch": batch}], ctx)[0]).results

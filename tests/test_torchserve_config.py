@@ -251,26 +251,38 @@ def test_torchserve_serves_the_copy_that_was_checked(tiny_store: Path, tmp_path:
     assert not (run_dir / serve.KEY_FILE).exists() and not (run_dir / serve.STATE_FILE).exists()
 
 
-def test_the_copies_are_left_to_a_start_that_holds_the_run_dir(tmp_path: Path) -> None:
-    """A stop clears the archive copies unless a start is staging its own there (it holds the
-    start lock) or has taken the run dir over by now (its state file)."""
+def test_a_stop_leaves_the_run_dir_to_a_start_that_took_it_over(tmp_path: Path) -> None:
+    """A stop tidies the run dir (key, state, archive copies) under the start lock: a start
+    holding it (staging its copies, launching) is waited for, and once that start's state file
+    names its own TorchServe, its files stay (before, a stop that checked the state file just
+    before a new start wrote it deleted the new one's state and copies). A start that fails
+    stops what it started under its own lock, which it does not wait for."""
     staged = tmp_path / serve.STAGED_ARCHIVES
     staged.mkdir()
     (staged / "fmnist-cnn-onnx.mar").write_bytes(b"a copy")
-    serve._clear_staged(tmp_path)  # no lock file: no start made these
-    assert staged.exists()
-    fd = os.open(tmp_path / serve.START_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # a start holds the run dir
-        serve._clear_staged(tmp_path)
-        assert (staged / "fmnist-cnn-onnx.mar").exists()
-    finally:
-        os.close(fd)
-    (tmp_path / serve.STATE_FILE).write_text(json.dumps({"pid": 4321}))  # another TorchServe's now
-    serve._clear_staged(tmp_path)
-    assert (staged / "fmnist-cnn-onnx.mar").exists()
+    ended = subprocess.Popen(["true"])
+    ended.wait()  # a pid that runs nothing from the run dir: stop has nothing to signal
+    gone = serve.TorchServe(serve.ServeSettings(store=tmp_path / "store", run_dir=tmp_path), ["fmnist-cnn-onnx"],
+                            ended.pid)
+    holding = threading.Event()
+
+    def next_start() -> None:
+        with serve._start_lock(tmp_path):
+            holding.set()
+            time.sleep(0.5)  # staging, launching
+            (tmp_path / serve.STATE_FILE).write_text(json.dumps({"pid": ended.pid + 1}))
+
+    t = threading.Thread(target=next_start)
+    t.start()
+    holding.wait()
+    gone.stop()
+    t.join()
+    assert (staged / "fmnist-cnn-onnx.mar").exists() and (tmp_path / serve.STATE_FILE).exists()
     (tmp_path / serve.STATE_FILE).unlink()
-    serve._clear_staged(tmp_path)
+    with serve._start_lock(tmp_path):  # this thread's own start failing
+        t0 = time.monotonic()
+        gone.stop()
+        assert time.monotonic() - t0 < serve.START_LOCK_WAIT_S / 2
     assert not staged.exists()
 
 
