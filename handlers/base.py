@@ -345,14 +345,17 @@ class ProbeHandler(BaseHandler):
     def parse_batch(self, raw: Any) -> list[Item]:
         """A ``batch`` input (serialized ``ProbeBatch``) -> one :class:`Request` or error per item;
         raises :class:`InputError` when the batch as a whole is unusable. The batch is walked on
-        the wire first (``handlers/wire.py``): its item count and each item's plan bytes are
-        bounded before anything is parsed, then each item is parsed alone."""
+        the wire first (``handlers/wire.py``): its item count, each item's bytes (a tensor as a
+        lone request may send it, and a plan) and each item's plan bytes are bounded before
+        anything is parsed, then each item is parsed alone."""
         if not isinstance(raw, (bytes, bytearray)):
             raise InputError("the batch must be sent as bytes of a serialized robustgate.v1.ProbeBatch")
         limit = self.settings.max_batch_items
         buf = memoryview(raw)  # TorchServe's max_request_size has bounded the bytes already
+        plan_bound = probe.max_plan_bytes(self.settings.max_variants)
+        item_bound = self.card.spec.max_bytes + 1024 + plan_bound  # decode_tensor's bound, and a plan
         try:
-            spans = wire.batch_items(buf, limit, probe.max_plan_bytes(self.settings.max_variants))
+            spans = wire.batch_items(buf, limit, plan_bound)
         except wire.WireError:
             raise InputError("batch is not a valid robustgate.v1.ProbeBatch") from None
         except wire.TooManyItems:
@@ -363,6 +366,9 @@ class ProbeHandler(BaseHandler):
         rows = 0
         for span in spans:
             try:
+                if span.end - span.start > item_bound:  # a tensor's shape parses to 8 B a byte sent
+                    raise InputError(f"batch item is {span.end - span.start:,} bytes; the limit is {item_bound:,} "
+                                     f"(a tensor of at most {self.card.spec.max_bytes:,} bytes and a plan)")
                 if span.malformed:
                     raise InputError("batch item is not a valid robustgate.v1.ProbeItem")
                 if span.plan_bytes is not None:  # measured: the item is longer than the bound

@@ -371,10 +371,11 @@ def test_a_probe_batch_is_bounded_in_rows(tiny_store: Path, tmp_path: Path, imag
 def test_a_probe_batch_is_bounded_before_it_is_parsed(tiny_store: Path, tmp_path: Path, images: np.ndarray) -> None:
     """8 MiB of empty items (what TorchServe's max_request_size lets through; parsed whole,
     ~190 MB of messages) is refused at the item past the limit, unparsed. An item whose plan is
-    over the plan bound, or whose bytes do not parse, fails alone beside items that are served."""
-    h, ctx = load_handler(tmp_path, tiny_store, "onnx", max_batch_items=5)
+    over the plan bound, whose bytes do not parse, or that is longer than a lone request's tensor
+    and a plan (a shape of a million entries), fails alone beside items that are served."""
+    h, ctx = load_handler(tmp_path, tiny_store, "onnx", max_batch_items=6)
     ctx.request_processor = [RequestProcessor({})]
-    with pytest.raises(PredictionException, match="batch has more than 5 items; the limit is 5") as err:
+    with pytest.raises(PredictionException, match="batch has more than 6 items; the limit is 6") as err:
         h.handle([{"batch": b"\x0a\x00" * (4 << 20) + b"\xff\xff"}], ctx)  # the end, which does not walk, unread
     assert err.value.error_code == 400
     empty_views = b"\x2a\x00" * (probe.max_plan_bytes(h.settings.max_variants) // 2 + 1)
@@ -389,8 +390,13 @@ def test_a_probe_batch_is_bounded_before_it_is_parsed(tiny_store: Path, tmp_path
         probe_pb2.ProbeItem(tensor=tensor(images[3])).SerializeToString() + field(9, bytes(200_000)) + b"\x1b\x1c",
         probe_pb2.ProbeItem(tensor=tensor(images[2])).SerializeToString(),
     ))
+    limit = h.settings.max_image_bytes + 1024 + probe.max_plan_bytes(h.settings.max_variants)
+    shapes = probe_pb2.ProbeItem(tensor=probe_pb2.Tensor(shape=[1] * limit)).SerializeToString()  # 8 B a byte, parsed
+    batch += field(1, shapes)
     res = probe_pb2.ProbeBatchResult.FromString(h.handle([{"batch": batch}], ctx)[0]).results
-    assert [r.rows for r in res] == [17, 0, 0, 0, 1]
+    assert [r.rows for r in res] == [17, 0, 0, 0, 1, 0]
+    assert res[5].error.code == 400 and res[5].error.message.startswith(
+        f"batch item is {len(shapes):,} bytes; the limit is {limit:,}")
     assert res[1].error.code == 400 and res[1].error.message.startswith("bad plan: ")
     assert "bytes, more than any plan within this model's" in res[1].error.message
     assert all(r.error.code == 400 and "not a valid robustgate.v1.ProbeItem" in r.error.message for r in res[2:4])
