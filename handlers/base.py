@@ -353,7 +353,7 @@ class ProbeHandler(BaseHandler):
         limit = self.settings.max_batch_items
         buf = memoryview(raw)  # TorchServe's max_request_size has bounded the bytes already
         plan_bound = probe.max_plan_bytes(self.settings.max_variants)
-        item_bound = self.card.spec.max_bytes + 1024 + plan_bound  # decode_tensor's bound, and a plan
+        item_bound = self.card.spec.max_bytes + 1024 + plan_bound + 16  # decode_tensor's bound, a plan, 2 headers
         try:
             spans = wire.batch_items(buf, limit, plan_bound)
         except wire.WireError:

@@ -274,7 +274,7 @@ def test_a_stop_leaves_the_run_dir_to_a_start_that_took_it_over(tmp_path: Path) 
 
     t = threading.Thread(target=next_start)
     t.start()
-    holding.wait()
+    assert holding.wait(10)
     gone.stop()
     t.join()
     assert (staged / "fmnist-cnn-onnx.mar").exists() and (tmp_path / serve.STATE_FILE).exists()
