@@ -652,6 +652,23 @@ def test_gate_logic_smoke(default_store: Path, tmp_path: Path) -> None:
     assert f"{report['gated_answer_over_off']:.2f}×" in md
 
 
+def test_batch_parse_smoke(default_store: Path, tmp_path: Path) -> None:
+    """The handler's ProbeBatch parse, walked item by item against whole, and a hostile batch."""
+    report = _run("benchmarks.batch_parse", tmp_path, 300)
+    assert [(r["batch"], r["items"]) for r in report["rows"]] == [
+        ("1 item", 1), ("8 items", 8), ("32 items", 32), ("256 items", 256), ("0.25 MiB of empty items", 0)]
+    for r in report["rows"]:
+        assert r["whole_p50_us"] > 0 and r["walked_p50_us"] > 0 and r["calls"] >= 2, r
+        low, high = r["interval"]
+        assert 0 <= low <= round(r["walked_over_whole"], 3) <= high, r
+    assert report["rows"][1]["bytes"] > 8 * 784  # each item a whole 28x28 tensor and its plan
+    # 131,072 empty items built by the whole parse; the walk stops at the 257th
+    assert report["rows"][-1]["walked_over_whole"] < 0.5, report["rows"][-1]
+    md = (tmp_path / "batch_parse-smoke.md").read_text()
+    first = report["rows"][0]
+    assert f"| 1 item | {first['bytes']:,} | {first['whole_p50_us']:.1f} | {first['walked_p50_us']:.1f} |" in md
+
+
 def test_gateway_ab_smoke(default_store: Path, tmp_path: Path) -> None:
     """Two gateways, HEAD's tree and this checkout, in turns in front of one TorchServe."""
     report = _run("benchmarks.gateway_ab", tmp_path, 300, "--against", "HEAD")
