@@ -317,6 +317,7 @@ def _watch(pgid: int, run_dir: str) -> None:
     program's, which a bare "a group with this id lives" would have stopped."""
     if sys.stdin.buffer.read(1) != _STAND_DOWN and _alive(pgid, Path(run_dir)):
         _stop_group(pgid, timeout=30.0)
+        _tidy(Path(run_dir), pgid)  # no key file (every token) left behind a killed owner
 
 
 def _stop_group(pgid: int, timeout: float, resend_s: float = 1.0) -> None:
@@ -468,14 +469,7 @@ class TorchServe:
                 self.process.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
-        run_dir = Path(self.settings.run_dir)
-        with _tidy_lock(run_dir) as locked:  # no start stages copies or writes its state meanwhile
-            if _state_pid(run_dir) in (None, self.pid):
-                for name in (KEY_FILE, STATE_FILE):
-                    (run_dir / name).unlink(missing_ok=True)
-                staged = run_dir / STAGED_ARCHIVES
-                if locked and staged.is_dir() and not staged.is_symlink():
-                    shutil.rmtree(staged, ignore_errors=True)
+        _tidy(Path(self.settings.run_dir), self.pid)
         if self.lifeline is not None:  # stopped in order: stand the watchdog down
             with contextlib.suppress(OSError):
                 os.write(self.lifeline, _STAND_DOWN)
@@ -570,6 +564,19 @@ def _start_lock(run_dir: Path) -> Iterator[None]:
 
 
 _held = threading.local()  # the run dirs whose start lock this thread holds
+
+
+def _tidy(run_dir: Path, pid: int) -> None:
+    """Remove the key file, the state file and the archive copies of the stopped TorchServe
+    ``pid`` from ``run_dir``, unless the state file names another TorchServe by now (a start on
+    the run dir, once that one was gone: its files are that one's)."""
+    with _tidy_lock(run_dir) as locked:  # no start stages copies or writes its state meanwhile
+        if _state_pid(run_dir) in (None, pid):
+            for name in (KEY_FILE, STATE_FILE):
+                (run_dir / name).unlink(missing_ok=True)
+            staged = run_dir / STAGED_ARCHIVES
+            if locked and staged.is_dir() and not staged.is_symlink():
+                shutil.rmtree(staged, ignore_errors=True)
 
 
 @contextlib.contextmanager

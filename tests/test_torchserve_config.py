@@ -364,7 +364,8 @@ def test_a_second_start_on_a_run_dir_waits_for_the_first_to_name_what_it_started
 @pytest.mark.slow
 def test_a_caller_killed_by_sigkill_leaves_no_torchserve(tiny_store: Path, tmp_path: Path) -> None:
     """A test run or benchmark killed outright (CI's timeout, an OOM kill) runs no clean-up:
-    the watchdog started with TorchServe stops it then."""
+    the watchdog started with TorchServe stops it then, and tidies the run dir as a stop
+    does (the key file holds every token)."""
     script = (
         "import sys, time\n"
         "from pathlib import Path\n"
@@ -384,6 +385,10 @@ def test_a_caller_killed_by_sigkill_leaves_no_torchserve(tiny_store: Path, tmp_p
         deadline = time.monotonic() + 45
         while serve._group_alive(pgid):
             assert time.monotonic() < deadline, "TorchServe outlived its killed caller"
+            time.sleep(0.2)
+        tidy = [tmp_path / "run" / n for n in (serve.KEY_FILE, serve.STATE_FILE, serve.STAGED_ARCHIVES)]
+        while any(p.exists() for p in tidy):
+            assert time.monotonic() < deadline, [p.name for p in tidy if p.exists()]
             time.sleep(0.2)
     finally:
         caller.kill()
