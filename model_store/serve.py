@@ -315,9 +315,12 @@ def _watch(pgid: int, run_dir: str) -> None:
     TorchServe's from ``run_dir`` (:func:`_alive`): Linux hands out no pid that is the id of an
     existing group, but once TorchServe's group has gone (it crashed) its id may lead another
     program's, which a bare "a group with this id lives" would have stopped."""
-    if sys.stdin.buffer.read(1) != _STAND_DOWN and _alive(pgid, Path(run_dir)):
-        _stop_group(pgid, timeout=30.0)
-        _tidy(Path(run_dir), pgid)  # no key file (every token) left behind a killed owner
+    if sys.stdin.buffer.read(1) != _STAND_DOWN:
+        if _alive(pgid, Path(run_dir)):
+            _stop_group(pgid, timeout=30.0)
+        # no key file (every token) left behind a killed owner, even where TorchServe died
+        # first; only under the lock, since nothing waits on the watchdog
+        _tidy(Path(run_dir), pgid, need_lock=True)
 
 
 def _stop_group(pgid: int, timeout: float, resend_s: float = 1.0) -> None:
@@ -566,17 +569,20 @@ def _start_lock(run_dir: Path) -> Iterator[None]:
 _held = threading.local()  # the run dirs whose start lock this thread holds
 
 
-def _tidy(run_dir: Path, pid: int) -> None:
+def _tidy(run_dir: Path, pid: int, need_lock: bool = False) -> None:
     """Remove the key file, the state file and the archive copies of the stopped TorchServe
     ``pid`` from ``run_dir``, unless the state file names another TorchServe by now (a start on
-    the run dir, once that one was gone: its files are that one's)."""
+    the run dir, once that one was gone: its files are that one's). Without the start lock
+    (:func:`_tidy_lock`) the copies stay, and with ``need_lock`` everything does."""
     with _tidy_lock(run_dir) as locked:  # no start stages copies or writes its state meanwhile
-        if _state_pid(run_dir) in (None, pid):
-            for name in (KEY_FILE, STATE_FILE):
+        if (need_lock and not locked) or _state_pid(run_dir) not in (None, pid):
+            return
+        for name in (KEY_FILE, STATE_FILE):
+            with contextlib.suppress(OSError):  # one that cannot go keeps none of the others
                 (run_dir / name).unlink(missing_ok=True)
-            staged = run_dir / STAGED_ARCHIVES
-            if locked and staged.is_dir() and not staged.is_symlink():
-                shutil.rmtree(staged, ignore_errors=True)
+        staged = run_dir / STAGED_ARCHIVES
+        if locked and staged.is_dir() and not staged.is_symlink():
+            shutil.rmtree(staged, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -668,6 +674,9 @@ def _launch(settings: ServeSettings, run_dir: Path, names: list[str], outlive_ca
     (run_dir / "logs").mkdir(mode=0o700, exist_ok=True)
     (run_dir / "tmp").mkdir(mode=0o700, exist_ok=True)
     (run_dir / KEY_FILE).unlink(missing_ok=True)
+    # A state file naming nothing that runs (attach): a run whose owner died before its
+    # TorchServe's state was written would hide this one's from its watchdog's tidy.
+    (run_dir / STATE_FILE).unlink(missing_ok=True)
     # The launcher's pid file from a run that ended without `stop` (TMPDIR below): nothing
     # runs from this run dir (attach), but were its pid now another TorchServe's JVM, the
     # launcher would refuse to start ("already running").

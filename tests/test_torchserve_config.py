@@ -286,6 +286,55 @@ def test_a_stop_leaves_the_run_dir_to_a_start_that_took_it_over(tmp_path: Path) 
     assert not staged.exists()
 
 
+def test_a_tidy_without_the_lock_keeps_the_copies_and_the_watchdogs_keeps_all(tmp_path: Path, monkeypatch) -> None:
+    """A start stuck holding the run dir's lock: stop's tidy (someone waits on it) gives up
+    after START_LOCK_WAIT_S and removes the key and state files, not the copies; the
+    watchdog's (nobody waits on it) removes nothing without the lock."""
+    monkeypatch.setattr(serve, "START_LOCK_WAIT_S", 0.2)
+    files = [tmp_path / serve.KEY_FILE, tmp_path / serve.STATE_FILE, tmp_path / serve.STAGED_ARCHIVES / "m.mar"]
+    files[2].parent.mkdir()
+    for f in files:
+        f.write_text(json.dumps({"pid": 4321}))
+    fd = os.open(tmp_path / serve.START_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # the stuck start
+        serve._tidy(tmp_path, 4321, need_lock=True)
+        assert all(f.exists() for f in files)
+        serve._tidy(tmp_path, 4321)
+        assert [f.exists() for f in files] == [False, False, True]
+    finally:
+        os.close(fd)
+    serve._tidy(tmp_path, 4321, need_lock=True)
+    assert not files[2].parent.exists()
+
+
+def test_a_stale_state_file_does_not_keep_a_failed_starts_files(tiny_store: Path, tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    """A state file naming nothing that runs (its owner killed before it stopped, or before
+    its own state was written) is removed as a start begins: it hid the new TorchServe's key
+    file and copies from the tidy of a start that failed (here: its state could not be
+    written) and from the watchdog's."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    (run_dir / serve.STATE_FILE).write_text(json.dumps({"pid": ended.pid, "models": [], "settings": {
+        "store": str(tiny_store), "run_dir": str(run_dir), "models": []}}))
+    replace = os.replace
+
+    def no_room_for_state(src, dst):
+        if Path(dst).name == serve.STATE_FILE:
+            raise OSError(28, "No space left on device")
+        return replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", no_room_for_state)
+    with pytest.raises(OSError, match="No space left"):
+        serve.start(serve.ServeSettings.on_free_ports(store=tiny_store, run_dir=run_dir, models=("fmnist-cnn-onnx",)))
+    monkeypatch.undo()
+    left = [n for n in (serve.KEY_FILE, serve.STATE_FILE, serve.STAGED_ARCHIVES) if (run_dir / n).exists()]
+    assert not left
+
+
 def test_a_run_dir_overlapping_the_store_is_refused(tiny_store: Path, tmp_path: Path) -> None:
     """The run dir gets TorchServe's files and a copy of each served archive in ``archives/``,
     clearing what else is there: a run dir that is the store (or in it, or holds it as its
@@ -362,10 +411,11 @@ def test_a_second_start_on_a_run_dir_waits_for_the_first_to_name_what_it_started
 
 
 @pytest.mark.slow
-def test_a_caller_killed_by_sigkill_leaves_no_torchserve(tiny_store: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("first", ["caller", "torchserve"])
+def test_a_caller_killed_by_sigkill_leaves_no_torchserve(tiny_store: Path, tmp_path: Path, first: str) -> None:
     """A test run or benchmark killed outright (CI's timeout, an OOM kill) runs no clean-up:
     the watchdog started with TorchServe stops it then, and tidies the run dir as a stop
-    does (the key file holds every token)."""
+    does (the key file holds every token), also where TorchServe had died before."""
     script = (
         "import sys, time\n"
         "from pathlib import Path\n"
@@ -373,6 +423,7 @@ def test_a_caller_killed_by_sigkill_leaves_no_torchserve(tiny_store: Path, tmp_p
         "ts = serve.start(serve.ServeSettings.on_free_ports(store=Path(sys.argv[1]), run_dir=Path(sys.argv[2]),\n"
         "                                                   models=('fmnist-cnn-onnx',)))\n"
         "print(ts.pid, flush=True)\n"
+        "ts.process.wait()\n"  # reaps a launcher killed first
         "time.sleep(600)\n"
     )
     caller = subprocess.Popen([sys.executable, "-c", script, str(tiny_store), str(tmp_path / "run")],
@@ -380,6 +431,12 @@ def test_a_caller_killed_by_sigkill_leaves_no_torchserve(tiny_store: Path, tmp_p
     try:
         pgid = int(caller.stdout.readline())
         assert serve._group_alive(pgid)
+        if first == "torchserve":  # gone before its caller: the watchdog has nothing to stop
+            os.killpg(pgid, signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while serve._group_alive(pgid):
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
         caller.kill()
         caller.wait(10)
         deadline = time.monotonic() + 45
@@ -406,9 +463,15 @@ def test_a_torchserve_stopped_in_order_stands_its_watchdog_down(tmp_path: Path) 
         return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *marks],
                                 cwd=tmp_path, start_new_session=True)
 
+    def cmdline(p: psutil.Process) -> list[str]:
+        try:
+            return p.cmdline()
+        except psutil.Error:  # a child gone, or a zombie another test left
+            return []
+
     def watchdog_of(pid: int) -> psutil.Process:  # the session's TorchServe has a watchdog of its own
         return next(p for p in psutil.Process().children()
-                    if "_watch" in " ".join(p.cmdline()) and str(pid) in p.cmdline())
+                    if "_watch" in " ".join(cmdline(p)) and str(pid) in cmdline(p))
 
     launcher, other = sleeper("ts.model_server"), sleeper()  # TorchServe's launcher, as _alive knows it
     try:
