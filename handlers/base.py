@@ -39,7 +39,7 @@ from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 
 from handlers import limits, probe, wire
-from handlers.decode import CHANNELS, InputError, InputSpec, decode_image, decode_tensor, tensor_array
+from handlers.decode import CHANNELS, InputError, InputSpec, decode_image, decode_tensor, max_tensor_bytes, tensor_array
 from robustgate.v1 import probe_pb2
 
 logger = logging.getLogger(__name__)
@@ -353,7 +353,7 @@ class ProbeHandler(BaseHandler):
         limit = self.settings.max_batch_items
         buf = memoryview(raw)  # TorchServe's max_request_size has bounded the bytes already
         plan_bound = probe.max_plan_bytes(self.settings.max_variants)
-        item_bound = self.card.spec.max_bytes + 1024 + plan_bound + 16  # decode_tensor's bound, a plan, 2 headers
+        item_bound = max_tensor_bytes(self.card.spec) + plan_bound + 16  # a tensor, a plan, their 2 headers
         try:
             spans = wire.batch_items(buf, limit, plan_bound)
         except wire.WireError:
@@ -366,7 +366,7 @@ class ProbeHandler(BaseHandler):
         rows = 0
         for span in spans:
             try:
-                if span.end - span.start > item_bound:  # a tensor's shape parses to 8 B a byte sent
+                if span.end - span.start > item_bound:
                     raise InputError(f"batch item is {span.end - span.start:,} bytes; the limit is {item_bound:,} "
                                      f"(a tensor of at most {self.card.spec.max_bytes:,} bytes and a plan)")
                 if span.malformed:

@@ -422,9 +422,16 @@ def shape_text(shape: Sequence[int]) -> str:
     return f"[{', '.join(str(int(d)) for d in shape[:3])}, ...] ({len(shape)} dimensions)"
 
 
+def max_tensor_bytes(spec: InputSpec) -> int:
+    """The most bytes a serialized ``robustgate.v1.Tensor`` may take: ``max_bytes`` of data and
+    1 KiB for its shape and dtype. Checked before it is parsed (a repeated ``shape`` parses to
+    8 bytes for each byte sent), alone and inside a batch item."""
+    return spec.max_bytes + 1024
+
+
 def decode_tensor(raw: bytes, spec: InputSpec) -> np.ndarray:
     """Serialized ``robustgate.v1.Tensor`` -> ``[C, H, W]``: uint8 as sent, or float32 in [0, 1]."""
-    if len(raw) > spec.max_bytes + 1024:
+    if len(raw) > max_tensor_bytes(spec):
         raise InputError(f"tensor is {len(raw)} bytes; the limit is {spec.max_bytes}")
     try:
         t = probe_pb2.Tensor.FromString(raw)

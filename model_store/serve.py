@@ -543,7 +543,12 @@ def _start_lock(run_dir: Path) -> Iterator[None]:
     running (:func:`attach`) and launch two TorchServes, the second's state file hiding the
     first from ``stop``. The second waits here, then finds the first's state. The lock is an
     ``flock`` on a file of the run dir, released when its holder ends, however it ends, and
-    not inherited by TorchServe (close-on-exec)."""
+    not inherited by TorchServe (close-on-exec). Within the thread that holds it (a start that
+    fails stops what it started, which tidies under this lock) it is held already."""
+    held = _held.__dict__.setdefault("run_dirs", set())
+    if run_dir in held:
+        yield
+        return
     fd = os.open(run_dir / START_LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         deadline = time.monotonic() + START_LOCK_WAIT_S
@@ -556,7 +561,6 @@ def _start_lock(run_dir: Path) -> Iterator[None]:
                     raise ServeError(f"another start on {run_dir} has held it for "
                                      f"{START_LOCK_WAIT_S:g} s; is that one stuck?") from None
                 time.sleep(0.05)
-        held = _held.__dict__.setdefault("run_dirs", set())
         held.add(run_dir)
         try:
             yield
@@ -589,12 +593,9 @@ def _tidy(run_dir: Path, pid: int, need_lock: bool = False) -> None:
 def _tidy_lock(run_dir: Path) -> Iterator[bool]:
     """Hold the run dir's start lock while ``stop`` tidies it: a start staging its copies or
     launching is waited for, and once its state file names its own TorchServe, that one's files
-    stay. True when held, by this thread's own start too (a start that fails stops what it
-    started); False where it cannot be had (the run dir gone, or a start stuck holding it):
-    then the key and state files are tidied as before and the copies left."""
-    if run_dir in getattr(_held, "run_dirs", ()):
-        yield True
-        return
+    stay. True when held (by this thread's own start too); False where it cannot be had (the
+    run dir gone, or a start stuck holding it): then the key and state files are tidied as
+    before and the copies left."""
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(_start_lock(run_dir))
