@@ -1,6 +1,7 @@
 """The handler's parse of a coalesced ``ProbeBatch``: walked on the wire and parsed item by
-item (``handlers/wire.py``, what ``ProbeHandler.parse_batch`` does) against one parse of the
-whole batch (what it did before), side by side in one process.
+item (``handlers.base.batch_items``, the code ``ProbeHandler.parse_batch`` runs, with its
+bounds and messages) against one parse of the whole batch (what it did before), side by
+side in one process.
 
     python -m benchmarks.batch_parse            # ~2 min
     python -m benchmarks.batch_parse --smoke    # seconds (the test suite runs this)
@@ -23,7 +24,8 @@ from collections.abc import Callable
 
 from benchmarks.report import invocation, parser, report_stem, run_facts, write_report
 from benchmarks.serving import INTERVAL_NOTE, ab_in_turns
-from handlers import wire
+from handlers.base import HandlerSettings, batch_items, read_card
+from handlers.decode import InputError, InputSpec
 from robustgate.v1 import probe_pb2
 
 WHOLE, WALKED = "parsed whole", "walked, item by item"
@@ -33,11 +35,11 @@ def parse_whole(buf: bytes) -> list:
     return [(it.tensor, it.plan) for it in probe_pb2.ProbeBatch.FromString(buf).items]
 
 
-def parse_walked(buf: bytes, max_items: int, plan_bound: int) -> list:
-    view = memoryview(buf)
+def parse_walked(buf: bytes, spec: InputSpec, settings: HandlerSettings) -> list:
     out = []
-    for span in wire.batch_items(view, max_items, plan_bound):
-        it = probe_pb2.ProbeItem.FromString(view[span.start:span.end])
+    for it in batch_items(buf, spec, settings):
+        if isinstance(it, InputError):  # every item here is valid: a refusal is a fault in the benchmark
+            raise it
         out.append((it.tensor, it.plan))
     return out
 
@@ -47,11 +49,14 @@ def label(n: int) -> str:
 
 
 def refused(call: Callable[[], object]) -> Callable[[int], object]:
-    """A row whose every call ends in the walk's refusal (what the handler answers)."""
+    """A row whose every call ends in the walk's refusal of the item count (what the handler
+    answers); any other refusal is a fault in the benchmark."""
     def run(i: int) -> object:
         try:
             return call()
-        except wire.TooManyItems as e:
+        except InputError as e:
+            if not e.message.startswith("batch has more than"):
+                raise
             return e
     return run
 
@@ -70,7 +75,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
 
-    from handlers import limits, probe
     from model_store import data
     from service.gate.cascade import GateRun
     from service.gate.policy_io import policy_from_dict
@@ -83,17 +87,18 @@ def main(argv: list[str] | None = None) -> int:
         plan = spec_to_proto(GateRun.start(policy, request_seed(0, im), certify=False).next_plan())
         tensor = probe_pb2.Tensor(shape=list(im.shape), dtype="uint8", data=np.ascontiguousarray(im).tobytes())
         items.append(probe_pb2.ProbeItem(tensor=tensor, plan=plan))
-    max_items, plan_bound = limits.MAX_BATCH_ITEMS, probe.max_plan_bytes(limits.MAX_VARIANTS)
+    settings = HandlerSettings()  # the shipped limits (256 items)
+    spec = read_card(str(args.store / args.model / "card.json"), settings).spec
     batches = {n: probe_pb2.ProbeBatch(items=items[:n]).SerializeToString() for n in args.items}
     calls: dict[str, Callable[[int], object]] = {}
     for n, buf in batches.items():
-        assert parse_whole(buf) == parse_walked(buf, max_items, plan_bound)  # the same items
+        assert parse_whole(buf) == parse_walked(buf, spec, settings)  # the same items
         calls[f"{label(n)}, {WHOLE}"] = lambda i, b=buf: parse_whole(b)
-        calls[f"{label(n)}, {WALKED}"] = lambda i, b=buf: parse_walked(b, max_items, plan_bound)
+        calls[f"{label(n)}, {WALKED}"] = lambda i, b=buf: parse_walked(b, spec, settings)
     hostile = b"\x0a\x00" * int(args.hostile_mib * (1 << 19))
     hostile_name = f"{args.hostile_mib:g} MiB of empty items"
     calls[f"{hostile_name}, {WHOLE}"] = lambda i: len(probe_pb2.ProbeBatch.FromString(hostile).items)
-    calls[f"{hostile_name}, {WALKED}"] = refused(lambda: parse_walked(hostile, max_items, plan_bound))
+    calls[f"{hostile_name}, {WALKED}"] = refused(lambda: parse_walked(hostile, spec, settings))
     for c in calls.values():
         for i in range(2 if args.smoke else 20):
             c(i)

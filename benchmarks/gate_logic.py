@@ -35,7 +35,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks.report import parser, report_stem, run_facts, write_report
+from benchmarks.report import invocation, parser, report_stem, run_facts, write_report
 from benchmarks.serving import INTERVAL_NOTE, AfterIdle
 
 
@@ -156,8 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                             for ms, prefix in idle.items()],
              "calls": measured[n].calls + sum(measured[prefix + n].calls for prefix in idle.values())}
             for n in base]
-    report = {**run_facts(f"python -m benchmarks.gate_logic --images {args.images} "
-                                  f"--idle-ms {' '.join(f'{ms:g}' for ms in args.idle_ms)}"), "model": args.model,
+    report = {**run_facts(invocation("benchmarks.gate_logic", argv)), "model": args.model,
               "policy": served.policy.version, "images": args.images, "turns": args.turns, "turn_s": args.turn_s,
               "idle_ms": args.idle_ms, "rows": rows,
               "gated_answer_over_off": ratio["answer, gated (cascade)"],

@@ -30,7 +30,8 @@ import logging
 import os
 import time
 from dataclasses import dataclass, fields
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -43,6 +44,7 @@ from handlers.decode import CHANNELS, InputError, InputSpec, decode_image, decod
 from robustgate.v1 import probe_pb2
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 IMAGE_KEYS = ("data", "body")  # "body" is what TorchServe's REST API names a raw body
 TENSOR_KEY = "tensor"
@@ -121,6 +123,67 @@ class Request:
 class BatchRefused(InputError):
     """A ProbeBatch refused whole (it does not parse, or is over a limit): answered as a
     ProbeBatchResult of this one error, the message its caller reads, not as a ProbeResult."""
+
+
+def check_plan_bytes(n: int, max_variants: int) -> None:
+    """Refuse a plan of ``n`` bytes before it is parsed, since parsing is what costs
+    (:func:`probe.max_plan_bytes`)."""
+    bound = probe.max_plan_bytes(max_variants)
+    if n > bound:
+        raise InputError(f"{BAD_PLAN}: {n:,} bytes, more than any plan within this model's "
+                         f"{max_variants} variants takes ({bound:,})")
+
+
+def batch_items(raw: Any, spec: InputSpec, settings: HandlerSettings) -> list[probe_pb2.ProbeItem | InputError]:
+    """A serialized ``ProbeBatch`` -> each item parsed, or the error that item is answered
+    with; raises :class:`InputError` when the batch as a whole is unusable. The batch is walked
+    on the wire first (``handlers/wire.py``): its item count, each item's bytes (a tensor as a
+    lone request may send it, and a plan) and each item's plan bytes are bounded before
+    anything is parsed, then each item is parsed alone, so a malformed item fails alone."""
+    if not isinstance(raw, (bytes, bytearray)):
+        raise InputError("the batch must be sent as bytes of a serialized robustgate.v1.ProbeBatch")
+    limit = settings.max_batch_items
+    buf = memoryview(raw)  # TorchServe's max_request_size has bounded the bytes already
+    plan_bound = probe.max_plan_bytes(settings.max_variants)
+    item_bound = max_tensor_bytes(spec) + plan_bound + 16  # a tensor, a plan, their 2 headers
+    try:
+        spans = wire.batch_items(buf, limit, plan_bound)
+    except wire.WireError:
+        raise InputError("batch is not a valid robustgate.v1.ProbeBatch") from None
+    except wire.TooManyItems:
+        raise InputError(f"batch has more than {limit} items; the limit is {limit}") from None
+    if not spans:
+        raise InputError("batch has no items")
+    return [_one_item(lambda span=span: _parse_item(buf, span, spec, settings.max_variants, item_bound), "parsed")
+            for span in spans]
+
+
+def _parse_item(buf: memoryview, span: wire.ItemSpan, spec: InputSpec, max_variants: int,
+                item_bound: int) -> probe_pb2.ProbeItem:
+    """One walked item of a batch, bounded and parsed; raises :class:`InputError`."""
+    if span.end - span.start > item_bound:
+        raise InputError(f"batch item is {span.end - span.start:,} bytes; the limit is {item_bound:,} "
+                         f"(a tensor of at most {spec.max_bytes:,} bytes of data and a plan)")
+    if span.malformed:
+        raise InputError("batch item is not a valid robustgate.v1.ProbeItem")
+    if span.plan_bytes is not None:  # measured: the item is longer than the bound
+        check_plan_bytes(span.plan_bytes, max_variants)
+    try:
+        return probe_pb2.ProbeItem.FromString(buf[span.start:span.end])
+    except DecodeError:
+        raise InputError("batch item is not a valid robustgate.v1.ProbeItem") from None
+
+
+def _one_item(make: Callable[[], T], what: str) -> T | InputError:
+    """One batch item's outcome: what ``make`` returns, or the error that item is answered
+    with (its :class:`InputError`; anything unexpected fails that item only, as a 500)."""
+    try:
+        return make()
+    except InputError as e:
+        return e
+    except Exception:
+        logger.exception("batch item could not be %s", what)
+        return InputError("internal error", 500)
 
 
 # One TorchServe request as the handler sees it between its hooks: a single image (or its
@@ -335,7 +398,7 @@ class ProbeHandler(BaseHandler):
             raw_plan = row[PLAN_KEY]
             if not isinstance(raw_plan, (bytes, bytearray)):
                 raise InputError(f"{BAD_PLAN}: must be sent as bytes of a serialized robustgate.v1.ProbePlan")
-            self._check_plan_bytes(len(raw_plan))
+            check_plan_bytes(len(raw_plan), self.settings.max_variants)
             try:
                 plan = probe_pb2.ProbePlan.FromString(bytes(raw_plan))
             except DecodeError:
@@ -344,61 +407,25 @@ class ProbeHandler(BaseHandler):
 
     def parse_batch(self, raw: Any) -> list[Item]:
         """A ``batch`` input (serialized ``ProbeBatch``) -> one :class:`Request` or error per item;
-        raises :class:`InputError` when the batch as a whole is unusable. The batch is walked on
-        the wire first (``handlers/wire.py``): its item count, each item's bytes (a tensor as a
-        lone request may send it, and a plan) and each item's plan bytes are bounded before
-        anything is parsed, then each item is parsed alone."""
-        if not isinstance(raw, (bytes, bytearray)):
-            raise InputError("the batch must be sent as bytes of a serialized robustgate.v1.ProbeBatch")
-        limit = self.settings.max_batch_items
-        buf = memoryview(raw)  # TorchServe's max_request_size has bounded the bytes already
-        plan_bound = probe.max_plan_bytes(self.settings.max_variants)
-        item_bound = max_tensor_bytes(self.card.spec) + plan_bound + 16  # a tensor, a plan, their 2 headers
-        try:
-            spans = wire.batch_items(buf, limit, plan_bound)
-        except wire.WireError:
-            raise InputError("batch is not a valid robustgate.v1.ProbeBatch") from None
-        except wire.TooManyItems:
-            raise InputError(f"batch has more than {limit} items; the limit is {limit}") from None
-        if not spans:
-            raise InputError("batch has no items")
+        raises :class:`InputError` when the batch as a whole is unusable (:func:`batch_items`)."""
         items: list[Item] = []
         rows = 0
-        for span in spans:
-            try:
-                if span.end - span.start > item_bound:
-                    raise InputError(f"batch item is {span.end - span.start:,} bytes; the limit is {item_bound:,} "
-                                     f"(a tensor of at most {self.card.spec.max_bytes:,} bytes and a plan)")
-                if span.malformed:
-                    raise InputError("batch item is not a valid robustgate.v1.ProbeItem")
-                if span.plan_bytes is not None:  # measured: the item is longer than the bound
-                    self._check_plan_bytes(span.plan_bytes)
-                try:
-                    item = probe_pb2.ProbeItem.FromString(buf[span.start:span.end])
-                except DecodeError:
-                    raise InputError("batch item is not a valid robustgate.v1.ProbeItem") from None
-                if not item.HasField("tensor"):
-                    raise InputError("batch item has no tensor")
-                arr = tensor_array(item.tensor, self.card.spec)
-                req = self._request(arr, item.plan if item.HasField("plan") else None)
-                if rows + req.rows > self.settings.max_batch_rows:
-                    raise InputError(f"batch asks for more than {self.settings.max_batch_rows} rows; send fewer items", 413)
-                rows += req.rows
-                items.append(req)
-            except InputError as e:
-                items.append(e)
-            except Exception:  # one item's surprise fails that item only
-                logger.exception("batch item could not be decoded")
-                items.append(InputError("internal error", 500))
+        for item in batch_items(raw, self.card.spec, self.settings):
+            out = item if isinstance(item, InputError) else _one_item(lambda item=item: self._item_request(item), "decoded")
+            if isinstance(out, Request):
+                if rows + out.rows > self.settings.max_batch_rows:
+                    out = InputError(f"batch asks for more than {self.settings.max_batch_rows} rows; send fewer items", 413)
+                else:
+                    rows += out.rows
+            items.append(out)
         return items
 
-    def _check_plan_bytes(self, n: int) -> None:
-        """Refuse a plan of ``n`` bytes before it is parsed, since parsing is what costs
-        (:func:`probe.max_plan_bytes`)."""
-        bound = probe.max_plan_bytes(self.settings.max_variants)
-        if n > bound:
-            raise InputError(f"{BAD_PLAN}: {n:,} bytes, more than any plan within this model's "
-                             f"{self.settings.max_variants} variants takes ({bound:,})")
+    def _item_request(self, item: probe_pb2.ProbeItem) -> Request:
+        """A parsed batch item -> :class:`Request`; raises :class:`InputError`."""
+        if not item.HasField("tensor"):
+            raise InputError("batch item has no tensor")
+        arr = tensor_array(item.tensor, self.card.spec)
+        return self._request(arr, item.plan if item.HasField("plan") else None)
 
     def _request(self, arr: np.ndarray, plan: probe_pb2.ProbePlan | None) -> Request:
         try:

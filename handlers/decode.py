@@ -432,7 +432,8 @@ def max_tensor_bytes(spec: InputSpec) -> int:
 def decode_tensor(raw: bytes, spec: InputSpec) -> np.ndarray:
     """Serialized ``robustgate.v1.Tensor`` -> ``[C, H, W]``: uint8 as sent, or float32 in [0, 1]."""
     if len(raw) > max_tensor_bytes(spec):
-        raise InputError(f"tensor is {len(raw)} bytes; the limit is {spec.max_bytes}")
+        raise InputError(f"tensor is {len(raw):,} bytes; the limit is {max_tensor_bytes(spec):,} "
+                         f"({spec.max_bytes:,} bytes of data and 1 KiB for its shape and dtype)")
     try:
         t = probe_pb2.Tensor.FromString(raw)
     except Exception:  # protobuf raises DecodeError, or RuntimeWarning-like errors on garbage

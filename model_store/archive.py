@@ -62,6 +62,13 @@ def archive_name(model: str, fmt: str) -> str:
     return f"{model}-{fmt}"
 
 
+def split_archive_name(name: str) -> tuple[str, str]:
+    """``<model>-<format>`` -> (model, format), the inverse of :func:`archive_name`; the
+    format is what follows the last '-' (checked by the caller against :data:`FORMATS`)."""
+    model, _, fmt = name.rpartition("-")
+    return model, fmt
+
+
 def _copy_py_tree(src: Path, dst: Path) -> None:
     shutil.copytree(
         src, dst, ignore=lambda d, names: [n for n in names if n == "__pycache__" or n.endswith(".pyc")]

@@ -508,7 +508,7 @@ def start(settings: ServeSettings, wait: bool = True, outlive_caller: bool = Fal
     store = Path(settings.store).resolve()
     run_dir = Path(settings.run_dir).resolve()
     settings = ServeSettings(**{**settings.__dict__, "store": store, "run_dir": run_dir})
-    staged = run_dir / STAGED_ARCHIVES
+    staged = staged_archives(run_dir)
     if run_dir == store or store in run_dir.parents or staged == store or store in staged.parents:
         raise ServeError(f"the run dir {run_dir} and the model store {store} overlap: the run dir holds "
                          "TorchServe's files and copies of the archives, which would change the store "
@@ -516,7 +516,7 @@ def start(settings: ServeSettings, wait: bool = True, outlive_caller: bool = Fal
     verified = archive.verify_manifest(store)
     names = model_names(settings)
     for n in names:
-        if n.rpartition("-")[2] not in archive.FORMATS:
+        if archive.split_archive_name(n)[1] not in archive.FORMATS:
             raise archive.UnsafeArchive(f"archive {n}.mar is not named <model>-<format> ({', '.join(archive.FORMATS)})")
     run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new one: this user's alone
     ts: TorchServe | None = None
@@ -584,9 +584,8 @@ def _tidy(run_dir: Path, pid: int, need_lock: bool = False) -> None:
         for name in (KEY_FILE, STATE_FILE):
             with contextlib.suppress(OSError):  # one that cannot go keeps none of the others
                 (run_dir / name).unlink(missing_ok=True)
-        staged = run_dir / STAGED_ARCHIVES
-        if locked and staged.is_dir() and not staged.is_symlink():
-            shutil.rmtree(staged, ignore_errors=True)
+        if locked:
+            _remove_staged(run_dir)
 
 
 @contextlib.contextmanager
@@ -610,15 +609,29 @@ def _tidy_lock(run_dir: Path) -> Iterator[bool]:
 STAGED_ARCHIVES = "archives"
 
 
-def _stage_archives(store: Path, run_dir: Path, names: list[str], verified: dict[str, str]) -> Path:
+def staged_archives(run_dir: Path) -> Path:
+    """The folder of ``run_dir`` that holds the archive copies TorchServe serves."""
+    return Path(run_dir) / STAGED_ARCHIVES
+
+
+def _remove_staged(run_dir: Path) -> None:
+    """Remove the run dir's archive copies (a folder; a link or file in its place is left)."""
+    staged = staged_archives(run_dir)
+    if staged.is_dir() and not staged.is_symlink():
+        shutil.rmtree(staged, ignore_errors=True)
+
+
+def _stage_archives(settings: ServeSettings, run_dir: Path, names: list[str], verified: dict[str, str]) -> Path:
     """Copy the archives TorchServe is to serve from the store into the run dir, each hashed
     as it is copied against the manifest entry verified before, and check the copies: each is
     only plain files under relative names (:func:`archive.check_archive`; TorchServe unpacks
     it) and serves the model its card describes (:func:`archive.check_archive_model`).
     TorchServe reads the copies, so what it serves is what was checked: the store's file
     could be replaced between a check of it and TorchServe's read (a build finishing, say).
-    Returns the folder of copies; the run dir is this user's alone."""
-    staged = run_dir / STAGED_ARCHIVES
+    Returns the folder of copies; the run dir is this user's alone. Where one archive fails,
+    the folder goes: a start that fails leaves no copy of any."""
+    store = Path(settings.store)
+    staged = staged_archives(run_dir)
     if staged.is_symlink() or staged.is_file():
         staged.unlink()
     staged.mkdir(mode=0o700, exist_ok=True)
@@ -627,28 +640,26 @@ def _stage_archives(store: Path, run_dir: Path, names: list[str], verified: dict
         if old.name not in served or not old.is_file() or old.is_symlink():
             _remove(old)
     changed = "(it changed while TorchServe was being started: a build running?)"
-    for n in names:
-        rel, src, dst = f"archives/{n}.mar", store / "archives" / f"{n}.mar", staged / f"{n}.mar"
-        partial = staged / f".{n}.mar.partial"
-        try:
-            with src.open("rb") as f, open(partial, "wb", opener=_owner_only) as out:
-                digest = archive.sha256_stream(f, copy_to=out)
-        except FileNotFoundError:
-            partial.unlink(missing_ok=True)
-            raise archive.ManifestError(f"model store {store} failed verification: missing: {rel} {changed}") from None
-        except BaseException:  # a full disk, an interrupt: no half copy left
-            partial.unlink(missing_ok=True)
-            raise
-        if digest != verified.get(rel):
-            partial.unlink()
-            raise archive.ManifestError(f"model store {store} failed verification: sha256 mismatch: {rel} {changed}")
-        os.replace(partial, dst)
-        try:
-            archive.check_archive(dst)
-            archive.check_archive_model(dst, store / n.rpartition("-")[0])
-        except archive.UnsafeArchive as e:  # the copy was checked; a user rebuilds the store's file
-            dst.unlink()
-            raise archive.UnsafeArchive(str(e).replace(str(dst), str(src))) from None
+    try:  # a failure (a later archive refused, a full disk, an interrupt) leaves no copy, whole or partial
+        for n in names:
+            rel, src, dst = f"archives/{n}.mar", settings.archives / f"{n}.mar", staged / f"{n}.mar"
+            partial = staged / f".{n}.mar.partial"
+            try:
+                with src.open("rb") as f, open(partial, "wb", opener=_owner_only) as out:
+                    digest = archive.sha256_stream(f, copy_to=out)
+            except FileNotFoundError:
+                raise archive.ManifestError(f"model store {store} failed verification: missing: {rel} {changed}") from None
+            if digest != verified.get(rel):
+                raise archive.ManifestError(f"model store {store} failed verification: sha256 mismatch: {rel} {changed}")
+            os.replace(partial, dst)
+            try:
+                archive.check_archive(dst)
+                archive.check_archive_model(dst, store / archive.split_archive_name(n)[0])
+            except archive.UnsafeArchive as e:  # the copy was checked; a user rebuilds the store's file
+                raise archive.UnsafeArchive(str(e).replace(str(dst), str(src))) from None
+    except BaseException:
+        _remove_staged(run_dir)
+        raise
     return staged
 
 
@@ -671,7 +682,31 @@ def _launch(settings: ServeSettings, run_dir: Path, names: list[str], outlive_ca
     existing = attach(run_dir)
     if existing is not None:
         raise ServeError(f"TorchServe already runs from {run_dir} (pid {existing.pid}); stop it first")
-    staged = _stage_archives(Path(settings.store), run_dir, names, verified)
+    staged = _stage_archives(settings, run_dir, names, verified)
+    try:  # until TorchServe is started, a failure leaves no copy: nothing runs from this run dir (attach)
+        proc, offsets = _spawn(settings, run_dir, staged, names)
+    except BaseException:
+        _remove_staged(run_dir)
+        raise
+    ts = TorchServe(settings, names, proc.pid, proc, log_offsets=offsets)
+    try:  # from here on, a failure (a full disk, an interrupt) stops what was started
+        if not outlive_caller:
+            ts.lifeline = _lifeline(proc.pid, run_dir)
+        # whole or not at all: `stop` reads it to find what to stop
+        partial = run_dir / f".{STATE_FILE}.{proc.pid}"
+        partial.write_text(json.dumps(
+            {"pid": proc.pid, "models": names, "settings": _settings_to_json(settings)}, indent=2) + "\n")
+        os.replace(partial, run_dir / STATE_FILE)
+    except BaseException:
+        ts.stop()
+        raise
+    return ts
+
+
+def _spawn(settings: ServeSettings, run_dir: Path, staged: Path,
+           names: list[str]) -> tuple[subprocess.Popen, dict[Path, int]]:
+    """Start TorchServe on the archive copies in ``staged``: its run dir's folders and config,
+    and the process. Returns it with the sizes its log files had before it started."""
     (run_dir / "logs").mkdir(mode=0o700, exist_ok=True)
     (run_dir / "tmp").mkdir(mode=0o700, exist_ok=True)
     (run_dir / KEY_FILE).unlink(missing_ok=True)
@@ -706,19 +741,7 @@ def _launch(settings: ServeSettings, run_dir: Path, names: list[str], outlive_ca
         # makes it owner-only after; created owner-only, no other user can open it between
         proc = subprocess.Popen(cmd, cwd=run_dir, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True, umask=0o077)
-    ts = TorchServe(settings, names, proc.pid, proc, log_offsets=offsets)
-    try:  # from here on, a failure (a full disk, an interrupt) stops what was started
-        if not outlive_caller:
-            ts.lifeline = _lifeline(proc.pid, run_dir)
-        # whole or not at all: `stop` reads it to find what to stop
-        partial = run_dir / f".{STATE_FILE}.{proc.pid}"
-        partial.write_text(json.dumps(
-            {"pid": proc.pid, "models": names, "settings": _settings_to_json(settings)}, indent=2) + "\n")
-        os.replace(partial, run_dir / STATE_FILE)
-    except BaseException:
-        ts.stop()
-        raise
-    return ts
+    return proc, offsets
 
 
 def _state_pid(run_dir: Path) -> int | None:

@@ -401,7 +401,7 @@ def test_serve_and_the_gateway_refuse_an_unsafe_archive_the_manifest_lists(store
     assert serve.attach(tmp_path / "run") is None
     # the run dir's copy was checked; the message names the store's file, the one to rebuild
     assert str(mar) in str(err.value) and str(tmp_path / "run") not in str(err.value)
-    assert not list((tmp_path / "run" / serve.STAGED_ARCHIVES).iterdir())
+    assert not serve.staged_archives(tmp_path / "run").exists()  # no copy left
     with pytest.raises(PolicyMismatch, match="would unpack outside"):
         read_archive_limits(mar)
 

@@ -632,6 +632,7 @@ def test_expand_ab_smoke(default_store: Path, tmp_path: Path) -> None:
 def test_gate_logic_smoke(default_store: Path, tmp_path: Path) -> None:
     """The gateway's own work for the gate, in process, back to back and after idle."""
     report = _run("benchmarks.gate_logic", tmp_path, 300)
+    assert report["command"].startswith("python -m benchmarks.gate_logic --smoke --out ")  # what reproduces this run
     names = [r["row"] for r in report["rows"]]
     assert names == ["gate logic, cascade", "gate logic, every check", "answer, gated (cascade)", "answer, gate off"]
     passes = {r["row"]: r["passes"] for r in report["rows"]}

@@ -400,3 +400,42 @@ def test_a_probe_batch_is_bounded_before_it_is_parsed(tiny_store: Path, tmp_path
     assert res[1].error.code == 400 and res[1].error.message.startswith("bad plan: ")
     assert "bytes, more than any plan within this model's" in res[1].error.message
     assert all(r.error.code == 400 and "not a valid robustgate.v1.ProbeItem" in r.error.message for r in res[2:4])
+
+
+def test_a_surprise_in_one_batch_item_fails_that_item_only(tiny_store: Path, tmp_path: Path, images: np.ndarray,
+                                                           monkeypatch, caplog) -> None:
+    """A fault of ours while one item is parsed or decoded (not a bad input): that item is
+    answered 500 "internal error" (no internal message), logged with its traceback, and the
+    other items of the batch are served."""
+    from handlers import base
+
+    h, ctx = load_handler(tmp_path, tiny_store, "onnx")
+    batch = probe_pb2.ProbeBatch(items=[probe_pb2.ProbeItem(tensor=tensor(images[i])) for i in range(4)])
+    raw = batch.SerializeToString()
+    spans = base.wire.batch_items(memoryview(raw), 256, 1 << 20)
+    parse_item, tensor_array = base._parse_item, base.tensor_array
+
+    def parse_fails_on_the_second(buf, span, *args):
+        if span == spans[1]:
+            raise RuntimeError("parser fault: secret internals")
+        return parse_item(buf, span, *args)
+
+    decoded = []
+
+    def decode_fails_on_the_third(t, spec):
+        decoded.append(t)
+        if len(decoded) == 2:  # the second item that gets here: the batch's third
+            raise ValueError("decoder fault: secret internals")
+        return tensor_array(t, spec)
+
+    monkeypatch.setattr(base, "_parse_item", parse_fails_on_the_second)
+    monkeypatch.setattr(base, "tensor_array", decode_fails_on_the_third)
+    ctx.request_processor = [RequestProcessor({})]
+    with caplog.at_level(logging.ERROR, logger="handlers.base"):
+        res = probe_pb2.ProbeBatchResult.FromString(h.handle([{"batch": raw}], ctx)[0]).results
+    assert [r.rows for r in res] == [1, 0, 0, 1]
+    for r in res[1:3]:
+        assert (r.error.code, r.error.message) == (500, "internal error")
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+        "batch item could not be parsed", "batch item could not be decoded"]
+    assert "secret internals" in caplog.text  # the traceback is in the worker's log, not in the answer

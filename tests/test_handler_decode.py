@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from handlers.decode import InputError, InputSpec, decode_image, decode_tensor
+from handlers.decode import InputError, InputSpec, decode_image, decode_tensor, max_tensor_bytes
 from robustgate.v1 import probe_pb2
 
 SPEC = InputSpec(mode="L", h=28, w=28, max_bytes=64 << 10, max_pixels=1 << 20)
@@ -230,3 +230,21 @@ def test_bad_tensors_are_refused(grey: np.ndarray) -> None:
     refused(tensor(nan), "NaN", decode_tensor)
     refused(tensor(f * 2), r"\[0, 1\]", decode_tensor)
     refused(b"\xff\xff\xff", "not a valid", decode_tensor)
+
+
+def test_a_tensor_is_refused_past_its_byte_bound_and_told_that_bound() -> None:
+    """The bound is the data limit and 1 KiB for shape and dtype; the message names the bound
+    it checks, not only the data limit (a tensor between the two passed with a message that
+    said it could not)."""
+    bound = max_tensor_bytes(SPEC)
+    assert bound == SPEC.max_bytes + 1024
+
+    def sized(n: int) -> bytes:  # a serialized tensor of exactly n bytes (its data is the wrong length)
+        data = b"\0" * (n - 16)
+        while len(raw := tensor(np.zeros((28, 28), np.uint8), data=data)) != n:
+            data = data[: len(data) - (len(raw) - n)] if len(raw) > n else data + b"\0" * (n - len(raw))
+        return raw
+
+    refused(sized(bound), "tensor data is", decode_tensor)  # at the bound: checked further, not for its size
+    refused(sized(bound + 1), f"^tensor is {bound + 1:,} bytes; the limit is {bound:,} "
+            rf"\({SPEC.max_bytes:,} bytes of data and 1 KiB for its shape and dtype\)$", decode_tensor)

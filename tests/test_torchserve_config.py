@@ -200,7 +200,8 @@ def test_start_refuses_a_store_that_fails_its_manifest(tiny_store: Path, tmp_pat
 def test_an_archive_replaced_after_verification_is_refused(tiny_store: Path, tmp_path: Path,
                                                             monkeypatch) -> None:
     """The store's archive replaced between the manifest check and the copy TorchServe is to
-    read (a build finishing as a start runs): the copy's hash is not the verified one."""
+    read (a build finishing as a start runs): the copy's hash is not the verified one. The
+    start fails whole: the copy of the archive staged before it is removed too."""
     store = tmp_path / "store"
     shutil.copytree(tiny_store, store)
     mar = store / "archives" / "fmnist-cnn-onnx.mar"
@@ -215,9 +216,10 @@ def test_an_archive_replaced_after_verification_is_refused(tiny_store: Path, tmp
     run_dir = tmp_path / "run"
     with pytest.raises(archive.ManifestError, match="sha256 mismatch: archives/fmnist-cnn-onnx.mar "
                                                     r"\(it changed while TorchServe was being started"):
-        serve.start(serve.ServeSettings.on_free_ports(store=store, run_dir=run_dir, models=("fmnist-cnn-onnx",)))
+        serve.start(serve.ServeSettings.on_free_ports(store=store, run_dir=run_dir,
+                                                      models=("fmnist-cnn-torchscript", "fmnist-cnn-onnx")))
     assert serve.attach(run_dir) is None
-    assert not list((run_dir / serve.STAGED_ARCHIVES).iterdir())  # no copy, whole or partial, left
+    assert not serve.staged_archives(run_dir).exists()  # no copy, whole or partial, of either archive
 
 
 def test_torchserve_serves_the_copy_that_was_checked(tiny_store: Path, tmp_path: Path, monkeypatch) -> None:
@@ -687,3 +689,18 @@ def test_a_stop_leaves_the_files_of_a_torchserve_started_after_it(tmp_path: Path
     (tmp_path / serve.KEY_FILE).write_text("{}")  # no state file at all: the key goes too
     serve.TorchServe(settings, ["m"], gone.pid).stop()
     assert not (tmp_path / serve.KEY_FILE).exists()
+
+
+def test_a_start_whose_torchserve_cannot_be_started_leaves_no_copy(tiny_store: Path, tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    """The archives staged, then TorchServe's process cannot be started (no Java, a full
+    disk): the start fails with that error and the run dir keeps no archive copy."""
+    def no_java(*args, **kwargs):
+        raise FileNotFoundError("java")
+
+    monkeypatch.setattr(serve.subprocess, "Popen", no_java)
+    run_dir = tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match="java"):
+        serve.start(serve.ServeSettings.on_free_ports(store=tiny_store, run_dir=run_dir, models=("fmnist-cnn-onnx",)))
+    assert serve.attach(run_dir) is None
+    assert not serve.staged_archives(run_dir).exists()
