@@ -30,7 +30,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, fields
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import numpy as np
@@ -134,12 +134,14 @@ def check_plan_bytes(n: int, max_variants: int) -> None:
                          f"{max_variants} variants takes ({bound:,})")
 
 
-def batch_items(raw: Any, spec: InputSpec, settings: HandlerSettings) -> list[probe_pb2.ProbeItem | InputError]:
+def batch_items(raw: Any, spec: InputSpec, settings: HandlerSettings) -> Iterator[probe_pb2.ProbeItem | InputError]:
     """A serialized ``ProbeBatch`` -> each item parsed, or the error that item is answered
-    with; raises :class:`InputError` when the batch as a whole is unusable. The batch is walked
-    on the wire first (``handlers/wire.py``): its item count, each item's bytes (a tensor as a
-    lone request may send it, and a plan) and each item's plan bytes are bounded before
-    anything is parsed, then each item is parsed alone, so a malformed item fails alone."""
+    with; raises :class:`InputError` at once when the batch as a whole is unusable. The batch
+    is walked on the wire first (``handlers/wire.py``): its item count, each item's bytes (a
+    tensor as a lone request may send it, and a plan) and each item's plan bytes are bounded
+    before anything is parsed. Each item is then parsed alone, so a malformed item fails
+    alone, and only as the caller takes it: one parsed item is held at a time, not a second
+    copy of the whole batch."""
     if not isinstance(raw, (bytes, bytearray)):
         raise InputError("the batch must be sent as bytes of a serialized robustgate.v1.ProbeBatch")
     limit = settings.max_batch_items
@@ -154,8 +156,8 @@ def batch_items(raw: Any, spec: InputSpec, settings: HandlerSettings) -> list[pr
         raise InputError(f"batch has more than {limit} items; the limit is {limit}") from None
     if not spans:
         raise InputError("batch has no items")
-    return [_one_item(lambda span=span: _parse_item(buf, span, spec, settings.max_variants, item_bound), "parsed")
-            for span in spans]
+    return (_one_item(lambda span=span: _parse_item(buf, span, spec, settings.max_variants, item_bound), "parsed")
+            for span in spans)
 
 
 def _parse_item(buf: memoryview, span: wire.ItemSpan, spec: InputSpec, max_variants: int,

@@ -634,13 +634,13 @@ def _stage_archives(settings: ServeSettings, run_dir: Path, names: list[str], ve
     staged = staged_archives(run_dir)
     if staged.is_symlink() or staged.is_file():
         staged.unlink()
-    staged.mkdir(mode=0o700, exist_ok=True)
-    served = {f"{n}.mar" for n in names}
-    for old in staged.iterdir():  # a former start's: only what is served now stays
-        if old.name not in served or not old.is_file() or old.is_symlink():
-            _remove(old)
     changed = "(it changed while TorchServe was being started: a build running?)"
     try:  # a failure (a later archive refused, a full disk, an interrupt) leaves no copy, whole or partial
+        staged.mkdir(mode=0o700, exist_ok=True)
+        served = {f"{n}.mar" for n in names}
+        for old in staged.iterdir():  # a former start's: only what is served now stays
+            if old.name not in served or not old.is_file() or old.is_symlink():
+                _remove(old)
         for n in names:
             rel, src, dst = f"archives/{n}.mar", settings.archives / f"{n}.mar", staged / f"{n}.mar"
             partial = staged / f".{n}.mar.partial"

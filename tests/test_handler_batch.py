@@ -439,3 +439,27 @@ def test_a_surprise_in_one_batch_item_fails_that_item_only(tiny_store: Path, tmp
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
         "batch item could not be parsed", "batch item could not be decoded"]
     assert "secret internals" in caplog.text  # the traceback is in the worker's log, not in the answer
+
+
+def test_batch_items_refuses_a_batch_at_once_and_parses_its_items_as_they_are_taken(images: np.ndarray,
+                                                                                    monkeypatch) -> None:
+    """A batch refused whole raises when it is handed over, before any item is asked for; its
+    items are parsed one at a time as the caller takes them (all of them at once held a
+    second copy of a batch of up to 8 MiB)."""
+    from handlers import base
+    from handlers.decode import InputError, InputSpec
+
+    spec, settings = InputSpec(mode="L", h=28, w=28, max_bytes=1 << 20, max_pixels=1 << 22), HandlerSettings()
+    with pytest.raises(InputError, match="not a valid robustgate.v1.ProbeBatch"):
+        base.batch_items(b"\xff\xff", spec, settings)  # not iterated
+    with pytest.raises(InputError, match="no items"):
+        base.batch_items(b"", spec, settings)
+    parsed = []
+    parse_item = base._parse_item
+    monkeypatch.setattr(base, "_parse_item", lambda *args: parsed.append(args[1]) or parse_item(*args))
+    raw = probe_pb2.ProbeBatch(items=[probe_pb2.ProbeItem(tensor=tensor(images[i])) for i in range(3)])
+    items = base.batch_items(raw.SerializeToString(), spec, settings)
+    assert parsed == []
+    first = next(items)
+    assert len(parsed) == 1 and first.tensor.data == images[0].tobytes()
+    assert [it.tensor.data for it in items] == [images[1].tobytes(), images[2].tobytes()] and len(parsed) == 3
