@@ -223,7 +223,71 @@ def test_a_request_held_at_max_calls_keeps_its_deadline_and_is_not_sent() -> Non
 
     short, took, calls = run(main())
     assert isinstance(short, DeadlineExceeded) and took < 0.5  # not held until the call came back (1 s)
+    assert str(short) == "deadline exceeded while waiting for the backend"  # never sent: not the backend's delay
     assert calls == [1]
+
+
+def test_a_sent_call_past_its_callers_deadline_is_the_backends_delay_and_is_let_go() -> None:
+    """A lone request is sent at once; TorchServe takes longer than its deadline: the caller
+    hears that the backend did not answer, and the call, which nobody waits for now, is
+    cancelled at once (its slot free), not held until TorchServe answers."""
+    async def main():
+        backend = ScriptedBackend(delay_s=5.0)
+        c = Coalescer(backend, CoalesceConfig(max_batch=8, max_wait_ms=1, max_calls=1))
+        err = (await asyncio.gather(c.probe("m", image(2), None, 0.05), return_exceptions=True))[0]
+        await asyncio.sleep(0)  # the cancelled call's end runs
+        return err, list(backend.calls), dict(c._tasks), c._lanes[("m", "")].inflight
+
+    err, calls, tasks, inflight = run(main())
+    assert isinstance(err, DeadlineExceeded) and str(err) == "backend did not answer within the deadline"
+    assert calls == [1] and tasks == {} and inflight == 0
+
+
+class GatedBackend(ScriptedBackend):
+    """Notes each call as it arrives (its images' first values); answers once ``release`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__(delay_s=0.0)
+        self.release = asyncio.Event()
+        self.arrived: list[list[int]] = []
+
+    async def probe(self, model_name, image, plan, timeout_s, version=""):
+        self.arrived.append([int(image.flat[1])])
+        await self.release.wait()
+        return await super().probe(model_name, image, plan, timeout_s, version)
+
+    async def probe_batch(self, model_name, items, timeout_s, version=""):
+        self.arrived.append([int(im.flat[1]) for im, _ in items])
+        await self.release.wait()
+        return await super().probe_batch(model_name, items, timeout_s, version)
+
+
+def test_a_call_whose_callers_have_all_gone_frees_its_slot_for_the_requests_behind_it() -> None:
+    """At max_calls, a call every caller of which has gone (cancelled, out of time) held its
+    slot until TorchServe answered (up to the backend timeout), and the requests behind it,
+    which are waited for, were held at the limit until their deadlines ran out. It is
+    cancelled as its last caller leaves; a call with a caller left is not."""
+    async def main():
+        backend = GatedBackend()
+        c = Coalescer(backend, CoalesceConfig(max_batch=8, max_wait_ms=60_000, max_calls=1))
+        pair = [asyncio.ensure_future(c.probe("m", image(i), None, 60.0)) for i in (1, 2)]  # one call of two
+        await asyncio.sleep(0.01)
+        behind = asyncio.ensure_future(c.probe("m", image(3), None, 60.0))
+        await asyncio.sleep(0.01)
+        pair[0].cancel()  # one caller of the call in flight leaves: the other still waits for it
+        await asyncio.sleep(0.01)
+        one_left = [list(a) for a in backend.arrived]
+        pair[1].cancel()  # the last one leaves: the call goes, and the request behind it with its slot
+        await asyncio.sleep(0.01)
+        sent_behind = [list(a) for a in backend.arrived]
+        backend.release.set()
+        out = await asyncio.wait_for(behind, 5)
+        await asyncio.gather(*pair, return_exceptions=True)
+        return one_left, sent_behind, int(out.logits[0, 0])
+
+    one_left, sent_behind, answer = run(main())
+    assert one_left == [[1, 2]]  # held at max_calls behind the call one caller still waits for
+    assert sent_behind == [[1, 2], [3]] and answer == 3
 
 
 def test_plan_rows_counts_what_the_handler_runs_for_every_example_plan() -> None:
