@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import grpc
 
 from robustgate.v1 import classifier_pb2 as pb
 from service.client import Client, tls_credentials
-from service.settings import MAX_DURATION_S, read_token_file
+from service.settings import MAX_DURATION_S, MAX_REQUEST_ID_CHARS, read_token_file
 
 _DECISION = {pb.DECISION_PASS: "PASS", pb.DECISION_FLAG: "FLAG", pb.DECISION_REJECT: "REJECT",
              pb.DECISION_UNSPECIFIED: "-"}
@@ -68,6 +69,7 @@ def classify(client: Client, images: list[Path], model: str, top_k: int, timeout
                                      request_id=_request_id(images[0]), certify=certify)))
         return 0
     unread: list[Path] = []
+    sent: list[str] = []  # each request's id, in order: the stream answers in this order
 
     def requests() -> Iterator[pb.ClassifyRequest]:  # run by gRPC's thread as it sends
         for path in images:
@@ -77,7 +79,8 @@ def classify(client: Client, images: list[Path], model: str, top_k: int, timeout
                 unread.append(path)
                 print(f"{_request_id(path)}: error: cannot read: {e.strerror or e}", file=sys.stderr)
                 continue
-            yield Client.request(data, model, top_k=top_k, request_id=_request_id(path), version=version,
+            sent.append(_request_id(path))
+            yield Client.request(data, model, top_k=top_k, request_id=sent[-1], version=version,
                                  certify=certify)
 
     failed = 0
@@ -86,7 +89,8 @@ def classify(client: Client, images: list[Path], model: str, top_k: int, timeout
         if answer.WhichOneof("outcome") == "error":
             failed += 1
             code = _CODE_NAMES.get(answer.error.code, str(answer.error.code))
-            print(f"{answer.request_id}: error: {code}: {answer.error.message}", file=sys.stderr)
+            name = answer.request_id or (sent[k] if k < len(sent) else "?")  # an id it refused is not echoed
+            print(f"{name}: error: {code}: {answer.error.message}", file=sys.stderr)
             continue
         print(("\n" if k else "") + f"== {answer.request_id}\n" + render(answer.result))
     return 2 if failed or unread else 0
@@ -117,8 +121,14 @@ def _count(raw: str) -> int:
 
 def _request_id(path: Path) -> str:
     """A file's name as the request id: a name that is no UTF-8 (bytes the file system kept)
-    with those bytes escaped, which protobuf's strings refuse as they are."""
-    return os.fsencode(path.name).decode("utf-8", "backslashreplace")
+    with those bytes escaped, which protobuf's strings refuse as they are. Escaped, a name of
+    up to 255 bytes can pass the gateway's limit on ids: such a one is cut and told apart by
+    a hash of the whole name (the gateway would refuse the image for its name)."""
+    raw = os.fsencode(path.name)
+    name = raw.decode("utf-8", "backslashreplace")
+    if len(name) <= MAX_REQUEST_ID_CHARS:
+        return name
+    return f"{name[:MAX_REQUEST_ID_CHARS - 13]}~{hashlib.sha256(raw).hexdigest()[:12]}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,10 +12,7 @@ from service.pipeline import ClassifyInput, ClassifyResult, RawTensor, certify_a
 from service.registry import ServedModel
 from service.decode import ENCODINGS, TENSOR_DTYPES
 from service.errors import InvalidInput
-
-# A caller's id is echoed in its answer (twice on a stream: the envelope and the result): an
-# unbounded one could push an answer past the message limit and end a stream's later answers.
-MAX_REQUEST_ID_CHARS = 256
+from service.settings import MAX_REQUEST_ID_CHARS
 
 _DECISION = {Decision.PASS: pb.DECISION_PASS, Decision.FLAG: pb.DECISION_FLAG, Decision.REJECT: pb.DECISION_REJECT}
 

@@ -26,6 +26,9 @@ MAX_WORKERS = 64
 # OverflowError traceback, or left the health probe failing for good.
 MAX_MESSAGE_BYTES = 2**31 - 1
 MAX_DURATION_S = (2**31 - 1) // 1000
+# A caller's id is echoed in its answer (twice on a stream: the envelope and the result): an
+# unbounded one could push an answer past the message limit and end a stream's later answers.
+MAX_REQUEST_ID_CHARS = 256
 # A request's fields besides its image (a request id of at most 256 characters, up to 1 KiB in
 # UTF-8; the model's name and version; top_k, certify; protobuf's tags and lengths, a stream
 # item's wrapper): the image limit is the message limit less this, so an image at the limit

@@ -50,3 +50,32 @@ def test_classify_can_name_a_model_version() -> None:
         client._stub = SimpleNamespace(Classify=lambda req, timeout, metadata: req)  # type: ignore[assignment]
         sent = client.classify(b"png", "fmnist-cnn", version="2", certify=True)
     assert (sent.model, sent.version, sent.certify) == ("fmnist-cnn", "2", True)
+
+
+def test_the_cli_names_each_stream_answer_by_its_file_even_where_no_id_is_echoed(tmp_path, capsys) -> None:
+    """A stream answers in request order; an error answer for an id the gateway refused echoes
+    none, and was printed nameless (": error: ..."): it is named by its place. A name whose
+    escaped form passes the gateway's limit on ids is cut, and hashed to stay apart."""
+    import os
+
+    from robustgate.v1 import classifier_pb2 as pb
+    from service import cli
+    from service.settings import MAX_REQUEST_ID_CHARS
+
+    files = [tmp_path / n for n in ("a.png", "b.png", "c.png")]
+    for f in files:
+        f.write_bytes(b"\x89PNG")
+
+    class Answers:
+        def classify_stream(self, requests, timeout_s):
+            reqs = list(requests)
+            yield pb.ClassifyStreamResponse(request_id=reqs[0].request_id, result=pb.ClassifyResponse(model="m"))
+            yield pb.ClassifyStreamResponse(error=pb.StreamError(code=3, message="request_id is 300 characters"))
+            yield pb.ClassifyStreamResponse(request_id=reqs[2].request_id, error=pb.StreamError(code=3, message="bad"))
+
+    assert cli.classify(Answers(), files, "m", 0, 5.0) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["b.png: error: INVALID_ARGUMENT: request_id is 300 characters", "c.png: error: INVALID_ARGUMENT: bad"]
+    one, other = (cli._request_id(tmp_path / os.fsdecode(b"\xff" * 80 + tail)) for tail in (b".png", b".jpg"))
+    assert len(one) == len(other) == MAX_REQUEST_ID_CHARS and one != other
+    assert cli._request_id(tmp_path / os.fsdecode(b"\xff" * 63)) == "\\xff" * 63  # 252 characters: whole

@@ -644,6 +644,16 @@ def test_cli_classifies_one_image_or_several_over_one_stream(gateway: str, fmnis
                            capture_output=True, timeout=120)
     assert named.returncode == 0, named.stderr
     assert b"== shoe\\xff.png\n" in named.stdout
+    # escaped, a name of 84 bytes is 324 characters, past the gateway's 256 for an id: cut and
+    # told apart by a hash, not refused for its name
+    long_odd = Path(os.fsdecode(bytes(tmp_path) + b"/" + b"\xff" * 80 + b".png"))
+    long_odd.write_bytes(files[0].read_bytes())
+    cut = subprocess.run([sys.executable, "-m", "service.cli", "--address", gateway, "classify", long_odd, files[1]],
+                         capture_output=True, timeout=120)
+    assert cut.returncode == 0, cut.stderr
+    labels = [line[3:] for line in cut.stdout.splitlines() if line.startswith(b"== ")]
+    assert len(labels) == 2 and labels[1] == b"img1.png" and len(labels[0].decode()) == 256
+    assert labels[0].startswith(b"\\xff" * 60) and re.fullmatch(rb".*~[0-9a-f]{12}", labels[0])
     # `robustgate classify *.png | head`: the reader leaves before the answers are printed
     read, write = os.pipe()
     os.close(read)
