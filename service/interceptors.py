@@ -83,6 +83,9 @@ def _parse_checked(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMetho
                                                 handler.response_serializer)
 
 
+WRAPPED_PER_METHOD = 2  # handlers wrapped and kept for each method (ServerMetricsInterceptor)
+
+
 class ServerMetricsInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, registry: CollectorRegistry) -> None:
         labels = ["grpc_service", "grpc_method", "grpc_type"]
@@ -92,18 +95,23 @@ class ServerMetricsInterceptor(grpc.aio.ServerInterceptor):
         self.handling = Histogram("grpc_server_handling_seconds", "Time to complete an RPC.", labels,
                                   buckets=LATENCY_BUCKETS, registry=registry)
         self.msg_received = Counter("grpc_server_msg_received", "Stream messages received.", labels, registry=registry)
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._wrapped: dict[str, list[tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]]] = {}
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
         if handler is None:
             return None
-        # One wrapped handler per method, made at its first call: wrapping and the label
-        # lookups cost more per call than the counting itself.
-        hit = self._wrapped.get(details.method)
-        if hit is None or hit[0] is not handler:
-            hit = self._wrapped[details.method] = (handler, self._wrap(details.method, handler))
-        return hit[1]
+        # One wrapped handler per method and handler, made at its first call: wrapping and the
+        # label lookups cost more per call than the counting itself. A method answers with
+        # two handlers where a token is required (its own, and the refusal of callers without
+        # the token): the last WRAPPED_PER_METHOD are kept, so neither evicts the other.
+        kept = self._wrapped.setdefault(details.method, [])
+        for inner, outer in kept:
+            if inner is handler:
+                return outer
+        kept.append((handler, self._wrap(details.method, handler)))
+        del kept[:-WRAPPED_PER_METHOD]
+        return kept[-1][1]
 
     def _wrap(self, full_method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         _, service, method = full_method.split("/", 2) if full_method.count("/") == 2 else ("", "", full_method)

@@ -451,6 +451,9 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, token: str) -> None:
         self._expected = f"Bearer {token}".encode()
+        # each method's refusal, made once: a new handler per refused call cost its making,
+        # and the metrics interceptor outside this one wraps each handler it has not seen
+        self._refusals: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     def _allowed(self, details: grpc.HandlerCallDetails) -> bool:
         if details.method.startswith(OPEN_PREFIXES):
@@ -465,23 +468,32 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or self._allowed(details):
             return handler
+        hit = self._refusals.get(details.method)
+        if hit is None or hit[0] is not handler:
+            hit = self._refusals[details.method] = (handler, _refusal(handler))
+        return hit[1]
 
-        async def deny(request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
 
-        async def deny_stream(request_iterator, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
-            yield  # unreachable: abort raises; makes this an async generator
+async def _deny(request, context):
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
 
-        # No deserializer: a caller without the token has its bytes refused unread, so bytes
-        # that do not parse read UNAUTHENTICATED too, not INVALID_ARGUMENT.
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(deny, None, handler.response_serializer)
-        if handler.stream_stream is not None:
-            return grpc.stream_stream_rpc_method_handler(deny_stream, None, handler.response_serializer)
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(deny_stream, None, handler.response_serializer)
-        return grpc.stream_unary_rpc_method_handler(deny, None, handler.response_serializer)
+
+async def _deny_stream(request_iterator, context):
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+    yield  # unreachable: abort raises; makes this an async generator
+
+
+def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of ``handler``'s kind that answers UNAUTHENTICATED. No deserializer: a caller
+    without the token has its bytes refused unread, so bytes that do not parse read
+    UNAUTHENTICATED too, not INVALID_ARGUMENT."""
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(_deny, None, handler.response_serializer)
+    if handler.stream_stream is not None:
+        return grpc.stream_stream_rpc_method_handler(_deny_stream, None, handler.response_serializer)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(_deny_stream, None, handler.response_serializer)
+    return grpc.stream_unary_rpc_method_handler(_deny, None, handler.response_serializer)
 
 
 def auth_token(settings: Settings) -> str:

@@ -29,7 +29,13 @@ def test_each_method_is_wrapped_once_and_a_new_handler_anew() -> None:
     async def main() -> None:
         a, b = await wrapped(first), await wrapped(first)
         assert a is b and a is not first  # one wrapper for every call of the method
-        assert await wrapped(second) is not a  # the method's handler changed: wrapped anew
+        other = await wrapped(second)
+        assert other is not a  # another handler for the method (a token's refusal): its own wrapper
+        # the two alternate (callers with and without a token): neither evicts the other
+        assert await wrapped(first) is a and await wrapped(second) is other
+        third = grpc.unary_unary_rpc_method_handler(lambda req, ctx: None)
+        assert await wrapped(third) is not a  # the method's handler replaced: wrapped anew
+        assert len(icpt._wrapped[CHECK]) == 2  # the oldest let go: bounded however often it changes
         assert await wrapped(None) is None  # no such method: nothing to count
         stream = grpc.unary_stream_rpc_method_handler(lambda req, ctx: iter(()))  # synchronous
         assert await wrapped(stream, "/x.Sync/Watch") is stream  # left to grpc, which runs it in a thread
@@ -188,3 +194,30 @@ def test_a_streaming_request_that_does_not_parse_is_invalid_argument() -> None:
     assert out["watch ok"] == (health_pb2.HealthCheckResponse.SERVING,) and out["reflect ok"] == (2,)
     assert out["watch"] == (grpc.StatusCode.INVALID_ARGUMENT, "the Watch request does not parse")
     assert out["reflect"] == (grpc.StatusCode.INVALID_ARGUMENT, "a ServerReflectionInfo message does not parse")
+
+
+def test_a_token_refusal_is_one_handler_per_method() -> None:
+    """Callers without the token get the same refusal handler each call, not one made anew
+    (which the metrics interceptor outside would then wrap anew too), of the method's kind."""
+    from service.server import BearerTokenInterceptor
+
+    icpt = BearerTokenInterceptor("s3cret")
+    unary = grpc.unary_unary_rpc_method_handler(lambda req, ctx: None, response_serializer=bytes)
+    stream = grpc.stream_stream_rpc_method_handler(lambda it, ctx: iter(()), response_serializer=bytes)
+
+    async def handler(h, method: str, metadata=()):
+        async def continuation(details):
+            return h
+        return await icpt.intercept_service(continuation, SimpleNamespace(method=method, invocation_metadata=metadata))
+
+    async def main() -> None:
+        m, s = "/robustgate.v1.ClassifierService/Classify", "/robustgate.v1.ClassifierService/ClassifyStream"
+        refused = await handler(unary, m)
+        assert refused is not unary and refused.unary_unary is not None and refused.request_deserializer is None
+        assert await handler(unary, m, (("authorization", "Bearer nope"),)) is refused
+        assert await handler(unary, m, (("authorization", "Bearer s3cret"),)) is unary
+        refused_stream = await handler(stream, s)
+        assert refused_stream.stream_stream is not None and await handler(stream, s) is refused_stream
+        assert await handler(unary, "/grpc.health.v1.Health/Check") is unary  # open to all
+
+    asyncio.run(main())
