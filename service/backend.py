@@ -8,6 +8,7 @@ decoded image as a ``Tensor`` and an optional ``ProbePlan``; what comes back is 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -207,6 +208,9 @@ class TorchServeBackend:
                 resp = await self._stub.Predictions(req, timeout=deadline - time.monotonic(), metadata=self._metadata)
                 self._count(grpc.StatusCode.OK)
                 return resp
+            except asyncio.CancelledError:  # its caller left (or the server stops): counted, not lost
+                self._count(grpc.StatusCode.CANCELLED)
+                raise
             except grpc.aio.AioRpcError as e:
                 self._count(e.code())
                 if attempt or e.code() != grpc.StatusCode.PERMISSION_DENIED or self._key_file is None:

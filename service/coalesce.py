@@ -25,8 +25,9 @@ When a batch leaves (Nagle's algorithm with an idle bypass):
 Each caller keeps its own deadline: the call is sent with the latest of the batch's
 deadlines, a caller whose deadline passes first gets ``DeadlineExceeded`` alone, and a
 request whose deadline has already passed when its batch leaves is not sent. A call every
-caller of which has gone (out of time, cancelled) is cancelled, so it does not hold one of
-``max_calls`` for an answer nobody reads. A call that
+caller of which has gone keeps its place in ``max_calls`` until TorchServe answers (at most
+the latest of its deadlines): TorchServe runs a job whose call was cancelled all the same, so
+the requests behind it would only queue there behind it, in smaller calls. A call that
 TorchServe refuses as a whole (an archive that takes no ``ProbeBatch``, or fewer items) blames
 no caller: its requests are sent again one by one, each answered as if it had gone alone. They
 queue in the lane and each leaves as a call of its own within the same ``max_calls``, ahead of
@@ -105,7 +106,6 @@ class _Waiting:
     nbytes: int
     deadline: float  # time.monotonic()
     future: asyncio.Future
-    call: asyncio.Task | None = None  # the TorchServe call carrying it, once sent
 
 
 @dataclass
@@ -179,7 +179,6 @@ class Coalescer:
             if not w.future.done():  # the caller is gone (deadline, cancelled): not sent if still waiting
                 w.future.cancel()
                 self._forget(lane, w)
-                self._abandon(w)
             elif not w.future.cancelled():
                 w.future.exception()  # failed as the caller left: read, or asyncio logs it as never retrieved
 
@@ -187,15 +186,6 @@ class Coalescer:
     def _queued(lane: _Lane, w: _Waiting) -> bool:
         """Whether ``w`` waits in its lane, not yet sent (or a refused batch's, to go again)."""
         return any(x is w for x in lane.waiting) or any(x is w for x in lane.singles)
-
-    def _abandon(self, w: _Waiting) -> None:
-        """A departed caller's call, once none of its callers waits for it, is cancelled: it
-        would hold one of the lane's ``max_calls`` until TorchServe answered (up to the backend
-        timeout), keeping requests that are waited for at the limit behind an answer nobody
-        reads. TorchServe may still run a job it has queued; the gateway stops waiting for it."""
-        call = w.call
-        if call is not None and not call.done() and all(x.future.done() for x in self._tasks.get(call, ())):
-            call.cancel()
 
     @staticmethod
     def _forget(lane: _Lane, w: _Waiting) -> None:
@@ -257,8 +247,6 @@ class Coalescer:
         self._lanes[key].inflight += 1
         task = asyncio.get_running_loop().create_task(self._send(key, batch))
         self._tasks[task] = batch
-        for w in batch:
-            w.call = task
         task.add_done_callback(functools.partial(self._call_done, key))
         return task
 

@@ -344,3 +344,43 @@ def test_the_token_refresh_retry_shares_the_calls_timeout(tmp_path: Path) -> Non
 
     assert asyncio.run(main()) == grpc.StatusCode.DEADLINE_EXCEEDED  # not an answer at 1.2 s
     assert len(budgets) == 2 and budgets[0] > 0.7 and budgets[1] < budgets[0] - 0.5, budgets
+
+
+def test_a_call_its_caller_leaves_is_counted_as_cancelled() -> None:
+    """A caller that leaves (a client gone, the server stopping) cancels its TorchServe call:
+    robustgate_backend_requests_total counts it as CANCELLED (it went uncounted)."""
+    import asyncio
+
+    import grpc
+    from prometheus_client import CollectorRegistry
+
+    from robustgate.torchserve import inference_pb2, inference_pb2_grpc
+    from service.backend import TorchServeBackend
+    from service.metrics import Metrics
+
+    class Slow(inference_pb2_grpc.InferenceAPIsServiceServicer):
+        async def Predictions(self, request, context):  # noqa: N802 (gRPC method name)
+            await asyncio.sleep(5)
+            return inference_pb2.PredictionResponse(prediction=b"ok")
+
+    metrics = Metrics(CollectorRegistry())
+
+    async def main() -> None:
+        server = grpc.aio.server()
+        inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server(Slow(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            backend = TorchServeBackend(f"127.0.0.1:{port}", None, metrics=metrics)
+            call = asyncio.ensure_future(backend._call(inference_pb2.PredictionsRequest(model_name="m"), 10.0))
+            await asyncio.sleep(0.3)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+        finally:
+            await server.stop(0)
+
+    asyncio.run(main())
+    counted = {s.labels["code"]: s.value for m in metrics.registry.collect() if m.name == "robustgate_backend_requests"
+               for s in m.samples if s.name.endswith("_total")}
+    assert counted == {"CANCELLED": 1.0}
