@@ -1,13 +1,17 @@
 """``python -m service``: run the gateway (flags and ROBUSTGATE_* variables, see --help)."""
 
-import asyncio
-import logging
-import sys
-from pathlib import Path
+from service import early_signal
 
-from service import settings as settings_mod
-from service.server import StartFailed, serve
-from service.workers import supervise
+early_signal.install()  # before the imports, which take a while: a SIGTERM to PID 1 is not lost
+
+import asyncio  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from service import settings as settings_mod  # noqa: E402
+from service.server import StartFailed, serve  # noqa: E402
+from service.workers import supervise  # noqa: E402
 
 log = logging.getLogger("service")
 

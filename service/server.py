@@ -24,7 +24,7 @@ from prometheus_client import disable_created_metrics
 
 from robustgate.v1 import classifier_pb2 as pb
 from robustgate.v1 import classifier_pb2_grpc as pb_grpc
-from service import convert
+from service import convert, early_signal
 from service import metrics_server as metrics_http
 from service import ratelog
 from service.backend import TorchServeBackend, read_inference_key
@@ -695,6 +695,8 @@ async def start(settings: Settings, registry: Registry | None = None, worker: bo
                                                          settings.torchserve_metrics_url)
         except ValueError as e:  # the relay's URL (its host does not resolve)
             raise StartFailed(str(e)) from None
+        except OSError:  # taken, or not an address of this host: named, as the supervisor names it
+            raise cannot_listen(f"{settings.host}:{settings.metrics_port} (metrics)") from None
         metrics_port = metrics_server.server_port
     # The backend probed once before the server answers anything (the port is bound: a
     # connection made meanwhile waits in its backlog), so a gateway's first health answer is
@@ -740,6 +742,9 @@ async def serve(settings: Settings, worker: bool = False, started: Callable[[], 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if early_signal.received():  # SIGTERM came while it started: stop now (nothing is in flight yet)
+        log.info("SIGTERM arrived while starting: stopping")
+        stop.set()
     if started is not None:
         started()
     await stop.wait()

@@ -62,6 +62,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, disable_created_metrics, multiprocess
 
+from service import early_signal
 from service import metrics_server as metrics_http
 from service.metrics import SupervisorMetrics
 from service.server import StartFailed, cannot_listen, serve
@@ -343,11 +344,18 @@ class Supervisor:
                 s.proc.kill()
                 s.proc.join()
 
+    def _on_signals(self) -> None:
+        """SIGTERM and SIGINT stop it; a SIGTERM that came while it started (the imports,
+        :mod:`service.early_signal`) stops it as soon as it can."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stopping.set())
+        if early_signal.received():
+            self.stopping.set()
+
     def run(self) -> int:
         """0 after a drain; 2 when the gateway cannot start; 1 when workers keep dying."""
         s = self.settings
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self.stopping.set())
+        self._on_signals()
         try:
             hold = reserve_port(s.host, s.port)
         except OSError as e:

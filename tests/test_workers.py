@@ -3,6 +3,7 @@ real TorchServe, on loopback."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -516,3 +517,77 @@ def test_replacements_reasons_are_read_so_none_blocks_on_a_full_pipe() -> None:
         sup.why.put("cannot listen on 127.0.0.1:1: the port is taken")
     assert sup._replace_dead(Settings(), "/nonexistent") is True  # no slot has died
     assert sup.why.empty()
+
+
+def _catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether the process has a handler of its own for ``sig`` (/proc's SigCgt mask)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) & (1 << (sig - 1)))
+    return False
+
+
+def test_a_sigterm_while_the_gateway_starts_stops_it_once_started(default_store: Path, tmp_path: Path) -> None:
+    """A pod deleted while its gateway starts: as PID 1 (the image execs it) a SIGTERM whose
+    action is the default is dropped by the kernel, and the gateway served on until SIGKILL,
+    with no drain. It is recorded from `python -m service`'s first line and the gateway stops
+    once it has started (here a backend that never answers holds the start for its 2 s
+    probe); outside PID 1 the default action killed it (exit -15)."""
+    keys = tmp_path / "key_file.json"
+    keys.write_text(json.dumps({"inference": {"key": "k"}, "management": {"key": "m"}, "API": {"key": "a"}}))
+    with socket.socket() as silent:  # accepts connections, answers nothing
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service", "--port", "0", "--metrics-port", "-1",
+             "--log-level", "INFO", "--store", str(default_store), "--torchserve-key-file", str(keys),
+             "--torchserve-address", f"127.0.0.1:{silent.getsockname()[1]}", "--backend-timeout-s", "2"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + 30
+            while not _catches(proc.pid, signal.SIGTERM):  # python -m service's first line has run
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.005)
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=90)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 0 and "Traceback" not in out, out[-3000:]
+    # started (its probe timed out), then drained at once
+    assert "listening on" in out and "SIGTERM arrived while starting: stopping" in out and "draining" in out, out
+
+
+def test_a_supervisor_stops_on_a_sigterm_that_came_while_it_started(monkeypatch) -> None:
+    """The supervisor's imports come before its handlers: a SIGTERM recorded then stops it."""
+    from service import early_signal
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        quiet = Supervisor(Settings(workers=2))
+        quiet._on_signals()
+        assert not quiet.stopping.is_set()
+        monkeypatch.setattr(early_signal, "_received", True)
+        told = Supervisor(Settings(workers=2))
+        told._on_signals()
+        assert told.stopping.is_set()
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def test_a_metrics_port_taken_fails_a_single_process_start_naming_it(default_store: Path, tmp_path: Path) -> None:
+    """One process, as the supervisor does: the port named, not `[Errno 98] Address already in use`."""
+    keys = tmp_path / "key_file.json"
+    keys.write_text(json.dumps({"inference": {"key": "k"}, "management": {"key": "m"}, "API": {"key": "a"}}))
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "service", "--port", "0", "--metrics-port", str(port),
+                            "--store", str(default_store), "--torchserve-key-file", str(keys)],
+                           capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"cannot start: cannot listen on 127.0.0.1:{port} (metrics): the port is taken" in r.stderr, r.stderr[-2000:]
