@@ -17,7 +17,8 @@ one core (README, Results). Where the model is fast, that process is the limit, 
   directory (``PROMETHEUS_MULTIPROC_DIR``, read when a worker imports prometheus_client); the
   supervisor serves their combination on the metrics port (counters and histograms summed, each
   gauge by its ``multiprocess_mode``, ``service/metrics.py``), with TorchServe's relay beside
-  it. A replaced worker's counts stay in the sums, so counters never go back. The directory is
+  it. A replaced worker's counts stay in the sums, so counters never go back: its counter and
+  histogram files are added into one ``<type>_dead.db`` each and removed. The directory is
   removed on the way out; one left by a supervisor that was killed (its lock no longer held)
   is removed by the next one to start, so a crash loop cannot fill the pod's /tmp.
 - **A worker that dies is replaced**, with the exit logged; more than ``MAX_RESTARTS`` in
@@ -61,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, disable_created_metrics, multiprocess
+from prometheus_client.mmap_dict import MmapedDict
 
 from service import early_signal
 from service import metrics_server as metrics_http
@@ -138,6 +140,46 @@ def metrics_dir(parent: Path | None = None) -> tuple[Path, int]:
     new = base / making.name[1:]
     making.rename(new)  # under its name only once locked
     return new, fd
+
+
+#: ``<type>_dead.db`` in the metrics directory: the counters and histograms of the workers that
+#: are gone, summed (:func:`fold_dead`).
+DEAD_FILES = "dead"
+
+
+def fold_dead(pid: int, path: str) -> None:
+    """Add a dead worker's counters and histograms into the directory's ``<type>_dead.db`` and
+    remove its own files: the sums stay what they were (counters never go back), and a worker
+    that dies every minute for days does not leave two files per death (64 KiB or more each)
+    for every scrape to read and the pod's /tmp to hold. Its live gauges are
+    :func:`prometheus_client.multiprocess.mark_process_dead`'s. The caller keeps scrapes out
+    meanwhile (:class:`FoldingCollector`)."""
+    for typ in ("counter", "histogram"):
+        own = os.path.join(path, f"{typ}_{pid}.db")
+        if not os.path.exists(own):
+            continue
+        dead = MmapedDict(os.path.join(path, f"{typ}_{DEAD_FILES}.db"))
+        try:  # values as the files keep them: histogram buckets one by one, summed as merge sums them
+            for key, value, _timestamp, _pos in MmapedDict.read_all_values_from_file(own):
+                total, timestamp = dead.read_value(key)
+                dead.write_value(key, total + value, timestamp)
+        finally:
+            dead.close()
+        os.remove(own)
+
+
+class FoldingCollector(multiprocess.MultiProcessCollector):
+    """The workers' files combined, never while a dead worker's are folded (:func:`fold_dead`
+    runs under the same lock): between its adding and its removing, a scrape would count that
+    worker twice."""
+
+    def __init__(self, registry: CollectorRegistry, path: str, lock: threading.Lock) -> None:
+        self._lock = lock
+        super().__init__(registry, path=path)
+
+    def collect(self):
+        with self._lock:
+            return list(super().collect())
 
 
 def _die_with_parent(parent: int) -> None:
@@ -245,6 +287,7 @@ class Supervisor:
         self.stopping = StopFlag()  # set by SIGTERM / SIGINT
         self.why = self.ctx.SimpleQueue()  # a worker's reason for not starting
         self.metrics: SupervisorMetrics | None = None
+        self.scrape_lock = threading.Lock()  # a scrape of the workers' files, or a dead one's folding
         self._watched_at: float | None = None  # the monotonic clock at the last watch
 
     def _spawn(self, worker_settings: Settings) -> _Slot:
@@ -320,6 +363,8 @@ class Supervisor:
             while self.restarts and now - self.restarts[0] > RESTART_WINDOW_S:
                 self.restarts.popleft()
             multiprocess.mark_process_dead(s.proc.pid, metrics_path)  # its live gauges leave the sums
+            with self.scrape_lock:  # no scrape sees its counts twice, or not at all
+                fold_dead(s.proc.pid, metrics_path)
             if len(self.restarts) > MAX_RESTARTS:
                 log.error("worker pid %d exited (exit code %s): more than %d exits in %g s, stopping",
                           s.proc.pid, s.proc.exitcode, MAX_RESTARTS, RESTART_WINDOW_S)
@@ -367,7 +412,7 @@ class Supervisor:
         try:
             if s.metrics_port >= 0:
                 registry = CollectorRegistry()
-                multiprocess.MultiProcessCollector(registry, path=str(mdir))
+                FoldingCollector(registry, str(mdir), self.scrape_lock)
                 disable_created_metrics()  # as the workers do
                 self.metrics = SupervisorMetrics(registry)  # in this process: not in the workers' files
                 try:

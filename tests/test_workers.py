@@ -20,7 +20,7 @@ import pytest
 from robustgate.v1 import classifier_pb2_grpc as pb_grpc
 from service.client import Client
 from service.settings import Settings
-from service.workers import (DUMP_SIGNAL, LOCK_FILE, START_TIMEOUT_S, Supervisor, _Slot, beat_interval,
+from service.workers import (DUMP_SIGNAL, LOCK_FILE, MULTIPROC_ENV, START_TIMEOUT_S, Supervisor, _Slot, beat_interval,
                              metrics_dir, reserve_port)
 from tests.conftest import free_port
 from tests.test_gateway import png, requests_by_code, scrape, start_gateway, stop
@@ -125,6 +125,8 @@ def test_a_dead_worker_is_replaced_and_counts_never_go_back(pool, fmnist) -> Non
     before = requests_by_code(metrics_port)
     restarts = scrape(metrics_port)[("robustgate_worker_restarts_total", frozenset())]
     victim = min(old)
+    mdir = Path(psutil.Process(victim).environ()[MULTIPROC_ENV])
+    assert list(mdir.glob(f"counter_{victim}.db"))  # its counts, in files of its own
     os.kill(victim, signal.SIGKILL)
 
     def replaced() -> set[int] | None:
@@ -135,6 +137,7 @@ def test_a_dead_worker_is_replaced_and_counts_never_go_back(pool, fmnist) -> Non
     assert old - {victim} <= new
     assert proc.poll() is None  # the supervisor carries on
     assert requests_by_code(metrics_port) == before  # the dead worker's counts stay in the sum
+    assert not list(mdir.glob(f"*_{victim}.db")) and (mdir / "counter_dead.db").is_file()  # folded, not kept
     after = scrape(metrics_port)
     assert after[("robustgate_worker_restarts_total", frozenset())] == restarts + 1
     wait_for("the gauge of running workers", lambda: scrape(metrics_port)[("robustgate_workers", frozenset())] == 2)
@@ -591,3 +594,54 @@ def test_a_metrics_port_taken_fails_a_single_process_start_naming_it(default_sto
                            capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr[-2000:]
     assert f"cannot start: cannot listen on 127.0.0.1:{port} (metrics): the port is taken" in r.stderr, r.stderr[-2000:]
+
+
+def test_a_dead_workers_counts_are_folded_into_one_file_and_the_sums_stay(tmp_path: Path) -> None:
+    """A crash-looping worker left two files per death (64 KiB or more each) for every scrape
+    to read and the pod's /tmp (128 MiB) to hold. They are added into `<type>_dead.db` and
+    removed; the combined metrics read the same before and after, across several deaths."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.mmap_dict import MmapedDict, mmap_key
+
+    from service.workers import FoldingCollector, fold_dead
+
+    def worker_files(pid: int, n: float) -> None:  # as prometheus_client's multiprocess values write them
+        counter = MmapedDict(str(tmp_path / f"counter_{pid}.db"))
+        for code, v in (("OK", n), ("INTERNAL", 1.0)):
+            counter.write_value(mmap_key("rg_calls", "rg_calls_total", ["code"], [code], "Calls."), v, 0.0)
+        counter.close()
+        hist = MmapedDict(str(tmp_path / f"histogram_{pid}.db"))
+        for le, v in (("0.1", n), ("1.0", 2.0), ("+Inf", 0.0)):
+            hist.write_value(mmap_key("rg_lat", "rg_lat_bucket", ["le"], [le], "Latency."), v, 0.0)
+        hist.write_value(mmap_key("rg_lat", "rg_lat_sum", [], [], "Latency."), 0.5 * n, 0.0)
+        hist.close()
+
+    lock = threading.Lock()
+    registry = CollectorRegistry()
+    FoldingCollector(registry, str(tmp_path), lock)
+    worker_files(101, 3.0)
+    worker_files(102, 5.0)
+    def exposed() -> list[bytes]:  # the scrape's lines; the order of its metrics follows the files'
+        return sorted(generate_latest(registry).splitlines())
+
+    both = exposed()
+    assert b'rg_calls_total{code="OK"} 8.0' in both and b"rg_lat_count 12.0" in both
+    fold_dead(101, str(tmp_path))
+    assert exposed() == both
+    fold_dead(102, str(tmp_path))
+    fold_dead(102, str(tmp_path))  # folded already: nothing left to add twice
+    assert exposed() == both
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["counter_dead.db", "histogram_dead.db"]
+    worker_files(103, 7.0)
+    fold_dead(103, str(tmp_path))  # into the files the others were folded into
+    text = b"\n".join(exposed())
+    assert b'rg_calls_total{code="OK"} 15.0' in text and b'rg_calls_total{code="INTERNAL"} 3.0' in text
+    assert b'rg_lat_bucket{le="0.1"} 15.0' in text and b"rg_lat_count 21.0" in text and b"rg_lat_sum 7.5" in text
+    # a scrape waits for a folding in progress (between its adding and removing: counted twice)
+    with lock:
+        scrape = threading.Thread(target=generate_latest, args=(registry,))
+        scrape.start()
+        scrape.join(0.2)
+        assert scrape.is_alive()
+    scrape.join(5)
+    assert not scrape.is_alive()
