@@ -2,7 +2,8 @@
 
 from service import early_signal
 
-early_signal.install()  # before the imports, which take a while: a SIGTERM to PID 1 is not lost
+if __name__ == "__main__":  # not where a test imports this module: its SIGTERM stays the default
+    early_signal.install()  # before the imports, which take a while: a SIGTERM to PID 1 is not lost
 
 import asyncio  # noqa: E402
 import logging  # noqa: E402

@@ -6,8 +6,11 @@ gateway was still starting (imports, loading the models, the first probe of Torc
 ``backend_timeout_s``) served on as if nothing had happened, until the kubelet's SIGKILL at the
 end of the grace period, with no drain. ``python -m service`` records SIGTERM from its first
 line (:func:`install`); whoever installs the real handler (:func:`service.server.serve`, the
-supervisor) asks :func:`received` right after and stops at once. Elsewhere too, a SIGTERM
-during start is now a stop once started, with nothing in flight to drain, not a kill.
+supervisor) asks :func:`received` right after and stops at once (one process: once it listens,
+with nothing in flight to drain; a supervisor: before it starts any worker). Outside PID 1 too
+a SIGTERM during start is now such a stop, not a kill: one process goes on loading and probing
+(up to ``backend_timeout_s``) first. A SIGTERM during the interpreter's own start, before this
+module's first line, is still dropped by PID 1 (milliseconds).
 """
 
 from __future__ import annotations

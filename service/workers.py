@@ -158,9 +158,11 @@ def fold_dead(pid: int, path: str) -> None:
         own = os.path.join(path, f"{typ}_{pid}.db")
         if not os.path.exists(own):
             continue
+        # read whole before anything is written: a file that does not read leaves both as they were
+        values = [(key, value) for key, value, _timestamp, _pos in MmapedDict.read_all_values_from_file(own)]
         dead = MmapedDict(os.path.join(path, f"{typ}_{DEAD_FILES}.db"))
         try:  # values as the files keep them: histogram buckets one by one, summed as merge sums them
-            for key, value, _timestamp, _pos in MmapedDict.read_all_values_from_file(own):
+            for key, value in values:
                 total, timestamp = dead.read_value(key)
                 dead.write_value(key, total + value, timestamp)
         finally:
@@ -351,20 +353,30 @@ class Supervisor:
             s.proc.kill()
             s.proc.join(KILL_AFTER_GRACE_S)
 
+    def _forget_files(self, pid: int, metrics_path: str) -> None:
+        """A dead worker's metrics files: its live gauges leave the sums, its counters and
+        histograms are folded (:func:`fold_dead`). A fault there is logged and leaves the files
+        as they are (its counts still read from them): it must not take every worker down."""
+        try:
+            multiprocess.mark_process_dead(pid, metrics_path)
+            with self.scrape_lock:  # no scrape sees its counts twice, or not at all
+                fold_dead(pid, metrics_path)
+        except Exception:
+            log.exception("the metrics files of worker pid %d could not be folded; left as they are", pid)
+
     def _replace_dead(self, worker_settings: Settings, metrics_path: str) -> bool:
         """Start a worker in place of each that exited; False when they die too often."""
         while not self.why.empty():  # a replacement's reason for not starting (it logged it):
             self.why.get()           # unread, 64 KiB of them would block the next in its put
-        for i, s in enumerate(self.slots):
-            if s.proc.is_alive():
-                continue
+        dead = [i for i, s in enumerate(self.slots) if not s.proc.is_alive()]
+        for i in dead:  # every dead one's files first: a replacement could be given a pid just freed
+            self._forget_files(self.slots[i].proc.pid, metrics_path)  # type: ignore[arg-type]
+        for i in dead:
+            s = self.slots[i]
             now = time.monotonic()
             self.restarts.append(now)
             while self.restarts and now - self.restarts[0] > RESTART_WINDOW_S:
                 self.restarts.popleft()
-            multiprocess.mark_process_dead(s.proc.pid, metrics_path)  # its live gauges leave the sums
-            with self.scrape_lock:  # no scrape sees its counts twice, or not at all
-                fold_dead(s.proc.pid, metrics_path)
             if len(self.restarts) > MAX_RESTARTS:
                 log.error("worker pid %d exited (exit code %s): more than %d exits in %g s, stopping",
                           s.proc.pid, s.proc.exitcode, MAX_RESTARTS, RESTART_WINDOW_S)
@@ -401,6 +413,9 @@ class Supervisor:
         """0 after a drain; 2 when the gateway cannot start; 1 when workers keep dying."""
         s = self.settings
         self._on_signals()
+        if self.stopping.is_set():  # a SIGTERM while it started: no worker to start only to stop
+            log.info("SIGTERM arrived while starting: stopping")
+            return 0
         try:
             hold = reserve_port(s.host, s.port)
         except OSError as e:

@@ -564,18 +564,27 @@ def test_a_sigterm_while_the_gateway_starts_stops_it_once_started(default_store:
 
 
 def test_a_supervisor_stops_on_a_sigterm_that_came_while_it_started(monkeypatch) -> None:
-    """The supervisor's imports come before its handlers: a SIGTERM recorded then stops it."""
+    """The supervisor's imports come before its handlers: a SIGTERM recorded then stops it,
+    exit 0, before it starts any worker (none started only to be stopped). Importing
+    `service.__main__` (tests do) leaves SIGTERM as it was: only `python -m service` records it."""
+    import importlib
+
     from service import early_signal
 
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        import service.__main__
+
+        importlib.reload(service.__main__)  # its module code run again, as an import runs it
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
         quiet = Supervisor(Settings(workers=2))
         quiet._on_signals()
         assert not quiet.stopping.is_set()
         monkeypatch.setattr(early_signal, "_received", True)
-        told = Supervisor(Settings(workers=2))
-        told._on_signals()
-        assert told.stopping.is_set()
+        told = Supervisor(Settings(workers=2, port=0, metrics_port=-1))
+        assert told.run() == 0
+        assert told.stopping.is_set() and told.slots == []
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
@@ -645,3 +654,18 @@ def test_a_dead_workers_counts_are_folded_into_one_file_and_the_sums_stay(tmp_pa
         assert scrape.is_alive()
     scrape.join(5)
     assert not scrape.is_alive()
+
+
+def test_a_dead_workers_files_that_do_not_fold_are_left_and_the_supervisor_goes_on(tmp_path: Path, caplog) -> None:
+    """A fault while folding (a file that does not read, a full disk) was raised out of the
+    supervisor's loop and stopped every worker; it is logged, and the files are left as they
+    were, the dead worker's counts still read from its own (nothing half added)."""
+    import struct
+
+    own = tmp_path / "counter_555.db"
+    own.write_bytes(struct.pack("i", 40) + bytes(4) + struct.pack("i", 5) + b"\xff\xfe\xfd\xfc\xfb" + bytes(27))
+    sup = Supervisor(Settings(workers=2))
+    with caplog.at_level("ERROR", logger="service.workers"):
+        sup._forget_files(555, str(tmp_path))
+    assert "the metrics files of worker pid 555 could not be folded; left as they are" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["counter_555.db"]  # no half-filled counter_dead.db
