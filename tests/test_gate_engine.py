@@ -349,6 +349,44 @@ def test_asking_for_a_certificate_never_changes_the_decision() -> None:
     assert not plain.escalated
 
 
+class SeededModel(FakeModel):
+    """As the handler draws them: each batch's noise comes from its plan's seed, so which
+    copies agree depends on how the batches are cut (FakeModel's one stream does not)."""
+
+    def __init__(self, agree: float, **kw) -> None:
+        super().__init__(**kw)
+        self.agree = agree
+
+    def __call__(self, plan: ProbeSpec) -> tuple[np.ndarray, np.ndarray | None]:
+        self.stream = np.random.default_rng(plan.seed).random(plan.noise.count) < self.agree
+        self.used = 0
+        return super().__call__(plan)
+
+
+def test_asking_for_a_certificate_never_changes_the_noise_checks_verdict() -> None:
+    """With the noise check open, a certified run cut its batches for the certificate's 400
+    copies, so its first 32 (the scored ones) were other noise than a plain run's: 108 of 300
+    images changed decision when a certificate was asked for (review, with the handler's
+    seeded draws). The scored copies now come first, in a plain run's batches; the check's
+    forward passes are its own copies, not the certificate's too."""
+    policy = make_policy(max_passes=500)
+    policy = replace(policy, checks={**policy.checks, Check.NOISE: CheckPolicy(True, Thresholds(0.25, 0.6))})
+    opened = changed = 0
+    for seed in range(200):
+        # the cheap checks inconclusive (squeeze in its escalation band): the noise stage opens
+        plain = drive(policy, SeededModel(0.75, squeeze_l2=0.85), seed=seed)
+        asked = drive(policy, SeededModel(0.75, squeeze_l2=0.85), seed=seed, certify=True)
+        p, a = plain.report(), asked.report()
+        assert a.certificate is not None and asked.samples >= plain.samples
+        if p.result(Check.NOISE).status is CheckStatus.SCORED:
+            opened += 1
+            pn, an = p.result(Check.NOISE), a.result(Check.NOISE)
+            assert (an.score, an.verdict, an.forward_passes) == (pn.score, pn.verdict, pn.forward_passes), seed
+            assert an.forward_passes == plain.detect_samples <= 32
+        changed += p.decision is not a.decision
+    assert opened == 200 and changed == 0
+
+
 def test_raw_scores_without_density_model() -> None:
     spec = ProbeSpec(return_features=True)
     raw = raw_scores(np.log(row()[None, :]), None, spec, density=None)

@@ -95,6 +95,7 @@ class GateRun:
     agreements: int = 0
     detect_agreements: int = 0
     samples: int = 0
+    detect_samples: int = 0  # copies the noise score counts: drawn while its verdict was open
     batches: int = 0
 
     @classmethod
@@ -116,20 +117,24 @@ class GateRun:
             return self.policy.cheap_plan(self.seed)
         if self.stage is Stage.NOISE:
             n = self.policy.noise
-            need = max(samples_to_settle(self.agreements, self.samples, self.budget, self.cuts),
-                       samples_to_settle(self.detect_agreements, self.detect_samples,
-                                         self.detect_budget, self.detect_cuts))
-            # once the certificate is settled, only the scored copies are left to draw
-            left_for = self.detect_budget if self._certificate_settled() else self.budget
-            size = next_batch_size(self.samples, left_for, first=n.first_batch, growth=n.growth,
-                                   at_least=need)
+            if self._detecting():
+                # The scored copies first, in the batches (so the seeds and the noise) a run
+                # without a certificate draws: asking for one must not change the verdict.
+                need = samples_to_settle(self.detect_agreements, self.detect_samples,
+                                         self.detect_budget, self.detect_cuts)
+                size = next_batch_size(self.detect_samples, self.detect_budget, first=n.first_batch,
+                                       growth=n.growth, at_least=need)
+            else:  # then the certificate's own
+                need = samples_to_settle(self.agreements, self.samples, self.budget, self.cuts)
+                size = next_batch_size(self.samples, self.budget, first=n.first_batch, growth=n.growth,
+                                       at_least=need)
             return self.policy.noise_plan(derive_seed(self.seed, self.batches + 1), size)
         return None
 
-    @property
-    def detect_samples(self) -> int:
-        """Copies drawn so far that the noise score counts: the first ``detect_budget``."""
-        return min(self.samples, self.detect_budget)
+    def _detecting(self) -> bool:
+        """The noise check's verdict is still open (on its first ``detect_budget`` copies)."""
+        return not all_settled(self.detect_agreements, self.detect_samples, self.detect_budget,
+                               self.detect_cuts)
 
     def _certificate_settled(self) -> bool:
         """The certification verdict (on all the copies) is fixed, or none was asked for."""
@@ -138,8 +143,7 @@ class GateRun:
     def _settled(self) -> bool:
         """Every verdict the noise stage feeds is fixed: certification on all the copies,
         detection on the first ``detect_budget``."""
-        return self._certificate_settled() and all_settled(
-            self.detect_agreements, self.detect_samples, self.detect_budget, self.detect_cuts)
+        return self._certificate_settled() and not self._detecting()
 
     def feed(self, logits: ArrayLike, features: ArrayLike | None = None) -> GateRun:
         """Advance with the handler's answer to :meth:`next_plan`.
@@ -158,12 +162,13 @@ class GateRun:
             return done._open_noise(scores)
         z = checked_logits(logits, plan)
         copies = z[plan.layout().noise]
-        scored = copies[:self.detect_budget - self.detect_samples]  # the batch's share of the first
+        # scored while the noise check's verdict is open, as a run without a certificate scores
+        scored = copies[:self.detect_budget - self.detect_samples] if self._detecting() else copies[:0]
         run = replace(self, agreements=self.agreements + count_agreements(copies, self.top_class),
                       detect_agreements=self.detect_agreements
                       + count_agreements(scored, self.top_class),
-                      samples=self.samples + plan.noise.count, batches=self.batches + 1,
-                      forward_passes=self.forward_passes + plan.rows)
+                      samples=self.samples + plan.noise.count, detect_samples=self.detect_samples + len(scored),
+                      batches=self.batches + 1, forward_passes=self.forward_passes + plan.rows)
         if run._settled():
             run = replace(run, stage=Stage.DONE)
         return run
@@ -213,7 +218,7 @@ class GateRun:
         if self.detect_samples > 0:  # the noise check ran (certificate copies alone score nothing)
             k, m = self.detect_agreements, self.detect_samples
             scores[Check.NOISE] = CheckScore(
-                disagreement_share(k, m), self.samples,
+                disagreement_share(k, m), m,  # the copies it scored (a certificate's are in forward_passes)
                 (("agreements", float(k)), ("samples", float(m)),
                  ("budget", float(self.detect_budget))))
         return decide(scores, self.policy, certificate=self.certificate(),
