@@ -113,7 +113,7 @@ def top_k(logits_row: np.ndarray, labels: tuple[str, ...], k: int) -> tuple[Clas
     z = logits_row.astype(np.float64)
     p = np.exp(z - z.max())
     p /= p.sum()
-    order = np.argsort(-p, kind="stable")[:k]
+    order = np.argsort(-z, kind="stable")[:k]  # by logit: probabilities that underflow to 0 still rank
     return tuple(ClassScore(int(i), labels[i] if i < len(labels) else str(i), float(p[i])) for i in order)
 
 

@@ -128,6 +128,9 @@ def load_model(store: Path, name: str, backend_format: str, verified: dict[str, 
     except (ValueError, KeyError, TypeError) as e:  # not JSON, or not a card's shape
         raise GatewayError(f"model {name!r}: {card_path} is not a valid model card "
                            f"({type(e).__name__}: {str(e)[:200]})") from None
+    if len(labels) < 2:  # else every gated request failed INTERNAL: the checks compare classes
+        raise GatewayError(f"model {name!r}: {card_path} lists {len(labels)} label(s); a classifier "
+                           "the gate serves has at least 2")
     weights = model_dir / "model.pt"
     if weights.is_file() and ((verified or {}).get(f"{name}/model.pt") or sha256_file(weights)) != model_sha:
         raise PolicyMismatch(f"{weights} does not match its card's sha256")

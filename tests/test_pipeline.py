@@ -75,3 +75,15 @@ def test_a_failed_backend_call_marks_its_stage_span_failed() -> None:
     assert spans["backend"].status.status_code is StatusCode.ERROR
     assert spans["backend"].status.description == "BackendUnavailable" and not spans["backend"].events
     assert spans["decode"].status.status_code is StatusCode.UNSET
+
+
+def test_top_k_ranks_by_logit_where_probabilities_underflow() -> None:
+    """Classes far below the top have probability 0.0 in float64; ranked by probability, ties
+    went to index order and class 2 (logit -800) was listed after class 1 (-801)."""
+    from service.pipeline import top_k
+
+    ranked = top_k(np.array([0.0, -801.0, -800.0, 3.0], np.float32), ("a", "b", "c", "d"), 4)
+    assert [c.label for c in ranked] == ["d", "a", "c", "b"]
+    assert ranked[2].probability == ranked[3].probability == 0.0
+    tie = top_k(np.array([1.0, 2.0, 2.0], np.float32), ("a", "b", "c"), 3)
+    assert [c.label for c in tie] == ["b", "c", "a"]  # equal logits keep index order

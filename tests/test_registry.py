@@ -331,6 +331,22 @@ def test_a_card_that_is_no_card_is_refused_with_its_path(tmp_path: Path, card: s
         load_model(store, "fmnist-cnn", "onnx")
 
 
+@pytest.mark.parametrize("labels", [[], ["only"]])
+def test_a_model_of_fewer_than_two_classes_is_refused_at_load(tmp_path: Path, labels: list[str]) -> None:
+    """Its gated requests all failed INTERNAL (the squeeze detector measures moves between
+    classes); it is refused at start, naming the card."""
+    from service.errors import GatewayError
+
+    store = store_with(tmp_path, make_policy())
+    card_path = store / "fmnist-cnn" / "card.json"
+    card = json.loads(card_path.read_text())
+    card_path.write_text(json.dumps({**card, "labels": labels}))
+    write_manifest(store)
+    with pytest.raises(GatewayError, match=rf"model 'fmnist-cnn': .*card\.json lists {len(labels)} label\(s\); "
+                                           "a classifier the gate serves has at least 2"):
+        load_model(store, "fmnist-cnn", "onnx")
+
+
 def test_if_missing_keeps_a_policy_only_for_these_weights_and_this_code(tmp_path: Path) -> None:
     """``calibration --if-missing`` (run.sh, test.sh) kept any policy that loaded for the
     weights, also one calibrated before a change of the gate's scores or the handler's
