@@ -387,6 +387,31 @@ def test_asking_for_a_certificate_never_changes_the_noise_checks_verdict() -> No
     assert opened == 200 and changed == 0
 
 
+def test_a_certified_run_with_the_noise_check_open_stays_within_its_ceiling() -> None:
+    """The scored copies first, on their own schedule, then the certificate's: that can take
+    one batch (one base row) more than the plain schedule the budget was sized for, and a
+    review found 61 passes under a ceiling of 60. The budget is sized for both schedules."""
+    from service.gate.policy import MAX_NOISE_BATCHES
+
+    over = []
+    for ceiling in (40, 60, 64, 90, 130):
+        for detect in (1, 3, 10, 16, 32):
+            policy = make_policy(max_passes=ceiling, detect_samples=detect)
+            policy = replace(policy, checks={**policy.checks,
+                                             Check.NOISE: CheckPolicy(True, Thresholds(0.1, 0.3))})
+            for agree in (0.6, 0.97, 1.0):
+                for seed in range(6):
+                    run = drive(policy, SeededModel(agree, squeeze_l2=0.85), seed=seed, certify=True)
+                    if run.forward_passes > ceiling or run.batches > MAX_NOISE_BATCHES:
+                        over.append((ceiling, detect, agree, seed, run.forward_passes, run.batches))
+    assert not over, over[:5]
+    # the review's case: a budget of 47 sized for 3 batches, drawn in 4
+    policy = make_policy(max_passes=60, detect_samples=32)
+    policy = replace(policy, checks={**policy.checks, Check.NOISE: CheckPolicy(True, Thresholds(0.1, 0.3))})
+    run = drive(policy, SeededModel(0.97, squeeze_l2=0.85), seed=1, certify=True)
+    assert run.batches == 4 and run.forward_passes <= 60 and run.report().certificate is not None
+
+
 def test_raw_scores_without_density_model() -> None:
     spec = ProbeSpec(return_features=True)
     raw = raw_scores(np.log(row()[None, :]), None, spec, density=None)

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.gate.sequential import (
-    all_settled, batch_schedule, budget_within, certification_cut, detection_cut,
+    all_settled, batch_schedule, batches_two_phase, budget_within, certification_cut, detection_cut,
     disagreement_share, lowest_true, next_batch_size, run_sequential, samples_to_settle,
     settled,
 )
@@ -121,3 +121,16 @@ def test_settled_boundaries() -> None:
     assert settled(5, 5, 10, 5)  # already 5
     assert not settled(4, 5, 10, 5)
     assert settled(3, 3, 10, 11) and settled(0, 0, 10, 0)  # impossible / certain cuts
+
+
+def test_batches_two_phase_counts_a_scored_phase_ending_after_any_of_its_batches() -> None:
+    """A certified run whose noise check is open draws its scored copies first on their own
+    schedule: 47 copies sized for 3 batches (8, 16, 23) took 4 (10, 18, 4, 15 in a review)."""
+    for n in range(1, 200):
+        assert batches_two_phase(n, 0) == len(batch_schedule(n))  # no scored phase: the plain schedule
+    assert len(batch_schedule(47)) == 3 and batches_two_phase(47, 32) == 4
+    assert batches_two_phase(47, 32) >= max(len(batch_schedule(47)), len(batch_schedule(32)))
+    # the budget leaves room for it: 47 + 4 passes do not fit in 50 left, 46 + its batches do
+    assert budget_within(50, 400) == 47 and budget_within(50, 400, detect=32) < 47
+    n = budget_within(50, 400, detect=32)
+    assert n + batches_two_phase(n, 32) <= 50

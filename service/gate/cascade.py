@@ -178,7 +178,7 @@ class GateRun:
         if not (detect or self.certify):
             return self
         n = self.policy.noise
-        budget = self.policy.noise_budget(self.forward_passes, certify=self.certify)
+        budget = self.policy.noise_budget(self.forward_passes, certify=self.certify, detect=detect)
         if budget == 0:
             return self
         cuts = detect_cuts = ()

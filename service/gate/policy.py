@@ -33,7 +33,7 @@ from service.gate.density import DensityModel
 from service.gate.errors import PolicyError
 from service.gate.plan import MAX_SIGMA, NoiseSpec, OcclusionSpec, ProbeSpec, ShuffleSpec, SqueezeSpec
 from service.gate.quantile import EmpiricalCDF
-from service.gate.sequential import budget_within, next_batch_size
+from service.gate.sequential import batches_two_phase, budget_within, next_batch_size
 from service.gate.squeeze_detector import SqueezeDetector
 
 #: v2: squeeze references are clean CDFs of logit L2 distances (v1: softmax L1), so a v1
@@ -108,7 +108,8 @@ class NoiseSettings:
         if self.detect_samples > self.max_samples:  # the copies scored are a request's first
             raise PolicyError(f"noise.detect_samples ({self.detect_samples}) must be <= noise.max_samples "
                               f"({self.max_samples})")
-        if batches_over(self.max_samples, self.first_batch, self.growth, MAX_NOISE_BATCHES):
+        if batches_over(self.max_samples, self.first_batch, self.growth, MAX_NOISE_BATCHES) or batches_two_phase(
+                self.max_samples, self.detect_samples, first=self.first_batch, growth=self.growth) > MAX_NOISE_BATCHES:
             raise PolicyError(f"noise.first_batch ({self.first_batch}) and growth ({self.growth}) take more than "
                               f"{MAX_NOISE_BATCHES} batches to draw noise.max_samples ({self.max_samples}): each "
                               f"batch is a call to the model server; raise first_batch or growth")
@@ -241,15 +242,17 @@ class Policy:
         cheap = self.cheap_plan(0).rows
         return max(cheap, 1 + self.noise_budget(cheap, certify=True))
 
-    def noise_budget(self, spent: int, *, certify: bool) -> int:
+    def noise_budget(self, spent: int, *, certify: bool, detect: bool = False) -> int:
         """Noise copies a request may still draw after ``spent`` forward passes: those of a
         certificate (``noise.max_samples``) when ``certify``, else those the noise check
         scores (``noise.detect_samples``), cut to what fits in ``max_forward_passes`` with one
-        base row per sequential batch; 0 when no copy fits."""
+        base row per sequential batch; 0 when no copy fits. ``detect`` with ``certify``: the
+        noise check is open too, and its copies come first on their own schedule
+        (:func:`service.gate.sequential.batches_two_phase`)."""
         n = self.noise
         wanted = n.max_samples if certify else n.detect_samples
         return budget_within(self.max_forward_passes - spent, wanted, first=n.first_batch,
-                             growth=n.growth)
+                             growth=n.growth, detect=n.detect_samples if certify and detect else 0)
 
     def noise_plan(self, seed: int, count: int) -> ProbeSpec:
         """A noise-only probe of ``count`` copies (base row + copies)."""

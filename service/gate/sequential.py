@@ -119,13 +119,35 @@ def batch_schedule(budget: int, *, first: int = 8, growth: int = 2) -> tuple[int
     return tuple(sizes)
 
 
+def batches_two_phase(budget: int, detect: int, *, first: int = 8, growth: int = 2) -> int:
+    """The most batches a run of ``budget`` copies takes whose first ``detect`` are drawn on
+    their own geometric schedule (toward ``detect``; it may end after any of its batches, as a
+    sequential test settles) and the rest on the schedule toward ``budget`` from there: a
+    certified run whose noise check is open (:class:`service.gate.cascade.GateRun`). With
+    ``detect`` 0, ``len(batch_schedule(budget))``. Batches a run sizes up to settle sooner
+    (``at_least``) only make fewer."""
+    detect = min(detect, budget)
+    worst, spent, taken = 0, 0, 0
+    while True:
+        rest, s = 0, spent  # the detection phase ends here: the rest toward the budget
+        while (size := next_batch_size(s, budget, first=first, growth=growth)) > 0:
+            s += size
+            rest += 1
+        worst = max(worst, taken + rest)
+        if spent >= detect:
+            return worst
+        spent += next_batch_size(spent, detect, first=first, growth=growth)
+        taken += 1
+
+
 def budget_within(passes_left: int, max_samples: int, *, first: int = 8,
-                  growth: int = 2) -> int:
+                  growth: int = 2, detect: int = 0) -> int:
     """Largest noise budget N <= ``max_samples`` whose copies plus one base row per batch fit
-    in ``passes_left`` forward passes (0 when none fits)."""
+    in ``passes_left`` forward passes (0 when none fits); ``detect``: the first copies are
+    drawn on a schedule of their own (:func:`batches_two_phase`)."""
     best = 0
     for n in range(min(max_samples, max(passes_left, 0)), 0, -1):
-        if n + len(batch_schedule(n, first=first, growth=growth)) <= passes_left:
+        if n + batches_two_phase(n, detect, first=first, growth=growth) <= passes_left:
             best = n
             break
     return best
