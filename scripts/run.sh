@@ -25,7 +25,7 @@ flock -n 9 || { echo "scripts/run.sh already runs from $root (var/run.lock); sto
 # every step would inherit: the step's SIGINT is put back to its default (coreutils' env).
 child=""
 signal_to="INT group"
-stopping=0  # once a signal came: this script's exit status (128 + its number)
+stopping=0  # once a signal came: 128 + its number, the exit status of a stop before the gateway runs
 default_int=()
 if env --default-signal=INT true 2>/dev/null; then default_int=(env --default-signal=INT); fi
 # shellcheck disable=SC2329  # invoked by the traps below

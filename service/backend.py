@@ -208,7 +208,7 @@ class TorchServeBackend:
                 resp = await self._stub.Predictions(req, timeout=deadline - time.monotonic(), metadata=self._metadata)
                 self._count(grpc.StatusCode.OK)
                 return resp
-            except asyncio.CancelledError:  # its caller left (or the server stops): counted, not lost
+            except asyncio.CancelledError:  # its caller left (coalescing off), or the gateway stops: counted
                 self._count(grpc.StatusCode.CANCELLED)
                 raise
             except grpc.aio.AioRpcError as e:

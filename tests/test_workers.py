@@ -642,6 +642,21 @@ def test_a_dead_workers_counts_are_folded_into_one_file_and_the_sums_stay(tmp_pa
     assert exposed() == both
     assert sorted(p.name for p in tmp_path.iterdir()) == ["counter_dead.db", "histogram_dead.db"]
     worker_files(103, 7.0)
+    with_103 = exposed()
+    replace = os.replace
+
+    def disk_full(src, dst):
+        raise OSError(28, "No space left on device")
+
+    os.replace = disk_full  # the sums written, not yet in place
+    try:
+        with pytest.raises(OSError, match="No space left"):
+            fold_dead(103, str(tmp_path))
+    finally:
+        os.replace = replace
+    assert exposed() == with_103  # counted once, as before the fold: nothing half added
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "counter_103.db", "counter_dead.db", "histogram_103.db", "histogram_dead.db"]
     fold_dead(103, str(tmp_path))  # into the files the others were folded into
     text = b"\n".join(exposed())
     assert b'rg_calls_total{code="OK"} 15.0' in text and b'rg_calls_total{code="INTERNAL"} 3.0' in text
@@ -657,9 +672,9 @@ def test_a_dead_workers_counts_are_folded_into_one_file_and_the_sums_stay(tmp_pa
 
 
 def test_a_dead_workers_files_that_do_not_fold_are_left_and_the_supervisor_goes_on(tmp_path: Path, caplog) -> None:
-    """A fault while folding (a file that does not read, a full disk) was raised out of the
-    supervisor's loop and stopped every worker; it is logged, and the files are left as they
-    were, the dead worker's counts still read from its own (nothing half added)."""
+    """A fault while folding (here a file that does not read; a full disk in the test above)
+    was raised out of the supervisor's loop and stopped every worker; it is logged, and the
+    files are left as they were, the dead worker's counts still read from its own."""
     import struct
 
     own = tmp_path / "counter_555.db"

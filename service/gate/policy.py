@@ -111,7 +111,8 @@ class NoiseSettings:
         if batches_over(self.max_samples, self.first_batch, self.growth, MAX_NOISE_BATCHES) or batches_two_phase(
                 self.max_samples, self.detect_samples, first=self.first_batch, growth=self.growth) > MAX_NOISE_BATCHES:
             raise PolicyError(f"noise.first_batch ({self.first_batch}) and growth ({self.growth}) take more than "
-                              f"{MAX_NOISE_BATCHES} batches to draw noise.max_samples ({self.max_samples}): each "
+                              f"{MAX_NOISE_BATCHES} batches to draw noise.max_samples ({self.max_samples}), the "
+                              f"first noise.detect_samples ({self.detect_samples}) on their own schedule: each "
                               f"batch is a call to the model server; raise first_batch or growth")
 
 
