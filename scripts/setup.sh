@@ -10,7 +10,9 @@ cd "$root"
 # would each clear the venv the other is installing into).
 mkdir -p var
 exec 8>var/setup.lock
-flock 8
+flock -n 8 || { echo "setup: waiting for another set-up of this checkout (var/setup.lock)" >&2; flock 8; }
+# Commands that may start a daemon (a package's init script, on a host without systemd) get
+# the lock's fd closed ("8>&-"): one holding it would keep every later set-up waiting.
 
 py="${PYTHON:-python3.11}"
 GRPCURL_SHA256=a2a7ca84fd6212cee61d3d399bb3e397eaf401848f6bd6a39a120fc355d7e41a
@@ -25,14 +27,15 @@ if ((${#need_apt[@]})); then
   sudo_=""; [ "$(id -u)" -eq 0 ] || sudo_="sudo"
   echo "setup: apt-get install ${need_apt[*]}"
   apt=(env DEBIAN_FRONTEND=noninteractive apt-get)  # through sudo too, whose env_reset drops an export
-  $sudo_ "${apt[@]}" install -y -q --no-install-recommends "${need_apt[@]}" >/dev/null \
-    || { $sudo_ "${apt[@]}" update -q >/dev/null && $sudo_ "${apt[@]}" install -y -q --no-install-recommends "${need_apt[@]}" >/dev/null; }
+  $sudo_ "${apt[@]}" install -y -q --no-install-recommends "${need_apt[@]}" >/dev/null 8>&- \
+    || { $sudo_ "${apt[@]}" update -q >/dev/null 8>&- \
+         && $sudo_ "${apt[@]}" install -y -q --no-install-recommends "${need_apt[@]}" >/dev/null 8>&-; }
   # The project runs its own Prometheus (tests) and needs only the binaries: on a host run by
   # systemd, Debian's package also starts and enables a server on every interface (:9090).
   if [[ " ${need_apt[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null \
       && systemctl is-enabled --quiet prometheus 2>/dev/null; then
     echo "setup: stopping and disabling the prometheus service the package started (the project needs its binaries only)"
-    $sudo_ systemctl disable --now --quiet prometheus || true
+    $sudo_ systemctl disable --now --quiet prometheus 8>&- || true
   fi
 fi
 java_major="$(java -XshowSettings:properties -version 2>&1 | sed -n 's/^ *java.specification.version = //p' || true)"

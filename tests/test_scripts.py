@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import signal
@@ -183,7 +184,10 @@ def test_setup_stops_the_prometheus_service_its_package_started(tmp_path: Path) 
     for name in ("apt-get", "systemctl"):
         _program(bin_ / name, f'echo "{name} $*" >> {calls}\n')
     frontend = tmp_path / "frontend"
-    _program(bin_ / "apt-get", f'echo "apt-get $*" >> {calls}\necho "${{DEBIAN_FRONTEND:-}}" >> {frontend}\n')
+    daemons = tmp_path / "daemons"
+    # as a package's init script on a host without systemd: a daemon that keeps the fds it got
+    _program(bin_ / "apt-get", f'echo "apt-get $*" >> {calls}\necho "${{DEBIAN_FRONTEND:-}}" >> {frontend}\n'
+             f'sleep 60 >/dev/null 2>&1 </dev/null &\necho $! >> {daemons}\n')
     # not root: the same commands, through sudo, whose env_reset drops the caller's variables
     _program(bin_ / "sudo", 'exec env -i PATH="$PATH" "$@"\n')
     _program(bin_ / "id", 'echo 1000\n')  # a user, not root (as CI may run it): apt-get through sudo
@@ -197,11 +201,16 @@ def test_setup_stops_the_prometheus_service_its_package_started(tmp_path: Path) 
     assert any(ln.startswith("apt-get install") and ln.endswith(" prometheus") for ln in lines), lines
     assert lines[-2:] == ["systemctl is-enabled --quiet prometheus", "systemctl disable --now --quiet prometheus"], lines
     assert set(frontend.read_text().split()) == {"noninteractive"}  # never a debconf prompt nobody sees
-    # installed before: left as it is
+    # installed before: left as it is; and the daemon apt-get left does not hold set-up's lock
     _program(bin_ / "dpkg-query", 'printf "install ok installed"\n')
     calls.unlink()
-    assert subprocess.run(["bash", str(root / "scripts" / "setup.sh")], env=env, timeout=60,
-                          capture_output=True).returncode == 0
+    try:
+        again = subprocess.run(["bash", str(root / "scripts" / "setup.sh")], env=env, timeout=15, capture_output=True)
+    finally:
+        for pid in daemons.read_text().split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+    assert again.returncode == 0 and b"waiting for another set-up" not in again.stderr
     assert not calls.exists()
 
 
