@@ -276,6 +276,16 @@ def test_probes_and_services_use_declared_ports(docs: tuple[Doc, ...]) -> None:
     assert ts["livenessProbe"]["exec"]["command"][3:5] == ["status", "--live"]
     assert gw["startupProbe"]["periodSeconds"] * gw["startupProbe"]["failureThreshold"] >= 300, \
         "the startup probe allows at least 5 minutes for model loading"
+    # The windows nest: TorchServe's load (timed by the entrypoint once the store is verified
+    # and TorchServe launched) ends inside its startup probe's window with room for those, and
+    # the gateway, which serves only once TorchServe's models answer, gets longer than that
+    # (both probes gave 900 s: a load the entrypoint still waited for was killed by the probe)
+    ts_window = ts["startupProbe"]["periodSeconds"] * ts["startupProbe"]["failureThreshold"]
+    load = int(next(e["value"] for e in ts["env"] if e["name"] == "TORCHSERVE_STARTUP_TIMEOUT_S"))
+    assert load + 60 <= ts_window, (load, ts_window)
+    assert gw["startupProbe"]["periodSeconds"] * gw["startupProbe"]["failureThreshold"] >= ts_window + 60
+    # TorchServe's liveness command: an interpreter and describe calls of up to 5 s each
+    assert ts["livenessProbe"]["timeoutSeconds"] > 5
     for svc in every(docs, "Service"):
         for p in svc["spec"]["ports"]:
             target = p.get("targetPort", p["port"])
