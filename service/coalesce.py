@@ -172,7 +172,8 @@ class Coalescer:
             async with asyncio.timeout(timeout_s):
                 return await asyncio.shield(w.future)
         except TimeoutError:
-            if self._queued(lane, w):  # never sent: TorchServe is not the one that was slow
+            w.future.cancel()  # not sent if still waiting (the finally below then has nothing to do)
+            if self._forget(lane, w):  # never sent: TorchServe is not the one that was slow
                 raise DeadlineExceeded("deadline exceeded while waiting for the backend") from None
             raise DeadlineExceeded("backend did not answer within the deadline") from None
         finally:
@@ -183,24 +184,21 @@ class Coalescer:
                 w.future.exception()  # failed as the caller left: read, or asyncio logs it as never retrieved
 
     @staticmethod
-    def _queued(lane: _Lane, w: _Waiting) -> bool:
-        """Whether ``w`` waits in its lane, not yet sent (or a refused batch's, to go again)."""
-        return any(x is w for x in lane.waiting) or any(x is w for x in lane.singles)
-
-    @staticmethod
-    def _forget(lane: _Lane, w: _Waiting) -> None:
+    def _forget(lane: _Lane, w: _Waiting) -> bool:
         """Take a departed caller's request out of its lane, so it neither fills a batch nor
-        counts toward its rows (held requests may wait a while at ``max_calls``)."""
+        counts toward its rows (held requests may wait a while at ``max_calls``). True where
+        it was there, not yet sent (or a refused batch's, to go again)."""
         for i, x in enumerate(lane.waiting):
             if x is w:
                 del lane.waiting[i]
                 lane.rows -= w.rows
                 lane.nbytes -= w.nbytes
-                return
+                return True
         for i, x in enumerate(lane.singles):
             if x is w:
                 del lane.singles[i]
-                return
+                return True
+        return False
 
     def _at_limit(self, lane: _Lane) -> bool:
         return 0 < self.config.max_calls <= lane.inflight
