@@ -628,38 +628,34 @@ def _stage_archives(settings: ServeSettings, run_dir: Path, names: list[str], ve
     it) and serves the model its card describes (:func:`archive.check_archive_model`).
     TorchServe reads the copies, so what it serves is what was checked: the store's file
     could be replaced between a check of it and TorchServe's read (a build finishing, say).
-    Returns the folder of copies; the run dir is this user's alone. Where one archive fails,
-    the folder goes: a start that fails leaves no copy of any."""
+    Returns the folder of copies; the run dir is this user's alone (where one archive fails,
+    :func:`_launch` removes the folder)."""
     store = Path(settings.store)
     staged = staged_archives(run_dir)
     if staged.is_symlink() or staged.is_file():
         staged.unlink()
     changed = "(it changed while TorchServe was being started: a build running?)"
-    try:  # a failure (a later archive refused, a full disk, an interrupt) leaves no copy, whole or partial
-        staged.mkdir(mode=0o700, exist_ok=True)
-        served = {f"{n}.mar" for n in names}
-        for old in staged.iterdir():  # a former start's: only what is served now stays
-            if old.name not in served or not old.is_file() or old.is_symlink():
-                _remove(old)
-        for n in names:
-            rel, src, dst = f"archives/{n}.mar", settings.archives / f"{n}.mar", staged / f"{n}.mar"
-            partial = staged / f".{n}.mar.partial"
-            try:
-                with src.open("rb") as f, open(partial, "wb", opener=_owner_only) as out:
-                    digest = archive.sha256_stream(f, copy_to=out)
-            except FileNotFoundError:
-                raise archive.ManifestError(f"model store {store} failed verification: missing: {rel} {changed}") from None
-            if digest != verified.get(rel):
-                raise archive.ManifestError(f"model store {store} failed verification: sha256 mismatch: {rel} {changed}")
-            os.replace(partial, dst)
-            try:
-                archive.check_archive(dst)
-                archive.check_archive_model(dst, store / archive.split_archive_name(n)[0])
-            except archive.UnsafeArchive as e:  # the copy was checked; a user rebuilds the store's file
-                raise archive.UnsafeArchive(str(e).replace(str(dst), str(src))) from None
-    except BaseException:
-        _remove_staged(run_dir)
-        raise
+    staged.mkdir(mode=0o700, exist_ok=True)
+    served = {f"{n}.mar" for n in names}
+    for old in staged.iterdir():  # a former start's: only what is served now stays
+        if old.name not in served or not old.is_file() or old.is_symlink():
+            _remove(old)
+    for n in names:
+        rel, src, dst = f"archives/{n}.mar", settings.archives / f"{n}.mar", staged / f"{n}.mar"
+        partial = staged / f".{n}.mar.partial"
+        try:
+            with src.open("rb") as f, open(partial, "wb", opener=_owner_only) as out:
+                digest = archive.sha256_stream(f, copy_to=out)
+        except FileNotFoundError:
+            raise archive.ManifestError(f"model store {store} failed verification: missing: {rel} {changed}") from None
+        if digest != verified.get(rel):
+            raise archive.ManifestError(f"model store {store} failed verification: sha256 mismatch: {rel} {changed}")
+        os.replace(partial, dst)
+        try:
+            archive.check_archive(dst)
+            archive.check_archive_model(dst, store / archive.split_archive_name(n)[0])
+        except archive.UnsafeArchive as e:  # the copy was checked; a user rebuilds the store's file
+            raise archive.UnsafeArchive(str(e).replace(str(dst), str(src))) from None
     return staged
 
 
@@ -682,8 +678,9 @@ def _launch(settings: ServeSettings, run_dir: Path, names: list[str], outlive_ca
     existing = attach(run_dir)
     if existing is not None:
         raise ServeError(f"TorchServe already runs from {run_dir} (pid {existing.pid}); stop it first")
-    staged = _stage_archives(settings, run_dir, names, verified)
-    try:  # until TorchServe is started, a failure leaves no copy: nothing runs from this run dir (attach)
+    try:  # until TorchServe is started, a failure (a later archive refused, a full disk, an
+        # interrupt) leaves no copy, whole or partial: nothing runs from this run dir (attach)
+        staged = _stage_archives(settings, run_dir, names, verified)
         proc, offsets = _spawn(settings, run_dir, staged, names)
     except BaseException:
         _remove_staged(run_dir)
