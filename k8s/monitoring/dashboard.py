@@ -170,14 +170,16 @@ def panels() -> list[Panel]:
                    [target(f"sum by (model_name) (rate(ts_inference_requests_total[{RATE}]))", "{{model_name}}")],
                    "reqps"),
         timeseries("TorchServe queue and worker time", "QueueTime: last job's wait in the queue; "
-                   "WorkerThreadTime: last job's time in the frontend worker thread (both milliseconds, "
-                   "gauges). Mean queue and inference latency from the microsecond counters (REST calls).",
+                   "WorkerThreadTime: last job's time in the frontend worker thread (both TorchServe's "
+                   "gauges). Mean backend time per request: the gateway's clock over all of a request's "
+                   "TorchServe calls (coalescer wait, transport, queue, worker). TorchServe's own latency "
+                   "counters (ts_*_latency_microseconds) count REST predictions only, not the gateway's "
+                   "gRPC calls, so they are not drawn. All milliseconds.",
                    [target("max by (instance) (QueueTime)", "queue {{instance}}"),
                     target("max by (instance) (WorkerThreadTime)", "worker thread {{instance}}"),
-                    target(f"sum(rate(ts_queue_latency_microseconds[{RATE}])) / 1000 / "
-                           f"sum(rate(ts_inference_requests_total[{RATE}]))", "mean queue latency"),
-                    target(f"sum(rate(ts_inference_latency_microseconds[{RATE}])) / 1000 / "
-                           f"sum(rate(ts_inference_requests_total[{RATE}]))", "mean inference latency")], "ms"),
+                    target(f'sum(rate(robustgate_stage_duration_seconds_sum{{stage="backend"}}[{RATE}])) * 1000 / '
+                           f'sum(rate(robustgate_stage_duration_seconds_count{{stage="backend"}}[{RATE}]))',
+                           "mean backend time per request")], "ms"),
         timeseries("TorchServe worker load time", "Milliseconds each worker took to load its model.",
                    [target("max by (WorkerName) (WorkerLoadTime)", "{{WorkerName}}")], "ms"),
         timeseries("TorchServe responses", "HTTP responses per second by class (REST and management API).",
