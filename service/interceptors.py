@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import inspect
 import time
+from collections.abc import Callable
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -83,6 +84,27 @@ def _parse_checked(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMetho
                                                 handler.response_serializer)
 
 
+class PerMethod:
+    """Handlers an interceptor derives from the ones it is given, made once per method and
+    handler and kept: deriving one per call costs more than what it adds, and an interceptor
+    outside this one would see a new handler each call. The inner handler is matched by
+    identity; the last ``keep`` per method are kept (a method may answer with more than one)."""
+
+    def __init__(self, derive: Callable[[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler], keep: int) -> None:
+        self._derive = derive
+        self._keep = keep
+        self._kept: dict[str, list[tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]]] = {}
+
+    def __call__(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        kept = self._kept.setdefault(method, [])
+        for inner, outer in kept:
+            if inner is handler:
+                return outer
+        kept.append((handler, self._derive(method, handler)))
+        del kept[:-self._keep]
+        return kept[-1][1]
+
+
 WRAPPED_PER_METHOD = 2  # handlers wrapped and kept for each method (ServerMetricsInterceptor)
 
 
@@ -95,23 +117,15 @@ class ServerMetricsInterceptor(grpc.aio.ServerInterceptor):
         self.handling = Histogram("grpc_server_handling_seconds", "Time to complete an RPC.", labels,
                                   buckets=LATENCY_BUCKETS, registry=registry)
         self.msg_received = Counter("grpc_server_msg_received", "Stream messages received.", labels, registry=registry)
-        self._wrapped: dict[str, list[tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]]] = {}
+        # A method answers with two handlers where a token is required (its own, and the
+        # refusal of callers without the token): both are kept, so neither evicts the other.
+        self._wrapped = PerMethod(self._wrap, keep=WRAPPED_PER_METHOD)
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
         if handler is None:
             return None
-        # One wrapped handler per method and handler, made at its first call: wrapping and the
-        # label lookups cost more per call than the counting itself. A method answers with
-        # two handlers where a token is required (its own, and the refusal of callers without
-        # the token): the last WRAPPED_PER_METHOD are kept, so neither evicts the other.
-        kept = self._wrapped.setdefault(details.method, [])
-        for inner, outer in kept:
-            if inner is handler:
-                return outer
-        kept.append((handler, self._wrap(details.method, handler)))
-        del kept[:-WRAPPED_PER_METHOD]
-        return kept[-1][1]
+        return self._wrapped(details.method, handler)  # wrapping and label lookups cost more than counting
 
     def _wrap(self, full_method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         _, service, method = full_method.split("/", 2) if full_method.count("/") == 2 else ("", "", full_method)

@@ -43,7 +43,7 @@ from service.errors import (
     PolicyMismatch,
     Unauthenticated,
 )
-from service.interceptors import ServerMetricsInterceptor, cut_short_code
+from service.interceptors import PerMethod, ServerMetricsInterceptor, cut_short_code
 from service.metrics import Metrics, SupervisorMetrics
 from service.pipeline import ClassifyResult, Pipeline
 from service.registry import Registry
@@ -451,9 +451,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, token: str) -> None:
         self._expected = f"Bearer {token}".encode()
-        # each method's refusal, made once: a new handler per refused call cost its making,
-        # and the metrics interceptor outside this one wraps each handler it has not seen
-        self._refusals: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._refusals = PerMethod(lambda _method, handler: _refusal(handler), keep=1)
 
     def _allowed(self, details: grpc.HandlerCallDetails) -> bool:
         if details.method.startswith(OPEN_PREFIXES):
@@ -468,10 +466,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or self._allowed(details):
             return handler
-        hit = self._refusals.get(details.method)
-        if hit is None or hit[0] is not handler:
-            hit = self._refusals[details.method] = (handler, _refusal(handler))
-        return hit[1]
+        return self._refusals(details.method, handler)
 
 
 async def _deny(request, context):
