@@ -123,7 +123,7 @@ def panels() -> list[Panel]:
              [target("min(robustgate_backend_up)", "backend up")], w=4, h=8,
              thresholds=[{"color": "red", "value": None}, {"color": "green", "value": 1}]),
         stat("Scrape targets up", "Gateway and TorchServe metrics endpoints Prometheus can read.",
-             [target('sum(up{job=~"robustgate.*|torchserve.*"})', "up")], w=4, h=8),
+             [target('sum(up{job=~"robustgate|torchserve"})', "up")], w=4, h=8),
         timeseries("Images per TorchServe call (coalescing)",
                    "Mean and p99 images the gateway's coalescer sent per TorchServe call; empty while "
                    "coalescing is off (coalesce_max_batch 0). Near 1 under load: the backend keeps up.",
