@@ -43,6 +43,7 @@ from service.errors import (
     PolicyMismatch,
     Unauthenticated,
 )
+from service.healthcheck import HealthServicer
 from service.interceptors import PerMethod, ServerMetricsInterceptor, cut_short_code
 from service.metrics import Metrics, SupervisorMetrics
 from service.pipeline import ClassifyResult, Pipeline
@@ -672,7 +673,7 @@ async def start(settings: Settings, registry: Registry | None = None, worker: bo
     server = grpc.aio.server(interceptors=interceptors, options=options)
     servicer = ClassifierServicer(pipeline, registry, settings, admission, metrics, tracing)
     pb_grpc.add_ClassifierServiceServicer_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer()  # its status set by the first probe, before the server starts
+    health_servicer = HealthServicer()  # bounded; its status set by the first probe, before the server starts
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server

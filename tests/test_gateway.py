@@ -875,6 +875,10 @@ def test_backend_down_is_unavailable_and_not_serving(calibrated_store: Path, tor
             live = health_pb2_grpc.HealthStub(ch).Check(
                 health_pb2.HealthCheckRequest(service=LIVENESS_SERVICE), timeout=5).status
             assert live == health_pb2.HealthCheckResponse.SERVING
+            # the gateway's bounded health service (service/healthcheck.py): a watch of a name
+            # it does not serve answers once and ends, holding nothing open
+            made_up = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(service="x" * 512), timeout=5)
+            assert [r.status for r in made_up] == [health_pb2.HealthCheckResponse.SERVICE_UNKNOWN]
         probe = subprocess.run([sys.executable, "-m", "service.cli", "--address", address, "health"],
                                capture_output=True, text=True, timeout=120)  # `robustgate health`, an exec probe
         assert (probe.returncode, probe.stdout) == (1, "NOT_SERVING\n"), probe.stderr
