@@ -655,7 +655,7 @@ async def start(settings: Settings, registry: Registry | None = None, worker: bo
                                                       settings.coalesce_max_rows,
                                                       max_calls=settings.coalesce_max_calls), metrics)
     pipeline = Pipeline(registry, coalescer or backend, limits, settings.backend_timeout_s, settings.seed, tracing,
-                        allow_certify=settings.allow_certify)
+                        allow_certify=settings.allow_certify, decode_threads=settings.decode_threads)
     admission = Admission(settings.max_inflight, metrics, settings.max_inflight_per_connection,
                           settings.max_streams_per_connection)
     caller_token = auth_token(settings)

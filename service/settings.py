@@ -167,6 +167,11 @@ class Settings:
     TorchServe's limits (``service.backend.BACKEND_MAX_*``), whatever this is."""
     max_image_pixels: int = 4096 * 4096
     """Pixel-count cap checked from the header before full decode (decompression bombs)."""
+    decode_threads: int = 2
+    """Big images (over 64 KiB, or over 256 pixels a side by their header) decoded at once per
+    gateway process, in threads off its event loop; more wait their turn. Each may hold about
+    260 MB while it decodes at the default ``max_image_pixels`` (a 4096x4096 PNG with an alpha
+    channel), so this bounds a process's decoding memory (about 520 MB at 2)."""
     grace_s: float = 10.0
     """On SIGTERM: stop accepting, let in-flight calls finish within this many seconds."""
     health_interval_s: float = 2.0
@@ -220,6 +225,8 @@ class Settings:
                              f"besides its image)")
         if self.max_image_pixels < 1:
             raise ValueError("max_image_pixels must be >= 1")
+        if self.decode_threads < 1:
+            raise ValueError("decode_threads must be >= 1")
         if self.max_message_bytes > MAX_MESSAGE_BYTES:
             raise ValueError(f"max_message_bytes must be <= {MAX_MESSAGE_BYTES} (gRPC's limit is a 32-bit int)")
         if self.log_level.upper() not in LOG_LEVELS:

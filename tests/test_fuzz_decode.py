@@ -95,6 +95,29 @@ def test_sixteen_bit_is_scaled_not_clipped() -> None:
     assert decode_image(buf.getvalue(), SPEC, Limits()).min() == 255
 
 
+def test_sixteen_bit_grey_is_scaled_exactly_in_little_memory() -> None:
+    """16-bit grey (and 32-bit "I") to 8 bits: v * 255 // 65535 exactly, negatives 0, and in
+    32-bit arithmetic: a 4096x4096 one held 305 MB in 64-bit (17.5 bytes a pixel at the peak,
+    numpy's allocations as tracemalloc counts them; now 8.5)."""
+    import tracemalloc
+
+    from handlers.decode import to_mode
+
+    values = np.arange(1024 * 1024, dtype=np.uint32) % 65536
+    img = Image.fromarray(values.astype(np.uint16).reshape(1024, 1024))
+    img.load()
+    tracemalloc.start()
+    try:
+        out = to_mode(img, "L")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert img.mode == "I;16" and peak < 10 * 1024 * 1024, f"{peak / 2**20:.1f} bytes a pixel"
+    assert np.array_equal(np.asarray(out).ravel(), (values * 255 // 65535).astype(np.uint8))
+    wide = Image.fromarray(np.array([[-5, 0, 255, 70000]], dtype=np.int32), "I")  # over 255: 16-bit scale
+    assert np.asarray(to_mode(wide, "L")).tolist() == [[0, 0, 0, 255]]
+
+
 def test_decoders_are_registered_at_import_not_on_the_first_request() -> None:
     # Left to the first Image.open, PIL's plugin imports added 12 ms to the first request.
     import subprocess
@@ -233,6 +256,60 @@ def test_a_small_file_declaring_many_pixels_is_decoded_off_the_event_loop(monkey
     assert len(decoded_in) == 1 and decoded_in[0] != threading.get_ident()  # not on the loop's thread
     # The effect, loosely (a loaded machine's scheduling is in it): the loop kept running
     assert stall < alone / 2, f"the event loop stood still {stall:.2f} s of the decode's {alone:.2f} s"
+
+
+def test_a_long_side_is_decoded_off_the_event_loop() -> None:
+    """Few pixels but a side over 256 (8x8192 here): a PNG may carry a chunk per row, each
+    parsed in Python, so such an image is not decoded on the event loop; a square one is."""
+    from service.decode import NotHere
+
+    limits, here = Limits(max_bytes=1 << 20, max_pixels=4096 * 4096), 256 * 256
+    for size in ((8, 8192), (8192, 8), (257, 255)):
+        with pytest.raises(NotHere):
+            decode_image(_encoded_image("L", size, "PNG"), SPEC, limits, here_pixels=here)
+    assert decode_image(_encoded_image("L", (256, 256), "PNG"), SPEC, limits, here_pixels=here).shape == (1, 28, 28)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_big_decodes_at_once_are_bounded_by_decode_threads(monkeypatch: pytest.MonkeyPatch, threads: int) -> None:
+    """Each big decode may hold hundreds of MB: at most ``decode_threads`` run at once per
+    process, the rest wait their turn, and every one is answered."""
+    import asyncio
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from service import pipeline as pipeline_module
+    from service.pipeline import ClassifyInput, Pipeline
+
+    lock, running, most = threading.Lock(), 0, 0
+
+    def counting_decode(*args, **kwargs):
+        nonlocal running, most
+        if kwargs.get("here_pixels") is not None:  # the event loop's try: too big to decode there
+            return decode_image(*args, **kwargs)
+        with lock:
+            running += 1
+            most = max(most, running)
+        try:
+            time.sleep(0.05)
+            return decode_image(*args, **kwargs)
+        finally:
+            with lock:
+                running -= 1
+
+    monkeypatch.setattr(pipeline_module, "decode_image", counting_decode)
+    raw = _encoded_image("L", (512, 512), "PNG")  # over 256 a side: off the loop
+    pipeline = Pipeline(registry=None, backend=None, limits=Limits(), backend_timeout_s=1.0,  # type: ignore[arg-type]
+                        decode_threads=threads)
+
+    async def main() -> list:
+        return await asyncio.gather(*(pipeline._decode(ClassifyInput(model="m", image=raw), SimpleNamespace(input=SPEC))
+                                      for _ in range(6)))
+
+    outs = asyncio.run(main())
+    assert [o.shape for o in outs] == [(1, 28, 28)] * 6
+    assert most == threads
 
 
 def test_jpeg_scans_are_counted_as_a_decoder_meets_them() -> None:
