@@ -241,11 +241,15 @@ class ProbeHandler(BaseHandler):
         self.model = self.load(self.model_pt_path)
         self._check_outputs()
         self.initialized = True
-        logger.warning(
-            "%s: %s on %s, max_forward_batch %d, max_variants %d",
-            self.manifest["model"].get("modelName"), self.runtime, self.device,
-            self.settings.max_forward_batch, self.settings.max_variants,
-        )
+        name = self.manifest["model"].get("modelName")
+        code = os.path.dirname(os.path.realpath(__file__))
+        logger.warning("%s: %s on %s, max_forward_batch %d, max_variants %d, handler code %s",
+                       name, self.runtime, self.device, self.settings.max_forward_batch,
+                       self.settings.max_variants, code)
+        if not code.startswith(os.path.join(os.path.realpath(model_dir), "")):
+            # a PYTHONPATH ahead of the archive's folder: the archive's entry file runs with
+            # other handler code, which its manifest and staleness check do not cover
+            logger.error("%s: the handler package comes from %s, not from the archive (%s)", name, code, model_dir)
 
     def _check_outputs(self) -> None:
         s = self.card.spec

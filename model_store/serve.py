@@ -37,7 +37,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -723,7 +723,7 @@ def _spawn(settings: ServeSettings, run_dir: Path, staged: Path,
         "--log-config", str(CONFIG_DIR / "log4j2.xml"),
         "--models", *[f"{n}={n}.mar" for n in names],
     ]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TS_")}
+    env = server_env(os.environ)
     # TorchServe's launcher keeps its pid file in the temp dir and unpacks archives into
     # java.io.tmpdir: one per run directory, so servers on other run dirs do not collide.
     # The console carries the log only where stdout is a rotated stream (log4j2.xml).
@@ -739,6 +739,26 @@ def _spawn(settings: ServeSettings, run_dir: Path, staged: Path,
         proc = subprocess.Popen(cmd, cwd=run_dir, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True, umask=0o077)
     return proc, offsets
+
+
+def server_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment TorchServe and its workers get: this one less ``TS_*`` (TorchServe reads
+    its settings from those, over the config file) and less any ``PYTHONPATH`` entry holding
+    this checkout's handler or protocol packages. TorchServe puts the inherited ``PYTHONPATH``
+    before an archive's own folder on its workers' path, so a gateway's ``PYTHONPATH`` (the
+    image's ``/app:/app/proto``) had a worker run the archive's entry file with the
+    checkout's ``handlers`` and ``probe_pb2``: code the archive's manifest and staleness check
+    do not cover. Other entries (a GPU kit's site folder) are kept."""
+    env = {k: v for k, v in environ.items() if not k.startswith("TS_")}
+    if "PYTHONPATH" in env:
+        kept = [p for p in env["PYTHONPATH"].split(os.pathsep)
+                if p and not (Path(p) / "handlers" / "__init__.py").is_file()
+                and not (Path(p) / "robustgate" / "v1").is_dir()]
+        if kept:
+            env["PYTHONPATH"] = os.pathsep.join(kept)
+        else:
+            del env["PYTHONPATH"]
+    return env
 
 
 def _state_pid(run_dir: Path) -> int | None:

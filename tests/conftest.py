@@ -14,6 +14,8 @@ from hypothesis import HealthCheck, settings
 
 from model_store import build, data
 
+REPO = Path(__file__).resolve().parent.parent
+
 # Property tests: a few hundred examples in CI; HYPOTHESIS_PROFILE=nightly for 10,000.
 settings.register_profile("ci", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("nightly", max_examples=10_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -70,7 +72,17 @@ def torchserve(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory):
     from model_store import serve
 
     settings = serve.ServeSettings.on_free_ports(store=tiny_store, run_dir=tmp_path_factory.mktemp("ts-run"))
-    ts = serve.start(settings)
+    # started from an environment whose PYTHONPATH holds this checkout, as the image's does
+    # (/app:/app/proto): its workers must still run the archives' own handler code
+    before = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join((str(REPO), str(REPO / "proto")))
+    try:
+        ts = serve.start(settings)
+    finally:
+        if before is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = before
     try:
         yield ts
     finally:

@@ -704,3 +704,16 @@ def test_a_start_whose_torchserve_cannot_be_started_leaves_no_copy(tiny_store: P
         serve.start(serve.ServeSettings.on_free_ports(store=tiny_store, run_dir=run_dir, models=("fmnist-cnn-onnx",)))
     assert serve.attach(run_dir) is None
     assert not serve.staged_archives(run_dir).exists()
+
+
+def test_torchserve_gets_no_ts_settings_and_no_checkout_on_its_path(tmp_path: Path) -> None:
+    """TS_* would override the config file; a PYTHONPATH entry holding this checkout's handler
+    or protocol packages would shadow an archive's own (tests/test_torchserve_serving.py shows
+    it end to end). Other entries (a GPU kit's site folder) and everything else stay."""
+    from model_store import serve
+
+    repo = Path(serve.__file__).resolve().parent.parent
+    env = serve.server_env({"PYTHONPATH": os.pathsep.join((str(tmp_path), str(repo), "", str(repo / "proto"))),
+                            "TS_CONFIG_FILE": "/elsewhere", "KEEP_ME": "1"})
+    assert env == {"PYTHONPATH": str(tmp_path), "KEEP_ME": "1"}
+    assert serve.server_env({"PYTHONPATH": f"{repo}{os.pathsep}{repo / 'proto'}"}) == {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import sys
 import time
@@ -268,6 +269,22 @@ def test_logs_go_to_the_rolling_file_not_the_console_file(stub, token, server: s
     assert "Model server started" in console  # the frontend's own output is kept
     assert "MODEL_LOG" not in console and "PredictionException" not in console and "[WARN" not in console
     assert "PredictionException" in server.log_tail(lines=200)
+
+
+def test_workers_run_the_archives_handler_code_not_the_checkouts(stub, token, server: serve.TorchServe,
+                                                                  images: np.ndarray) -> None:
+    """The session's TorchServe was started with this checkout on PYTHONPATH (tests/conftest.py),
+    as the image's gateway has it: every worker still imports the handler package its archive
+    carries, which the archive's manifest and staleness check cover."""
+    for model in MODELS:  # a worker of each has answered: its initialize line is in the log
+        call(stub, token, model, png(images[0]))
+    repo = str(Path(__file__).resolve().parent.parent)
+    log = server.log_file.read_text(errors="replace")  # rolls at 20 MB: this run's start is in it
+    loaded = re.findall(r"MODEL_LOG - (\S+): .* handler code (\S+)", log)
+    assert {model for model, _ in loaded} == set(MODELS), loaded
+    for model, code in loaded:
+        assert not code.startswith(repo) and code.endswith("/handlers"), (model, code)
+    assert "not from the archive" not in log
 
 
 def test_a_call_without_the_token_is_refused(stub, server: serve.TorchServe, images: np.ndarray) -> None:
