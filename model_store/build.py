@@ -131,7 +131,7 @@ def build_model(name: str, opts: BuildOptions, dataset: data.FashionMNIST | None
         "shift": evaluate.shift_sweep(model, ds.test, SHIFTS, limit=gen_limit),
     }
     max_drop = 0.03
-    transforms = evaluate.label_preserving(model, ds.test, acc_test, max_drop=max_drop, limit=gen_limit)
+    transforms = evaluate.label_preserving(model, ds.test, max_drop=max_drop, limit=gen_limit)
 
     if opts.check_floor and acc_test < preset.floor:  # before anything in the store changes
         raise BuildError(f"[{name}] test top-1 {acc_test:.4f} is below the floor {preset.floor}")
@@ -161,7 +161,7 @@ def build_model(name: str, opts: BuildOptions, dataset: data.FashionMNIST | None
             "labels": list(data.LABELS),
             "noise_sigma": cfg.noise_sigma,
             "data": {"source": f"Debian {data.DEBIAN_PACKAGE}", "sha256": ds.sha256,
-                     "train": len(ds.train), "calib": len(ds.calib), "test": len(ds.test), "split_seed": cfg.seed},
+                     "train": len(ds.train) if cfg.limit is None else min(cfg.limit, len(ds.train)), "calib": len(ds.calib), "test": len(ds.test), "split_seed": cfg.seed},
             "training": {**dataclasses.asdict(cfg), "seconds": round(result.seconds, 1), "machine": _machine(),
                          "final_loss": result.final_loss, "pretrained_weights": str(opts.weights) if opts.weights else None},
             "accuracy": acc,

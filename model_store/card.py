@@ -63,7 +63,9 @@ def render_markdown(card: dict[str, Any]) -> str:
         "## Label-preserving transforms (used by the viewpoint check)",
         "",
         "A transform preserves labels when it costs at most "
-        f"{100 * card['label_preserving_max_drop']:.0f} points of test accuracy.",
+        f"{100 * card['label_preserving_max_drop']:.0f} points of top-1 on the same "
+        f"{card['sweep_images']:,} test images (clean: "
+        f"{_pct(next(iter(card['transforms'].values()))['clean_accuracy'])}).",
         "",
         "| transform | top-1 | preserves label |",
         "|---|---|---|",

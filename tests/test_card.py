@@ -19,6 +19,13 @@ def test_card_has_what_handlers_and_gate_read(tiny_store: Path) -> None:
     assert card["accuracy"]["train_test_gap"] == pytest.approx(card["accuracy"]["train"] - card["accuracy"]["test"])
     names = {t["name"] for t in card["label_preserving_transforms"]}
     assert names == {k for k, v in card["transforms"].items() if v["preserves_label"]}
+    # each transform's cost is measured against the same images' clean top-1: the rotation
+    # sweep's 0 degrees, not the whole test set's
+    for t in card["transforms"].values():
+        assert t["clean_accuracy"] == card["sweeps"]["rotation"]["0"]
+        assert t["preserves_label"] == (t["clean_accuracy"] - t["accuracy"] <= card["label_preserving_max_drop"])
+    limit = card["training"]["limit"]
+    assert card["data"]["train"] == (55_000 if limit is None else min(limit, 55_000))  # what it trained on
     assert (tiny_store / "fmnist-cnn" / "card.md").read_text().startswith("# Model card: fmnist-cnn")
     assert (tiny_store / "fmnist-cnn" / "sweeps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
