@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import http.client
 import logging
+import os
 import socket
 import sys
 import threading
@@ -69,21 +70,25 @@ class _DeadlineSocket(socket.socket):
     it could a per-call timeout. ``http.client`` reads headers and body through ``recv_into``."""
 
     deadline = float("-inf")
+    per_call_s = float("inf")  # and each call within this
+
+    def _arm(self) -> None:
+        self.settimeout(min(self.per_call_s, _time_left(self.deadline)))
 
     def connect(self, address: object) -> None:
-        self.settimeout(_time_left(self.deadline))
+        self._arm()
         super().connect(address)
 
     def sendall(self, data: bytes, flags: int = 0) -> None:
-        self.settimeout(_time_left(self.deadline))
+        self._arm()
         super().sendall(data, flags)
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
-        self.settimeout(_time_left(self.deadline))
+        self._arm()
         return super().recv(bufsize, flags)
 
     def recv_into(self, buffer: memoryview | bytearray, nbytes: int = 0, flags: int = 0) -> int:
-        self.settimeout(_time_left(self.deadline))
+        self._arm()
         return super().recv_into(buffer, nbytes, flags)
 
 
@@ -251,6 +256,23 @@ class _QuietHandler(WSGIRequestHandler):
     # without a timeout, forever. Prometheus sends its request at once and reads the answer
     # within its scrape timeout (10 s by default).
     timeout = 10.0
+    # The timeout is per read: a client sending a byte every 9 s kept its connection, and 32
+    # of them every slot, for as long as they liked. Each connection ends this long after it
+    # was accepted, whatever it is doing (one request each: wsgiref answers HTTP/1.0), read
+    # and written through a :class:`_DeadlineSocket` on the same file descriptor.
+    deadline_s = 30.0
+
+    def setup(self) -> None:
+        sock = _DeadlineSocket(fileno=os.dup(self.request.fileno()))  # the server closes its own
+        sock.deadline, sock.per_call_s = time.monotonic() + self.deadline_s, self.timeout
+        self.request = sock
+        super().setup()
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.request.close()
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002  (no line per scrape)
         pass

@@ -352,6 +352,38 @@ def test_a_connection_that_sends_nothing_is_closed_by_the_read_timeout(registry:
     assert "Traceback" not in capfd.readouterr().err  # a client gone quiet is no server error
 
 
+def test_a_connection_trickling_its_request_is_cut_at_its_deadline(registry: CollectorRegistry,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     capfd: pytest.CaptureFixture) -> None:
+    """A byte now and then, each within the per-read timeout, no longer holds a connection
+    (and, 32 of them, every slot) for as long as the client likes: it is cut at its deadline
+    (30 s as shipped), quietly, and a scrape is answered meanwhile."""
+    assert metrics_server._QuietHandler.deadline_s == 30.0
+    monkeypatch.setattr(metrics_server._QuietHandler, "timeout", 0.5)
+    monkeypatch.setattr(metrics_server._QuietHandler, "deadline_s", 1.5)
+    for base in serve(registry, ""):
+        port = int(base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as slow:
+            slow.settimeout(0.2)
+            t0, request = time.monotonic(), b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + b"X: " + b"y" * 200
+            closed = False
+            for byte in request:
+                try:
+                    slow.sendall(bytes([byte]))
+                    closed = slow.recv(1024) == b""
+                except TimeoutError:
+                    pass
+                except OSError:  # reset: cut by the server
+                    closed = True
+                if closed:
+                    break
+                if time.monotonic() - t0 < 0.5:
+                    assert get(base + "/metrics")[0] == 200
+            assert closed, "the trickling connection was never cut"
+            assert 1.2 < time.monotonic() - t0 < 5
+    assert "Traceback" not in capfd.readouterr().err
+
+
 def test_idle_connections_hold_at_most_max_connections_threads(registry: CollectorRegistry,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Past MAX_CONNECTIONS a connection is closed at once, unanswered (before: one thread per
