@@ -15,6 +15,7 @@ import functools
 import hmac
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,6 +39,14 @@ DEFAULT_TOP_K = 5
 # one of 5,300 chunks in 64 KiB held the loop 12 ms).
 _INLINE_DECODE_BYTES = 64 * 1024
 _INLINE_DECODE_PIXELS = 256 * 256
+# Off the loop, two pools of threads of our own: an image of up to _MEDIUM_DECODE_PIXELS by its
+# header (about 16 MB at the most while it decodes) in one of _MEDIUM_DECODE_THREADS, a bigger
+# one (about 260 MB at the 4096x4096 limit) in one of Settings.decode_threads, so that a few
+# huge images neither hold more memory than that nor keep ordinary ones waiting. A request
+# cancelled while its image decodes leaves the decode its thread until it ends (a slot freed
+# at once let a client with 10 ms deadlines start any number of them).
+_MEDIUM_DECODE_PIXELS = 1024 * 1024
+_MEDIUM_DECODE_THREADS = 4
 
 
 @dataclass(frozen=True)
@@ -130,7 +139,8 @@ class Pipeline:
                  backend_timeout_s: float, base_seed: int = 0, tracing: Tracing = OFF,
                  allow_certify: bool = True, decode_threads: int = 2) -> None:
         self.registry = registry
-        self._decoding = asyncio.Semaphore(decode_threads)  # Settings.decode_threads: memory
+        self._medium_decodes = ThreadPoolExecutor(_MEDIUM_DECODE_THREADS, thread_name_prefix="decode")
+        self._big_decodes = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode-big")  # Settings
         self.allow_certify = allow_certify  # Settings.allow_certify
         self.backend = backend
         self.limits = limits
@@ -147,8 +157,12 @@ class Pipeline:
                     return decode_image(req.image, model.input, self.limits, here_pixels=_INLINE_DECODE_PIXELS)
                 except NotHere:
                     pass
-            async with self._decoding:
-                return await asyncio.to_thread(decode_image, req.image, model.input, self.limits)
+            loop = asyncio.get_running_loop()
+            try:
+                return await loop.run_in_executor(self._medium_decodes, functools.partial(
+                    decode_image, req.image, model.input, self.limits, here_pixels=_MEDIUM_DECODE_PIXELS))
+            except NotHere:
+                return await loop.run_in_executor(self._big_decodes, decode_image, req.image, model.input, self.limits)
         if req.tensor is not None:
             t = req.tensor
             return decode_tensor(t.shape, t.dtype, t.data, model.input)

@@ -168,10 +168,12 @@ class Settings:
     max_image_pixels: int = 4096 * 4096
     """Pixel-count cap checked from the header before full decode (decompression bombs)."""
     decode_threads: int = 2
-    """Big images (over 64 KiB, or over 256 pixels a side by their header) decoded at once per
-    gateway process, in threads off its event loop; more wait their turn. Each may hold about
-    260 MB while it decodes at the default ``max_image_pixels`` (a 4096x4096 PNG with an alpha
-    channel), so this bounds a process's decoding memory (about 520 MB at 2)."""
+    """Images of over a million pixels (by their header) decoded at once per gateway process,
+    in threads off its event loop; more wait their turn (smaller ones off the loop have 4
+    threads of their own). Each may hold about 260 MB while it decodes at the default
+    ``max_image_pixels`` (a 4096x4096 PNG with an alpha channel), so this bounds a process's
+    decoding memory (about 520 MB at 2). A request cancelled meanwhile leaves its decode the
+    thread until it ends."""
     grace_s: float = 10.0
     """On SIGTERM: stop accepting, let in-flight calls finish within this many seconds."""
     health_interval_s: float = 2.0

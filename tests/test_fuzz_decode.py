@@ -270,46 +270,118 @@ def test_a_long_side_is_decoded_off_the_event_loop() -> None:
     assert decode_image(_encoded_image("L", (256, 256), "PNG"), SPEC, limits, here_pixels=here).shape == (1, 28, 28)
 
 
+class _CountingDecodes:
+    """``decode_image`` for the pipeline, counting the decodes of big images (those it is asked
+    to decode whole, with no ``here_pixels``) running at once; each takes ``hold_s`` longer, and
+    ``meet`` threads wait for each other first (so that a bound is reached, on a slow machine too)."""
+
+    def __init__(self, hold_s: float, meet: int = 1) -> None:
+        import threading
+
+        self.lock, self.running, self.most, self.started = threading.Lock(), 0, 0, 0
+        self.hold_s, self.barrier = hold_s, threading.Barrier(meet, timeout=10)
+
+    def __call__(self, *args, **kwargs):
+        import time
+
+        if kwargs.get("here_pixels") is not None:  # the loop's and the small pool's: not big ones
+            return decode_image(*args, **kwargs)
+        with self.lock:
+            self.running += 1
+            self.started += 1
+            self.most = max(self.most, self.running)
+        try:
+            self.barrier.wait()
+            time.sleep(self.hold_s)
+            return decode_image(*args, **kwargs)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def _pipeline(monkeypatch: pytest.MonkeyPatch, decodes: _CountingDecodes, threads: int):
+    from service import pipeline as pipeline_module
+    from service.pipeline import Pipeline
+
+    monkeypatch.setattr(pipeline_module, "decode_image", decodes)
+    return Pipeline(registry=None, backend=None, limits=Limits(), backend_timeout_s=1.0,  # type: ignore[arg-type]
+                    decode_threads=threads)
+
+
+def _decode(pipeline, raw: bytes):
+    from types import SimpleNamespace
+
+    from service.pipeline import ClassifyInput
+
+    return pipeline._decode(ClassifyInput(model="m", image=raw), SimpleNamespace(input=SPEC))
+
+
+BIG = _encoded_image("L", (1100, 1000), "PNG")  # over a million pixels: a big decode
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_big_decodes_at_once_are_bounded_by_decode_threads(monkeypatch: pytest.MonkeyPatch, threads: int) -> None:
     """Each big decode may hold hundreds of MB: at most ``decode_threads`` run at once per
     process, the rest wait their turn, and every one is answered."""
     import asyncio
-    import threading
-    import time
-    from types import SimpleNamespace
 
-    from service import pipeline as pipeline_module
-    from service.pipeline import ClassifyInput, Pipeline
-
-    lock, running, most = threading.Lock(), 0, 0
-
-    def counting_decode(*args, **kwargs):
-        nonlocal running, most
-        if kwargs.get("here_pixels") is not None:  # the event loop's try: too big to decode there
-            return decode_image(*args, **kwargs)
-        with lock:
-            running += 1
-            most = max(most, running)
-        try:
-            time.sleep(0.05)
-            return decode_image(*args, **kwargs)
-        finally:
-            with lock:
-                running -= 1
-
-    monkeypatch.setattr(pipeline_module, "decode_image", counting_decode)
-    raw = _encoded_image("L", (512, 512), "PNG")  # over 256 a side: off the loop
-    pipeline = Pipeline(registry=None, backend=None, limits=Limits(), backend_timeout_s=1.0,  # type: ignore[arg-type]
-                        decode_threads=threads)
+    decodes = _CountingDecodes(hold_s=0.05, meet=threads)
+    pipeline = _pipeline(monkeypatch, decodes, threads)
 
     async def main() -> list:
-        return await asyncio.gather(*(pipeline._decode(ClassifyInput(model="m", image=raw), SimpleNamespace(input=SPEC))
-                                      for _ in range(6)))
+        return await asyncio.gather(*(_decode(pipeline, BIG) for _ in range(6)))
 
-    outs = asyncio.run(main())
-    assert [o.shape for o in outs] == [(1, 28, 28)] * 6
-    assert most == threads
+    assert [o.shape for o in asyncio.run(main())] == [(1, 28, 28)] * 6
+    assert decodes.most == threads and decodes.started == 6
+
+
+def test_a_cancelled_request_keeps_its_big_decode_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request cancelled (its deadline, its client gone) while its image decodes does not
+    free the decode's place: the decode runs on, and holds its memory, until it ends. A
+    client sending huge images with 10 ms deadlines started any number of them at once."""
+    import asyncio
+    import time
+
+    decodes = _CountingDecodes(hold_s=0.3)
+    pipeline = _pipeline(monkeypatch, decodes, 1)
+
+    async def main() -> None:
+        for _ in range(5):
+            task = asyncio.create_task(_decode(pipeline, BIG))
+            await asyncio.sleep(0.01)
+            task.cancel()
+        t0 = time.monotonic()
+        while decodes.running and time.monotonic() - t0 < 10:
+            await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    # one ran (to its end), the four queued behind it were dropped with their requests
+    assert (decodes.most, decodes.started) == (1, 1)
+
+
+def test_ordinary_images_do_not_wait_behind_huge_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An image of at most a million pixels has threads of its own: a 300x200 one is answered
+    while the one big-decode thread is busy."""
+    import asyncio
+
+    decodes = _CountingDecodes(hold_s=2.0)
+    pipeline = _pipeline(monkeypatch, decodes, 1)
+    medium = _encoded_image("L", (300, 200), "PNG")  # a side over 256: off the loop, not big
+
+    async def main() -> list[str]:
+        order: list[str] = []
+
+        async def one(name: str, raw: bytes) -> None:
+            await _decode(pipeline, raw)
+            order.append(name)
+
+        big = asyncio.create_task(one("big", BIG))
+        while not decodes.running:
+            await asyncio.sleep(0.01)
+        await asyncio.gather(big, one("medium", medium))
+        return order
+
+    assert asyncio.run(main()) == ["medium", "big"]
 
 
 def test_jpeg_scans_are_counted_as_a_decoder_meets_them() -> None:
