@@ -751,7 +751,7 @@ def server_env(environ: Mapping[str, str]) -> dict[str, str]:
     do not cover. Other entries (a GPU kit's site folder) are kept."""
     env = {k: v for k, v in environ.items() if not k.startswith("TS_")}
     if "PYTHONPATH" in env:
-        kept = [p for p in env["PYTHONPATH"].split(os.pathsep)
+        kept = [os.path.abspath(p) for p in env["PYTHONPATH"].split(os.pathsep)  # TorchServe runs elsewhere
                 if p and not (Path(p) / "handlers" / "__init__.py").is_file()
                 and not (Path(p) / "robustgate" / "v1").is_dir()]
         if kept:

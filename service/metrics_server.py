@@ -92,6 +92,25 @@ class _DeadlineSocket(socket.socket):
         return super().recv_into(buffer, nbytes, flags)
 
 
+class _ConnectionSocket(_DeadlineSocket):
+    """The metrics port's end of a connection. Its deadline passing, or a write the client does
+    not take within the per-call timeout, is the client's doing: ``ConnectionAbortedError``,
+    which wsgiref closes quietly like a client gone (a ``TimeoutError`` while it answered was a
+    traceback on stderr, at a client's will)."""
+
+    def _arm(self) -> None:
+        try:
+            super()._arm()
+        except TimeoutError:
+            raise ConnectionAbortedError("the connection's deadline passed") from None
+
+    def sendall(self, data: bytes, flags: int = 0) -> None:
+        try:
+            super().sendall(data, flags)
+        except TimeoutError:
+            raise ConnectionAbortedError("the client does not read its answer") from None
+
+
 class _DeadlineConnection(http.client.HTTPConnection):
     """An HTTP connection over a :class:`_DeadlineSocket`: connect, request and response all
     within one deadline. ``http.client`` never consults proxy settings."""
@@ -263,7 +282,7 @@ class _QuietHandler(WSGIRequestHandler):
     deadline_s = 30.0
 
     def setup(self) -> None:
-        sock = _DeadlineSocket(fileno=os.dup(self.request.fileno()))  # the server closes its own
+        sock = _ConnectionSocket(fileno=os.dup(self.request.fileno()))  # the server closes its own
         sock.deadline, sock.per_call_s = time.monotonic() + self.deadline_s, self.timeout
         self.request = sock
         super().setup()

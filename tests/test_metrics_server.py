@@ -4,6 +4,7 @@ not answer (or answers too slowly), and one fetch shared by concurrent scrapes."
 
 from __future__ import annotations
 
+import functools
 import http.server
 import socket
 import threading
@@ -359,13 +360,13 @@ def test_a_connection_trickling_its_request_is_cut_at_its_deadline(registry: Col
     (and, 32 of them, every slot) for as long as the client likes: it is cut at its deadline
     (30 s as shipped), quietly, and a scrape is answered meanwhile."""
     assert metrics_server._QuietHandler.deadline_s == 30.0
-    monkeypatch.setattr(metrics_server._QuietHandler, "timeout", 0.5)
-    monkeypatch.setattr(metrics_server._QuietHandler, "deadline_s", 1.5)
+    monkeypatch.setattr(metrics_server._QuietHandler, "timeout", 1.0)
+    monkeypatch.setattr(metrics_server._QuietHandler, "deadline_s", 3.0)
     for base in serve(registry, ""):
         port = int(base.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port)) as slow:
-            slow.settimeout(0.2)
-            t0, request = time.monotonic(), b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + b"X: " + b"y" * 200
+            slow.settimeout(0.05)  # a byte every 0.05 s: far inside the 1 s per read
+            t0, request = time.monotonic(), b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + b"X: " + b"y" * 400
             closed = False
             for byte in request:
                 try:
@@ -380,7 +381,25 @@ def test_a_connection_trickling_its_request_is_cut_at_its_deadline(registry: Col
                 if time.monotonic() - t0 < 0.5:
                     assert get(base + "/metrics")[0] == 200
             assert closed, "the trickling connection was never cut"
-            assert 1.2 < time.monotonic() - t0 < 5
+            assert 2.5 < time.monotonic() - t0 < 8
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_deadline_passing_while_answering_is_no_server_error(registry: CollectorRegistry, silent_upstream: str,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  capfd: pytest.CaptureFixture) -> None:
+    """The relay waits on a wedged TorchServe past the connection's deadline: the answer is not
+    written, the connection closes, and no traceback reaches stderr (wsgiref prints one for any
+    error but a client's leaving)."""
+    monkeypatch.setattr(metrics_server._QuietHandler, "deadline_s", 0.5)
+    monkeypatch.setattr(metrics_server, "TorchServeRelay", functools.partial(metrics_server.TorchServeRelay, timeout_s=1.0))
+    for base in serve(registry, silent_upstream):
+        port = int(base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as c:
+            c.sendall(b"GET /metrics/torchserve HTTP/1.0\r\n\r\n")
+            c.settimeout(10)
+            assert c.recv(1024) == b""  # closed unanswered once the relay gave up
+        assert get(base + "/metrics")[0] == 200  # and the port serves on
     assert "Traceback" not in capfd.readouterr().err
 
 
