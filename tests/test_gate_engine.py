@@ -428,3 +428,20 @@ def test_a_settled_certificate_draws_no_copy_past_the_scored_ones() -> None:
     run = drive(policy, model, certify=True)
     assert run.budget > 300 and run.samples == run.detect_budget == 32
     assert run.report().certified is False
+
+
+def test_a_certificate_takes_the_rest_of_its_budget_rather_than_stop_just_short() -> None:
+    """Every copy agreeing, the verdict (certified at the target radius) settles 8 copies short
+    of 400; the bound counts those as disagreeing, which cut the radius from 0.53 to 0.41. The
+    last batch takes the rest instead, in as many round trips: the full budget's radius."""
+    from service.gate.sequential import batch_schedule
+
+    policy = make_policy(certify=True, max_passes=500)
+    model = FakeModel(stream=np.ones(1000, dtype=bool))
+    run = drive(policy, model)
+    cert = run.report().certificate
+    full = certify_counts(0, run.budget, run.budget, run.budget, 0.25, 0.001)
+    assert run.budget == 400 and run.samples == 400
+    assert cert is not None and cert.radius == full.radius and full.radius > 0.5
+    assert run.batches <= len(batch_schedule(run.budget))
+    assert [p.noise.count for p in model.plans[1:]][-1] > [p.noise.count for p in model.plans[1:]][-2]

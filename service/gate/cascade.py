@@ -128,6 +128,12 @@ class GateRun:
                 need = samples_to_settle(self.agreements, self.samples, self.budget, self.cuts)
                 size = next_batch_size(self.samples, self.budget, first=n.first_batch, growth=n.growth,
                                        at_least=need)
+                # The whole rest where less than this batch would be left after it: the bound
+                # counts copies not drawn as disagreeing, so settling the verdict 8 short of 400
+                # (42 + 50 + 100 + 200) cut a unanimous image's radius from 0.53 to 0.41 to save
+                # 2 % of the copies. No more round trips; the verdict is the same.
+                if self.budget - self.samples - size < size:
+                    size = self.budget - self.samples
             return self.policy.noise_plan(derive_seed(self.seed, self.batches + 1), size)
         return None
 
