@@ -27,14 +27,14 @@ def serve(main, max_watches: int = 3) -> None:
         await server.start()
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                await asyncio.wait_for(main(servicer, health_pb2_grpc.HealthStub(channel)), 30)
+                await asyncio.wait_for(main(servicer, health_pb2_grpc.HealthStub(channel), channel), 30)
         finally:
             await server.stop(None)
     asyncio.run(run())
 
 
 def test_watch_of_an_unknown_service_answers_once_and_ends_holding_nothing() -> None:
-    async def main(servicer: HealthServicer, stub) -> None:
+    async def main(servicer: HealthServicer, stub, channel) -> None:
         answers = [r.status async for r in stub.Watch(health_pb2.HealthCheckRequest(service="made-up" * 100))]
         assert answers == [UNKNOWN]
         assert "made-up" * 100 not in servicer._server_watchers  # no name kept as a key
@@ -46,7 +46,7 @@ def test_watch_of_an_unknown_service_answers_once_and_ends_holding_nothing() -> 
 
 
 def test_a_request_longer_than_a_name_is_refused() -> None:
-    async def main(servicer: HealthServicer, stub) -> None:
+    async def main(servicer: HealthServicer, stub, channel) -> None:
         big = health_pb2.HealthCheckRequest(service=KNOWN + "x" * MAX_REQUEST_BYTES)
         for call in (lambda: stub.Check(big), lambda: stub.Watch(big).read()):
             with pytest.raises(grpc.aio.AioRpcError) as e:
@@ -61,27 +61,17 @@ def test_unknown_fields_count_toward_the_limit() -> None:
     request, which an open watch holds), sent as raw bytes."""
     padded = health_pb2.HealthCheckRequest(service=KNOWN).SerializeToString() + b"\x12\x80\x10" + b"\0" * 2048
 
-    async def run() -> None:
-        servicer = HealthServicer()
-        await servicer.set(KNOWN, SERVING)
-        server = grpc.aio.server()
-        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                watch = channel.unary_stream("/grpc.health.v1.Health/Watch", request_serializer=lambda b: b,
-                                             response_deserializer=health_pb2.HealthCheckResponse.FromString)
-                with pytest.raises(grpc.aio.AioRpcError) as e:
-                    await asyncio.wait_for(watch(padded).read(), 30)
-                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        finally:
-            await server.stop(None)
-    asyncio.run(run())
+    async def main(servicer: HealthServicer, stub, channel) -> None:
+        watch = channel.unary_stream("/grpc.health.v1.Health/Watch", request_serializer=lambda b: b,
+                                     response_deserializer=health_pb2.HealthCheckResponse.FromString)
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await watch(padded).read()
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    serve(main)
 
 
 def test_watches_are_capped_and_a_closed_one_frees_its_place() -> None:
-    async def main(servicer: HealthServicer, stub) -> None:
+    async def main(servicer: HealthServicer, stub, channel) -> None:
         calls = [stub.Watch(health_pb2.HealthCheckRequest(service=KNOWN)) for _ in range(3)]
         assert [(await c.read()).status for c in calls] == [SERVING] * 3
         assert servicer.watching == 3
