@@ -277,6 +277,8 @@ async def calibrate(
                 "Use more images (--images) or a lower --confidence.")
         elif Check.SQUEEZE in clean and (warning := squeeze_ceiling_warning(clean[Check.SQUEEZE], kind, got)):
             log(warning)
+        elif kind == "flag" and (warning := expected_rate_warning(kind, target, got, n - half)):
+            log(warning)
     policy = with_thresholds(policy, result.thresholds, enable=True)
     for c in Check:
         if c not in enabled and policy.enabled(c):
@@ -312,6 +314,26 @@ def cascade_warning(checks: Sequence[Check]) -> str | None:
         return ("warning: noise is calibrated as if it scored every image; beside cheap checks the cascade "
                 "scores it only where they escalate, so it flags and catches less than this summary says")
     return None
+
+
+EXPECTED_RATE_SLACK = 0.01  # the issue's band: the target's 5 % +- 1 point
+
+
+def expected_rate_warning(kind: str, target: float, calibrated: float, images: int) -> str | None:
+    """A warning when the clean rate to expect falls more than :data:`EXPECTED_RATE_SLACK`
+    below ``target``, else None. The confidence margin makes the rate a one-sided bound: the
+    thresholds let ``k = calibrated * images`` of the threshold images cross, and a fresh clean
+    image crosses with probability about ``(k + 1) / (images + 1)`` (the order statistic's
+    mean), which on few images sits well under the target (1,000: 3.9 % for 5 %)."""
+    if not target:
+        return None
+    expected = (round(calibrated * images) + 1) / (images + 1)
+    if expected >= target - EXPECTED_RATE_SLACK:
+        return None
+    return (f"warning: on {images} threshold images the {kind} rate is calibrated at {calibrated:.2%} so that "
+            f"it stays within {target:.2%} with the asked confidence; expect about {expected:.2%} on clean "
+            f"traffic, more than {EXPECTED_RATE_SLACK:.0%} under the target. Use more images (--images) or a "
+            "lower --confidence.")
 
 
 def squeeze_ceiling_warning(clean_squeeze: np.ndarray, kind: str, rate: float) -> str | None:

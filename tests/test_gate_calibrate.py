@@ -338,3 +338,19 @@ def test_the_calibration_command_refuses_in_one_line(tiny_store, tmp_path) -> No
         r = subprocess.run(base + args, capture_output=True, text=True, timeout=300)
         assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
         assert r.stderr.strip().startswith("error: ") and said in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_clean_rate_calibrated_far_under_its_target_is_warned_of() -> None:
+    """The confidence margin makes the flag rate a one-sided bound: on few threshold images
+    the rate to expect on clean traffic (the order statistic's mean) sits more than a point
+    under the target, outside the 5 +- 1 % band: said at calibration. The default 2,500 are
+    inside it."""
+    from service.calibration import expected_rate_warning
+    from service.gate.calibrate import rate_with_confidence
+
+    for images, warned in ((2500, False), (1000, True), (300, True)):
+        got = rate_with_confidence(0.05, images, 0.95)
+        warning = expected_rate_warning("flag", 0.05, got, images)
+        assert (warning is not None) == warned, (images, got, warning)
+    assert "expect about 3.90%" in expected_rate_warning("flag", 0.05, rate_with_confidence(0.05, 1000, 0.95), 1000)
+    assert expected_rate_warning("flag", 0.0, 0.0, 300) is None  # no rate asked for
