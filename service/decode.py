@@ -58,13 +58,14 @@ class NotHere(Exception):
     decoded; never a caller's error."""
 
 
-def decode_image(raw: bytes, spec: InputSpec, limits: Limits, here_pixels: int | None = None) -> np.ndarray:
+def decode_image(raw: bytes, spec: InputSpec, limits: Limits, here_pixels: int | None = None,
+                 here_side: int | None = None) -> np.ndarray:
     """PNG/JPEG bytes -> ``uint8 [C, H, W]`` in the model's mode and size (bilinear resize).
-    ``here_pixels``: raise :class:`NotHere` for an image of more pixels, or a side longer than
-    the square of that many, by the header its decoder reads (a PNG's last IHDR, not its first),
-    before decoding any."""
+    ``here_pixels``, ``here_side``: raise :class:`NotHere` for an image of more pixels, or a
+    longer side, by the header its decoder reads (a PNG's last IHDR, not its first), before
+    decoding any."""
     def size_here(w: int, h: int) -> None:
-        if here_pixels is not None and (w * h > here_pixels or max(w, h) > math.isqrt(here_pixels)):
+        if (here_pixels is not None and w * h > here_pixels) or (here_side is not None and max(w, h) > here_side):
             raise NotHere(f"{w}x{h}")
 
     pixels = load_pixels(raw, spec.mode, limits.max_bytes, limits.max_pixels, InvalidInput, size_here)

@@ -10,11 +10,12 @@ from the base image's logits (row 0 of the first answer).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import hmac
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -39,14 +40,43 @@ DEFAULT_TOP_K = 5
 # one of 5,300 chunks in 64 KiB held the loop 12 ms).
 _INLINE_DECODE_BYTES = 64 * 1024
 _INLINE_DECODE_PIXELS = 256 * 256
+_INLINE_DECODE_SIDE = 256
 # Off the loop, two pools of threads of our own: an image of up to _MEDIUM_DECODE_PIXELS by its
-# header (about 16 MB at the most while it decodes) in one of _MEDIUM_DECODE_THREADS, a bigger
+# header, whatever its shape (about 16 MB at the most while it decodes) in one of _MEDIUM_DECODE_THREADS, a bigger
 # one (about 260 MB at the 4096x4096 limit) in one of Settings.decode_threads, so that a few
 # huge images neither hold more memory than that nor keep ordinary ones waiting. A request
 # cancelled while its image decodes leaves the decode its thread until it ends (a slot freed
 # at once let a client with 10 ms deadlines start any number of them).
 _MEDIUM_DECODE_PIXELS = 1024 * 1024
 _MEDIUM_DECODE_THREADS = 4
+
+
+class _DecodePool:
+    """Threads that decode, and one place per thread: a request takes a place before its decode
+    is handed to a thread and the place comes back when the decode ends, not when the request
+    does. A request cancelled while it waits for a place holds nothing (not even its bytes, as
+    a work item queued in an executor would); one cancelled while its image decodes leaves the
+    decode its place until it ends."""
+
+    def __init__(self, threads: int, name: str) -> None:
+        self._threads = ThreadPoolExecutor(threads, thread_name_prefix=name)
+        self._places = asyncio.Semaphore(threads)
+
+    async def run(self, decode: Callable[[], np.ndarray]) -> np.ndarray:
+        await self._places.acquire()
+        loop = asyncio.get_running_loop()
+
+        def give_back(_: object) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed while the decode ran
+                loop.call_soon_threadsafe(self._places.release)
+
+        try:
+            job = self._threads.submit(decode)
+        except BaseException:
+            self._places.release()
+            raise
+        job.add_done_callback(give_back)
+        return await asyncio.wrap_future(job)
 
 
 @dataclass(frozen=True)
@@ -139,8 +169,8 @@ class Pipeline:
                  backend_timeout_s: float, base_seed: int = 0, tracing: Tracing = OFF,
                  allow_certify: bool = True, decode_threads: int = 2) -> None:
         self.registry = registry
-        self._medium_decodes = ThreadPoolExecutor(_MEDIUM_DECODE_THREADS, thread_name_prefix="decode")
-        self._big_decodes = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode-big")  # Settings
+        self._medium_decodes = _DecodePool(_MEDIUM_DECODE_THREADS, "decode")
+        self._big_decodes = _DecodePool(decode_threads, "decode-big")  # Settings.decode_threads
         self.allow_certify = allow_certify  # Settings.allow_certify
         self.backend = backend
         self.limits = limits
@@ -154,15 +184,16 @@ class Pipeline:
         if req.image is not None:
             if len(req.image) <= _INLINE_DECODE_BYTES:
                 try:
-                    return decode_image(req.image, model.input, self.limits, here_pixels=_INLINE_DECODE_PIXELS)
+                    return decode_image(req.image, model.input, self.limits, here_pixels=_INLINE_DECODE_PIXELS,
+                                        here_side=_INLINE_DECODE_SIDE)
                 except NotHere:
                     pass
-            loop = asyncio.get_running_loop()
             try:
-                return await loop.run_in_executor(self._medium_decodes, functools.partial(
+                return await self._medium_decodes.run(functools.partial(
                     decode_image, req.image, model.input, self.limits, here_pixels=_MEDIUM_DECODE_PIXELS))
             except NotHere:
-                return await loop.run_in_executor(self._big_decodes, decode_image, req.image, model.input, self.limits)
+                pass  # out of the except block: a wait below that is cancelled chains no NotHere (and its frames)
+            return await self._big_decodes.run(functools.partial(decode_image, req.image, model.input, self.limits))
         if req.tensor is not None:
             t = req.tensor
             return decode_tensor(t.shape, t.dtype, t.data, model.input)

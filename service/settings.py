@@ -172,8 +172,8 @@ class Settings:
     in threads off its event loop; more wait their turn (smaller ones off the loop have 4
     threads of their own). Each may hold about 260 MB while it decodes at the default
     ``max_image_pixels`` (a 4096x4096 PNG with an alpha channel), so this bounds a process's
-    decoding memory (about 520 MB at 2). A request cancelled meanwhile leaves its decode the
-    thread until it ends."""
+    decoding memory (about 520 MB at 2, and up to 4 x 16 MB for the smaller ones). A request
+    cancelled meanwhile leaves its decode the thread until it ends."""
     grace_s: float = 10.0
     """On SIGTERM: stop accepting, let in-flight calls finish within this many seconds."""
     health_interval_s: float = 2.0

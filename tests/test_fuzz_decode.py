@@ -263,11 +263,13 @@ def test_a_long_side_is_decoded_off_the_event_loop() -> None:
     parsed in Python, so such an image is not decoded on the event loop; a square one is."""
     from service.decode import NotHere
 
-    limits, here = Limits(max_bytes=1 << 20, max_pixels=4096 * 4096), 256 * 256
+    limits, here = Limits(max_bytes=1 << 20, max_pixels=4096 * 4096), {"here_pixels": 256 * 256, "here_side": 256}
     for size in ((8, 8192), (8192, 8), (257, 255)):
         with pytest.raises(NotHere):
-            decode_image(_encoded_image("L", size, "PNG"), SPEC, limits, here_pixels=here)
-    assert decode_image(_encoded_image("L", (256, 256), "PNG"), SPEC, limits, here_pixels=here).shape == (1, 28, 28)
+            decode_image(_encoded_image("L", size, "PNG"), SPEC, limits, **here)
+    assert decode_image(_encoded_image("L", (256, 256), "PNG"), SPEC, limits, **here).shape == (1, 28, 28)
+    # the side is a bound of its own: pixels alone let a long image through
+    assert decode_image(_encoded_image("L", (8, 8192), "PNG"), SPEC, limits, here_pixels=256 * 256).shape == (1, 28, 28)
 
 
 class _CountingDecodes:
@@ -338,35 +340,47 @@ def test_big_decodes_at_once_are_bounded_by_decode_threads(monkeypatch: pytest.M
 def test_a_cancelled_request_keeps_its_big_decode_counted(monkeypatch: pytest.MonkeyPatch) -> None:
     """A request cancelled (its deadline, its client gone) while its image decodes does not
     free the decode's place: the decode runs on, and holds its memory, until it ends. A
-    client sending huge images with 10 ms deadlines started any number of them at once."""
+    client sending huge images with 10 ms deadlines started any number of them at once. Those
+    cancelled while they wait hold nothing, not even their bytes."""
     import asyncio
     import time
 
-    decodes = _CountingDecodes(hold_s=0.3)
+    decodes = _CountingDecodes(hold_s=1.0)
     pipeline = _pipeline(monkeypatch, decodes, 1)
 
-    async def main() -> None:
-        for _ in range(5):
-            task = asyncio.create_task(_decode(pipeline, BIG))
-            await asyncio.sleep(0.01)
-            task.cancel()
+    async def main() -> int:
+        first = asyncio.create_task(_decode(pipeline, BIG))
         t0 = time.monotonic()
-        while decodes.running and time.monotonic() - t0 < 10:
+        while not decodes.running and time.monotonic() - t0 < 10:
             await asyncio.sleep(0.01)
+        tasks = [asyncio.create_task(_decode(pipeline, BIG)) for _ in range(4)]
+        await asyncio.sleep(0.05)
+        for task in (first, *tasks):
+            task.cancel()
+        await asyncio.gather(first, *tasks, return_exceptions=True)
+        late = asyncio.create_task(_decode(pipeline, BIG))  # waits for the cancelled one's decode
+        await asyncio.sleep(0.1)
+        # while the first decode still runs: nothing handed to the pool's threads waits there
+        # (an executor's queued work item keeps its image until a thread takes it off)
+        queued = pipeline._big_decodes._threads._work_queue.qsize()
+        assert decodes.running == 1 and (await late).shape == (1, 28, 28)
+        return queued
 
-    asyncio.run(main())
-    # one ran (to its end), the four queued behind it were dropped with their requests
-    assert (decodes.most, decodes.started) == (1, 1)
+    queued = asyncio.run(main())
+    # the first ran to its end, the four behind it were dropped with their requests, and the
+    # late one came after the first, never beside it
+    assert (decodes.most, decodes.started, queued) == (1, 2, 0)
 
 
 def test_ordinary_images_do_not_wait_behind_huge_ones(monkeypatch: pytest.MonkeyPatch) -> None:
-    """An image of at most a million pixels has threads of its own: a 300x200 one is answered
-    while the one big-decode thread is busy."""
+    """An image of at most a million pixels has threads of its own, whatever its shape: a
+    300x200 one and a 1280x720 frame are answered while the one big-decode thread is busy."""
     import asyncio
 
     decodes = _CountingDecodes(hold_s=2.0)
     pipeline = _pipeline(monkeypatch, decodes, 1)
-    medium = _encoded_image("L", (300, 200), "PNG")  # a side over 256: off the loop, not big
+    small = _encoded_image("L", (300, 200), "PNG")  # a side over 256: off the loop, not big
+    frame = _encoded_image("L", (1280, 720), "PNG")  # a side over 1024, under a million pixels
 
     async def main() -> list[str]:
         order: list[str] = []
@@ -378,10 +392,10 @@ def test_ordinary_images_do_not_wait_behind_huge_ones(monkeypatch: pytest.Monkey
         big = asyncio.create_task(one("big", BIG))
         while not decodes.running:
             await asyncio.sleep(0.01)
-        await asyncio.gather(big, one("medium", medium))
+        await asyncio.gather(big, one("small", small), one("frame", frame))
         return order
 
-    assert asyncio.run(main()) == ["medium", "big"]
+    assert asyncio.run(main())[-1] == "big"
 
 
 def test_jpeg_scans_are_counted_as_a_decoder_meets_them() -> None:

@@ -168,7 +168,9 @@ def run_sequential(draw: Callable[[int], int], budget: int, cuts: Sequence[int],
     """Drive a sequential run: ``draw(size)`` returns how many of ``size`` fresh copies agree.
 
     Pure apart from ``draw``; the gateway drives the same loop through the handler with
-    :class:`~service.gate.cascade.GateRun`. Stops when every cut is settled.
+    :class:`~service.gate.cascade.GateRun`, whose certificate's last batch also takes the rest
+    of the budget where less than itself would be left after it (the bound counts copies not
+    drawn as disagreeing). Stops when every cut is settled.
     """
     agreements = samples = 0
     batches: list[int] = []
