@@ -33,13 +33,13 @@ from service.tracing import OFF, Tracing, set_error
 
 DEFAULT_TOP_K = 5
 # Decode big images in a worker thread so that one cannot stall the event loop: big in bytes,
-# or in the pixels its header declares (a small file can declare millions of them), as its
+# or in the size its header declares (a small file can declare millions of pixels), as its
 # decoder reads that header: a header parser of our own read a PNG's first IHDR where Pillow
 # takes its last, and could be led past a JPEG's frame header by a marker without a length.
-# A side over 256 goes too: a PNG may carry a chunk per row, each parsed in Python (an 8x8192
-# one of 5,300 chunks in 64 KiB held the loop 12 ms).
+# Bounded by the side, not only the pixels: a PNG may carry a chunk per row, each parsed in
+# Python (an 8x8192 one of 5,300 chunks in 64 KiB held the loop 12 ms). Within 256 a side,
+# an image has at most 256 x 256 pixels.
 _INLINE_DECODE_BYTES = 64 * 1024
-_INLINE_DECODE_PIXELS = 256 * 256
 _INLINE_DECODE_SIDE = 256
 # Off the loop, two pools of threads of our own: an image of up to _MEDIUM_DECODE_PIXELS by its
 # header, whatever its shape (about 16 MB at the most while it decodes) in one of _MEDIUM_DECODE_THREADS, a bigger
@@ -184,8 +184,7 @@ class Pipeline:
         if req.image is not None:
             if len(req.image) <= _INLINE_DECODE_BYTES:
                 try:
-                    return decode_image(req.image, model.input, self.limits, here_pixels=_INLINE_DECODE_PIXELS,
-                                        here_side=_INLINE_DECODE_SIDE)
+                    return decode_image(req.image, model.input, self.limits, here_side=_INLINE_DECODE_SIDE)
                 except NotHere:
                     pass
             try:

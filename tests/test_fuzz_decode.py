@@ -274,7 +274,7 @@ def test_a_long_side_is_decoded_off_the_event_loop() -> None:
 
 class _CountingDecodes:
     """``decode_image`` for the pipeline, counting the decodes of big images (those it is asked
-    to decode whole, with no ``here_pixels``) running at once; each takes ``hold_s`` longer, and
+    to decode whole, with no ``here_*`` bound) running at once; each takes ``hold_s`` longer, and
     ``meet`` threads wait for each other first (so that a bound is reached, on a slow machine too)."""
 
     def __init__(self, hold_s: float, meet: int = 1) -> None:
@@ -286,7 +286,7 @@ class _CountingDecodes:
     def __call__(self, *args, **kwargs):
         import time
 
-        if kwargs.get("here_pixels") is not None:  # the loop's and the small pool's: not big ones
+        if kwargs.get("here_pixels") is not None or kwargs.get("here_side") is not None:  # the loop's, the small pool's
             return decode_image(*args, **kwargs)
         with self.lock:
             self.running += 1
