@@ -43,8 +43,7 @@ from service.gate.plan import ProbeSpec, derive_seed
 from service.gate.policy import Mode, Policy
 from service.gate.report import CheckScore, Decision, GateReport, decide, off_report, verdict_of
 from service.gate.sequential import (
-    all_settled, certification_cut, detection_cut, disagreement_share,
-    next_batch_size, samples_to_settle,
+    all_settled, certification_cut, detection_cut, disagreement_share, settling_batch,
 )
 from service.gate.smoothing import Certificate, certify_counts, count_agreements
 
@@ -120,14 +119,11 @@ class GateRun:
             if self._detecting():
                 # The scored copies first, in the batches (so the seeds and the noise) a run
                 # without a certificate draws: asking for one must not change the verdict.
-                need = samples_to_settle(self.detect_agreements, self.detect_samples,
-                                         self.detect_budget, self.detect_cuts)
-                size = next_batch_size(self.detect_samples, self.detect_budget, first=n.first_batch,
-                                       growth=n.growth, at_least=need)
+                size = settling_batch(self.detect_agreements, self.detect_samples, self.detect_budget,
+                                      self.detect_cuts, first=n.first_batch, growth=n.growth)
             else:  # then the certificate's own
-                need = samples_to_settle(self.agreements, self.samples, self.budget, self.cuts)
-                size = next_batch_size(self.samples, self.budget, first=n.first_batch, growth=n.growth,
-                                       at_least=need)
+                size = settling_batch(self.agreements, self.samples, self.budget, self.cuts,
+                                      first=n.first_batch, growth=n.growth)
                 # The whole rest where less than this batch would be left after it: the bound
                 # counts copies not drawn as disagreeing, so settling the verdict 8 short of 400
                 # (42 + 50 + 100 + 200) cut a unanimous image's radius from 0.53 to 0.41 to save

@@ -109,6 +109,15 @@ def next_batch_size(spent: int, budget: int, *, first: int = 8, growth: int = 2,
     return min(remaining, max(spent * (growth - 1) + first, at_least))
 
 
+def settling_batch(agreements: int, samples: int, budget: int, cuts: Sequence[int], *,
+                   first: int = 8, growth: int = 2) -> int:
+    """Size of a run's next batch after ``agreements`` of ``samples`` copies: geometric, or
+    the fewest copies that could settle every open cut where that is more
+    (:func:`samples_to_settle`); 0 when the budget is spent."""
+    return next_batch_size(samples, budget, first=first, growth=growth,
+                           at_least=samples_to_settle(agreements, samples, budget, cuts))
+
+
 def batch_schedule(budget: int, *, first: int = 8, growth: int = 2) -> tuple[int, ...]:
     """Geometric batch sizes covering ``budget`` (the most batches a run can take)."""
     sizes: list[int] = []
@@ -175,8 +184,7 @@ def run_sequential(draw: Callable[[int], int], budget: int, cuts: Sequence[int],
     agreements = samples = 0
     batches: list[int] = []
     while not all_settled(agreements, samples, budget, cuts):
-        size = next_batch_size(samples, budget, first=first, growth=growth,
-                               at_least=samples_to_settle(agreements, samples, budget, cuts))
+        size = settling_batch(agreements, samples, budget, cuts, first=first, growth=growth)
         got = draw(size)
         if not 0 <= got <= size:
             raise ValueError(f"draw({size}) returned {got}")
