@@ -16,8 +16,9 @@ import torch.nn.functional as F
 
 from robustgate.v1 import probe_pb2
 
-PLAN_VERSION = 2  # the current contract; version 1 (the same, without jitter) is still served
-PLAN_VERSIONS = (1, 2)
+PLAN_VERSION = 3  # the current contract; 2 (noise in one draw) and 1 (and no jitter) are still served
+PLAN_VERSIONS = (1, 2, 3)
+NOISE_BLOCK = 8  # copies per draw of a version-3 noise stream
 MAX_SIGMA = 10.0
 MAX_SCALE = 10.0
 MIN_SCALE = 0.1
@@ -90,6 +91,10 @@ def validate(plan: probe_pb2.ProbePlan, shape: Shape, max_variants: int) -> int:
                 raise PlanError(f"{name}.sigma must be in (0, {MAX_SIGMA}] when {name}.count > 0, got {sigma}")
     if plan.jitter.count and plan.version < 2:
         raise PlanError(f"jitter needs plan version 2, got version {plan.version}")
+    if plan.noise.offset and plan.version < 3:
+        raise PlanError(f"noise.offset needs plan version 3, got version {plan.version}")
+    if plan.jitter.offset:
+        raise PlanError("jitter.offset must be 0 (only the noise section is a stream)")
     for b in plan.squeeze.bit_depths:
         if b not in BIT_DEPTHS:
             raise PlanError(f"squeeze.bit_depths: {b} is not in 1..8")
@@ -299,6 +304,20 @@ def gaussian_copies(base: torch.Tensor, section: probe_pb2.NoiseProbe, seed: int
     return base + section.sigma * eps
 
 
+def noise_stream(base: torch.Tensor, section: probe_pb2.NoiseProbe, seed: int) -> torch.Tensor:
+    """Copies ``section.offset`` .. ``offset + count - 1`` of the seed's stream of noisy copies
+    of ``base`` ``[C, H, W]`` (plan version 3): block k of the stream (copies 8k .. 8k + 7) is
+    one draw from a generator seeded with ``seed + 3 + k``, so a copy's noise depends on its
+    index alone, not on how the copies are split among plans. Returns ``[count, C, H, W]``."""
+    first, stop = section.offset, section.offset + section.count
+    blocks = [torch.randn((NOISE_BLOCK, *base.shape), generator=_generator(seed + 3 + k, base.device),
+                          device=base.device, dtype=base.dtype)
+              for k in range(first // NOISE_BLOCK, -(-stop // NOISE_BLOCK))]
+    skip = first % NOISE_BLOCK
+    eps = torch.cat(blocks)[skip:skip + section.count]
+    return base + section.sigma * eps
+
+
 def expand(base: torch.Tensor, plan: probe_pb2.ProbePlan | None) -> torch.Tensor:
     """The base image and every variant of a validated ``plan``, in plan order.
 
@@ -309,7 +328,8 @@ def expand(base: torch.Tensor, plan: probe_pb2.ProbePlan | None) -> torch.Tensor
         return parts[0]
     dev = base.device
     if plan.noise.count:
-        parts.append(gaussian_copies(base, plan.noise, plan.seed))
+        draw = noise_stream if plan.version >= 3 else gaussian_copies
+        parts.append(draw(base, plan.noise, plan.seed))
     if plan.squeeze.bit_depths:
         parts.append(bit_depths(base, tuple(plan.squeeze.bit_depths)))
     for k in plan.squeeze.median_sizes:

@@ -135,11 +135,16 @@ def _plan_template(spec: ProbeSpec) -> probe_pb2.ProbePlan:
 def spec_to_proto(spec: ProbeSpec) -> probe_pb2.ProbePlan:
     """The gate's plan dataclass as the wire message (same JSON field names both sides).
 
-    A policy's plans differ only in their seed (and a noise batch's count), so the JSON
-    conversion (about 100 us) runs once per distinct plan and later calls copy it (a few us)."""
+    A policy's plans differ only in their seed (and a noise batch's count and offset), so the
+    JSON conversion (about 100 us) runs once per distinct plan and later calls copy it (a few
+    us); the seed and the offset are set on the copy."""
+    template = spec.with_seed(0)
+    if spec.noise.offset:
+        template = dataclasses.replace(template, noise=dataclasses.replace(spec.noise, offset=0))
     msg = probe_pb2.ProbePlan()
-    msg.CopyFrom(_plan_template(spec.with_seed(0)))
+    msg.CopyFrom(_plan_template(template))
     msg.seed = spec.seed
+    msg.noise.offset = spec.noise.offset
     return msg
 
 

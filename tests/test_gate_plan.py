@@ -70,6 +70,11 @@ def test_dict_round_trip_through_json() -> None:
     assert "jitter" not in replace(FULL, jitter=NoiseSpec()).to_dict()
     assert d["squeeze"] == {"bit_depths": [1, 2, 4], "median_sizes": [2]}
     assert ProbeSpec.from_dict(json.loads(json.dumps(d))) == FULL
+    # a noise offset is written only when set, as jitter: plans without one read as before
+    assert "offset" not in d["noise"]
+    streamed = replace(FULL, noise=NoiseSpec(sigma=0.25, count=5, offset=40))
+    assert streamed.to_dict()["noise"] == {"sigma": 0.25, "count": 5, "offset": 40}
+    assert ProbeSpec.from_dict(json.loads(json.dumps(streamed.to_dict()))) == streamed
 
 
 def test_from_dict_accepts_protobuf_json_spellings() -> None:
@@ -87,7 +92,11 @@ def test_from_dict_accepts_protobuf_json_spellings() -> None:
 
 
 @pytest.mark.parametrize("bad, where", [
-    ({"version": 3}, "version"),
+    ({"version": 4}, "version"),
+    ({"version": 2, "noise": {"count": 8, "sigma": 0.1, "offset": 8}}, "version 3"),
+    ({"version": 3, "noise": {"count": 8, "sigma": 0.1, "offset": -1}}, "noise.offset"),
+    ({"version": 3, "noise": {"count": 8, "sigma": 0.1, "offset": 2**32}}, "noise.offset"),
+    ({"version": 3, "jitter": {"count": 4, "sigma": 0.1, "offset": 4}}, "jitter.offset"),
     ({"version": 1, "jitter": {"count": 1, "sigma": 0.1}}, "version 2"),
     ({"version": 1, "squeeze": {"bit_depths": [9]}}, "bit_depths"),
     ({"version": 1, "squeeze": {"median_sizes": [1]}}, "median_sizes"),

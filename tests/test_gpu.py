@@ -91,3 +91,14 @@ def test_expansion_on_the_gpu_matches_the_cpu_but_for_the_noise(images: np.ndarr
         np.testing.assert_allclose(gpu[keep].numpy(), cpu[keep].numpy(), rtol=0, atol=1e-5)
         shuffled = slice(cpu.shape[0] - jitter - plan.shuffle.count, cpu.shape[0] - jitter)
         assert torch.equal(gpu[shuffled], cpu[shuffled])
+
+
+def test_the_noise_stream_on_the_gpu_is_one_stream_whatever_the_pieces(images: np.ndarray) -> None:
+    """Plan version 3 on the device's generator: copies 12..35 asked for alone are rows
+    12..35 of one plan for 0..35, as the gateway's sequential batches need."""
+    base = data.to_tensor(images[:1])[0].cuda()
+    whole = probe_pb2.ProbePlan(version=3, seed=5, noise=probe_pb2.NoiseProbe(sigma=0.25, count=36))
+    piece = probe_pb2.ProbePlan(version=3, seed=5, noise=probe_pb2.NoiseProbe(sigma=0.25, count=24, offset=12))
+    with torch.inference_mode():
+        a, b = probe.expand(base, whole), probe.expand(base, piece)
+    assert b.device.type == "cuda" and torch.equal(a[13:], b[1:])

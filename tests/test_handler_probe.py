@@ -92,6 +92,45 @@ def test_noise_matches_reference_and_plan_statistics(base: torch.Tensor) -> None
     assert out.min() < 0.0  # not clamped, as trained
 
 
+def stream_plan(count: int, offset: int = 0, seed: int = 99, sigma: float = 0.25) -> probe_pb2.ProbePlan:
+    return probe_pb2.ProbePlan(version=3, seed=seed,
+                               noise=probe_pb2.NoiseProbe(sigma=sigma, count=count, offset=offset))
+
+
+def test_version_3_noise_is_one_stream_whatever_the_batches(base: torch.Tensor) -> None:
+    """Copy i of the stream is row i % 8 of block i // 8, drawn from seed + 3 + i // 8: pieces
+    at any offsets and counts give the copies one plan of the whole budget gives, so the
+    gateway's sequential batches draw exactly what the full budget would."""
+    sigma, seed = 0.25, 99
+    whole = probe.expand(base, stream_plan(40, seed=seed))[1:]
+    blocks = [torch.randn((8, 1, 28, 28), generator=torch.Generator().manual_seed(seed + 3 + k)) for k in range(5)]
+    assert torch.equal(whole, base + np.float32(sigma) * torch.cat(blocks))
+    pieces = [(0, 8), (8, 8), (16, 3), (19, 13), (32, 8)]  # block edges and not
+    got = torch.cat([probe.expand(base, stream_plan(n, offset=o, seed=seed))[1:] for o, n in pieces])
+    assert torch.equal(got, whole)
+    assert torch.equal(probe.expand(base, stream_plan(5, offset=13, seed=seed))[1:], whole[13:18])
+    # another seed, another stream; the first block is not the shuffle's or the jitter's draw
+    assert not torch.equal(probe.expand(base, stream_plan(8, seed=seed + 1))[1:], whole[:8])
+    for other in (seed, seed + 1, seed + 2):
+        assert not torch.equal(blocks[0], torch.randn((8, 1, 28, 28), generator=torch.Generator().manual_seed(other)))
+
+
+def test_noise_offset_needs_version_3_and_the_noise_section(base: torch.Tensor) -> None:
+    shape = probe.Shape(1, 28, 28)
+    v2 = stream_plan(8, offset=8)
+    v2.version = 2
+    with pytest.raises(probe.PlanError, match="noise.offset needs plan version 3"):
+        probe.validate(v2, shape, 100)
+    jitter = probe_pb2.ProbePlan(version=3, jitter=probe_pb2.NoiseProbe(sigma=0.03, count=4, offset=4))
+    with pytest.raises(probe.PlanError, match="jitter.offset must be 0"):
+        probe.validate(jitter, shape, 100)
+    # a version 2 plan draws its noise in one piece, as it always did
+    v2.noise.offset = 0
+    gen = torch.Generator().manual_seed(99)
+    assert probe.validate(v2, shape, 100) == 9
+    assert torch.equal(probe.expand(base, v2)[1:], base + np.float32(0.25) * torch.randn((8, 1, 28, 28), generator=gen))
+
+
 def test_shuffle_draws_do_not_depend_on_noise_count(base: torch.Tensor) -> None:
     def plan(noise: int) -> probe_pb2.ProbePlan:
         return probe_pb2.ProbePlan(version=1, seed=5, noise=probe_pb2.NoiseProbe(sigma=0.5, count=noise),

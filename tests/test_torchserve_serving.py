@@ -101,8 +101,13 @@ def reference_variants(base: torch.Tensor, plan: probe_pb2.ProbePlan) -> torch.T
     """Every row of ``plan`` for ``base`` [1, 28, 28], computed without handlers/."""
     x = base.numpy()
     rows = [x]
-    gen = torch.Generator().manual_seed(plan.seed)
-    eps = torch.randn((plan.noise.count, 1, 28, 28), generator=gen).numpy()
+    if plan.version >= 3:  # one stream of copies, in blocks of 8 from seed + 3 + block
+        first, stop = plan.noise.offset, plan.noise.offset + plan.noise.count
+        eps = np.concatenate([torch.randn((8, 1, 28, 28), generator=torch.Generator().manual_seed(plan.seed + 3 + k)
+                                          ).numpy() for k in range(stop // 8 + 1)])[first:stop]
+    else:
+        gen = torch.Generator().manual_seed(plan.seed)
+        eps = torch.randn((plan.noise.count, 1, 28, 28), generator=gen).numpy()
     rows += list(x + np.float32(plan.noise.sigma) * eps)
     for b in plan.squeeze.bit_depths:
         m = np.float32(2**b - 1)
@@ -165,6 +170,24 @@ def test_plan_rows_match_reference_variants(stub, token, local, images: np.ndarr
     got_feats = np.frombuffer(res.features, dtype="<f4")
     assert res.feature_dim == feats.shape[1]
     np.testing.assert_allclose(got_feats, feats[0], atol=1e-4, rtol=0)
+
+
+def test_a_noise_stream_piece_is_the_whole_budgets_copies(stub, token, local, images: np.ndarray) -> None:
+    """Plan version 3 through TorchServe: copies 12..35 of a stream, as the gateway's later
+    sequential batch asks for them, are the reference's and the rows one plan for copies
+    0..35 answers (the served model on the same rows, so up to its float tolerance)."""
+    piece = example("noise_stream.json")
+    assert (piece.version, piece.noise.offset, piece.noise.count) == (3, 12, 24)
+    res = call(stub, token, MODELS[0], png(images[2]), piece)
+    assert (res.rows, res.plan_version) == (25, 3)
+    want, _ = local[MODELS[0]](reference_variants(data.to_tensor(images[2:3])[0], piece))
+    np.testing.assert_allclose(logits(res), want, atol=1e-4, rtol=0)
+    whole = probe_pb2.ProbePlan()
+    whole.CopyFrom(piece)
+    whole.noise.offset, whole.noise.count = 0, 36
+    both = call(stub, token, MODELS[0], png(images[2]), whole)
+    np.testing.assert_allclose(logits(both)[13:], logits(res)[1:], atol=1e-4, rtol=0)
+    assert not np.allclose(logits(both)[1:25], logits(res)[1:], atol=1e-3)  # not the first copies
 
 
 def test_fixed_seed_reproduces_exactly(stub, token, images: np.ndarray) -> None:

@@ -17,9 +17,12 @@ least one crosses its escalate threshold (its flag threshold where escalate is u
 enabled cheap check has such a threshold at all (then on every image). The noise check is
 scored, and counts toward the decision, only where the cascade opened it this way: the
 copies drawn for a certificate alone leave it ``skipped``. Noise
-copies come in sequential batches (each with its own derived seed) under a budget that fits
-the per-request forward-pass ceiling, and stop as soon as the full-budget verdicts (certified
-at the target radius; noise score over its flag / reject thresholds) are settled. The noise
+copies come in sequential batches under a budget that fits the per-request forward-pass
+ceiling, and stop as soon as the full-budget verdicts (certified at the target radius; noise
+score over its flag / reject thresholds) are settled. The batches are consecutive pieces of
+one stream of copies (one derived seed, each batch its offset in the stream: plan version
+3), so a run draws exactly the copies one batch of the whole budget would, and the verdicts
+it settles early are the full budget's on the same image, not merely as likely. The noise
 score is the share of the first ``noise.detect_samples`` copies that lose the base top-1,
 the count its thresholds were calibrated on; a certificate counts every copy of its budget
 (``noise.max_samples``), so a run asked for both settles each verdict on its own copies.
@@ -46,6 +49,11 @@ from service.gate.sequential import (
     all_settled, certification_cut, detection_cut, disagreement_share, settling_batch,
 )
 from service.gate.smoothing import Certificate, certify_counts, count_agreements
+
+
+#: The index :func:`derive_seed` takes for a run's stream of noise copies (the cheap probe
+#: uses the run's own seed). 1: what the first batch's seed was before batches shared one.
+NOISE_STREAM = 1
 
 
 class Stage(StrEnum):
@@ -117,8 +125,8 @@ class GateRun:
         if self.stage is Stage.NOISE:
             n = self.policy.noise
             if self._detecting():
-                # The scored copies first, in the batches (so the seeds and the noise) a run
-                # without a certificate draws: asking for one must not change the verdict.
+                # The scored copies first, in the batches a run without a certificate draws:
+                # asking for one must not change the verdict (nor, with the stream, the noise).
                 size = settling_batch(self.detect_agreements, self.detect_samples, self.detect_budget,
                                       self.detect_cuts, first=n.first_batch, growth=n.growth)
             else:  # then the certificate's own
@@ -130,7 +138,7 @@ class GateRun:
                 # 2 % of the copies. No more round trips; the verdict is the same.
                 if self.budget - self.samples - size < size:
                     size = self.budget - self.samples
-            return self.policy.noise_plan(derive_seed(self.seed, self.batches + 1), size)
+            return self.policy.noise_plan(derive_seed(self.seed, NOISE_STREAM), size, offset=self.samples)
         return None
 
     def _detecting(self) -> bool:

@@ -35,8 +35,8 @@ from service.gate._fields import (
 )
 from service.gate.errors import PlanError
 
-PLAN_VERSION = 2  # what plans are built at; 2 added the jitter section
-PLAN_VERSIONS = (1, 2)  # what a plan may say (policies written before jitter hold version 1)
+PLAN_VERSION = 3  # what plans are built at; 3 made noise a stream (noise.offset), 2 added jitter
+PLAN_VERSIONS = (1, 2, 3)  # what a plan may say (policies written before jitter hold version 1)
 # The handler's limits (handlers/probe.py, which may not be imported from here; the shared
 # examples in proto/examples/invalid pin the two copies to one another).
 MAX_SIGMA = 10.0  # noise and jitter, pixel units
@@ -52,10 +52,13 @@ def _known(*names: str) -> set[str]:
 @dataclass(frozen=True)
 class NoiseSpec:
     """Gaussian copies: ``count`` images ``x + N(0, sigma^2)``, sigma in [0, 1] pixel units
-    (the noise and the jitter sections)."""
+    (the noise and the jitter sections). ``offset`` (noise, plan version 3): the index of the
+    first copy in the seed's stream of copies, so that plans for copies 0..7 and 8..15 draw
+    what one plan for 0..15 would (``probe.proto``)."""
 
     sigma: float = 0.0
     count: int = 0
+    offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -123,7 +126,8 @@ class PlanLayout:
 
 @dataclass(frozen=True)
 class ProbeSpec:
-    """A probe plan (schema version 2, or 1 without jitter). Validated on construction;
+    """A probe plan (schema version 3; 2 without a noise offset, 1 also without jitter).
+    Validated on construction;
     raises :class:`PlanError`."""
 
     version: int = PLAN_VERSION
@@ -188,7 +192,9 @@ class ProbeSpec:
         return {
             "version": self.version,
             "seed": self.seed,
-            "noise": {"sigma": self.noise.sigma, "count": self.noise.count},
+            # offset only when set, as jitter: a plan without it writes what it wrote before
+            "noise": {"sigma": self.noise.sigma, "count": self.noise.count,
+                      **({"offset": self.noise.offset} if self.noise.offset else {})},
             "squeeze": {"bit_depths": list(self.squeeze.bit_depths),
                         "median_sizes": list(self.squeeze.median_sizes)},
             "views": [{"rotate_deg": v.rotate_deg, "shift_x": v.shift_x, "shift_y": v.shift_y,
@@ -244,8 +250,8 @@ class ProbeSpec:
 def derive_seed(seed: int, index: int) -> int:
     """A uint64 seed for sub-request ``index`` of a request seeded with ``seed``.
 
-    Each sequential noise batch needs its own seed: the handler draws noise from a generator
-    seeded per plan, so two batches with the same seed would repeat the same noise.
+    A run's noise copies take one (index 1), apart from the cheap probe's: its sequential
+    batches then share it, each at its own offset in the stream (plan version 3).
     """
     state = np.random.SeedSequence([int(seed), int(index)]).generate_state(1, dtype=np.uint64)
     return int(state[0])
@@ -259,9 +265,10 @@ def _gaussian(plan: Mapping[str, Any], name: str) -> NoiseSpec:
     """The ``noise`` or ``jitter`` section of a protobuf-JSON plan."""
     path = f"plan.{name}"
     g = as_mapping(pick(plan, name, {}), path, PlanError)
-    reject_unknown(g, _known("sigma", "count"), path, PlanError)
+    reject_unknown(g, _known("sigma", "count", "offset"), path, PlanError)
     return NoiseSpec(sigma=as_float(pick(g, "sigma", 0.0), f"{path}.sigma", PlanError),
-                     count=_uint32(pick(g, "count"), f"{path}.count"))
+                     count=_uint32(pick(g, "count"), f"{path}.count"),
+                     offset=_uint32(pick(g, "offset"), f"{path}.offset"))
 
 
 def _view(value: Any, path: str) -> ViewSpec:
@@ -293,6 +300,12 @@ def _validate(p: ProbeSpec) -> None:
                             f"got {g.sigma}")
     if p.jitter.count > 0 and p.version < 2:
         raise PlanError(f"plan.jitter: needs plan version 2, got version {p.version}")
+    if not 0 <= p.noise.offset <= _UINT32_MAX:
+        raise PlanError(f"plan.noise.offset: must be a uint32, got {p.noise.offset}")
+    if p.noise.offset and p.version < 3:
+        raise PlanError(f"plan.noise.offset: needs plan version 3, got version {p.version}")
+    if p.jitter.offset:
+        raise PlanError("plan.jitter.offset: must be 0 (only the noise section is a stream)")
     if any(not 1 <= b <= 8 for b in p.squeeze.bit_depths):
         raise PlanError(f"plan.squeeze.bit_depths: each must be in 1..8, got "
                         f"{list(p.squeeze.bit_depths)}")

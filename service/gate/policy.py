@@ -255,9 +255,10 @@ class Policy:
         return budget_within(self.max_forward_passes - spent, wanted, first=n.first_batch,
                              growth=n.growth, detect=n.detect_samples if certify and detect else 0)
 
-    def noise_plan(self, seed: int, count: int) -> ProbeSpec:
-        """A noise-only probe of ``count`` copies (base row + copies)."""
-        return ProbeSpec(seed=seed, noise=NoiseSpec(sigma=self.noise.sigma, count=count))
+    def noise_plan(self, seed: int, count: int, offset: int = 0) -> ProbeSpec:
+        """A noise-only probe of ``count`` copies (base row + copies): copies ``offset`` ..
+        ``offset + count - 1`` of ``seed``'s stream."""
+        return ProbeSpec(seed=seed, noise=NoiseSpec(sigma=self.noise.sigma, count=count, offset=offset))
 
     def check_model(self, model_sha256: str) -> None:
         """Raise PolicyError unless this policy was calibrated for the model with this hash."""

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19robustgate/v1/probe.proto\x12\rrobustgate.v1\"\xd3\x02\n\tProbePlan\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12(\n\x05noise\x18\x03 \x01(\x0b\x32\x19.robustgate.v1.NoiseProbe\x12,\n\x07squeeze\x18\x04 \x01(\x0b\x32\x1b.robustgate.v1.SqueezeProbe\x12+\n\x05views\x18\x05 \x03(\x0b\x32\x1c.robustgate.v1.ViewTransform\x12\x30\n\tocclusion\x18\x06 \x01(\x0b\x32\x1d.robustgate.v1.OcclusionProbe\x12,\n\x07shuffle\x18\x07 \x01(\x0b\x32\x1b.robustgate.v1.ShuffleProbe\x12\x17\n\x0freturn_features\x18\x08 \x01(\x08\x12)\n\x06jitter\x18\t \x01(\x0b\x32\x19.robustgate.v1.NoiseProbe\"*\n\nNoiseProbe\x12\r\n\x05sigma\x18\x01 \x01(\x02\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"8\n\x0cSqueezeProbe\x12\x12\n\nbit_depths\x18\x01 \x03(\r\x12\x14\n\x0cmedian_sizes\x18\x02 \x03(\r\"r\n\rViewTransform\x12\x12\n\nrotate_deg\x18\x01 \x01(\x02\x12\x0f\n\x07shift_x\x18\x02 \x01(\x02\x12\x0f\n\x07shift_y\x18\x03 \x01(\x02\x12\r\n\x05scale\x18\x04 \x01(\x02\x12\r\n\x05hflip\x18\x05 \x01(\x08\x12\r\n\x05vflip\x18\x06 \x01(\x08\",\n\x0eOcclusionProbe\x12\x0c\n\x04grid\x18\x01 \x01(\r\x12\x0c\n\x04\x66ill\x18\x02 \x01(\x02\"+\n\x0cShuffleProbe\x12\x0c\n\x04grid\x18\x01 \x01(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"4\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\r\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xf4\x01\n\x0bProbeResult\x12\x14\n\x0cplan_version\x18\x01 \x01(\r\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\x0f\n\x07\x63lasses\x18\x03 \x01(\r\x12\x0e\n\x06logits\x18\x04 \x01(\x0c\x12\x10\n\x08\x66\x65\x61tures\x18\x05 \x01(\x0c\x12\x13\n\x0b\x66\x65\x61ture_dim\x18\x06 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x0f\n\x07runtime\x18\x08 \x01(\t\x12(\n\x05\x65rror\x18\t \x01(\x0b\x32\x19.robustgate.v1.ProbeError\x12\x16\n\x0e\x62\x61tch_requests\x18\n \x01(\r\x12\x16\n\x0eworker_seconds\x18\x0b \x01(\x01\"+\n\nProbeError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\"5\n\nProbeBatch\x12\'\n\x05items\x18\x01 \x03(\x0b\x32\x18.robustgate.v1.ProbeItem\"Z\n\tProbeItem\x12%\n\x06tensor\x18\x01 \x01(\x0b\x32\x15.robustgate.v1.Tensor\x12&\n\x04plan\x18\x02 \x01(\x0b\x32\x18.robustgate.v1.ProbePlan\"?\n\x10ProbeBatchResult\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.robustgate.v1.ProbeResultb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19robustgate/v1/probe.proto\x12\rrobustgate.v1\"\xd3\x02\n\tProbePlan\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12(\n\x05noise\x18\x03 \x01(\x0b\x32\x19.robustgate.v1.NoiseProbe\x12,\n\x07squeeze\x18\x04 \x01(\x0b\x32\x1b.robustgate.v1.SqueezeProbe\x12+\n\x05views\x18\x05 \x03(\x0b\x32\x1c.robustgate.v1.ViewTransform\x12\x30\n\tocclusion\x18\x06 \x01(\x0b\x32\x1d.robustgate.v1.OcclusionProbe\x12,\n\x07shuffle\x18\x07 \x01(\x0b\x32\x1b.robustgate.v1.ShuffleProbe\x12\x17\n\x0freturn_features\x18\x08 \x01(\x08\x12)\n\x06jitter\x18\t \x01(\x0b\x32\x19.robustgate.v1.NoiseProbe\":\n\nNoiseProbe\x12\r\n\x05sigma\x18\x01 \x01(\x02\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x0e\n\x06offset\x18\x03 \x01(\r\"8\n\x0cSqueezeProbe\x12\x12\n\nbit_depths\x18\x01 \x03(\r\x12\x14\n\x0cmedian_sizes\x18\x02 \x03(\r\"r\n\rViewTransform\x12\x12\n\nrotate_deg\x18\x01 \x01(\x02\x12\x0f\n\x07shift_x\x18\x02 \x01(\x02\x12\x0f\n\x07shift_y\x18\x03 \x01(\x02\x12\r\n\x05scale\x18\x04 \x01(\x02\x12\r\n\x05hflip\x18\x05 \x01(\x08\x12\r\n\x05vflip\x18\x06 \x01(\x08\",\n\x0eOcclusionProbe\x12\x0c\n\x04grid\x18\x01 \x01(\r\x12\x0c\n\x04\x66ill\x18\x02 \x01(\x02\"+\n\x0cShuffleProbe\x12\x0c\n\x04grid\x18\x01 \x01(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"4\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\r\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xf4\x01\n\x0bProbeResult\x12\x14\n\x0cplan_version\x18\x01 \x01(\r\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\x0f\n\x07\x63lasses\x18\x03 \x01(\r\x12\x0e\n\x06logits\x18\x04 \x01(\x0c\x12\x10\n\x08\x66\x65\x61tures\x18\x05 \x01(\x0c\x12\x13\n\x0b\x66\x65\x61ture_dim\x18\x06 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x0f\n\x07runtime\x18\x08 \x01(\t\x12(\n\x05\x65rror\x18\t \x01(\x0b\x32\x19.robustgate.v1.ProbeError\x12\x16\n\x0e\x62\x61tch_requests\x18\n \x01(\r\x12\x16\n\x0eworker_seconds\x18\x0b \x01(\x01\"+\n\nProbeError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\"5\n\nProbeBatch\x12\'\n\x05items\x18\x01 \x03(\x0b\x32\x18.robustgate.v1.ProbeItem\"Z\n\tProbeItem\x12%\n\x06tensor\x18\x01 \x01(\x0b\x32\x15.robustgate.v1.Tensor\x12&\n\x04plan\x18\x02 \x01(\x0b\x32\x18.robustgate.v1.ProbePlan\"?\n\x10ProbeBatchResult\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.robustgate.v1.ProbeResultb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,25 +34,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROBEPLAN']._serialized_start=45
   _globals['_PROBEPLAN']._serialized_end=384
   _globals['_NOISEPROBE']._serialized_start=386
-  _globals['_NOISEPROBE']._serialized_end=428
-  _globals['_SQUEEZEPROBE']._serialized_start=430
-  _globals['_SQUEEZEPROBE']._serialized_end=486
-  _globals['_VIEWTRANSFORM']._serialized_start=488
-  _globals['_VIEWTRANSFORM']._serialized_end=602
-  _globals['_OCCLUSIONPROBE']._serialized_start=604
-  _globals['_OCCLUSIONPROBE']._serialized_end=648
-  _globals['_SHUFFLEPROBE']._serialized_start=650
-  _globals['_SHUFFLEPROBE']._serialized_end=693
-  _globals['_TENSOR']._serialized_start=695
-  _globals['_TENSOR']._serialized_end=747
-  _globals['_PROBERESULT']._serialized_start=750
-  _globals['_PROBERESULT']._serialized_end=994
-  _globals['_PROBEERROR']._serialized_start=996
-  _globals['_PROBEERROR']._serialized_end=1039
-  _globals['_PROBEBATCH']._serialized_start=1041
-  _globals['_PROBEBATCH']._serialized_end=1094
-  _globals['_PROBEITEM']._serialized_start=1096
-  _globals['_PROBEITEM']._serialized_end=1186
-  _globals['_PROBEBATCHRESULT']._serialized_start=1188
-  _globals['_PROBEBATCHRESULT']._serialized_end=1251
+  _globals['_NOISEPROBE']._serialized_end=444
+  _globals['_SQUEEZEPROBE']._serialized_start=446
+  _globals['_SQUEEZEPROBE']._serialized_end=502
+  _globals['_VIEWTRANSFORM']._serialized_start=504
+  _globals['_VIEWTRANSFORM']._serialized_end=618
+  _globals['_OCCLUSIONPROBE']._serialized_start=620
+  _globals['_OCCLUSIONPROBE']._serialized_end=664
+  _globals['_SHUFFLEPROBE']._serialized_start=666
+  _globals['_SHUFFLEPROBE']._serialized_end=709
+  _globals['_TENSOR']._serialized_start=711
+  _globals['_TENSOR']._serialized_end=763
+  _globals['_PROBERESULT']._serialized_start=766
+  _globals['_PROBERESULT']._serialized_end=1010
+  _globals['_PROBEERROR']._serialized_start=1012
+  _globals['_PROBEERROR']._serialized_end=1055
+  _globals['_PROBEBATCH']._serialized_start=1057
+  _globals['_PROBEBATCH']._serialized_end=1110
+  _globals['_PROBEITEM']._serialized_start=1112
+  _globals['_PROBEITEM']._serialized_end=1202
+  _globals['_PROBEBATCHRESULT']._serialized_start=1204
+  _globals['_PROBEBATCHRESULT']._serialized_end=1267
 # @@protoc_insertion_point(module_scope)

@@ -29,12 +29,14 @@ class ProbePlan(_message.Message):
     def __init__(self, version: _Optional[int] = ..., seed: _Optional[int] = ..., noise: _Optional[_Union[NoiseProbe, _Mapping]] = ..., squeeze: _Optional[_Union[SqueezeProbe, _Mapping]] = ..., views: _Optional[_Iterable[_Union[ViewTransform, _Mapping]]] = ..., occlusion: _Optional[_Union[OcclusionProbe, _Mapping]] = ..., shuffle: _Optional[_Union[ShuffleProbe, _Mapping]] = ..., return_features: _Optional[bool] = ..., jitter: _Optional[_Union[NoiseProbe, _Mapping]] = ...) -> None: ...
 
 class NoiseProbe(_message.Message):
-    __slots__ = ("sigma", "count")
+    __slots__ = ("sigma", "count", "offset")
     SIGMA_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
     sigma: float
     count: int
-    def __init__(self, sigma: _Optional[float] = ..., count: _Optional[int] = ...) -> None: ...
+    offset: int
+    def __init__(self, sigma: _Optional[float] = ..., count: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class SqueezeProbe(_message.Message):
     __slots__ = ("bit_depths", "median_sizes")
