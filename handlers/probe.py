@@ -304,18 +304,35 @@ def gaussian_copies(base: torch.Tensor, section: probe_pb2.NoiseProbe, seed: int
     return base + section.sigma * eps
 
 
+_U64 = (1 << 64) - 1
+
+
+def splitmix64(x: int) -> int:
+    """SplitMix64's output function (Steele, Lea, Flood 2014) of ``x`` mod 2^64: a bijection
+    on 64-bit integers that sends neighbouring inputs far apart."""
+    z = (x + 0x9E3779B97F4A7C15) & _U64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _U64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _U64
+    return z ^ (z >> 31)
+
+
 def noise_stream(base: torch.Tensor, section: probe_pb2.NoiseProbe, seed: int) -> torch.Tensor:
     """Copies ``section.offset`` .. ``offset + count - 1`` of the seed's stream of noisy copies
     of ``base`` ``[C, H, W]`` (plan version 3): block k of the stream (copies 8k .. 8k + 7) is
-    one draw from a generator seeded with ``seed + 3 + k``, so a copy's noise depends on its
-    index alone, not on how the copies are split among plans. Returns ``[count, C, H, W]``."""
+    one standard-normal draw from a generator seeded with ``splitmix64(seed) + k``, so a
+    copy's noise depends on the seed and its index alone, not on how the copies are split
+    among plans (and the streams of seeds s and s + 1 share no block). Returns
+    ``[count, C, H, W]``; at most 14 copies more are drawn than kept, whatever the offset."""
     first, stop = section.offset, section.offset + section.count
-    blocks = [torch.randn((NOISE_BLOCK, *base.shape), generator=_generator(seed + 3 + k, base.device),
-                          device=base.device, dtype=base.dtype)
-              for k in range(first // NOISE_BLOCK, -(-stop // NOISE_BLOCK))]
-    skip = first % NOISE_BLOCK
-    eps = torch.cat(blocks)[skip:skip + section.count]
-    return base + section.sigma * eps
+    if stop == first:
+        return base.new_empty((0, *base.shape))
+    head, skip = divmod(first, NOISE_BLOCK)
+    blocks = -(-stop // NOISE_BLOCK) - head
+    eps = torch.empty((blocks * NOISE_BLOCK, *base.shape), device=base.device, dtype=base.dtype)
+    root = splitmix64(seed)
+    for i in range(blocks):
+        eps[i * NOISE_BLOCK:(i + 1) * NOISE_BLOCK].normal_(generator=_generator(root + head + i, base.device))
+    return eps[skip:skip + section.count].mul_(section.sigma).add_(base)
 
 
 def expand(base: torch.Tensor, plan: probe_pb2.ProbePlan | None) -> torch.Tensor:

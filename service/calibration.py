@@ -156,9 +156,11 @@ async def probe_all(backend: TorchServeBackend, model: str, images: np.ndarray, 
 
     Each image is probed as the gateway probes it: with its own seed
     (:func:`service.pipeline.request_seed`, keyed by ``spec.seed``), so its jitter copies (and
-    noise) are drawn afresh for every image, not one draw shared by all of them; they are the
-    very copies a request would get only from a gateway run with ``--seed`` ``spec.seed``
-    (by default a gateway keys its seeds with a secret drawn at start)."""
+    noise) are drawn afresh for every image, not one draw shared by all of them. The jitter
+    copies are the very ones a request would get from a gateway run with ``--seed``
+    ``spec.seed`` (by default a gateway keys its seeds with a secret drawn at start); the noise
+    copies are the same distribution, not the same draws (the gateway's come from the
+    request's noise stream, :data:`service.gate.cascade.NOISE_STREAM`)."""
     sem = asyncio.Semaphore(concurrency)
     logits: list[np.ndarray | None] = [None] * len(images)
     feats: list[np.ndarray | None] = [None] * len(images)

@@ -162,6 +162,10 @@ def test_budgets_and_cheap_plan() -> None:
     assert plan.occlusion.grid == 0 and plan.shuffle.count == 0 and plan.noise.count == 0
     assert plan.rows == 1 + 3 + 6
     assert policy.noise_plan(5, 16).rows == 17
+    # Only noise batches need plan version 3 (a stream with offsets): the policy's own probe
+    # stays at 2, which archives and gateways from before version 3 read.
+    assert policy.probe.version == 2 and policy.cheap_plan(5).version == 2
+    assert policy.noise_plan(5, 16, offset=8).version == 3 and policy.noise_plan(5, 16, offset=8).noise.offset == 8
     # one template, re-seeded per request: plans differ in their seed only
     assert policy.cheap_plan(7) == replace(plan, seed=7)
     assert replace(policy, checks={**policy.checks, Check.VIEWPOINT: replace(

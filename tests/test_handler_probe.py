@@ -98,21 +98,31 @@ def stream_plan(count: int, offset: int = 0, seed: int = 99, sigma: float = 0.25
 
 
 def test_version_3_noise_is_one_stream_whatever_the_batches(base: torch.Tensor) -> None:
-    """Copy i of the stream is row i % 8 of block i // 8, drawn from seed + 3 + i // 8: pieces
-    at any offsets and counts give the copies one plan of the whole budget gives, so the
-    gateway's sequential batches draw exactly what the full budget would."""
+    """Copy i of the stream is row i % 8 of block i // 8, drawn from splitmix64(seed) + i // 8:
+    pieces at any offsets and counts give the copies one plan of the whole budget gives, so
+    the gateway's sequential batches draw exactly what the full budget would."""
+    # SplitMix64's published first outputs from state 0: its output function at 0 and at 0 + gamma
+    assert probe.splitmix64(0) == 0xE220A8397B1DCDAF and probe.splitmix64(0x9E3779B97F4A7C15) == 0x6E789E6AA1B965F4
     sigma, seed = 0.25, 99
     whole = probe.expand(base, stream_plan(40, seed=seed))[1:]
-    blocks = [torch.randn((8, 1, 28, 28), generator=torch.Generator().manual_seed(seed + 3 + k)) for k in range(5)]
+    root = probe.splitmix64(seed)
+    blocks = [torch.randn((8, 1, 28, 28), generator=torch.Generator().manual_seed(root + k)) for k in range(5)]
     assert torch.equal(whole, base + np.float32(sigma) * torch.cat(blocks))
     pieces = [(0, 8), (8, 8), (16, 3), (19, 13), (32, 8)]  # block edges and not
     got = torch.cat([probe.expand(base, stream_plan(n, offset=o, seed=seed))[1:] for o, n in pieces])
     assert torch.equal(got, whole)
     assert torch.equal(probe.expand(base, stream_plan(5, offset=13, seed=seed))[1:], whole[13:18])
-    # another seed, another stream; the first block is not the shuffle's or the jitter's draw
-    assert not torch.equal(probe.expand(base, stream_plan(8, seed=seed + 1))[1:], whole[:8])
+    # the next seed's stream shares no block with this one (seed + 3 + k would: its block k is
+    # this one's block k + 1), nor is any block the shuffle's or the jitter's draw
+    following = probe.expand(base, stream_plan(40, seed=seed + 1))[1:]
+    assert not any(torch.equal(following[8 * j:8 * j + 8], whole[8 * k:8 * k + 8]) for j in range(5) for k in range(5))
     for other in (seed, seed + 1, seed + 2):
         assert not torch.equal(blocks[0], torch.randn((8, 1, 28, 28), generator=torch.Generator().manual_seed(other)))
+    # the end of the uint32 range: the blocks it covers and no more
+    far = stream_plan(3, offset=2**32 - 3, seed=2**64 - 1)
+    last = torch.randn((8, 1, 28, 28), generator=torch.Generator().manual_seed((probe.splitmix64(2**64 - 1) + (2**32 - 3) // 8) % 2**64))
+    assert torch.equal(probe.expand(base, far)[1:], base + np.float32(sigma) * last[5:])
+    assert probe.noise_stream(base, probe_pb2.NoiseProbe(sigma=sigma, count=0, offset=16), seed).shape == (0, 1, 28, 28)
 
 
 def test_noise_offset_needs_version_3_and_the_noise_section(base: torch.Tensor) -> None:

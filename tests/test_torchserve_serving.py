@@ -28,6 +28,7 @@ import torch
 from google.protobuf import json_format
 from PIL import Image
 
+from handlers.probe import splitmix64  # checked against SplitMix64's published outputs (test_handler_probe)
 from model_store import data, serve
 from model_store.evaluate import apply_view
 from robustgate.torchserve import inference_pb2, inference_pb2_grpc
@@ -101,9 +102,10 @@ def reference_variants(base: torch.Tensor, plan: probe_pb2.ProbePlan) -> torch.T
     """Every row of ``plan`` for ``base`` [1, 28, 28], computed without handlers/."""
     x = base.numpy()
     rows = [x]
-    if plan.version >= 3:  # one stream of copies, in blocks of 8 from seed + 3 + block
+    if plan.version >= 3:  # one stream of copies, in blocks of 8 from splitmix64(seed) + block
         first, stop = plan.noise.offset, plan.noise.offset + plan.noise.count
-        eps = np.concatenate([torch.randn((8, 1, 28, 28), generator=torch.Generator().manual_seed(plan.seed + 3 + k)
+        root = splitmix64(plan.seed)
+        eps = np.concatenate([torch.randn((8, 1, 28, 28), generator=torch.Generator().manual_seed(root + k)
                                           ).numpy() for k in range(stop // 8 + 1)])[first:stop]
     else:
         gen = torch.Generator().manual_seed(plan.seed)

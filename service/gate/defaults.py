@@ -30,6 +30,8 @@ DEFAULT_VIEWS: tuple[ViewSpec, ...] = (
 )
 #: Jitter copies for the squeeze detector (its docstring): 4 copies at sigma 0.03.
 DEFAULT_JITTER = NoiseSpec(sigma=0.03, count=4)
+#: The plan version a policy's probe is written at (:func:`default_probe`).
+PROBE_VERSION = 2
 
 
 def default_probe(*, hflip: bool = False, seed: int = 0) -> ProbeSpec:
@@ -38,7 +40,10 @@ def default_probe(*, hflip: bool = False, seed: int = 0) -> ProbeSpec:
     hflip: add a mirrored view, only where the model card says flips keep the label.
     """
     views = DEFAULT_VIEWS + ((ViewSpec(hflip=True),) if hflip else ())
-    return ProbeSpec(seed=seed,
+    # Version 2, the lowest that holds jitter: only noise batches need 3 (Policy.noise_plan),
+    # so a policy written with this probe still serves with archives, and gateways, from
+    # before version 3 (a rolled-back image keeps the policy it finds).
+    return ProbeSpec(version=PROBE_VERSION, seed=seed,
                      squeeze=SqueezeSpec(DEFAULT_BIT_DEPTHS, DEFAULT_MEDIAN_SIZES),
                      views=views, occlusion=OcclusionSpec(grid=4, fill=0.5),
                      shuffle=ShuffleSpec(grid=2, count=4), return_features=True,
