@@ -11,7 +11,9 @@ After ``n`` copies with ``k`` agreements, ``K`` lies in ``[k, k + N - n]``. The 
 settled when both ends fall on the same side of the cut: ``k >= c`` (stays true even if every
 remaining copy disagrees) or ``k + N - n < c`` (cannot become true even if every remaining
 copy agrees). Stopping once every cut is settled therefore gives exactly the full-budget
-verdicts, sample path by sample path (no statistical slack).
+verdicts, sample path by sample path (no statistical slack). At serving time the sample path
+is the full budget's own: the batches are consecutive pieces of one stream of copies per
+request (plan version 3, ``noise.offset``), not fresh draws.
 
 Batch sizes grow geometrically (8, 16, 32, ... by default) and jump ahead to the fewest
 copies that could settle every open cut, never past the budget.
