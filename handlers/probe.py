@@ -297,8 +297,9 @@ def _generator(seed: int, device: torch.device) -> torch.Generator:
 
 def gaussian_copies(base: torch.Tensor, section: probe_pb2.NoiseProbe, seed: int) -> torch.Tensor:
     """``section.count`` copies of ``base`` ``[C, H, W]`` plus N(0, sigma^2), not clamped (as
-    trained), drawn on its device from a generator seeded with ``seed``: the noise and the
-    jitter sections. Returns ``[count, C, H, W]``."""
+    trained), drawn on its device from a generator seeded with ``seed``: the jitter section,
+    and the noise section of plan versions 1 and 2 (version 3: :func:`noise_stream`).
+    Returns ``[count, C, H, W]``."""
     gen = _generator(seed, base.device)
     eps = torch.randn((section.count, *base.shape), generator=gen, device=base.device, dtype=base.dtype)
     return base + section.sigma * eps
@@ -321,7 +322,8 @@ def noise_stream(base: torch.Tensor, section: probe_pb2.NoiseProbe, seed: int) -
     of ``base`` ``[C, H, W]`` (plan version 3): block k of the stream (copies 8k .. 8k + 7) is
     one standard-normal draw from a generator seeded with ``splitmix64(seed) + k``, so a
     copy's noise depends on the seed and its index alone, not on how the copies are split
-    among plans (and the streams of seeds s and s + 1 share no block). Returns
+    among plans (and the streams of seeds s and s + 1 almost surely share no block: PyTorch's
+    CPU generator reads a seed's low 32 bits). Returns
     ``[count, C, H, W]``; at most 14 copies more are drawn than kept, whatever the offset."""
     first, stop = section.offset, section.offset + section.count
     if stop == first:

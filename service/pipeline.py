@@ -144,7 +144,8 @@ def spec_to_proto(spec: ProbeSpec) -> probe_pb2.ProbePlan:
     msg = probe_pb2.ProbePlan()
     msg.CopyFrom(_plan_template(template))
     msg.seed = spec.seed
-    msg.noise.offset = spec.noise.offset
+    if spec.noise.offset:  # set only when it is (assigning 0 would add an empty noise section)
+        msg.noise.offset = spec.noise.offset
     return msg
 
 

@@ -173,8 +173,12 @@ def test_spec_to_proto_is_the_json_conversion_for_every_seed_and_a_fresh_message
     cheap = default_probe()
     for seed in (0, 1, 12345, 2**63 - 1, 2**64 - 1):
         for spec in (replace(cheap, seed=seed), ProbeSpec(seed=seed, noise=NoiseSpec(sigma=0.25, count=8)),
-                     ProbeSpec(seed=seed, noise=NoiseSpec(sigma=0.25, count=16))):
+                     ProbeSpec(seed=seed, noise=NoiseSpec(sigma=0.25, count=16)),
+                     ProbeSpec(seed=seed, noise=NoiseSpec(sigma=0.25, count=16, offset=24))):
             assert spec_to_proto(spec) == by_json(spec)
+            assert spec_to_proto(spec).SerializeToString() == by_json(spec).SerializeToString()
+    # a batch at offset 0 after one at 24 (the template is shared): no offset left over
+    assert spec_to_proto(ProbeSpec(seed=3, noise=NoiseSpec(sigma=0.25, count=16))).noise.offset == 0
     # The conversion is cached per plan: a caller changing its message changes no later one.
     mine = spec_to_proto(cheap)
     mine.seed, mine.squeeze.bit_depths[0] = 7, 8

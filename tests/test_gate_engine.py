@@ -372,7 +372,7 @@ def test_sequential_noise_settles_exactly_the_full_budgets_verdicts() -> None:
     """Batches are pieces of one stream of copies, so stopping early settles the verdict the
     whole budget would give on the same image: with each batch its own seed (as before plan
     version 3) 2.1 % of clean decisions differed from the full budget's at 32 copies
-    (benchmarks/results/cascade.md, 2026-12-06); here none may."""
+    (benchmarks/results/cascade.md as of aef7a3c~1, 2026-12-06); here none may."""
     policy = make_policy(max_passes=500)
     policy = replace(policy, checks={**policy.checks, Check.NOISE: CheckPolicy(True, Thresholds(0.25, 0.6))})
     full = replace(policy, noise=replace(policy.noise, first_batch=policy.noise.detect_samples))
