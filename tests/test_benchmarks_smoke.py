@@ -395,6 +395,35 @@ def test_detector_study_smoke(default_store: Path, tmp_path: Path) -> None:
     assert f"| {shipped[0].name} |" in (tmp_path / "detector_study-smoke.md").read_text()
 
 
+def test_detector_study_jitter_sweep_smoke(default_store: Path, tmp_path: Path) -> None:
+    """``--jitter``: the shipped form at each setting, on probes that carry that setting."""
+    import argparse
+
+    from benchmarks.detector_study import SWEEP_VARIANTS, Prober, jitter_setting
+    from service.gate.plan import NoiseSpec
+
+    report = _run("benchmarks.detector_study", tmp_path, 600, "--jitter", "2x0.03", "6x0.06",
+                  stem="detector_study-jitter")
+    assert [(row["jitter"]["count"], row["jitter"]["sigma"], row["variant"]) for row in report["rows"]] == [
+        (count, sigma, v.name) for count, sigma in ((2, 0.03), (6, 0.06)) for v in SWEEP_VARIANTS]
+    for row in report["rows"]:
+        assert all(0 <= x <= 1 for x in row["flagged"].values())
+        assert all(0 <= b <= report["flag_rate_calibrated"] + 1e-9 for b in row["budget"].values())
+    md = (tmp_path / "detector_study-jitter-smoke.md").read_text()
+    assert "--smoke --jitter 2x0.03 6x0.06`" in md and f"| jitter 6 × σ 0.06, {SWEEP_VARIANTS[1].name} |" in md
+    assert not (tmp_path / "detector_study-smoke.json").exists()  # the study's own report is left alone
+    # the setting reaches each image's plan, so the handler draws those copies
+    base = Prober(default_store, "fmnist-cnn")
+    swept = Prober(default_store, "fmnist-cnn", NoiseSpec(sigma=0.06, count=6))
+    image = np.zeros((28, 28), dtype=np.uint8)
+    assert (swept.plan(image).jitter.count, swept.plan(image).jitter.sigma) == (6, pytest.approx(0.06))
+    assert swept.spec.rows == base.spec.rows + 6 - base.spec.jitter.count
+    assert jitter_setting("8x0.03") == NoiseSpec(sigma=0.03, count=8)
+    for bad in ("4x0", "0x0.03", "4", "x0.03", "4x1.5", "fourx0.03"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            jitter_setting(bad)
+
+
 def test_the_in_process_limit_is_timed_after_a_warm_up() -> None:
     """The in-process rows (the limit every served row is held against) timed their first
     calls, where TorchScript specialises and ONNX Runtime allocates, while every served row
