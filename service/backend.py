@@ -75,7 +75,9 @@ def encode_tensor(image: np.ndarray) -> bytes:
 
 
 def decode_result(raw: bytes | probe_pb2.ProbeResult) -> ProbeOutput:
-    """A ProbeResult as arrays; a per-request error inside a batch raises its domain error."""
+    """A ProbeResult as arrays; a per-request error inside a batch raises its domain error, and
+    an answer no caller could use (no rows or classes, logits or features not finite, sizes
+    that disagree) a ValueError (:func:`_checked`: the backend's fault)."""
     if isinstance(raw, probe_pb2.ProbeResult):
         res = raw
     else:
@@ -85,8 +87,15 @@ def decode_result(raw: bytes | probe_pb2.ProbeResult) -> ProbeOutput:
         if 400 <= res.error.code < 500:
             raise refusal(res.error.message)
         raise BackendUnavailable(_PUBLIC_MESSAGE[BackendUnavailable])
+    if res.rows < 1 or res.classes < 1:
+        raise ValueError(f"a result of {res.rows} rows of {res.classes} classes")
     logits = np.frombuffer(res.logits, dtype="<f4").reshape(res.rows, res.classes)
     feats = np.frombuffer(res.features, dtype="<f4") if res.feature_dim else None
+    if feats is not None and feats.size != res.feature_dim:
+        raise ValueError(f"{feats.size} features where the result says {res.feature_dim}")
+    # a model that emits NaN or inf must not answer a caller probabilities of nan, nor reach the gate
+    if not np.isfinite(logits).all() or (feats is not None and not np.isfinite(feats).all()):
+        raise ValueError("logits or features that are not finite")
     return ProbeOutput(logits=logits, features=feats, device=res.device, runtime=res.runtime,
                        worker_s=res.worker_seconds)
 
@@ -270,14 +279,11 @@ class TorchServeBackend:
         try:
             results = probe_pb2.ProbeBatchResult.FromString(raw).results
         except Exception as e:
-            _throttled.log(logging.ERROR, "undecodable batch", "backend answered an undecodable ProbeBatchResult: %s", e)
-            raise BackendUnavailable("backend answered an undecodable result") from None
+            raise unusable("an undecodable ProbeBatchResult", e) from None
         if len(results) == 1 != len(items) and results[0].HasField("error"):
             _checked(results[0])  # the handler refused the batch whole: raises its error for the call
         if len(results) != len(items):
-            _throttled.log(logging.ERROR, "result count", "backend answered %d results for %d items",
-                           len(results), len(items))
-            raise BackendUnavailable("backend answered an undecodable result")
+            raise unusable("a wrong number of results", f"{len(results)} for {len(items)} items")
         self._worker_time(model_name, max(r.worker_seconds for r in results))
         outs: list[ProbeOutput | GatewayError] = []
         for res in results:
@@ -288,6 +294,14 @@ class TorchServeBackend:
         return outs
 
 
+def unusable(kind: str, detail: object = "") -> BackendUnavailable:
+    """An answer the gateway cannot use (malformed, or not what its call asked for): the
+    backend's fault, logged (throttled per ``kind``, a fixed phrase) and answered as the
+    backend being unavailable, with a fixed message."""
+    _throttled.log(logging.ERROR, ("unusable", kind), "backend answered %s: %s", kind, str(detail)[:500])
+    return BackendUnavailable("backend answered an undecodable result")
+
+
 def _checked(raw: bytes | probe_pb2.ProbeResult) -> ProbeOutput:
     """:func:`decode_result`, where a malformed answer is the backend's fault, not the caller's."""
     try:
@@ -295,5 +309,4 @@ def _checked(raw: bytes | probe_pb2.ProbeResult) -> ProbeOutput:
     except GatewayError:
         raise
     except Exception as e:
-        _throttled.log(logging.ERROR, "undecodable result", "backend answered an undecodable ProbeResult: %s", e)
-        raise BackendUnavailable("backend answered an undecodable result") from None
+        raise unusable("an undecodable ProbeResult", e) from None

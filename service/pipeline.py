@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from robustgate.v1 import probe_pb2
-from service.backend import Prober
+from service.backend import Prober, unusable
 from service.decode import Limits, NotHere, decode_image, decode_tensor
 from service.errors import DeadlineExceeded, InvalidInput, NotOffered
 from service.gate.cascade import GateRun
+from service.gate.errors import ScoreInputError
 from service.gate.plan import ProbeSpec
 from service.gate.report import GateReport
 from service.registry import Registry, ServedModel
@@ -218,7 +219,7 @@ class Pipeline:
             image = await self._decode(req, model)
         timings.decode = time.perf_counter() - t0
 
-        async def call(plan: probe_pb2.ProbePlan | None):
+        async def call(plan: probe_pb2.ProbePlan | None, rows: int):
             left = deadline - time.monotonic()
             if left <= 0:
                 raise DeadlineExceeded("deadline exceeded")
@@ -231,22 +232,28 @@ class Pipeline:
                     set_error(span, type(e).__name__)
                     raise
             timings.backend += time.perf_counter() - t
+            if out.logits.shape != (rows, len(model.labels)):  # another archive than the one checked at start?
+                raise unusable("logits of another shape than asked",
+                               f"{out.logits.shape} for {rows} rows of {len(model.labels)} classes")
             return out
 
         run = GateRun.start(model.policy, request_seed(self.base_seed, image), certify=req.certify)
         base_logits: np.ndarray | None = None
         calls = 0
         while (spec := run.next_plan()) is not None:
-            out = await call(spec_to_proto(spec))
+            out = await call(spec_to_proto(spec), spec.rows)
             calls += 1
             if base_logits is None:
                 base_logits = out.logits[0]
             t = time.perf_counter()
             with self.tracing.span("gate"):
-                run = run.feed(out.logits, out.features)
+                try:
+                    run = run.feed(out.logits, out.features)
+                except ScoreInputError as e:  # e.g. features missing or of another size than the density model's
+                    raise unusable("scores the gate cannot use", e) from None
             timings.gate += time.perf_counter() - t
         if base_logits is None:  # gate off: a plain classification
-            out = await call(None)
+            out = await call(None, 1)
             calls += 1
             base_logits = out.logits[0]
         t = time.perf_counter()

@@ -388,3 +388,38 @@ def test_a_call_its_caller_leaves_is_counted_as_cancelled() -> None:
     counted = {s.labels["code"]: s.value for m in metrics.registry.collect() if m.name == "robustgate_backend_requests"
                for s in m.samples if s.name.endswith("_total")}
     assert counted == {"CANCELLED": 1.0}
+
+
+def _result(rows: int = 2, classes: int = 3, logits=None, feats=None, feature_dim=None) -> bytes:
+    z = np.zeros((rows, classes), np.float32) if logits is None else np.asarray(logits, np.float32)
+    f = np.ones(4, np.float32) if feats is None else np.asarray(feats, np.float32)
+    return probe_pb2.ProbeResult(rows=rows, classes=classes, logits=z.tobytes(), features=f.tobytes(),
+                                 feature_dim=f.size if feature_dim is None else feature_dim).SerializeToString()
+
+
+@pytest.mark.parametrize("raw, detail", [
+    (_result(logits=[[0, np.nan, 1], [0, 0, 0]]), "not finite"),
+    (_result(logits=[[0, np.inf, 1], [0, 0, 0]]), "not finite"),
+    (_result(feats=[0, 1, np.nan, 2]), "not finite"),
+    (_result(rows=0, logits=np.zeros((0, 3))), "0 rows of 3 classes"),
+    (_result(rows=1, classes=0, logits=np.zeros((1, 0))), "1 rows of 0 classes"),
+    (_result(rows=2, classes=3, logits=np.zeros(5)), "cannot reshape"),  # bytes for 5 logits, not 6
+    (_result(feats=np.ones(3), feature_dim=4), "3 features where the result says 4"),
+])
+def test_an_answer_no_caller_could_use_is_the_backends_fault(raw: bytes, detail: str, caplog, monkeypatch) -> None:
+    """A model that emits NaN answered a gate-off caller OK with every probability nan, and a
+    gated one INTERNAL with a traceback logged per request: now the answer is refused where it
+    is decoded, as any undecodable one (UNAVAILABLE, a fixed message, the detail logged once)."""
+    import grpc
+
+    from service import backend
+    from service.ratelog import Throttle
+    from service.server import status_of
+
+    monkeypatch.setattr(backend, "_throttled", Throttle(backend.log))
+    with caplog.at_level("ERROR", logger="service.backend"), pytest.raises(BackendUnavailable) as err:
+        backend._checked(raw)
+    assert status_of(err.value) == (grpc.StatusCode.UNAVAILABLE, "backend answered an undecodable result")
+    assert len(caplog.records) == 1 and detail in caplog.text
+    assert err.value.__cause__ is None and err.value.__suppress_context__  # no traceback chained to it
+    assert backend._checked(_result()).logits.shape == (2, 3)  # the same answer, well formed, decodes

@@ -87,3 +87,49 @@ def test_top_k_ranks_by_logit_where_probabilities_underflow() -> None:
     assert ranked[2].probability == ranked[3].probability == 0.0
     tie = top_k(np.array([1.0, 2.0, 2.0], np.float32), ("a", "b", "c"), 3)
     assert [c.label for c in tie] == ["b", "c", "a"]  # equal logits keep index order
+
+
+class Scripted:
+    """A backend whose every answer is ``logits`` and ``features``."""
+
+    def __init__(self, logits: np.ndarray, features: np.ndarray | None) -> None:
+        self.logits, self.features = logits, features
+
+    async def probe(self, model_name, image, plan, timeout_s, version=""):
+        return ProbeOutput(self.logits, self.features, "cpu", "scripted")
+
+
+def _classify_with(backend, policy) -> object:
+    model = SimpleNamespace(name="m", version="1", labels=tuple("abcdefghij"), input=InputSpec(),
+                            backend_name="m-onnx", policy=policy)
+    pipeline = Pipeline(SimpleNamespace(get=lambda name, version: model), backend, Limits(),  # type: ignore[arg-type]
+                        backend_timeout_s=5.0)
+    req = ClassifyInput(model="m", tensor=RawTensor((28, 28), "uint8", bytes(784)))
+    return asyncio.run(pipeline.classify(req, time.monotonic() + 5))
+
+
+def test_an_answer_of_another_shape_than_asked_is_the_backends_fault(caplog, monkeypatch) -> None:
+    """An archive other than the one checked at start (more rows, other classes) or features
+    the density model cannot read: UNAVAILABLE with a fixed message and the detail logged,
+    where a gate-off request read row 0 of anything and a gated one raised the gate's own
+    error (INTERNAL, a traceback per request)."""
+    from service import backend as backend_module
+    from service.errors import BackendUnavailable
+    from service.ratelog import Throttle
+
+    off, gated = make_policy(Mode.OFF), make_policy(Mode.ENFORCE)
+    rows = gated.cheap_plan(0).rows
+    assert _classify_with(Scripted(np.zeros((1, 10), np.float32), None), off).classes  # well formed: answered
+    assert _classify_with(Scripted(np.zeros((rows, 10), np.float32), np.zeros(5, np.float32)), gated).report
+    for backend, policy, detail in [
+        (Scripted(np.zeros((2, 10), np.float32), None), off, "(2, 10) for 1 rows of 10 classes"),
+        (Scripted(np.zeros((1, 9), np.float32), None), off, "(1, 9) for 1 rows of 10 classes"),
+        (Scripted(np.zeros((1, 10), np.float32), None), gated, f"(1, 10) for {rows} rows of 10 classes"),
+        (Scripted(np.zeros((rows, 10), np.float32), np.zeros(3, np.float32)), gated, "features must be finite [5]"),
+    ]:
+        caplog.clear()
+        monkeypatch.setattr(backend_module, "_throttled", Throttle(backend_module.log))  # each logged
+        with caplog.at_level("ERROR", logger="service.backend"), \
+                pytest.raises(BackendUnavailable, match="^backend answered an undecodable result$") as err:
+            _classify_with(backend, policy)
+        assert detail in caplog.text and err.value.__cause__ is None

@@ -1,8 +1,11 @@
 """Domain errors of the gate.
 
-Every error the gate raises derives from :class:`GateError` (itself a ``ValueError``), so the
-transport layer maps the whole family with one entry of its error table. A verdict is never
-an error: REJECT and FLAG are data in a :class:`~service.gate.report.GateReport`.
+Every error the gate raises derives from :class:`GateError` (itself a ``ValueError``). The
+gateway checks policies and plans when it starts (PolicyMismatch there), and the request path
+turns a :class:`ScoreInputError` from the backend's answers into the backend's fault
+(:func:`service.backend.unusable`); one that reaches the transport otherwise is a bug,
+answered INTERNAL with a fixed message and its traceback logged. A verdict is never an error:
+REJECT and FLAG are data in a :class:`~service.gate.report.GateReport`.
 """
 
 from __future__ import annotations
