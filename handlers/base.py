@@ -251,6 +251,16 @@ class ProbeHandler(BaseHandler):
             # other handler code, which its manifest and staleness check do not cover
             logger.error("%s: the handler package comes from %s, not from the archive (%s)", name, code, model_dir)
 
+    # TorchServe's BaseHandler.handle reads request 0's headers ("explain", "describe", set from a
+    # REST call's HTTP headers and by its /explanations endpoint) to route the whole worker
+    # batch to paths this handler does not have: one caller's header failed every request
+    # batched with it (503). Every request here is a probe.
+    def _is_explain(self) -> bool:
+        return False
+
+    def _is_describe(self) -> bool:
+        return False
+
     def _check_outputs(self) -> None:
         s = self.card.spec
         with torch.inference_mode():

@@ -134,6 +134,22 @@ def test_batch_with_different_plans_and_one_bad_request(loaded, images: np.ndarr
         np.testing.assert_allclose(logits(res[i]), logits(alone), atol=1e-5, rtol=0)
 
 
+def test_a_request_header_does_not_route_the_batch_elsewhere(loaded, images: np.ndarray) -> None:
+    """TorchServe's BaseHandler routes a whole worker batch by request 0's headers: "explain:
+    True" (a REST header, or its /explanations endpoint) sent every request to an explain path
+    this handler lacks, "describe: True" answered one None for the batch (503 for all)."""
+    h, ctx = loaded
+    reqs = [{"data": png(a)} for a in images[:3]]
+    want = handle(h, ctx, reqs)
+    for header in ("explain", "describe"):
+        ctx.request_processor = [RequestProcessor({header: "True"})] + [RequestProcessor({}) for _ in reqs[1:]]
+        assert ctx.get_request_header(0, header) == "True"
+        got = [probe_pb2.ProbeResult.FromString(b) for b in h.handle(reqs, ctx)]
+        assert [r.rows for r in got] == [1, 1, 1] and not any(r.HasField("error") for r in got)
+        for r, w in zip(got, want):
+            np.testing.assert_allclose(logits(r), logits(w), atol=1e-5, rtol=0)
+
+
 def test_every_result_carries_its_batch_worker_time(loaded, images: np.ndarray) -> None:
     h, ctx = loaded
     batch = probe_pb2.ProbeBatch(items=[probe_pb2.ProbeItem(
