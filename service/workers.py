@@ -397,7 +397,11 @@ class Supervisor:
                           s.proc.pid, s.proc.exitcode, MAX_RESTARTS, RESTART_WINDOW_S)
                 return False
             log.error("worker pid %d exited (exit code %s); starting another", s.proc.pid, s.proc.exitcode)
-            self.slots[i] = self._spawn(worker_settings)
+            try:
+                self.slots[i] = self._spawn(worker_settings)
+            except OSError as e:  # its files are folded already: stop, as when they die too often
+                log.error("no worker could be started in place of pid %d: %s; stopping", s.proc.pid, e)
+                return False
             if self.metrics is not None:
                 self.metrics.restarts.inc()
         return True
@@ -456,7 +460,13 @@ class Supervisor:
             port = hold.getsockname()[1]
             worker_settings = dataclasses.replace(s, port=port, metrics_port=-1, workers=1)
             os.environ[MULTIPROC_ENV] = str(mdir)  # the workers inherit it
-            self.slots = [self._spawn(worker_settings) for _ in range(s.workers)]
+            self.slots = []
+            try:
+                for _ in range(s.workers):  # one by one: a failure stops those started (finally), which
+                    self.slots.append(self._spawn(worker_settings))  # would hold the exit for good
+            except OSError as e:  # no process or no shared memory for one (a pids limit, /dev/shm full)
+                log.error("cannot start: a worker process could not be started: %s", e)
+                return 2
             why = self._wait_started()
             if why is not None:
                 if not self.stopping.is_set():

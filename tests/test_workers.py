@@ -279,6 +279,51 @@ def test_a_worker_that_cannot_start_fails_the_start_with_its_reason(tmp_path: Pa
     assert "Traceback" not in r.stderr
 
 
+def test_a_worker_that_cannot_be_started_stops_those_already_started(monkeypatch, caplog) -> None:
+    """The workers were started in one list comprehension: when the second could not be
+    (a fork refused at a pids limit, /dev/shm full) the first was never stopped, and the
+    supervisor's exit waited on it (multiprocessing joins non-daemon children) for good. And
+    a replacement that cannot be started stops the supervisor (exit 1) instead of raising."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    started: list = []
+
+    def spawn(self, worker_settings):
+        if started:
+            raise OSError(11, "Resource temporarily unavailable")
+        proc = ctx.Process(target=time.sleep, args=(120,), daemon=False)  # a worker that would serve on
+        proc.start()
+        started.append(proc)
+        return _Slot(proc, ctx.Event(), ctx.RawValue("d", 0.0))  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Supervisor, "_spawn", spawn)
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        t0 = time.monotonic()
+        with caplog.at_level("ERROR", logger="service.workers"):
+            assert Supervisor(Settings(workers=3, port=0, metrics_port=-1)).run() == 2
+        assert time.monotonic() - t0 < 30
+        assert len(started) == 1 and not started[0].is_alive()  # stopped, not left to hold the exit
+        assert "cannot start: a worker process could not be started: [Errno 11]" in caplog.text
+        # a replacement: the dead worker's slot, a spawn refused
+        sup = Supervisor(Settings(workers=1))
+        dead = ctx.Process(target=time.sleep, args=(0,))
+        dead.start()
+        dead.join()
+        sup.slots = [_Slot(dead, ctx.Event(), ctx.RawValue("d", 0.0))]  # type: ignore[arg-type]
+        monkeypatch.setattr(Supervisor, "_forget_files", lambda self, pid, path: None)
+        caplog.clear()
+        with caplog.at_level("ERROR", logger="service.workers"):
+            assert sup._replace_dead(Settings(), "unused") is False
+        assert f"no worker could be started in place of pid {dead.pid}: [Errno 11]" in caplog.text
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        for proc in started:
+            proc.kill()
+
+
 def test_reserve_port_holds_a_port_for_reuseport_binds_only() -> None:
     hold = reserve_port("127.0.0.1", 0)
     try:
