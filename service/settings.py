@@ -20,6 +20,10 @@ from handlers import limits as handler_limits
 REPO = Path(__file__).resolve().parent.parent
 ENV_PREFIX = "ROBUSTGATE_"
 MIN_WORKER_TIMEOUT_S = 1.0  # a watched worker's shortest timeout (Settings.worker_timeout_s)
+# Durations below which a gateway misbehaves instead of serving: a health probe sent back to back,
+# a backend that never answers in time (never ready), connections closed or pinged as they open.
+MIN_DURATION_S = {"backend_timeout_s": 0.01, "request_timeout_s": 0.01, "health_interval_s": 0.1,
+                  "max_connection_age_s": 0.1, "keepalive_time_s": 0.1, "keepalive_timeout_s": 0.1}
 MAX_WORKERS = 64
 # gRPC takes its options as 32-bit ints: message sizes in bytes, durations in milliseconds
 # (and its deadlines overflow beyond about 292 years); larger values failed the start with an
@@ -277,6 +281,9 @@ class Settings:
         for name in ("backend_timeout_s", "request_timeout_s", "grace_s", "health_interval_s", "keepalive_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
+        for name, floor in MIN_DURATION_S.items():  # 0 still turns off those that may be off
+            if 0 < getattr(self, name) < floor:
+                raise ValueError(f"{name} must be at least {floor:g} s, got {getattr(self, name):g}")
         for f in dataclasses.fields(self):
             if f.name.endswith("_s") and getattr(self, f.name) > MAX_DURATION_S:
                 raise ValueError(f"{f.name} must be <= {MAX_DURATION_S} s (about 24 days: gRPC takes durations as "

@@ -40,6 +40,14 @@ from service.settings import REPO, Settings, from_args
     ({"ROBUSTGATE_KEEPALIVE_TIMEOUT_S": "2592000"}, r"keepalive_timeout_s must be <= 2147483 s"),
     ({"ROBUSTGATE_BACKEND_TIMEOUT_S": "1e10"}, r"backend_timeout_s must be <= 2147483 s"),
     ({"ROBUSTGATE_REQUEST_TIMEOUT_S": "1e10"}, r"request_timeout_s must be <= 2147483 s"),
+    # tiny but positive: a health probe back to back, a backend never in time, connections
+    # closed or pinged as they open
+    ({"ROBUSTGATE_HEALTH_INTERVAL_S": "0.0001"}, r"health_interval_s must be at least 0.1 s, got 0.0001"),
+    ({"ROBUSTGATE_BACKEND_TIMEOUT_S": "0.001"}, r"backend_timeout_s must be at least 0.01 s"),
+    ({"ROBUSTGATE_REQUEST_TIMEOUT_S": "0.001"}, r"request_timeout_s must be at least 0.01 s"),
+    ({"ROBUSTGATE_MAX_CONNECTION_AGE_S": "0.001"}, r"max_connection_age_s must be at least 0.1 s"),
+    ({"ROBUSTGATE_KEEPALIVE_TIME_S": "0.001"}, r"keepalive_time_s must be at least 0.1 s"),
+    ({"ROBUSTGATE_KEEPALIVE_TIMEOUT_S": "0.001"}, r"keepalive_timeout_s must be at least 0.1 s"),
 ])
 def test_bad_settings_are_refused_by_name(env: dict[str, str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
