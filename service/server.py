@@ -533,37 +533,61 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
 LIVENESS_SERVICE = "robustgate.liveness"
 
 
+#: Probes in a row a SERVING gateway lets its backend answer "busy" (TorchServe's queue full,
+#: RESOURCE_EXHAUSTED, or no answer within the timeout, as when the probe waits behind a long
+#: queue) before readiness turns NOT_SERVING. One busy probe under a load spike took the pod out
+#: of its Service, and every pod of a fleet under the same load with it. Not for long:
+#: TorchServe answers a model with no live worker as it answers a full queue. A backend that
+#: refuses the connection, or has not loaded a model, turns it NOT_SERVING at once.
+BUSY_PROBES = 3
+
+
+@dataclass
+class BackendHealth:
+    """The backend's health as the probes have found it: the status set (None: none yet) and
+    the busy probes in a row."""
+
+    status: int | None = None
+    busy: int = 0
+
+
 async def probe_backend(backend: TorchServeBackend, registry: Registry, health_servicer: health.aio.HealthServicer,
-                        timeout_s: float, metrics: Metrics, status: int | None = None,
-                        serving: Callable[[bool], None] = lambda ok: None) -> int:
-    """Probe every served model with a blank image: SERVING only if all of them answer.
-    ``status``: the health status set before (None: none yet); ``serving``: told every
-    round's outcome. -> the status set now."""
-    ok = True
-    for m in registry.all():
-        blank = np.zeros((m.input.channels, m.input.height, m.input.width), dtype=np.uint8)
-        try:
+                        timeout_s: float, metrics: Metrics, state: BackendHealth,
+                        serving: Callable[[bool], None] = lambda ok: None) -> None:
+    """Probe every served model with a blank image: SERVING only if all of them answer, or
+    were SERVING and have answered busy fewer than :data:`BUSY_PROBES` times in a row.
+    ``state``: updated; ``serving``: told every round's outcome."""
+    answered = busy = False
+    try:
+        for m in registry.all():
+            blank = np.zeros((m.input.channels, m.input.height, m.input.width), dtype=np.uint8)
             await backend.probe(m.backend_name, blank, None, timeout_s)
-        except GatewayError:
-            ok = False
-            break
-    metrics.backend_up.set(1 if ok else 0)
+        answered = True
+    except (Overloaded, DeadlineExceeded):
+        busy = True
+    except GatewayError:
+        pass
+    state.busy = state.busy + 1 if busy else 0
+    SERVING = health_pb2.HealthCheckResponse.SERVING
+    ok = answered or (busy and state.status == SERVING and state.busy < BUSY_PROBES)
+    metrics.backend_up.set(1 if answered else 0)  # this probe's answer, as the alert reads it
     serving(ok)
-    new = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
-    if new != status:
-        log.info("backend %s", "answers: SERVING" if ok else "does not answer: NOT_SERVING")
+    new = SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+    if new != state.status:
+        log.info("backend %s", "answers: SERVING" if ok else
+                 f"is busy {state.busy} probes in a row: NOT_SERVING" if busy else "does not answer: NOT_SERVING")
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, new)
-    return new
+    state.status = new
 
 
 async def watch_backend(backend: TorchServeBackend, registry: Registry, health_servicer: health.aio.HealthServicer,
-                        interval_s: float, timeout_s: float, metrics: Metrics, status: int,
+                        interval_s: float, timeout_s: float, metrics: Metrics, state: BackendHealth,
                         serving: Callable[[bool], None] = lambda ok: None) -> None:
-    """:func:`probe_backend` every ``interval_s``, from ``status``, the first probe's."""
+    """:func:`probe_backend` every ``interval_s``, from ``state``, the first probe's."""
     while True:
         await asyncio.sleep(interval_s)
-        status = await probe_backend(backend, registry, health_servicer, timeout_s, metrics, status, serving)
+        await probe_backend(backend, registry, health_servicer, timeout_s, metrics, state, serving)
 
 
 @dataclass
@@ -699,12 +723,14 @@ async def start(settings: Settings, registry: Registry | None = None, worker: bo
     # already the backend's, and a worker started beside others (or replacing one) never
     # answers NOT_SERVING for a backend that answers. A backend that hangs delays the start
     # by at most backend_timeout_s.
-    status = await probe_backend(backend, registry, health_servicer, settings.backend_timeout_s, metrics,
-                                 serving=servicer.set_backend_serving)
+    backend_health = BackendHealth()
+    await probe_backend(backend, registry, health_servicer, settings.backend_timeout_s, metrics, backend_health,
+                        serving=servicer.set_backend_serving)
     await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     await server.start()
     task = asyncio.create_task(watch_backend(backend, registry, health_servicer, settings.health_interval_s,
-                                             settings.backend_timeout_s, metrics, status, servicer.set_backend_serving))
+                                             settings.backend_timeout_s, metrics, backend_health,
+                                             servicer.set_backend_serving))
     log.info("gateway listening on %s:%d (%s%s, metrics %s, traces %s), models %s via TorchServe %s (%s, %s)",
              settings.host, port, "mutual TLS" if settings.tls_client_ca_file else "TLS" if creds else "plaintext",
              ", bearer token" if caller_token else "", metrics_port if metrics_port is not None else "off", settings.otlp_endpoint or "off",

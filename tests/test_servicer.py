@@ -124,3 +124,51 @@ def test_a_stream_item_cancelled_before_it_started_is_still_counted() -> None:
 
     asyncio.run(run())
     assert counted(metrics) == {"CANCELLED": 2.0}
+
+
+def test_a_busy_backend_keeps_readiness_for_a_few_probes_a_down_one_loses_it_at_once(caplog) -> None:
+    """One probe that found TorchServe's queue full (or waited past its timeout behind it)
+    turned a loaded pod NOT_SERVING, and every pod of a fleet under the same load with it.
+    A SERVING gateway now lets its backend be busy BUSY_PROBES - 1 probes in a row; a third
+    turns it NOT_SERVING (TorchServe answers a model with no live worker like a full queue),
+    as does a refused connection or a model not loaded, at once; a gateway not yet SERVING
+    is not made so by a busy backend. backend_up is each probe's own answer."""
+    from grpc_health.v1 import health, health_pb2
+
+    from service.errors import BackendUnavailable, DeadlineExceeded, ModelNotLoaded, Overloaded
+    from service.server import BUSY_PROBES, SERVICE_NAME, BackendHealth, probe_backend
+
+    assert BUSY_PROBES == 3
+    SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    answers: list[Exception | None] = []
+
+    class Backend:
+        async def probe(self, name, image, plan, timeout_s):
+            if (e := answers.pop(0)) is not None:
+                raise e
+
+    model = types.SimpleNamespace(backend_name="m-onnx", input=types.SimpleNamespace(channels=1, height=28, width=28))
+    registry = types.SimpleNamespace(all=lambda: [model])
+    busy, late = Overloaded("backend is overloaded"), DeadlineExceeded("no answer")
+    down, unloaded = BackendUnavailable("backend is unavailable"), ModelNotLoaded("not loaded")
+
+    async def rounds(state: BackendHealth, script: list[Exception | None]) -> list[tuple[int | None, float, bool]]:
+        hs, metrics, told = health.aio.HealthServicer(), Metrics(), []
+        seen = []
+        for answer in script:
+            answers.append(answer)
+            await probe_backend(Backend(), registry, hs, 1.0, metrics, state, told.append)  # type: ignore[arg-type]
+            status = (await hs.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), None)).status
+            assert status == (await hs.Check(health_pb2.HealthCheckRequest(), None)).status == state.status
+            seen.append((status, metrics.backend_up._value.get(), told[-1]))
+        return seen
+
+    with caplog.at_level("INFO", logger="service.server"):
+        got = asyncio.run(rounds(BackendHealth(), [None, busy, late, busy, None, busy, down, None, unloaded]))
+    assert got == [(SERVING, 1, True), (SERVING, 0, True), (SERVING, 0, True), (NOT_SERVING, 0, False),
+                   (SERVING, 1, True), (SERVING, 0, True), (NOT_SERVING, 0, False), (SERVING, 1, True),
+                   (NOT_SERVING, 0, False)]
+    assert "backend is busy 3 probes in a row: NOT_SERVING" in caplog.text
+    assert caplog.text.count("backend does not answer: NOT_SERVING") == 2
+    # at start (no status yet) a busy backend is not taken for a sound one
+    assert asyncio.run(rounds(BackendHealth(), [busy, None])) == [(NOT_SERVING, 0, False), (SERVING, 1, True)]
