@@ -678,26 +678,69 @@ def _launch(settings: ServeSettings, run_dir: Path, names: list[str], outlive_ca
     existing = attach(run_dir)
     if existing is not None:
         raise ServeError(f"TorchServe already runs from {run_dir} (pid {existing.pid}); stop it first")
-    try:  # until TorchServe is started, a failure (a later archive refused, a full disk, an
-        # interrupt) leaves no copy, whole or partial: nothing runs from this run dir (attach)
+    # Until TorchServe is started, a failure (a later archive refused, a full disk, an
+    # interrupt) leaves no copy, whole or partial: nothing runs from this run dir (attach).
+    with _removed_on_failure(run_dir):
         staged = _stage_archives(settings, run_dir, names, verified)
-        proc, offsets = _spawn(settings, run_dir, staged, names)
+    # From its start until this function has it, an interrupt would leave a TorchServe that
+    # nothing stops or finds (its own session: a Ctrl-C to this group never reaches it, and no
+    # state file names it yet): held till then, and then it stops what was started, in order.
+    ts: TorchServe | None = None
+    try:
+        with _signals_held():
+            with _removed_on_failure(run_dir):
+                proc, offsets = _spawn(settings, run_dir, staged, names)
+            ts = TorchServe(settings, names, proc.pid, proc, log_offsets=offsets)
+            if not outlive_caller:
+                ts.lifeline = _lifeline(proc.pid, run_dir)
+            # whole or not at all: `stop` reads it to find what to stop
+            partial = run_dir / f".{STATE_FILE}.{proc.pid}"
+            partial.write_text(json.dumps(
+                {"pid": proc.pid, "models": names, "settings": _settings_to_json(settings)}, indent=2) + "\n")
+            os.replace(partial, run_dir / STATE_FILE)
+    except BaseException:  # a failure (a full disk), or the interrupt held
+        if ts is not None:
+            ts.stop()
+        raise
+    return ts
+
+
+@contextlib.contextmanager
+def _removed_on_failure(run_dir: Path) -> Iterator[None]:
+    """The archive copies removed from ``run_dir`` where the block fails."""
+    try:
+        yield
     except BaseException:
         _remove_staged(run_dir)
         raise
-    ts = TorchServe(settings, names, proc.pid, proc, log_offsets=offsets)
-    try:  # from here on, a failure (a full disk, an interrupt) stops what was started
-        if not outlive_caller:
-            ts.lifeline = _lifeline(proc.pid, run_dir)
-        # whole or not at all: `stop` reads it to find what to stop
-        partial = run_dir / f".{STATE_FILE}.{proc.pid}"
-        partial.write_text(json.dumps(
-            {"pid": proc.pid, "models": names, "settings": _settings_to_json(settings)}, indent=2) + "\n")
-        os.replace(partial, run_dir / STATE_FILE)
-    except BaseException:
-        ts.stop()
-        raise
-    return ts
+
+
+#: What :func:`_signals_held` holds: what stops this process from a terminal or a supervisor.
+HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM recorded, not acted on, within the block; each that came is raised
+    again once it ends, to the handler there was (in the main thread; elsewhere, and for a
+    handler Python did not install, nothing is held)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    saved = {}
+    for sig in HELD_SIGNALS:
+        old = signal.getsignal(sig)
+        if old is not None:  # None: installed outside Python, which could not be put back
+            saved[sig] = old
+            signal.signal(sig, lambda signum, frame: came.append(signum))
+    try:
+        yield
+    finally:
+        for sig, old in saved.items():
+            signal.signal(sig, old)
+        for sig in dict.fromkeys(came):
+            signal.raise_signal(sig)
 
 
 def _spawn(settings: ServeSettings, run_dir: Path, staged: Path,

@@ -706,6 +706,52 @@ def test_a_start_whose_torchserve_cannot_be_started_leaves_no_copy(tiny_store: P
     assert not serve.staged_archives(run_dir).exists()
 
 
+def test_an_interrupt_as_torchserve_starts_comes_once_its_state_file_names_it(tmp_path: Path,
+                                                                             monkeypatch) -> None:
+    """A Ctrl-C (or SIGTERM) between TorchServe's process starting and its state file naming
+    it left a TorchServe in a session of its own that nothing could find or stop, holding its
+    ports and writing the key file the next start removes. It is held until the start has it
+    on record, then raised as it came, and the start stops what it started, in order."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    started: list[subprocess.Popen] = []
+
+    def stage(settings, run_dir, names, verified):
+        return serve.staged_archives(run_dir)
+
+    def spawn(settings, run_dir, staged, names):
+        started.append(subprocess.Popen(["sleep", "60"], start_new_session=True))
+        os.kill(os.getpid(), signal.SIGINT)  # as the process has just started
+        time.sleep(0.1)  # Python runs a handler between bytecodes: it has had its chance
+        return started[-1], {}
+
+    monkeypatch.setattr(serve, "_stage_archives", stage)
+    monkeypatch.setattr(serve, "_spawn", spawn)
+    before = {sig: signal.getsignal(sig) for sig in serve.HELD_SIGNALS}
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            serve._launch(serve.ServeSettings(store=tmp_path / "store", run_dir=run_dir), run_dir,
+                          ["fmnist-cnn-onnx"], True, {})
+        assert started[0].poll() is not None  # stopped, not left running in its own session
+        assert not (run_dir / serve.STATE_FILE).exists()  # and its run dir tidied
+        assert {sig: signal.getsignal(sig) for sig in serve.HELD_SIGNALS} == before  # handlers put back
+    finally:
+        for proc in started:
+            proc.kill()
+            proc.wait()
+    # outside the main thread nothing is held (signal handlers are the main thread's)
+    seen = []
+
+    def in_a_thread() -> None:
+        with serve._signals_held():
+            seen.append(signal.getsignal(signal.SIGINT))
+
+    worker = threading.Thread(target=in_a_thread)
+    worker.start()
+    worker.join()
+    assert seen == [before[signal.SIGINT]]
+
+
 def test_torchserve_gets_no_ts_settings_and_no_checkout_on_its_path(tmp_path: Path) -> None:
     """TS_* would override the config file; a PYTHONPATH entry holding this checkout's handler
     or protocol packages would shadow an archive's own (tests/test_torchserve_serving.py shows
