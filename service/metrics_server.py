@@ -24,6 +24,7 @@ waits longer than the relay's timeout in all: one that would answers 503.
 
 from __future__ import annotations
 
+import errno
 import http.client
 import logging
 import os
@@ -297,14 +298,40 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
+class _DualStack(_Server):
+    """Every address of both families, as gRPC binds a wildcard host (``0.0.0.0`` too)."""
+
+    address_family = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
+#: Hosts that mean every address. gRPC binds them to IPv6 and IPv4 alike; bound to IPv4 only,
+#: the metrics port of a pod on an IPv6-only cluster refused every scrape the gRPC port took.
+WILDCARD_HOSTS = ("0.0.0.0", "::")
+
+
 def start(host: str, port: int, registry: CollectorRegistry,
           torchserve_metrics_url: str = "") -> tuple[WSGIServer, threading.Thread]:
     """Serve :func:`metrics_app` on ``host:port`` (0: a free port) from a daemon thread; stop
-    with ``server.shutdown()`` (from another thread), then ``server.server_close()``."""
+    with ``server.shutdown()`` (from another thread), then ``server.server_close()``. A
+    wildcard host serves both families (IPv4 alone where the machine has no IPv6)."""
     bare = host.strip("[]")  # an IPv6 host as gRPC takes it ([::]): the brackets are not the address
-    family = socket.getaddrinfo(bare, port, type=socket.SOCK_STREAM)[0][0]
-    server_class = type("_MetricsServer", (_Server,), {"address_family": family})
-    server = make_server(bare, port, metrics_app(registry, torchserve_metrics_url), server_class, _QuietHandler)
+    app = metrics_app(registry, torchserve_metrics_url)
+    server: WSGIServer | None = None
+    if bare in WILDCARD_HOSTS:
+        try:
+            server = make_server("::", port, app, _DualStack, _QuietHandler)
+        except OSError as e:
+            if e.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT):
+                raise  # the port taken, say: as for any host
+            bare = "0.0.0.0"  # a kernel without IPv6
+    if server is None:
+        family = socket.getaddrinfo(bare, port, type=socket.SOCK_STREAM)[0][0]
+        server_class = type("_MetricsServer", (_Server,), {"address_family": family})
+        server = make_server(bare, port, app, server_class, _QuietHandler)
     thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
     thread.start()
     return server, thread

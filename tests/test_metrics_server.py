@@ -451,3 +451,41 @@ def test_an_ipv6_host_in_brackets_as_grpc_takes_it_is_served_where_the_bare_one_
             server.server_close()
             thread.join(5)
     assert outcomes[0] == outcomes[1], outcomes
+
+
+def test_a_wildcard_host_serves_metrics_on_both_families_as_grpc_does(registry: CollectorRegistry,
+                                                                      monkeypatch) -> None:
+    """The pod sets ROBUSTGATE_HOST=0.0.0.0, which gRPC binds on IPv6 and IPv4 alike; the
+    metrics server bound IPv4 only, so on an IPv6-only cluster every scrape of the pod's
+    address was refused (the scrape-down alert firing, the autoscaler's metric gone). Where
+    the machine has no IPv6 it serves IPv4 as before."""
+    import errno
+    import socket
+
+    def serves(host: str) -> dict[str, object]:
+        server, thread = metrics_server.start(host, 0, registry, "")
+        try:
+            return {peer: get(f"http://{peer}:{server.server_port}/metrics")[0] for peer in ("127.0.0.1", "[::1]")
+                    if peer == "127.0.0.1" or has_ipv6}
+        finally:
+            server.shutdown()
+            server.server_close()
+            thread.join(5)
+
+    try:
+        with socket.create_server(("::1", 0), family=socket.AF_INET6):
+            has_ipv6 = True
+    except OSError:
+        has_ipv6 = False
+    want = {"127.0.0.1": 200, "[::1]": 200} if has_ipv6 else {"127.0.0.1": 200}
+    assert serves("0.0.0.0") == serves("[::]") == want
+    with socket.create_server(("0.0.0.0", 0)) as taken:  # a port taken is refused as before
+        with pytest.raises(OSError):
+            metrics_server.start("0.0.0.0", taken.getsockname()[1], registry, "")
+
+    def no_ipv6(self) -> None:
+        raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+
+    monkeypatch.setattr(metrics_server._DualStack, "server_bind", no_ipv6)
+    has_ipv6 = False
+    assert serves("0.0.0.0") == {"127.0.0.1": 200}
