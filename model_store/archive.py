@@ -399,7 +399,7 @@ def approve_changes(store: Path, changing: Sequence[str], write: Callable[[], ob
     kept = verify_manifest(store, changing=changing) if (store / MANIFEST).is_file() else None
     # The change and its record are one step for Ctrl-C and SIGTERM: an interrupt between
     # the two would leave new files under the old digests, a store that no longer verifies.
-    with _signals_deferred():
+    with signals_deferred():
         if write is not None:
             write()
         if kept is None:
@@ -409,11 +409,11 @@ def approve_changes(store: Path, changing: Sequence[str], write: Callable[[], ob
         return _record(store, {**kept, **fresh})
 
 
-_DEFERRED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
+def signals_deferred() -> Iterator[None]:
     """Hold SIGINT, SIGTERM and SIGHUP until the block ends; one that came meanwhile is
     raised again then, to the handler it would have met (KeyboardInterrupt after the block,
     a default SIGTERM ending the process after it, not in the middle of it).
@@ -429,7 +429,7 @@ def _signals_deferred() -> Iterator[None]:
     caught: list[int] = []
     previous: dict[int, Any] = {}
     try:
-        for sig in _DEFERRED:
+        for sig in DEFERRED_SIGNALS:
             handler = signal.getsignal(sig)
             signal.signal(sig, lambda signum, _frame: caught.append(signum))
             previous[sig] = signal.SIG_DFL if handler is None else handler  # None: set outside Python

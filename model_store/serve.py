@@ -687,7 +687,7 @@ def _launch(settings: ServeSettings, run_dir: Path, names: list[str], outlive_ca
     # state file names it yet): held till then, and then it stops what was started, in order.
     ts: TorchServe | None = None
     try:
-        with _signals_held():
+        with archive.signals_deferred():
             with _removed_on_failure(run_dir):
                 proc, offsets = _spawn(settings, run_dir, staged, names)
             ts = TorchServe(settings, names, proc.pid, proc, log_offsets=offsets)
@@ -713,34 +713,6 @@ def _removed_on_failure(run_dir: Path) -> Iterator[None]:
     except BaseException:
         _remove_staged(run_dir)
         raise
-
-
-#: What :func:`_signals_held` holds: what stops this process from a terminal or a supervisor.
-HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-@contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """SIGINT and SIGTERM recorded, not acted on, within the block; each that came is raised
-    again once it ends, to the handler there was (in the main thread; elsewhere, and for a
-    handler Python did not install, nothing is held)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    came: list[int] = []
-    saved = {}
-    for sig in HELD_SIGNALS:
-        old = signal.getsignal(sig)
-        if old is not None:  # None: installed outside Python, which could not be put back
-            saved[sig] = old
-            signal.signal(sig, lambda signum, frame: came.append(signum))
-    try:
-        yield
-    finally:
-        for sig, old in saved.items():
-            signal.signal(sig, old)
-        for sig in dict.fromkeys(came):
-            signal.raise_signal(sig)
 
 
 def _spawn(settings: ServeSettings, run_dir: Path, staged: Path,

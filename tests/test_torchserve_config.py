@@ -727,14 +727,14 @@ def test_an_interrupt_as_torchserve_starts_comes_once_its_state_file_names_it(tm
 
     monkeypatch.setattr(serve, "_stage_archives", stage)
     monkeypatch.setattr(serve, "_spawn", spawn)
-    before = {sig: signal.getsignal(sig) for sig in serve.HELD_SIGNALS}
+    before = {sig: signal.getsignal(sig) for sig in archive.DEFERRED_SIGNALS}
     try:
         with pytest.raises(KeyboardInterrupt):
             serve._launch(serve.ServeSettings(store=tmp_path / "store", run_dir=run_dir), run_dir,
                           ["fmnist-cnn-onnx"], True, {})
         assert started[0].poll() is not None  # stopped, not left running in its own session
         assert not (run_dir / serve.STATE_FILE).exists()  # and its run dir tidied
-        assert {sig: signal.getsignal(sig) for sig in serve.HELD_SIGNALS} == before  # handlers put back
+        assert {sig: signal.getsignal(sig) for sig in archive.DEFERRED_SIGNALS} == before  # handlers put back
     finally:
         for proc in started:
             proc.kill()
@@ -743,7 +743,7 @@ def test_an_interrupt_as_torchserve_starts_comes_once_its_state_file_names_it(tm
     seen = []
 
     def in_a_thread() -> None:
-        with serve._signals_held():
+        with archive.signals_deferred():
             seen.append(signal.getsignal(signal.SIGINT))
 
     worker = threading.Thread(target=in_a_thread)
