@@ -680,16 +680,17 @@ def _launch(settings: ServeSettings, run_dir: Path, names: list[str], outlive_ca
         raise ServeError(f"TorchServe already runs from {run_dir} (pid {existing.pid}); stop it first")
     # Until TorchServe is started, a failure (a later archive refused, a full disk, an
     # interrupt) leaves no copy, whole or partial: nothing runs from this run dir (attach).
-    with _removed_on_failure(run_dir):
-        staged = _stage_archives(settings, run_dir, names, verified)
-    # From its start until this function has it, an interrupt would leave a TorchServe that
-    # nothing stops or finds (its own session: a Ctrl-C to this group never reaches it, and no
-    # state file names it yet): held till then, and then it stops what was started, in order.
+    # From its start until its state file names it, an interrupt would leave a TorchServe that
+    # nothing stops or finds (its own session: a Ctrl-C to this group never reaches it), so
+    # SIGINT and SIGTERM are held till then. Then a SIGINT stops what was started, in order; a
+    # SIGTERM left at its default ends this process there, where `stop` finds TorchServe by
+    # its state file (and the lifeline watchdog stops one not meant to outlive its caller).
+    proc: subprocess.Popen | None = None
     ts: TorchServe | None = None
     try:
+        staged = _stage_archives(settings, run_dir, names, verified)
         with archive.signals_deferred():
-            with _removed_on_failure(run_dir):
-                proc, offsets = _spawn(settings, run_dir, staged, names)
+            proc, offsets = _spawn(settings, run_dir, staged, names)
             ts = TorchServe(settings, names, proc.pid, proc, log_offsets=offsets)
             if not outlive_caller:
                 ts.lifeline = _lifeline(proc.pid, run_dir)
@@ -698,21 +699,15 @@ def _launch(settings: ServeSettings, run_dir: Path, names: list[str], outlive_ca
             partial.write_text(json.dumps(
                 {"pid": proc.pid, "models": names, "settings": _settings_to_json(settings)}, indent=2) + "\n")
             os.replace(partial, run_dir / STATE_FILE)
-    except BaseException:  # a failure (a full disk), or the interrupt held
+    except BaseException:  # a failure (an archive refused, a full disk), or the interrupt held
         if ts is not None:
-            ts.stop()
+            ts.stop()  # and tidies: key, state file, copies
+        else:
+            if proc is not None:
+                _stop_group(proc.pid, timeout=30.0)
+            _remove_staged(run_dir)
         raise
     return ts
-
-
-@contextlib.contextmanager
-def _removed_on_failure(run_dir: Path) -> Iterator[None]:
-    """The archive copies removed from ``run_dir`` where the block fails."""
-    try:
-        yield
-    except BaseException:
-        _remove_staged(run_dir)
-        raise
 
 
 def _spawn(settings: ServeSettings, run_dir: Path, staged: Path,

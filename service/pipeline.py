@@ -228,13 +228,13 @@ class Pipeline:
                                                "robustgate.backend.call": calls}) as span:
                 try:
                     out = await self.backend.probe(model.backend_name, image, plan, min(self.backend_timeout_s, left))
+                    if out.logits.shape != (rows, len(model.labels)):  # another archive than the one checked at start?
+                        raise unusable("logits of another shape than asked",
+                                       f"{out.logits.shape} for {rows} rows of {len(model.labels)} classes")
                 except Exception as e:  # the input was checked before: a failure here is the server's
                     set_error(span, type(e).__name__)
                     raise
             timings.backend += time.perf_counter() - t
-            if out.logits.shape != (rows, len(model.labels)):  # another archive than the one checked at start?
-                raise unusable("logits of another shape than asked",
-                               f"{out.logits.shape} for {rows} rows of {len(model.labels)} classes")
             return out
 
         run = GateRun.start(model.policy, request_seed(self.base_seed, image), certify=req.certify)
@@ -246,10 +246,11 @@ class Pipeline:
             if base_logits is None:
                 base_logits = out.logits[0]
             t = time.perf_counter()
-            with self.tracing.span("gate"):
+            with self.tracing.span("gate") as span:
                 try:
                     run = run.feed(out.logits, out.features)
                 except ScoreInputError as e:  # e.g. features missing or of another size than the density model's
+                    set_error(span, "BackendUnavailable")
                     raise unusable("scores the gate cannot use", e) from None
             timings.gate += time.perf_counter() - t
         if base_logits is None:  # gate off: a plain classification

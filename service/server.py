@@ -557,16 +557,17 @@ async def probe_backend(backend: TorchServeBackend, registry: Registry, health_s
     """Probe every served model with a blank image: SERVING only if all of them answer, or
     were SERVING and have answered busy fewer than :data:`BUSY_PROBES` times in a row.
     ``state``: updated; ``serving``: told every round's outcome."""
-    answered = busy = False
-    try:
-        for m in registry.all():
-            blank = np.zeros((m.input.channels, m.input.height, m.input.width), dtype=np.uint8)
+    busy = down = False
+    for m in registry.all():  # every one: a model busy must not hide another not loaded
+        blank = np.zeros((m.input.channels, m.input.height, m.input.width), dtype=np.uint8)
+        try:
             await backend.probe(m.backend_name, blank, None, timeout_s)
-        answered = True
-    except (Overloaded, DeadlineExceeded):
-        busy = True
-    except GatewayError:
-        pass
+        except (Overloaded, DeadlineExceeded):
+            busy = True
+        except GatewayError:
+            down = True
+            break
+    answered, busy = not (busy or down), busy and not down
     state.busy = state.busy + 1 if busy else 0
     SERVING = health_pb2.HealthCheckResponse.SERVING
     ok = answered or (busy and state.status == SERVING and state.busy < BUSY_PROBES)

@@ -99,11 +99,13 @@ class Scripted:
         return ProbeOutput(self.logits, self.features, "cpu", "scripted")
 
 
-def _classify_with(backend, policy) -> object:
+def _classify_with(backend, policy, tracing=None) -> object:
+    from service.tracing import OFF
+
     model = SimpleNamespace(name="m", version="1", labels=tuple("abcdefghij"), input=InputSpec(),
                             backend_name="m-onnx", policy=policy)
     pipeline = Pipeline(SimpleNamespace(get=lambda name, version: model), backend, Limits(),  # type: ignore[arg-type]
-                        backend_timeout_s=5.0)
+                        backend_timeout_s=5.0, tracing=tracing or OFF)
     req = ClassifyInput(model="m", tensor=RawTensor((28, 28), "uint8", bytes(784)))
     return asyncio.run(pipeline.classify(req, time.monotonic() + 5))
 
@@ -129,7 +131,24 @@ def test_an_answer_of_another_shape_than_asked_is_the_backends_fault(caplog, mon
     ]:
         caplog.clear()
         monkeypatch.setattr(backend_module, "_throttled", Throttle(backend_module.log))  # each logged
+        exporter, tracing = _traced()
         with caplog.at_level("ERROR", logger="service.backend"), \
                 pytest.raises(BackendUnavailable, match="^backend answered an undecodable result$") as err:
-            _classify_with(backend, policy)
+            _classify_with(backend, policy, tracing)
         assert detail in caplog.text and err.value.__cause__ is None
+        failed = [(s.name, s.status.description) for s in exporter.get_finished_spans()
+                  if s.status.status_code.name == "ERROR"]
+        assert failed == [("gate" if "features" in detail else "backend", "BackendUnavailable")]  # a trace says where
+
+
+def _traced():
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from service.tracing import Tracing
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter, Tracing(provider.get_tracer("test"), provider)

@@ -152,11 +152,13 @@ def test_a_busy_backend_keeps_readiness_for_a_few_probes_a_down_one_loses_it_at_
     busy, late = Overloaded("backend is overloaded"), DeadlineExceeded("no answer")
     down, unloaded = BackendUnavailable("backend is unavailable"), ModelNotLoaded("not loaded")
 
-    async def rounds(state: BackendHealth, script: list[Exception | None]) -> list[tuple[int | None, float, bool]]:
+    async def rounds(state: BackendHealth, script: list) -> list[tuple[int | None, float, bool]]:
         hs, metrics, told = health.aio.HealthServicer(), Metrics(), []
+        for name in ("", SERVICE_NAME) if state.status is not None else ():  # as set before
+            await hs.set(name, state.status)
         seen = []
-        for answer in script:
-            answers.append(answer)
+        for answer in script:  # a tuple: one answer per model
+            answers.extend(answer if isinstance(answer, tuple) else (answer,))
             await probe_backend(Backend(), registry, hs, 1.0, metrics, state, told.append)  # type: ignore[arg-type]
             status = (await hs.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), None)).status
             assert status == (await hs.Check(health_pb2.HealthCheckRequest(), None)).status == state.status
@@ -172,3 +174,9 @@ def test_a_busy_backend_keeps_readiness_for_a_few_probes_a_down_one_loses_it_at_
     assert caplog.text.count("backend does not answer: NOT_SERVING") == 2
     # at start (no status yet) a busy backend is not taken for a sound one
     assert asyncio.run(rounds(BackendHealth(), [busy, None])) == [(NOT_SERVING, 0, False), (SERVING, 1, True)]
+    # every model is probed: one busy does not hide another not loaded
+    other = types.SimpleNamespace(backend_name="n-onnx", input=model.input)
+    registry.all = lambda: [model, other]
+    assert asyncio.run(rounds(BackendHealth(status=SERVING), [(busy, unloaded)])) == [(NOT_SERVING, 0, False)]
+    assert asyncio.run(rounds(BackendHealth(status=SERVING), [(busy, None)])) == [(SERVING, 0, True)]
+    assert not answers  # each model probed once a round

@@ -708,10 +708,11 @@ def test_a_start_whose_torchserve_cannot_be_started_leaves_no_copy(tiny_store: P
 
 def test_an_interrupt_as_torchserve_starts_comes_once_its_state_file_names_it(tmp_path: Path,
                                                                              monkeypatch) -> None:
-    """A Ctrl-C (or SIGTERM) between TorchServe's process starting and its state file naming
-    it left a TorchServe in a session of its own that nothing could find or stop, holding its
-    ports and writing the key file the next start removes. It is held until the start has it
-    on record, then raised as it came, and the start stops what it started, in order."""
+    """A Ctrl-C between TorchServe's process starting and its state file naming it left a
+    TorchServe in a session of its own that nothing could find or stop, holding its ports and
+    writing the key file the next start removes. It is held until the start has it on record,
+    then raised as it came, and the start stops what it started, in order. (SIGTERM is held
+    alike; at its default it then ends the process, leaving the state file for `stop`.)"""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     started: list[subprocess.Popen] = []
@@ -740,6 +741,32 @@ def test_an_interrupt_as_torchserve_starts_comes_once_its_state_file_names_it(tm
             proc.kill()
             proc.wait()
     # outside the main thread nothing is held (signal handlers are the main thread's)
+    # a failure after the process started, before the start had it: stopped, copies removed
+    def stage_a_copy(settings, run_dir, names, verified):
+        staged = serve.staged_archives(run_dir)
+        staged.mkdir(exist_ok=True)
+        (staged / "fmnist-cnn-onnx.mar").write_bytes(b"a copy")
+        return staged
+
+    def spawn_quietly(settings, run_dir, staged, names):
+        started.append(subprocess.Popen(["sleep", "60"], start_new_session=True))
+        return started[-1], {}
+
+    def broken(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(serve, "_stage_archives", stage_a_copy)
+    monkeypatch.setattr(serve, "_spawn", spawn_quietly)
+    monkeypatch.setattr(serve, "TorchServe", broken)
+    try:
+        with pytest.raises(MemoryError):
+            serve._launch(serve.ServeSettings(store=tmp_path / "store", run_dir=run_dir), run_dir,
+                          ["fmnist-cnn-onnx"], True, {})
+        assert started[-1].poll() is not None and not serve.staged_archives(run_dir).exists()
+    finally:
+        for proc in started:
+            proc.kill()
+            proc.wait()
     seen = []
 
     def in_a_thread() -> None:
