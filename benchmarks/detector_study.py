@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from benchmarks.efficacy import mnist_digits
-from benchmarks.report import parser, report_stem, study_command, write_report
+from benchmarks.report import parser, report_stem, run_facts, study_command, write_report
 from handlers.probe import expand
 from model_store import data
 from service import perturb
@@ -252,8 +252,9 @@ def _row(v: Variant, jitter: NoiseSpec, part_a: list[RawScores], part_b: list[Ra
 
 def render(r: dict, command: str) -> str:
     sets = list(r["measured_sets"])
+    when = f" ({r['date']}, {r['machine']})" if "date" in r else ""  # reports before 2026-12-07 lack it
     lines = [
-        "# The squeeze detector's context, budget and form, side by side (in process)", "",
+        f"# The squeeze detector's context, budget and form, side by side (in process){when}", "",
         f"`{command}` ({r['seconds']:.0f} s). Model {r['model']}; fits on {r['calibration_images'] // 2} "
         f"clean calibration images against the reference attacks, thresholds allocated at a "
         f"{100 * r['flag_rate_calibrated']:.2f} % clean rate on {r['calibration_images'] - r['calibration_images'] // 2} "
@@ -310,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.jitter:
         command += " --jitter " + " ".join(f"{j.count}x{j.sigma:g}" for j in args.jitter)
         stem = stem.replace("detector_study", "detector_study-jitter")
+    result = {**run_facts(command), **result}
     write_report(args.out, stem, result, render(result, command))
     return 0
 

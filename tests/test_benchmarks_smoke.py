@@ -410,6 +410,7 @@ def test_detector_study_jitter_sweep_smoke(default_store: Path, tmp_path: Path) 
         assert all(0 <= x <= 1 for x in row["flagged"].values())
         assert all(0 <= b <= report["flag_rate_calibrated"] + 1e-9 for b in row["budget"].values())
     md = (tmp_path / "detector_study-jitter-smoke.md").read_text()
+    assert md.splitlines()[0].endswith(f"({report['date']}, {report['machine']})")  # when and where it ran
     assert "--smoke --jitter 2x0.03 6x0.06`" in md and f"| jitter 6 × σ 0.06, {SWEEP_VARIANTS[1].name} |" in md
     assert not (tmp_path / "detector_study-smoke.json").exists()  # the study's own report is left alone
     # the setting reaches each image's plan, so the handler draws those copies
