@@ -207,6 +207,10 @@ def jpeg_layout(raw: bytes) -> JpegLayout:
             stray += end - 1 - pos
             pos = end - 1
             continue
+        if marker == 0x00:  # no marker (a stuffed 0xFF): libjpeg and Pillow discard both bytes and
+            stray += 2      # read on; taken for a segment, its "length" skipped up to 64 KiB unread
+            pos += 2        # (scans hidden there were decoded, past every limit)
+            continue
         segments += 1
         if marker == 0xD9:  # EOI
             break

@@ -418,6 +418,13 @@ def test_jpeg_scans_are_counted_as_a_decoder_meets_them() -> None:
     padded = many_scans_jpeg(3)
     padded = padded[:2] + b"\xff" * 5 + padded[2:]  # fill bytes before a marker: skipped, counted
     assert jpeg_layout(padded) == replace(jpeg_layout(many_scans_jpeg(3)), stray=5)
+    # FF 00 between segments is no marker: decoders discard it and read what follows. Read as a
+    # segment, its next two bytes (FF FF) were a length that skipped 64 KiB unread, where
+    # thousands of scans decoded past every limit.
+    hidden = b"\xff\xd8\xff\x00\xff\xff" + many_scans_jpeg(100_000)[2:]
+    assert jpeg_layout(hidden).scans == MAX_JPEG_SCANS + 1
+    assert jpeg_layout(b"\xff\xd8\xff\x00\xff\xff" + many_scans_jpeg(3)[2:]) == replace(
+        jpeg_layout(many_scans_jpeg(3)), stray=4)  # FF 00, then a fill byte before the real marker
 
 
 _SCAN_BYTES = st.lists(st.sampled_from([b"\xff", b"\x00", b"\xd0", b"\xd7", b"\xd9", b"\xda", b"\x41"]),
@@ -503,6 +510,12 @@ def test_a_jpeg_of_many_scans_is_refused_before_its_decode_and_one_at_the_limit_
     assert decode_image(many_scans_jpeg(extra), SPEC, LIMITS).shape == (1, 28, 28)
     with pytest.raises(InvalidInput, match=f"more than {MAX_JPEG_SCANS} scans"):
         decode_image(many_scans_jpeg(extra + 1), SPEC, LIMITS)
+    # behind an FF 00 after SOI, which Pillow discards (the same pixels), the count is the same
+    hide = b"\xff\xd8\xff\x00\xff\xff"
+    assert np.array_equal(decode_image(hide + many_scans_jpeg(extra)[2:], SPEC, LIMITS),
+                          decode_image(many_scans_jpeg(extra), SPEC, LIMITS))
+    with pytest.raises(InvalidInput, match=f"more than {MAX_JPEG_SCANS} scans"):
+        decode_image(hide + many_scans_jpeg(extra + 1)[2:], SPEC, LIMITS)
 
 
 def test_a_tensor_shape_of_millions_of_entries_is_refused_by_its_length_and_quoted_short() -> None:
