@@ -106,6 +106,9 @@ def _broken(mutate: Any) -> dict[str, Any]:
     (lambda d: d.update(max_forward_passes="--5"), "max_forward_passes: expected an integer"),
     (lambda d: d.update(max_forward_passes="9" * 5000), "max_forward_passes: expected an integer"),  # int() limit
     (lambda d: d["checks"]["noise"].update(escalate=0.1), "escalate"),
+    # no flag, escalate above reject: the band that sends images to the noise check was empty
+    (lambda d: d["checks"]["viewpoint"].update(flag=None, reject=0.5, escalate=0.9),
+     "escalate threshold 0.9 is above reject 0.5"),
     # a negative share made the sequential test settle before drawing a copy: the check vanished
     (lambda d: d["checks"]["noise"].update(flag=-0.1, reject=None), r"shares of noise copies in \[0, 1\], got -0.1"),
     (lambda d: d["checks"]["noise"].update(flag=0.5, reject=1.5), "got 1.5"),

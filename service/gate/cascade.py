@@ -23,8 +23,10 @@ score over its flag / reject thresholds) are settled. The batches are consecutiv
 one stream of copies (one derived seed, each batch its offset in the stream: plan version
 3), so a run draws exactly the copies one batch of the whole budget would, and the verdicts
 it settles early are the full budget's on the same image, not merely as likely. The noise
-score is the share of the first ``noise.detect_samples`` copies that lose the base top-1,
-the count its thresholds were calibrated on; a certificate counts every copy of its budget
+verdict is that of the share of the first ``noise.detect_samples`` copies that lose the base
+top-1, the count its thresholds were calibrated on; where the run stopped early, the score it
+reports is the share among the copies drawn (its ``samples``), on the same side of every
+threshold as the full share but nearer the extremes; a certificate counts every copy of its budget
 (``noise.max_samples``), so a run asked for both settles each verdict on its own copies.
 
 With ``mode: off`` the first ``next_plan()`` is already None: classify without a plan.

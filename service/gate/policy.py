@@ -66,6 +66,9 @@ class Thresholds:
             raise PolicyError(f"reject threshold {self.reject} is below flag {self.flag}")
         if self.flag is not None and self.escalate is not None and self.escalate > self.flag:
             raise PolicyError(f"escalate threshold {self.escalate} is above flag {self.flag}")
+        if self.reject is not None and self.escalate is not None and self.escalate > self.reject:
+            # the band escalate < score <= reject empty: the noise check would never run
+            raise PolicyError(f"escalate threshold {self.escalate} is above reject {self.reject}")
 
 
 @dataclass(frozen=True)
