@@ -9,7 +9,7 @@
 #                                   usable CUDA device (else TorchServe would run on the CPU)
 #   gateway [FLAGS]                 python -m service (flags and ROBUSTGATE_* variables), once
 #                                   TorchServe's key file exists in $TORCHSERVE_RUN_DIR
-#   anything else                   run as given (a shell, python -m service.client, ...)
+#   anything else                   run as given (a shell, python -m service.cli, ...)
 #
 # In a pod the two containers share $TORCHSERVE_RUN_DIR (an emptyDir) and the loopback.
 # Gate policies mounted in $ROBUSTGATE_POLICY_DIR as <model>.json replace the baked ones.

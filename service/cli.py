@@ -62,22 +62,30 @@ def classify(client: Client, images: list[Path], model: str, top_k: int, timeout
              certify: bool | None = None, version: str = "") -> int:
     """One image: one Classify call. Several: one ClassifyStream (the gateway works on a window
     of them at once), each file read only as the stream takes it, each answer printed under
-    its file name; a file that cannot be read and an answer that failed go to stderr and the
-    others go on; exit code 2 when any failed. The timeout is per image."""
+    its file name; a file that cannot be read or is larger than the gateway takes (GetModel's
+    ``max_image_bytes``: gRPC would end the whole stream on it) and an answer that failed go to
+    stderr and the others go on; exit code 2 when any failed. The timeout is per image."""
     if len(images) == 1:
         print(render(client.classify(images[0].read_bytes(), model=model, top_k=top_k, version=version,
                                      request_id=_request_id(images[0]), certify=certify)))
         return 0
     unread: list[Path] = []
     sent: list[str] = []  # each request's id, in order: the stream answers in this order
+    limit = client.get_model(model, version).input.max_image_bytes
 
     def requests() -> Iterator[pb.ClassifyRequest]:  # run by gRPC's thread as it sends
         for path in images:
             try:
-                data = path.read_bytes()
+                size = path.stat().st_size  # not read whole to be refused
+                data = path.read_bytes() if size <= limit else b""
             except OSError as e:
                 unread.append(path)
                 print(f"{_request_id(path)}: error: cannot read: {e.strerror or e}", file=sys.stderr)
+                continue
+            if max(size, len(data)) > limit:
+                unread.append(path)
+                print(f"{_request_id(path)}: error: {max(size, len(data))} bytes; the gateway takes images of "
+                      f"at most {limit} bytes", file=sys.stderr)
                 continue
             sent.append(_request_id(path))
             yield Client.request(data, model, top_k=top_k, request_id=sent[-1], version=version,

@@ -36,7 +36,14 @@ def tls_credentials(ca_file: Path | None = None, cert_file: Path | None = None,
             context.load_verify_locations(ca_file)
         except ssl.SSLError as e:
             raise ValueError(f"CA file {ca_file} holds no PEM certificate ({e.reason or e})") from None
+        except OSError as e:  # its message names no file
+            raise ValueError(f"CA file {ca_file} cannot be read: {e.strerror or e}") from None
     if cert_file:
+        for path in (cert_file, key_file):  # OpenSSL's error for a file it cannot open names neither
+            try:
+                Path(path).open("rb").close()  # type: ignore[arg-type]
+            except OSError as e:
+                raise ValueError(f"{path} cannot be read: {e.strerror or e}") from None
         try:
             context.load_cert_chain(cert_file, key_file, password=lambda: b"")
         except ssl.SSLError as e:

@@ -575,6 +575,12 @@ def test_cli_refuses_bad_arguments_in_one_line(tmp_path: Path) -> None:
         "CA file no PEM": (["--tls-ca", str(tmp_path / "cert.pem")], f"CA file {tmp_path / 'cert.pem'} holds no PEM"),
         "certificate and key no PEM": (["--tls-cert", str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "cert.pem")],
                                        "are not a PEM certificate and its unencrypted private key"),
+        # a file that cannot be read: "[Errno 2] No such file or directory", naming none
+        "CA file missing": (["--tls-ca", str(tmp_path / "nope.pem")],
+                            f"CA file {tmp_path / 'nope.pem'} cannot be read: No such file or directory"),
+        "CA file a folder": (["--tls-ca", str(tmp_path)], f"CA file {tmp_path} cannot be read: Is a directory"),
+        "key missing": (["--tls-cert", str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "nope.key")],
+                        f"{tmp_path / 'nope.key'} cannot be read: No such file or directory"),
         "binary token file": (["--token-file", str(tmp_path / "token")], "is not ASCII text"),
         "empty token file": (["--token-file", str(tmp_path / "empty-token")], "is empty"),
         "two-line token file": (["--token-file", str(tmp_path / "two-line-token")], "more than one line"),
@@ -632,6 +638,16 @@ def test_cli_classifies_one_image_or_several_over_one_stream(gateway: str, fmnis
     assert [line for line in some.stdout.splitlines() if line.startswith("== ")] == ["== img0.png", "== img1.png"]
     assert some.stderr.splitlines() == ["nope.png: error: cannot read: No such file or directory",
                                         f"{tmp_path.name}: error: cannot read: Is a directory"]
+    # several: a file larger than the gateway takes is named and skipped; sent, gRPC ended the
+    # whole stream on it (RESOURCE_EXHAUSTED) and the files after it were never answered
+    big = tmp_path / "big.png"
+    big.write_bytes(files[0].read_bytes() + bytes(4 << 20))
+    limit = Client(gateway).get_model("fmnist-cnn").input.max_image_bytes
+    over = cli(files[0], big, files[1])
+    assert over.returncode == 2
+    assert [line for line in over.stdout.splitlines() if line.startswith("== ")] == ["== img0.png", "== img1.png"]
+    assert over.stderr.splitlines() == [f"big.png: error: {big.stat().st_size} bytes; the gateway takes images of "
+                                        f"at most {limit} bytes"]
     # a certificate asked for, and a model version named
     certified = cli(files[0], "--certify", "--model-version", "1")
     assert certified.returncode == 0 and "certified radius: 0." in certified.stdout, certified.stdout
