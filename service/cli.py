@@ -63,8 +63,9 @@ def classify(client: Client, images: list[Path], model: str, top_k: int, timeout
     """One image: one Classify call. Several: one ClassifyStream (the gateway works on a window
     of them at once), each file read only as the stream takes it, each answer printed under
     its file name; a file that cannot be read or is larger than the gateway takes (GetModel's
-    ``max_image_bytes``: gRPC would end the whole stream on it) and an answer that failed go to
-    stderr and the others go on; exit code 2 when any failed. The timeout is per image."""
+    ``max_image_bytes``; one past the gateway's message limit ended the whole stream) and an
+    answer that failed go to stderr and the others go on; exit code 2 when any failed. The
+    timeout is per image."""
     if len(images) == 1:
         print(render(client.classify(images[0].read_bytes(), model=model, top_k=top_k, version=version,
                                      request_id=_request_id(images[0]), certify=certify)))
@@ -76,16 +77,16 @@ def classify(client: Client, images: list[Path], model: str, top_k: int, timeout
     def requests() -> Iterator[pb.ClassifyRequest]:  # run by gRPC's thread as it sends
         for path in images:
             try:
-                size = path.stat().st_size  # not read whole to be refused
-                data = path.read_bytes() if size <= limit else b""
+                with path.open("rb") as f:  # at most one byte past the limit: a pipe or a device too
+                    data = f.read(limit + 1)
             except OSError as e:
                 unread.append(path)
                 print(f"{_request_id(path)}: error: cannot read: {e.strerror or e}", file=sys.stderr)
                 continue
-            if max(size, len(data)) > limit:
+            if len(data) > limit:
                 unread.append(path)
-                print(f"{_request_id(path)}: error: {max(size, len(data))} bytes; the gateway takes images of "
-                      f"at most {limit} bytes", file=sys.stderr)
+                print(f"{_request_id(path)}: error: more than {limit} bytes, the most the gateway takes for "
+                      "an image", file=sys.stderr)
                 continue
             sent.append(_request_id(path))
             yield Client.request(data, model, top_k=top_k, request_id=sent[-1], version=version,

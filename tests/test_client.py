@@ -67,6 +67,9 @@ def test_the_cli_names_each_stream_answer_by_its_file_even_where_no_id_is_echoed
         f.write_bytes(b"\x89PNG")
 
     class Answers:
+        def get_model(self, model, version=""):
+            return pb.GetModelResponse(name=model, input=pb.InputSpec(max_image_bytes=1 << 20))
+
         def classify_stream(self, requests, timeout_s):
             reqs = list(requests)
             yield pb.ClassifyStreamResponse(request_id=reqs[0].request_id, result=pb.ClassifyResponse(model="m"))

@@ -646,8 +646,17 @@ def test_cli_classifies_one_image_or_several_over_one_stream(gateway: str, fmnis
     over = cli(files[0], big, files[1])
     assert over.returncode == 2
     assert [line for line in over.stdout.splitlines() if line.startswith("== ")] == ["== img0.png", "== img1.png"]
-    assert over.stderr.splitlines() == [f"big.png: error: {big.stat().st_size} bytes; the gateway takes images of "
-                                        f"at most {limit} bytes"]
+    assert over.stderr.splitlines() == [f"big.png: error: more than {limit} bytes, the most the gateway takes "
+                                        "for an image"]
+    # a device or a pipe has no size to check first: read no further than the limit allows
+    endless = cli(files[0], "/dev/zero", files[1])
+    assert endless.returncode == 2 and endless.stdout.count("gate: ") == 2
+    assert endless.stderr.splitlines() == [f"zero: error: more than {limit} bytes, the most the gateway takes for "
+                                           "an image"]
+    # several for a model the gateway does not serve: one line, before any file is read
+    unknown = cli(files[0], files[1], "--model", "nope")
+    assert unknown.returncode == 2 and not unknown.stdout
+    assert unknown.stderr.startswith("error: NOT_FOUND: ") and len(unknown.stderr.splitlines()) == 1
     # a certificate asked for, and a model version named
     certified = cli(files[0], "--certify", "--model-version", "1")
     assert certified.returncode == 0 and "certified radius: 0." in certified.stdout, certified.stdout

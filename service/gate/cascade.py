@@ -26,7 +26,7 @@ it settles early are the full budget's on the same image, not merely as likely. 
 verdict is that of the share of the first ``noise.detect_samples`` copies that lose the base
 top-1, the count its thresholds were calibrated on; where the run stopped early, the score it
 reports is the share among the copies drawn (its ``samples``), on the same side of every
-threshold as the full share but nearer the extremes; a certificate counts every copy of its budget
+threshold as the full share; a certificate counts every copy of its budget
 (``noise.max_samples``), so a run asked for both settles each verdict on its own copies.
 
 With ``mode: off`` the first ``next_plan()`` is already None: classify without a plan.

@@ -11,7 +11,7 @@ Threshold units (a check's score crosses a threshold when ``score > threshold``)
   noise share of copies that lose the base top-1.
 
 Per check: ``flag`` and ``reject`` thresholds (``None`` = never crosses; reject >= flag), and
-for the cheap checks an ``escalate`` threshold (<= flag; unset = the flag threshold) that
+for the cheap checks an ``escalate`` threshold (<= flag and <= reject; unset = the flag threshold) that
 drives the cascade: the noise stage runs only when no cheap check crosses its reject threshold
 and at least one crosses its escalate threshold (the "inconclusive" band
 ``escalate < score <= reject``), or no enabled cheap check has one (noise then runs on every
@@ -67,7 +67,8 @@ class Thresholds:
         if self.flag is not None and self.escalate is not None and self.escalate > self.flag:
             raise PolicyError(f"escalate threshold {self.escalate} is above flag {self.flag}")
         if self.reject is not None and self.escalate is not None and self.escalate > self.reject:
-            # the band escalate < score <= reject empty: the noise check would never run
+            # its band escalate < score <= reject empty: this check never escalates, yet holding a
+            # threshold it turns off the noise check's run on every image (no cheap check can escalate)
             raise PolicyError(f"escalate threshold {self.escalate} is above reject {self.reject}")
 
 
