@@ -723,7 +723,7 @@ async def start(settings: Settings, registry: Registry | None = None, worker: bo
     # connection made meanwhile waits in its backlog), so a gateway's first health answer is
     # already the backend's, and a worker started beside others (or replacing one) never
     # answers NOT_SERVING for a backend that answers. A backend that hangs delays the start
-    # by at most backend_timeout_s.
+    # by at most backend_timeout_s per model (each is probed: one busy must not hide another down).
     backend_health = BackendHealth()
     await probe_backend(backend, registry, health_servicer, settings.backend_timeout_s, metrics, backend_health,
                         serving=servicer.set_backend_serving)
