@@ -26,13 +26,20 @@ class Backend:
         return ProbeOutput(np.arange(self.classes, dtype=np.float32)[None], None, "cpu", "scripted")
 
 
-def classify(labels: tuple[str, ...], **request) -> tuple:
+def classify_with(backend, policy, labels: tuple[str, ...] = tuple("abcdefghij"), tracing=None, **request):
+    """One request for model "m" (``labels``, ``policy``) through a pipeline in front of ``backend``."""
+    from service.tracing import OFF
+
     model = SimpleNamespace(name="m", version="1", labels=labels, input=InputSpec(), backend_name="m-onnx",
-                            policy=make_policy(Mode.OFF))
-    registry = SimpleNamespace(get=lambda name, version: model)
-    pipeline = Pipeline(registry, Backend(len(labels)), Limits(), backend_timeout_s=5.0)  # type: ignore[arg-type]
+                            policy=policy)
+    pipeline = Pipeline(SimpleNamespace(get=lambda name, version: model), backend, Limits(),  # type: ignore[arg-type]
+                        backend_timeout_s=5.0, tracing=tracing or OFF)
     req = ClassifyInput(model="m", tensor=RawTensor((28, 28), "uint8", bytes(784)), **request)
-    res = asyncio.run(pipeline.classify(req, time.monotonic() + 5))
+    return asyncio.run(pipeline.classify(req, time.monotonic() + 5))
+
+
+def classify(labels: tuple[str, ...], **request) -> tuple:
+    res = classify_with(Backend(len(labels)), make_policy(Mode.OFF), labels, **request)
     return tuple(c.label for c in res.classes)
 
 
@@ -48,29 +55,17 @@ def test_unset_top_k_is_five_or_every_label_of_a_model_of_fewer() -> None:
 def test_a_failed_backend_call_marks_its_stage_span_failed() -> None:
     """Stage spans set no status by themselves (a bad image is the caller's); the backend
     call's failure is the server's, and its span says so without the message's text."""
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
     from opentelemetry.trace import StatusCode
 
     from service.errors import BackendUnavailable
-    from service.tracing import Tracing
 
     class Down:
         async def probe(self, model_name, image, plan, timeout_s, version=""):
             raise BackendUnavailable("TorchServe at 127.0.0.1:7070 refused the connection")
 
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing = Tracing(provider.get_tracer("test"), provider)
-    model = SimpleNamespace(name="m", version="1", labels=tuple("abc"), input=InputSpec(), backend_name="m-onnx",
-                            policy=make_policy(Mode.OFF))
-    pipeline = Pipeline(SimpleNamespace(get=lambda name, version: model), Down(), Limits(),  # type: ignore[arg-type]
-                        backend_timeout_s=5.0, tracing=tracing)
-    req = ClassifyInput(model="m", tensor=RawTensor((28, 28), "uint8", bytes(784)))
+    exporter, tracing = _traced()
     with pytest.raises(BackendUnavailable):
-        asyncio.run(pipeline.classify(req, time.monotonic() + 5))
+        classify_with(Down(), make_policy(Mode.OFF), tuple("abc"), tracing)
     spans = {s.name: s for s in exporter.get_finished_spans()}
     assert spans["backend"].status.status_code is StatusCode.ERROR
     assert spans["backend"].status.description == "BackendUnavailable" and not spans["backend"].events
@@ -99,17 +94,6 @@ class Scripted:
         return ProbeOutput(self.logits, self.features, "cpu", "scripted")
 
 
-def _classify_with(backend, policy, tracing=None) -> object:
-    from service.tracing import OFF
-
-    model = SimpleNamespace(name="m", version="1", labels=tuple("abcdefghij"), input=InputSpec(),
-                            backend_name="m-onnx", policy=policy)
-    pipeline = Pipeline(SimpleNamespace(get=lambda name, version: model), backend, Limits(),  # type: ignore[arg-type]
-                        backend_timeout_s=5.0, tracing=tracing or OFF)
-    req = ClassifyInput(model="m", tensor=RawTensor((28, 28), "uint8", bytes(784)))
-    return asyncio.run(pipeline.classify(req, time.monotonic() + 5))
-
-
 def test_an_answer_of_another_shape_than_asked_is_the_backends_fault(caplog, monkeypatch) -> None:
     """An archive other than the one checked at start (more rows, other classes) or features
     the density model cannot read: UNAVAILABLE with a fixed message and the detail logged,
@@ -121,8 +105,8 @@ def test_an_answer_of_another_shape_than_asked_is_the_backends_fault(caplog, mon
 
     off, gated = make_policy(Mode.OFF), make_policy(Mode.ENFORCE)
     rows = gated.cheap_plan(0).rows
-    assert _classify_with(Scripted(np.zeros((1, 10), np.float32), None), off).classes  # well formed: answered
-    assert _classify_with(Scripted(np.zeros((rows, 10), np.float32), np.zeros(5, np.float32)), gated).report
+    assert classify_with(Scripted(np.zeros((1, 10), np.float32), None), off).classes  # well formed: answered
+    assert classify_with(Scripted(np.zeros((rows, 10), np.float32), np.zeros(5, np.float32)), gated).report
     for backend, policy, detail in [
         (Scripted(np.zeros((2, 10), np.float32), None), off, "(2, 10) for 1 rows of 10 classes"),
         (Scripted(np.zeros((1, 9), np.float32), None), off, "(1, 9) for 1 rows of 10 classes"),
@@ -134,7 +118,7 @@ def test_an_answer_of_another_shape_than_asked_is_the_backends_fault(caplog, mon
         exporter, tracing = _traced()
         with caplog.at_level("ERROR", logger="service.backend"), \
                 pytest.raises(BackendUnavailable, match="^backend answered an undecodable result$") as err:
-            _classify_with(backend, policy, tracing)
+            classify_with(backend, policy, tracing=tracing)
         assert detail in caplog.text and err.value.__cause__ is None
         failed = [(s.name, s.status.description) for s in exporter.get_finished_spans()
                   if s.status.status_code.name == "ERROR"]
