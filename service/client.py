@@ -30,30 +30,27 @@ def tls_credentials(ca_file: Path | None = None, cert_file: Path | None = None,
     and fails every call UNAVAILABLE, naming no file."""
     if bool(cert_file) != bool(key_file):
         raise ValueError("a client certificate and its private key go together: give both or neither")
+
+    def read(p: Path | None, what: str = "") -> bytes | None:  # OSError's message names no file
+        try:
+            return Path(p).read_bytes() if p else None
+        except OSError as e:
+            raise ValueError(f"{what}{p} cannot be read: {e.strerror or e}") from None
+
+    ca, cert, key = read(ca_file, "CA file "), read(cert_file), read(key_file)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     if ca_file:
         try:
             context.load_verify_locations(ca_file)
         except ssl.SSLError as e:
             raise ValueError(f"CA file {ca_file} holds no PEM certificate ({e.reason or e})") from None
-        except OSError as e:  # its message names no file
-            raise ValueError(f"CA file {ca_file} cannot be read: {e.strerror or e}") from None
     if cert_file:
-        for path in (cert_file, key_file):  # OpenSSL's error for a file it cannot open names neither
-            try:
-                Path(path).open("rb").close()  # type: ignore[arg-type]
-            except OSError as e:
-                raise ValueError(f"{path} cannot be read: {e.strerror or e}") from None
         try:
             context.load_cert_chain(cert_file, key_file, password=lambda: b"")
         except ssl.SSLError as e:
             raise ValueError(f"{cert_file} and {key_file} are not a PEM certificate and its unencrypted "
                              f"private key ({e.reason or e})") from None
-
-    def read(p: Path | None) -> bytes | None:
-        return Path(p).read_bytes() if p else None
-
-    return grpc.ssl_channel_credentials(read(ca_file), read(key_file), read(cert_file))
+    return grpc.ssl_channel_credentials(ca, key, cert)
 
 
 class Client:
