@@ -32,7 +32,7 @@ shipped form is fitted and allocated as calibration would, with the budget share
 all of it on the attacks; the report is ``detector_study-jitter``.
 
     python -m benchmarks.detector_study            # ~4 min on 2 cores
-    python -m benchmarks.detector_study --jitter 4x0.015 4x0.03 4x0.06 8x0.03   # ~10 min
+    python -m benchmarks.detector_study --jitter 4x0.015 4x0.03 4x0.06 8x0.03   # ~22 min
     python -m benchmarks.detector_study --smoke    # seconds, for the test suite
 """
 

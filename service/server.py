@@ -567,7 +567,8 @@ async def probe_backend(backend: TorchServeBackend, registry: Registry, health_s
         except GatewayError:
             down = True
             break
-    answered, busy = not (busy or down), busy and not down
+    busy = busy and not down  # down wins: a busy model beside one down does not hold readiness
+    answered = not (busy or down)
     state.busy = state.busy + 1 if busy else 0
     SERVING = health_pb2.HealthCheckResponse.SERVING
     ok = answered or (busy and state.status == SERVING and state.busy < BUSY_PROBES)
