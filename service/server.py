@@ -47,7 +47,7 @@ from service.healthcheck import HealthServicer
 from service.interceptors import PerMethod, ServerMetricsInterceptor, cut_short_code
 from service.metrics import Metrics, SupervisorMetrics
 from service.pipeline import ClassifyResult, Pipeline
-from service.registry import Registry
+from service.registry import Registry, ServedModel
 from service.settings import Settings, read_token_file
 from service.tracing import OFF, Tracing, set_error
 from service.tracing import setup as setup_tracing
@@ -557,17 +557,21 @@ async def probe_backend(backend: TorchServeBackend, registry: Registry, health_s
     """Probe every served model with a blank image: SERVING only if all of them answer, or
     were SERVING and have answered busy fewer than :data:`BUSY_PROBES` times in a row.
     ``state``: updated; ``serving``: told every round's outcome."""
-    busy = down = False
-    for m in registry.all():  # every one: a model busy must not hide another not loaded
+    async def answer(m: ServedModel) -> str:
         blank = np.zeros((m.input.channels, m.input.height, m.input.width), dtype=np.uint8)
         try:
             await backend.probe(m.backend_name, blank, None, timeout_s)
         except (Overloaded, DeadlineExceeded):
-            busy = True
+            return "busy"
         except GatewayError:
-            down = True
-            break
-    busy = busy and not down  # down wins: a busy model beside one down does not hold readiness
+            return "down"
+        return "up"
+
+    # every model, side by side: one busy must not hide another not loaded, and a hung
+    # backend holds a round (and a worker's start) for one timeout, not one per model
+    answers = set(await asyncio.gather(*(answer(m) for m in registry.all())))
+    down = "down" in answers
+    busy = "busy" in answers and not down  # down wins: a busy model beside one down does not hold readiness
     answered = not (busy or down)
     state.busy = state.busy + 1 if busy else 0
     SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -724,7 +728,7 @@ async def start(settings: Settings, registry: Registry | None = None, worker: bo
     # connection made meanwhile waits in its backlog), so a gateway's first health answer is
     # already the backend's, and a worker started beside others (or replacing one) never
     # answers NOT_SERVING for a backend that answers. A backend that hangs delays the start
-    # by at most backend_timeout_s per model (each is probed: one busy must not hide another down).
+    # by at most backend_timeout_s (every model is probed at once; the supervisor allows for it).
     backend_health = BackendHealth()
     await probe_backend(backend, registry, health_servicer, settings.backend_timeout_s, metrics, backend_health,
                         serving=servicer.set_backend_serving)

@@ -27,7 +27,8 @@ one core (README, Results). Where the model is fast, that process is the limit, 
   monotonic clock) about once a second; one not written for ``worker_timeout_s`` gets SIGUSR1,
   on which :mod:`faulthandler` writes every thread's stack to the log (it needs neither the
   loop nor the GIL), then SIGKILL, and counts as an exit (gunicorn's worker timeout, with shared
-  memory for its temp file); a replacement gets ``START_TIMEOUT_S`` more to start listening,
+  memory for its temp file); a replacement gets its start allowance more to start listening
+  (``START_TIMEOUT_S`` plus ``backend_timeout_s``, the longest its first probe of the backend waits),
   and after the supervisor itself stood still (a frozen container) every worker gets a fresh
   timeout rather than all being killed.
   The pod's liveness probe cannot see this: its connection reaches one worker of N.
@@ -78,6 +79,7 @@ LOCK_FILE = ".lock"  # held (flock) by the supervisor whose directory it is
 MAX_RESTARTS = 5
 RESTART_WINDOW_S = 60.0
 START_TIMEOUT_S = 120.0  # each worker loads the registry and connects: seconds, not minutes
+# (its first probe of the backend, up to backend_timeout_s, comes on top: Supervisor.start_allowance_s)
 KILL_AFTER_GRACE_S = 5.0  # a worker still running this long after its drain deadline is killed
 HEARTBEAT_S = 1.0  # a worker's event loop marks its heartbeat this often (at most)
 DUMP_SIGNAL = signal.SIGUSR1  # a worker writes its threads' stacks to stderr on it
@@ -306,12 +308,15 @@ class Supervisor:
         self.metrics: SupervisorMetrics | None = None
         self.scrape_lock = threading.Lock()  # a scrape of the workers' files, or a dead one's folding
         self._watched_at: float | None = None  # the monotonic clock at the last watch
+        # a worker listens only after one probe of every model (concurrent, each up to the
+        # backend timeout): a hung TorchServe must not fail every worker's start or restart
+        self.start_allowance_s = START_TIMEOUT_S + settings.backend_timeout_s
 
     def _spawn(self, worker_settings: Settings) -> _Slot:
         ready = self.ctx.Event()
         # one writer, one reader of an aligned double: no lock. Until it listens, the worker
-        # has START_TIMEOUT_S to do so on top of the timeout.
-        beat = self.ctx.RawValue("d", time.monotonic() + START_TIMEOUT_S)
+        # has its start allowance to do so on top of the timeout.
+        beat = self.ctx.RawValue("d", time.monotonic() + self.start_allowance_s)
         proc = self.ctx.Process(target=_worker, args=(worker_settings, os.getpid(), ready, self.why, beat),
                                 name="robustgate-worker", daemon=False)
         proc.start()
@@ -319,13 +324,13 @@ class Supervisor:
 
     def _wait_started(self) -> str | None:
         """None once every worker listens; else why not (a worker exited, time ran out, a signal)."""
-        deadline = time.monotonic() + START_TIMEOUT_S
+        deadline = time.monotonic() + self.start_allowance_s
         while not all(s.ready.is_set() for s in self.slots):
             for s in self.slots:
                 if not s.proc.is_alive() and not s.ready.is_set():
                     return self.why.get() if not self.why.empty() else f"a worker exited while starting (exit code {s.proc.exitcode})"
             if time.monotonic() > deadline:
-                return f"the workers did not listen within {START_TIMEOUT_S:g} s"
+                return f"the workers did not listen within {self.start_allowance_s:g} s"
             if self.stopping.wait(0.05):
                 return "stopped while starting"
         return None
@@ -350,7 +355,7 @@ class Supervisor:
 
     def _kill_hung(self, now: float, timeout: float) -> None:
         """SIGKILL each worker whose heartbeat is older than ``timeout`` at ``now`` (one that
-        does not listen yet has ``START_TIMEOUT_S`` more, from its spawn); the next
+        does not listen yet has :attr:`start_allowance_s` more, from its spawn); the next
         :meth:`_replace_dead` replaces it."""
         for s in self.slots:
             silent = now - s.beat.value
@@ -361,7 +366,7 @@ class Supervisor:
                           "killed; where its threads were follows", s.proc.pid, silent, timeout)
             else:
                 log.error("worker pid %d did not listen within %.1f s of its start: killed; where its "
-                          "threads were follows", s.proc.pid, silent + START_TIMEOUT_S)
+                          "threads were follows", s.proc.pid, silent + self.start_allowance_s)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(s.proc.pid, DUMP_SIGNAL)  # type: ignore[arg-type]
             time.sleep(DUMP_WAIT_S)

@@ -180,3 +180,39 @@ def test_a_busy_backend_keeps_readiness_for_a_few_probes_a_down_one_loses_it_at_
     assert asyncio.run(rounds(BackendHealth(status=SERVING), [(busy, unloaded)])) == [(NOT_SERVING, 0, False)]
     assert asyncio.run(rounds(BackendHealth(status=SERVING), [(busy, None)])) == [(SERVING, 0, True)]
     assert not answers  # each model probed once a round
+
+
+def test_the_backend_probe_asks_every_model_at_once() -> None:
+    """Each model was probed after the previous one answered: a hung TorchServe held a health
+    round, and a worker's start, for the backend timeout once per model. Every probe is now
+    in flight together: here none answers until all have been asked."""
+    from grpc_health.v1 import health, health_pb2
+
+    from service.errors import DeadlineExceeded
+    from service.server import SERVICE_NAME, BackendHealth, probe_backend
+
+    size = types.SimpleNamespace(channels=1, height=28, width=28)
+    registry = types.SimpleNamespace(all=lambda: [types.SimpleNamespace(backend_name=f"m{i}-onnx", input=size)
+                                                  for i in range(3)])
+
+    async def run() -> tuple[int, set[str]]:
+        asked: set[str] = set()
+        all_asked = asyncio.Event()
+
+        class Backend:
+            async def probe(self, name, image, plan, timeout_s):
+                asked.add(name)
+                if len(asked) == 3:
+                    all_asked.set()
+                await all_asked.wait()
+                if name == "m1-onnx":
+                    raise DeadlineExceeded("no answer")
+
+        hs, state = health.aio.HealthServicer(), BackendHealth()
+        await asyncio.wait_for(probe_backend(Backend(), registry, hs, 1.0, Metrics(), state), 10)  # type: ignore[arg-type]
+        status = (await hs.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), None)).status
+        return status, asked
+
+    status, asked = asyncio.run(run())
+    assert asked == {"m0-onnx", "m1-onnx", "m2-onnx"}
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING  # one busy at start: not taken for sound

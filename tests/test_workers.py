@@ -425,7 +425,7 @@ def test_the_supervisor_kills_silent_workers_and_those_that_never_listen(caplog)
     """The supervisor's watch over real processes: a listening worker with a stale heartbeat and a
     replacement that has not listened within its start allowance are killed; a beating one
     and one still within its allowance are left alone."""
-    sup = Supervisor(Settings(workers=2, worker_timeout_s=1.0))
+    sup = Supervisor(Settings(workers=2, worker_timeout_s=1.0, backend_timeout_s=30.0))
 
     def slot(ready: bool) -> _Slot:
         proc = sup.ctx.Process(target=time.sleep, args=(60,))
@@ -445,7 +445,7 @@ def test_the_supervisor_kills_silent_workers_and_those_that_never_listen(caplog)
             sup._watch(now)
         assert [x.proc.is_alive() for x in sup.slots] == [False, True, False, True]
         assert f"worker pid {silent.proc.pid}: its event loop has not run for 5." in caplog.text
-        assert f"worker pid {never_listened.proc.pid} did not listen within {5 + START_TIMEOUT_S:.0f}" in caplog.text
+        assert f"worker pid {never_listened.proc.pid} did not listen within {5 + START_TIMEOUT_S + 30:.0f}" in caplog.text
         sup.settings = Settings(workers=2, worker_timeout_s=0)  # off: nothing is killed
         beating.beat.value = time.monotonic() - 100
         sup._watch(time.monotonic())
@@ -454,6 +454,27 @@ def test_the_supervisor_kills_silent_workers_and_those_that_never_listen(caplog)
         for x in sup.slots:
             x.proc.kill()
             x.proc.join()
+
+
+def test_a_workers_start_allowance_covers_its_first_probe_of_the_backend(monkeypatch) -> None:
+    """A worker listens only after probing every model, which waits up to backend_timeout_s
+    for a hung TorchServe; the supervisor gave a fixed 120 s, so a backend timeout near it
+    failed every start and every restart. A worker now has START_TIMEOUT_S plus the backend
+    timeout, from its spawn."""
+    sup = Supervisor(Settings(workers=2, backend_timeout_s=90.0))
+    assert sup.start_allowance_s == START_TIMEOUT_S + 90.0
+
+    class NotStarted:  # the slot's process, never run: only its allowance is looked at
+        def __init__(self, **kwargs) -> None:
+            pass
+
+        def start(self) -> None:
+            pass
+
+    monkeypatch.setattr(sup.ctx, "Process", NotStarted)
+    before = time.monotonic()
+    slot = sup._spawn(sup.settings)
+    assert before + START_TIMEOUT_S + 90.0 <= slot.beat.value <= time.monotonic() + START_TIMEOUT_S + 90.0
 
 
 def test_the_time_a_kill_takes_is_not_taken_for_a_frozen_supervisor() -> None:
