@@ -648,6 +648,12 @@ def test_cli_classifies_one_image_or_several_over_one_stream(gateway: str, fmnis
     assert [line for line in over.stdout.splitlines() if line.startswith("== ")] == ["== img0.png", "== img1.png"]
     assert over.stderr.splitlines() == [f"big.png: error: more than {limit} bytes, the most the gateway takes "
                                         "for an image"]
+    # a file of exactly the limit is sent: it reaches the gateway's decoder (these bytes are no image)
+    edge = tmp_path / "edge.png"
+    edge.write_bytes(b"\x01" * limit)
+    at = cli(edge, files[1])
+    assert at.returncode == 2 and at.stdout.count("gate: ") == 1
+    assert at.stderr.startswith("edge.png: error: INVALID_ARGUMENT: ") and "neither PNG nor JPEG" in at.stderr, at.stderr
     # a device or a pipe has no size to check first: read no further than the limit allows
     endless = cli(files[0], "/dev/zero", files[1])
     assert endless.returncode == 2 and endless.stdout.count("gate: ") == 2
