@@ -12,7 +12,9 @@
 #   anything else                   run as given (a shell, python -m service.cli, ...)
 #
 # In a pod the two containers share $TORCHSERVE_RUN_DIR (an emptyDir) and the loopback.
-# Gate policies mounted in $ROBUSTGATE_POLICY_DIR as <model>.json replace the baked ones.
+# Gate policies mounted in $ROBUSTGATE_POLICY_DIR as <model>.json, or <model>.json.gz (a
+# ConfigMap holds at most 1 MiB; a calibrated policy is about 1.5 MB, 0.5 MB gzipped),
+# replace the baked ones.
 set -euo pipefail
 shopt -s inherit_errexit  # a failure inside $(...) (store_with_policies) ends it too
 
@@ -64,24 +66,40 @@ run_torchserve() {
 }
 
 # A store whose policies come from $policy_dir: every entry of the baked store linked, each
-# <model>/policy.json replaced by $policy_dir/<model>.json. The gateway still refuses a
-# policy calibrated for another model (its model sha256 must match the model card's).
+# <model>/policy.json replaced by $policy_dir/<model>.json or <model>.json.gz (unpacked; both
+# for one model is refused). The gateway still refuses a policy calibrated for another model
+# (its model sha256 must match the model card's).
 store_with_policies() {
   local view="${TMPDIR:-/tmp}/robustgate-store" f model entry
   rm -rf "$view"
   mkdir -p "$view"
   for entry in "$store"/*; do ln -s "$entry" "$view/"; done
-  for f in "$policy_dir"/*.json; do
-    model="$(basename "$f" .json)"
+  for f in "$policy_dir"/*.json "$policy_dir"/*.json.gz; do
+    [ -e "$f" ] || continue # a pattern that matched nothing
+    model="$(basename "$f")"
+    model="${model%.gz}"
+    model="${model%.json}"
     if [ ! -d "$store/$model" ]; then
       log "policy $f names no model of the store $store"
+      exit 1
+    fi
+    if [ ! -L "$view/$model" ]; then
+      log "two policies for model $model in $policy_dir ($model.json and $model.json.gz): mount one"
       exit 1
     fi
     rm "$view/$model"
     mkdir "$view/$model"
     for entry in "$store/$model"/*; do ln -s "$entry" "$view/$model/"; done
     rm -f "$view/$model/policy.json"
-    cp "$f" "$view/$model/policy.json"
+    case "$f" in
+      *.gz)
+        if ! gzip -dc -- "$f" >"$view/$model/policy.json"; then
+          log "policy $f is not a gzip file"
+          exit 1
+        fi
+        ;;
+      *) cp "$f" "$view/$model/policy.json" ;;
+    esac
     log "model $model: gate policy from $f"
   done
   printf '%s\n' "$view"
@@ -104,7 +122,7 @@ run_gateway() {
     sleep 1
     waited=$((waited + 1))
   done
-  if compgen -G "$policy_dir/*.json" >/dev/null; then
+  if compgen -G "$policy_dir/*.json" >/dev/null || compgen -G "$policy_dir/*.json.gz" >/dev/null; then
     gateway_store="$(store_with_policies)"
   fi
   exec python -m service --store "$gateway_store" --torchserve-key-file "$key_file" "$@"

@@ -302,6 +302,44 @@ def test_entrypoint_refuses_a_policy_for_an_unknown_model(tmp_path: Path) -> Non
     assert "names no model" in out.stderr
 
 
+def test_entrypoint_takes_a_gzipped_policy_which_fits_a_configmap(tmp_path: Path) -> None:
+    """A calibrated policy (about 1.5 MB) does not fit a ConfigMap (1 MiB): mounted as
+    <model>.json.gz it is unpacked into the gateway's store in place of the baked one; beside
+    <model>.json for the same model, or not gzip, the container stops with the reason. A
+    stand-in python shows what the gateway would have read."""
+    import gzip
+
+    store, policies, run, bin_dir = (tmp_path / d for d in ("store", "policies", "run", "bin"))
+    for d in (store / "fmnist-cnn", policies, run, bin_dir):
+        d.mkdir(parents=True)
+    (store / "fmnist-cnn" / "policy.json").write_text("baked")
+    (store / "fmnist-cnn" / "model.onnx").write_text("weights")
+    (run / "key_file.json").write_text('{"inference": {"key": "k"}}')
+    (bin_dir / "python").write_text('#!/bin/sh\n[ "$2" = service ] || exit 0  # the key file\'s check passes\n'
+                                    'cat "$4/fmnist-cnn/policy.json" "$4/fmnist-cnn/model.onnx" > "$RECORD"\n')
+    (bin_dir / "python").chmod(0o755)
+    record = tmp_path / "read"
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "ROBUSTGATE_STORE": str(store), "TORCHSERVE_RUN_DIR": str(run),
+           "ROBUSTGATE_POLICY_DIR": str(policies), "TMPDIR": str(tmp_path), "RECORD": str(record)}
+
+    def entrypoint() -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(ENTRYPOINT), "gateway"], env=env, capture_output=True, text=True, timeout=60)
+
+    (policies / "fmnist-cnn.json.gz").write_bytes(gzip.compress(b'{"mounted": true}'))
+    out = entrypoint()
+    assert out.returncode == 0, out.stderr
+    assert record.read_text() == '{"mounted": true}weights'
+    assert "model fmnist-cnn: gate policy from" in out.stderr
+    record.unlink()
+    (policies / "fmnist-cnn.json").write_text("{}")
+    out = entrypoint()
+    assert out.returncode == 1 and "two policies for model fmnist-cnn" in out.stderr and not record.exists()
+    (policies / "fmnist-cnn.json").unlink()
+    (policies / "fmnist-cnn.json.gz").write_text('{"not": "gzip"}')
+    out = entrypoint()
+    assert out.returncode == 1 and "is not a gzip file" in out.stderr and not record.exists()
+
+
 def test_entrypoint_passes_torchserve_system_metrics_off(tmp_path: Path) -> None:
     """TORCHSERVE_SYSTEM_METRICS=off (the GPU overlay) reaches `serve start` as a flag; unset,
     none. A stand-in python records the command line (and fails: TorchServe did not start)."""

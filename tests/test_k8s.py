@@ -23,6 +23,7 @@ SCHEMAS = K8S / "schemas"
 OVERLAYS = ("gpu", "cpu")
 KUBERNETES_VERSION = "1.33.0"  # the oldest minor the manifests promise to work on
 TORCHSERVE_PORTS = {7070, 7071, 8080, 8081, 8082}
+CONFIGMAP_MAX_BYTES = 1 << 20  # the API server's limit on a ConfigMap's data
 CRD_GROUPS = {"monitoring.coreos.com"}
 # Variables docker-entrypoint.sh reads itself; every other ROBUSTGATE_* must be a Settings field.
 
@@ -445,6 +446,39 @@ def test_torchserve_config_keeps_the_lockdown(docs: tuple[Doc, ...], tmp_path: P
         assert props[key].startswith("http://127.0.0.1:"), key
     for key in ("grpc_inference_address", "grpc_management_address"):
         assert props[key] == "127.0.0.1", key
+
+
+def test_a_calibrated_policy_goes_into_a_configmap_as_the_readme_says(default_store: Path, tmp_path: Path) -> None:
+    """README's way to change a gate policy without a new image: the overlay's
+    configMapGenerator, merged into the policies ConfigMap. A calibrated policy is about
+    1.5 MB and a ConfigMap holds at most 1 MiB: it goes in gzipped (binaryData; the
+    entrypoint unpacks it). README's snippet, put into a copy of the gpu overlay, renders to a
+    ConfigMap under the limit whose entry unpacks to the policy."""
+    import base64
+    import gzip
+    import re
+    import shutil
+
+    readme = (REPO / "README.md").read_text()
+    snippet = re.search(r"```yaml\n# k8s/overlays/gpu/kustomization.yaml\n(configMapGenerator:.*?)```", readme, re.S)
+    assert snippet, "README's policy snippet for the gpu overlay is gone"
+    copy = tmp_path / "k8s"
+    shutil.copytree(K8S, copy)
+    overlay = copy / "overlays" / "gpu"
+    policy = (default_store / "fmnist-cnn" / "policy.json").read_bytes()
+    (overlay / "policies").mkdir()
+    (overlay / "policies" / "fmnist-cnn.json.gz").write_bytes(gzip.compress(policy, 9, mtime=0))
+    with (overlay / "kustomization.yaml").open("a") as f:
+        f.write(snippet.group(1))
+    out = subprocess.run([dev_tool("kubectl"), "kustomize", str(overlay)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    (cm,) = [d for d in every(tuple(docs), "ConfigMap") if d["metadata"]["name"].startswith("robustgate-gate-policies-")]
+    entries = {k: base64.b64decode(v) for k, v in cm.get("binaryData", {}).items()}
+    entries.update({k: v.encode() for k, v in cm.get("data", {}).items()})
+    assert set(entries) == {"fmnist-cnn.json.gz"}
+    assert gzip.decompress(entries["fmnist-cnn.json.gz"]) == policy
+    assert sum(map(len, entries.values())) < CONFIGMAP_MAX_BYTES, "the policy outgrew a ConfigMap, even gzipped"
 
 
 def test_base_torchserve_config_is_the_project_config() -> None:
