@@ -49,7 +49,7 @@ from service.metrics import Metrics, SupervisorMetrics
 from service.pipeline import ClassifyResult, Pipeline
 from service.registry import Registry, ServedModel
 from service.settings import Settings, read_token_file
-from service.tracing import OFF, Tracing, set_error
+from service.tracing import OFF, SpanLike, Tracing, set_error
 from service.tracing import setup as setup_tracing
 
 log = logging.getLogger(__name__)
@@ -247,6 +247,16 @@ def record(metrics: Metrics, res: ClassifyResult) -> None:
         series(metrics.certified_radius, m).observe(report.certificate.radius or 0.0)
 
 
+def mark_failed(span: SpanLike, code: grpc.StatusCode) -> bool:
+    """A request's span ends with ``code``; an error status where the fault is the server's
+    (returned: True)."""
+    span.set_attribute("rpc.grpc.status_code", code.value[0])
+    if code in SERVER_FAULTS:
+        set_error(span, code.name)
+        return True
+    return False
+
+
 class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
     def __init__(self, pipeline: Pipeline, registry: Registry, settings: Settings, admission: Admission,
                  metrics: Metrics, tracing: Tracing = OFF) -> None:
@@ -282,13 +292,11 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
                     admitted = time.perf_counter()
                     res = await self.pipeline.classify(convert.to_domain(request), self._deadline(context))
             except asyncio.CancelledError:  # the caller's deadline passed, or it left
+                mark_failed(span, cut_short_code(context))
                 self._time_failed(request, admitted)
                 raise
             except Exception as e:
-                code, _ = status_of(e)
-                span.set_attribute("rpc.grpc.status_code", code.value[0])
-                if code in SERVER_FAULTS:
-                    set_error(span, code.name)
+                if mark_failed(span, status_of(e)[0]):
                     self._time_failed(request, admitted)
                 raise
             span.set_attribute("rpc.grpc.status_code", 0)

@@ -63,7 +63,7 @@ def test_a_failed_backend_call_marks_its_stage_span_failed() -> None:
         async def probe(self, model_name, image, plan, timeout_s, version=""):
             raise BackendUnavailable("TorchServe at 127.0.0.1:7070 refused the connection")
 
-    exporter, tracing = _traced()
+    exporter, tracing = traced()
     with pytest.raises(BackendUnavailable):
         classify_with(Down(), make_policy(Mode.OFF), tuple("abc"), tracing)
     spans = {s.name: s for s in exporter.get_finished_spans()}
@@ -115,7 +115,7 @@ def test_an_answer_of_another_shape_than_asked_is_the_backends_fault(caplog, mon
     ]:
         caplog.clear()
         monkeypatch.setattr(backend_module, "_throttled", Throttle(backend_module.log))  # each logged
-        exporter, tracing = _traced()
+        exporter, tracing = traced()
         with caplog.at_level("ERROR", logger="service.backend"), \
                 pytest.raises(BackendUnavailable, match="^backend answered an undecodable result$") as err:
             classify_with(backend, policy, tracing=tracing)
@@ -125,7 +125,7 @@ def test_an_answer_of_another_shape_than_asked_is_the_backends_fault(caplog, mon
         assert failed == [("gate" if "features" in detail else "backend", "BackendUnavailable")]  # a trace says where
 
 
-def _traced():
+def traced():  # also used by test_servicer
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter

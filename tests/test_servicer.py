@@ -126,6 +126,43 @@ def test_a_stream_item_cancelled_before_it_started_is_still_counted() -> None:
     assert counted(metrics) == {"CANCELLED": 2.0}
 
 
+def test_a_request_cut_short_at_its_deadline_is_an_error_on_its_span() -> None:
+    """A request whose caller's deadline passed while it waited on the backend is cancelled by
+    gRPC: counted DEADLINE_EXCEEDED (a server fault), it left its span without a status code
+    or error, so the slowest requests never showed as errors in the tracing backend. A caller
+    that left (CANCELLED) is no fault of ours: a status code, no error."""
+    from opentelemetry.trace import StatusCode
+
+    from tests.test_pipeline import traced
+
+    class Hangs:
+        async def classify(self, request: object, deadline: float) -> None:
+            await asyncio.Event().wait()
+
+    for left, code, error in ((0.0, grpc.StatusCode.DEADLINE_EXCEEDED, True), (5.0, grpc.StatusCode.CANCELLED, False)):
+        exporter, tracing = traced()
+        metrics = Metrics()
+        sv = servicer(Hangs(), metrics)
+        sv.tracing = tracing
+
+        class Late(Context):
+            def time_remaining(self) -> float | None:
+                return left
+
+        async def run() -> None:
+            task = asyncio.create_task(sv._classify(pb.ClassifyRequest(model="m", image=b"x"), Late()))
+            await asyncio.sleep(0.01)
+            task.cancel()  # as gRPC does at the deadline, or when the caller leaves
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        asyncio.run(run())
+        (span,) = exporter.get_finished_spans()
+        assert span.attributes["rpc.grpc.status_code"] == code.value[0]
+        assert (span.status.status_code == StatusCode.ERROR) is error
+        assert (span.status.description == code.name) is error
+
+
 def test_a_busy_backend_keeps_readiness_for_a_few_probes_a_down_one_loses_it_at_once(caplog) -> None:
     """One probe that found TorchServe's queue full (or waited past its timeout behind it)
     turned a loaded pod NOT_SERVING, and every pod of a fleet under the same load with it.
