@@ -57,14 +57,20 @@ class _DecodePool:
     is handed to a thread and the place comes back when the decode ends, not when the request
     does. A request cancelled while it waits for a place holds nothing (not even its bytes, as
     a work item queued in an executor would); one cancelled while its image decodes leaves the
-    decode its place until it ends."""
+    decode its place until it ends. One whose deadline passed while it waited gives its place
+    back undecoded (under a queue that outlasts deadlines every decode would be of a request
+    already lost)."""
 
     def __init__(self, threads: int, name: str) -> None:
         self._threads = ThreadPoolExecutor(threads, thread_name_prefix=name)
         self._places = asyncio.Semaphore(threads)
 
-    async def run(self, decode: Callable[[], np.ndarray]) -> np.ndarray:
+    async def run(self, decode: Callable[[], np.ndarray], deadline: float) -> np.ndarray:
+        """``deadline``: ``time.monotonic()`` value by which the request's answer is due."""
         await self._places.acquire()
+        if time.monotonic() >= deadline:
+            self._places.release()
+            raise DeadlineExceeded("deadline exceeded")
         loop = asyncio.get_running_loop()
 
         def give_back(_: object) -> None:
@@ -185,7 +191,7 @@ class Pipeline:
         self.base_seed = base_seed
         self.tracing = tracing
 
-    async def _decode(self, req: ClassifyInput, model: ServedModel) -> np.ndarray:
+    async def _decode(self, req: ClassifyInput, model: ServedModel, deadline: float) -> np.ndarray:
         if req.image is not None and req.tensor is not None:
             raise InvalidInput("send either image or tensor, not both")
         if req.image is not None:
@@ -196,10 +202,11 @@ class Pipeline:
                     pass
             try:
                 return await self._medium_decodes.run(functools.partial(
-                    decode_image, req.image, model.input, self.limits, here_pixels=_MEDIUM_DECODE_PIXELS))
+                    decode_image, req.image, model.input, self.limits, here_pixels=_MEDIUM_DECODE_PIXELS), deadline)
             except NotHere:
                 pass  # out of the except block: a wait below that is cancelled chains no NotHere (and its frames)
-            return await self._big_decodes.run(functools.partial(decode_image, req.image, model.input, self.limits))
+            return await self._big_decodes.run(functools.partial(decode_image, req.image, model.input, self.limits),
+                                               deadline)
         if req.tensor is not None:
             t = req.tensor
             return decode_tensor(t.shape, t.dtype, t.data, model.input)
@@ -216,7 +223,7 @@ class Pipeline:
         if k > len(model.labels):
             raise InvalidInput(f"top_k {k} exceeds the model's {len(model.labels)} classes")
         with self.tracing.span("decode"):
-            image = await self._decode(req, model)
+            image = await self._decode(req, model, deadline)
         timings.decode = time.perf_counter() - t0
 
         async def call(plan: probe_pb2.ProbePlan | None, rows: int):

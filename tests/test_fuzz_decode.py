@@ -245,7 +245,8 @@ def test_a_small_file_declaring_many_pixels_is_decoded_off_the_event_loop(monkey
 
         ticker = asyncio.create_task(tick())
         await asyncio.sleep(0.02)
-        out = await pipeline._decode(ClassifyInput(model="m", image=raw), SimpleNamespace(input=SPEC))
+        out = await pipeline._decode(ClassifyInput(model="m", image=raw), SimpleNamespace(input=SPEC),
+                                     time.monotonic() + 60)
         await asyncio.sleep(0.02)  # the ticker's next turn measures a stall that just ended
         ticker.cancel()
         assert out.shape == (1, 28, 28)
@@ -310,12 +311,13 @@ def _pipeline(monkeypatch: pytest.MonkeyPatch, decodes: _CountingDecodes, thread
                     decode_threads=threads)
 
 
-def _decode(pipeline, raw: bytes):
+def _decode(pipeline, raw: bytes, within_s: float = 60.0):
+    import time
     from types import SimpleNamespace
 
     from service.pipeline import ClassifyInput
 
-    return pipeline._decode(ClassifyInput(model="m", image=raw), SimpleNamespace(input=SPEC))
+    return pipeline._decode(ClassifyInput(model="m", image=raw), SimpleNamespace(input=SPEC), time.monotonic() + within_s)
 
 
 BIG = _encoded_image("L", (1100, 1000), "PNG")  # over a million pixels: a big decode
@@ -335,6 +337,33 @@ def test_big_decodes_at_once_are_bounded_by_decode_threads(monkeypatch: pytest.M
 
     assert [o.shape for o in asyncio.run(main())] == [(1, 28, 28)] * 6
     assert decodes.most == threads and decodes.started == 6
+
+
+def test_a_request_whose_deadline_passed_while_it_waited_is_not_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request whose caller set no gRPC deadline (the gateway's request_timeout_s applies)
+    waited for a decode thread however long the queue, then decoded its image and only after
+    that was answered DEADLINE_EXCEEDED: under overload every decode was of a request already
+    lost. It now gives its place back undecoded."""
+    import asyncio
+    import time
+
+    from service.errors import DeadlineExceeded
+
+    decodes = _CountingDecodes(hold_s=0.5)
+    pipeline = _pipeline(monkeypatch, decodes, 1)
+
+    async def main() -> None:
+        first = asyncio.create_task(_decode(pipeline, BIG))
+        t0 = time.monotonic()
+        while not decodes.running and time.monotonic() - t0 < 10:
+            await asyncio.sleep(0.01)
+        with pytest.raises(DeadlineExceeded):
+            await _decode(pipeline, BIG, within_s=0.1)  # its place comes after the first decode's 0.5 s
+        assert (await first).shape == (1, 28, 28)
+        assert (await _decode(pipeline, BIG)).shape == (1, 28, 28)  # the place it gave back serves
+
+    asyncio.run(main())
+    assert decodes.started == 2  # the first and the last: not the one past its deadline
 
 
 def test_a_cancelled_request_keeps_its_big_decode_counted(monkeypatch: pytest.MonkeyPatch) -> None:
