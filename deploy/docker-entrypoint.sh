@@ -6,7 +6,8 @@
 #                                   foreground until TorchServe exits or SIGTERM stops it;
 #                                   TORCHSERVE_SYSTEM_METRICS=off turns its system metrics off;
 #                                   TORCHSERVE_REQUIRE_GPU=true refuses to start without a
-#                                   usable CUDA device (else TorchServe would run on the CPU)
+#                                   usable CUDA device (else TorchServe would run on the CPU;
+#                                   the ONNX handler reads it too: no CUDA provider, no load)
 #   gateway [FLAGS]                 python -m service (flags and ROBUSTGATE_* variables), once
 #                                   TorchServe's key file exists in $TORCHSERVE_RUN_DIR
 #   anything else                   run as given (a shell, python -m service.cli, ...)

@@ -1,12 +1,16 @@
 """TorchServe entry point for the ONNX export (``model.onnx``), run by ONNX Runtime.
 
 Variants are built with torch on the model's device, then fed to ONNX Runtime: on CPU as
-zero-copy NumPy views, on CUDA through IO binding (no host round trip).
+zero-copy NumPy views, on CUDA through IO binding (no host round trip). Given a GPU whose
+CUDA provider does not load (a cuDNN or CUDA library mismatch), it serves on the CPU with a
+warning, unless ``TORCHSERVE_REQUIRE_GPU=true`` (the GPU overlay; TorchServe's workers inherit
+its environment): then the model does not load, rather than holding the GPU idle.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import onnxruntime as ort
@@ -16,6 +20,7 @@ from handlers.base import ProbeHandler
 
 logger = logging.getLogger(__name__)
 
+REQUIRE_GPU_ENV = "TORCHSERVE_REQUIRE_GPU"  # as deploy/docker-entrypoint.sh reads it
 INPUT = "images"
 OUTPUTS = ("logits", "features")
 
@@ -37,6 +42,9 @@ class OnnxHandler(ProbeHandler):
         session = ort.InferenceSession(path, sess_options=opts, providers=providers)
         got = session.get_providers()
         if self.device.type == "cuda" and "CUDAExecutionProvider" not in got:
+            if os.environ.get(REQUIRE_GPU_ENV, "false") == "true":
+                raise RuntimeError(f"ONNX Runtime's CUDAExecutionProvider does not load (got {got}) and "
+                                   f"{REQUIRE_GPU_ENV}=true: not serving on the CPU")
             logger.warning("CUDAExecutionProvider unavailable (got %s); serving on CPU", got)
             self.device = torch.device("cpu")
         self.provider = got[0]

@@ -64,6 +64,30 @@ def load_handler(tmp: Path, store: Path, fmt: str, gpu_id: int | None = None,
     return h, ctx
 
 
+def test_onnx_on_a_gpu_whose_cuda_provider_does_not_load(tmp_path: Path, tiny_store: Path,
+                                                        monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    """Given a GPU whose CUDA provider does not load (cuDNN or CUDA libraries that do not
+    match), the ONNX handler served on the CPU with a warning, its probes passing and the GPU
+    idle, even where the GPU overlay requires one (TORCHSERVE_REQUIRE_GPU=true, which the
+    entrypoint checked against torch only). With it set the model now does not load. Here
+    there is no GPU: the provider cannot load, as on a CPU machine told it has a GPU."""
+    from handlers.onnx_handler import REQUIRE_GPU_ENV
+
+    if torch.cuda.is_available():
+        pytest.skip("a usable GPU here: its CUDA provider may load (the case without one is CI's)")
+    h, _ = load_handler(tmp_path, tiny_store, "onnx")
+    model = str(tmp_path / "onnx" / "model.onnx")
+    monkeypatch.delenv(REQUIRE_GPU_ENV, raising=False)
+    h.device = torch.device("cuda:0")
+    with caplog.at_level("WARNING", logger="handlers.onnx_handler"):
+        h.load(model)
+    assert h.device.type == "cpu" and "serving on CPU" in caplog.text
+    monkeypatch.setenv(REQUIRE_GPU_ENV, "true")
+    h.device = torch.device("cuda:0")
+    with pytest.raises(RuntimeError, match=f"CUDAExecutionProvider does not load .* {REQUIRE_GPU_ENV}=true"):
+        h.load(model)
+
+
 def handle(h: ProbeHandler, ctx: Context, requests: list[dict]) -> list[probe_pb2.ProbeResult]:
     ctx.request_processor = [RequestProcessor({}) for _ in requests]
     out = h.handle(requests, ctx)
