@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import os
 import signal
 import ssl
 import time
@@ -48,7 +49,7 @@ from service.interceptors import PerMethod, ServerMetricsInterceptor, cut_short_
 from service.metrics import Metrics, SupervisorMetrics
 from service.pipeline import ClassifyResult, Pipeline
 from service.registry import Registry, ServedModel
-from service.settings import Settings, read_token_file
+from service.settings import Settings, read_tokens_file
 from service.tracing import OFF, SpanLike, Tracing, set_error
 from service.tracing import setup as setup_tracing
 
@@ -454,12 +455,64 @@ OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 UNAUTHENTICATED_MESSAGE = "missing or invalid bearer token"
 
 
+TOKEN_RECHECK_S = 2.0  # how often the callers' token file is looked at (a stat; read when it changed)
+
+
+class CallerTokens:
+    """The bearer tokens a caller may present: ``auth_token``, or each line of
+    ``auth_token_file``. The file is looked at every :data:`TOKEN_RECHECK_S` and re-read when
+    it changed (a Kubernetes Secret's update swaps the mounted file), so a token is rotated
+    without a restart: the new one added as a second line, the callers moved, the old line
+    removed. A file that then cannot be read or holds no token keeps the tokens read before
+    (logged, and tried again): an update caught half-way must not lock every caller out."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._path = settings.auth_token_file
+        self._stamp = self._look()
+        self._checked = time.monotonic()
+        if self._path:
+            try:  # a token no caller could send (not ASCII, a control character) would refuse every call
+                self._expected = self._read()
+            except ValueError as e:
+                raise StartFailed(str(e)) from None
+        else:
+            self._expected = (f"Bearer {settings.auth_token}".encode(),) if settings.auth_token else ()
+
+    def __bool__(self) -> bool:
+        return bool(self._expected)
+
+    def _read(self) -> tuple[bytes, ...]:
+        return tuple(f"Bearer {t}".encode() for t in read_tokens_file(self._path, "auth_token_file"))
+
+    def _look(self) -> tuple[int, ...] | None:
+        try:
+            st = os.stat(self._path) if self._path else None
+        except OSError:
+            return None
+        return None if st is None else (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def current(self, now: float) -> tuple[bytes, ...]:
+        """The accepted ``authorization`` values, the file looked at again if it is time."""
+        if self._path and now - self._checked >= TOKEN_RECHECK_S:
+            self._checked = now
+            stamp = self._look()
+            if stamp != self._stamp:
+                try:
+                    self._expected = self._read()
+                except ValueError as e:
+                    _throttled.log(logging.WARNING, "token file", "kept the callers' tokens read before: %s", e)
+                else:
+                    self._stamp = stamp
+                    log.info("callers' tokens re-read from %s: %d accepted", self._path, len(self._expected))
+        return self._expected
+
+
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Refuses calls without ``authorization: Bearer <token>`` (UNAUTHENTICATED), except health
-    and reflection. The comparison is constant-time."""
+    and reflection. The comparison is constant-time, against every accepted token."""
 
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+    def __init__(self, tokens: CallerTokens) -> None:
+        self._tokens = tokens
         self._refusals = PerMethod(lambda _method, handler: _refusal(handler), keep=1)
 
     def _allowed(self, details: grpc.HandlerCallDetails) -> bool:
@@ -468,7 +521,10 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         for key, value in details.invocation_metadata or ():
             if key == "authorization":
                 got = value.encode() if isinstance(value, str) else bytes(value)
-                return hmac.compare_digest(got, self._expected)
+                found = False
+                for expected in self._tokens.current(time.monotonic()):  # each compared: no early exit
+                    found |= hmac.compare_digest(got, expected)
+                return found
         return False
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
@@ -498,16 +554,6 @@ def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(_deny_stream, None, handler.response_serializer)
     return grpc.stream_unary_rpc_method_handler(_deny, None, handler.response_serializer)
-
-
-def auth_token(settings: Settings) -> str:
-    """The bearer token callers must present; empty: no check."""
-    if settings.auth_token_file:
-        try:  # a token no caller could send (not ASCII, two lines) would refuse every call
-            return read_token_file(settings.auth_token_file, "auth_token_file")
-        except ValueError as e:
-            raise StartFailed(str(e)) from None
-    return settings.auth_token
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -696,7 +742,7 @@ async def start(settings: Settings, registry: Registry | None = None, worker: bo
                         allow_certify=settings.allow_certify, decode_threads=settings.decode_threads)
     admission = Admission(settings.max_inflight, metrics, settings.max_inflight_per_connection,
                           settings.max_streams_per_connection)
-    caller_token = auth_token(settings)
+    caller_token = CallerTokens(settings)
     interceptors: list[grpc.aio.ServerInterceptor] = [ServerMetricsInterceptor(metrics.registry)]
     if caller_token:  # after the metrics interceptor, so refused calls are counted too
         interceptors.append(BearerTokenInterceptor(caller_token))

@@ -207,7 +207,9 @@ class Settings:
     tls_client_ca_file: str = ""
     """PEM CA bundle; set: mutual TLS, every client must present a certificate it signed."""
     auth_token_file: str = ""
-    """File holding the bearer token callers must send (``authorization: Bearer <token>``)."""
+    """File holding the bearer token callers must send (``authorization: Bearer <token>``); one
+    token per line, any of them accepted. Looked at every few seconds and re-read when it
+    changed, so a token is rotated without a restart (README, Deploy)."""
     auth_token: str = field(default="", repr=False)  # a secret: never in a logged repr
     """The bearer token itself (prefer ``auth_token_file``: env and flags show in ``ps``); empty: no check.
     Health and reflection stay open either way, so probes work."""
@@ -332,6 +334,22 @@ def read_token_file(path: Path | str, what: str = "token file") -> str:
     if not token.isprintable():
         raise ValueError(f"{what} {path} holds more than one line, or a control character")
     return token
+
+
+def read_tokens_file(path: Path | str, what: str = "token file") -> tuple[str, ...]:
+    """The bearer tokens in ``path``, one per line (blank lines skipped, each line's
+    surrounding whitespace dropped): several while a token is rotated. ValueError naming the
+    file where it holds none, or a line no client could send (a control character)."""
+    try:
+        text = _read_ascii(path, what)
+    except FileNotFoundError:
+        raise ValueError(f"{what} {path} is not there") from None
+    tokens = tuple(line.strip() for line in text.splitlines() if line.strip())
+    if not tokens:
+        raise ValueError(f"{what} {path} is empty")
+    if not all(t.isprintable() for t in tokens):
+        raise ValueError(f"{what} {path} holds a control character")
+    return tokens
 
 
 def read_seed_file(path: Path | str) -> int | None:

@@ -178,6 +178,30 @@ def test_bearer_token(calibrated_store: Path, torchserve, tmp_path: Path) -> Non
         odd.parent.mkdir()
         odd.write_bytes(token_file.read_bytes())
         _banner_calls_answer(address, {"ROBUSTGATE_AUTH_TOKEN_FILE": str(odd)}, tmp_path)
+        # rotated without a restart: the new token added as a second line, then the old removed
+        old, new = "s3cret-token-0123456789", "n3w-token-9876543210"
+
+        def answers(token: str) -> bool:
+            with Client(address, token=token, timeout_s=5) as c:
+                return _code(c.list_models)[0] != grpc.StatusCode.UNAUTHENTICATED
+
+        def within(seconds: float, done) -> bool:
+            deadline = time.monotonic() + seconds
+            while not done():
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.2)
+            return True
+
+        assert not answers(new)
+        token_file.write_text(f"{old}\n{new}\n")
+        assert within(15, lambda: answers(new)) and answers(old)
+        token_file.write_text(f"{new}\n")
+        assert within(15, lambda: not answers(old)) and answers(new)
+        # an update caught half-way (here: empty) keeps the tokens read before
+        token_file.write_text("")
+        time.sleep(3 * 2.0)  # TOKEN_RECHECK_S, three times over
+        assert answers(new) and not answers(old)
     finally:
         stop(proc)
 
@@ -199,6 +223,37 @@ def _banner_calls_answer(address: str, env: dict[str, str], tmp: Path) -> None:
         assert r.returncode == 0 and "fmnist-cnn" in r.stdout, (call, r.stdout, r.stderr)
 
 
+def test_caller_tokens_follow_their_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    """The callers' token file is looked at every TOKEN_RECHECK_S and re-read when it changed:
+    every line a token; a file that cannot be read or holds none keeps the tokens before (and
+    is tried again). A token given as a setting has no file to follow."""
+    from service.server import TOKEN_RECHECK_S, CallerTokens
+    from service.settings import Settings
+
+    path = tmp_path / "token"
+    path.write_text("one\n")
+    tokens = CallerTokens(Settings(auth_token_file=str(path)))
+    t = time.monotonic()
+    assert tokens.current(t) == (b"Bearer one",)
+    path.write_text(" one \n\n two\n")  # a rotation: both; blank lines and spaces around dropped
+    assert tokens.current(t + TOKEN_RECHECK_S / 2) == (b"Bearer one",)  # not looked at yet
+    t += TOKEN_RECHECK_S
+    assert tokens.current(t) == (b"Bearer one", b"Bearer two")
+    with caplog.at_level("WARNING", logger="service.server"):
+        for broken in ("\n", "bad\x01token\n", None):  # empty, a control character, gone
+            path.unlink()
+            if broken is not None:
+                path.write_text(broken)
+            t += TOKEN_RECHECK_S
+            assert tokens.current(t) == (b"Bearer one", b"Bearer two")
+    assert "kept the callers' tokens read before" in caplog.text
+    path.write_text("two\n")
+    t += TOKEN_RECHECK_S
+    assert tokens.current(t) == (b"Bearer two",)
+    assert CallerTokens(Settings(auth_token="x")).current(t + 100) == (b"Bearer x",)
+    assert not CallerTokens(Settings())
+
+
 def test_settings_refuse_half_tls() -> None:
     from service.settings import Settings
 
@@ -216,7 +271,7 @@ def test_bad_tls_files_and_an_empty_token_fail_the_start_in_one_line(calibrated_
     (tmp_path / "junk.pem").write_text("not a certificate\n")
     (tmp_path / "empty-token").write_text("\n")
     (tmp_path / "latin1-token").write_bytes("s\xe9cret\n".encode("latin-1"))  # not UTF-8 either
-    (tmp_path / "two-line-token").write_bytes(b"abc\ndef\n")  # no caller could send it: every call refused
+    (tmp_path / "control-token").write_bytes(b"abc\x01def\n")  # no caller could send it: every call refused
     d = pki / "d"
     cases = {
         "not its key": (["--tls-cert-file", str(d / "server.pem"), "--tls-key-file", str(d / "client.key")],
@@ -230,8 +285,8 @@ def test_bad_tls_files_and_an_empty_token_fail_the_start_in_one_line(calibrated_
                         f"auth_token_file {tmp_path / 'empty-token'} is empty"),
         "token not ASCII": (["--auth-token-file", str(tmp_path / "latin1-token")],
                             f"auth_token_file {tmp_path / 'latin1-token'} is not ASCII text"),
-        "token of two lines": (["--auth-token-file", str(tmp_path / "two-line-token")],
-                               f"auth_token_file {tmp_path / 'two-line-token'} holds more than one line"),
+        "token with a control character": (["--auth-token-file", str(tmp_path / "control-token")],
+                                           f"auth_token_file {tmp_path / 'control-token'} holds a control character"),
         "no token file": (["--auth-token-file", str(tmp_path / "nowhere")],  # was errno words, no setting
                           f"auth_token_file {tmp_path / 'nowhere'} is not there"),
         "token file a folder": (["--auth-token-file", str(tmp_path)],
