@@ -212,6 +212,17 @@ def test_dashboard_and_rules_name_only_declared_metrics() -> None:
             assert not unknown, f"{where} {title!r} reads {unknown}, which nothing exports"
 
 
+def test_a_full_budget_of_forward_passes_has_a_bucket_of_its_own(default_store: Path) -> None:
+    """The forward-passes histogram stopped at 400: every certified request of the shipped
+    policy (418 passes of its 430) fell in +Inf and the dashboard's p99 read 400 whenever more
+    than 1 % certified. The shipped budget now lies below the top bucket, with one between."""
+    from service.metrics import PASSES_BUCKETS
+
+    budget = json.loads((default_store / "fmnist-cnn" / "policy.json").read_text())["max_forward_passes"]
+    assert budget > 400
+    assert sum(b >= budget for b in PASSES_BUCKETS) >= 2, (budget, PASSES_BUCKETS)
+
+
 def test_tracing_is_off_and_free_by_default() -> None:
     from service.settings import Settings
     from service.tracing import NO_SPAN, OFF, setup

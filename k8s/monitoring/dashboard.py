@@ -107,8 +107,9 @@ def panels() -> list[Panel]:
                    "the backend stage is the gRPC hop, TorchServe's frontend and its queue: a backend stage "
                    "rising while this holds is queueing (workers saturated), not a slower model.",
                    quantiles("robustgate_backend_worker_seconds", "model", M, (0.5, 0.99)), "s", w=6),
-        timeseries("gRPC handling time (p99)", "Per gRPC method, from the server interceptor.",
-                   quantiles("grpc_server_handling_seconds", "grpc_method", "", (0.99,)), "s", w=6),
+        timeseries("gRPC handling time (p99)", "Per unary gRPC method, from the server interceptor (a "
+                   "ClassifyStream lasts as long as its client keeps it open: not a latency).",
+                   quantiles("grpc_server_handling_seconds", "grpc_method", 'grpc_type="unary"', (0.99,)), "s", w=6),
         row("Errors"),
         timeseries("Server-side error ratio", "Share of requests ending in INTERNAL, UNAVAILABLE, "
                    "DEADLINE_EXCEEDED, UNKNOWN or DATA_LOSS (recording rule; alert above 5 %).",
