@@ -45,10 +45,12 @@ import contextlib
 import ctypes
 import dataclasses
 import fcntl
+import glob
 import faulthandler
 import logging
 import multiprocessing as mp
 import os
+import re
 import shutil
 import signal
 import socket
@@ -187,18 +189,30 @@ def fold_dead(pid: int, path: str) -> None:
             os.remove(hidden)
 
 
+_LIVE_GAUGE_FILE = re.compile(r"gauge_live[a-z]+_(\d+)\.db")
+
+
 class FoldingCollector(multiprocess.MultiProcessCollector):
     """The workers' files combined, never while a dead worker's are folded (:func:`fold_dead`
     runs under the same lock): between its adding and its removing, a scrape would count that
-    worker twice."""
+    worker twice. ``listening``: the pids of the workers that listen; a worker's live gauges
+    count from then on (a replacement's ``robustgate_backend_up`` reads 0 until its first probe
+    answers, and the pod's is the lowest worker's: each restart read as TorchServe down)."""
 
-    def __init__(self, registry: CollectorRegistry, path: str, lock: threading.Lock) -> None:
+    def __init__(self, registry: CollectorRegistry, path: str, lock: threading.Lock,
+                 listening: Callable[[], set[int]] | None = None) -> None:
         self._lock = lock
+        self._listening = listening
         super().__init__(registry, path=path)
 
     def collect(self):
         with self._lock:
-            return list(super().collect())
+            files = glob.glob(os.path.join(self._path, "*.db"))
+            if self._listening is not None:
+                listening = self._listening()
+                files = [f for f in files if (m := _LIVE_GAUGE_FILE.fullmatch(os.path.basename(f))) is None
+                         or int(m.group(1)) in listening]
+            return list(self.merge(files, accumulate=True))
 
 
 def _die_with_parent(parent: int) -> None:
@@ -311,6 +325,10 @@ class Supervisor:
         # a worker listens only after one probe of every model (concurrent, each up to the
         # backend timeout): a hung TorchServe must not fail every worker's start or restart
         self.start_allowance_s = START_TIMEOUT_S + settings.backend_timeout_s
+
+    def _listening(self) -> set[int]:
+        """The pids of the workers that listen (read by a scrape's thread)."""
+        return {s.proc.pid for s in list(self.slots) if s.ready.is_set() and s.proc.pid is not None}
 
     def _spawn(self, worker_settings: Settings) -> _Slot:
         ready = self.ctx.Event()
@@ -451,7 +469,7 @@ class Supervisor:
         try:
             if s.metrics_port >= 0:
                 registry = CollectorRegistry()
-                FoldingCollector(registry, str(mdir), self.scrape_lock)
+                FoldingCollector(registry, str(mdir), self.scrape_lock, self._listening)
                 disable_created_metrics()  # as the workers do
                 self.metrics = SupervisorMetrics(registry)  # in this process: not in the workers' files
                 try:

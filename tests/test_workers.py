@@ -737,6 +737,37 @@ def test_a_dead_workers_counts_are_folded_into_one_file_and_the_sums_stay(tmp_pa
     assert not scrape.is_alive()
 
 
+def test_a_starting_workers_gauges_count_once_it_listens(tmp_path: Path) -> None:
+    """The pod's robustgate_backend_up is its lowest live worker's: a replacement wrote 0 at
+    start and kept it until its first probe answered (up to backend_timeout_s), so every
+    worker restart read as TorchServe down for the whole pod. A worker's live gauges now count
+    from when it listens; its counters always (nothing is lost)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.mmap_dict import MmapedDict, mmap_key
+
+    from service.workers import FoldingCollector
+
+    def worker_files(pid: int, up: float, calls: float) -> None:  # as prometheus_client's values write them
+        gauge = MmapedDict(str(tmp_path / f"gauge_livemin_{pid}.db"))
+        gauge.write_value(mmap_key("rg_up", "rg_up", [], [], "Up."), up, 0.0)
+        gauge.close()
+        counter = MmapedDict(str(tmp_path / f"counter_{pid}.db"))
+        counter.write_value(mmap_key("rg_calls", "rg_calls_total", [], [], "Calls."), calls, 0.0)
+        counter.close()
+
+    listening = {101, 102}
+    registry = CollectorRegistry()
+    FoldingCollector(registry, str(tmp_path), threading.Lock(), lambda: listening)
+    worker_files(101, 1.0, 3.0)
+    worker_files(102, 1.0, 4.0)
+    worker_files(103, 0.0, 0.5)  # the replacement, its first probe not yet answered
+    text = generate_latest(registry)
+    assert b"rg_up 1.0" in text and b"rg_calls_total 7.5" in text
+    listening.add(103)  # it listens: its probe answered (or found TorchServe down, which then counts)
+    text = generate_latest(registry)
+    assert b"rg_up 0.0" in text and b"rg_calls_total 7.5" in text
+
+
 def test_a_dead_workers_files_that_do_not_fold_are_left_and_the_supervisor_goes_on(tmp_path: Path, caplog) -> None:
     """A fault while folding (here a file that does not read; a full disk in the test above)
     was raised out of the supervisor's loop and stopped every worker; it is logged, and the
