@@ -161,7 +161,9 @@ class Coalescer:
         lane.waiting.append(w)
         lane.rows += w.rows
         lane.nbytes += w.nbytes
-        if len(lane.waiting) >= cfg.max_batch or lane.rows >= cfg.max_rows or lane.nbytes >= cfg.max_bytes:
+        if self._full(lane) and self._at_limit(lane):
+            self._prune(lane)  # a full batch leaves past max_calls: not one full of requests out of time
+        if self._full(lane):
             self._flush(key)
         elif lane.timer is None and not self._at_limit(lane):
             delay = 0.0 if lane.inflight == 0 else self.config.max_wait_ms / 1000.0
@@ -172,16 +174,19 @@ class Coalescer:
             async with asyncio.timeout(timeout_s):
                 return await asyncio.shield(w.future)
         except TimeoutError:
-            w.future.cancel()  # not sent if still waiting (the finally below then has nothing to do)
-            if self._forget(lane, w):  # never sent: TorchServe is not the one that was slow
-                raise DeadlineExceeded("deadline exceeded while waiting for the backend") from None
-            raise DeadlineExceeded("backend did not answer within the deadline") from None
+            if not w.future.done():
+                w.future.cancel()  # not sent if still waiting (the finally below then has nothing to do)
+                if self._forget(lane, w):  # never sent: TorchServe is not the one that was slow
+                    raise DeadlineExceeded("deadline exceeded while waiting for the backend") from None
+                raise DeadlineExceeded("backend did not answer within the deadline") from None
         finally:
             if not w.future.done():  # the caller is gone (deadline, cancelled): not sent if still waiting
                 w.future.cancel()
                 self._forget(lane, w)
             elif not w.future.cancelled():
                 w.future.exception()  # failed as the caller left: read, or asyncio logs it as never retrieved
+        # settled as its time ran out: its answer, or its own error (one never sent says so)
+        return w.future.result()
 
     @staticmethod
     def _forget(lane: _Lane, w: _Waiting) -> bool:
@@ -202,6 +207,17 @@ class Coalescer:
 
     def _at_limit(self, lane: _Lane) -> bool:
         return 0 < self.config.max_calls <= lane.inflight
+
+    def _full(self, lane: _Lane) -> bool:
+        cfg = self.config
+        return len(lane.waiting) >= cfg.max_batch or lane.rows >= cfg.max_rows or lane.nbytes >= cfg.max_bytes
+
+    def _prune(self, lane: _Lane) -> None:
+        """The lane's waiting requests less those whose callers left or whose time ran out (those
+        answered): what is left to fill a batch."""
+        lane.waiting = self._live(lane.waiting)
+        lane.rows = sum(w.rows for w in lane.waiting)
+        lane.nbytes = sum(w.nbytes for w in lane.waiting)
 
     def _timer_fired(self, key: tuple[str, str]) -> None:
         """The wait for company is over: the requests leave, unless the lane has reached
@@ -279,6 +295,9 @@ class Coalescer:
     async def _send(self, key: tuple[str, str], batch: list[_Waiting]) -> None:
         model_name, version = key
         timeout_s = max(w.deadline for w in batch) - time.monotonic()
+        if timeout_s <= 0:  # every deadline passed between the flush and this task's start: not sent
+            self._live(batch)  # each answered DeadlineExceeded
+            return
         try:
             if len(batch) == 1:  # nothing to coalesce: the plain call (and its errors) as is
                 outs: list[ProbeOutput | GatewayError] = [

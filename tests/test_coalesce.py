@@ -179,6 +179,74 @@ def test_callers_gone_while_held_do_not_fill_a_batch() -> None:
     assert sent == [1] and calls == [1, 1] and answer == 5
 
 
+def test_requests_out_of_time_while_held_do_not_fill_a_batch() -> None:
+    """At max_calls a full batch leaves anyway; a request whose deadline had passed, its caller
+    not yet woken (the loop busy with other work), still counted toward full: a lone live one
+    left as a second call past max_calls, and the stale one was told TorchServe had been slow
+    though it was never sent. Out-of-time requests no longer fill a batch, and say so."""
+    async def main():
+        backend = ScriptedBackend(delay_s=0.3)
+        c = Coalescer(backend, CoalesceConfig(max_batch=2, max_wait_ms=1000, max_calls=1))
+        first = await occupy(c)
+        stale = asyncio.ensure_future(c.probe("m", image(2), None, 0.05))
+        await asyncio.sleep(0.01)  # held at max_calls
+        time.sleep(0.06)  # the loop busy (an inline decode, a gate step): its deadline passes meanwhile
+        live = asyncio.ensure_future(c.probe("m", image(3), None, 5.0))
+        await asyncio.sleep(0.02)
+        sent = list(backend.calls)
+        results = await asyncio.gather(first, stale, live, return_exceptions=True)
+        return sent, backend.calls, results
+
+    sent, calls, (_, stale, live) = run(main())
+    assert sent == [1], sent  # not a second call beside the first
+    assert isinstance(stale, DeadlineExceeded) and "while waiting for the backend" in str(stale)
+    assert calls == [1, 1] and int(live.logits[0, 0]) == 3
+
+
+def test_an_answer_that_lands_as_the_deadline_passes_is_kept() -> None:
+    """The caller's timeout and its answer in the same turn of the loop: the answer was thrown
+    away for "backend did not answer within the deadline"."""
+    async def main():
+        c = Coalescer(HeldBackend(), CoalesceConfig(max_batch=2, max_wait_ms=0))
+        call = asyncio.ensure_future(c.probe("m", image(4), None, 0.2))
+        await asyncio.sleep(0.05)
+        (task,) = c._tasks  # the call in flight, held: its caller is answered here instead
+        (w,) = c._tasks[task]
+        await asyncio.sleep(max(0.0, w.deadline - time.monotonic() - 0.02))
+        time.sleep(0.04)  # the loop busy as the deadline passes: the timeout and the answer in one turn
+        w.future.set_result(ProbeOutput(np.full((1, 10), 4, np.float32), None, "cpu", "m"))
+        try:
+            return await call
+        finally:
+            c.backend.release.set()
+            await asyncio.gather(task, return_exceptions=True)
+
+    assert int(run(main()).logits[0, 0]) == 4
+
+
+def test_a_batch_out_of_time_by_its_start_is_not_sent() -> None:
+    """A batch whose every deadline passed between its flush and its call's start was still
+    counted as a TorchServe call (then refused before sending): each caller is answered
+    DeadlineExceeded, nothing is sent or counted, and the lane's call comes back."""
+    from service.coalesce import _Lane, _Waiting
+
+    async def main():
+        backend = ScriptedBackend(delay_s=0.0)
+        observed: list[int] = []
+        c = Coalescer(backend, CoalesceConfig(max_batch=2, max_wait_ms=0))
+        c._observe_call = lambda model, n: observed.append(n)  # type: ignore[method-assign]
+        loop = asyncio.get_running_loop()
+        gone = time.monotonic() - 0.01
+        batch = [_Waiting(image(i), None, 1, image(i).nbytes, gone, loop.create_future()) for i in (1, 2)]
+        c._lanes[("m", "")] = lane = _Lane()
+        await c._start(("m", ""), batch)
+        return backend.calls, observed, [w.future.exception() for w in batch], lane.inflight
+
+    calls, observed, errors, inflight = run(main())
+    assert calls == [] and observed == [] and inflight == 0
+    assert all(isinstance(e, DeadlineExceeded) for e in errors)
+
+
 def test_a_call_cancelled_before_answering_fails_its_callers_and_frees_the_lane() -> None:
     async def main():
         backend = ScriptedBackend(delay_s=0.3)
