@@ -103,7 +103,10 @@ class Settings:
     together (per gateway process), so that one client cannot take every slot of
     ``max_inflight`` and leave the others nothing: beyond it a call is refused with
     RESOURCE_EXHAUSTED at once, and a stream reads its next item only when its connection has
-    room again (gRPC's flow control then holds the sender back). Behind a proxy that carries
+    room again (gRPC's flow control then holds the sender back). Each waiting stream is woken
+    when room comes and reads one item ahead, so at most one item per open stream waits read
+    for its share (``max_streams_per_connection`` of them at the most): an idle stream holds no
+    share, so none can keep the others waiting. Behind a proxy that carries
     many clients over a few connections (a service mesh's sidecar), raise it to
     ``max_inflight`` or set 0: no per-connection limit. Not HTTP/2's
     SETTINGS_MAX_CONCURRENT_STREAMS: with that at the limit, gRPC 1.85's clients had some calls
