@@ -39,7 +39,7 @@ kit)
   cp -r "$site/ts" "$tmp/ts"
   find "$tmp/ts" -name __pycache__ -prune -exec rm -rf {} +
   mkdir "$tmp/jar"
-  (cd "$tmp/jar" && unzip -q "$site/ts/frontend/model-server.jar")
+  "$py" -m zipfile -e "$site/ts/frontend/model-server.jar" "$tmp/jar"  # no unzip on a minimal Debian
   rm "$tmp/ts/frontend/model-server.jar"
   tar -cJf "$kit/torchserve.tar.xz" -C "$tmp" ts jar
   jdk="$(dirname "$(dirname "$(readlink -f "$(command -v jlink)")")")"

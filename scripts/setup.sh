@@ -25,6 +25,11 @@ done
 "$py" -c 'import ensurepip' 2>/dev/null || need_apt+=("$(basename "$py")-venv")
 if ((${#need_apt[@]})); then
   sudo_=""; [ "$(id -u)" -eq 0 ] || sudo_="sudo"
+  if [ -n "$sudo_" ] && ! command -v sudo >/dev/null; then
+    echo "setup: missing packages ${need_apt[*]} and no sudo to install them: run as root" \
+      "\`apt-get install -y --no-install-recommends ${need_apt[*]}\`, then this again" >&2
+    exit 1
+  fi
   echo "setup: apt-get install ${need_apt[*]}"
   apt=(env DEBIAN_FRONTEND=noninteractive apt-get)  # through sudo too, whose env_reset drops an export
   $sudo_ "${apt[@]}" install -y -q --no-install-recommends "${need_apt[@]}" >/dev/null 8>&- \

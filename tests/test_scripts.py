@@ -214,6 +214,34 @@ def test_setup_stops_the_prometheus_service_its_package_started(tmp_path: Path) 
     assert not calls.exists()
 
 
+def test_setup_without_sudo_says_what_to_run_as_root(tmp_path: Path) -> None:
+    """A fresh Debian installed with a root password has no sudo: set-up run as a user died on
+    `sudo: command not found` (exit 127). It names the packages and the command to run as
+    root instead, and installs nothing. Run on a PATH of this machine's programs less sudo."""
+    root = tmp_path / "checkout"
+    (root / "scripts").mkdir(parents=True)
+    (root / "scripts" / "setup.sh").write_text((REPO / "scripts" / "setup.sh").read_text())
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    for d in ("/usr/local/bin", "/usr/bin", "/bin"):
+        for prog in Path(d).iterdir() if Path(d).is_dir() else ():
+            if prog.name != "sudo" and not (tools / prog.name).exists():
+                (tools / prog.name).symlink_to(prog)
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    calls = tmp_path / "calls"
+    _program(bin_ / "apt-get", f'echo "apt-get $*" >> {calls}\n')
+    _program(bin_ / "id", 'echo 1000\n')
+    _program(bin_ / "dpkg-query", '[ "$3" = prometheus ] && exit 1; printf "install ok installed"\n')
+    env = {**os.environ, "PATH": f"{bin_}:{tools}", "PYTHON": sys.executable}
+    r = subprocess.run(["bash", str(root / "scripts" / "setup.sh")], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert r.returncode == 1, r.stderr
+    assert "setup: missing packages prometheus and no sudo to install them: run as root " \
+           "`apt-get install -y --no-install-recommends prometheus`, then this again" in r.stderr, r.stderr
+    assert not calls.exists()
+
+
 def test_the_test_command_runs_the_suite_without_the_callers_gateway_settings(tmp_path: Path) -> None:
     """A shell that exported ROBUSTGATE_AUTH_TOKEN (or TLS files, or PYTHONPATH) for run.sh
     made every gateway the suite starts need a token its clients do not send. test.sh runs
