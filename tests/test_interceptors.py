@@ -199,9 +199,10 @@ def test_a_streaming_request_that_does_not_parse_is_invalid_argument() -> None:
 def test_a_token_refusal_is_one_handler_per_method() -> None:
     """Callers without the token get the same refusal handler each call, not one made anew
     (which the metrics interceptor outside would then wrap anew too), of the method's kind."""
-    from service.server import BearerTokenInterceptor
+    from service.server import BearerTokenInterceptor, CallerTokens
+    from service.settings import Settings
 
-    icpt = BearerTokenInterceptor("s3cret")
+    icpt = BearerTokenInterceptor(CallerTokens(Settings(auth_token="s3cret")))
     unary = grpc.unary_unary_rpc_method_handler(lambda req, ctx: None, response_serializer=bytes)
     stream = grpc.stream_stream_rpc_method_handler(lambda it, ctx: iter(()), response_serializer=bytes)
 
