@@ -26,10 +26,10 @@ fi
 if [ -n "${ROBUSTGATE_AUTH_TOKEN_FILE:-}" ]; then
   token_file=$(printf '%q' "$ROBUSTGATE_AUTH_TOKEN_FILE")  # pasted into a shell: quoted for it
   cli="${cli:+$cli }--token-file $token_file"
-  grpcurl_flags="$grpcurl_flags -H \"authorization: Bearer \$(cat $token_file)\""
+  grpcurl_flags="$grpcurl_flags -H \"authorization: Bearer \$(grep . $token_file | tail -n 1)\""
 elif [ -n "${ROBUSTGATE_AUTH_TOKEN:-}" ]; then
   cli="${cli:+$cli }--token-file TOKEN_FILE"  # a file holding the token you set in ROBUSTGATE_AUTH_TOKEN
-  grpcurl_flags="$grpcurl_flags -H \"authorization: Bearer \$(cat TOKEN_FILE)\""
+  grpcurl_flags="$grpcurl_flags -H \"authorization: Bearer \$(grep . TOKEN_FILE | tail -n 1)\""
 fi
 metrics="metrics on :${ROBUSTGATE_METRICS_PORT:-9464}/metrics"
 [ "${ROBUSTGATE_METRICS_PORT:-}" != "-1" ] || metrics="metrics off"

@@ -19,7 +19,7 @@ import grpc
 
 from robustgate.v1 import classifier_pb2 as pb
 from service.client import Client, tls_credentials
-from service.settings import MAX_DURATION_S, MAX_REQUEST_ID_CHARS, read_token_file
+from service.settings import MAX_DURATION_S, MAX_REQUEST_ID_CHARS, read_tokens_file
 
 _DECISION = {pb.DECISION_PASS: "PASS", pb.DECISION_FLAG: "FLAG", pb.DECISION_REJECT: "REJECT",
              pb.DECISION_UNSPECIFIED: "-"}
@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tls-ca", type=Path, help="PEM CA that signed the gateway's certificate (default: system roots)")
     p.add_argument("--tls-cert", type=Path, help="client certificate (PEM) for mutual TLS")
     p.add_argument("--tls-key", type=Path, help="client private key (PEM) for mutual TLS")
-    p.add_argument("--token-file", type=Path, help="file holding the bearer token the gateway expects")
+    p.add_argument("--token-file", type=Path, help="file holding the bearer token the gateway expects (of "
+                                                     "several lines, as during a rotation: the last)")
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("classify", help="classify image files (PNG or JPEG); several go over one stream")
     c.add_argument("images", type=Path, nargs="+", metavar="image")
@@ -167,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         creds = (tls_credentials(args.tls_ca, args.tls_cert, args.tls_key)
                  if args.tls or args.tls_ca or args.tls_cert or args.tls_key else None)
-        token = read_token_file(args.token_file) if args.token_file else None
+        # its last token: during a rotation the gateway's own file holds the old and the new one, the new last
+        token = read_tokens_file(args.token_file)[-1] if args.token_file else None
         with Client(args.address, timeout_s=args.timeout, credentials=creds, token=token) as client:
             if args.cmd == "classify":
                 code = classify(client, args.images, args.model, args.top_k, args.timeout,

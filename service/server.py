@@ -460,8 +460,8 @@ TOKEN_RECHECK_S = 2.0  # how often the callers' token file is looked at (a stat;
 
 class CallerTokens:
     """The bearer tokens a caller may present: ``auth_token``, or each line of
-    ``auth_token_file``. The file is looked at every :data:`TOKEN_RECHECK_S` and re-read when
-    it changed (a Kubernetes Secret's update swaps the mounted file), so a token is rotated
+    ``auth_token_file``. The file is looked at (a stat) on a call that carries a token, at most
+    every :data:`TOKEN_RECHECK_S`, and re-read when it changed (a Kubernetes Secret's update swaps the mounted file), so a token is rotated
     without a restart: the new one added as a second line, the callers moved, the old line
     removed. A file that then cannot be read or holds no token keeps the tokens read before
     (logged, and tried again): an update caught half-way must not lock every caller out."""

@@ -211,8 +211,9 @@ class Settings:
     """PEM CA bundle; set: mutual TLS, every client must present a certificate it signed."""
     auth_token_file: str = ""
     """File holding the bearer token callers must send (``authorization: Bearer <token>``); one
-    token per line, any of them accepted. Looked at every few seconds and re-read when it
-    changed, so a token is rotated without a restart (README, Deploy)."""
+    token per line, any of them accepted. Looked at on a call that carries a token, at most
+    every 2 s, and re-read when it changed, so a token is rotated without a restart (README,
+    Deploy)."""
     auth_token: str = field(default="", repr=False)  # a secret: never in a logged repr
     """The bearer token itself (prefer ``auth_token_file``: env and flags show in ``ps``); empty: no check.
     Health and reflection stay open either way, so probes work."""
@@ -321,22 +322,6 @@ def _read_ascii(path: Path | str, what: str) -> str:
         raise
     except OSError as e:  # a folder, no permission
         raise ValueError(f"{what} {path} cannot be read: {e.strerror or e}") from None
-
-
-def read_token_file(path: Path | str, what: str = "token file") -> str:
-    """The bearer token in ``path``: printable ASCII (a gRPC header value), at least one
-    character, surrounding whitespace dropped. ValueError naming the file otherwise: a missing
-    or empty file would mean no token at all, and a second line or a control character is a
-    token no client can send (it fails in gRPC's core with lines of C on stderr)."""
-    try:
-        token = _read_ascii(path, what)
-    except FileNotFoundError:
-        raise ValueError(f"{what} {path} is not there") from None
-    if not token:
-        raise ValueError(f"{what} {path} is empty")
-    if not token.isprintable():
-        raise ValueError(f"{what} {path} holds more than one line, or a control character")
-    return token
 
 
 def read_tokens_file(path: Path | str, what: str = "token file") -> tuple[str, ...]:

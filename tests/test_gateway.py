@@ -567,7 +567,7 @@ def test_cli_refuses_bad_arguments_in_one_line(tmp_path: Path) -> None:
     (tmp_path / "cert.pem").write_text("-----BEGIN CERTIFICATE-----\n")
     (tmp_path / "token").write_bytes(b"\xff\xfe\x00binary")
     (tmp_path / "empty-token").write_bytes(b"\n")  # would send no token: a bare UNAUTHENTICATED
-    (tmp_path / "two-line-token").write_bytes(b"abc\ndef\n")  # gRPC core: lines of C on stderr
+    (tmp_path / "control-token").write_bytes(b"abc\x01def\n")  # gRPC core: lines of C on stderr
     cases = {
         "certificate without key": (["--tls-cert", str(tmp_path / "cert.pem")], "go together"),
         "key without certificate": (["--tls-key", str(tmp_path / "cert.pem")], "go together"),
@@ -583,7 +583,8 @@ def test_cli_refuses_bad_arguments_in_one_line(tmp_path: Path) -> None:
                         f"{tmp_path / 'nope.key'} cannot be read: No such file or directory"),
         "binary token file": (["--token-file", str(tmp_path / "token")], "is not ASCII text"),
         "empty token file": (["--token-file", str(tmp_path / "empty-token")], "is empty"),
-        "two-line token file": (["--token-file", str(tmp_path / "two-line-token")], "more than one line"),
+        "token file with a control character": (["--token-file", str(tmp_path / "control-token")],
+                                                "holds a control character"),
         "infinite timeout": (["--timeout", "inf"], "is not a number of seconds in (0, "),
         # past gRPC's 32-bit milliseconds the deadline overflowed: DEADLINE_EXCEEDED at once
         "timeout past gRPC's range": (["--timeout", "1e10"], "is not a number of seconds in (0, 2147483]"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -196,6 +197,12 @@ def test_bearer_token(calibrated_store: Path, torchserve, tmp_path: Path) -> Non
         assert not answers(new)
         token_file.write_text(f"{old}\n{new}\n")
         assert within(15, lambda: answers(new)) and answers(old)
+        # the CLI given the gateway's own file, as the runbook's calls are: its last token, the new one
+        (tmp_path / "shoe.png").write_bytes(_png())
+        cli = subprocess.run([sys.executable, "-m", "service.cli", "--address", address, "--token-file",
+                              str(token_file), "classify", str(tmp_path / "shoe.png")],
+                             capture_output=True, text=True, timeout=60)
+        assert cli.returncode == 0 and "gate: " in cli.stdout, cli.stderr
         token_file.write_text(f"{new}\n")
         assert within(15, lambda: not answers(old)) and answers(new)
         # an update caught half-way (here: empty) keeps the tokens read before
