@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import platform
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -73,9 +75,10 @@ def _machine() -> str:
     return f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
-def _clear_leftovers(store: Path, name: str) -> None:
-    """Remove what an interrupted build or re-archiving of ``name`` left in ``store``: its
-    staging folders, a manifest's temporary file. None is listed; each fails verification."""
+def _clear_leftovers(store: Path, name: str = "*") -> None:
+    """Remove what an interrupted build or re-archiving of ``name`` (default: any model's,
+    only while the store's lock is held) left in ``store``: its staging folders, a manifest's
+    temporary file. None is listed; each fails verification."""
     for left in [*store.glob(f".{name}-staging-*"), *store.glob(f".{archive.MANIFEST}.*")]:
         if left.is_dir() and not left.is_symlink():
             shutil.rmtree(left)
@@ -243,7 +246,7 @@ def is_built(store: Path, name: str) -> bool:
     return True
 
 
-def _at_least(low: int):
+def _at_least(low: int, high: int | None = None):
     def parse(raw: str) -> int:
         try:
             value = int(raw)
@@ -251,6 +254,8 @@ def _at_least(low: int):
             raise argparse.ArgumentTypeError(f"{raw!r} is not a whole number") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"{raw!r} is below {low}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{raw!r} is above {high}")
         return value
     return parse
 
@@ -263,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="rebuild even when the model is already built")
     p.add_argument("--weights", type=Path, help="local ResNet-18 state_dict to fine-tune from (never downloaded)")
     p.add_argument("--epochs", type=_at_least(1))
-    p.add_argument("--seed", type=_at_least(0))
+    p.add_argument("--seed", type=_at_least(0, 2**63 - 1))
     p.add_argument("--limit", type=_at_least(1), help="train on this many images only (smoke builds)")
     p.add_argument("--no-floor", action="store_true", help="do not fail below the accuracy floor")
     p.add_argument("--verify", action="store_true", help="only verify the store against its manifest")
@@ -296,10 +301,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _below_floor(store: Path, name: str) -> float | None:
+    """The test accuracy of the model built in ``store`` where it is below its preset's floor
+    (a --no-floor build, a smoke build into the default store), else None."""
+    try:
+        acc = float(json.loads((store / name / "card.json").read_text())["accuracy"]["test"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # is_built verified the card: not reached
+    return acc if acc + 1e-6 < PRESETS[name].floor else None  # 1e-6: cards written as float32 means
+
+
 def _build_all(args: argparse.Namespace, opts: BuildOptions, names: list[str]) -> int:
+    _clear_leftovers(args.store)  # an interrupted run's, of any model (the lock is held): serving would refuse the store
     for name in names:
-        _clear_leftovers(args.store, name)  # an interrupted run's: serving would refuse the store
-        if not args.force and is_built(args.store, name):
+        below = _below_floor(args.store, name) if opts.check_floor else None
+        if below is not None:
+            print(f"[{name}] the model in {args.store / name} is below its accuracy floor (test top-1 {below:.4f} < "
+                  f"{PRESETS[name].floor}, a --no-floor build): building it again")
+        if not args.force and below is None and is_built(args.store, name):
             try:
                 if rearchive_if_stale(args.store, name):
                     print(f"[{name}] handler code changed since the archives were built: archives rebuilt")
@@ -318,8 +337,13 @@ def _build_all(args: argparse.Namespace, opts: BuildOptions, names: list[str]) -
     return 0
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM (timeout, docker stop, a CI's cancel) as Ctrl-C: the finally blocks run
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         sys.exit(main())
-    except KeyboardInterrupt:  # Ctrl-C, or run.sh passing on a SIGTERM: finally blocks ran
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM, or run.sh passing one on: finally blocks ran
         sys.exit(130)

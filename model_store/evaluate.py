@@ -33,7 +33,8 @@ def accuracy(
     y = torch.from_numpy(np.asarray(split.labels[:limit]))
     if perturb is not None:
         x = perturb(x)
-    return float((predict(model, x).argmax(1) == y).float().mean())
+    # a count over the images: a float32 mean made 9,000 of 10,000 0.89999998, below a 0.90 floor
+    return int((predict(model, x).argmax(1) == y).sum()) / len(y)
 
 
 def noise_sweep(
