@@ -323,6 +323,18 @@ def _decode(pipeline, raw: bytes, within_s: float = 60.0):
 BIG = _encoded_image("L", (1100, 1000), "PNG")  # over a million pixels: a big decode
 
 
+async def _first_decoding(pipeline, decodes: _CountingDecodes):
+    """A request for BIG, once its decode runs (its thread's place taken)."""
+    import asyncio
+    import time
+
+    first = asyncio.create_task(_decode(pipeline, BIG))
+    t0 = time.monotonic()
+    while not decodes.running and time.monotonic() - t0 < 10:
+        await asyncio.sleep(0.01)
+    return first
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_big_decodes_at_once_are_bounded_by_decode_threads(monkeypatch: pytest.MonkeyPatch, threads: int) -> None:
     """Each big decode may hold hundreds of MB: at most ``decode_threads`` run at once per
@@ -345,7 +357,6 @@ def test_a_request_whose_deadline_passed_while_it_waited_is_not_decoded(monkeypa
     that was answered DEADLINE_EXCEEDED: under overload every decode was of a request already
     lost. It now gives its place back undecoded."""
     import asyncio
-    import time
 
     from service.errors import DeadlineExceeded
 
@@ -353,10 +364,7 @@ def test_a_request_whose_deadline_passed_while_it_waited_is_not_decoded(monkeypa
     pipeline = _pipeline(monkeypatch, decodes, 1)
 
     async def main() -> None:
-        first = asyncio.create_task(_decode(pipeline, BIG))
-        t0 = time.monotonic()
-        while not decodes.running and time.monotonic() - t0 < 10:
-            await asyncio.sleep(0.01)
+        first = await _first_decoding(pipeline, decodes)
         with pytest.raises(DeadlineExceeded):
             await _decode(pipeline, BIG, within_s=0.1)  # its place comes after the first decode's 0.5 s
         assert (await first).shape == (1, 28, 28)
@@ -372,16 +380,12 @@ def test_a_cancelled_request_keeps_its_big_decode_counted(monkeypatch: pytest.Mo
     client sending huge images with 10 ms deadlines started any number of them at once. Those
     cancelled while they wait hold nothing, not even their bytes."""
     import asyncio
-    import time
 
     decodes = _CountingDecodes(hold_s=1.0)
     pipeline = _pipeline(monkeypatch, decodes, 1)
 
     async def main() -> int:
-        first = asyncio.create_task(_decode(pipeline, BIG))
-        t0 = time.monotonic()
-        while not decodes.running and time.monotonic() - t0 < 10:
-            await asyncio.sleep(0.01)
+        first = await _first_decoding(pipeline, decodes)
         tasks = [asyncio.create_task(_decode(pipeline, BIG)) for _ in range(4)]
         await asyncio.sleep(0.05)
         for task in (first, *tasks):

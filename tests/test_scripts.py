@@ -156,6 +156,13 @@ def test_a_step_that_fails_at_once_fails_the_script_with_its_status(tmp_path: Pa
     assert subprocess.run(["bash", str(script)], timeout=20).returncode == 127
 
 
+def _user_missing_prometheus(bin_: Path) -> None:
+    """Stand-ins in ``bin_``: a user, not root (as CI may run set-up), on a machine that has
+    every package set-up installs but prometheus."""
+    _program(bin_ / "id", 'echo 1000\n')
+    _program(bin_ / "dpkg-query", '[ "$3" = prometheus ] && exit 1; printf "install ok installed"\n')
+
+
 def test_setup_stops_the_prometheus_service_its_package_started(tmp_path: Path) -> None:
     """Debian's prometheus package, installed on a host run by systemd, starts and enables a
     server on every interface; set-up needs its binaries only, so it disables the service it
@@ -190,8 +197,7 @@ def test_setup_stops_the_prometheus_service_its_package_started(tmp_path: Path) 
              f'sleep 60 >/dev/null 2>&1 </dev/null &\necho $! >> {daemons}\n')
     # not root: the same commands, through sudo, whose env_reset drops the caller's variables
     _program(bin_ / "sudo", 'exec env -i PATH="$PATH" "$@"\n')
-    _program(bin_ / "id", 'echo 1000\n')  # a user, not root (as CI may run it): apt-get through sudo
-    _program(bin_ / "dpkg-query", '[ "$3" = prometheus ] && exit 1; printf "install ok installed"\n')
+    _user_missing_prometheus(bin_)  # apt-get through sudo
     _program(bin_ / "java", 'echo "    java.specification.version = 17" >&2\n')
     env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "PYTHON": sys.executable}
     r = subprocess.run(["bash", str(root / "scripts" / "setup.sh")], capture_output=True, text=True, env=env,
@@ -231,8 +237,7 @@ def test_setup_without_sudo_says_what_to_run_as_root(tmp_path: Path) -> None:
     bin_.mkdir()
     calls = tmp_path / "calls"
     _program(bin_ / "apt-get", f'echo "apt-get $*" >> {calls}\n')
-    _program(bin_ / "id", 'echo 1000\n')
-    _program(bin_ / "dpkg-query", '[ "$3" = prometheus ] && exit 1; printf "install ok installed"\n')
+    _user_missing_prometheus(bin_)
     env = {**os.environ, "PATH": f"{bin_}:{tools}", "PYTHON": sys.executable}
     r = subprocess.run(["bash", str(root / "scripts" / "setup.sh")], capture_output=True, text=True, env=env,
                        timeout=60)
