@@ -307,7 +307,7 @@ def _below_floor(store: Path, name: str) -> float | None:
     try:
         acc = float(json.loads((store / name / "card.json").read_text())["accuracy"]["test"])
     except (OSError, ValueError, KeyError, TypeError):
-        return None  # is_built verified the card: not reached
+        return None  # no card (a first build), or one is_built will refuse
     return acc if acc + 1e-6 < PRESETS[name].floor else None  # 1e-6: cards written as float32 means
 
 

@@ -23,13 +23,16 @@ if [ -n "${ROBUSTGATE_TLS_CERT_FILE:-}" ]; then
     grpcurl_flags="$grpcurl_flags -cert client.pem -key client.key"
   fi
 fi
+# a token file's last token, trimmed, as the CLI reads it (two lines while a token is rotated)
+# shellcheck disable=SC2016  # printed for a shell to run: expanded there, not here
+last_token='awk '"'"'NF { t = $0 } END { gsub(/^[[:space:]]+|[[:space:]]+$/, "", t); print t }'"'"
 if [ -n "${ROBUSTGATE_AUTH_TOKEN_FILE:-}" ]; then
   token_file=$(printf '%q' "$ROBUSTGATE_AUTH_TOKEN_FILE")  # pasted into a shell: quoted for it
   cli="${cli:+$cli }--token-file $token_file"
-  grpcurl_flags="$grpcurl_flags -H \"authorization: Bearer \$(grep . $token_file | tail -n 1)\""
+  grpcurl_flags="$grpcurl_flags -H \"authorization: Bearer \$($last_token $token_file)\""
 elif [ -n "${ROBUSTGATE_AUTH_TOKEN:-}" ]; then
   cli="${cli:+$cli }--token-file TOKEN_FILE"  # a file holding the token you set in ROBUSTGATE_AUTH_TOKEN
-  grpcurl_flags="$grpcurl_flags -H \"authorization: Bearer \$(grep . TOKEN_FILE | tail -n 1)\""
+  grpcurl_flags="$grpcurl_flags -H \"authorization: Bearer \$($last_token TOKEN_FILE)\""
 fi
 metrics="metrics on :${ROBUSTGATE_METRICS_PORT:-9464}/metrics"
 [ "${ROBUSTGATE_METRICS_PORT:-}" != "-1" ] || metrics="metrics off"

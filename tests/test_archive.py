@@ -609,15 +609,17 @@ def test_accuracy_is_a_count_not_a_float32_mean() -> None:
 
 def test_a_build_stopped_by_sigterm_runs_its_cleanup(tmp_path: Path) -> None:
     """SIGTERM (timeout, docker stop, a CI's cancel) killed a build where Ctrl-C ran its
-    finally blocks (a staging folder left to fail the store's verification): it is Ctrl-C now."""
+    finally blocks (a staging folder left to fail the store's verification): it is Ctrl-C now.
+    Sent while the model is exported into its staging folder."""
     proc = subprocess.Popen([sys.executable, "-m", "model_store.build", "--store", str(tmp_path / "store"),
                              "--epochs", "1", "--limit", "20000", "--no-floor"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
-            if "training" in line:
+            if "exporting" in line:
                 break
+        assert list((tmp_path / "store").glob(".*-staging-*"))
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(60)
     finally:

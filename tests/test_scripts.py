@@ -156,6 +156,22 @@ def test_a_step_that_fails_at_once_fails_the_script_with_its_status(tmp_path: Pa
     assert subprocess.run(["bash", str(script)], timeout=20).returncode == 127
 
 
+def test_the_banners_grpcurl_call_sends_the_token_files_last_token(tmp_path: Path) -> None:
+    """While a token is rotated the gateway's file holds two lines; the grpcurl call run.sh
+    prints sent the whole file (`cat`), a header no gateway accepts. It sends the last token,
+    trimmed (a CRLF file, a blank last line), as the CLI does. Run with grpcurl replaced by
+    printf, which shows the arguments the shell gave it."""
+    token = tmp_path / "token"
+    token.write_bytes(b"old\r\nnew\r\n  \n")
+    out = subprocess.run(["bash", str(REPO / "scripts" / "banner.sh"), "fmnist-cnn"], capture_output=True, text=True,
+                         env={**os.environ, "ROBUSTGATE_AUTH_TOKEN_FILE": str(token)}, check=True).stdout
+    (call,) = [ln.strip() for ln in out.splitlines() if ln.strip().startswith(".venv/bin/grpcurl")]
+    (tmp_path / "some.png").write_bytes(b"")
+    args = subprocess.run(["bash", "-c", call.replace(".venv/bin/grpcurl", "printf '%s\\n'", 1)], cwd=tmp_path,
+                          capture_output=True, text=True, check=True).stdout.splitlines()
+    assert "authorization: Bearer new" in args, args
+
+
 def _user_missing_prometheus(bin_: Path) -> None:
     """Stand-ins in ``bin_``: a user, not root (as CI may run set-up), on a machine that has
     every package set-up installs but prometheus."""

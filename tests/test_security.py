@@ -197,10 +197,12 @@ def test_bearer_token(calibrated_store: Path, torchserve, tmp_path: Path) -> Non
         assert not answers(new)
         token_file.write_text(f"{old}\n{new}\n")
         assert within(15, lambda: answers(new)) and answers(old)
-        # the CLI given the gateway's own file, as the runbook's calls are: its last token, the new one
+        # the CLI given a file of two lines, as the gateway's own is now: its last token (the first
+        # is one the gateway does not take)
         (tmp_path / "shoe.png").write_bytes(_png())
+        (tmp_path / "rotating").write_text(f"not-{old}\n{new}\n")
         cli = subprocess.run([sys.executable, "-m", "service.cli", "--address", address, "--token-file",
-                              str(token_file), "classify", str(tmp_path / "shoe.png")],
+                              str(tmp_path / "rotating"), "classify", str(tmp_path / "shoe.png")],
                              capture_output=True, text=True, timeout=60)
         assert cli.returncode == 0 and "gate: " in cli.stdout, cli.stderr
         token_file.write_text(f"{new}\n")
