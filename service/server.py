@@ -461,9 +461,9 @@ TOKEN_RECHECK_S = 2.0  # how often the callers' token file is looked at (a stat;
 class CallerTokens:
     """The bearer tokens a caller may present: ``auth_token``, or each line of
     ``auth_token_file``. The file is looked at (a stat) on a call that carries a token, at most
-    every :data:`TOKEN_RECHECK_S`, and re-read when it changed (a Kubernetes Secret's update swaps the mounted file), so a token is rotated
-    without a restart: the new one added as a second line, the callers moved, the old line
-    removed. A file that then cannot be read or holds no token keeps the tokens read before
+    every :data:`TOKEN_RECHECK_S`, and re-read when it changed (a Kubernetes Secret's update
+    swaps the mounted file), so a token is rotated without a restart: the new one added as a
+    second line, the callers moved, the old line removed. A file that then cannot be read or holds no token keeps the tokens read before
     (logged, and tried again): an update caught half-way must not lock every caller out."""
 
     def __init__(self, settings: Settings) -> None:
@@ -742,10 +742,10 @@ async def start(settings: Settings, registry: Registry | None = None, worker: bo
                         allow_certify=settings.allow_certify, decode_threads=settings.decode_threads)
     admission = Admission(settings.max_inflight, metrics, settings.max_inflight_per_connection,
                           settings.max_streams_per_connection)
-    caller_token = CallerTokens(settings)
+    caller_tokens = CallerTokens(settings)
     interceptors: list[grpc.aio.ServerInterceptor] = [ServerMetricsInterceptor(metrics.registry)]
-    if caller_token:  # after the metrics interceptor, so refused calls are counted too
-        interceptors.append(BearerTokenInterceptor(caller_token))
+    if caller_tokens:  # after the metrics interceptor, so refused calls are counted too
+        interceptors.append(BearerTokenInterceptor(caller_tokens))
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -793,7 +793,7 @@ async def start(settings: Settings, registry: Registry | None = None, worker: bo
                                              servicer.set_backend_serving))
     log.info("gateway listening on %s:%d (%s%s, metrics %s, traces %s), models %s via TorchServe %s (%s, %s)",
              settings.host, port, "mutual TLS" if settings.tls_client_ca_file else "TLS" if creds else "plaintext",
-             ", bearer token" if caller_token else "", metrics_port if metrics_port is not None else "off", settings.otlp_endpoint or "off",
+             ", bearer token" if caller_tokens else "", metrics_port if metrics_port is not None else "off", settings.otlp_endpoint or "off",
              ", ".join(m.name for m in registry.all()), settings.torchserve_address, settings.backend_format,
              f"coalescing up to {settings.coalesce_max_batch} images / {settings.coalesce_max_wait_ms:g} ms / "
              f"{settings.coalesce_max_calls or 'unlimited'} calls in flight"
