@@ -101,9 +101,11 @@ def decode_result(raw: bytes | probe_pb2.ProbeResult) -> ProbeOutput:
 
 
 # TorchServe's gRPC status -> domain error. Handler 4xx (its validation) arrive as
-# INVALID_ARGUMENT (see refusal()); a model it has not loaded as NOT_FOUND (UNAVAILABLE to
-# the caller: the gateway serves that model, so it is a server fault); a full job queue as
-# RESOURCE_EXHAUSTED (HTTP 503); a dead worker or frontend as UNAVAILABLE or INTERNAL.
+# INVALID_ARGUMENT (see refusal()); a dead worker or frontend as UNAVAILABLE or INTERNAL. Its
+# gRPC API (0.12, InferenceImpl.prediction) answers a full job queue and a model it has not
+# loaded with INTERNAL too, told apart by their words (_INTERNAL_BY_TEXT); NOT_FOUND and
+# RESOURCE_EXHAUSTED are kept for other versions. A model not loaded is UNAVAILABLE to the
+# caller: the gateway serves that model, so it is a server fault.
 _BY_CODE: dict[grpc.StatusCode, type[GatewayError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: BackendRefused,
     grpc.StatusCode.NOT_FOUND: ModelNotLoaded,
@@ -116,6 +118,16 @@ _BY_CODE: dict[grpc.StatusCode, type[GatewayError]] = {
     grpc.StatusCode.UNAUTHENTICATED: BackendUnavailable,
     grpc.StatusCode.PERMISSION_DENIED: BackendUnavailable,
 }
+
+# TorchServe's words for an INTERNAL that is not a failure: the job queue full (addJob refused:
+# "Model "m" has no worker to serve inference request", its HTTP API's 503, which a model
+# with no worker at all answers too) is overload, worth a retry after backoff, and a health
+# probe's "busy"; a model or version it does not have is a model not loaded.
+_INTERNAL_BY_TEXT: tuple[tuple[str, type[GatewayError]], ...] = (
+    ("has no worker to serve inference request", Overloaded),
+    ("Model not found:", ModelNotLoaded),
+    ("Model version not found", ModelNotLoaded),
+)
 
 _PUBLIC_MESSAGE: dict[type[GatewayError], str] = {
     ModelNotLoaded: "model is not loaded in the backend; retry later",
@@ -153,6 +165,9 @@ def map_rpc_error(err: grpc.aio.AioRpcError) -> GatewayError:
     kind = _BY_CODE.get(err.code(), BackendUnavailable)
     if kind is BackendRefused:  # the handler's 4xx
         return refusal(err.details() or "")
+    if err.code() == grpc.StatusCode.INTERNAL:
+        details = err.details() or ""
+        kind = next((k for words, k in _INTERNAL_BY_TEXT if words in details), kind)
     _throttled.log(logging.WARNING, ("call", err.code()), "backend call failed: %s %s", err.code().name,
                    (err.details() or "")[:500])
     return kind(_PUBLIC_MESSAGE[kind])

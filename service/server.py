@@ -588,7 +588,7 @@ LIVENESS_SERVICE = "robustgate.liveness"
 
 
 #: Probes in a row a SERVING gateway lets its backend answer "busy" (TorchServe's queue full,
-#: RESOURCE_EXHAUSTED, or no answer within the timeout, as when the probe waits behind a long
+#: :class:`Overloaded` as service.backend reads its INTERNAL "has no worker", or no answer within the timeout, as when the probe waits behind a long
 #: queue) before readiness turns NOT_SERVING. One busy probe under a load spike took the pod out
 #: of its Service, and every pod of a fleet under the same load with it. Not for long:
 #: TorchServe answers a model with no live worker as it answers a full queue. A backend that

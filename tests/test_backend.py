@@ -186,8 +186,8 @@ def test_spec_to_proto_is_the_json_conversion_for_every_seed_and_a_fresh_message
 
 
 def test_a_model_torchserve_has_not_loaded_is_unavailable_not_not_found(caplog) -> None:
-    """The gateway serves the model, so TorchServe's NOT_FOUND (restarted without it,
-    unregistered) is a server fault the caller may retry: UNAVAILABLE, counted by the
+    """The gateway serves the model, so a NOT_FOUND from TorchServe (restarted without it,
+    unregistered; 0.12 answers INTERNAL "Model not found", test_reliability) is a server fault the caller may retry: UNAVAILABLE, counted by the
     error-ratio alert; NOT_FOUND stays for names the gateway itself does not serve."""
     import grpc
 

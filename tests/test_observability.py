@@ -223,6 +223,25 @@ def test_a_full_budget_of_forward_passes_has_a_bucket_of_its_own(default_store: 
     assert sum(b >= budget for b in PASSES_BUCKETS) >= 2, (budget, PASSES_BUCKETS)
 
 
+def test_check_scores_have_buckets_for_their_range_and_between_thresholds(default_store: Path) -> None:
+    """Occlusion's score reaches -1 (an occluded copy more sure than the image) and fell in the
+    lowest bucket with the near-zero scores; the shipped policy's flag and reject thresholds of
+    squeeze (0.993, 0.9996), viewpoint (0.54, 0.64) and density (22.5, 28.7) shared a bucket, so the score heatmap could
+    not show which requests were flagged and which rejected."""
+    from service.metrics import SCORE_BUCKETS
+
+    assert SCORE_BUCKETS[0] <= -1.0 and 0.0 in SCORE_BUCKETS
+    policy = json.loads((default_store / "fmnist-cnn" / "policy.json").read_text())
+    apart = 0
+    for check, spec in policy["checks"].items():
+        if spec.get("flag") is None or spec.get("reject") is None:
+            continue
+        bucket = [sum(b < spec[k] for b in SCORE_BUCKETS) for k in ("flag", "reject")]
+        assert bucket[0] < bucket[1], (check, spec["flag"], spec["reject"], SCORE_BUCKETS)
+        apart += 1
+    assert apart >= 2, policy["checks"]
+
+
 def test_tracing_is_off_and_free_by_default() -> None:
     from service.settings import Settings
     from service.tracing import NO_SPAN, OFF, setup

@@ -201,6 +201,50 @@ def test_load_at_twice_capacity_sheds_and_loses_nothing(calibrated_store: Path, 
 
 # --- backend faults ------------------------------------------------------------------------
 
+def test_a_full_torchserve_queue_is_overload_and_an_unknown_model_not_loaded(tiny_store: Path, tmp_path: Path) -> None:
+    """TorchServe's gRPC API answers a full job queue with INTERNAL ("has no worker to serve
+    inference request"), not RESOURCE_EXHAUSTED: read by its code alone, callers got
+    UNAVAILABLE "backend is unavailable" and the health probe counted an overloaded backend as
+    down (NOT_SERVING at once) instead of busy. A real TorchServe with a queue of 2 under 150
+    calls at once."""
+    import asyncio
+    from collections import Counter
+
+    from service.backend import TorchServeBackend
+    from service.errors import ModelNotLoaded, Overloaded
+    from service.server import status_of
+
+    settings = serve.ServeSettings.on_free_ports(store=tiny_store, run_dir=tmp_path / "ts", job_queue_size=2,
+                                                 models=("fmnist-cnn-onnx",))
+    blank = np.zeros((1, 28, 28), np.uint8)
+
+    async def load(target: str, key: str) -> tuple[Counter, BaseException | None]:
+        backend = TorchServeBackend(target, key)
+
+        async def one() -> str:
+            try:
+                await backend.probe("fmnist-cnn-onnx", blank, None, 30.0)
+                return "ok"
+            except Exception as e:  # noqa: BLE001  (counted by kind below)
+                return type(e).__name__
+
+        kinds = Counter(await asyncio.gather(*(one() for _ in range(150))))
+        try:
+            await backend.probe("fmnist-cnn-not-served", blank, None, 30.0)
+            unknown = None
+        except Exception as e:  # noqa: BLE001
+            unknown = e
+        return kinds, unknown
+
+    with serve.start(settings) as ts:
+        kinds, unknown = asyncio.run(load(ts.grpc_inference_target, ts.keys().inference))
+    assert kinds["Overloaded"] > 0 and kinds["ok"] > 0, kinds
+    assert set(kinds) == {"ok", "Overloaded"}, kinds  # none read as BackendUnavailable
+    assert status_of(Overloaded("x"))[0] is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert isinstance(unknown, ModelNotLoaded), repr(unknown)
+    assert status_of(unknown) == (grpc.StatusCode.UNAVAILABLE, "model is not loaded in the backend; retry later")
+
+
 def test_torchserve_killed_during_load_then_restarted(calibrated_store: Path, tmp_path: Path, fmnist) -> None:
     ts_settings = serve.ServeSettings.on_free_ports(store=calibrated_store, run_dir=tmp_path / "ts")
     ts = serve.start(ts_settings)
