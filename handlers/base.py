@@ -74,10 +74,21 @@ class HandlerSettings:
         if unknown:
             raise ValueError(f"model-config.yaml handler: unknown keys {unknown}")
         s = cls(**section)
+        # of its own type: a quoted "512" passed an int() check and failed every request later
+        # (comparing int with str), a worker that loads and answers nothing
+        for f in fields(cls):
+            value, want = getattr(s, f.name), int if f.type in (int, "int") else str
+            if type(value) is not want:
+                raise ValueError(f"model-config.yaml handler.{f.name} must be {'an integer' if want is int else 'a string'}, "
+                                 f"not {value!r:.40}")
         for name in ("max_forward_batch", "max_variants", "max_batch_items", "max_batch_rows", "max_image_bytes",
                      "max_image_pixels"):
-            if int(getattr(s, name)) < 1:
+            if getattr(s, name) < 1:
                 raise ValueError(f"model-config.yaml handler.{name} must be >= 1")
+        if s.intra_op_threads < 0:
+            raise ValueError("model-config.yaml handler.intra_op_threads must be >= 0 (0: the library's default)")
+        if not isinstance(logging.getLevelName(s.log_level.upper()), int):
+            raise ValueError(f"model-config.yaml handler.log_level: not a logging level: {s.log_level!r:.40}")
         return s
 
 

@@ -369,9 +369,14 @@ def load_pixels(raw: bytes, mode: str, max_bytes: int, max_pixels: int, fail: ty
 
 
 class InputError(ValueError):
-    """A client error in one request, with the HTTP-style status it maps to."""
+    """A client error in one request, with the HTTP-style status it maps to. Its message is
+    kept ASCII (others escaped): in a worker batch of several requests it is the response's
+    status phrase, whose length TorchServe (0.12, ``create_predict_response``) writes in
+    characters and its text in UTF-8 bytes, so a caller's non-ASCII text (a tensor's dtype)
+    shifted every field after it and broke the whole batch's answer."""
 
     def __init__(self, message: str, code: int = 400) -> None:
+        message = message.encode("ascii", "backslashreplace").decode("ascii")
         super().__init__(message)
         self.message = message
         self.code = code

@@ -313,6 +313,22 @@ def test_model_config_settings() -> None:
         HandlerSettings.from_yaml({"max_batch": 3})
 
 
+@pytest.mark.parametrize("section, words", [
+    ({"max_forward_batch": "512"}, "max_forward_batch must be an integer"),  # quoted in the YAML
+    ({"max_image_bytes": 1.5}, "max_image_bytes must be an integer"),
+    ({"max_variants": True}, "max_variants must be an integer"),
+    ({"intra_op_threads": -1}, "intra_op_threads must be >= 0"),
+    ({"log_level": 10}, "log_level must be a string"),
+    ({"log_level": "LOUD"}, "not a logging level"),
+])
+def test_handler_settings_of_the_wrong_type_are_refused_at_load(section: dict, words: str) -> None:
+    """A quoted number passed the old int() check and the worker loaded, then failed every
+    request comparing an int with a str: TorchServe answered each with 503."""
+    with pytest.raises(ValueError, match=words):
+        HandlerSettings.from_yaml(section)
+    assert HandlerSettings.from_yaml({"max_forward_batch": 512, "log_level": "info"}).max_forward_batch == 512
+
+
 def tensor(a: np.ndarray) -> probe_pb2.Tensor:
     return probe_pb2.Tensor(shape=list(a.shape), dtype="uint8", data=a.tobytes())
 
@@ -504,3 +520,44 @@ def test_batch_items_refuses_a_batch_at_once_and_parses_its_items_as_they_are_ta
     first = next(items)
     assert len(parsed) == 1 and first.tensor.data == images[0].tobytes()
     assert [it.tensor.data for it in items] == [images[1].tobytes(), images[2].tobytes()] and len(parsed) == 3
+
+
+def test_a_non_ascii_refusal_beside_a_good_request_keeps_the_batch_answer_framed(loaded, images: np.ndarray) -> None:
+    """A request whose tensor names a non-ASCII dtype, in a worker batch with a good one: its
+    refusal is the response's status phrase, and TorchServe writes that phrase's length in
+    characters before its UTF-8 bytes; 'ü' made the frame longer than it said, so the Java
+    frontend read the rest of the batch's answer from the wrong offsets. Framed here by
+    TorchServe's own encoder and read back as its frontend reads it."""
+    import struct
+
+    from ts.protocol.otf_message_handler import create_predict_response
+
+    h, ctx = loaded
+    bad = probe_pb2.Tensor(shape=[1, 28, 28], dtype="\u00fc" * 40, data=images[0].tobytes())
+    reqs = [{"tensor": bad.SerializeToString()}, {"data": png(images[1])}]
+    ctx.request_processor = [RequestProcessor({}) for _ in reqs]
+    out = h.handle(reqs, ctx)
+    msg = create_predict_response(out, {0: "req-0", 1: "req-1"}, "ok", 200, ctx)
+
+    def take(buf: bytes, at: int) -> tuple[bytes, int]:  # an int length, then that many bytes
+        (n,) = struct.unpack_from("!i", buf, at)
+        return buf[at + 4: at + 4 + n], at + 4 + n
+
+    at = 4 + 4 + len(b"ok")  # the batch's code and message, then each response
+    bodies = []
+    for want in ("req-0", "req-1"):
+        rid, at = take(msg, at)
+        assert rid.decode() == want
+        _, at = take(msg, at)  # content type
+        (code,) = struct.unpack_from("!i", msg, at)
+        phrase, at = take(msg, at + 4)
+        (headers,) = struct.unpack_from("!i", msg, at)
+        at += 4
+        for _ in range(2 * headers):
+            _, at = take(msg, at)
+        body, at = take(msg, at)
+        bodies.append((code, phrase.decode("utf-8"), probe_pb2.ProbeResult.FromString(body)))
+    assert struct.unpack_from("!i", msg, at) == (-1,) and at + 4 == len(msg)  # the frame's end
+    (code, phrase, refused), (_, _, good) = bodies
+    assert code == 400 and "dtype" in phrase and phrase == refused.error.message and phrase.isascii()
+    assert good.rows == 1 and not good.HasField("error")
