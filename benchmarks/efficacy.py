@@ -207,16 +207,27 @@ def auc(clean: np.ndarray, other: np.ndarray) -> float:
     return float(roc_auc_score(y, np.r_[clean, other]))
 
 
-def certified_accuracy(responses: list[pb.ClassifyResponse], labels: np.ndarray,
-                       radii: tuple[float, ...]) -> dict[float, float]:
+def certified_accuracy(responses: list[pb.ClassifyResponse], labels: np.ndarray, radii: tuple[float, ...],
+                       base_top1: np.ndarray | None = None) -> dict[float, float]:
     """Share of images whose certified class is right with a certified radius >= r (Cohen et
     al.'s table: at r = 0, any certificate counts). The gateway's ``certified`` flag says the
     radius reached the policy's target, not that there is one: a certificate is a radius
-    above 0 (an abstention answers 0.0)."""
+    above 0 (an abstention answers 0.0).
+
+    The certified class is the base image's top-1 (:mod:`service.gate.smoothing`), which the
+    answer's first class is; an enforce-mode REJECT withholds the classes but not the
+    certificate, and the answer carries no other class. ``base_top1``: each image's top-1 by
+    the served model in process (:func:`onnx_logits`), read where the answer withholds it;
+    without it such an image counts as not certified, a lower bound."""
+    def certified_class(k: int, resp: pb.ClassifyResponse) -> int | None:
+        if resp.classes:
+            return resp.classes[0].index
+        return None if base_top1 is None else int(base_top1[k])
+
     out = {}
     for r in radii:
-        ok = [bool(resp.gate.certified_radius > 0 and resp.gate.certified_radius >= r and resp.classes
-                   and resp.classes[0].index == y) for resp, y in zip(responses, labels)]
+        ok = [bool(resp.gate.certified_radius > 0 and resp.gate.certified_radius >= r
+                   and certified_class(k, resp) == y) for k, (resp, y) in enumerate(zip(responses, labels))]
         out[r] = float(np.mean(ok)) if ok else float("nan")
     return out
 

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
-from benchmarks.report import REPO, parser, report_stem, run_facts, write_report
+from benchmarks.report import REPO, parser, report_stem, run_facts, short_commit, write_report
 from benchmarks.serving import INTERVAL_NOTE
 
 
@@ -67,7 +67,8 @@ def first_probes(store: Path, model: str) -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> int:
     p = parser("benchmarks.expand_ab", __doc__)
-    p.add_argument("--against", default="HEAD", help="git revision of the old handlers/probe.py")
+    # resolved as parsed: the report names the commit measured, and the run reads that one throughout
+    p.add_argument("--against", type=short_commit, default="HEAD", help="git revision of the old handlers/probe.py")
     p.add_argument("--turns", type=int, default=20)
     p.add_argument("--turn-s", type=float, default=0.1)
     args = p.parse_args(argv)

@@ -28,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.report import REPO, parser, report_stem, run_facts, store_with_policy, write_report
+from benchmarks.report import REPO, parser, report_stem, run_facts, short_commit, store_with_policy, write_report
 from model_store.archive import FORMATS
 
 MODES = {"gate off": lambda pol: pol.update(mode="off"), "calibrated gate (cascade)": lambda pol: None}
@@ -60,7 +60,8 @@ def tree_at(rev: str, dst: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = parser("benchmarks.gateway_ab", __doc__)
-    p.add_argument("--against", default="HEAD", help="git revision of the old gateway")
+    # resolved as parsed: the report names the commit measured, and the run reads that one throughout
+    p.add_argument("--against", type=short_commit, default="HEAD", help="git revision of the old gateway")
     p.add_argument("--concurrency", default="1,64")
     p.add_argument("--turns", type=int, default=8)
     p.add_argument("--turn-s", type=float, default=2.0)

@@ -41,7 +41,7 @@ from PIL import Image
 
 from benchmarks.detector_study import JITTER, Prober
 from benchmarks.efficacy import as_8bit
-from benchmarks.report import parser, report_stem, study_command, write_report
+from benchmarks.report import parser, report_stem, run_facts, study_command, write_report
 from handlers.probe import bit_depth
 from model_store import data
 from service.calibration import reference_attacks
@@ -172,8 +172,9 @@ def run(store: Path, model: str, clean: int, attack_images: int, seed: int = 0) 
 
 def render(r: dict, command: str) -> str:
     cols = list(next(iter(r["flagged"].values())))
+    when = f" ({r['date']}, {r['machine']})" if "date" in r else ""  # reports before run_facts lack it
     lines = [
-        "# Input statistics against the squeeze detector", "",
+        f"# Input statistics against the squeeze detector{when}", "",
         f"`{command}` ({r['seconds']:.0f} s). Model {r['model']}; each detector fitted on "
         f"{r['clean']} clean calibration images against the reference attacks "
         f"({', '.join(f'{k}: {n}' for k, n in r['calibration_attacks'].items())}), thresholded "
@@ -198,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     result = run(args.store, args.model, args.clean, args.attack_images)
     module = "benchmarks.input_statistics"
-    write_report(args.out, report_stem(module, args.smoke), result, render(result, study_command(module, args)))
+    command = study_command(module, args)
+    result = {**run_facts(command), **result}
+    write_report(args.out, report_stem(module, args.smoke), result, render(result, command))
     return 0
 
 

@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -45,6 +46,19 @@ def gpu_name() -> str | None:
     import torch
 
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+def short_commit(rev: str) -> str:
+    """Git revision ``rev`` as its short commit hash, for argparse's ``type``: a report that
+    names "HEAD" or a branch names another commit once the repository moves on. A revision
+    git cannot resolve is the argument's error."""
+    try:
+        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "--verify", "--end-of-options",
+                               f"{rev}^{{commit}}"], check=True, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", "") or e
+        raise argparse.ArgumentTypeError(f"cannot resolve git revision {rev!r} (a git checkout with it is "
+                                         f"needed): {str(detail).strip()}") from None
 
 
 def invocation(module: str, argv: list[str] | None) -> str:

@@ -149,7 +149,8 @@ def evaluate(client, ef, test, args, store: Path, model: str, noise: dict) -> di
                   "accuracy": float(np.mean([bool(r.classes) and r.classes[0].index == y
                                              for r, y in zip(clean_resp, test.labels)]))},
         "sets": rows,
-        "certified": {"n": len(cert), "accuracy": {str(r): a for r, a in ef.certified_accuracy(cert, cert_labels, radii).items()},
+        "certified": {"n": len(cert), "accuracy": {str(r): a for r, a in ef.certified_accuracy(
+                          cert, cert_labels, radii, base_top1=logits(ef.as_pixels(cert_imgs)).argmax(1)).items()},
                       "mean_forward_passes": float(np.mean([r.gate.forward_passes for r in cert]))},
         "certified_in_process": {"n": k, "samples": args.certify_samples, "selection_samples": n0,
                                  "alpha": alpha, "sigma": sigma,

@@ -440,10 +440,10 @@ def in_process_variants(probes: dict[str, Callable[[int], object]], count: int, 
 @dataclasses.dataclass(frozen=True)
 class AfterIdle:
     """A row of :func:`interleaved` whose every call comes after ``idle_s`` of sleep (not
-    timed), as a TorchServe worker's does: at one client with two workers taking turns, each
-    sits idle for about one whole call between its own. On this VM a probe run after 7 ms of
-    sleep took 0.7 to 2 ms longer than back to back (caches and the core gone cold), so the
-    back-to-back limit flatters the probe."""
+    timed, in its latencies or its calls/s), as a TorchServe worker's does: at one client
+    with two workers taking turns, each sits idle for about one whole call between its own.
+    On this VM a probe run after 7 ms of sleep took 0.7 to 2 ms longer than back to back
+    (caches and the core gone cold), so the back-to-back limit flatters the probe."""
 
     idle_s: float
     call: Callable[[int], object]
@@ -470,10 +470,13 @@ async def interleaved(calls: dict[str, Callable[[int], object] | AfterIdle], rou
                 by_turn.setdefault(name, []).append([])
             t0 = time.perf_counter()
             stop_at = t0 + round_s
+            slept = 0.0  # out of the row's time too: its calls/s is the rate while it works
             while True:  # at least one call a turn, however late the turn started
                 i = len(lat[name]) + errors[name]
                 if idle_s:
+                    t = time.perf_counter()
                     time.sleep(idle_s)  # the whole process idles, as a worker waiting for its next call
+                    slept += time.perf_counter() - t
                 t = time.perf_counter()
                 try:
                     out = call(i)
@@ -486,7 +489,7 @@ async def interleaved(calls: dict[str, Callable[[int], object] | AfterIdle], rou
                     errors[name] += 1
                 if time.perf_counter() >= stop_at:
                     break
-            spent[name] += time.perf_counter() - t0
+            spent[name] += time.perf_counter() - t0 - slept
     return [Result.of(f"{INTERLEAVED}{name}", 1, v, spent[name], errors[name]) for name, v in lat.items()]
 
 
@@ -822,8 +825,11 @@ def main(argv: list[str] | None = None) -> int:
                 for name, port in ports.items():  # where each row's time went, by the gateway's own clock
                     stages_ms[name] = {"client": means[name], **stage_means(before[name], scrape(port))}
                     probe = _find(measured, f"{INTERLEAVED}{variants_row(fmt)} {name}", 1)
-                    if probe is not None:  # what the worker's share of the gate is measured against
+                    alone = _find(measured, f"{INTERLEAVED}{image_alone_row(fmt)}", 1)
+                    if probe is not None and alone is not None:  # what the worker's share of the gate
+                        # is measured against (:func:`surplus_parts`: the first probe less the image alone)
                         stages_ms[name]["probe_in_process"] = probe.mean_ms
+                        stages_ms[name]["image_alone_in_process"] = alone.mean_ms
                 return measured
         finally:
             for proc, _ in started:
@@ -1074,24 +1080,25 @@ def plot(results: list[Result], path: Path) -> None:
 def surplus_parts(stages: dict[str, dict[str, float]],
                   direct: dict[str, dict[str, float]] | None = None) -> dict[str, dict[str, float]]:
     """For each gated row: what it adds to a gate-off call (means at one client, in turns),
-    its first probe's time in process, and the surplus over that probe split where it goes.
-    The parts add up to the surplus: the worker's time beyond the probe, the TorchServe call
-    around the worker (its frontend, the hop, the larger plan and answer), the gate's logic
-    in the gateway, the answer's way back to the client (outside the pipeline), the rest of
-    the pipeline (decode and bookkeeping). Beside them, where ``direct`` holds the calls
-    straight to TorchServe (:data:`DIRECT` and :func:`direct_plan_row`'s, client and worker
-    ms), ``around the worker, direct``: what the plan adds around the worker with no gateway
-    in the way, to hold the gateway's part against."""
+    its variants' time in process (its first probe less the image alone, whose row the plain
+    call runs too, as the gate-cost ratio counts them), and the surplus over that split where
+    it goes. The parts add up to the surplus: the worker's time beyond the variants, the
+    TorchServe call around the worker (its frontend, the hop, the larger plan and answer),
+    the gate's logic in the gateway, the answer's way back to the client (outside the
+    pipeline), the rest of the pipeline (decode and bookkeeping). Beside them, where
+    ``direct`` holds the calls straight to TorchServe (:data:`DIRECT` and
+    :func:`direct_plan_row`'s, client and worker ms), ``around the worker, direct``: what the
+    plan adds around the worker with no gateway in the way, to hold the gateway's part against."""
     off = stages.get(GATE_OFF, {})
     out = {}
     for row in GATED:
         v = stages.get(row, {})
-        if "worker" not in off or "worker" not in v or not v.get("probe_in_process"):
-            continue  # reports before the worker's clock
+        if "worker" not in off or "worker" not in v or "image_alone_in_process" not in v:
+            continue  # reports before the worker's clock, or before the image alone was kept beside the probe
 
         def d(key: str) -> float:
             return v[key] - off[key]
-        adds, probe = d("client"), v["probe_in_process"]
+        adds, probe = d("client"), v["probe_in_process"] - v["image_alone_in_process"]
         rest = (v["pipeline"] - v["backend"] - v["gate"]) - (off["pipeline"] - off["backend"] - off["gate"])
         out[row] = {"adds": adds, "probe": probe, "surplus": adds - probe, "worker": d("worker") - probe,
                     "around the worker": d("backend") - d("worker"), "gate logic": d("gate"),
@@ -1111,14 +1118,15 @@ def surplus_table(stages: dict[str, dict[str, float]], direct: dict[str, dict[st
     parts = surplus_parts(stages, direct)
     if not parts:
         return []
-    lines = ["", "Where what the gate adds goes beyond its probe's compute (means, ms, gate on − gate off; "
-                 "in the worker: its time beyond the same probe in process; around the worker: the rest of the "
+    lines = ["", "Where what the gate adds goes beyond its variants' compute (means, ms, gate on − gate off; "
+                 "its variants in process: its first probe less the image alone, which the plain call runs too; "
+                 "in the worker: its time beyond the same variants in process; around the worker: the rest of the "
                  "TorchServe call, its frontend, the hop, the larger plan and answer; gate logic: the gateway's; "
                  "answer: outside the pipeline, on its way to the client; rest: decode and bookkeeping; "
                  "beside them, around the worker, direct: the same plan sent straight to TorchServe by a client "
                  "in the same turns, its time around the worker beyond a plain direct call's, the gateway's "
                  "column held against it):", "",
-             "| row | the gate adds | its probe in process | surplus | " + " | ".join(SURPLUS_PARTS)
+             "| row | the gate adds | its variants in process | surplus | " + " | ".join(SURPLUS_PARTS)
              + f" | {DIRECT_AROUND} |", "|---" * (5 + len(SURPLUS_PARTS)) + "|"]
     for row, p in parts.items():
         lines.append(f"| {row} | {p['adds']:.2f} | {p['probe']:.2f} | {p['surplus']:.2f} | "

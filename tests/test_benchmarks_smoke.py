@@ -46,6 +46,14 @@ def _run(module: str, out: Path, timeout_s: float = 600, *args: str, stem: str |
     return json.loads((out / f"{stem}-smoke.json").read_text())
 
 
+def _head() -> str:
+    """This checkout's HEAD as a short commit hash."""
+    from benchmarks.report import REPO
+
+    return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
 def test_serving_benchmark_smoke(default_store: Path, tmp_path: Path) -> None:
     from benchmarks import serving as b
 
@@ -221,6 +229,19 @@ def test_certified_accuracy_counts_withheld_labels_as_wrong() -> None:
     assert certified_accuracy([below, abstained], [3, 3], (0.0, 0.25)) == {0.0: 0.5, 0.25: 0.0}
 
 
+def test_certified_accuracy_judges_a_rejected_images_certified_class() -> None:
+    """An enforce-mode REJECT withholds the classes, not the certificate: the certified class
+    (the base top-1) given beside the answers is judged; the answer's own class where it has one."""
+    from benchmarks.efficacy import certified_accuracy
+    from robustgate.v1 import classifier_pb2 as pb
+
+    rejected = pb.ClassifyResponse(gate=pb.GateReport(decision=pb.DECISION_REJECT, certified_radius=0.3))
+    answered = pb.ClassifyResponse(classes=[pb.ClassScore(index=3)], gate=pb.GateReport(certified_radius=0.3))
+    assert certified_accuracy([rejected, answered], [3, 3], (0.0, 0.5), np.array([3, 7])) == {0.0: 1.0, 0.5: 0.0}
+    assert certified_accuracy([rejected, answered], [3, 3], (0.0,), np.array([5, 3])) == {0.0: 0.5}
+    assert certified_accuracy([rejected, answered], [3, 3], (0.0,)) == {0.0: 0.5}  # not given: a lower bound
+
+
 def test_certify_in_process_matches_the_bound_of_a_constant_classifier() -> None:
     """A classifier that always answers 3: every copy agrees, so each image gets the largest
     radius n samples allow, sigma * PhiInverse(alpha ** (1 / n)); right only where the label is 3."""
@@ -282,6 +303,20 @@ def test_input_statistics_study_smoke(default_store: Path, tmp_path: Path) -> No
     shipped = "squeeze detector with context and jitter (logits, as shipped)"
     assert noisy[pixels] > max(noisy[logit], noisy[shipped]) + 0.2
     assert (tmp_path / "input_statistics-smoke.md").read_text().startswith("# Input statistics")
+
+
+def test_input_statistics_report_says_when_and_where_it_ran(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import input_statistics as b
+
+    result = {"model": "m", "clean": 150, "attack_images": 120, "flag_rate_target": 0.05, "bit_depths": [2],
+              "calibration_attacks": {"fgsm@0.03": 9}, "flagged": {"clean": {"squeeze": 0.05}}, "seconds": 1.0}
+    monkeypatch.setattr(b, "run", lambda *a: dict(result))
+    monkeypatch.setattr(b.torch, "set_num_threads", lambda n: None)  # the study's setting, not this process's
+    b.main(["--smoke", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "input_statistics-smoke.json").read_text())
+    assert report["command"] == "python -m benchmarks.input_statistics --smoke" and report["date"] and report["machine"]
+    md = (tmp_path / "input_statistics-smoke.md").read_text()
+    assert md.startswith(f"# Input statistics against the squeeze detector ({report['date']}, {report['machine']})")
 
 
 def test_input_statistics_finds_each_attacks_source_and_keeps_it_within_eps() -> None:
@@ -474,6 +509,25 @@ def test_serving_refuses_rows_the_shipped_gateway_would_shed() -> None:
         b.main(["--concurrency", "1,200"])
 
 
+def test_the_surplus_over_the_gates_variants_leaves_out_the_image_alone() -> None:
+    """The surplus table counts the variants as the gate-cost ratio does: the first probe in
+    process less the image alone, whose row the plain call runs too."""
+    from benchmarks import serving as b
+
+    off = {"client": 4.0, "pipeline": 3.0, "backend": 2.8, "gate": 0.0, "worker": 1.0}
+    cascade = {"client": 10.0, "pipeline": 8.5, "backend": 7.6, "gate": 0.5, "worker": 5.5,
+               "probe_in_process": 4.3, "image_alone_in_process": 0.3}
+    p = b.surplus_parts({b.GATE_OFF: off, b.CASCADE: cascade})[b.CASCADE]
+    assert p["probe"] == pytest.approx(4.0) and p["surplus"] == pytest.approx(2.0)  # 6 added, 4 of it variants
+    assert p["worker"] == pytest.approx(0.5)  # 4.5 more in the worker than gate off, 4 of it the variants
+    assert p["surplus"] == pytest.approx(sum(p[k] for k in b.SURPLUS_PARTS))
+    md = "\n".join(b.surplus_table({b.GATE_OFF: off, b.CASCADE: cascade}))
+    assert "| its variants in process |" in md and f"| {b.CASCADE} | 6.00 | 4.00 | 2.00 | 0.50 |" in md
+    # reports whose stages lack the image alone get no table, not one a row's forward off
+    del cascade["image_alone_in_process"]
+    assert b.surplus_parts({b.GATE_OFF: off, b.CASCADE: cascade}) == {}
+
+
 def test_coalesce_wait_benchmark_smoke(default_store: Path, tmp_path: Path) -> None:
     report = _run("benchmarks.coalesce_wait", tmp_path)
     keys = {(r["policy"], r["wait_ms"], r["max_calls"], r["concurrency"]) for r in report["rows"]}
@@ -564,6 +618,7 @@ def test_a_row_after_idle_sleeps_before_each_call_outside_its_time() -> None:
     rows = {r.name.removeprefix(b.INTERLEAVED): r for r in got}
     assert rows["idle"].p50_ms < 10  # the sleep is not the call's time ...
     assert rows["idle"].calls <= 12 < rows["busy"].calls  # ... but it spaces the calls out
+    assert rows["idle"].per_s > 0.5 * rows["busy"].per_s  # and its calls/s is the rate while it works
     # the ratio against the probe after idle, beside (not instead of) the target's
     probe, alone = f"{b.variants_row('onnx')} {b.CASCADE} (14 rows)", b.image_alone_row("onnx")
     rows_ms = {b.GATE_OFF: 3.0, b.CASCADE: 9.0, probe: 5.5, alone: 0.5, f"{b.AFTER_IDLE}{probe}": 7.0,
@@ -645,7 +700,9 @@ def test_the_studies_probe_each_image_as_the_gateway_does(default_store: Path) -
 def test_expand_ab_smoke(default_store: Path, tmp_path: Path) -> None:
     """The expansion A/B against HEAD's handlers/probe.py (a shallow clone has that revision)."""
     report = _run("benchmarks.expand_ab", tmp_path, 300, "--against", "HEAD")
-    assert report["against"] == "HEAD" and report["plain_forward_p50_ms"] > 0
+    head = _head()
+    assert report["against"] == head and report["command"] == f"python -m benchmarks.expand_ab --against {head}"
+    assert report["plain_forward_p50_ms"] > 0
     assert [(r["plan"].split(",")[0], r["forward"]) for r in report["rows"]] == [
         ("cascade", False), ("cascade", True), ("every check", False), ("every check", True)]
     assert all(r["old_p50_ms"] > 0 and r["new_p50_ms"] > 0 and r["calls"] >= 4 for r in report["rows"])
@@ -703,7 +760,9 @@ def test_batch_parse_smoke(default_store: Path, tmp_path: Path) -> None:
 def test_gateway_ab_smoke(default_store: Path, tmp_path: Path) -> None:
     """Two gateways, HEAD's tree and this checkout, in turns in front of one TorchServe."""
     report = _run("benchmarks.gateway_ab", tmp_path, 300, "--against", "HEAD")
-    assert report["against"] == "HEAD" and report["command"].endswith("--smoke")
+    head = _head()
+    assert report["against"] == head
+    assert report["command"] == f"python -m benchmarks.gateway_ab --against {head} --smoke"
     assert [(r["mode"], r["concurrency"]) for r in report["rows"]] == [
         (m, c) for m in ("gate off", "calibrated gate (cascade)") for c in (1, 4)]
     for r in report["rows"]:
@@ -739,6 +798,39 @@ def test_gateway_ab_runs_the_old_revision_from_its_own_tree(tmp_path: Path) -> N
     assert [Path(w).resolve().is_relative_to(tree.resolve()) for w in where] == [True, True], where
     with pytest.raises(SystemExit, match="cannot read revision 'no-such-rev'"):
         tree_at("no-such-rev", tmp_path / "bad")
+
+
+@pytest.mark.parametrize("module", ["gateway_ab", "expand_ab"])
+def test_ab_benchmarks_resolve_the_revision_to_the_commit_they_read(module: str,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--against HEAD`` (and the default) names the commit it was when the run read it, in
+    the report and its reproduce command alike (both read the parsed revision)."""
+    import importlib
+
+    from benchmarks import report
+
+    mod = importlib.import_module(f"benchmarks.{module}")
+
+    class Parsed(Exception):
+        pass
+
+    def parser(*a):  # the benchmark's own parser, stopping the run once it has parsed
+        p = report.parser(*a)
+        parse = p.parse_args
+
+        def parsed(argv=None):
+            raise Parsed(parse(argv))
+        p.parse_args = parsed
+        return p
+    monkeypatch.setattr(mod, "parser", parser)
+    head = _head()
+    for argv in (["--against", "HEAD"], [], ["--against", head]):
+        with pytest.raises(Parsed) as got:
+            mod.main(argv)
+        assert got.value.args[0].against == head, argv
+    with pytest.raises(SystemExit) as bad:  # argparse's error, before anything runs
+        mod.main(["--against", "no-such-rev"])
+    assert bad.value.code == 2
 
 
 def test_decode_png_smoke(tmp_path: Path) -> None:
