@@ -167,19 +167,33 @@ def check_archive_model(path: Path, model_dir: Path) -> None:
     as the card says, and the ``card.json`` it carries (the handler's labels and input) is that
     card. The store's manifest says only that each file is one a build wrote: an archive from
     another build, or one rebuilt from other weights with the manifest rewritten, would serve
-    a model other than the one its policy was calibrated on."""
+    a model other than the one its policy was calibrated on. The manifest must name the
+    format's own weights file and handler, and the archive hold no other file beside its
+    packaged code (``handlers/``, ``robustgate/``): one naming ``other_handler.py`` that
+    loads ``other.pt`` passed while the weights it names were the card's."""
     card_path = model_dir / "card.json"
     try:
         card_bytes = card_path.read_bytes()
         hashes = json.loads(card_bytes)["hashes"]
         with zipfile.ZipFile(path) as z:
-            serialized = json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]["serializedFile"]
+            named = json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]
+            serialized, handler = named["serializedFile"], named["handler"]
             carried = z.read("card.json")
             with z.open(serialized) as f:
                 digest = sha256_stream(f)
+            loose = {n for n in z.namelist() if not n.startswith(("handlers/", "robustgate/")) and not n.endswith("/")}
     except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile) as e:
         raise UnsafeArchive(f"archive {path} cannot be checked against {card_path}: "
                             f"{type(e).__name__}: {str(e)[:200]}") from None
+    fmt = split_archive_name(path.stem)[1]
+    if fmt not in FORMATS or (serialized, handler) != FORMATS[fmt]:
+        raise UnsafeArchive(f"archive {path}: its MAR-INF/MANIFEST.json names {str(serialized)[:80]!r} run by "
+                            f"{str(handler)[:80]!r}, not a {fmt} archive's {FORMATS.get(fmt)}: rebuild it "
+                            "(python -m model_store.build)")
+    extra = sorted(loose - {"MAR-INF/MANIFEST.json", "card.json", "model-config.yaml", serialized, handler})
+    if extra:
+        raise UnsafeArchive(f"archive {path} holds files no build puts there: {', '.join(extra)[:200]}: rebuild it "
+                            "(python -m model_store.build)")
     want = hashes.get(serialized) if isinstance(hashes, dict) else None
     if digest != want:
         raise UnsafeArchive(f"archive {path} serves a {serialized} other than {card_path} describes "

@@ -416,6 +416,35 @@ def _replaced(src: Path, dst: Path, member: str, body: bytes) -> Path:
     return dst
 
 
+def test_an_archive_whose_manifest_runs_other_code_or_weights_is_refused(default_store: Path, tmp_path: Path) -> None:
+    """The card's weights inside, but MAR-INF/MANIFEST.json naming another handler (which
+    loads other weights, added beside them): the weights check passed, TorchServe would run
+    the other handler. The manifest must name the format's own files, and no file the build
+    does not put there may ride along."""
+    src = default_store / "archives" / "fmnist-cnn-onnx.mar"
+    model_dir = default_store / "fmnist-cnn"
+    archive.check_archive_model(src, model_dir)  # as built
+    with zipfile.ZipFile(src) as z:
+        manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
+    manifest["model"]["handler"] = "other_handler.py"
+    (tmp_path / "a").mkdir()
+    renamed = _replaced(src, tmp_path / "a" / "fmnist-cnn-onnx.mar", "MAR-INF/MANIFEST.json",
+                        json.dumps(manifest).encode())
+    with zipfile.ZipFile(renamed, "a") as z:
+        z.writestr("other_handler.py", "import torch\n")
+    with pytest.raises(archive.UnsafeArchive, match="names 'model.onnx' run by 'other_handler.py'"):
+        archive.check_archive_model(renamed, model_dir)
+    (tmp_path / "b").mkdir()
+    extra = shutil.copy(src, tmp_path / "b" / "fmnist-cnn-onnx.mar")
+    with zipfile.ZipFile(extra, "a") as z:
+        z.writestr("other.pt", b"weights")
+    with pytest.raises(archive.UnsafeArchive, match="holds files no build puts there: other.pt"):
+        archive.check_archive_model(Path(extra), model_dir)
+    (tmp_path / "c").mkdir()  # an onnx archive under the torchscript name
+    with pytest.raises(archive.UnsafeArchive, match="not a torchscript archive's"):
+        archive.check_archive_model(Path(shutil.copy(src, tmp_path / "c" / "fmnist-cnn-torchscript.mar")), model_dir)
+
+
 @pytest.mark.parametrize("member", ["model.onnx", "card.json"])
 def test_serve_and_the_gateway_refuse_an_archive_serving_another_model_than_its_card(
         calibrated_store: Path, tmp_path: Path, member: str) -> None:
