@@ -70,8 +70,13 @@ class ClassifierServiceServicer:
 
     def ClassifyStream(self, request_iterator, context):
         """Classify a stream of images; answers come in request order. A bad request
-        gets an answer carrying its error; the stream goes on. A message that does
-        not parse as a ClassifyStreamRequest ends the stream (INVALID_ARGUMENT).
+        gets an answer carrying its error; the stream goes on. These end the whole
+        stream instead, with answers not yet sent: a message that does not parse as
+        a ClassifyStreamRequest (INVALID_ARGUMENT); a message over the server's
+        max_message_bytes (RESOURCE_EXHAUSTED, from gRPC itself: keep each image
+        within InputSpec.max_image_bytes, which is answered per item); and, at its
+        opening, a missing or wrong token (UNAUTHENTICATED) or a connection at its
+        max_streams_per_connection (RESOURCE_EXHAUSTED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
