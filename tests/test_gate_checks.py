@@ -85,6 +85,9 @@ def test_mahalanobis_matches_direct_numpy() -> None:
     assert model.distance(x, 2) == pytest.approx(direct, rel=1e-6)
     batch = model.distances(np.stack([x, means[1]]), [2, 1])
     assert batch[0] == pytest.approx(direct, rel=1e-6) and batch[1] == pytest.approx(0.0)
+    for bad in ([2, -1], [2, 3]):  # -1 read the last class's mean, as numpy indexes
+        with pytest.raises(ValueError, match="labels outside 0..2"):
+            model.distances(np.stack([x, x]), bad)
 
 
 def test_shrinkage_pulls_towards_scaled_identity() -> None:

@@ -71,6 +71,10 @@ class DensityModel:
         """Batch form: features float [N, D], labels int [N] -> float64 [N]."""
         f = np.asarray(features, dtype=np.float64)
         y = np.asarray(labels, dtype=np.int64)
+        if f.ndim != 2 or f.shape[1] != self.dim or y.shape != (f.shape[0],):
+            raise ValueError(f"features must be [N, {self.dim}] and labels [N], got {f.shape} and {y.shape}")
+        if y.size and not (0 <= y.min() and y.max() < self.classes):  # -1 would read the last class
+            raise ValueError(f"labels outside 0..{self.classes - 1}")
         d = f - self.means[y]
         q = np.einsum("nd,de,ne->n", d, self.precision, d)
         return np.asarray(np.sqrt(np.maximum(q, 0.0)), dtype=np.float64)

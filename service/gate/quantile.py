@@ -23,8 +23,9 @@ from service.gate.errors import CalibrationError
 class EmpiricalCDF:
     """Empirical CDF of clean scores. values: float64 [M], sorted ascending, finite, M >= 1.
 
-    When built from more than ``max_points`` samples it keeps evenly spaced order statistics
-    (the CDF is then exact at those points and a step function between them).
+    When built from more than ``max_points`` samples it keeps evenly spaced order statistics:
+    a step function through them, within about 1 / ``max_points`` of the full samples' CDF
+    (1.4e-4 at 5,000 samples kept as 4,096), not exact at the kept points.
     """
 
     values: NDArray[np.float64]
