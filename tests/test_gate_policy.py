@@ -132,25 +132,6 @@ def test_bad_policies_raise_policy_error(mutate: Any, message: str) -> None:
         policy_from_dict(_broken(mutate))
 
 
-def test_a_policy_file_whose_ceiling_cuts_the_noise_stage_short_is_refused() -> None:
-    """Hand-edited ceilings: the noise check scored on fewer copies than its thresholds were
-    calibrated on (21 of 32: a clean flag rate not the calibrated one), or a certificate that
-    no vote can reach (it settled at once, on no copy, as not certified, for every image).
-    No room at all stays allowed: the noise stage is skipped, and the report says so."""
-    cheap = make_policy().cheap_plan(0).rows
-    with pytest.raises(PolicyError, match=r"leaves room for \d+ of the 32 noise copies"):
-        policy_from_dict(_broken(lambda d: d.update(max_forward_passes=cheap + 24)))
-    with pytest.raises(PolicyError, match="cannot certify noise.target_radius 0.6 at sigma 0.25"):
-        policy_from_dict(_broken(lambda d: d["noise"].update(target_radius=0.6)))
-    with pytest.raises(PolicyError, match="cannot certify noise.target_radius 0.25 at sigma 0.1"):
-        policy_from_dict(_broken(lambda d: (d["noise"].update(sigma=0.1), d.update(max_forward_passes=500))))
-    assert policy_from_dict(_broken(lambda d: d.update(max_forward_passes=cheap))).noise_budget(cheap, certify=True) == 0
-    off = _broken(lambda d: (d.update(max_forward_passes=cheap + 24), d["checks"]["noise"].update(enabled=False)))
-    with pytest.raises(PolicyError, match="cannot certify"):  # still certifiable on request
-        policy_from_dict(off)
-    assert policy_from_dict(_broken(lambda d: d["noise"].update(target_radius=0.25))).noise.target_radius == 0.25
-
-
 def test_load_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(PolicyError, match="not found"):
         load_policy(tmp_path / "absent.json")

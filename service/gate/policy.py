@@ -33,7 +33,7 @@ from service.gate.density import DensityModel
 from service.gate.errors import PolicyError
 from service.gate.plan import MAX_SIGMA, NoiseSpec, OcclusionSpec, ProbeSpec, ShuffleSpec, SqueezeSpec
 from service.gate.quantile import EmpiricalCDF
-from service.gate.sequential import batches_two_phase, budget_within, certification_cut, next_batch_size
+from service.gate.sequential import batches_two_phase, budget_within, next_batch_size
 from service.gate.squeeze_detector import SqueezeDetector
 
 #: v2: squeeze references are clean CDFs of logit L2 distances (v1: softmax L1), so a v1
@@ -332,28 +332,3 @@ def _validate(p: Policy) -> None:
     if p.max_forward_passes < cheap_rows:
         raise PolicyError(f"max_forward_passes {p.max_forward_passes} is below the "
                           f"{cheap_rows} rows of the cheap probe")
-
-
-def check_noise_room(p: Policy) -> None:
-    """Raise PolicyError where ``max_forward_passes`` leaves the noise stage some copies but
-    too few for what the policy asks of them (a hand-edited policy: calibration sizes the
-    ceiling for the full budget). No room at all is allowed: noise is then skipped, and the
-    report says so. Checked where a policy file is read (:func:`policy_io.policy_from_dict`),
-    not on every Policy built: the engine copes with tight ones (the noise check cut short,
-    a certificate settled at once as not certified), calibration's draft is one."""
-    n, cheap_rows = p.noise, p.cheap_plan(0).rows
-    # the noise check's thresholds hold for a share of detect_samples copies: scored on
-    # fewer (a tight max_forward_passes), its clean flag rate is not the calibrated one
-    room = p.noise_budget(cheap_rows, certify=False)
-    if p.enabled(Check.NOISE) and 0 < room < n.detect_samples:  # none: the check is skipped, and says so
-        raise PolicyError(f"checks.noise: max_forward_passes {p.max_forward_passes} leaves room for {room} of the "
-                          f"{n.detect_samples} noise copies its thresholds were calibrated on (noise.detect_samples), "
-                          f"after the cheap probe's {cheap_rows} rows: raise max_forward_passes, or disable noise")
-    # a certificate that cannot reach target_radius even with every copy agreeing would abstain
-    # at once, on no copies, whatever the image: refused here rather than answered as a radius 0
-    room = p.noise_budget(cheap_rows, certify=True, detect=p.enabled(Check.NOISE))
-    if room and certification_cut(room, n.sigma, n.alpha, n.target_radius) > room:
-        raise PolicyError(f"noise: {room} copies (noise.max_samples {n.max_samples}, within max_forward_passes "
-                          f"{p.max_forward_passes}) cannot certify noise.target_radius {n.target_radius} at sigma "
-                          f"{n.sigma} and alpha {n.alpha} even if every copy agrees: raise max_samples or "
-                          "max_forward_passes, or lower target_radius")

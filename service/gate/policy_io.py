@@ -35,7 +35,7 @@ from service.gate.density import DensityModel
 from service.gate.errors import GateError, PolicyError
 from service.gate.plan import ProbeSpec
 from service.gate.policy import (
-    DETECT_SAMPLES, POLICY_SCHEMA, CheckPolicy, Mode, NoiseSettings, Policy, References, Thresholds, check_noise_room,
+    DETECT_SAMPLES, POLICY_SCHEMA, CheckPolicy, Mode, NoiseSettings, Policy, References, Thresholds,
 )
 from service.gate.quantile import EmpiricalCDF
 from service.gate.squeeze_detector import SqueezeDetector
@@ -93,7 +93,7 @@ def policy_from_dict(data: Mapping[str, Any]) -> Policy:
         raise
     except GateError as exc:
         raise PolicyError(f"{exc}") from exc
-    policy = Policy(
+    return Policy(
         model_name=as_str(_need(model, "name", "model"), "model.name", PolicyError),
         model_sha256=as_str(_need(model, "sha256", "model"), "model.sha256", PolicyError),
         data_sha256=as_str(_need(dataset, "sha256", "data"), "data.sha256", PolicyError),
@@ -107,8 +107,6 @@ def policy_from_dict(data: Mapping[str, Any]) -> Policy:
         references=references,
         calibration=_calibration(d.get("calibration", {})),
     )
-    check_noise_room(policy)
-    return policy
 
 
 def load_policy(path: str | os.PathLike[str]) -> Policy:
