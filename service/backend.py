@@ -126,7 +126,7 @@ _BY_CODE: dict[grpc.StatusCode, type[GatewayError]] = {
 _INTERNAL_BY_TEXT: tuple[tuple[str, type[GatewayError]], ...] = (
     ("has no worker to serve inference request", Overloaded),
     ("Model not found:", ModelNotLoaded),
-    ("Model version not found", ModelNotLoaded),
+    ("does not exist for model:", ModelNotLoaded),  # "Model version: V does not exist for model: M"
 )
 
 _PUBLIC_MESSAGE: dict[type[GatewayError], str] = {

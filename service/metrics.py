@@ -24,12 +24,13 @@ from service.gate.checks import Check
 # CPU, certification up to ~0.5 s; up to 10 s for deadlines.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
                    0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-# Check scores: squeeze, structure and noise lie in [0, 1], occlusion in [-1, 1], viewpoint in
-# [0, 2], density (Mahalanobis distance) in tens to hundreds; one bucket set covers them with
-# resolution where each lives, the calibrated flag and reject thresholds in buckets apart
-# (squeeze's near 0.993 and 0.9996, viewpoint's 0.54 and 0.64, density's 22 and 29).
-SCORE_BUCKETS = (-1.0, -0.5, -0.2, -0.1, -0.05, 0.0,
-                 0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.995, 0.999, 1.0,
+# Check scores: squeeze, structure and noise lie in [0, 1], viewpoint in [0, 2], density
+# (Mahalanobis distance) in tens to hundreds; one bucket set covers them with resolution where
+# each lives, the calibrated flag and reject thresholds in buckets apart (squeeze's near 0.993
+# and 0.9996, viewpoint's 0.54 and 0.64, density's 22 and 29). Occlusion's negative scores (an
+# occluded copy surer than the image: far from suspicious) fall in the lowest bucket with the
+# zeros: a bound at 0 would have read the median of mostly-zero scores (noise) as negative.
+SCORE_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.995, 0.999, 1.0,
                  1.5, 2.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 50.0, 100.0, 200.0, 500.0)
 RADIUS_BUCKETS = (0.0, 0.05, 0.1, 0.15, 0.25, 0.35, 0.5, 0.75, 1.0, 1.5)
 # a certified request of the shipped policy takes 418 (max_forward_passes 430)
@@ -72,11 +73,12 @@ class Metrics:
         self.inflight = Gauge("robustgate_inflight_requests", "Requests being processed.", registry=r,
                               multiprocess_mode="livesum")
         shed = Counter("robustgate_shed_requests", "Requests refused with RESOURCE_EXHAUSTED (overload), by the "
-                       "limit reached: server (max_inflight), connection (max_inflight_per_connection) or "
-                       "stream (a stream refused as it opened: max_streams_per_connection).",
+                       "limit reached: server (max_inflight), connection (max_inflight_per_connection), "
+                       "stream (a stream refused as it opened: max_streams_per_connection) or backend "
+                       "(TorchServe's job queue full).",
                        ["limit"], registry=r)
         self.shed = {limit: shed.labels(limit=limit)  # all exported from 0
-                     for limit in ("server", "connection", "stream")}
+                     for limit in ("server", "connection", "stream", "backend")}
         self.backend_up = Gauge("robustgate_backend_up", "1 while TorchServe answers the health probe.", registry=r,
                                 multiprocess_mode="livemin")  # several processes: 1 while every one's probe answers
         self.gate_baseline = Gauge("robustgate_gate_baseline_ratio",

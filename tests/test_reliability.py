@@ -201,12 +201,22 @@ def test_load_at_twice_capacity_sheds_and_loses_nothing(calibrated_store: Path, 
 
 # --- backend faults ------------------------------------------------------------------------
 
-def test_a_full_torchserve_queue_is_overload_and_an_unknown_model_not_loaded(tiny_store: Path, tmp_path: Path) -> None:
+def _code(f: grpc.Future) -> grpc.StatusCode:
+    try:
+        f.result()
+        return grpc.StatusCode.OK
+    except grpc.RpcError as e:
+        return e.code()
+
+
+def test_a_full_torchserve_queue_is_overload_and_an_unknown_model_not_loaded(calibrated_store: Path, tmp_path: Path,
+                                                                             fmnist) -> None:
     """TorchServe's gRPC API answers a full job queue with INTERNAL ("has no worker to serve
     inference request"), not RESOURCE_EXHAUSTED: read by its code alone, callers got
     UNAVAILABLE "backend is unavailable" and the health probe counted an overloaded backend as
     down (NOT_SERVING at once) instead of busy. A real TorchServe with a queue of 2 under 150
-    calls at once."""
+    calls at once, straight and through a gateway (no coalescing, so each request is a call),
+    which counts what it refuses for TorchServe as shed (limit "backend", the alert's ratio)."""
     import asyncio
     from collections import Counter
 
@@ -214,7 +224,7 @@ def test_a_full_torchserve_queue_is_overload_and_an_unknown_model_not_loaded(tin
     from service.errors import ModelNotLoaded, Overloaded
     from service.server import status_of
 
-    settings = serve.ServeSettings.on_free_ports(store=tiny_store, run_dir=tmp_path / "ts", job_queue_size=2,
+    settings = serve.ServeSettings.on_free_ports(store=calibrated_store, run_dir=tmp_path / "ts", job_queue_size=2,
                                                  models=("fmnist-cnn-onnx",))
     blank = np.zeros((1, 28, 28), np.uint8)
 
@@ -238,6 +248,24 @@ def test_a_full_torchserve_queue_is_overload_and_an_unknown_model_not_loaded(tin
 
     with serve.start(settings) as ts:
         kinds, unknown = asyncio.run(load(ts.grpc_inference_target, ts.keys().inference))
+        mport = free_port()
+        proc, address = start_gateway(calibrated_store, ts, tmp_path, **{
+            "coalesce-max-batch": "0", "max-inflight-per-connection": "0", "metrics-port": str(mport)})
+        try:
+            before = scrape(mport)
+            with grpc.insecure_channel(address) as ch:
+                stub = pb_grpc.ClassifierServiceStub(ch)
+                req = pb.ClassifyRequest(model="fmnist-cnn", image=png(fmnist.test.images[0]))
+                futures = [stub.Classify.future(req, timeout=60) for _ in range(150)]
+                codes = Counter(_code(f) for f in futures)
+            after = scrape(mport)
+        finally:
+            stop(proc)
+    shed = codes[grpc.StatusCode.RESOURCE_EXHAUSTED]
+    assert shed > 0 and set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+    for name, labels in (("robustgate_shed_requests_total", {"limit": "backend"}),
+                         ("robustgate_requests_total", {"code": "RESOURCE_EXHAUSTED"})):
+        assert metric_sum(after, name, **labels) - metric_sum(before, name, **labels) == shed, name
     assert kinds["Overloaded"] > 0 and kinds["ok"] > 0, kinds
     assert set(kinds) == {"ok", "Overloaded"}, kinds  # none read as BackendUnavailable
     assert status_of(Overloaded("x"))[0] is grpc.StatusCode.RESOURCE_EXHAUSTED

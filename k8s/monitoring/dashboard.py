@@ -146,7 +146,8 @@ def panels() -> list[Panel]:
                    [target(f"sum by (check, verdict) (rate(robustgate_check_verdicts_total{{{M}}}[{RATE}]))",
                            "{{check}} {{verdict}}")], "reqps", w=12),
         heatmap("Score distribution: $check", "Distribution of this check's scores, in the check's "
-                "threshold units (squeeze/noise in [0, 1], viewpoint in [0, 2], density a Mahalanobis "
+                "threshold units (squeeze, structure, noise in [0, 1], occlusion in [-1, 1] with its "
+                "negatives in the lowest bucket, viewpoint in [0, 2], density a Mahalanobis "
                 "distance). A shift to the right is traffic the gate finds suspicious.",
                 f'sum by (le) (increase(robustgate_check_score_bucket{{{M}, check=~"$check"}}[{RATE}]))',
                 "short", repeat="check", repeatDirection="h", maxPerRow=4),
