@@ -86,7 +86,8 @@ def panels() -> list[Panel]:
                    "connection at its share, max_inflight_per_connection (connection: that client sends more "
                    "at once than its share; the gateway's log names it), and streams refused as they opened "
                    "on a connection with max_streams_per_connection open (stream: a client that leaves "
-                   "streams open, or a proxy carrying more; the log names the connection).",
+                   "streams open, or a proxy carrying more; the log names the connection), and requests "
+                   "TorchServe refused with its job queue full (backend: its workers fall behind).",
                    [target("sum by (instance) (robustgate_inflight_requests)", "in flight {{instance}}"),
                     target(f"sum by (instance, limit) (rate(robustgate_shed_requests_total[{RATE}]))",
                            "shed/s {{instance}} ({{limit}})")]),
