@@ -201,14 +201,6 @@ def test_load_at_twice_capacity_sheds_and_loses_nothing(calibrated_store: Path, 
 
 # --- backend faults ------------------------------------------------------------------------
 
-def _code(f: grpc.Future) -> grpc.StatusCode:
-    try:
-        f.result()
-        return grpc.StatusCode.OK
-    except grpc.RpcError as e:
-        return e.code()
-
-
 def test_a_full_torchserve_queue_is_overload_and_an_unknown_model_not_loaded(calibrated_store: Path, tmp_path: Path,
                                                                              fmnist) -> None:
     """TorchServe's gRPC API answers a full job queue with INTERNAL ("has no worker to serve
@@ -250,19 +242,24 @@ def test_a_full_torchserve_queue_is_overload_and_an_unknown_model_not_loaded(cal
         kinds, unknown = asyncio.run(load(ts.grpc_inference_target, ts.keys().inference))
         mport = free_port()
         proc, address = start_gateway(calibrated_store, ts, tmp_path, **{
-            "coalesce-max-batch": "0", "max-inflight-per-connection": "0", "metrics-port": str(mport)})
+            "coalesce-max-batch": "0", "max-inflight-per-connection": "0", "metrics-port": str(mport),
+            "backend-timeout-s": "30"})  # a stalled 2-core machine must not turn a slow call into a deadline
         try:
             before = scrape(mport)
             with grpc.insecure_channel(address) as ch:
                 stub = pb_grpc.ClassifierServiceStub(ch)
                 req = pb.ClassifyRequest(model="fmnist-cnn", image=png(fmnist.test.images[0]))
-                futures = [stub.Classify.future(req, timeout=60) for _ in range(150)]
-                codes = Counter(_code(f) for f in futures)
+                codes: Counter = Counter()
+                for _ in range(3):  # a burst TorchServe drained as fast as it came is sent again
+                    futures = [stub.Classify.future(req, timeout=60) for _ in range(150)]
+                    codes.update(_code(f.result)[0] for f in futures)
+                    if codes[SHED]:
+                        break
             after = scrape(mport)
         finally:
             stop(proc)
-    shed = codes[grpc.StatusCode.RESOURCE_EXHAUSTED]
-    assert shed > 0 and set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+    shed = codes[SHED]
+    assert shed > 0 and set(codes) <= {OK, SHED}, codes
     for name, labels in (("robustgate_shed_requests_total", {"limit": "backend"}),
                          ("robustgate_requests_total", {"code": "RESOURCE_EXHAUSTED"})):
         assert metric_sum(after, name, **labels) - metric_sum(before, name, **labels) == shed, name
