@@ -169,7 +169,7 @@ def check_archive_model(path: Path, model_dir: Path) -> None:
     another build, or one rebuilt from other weights with the manifest rewritten, would serve
     a model other than the one its policy was calibrated on. The manifest must name the
     format's own weights file and handler, and the archive hold no other file beside its
-    packaged code (``handlers/``, ``robustgate/``): one naming ``other_handler.py`` that
+    packaged code (``handlers/``, ``robustgate/``) and the config it names: one naming ``other_handler.py`` that
     loads ``other.pt`` passed while the weights it names were the card's."""
     card_path = model_dir / "card.json"
     try:
@@ -177,7 +177,7 @@ def check_archive_model(path: Path, model_dir: Path) -> None:
         hashes = json.loads(card_bytes)["hashes"]
         with zipfile.ZipFile(path) as z:
             named = json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]
-            serialized, handler = named["serializedFile"], named["handler"]
+            serialized, handler, config = named["serializedFile"], named["handler"], named.get("configFile")
             carried = z.read("card.json")
             with z.open(serialized) as f:
                 digest = sha256_stream(f)
@@ -190,7 +190,8 @@ def check_archive_model(path: Path, model_dir: Path) -> None:
         raise UnsafeArchive(f"archive {path}: its MAR-INF/MANIFEST.json names {str(serialized)[:80]!r} run by "
                             f"{str(handler)[:80]!r}, not a {fmt} archive's {FORMATS.get(fmt)}: rebuild it "
                             "(python -m model_store.build)")
-    extra = sorted(loose - {"MAR-INF/MANIFEST.json", "card.json", "model-config.yaml", serialized, handler})
+    # the config keeps its file's name (the serving benchmark's batching-model-config.yaml)
+    extra = sorted(loose - {"MAR-INF/MANIFEST.json", "card.json", config, serialized, handler})
     if extra:
         raise UnsafeArchive(f"archive {path} holds files no build puts there: {', '.join(extra)[:200]}: rebuild it "
                             "(python -m model_store.build)")

@@ -440,6 +440,9 @@ def test_an_archive_whose_manifest_runs_other_code_or_weights_is_refused(default
         z.writestr("other.pt", b"weights")
     with pytest.raises(archive.UnsafeArchive, match="holds files no build puts there: other.pt"):
         archive.check_archive_model(Path(extra), model_dir)
+    from benchmarks.serving import batching_store  # its config keeps its own file name: allowed
+    batching = batching_store(default_store, "fmnist-cnn", tmp_path / "batching")
+    archive.check_archive_model(batching / "archives" / "fmnist-cnn-onnx.mar", batching / "fmnist-cnn")
     (tmp_path / "c").mkdir()  # an onnx archive under the torchscript name
     with pytest.raises(archive.UnsafeArchive, match="not a torchscript archive's"):
         archive.check_archive_model(Path(shutil.copy(src, tmp_path / "c" / "fmnist-cnn-torchscript.mar")), model_dir)
