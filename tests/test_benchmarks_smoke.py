@@ -115,6 +115,10 @@ def test_serving_benchmark_smoke(default_store: Path, tmp_path: Path) -> None:
 
     cheap = load_policy(default_store / "fmnist-cnn" / "policy.json").cheap_plan(0).rows
     assert any(n.endswith(f"(cascade) ({cheap} rows)") for n in limits), limits
+    # the bytes of one gated image each way, the on-device target's bound beside its speed
+    wire = report["wire_bytes"]
+    assert wire["rows"] == cheap and wire["format"] == "onnx" and wire["request_ratio"] > 1
+    assert "Bytes to TorchServe and back" in md and "(the bytes ratio, requests)" in md
     # ... and in turns with the gateways, which the ratios read
     turns = {r["name"]: r for r in report["results"] if r["name"].startswith(b.INTERLEAVED)}
     assert {b.INTERLEAVED + n for n in (b.DIRECT, b.GATE_OFF, b.BARE_CALL, *b.GATED)} <= set(turns)
@@ -491,6 +495,60 @@ def test_serving_targets_read_each_bound_the_right_way() -> None:
     assert b.on_gpu({"format": "torchscript", "served_on": served})
     assert not b.on_gpu({"format": "onnx", "served_on": served})
     assert not b.on_gpu({"format": "onnx"})  # reports from before the workers were asked
+
+
+def test_the_on_device_bound_is_the_bytes_each_path_sends_for_one_gated_image(default_store: Path) -> None:
+    """The on-device expansion's target reads the bytes measured from the real messages (the
+    gateway's call with the cascade's first plan against that many plain calls), which equal
+    a hand count by protobuf's wire format; answers from the real handler carry every row."""
+    from benchmarks import serving as b
+    from benchmarks.wire_bytes import SEED_KEY, wire_bytes
+    from model_store import data
+    from service.backend import encode_tensor
+    from service.gate.policy_io import load_policy
+    from service.pipeline import request_seed, spec_to_proto
+
+    image = data.load_test().images[0][None]
+    w = wire_bytes(default_store, "fmnist-cnn", "onnx", image)
+    policy = load_policy(default_store / "fmnist-cnn" / "policy.json")
+    rows = policy.cheap_plan(0).rows
+    assert w["rows"] == rows > 1
+
+    def field(n: int) -> int:  # a length-delimited field numbered below 16: tag, length (a varint), bytes
+        return 1 + (n.bit_length() + 6) // 7 + n
+
+    tensor = len(encode_tensor(image))
+    assert tensor == field(3) + field(len("uint8")) + field(28 * 28)  # shape [1, 28, 28], dtype, pixels
+    plan = spec_to_proto(policy.cheap_plan(request_seed(SEED_KEY, image))).ByteSize()
+    name = field(len("fmnist-cnn-onnx"))  # PredictionsRequest.model_name
+
+    def entry(key: str, value: int) -> int:  # one entry of the map<string, bytes> input
+        return field(field(len(key)) + field(value))
+
+    naive_call, on_device = name + entry("tensor", tensor), name + entry("tensor", tensor) + entry("plan", plan)
+    assert (w["naive_request"], w["on_device_request"]) == (rows * naive_call, on_device)
+    assert w["request_ratio"] == round(rows * naive_call / on_device, 3)
+    assert 5 < w["request_ratio"] < rows  # the plan costs a little, so under one image per row saved
+    # the answers: every row's logits and the base's features in one, one row in each of the others
+    card = json.loads((default_store / "fmnist-cnn" / "card.json").read_text())
+    classes = len(card["labels"])
+    payload = rows * classes * 4 + card["feature_dim"] * 4
+    assert 0 < w["on_device_answer"] - payload < 100
+    assert 0 < w["naive_answer"] - rows * classes * 4 < rows * 100
+    assert w["total_ratio"] == round((w["naive_request"] + w["naive_answer"])
+                                     / (w["on_device_request"] + w["on_device_answer"]), 3) < w["request_ratio"]
+    assert w["naive_variants_request"] > w["naive_request"]  # the variants themselves: most need float32
+    # the bound of the on-device target, in the rendered report; none in reports without the bytes
+    speed = {"throughput on-device expansion / naive, both on the batching archive (c=64)": 6.0,
+             "throughput on-device expansion, coalescing / naive (c=64)": 13.0}
+    assert [(op, bound, met) for _, op, bound, met in b.targets(speed, wire=w)] == [
+        (">=", w["request_ratio"], False), (">=", w["request_ratio"], True)]
+    assert b.targets(speed) == []
+    report = {"date": "d", "machine": "m", "seconds_per_measurement": 1, "results": [], "ratios": speed}
+    assert "Bytes to TorchServe" not in b.render(report)
+    md = b.render({**report, "wire_bytes": w})
+    assert f"| naive, {rows} calls | {w['naive_request']:,} ({w['naive_variants_request']:,}) |" in md
+    assert f"| >= {w['request_ratio']} (the bytes ratio, requests) | 6.0 | **missed** |" in md
 
 
 def test_serving_refuses_rows_the_shipped_gateway_would_shed() -> None:
