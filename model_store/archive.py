@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 import shutil
 import signal
 import stat
@@ -161,6 +162,9 @@ def check_archive(path: Path, max_unpacked_bytes: int = MAX_UNPACKED_BYTES) -> N
         raise UnsafeArchive(f"{path} is not a readable zip archive: {e}") from None
 
 
+_CONFIG_NAME = re.compile(r"([A-Za-z0-9_.]+-)?model-config\.yaml")
+
+
 def check_archive_model(path: Path, model_dir: Path) -> None:
     """Raise :class:`UnsafeArchive` unless the archive at ``path`` serves the model that the card
     in ``model_dir`` describes: the serialized file its ``MAR-INF/MANIFEST.json`` names hashes
@@ -169,8 +173,9 @@ def check_archive_model(path: Path, model_dir: Path) -> None:
     another build, or one rebuilt from other weights with the manifest rewritten, would serve
     a model other than the one its policy was calibrated on. The manifest must name the
     format's own weights file and handler, and the archive hold no other file beside its
-    packaged code (``handlers/``, ``robustgate/``) and the config it names: one naming ``other_handler.py`` that
-    loads ``other.pt`` passed while the weights it names were the card's."""
+    packaged code (``handlers/``, ``robustgate/``) and the config it names, a
+    ``[<prefix>-]model-config.yaml`` (no module Python could import in its place): one naming
+    ``other_handler.py`` that loads ``other.pt`` passed while the weights it named were the card's."""
     card_path = model_dir / "card.json"
     try:
         card_bytes = card_path.read_bytes()
@@ -190,7 +195,11 @@ def check_archive_model(path: Path, model_dir: Path) -> None:
         raise UnsafeArchive(f"archive {path}: its MAR-INF/MANIFEST.json names {str(serialized)[:80]!r} run by "
                             f"{str(handler)[:80]!r}, not a {fmt} archive's {FORMATS.get(fmt)}: rebuild it "
                             "(python -m model_store.build)")
-    # the config keeps its file's name (the serving benchmark's batching-model-config.yaml)
+    # the config keeps its file's name (the serving benchmark's batching-model-config.yaml);
+    # any other name could put an importable module beside the handler (onnxruntime.py)
+    if config is not None and not (isinstance(config, str) and _CONFIG_NAME.fullmatch(config)):
+        raise UnsafeArchive(f"archive {path}: its MAR-INF/MANIFEST.json names the config {str(config)[:80]!r}, "
+                            "not a model-config.yaml: rebuild it (python -m model_store.build)")
     extra = sorted(loose - {"MAR-INF/MANIFEST.json", "card.json", config, serialized, handler})
     if extra:
         raise UnsafeArchive(f"archive {path} holds files no build puts there: {', '.join(extra)[:200]}: rebuild it "

@@ -443,6 +443,13 @@ def test_an_archive_whose_manifest_runs_other_code_or_weights_is_refused(default
     from benchmarks.serving import batching_store  # its config keeps its own file name: allowed
     batching = batching_store(default_store, "fmnist-cnn", tmp_path / "batching")
     archive.check_archive_model(batching / "archives" / "fmnist-cnn-onnx.mar", batching / "fmnist-cnn")
+    for config in ("onnxruntime.py", "sub/model-config.yaml", ["model-config.yaml"]):  # a module the handler imports
+        manifest["model"].update(handler="onnx_handler.py", configFile=config)
+        (tmp_path / "d").mkdir(exist_ok=True)
+        smuggled = _replaced(src, tmp_path / "d" / "fmnist-cnn-onnx.mar", "MAR-INF/MANIFEST.json",
+                             json.dumps(manifest).encode())
+        with pytest.raises(archive.UnsafeArchive, match="names the config"):
+            archive.check_archive_model(smuggled, model_dir)
     (tmp_path / "c").mkdir()  # an onnx archive under the torchscript name
     with pytest.raises(archive.UnsafeArchive, match="not a torchscript archive's"):
         archive.check_archive_model(Path(shutil.copy(src, tmp_path / "c" / "fmnist-cnn-torchscript.mar")), model_dir)
