@@ -162,14 +162,13 @@ def refusal(message: str) -> BackendRefused:
 
 def map_rpc_error(err: grpc.aio.AioRpcError) -> GatewayError:
     """A TorchServe error as a domain error whose message is safe to show a caller."""
-    kind = _BY_CODE.get(err.code(), BackendUnavailable)
+    kind, details = _BY_CODE.get(err.code(), BackendUnavailable), err.details() or ""
     if kind is BackendRefused:  # the handler's 4xx
-        return refusal(err.details() or "")
+        return refusal(details)
     if err.code() == grpc.StatusCode.INTERNAL:
-        details = err.details() or ""
         kind = next((k for words, k in _INTERNAL_BY_TEXT if words in details), kind)
     _throttled.log(logging.WARNING, ("call", err.code()), "backend call failed: %s %s", err.code().name,
-                   (err.details() or "")[:500])
+                   details[:500])
     return kind(_PUBLIC_MESSAGE[kind])
 
 

@@ -30,8 +30,8 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02
 # and 0.9996, viewpoint's 0.54 and 0.64, density's 22 and 29). Occlusion's negative scores (an
 # occluded copy surer than the image: far from suspicious) fall in the lowest bucket with the
 # zeros: a bound at 0 would have read the median of mostly-zero scores (noise) as negative.
-SCORE_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.995, 0.999, 1.0,
-                 1.5, 2.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 50.0, 100.0, 200.0, 500.0)
+SCORE_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95,
+                 0.99, 0.995, 0.999, 1.0, 1.5, 2.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 50.0, 100.0, 200.0, 500.0)
 RADIUS_BUCKETS = (0.0, 0.05, 0.1, 0.15, 0.25, 0.35, 0.5, 0.75, 1.0, 1.5)
 # a certified request of the shipped policy takes 418 (max_forward_passes 430)
 PASSES_BUCKETS = (1, 2, 5, 8, 11, 15, 20, 30, 50, 75, 100, 200, 300, 450, 600, 1000, 2000)

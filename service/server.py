@@ -465,8 +465,9 @@ class CallerTokens:
     ``auth_token_file``. The file is looked at (a stat) on a call that carries a token, at most
     every :data:`TOKEN_RECHECK_S`, and re-read when it changed (a Kubernetes Secret's update
     swaps the mounted file), so a token is rotated without a restart: the new one added as a
-    second line, the callers moved, the old line removed. A file that then cannot be read or holds no token keeps the tokens read before
-    (logged, and tried again): an update caught half-way must not lock every caller out."""
+    second line, the callers moved, the old line removed. A file that then cannot be read or
+    holds no token keeps the tokens read before (logged, and tried again): an update caught
+    half-way must not lock every caller out."""
 
     def __init__(self, settings: Settings) -> None:
         self._path = settings.auth_token_file
@@ -590,8 +591,8 @@ LIVENESS_SERVICE = "robustgate.liveness"
 
 
 #: Probes in a row a SERVING gateway lets its backend answer "busy" (TorchServe's queue full,
-#: :class:`Overloaded` as service.backend reads its INTERNAL "has no worker", or no answer within the timeout, as when the probe waits behind a long
-#: queue) before readiness turns NOT_SERVING. One busy probe under a load spike took the pod out
+#: :class:`Overloaded` as service.backend reads its INTERNAL "has no worker", or no answer
+#: within the timeout, as when the probe waits behind a long queue) before readiness turns NOT_SERVING. One busy probe under a load spike took the pod out
 #: of its Service, and every pod of a fleet under the same load with it. Not for long:
 #: TorchServe answers a model with no live worker as it answers a full queue. A backend that
 #: refuses the connection, or has not loaded a model, turns it NOT_SERVING at once.
